@@ -1,0 +1,102 @@
+// Elementwise maps over contiguous f32 buffers: fill, add, mul, scale, axpy, SiLU and its
+// backward. Grid-stride loops with float4 loads when every pointer is 16-byte aligned (always
+// true for buffers from the device pool), scalar otherwise and for the tail.
+//
+// Launch contract: any grid, any block size; n is the element count (64-bit). Outputs may alias
+// inputs (axpy updates y in place).
+#include "common.cuh"
+
+struct AddOp {
+    __device__ float operator()(float a, float b) const { return a + b; }
+};
+struct MulOp {
+    __device__ float operator()(float a, float b) const { return a * b; }
+};
+struct ScaleOp {
+    float alpha;
+    __device__ float operator()(float x) const { return alpha * x; }
+};
+struct AxpyOp {  // (x, y) -> y + alpha * x
+    float alpha;
+    __device__ float operator()(float x, float y) const { return fmaf(alpha, x, y); }
+};
+struct SiluOp {
+    __device__ float operator()(float x) const { return x / (1.0f + expf(-x)); }
+};
+struct SiluBackwardOp {  // (x, dy) -> dy * d/dx[x * sigmoid(x)]
+    __device__ float operator()(float x, float dy) const {
+        const float s = 1.0f / (1.0f + expf(-x));
+        return dy * (s * (1.0f + x * (1.0f - s)));
+    }
+};
+
+template <class Op>
+__device__ __forceinline__ float4 map4(const float4& x, const Op& op) {
+    return make_float4(op(x.x), op(x.y), op(x.z), op(x.w));
+}
+template <class Op>
+__device__ __forceinline__ float4 map4(const float4& x, const float4& y, const Op& op) {
+    return make_float4(op(x.x, y.x), op(x.y, y.y), op(x.z, y.z), op(x.w, y.w));
+}
+
+template <class Op>
+__device__ __forceinline__ void unary_map(const float* x, float* out, i64 n, Op op) {
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    const i64 first = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    i64 done = 0;
+    if (aligned16(x) && aligned16(out)) {
+        const i64 n4 = n / 4;
+        const float4* x4 = reinterpret_cast<const float4*>(x);
+        float4* o4 = reinterpret_cast<float4*>(out);
+        for (i64 i = first; i < n4; i += stride) o4[i] = map4(x4[i], op);
+        done = n4 * 4;
+    }
+    for (i64 i = done + first; i < n; i += stride) out[i] = op(x[i]);
+}
+
+template <class Op>
+__device__ __forceinline__ void binary_map(const float* a, const float* b, float* out, i64 n, Op op) {
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    const i64 first = (i64)blockIdx.x * blockDim.x + threadIdx.x;
+    i64 done = 0;
+    if (aligned16(a) && aligned16(b) && aligned16(out)) {
+        const i64 n4 = n / 4;
+        const float4* a4 = reinterpret_cast<const float4*>(a);
+        const float4* b4 = reinterpret_cast<const float4*>(b);
+        float4* o4 = reinterpret_cast<float4*>(out);
+        for (i64 i = first; i < n4; i += stride) o4[i] = map4(a4[i], b4[i], op);
+        done = n4 * 4;
+    }
+    for (i64 i = done + first; i < n; i += stride) out[i] = op(a[i], b[i]);
+}
+
+extern "C" __global__ void ew_fill_f32(float* out, i64 n, float value) {
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) out[i] = value;
+}
+
+extern "C" __global__ void ew_add_f32(const float* a, const float* b, float* out, i64 n) {
+    binary_map(a, b, out, n, AddOp{});
+}
+
+extern "C" __global__ void ew_mul_f32(const float* a, const float* b, float* out, i64 n) {
+    binary_map(a, b, out, n, MulOp{});
+}
+
+extern "C" __global__ void ew_scale_f32(const float* x, float* out, i64 n, float alpha) {
+    unary_map(x, out, n, ScaleOp{alpha});
+}
+
+// y <- y + alpha * x, in place.
+extern "C" __global__ void ew_axpy_f32(const float* x, float* y, i64 n, float alpha) {
+    binary_map(x, y, y, n, AxpyOp{alpha});
+}
+
+extern "C" __global__ void ew_silu_f32(const float* x, float* out, i64 n) {
+    unary_map(x, out, n, SiluOp{});
+}
+
+// dx = dy * silu'(x); dx may alias dy.
+extern "C" __global__ void ew_silu_backward_f32(const float* x, const float* dy, float* dx, i64 n) {
+    binary_map(x, dy, dx, n, SiluBackwardOp{});
+}

@@ -1,0 +1,46 @@
+// Counter-based random streams (Philox4x32-10, see common.cuh). Element j of the output is element
+// offset + j of stream `stream` under key `seed`, exactly as src/ops/rng.rs computes it on the CPU.
+//
+// Launch contract: any grid and block; each thread produces whole counter blocks (4 values), so
+// the work is independent of the launch geometry.
+#include "common.cuh"
+
+// Calls emit(j, value) for every output index j whose element lands in counter block `blk`.
+template <class Emit>
+__device__ __forceinline__ void for_block_elements(u64 blk, u64 offset, i64 n, const float (&v)[4], Emit emit) {
+#pragma unroll
+    for (int lane = 0; lane < 4; ++lane) {
+        const u64 e = blk * 4 + lane;
+        if (e >= offset && e < offset + (u64)n) emit((i64)(e - offset), v[lane]);
+    }
+}
+
+struct Store {
+    float* out;
+    __device__ void operator()(i64 j, float v) const { out[j] = v; }
+};
+
+extern "C" __global__ void rng_uniform_f32(float* out, i64 n, u64 seed, u64 stream, u64 offset) {
+    if (n <= 0) return;
+    const u64 first = offset / 4, last = (offset + (u64)n - 1) / 4;
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    for (u64 blk = first + (u64)blockIdx.x * blockDim.x + threadIdx.x; blk <= last; blk += stride) {
+        const Philox4 r = philox_block(seed, stream, blk);
+        const float v[4] = {philox_uniform(r.v[0]), philox_uniform(r.v[1]), philox_uniform(r.v[2]),
+                            philox_uniform(r.v[3])};
+        for_block_elements(blk, offset, n, v, Store{out});
+    }
+}
+
+extern "C" __global__ void rng_normal_f32(float* out, i64 n, u64 seed, u64 stream, u64 offset) {
+    if (n <= 0) return;
+    const u64 first = offset / 4, last = (offset + (u64)n - 1) / 4;
+    const u64 stride = (u64)gridDim.x * blockDim.x;
+    for (u64 blk = first + (u64)blockIdx.x * blockDim.x + threadIdx.x; blk <= last; blk += stride) {
+        const Philox4 r = philox_block(seed, stream, blk);
+        float v[4];
+        philox_normal_pair(r.v[0], r.v[1], &v[0], &v[1]);
+        philox_normal_pair(r.v[2], r.v[3], &v[2], &v[3]);
+        for_block_elements(blk, offset, n, v, Store{out});
+    }
+}

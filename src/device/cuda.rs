@@ -1,0 +1,210 @@
+//! The CUDA device: one context, one stream, every kernel loaded once at start-up, and the memory
+//! pool. Probing never panics: cudarc panics when libcuda cannot be loaded, so we check for the
+//! library first and also guard the driver calls against unwinding.
+
+use std::panic::catch_unwind;
+use std::sync::Arc;
+
+use cudarc::driver::sys::CUdevice_attribute;
+use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::nvrtc::Ptx;
+
+use super::pool::{DevicePool, PoolStats, PooledBuffer};
+use crate::error::{Error, Result};
+use crate::kernels;
+
+/// Declares every kernel the engine launches, grouped by the `kernels/<module>.cu` that defines
+/// it, and generates the `Kernels` struct that holds them all, resolved once when the device
+/// opens (no name lookups per launch).
+macro_rules! kernel_table {
+    ($($module:ident { $($func:ident),* $(,)? })*) => {
+        /// Every kernel function, loaded from the embedded modules.
+        pub struct Kernels {
+            $($(pub $func: CudaFunction,)*)*
+        }
+
+        impl Kernels {
+            fn load(ctx: &Arc<CudaContext>) -> Result<Self> {
+                $(
+                    let module = load_module(ctx, stringify!($module))?;
+                    $(
+                        let $func = module.load_function(stringify!($func)).map_err(|e| {
+                            Error::cuda(format!("loading kernel {} from {}.cu", stringify!($func), stringify!($module)), e)
+                        })?;
+                    )*
+                )*
+                Ok(Kernels { $($($func,)*)* })
+            }
+
+            /// (module, function) names of every kernel, for `emprior info`.
+            pub fn names() -> &'static [(&'static str, &'static str)] {
+                &[$($((stringify!($module), stringify!($func)),)*)*]
+            }
+        }
+    };
+}
+
+kernel_table! {
+    elementwise { ew_fill_f32, ew_add_f32, ew_mul_f32, ew_scale_f32, ew_axpy_f32, ew_silu_f32, ew_silu_backward_f32 }
+    reduce { reduce_sum_partial_f32, reduce_sum_finish, reduce_row_dot_f32 }
+    gemm { gemm_f32_nn, gemm_f32_nt, gemm_f32_tn, gemm_f32_tt }
+    rng { rng_uniform_f32, rng_normal_f32 }
+}
+
+/// Loads `kernels/<name>.cu` from the fatbin (SASS for the device, or its PTX JIT-compiled by the
+/// driver), falling back to the stand-alone PTX.
+fn load_module(ctx: &Arc<CudaContext>, name: &str) -> Result<Arc<CudaModule>> {
+    let module = kernels::module(name).ok_or_else(|| {
+        Error::GpuUnavailable(format!("kernel module {name} is not embedded in this build"))
+    })?;
+    match ctx.load_module(Ptx::from_binary(module.fatbin.to_vec())) {
+        Ok(m) => Ok(m),
+        Err(fatbin_err) => ctx.load_module(Ptx::from_src(module.ptx)).map_err(|ptx_err| {
+            Error::cuda(
+                format!("loading {name}.cu (fatbin: {fatbin_err:?}; PTX ISA {})", module.ptx_isa),
+                ptx_err,
+            )
+        }),
+    }
+}
+
+/// Counts CUDA devices, or says why none can be used. Never panics.
+pub fn probe() -> std::result::Result<usize, String> {
+    // SAFETY: only tries to dlopen the driver library.
+    if !unsafe { cudarc::driver::sys::is_culib_present() } {
+        return Err("no CUDA driver: libcuda.so could not be loaded (no NVIDIA driver on this machine)".into());
+    }
+    match catch_unwind(CudaContext::device_count) {
+        Ok(Ok(n)) if n > 0 => Ok(n as usize),
+        Ok(Ok(_)) => Err("the CUDA driver reports no devices".into()),
+        Ok(Err(e)) => Err(format!("CUDA driver present but unusable: {e:?}")),
+        Err(_) => Err("the CUDA driver library could not be initialised (cudarc panicked)".into()),
+    }
+}
+
+/// A GPU ready to run kernels.
+pub struct CudaDevice {
+    ordinal: usize,
+    name: String,
+    compute_capability: (i32, i32),
+    sm_count: u32,
+    total_memory: usize,
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    pool: Arc<DevicePool>,
+    kernels: Kernels,
+}
+
+impl CudaDevice {
+    /// Opens device `ordinal`: context, stream, all kernels. Errors are `GpuUnavailable`.
+    pub fn open(ordinal: usize) -> Result<Arc<CudaDevice>> {
+        let count = probe().map_err(Error::GpuUnavailable)?;
+        if ordinal >= count {
+            return Err(Error::GpuUnavailable(format!(
+                "cuda:{ordinal} requested but the driver reports {count} device(s)"
+            )));
+        }
+        if !kernels::kernels_embedded() {
+            return Err(Error::GpuUnavailable(
+                "this binary was built without CUDA kernels (no nvcc at build time; run \
+                 scripts/install-cuda-toolkit.sh and rebuild)"
+                    .into(),
+            ));
+        }
+        let ctx = catch_unwind(|| CudaContext::new(ordinal))
+            .map_err(|_| Error::GpuUnavailable("creating the CUDA context panicked".into()))?
+            .map_err(|e| Error::GpuUnavailable(format!("creating a context on cuda:{ordinal} failed: {e:?}")))?;
+        // One stream for everything: stream order is our synchronisation, so cudarc's per-buffer
+        // event tracking is pure overhead (and gets in the way of graph capture). Must precede
+        // every allocation.
+        // SAFETY: no buffer exists yet, and all work goes to the one stream below.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.new_stream().map_err(|e| Error::cuda("creating the stream", e))?;
+        let attr = |a| ctx.attribute(a).map_err(|e| Error::cuda("reading device attributes", e));
+        let sm_count = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
+        let compute_capability = ctx
+            .compute_capability()
+            .map_err(|e| Error::cuda("reading the compute capability", e))?;
+        let name = ctx.name().unwrap_or_else(|_| "unknown CUDA device".into());
+        let total_memory = ctx.total_mem().unwrap_or(0);
+        let kernels = Kernels::load(&ctx)?;
+        let pool = Arc::new(DevicePool::new(stream.clone()));
+        Ok(Arc::new(CudaDevice {
+            ordinal,
+            name,
+            compute_capability,
+            sm_count,
+            total_memory,
+            ctx,
+            stream,
+            pool,
+            kernels,
+        }))
+    }
+
+    pub fn ordinal(&self) -> usize {
+        self.ordinal
+    }
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.compute_capability
+    }
+    pub fn sm_count(&self) -> u32 {
+        self.sm_count
+    }
+    pub fn total_memory(&self) -> usize {
+        self.total_memory
+    }
+    pub fn context(&self) -> &Arc<CudaContext> {
+        &self.ctx
+    }
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+    pub fn kernels(&self) -> &Kernels {
+        &self.kernels
+    }
+
+    /// Device memory from the pool, contents undefined.
+    pub fn alloc(&self, bytes: usize) -> Result<PooledBuffer> {
+        self.pool.alloc(bytes)
+    }
+
+    pub fn pool_stats(&self) -> PoolStats {
+        self.pool.stats()
+    }
+
+    /// Returns the pool's cached buffers to the driver.
+    pub fn trim_pool(&self) {
+        self.pool.trim()
+    }
+
+    /// Waits for all queued work; surfaces asynchronous kernel errors.
+    pub fn synchronize(&self) -> Result<()> {
+        self.stream.synchronize().map_err(|e| Error::cuda("synchronizing the stream", e))
+    }
+
+    /// A grid for a grid-stride elementwise kernel over `n` items with `threads` per block:
+    /// enough blocks to cover `n`, capped at 16 blocks per SM (the grid-stride loop covers the rest).
+    pub(crate) fn grid_for(&self, n: usize, threads: u32) -> u32 {
+        let needed = n.div_ceil(threads as usize).max(1);
+        needed.min(self.sm_count as usize * 16) as u32
+    }
+}
+
+impl std::fmt::Debug for CudaDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "cuda:{} ({}, sm_{}{}, {} SMs, {:.1} GiB)",
+            self.ordinal,
+            self.name,
+            self.compute_capability.0,
+            self.compute_capability.1,
+            self.sm_count,
+            self.total_memory as f64 / (1u64 << 30) as f64
+        )
+    }
+}

@@ -1,0 +1,134 @@
+//! Where tensors live and ops run: the CPU (always there; the oracle) or a CUDA GPU.
+
+mod cuda;
+mod pool;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::str::FromStr;
+use std::sync::{Arc, Mutex, OnceLock};
+
+pub use cuda::{probe as probe_cuda, CudaDevice, Kernels};
+pub use pool::{size_class, PoolStats, PooledBuffer};
+
+use crate::error::{Error, Result};
+
+/// A compute device. Cloning is cheap (the CUDA device is shared).
+#[derive(Clone)]
+pub enum Device {
+    Cpu,
+    Cuda(Arc<CudaDevice>),
+}
+
+/// What the user asked for: `auto` (a GPU when one is usable, else the CPU), `cpu`, `cuda` or
+/// `cuda:N`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum DeviceRequest {
+    #[default]
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceRequest {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "auto" => Ok(DeviceRequest::Auto),
+            "cpu" => Ok(DeviceRequest::Cpu),
+            "cuda" | "gpu" => Ok(DeviceRequest::Cuda(0)),
+            other => other
+                .strip_prefix("cuda:")
+                .and_then(|n| n.parse().ok())
+                .map(DeviceRequest::Cuda)
+                .ok_or_else(|| format!("unknown device '{s}' (expected auto, cpu, cuda or cuda:N)")),
+        }
+    }
+}
+
+impl fmt::Display for DeviceRequest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            DeviceRequest::Auto => f.write_str("auto"),
+            DeviceRequest::Cpu => f.write_str("cpu"),
+            DeviceRequest::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// Opened GPUs, one per ordinal for the life of the process: a context, its loaded kernels and
+/// its memory pool are shared by every `Device::cuda(n)`.
+fn opened() -> &'static Mutex<HashMap<usize, Arc<CudaDevice>>> {
+    static OPENED: OnceLock<Mutex<HashMap<usize, Arc<CudaDevice>>>> = OnceLock::new();
+    OPENED.get_or_init(Default::default)
+}
+
+impl Device {
+    /// GPU `ordinal`, opened once per process. Fails with `Error::GpuUnavailable(reason)`.
+    pub fn cuda(ordinal: usize) -> Result<Device> {
+        let mut map = opened().lock().unwrap();
+        if let Some(dev) = map.get(&ordinal) {
+            return Ok(Device::Cuda(dev.clone()));
+        }
+        let dev = CudaDevice::open(ordinal)?;
+        map.insert(ordinal, dev.clone());
+        Ok(Device::Cuda(dev))
+    }
+
+    /// The first GPU when one is usable, else the CPU, with the reason the GPU was passed over.
+    pub fn auto() -> (Device, Option<String>) {
+        match Device::cuda(0) {
+            Ok(d) => (d, None),
+            Err(Error::GpuUnavailable(reason)) => (Device::Cpu, Some(reason)),
+            Err(e) => (Device::Cpu, Some(e.to_string())),
+        }
+    }
+
+    /// Resolves a request; an explicit `cuda` request fails when no GPU is usable.
+    pub fn open(request: DeviceRequest) -> Result<Device> {
+        match request {
+            DeviceRequest::Auto => Ok(Device::auto().0),
+            DeviceRequest::Cpu => Ok(Device::Cpu),
+            DeviceRequest::Cuda(n) => Device::cuda(n),
+        }
+    }
+
+    pub fn is_cuda(&self) -> bool {
+        matches!(self, Device::Cuda(_))
+    }
+
+    /// Both are the CPU, or both are the same GPU.
+    pub fn same_as(&self, other: &Device) -> bool {
+        match (self, other) {
+            (Device::Cpu, Device::Cpu) => true,
+            (Device::Cuda(a), Device::Cuda(b)) => a.ordinal() == b.ordinal(),
+            _ => false,
+        }
+    }
+
+    /// Waits for queued GPU work (a no-op on the CPU).
+    pub fn synchronize(&self) -> Result<()> {
+        match self {
+            Device::Cpu => Ok(()),
+            Device::Cuda(d) => d.synchronize(),
+        }
+    }
+}
+
+impl fmt::Debug for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(d) => write!(f, "{d:?}"),
+        }
+    }
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Device::Cpu => f.write_str("cpu"),
+            Device::Cuda(d) => write!(f, "cuda:{}", d.ordinal()),
+        }
+    }
+}

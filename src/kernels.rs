@@ -1,0 +1,44 @@
+//! The CUDA kernels embedded by build.rs, and what the build knows about them.
+
+/// One compiled `kernels/<name>.cu`: a fatbin (SASS per architecture plus PTX for the newest)
+/// and a stand-alone PTX for the JIT fallback.
+pub struct KernelModule {
+    pub name: &'static str,
+    pub ptx_isa: &'static str,
+    pub ptx: &'static str,
+    pub fatbin: &'static [u8],
+}
+
+include!(concat!(env!("OUT_DIR"), "/kernels.rs"));
+
+/// True when this binary carries compiled CUDA kernels.
+pub fn kernels_embedded() -> bool {
+    !KERNEL_MODULES.is_empty()
+}
+
+/// The embedded module called `name`.
+pub fn module(name: &str) -> Option<&'static KernelModule> {
+    KERNEL_MODULES.iter().find(|m| m.name == name)
+}
+
+/// A one-paragraph description of the build, as `emprior info` prints it.
+pub fn build_summary() -> String {
+    if kernels_embedded() {
+        let isa = KERNEL_MODULES.first().map(|m| m.ptx_isa).unwrap_or("?");
+        format!(
+            "kernels embedded: yes ({} modules: {}); nvcc {}; SASS for {}; PTX ISA {}",
+            KERNEL_MODULES.len(),
+            KERNEL_MODULES.iter().map(|m| m.name).collect::<Vec<_>>().join(", "),
+            NVCC_VERSION.unwrap_or("?"),
+            SASS_ARCHS.join(", "),
+            isa
+        )
+    } else {
+        format!(
+            "kernels embedded: no (built without nvcc; {} kernel sources not compiled: {}). \
+             Run scripts/install-cuda-toolkit.sh and rebuild for the GPU path.",
+            KERNEL_SOURCE_NAMES.len(),
+            KERNEL_SOURCE_NAMES.join(", ")
+        )
+    }
+}

@@ -1,0 +1,21 @@
+//! emprior: learning diffusion priors from incomplete, noisy observations by
+//! expectation-maximization (DiEM with MMPS posterior sampling), on handwritten CUDA kernels with
+//! a plain-Rust CPU backend that is both the fallback and the oracle every kernel is checked
+//! against.
+//!
+//! Layers of the crate, bottom up:
+//! - [`device`]: the CPU or a CUDA GPU (context, one stream, kernels loaded once, memory pool);
+//! - [`tensor`]: shape + dtype + storage on a device;
+//! - [`ops`]: the op set, each op with a CPU body and a CUDA launch side by side;
+//! - [`kernels`]: what build.rs compiled and embedded.
+
+pub mod bench;
+pub mod device;
+pub mod error;
+pub mod kernels;
+pub mod ops;
+pub mod tensor;
+
+pub use device::{Device, DeviceRequest};
+pub use error::{Error, Result};
+pub use tensor::{DType, Tensor};

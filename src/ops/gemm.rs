@@ -1,0 +1,210 @@
+//! Batched GEMM with transposes, row-major:
+//! `C[b] = alpha * op(A[b]) * op(B[b]) + beta * C[b]`.
+//! A rank-2 operand is shared by every batch entry (batch stride 0), which is how a layer's
+//! weight meets a batch of activations. `beta == 0` never reads C.
+//! CPU: `matrixmultiply` (blocked, SIMD; transposes are strides). CUDA: kernels/gemm.cu.
+
+use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+
+use super::{common_device, expect_shape, launched};
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::tensor::{DType, Tensor};
+
+/// What to compute besides the product: transposes and the alpha/beta scaling.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GemmSpec {
+    pub trans_a: bool,
+    pub trans_b: bool,
+    pub alpha: f32,
+    pub beta: f32,
+}
+
+impl Default for GemmSpec {
+    fn default() -> Self {
+        GemmSpec {
+            trans_a: false,
+            trans_b: false,
+            alpha: 1.0,
+            beta: 0.0,
+        }
+    }
+}
+
+impl GemmSpec {
+    /// C = op(A) op(B) with the given transposes.
+    pub fn new(trans_a: bool, trans_b: bool) -> Self {
+        GemmSpec {
+            trans_a,
+            trans_b,
+            ..Default::default()
+        }
+    }
+}
+
+/// A resolved problem, laid out exactly as `GemmParams` in kernels/gemm.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct GemmParams {
+    pub m: i32,
+    pub n: i32,
+    pub k: i32,
+    pub lda: i32,
+    pub ldb: i32,
+    pub ldc: i32,
+    pub stride_a: i64,
+    pub stride_b: i64,
+    pub stride_c: i64,
+    pub batch: i32,
+    pub alpha: f32,
+    pub beta: f32,
+}
+
+// SAFETY: plain-old-data with the C layout the kernel expects.
+unsafe impl DeviceRepr for GemmParams {}
+
+/// Works out M, N, K, leading dimensions, batch strides and the output shape.
+pub fn resolve(a: &[usize], b: &[usize], spec: &GemmSpec) -> Result<(GemmParams, Vec<usize>)> {
+    let split = |what: &str, s: &[usize]| -> Result<(usize, usize, usize, bool)> {
+        match *s {
+            [r, c] => Ok((1, r, c, false)),
+            [bt, r, c] => Ok((bt, r, c, true)),
+            _ => Err(Error::shape("gemm", what, "[rows, cols] or [batch, rows, cols]", s)),
+        }
+    };
+    let (ba, ra, ca, batched_a) = split("A", a)?;
+    let (bb, rb, cb, batched_b) = split("B", b)?;
+    let (m, k) = if spec.trans_a { (ca, ra) } else { (ra, ca) };
+    let (kb, n) = if spec.trans_b { (cb, rb) } else { (rb, cb) };
+    if kb != k {
+        return Err(Error::shape(
+            "gemm",
+            format!("B (trans_b = {})", spec.trans_b),
+            format!("inner dimension {k} to match op(A) = {m}x{k}"),
+            b,
+        ));
+    }
+    if batched_a && batched_b && ba != bb {
+        return Err(Error::shape("gemm", "B", format!("batch {ba} like A"), b));
+    }
+    let batch = ba.max(bb);
+    let out_shape = if batched_a || batched_b {
+        vec![batch, m, n]
+    } else {
+        vec![m, n]
+    };
+    let fits = |v: usize| i32::try_from(v).is_ok();
+    if ![m, n, k, batch, ca, cb].into_iter().all(fits) {
+        return Err(Error::shape("gemm", "operands", "every dimension below 2^31", (a, b)));
+    }
+    let params = GemmParams {
+        m: m as i32,
+        n: n as i32,
+        k: k as i32,
+        lda: ca as i32,
+        ldb: cb as i32,
+        ldc: n as i32,
+        stride_a: if batched_a { (ra * ca) as i64 } else { 0 },
+        stride_b: if batched_b { (rb * cb) as i64 } else { 0 },
+        stride_c: (m * n) as i64,
+        batch: batch as i32,
+        alpha: spec.alpha,
+        beta: spec.beta,
+    };
+    Ok((params, out_shape))
+}
+
+/// The CPU body: the oracle for kernels/gemm.cu.
+pub mod cpu {
+    use super::GemmParams;
+
+    pub fn gemm(p: &GemmParams, trans_a: bool, trans_b: bool, a: &[f32], b: &[f32], c: &mut [f32]) {
+        let (m, n, k) = (p.m as usize, p.n as usize, p.k as usize);
+        let (lda, ldb, ldc) = (p.lda as isize, p.ldb as isize, p.ldc as isize);
+        let (rsa, csa) = if trans_a { (1, lda) } else { (lda, 1) };
+        let (rsb, csb) = if trans_b { (1, ldb) } else { (ldb, 1) };
+        for bz in 0..p.batch as usize {
+            let a_off = bz * p.stride_a as usize;
+            let b_off = bz * p.stride_b as usize;
+            let c_off = bz * p.stride_c as usize;
+            // SAFETY: resolve() derived every stride from the operand shapes, so all indexed
+            // elements lie inside the slices; C entries do not alias (ldc = n, stride m * n).
+            unsafe {
+                matrixmultiply::sgemm(
+                    m,
+                    k,
+                    n,
+                    p.alpha,
+                    a.as_ptr().add(a_off),
+                    rsa,
+                    csa,
+                    b.as_ptr().add(b_off),
+                    rsb,
+                    csb,
+                    p.beta,
+                    c.as_mut_ptr().add(c_off),
+                    ldc,
+                    1,
+                );
+            }
+        }
+    }
+}
+
+/// Threads per block and output tile of kernels/gemm.cu.
+const GEMM_THREADS: u32 = 256;
+const GEMM_TILE: u32 = 128;
+
+/// C = alpha * op(A) op(B) + beta * C into an existing C of the resolved shape.
+pub fn gemm_into(a: &Tensor, b: &Tensor, c: &mut Tensor, spec: GemmSpec) -> Result<()> {
+    let device = common_device("gemm", &[a, b, c])?;
+    let (p, out_shape) = resolve(a.shape(), b.shape(), &spec)?;
+    expect_shape("gemm", "C", c, &out_shape)?;
+    if c.numel() == 0 {
+        return Ok(());
+    }
+    match device {
+        Device::Cpu => cpu::gemm(&p, spec.trans_a, spec.trans_b, a.cpu_f32()?, b.cpu_f32()?, c.cpu_f32_mut()?),
+        Device::Cuda(dev) => {
+            let k = dev.kernels();
+            let (name, f) = match (spec.trans_a, spec.trans_b) {
+                (false, false) => ("gemm_f32_nn", &k.gemm_f32_nn),
+                (false, true) => ("gemm_f32_nt", &k.gemm_f32_nt),
+                (true, false) => ("gemm_f32_tn", &k.gemm_f32_tn),
+                (true, true) => ("gemm_f32_tt", &k.gemm_f32_tt),
+            };
+            if (p.m as u32).div_ceil(GEMM_TILE) > 65535 {
+                return Err(Error::shape("gemm", "op(A)", "at most 8,388,480 rows on the GPU", p.m));
+            }
+            let (av, bv) = (a.cuda_f32()?, b.cuda_f32()?);
+            let mut cv = c.cuda_f32_mut()?;
+            let cfg = LaunchConfig {
+                grid_dim: (
+                    (p.n as u32).div_ceil(GEMM_TILE),
+                    (p.m as u32).div_ceil(GEMM_TILE),
+                    (p.batch as u32).min(65535),
+                ),
+                block_dim: (GEMM_THREADS, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            let mut l = dev.stream().launch_builder(f);
+            l.arg(&av).arg(&bv).arg(&mut cv).arg(&p);
+            launched(name, unsafe { l.launch(cfg) })?;
+        }
+    }
+    Ok(())
+}
+
+/// op(A) op(B) in a new tensor.
+pub fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Tensor> {
+    let spec = GemmSpec::new(trans_a, trans_b);
+    let (_, out_shape) = resolve(a.shape(), b.shape(), &spec)?;
+    let mut c = Tensor::uninit(&out_shape, DType::F32, &a.device())?;
+    gemm_into(a, b, &mut c, spec)?;
+    Ok(c)
+}
+
+/// Floating-point operations of one call: 2 M N K per batch entry.
+pub fn flops(p: &GemmParams) -> f64 {
+    2.0 * p.m as f64 * p.n as f64 * p.k as f64 * p.batch as f64
+}

@@ -1,0 +1,174 @@
+//! Counter-based random numbers: Philox4x32-10, keyed by (seed, stream) and indexed by an
+//! element offset, identical on the CPU and the GPU. Because any element can be computed on its
+//! own, a resumed run or a GPU run draws exactly the noise of an uninterrupted CPU run.
+//!
+//! Layout: key = seed (64 bits); counter = (block lo, block hi, stream lo, stream hi); element i
+//! of a stream is lane i % 4 of counter block i / 4. Uniforms are the top 24 bits, centred in
+//! their bin: (u >> 8 + 0.5) / 2^24, in the open interval (0, 1) and exact in f32. Normals are
+//! Box-Muller on lanes (0, 1) and (2, 3), in f64, rounded once to f32.
+//! CUDA: kernels/rng.cu and common.cuh.
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::{common_device, launched};
+use crate::device::Device;
+use crate::error::Result;
+use crate::tensor::{DType, Tensor};
+
+const M0: u32 = 0xD251_1F53;
+const M1: u32 = 0xCD9E_8D57;
+const W0: u32 = 0x9E37_79B9;
+const W1: u32 = 0xBB67_AE85;
+
+/// The Philox4x32 bijection with 10 rounds (Salmon et al., SC'11).
+pub fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
+    let [mut c0, mut c1, mut c2, mut c3] = counter;
+    let [mut k0, mut k1] = key;
+    for round in 0..10 {
+        if round > 0 {
+            k0 = k0.wrapping_add(W0);
+            k1 = k1.wrapping_add(W1);
+        }
+        let p0 = M0 as u64 * c0 as u64;
+        let p1 = M1 as u64 * c2 as u64;
+        let (hi0, lo0) = ((p0 >> 32) as u32, p0 as u32);
+        let (hi1, lo1) = ((p1 >> 32) as u32, p1 as u32);
+        c0 = hi1 ^ c1 ^ k0;
+        c1 = lo1;
+        c2 = hi0 ^ c3 ^ k1;
+        c3 = lo0;
+    }
+    [c0, c1, c2, c3]
+}
+
+fn uniform_from_bits(x: u32) -> f32 {
+    ((x >> 8) as f32 + 0.5) * (1.0 / 16_777_216.0)
+}
+
+fn normal_pair(a: u32, b: u32) -> (f32, f32) {
+    const INV_2_32: f64 = 1.0 / 4_294_967_296.0;
+    let u1 = (a as f64 + 0.5) * INV_2_32;
+    let u2 = (b as f64 + 0.5) * INV_2_32;
+    let r = (-2.0 * u1.ln()).sqrt();
+    // The same f64 product as kernels/common.cuh, so both sides take sin/cos of one number.
+    let (s, c) = (6.283_185_307_179_586 * u2).sin_cos();
+    ((r * c) as f32, (r * s) as f32)
+}
+
+/// One random stream: a seed and a stream index. Elements are addressed by offset.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Philox {
+    pub seed: u64,
+    pub stream: u64,
+}
+
+impl Philox {
+    pub fn new(seed: u64, stream: u64) -> Self {
+        Philox { seed, stream }
+    }
+
+    /// The four 32-bit words of counter block `block`.
+    pub fn block(&self, block: u64) -> [u32; 4] {
+        philox4x32_10(
+            [block as u32, (block >> 32) as u32, self.stream as u32, (self.stream >> 32) as u32],
+            [self.seed as u32, (self.seed >> 32) as u32],
+        )
+    }
+
+    /// Fills `out` with elements `offset .. offset + out.len()` of the stream, each computed from
+    /// its counter block by `lanes`.
+    fn fill_with(&self, offset: u64, out: &mut [f32], lanes: impl Fn([u32; 4]) -> [f32; 4]) {
+        let n = out.len() as u64;
+        if n == 0 {
+            return;
+        }
+        for blk in offset / 4..=(offset + n - 1) / 4 {
+            let v = lanes(self.block(blk));
+            for (lane, &value) in v.iter().enumerate() {
+                let e = blk * 4 + lane as u64;
+                if e >= offset && e < offset + n {
+                    out[(e - offset) as usize] = value;
+                }
+            }
+        }
+    }
+
+    /// Uniforms in (0, 1): elements `offset ..` of the stream (CPU body of rng_uniform_f32).
+    pub fn fill_uniform(&self, offset: u64, out: &mut [f32]) {
+        self.fill_with(offset, out, |r| r.map(uniform_from_bits));
+    }
+
+    /// Standard normals: elements `offset ..` of the stream (CPU body of rng_normal_f32).
+    pub fn fill_normal(&self, offset: u64, out: &mut [f32]) {
+        self.fill_with(offset, out, |r| {
+            let (a, b) = normal_pair(r[0], r[1]);
+            let (c, d) = normal_pair(r[2], r[3]);
+            [a, b, c, d]
+        });
+    }
+
+    /// Writes uniforms into `out` on whichever device it lives.
+    pub fn uniform_into(&self, out: &mut Tensor, offset: u64) -> Result<()> {
+        self.launch(out, offset, false)
+    }
+
+    /// Writes standard normals into `out` on whichever device it lives.
+    pub fn normal_into(&self, out: &mut Tensor, offset: u64) -> Result<()> {
+        self.launch(out, offset, true)
+    }
+
+    fn launch(&self, out: &mut Tensor, offset: u64, normal: bool) -> Result<()> {
+        let device = common_device(if normal { "normal" } else { "uniform" }, &[out])?;
+        match device {
+            Device::Cpu => {
+                let o = out.cpu_f32_mut()?;
+                if normal {
+                    self.fill_normal(offset, o)
+                } else {
+                    self.fill_uniform(offset, o)
+                }
+            }
+            Device::Cuda(dev) => {
+                let n = out.numel();
+                if n == 0 {
+                    return Ok(());
+                }
+                let blocks = (offset + n as u64 - 1) / 4 - offset / 4 + 1;
+                let (name, f) = if normal {
+                    ("rng_normal_f32", &dev.kernels().rng_normal_f32)
+                } else {
+                    ("rng_uniform_f32", &dev.kernels().rng_uniform_f32)
+                };
+                let mut ov = out.cuda_f32_mut()?;
+                let mut l = dev.stream().launch_builder(f);
+                let n64 = n as i64;
+                l.arg(&mut ov)
+                    .arg(&n64)
+                    .arg(&self.seed)
+                    .arg(&self.stream)
+                    .arg(&offset);
+                let cfg = LaunchConfig {
+                    grid_dim: (dev.grid_for(blocks as usize, 256), 1, 1),
+                    block_dim: (256, 1, 1),
+                    shared_mem_bytes: 0,
+                };
+                launched(name, unsafe { l.launch(cfg) })?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// A new tensor of uniforms in (0, 1) from elements `offset ..` of (seed, stream).
+pub fn uniform(shape: &[usize], rng: Philox, offset: u64, device: &Device) -> Result<Tensor> {
+    let mut t = Tensor::uninit(shape, DType::F32, device)?;
+    rng.uniform_into(&mut t, offset)?;
+    Ok(t)
+}
+
+/// A new tensor of standard normals from elements `offset ..` of (seed, stream).
+pub fn normal(shape: &[usize], rng: Philox, offset: u64, device: &Device) -> Result<Tensor> {
+    let mut t = Tensor::uninit(shape, DType::F32, device)?;
+    rng.normal_into(&mut t, offset)?;
+    Ok(t)
+}

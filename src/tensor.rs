@@ -1,0 +1,366 @@
+//! `Tensor`: a shape, a dtype and contiguous row-major storage on one device.
+//!
+//! Ops in this crate work in f32; the dtype tag and the storage already carry bf16 and f64 so that
+//! a mixed-precision path (bf16 activations, f64 accumulators) drops in without a redesign.
+
+use cudarc::driver::{CudaView, CudaViewMut};
+use half::bf16;
+
+use crate::device::{CudaDevice, Device, PooledBuffer};
+use crate::error::{Error, Result};
+use std::sync::Arc;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum DType {
+    F32,
+    BF16,
+    F64,
+}
+
+impl DType {
+    pub fn size_in_bytes(self) -> usize {
+        match self {
+            DType::F32 => 4,
+            DType::BF16 => 2,
+            DType::F64 => 8,
+        }
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            DType::F64 => "f64",
+        }
+    }
+}
+
+/// Host storage, one variant per dtype.
+#[derive(Clone, Debug)]
+pub enum CpuStorage {
+    F32(Vec<f32>),
+    BF16(Vec<bf16>),
+    F64(Vec<f64>),
+}
+
+pub struct CudaStorage {
+    buf: PooledBuffer,
+    device: Arc<CudaDevice>,
+}
+
+pub enum Storage {
+    Cpu(CpuStorage),
+    Cuda(CudaStorage),
+}
+
+pub struct Tensor {
+    shape: Vec<usize>,
+    dtype: DType,
+    storage: Storage,
+}
+
+impl Tensor {
+    // ---- construction -------------------------------------------------------------------
+
+    /// A tensor of zeros.
+    pub fn zeros(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        let mut t = Tensor::uninit(shape, dtype, device)?;
+        if let Storage::Cuda(s) = &mut t.storage {
+            s.device
+                .stream()
+                .memset_zeros(s.buf.slice_mut())
+                .map_err(|e| Error::cuda("zeroing a tensor", e))?;
+        }
+        Ok(t)
+    }
+
+    /// A tensor whose contents are undefined on the GPU (zeros on the CPU): for op outputs.
+    pub fn uninit(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        let n = numel(shape);
+        let storage = match device {
+            Device::Cpu => Storage::Cpu(match dtype {
+                DType::F32 => CpuStorage::F32(vec![0.0; n]),
+                DType::BF16 => CpuStorage::BF16(vec![bf16::ZERO; n]),
+                DType::F64 => CpuStorage::F64(vec![0.0; n]),
+            }),
+            Device::Cuda(dev) => Storage::Cuda(CudaStorage {
+                buf: dev.alloc(n * dtype.size_in_bytes())?,
+                device: dev.clone(),
+            }),
+        };
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            dtype,
+            storage,
+        })
+    }
+
+    /// An f32 tensor filled with `value`.
+    pub fn full(shape: &[usize], value: f32, device: &Device) -> Result<Tensor> {
+        let mut t = Tensor::uninit(shape, DType::F32, device)?;
+        crate::ops::fill(&mut t, value)?;
+        Ok(t)
+    }
+
+    /// An f32 tensor from host data (copied to the device when it is a GPU).
+    pub fn from_f32(data: &[f32], shape: &[usize], device: &Device) -> Result<Tensor> {
+        Tensor::from_host(CpuStorage::F32(data.to_vec()), data.len(), shape, device)
+    }
+
+    /// An f64 tensor from host data.
+    pub fn from_f64(data: &[f64], shape: &[usize], device: &Device) -> Result<Tensor> {
+        Tensor::from_host(CpuStorage::F64(data.to_vec()), data.len(), shape, device)
+    }
+
+    fn from_host(storage: CpuStorage, len: usize, shape: &[usize], device: &Device) -> Result<Tensor> {
+        if numel(shape) != len {
+            return Err(Error::shape("Tensor::from_host", "data", format!("{len} elements"), shape));
+        }
+        let host = Tensor {
+            shape: shape.to_vec(),
+            dtype: storage.dtype(),
+            storage: Storage::Cpu(storage),
+        };
+        host.to_device(device)
+    }
+
+    // ---- inspection ---------------------------------------------------------------------
+
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    pub fn numel(&self) -> usize {
+        numel(&self.shape)
+    }
+
+    pub fn size_in_bytes(&self) -> usize {
+        self.numel() * self.dtype.size_in_bytes()
+    }
+
+    pub fn device(&self) -> Device {
+        match &self.storage {
+            Storage::Cpu(_) => Device::Cpu,
+            Storage::Cuda(s) => Device::Cuda(s.device.clone()),
+        }
+    }
+
+    pub fn storage(&self) -> &Storage {
+        &self.storage
+    }
+
+    // ---- moving data --------------------------------------------------------------------
+
+    /// A copy on `device` (host <-> device, or a plain copy on the same device).
+    pub fn to_device(&self, device: &Device) -> Result<Tensor> {
+        let storage = match (&self.storage, device) {
+            (Storage::Cpu(c), Device::Cpu) => Storage::Cpu(c.clone()),
+            (Storage::Cpu(c), Device::Cuda(dev)) => {
+                let mut buf = dev.alloc(self.size_in_bytes())?;
+                let bytes = c.as_bytes();
+                let mut dst = buf.slice_mut().slice_mut(0..bytes.len());
+                dev.stream()
+                    .memcpy_htod(bytes, &mut dst)
+                    .map_err(|e| Error::cuda("copying a tensor to the GPU", e))?;
+                Storage::Cuda(CudaStorage {
+                    buf,
+                    device: dev.clone(),
+                })
+            }
+            (Storage::Cuda(s), Device::Cpu) => Storage::Cpu(s.to_host(self.dtype, self.numel())?),
+            (Storage::Cuda(s), Device::Cuda(dev)) => {
+                if s.device.ordinal() != dev.ordinal() {
+                    let host = Storage::Cpu(s.to_host(self.dtype, self.numel())?);
+                    let t = Tensor {
+                        shape: self.shape.clone(),
+                        dtype: self.dtype,
+                        storage: host,
+                    };
+                    return t.to_device(device);
+                }
+                let mut buf = dev.alloc(self.size_in_bytes())?;
+                let n = self.size_in_bytes();
+                let src = s.buf.slice().slice(0..n);
+                let mut dst = buf.slice_mut().slice_mut(0..n);
+                dev.stream()
+                    .memcpy_dtod(&src, &mut dst)
+                    .map_err(|e| Error::cuda("copying a tensor on the GPU", e))?;
+                Storage::Cuda(CudaStorage {
+                    buf,
+                    device: dev.clone(),
+                })
+            }
+        };
+        Ok(Tensor {
+            shape: self.shape.clone(),
+            dtype: self.dtype,
+            storage,
+        })
+    }
+
+    /// The f32 contents, copied to the host (waits for queued GPU work).
+    pub fn to_vec_f32(&self) -> Result<Vec<f32>> {
+        match self.to_device(&Device::Cpu)?.storage {
+            Storage::Cpu(CpuStorage::F32(v)) => Ok(v),
+            _ => Err(self.dtype_error("to_vec_f32", "f32")),
+        }
+    }
+
+    /// The f64 contents, copied to the host.
+    pub fn to_vec_f64(&self) -> Result<Vec<f64>> {
+        match self.to_device(&Device::Cpu)?.storage {
+            Storage::Cpu(CpuStorage::F64(v)) => Ok(v),
+            _ => Err(self.dtype_error("to_vec_f64", "f64")),
+        }
+    }
+
+    /// The same data under another shape with the same number of elements.
+    pub fn reshape(mut self, shape: &[usize]) -> Result<Tensor> {
+        if numel(shape) != self.numel() {
+            return Err(Error::shape(
+                "reshape",
+                "target shape",
+                format!("{} elements", self.numel()),
+                shape,
+            ));
+        }
+        self.shape = shape.to_vec();
+        Ok(self)
+    }
+
+    // ---- typed access for op bodies -----------------------------------------------------
+
+    pub(crate) fn dtype_error(&self, op: &'static str, expected: &'static str) -> Error {
+        Error::DType {
+            op,
+            expected,
+            actual: self.dtype.name(),
+        }
+    }
+
+    /// The host f32 slice (the tensor must be an f32 tensor on the CPU).
+    pub fn cpu_f32(&self) -> Result<&[f32]> {
+        match &self.storage {
+            Storage::Cpu(CpuStorage::F32(v)) => Ok(v),
+            Storage::Cpu(_) => Err(self.dtype_error("cpu_f32", "f32")),
+            Storage::Cuda(_) => Err(Error::DeviceMismatch {
+                op: "cpu_f32",
+                detail: "tensor is on the GPU".into(),
+            }),
+        }
+    }
+
+    pub fn cpu_f32_mut(&mut self) -> Result<&mut [f32]> {
+        let dtype = self.dtype;
+        match &mut self.storage {
+            Storage::Cpu(CpuStorage::F32(v)) => Ok(v),
+            Storage::Cpu(_) => Err(Error::DType {
+                op: "cpu_f32_mut",
+                expected: "f32",
+                actual: dtype.name(),
+            }),
+            Storage::Cuda(_) => Err(Error::DeviceMismatch {
+                op: "cpu_f32_mut",
+                detail: "tensor is on the GPU".into(),
+            }),
+        }
+    }
+
+    /// A device view of the f32 data (the tensor must be an f32 tensor on a GPU).
+    pub fn cuda_f32(&self) -> Result<CudaView<'_, f32>> {
+        let n = self.numel();
+        match &self.storage {
+            Storage::Cuda(s) if self.dtype == DType::F32 => {
+                // SAFETY: the buffer holds at least n f32 values (allocated for this shape).
+                Ok(unsafe { s.buf.slice().transmute::<f32>(n) }.expect("buffer sized for the tensor"))
+            }
+            Storage::Cuda(_) => Err(self.dtype_error("cuda_f32", "f32")),
+            Storage::Cpu(_) => Err(Error::DeviceMismatch {
+                op: "cuda_f32",
+                detail: "tensor is on the CPU".into(),
+            }),
+        }
+    }
+
+    pub fn cuda_f32_mut(&mut self) -> Result<CudaViewMut<'_, f32>> {
+        let n = self.numel();
+        let dtype = self.dtype;
+        match &mut self.storage {
+            Storage::Cuda(s) if dtype == DType::F32 => {
+                // SAFETY: as in cuda_f32.
+                Ok(unsafe { s.buf.slice_mut().transmute_mut::<f32>(n) }.expect("buffer sized for the tensor"))
+            }
+            Storage::Cuda(_) => Err(Error::DType {
+                op: "cuda_f32_mut",
+                expected: "f32",
+                actual: dtype.name(),
+            }),
+            Storage::Cpu(_) => Err(Error::DeviceMismatch {
+                op: "cuda_f32_mut",
+                detail: "tensor is on the CPU".into(),
+            }),
+        }
+    }
+}
+
+impl std::fmt::Debug for Tensor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Tensor({:?}, {}, {})", self.shape, self.dtype.name(), self.device())
+    }
+}
+
+impl CpuStorage {
+    pub fn dtype(&self) -> DType {
+        match self {
+            CpuStorage::F32(_) => DType::F32,
+            CpuStorage::BF16(_) => DType::BF16,
+            CpuStorage::F64(_) => DType::F64,
+        }
+    }
+
+    fn as_bytes(&self) -> &[u8] {
+        match self {
+            CpuStorage::F32(v) => bytemuck::cast_slice(v),
+            CpuStorage::BF16(v) => bytemuck::cast_slice(v),
+            CpuStorage::F64(v) => bytemuck::cast_slice(v),
+        }
+    }
+}
+
+impl CudaStorage {
+    pub fn device(&self) -> &Arc<CudaDevice> {
+        &self.device
+    }
+
+    fn to_host(&self, dtype: DType, n: usize) -> Result<CpuStorage> {
+        let bytes = n * dtype.size_in_bytes();
+        let mut host = vec![0u8; bytes];
+        let src = self.buf.slice().slice(0..bytes);
+        self.device
+            .stream()
+            .memcpy_dtoh(&src, &mut host)
+            .map_err(|e| Error::cuda("copying a tensor to the host", e))?;
+        self.device.synchronize()?;
+        Ok(match dtype {
+            DType::F32 => CpuStorage::F32(from_bytes(&host)),
+            DType::BF16 => CpuStorage::BF16(from_bytes(&host)),
+            DType::F64 => CpuStorage::F64(from_bytes(&host)),
+        })
+    }
+}
+
+/// Copies bytes into a typed vector (the byte buffer is only 1-byte aligned, so no cast in place).
+fn from_bytes<T: bytemuck::Pod>(bytes: &[u8]) -> Vec<T> {
+    let mut v = vec![T::zeroed(); bytes.len() / std::mem::size_of::<T>()];
+    bytemuck::cast_slice_mut::<T, u8>(&mut v).copy_from_slice(bytes);
+    v
+}
+
+/// The number of elements of a shape (1 for a scalar, shape `[]`).
+pub fn numel(shape: &[usize]) -> usize {
+    shape.iter().product()
+}
