@@ -1,0 +1,122 @@
+//! Helpers shared by the integration tests: seeded random inputs and llm.c's tolerance rule.
+#![allow(dead_code)]
+
+use emprior::device::Device;
+use emprior::ops::{GemmSpec, Philox};
+use emprior::Error;
+
+/// `n` values uniform in [lo, hi), reproducible from `seed`.
+pub fn random_vec(seed: u64, n: usize, lo: f32, hi: f32) -> Vec<f32> {
+    let mut v = vec![0.0; n];
+    Philox::new(seed, 0x7e57).fill_uniform(0, &mut v);
+    v.iter_mut().for_each(|x| *x = lo + (hi - lo) * *x);
+    v
+}
+
+/// Asserts |got - want| <= atol + rtol * |want| everywhere, printing the first few comparisons as
+/// proof and the worst offenders on failure.
+pub fn assert_close(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let mut bad = Vec::new();
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let err = (g as f64 - w).abs();
+        // Written so that a NaN (a poisoned output left unwritten) fails.
+        if !(err <= atol + rtol * w.abs()) {
+            bad.push((i, g, w, err));
+        }
+    }
+    if !bad.is_empty() {
+        let shown: Vec<String> = bad
+            .iter()
+            .take(8)
+            .map(|(i, g, w, e)| format!("[{i}] got {g} want {w} (err {e:.3e})"))
+            .collect();
+        panic!(
+            "{what}: {} of {} values outside atol {atol:e} + rtol {rtol:e}: {}",
+            bad.len(),
+            got.len(),
+            shown.join("; ")
+        );
+    }
+}
+
+pub fn to_f64(v: &[f32]) -> Vec<f64> {
+    v.iter().map(|&x| x as f64).collect()
+}
+
+/// The first GPU, or None after printing why the calling test is skipped. With
+/// EMPRIOR_REQUIRE_GPU=1 (the device-check script sets it) a missing GPU fails the test instead.
+pub fn gpu_or_skip(test: &str) -> Option<Device> {
+    match Device::cuda(0) {
+        Ok(d) => Some(d),
+        Err(e) => {
+            let reason = match e {
+                Error::GpuUnavailable(r) => r,
+                other => other.to_string(),
+            };
+            if std::env::var("EMPRIOR_REQUIRE_GPU").as_deref() == Ok("1") {
+                panic!("{test}: EMPRIOR_REQUIRE_GPU=1 but GPU unavailable: {reason}");
+            }
+            // Straight to the stderr handle: libtest captures println!/eprintln! of passing tests,
+            // and a skip must never be silent.
+            use std::io::Write;
+            let _ = writeln!(std::io::stderr(), "{test}: skipped: GPU unavailable: {reason}");
+            None
+        }
+    }
+}
+
+/// The f64 reference: C = alpha op(A) op(B) + beta C over a batch (rank-2 operands broadcast).
+pub fn naive_gemm(
+    a: &[f32],
+    a_shape: &[usize],
+    b: &[f32],
+    b_shape: &[usize],
+    c0: &[f32],
+    spec: GemmSpec,
+) -> Vec<f64> {
+    let (ba, ra, ca) = if a_shape.len() == 3 { (a_shape[0], a_shape[1], a_shape[2]) } else { (1, a_shape[0], a_shape[1]) };
+    let (bb, rb, cb) = if b_shape.len() == 3 { (b_shape[0], b_shape[1], b_shape[2]) } else { (1, b_shape[0], b_shape[1]) };
+    let (m, k) = if spec.trans_a { (ca, ra) } else { (ra, ca) };
+    let n = if spec.trans_b { rb } else { cb };
+    let batch = ba.max(bb);
+    let mut c = vec![0.0f64; batch * m * n];
+    for z in 0..batch {
+        let ao = if ba == 1 { 0 } else { z * ra * ca };
+        let bo = if bb == 1 { 0 } else { z * rb * cb };
+        for i in 0..m {
+            for j in 0..n {
+                let mut acc = 0.0f64;
+                for p in 0..k {
+                    let av = if spec.trans_a { a[ao + p * ca + i] } else { a[ao + i * ca + p] };
+                    let bv = if spec.trans_b { b[bo + j * cb + p] } else { b[bo + p * cb + j] };
+                    acc += av as f64 * bv as f64;
+                }
+                let idx = z * m * n + i * n + j;
+                let prev = if spec.beta == 0.0 { 0.0 } else { spec.beta as f64 * c0[idx] as f64 };
+                c[idx] = spec.alpha as f64 * acc + prev;
+            }
+        }
+    }
+    c
+}
+
+/// (batch_a, batch_b, m, n, k): ragged sizes, tile multiples, broadcast weights.
+pub const GEMM_CASES: &[(usize, usize, usize, usize, usize)] = &[
+    (0, 0, 1, 1, 1),
+    (0, 0, 5, 3, 7),
+    (0, 0, 128, 128, 8),
+    (0, 0, 129, 130, 131),
+    (3, 3, 33, 65, 17),
+    (4, 0, 64, 200, 96),
+    (0, 2, 70, 9, 300),
+];
+
+pub fn operand_shape(batch: usize, rows: usize, cols: usize) -> Vec<usize> {
+    if batch == 0 {
+        vec![rows, cols]
+    } else {
+        vec![batch, rows, cols]
+    }
+}
+

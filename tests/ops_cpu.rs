@@ -1,0 +1,264 @@
+//! Tier 1: every op's CPU body (the oracle) against a naive f64 computation on random inputs.
+
+mod common;
+
+use common::{assert_close, naive_gemm, operand_shape, random_vec, GEMM_CASES};
+use emprior::ops::{self, GemmSpec, Philox};
+use emprior::{DType, Device, DeviceRequest, Error, Tensor};
+
+const CPU: Device = Device::Cpu;
+
+fn t(data: &[f32], shape: &[usize]) -> Tensor {
+    Tensor::from_f32(data, shape, &CPU).unwrap()
+}
+
+// ---- random numbers ----------------------------------------------------------------------
+
+#[test]
+fn philox_matches_the_random123_known_answers() {
+    // Known-answer vectors for Philox4x32-10 from Random123's kat_vectors.
+    assert_eq!(
+        ops::philox4x32_10([0, 0, 0, 0], [0, 0]),
+        [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]
+    );
+    assert_eq!(
+        ops::philox4x32_10([u32::MAX; 4], [u32::MAX; 2]),
+        [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd]
+    );
+    assert_eq!(
+        ops::philox4x32_10([0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344], [0xa4093822, 0x299f31d0]),
+        [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1]
+    );
+}
+
+#[test]
+fn random_streams_are_addressable_by_offset() {
+    let rng = Philox::new(42, 7);
+    let mut whole = vec![0.0; 103];
+    rng.fill_normal(0, &mut whole);
+    for (offset, len) in [(0usize, 1usize), (1, 5), (3, 17), (4, 4), (5, 98), (101, 2)] {
+        let mut part = vec![0.0; len];
+        rng.fill_normal(offset as u64, &mut part);
+        assert_eq!(part, whole[offset..offset + len], "normal offset {offset} len {len}");
+        let mut u_whole = vec![0.0; offset + len];
+        rng.fill_uniform(0, &mut u_whole);
+        rng.fill_uniform(offset as u64, &mut part);
+        assert_eq!(part, u_whole[offset..], "uniform offset {offset} len {len}");
+    }
+    // Streams and seeds are independent.
+    let mut other = vec![0.0; 103];
+    Philox::new(42, 8).fill_normal(0, &mut other);
+    assert_ne!(other, whole);
+    Philox::new(43, 7).fill_normal(0, &mut other);
+    assert_ne!(other, whole);
+}
+
+#[test]
+fn uniform_and_normal_moments() {
+    let n = 1 << 18;
+    let u = ops::uniform(&[n], Philox::new(1, 2), 0, &CPU).unwrap().to_vec_f32().unwrap();
+    assert!(u.iter().all(|&x| x > 0.0 && x < 1.0), "uniforms must lie in (0, 1)");
+    let mean = u.iter().map(|&x| x as f64).sum::<f64>() / n as f64;
+    let var = u.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n as f64;
+    // Standard errors: mean 0.29/sqrt(n) = 5.6e-4; variance about 1.6e-4. Allow 5 sigma.
+    assert!((mean - 0.5).abs() < 3e-3, "uniform mean {mean}");
+    assert!((var - 1.0 / 12.0).abs() < 1e-3, "uniform variance {var}");
+
+    let z = ops::normal(&[n], Philox::new(1, 3), 0, &CPU).unwrap().to_vec_f32().unwrap();
+    let mean = z.iter().map(|&x| x as f64).sum::<f64>() / n as f64;
+    let var = z.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n as f64;
+    let kurt = z.iter().map(|&x| (x as f64 - mean).powi(4)).sum::<f64>() / n as f64 / (var * var);
+    // Standard errors: mean 1/sqrt(n) = 2e-3, variance sqrt(2/n) = 2.8e-3, kurtosis sqrt(24/n) = 1e-2.
+    assert!(mean.abs() < 1e-2, "normal mean {mean}");
+    assert!((var - 1.0).abs() < 1.4e-2, "normal variance {var}");
+    assert!((kurt - 3.0).abs() < 5e-2, "normal kurtosis {kurt}");
+    let tail = z.iter().filter(|&&x| x.abs() > 1.959964).count() as f64 / n as f64;
+    assert!((tail - 0.05).abs() < 2.2e-3, "two-sided 5% tail mass {tail}");
+}
+
+// ---- elementwise -------------------------------------------------------------------------
+
+/// Sizes that exercise the float4 body and every tail length.
+const SIZES: &[usize] = &[1, 3, 4, 7, 64, 1001, 4099];
+
+#[test]
+fn elementwise_ops_match_f64() {
+    for (i, &n) in SIZES.iter().enumerate() {
+        let a = random_vec(10 + i as u64, n, -4.0, 4.0);
+        let b = random_vec(100 + i as u64, n, -4.0, 4.0);
+        let (ta, tb) = (t(&a, &[n]), t(&b, &[n]));
+        let f = |g: fn(f64, f64) -> f64| -> Vec<f64> { a.iter().zip(&b).map(|(&x, &y)| g(x as f64, y as f64)).collect() };
+
+        let got = ops::add(&ta, &tb).unwrap().to_vec_f32().unwrap();
+        assert_close("add", &got, &f(|x, y| x + y), 0.0, 6e-8);
+        let got = ops::mul(&ta, &tb).unwrap().to_vec_f32().unwrap();
+        assert_close("mul", &got, &f(|x, y| x * y), 0.0, 6e-8);
+        let got = ops::scale(&ta, -0.37).unwrap().to_vec_f32().unwrap();
+        assert_close("scale", &got, &f(|x, _| -0.37f32 as f64 * x), 0.0, 6e-8);
+
+        let mut y = tb.to_device(&CPU).unwrap();
+        ops::axpy(0.81, &ta, &mut y).unwrap();
+        let want = f(|x, y| y + 0.81f32 as f64 * x);
+        assert_close("axpy", &y.to_vec_f32().unwrap(), &want, 1e-6, 1e-6);
+
+        let silu = |x: f64| x / (1.0 + (-x).exp());
+        let got = ops::silu(&ta).unwrap().to_vec_f32().unwrap();
+        assert_close("silu", &got, &f(|x, _| x / (1.0 + (-x).exp())), 1e-7, 1e-6);
+
+        // The backward against a central finite difference of SiLU in f64.
+        let h = 1e-5;
+        let want: Vec<f64> = a
+            .iter()
+            .zip(&b)
+            .map(|(&x, &dy)| dy as f64 * (silu(x as f64 + h) - silu(x as f64 - h)) / (2.0 * h))
+            .collect();
+        let got = ops::silu_backward(&ta, &tb).unwrap().to_vec_f32().unwrap();
+        assert_close("silu_backward", &got, &want, 1e-6, 1e-5);
+
+        let mut full = Tensor::full(&[n], 2.5, &CPU).unwrap();
+        assert!(full.to_vec_f32().unwrap().iter().all(|&v| v == 2.5));
+        ops::fill(&mut full, -1.0).unwrap();
+        assert!(full.to_vec_f32().unwrap().iter().all(|&v| v == -1.0));
+    }
+}
+
+#[test]
+fn elementwise_shape_and_dtype_errors_name_the_problem() {
+    let a = t(&[1.0, 2.0, 3.0], &[3]);
+    let b = t(&[1.0, 2.0], &[2]);
+    let err = ops::add(&a, &b).unwrap_err().to_string();
+    assert!(err.contains("add") && err.contains("[2]") && err.contains("[3]"), "{err}");
+    let d = Tensor::from_f64(&[1.0, 2.0, 3.0], &[3], &CPU).unwrap();
+    let err = ops::mul(&a, &d).unwrap_err().to_string();
+    assert!(err.contains("f64") && err.contains("mul"), "{err}");
+    let err = Tensor::from_f32(&[1.0; 5], &[2, 3], &CPU).unwrap_err().to_string();
+    assert!(err.contains("5 elements") && err.contains("[2, 3]"), "{err}");
+}
+
+// ---- reductions --------------------------------------------------------------------------
+
+#[test]
+fn reductions_match_f64() {
+    for (i, &(rows, cols)) in [(1usize, 1usize), (1, 1000), (3, 7), (17, 257), (64, 3072), (5, 100_003)]
+        .iter()
+        .enumerate()
+    {
+        let a = random_vec(200 + i as u64, rows * cols, -1.0, 1.0);
+        let b = random_vec(300 + i as u64, rows * cols, -1.0, 1.0);
+        let (ta, tb) = (t(&a, &[rows, cols]), t(&b, &[rows, cols]));
+
+        let want: f64 = a.iter().map(|&x| x as f64).sum();
+        let got = ops::sum(&ta).unwrap();
+        assert_eq!(got.shape(), &[] as &[usize]);
+        assert_close("sum", &got.to_vec_f32().unwrap(), &[want], 1e-6, 1e-6);
+
+        let dots: Vec<f64> = (0..rows)
+            .map(|r| (0..cols).map(|c| a[r * cols + c] as f64 * b[r * cols + c] as f64).sum())
+            .collect();
+        let got = ops::row_dot(&ta, &tb).unwrap().to_vec_f32().unwrap();
+        assert_close("row_dot", &got, &dots, 1e-6, 1e-6);
+
+        let norms: Vec<f64> = (0..rows)
+            .map(|r| (0..cols).map(|c| (a[r * cols + c] as f64).powi(2)).sum::<f64>().sqrt())
+            .collect();
+        let got = ops::row_norm(&ta).unwrap().to_vec_f32().unwrap();
+        assert_close("row_norm", &got, &norms, 1e-6, 1e-6);
+    }
+    // Rows are the first axis; the rest is flattened.
+    let x = t(&random_vec(9, 2 * 3 * 4, -1.0, 1.0), &[2, 3, 4]);
+    assert_eq!(ops::row_norm(&x).unwrap().shape(), &[2]);
+    let err = ops::row_dot(&x, &t(&[0.0; 24], &[4, 6])).unwrap_err().to_string();
+    assert!(err.contains("row_dot"), "{err}");
+}
+
+// ---- GEMM --------------------------------------------------------------------------------
+
+#[test]
+fn gemm_matches_f64_for_every_transpose_and_batching() {
+    let mut case = 0u64;
+    for &(ba, bb, m, n, k) in GEMM_CASES {
+        for (trans_a, trans_b) in [(false, false), (false, true), (true, false), (true, true)] {
+            for (alpha, beta) in [(1.0f32, 0.0f32), (-0.5, 0.75)] {
+                case += 1;
+                let spec = GemmSpec { trans_a, trans_b, alpha, beta };
+                let a_shape = if trans_a { operand_shape(ba, k, m) } else { operand_shape(ba, m, k) };
+                let b_shape = if trans_b { operand_shape(bb, n, k) } else { operand_shape(bb, k, n) };
+                let a = random_vec(1000 + case, a_shape.iter().product(), -1.0, 1.0);
+                let b = random_vec(2000 + case, b_shape.iter().product(), -1.0, 1.0);
+                let batch = ba.max(bb);
+                let c_shape = if batch == 0 { vec![m, n] } else { vec![batch, m, n] };
+                let c0 = random_vec(3000 + case, c_shape.iter().product(), -1.0, 1.0);
+                let want = naive_gemm(&a, &a_shape, &b, &b_shape, &c0, spec);
+                let mut c = t(&c0, &c_shape);
+                ops::gemm_into(&t(&a, &a_shape), &t(&b, &b_shape), &mut c, spec).unwrap();
+                // f32 accumulation over k terms of size <= 1: error grows like sqrt(k) * eps.
+                let atol = 2e-7 * (k as f64).sqrt() * 4.0;
+                let what = format!("gemm {a_shape:?} x {b_shape:?} ta={trans_a} tb={trans_b} a={alpha} b={beta}");
+                assert_close(&what, &c.to_vec_f32().unwrap(), &want, atol, 1e-6);
+            }
+        }
+    }
+}
+
+#[test]
+fn gemm_beta_zero_ignores_a_poisoned_output() {
+    let a = t(&random_vec(1, 6, -1.0, 1.0), &[2, 3]);
+    let b = t(&random_vec(2, 12, -1.0, 1.0), &[3, 4]);
+    let mut c = Tensor::full(&[2, 4], f32::NAN, &CPU).unwrap();
+    ops::gemm_into(&a, &b, &mut c, GemmSpec::default()).unwrap();
+    assert!(c.to_vec_f32().unwrap().iter().all(|v| v.is_finite()));
+}
+
+#[test]
+fn gemm_shape_errors_name_the_operand() {
+    let a = t(&[0.0; 6], &[2, 3]);
+    let b = t(&[0.0; 8], &[4, 2]);
+    let err = ops::matmul(&a, &b, false, false).unwrap_err().to_string();
+    assert!(err.contains("inner dimension 3") && err.contains("[4, 2]"), "{err}");
+    let b3 = t(&[0.0; 24], &[2, 3, 4]);
+    let a3 = t(&[0.0; 18], &[3, 2, 3]);
+    let err = ops::matmul(&a3, &b3, false, false).unwrap_err().to_string();
+    assert!(err.contains("batch 3"), "{err}");
+    let v = t(&[0.0; 3], &[3]);
+    assert!(matches!(ops::matmul(&v, &b, false, false), Err(Error::Shape { .. })));
+}
+
+// ---- tensors and devices -----------------------------------------------------------------
+
+#[test]
+fn tensor_round_trips_and_reshapes() {
+    let data = random_vec(5, 24, -1.0, 1.0);
+    let x = t(&data, &[2, 3, 4]);
+    assert_eq!(x.numel(), 24);
+    assert_eq!(x.size_in_bytes(), 96);
+    assert_eq!(x.dtype(), DType::F32);
+    let y = x.reshape(&[6, 4]).unwrap();
+    assert_eq!(y.shape(), &[6, 4]);
+    assert_eq!(y.to_vec_f32().unwrap(), data);
+    assert!(y.reshape(&[5, 5]).is_err());
+    let z = Tensor::zeros(&[3, 2], DType::F64, &CPU).unwrap();
+    assert_eq!(z.to_vec_f64().unwrap(), vec![0.0; 6]);
+    assert!(z.to_vec_f32().is_err());
+}
+
+#[test]
+fn device_requests_parse_and_fail_clearly() {
+    assert_eq!("auto".parse::<DeviceRequest>().unwrap(), DeviceRequest::Auto);
+    assert_eq!("CPU".parse::<DeviceRequest>().unwrap(), DeviceRequest::Cpu);
+    assert_eq!("cuda".parse::<DeviceRequest>().unwrap(), DeviceRequest::Cuda(0));
+    assert_eq!("cuda:3".parse::<DeviceRequest>().unwrap(), DeviceRequest::Cuda(3));
+    assert!("tpu".parse::<DeviceRequest>().unwrap_err().contains("tpu"));
+
+    // Whatever this machine has, probing never panics, and auto always yields a device.
+    let (auto, why) = Device::auto();
+    match emprior::device::probe_cuda() {
+        Ok(_) => println!("a CUDA driver is present here; auto chose {auto}"),
+        Err(reason) => {
+            assert!(!auto.is_cuda());
+            assert!(why.unwrap().contains(&reason));
+            let err = Device::open(DeviceRequest::Cuda(0)).unwrap_err();
+            assert!(matches!(err, Error::GpuUnavailable(_)));
+            assert!(err.to_string().starts_with("GPU unavailable: "), "{err}");
+        }
+    }
+}
