@@ -227,7 +227,8 @@ fn compile_one(
         cmd.arg("-gencode").arg(format!("arch=compute_{a},code=sm_{a}"));
     }
     let last = archs.last().map(String::as_str).unwrap_or(ptx_arch);
-    cmd.arg("-gencode").arg(format!("arch=compute_{last},code=compute_{last}"));
+    cmd.arg("-gencode")
+        .arg(format!("arch=compute_{last},code=compute_{last}"));
     common(&mut cmd);
     cmd.arg(src).arg("-o").arg(&fatbin);
     run(cmd, src)?;

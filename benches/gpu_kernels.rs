@@ -1,1 +1,106 @@
-fn main(){}
+//! GPU kernels under criterion: GEMM (TFLOP/s as elem/s) and elementwise/reduction kernels
+//! (bytes moved as B/s), each timed with CUDA events around the launch. Without a GPU every
+//! bench prints `skipped: GPU unavailable: <reason>` and measures nothing.
+
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use cudarc::driver::sys::CUevent_flags;
+use emprior::device::CudaDevice;
+use emprior::ops::{self, GemmSpec, Philox};
+use emprior::{DType, Device, Tensor};
+
+fn gpu() -> Option<(Device, std::sync::Arc<CudaDevice>)> {
+    match Device::cuda(0) {
+        Ok(d) => {
+            let Device::Cuda(dev) = &d else { unreachable!() };
+            let dev = dev.clone();
+            Some((d, dev))
+        }
+        Err(e) => {
+            println!("gpu_kernels: skipped: {e}");
+            None
+        }
+    }
+}
+
+/// Device time of `iters` back-to-back launches, measured between two CUDA events.
+fn device_time(dev: &CudaDevice, iters: u64, mut launch: impl FnMut()) -> Duration {
+    let ev = || {
+        dev.context()
+            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .unwrap()
+    };
+    let (start, end) = (ev(), ev());
+    start.record(dev.stream()).unwrap();
+    for _ in 0..iters {
+        launch();
+    }
+    end.record(dev.stream()).unwrap();
+    end.synchronize().unwrap();
+    Duration::from_secs_f64(start.elapsed_ms(&end).unwrap() as f64 * 1e-3)
+}
+
+fn gemm_gpu(c: &mut Criterion) {
+    let Some((device, dev)) = gpu() else { return };
+    let mut group = c.benchmark_group("gemm_gpu_f32");
+    for (label, batch, m, n, k, tb) in [
+        ("square", 1usize, 2048usize, 2048usize, 2048usize, false),
+        ("square", 1, 4096, 4096, 4096, false),
+        ("linear_xWt", 1, 65536, 256, 256, true),
+        ("batched", 256, 256, 256, 256, false),
+    ] {
+        let sh = |r: usize, c: usize| if batch == 1 { vec![r, c] } else { vec![batch, r, c] };
+        let a = ops::uniform(&sh(m, k), Philox::new(1, 1), 0, &device).unwrap();
+        let b = ops::uniform(
+            &if tb { sh(n, k) } else { sh(k, n) },
+            Philox::new(1, 2),
+            0,
+            &device,
+        )
+        .unwrap();
+        let mut out = Tensor::uninit(&sh(m, n), DType::F32, &device).unwrap();
+        group.throughput(Throughput::Elements((2 * batch * m * n * k) as u64));
+        group.bench_function(BenchmarkId::new(label, format!("{batch}x{m}x{n}x{k}")), |bench| {
+            bench.iter_custom(|iters| {
+                device_time(&dev, iters, || {
+                    ops::gemm_into(&a, &b, &mut out, GemmSpec::new(false, tb)).unwrap()
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+fn elementwise_gpu(c: &mut Criterion) {
+    let Some((device, dev)) = gpu() else { return };
+    let n = 1usize << 26;
+    let a = ops::uniform(&[n], Philox::new(2, 1), 0, &device).unwrap();
+    let b = ops::uniform(&[n], Philox::new(2, 2), 0, &device).unwrap();
+    let mut out = Tensor::uninit(&[n], DType::F32, &device).unwrap();
+    let mut rows = Tensor::uninit(&[4096], DType::F32, &device).unwrap();
+    let a2 = a.to_device(&device).unwrap().reshape(&[4096, n / 4096]).unwrap();
+    let b2 = b.to_device(&device).unwrap().reshape(&[4096, n / 4096]).unwrap();
+    let mut group = c.benchmark_group("elementwise_gpu_f32");
+    let mut run = |name: &str, bytes: usize, f: &mut dyn FnMut()| {
+        group.throughput(Throughput::Bytes(bytes as u64));
+        group.bench_function(BenchmarkId::new(name, n), |bench| {
+            bench.iter_custom(|iters| device_time(&dev, iters, &mut *f))
+        });
+    };
+    run("add", 12 * n, &mut || ops::add_into(&a, &b, &mut out).unwrap());
+    run("silu", 8 * n, &mut || ops::silu_into(&a, &mut out).unwrap());
+    run("silu_backward", 12 * n, &mut || {
+        ops::silu_backward_into(&a, &b, &mut out).unwrap()
+    });
+    run("philox_normal", 4 * n, &mut || {
+        Philox::new(3, 0).normal_into(&mut out, 0).unwrap()
+    });
+    run("row_dot_4096_rows", 8 * n, &mut || {
+        ops::row_dot_into(&a2, &b2, &mut rows).unwrap()
+    });
+    group.finish();
+}
+
+criterion_group!(benches, gemm_gpu, elementwise_gpu);
+criterion_main!(benches);

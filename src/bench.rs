@@ -1,1 +1,322 @@
-//! placeholder
+//! The kernel benchmark table behind `emprior bench` and scripts/device-check.sh: each kernel's
+//! median time over repeats (CUDA events on the GPU), its throughput, and how it stands against
+//! a ceiling measured in the same run (device-to-device copy bandwidth for memory-bound kernels,
+//! cuBLAS SGEMM for our GEMM) and against the datasheet FP32 rate.
+
+use std::time::Instant;
+
+use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
+use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
+
+use crate::device::{CudaDevice, Device};
+use crate::error::{Error, Result};
+use crate::ops::{self, gemm, GemmSpec, Philox};
+use crate::tensor::{DType, Tensor};
+
+/// One line of the table.
+#[derive(Clone, Debug)]
+pub struct BenchRow {
+    pub what: String,
+    pub shape: String,
+    pub median_ms: f64,
+    /// e.g. "3950 GB/s" or "21.3 TFLOP/s".
+    pub throughput: String,
+    /// e.g. "92% of copy" or "71% of cuBLAS, 32% of FP32 peak".
+    pub versus: String,
+}
+
+/// The table as markdown.
+pub fn format_table(title: &str, rows: &[BenchRow]) -> String {
+    let mut s =
+        format!("{title}\n\n| what | shape | median ms | throughput | versus |\n|---|---|---:|---:|---|\n");
+    for r in rows {
+        s += &format!(
+            "| {} | {} | {:.4} | {} | {} |\n",
+            r.what, r.shape, r.median_ms, r.throughput, r.versus
+        );
+    }
+    s
+}
+
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v[v.len() / 2]
+}
+
+/// Median milliseconds of `f` on the GPU, timed with CUDA events around each call after warm-up.
+pub fn time_gpu(dev: &CudaDevice, repeats: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    let ctx = dev.context();
+    let stream = dev.stream();
+    let ev = || {
+        ctx.new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .map_err(|e| Error::cuda("creating a timing event", e))
+    };
+    for _ in 0..2 {
+        f()?;
+    }
+    let mut times = Vec::with_capacity(repeats);
+    for _ in 0..repeats {
+        let (start, end) = (ev()?, ev()?);
+        start
+            .record(stream)
+            .map_err(|e| Error::cuda("recording an event", e))?;
+        f()?;
+        end.record(stream)
+            .map_err(|e| Error::cuda("recording an event", e))?;
+        end.synchronize()
+            .map_err(|e| Error::cuda("waiting for an event", e))?;
+        times.push(
+            start
+                .elapsed_ms(&end)
+                .map_err(|e| Error::cuda("reading an event", e))? as f64,
+        );
+    }
+    Ok(median(times))
+}
+
+/// Median milliseconds of `f` on the host clock.
+pub fn time_cpu(repeats: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
+    f()?;
+    let mut times = Vec::with_capacity(repeats);
+    for _ in 0..repeats {
+        let t = Instant::now();
+        f()?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(median(times))
+}
+
+/// The datasheet FP32 (non-tensor) rate: SMs x FP32 lanes per SM x 2 (FMA) x clock.
+pub fn fp32_peak_tflops(dev: &CudaDevice) -> Option<f64> {
+    let lanes = match dev.compute_capability() {
+        (8, 0) => 64.0, // A100
+        (7, _) => 64.0, // Volta, Turing
+        (m, _) if m >= 8 => 128.0,
+        _ => return None,
+    };
+    let khz = dev
+        .context()
+        .attribute(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_CLOCK_RATE)
+        .ok()? as f64;
+    Some(dev.sm_count() as f64 * lanes * 2.0 * khz * 1e3 / 1e12)
+}
+
+fn gbs(bytes: f64, ms: f64) -> f64 {
+    bytes / (ms * 1e-3) / 1e9
+}
+
+fn tflops(flops: f64, ms: f64) -> f64 {
+    flops / (ms * 1e-3) / 1e12
+}
+
+/// The GEMM shapes of the table: (label, batch, m, n, k, trans_a, trans_b).
+type GemmCase = (&'static str, usize, usize, usize, usize, bool, bool);
+
+fn gemm_cases(quick: bool) -> Vec<GemmCase> {
+    let mut v = vec![
+        ("square", 1, 4096, 4096, 4096, false, false),
+        ("square A^T", 1, 4096, 4096, 4096, true, false),
+        ("square B^T", 1, 4096, 4096, 4096, false, true),
+        ("linear layer x W^T", 1, 65536, 256, 256, false, true),
+        ("batched 256x256", 256, 256, 256, 256, false, false),
+    ];
+    if quick {
+        v.truncate(3);
+    }
+    v
+}
+
+/// Runs the whole table on a GPU.
+pub fn run_gpu(dev: &CudaDevice, device: &Device, quick: bool) -> Result<Vec<BenchRow>> {
+    let repeats = if quick { 5 } else { 20 };
+    let mut rows = Vec::new();
+
+    // Memory ceiling: a device-to-device copy, counting bytes read and written.
+    let n: usize = if quick { 1 << 26 } else { 1 << 28 };
+    let src = ops::uniform(&[n], Philox::new(1, 1), 0, device)?;
+    let mut dst = Tensor::uninit(&[n], DType::F32, device)?;
+    let copy_ms = time_gpu(dev, repeats, || {
+        let s = src.cuda_f32()?;
+        let mut d = dst.cuda_f32_mut()?;
+        dev.stream()
+            .memcpy_dtod(&s, &mut d)
+            .map_err(|e| Error::cuda("device-to-device copy", e))
+    })?;
+    let copy_gbs = gbs(8.0 * n as f64, copy_ms);
+    rows.push(BenchRow {
+        what: "cuMemcpyDtoD (ceiling)".into(),
+        shape: format!("{n} f32"),
+        median_ms: copy_ms,
+        throughput: format!("{copy_gbs:.0} GB/s"),
+        versus: "measured memory ceiling".into(),
+    });
+
+    let b = ops::uniform(&[n], Philox::new(1, 2), 0, device)?;
+    let mut out = Tensor::uninit(&[n], DType::F32, device)?;
+    let mut y = ops::uniform(&[n], Philox::new(1, 3), 0, device)?;
+    let mut memory_row = |what: &str, bytes_per_elem: f64, ms: f64| {
+        let rate = gbs(bytes_per_elem * n as f64, ms);
+        rows.push(BenchRow {
+            what: what.into(),
+            shape: format!("{n} f32"),
+            median_ms: ms,
+            throughput: format!("{rate:.0} GB/s"),
+            versus: format!("{:.0}% of copy", 100.0 * rate / copy_gbs),
+        });
+    };
+    let ms = time_gpu(dev, repeats, || ops::add_into(&src, &b, &mut out))?;
+    memory_row("add", 12.0, ms);
+    let ms = time_gpu(dev, repeats, || ops::axpy(0.5, &src, &mut y))?;
+    memory_row("axpy (in place)", 12.0, ms);
+    let ms = time_gpu(dev, repeats, || ops::silu_into(&src, &mut out))?;
+    memory_row("silu", 8.0, ms);
+    let ms = time_gpu(dev, repeats, || ops::silu_backward_into(&src, &b, &mut out))?;
+    memory_row("silu_backward", 12.0, ms);
+    let rng = Philox::new(7, 0);
+    let ms = time_gpu(dev, repeats, || rng.normal_into(&mut out, 0))?;
+    memory_row("philox normal (write only)", 4.0, ms);
+    let mut total = Tensor::uninit(&[], DType::F32, device)?;
+    let ms = time_gpu(dev, repeats, || ops::sum_into(&src, &mut total))?;
+    memory_row("sum (deterministic, f64 partials)", 4.0, ms);
+    let rows_n = 4096;
+    let a2 = src.reshape(&[rows_n, n / rows_n])?;
+    let b2 = b.reshape(&[rows_n, n / rows_n])?;
+    let mut dots = Tensor::uninit(&[rows_n], DType::F32, device)?;
+    let ms = time_gpu(dev, repeats, || ops::row_dot_into(&a2, &b2, &mut dots))?;
+    memory_row("row_dot (4096 rows)", 8.0, ms);
+    drop((a2, b2, out, y, dst));
+
+    // GEMM against cuBLAS SGEMM (plain FP32: cuBLAS's default math mode uses no TF32).
+    let peak = fp32_peak_tflops(dev);
+    // SAFETY: only tries to dlopen the library.
+    let blas = if unsafe { cudarc::cublas::sys::is_culib_present() } {
+        CudaBlas::new(dev.stream().clone()).ok()
+    } else {
+        None
+    };
+    for (label, batch, m, nn, k, ta, tb) in gemm_cases(quick) {
+        let spec = GemmSpec::new(ta, tb);
+        let shape = |bt: usize, r: usize, c: usize| if bt == 1 { vec![r, c] } else { vec![bt, r, c] };
+        let a_shape = if ta {
+            shape(batch, k, m)
+        } else {
+            shape(batch, m, k)
+        };
+        let b_shape = if tb {
+            shape(batch, nn, k)
+        } else {
+            shape(batch, k, nn)
+        };
+        let a = ops::uniform(&a_shape, Philox::new(2, 1), 0, device)?;
+        let bm = ops::uniform(&b_shape, Philox::new(2, 2), 0, device)?;
+        let (params, c_shape) = gemm::resolve(&a_shape, &b_shape, &spec)?;
+        let mut c = Tensor::uninit(&c_shape, DType::F32, device)?;
+        let flops = gemm::flops(&params);
+        let ours = time_gpu(dev, repeats, || ops::gemm_into(&a, &bm, &mut c, spec))?;
+        let ours_tf = tflops(flops, ours);
+        let reference = match &blas {
+            Some(blas) => Some(time_gpu(dev, repeats, || {
+                cublas_sgemm(blas, &params, ta, tb, &a, &bm, &mut c)
+            })?),
+            None => None,
+        };
+        let mut versus = Vec::new();
+        if let Some(r) = reference {
+            versus.push(format!(
+                "{:.0}% of cuBLAS ({:.1} TFLOP/s)",
+                100.0 * r / ours,
+                tflops(flops, r)
+            ));
+        } else {
+            versus.push("cuBLAS not loadable".into());
+        }
+        if let Some(p) = peak {
+            versus.push(format!("{:.0}% of FP32 peak {p:.1}", 100.0 * ours_tf / p));
+        }
+        rows.push(BenchRow {
+            what: format!("gemm f32 {label}"),
+            shape: format!("{batch}x{m}x{nn}x{k}"),
+            median_ms: ours,
+            throughput: format!("{ours_tf:.2} TFLOP/s"),
+            versus: versus.join(", "),
+        });
+    }
+    Ok(rows)
+}
+
+/// Row-major C = op(A) op(B) through cuBLAS, as column-major C^T = op(B)^T op(A)^T.
+fn cublas_sgemm(
+    blas: &CudaBlas,
+    p: &gemm::GemmParams,
+    ta: bool,
+    tb: bool,
+    a: &Tensor,
+    b: &Tensor,
+    c: &mut Tensor,
+) -> Result<()> {
+    use cudarc::cublas::sys::cublasOperation_t::{CUBLAS_OP_N, CUBLAS_OP_T};
+    let op = |t: bool| if t { CUBLAS_OP_T } else { CUBLAS_OP_N };
+    let cfg = GemmConfig {
+        transa: op(tb),
+        transb: op(ta),
+        m: p.n,
+        n: p.m,
+        k: p.k,
+        alpha: 1.0f32,
+        lda: p.ldb,
+        ldb: p.lda,
+        beta: 0.0f32,
+        ldc: p.ldc,
+    };
+    let (av, bv) = (a.cuda_f32()?, b.cuda_f32()?);
+    let mut cv = c.cuda_f32_mut()?;
+    if p.batch == 1 {
+        // SAFETY: the shapes were resolved from the tensors.
+        unsafe { blas.gemm(cfg, &bv, &av, &mut cv) }.map_err(|e| Error::cuda("cublasSgemm", e))
+    } else {
+        let cfg = cudarc::cublas::StridedBatchedConfig {
+            gemm: cfg,
+            batch_size: p.batch,
+            stride_a: p.stride_b,
+            stride_b: p.stride_a,
+            stride_c: p.stride_c,
+        };
+        // SAFETY: as above.
+        unsafe { blas.gemm_strided_batched(cfg, &bv, &av, &mut cv) }
+            .map_err(|e| Error::cuda("cublasSgemmStridedBatched", e))
+    }
+}
+
+/// A small table on the CPU (wall clock), so `emprior bench` says something everywhere.
+pub fn run_cpu(quick: bool) -> Result<Vec<BenchRow>> {
+    let repeats = if quick { 3 } else { 10 };
+    let cpu = Device::Cpu;
+    let mut rows = Vec::new();
+    let n = 1 << 22;
+    let a = ops::uniform(&[n], Philox::new(1, 1), 0, &cpu)?;
+    let b = ops::uniform(&[n], Philox::new(1, 2), 0, &cpu)?;
+    let mut out = Tensor::uninit(&[n], DType::F32, &cpu)?;
+    let ms = time_cpu(repeats, || ops::add_into(&a, &b, &mut out))?;
+    rows.push(BenchRow {
+        what: "add".into(),
+        shape: format!("{n} f32"),
+        median_ms: ms,
+        throughput: format!("{:.1} GB/s", gbs(12.0 * n as f64, ms)),
+        versus: "-".into(),
+    });
+    for size in [256usize, 1024] {
+        let a = ops::uniform(&[size, size], Philox::new(2, 1), 0, &cpu)?;
+        let b = ops::uniform(&[size, size], Philox::new(2, 2), 0, &cpu)?;
+        let mut c = Tensor::uninit(&[size, size], DType::F32, &cpu)?;
+        let ms = time_cpu(repeats, || ops::gemm_into(&a, &b, &mut c, GemmSpec::default()))?;
+        let flops = 2.0 * (size as f64).powi(3);
+        rows.push(BenchRow {
+            what: "gemm f32 (matrixmultiply)".into(),
+            shape: format!("1x{size}x{size}x{size}"),
+            median_ms: ms,
+            throughput: format!("{:.1} GFLOP/s", flops / (ms * 1e-3) / 1e9),
+            versus: "-".into(),
+        });
+    }
+    Ok(rows)
+}

@@ -40,12 +40,12 @@ impl fmt::Display for Error {
                 expected,
                 actual,
             } => write!(f, "{op}: {what} has shape {actual}, expected {expected}"),
-            Error::DType {
-                op,
-                expected,
-                actual,
-            } => write!(f, "{op}: dtype {actual} is not supported (expected {expected})"),
-            Error::DeviceMismatch { op, detail } => write!(f, "{op}: operands on different devices ({detail})"),
+            Error::DType { op, expected, actual } => {
+                write!(f, "{op}: dtype {actual} is not supported (expected {expected})")
+            }
+            Error::DeviceMismatch { op, detail } => {
+                write!(f, "{op}: operands on different devices ({detail})")
+            }
             Error::Cuda { context, message } => write!(f, "CUDA error in {context}: {message}"),
             Error::Other(msg) => f.write_str(msg),
         }

@@ -28,7 +28,11 @@ pub fn build_summary() -> String {
         format!(
             "kernels embedded: yes ({} modules: {}); nvcc {}; SASS for {}; PTX ISA {}",
             KERNEL_MODULES.len(),
-            KERNEL_MODULES.iter().map(|m| m.name).collect::<Vec<_>>().join(", "),
+            KERNEL_MODULES
+                .iter()
+                .map(|m| m.name)
+                .collect::<Vec<_>>()
+                .join(", "),
             NVCC_VERSION.unwrap_or("?"),
             SASS_ARCHS.join(", "),
             isa

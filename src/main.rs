@@ -4,10 +4,14 @@ use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 
 use emprior::device::{probe_cuda, Device, DeviceRequest, Kernels};
-use emprior::kernels;
+use emprior::{bench, kernels};
 
 #[derive(Parser)]
-#[command(name = "emprior", version, about = "Diffusion priors from incomplete observations by EM, on CUDA")]
+#[command(
+    name = "emprior",
+    version,
+    about = "Diffusion priors from incomplete observations by EM, on CUDA"
+)]
 struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -24,11 +28,21 @@ enum Command {
         #[arg(long)]
         kernels: bool,
     },
+    /// Time the kernels (CUDA events on a GPU) and print a markdown table with throughput against
+    /// ceilings measured in the same run.
+    Bench {
+        #[arg(long, default_value = "auto")]
+        device: DeviceRequest,
+        /// Fewer shapes and repeats (about a minute on a GPU).
+        #[arg(long)]
+        quick: bool,
+    },
 }
 
 fn main() -> std::process::ExitCode {
     let result = match Cli::parse().command {
         Command::Info { device, kernels } => info(device, kernels),
+        Command::Bench { device, quick } => bench(device, quick),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
@@ -59,7 +73,10 @@ fn info(request: DeviceRequest, list_kernels: bool) -> Result<()> {
         }
         Err(reason) => println!("GPU unavailable: {reason}"),
     }
-    println!("cpu: {} threads available", std::thread::available_parallelism().map_or(1, |n| n.get()));
+    println!(
+        "cpu: {} threads available",
+        std::thread::available_parallelism().map_or(1, |n| n.get())
+    );
     let device = match request {
         DeviceRequest::Auto => {
             let (d, why) = Device::auto();
@@ -76,5 +93,18 @@ fn info(request: DeviceRequest, list_kernels: bool) -> Result<()> {
         Ok(d) => println!("selected: {d:?}"),
         Err(e) => bail!("--device {request}: {e}"),
     }
+    Ok(())
+}
+
+fn bench(request: DeviceRequest, quick: bool) -> Result<()> {
+    let device = Device::open(request)?;
+    let (title, rows) = match &device {
+        Device::Cuda(dev) => (
+            format!("GPU kernels on {dev:?}"),
+            bench::run_gpu(dev, &device, quick)?,
+        ),
+        Device::Cpu => ("CPU (wall clock)".to_string(), bench::run_cpu(quick)?),
+    };
+    print!("{}", bench::format_table(&title, &rows));
     Ok(())
 }

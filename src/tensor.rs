@@ -114,7 +114,12 @@ impl Tensor {
 
     fn from_host(storage: CpuStorage, len: usize, shape: &[usize], device: &Device) -> Result<Tensor> {
         if numel(shape) != len {
-            return Err(Error::shape("Tensor::from_host", "data", format!("{len} elements"), shape));
+            return Err(Error::shape(
+                "Tensor::from_host",
+                "data",
+                format!("{len} elements"),
+                shape,
+            ));
         }
         let host = Tensor {
             shape: shape.to_vec(),
@@ -292,7 +297,10 @@ impl Tensor {
         match &mut self.storage {
             Storage::Cuda(s) if dtype == DType::F32 => {
                 // SAFETY: as in cuda_f32.
-                Ok(unsafe { s.buf.slice_mut().transmute_mut::<f32>(n) }.expect("buffer sized for the tensor"))
+                Ok(
+                    unsafe { s.buf.slice_mut().transmute_mut::<f32>(n) }
+                        .expect("buffer sized for the tensor"),
+                )
             }
             Storage::Cuda(_) => Err(Error::DType {
                 op: "cuda_f32_mut",
@@ -309,7 +317,13 @@ impl Tensor {
 
 impl std::fmt::Debug for Tensor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "Tensor({:?}, {}, {})", self.shape, self.dtype.name(), self.device())
+        write!(
+            f,
+            "Tensor({:?}, {}, {})",
+            self.shape,
+            self.dtype.name(),
+            self.device()
+        )
     }
 }
 

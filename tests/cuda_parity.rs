@@ -24,7 +24,9 @@ fn poisoned(dev: &Device, shape: &[usize]) -> Tensor {
 
 #[test]
 fn cuda_elementwise_matches_cpu() {
-    let Some(gpu) = gpu_or_skip("cuda_elementwise_matches_cpu") else { return };
+    let Some(gpu) = gpu_or_skip("cuda_elementwise_matches_cpu") else {
+        return;
+    };
     let mut cases = 0;
     for (i, &n) in SIZES.iter().enumerate() {
         let a = random_vec(40 + i as u64, n, -6.0, 6.0);
@@ -44,19 +46,37 @@ fn cuda_elementwise_matches_cpu() {
             let mut got = poisoned(&gpu, &[n]);
             f(&ga, &gb, &mut got).unwrap();
             let what = format!("{name} n={n}");
-            assert_close(&what, &got.to_vec_f32().unwrap(), &to_f64(&want.to_vec_f32().unwrap()), 1e-7, rtol);
+            assert_close(
+                &what,
+                &got.to_vec_f32().unwrap(),
+                &to_f64(&want.to_vec_f32().unwrap()),
+                1e-7,
+                rtol,
+            );
             cases += 1;
         }
 
         let mut got = poisoned(&gpu, &[n]);
         ops::scale_into(&ga, 0.3, &mut got).unwrap();
         let want = ops::scale(&ca, 0.3).unwrap().to_vec_f32().unwrap();
-        assert_close(&format!("scale n={n}"), &got.to_vec_f32().unwrap(), &to_f64(&want), 0.0, 0.0);
+        assert_close(
+            &format!("scale n={n}"),
+            &got.to_vec_f32().unwrap(),
+            &to_f64(&want),
+            0.0,
+            0.0,
+        );
 
         let mut got = poisoned(&gpu, &[n]);
         ops::silu_into(&ga, &mut got).unwrap();
         let want = ops::silu(&ca).unwrap().to_vec_f32().unwrap();
-        assert_close(&format!("silu n={n}"), &got.to_vec_f32().unwrap(), &to_f64(&want), 1e-7, 2e-6);
+        assert_close(
+            &format!("silu n={n}"),
+            &got.to_vec_f32().unwrap(),
+            &to_f64(&want),
+            1e-7,
+            2e-6,
+        );
 
         // axpy is in place: the GPU fuses the multiply-add, the CPU rounds twice.
         let mut gy = on(&gpu, &b, &[n]);
@@ -64,11 +84,20 @@ fn cuda_elementwise_matches_cpu() {
         let mut cy = on(&CPU, &b, &[n]);
         ops::axpy(-1.7, &ca, &mut cy).unwrap();
         let want = to_f64(&cy.to_vec_f32().unwrap());
-        assert_close(&format!("axpy n={n}"), &gy.to_vec_f32().unwrap(), &want, 2e-6, 2e-7);
+        assert_close(
+            &format!("axpy n={n}"),
+            &gy.to_vec_f32().unwrap(),
+            &want,
+            2e-6,
+            2e-7,
+        );
 
         let mut filled = poisoned(&gpu, &[n]);
         ops::fill(&mut filled, 0.25).unwrap();
-        assert!(filled.to_vec_f32().unwrap().iter().all(|&v| v == 0.25), "fill n={n}");
+        assert!(
+            filled.to_vec_f32().unwrap().iter().all(|&v| v == 0.25),
+            "fill n={n}"
+        );
         cases += 4;
     }
     println!("cuda elementwise parity: {cases} cases passed on {gpu:?}");
@@ -76,11 +105,21 @@ fn cuda_elementwise_matches_cpu() {
 
 #[test]
 fn cuda_reductions_match_cpu_and_are_deterministic() {
-    let Some(gpu) = gpu_or_skip("cuda_reductions_match_cpu_and_are_deterministic") else { return };
+    let Some(gpu) = gpu_or_skip("cuda_reductions_match_cpu_and_are_deterministic") else {
+        return;
+    };
     let mut cases = 0;
-    for (i, &(rows, cols)) in [(1usize, 1usize), (1, 5), (7, 3), (3, 1023), (256, 3072), (2, 1_000_003), (70_000, 3)]
-        .iter()
-        .enumerate()
+    for (i, &(rows, cols)) in [
+        (1usize, 1usize),
+        (1, 5),
+        (7, 3),
+        (3, 1023),
+        (256, 3072),
+        (2, 1_000_003),
+        (70_000, 3),
+    ]
+    .iter()
+    .enumerate()
     {
         let a = random_vec(500 + i as u64, rows * cols, -1.0, 1.0);
         let b = random_vec(600 + i as u64, rows * cols, -1.0, 1.0);
@@ -93,20 +132,40 @@ fn cuda_reductions_match_cpu_and_are_deterministic() {
         let first = got.to_vec_f32().unwrap();
         assert_close(&format!("sum {rows}x{cols}"), &first, &to_f64(&want), 1e-6, 1e-6);
         ops::sum_into(&ga, &mut got).unwrap();
-        assert_eq!(first, got.to_vec_f32().unwrap(), "sum must be bit-identical run to run");
+        assert_eq!(
+            first,
+            got.to_vec_f32().unwrap(),
+            "sum must be bit-identical run to run"
+        );
 
         let want = ops::row_dot(&ca, &cb).unwrap().to_vec_f32().unwrap();
         let mut got = poisoned(&gpu, &[rows]);
         ops::row_dot_into(&ga, &gb, &mut got).unwrap();
         let first = got.to_vec_f32().unwrap();
-        assert_close(&format!("row_dot {rows}x{cols}"), &first, &to_f64(&want), 1e-6, 1e-6);
+        assert_close(
+            &format!("row_dot {rows}x{cols}"),
+            &first,
+            &to_f64(&want),
+            1e-6,
+            1e-6,
+        );
         ops::row_dot_into(&ga, &gb, &mut got).unwrap();
-        assert_eq!(first, got.to_vec_f32().unwrap(), "row_dot must be bit-identical run to run");
+        assert_eq!(
+            first,
+            got.to_vec_f32().unwrap(),
+            "row_dot must be bit-identical run to run"
+        );
 
         let want = ops::row_norm(&ca).unwrap().to_vec_f32().unwrap();
         let mut got = poisoned(&gpu, &[rows]);
         ops::row_norm_into(&ga, &mut got).unwrap();
-        assert_close(&format!("row_norm {rows}x{cols}"), &got.to_vec_f32().unwrap(), &to_f64(&want), 1e-6, 1e-6);
+        assert_close(
+            &format!("row_norm {rows}x{cols}"),
+            &got.to_vec_f32().unwrap(),
+            &to_f64(&want),
+            1e-6,
+            1e-6,
+        );
         cases += 3;
     }
     println!("cuda reduction parity: {cases} cases passed on {gpu:?}");
@@ -114,24 +173,47 @@ fn cuda_reductions_match_cpu_and_are_deterministic() {
 
 #[test]
 fn cuda_gemm_matches_cpu() {
-    let Some(gpu) = gpu_or_skip("cuda_gemm_matches_cpu") else { return };
+    let Some(gpu) = gpu_or_skip("cuda_gemm_matches_cpu") else {
+        return;
+    };
     let mut cases = 0u64;
     let mut all = GEMM_CASES.to_vec();
-    all.extend([(0, 0, 512, 384, 1024), (2, 0, 1000, 130, 257), (300, 300, 8, 8, 8)]);
+    all.extend([
+        (0, 0, 512, 384, 1024),
+        (2, 0, 1000, 130, 257),
+        (300, 300, 8, 8, 8),
+    ]);
     for &(ba, bb, m, n, k) in &all {
         for (trans_a, trans_b) in [(false, false), (false, true), (true, false), (true, true)] {
             for (alpha, beta) in [(1.0f32, 0.0f32), (0.5, -1.25)] {
                 cases += 1;
-                let spec = GemmSpec { trans_a, trans_b, alpha, beta };
-                let a_shape = if trans_a { operand_shape(ba, k, m) } else { operand_shape(ba, m, k) };
-                let b_shape = if trans_b { operand_shape(bb, n, k) } else { operand_shape(bb, k, n) };
+                let spec = GemmSpec {
+                    trans_a,
+                    trans_b,
+                    alpha,
+                    beta,
+                };
+                let a_shape = if trans_a {
+                    operand_shape(ba, k, m)
+                } else {
+                    operand_shape(ba, m, k)
+                };
+                let b_shape = if trans_b {
+                    operand_shape(bb, n, k)
+                } else {
+                    operand_shape(bb, k, n)
+                };
                 let a = random_vec(7000 + cases, a_shape.iter().product(), -1.0, 1.0);
                 let b = random_vec(8000 + cases, b_shape.iter().product(), -1.0, 1.0);
                 let batch = ba.max(bb);
                 let c_shape = if batch == 0 { vec![m, n] } else { vec![batch, m, n] };
                 let c0 = random_vec(9000 + cases, c_shape.iter().product(), -1.0, 1.0);
                 // With beta = 0 the output starts poisoned: the kernel must not read it.
-                let mut gc = if beta == 0.0 { poisoned(&gpu, &c_shape) } else { on(&gpu, &c0, &c_shape) };
+                let mut gc = if beta == 0.0 {
+                    poisoned(&gpu, &c_shape)
+                } else {
+                    on(&gpu, &c0, &c_shape)
+                };
                 ops::gemm_into(&on(&gpu, &a, &a_shape), &on(&gpu, &b, &b_shape), &mut gc, spec).unwrap();
                 let want = naive_gemm(&a, &a_shape, &b, &b_shape, &c0, spec);
                 let atol = 8e-7 * (k as f64).sqrt();
@@ -145,7 +227,9 @@ fn cuda_gemm_matches_cpu() {
 
 #[test]
 fn cuda_random_streams_match_cpu() {
-    let Some(gpu) = gpu_or_skip("cuda_random_streams_match_cpu") else { return };
+    let Some(gpu) = gpu_or_skip("cuda_random_streams_match_cpu") else {
+        return;
+    };
     let mut cases = 0;
     for &(seed, stream, offset, n) in &[
         (0u64, 0u64, 0u64, 1usize),
@@ -159,15 +243,28 @@ fn cuda_random_streams_match_cpu() {
         rng.uniform_into(&mut got, offset).unwrap();
         let mut want = vec![0.0; n];
         rng.fill_uniform(offset, &mut want);
-        assert_eq!(got.to_vec_f32().unwrap(), want, "uniform streams must be bit-identical");
+        assert_eq!(
+            got.to_vec_f32().unwrap(),
+            want,
+            "uniform streams must be bit-identical"
+        );
 
         rng.normal_into(&mut got, offset).unwrap();
         rng.fill_normal(offset, &mut want);
         // Box-Muller in f64 on both sides, rounded once: identical but for a rare last-ulp tie.
         let got = got.to_vec_f32().unwrap();
         let differing = got.iter().zip(&want).filter(|(g, w)| g != w).count();
-        assert_close(&format!("normal seed={seed} n={n}"), &got, &to_f64(&want), 1e-7, 2.4e-7);
-        assert!(differing * 100_000 <= n.max(100_000), "{differing} of {n} normals differ in the last bit");
+        assert_close(
+            &format!("normal seed={seed} n={n}"),
+            &got,
+            &to_f64(&want),
+            1e-7,
+            2.4e-7,
+        );
+        assert!(
+            differing * 100_000 <= n.max(100_000),
+            "{differing} of {n} normals differ in the last bit"
+        );
         cases += 2;
     }
     println!("cuda rng parity: {cases} cases passed on {gpu:?}");
@@ -175,7 +272,9 @@ fn cuda_random_streams_match_cpu() {
 
 #[test]
 fn cuda_pool_serves_a_hot_loop_without_new_allocations() {
-    let Some(gpu) = gpu_or_skip("cuda_pool_serves_a_hot_loop_without_new_allocations") else { return };
+    let Some(gpu) = gpu_or_skip("cuda_pool_serves_a_hot_loop_without_new_allocations") else {
+        return;
+    };
     let Device::Cuda(dev) = &gpu else { unreachable!() };
     let x = on(&gpu, &random_vec(1, 1 << 16, -1.0, 1.0), &[256, 256]);
     let step = |x: &Tensor| -> Tensor {

@@ -26,7 +26,10 @@ fn philox_matches_the_random123_known_answers() {
         [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd]
     );
     assert_eq!(
-        ops::philox4x32_10([0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344], [0xa4093822, 0x299f31d0]),
+        ops::philox4x32_10(
+            [0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344],
+            [0xa4093822, 0x299f31d0]
+        ),
         [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1]
     );
 }
@@ -39,7 +42,11 @@ fn random_streams_are_addressable_by_offset() {
     for (offset, len) in [(0usize, 1usize), (1, 5), (3, 17), (4, 4), (5, 98), (101, 2)] {
         let mut part = vec![0.0; len];
         rng.fill_normal(offset as u64, &mut part);
-        assert_eq!(part, whole[offset..offset + len], "normal offset {offset} len {len}");
+        assert_eq!(
+            part,
+            whole[offset..offset + len],
+            "normal offset {offset} len {len}"
+        );
         let mut u_whole = vec![0.0; offset + len];
         rng.fill_uniform(0, &mut u_whole);
         rng.fill_uniform(offset as u64, &mut part);
@@ -56,15 +63,24 @@ fn random_streams_are_addressable_by_offset() {
 #[test]
 fn uniform_and_normal_moments() {
     let n = 1 << 18;
-    let u = ops::uniform(&[n], Philox::new(1, 2), 0, &CPU).unwrap().to_vec_f32().unwrap();
-    assert!(u.iter().all(|&x| x > 0.0 && x < 1.0), "uniforms must lie in (0, 1)");
+    let u = ops::uniform(&[n], Philox::new(1, 2), 0, &CPU)
+        .unwrap()
+        .to_vec_f32()
+        .unwrap();
+    assert!(
+        u.iter().all(|&x| x > 0.0 && x < 1.0),
+        "uniforms must lie in (0, 1)"
+    );
     let mean = u.iter().map(|&x| x as f64).sum::<f64>() / n as f64;
     let var = u.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n as f64;
     // Standard errors: mean 0.29/sqrt(n) = 5.6e-4; variance about 1.6e-4. Allow 5 sigma.
     assert!((mean - 0.5).abs() < 3e-3, "uniform mean {mean}");
     assert!((var - 1.0 / 12.0).abs() < 1e-3, "uniform variance {var}");
 
-    let z = ops::normal(&[n], Philox::new(1, 3), 0, &CPU).unwrap().to_vec_f32().unwrap();
+    let z = ops::normal(&[n], Philox::new(1, 3), 0, &CPU)
+        .unwrap()
+        .to_vec_f32()
+        .unwrap();
     let mean = z.iter().map(|&x| x as f64).sum::<f64>() / n as f64;
     let var = z.iter().map(|&x| (x as f64 - mean).powi(2)).sum::<f64>() / n as f64;
     let kurt = z.iter().map(|&x| (x as f64 - mean).powi(4)).sum::<f64>() / n as f64 / (var * var);
@@ -87,7 +103,9 @@ fn elementwise_ops_match_f64() {
         let a = random_vec(10 + i as u64, n, -4.0, 4.0);
         let b = random_vec(100 + i as u64, n, -4.0, 4.0);
         let (ta, tb) = (t(&a, &[n]), t(&b, &[n]));
-        let f = |g: fn(f64, f64) -> f64| -> Vec<f64> { a.iter().zip(&b).map(|(&x, &y)| g(x as f64, y as f64)).collect() };
+        let f = |g: fn(f64, f64) -> f64| -> Vec<f64> {
+            a.iter().zip(&b).map(|(&x, &y)| g(x as f64, y as f64)).collect()
+        };
 
         let got = ops::add(&ta, &tb).unwrap().to_vec_f32().unwrap();
         assert_close("add", &got, &f(|x, y| x + y), 0.0, 6e-8);
@@ -127,11 +145,16 @@ fn elementwise_shape_and_dtype_errors_name_the_problem() {
     let a = t(&[1.0, 2.0, 3.0], &[3]);
     let b = t(&[1.0, 2.0], &[2]);
     let err = ops::add(&a, &b).unwrap_err().to_string();
-    assert!(err.contains("add") && err.contains("[2]") && err.contains("[3]"), "{err}");
+    assert!(
+        err.contains("add") && err.contains("[2]") && err.contains("[3]"),
+        "{err}"
+    );
     let d = Tensor::from_f64(&[1.0, 2.0, 3.0], &[3], &CPU).unwrap();
     let err = ops::mul(&a, &d).unwrap_err().to_string();
     assert!(err.contains("f64") && err.contains("mul"), "{err}");
-    let err = Tensor::from_f32(&[1.0; 5], &[2, 3], &CPU).unwrap_err().to_string();
+    let err = Tensor::from_f32(&[1.0; 5], &[2, 3], &CPU)
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("5 elements") && err.contains("[2, 3]"), "{err}");
 }
 
@@ -139,9 +162,16 @@ fn elementwise_shape_and_dtype_errors_name_the_problem() {
 
 #[test]
 fn reductions_match_f64() {
-    for (i, &(rows, cols)) in [(1usize, 1usize), (1, 1000), (3, 7), (17, 257), (64, 3072), (5, 100_003)]
-        .iter()
-        .enumerate()
+    for (i, &(rows, cols)) in [
+        (1usize, 1usize),
+        (1, 1000),
+        (3, 7),
+        (17, 257),
+        (64, 3072),
+        (5, 100_003),
+    ]
+    .iter()
+    .enumerate()
     {
         let a = random_vec(200 + i as u64, rows * cols, -1.0, 1.0);
         let b = random_vec(300 + i as u64, rows * cols, -1.0, 1.0);
@@ -153,13 +183,22 @@ fn reductions_match_f64() {
         assert_close("sum", &got.to_vec_f32().unwrap(), &[want], 1e-6, 1e-6);
 
         let dots: Vec<f64> = (0..rows)
-            .map(|r| (0..cols).map(|c| a[r * cols + c] as f64 * b[r * cols + c] as f64).sum())
+            .map(|r| {
+                (0..cols)
+                    .map(|c| a[r * cols + c] as f64 * b[r * cols + c] as f64)
+                    .sum()
+            })
             .collect();
         let got = ops::row_dot(&ta, &tb).unwrap().to_vec_f32().unwrap();
         assert_close("row_dot", &got, &dots, 1e-6, 1e-6);
 
         let norms: Vec<f64> = (0..rows)
-            .map(|r| (0..cols).map(|c| (a[r * cols + c] as f64).powi(2)).sum::<f64>().sqrt())
+            .map(|r| {
+                (0..cols)
+                    .map(|c| (a[r * cols + c] as f64).powi(2))
+                    .sum::<f64>()
+                    .sqrt()
+            })
             .collect();
         let got = ops::row_norm(&ta).unwrap().to_vec_f32().unwrap();
         assert_close("row_norm", &got, &norms, 1e-6, 1e-6);
@@ -180,9 +219,22 @@ fn gemm_matches_f64_for_every_transpose_and_batching() {
         for (trans_a, trans_b) in [(false, false), (false, true), (true, false), (true, true)] {
             for (alpha, beta) in [(1.0f32, 0.0f32), (-0.5, 0.75)] {
                 case += 1;
-                let spec = GemmSpec { trans_a, trans_b, alpha, beta };
-                let a_shape = if trans_a { operand_shape(ba, k, m) } else { operand_shape(ba, m, k) };
-                let b_shape = if trans_b { operand_shape(bb, n, k) } else { operand_shape(bb, k, n) };
+                let spec = GemmSpec {
+                    trans_a,
+                    trans_b,
+                    alpha,
+                    beta,
+                };
+                let a_shape = if trans_a {
+                    operand_shape(ba, k, m)
+                } else {
+                    operand_shape(ba, m, k)
+                };
+                let b_shape = if trans_b {
+                    operand_shape(bb, n, k)
+                } else {
+                    operand_shape(bb, k, n)
+                };
                 let a = random_vec(1000 + case, a_shape.iter().product(), -1.0, 1.0);
                 let b = random_vec(2000 + case, b_shape.iter().product(), -1.0, 1.0);
                 let batch = ba.max(bb);
@@ -193,7 +245,8 @@ fn gemm_matches_f64_for_every_transpose_and_batching() {
                 ops::gemm_into(&t(&a, &a_shape), &t(&b, &b_shape), &mut c, spec).unwrap();
                 // f32 accumulation over k terms of size <= 1: error grows like sqrt(k) * eps.
                 let atol = 2e-7 * (k as f64).sqrt() * 4.0;
-                let what = format!("gemm {a_shape:?} x {b_shape:?} ta={trans_a} tb={trans_b} a={alpha} b={beta}");
+                let what =
+                    format!("gemm {a_shape:?} x {b_shape:?} ta={trans_a} tb={trans_b} a={alpha} b={beta}");
                 assert_close(&what, &c.to_vec_f32().unwrap(), &want, atol, 1e-6);
             }
         }
@@ -214,13 +267,19 @@ fn gemm_shape_errors_name_the_operand() {
     let a = t(&[0.0; 6], &[2, 3]);
     let b = t(&[0.0; 8], &[4, 2]);
     let err = ops::matmul(&a, &b, false, false).unwrap_err().to_string();
-    assert!(err.contains("inner dimension 3") && err.contains("[4, 2]"), "{err}");
+    assert!(
+        err.contains("inner dimension 3") && err.contains("[4, 2]"),
+        "{err}"
+    );
     let b3 = t(&[0.0; 24], &[2, 3, 4]);
     let a3 = t(&[0.0; 18], &[3, 2, 3]);
     let err = ops::matmul(&a3, &b3, false, false).unwrap_err().to_string();
     assert!(err.contains("batch 3"), "{err}");
     let v = t(&[0.0; 3], &[3]);
-    assert!(matches!(ops::matmul(&v, &b, false, false), Err(Error::Shape { .. })));
+    assert!(matches!(
+        ops::matmul(&v, &b, false, false),
+        Err(Error::Shape { .. })
+    ));
 }
 
 // ---- tensors and devices -----------------------------------------------------------------

@@ -61,7 +61,10 @@ fn load_module(ctx: &Arc<CudaContext>, name: &str) -> Result<Arc<CudaModule>> {
         Ok(m) => Ok(m),
         Err(fatbin_err) => ctx.load_module(Ptx::from_src(module.ptx)).map_err(|ptx_err| {
             Error::cuda(
-                format!("loading {name}.cu (fatbin: {fatbin_err:?}; PTX ISA {})", module.ptx_isa),
+                format!(
+                    "loading {name}.cu (fatbin: {fatbin_err:?}; PTX ISA {})",
+                    module.ptx_isa
+                ),
                 ptx_err,
             )
         }),
@@ -72,7 +75,9 @@ fn load_module(ctx: &Arc<CudaContext>, name: &str) -> Result<Arc<CudaModule>> {
 pub fn probe() -> std::result::Result<usize, String> {
     // SAFETY: only tries to dlopen the driver library.
     if !unsafe { cudarc::driver::sys::is_culib_present() } {
-        return Err("no CUDA driver: libcuda.so could not be loaded (no NVIDIA driver on this machine)".into());
+        return Err(
+            "no CUDA driver: libcuda.so could not be loaded (no NVIDIA driver on this machine)".into(),
+        );
     }
     match catch_unwind(CudaContext::device_count) {
         Ok(Ok(n)) if n > 0 => Ok(n as usize),
@@ -113,14 +118,21 @@ impl CudaDevice {
         }
         let ctx = catch_unwind(|| CudaContext::new(ordinal))
             .map_err(|_| Error::GpuUnavailable("creating the CUDA context panicked".into()))?
-            .map_err(|e| Error::GpuUnavailable(format!("creating a context on cuda:{ordinal} failed: {e:?}")))?;
+            .map_err(|e| {
+                Error::GpuUnavailable(format!("creating a context on cuda:{ordinal} failed: {e:?}"))
+            })?;
         // One stream for everything: stream order is our synchronisation, so cudarc's per-buffer
         // event tracking is pure overhead (and gets in the way of graph capture). Must precede
         // every allocation.
         // SAFETY: no buffer exists yet, and all work goes to the one stream below.
         unsafe { ctx.disable_event_tracking() };
-        let stream = ctx.new_stream().map_err(|e| Error::cuda("creating the stream", e))?;
-        let attr = |a| ctx.attribute(a).map_err(|e| Error::cuda("reading device attributes", e));
+        let stream = ctx
+            .new_stream()
+            .map_err(|e| Error::cuda("creating the stream", e))?;
+        let attr = |a| {
+            ctx.attribute(a)
+                .map_err(|e| Error::cuda("reading device attributes", e))
+        };
         let sm_count = attr(CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT)? as u32;
         let compute_capability = ctx
             .compute_capability()
@@ -183,7 +195,9 @@ impl CudaDevice {
 
     /// Waits for all queued work; surfaces asynchronous kernel errors.
     pub fn synchronize(&self) -> Result<()> {
-        self.stream.synchronize().map_err(|e| Error::cuda("synchronizing the stream", e))
+        self.stream
+            .synchronize()
+            .map_err(|e| Error::cuda("synchronizing the stream", e))
     }
 
     /// A grid for a grid-stride elementwise kernel over `n` items with `threads` per block:

@@ -161,11 +161,25 @@ mod tests {
 
     #[test]
     fn size_classes_cover_the_request_with_bounded_slack() {
-        for bytes in [1usize, 255, 256, 257, 65536, 65537, 1 << 20, (1 << 20) + 1, 3_000_000, 1 << 30] {
+        for bytes in [
+            1usize,
+            255,
+            256,
+            257,
+            65536,
+            65537,
+            1 << 20,
+            (1 << 20) + 1,
+            3_000_000,
+            1 << 30,
+        ] {
             let c = size_class(bytes);
             assert!(c >= bytes, "{bytes} -> {c}");
             assert!(c % 256 == 0, "{bytes} -> {c}");
-            assert!((c - bytes) as f64 <= (bytes as f64 * 0.125).max(255.0), "{bytes} -> {c}");
+            assert!(
+                (c - bytes) as f64 <= (bytes as f64 * 0.125).max(255.0),
+                "{bytes} -> {c}"
+            );
         }
         assert_eq!(size_class(1000), size_class(1024));
     }

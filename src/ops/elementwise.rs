@@ -194,7 +194,9 @@ pub fn silu(x: &Tensor) -> Result<Tensor> {
 
 /// dx = dy * silu'(x): the backward of SiLU (with dy = 1, its derivative).
 pub fn silu_backward_into(x: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
-    binary("silu_backward", x, dy, dx, cpu::silu_backward, |k| &k.ew_silu_backward_f32)
+    binary("silu_backward", x, dy, dx, cpu::silu_backward, |k| {
+        &k.ew_silu_backward_f32
+    })
 }
 
 pub fn silu_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {

@@ -69,7 +69,12 @@ pub fn resolve(a: &[usize], b: &[usize], spec: &GemmSpec) -> Result<(GemmParams,
         match *s {
             [r, c] => Ok((1, r, c, false)),
             [bt, r, c] => Ok((bt, r, c, true)),
-            _ => Err(Error::shape("gemm", what, "[rows, cols] or [batch, rows, cols]", s)),
+            _ => Err(Error::shape(
+                "gemm",
+                what,
+                "[rows, cols] or [batch, rows, cols]",
+                s,
+            )),
         }
     };
     let (ba, ra, ca, batched_a) = split("A", a)?;
@@ -95,7 +100,12 @@ pub fn resolve(a: &[usize], b: &[usize], spec: &GemmSpec) -> Result<(GemmParams,
     };
     let fits = |v: usize| i32::try_from(v).is_ok();
     if ![m, n, k, batch, ca, cb].into_iter().all(fits) {
-        return Err(Error::shape("gemm", "operands", "every dimension below 2^31", (a, b)));
+        return Err(Error::shape(
+            "gemm",
+            "operands",
+            "every dimension below 2^31",
+            (a, b),
+        ));
     }
     let params = GemmParams {
         m: m as i32,
@@ -164,7 +174,14 @@ pub fn gemm_into(a: &Tensor, b: &Tensor, c: &mut Tensor, spec: GemmSpec) -> Resu
         return Ok(());
     }
     match device {
-        Device::Cpu => cpu::gemm(&p, spec.trans_a, spec.trans_b, a.cpu_f32()?, b.cpu_f32()?, c.cpu_f32_mut()?),
+        Device::Cpu => cpu::gemm(
+            &p,
+            spec.trans_a,
+            spec.trans_b,
+            a.cpu_f32()?,
+            b.cpu_f32()?,
+            c.cpu_f32_mut()?,
+        ),
         Device::Cuda(dev) => {
             let k = dev.kernels();
             let (name, f) = match (spec.trans_a, spec.trans_b) {
@@ -174,7 +191,12 @@ pub fn gemm_into(a: &Tensor, b: &Tensor, c: &mut Tensor, spec: GemmSpec) -> Resu
                 (true, true) => ("gemm_f32_tt", &k.gemm_f32_tt),
             };
             if (p.m as u32).div_ceil(GEMM_TILE) > 65535 {
-                return Err(Error::shape("gemm", "op(A)", "at most 8,388,480 rows on the GPU", p.m));
+                return Err(Error::shape(
+                    "gemm",
+                    "op(A)",
+                    "at most 8,388,480 rows on the GPU",
+                    p.m,
+                ));
             }
             let (av, bv) = (a.cuda_f32()?, b.cuda_f32()?);
             let mut cv = c.cuda_f32_mut()?;

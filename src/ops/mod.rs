@@ -49,6 +49,10 @@ pub(crate) fn expect_shape(op: &'static str, what: &str, t: &Tensor, expected: &
 }
 
 /// Launch failures carry the kernel's name.
-pub(crate) fn launched<T>(kernel: &'static str, r: std::result::Result<T, cudarc::driver::DriverError>) -> Result<()> {
-    r.map(drop).map_err(|e| Error::cuda(format!("launching {kernel}"), e))
+pub(crate) fn launched<T>(
+    kernel: &'static str,
+    r: std::result::Result<T, cudarc::driver::DriverError>,
+) -> Result<()> {
+    r.map(drop)
+        .map_err(|e| Error::cuda(format!("launching {kernel}"), e))
 }

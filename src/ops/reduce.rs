@@ -96,7 +96,12 @@ fn row_reduce(op: &'static str, a: &Tensor, b: &Tensor, out: &mut Tensor, sqrt: 
             let mut ov = out.cuda_f32_mut()?;
             let mut l = dev.stream().launch_builder(&dev.kernels().reduce_row_dot_f32);
             let (rows64, cols64, sqrt32) = (rows as i64, cols as i64, sqrt as i32);
-            l.arg(&av).arg(&bv).arg(&mut ov).arg(&rows64).arg(&cols64).arg(&sqrt32);
+            l.arg(&av)
+                .arg(&bv)
+                .arg(&mut ov)
+                .arg(&rows64)
+                .arg(&cols64)
+                .arg(&sqrt32);
             let cfg = LaunchConfig {
                 grid_dim: (rows.min(dev.sm_count() as usize * 32) as u32, 1, 1),
                 block_dim: (REDUCE_THREADS, 1, 1),

@@ -50,8 +50,9 @@ fn normal_pair(a: u32, b: u32) -> (f32, f32) {
     let u1 = (a as f64 + 0.5) * INV_2_32;
     let u2 = (b as f64 + 0.5) * INV_2_32;
     let r = (-2.0 * u1.ln()).sqrt();
-    // The same f64 product as kernels/common.cuh, so both sides take sin/cos of one number.
-    let (s, c) = (6.283_185_307_179_586 * u2).sin_cos();
+    // TAU is the f64 literal 6.283185307179586 of kernels/common.cuh: both sides take sin/cos
+    // of the same f64 product.
+    let (s, c) = (std::f64::consts::TAU * u2).sin_cos();
     ((r * c) as f32, (r * s) as f32)
 }
 
@@ -70,7 +71,12 @@ impl Philox {
     /// The four 32-bit words of counter block `block`.
     pub fn block(&self, block: u64) -> [u32; 4] {
         philox4x32_10(
-            [block as u32, (block >> 32) as u32, self.stream as u32, (self.stream >> 32) as u32],
+            [
+                block as u32,
+                (block >> 32) as u32,
+                self.stream as u32,
+                (self.stream >> 32) as u32,
+            ],
             [self.seed as u32, (self.seed >> 32) as u32],
         )
     }

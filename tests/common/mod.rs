@@ -20,8 +20,8 @@ pub fn assert_close(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64)
     let mut bad = Vec::new();
     for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
         let err = (g as f64 - w).abs();
-        // Written so that a NaN (a poisoned output left unwritten) fails.
-        if !(err <= atol + rtol * w.abs()) {
+        // A NaN (a poisoned output left unwritten) fails too.
+        if err.is_nan() || err > atol + rtol * w.abs() {
             bad.push((i, g, w, err));
         }
     }
@@ -75,8 +75,16 @@ pub fn naive_gemm(
     c0: &[f32],
     spec: GemmSpec,
 ) -> Vec<f64> {
-    let (ba, ra, ca) = if a_shape.len() == 3 { (a_shape[0], a_shape[1], a_shape[2]) } else { (1, a_shape[0], a_shape[1]) };
-    let (bb, rb, cb) = if b_shape.len() == 3 { (b_shape[0], b_shape[1], b_shape[2]) } else { (1, b_shape[0], b_shape[1]) };
+    let (ba, ra, ca) = if a_shape.len() == 3 {
+        (a_shape[0], a_shape[1], a_shape[2])
+    } else {
+        (1, a_shape[0], a_shape[1])
+    };
+    let (bb, rb, cb) = if b_shape.len() == 3 {
+        (b_shape[0], b_shape[1], b_shape[2])
+    } else {
+        (1, b_shape[0], b_shape[1])
+    };
     let (m, k) = if spec.trans_a { (ca, ra) } else { (ra, ca) };
     let n = if spec.trans_b { rb } else { cb };
     let batch = ba.max(bb);
@@ -88,12 +96,24 @@ pub fn naive_gemm(
             for j in 0..n {
                 let mut acc = 0.0f64;
                 for p in 0..k {
-                    let av = if spec.trans_a { a[ao + p * ca + i] } else { a[ao + i * ca + p] };
-                    let bv = if spec.trans_b { b[bo + j * cb + p] } else { b[bo + p * cb + j] };
+                    let av = if spec.trans_a {
+                        a[ao + p * ca + i]
+                    } else {
+                        a[ao + i * ca + p]
+                    };
+                    let bv = if spec.trans_b {
+                        b[bo + j * cb + p]
+                    } else {
+                        b[bo + p * cb + j]
+                    };
                     acc += av as f64 * bv as f64;
                 }
                 let idx = z * m * n + i * n + j;
-                let prev = if spec.beta == 0.0 { 0.0 } else { spec.beta as f64 * c0[idx] as f64 };
+                let prev = if spec.beta == 0.0 {
+                    0.0
+                } else {
+                    spec.beta as f64 * c0[idx] as f64
+                };
                 c[idx] = spec.alpha as f64 * acc + prev;
             }
         }
@@ -119,4 +139,3 @@ pub fn operand_shape(batch: usize, rows: usize, cols: usize) -> Vec<usize> {
         vec![batch, rows, cols]
     }
 }
-
