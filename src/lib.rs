@@ -14,8 +14,10 @@ pub mod device;
 pub mod error;
 pub mod kernels;
 pub mod ops;
+pub mod real;
 pub mod tensor;
 
 pub use device::{Device, DeviceRequest};
 pub use error::{Error, Result};
-pub use tensor::{DType, Tensor};
+pub use real::Real;
+pub use tensor::{AsView, AsViewMut, DType, Tensor, View, ViewMut};

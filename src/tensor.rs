@@ -378,3 +378,275 @@ fn from_bytes<T: bytemuck::Pod>(bytes: &[u8]) -> Vec<T> {
 pub fn numel(shape: &[usize]) -> usize {
     shape.iter().product()
 }
+
+// ---- borrowed views ---------------------------------------------------------------------------
+//
+// Ops work on views: a shape plus borrowed contiguous data. A whole tensor is one view; a named
+// parameter is a view into the flat parameter buffer (no copy). Rust's borrow rules keep a mutable
+// view exclusive.
+
+/// Borrowed data of a view.
+pub enum Data<'a> {
+    F32(&'a [f32]),
+    F64(&'a [f64]),
+    Cuda(CudaView<'a, f32>, &'a Arc<CudaDevice>),
+}
+
+impl Clone for Data<'_> {
+    fn clone(&self) -> Self {
+        match self {
+            Data::F32(v) => Data::F32(v),
+            Data::F64(v) => Data::F64(v),
+            Data::Cuda(v, dev) => Data::Cuda(v.slice(..), dev),
+        }
+    }
+}
+
+/// Mutably borrowed data of a view.
+pub enum DataMut<'a> {
+    F32(&'a mut [f32]),
+    F64(&'a mut [f64]),
+    Cuda(CudaViewMut<'a, f32>, &'a Arc<CudaDevice>),
+}
+
+/// A read-only view: a shape over contiguous row-major data.
+#[derive(Clone)]
+pub struct View<'a> {
+    shape: Vec<usize>,
+    pub data: Data<'a>,
+}
+
+/// A mutable view.
+pub struct ViewMut<'a> {
+    shape: Vec<usize>,
+    pub data: DataMut<'a>,
+}
+
+fn check_sub(len: usize, offset: usize, shape: &[usize]) -> Result<()> {
+    if offset + numel(shape) > len {
+        return Err(Error::shape(
+            "view",
+            format!("sub-view at offset {offset}"),
+            format!("at most {} elements", len.saturating_sub(offset)),
+            shape,
+        ));
+    }
+    Ok(())
+}
+
+impl<'a> View<'a> {
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn numel(&self) -> usize {
+        numel(&self.shape)
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self.data {
+            Data::F32(_) | Data::Cuda(..) => DType::F32,
+            Data::F64(_) => DType::F64,
+        }
+    }
+
+    pub fn device(&self) -> Device {
+        match &self.data {
+            Data::Cuda(_, dev) => Device::Cuda((*dev).clone()),
+            _ => Device::Cpu,
+        }
+    }
+
+    /// The elements `offset .. offset + numel(shape)` under `shape`.
+    pub fn sub(&self, offset: usize, shape: &[usize]) -> Result<View<'a>> {
+        check_sub(self.numel(), offset, shape)?;
+        let end = offset + numel(shape);
+        let data = match &self.data {
+            Data::F32(v) => Data::F32(&v[offset..end]),
+            Data::F64(v) => Data::F64(&v[offset..end]),
+            Data::Cuda(v, dev) => Data::Cuda(v.slice(offset..end), dev),
+        };
+        Ok(View {
+            shape: shape.to_vec(),
+            data,
+        })
+    }
+
+    /// The same data under another shape with as many elements.
+    pub fn reshape(&self, shape: &[usize]) -> Result<View<'a>> {
+        if numel(shape) != self.numel() {
+            return Err(Error::shape(
+                "reshape",
+                "target shape",
+                format!("{} elements", self.numel()),
+                shape,
+            ));
+        }
+        self.sub(0, shape)
+    }
+
+    /// A new tensor holding a copy of the data, on the same device.
+    pub fn to_tensor(&self) -> Result<Tensor> {
+        match &self.data {
+            Data::F32(v) => Tensor::from_f32(v, &self.shape, &Device::Cpu),
+            Data::F64(v) => Tensor::from_f64(v, &self.shape, &Device::Cpu),
+            Data::Cuda(v, dev) => {
+                let device = Device::Cuda((*dev).clone());
+                let mut t = Tensor::uninit(&self.shape, DType::F32, &device)?;
+                let mut dst = t.cuda_f32_mut()?;
+                dev.stream()
+                    .memcpy_dtod(v, &mut dst)
+                    .map_err(|e| Error::cuda("copying a view on the GPU", e))?;
+                Ok(t)
+            }
+        }
+    }
+
+    /// The values as f64 on the host (for tests and diagnostics).
+    pub fn to_vec_f64(&self) -> Result<Vec<f64>> {
+        match &self.data {
+            Data::F32(v) => Ok(v.iter().map(|&x| x as f64).collect()),
+            Data::F64(v) => Ok(v.to_vec()),
+            Data::Cuda(..) => Ok(self
+                .to_tensor()?
+                .to_vec_f32()?
+                .iter()
+                .map(|&x| x as f64)
+                .collect()),
+        }
+    }
+}
+
+impl<'a> ViewMut<'a> {
+    pub fn shape(&self) -> &[usize] {
+        &self.shape
+    }
+
+    pub fn numel(&self) -> usize {
+        numel(&self.shape)
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.as_view().dtype()
+    }
+
+    /// A read-only view of the same data.
+    pub fn as_view(&self) -> View<'_> {
+        let data = match &self.data {
+            DataMut::F32(v) => Data::F32(v),
+            DataMut::F64(v) => Data::F64(v),
+            DataMut::Cuda(v, dev) => Data::Cuda(v.slice(..), dev),
+        };
+        View {
+            shape: self.shape.clone(),
+            data,
+        }
+    }
+
+    /// A shorter-lived mutable view of the same data.
+    pub fn reborrow(&mut self) -> ViewMut<'_> {
+        let data = match &mut self.data {
+            DataMut::F32(v) => DataMut::F32(v),
+            DataMut::F64(v) => DataMut::F64(v),
+            DataMut::Cuda(v, dev) => DataMut::Cuda(v.slice_mut(..), dev),
+        };
+        ViewMut {
+            shape: self.shape.clone(),
+            data,
+        }
+    }
+
+    /// The elements `offset .. offset + numel(shape)` under `shape`, mutably.
+    pub fn sub_mut(&mut self, offset: usize, shape: &[usize]) -> Result<ViewMut<'_>> {
+        check_sub(self.numel(), offset, shape)?;
+        let end = offset + numel(shape);
+        let data = match &mut self.data {
+            DataMut::F32(v) => DataMut::F32(&mut v[offset..end]),
+            DataMut::F64(v) => DataMut::F64(&mut v[offset..end]),
+            DataMut::Cuda(v, dev) => DataMut::Cuda(v.slice_mut(offset..end), dev),
+        };
+        Ok(ViewMut {
+            shape: shape.to_vec(),
+            data,
+        })
+    }
+
+    /// The same data under another shape with as many elements.
+    pub fn reshape(self, shape: &[usize]) -> Result<ViewMut<'a>> {
+        if numel(shape) != self.numel() {
+            return Err(Error::shape(
+                "reshape",
+                "target shape",
+                format!("{} elements", self.numel()),
+                shape,
+            ));
+        }
+        Ok(ViewMut {
+            shape: shape.to_vec(),
+            data: self.data,
+        })
+    }
+}
+
+/// Anything an op can read: a tensor or a view.
+pub trait AsView {
+    fn as_view(&self) -> Result<View<'_>>;
+}
+
+/// Anything an op can write: a tensor or a mutable view.
+pub trait AsViewMut {
+    fn as_view_mut(&mut self) -> Result<ViewMut<'_>>;
+}
+
+impl AsView for Tensor {
+    fn as_view(&self) -> Result<View<'_>> {
+        let data = match &self.storage {
+            Storage::Cpu(CpuStorage::F32(v)) => Data::F32(v),
+            Storage::Cpu(CpuStorage::F64(v)) => Data::F64(v),
+            Storage::Cuda(s) if self.dtype == DType::F32 => Data::Cuda(self.cuda_f32()?, &s.device),
+            _ => return Err(self.dtype_error("view", "f32 (or f64 on the CPU)")),
+        };
+        Ok(View {
+            shape: self.shape.clone(),
+            data,
+        })
+    }
+}
+
+impl AsView for View<'_> {
+    fn as_view(&self) -> Result<View<'_>> {
+        Ok(self.clone())
+    }
+}
+
+impl AsViewMut for Tensor {
+    fn as_view_mut(&mut self) -> Result<ViewMut<'_>> {
+        let shape = self.shape.clone();
+        let dtype = self.dtype;
+        let data = match &mut self.storage {
+            Storage::Cpu(CpuStorage::F32(v)) => DataMut::F32(v),
+            Storage::Cpu(CpuStorage::F64(v)) => DataMut::F64(v),
+            Storage::Cuda(s) if dtype == DType::F32 => {
+                let n = numel(&shape);
+                // SAFETY: the buffer holds at least n f32 values (allocated for this shape).
+                let v = unsafe { s.buf.slice_mut().transmute_mut::<f32>(n) }
+                    .expect("buffer sized for the tensor");
+                DataMut::Cuda(v, &s.device)
+            }
+            _ => {
+                return Err(Error::DType {
+                    op: "view_mut",
+                    expected: "f32 (or f64 on the CPU)",
+                    actual: dtype.name(),
+                })
+            }
+        };
+        Ok(ViewMut { shape, data })
+    }
+}
+
+impl AsViewMut for ViewMut<'_> {
+    fn as_view_mut(&mut self) -> Result<ViewMut<'_>> {
+        Ok(self.reborrow())
+    }
+}

@@ -321,3 +321,26 @@ fn device_requests_parse_and_fail_clearly() {
         }
     }
 }
+
+#[test]
+fn ops_run_in_f64_on_the_cpu_and_refuse_mixed_dtypes() {
+    let a: Vec<f64> = random_vec(77, 12, -1.0, 1.0)
+        .iter()
+        .map(|&x| x as f64 / 3.0)
+        .collect();
+    let b: Vec<f64> = random_vec(78, 12, -1.0, 1.0)
+        .iter()
+        .map(|&x| x as f64 / 7.0)
+        .collect();
+    let ta = Tensor::from_f64(&a, &[3, 4], &CPU).unwrap();
+    let tb = Tensor::from_f64(&b, &[3, 4], &CPU).unwrap();
+    let sum = ops::add(&ta, &tb).unwrap().to_vec_f64().unwrap();
+    for i in 0..12 {
+        assert_eq!(sum[i], a[i] + b[i], "f64 add is exact f64 arithmetic");
+    }
+    let c = ops::matmul(&ta, &tb, false, true).unwrap().to_vec_f64().unwrap();
+    let want: f64 = (0..4).map(|p| a[p] * b[4 + p]).sum();
+    assert!((c[1] - want).abs() < 1e-15, "f64 gemm {} vs {want}", c[1]);
+    let err = ops::add(&ta, &t(&[0.0; 12], &[3, 4])).unwrap_err().to_string();
+    assert!(err.contains("f64 on cpu") && err.contains("f32 on cpu"), "{err}");
+}

@@ -3,32 +3,35 @@
 
 use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 
-use super::{common_device, expect_shape, launched};
-use crate::device::{CudaDevice, Device};
+use super::{alloc_like, expect_shape, launched, mismatch};
+use crate::device::{CudaDevice, Kernels};
 use crate::error::Result;
-use crate::tensor::Tensor;
+use crate::real::Real;
+use crate::tensor::{AsView, AsViewMut, Data, DataMut, Tensor};
 
 const THREADS: u32 = 256;
 
 /// The CPU bodies: the oracle for kernels/elementwise.cu.
 pub mod cpu {
-    pub fn silu(x: f32) -> f32 {
-        x / (1.0 + (-x).exp())
+    use crate::real::Real;
+
+    pub fn silu<T: Real>(x: T) -> T {
+        x / (T::ONE + (-x).exp())
     }
 
     /// dy * d/dx [x * sigmoid(x)] = dy * s * (1 + x * (1 - s)), s = sigmoid(x).
-    pub fn silu_backward(x: f32, dy: f32) -> f32 {
-        let s = 1.0 / (1.0 + (-x).exp());
-        dy * (s * (1.0 + x * (1.0 - s)))
+    pub fn silu_backward<T: Real>(x: T, dy: T) -> T {
+        let s = T::ONE / (T::ONE + (-x).exp());
+        dy * (s * (T::ONE + x * (T::ONE - s)))
     }
 
-    pub fn map1(x: &[f32], out: &mut [f32], f: impl Fn(f32) -> f32) {
+    pub fn map1<T: Real>(x: &[T], out: &mut [T], f: impl Fn(T) -> T) {
         for (o, &a) in out.iter_mut().zip(x) {
             *o = f(a);
         }
     }
 
-    pub fn map2(a: &[f32], b: &[f32], out: &mut [f32], f: impl Fn(f32, f32) -> f32) {
+    pub fn map2<T: Real>(a: &[T], b: &[T], out: &mut [T], f: impl Fn(T, T) -> T) {
         for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
             *o = f(x, y);
         }
@@ -44,163 +47,214 @@ fn config(dev: &CudaDevice, n: usize) -> LaunchConfig {
     }
 }
 
-/// `out = f(a, b)` elementwise, on the CPU with `cpu` or on the GPU with the kernel `kernel`
-/// (signature: a, b, out, n).
-fn binary(
-    op: &'static str,
-    a: &Tensor,
-    b: &Tensor,
-    out: &mut Tensor,
-    cpu: impl Fn(f32, f32) -> f32,
-    kernel: fn(&crate::device::Kernels) -> &CudaFunction,
-) -> Result<()> {
-    let device = common_device(op, &[a, b, out])?;
-    expect_shape(op, "b", b, a.shape())?;
-    expect_shape(op, "out", out, a.shape())?;
+/// An elementwise function with one CPU body for every float type and its CUDA kernel.
+trait Map {
+    const NAME: &'static str;
+    fn kernel(k: &Kernels) -> &CudaFunction;
+    /// The scalar argument the kernel takes after n, if any.
+    fn scalar(&self) -> Option<f32> {
+        None
+    }
+    fn apply<T: Real>(&self, a: T, b: T) -> T;
+}
+
+struct Add;
+impl Map for Add {
+    const NAME: &'static str = "add";
+    fn kernel(k: &Kernels) -> &CudaFunction {
+        &k.ew_add_f32
+    }
+    fn apply<T: Real>(&self, a: T, b: T) -> T {
+        a + b
+    }
+}
+
+struct Mul;
+impl Map for Mul {
+    const NAME: &'static str = "mul";
+    fn kernel(k: &Kernels) -> &CudaFunction {
+        &k.ew_mul_f32
+    }
+    fn apply<T: Real>(&self, a: T, b: T) -> T {
+        a * b
+    }
+}
+
+struct SiluBackward;
+impl Map for SiluBackward {
+    const NAME: &'static str = "silu_backward";
+    fn kernel(k: &Kernels) -> &CudaFunction {
+        &k.ew_silu_backward_f32
+    }
+    fn apply<T: Real>(&self, x: T, dy: T) -> T {
+        cpu::silu_backward(x, dy)
+    }
+}
+
+/// Unary maps use `apply(x, x)`.
+struct Scale(f32);
+impl Map for Scale {
+    const NAME: &'static str = "scale";
+    fn kernel(k: &Kernels) -> &CudaFunction {
+        &k.ew_scale_f32
+    }
+    fn scalar(&self) -> Option<f32> {
+        Some(self.0)
+    }
+    fn apply<T: Real>(&self, x: T, _: T) -> T {
+        T::from_f32(self.0) * x
+    }
+}
+
+struct Silu;
+impl Map for Silu {
+    const NAME: &'static str = "silu";
+    fn kernel(k: &Kernels) -> &CudaFunction {
+        &k.ew_silu_f32
+    }
+    fn apply<T: Real>(&self, x: T, _: T) -> T {
+        cpu::silu(x)
+    }
+}
+
+/// `out = f(a, b)` elementwise (kernel signature: a, b, out, n).
+fn binary<F: Map>(f: F, a: &impl AsView, b: &impl AsView, out: &mut impl AsViewMut) -> Result<()> {
+    let (a, b, mut out) = (a.as_view()?, b.as_view()?, out.as_view_mut()?);
+    expect_shape(F::NAME, "second operand", b.shape(), a.shape())?;
+    expect_shape(F::NAME, "out", out.shape(), a.shape())?;
     let n = a.numel();
-    match device {
-        Device::Cpu => cpu::map2(a.cpu_f32()?, b.cpu_f32()?, out.cpu_f32_mut()?, cpu),
-        Device::Cuda(dev) => {
-            let (av, bv) = (a.cuda_f32()?, b.cuda_f32()?);
-            let mut ov = out.cuda_f32_mut()?;
-            let f = kernel(dev.kernels());
-            let mut l = dev.stream().launch_builder(f);
+    match (&a.data, &b.data, &mut out.data) {
+        (Data::F32(x), Data::F32(y), DataMut::F32(o)) => cpu::map2(x, y, o, |p, q| f.apply(p, q)),
+        (Data::F64(x), Data::F64(y), DataMut::F64(o)) => cpu::map2(x, y, o, |p, q| f.apply(p, q)),
+        (Data::Cuda(x, dev), Data::Cuda(y, _), DataMut::Cuda(o, _)) => {
             let n64 = n as i64;
-            l.arg(&av).arg(&bv).arg(&mut ov).arg(&n64);
-            launched(op, unsafe { l.launch(config(&dev, n)) })?;
+            let mut l = dev.stream().launch_builder(F::kernel(dev.kernels()));
+            l.arg(x).arg(y).arg(o).arg(&n64);
+            launched(F::NAME, unsafe { l.launch(config(dev, n)) })?;
         }
+        _ => return Err(mismatch(F::NAME, &[&a, &b], &[&out])),
     }
     Ok(())
 }
 
-/// `out = f(x)` elementwise; the kernel's signature is x, out, n [, extra scalar].
-fn unary(
-    op: &'static str,
-    x: &Tensor,
-    out: &mut Tensor,
-    cpu: impl Fn(f32) -> f32,
-    kernel: fn(&crate::device::Kernels) -> &CudaFunction,
-    scalar: Option<f32>,
-) -> Result<()> {
-    let device = common_device(op, &[x, out])?;
-    expect_shape(op, "out", out, x.shape())?;
+/// `out = f(x)` elementwise (kernel signature: x, out, n [, scalar]).
+fn unary<F: Map>(f: F, x: &impl AsView, out: &mut impl AsViewMut) -> Result<()> {
+    let (x, mut out) = (x.as_view()?, out.as_view_mut()?);
+    expect_shape(F::NAME, "out", out.shape(), x.shape())?;
     let n = x.numel();
-    match device {
-        Device::Cpu => cpu::map1(x.cpu_f32()?, out.cpu_f32_mut()?, cpu),
-        Device::Cuda(dev) => {
-            let xv = x.cuda_f32()?;
-            let mut ov = out.cuda_f32_mut()?;
-            let f = kernel(dev.kernels());
-            let mut l = dev.stream().launch_builder(f);
+    match (&x.data, &mut out.data) {
+        (Data::F32(v), DataMut::F32(o)) => cpu::map1(v, o, |p| f.apply(p, p)),
+        (Data::F64(v), DataMut::F64(o)) => cpu::map1(v, o, |p| f.apply(p, p)),
+        (Data::Cuda(v, dev), DataMut::Cuda(o, _)) => {
             let n64 = n as i64;
-            let s = scalar.unwrap_or(0.0);
-            l.arg(&xv).arg(&mut ov).arg(&n64);
-            if scalar.is_some() {
+            let s = f.scalar().unwrap_or(0.0);
+            let mut l = dev.stream().launch_builder(F::kernel(dev.kernels()));
+            l.arg(v).arg(o).arg(&n64);
+            if f.scalar().is_some() {
                 l.arg(&s);
             }
-            launched(op, unsafe { l.launch(config(&dev, n)) })?;
+            launched(F::NAME, unsafe { l.launch(config(dev, n)) })?;
         }
+        _ => return Err(mismatch(F::NAME, &[&x], &[&out])),
     }
     Ok(())
 }
 
-fn alloc_like(x: &Tensor) -> Result<Tensor> {
-    Tensor::uninit(x.shape(), x.dtype(), &x.device())
+fn alloc_for(x: &impl AsView) -> Result<Tensor> {
+    let v = x.as_view()?;
+    alloc_like(&v, v.shape())
 }
 
 /// Sets every element of `out` to `value`.
-pub fn fill(out: &mut Tensor, value: f32) -> Result<()> {
-    let device = common_device("fill", &[out])?;
+pub fn fill(out: &mut impl AsViewMut, value: f32) -> Result<()> {
+    let mut out = out.as_view_mut()?;
     let n = out.numel();
-    match device {
-        Device::Cpu => out.cpu_f32_mut()?.fill(value),
-        Device::Cuda(dev) => {
-            let mut ov = out.cuda_f32_mut()?;
-            let mut l = dev.stream().launch_builder(&dev.kernels().ew_fill_f32);
+    match &mut out.data {
+        DataMut::F32(o) => o.fill(value),
+        DataMut::F64(o) => o.fill(value as f64),
+        DataMut::Cuda(o, dev) => {
             let n64 = n as i64;
-            l.arg(&mut ov).arg(&n64).arg(&value);
-            launched("ew_fill_f32", unsafe { l.launch(config(&dev, n)) })?;
+            let mut l = dev.stream().launch_builder(&dev.kernels().ew_fill_f32);
+            l.arg(o).arg(&n64).arg(&value);
+            launched("ew_fill_f32", unsafe { l.launch(config(dev, n)) })?;
         }
     }
     Ok(())
 }
 
 /// out = a + b
-pub fn add_into(a: &Tensor, b: &Tensor, out: &mut Tensor) -> Result<()> {
-    binary("add", a, b, out, |x, y| x + y, |k| &k.ew_add_f32)
+pub fn add_into(a: &impl AsView, b: &impl AsView, out: &mut impl AsViewMut) -> Result<()> {
+    binary(Add, a, b, out)
 }
 
-pub fn add(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let mut out = alloc_like(a)?;
+pub fn add(a: &impl AsView, b: &impl AsView) -> Result<Tensor> {
+    let mut out = alloc_for(a)?;
     add_into(a, b, &mut out)?;
     Ok(out)
 }
 
 /// out = a * b (elementwise)
-pub fn mul_into(a: &Tensor, b: &Tensor, out: &mut Tensor) -> Result<()> {
-    binary("mul", a, b, out, |x, y| x * y, |k| &k.ew_mul_f32)
+pub fn mul_into(a: &impl AsView, b: &impl AsView, out: &mut impl AsViewMut) -> Result<()> {
+    binary(Mul, a, b, out)
 }
 
-pub fn mul(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let mut out = alloc_like(a)?;
+pub fn mul(a: &impl AsView, b: &impl AsView) -> Result<Tensor> {
+    let mut out = alloc_for(a)?;
     mul_into(a, b, &mut out)?;
     Ok(out)
 }
 
 /// out = alpha * x
-pub fn scale_into(x: &Tensor, alpha: f32, out: &mut Tensor) -> Result<()> {
-    unary("scale", x, out, |v| alpha * v, |k| &k.ew_scale_f32, Some(alpha))
+pub fn scale_into(x: &impl AsView, alpha: f32, out: &mut impl AsViewMut) -> Result<()> {
+    unary(Scale(alpha), x, out)
 }
 
-pub fn scale(x: &Tensor, alpha: f32) -> Result<Tensor> {
-    let mut out = alloc_like(x)?;
+pub fn scale(x: &impl AsView, alpha: f32) -> Result<Tensor> {
+    let mut out = alloc_for(x)?;
     scale_into(x, alpha, &mut out)?;
     Ok(out)
 }
 
 /// y <- y + alpha * x, in place.
-pub fn axpy(alpha: f32, x: &Tensor, y: &mut Tensor) -> Result<()> {
-    let device = common_device("axpy", &[x, y])?;
-    expect_shape("axpy", "y", y, x.shape())?;
+pub fn axpy(alpha: f32, x: &impl AsView, y: &mut impl AsViewMut) -> Result<()> {
+    let (x, mut y) = (x.as_view()?, y.as_view_mut()?);
+    expect_shape("axpy", "y", y.shape(), x.shape())?;
     let n = x.numel();
-    match device {
-        Device::Cpu => {
-            for (yi, &xi) in y.cpu_f32_mut()?.iter_mut().zip(x.cpu_f32()?) {
-                *yi += alpha * xi;
-            }
+    match (&x.data, &mut y.data) {
+        (Data::F32(xv), DataMut::F32(yv)) => yv.iter_mut().zip(*xv).for_each(|(yi, &xi)| *yi += alpha * xi),
+        (Data::F64(xv), DataMut::F64(yv)) => {
+            let a = alpha as f64;
+            yv.iter_mut().zip(*xv).for_each(|(yi, &xi)| *yi += a * xi)
         }
-        Device::Cuda(dev) => {
-            let xv = x.cuda_f32()?;
-            let mut yv = y.cuda_f32_mut()?;
-            let mut l = dev.stream().launch_builder(&dev.kernels().ew_axpy_f32);
+        (Data::Cuda(xv, dev), DataMut::Cuda(yv, _)) => {
             let n64 = n as i64;
-            l.arg(&xv).arg(&mut yv).arg(&n64).arg(&alpha);
-            launched("ew_axpy_f32", unsafe { l.launch(config(&dev, n)) })?;
+            let mut l = dev.stream().launch_builder(&dev.kernels().ew_axpy_f32);
+            l.arg(xv).arg(yv).arg(&n64).arg(&alpha);
+            launched("ew_axpy_f32", unsafe { l.launch(config(dev, n)) })?;
         }
+        _ => return Err(mismatch("axpy", &[&x], &[&y])),
     }
     Ok(())
 }
 
 /// out = silu(x) = x * sigmoid(x)
-pub fn silu_into(x: &Tensor, out: &mut Tensor) -> Result<()> {
-    unary("silu", x, out, cpu::silu, |k| &k.ew_silu_f32, None)
+pub fn silu_into(x: &impl AsView, out: &mut impl AsViewMut) -> Result<()> {
+    unary(Silu, x, out)
 }
 
-pub fn silu(x: &Tensor) -> Result<Tensor> {
-    let mut out = alloc_like(x)?;
+pub fn silu(x: &impl AsView) -> Result<Tensor> {
+    let mut out = alloc_for(x)?;
     silu_into(x, &mut out)?;
     Ok(out)
 }
 
 /// dx = dy * silu'(x): the backward of SiLU (with dy = 1, its derivative).
-pub fn silu_backward_into(x: &Tensor, dy: &Tensor, dx: &mut Tensor) -> Result<()> {
-    binary("silu_backward", x, dy, dx, cpu::silu_backward, |k| {
-        &k.ew_silu_backward_f32
-    })
+pub fn silu_backward_into(x: &impl AsView, dy: &impl AsView, dx: &mut impl AsViewMut) -> Result<()> {
+    binary(SiluBackward, x, dy, dx)
 }
 
-pub fn silu_backward(x: &Tensor, dy: &Tensor) -> Result<Tensor> {
-    let mut dx = alloc_like(x)?;
+pub fn silu_backward(x: &impl AsView, dy: &impl AsView) -> Result<Tensor> {
+    let mut dx = alloc_for(x)?;
     silu_backward_into(x, dy, &mut dx)?;
     Ok(dx)
 }

@@ -6,10 +6,9 @@
 
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
-use super::{common_device, expect_shape, launched};
-use crate::device::Device;
+use super::{alloc_like, expect_shape, launched, mismatch};
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{AsView, AsViewMut, Data, DataMut, Tensor};
 
 /// What to compute besides the product: transposes and the alpha/beta scaling.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -127,8 +126,9 @@ pub fn resolve(a: &[usize], b: &[usize], spec: &GemmSpec) -> Result<(GemmParams,
 /// The CPU body: the oracle for kernels/gemm.cu.
 pub mod cpu {
     use super::GemmParams;
+    use crate::real::Real;
 
-    pub fn gemm(p: &GemmParams, trans_a: bool, trans_b: bool, a: &[f32], b: &[f32], c: &mut [f32]) {
+    pub fn gemm<T: Real>(p: &GemmParams, trans_a: bool, trans_b: bool, a: &[T], b: &[T], c: &mut [T]) {
         let (m, n, k) = (p.m as usize, p.n as usize, p.k as usize);
         let (lda, ldb, ldc) = (p.lda as isize, p.ldb as isize, p.ldc as isize);
         let (rsa, csa) = if trans_a { (1, lda) } else { (lda, 1) };
@@ -140,18 +140,18 @@ pub mod cpu {
             // SAFETY: resolve() derived every stride from the operand shapes, so all indexed
             // elements lie inside the slices; C entries do not alias (ldc = n, stride m * n).
             unsafe {
-                matrixmultiply::sgemm(
+                T::gemm(
                     m,
                     k,
                     n,
-                    p.alpha,
+                    T::from_f32(p.alpha),
                     a.as_ptr().add(a_off),
                     rsa,
                     csa,
                     b.as_ptr().add(b_off),
                     rsb,
                     csb,
-                    p.beta,
+                    T::from_f32(p.beta),
                     c.as_mut_ptr().add(c_off),
                     ldc,
                     1,
@@ -166,25 +166,20 @@ const GEMM_THREADS: u32 = 256;
 const GEMM_TILE: u32 = 128;
 
 /// C = alpha * op(A) op(B) + beta * C into an existing C of the resolved shape.
-pub fn gemm_into(a: &Tensor, b: &Tensor, c: &mut Tensor, spec: GemmSpec) -> Result<()> {
-    let device = common_device("gemm", &[a, b, c])?;
+pub fn gemm_into(a: &impl AsView, b: &impl AsView, c: &mut impl AsViewMut, spec: GemmSpec) -> Result<()> {
+    let (a, b, mut c) = (a.as_view()?, b.as_view()?, c.as_view_mut()?);
     let (p, out_shape) = resolve(a.shape(), b.shape(), &spec)?;
-    expect_shape("gemm", "C", c, &out_shape)?;
+    expect_shape("gemm", "C", c.shape(), &out_shape)?;
     if c.numel() == 0 {
         return Ok(());
     }
-    match device {
-        Device::Cpu => cpu::gemm(
-            &p,
-            spec.trans_a,
-            spec.trans_b,
-            a.cpu_f32()?,
-            b.cpu_f32()?,
-            c.cpu_f32_mut()?,
-        ),
-        Device::Cuda(dev) => {
+    let (ta, tb) = (spec.trans_a, spec.trans_b);
+    match (&a.data, &b.data, &mut c.data) {
+        (Data::F32(x), Data::F32(y), DataMut::F32(o)) => cpu::gemm(&p, ta, tb, x, y, o),
+        (Data::F64(x), Data::F64(y), DataMut::F64(o)) => cpu::gemm(&p, ta, tb, x, y, o),
+        (Data::Cuda(x, dev), Data::Cuda(y, _), DataMut::Cuda(o, _)) => {
             let k = dev.kernels();
-            let (name, f) = match (spec.trans_a, spec.trans_b) {
+            let (name, f) = match (ta, tb) {
                 (false, false) => ("gemm_f32_nn", &k.gemm_f32_nn),
                 (false, true) => ("gemm_f32_nt", &k.gemm_f32_nt),
                 (true, false) => ("gemm_f32_tn", &k.gemm_f32_tn),
@@ -198,8 +193,6 @@ pub fn gemm_into(a: &Tensor, b: &Tensor, c: &mut Tensor, spec: GemmSpec) -> Resu
                     p.m,
                 ));
             }
-            let (av, bv) = (a.cuda_f32()?, b.cuda_f32()?);
-            let mut cv = c.cuda_f32_mut()?;
             let cfg = LaunchConfig {
                 grid_dim: (
                     (p.n as u32).div_ceil(GEMM_TILE),
@@ -210,19 +203,21 @@ pub fn gemm_into(a: &Tensor, b: &Tensor, c: &mut Tensor, spec: GemmSpec) -> Resu
                 shared_mem_bytes: 0,
             };
             let mut l = dev.stream().launch_builder(f);
-            l.arg(&av).arg(&bv).arg(&mut cv).arg(&p);
+            l.arg(x).arg(y).arg(o).arg(&p);
             launched(name, unsafe { l.launch(cfg) })?;
         }
+        _ => return Err(mismatch("gemm", &[&a, &b], &[&c])),
     }
     Ok(())
 }
 
 /// op(A) op(B) in a new tensor.
-pub fn matmul(a: &Tensor, b: &Tensor, trans_a: bool, trans_b: bool) -> Result<Tensor> {
+pub fn matmul(a: &impl AsView, b: &impl AsView, trans_a: bool, trans_b: bool) -> Result<Tensor> {
+    let (a, b) = (a.as_view()?, b.as_view()?);
     let spec = GemmSpec::new(trans_a, trans_b);
     let (_, out_shape) = resolve(a.shape(), b.shape(), &spec)?;
-    let mut c = Tensor::uninit(&out_shape, DType::F32, &a.device())?;
-    gemm_into(a, b, &mut c, spec)?;
+    let mut c = alloc_like(&a, &out_shape)?;
+    gemm_into(&a, &b, &mut c, spec)?;
     Ok(c)
 }
 

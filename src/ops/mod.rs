@@ -1,9 +1,10 @@
-//! The op set. Every op has a CPU body (plain Rust, the oracle the kernels are checked against)
-//! and a CUDA launch, side by side in the file of its family; the public function checks shapes,
-//! dtypes and devices once and dispatches on where the operands live.
+//! The op set. Every op has a CPU body (plain Rust, generic over f32/f64: the oracle the kernels
+//! are checked against) and a CUDA launch (f32), side by side in the file of its family. Ops take
+//! anything viewable (`Tensor`, `View`, `ViewMut`), check shapes once, and dispatch on where the
+//! data lives and its dtype.
 //!
 //! Conventions: `op_into(inputs.., out)` writes a caller-provided output (hot loops reuse their
-//! buffers); `op(inputs..)` allocates the output. All f32.
+//! buffers); `op(inputs..)` allocates the output.
 
 pub mod elementwise;
 pub mod gemm;
@@ -18,32 +19,35 @@ pub use gemm::{gemm_into, matmul, GemmSpec};
 pub use reduce::{row_dot, row_dot_into, row_norm, row_norm_into, sum, sum_into};
 pub use rng::{normal, philox4x32_10, uniform, Philox};
 
-use crate::device::Device;
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{Data, Tensor, View, ViewMut};
 
-/// The device all operands share, after checking that they are f32.
-pub(crate) fn common_device(op: &'static str, tensors: &[&Tensor]) -> Result<Device> {
-    let first = tensors[0].device();
-    for t in tensors {
-        if t.dtype() != DType::F32 {
-            return Err(t.dtype_error(op, "f32"));
-        }
-        let d = t.device();
-        if !d.same_as(&first) {
-            return Err(Error::DeviceMismatch {
-                op,
-                detail: format!("{first} and {d}"),
-            });
-        }
+/// Where a view's data lives and its dtype, for error messages.
+fn describe(data: &Data) -> String {
+    match data {
+        Data::F32(_) => "f32 on cpu".into(),
+        Data::F64(_) => "f64 on cpu".into(),
+        Data::Cuda(_, d) => format!("f32 on cuda:{}", d.ordinal()),
     }
-    Ok(first)
 }
 
-/// Checks that `t` has exactly `expected` as its shape.
-pub(crate) fn expect_shape(op: &'static str, what: &str, t: &Tensor, expected: &[usize]) -> Result<()> {
-    if t.shape() != expected {
-        return Err(Error::shape(op, what, expected, t.shape()));
+/// The error for operands that do not share a device and dtype (or f64 on a GPU).
+pub(crate) fn mismatch(op: &'static str, views: &[&View], outs: &[&ViewMut]) -> Error {
+    let mut all: Vec<String> = views.iter().map(|v| describe(&v.data)).collect();
+    all.extend(outs.iter().map(|o| describe(&o.as_view().data)));
+    Error::DeviceMismatch {
+        op,
+        detail: format!(
+            "operands are {}; all must be f32 on one device, or f64 on the cpu",
+            all.join(", ")
+        ),
+    }
+}
+
+/// Checks that `shape` is exactly `expected`.
+pub(crate) fn expect_shape(op: &'static str, what: &str, shape: &[usize], expected: &[usize]) -> Result<()> {
+    if shape != expected {
+        return Err(Error::shape(op, what, expected, shape));
     }
     Ok(())
 }
@@ -55,4 +59,9 @@ pub(crate) fn launched<T>(
 ) -> Result<()> {
     r.map(drop)
         .map_err(|e| Error::cuda(format!("launching {kernel}"), e))
+}
+
+/// A new, uninitialised tensor on the device and dtype of `like`.
+pub(crate) fn alloc_like(like: &View, shape: &[usize]) -> Result<Tensor> {
+    Tensor::uninit(shape, like.dtype(), &like.device())
 }

@@ -5,10 +5,9 @@
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use super::{common_device, expect_shape, launched};
-use crate::device::Device;
+use super::{alloc_like, expect_shape, launched, mismatch};
 use crate::error::{Error, Result};
-use crate::tensor::{DType, Tensor};
+use crate::tensor::{AsView, AsViewMut, Data, DataMut, Tensor};
 
 /// Must equal REDUCE_THREADS in kernels/common.cuh.
 const REDUCE_THREADS: u32 = 256;
@@ -17,91 +16,95 @@ const MAX_PARTIALS: usize = 1024;
 
 /// The CPU bodies: the oracle for kernels/reduce.cu.
 pub mod cpu {
-    pub fn sum(x: &[f32]) -> f32 {
-        x.iter().map(|&v| v as f64).sum::<f64>() as f32
+    use crate::real::Real;
+
+    pub fn sum<T: Real>(x: &[T]) -> f64 {
+        x.iter().map(|&v| v.to_f64()).sum()
     }
 
-    pub fn dot(a: &[f32], b: &[f32]) -> f64 {
-        a.iter().zip(b).map(|(&x, &y)| x as f64 * y as f64).sum()
+    pub fn dot<T: Real>(a: &[T], b: &[T]) -> f64 {
+        a.iter().zip(b).map(|(&x, &y)| x.to_f64() * y.to_f64()).sum()
+    }
+
+    /// out[r] = <a[r], b[r]> (or its square root) over rows of length `cols`.
+    pub fn row_dot<T: Real>(a: &[T], b: &[T], out: &mut [T], cols: usize, sqrt: bool) {
+        for (r, o) in out.iter_mut().enumerate() {
+            let d = dot(&a[r * cols..(r + 1) * cols], &b[r * cols..(r + 1) * cols]);
+            *o = T::from_f64(if sqrt { d.sqrt() } else { d });
+        }
     }
 }
 
 /// out (shape []) = sum of all elements of x.
-pub fn sum_into(x: &Tensor, out: &mut Tensor) -> Result<()> {
-    let device = common_device("sum", &[x, out])?;
-    expect_shape("sum", "out", out, &[])?;
+pub fn sum_into(x: &impl AsView, out: &mut impl AsViewMut) -> Result<()> {
+    let (x, mut out) = (x.as_view()?, out.as_view_mut()?);
+    expect_shape("sum", "out", out.shape(), &[])?;
     let n = x.numel();
-    match device {
-        Device::Cpu => out.cpu_f32_mut()?[0] = cpu::sum(x.cpu_f32()?),
-        Device::Cuda(dev) => {
+    match (&x.data, &mut out.data) {
+        (Data::F32(v), DataMut::F32(o)) => o[0] = cpu::sum(v) as f32,
+        (Data::F64(v), DataMut::F64(o)) => o[0] = cpu::sum(v),
+        (Data::Cuda(v, dev), DataMut::Cuda(o, _)) => {
             // The grid depends on n alone, so the summation order (hence the result) does too.
             let blocks = n.div_ceil(REDUCE_THREADS as usize * 4).clamp(1, MAX_PARTIALS);
             let mut partials = dev.alloc(blocks * 8)?;
             // SAFETY: the buffer holds `blocks` f64 values.
             let mut pv = unsafe { partials.slice_mut().transmute_mut::<f64>(blocks) }.expect("sized above");
-            let xv = x.cuda_f32()?;
-            let mut l = dev.stream().launch_builder(&dev.kernels().reduce_sum_partial_f32);
             let n64 = n as i64;
-            l.arg(&xv).arg(&n64).arg(&mut pv);
+            let mut l = dev.stream().launch_builder(&dev.kernels().reduce_sum_partial_f32);
+            l.arg(v).arg(&n64).arg(&mut pv);
             let cfg = LaunchConfig {
                 grid_dim: (blocks as u32, 1, 1),
                 block_dim: (REDUCE_THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
             launched("reduce_sum_partial_f32", unsafe { l.launch(cfg) })?;
-            let mut ov = out.cuda_f32_mut()?;
-            let mut l = dev.stream().launch_builder(&dev.kernels().reduce_sum_finish);
             let count = blocks as i32;
-            l.arg(&mut pv).arg(&count).arg(&mut ov);
+            let mut l = dev.stream().launch_builder(&dev.kernels().reduce_sum_finish);
+            l.arg(&mut pv).arg(&count).arg(o);
             let cfg = LaunchConfig {
                 grid_dim: (1, 1, 1),
                 ..cfg
             };
             launched("reduce_sum_finish", unsafe { l.launch(cfg) })?;
         }
+        _ => return Err(mismatch("sum", &[&x], &[&out])),
     }
     Ok(())
 }
 
-pub fn sum(x: &Tensor) -> Result<Tensor> {
-    let mut out = Tensor::uninit(&[], DType::F32, &x.device())?;
-    sum_into(x, &mut out)?;
+pub fn sum(x: &impl AsView) -> Result<Tensor> {
+    let v = x.as_view()?;
+    let mut out = alloc_like(&v, &[])?;
+    sum_into(&v, &mut out)?;
     Ok(out)
 }
 
 /// (rows, cols) of a batch: rows along the first axis, everything else flattened.
-fn rows_cols(op: &'static str, x: &Tensor) -> Result<(usize, usize)> {
-    match x.shape().first() {
-        Some(&rows) if rows > 0 => Ok((rows, x.numel() / rows)),
-        _ => Err(Error::shape(op, "input", "[rows, ...] with rows > 0", x.shape())),
+fn rows_cols(op: &'static str, shape: &[usize]) -> Result<(usize, usize)> {
+    match shape.first() {
+        Some(&rows) if rows > 0 => Ok((rows, shape.iter().product::<usize>() / rows)),
+        _ => Err(Error::shape(op, "input", "[rows, ...] with rows > 0", shape)),
     }
 }
 
-fn row_reduce(op: &'static str, a: &Tensor, b: &Tensor, out: &mut Tensor, sqrt: bool) -> Result<()> {
-    let device = common_device(op, &[a, b, out])?;
-    expect_shape(op, "second operand", b, a.shape())?;
-    let (rows, cols) = rows_cols(op, a)?;
-    expect_shape(op, "out", out, &[rows])?;
-    match device {
-        Device::Cpu => {
-            let (av, bv) = (a.cpu_f32()?, b.cpu_f32()?);
-            let o = out.cpu_f32_mut()?;
-            for r in 0..rows {
-                let d = cpu::dot(&av[r * cols..(r + 1) * cols], &bv[r * cols..(r + 1) * cols]);
-                o[r] = if sqrt { d.sqrt() } else { d } as f32;
-            }
-        }
-        Device::Cuda(dev) => {
-            let (av, bv) = (a.cuda_f32()?, b.cuda_f32()?);
-            let mut ov = out.cuda_f32_mut()?;
-            let mut l = dev.stream().launch_builder(&dev.kernels().reduce_row_dot_f32);
+fn row_reduce(
+    op: &'static str,
+    a: &impl AsView,
+    b: &impl AsView,
+    out: &mut impl AsViewMut,
+    sqrt: bool,
+) -> Result<()> {
+    let (a, b, mut out) = (a.as_view()?, b.as_view()?, out.as_view_mut()?);
+    expect_shape(op, "second operand", b.shape(), a.shape())?;
+    let (rows, cols) = rows_cols(op, a.shape())?;
+    expect_shape(op, "out", out.shape(), &[rows])?;
+    match (&a.data, &b.data, &mut out.data) {
+        (Data::F32(x), Data::F32(y), DataMut::F32(o)) => cpu::row_dot(x, y, o, cols, sqrt),
+        (Data::F64(x), Data::F64(y), DataMut::F64(o)) => cpu::row_dot(x, y, o, cols, sqrt),
+        (Data::Cuda(x, dev), Data::Cuda(y, _), DataMut::Cuda(o, _)) => {
             let (rows64, cols64, sqrt32) = (rows as i64, cols as i64, sqrt as i32);
-            l.arg(&av)
-                .arg(&bv)
-                .arg(&mut ov)
-                .arg(&rows64)
-                .arg(&cols64)
-                .arg(&sqrt32);
+            let mut l = dev.stream().launch_builder(&dev.kernels().reduce_row_dot_f32);
+            l.arg(x).arg(y).arg(o).arg(&rows64).arg(&cols64).arg(&sqrt32);
             let cfg = LaunchConfig {
                 grid_dim: (rows.min(dev.sm_count() as usize * 32) as u32, 1, 1),
                 block_dim: (REDUCE_THREADS, 1, 1),
@@ -109,30 +112,33 @@ fn row_reduce(op: &'static str, a: &Tensor, b: &Tensor, out: &mut Tensor, sqrt: 
             };
             launched("reduce_row_dot_f32", unsafe { l.launch(cfg) })?;
         }
+        _ => return Err(mismatch(op, &[&a, &b], &[&out])),
     }
     Ok(())
 }
 
 /// out[r] = <a[r], b[r]> for each row r of a batch.
-pub fn row_dot_into(a: &Tensor, b: &Tensor, out: &mut Tensor) -> Result<()> {
+pub fn row_dot_into(a: &impl AsView, b: &impl AsView, out: &mut impl AsViewMut) -> Result<()> {
     row_reduce("row_dot", a, b, out, false)
 }
 
-pub fn row_dot(a: &Tensor, b: &Tensor) -> Result<Tensor> {
-    let (rows, _) = rows_cols("row_dot", a)?;
-    let mut out = Tensor::uninit(&[rows], DType::F32, &a.device())?;
-    row_dot_into(a, b, &mut out)?;
+pub fn row_dot(a: &impl AsView, b: &impl AsView) -> Result<Tensor> {
+    let v = a.as_view()?;
+    let (rows, _) = rows_cols("row_dot", v.shape())?;
+    let mut out = alloc_like(&v, &[rows])?;
+    row_dot_into(&v, b, &mut out)?;
     Ok(out)
 }
 
 /// out[r] = ||x[r]||_2 for each row r of a batch.
-pub fn row_norm_into(x: &Tensor, out: &mut Tensor) -> Result<()> {
+pub fn row_norm_into(x: &impl AsView, out: &mut impl AsViewMut) -> Result<()> {
     row_reduce("row_norm", x, x, out, true)
 }
 
-pub fn row_norm(x: &Tensor) -> Result<Tensor> {
-    let (rows, _) = rows_cols("row_norm", x)?;
-    let mut out = Tensor::uninit(&[rows], DType::F32, &x.device())?;
-    row_norm_into(x, &mut out)?;
+pub fn row_norm(x: &impl AsView) -> Result<Tensor> {
+    let v = x.as_view()?;
+    let (rows, _) = rows_cols("row_norm", v.shape())?;
+    let mut out = alloc_like(&v, &[rows])?;
+    row_norm_into(&v, &mut out)?;
     Ok(out)
 }

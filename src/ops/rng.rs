@@ -10,10 +10,11 @@
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use super::{common_device, launched};
+use super::launched;
 use crate::device::Device;
 use crate::error::Result;
-use crate::tensor::{DType, Tensor};
+use crate::real::Real;
+use crate::tensor::{AsViewMut, DType, DataMut, Tensor};
 
 const M0: u32 = 0xD251_1F53;
 const M1: u32 = 0xCD9E_8D57;
@@ -113,29 +114,40 @@ impl Philox {
         });
     }
 
-    /// Writes uniforms into `out` on whichever device it lives.
-    pub fn uniform_into(&self, out: &mut Tensor, offset: u64) -> Result<()> {
+    /// Writes uniforms into `out` on whichever device it lives (f64 on the CPU: the f32 values,
+    /// widened, so both precisions see the same numbers).
+    pub fn uniform_into(&self, out: &mut impl AsViewMut, offset: u64) -> Result<()> {
         self.launch(out, offset, false)
     }
 
     /// Writes standard normals into `out` on whichever device it lives.
-    pub fn normal_into(&self, out: &mut Tensor, offset: u64) -> Result<()> {
+    pub fn normal_into(&self, out: &mut impl AsViewMut, offset: u64) -> Result<()> {
         self.launch(out, offset, true)
     }
 
-    fn launch(&self, out: &mut Tensor, offset: u64, normal: bool) -> Result<()> {
-        let device = common_device(if normal { "normal" } else { "uniform" }, &[out])?;
-        match device {
-            Device::Cpu => {
-                let o = out.cpu_f32_mut()?;
+    fn fill_real<T: Real>(&self, offset: u64, out: &mut [T], normal: bool) {
+        let mut tmp = vec![0.0f32; out.len()];
+        if normal {
+            self.fill_normal(offset, &mut tmp)
+        } else {
+            self.fill_uniform(offset, &mut tmp)
+        }
+        out.iter_mut().zip(tmp).for_each(|(o, v)| *o = T::from_f32(v));
+    }
+
+    fn launch(&self, out: &mut impl AsViewMut, offset: u64, normal: bool) -> Result<()> {
+        let mut out = out.as_view_mut()?;
+        let n = out.numel();
+        match &mut out.data {
+            DataMut::F32(o) => {
                 if normal {
                     self.fill_normal(offset, o)
                 } else {
                     self.fill_uniform(offset, o)
                 }
             }
-            Device::Cuda(dev) => {
-                let n = out.numel();
+            DataMut::F64(o) => self.fill_real(offset, o, normal),
+            DataMut::Cuda(o, dev) => {
                 if n == 0 {
                     return Ok(());
                 }
@@ -145,14 +157,9 @@ impl Philox {
                 } else {
                     ("rng_uniform_f32", &dev.kernels().rng_uniform_f32)
                 };
-                let mut ov = out.cuda_f32_mut()?;
-                let mut l = dev.stream().launch_builder(f);
                 let n64 = n as i64;
-                l.arg(&mut ov)
-                    .arg(&n64)
-                    .arg(&self.seed)
-                    .arg(&self.stream)
-                    .arg(&offset);
+                let mut l = dev.stream().launch_builder(f);
+                l.arg(o).arg(&n64).arg(&self.seed).arg(&self.stream).arg(&offset);
                 let cfg = LaunchConfig {
                     grid_dim: (dev.grid_for(blocks as usize, 256), 1, 1),
                     block_dim: (256, 1, 1),
