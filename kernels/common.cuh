@@ -76,9 +76,11 @@ __device__ __forceinline__ Philox4 philox_block(u64 seed, u64 stream, u64 block)
                          (uint32_t)(stream >> 32), (uint32_t)seed, (uint32_t)(seed >> 32));
 }
 
-// Uniform in the open interval (0, 1) from the top 24 bits: exact in f32, never 0 or 1.
+// Uniform in the open interval (0, 1) from the top 23 bits, centred in their bin: (k + 0.5) / 2^23
+// is exact in f32 for k < 2^23, so the largest value is 1 - 2^-24, never 1 (with 24 bits the
+// + 0.5 would round k = 2^24 - 1 up to exactly 1).
 __device__ __forceinline__ float philox_uniform(uint32_t x) {
-    return ((float)(x >> 8) + 0.5f) * 5.9604644775390625e-8f;  // 2^-24
+    return ((float)(x >> 9) + 0.5f) * 1.1920928955078125e-7f;  // 2^-23
 }
 
 // Box-Muller on two 32-bit words, computed in f64 and rounded once, so the CPU (Rust's libm)
@@ -91,4 +93,11 @@ __device__ __forceinline__ void philox_normal_pair(uint32_t a, uint32_t b, float
     sincos(6.283185307179586 * u2, &s, &c);  // the same f64 product as the CPU side
     *z0 = (float)(r * c);
     *z1 = (float)(r * s);
+}
+
+// f32 warp sum by butterfly: every lane ends with the same total, in a fixed order.
+__device__ __forceinline__ float warp_allsum(float v) {
+#pragma unroll
+    for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
+    return v;
 }

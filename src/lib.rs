@@ -13,6 +13,7 @@ pub mod bench;
 pub mod device;
 pub mod error;
 pub mod kernels;
+pub mod nn;
 pub mod ops;
 pub mod real;
 pub mod tensor;

@@ -8,6 +8,7 @@ use half::bf16;
 
 use crate::device::{CudaDevice, Device, PooledBuffer};
 use crate::error::{Error, Result};
+use crate::real::Real;
 use std::sync::Arc;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -457,6 +458,22 @@ impl<'a> View<'a> {
         }
     }
 
+    /// The host data as `T` (errors when it is another dtype or on a GPU).
+    pub fn cpu<T: Real>(&self) -> Result<&'a [T]> {
+        T::slice(&self.data).ok_or_else(|| Error::DeviceMismatch {
+            op: "cpu view",
+            detail: format!("wanted {} host data, have {:?} on {}", T::DTYPE.name(), self.dtype(), self.device()),
+        })
+    }
+
+    /// The GPU this view's data lives on, if any.
+    pub fn cuda_device(&self) -> Option<&'a Arc<CudaDevice>> {
+        match &self.data {
+            Data::Cuda(_, dev) => Some(dev),
+            _ => None,
+        }
+    }
+
     /// The elements `offset .. offset + numel(shape)` under `shape`.
     pub fn sub(&self, offset: usize, shape: &[usize]) -> Result<View<'a>> {
         check_sub(self.numel(), offset, shape)?;
@@ -528,6 +545,16 @@ impl<'a> ViewMut<'a> {
 
     pub fn dtype(&self) -> DType {
         self.as_view().dtype()
+    }
+
+    /// The host data as `T`, mutably (errors when it is another dtype or on a GPU).
+    pub fn cpu_mut<T: Real>(&mut self) -> Result<&mut [T]> {
+        let dtype = self.dtype();
+        let on_gpu = matches!(self.data, DataMut::Cuda(..));
+        T::slice_mut(&mut self.data).ok_or_else(|| Error::DeviceMismatch {
+            op: "cpu view",
+            detail: format!("wanted mutable {} host data, have {:?} (on GPU: {on_gpu})", T::DTYPE.name(), dtype),
+        })
     }
 
     /// A read-only view of the same data.

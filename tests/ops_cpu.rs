@@ -35,6 +35,14 @@ fn philox_matches_the_random123_known_answers() {
 }
 
 #[test]
+fn uniforms_never_reach_zero_or_one() {
+    use emprior::ops::rng::uniform_from_bits;
+    assert_eq!(uniform_from_bits(u32::MAX), 1.0 - 2f32.powi(-24));
+    assert_eq!(uniform_from_bits(0), 2f32.powi(-24));
+    assert!(uniform_from_bits(u32::MAX) < 1.0 && uniform_from_bits(0) > 0.0);
+}
+
+#[test]
 fn random_streams_are_addressable_by_offset() {
     let rng = Philox::new(42, 7);
     let mut whole = vec![0.0; 103];

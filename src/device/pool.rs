@@ -112,6 +112,8 @@ impl DevicePool {
 
     /// Returns every cached buffer to the driver.
     pub fn trim(&self) {
+        // cudarc frees without making the context current; this may run on any thread.
+        let _ = self.stream.context().bind_to_thread();
         let freed = {
             let mut inner = self.inner.lock().unwrap();
             inner.stats.bytes_cached = 0;

@@ -3,7 +3,7 @@
 
 use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
 
-use super::{alloc_like, expect_shape, launched, mismatch};
+use super::{alloc_like, expect_shape, launched, mismatch, one_device};
 use crate::device::{CudaDevice, Kernels};
 use crate::error::Result;
 use crate::real::Real;
@@ -120,6 +120,7 @@ impl Map for Silu {
 /// `out = f(a, b)` elementwise (kernel signature: a, b, out, n).
 fn binary<F: Map>(f: F, a: &impl AsView, b: &impl AsView, out: &mut impl AsViewMut) -> Result<()> {
     let (a, b, mut out) = (a.as_view()?, b.as_view()?, out.as_view_mut()?);
+    one_device(F::NAME, &[&a, &b], &[&out])?;
     expect_shape(F::NAME, "second operand", b.shape(), a.shape())?;
     expect_shape(F::NAME, "out", out.shape(), a.shape())?;
     let n = a.numel();
@@ -140,6 +141,7 @@ fn binary<F: Map>(f: F, a: &impl AsView, b: &impl AsView, out: &mut impl AsViewM
 /// `out = f(x)` elementwise (kernel signature: x, out, n [, scalar]).
 fn unary<F: Map>(f: F, x: &impl AsView, out: &mut impl AsViewMut) -> Result<()> {
     let (x, mut out) = (x.as_view()?, out.as_view_mut()?);
+    one_device(F::NAME, &[&x], &[&out])?;
     expect_shape(F::NAME, "out", out.shape(), x.shape())?;
     let n = x.numel();
     match (&x.data, &mut out.data) {
@@ -218,6 +220,7 @@ pub fn scale(x: &impl AsView, alpha: f32) -> Result<Tensor> {
 /// y <- y + alpha * x, in place.
 pub fn axpy(alpha: f32, x: &impl AsView, y: &mut impl AsViewMut) -> Result<()> {
     let (x, mut y) = (x.as_view()?, y.as_view_mut()?);
+    one_device("axpy", &[&x], &[&y])?;
     expect_shape("axpy", "y", y.shape(), x.shape())?;
     let n = x.numel();
     match (&x.data, &mut y.data) {

@@ -6,7 +6,7 @@
 
 use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
-use super::{alloc_like, expect_shape, launched, mismatch};
+use super::{alloc_like, expect_shape, launched, mismatch, one_device};
 use crate::error::{Error, Result};
 use crate::tensor::{AsView, AsViewMut, Data, DataMut, Tensor};
 
@@ -168,6 +168,7 @@ const GEMM_TILE: u32 = 128;
 /// C = alpha * op(A) op(B) + beta * C into an existing C of the resolved shape.
 pub fn gemm_into(a: &impl AsView, b: &impl AsView, c: &mut impl AsViewMut, spec: GemmSpec) -> Result<()> {
     let (a, b, mut c) = (a.as_view()?, b.as_view()?, c.as_view_mut()?);
+    one_device("gemm", &[&a, &b], &[&c])?;
     let (p, out_shape) = resolve(a.shape(), b.shape(), &spec)?;
     expect_shape("gemm", "C", c.shape(), &out_shape)?;
     if c.numel() == 0 {

@@ -6,6 +6,7 @@
 //! Conventions: `op_into(inputs.., out)` writes a caller-provided output (hot loops reuse their
 //! buffers); `op(inputs..)` allocates the output.
 
+pub mod broadcast;
 pub mod elementwise;
 pub mod gemm;
 pub mod reduce;
@@ -32,7 +33,7 @@ fn describe(data: &Data) -> String {
 }
 
 /// The error for operands that do not share a device and dtype (or f64 on a GPU).
-pub(crate) fn mismatch(op: &'static str, views: &[&View], outs: &[&ViewMut]) -> Error {
+pub fn mismatch(op: &'static str, views: &[&View], outs: &[&ViewMut]) -> Error {
     let mut all: Vec<String> = views.iter().map(|v| describe(&v.data)).collect();
     all.extend(outs.iter().map(|o| describe(&o.as_view().data)));
     Error::DeviceMismatch {
@@ -44,6 +45,18 @@ pub(crate) fn mismatch(op: &'static str, views: &[&View], outs: &[&ViewMut]) -> 
     }
 }
 
+/// Checks that all operands live on one device (the CPU, or the same GPU): the dispatch in each
+/// op matches on data kinds and would otherwise hand one GPU's pointer to another's kernel.
+pub fn one_device(op: &'static str, views: &[&View], outs: &[&ViewMut]) -> Result<()> {
+    let mut devices = views.iter().map(|v| v.device()).chain(outs.iter().map(|o| o.as_view().device()));
+    if let Some(first) = devices.next() {
+        if devices.any(|d| !d.same_as(&first)) {
+            return Err(mismatch(op, views, outs));
+        }
+    }
+    Ok(())
+}
+
 /// Checks that `shape` is exactly `expected`.
 pub(crate) fn expect_shape(op: &'static str, what: &str, shape: &[usize], expected: &[usize]) -> Result<()> {
     if shape != expected {
@@ -53,7 +66,7 @@ pub(crate) fn expect_shape(op: &'static str, what: &str, shape: &[usize], expect
 }
 
 /// Launch failures carry the kernel's name.
-pub(crate) fn launched<T>(
+pub fn launched<T>(
     kernel: &'static str,
     r: std::result::Result<T, cudarc::driver::DriverError>,
 ) -> Result<()> {

@@ -5,7 +5,7 @@
 
 use cudarc::driver::{LaunchConfig, PushKernelArg};
 
-use super::{alloc_like, expect_shape, launched, mismatch};
+use super::{alloc_like, expect_shape, launched, mismatch, one_device};
 use crate::error::{Error, Result};
 use crate::tensor::{AsView, AsViewMut, Data, DataMut, Tensor};
 
@@ -38,6 +38,7 @@ pub mod cpu {
 /// out (shape []) = sum of all elements of x.
 pub fn sum_into(x: &impl AsView, out: &mut impl AsViewMut) -> Result<()> {
     let (x, mut out) = (x.as_view()?, out.as_view_mut()?);
+    one_device("sum", &[&x], &[&out])?;
     expect_shape("sum", "out", out.shape(), &[])?;
     let n = x.numel();
     match (&x.data, &mut out.data) {
@@ -95,6 +96,7 @@ fn row_reduce(
     sqrt: bool,
 ) -> Result<()> {
     let (a, b, mut out) = (a.as_view()?, b.as_view()?, out.as_view_mut()?);
+    one_device(op, &[&a, &b], &[&out])?;
     expect_shape(op, "second operand", b.shape(), a.shape())?;
     let (rows, cols) = rows_cols(op, a.shape())?;
     expect_shape(op, "out", out.shape(), &[rows])?;

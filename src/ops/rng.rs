@@ -3,8 +3,8 @@
 //! own, a resumed run or a GPU run draws exactly the noise of an uninterrupted CPU run.
 //!
 //! Layout: key = seed (64 bits); counter = (block lo, block hi, stream lo, stream hi); element i
-//! of a stream is lane i % 4 of counter block i / 4. Uniforms are the top 24 bits, centred in
-//! their bin: (u >> 8 + 0.5) / 2^24, in the open interval (0, 1) and exact in f32. Normals are
+//! of a stream is lane i % 4 of counter block i / 4. Uniforms are the top 23 bits, centred in
+//! their bin: ((u >> 9) + 0.5) / 2^23, in the open interval (0, 1) and exact in f32. Normals are
 //! Box-Muller on lanes (0, 1) and (2, 3), in f64, rounded once to f32.
 //! CUDA: kernels/rng.cu and common.cuh.
 
@@ -42,8 +42,9 @@ pub fn philox4x32_10(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
     [c0, c1, c2, c3]
 }
 
-fn uniform_from_bits(x: u32) -> f32 {
-    ((x >> 8) as f32 + 0.5) * (1.0 / 16_777_216.0)
+/// (top 23 bits + 0.5) / 2^23: exact in f32, in (0, 1), largest value 1 - 2^-24.
+pub fn uniform_from_bits(x: u32) -> f32 {
+    ((x >> 9) as f32 + 0.5) * (1.0 / 8_388_608.0)
 }
 
 fn normal_pair(a: u32, b: u32) -> (f32, f32) {

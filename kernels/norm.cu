@@ -1,0 +1,48 @@
+// LayerNorm over the channel (last) axis without affine parameters, as the paper's networks use
+// it: y = (x - mean) / sqrt(var + eps). One warp per row (a pixel's channels); the saved 1/std
+// and the output y are all the backward needs.
+//
+// Launch contract: blockDim.x a multiple of 32; any grid (warps stride over rows).
+#include "common.cuh"
+
+extern "C" __global__ void ln_forward_f32(const float* x, float* y, float* rstd, i64 rows, int C, float eps) {
+    const i64 warps = ((i64)gridDim.x * blockDim.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    const float inv_c = 1.0f / (float)C;
+    for (i64 row = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5; row < rows; row += warps) {
+        const float* xr = x + row * C;
+        float s = 0.0f;
+        for (int c = lane; c < C; c += 32) s += xr[c];
+        const float mean = warp_allsum(s) * inv_c;
+        float v = 0.0f;
+        for (int c = lane; c < C; c += 32) {
+            const float d = xr[c] - mean;
+            v = fmaf(d, d, v);
+        }
+        const float r = 1.0f / sqrtf(warp_allsum(v) * inv_c + eps);
+        float* yr = y + row * C;
+        for (int c = lane; c < C; c += 32) yr[c] = (xr[c] - mean) * r;
+        if (lane == 0) rstd[row] = r;
+    }
+}
+
+// dx = rstd * (dy - mean(dy) - y * mean(dy * y)). dx may alias dy.
+extern "C" __global__ void ln_backward_f32(const float* y, const float* rstd, const float* dy, float* dx, i64 rows,
+                                           int C) {
+    const i64 warps = ((i64)gridDim.x * blockDim.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    const float inv_c = 1.0f / (float)C;
+    for (i64 row = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5; row < rows; row += warps) {
+        const float* yr = y + row * C;
+        const float* gr = dy + row * C;
+        float a = 0.0f, b = 0.0f;
+        for (int c = lane; c < C; c += 32) {
+            a += gr[c];
+            b = fmaf(gr[c], yr[c], b);
+        }
+        const float ma = warp_allsum(a) * inv_c, mb = warp_allsum(b) * inv_c;
+        const float r = rstd[row];
+        float* dr = dx + row * C;
+        for (int c = lane; c < C; c += 32) dr[c] = r * (gr[c] - ma - yr[c] * mb);
+    }
+}

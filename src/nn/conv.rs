@@ -1,0 +1,233 @@
+//! 3x3 convolution with padding 1 and stride 1 or 2, channels-last: x [N, H, W, Cin], weight
+//! [3, 3, Cin, Cout] (inox's layout), bias [Cout]. Computed as im2col followed by a GEMM on both
+//! backends (kernels/conv.cu builds the columns, kernels/gemm.cu multiplies); the backward
+//! rebuilds the columns from the saved input instead of keeping them.
+//!
+//! An implicit-GEMM kernel with fused epilogues is the planned fast path; this one is the exact
+//! reference it will be checked against.
+
+use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+
+use super::params::{ParamId, ParamLayout};
+use crate::error::{Error, Result};
+use crate::ops::broadcast::{add_bias, sum_rows_into};
+use crate::ops::{gemm_into, launched, mismatch, GemmSpec};
+use crate::tensor::{AsView, AsViewMut, Data, DataMut, Tensor, View, ViewMut};
+
+/// The shape of one convolution, laid out as `ConvGeometry` in kernels/conv.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeometry {
+    pub n: i32,
+    pub h: i32,
+    pub w: i32,
+    pub cin: i32,
+    pub oh: i32,
+    pub ow: i32,
+    pub stride: i32,
+}
+
+// SAFETY: plain-old-data with the C layout the kernels expect.
+unsafe impl DeviceRepr for ConvGeometry {}
+
+impl ConvGeometry {
+    fn out_pixels(&self) -> usize {
+        self.n as usize * self.oh as usize * self.ow as usize
+    }
+    fn in_elems(&self) -> usize {
+        self.n as usize * self.h as usize * self.w as usize * self.cin as usize
+    }
+    fn col_cols(&self) -> usize {
+        9 * self.cin as usize
+    }
+}
+
+/// The CPU bodies: the oracle for kernels/conv.cu.
+pub mod cpu {
+    use super::ConvGeometry;
+    use crate::real::Real;
+
+    pub fn im2col<T: Real>(x: &[T], col: &mut [T], g: &ConvGeometry) {
+        let (h, w, cin, oh, ow, s) = (g.h, g.w, g.cin as usize, g.oh, g.ow, g.stride);
+        let mut i = 0;
+        for n in 0..g.n as usize {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    for tap in 0..9 {
+                        let (iy, ix) = (oy * s + tap / 3 - 1, ox * s + tap % 3 - 1);
+                        let inside = iy >= 0 && iy < h && ix >= 0 && ix < w;
+                        let base = ((n * h as usize + iy.max(0) as usize) * w as usize + ix.max(0) as usize) * cin;
+                        for ci in 0..cin {
+                            col[i] = if inside { x[base + ci] } else { T::ZERO };
+                            i += 1;
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    /// dx = the adjoint of im2col applied to dcol (overwrites dx).
+    pub fn col2im<T: Real>(dcol: &[T], dx: &mut [T], g: &ConvGeometry) {
+        dx.fill(T::ZERO);
+        let (h, w, cin, oh, ow, s) = (g.h, g.w, g.cin as usize, g.oh, g.ow, g.stride);
+        let mut i = 0;
+        for n in 0..g.n as usize {
+            for oy in 0..oh {
+                for ox in 0..ow {
+                    for tap in 0..9 {
+                        let (iy, ix) = (oy * s + tap / 3 - 1, ox * s + tap % 3 - 1);
+                        if iy >= 0 && iy < h && ix >= 0 && ix < w {
+                            let base = ((n * h as usize + iy as usize) * w as usize + ix as usize) * cin;
+                            for ci in 0..cin {
+                                dx[base + ci] += dcol[i + ci];
+                            }
+                        }
+                        i += cin;
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn launch_cfg(dev: &crate::device::CudaDevice, n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (dev.grid_for(n, 256), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// The column matrix [N * OH * OW, 9 * Cin] of x.
+pub fn im2col(x: &View, g: &ConvGeometry) -> Result<Tensor> {
+    let mut col = Tensor::uninit(&[g.out_pixels(), g.col_cols()], x.dtype(), &x.device())?;
+    {
+        let mut cv = col.as_view_mut()?;
+        match (&x.data, &mut cv.data) {
+            (Data::Cuda(xv, dev), DataMut::Cuda(co, _)) => {
+                let mut l = dev.stream().launch_builder(&dev.kernels().conv_im2col_f32);
+                l.arg(xv).arg(co).arg(g);
+                launched("conv_im2col_f32", unsafe { l.launch(launch_cfg(dev, g.out_pixels() * g.col_cols())) })?;
+            }
+            (Data::Cuda(..), _) => return Err(mismatch("im2col", &[x], &[])),
+            _ => host_real!(x, T => {
+                cpu::im2col::<T>(x.cpu()?, cv.cpu_mut()?, g);
+                Ok::<(), Error>(())
+            })?,
+        }
+    }
+    Ok(col)
+}
+
+/// The input gradient [N, H, W, Cin] from the column gradient.
+pub fn col2im(dcol: &View, g: &ConvGeometry) -> Result<Tensor> {
+    let shape = [g.n as usize, g.h as usize, g.w as usize, g.cin as usize];
+    let mut dx = Tensor::uninit(&shape, dcol.dtype(), &dcol.device())?;
+    {
+        let mut dv = dx.as_view_mut()?;
+        match (&dcol.data, &mut dv.data) {
+            (Data::Cuda(cv, dev), DataMut::Cuda(o, _)) => {
+                let mut l = dev.stream().launch_builder(&dev.kernels().conv_col2im_f32);
+                l.arg(cv).arg(o).arg(g);
+                launched("conv_col2im_f32", unsafe { l.launch(launch_cfg(dev, g.in_elems())) })?;
+            }
+            (Data::Cuda(..), _) => return Err(mismatch("col2im", &[dcol], &[])),
+            _ => host_real!(dcol, T => {
+                cpu::col2im::<T>(dcol.cpu()?, dv.cpu_mut()?, g);
+                Ok::<(), Error>(())
+            })?,
+        }
+    }
+    Ok(dx)
+}
+
+#[derive(Clone, Debug)]
+pub struct Conv3x3 {
+    pub weight: ParamId,
+    pub bias: ParamId,
+    pub cin: usize,
+    pub cout: usize,
+    pub stride: usize,
+}
+
+impl Conv3x3 {
+    /// Registers `{name}.weight` [3, 3, cin, cout] (U(+-1/sqrt(9 cin))) and `{name}.bias`.
+    pub fn new(layout: &mut ParamLayout, name: &str, cin: usize, cout: usize, stride: usize) -> Self {
+        assert!(stride == 1 || stride == 2, "Conv3x3 supports stride 1 or 2");
+        let weight = layout.weight(format!("{name}.weight"), &[3, 3, cin, cout], 9 * cin);
+        let bias = layout.add(format!("{name}.bias"), &[cout], super::params::Init::Zeros);
+        Conv3x3 {
+            weight,
+            bias,
+            cin,
+            cout,
+            stride,
+        }
+    }
+
+    pub fn geometry(&self, x_shape: &[usize]) -> Result<ConvGeometry> {
+        match *x_shape {
+            [n, h, w, c] if c == self.cin => {
+                let s = self.stride;
+                Ok(ConvGeometry {
+                    n: n as i32,
+                    h: h as i32,
+                    w: w as i32,
+                    cin: c as i32,
+                    oh: ((h - 1) / s + 1) as i32,
+                    ow: ((w - 1) / s + 1) as i32,
+                    stride: s as i32,
+                })
+            }
+            _ => Err(Error::shape("conv3x3", "input", format!("[N, H, W, {}]", self.cin), x_shape)),
+        }
+    }
+
+    /// The output shape for an input shape.
+    pub fn out_shape(&self, x_shape: &[usize]) -> Result<Vec<usize>> {
+        let g = self.geometry(x_shape)?;
+        Ok(vec![g.n as usize, g.oh as usize, g.ow as usize, self.cout])
+    }
+
+    fn weight_matrix<'a>(&self, layout: &ParamLayout, params: &View<'a>) -> Result<View<'a>> {
+        layout.view(params, self.weight)?.reshape(&[9 * self.cin, self.cout])
+    }
+
+    /// y = conv(x) + b.
+    pub fn forward(&self, layout: &ParamLayout, params: &View, x: &View) -> Result<Tensor> {
+        let g = self.geometry(x.shape())?;
+        let col = im2col(x, &g)?;
+        let mut y = Tensor::uninit(&[g.out_pixels(), self.cout], x.dtype(), &x.device())?;
+        gemm_into(&col, &self.weight_matrix(layout, params)?, &mut y, GemmSpec::default())?;
+        add_bias(&mut y, &layout.view(params, self.bias)?)?;
+        y.reshape(&self.out_shape(x.shape())?)
+    }
+
+    /// dx for dy (x is the saved input); with `grads`, dW += col^T dy and db += sum dy.
+    pub fn backward(
+        &self,
+        layout: &ParamLayout,
+        params: &View,
+        x: &View,
+        dy: &View,
+        grads: Option<&mut ViewMut>,
+    ) -> Result<Tensor> {
+        let g = self.geometry(x.shape())?;
+        let dy2 = dy.reshape(&[g.out_pixels(), self.cout])?;
+        let wm = self.weight_matrix(layout, params)?;
+        let mut dcol = Tensor::uninit(&[g.out_pixels(), g.col_cols()], x.dtype(), &x.device())?;
+        gemm_into(&dy2, &wm, &mut dcol, GemmSpec::new(false, true))?;
+        if let Some(grads) = grads {
+            let col = im2col(x, &g)?;
+            let mut dw = layout.view_mut(grads, self.weight)?.reshape(&[9 * self.cin, self.cout])?;
+            let acc = GemmSpec {
+                beta: 1.0,
+                ..GemmSpec::new(true, false)
+            };
+            gemm_into(&col, &dy2, &mut dw, acc)?;
+            sum_rows_into(&dy2, 1, &mut layout.view_mut(grads, self.bias)?, true)?;
+        }
+        col2im(&dcol.as_view()?, &g)
+    }
+}

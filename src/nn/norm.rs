@@ -1,0 +1,115 @@
+//! LayerNorm over channels (the last axis) without affine parameters, eps = 1e-5 (inox's
+//! LayerNorm as the paper uses it). CUDA: kernels/norm.cu.
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use crate::error::{Error, Result};
+use crate::ops::{launched, mismatch, one_device};
+use crate::tensor::{Data, DataMut, Tensor, View};
+
+pub const LN_EPS: f64 = 1e-5;
+
+/// The CPU bodies: the oracle for kernels/norm.cu.
+pub mod cpu {
+    use crate::real::Real;
+
+    
+    pub fn forward<T: Real>(x: &[T], y: &mut [T], rstd: &mut [T], c: usize, eps: f64) {
+        let inv_c = T::from_f64(1.0 / c as f64);
+        for ((xr, yr), r) in x.chunks_exact(c).zip(y.chunks_exact_mut(c)).zip(rstd.iter_mut()) {
+            let mean = xr.iter().copied().sum::<T>() * inv_c;
+            let var = xr.iter().map(|&v| (v - mean) * (v - mean)).sum::<T>() * inv_c;
+            *r = T::ONE / (var + T::from_f64(eps)).sqrt();
+            for (o, &v) in yr.iter_mut().zip(xr) {
+                *o = (v - mean) * *r;
+            }
+        }
+    }
+
+    pub fn backward<T: Real>(y: &[T], rstd: &[T], dy: &[T], dx: &mut [T], c: usize) {
+        let inv_c = T::from_f64(1.0 / c as f64);
+        for (((yr, gr), dr), &r) in y.chunks_exact(c).zip(dy.chunks_exact(c)).zip(dx.chunks_exact_mut(c)).zip(rstd) {
+            let ma = gr.iter().copied().sum::<T>() * inv_c;
+            let mb = gr.iter().zip(yr).map(|(&g, &v)| g * v).sum::<T>() * inv_c;
+            for ((d, &g), &v) in dr.iter_mut().zip(gr).zip(yr) {
+                *d = r * (g - ma - v * mb);
+            }
+        }
+    }
+}
+
+/// What the backward needs: the output and 1/std per row.
+pub struct LnSaved {
+    pub y: Tensor,
+    pub rstd: Tensor,
+}
+
+fn channels(x: &View) -> Result<(usize, usize)> {
+    match x.shape().last() {
+        Some(&c) if c > 0 => Ok((x.numel() / c, c)),
+        _ => Err(Error::shape("layer_norm", "input", "[.., channels]", x.shape())),
+    }
+}
+
+fn config(dev: &crate::device::CudaDevice, rows: usize) -> LaunchConfig {
+    // 8 warps per block, one row per warp.
+    LaunchConfig {
+        grid_dim: (dev.grid_for(rows * 32, 256), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+/// y = LN(x); the returned `LnSaved` holds y (also the layer's output) and 1/std.
+pub fn layer_norm(x: &View) -> Result<LnSaved> {
+    let (rows, c) = channels(x)?;
+    let (device, dtype) = (x.device(), x.dtype());
+    let mut y = Tensor::uninit(x.shape(), dtype, &device)?;
+    let mut rstd = Tensor::uninit(&[rows], dtype, &device)?;
+    {
+        let (mut yv, mut rv) = (crate::AsViewMut::as_view_mut(&mut y)?, crate::AsViewMut::as_view_mut(&mut rstd)?);
+        match (&x.data, &mut yv.data, &mut rv.data) {
+            (Data::Cuda(xv, dev), DataMut::Cuda(yo, _), DataMut::Cuda(ro, _)) => {
+                let (r64, c32, eps) = (rows as i64, c as i32, LN_EPS as f32);
+                let mut l = dev.stream().launch_builder(&dev.kernels().ln_forward_f32);
+                l.arg(xv).arg(yo).arg(ro).arg(&r64).arg(&c32).arg(&eps);
+                launched("ln_forward_f32", unsafe { l.launch(config(dev, rows)) })?;
+            }
+            (Data::Cuda(..), ..) => return Err(mismatch("layer_norm", &[x], &[])),
+            _ => host_real!(x, T => {
+                cpu::forward::<T>(x.cpu()?, yv.cpu_mut()?, rv.cpu_mut()?, c, LN_EPS);
+                Ok::<(), Error>(())
+            })?,
+        }
+    }
+    Ok(LnSaved { y, rstd })
+}
+
+/// dx for dy, given what the forward saved.
+pub fn layer_norm_backward(saved: &LnSaved, dy: &View) -> Result<Tensor> {
+    let y = crate::AsView::as_view(&saved.y)?;
+    let rstd = crate::AsView::as_view(&saved.rstd)?;
+    one_device("layer_norm_backward", &[&y, &rstd, dy], &[])?;
+    let (rows, c) = channels(&y)?;
+    if dy.shape() != y.shape() {
+        return Err(Error::shape("layer_norm_backward", "dy", y.shape(), dy.shape()));
+    }
+    let mut dx = Tensor::uninit(y.shape(), y.dtype(), &y.device())?;
+    {
+        let mut dv = crate::AsViewMut::as_view_mut(&mut dx)?;
+        match (&y.data, &rstd.data, &dy.data, &mut dv.data) {
+            (Data::Cuda(yv, dev), Data::Cuda(rv, _), Data::Cuda(gv, _), DataMut::Cuda(dout, _)) => {
+                let (r64, c32) = (rows as i64, c as i32);
+                let mut l = dev.stream().launch_builder(&dev.kernels().ln_backward_f32);
+                l.arg(yv).arg(rv).arg(gv).arg(dout).arg(&r64).arg(&c32);
+                launched("ln_backward_f32", unsafe { l.launch(config(dev, rows)) })?;
+            }
+            (Data::Cuda(..), ..) => return Err(mismatch("layer_norm_backward", &[&y, dy], &[])),
+            _ => host_real!(y, T => {
+                cpu::backward::<T>(y.cpu()?, rstd.cpu()?, dy.cpu()?, dv.cpu_mut()?, c);
+                Ok::<(), Error>(())
+            })?,
+        }
+    }
+    Ok(dx)
+}

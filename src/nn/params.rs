@@ -1,0 +1,143 @@
+//! Flat parameters: every parameter of a network lives in one contiguous buffer (and so do its
+//! gradients, Adam moments and EMA copy, in the same layout), with named views into it. One
+//! kernel can then update them all, and a checkpoint is one buffer plus the names.
+
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::ops::Philox;
+use crate::real::Real;
+use crate::tensor::{numel, AsView, AsViewMut, DType, Tensor, View, ViewMut};
+
+/// Handle of one parameter in a layout.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct ParamId(pub usize);
+
+/// How a parameter starts (the paper's inox initialisation).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Init {
+    /// U(-bound, bound) times `scale`: weights, with bound = 1/sqrt(fan_in) (scale 0.1 for the
+    /// last layer of every modulation MLP).
+    Uniform { bound: f64, scale: f64 },
+    /// Biases.
+    Zeros,
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct ParamSpec {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub offset: usize,
+    pub init: Init,
+}
+
+/// Names, shapes and offsets of every parameter of a network, in registration order.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ParamLayout {
+    specs: Vec<ParamSpec>,
+    total: usize,
+}
+
+impl ParamLayout {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// Registers a parameter; offsets are handed out in order.
+    pub fn add(&mut self, name: impl Into<String>, shape: &[usize], init: Init) -> ParamId {
+        let name = name.into();
+        debug_assert!(self.specs.iter().all(|s| s.name != name), "duplicate parameter {name}");
+        self.specs.push(ParamSpec {
+            name,
+            shape: shape.to_vec(),
+            offset: self.total,
+            init,
+        });
+        self.total += numel(shape);
+        ParamId(self.specs.len() - 1)
+    }
+
+    /// A weight with U(+-1/sqrt(fan_in)) initialisation.
+    pub fn weight(&mut self, name: impl Into<String>, shape: &[usize], fan_in: usize) -> ParamId {
+        self.add(
+            name,
+            shape,
+            Init::Uniform {
+                bound: 1.0 / (fan_in as f64).sqrt(),
+                scale: 1.0,
+            },
+        )
+    }
+
+    /// The total number of scalars.
+    pub fn len(&self) -> usize {
+        self.total
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.total == 0
+    }
+
+    pub fn specs(&self) -> &[ParamSpec] {
+        &self.specs
+    }
+
+    pub fn spec(&self, id: ParamId) -> &ParamSpec {
+        &self.specs[id.0]
+    }
+
+    pub fn find(&self, name: &str) -> Option<&ParamSpec> {
+        self.specs.iter().find(|s| s.name == name)
+    }
+
+    /// The parameter `id` as a view into a flat buffer of this layout.
+    pub fn view<'a>(&self, flat: &View<'a>, id: ParamId) -> Result<View<'a>> {
+        let s = &self.specs[id.0];
+        flat.sub(s.offset, &s.shape)
+    }
+
+    /// The parameter `id` as a mutable view into a flat buffer (gradients).
+    pub fn view_mut<'b>(&self, flat: &'b mut ViewMut<'_>, id: ParamId) -> Result<ViewMut<'b>> {
+        let s = &self.specs[id.0];
+        flat.sub_mut(s.offset, &s.shape)
+    }
+
+    /// A fresh flat buffer with every parameter initialised from `seed` (parameter i draws from
+    /// Philox stream i, so the values do not depend on the device or the dtype).
+    pub fn init(&self, seed: u64, dtype: DType, device: &Device) -> Result<Tensor> {
+        let mut flat = Tensor::zeros(&[self.total], dtype, &Device::Cpu)?;
+        {
+            let mut v = flat.as_view_mut()?;
+            match dtype {
+                DType::F32 => self.init_into::<f32>(seed, v.cpu_mut()?),
+                DType::F64 => self.init_into::<f64>(seed, v.cpu_mut()?),
+                DType::BF16 => return Err(Error::Other("bf16 parameters are not supported yet".into())),
+            }
+        }
+        flat.to_device(device)
+    }
+
+    fn init_into<T: Real>(&self, seed: u64, out: &mut [T]) {
+        for (i, s) in self.specs.iter().enumerate() {
+            let dst = &mut out[s.offset..s.offset + numel(&s.shape)];
+            match s.init {
+                Init::Zeros => dst.fill(T::ZERO),
+                Init::Uniform { bound, scale } => {
+                    let mut u = vec![0.0f32; dst.len()];
+                    Philox::new(seed, i as u64).fill_uniform(0, &mut u);
+                    for (d, &x) in dst.iter_mut().zip(&u) {
+                        *d = T::from_f64(scale * bound * (2.0 * x as f64 - 1.0));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Checks that a flat buffer fits this layout.
+    pub fn check(&self, flat: &impl AsView) -> Result<()> {
+        let v = flat.as_view()?;
+        if v.shape() != [self.total] {
+            return Err(Error::shape("parameters", "flat buffer", [self.total], v.shape()));
+        }
+        Ok(())
+    }
+}

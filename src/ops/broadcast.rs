@@ -1,0 +1,181 @@
+//! Row-broadcast maps and column reductions over `[rows, cols]` data (rows = every leading axis,
+//! cols = the last): bias add and its gradient, per-group sums (per-sample reductions over
+//! pixels), and per-sample scaling. CUDA: kernels/broadcast.cu.
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::{expect_shape, launched, mismatch, one_device};
+use crate::error::{Error, Result};
+use crate::real::Real;
+use crate::tensor::{AsView, AsViewMut, Data, DataMut, View, ViewMut};
+
+/// The CPU bodies: the oracle for kernels/broadcast.cu.
+pub mod cpu {
+    use crate::real::Real;
+
+    pub fn add_bias<T: Real>(y: &mut [T], b: &[T]) {
+        for row in y.chunks_exact_mut(b.len()) {
+            row.iter_mut().zip(b).for_each(|(v, &bi)| *v += bi);
+        }
+    }
+
+    /// out[g, c] (+)= sum of the rows of group g.
+    pub fn sum_rows<T: Real>(x: &[T], out: &mut [T], groups: usize, cols: usize, accumulate: bool) {
+        let per = x.len() / groups.max(1) / cols.max(1);
+        for g in 0..groups {
+            for c in 0..cols {
+                let s: f64 = (0..per).map(|r| x[(g * per + r) * cols + c].to_f64()).sum();
+                let o = &mut out[g * cols + c];
+                *o = if accumulate { *o + T::from_f64(s) } else { T::from_f64(s) };
+            }
+        }
+    }
+
+    pub fn scale_rows<T: Real>(a: &[T], alpha: &[T], b: Option<(&[T], &[T])>, y: &mut [T]) {
+        let len = a.len() / alpha.len().max(1);
+        for (i, o) in y.iter_mut().enumerate() {
+            let s = i / len;
+            let mut v = alpha[s] * a[i];
+            if let Some((b, beta)) = b {
+                v += beta[s] * b[i];
+            }
+            *o = v;
+        }
+    }
+}
+
+fn cols_of(op: &'static str, shape: &[usize]) -> Result<usize> {
+    shape
+        .last()
+        .copied()
+        .filter(|&c| c > 0)
+        .ok_or_else(|| Error::shape(op, "input", "[.., channels]", shape))
+}
+
+/// y[.., c] += b[c] in place.
+pub fn add_bias(y: &mut impl AsViewMut, b: &impl AsView) -> Result<()> {
+    let (mut y, b) = (y.as_view_mut()?, b.as_view()?);
+    one_device("add_bias", &[&b], &[&y])?;
+    let cols = cols_of("add_bias", y.shape())?;
+    expect_shape("add_bias", "bias", b.shape(), &[cols])?;
+    let rows = y.numel() / cols;
+    match (&mut y.data, &b.data) {
+        (DataMut::F32(yv), Data::F32(bv)) => cpu::add_bias(yv, bv),
+        (DataMut::F64(yv), Data::F64(bv)) => cpu::add_bias(yv, bv),
+        (DataMut::Cuda(yv, dev), Data::Cuda(bv, _)) => {
+            let (r, c) = (rows as i64, cols as i64);
+            let mut l = dev.stream().launch_builder(&dev.kernels().bc_add_bias_f32);
+            l.arg(yv).arg(bv).arg(&r).arg(&c);
+            let cfg = LaunchConfig {
+                grid_dim: (dev.grid_for(rows * cols, 256), 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            launched("bc_add_bias_f32", unsafe { l.launch(cfg) })?;
+        }
+        _ => return Err(mismatch("add_bias", &[&b], &[&y])),
+    }
+    Ok(())
+}
+
+/// out[g, c] (+= when `accumulate`) the sum over the rows of group g of x viewed as
+/// `[groups, rows_per_group, cols]`. `groups = 1` gives a bias gradient.
+pub fn sum_rows_into(x: &impl AsView, groups: usize, out: &mut impl AsViewMut, accumulate: bool) -> Result<()> {
+    let (x, mut out) = (x.as_view()?, out.as_view_mut()?);
+    one_device("sum_rows", &[&x], &[&out])?;
+    let cols = cols_of("sum_rows", x.shape())?;
+    if groups == 0 || x.numel() % (groups * cols) != 0 {
+        return Err(Error::shape("sum_rows", "input", format!("{groups} groups of rows"), x.shape()));
+    }
+    if out.numel() != groups * cols {
+        return Err(Error::shape("sum_rows", "out", [groups, cols], out.shape()));
+    }
+    let per = x.numel() / (groups * cols);
+    match (&x.data, &mut out.data) {
+        (Data::F32(xv), DataMut::F32(o)) => cpu::sum_rows(xv, o, groups, cols, accumulate),
+        (Data::F64(xv), DataMut::F64(o)) => cpu::sum_rows(xv, o, groups, cols, accumulate),
+        (Data::Cuda(xv, dev), DataMut::Cuda(o, _)) => {
+            let (g, p, c, acc) = (groups as i64, per as i64, cols as i64, accumulate as i32);
+            let mut l = dev.stream().launch_builder(&dev.kernels().bc_sum_rows_f32);
+            l.arg(xv).arg(o).arg(&g).arg(&p).arg(&c).arg(&acc);
+            let cfg = LaunchConfig {
+                grid_dim: ((cols as u32).div_ceil(256), groups as u32, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            launched("bc_sum_rows_f32", unsafe { l.launch(cfg) })?;
+        }
+        _ => return Err(mismatch("sum_rows", &[&x], &[&out])),
+    }
+    Ok(())
+}
+
+/// y[s, ..] = alpha[s] a[s, ..]: per-sample scalars over a batch.
+pub fn scale_rows_into(a: &impl AsView, alpha: &impl AsView, y: &mut impl AsViewMut) -> Result<()> {
+    scale_rows(a.as_view()?, alpha.as_view()?, None, y.as_view_mut()?)
+}
+
+/// y[s, ..] = alpha[s] a[s, ..] + beta[s] b[s, ..] (EDM's c_skip x_t + c_out F).
+pub fn scale_rows_add_into(
+    a: &impl AsView,
+    alpha: &impl AsView,
+    b: &impl AsView,
+    beta: &impl AsView,
+    y: &mut impl AsViewMut,
+) -> Result<()> {
+    scale_rows(a.as_view()?, alpha.as_view()?, Some((b.as_view()?, beta.as_view()?)), y.as_view_mut()?)
+}
+
+fn scale_rows(a: View, alpha: View, b: Option<(View, View)>, mut y: ViewMut) -> Result<()> {
+    match &b {
+        Some((b, beta)) => one_device("scale_rows", &[&a, &alpha, b, beta], &[&y])?,
+        None => one_device("scale_rows", &[&a, &alpha], &[&y])?,
+    }
+    let samples = a.shape().first().copied().unwrap_or(0);
+    expect_shape("scale_rows", "alpha", alpha.shape(), &[samples])?;
+    expect_shape("scale_rows", "out", y.shape(), a.shape())?;
+    if let Some((b, beta)) = &b {
+        expect_shape("scale_rows", "b", b.shape(), a.shape())?;
+        expect_shape("scale_rows", "beta", beta.shape(), &[samples])?;
+    }
+    fn host<T: Real>(a: &View, alpha: &View, b: &Option<(View, View)>, y: &mut ViewMut) -> Result<()> {
+        let bb = match b {
+            Some((b, beta)) => Some((b.cpu::<T>()?, beta.cpu::<T>()?)),
+            None => None,
+        };
+        cpu::scale_rows(a.cpu::<T>()?, alpha.cpu::<T>()?, bb, y.cpu_mut::<T>()?);
+        Ok(())
+    }
+    match (&a.data, &alpha.data) {
+        (Data::F32(_), Data::F32(_)) => host::<f32>(&a, &alpha, &b, &mut y),
+        (Data::F64(_), Data::F64(_)) => host::<f64>(&a, &alpha, &b, &mut y),
+        (Data::Cuda(av, dev), Data::Cuda(alv, _)) => {
+            let bviews = match &b {
+                Some((bv, betav)) => match (&bv.data, &betav.data) {
+                    (Data::Cuda(x, _), Data::Cuda(z, _)) => Some((x.slice(..), z.slice(..))),
+                    _ => return Err(mismatch("scale_rows", &[&a, bv, betav], &[])),
+                },
+                None => None,
+            };
+            let DataMut::Cuda(yv, _) = &mut y.data else {
+                return Err(mismatch("scale_rows", &[&a, &alpha], &[]));
+            };
+            let (s, len) = (samples as i64, (a.numel() / samples.max(1)) as i64);
+            let null = 0u64; // a null pointer: the kernel then skips the second term
+            let mut l = dev.stream().launch_builder(&dev.kernels().bc_scale_rows_f32);
+            l.arg(av).arg(alv);
+            match &bviews {
+                Some((x, z)) => l.arg(x).arg(z),
+                None => l.arg(&null).arg(&null),
+            };
+            l.arg(yv).arg(&s).arg(&len);
+            let cfg = LaunchConfig {
+                grid_dim: (dev.grid_for(a.numel(), 256), 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            launched("bc_scale_rows_f32", unsafe { l.launch(cfg) })
+        }
+        _ => Err(mismatch("scale_rows", &[&a, &alpha], &[&y])),
+    }
+}
