@@ -5,7 +5,10 @@
 mod common;
 
 use common::random_vec;
-use emprior::nn::{Conv3x3, Linear, ParamLayout};
+use emprior::nn::attention::SelfAttention;
+use emprior::nn::blocks::{AttBlock, ResBlock};
+use emprior::nn::{resample, Conv3x3, Linear, Mode, ParamLayout};
+use emprior::ops::Philox;
 use emprior::tensor::numel;
 use emprior::{AsView, AsViewMut, DType, Device, Tensor};
 
@@ -163,4 +166,149 @@ fn layer_norm_gradients() {
         emprior::nn::norm::layer_norm_backward(&saved, &dyt.as_view().unwrap()).unwrap().to_vec_f64().unwrap()
     };
     Harness { layout: &layout, x_shape: shape, forward: &fwd, backward: &bwd }.check("layer_norm", 31);
+}
+
+/// Runs a layer's backward with an optional f64 gradient buffer, copying the gradients back.
+fn with_grads(g: Option<&mut [f64]>, f: impl FnOnce(Option<&mut emprior::ViewMut>) -> Tensor) -> Vec<f64> {
+    let mut gt = g.as_ref().map(|g| t64(g, &[g.len()]));
+    let dx = {
+        let mut gv = gt.as_mut().map(|t| t.as_view_mut().unwrap());
+        f(gv.as_mut())
+    };
+    if let (Some(g), Some(gt)) = (g, gt) {
+        g.copy_from_slice(&gt.to_vec_f64().unwrap());
+    }
+    dx.to_vec_f64().unwrap()
+}
+
+#[test]
+fn res_block_gradients() {
+    // Dropout on (training mode): the mask comes from Philox counters, so the finite differences
+    // see the same mask at every evaluation.
+    for (mode, label) in [(Mode::Eval, "eval"), (Mode::Train { rng: Philox::new(5, 9) }, "train p=0.3")] {
+        let (n, h, w, c, e) = (2, 4, 3, 4, 6);
+        let mut layout = ParamLayout::new();
+        let block = ResBlock::new(&mut layout, "res", c, e, if label == "eval" { 0.0 } else { 0.3 });
+        let emb = t64(&rand64(99, n * e, 1.0), &[n, e]);
+        let x_shape = vec![n, h, w, c];
+        let fwd = |l: &ParamLayout, p: &[f64], x: &[f64]| {
+            let pt = t64(p, &[p.len()]);
+            let (y, _) = block
+                .forward(l, &pt.as_view().unwrap(), t64(x, &x_shape), &emb.as_view().unwrap(), mode, 17)
+                .unwrap();
+            y.to_vec_f64().unwrap()
+        };
+        let bwd = |l: &ParamLayout, p: &[f64], x: &[f64], dy: &[f64], g: Option<&mut [f64]>| {
+            let pt = t64(p, &[p.len()]);
+            let pv = pt.as_view().unwrap();
+            let ev = emb.as_view().unwrap();
+            let (_, saved) = block.forward(l, &pv, t64(x, &x_shape), &ev, mode, 17).unwrap();
+            let dyt = t64(dy, &x_shape);
+            with_grads(g, |gv| block.backward(l, &pv, &ev, &saved, &dyt.as_view().unwrap(), gv).unwrap())
+        };
+        Harness { layout: &layout, x_shape: x_shape.clone(), forward: &fwd, backward: &bwd }
+            .check(&format!("res_block {label}"), 41);
+    }
+}
+
+#[test]
+fn attention_and_att_block_gradients() {
+    let (n, h, w, c, heads, e) = (2, 3, 2, 6, 2, 4);
+    let x_shape = vec![n, h, w, c];
+    let mut layout = ParamLayout::new();
+    let attn = SelfAttention::new(&mut layout, "attn", c, heads);
+    let fwd = |l: &ParamLayout, p: &[f64], x: &[f64]| {
+        let (pt, xt) = (t64(p, &[p.len()]), t64(x, &x_shape));
+        attn.forward(l, &pt.as_view().unwrap(), &xt.as_view().unwrap()).unwrap().0.to_vec_f64().unwrap()
+    };
+    let bwd = |l: &ParamLayout, p: &[f64], x: &[f64], dy: &[f64], g: Option<&mut [f64]>| {
+        let (pt, xt, dyt) = (t64(p, &[p.len()]), t64(x, &x_shape), t64(dy, &x_shape));
+        let pv = pt.as_view().unwrap();
+        let (_, saved) = attn.forward(l, &pv, &xt.as_view().unwrap()).unwrap();
+        with_grads(g, |gv| attn.backward(l, &pv, &saved, &dyt.as_view().unwrap(), gv).unwrap())
+    };
+    Harness { layout: &layout, x_shape: x_shape.clone(), forward: &fwd, backward: &bwd }.check("self_attention", 51);
+
+    let mut layout = ParamLayout::new();
+    let block = AttBlock::new(&mut layout, "att", c, heads, e);
+    let emb = t64(&rand64(98, n * e, 1.0), &[n, e]);
+    let fwd = |l: &ParamLayout, p: &[f64], x: &[f64]| {
+        let pt = t64(p, &[p.len()]);
+        let (y, _) = block.forward(l, &pt.as_view().unwrap(), t64(x, &x_shape), &emb.as_view().unwrap()).unwrap();
+        y.to_vec_f64().unwrap()
+    };
+    let bwd = |l: &ParamLayout, p: &[f64], x: &[f64], dy: &[f64], g: Option<&mut [f64]>| {
+        let pt = t64(p, &[p.len()]);
+        let (pv, ev) = (pt.as_view().unwrap(), emb.as_view().unwrap());
+        let (_, saved) = block.forward(l, &pv, t64(x, &x_shape), &ev).unwrap();
+        let dyt = t64(dy, &x_shape);
+        with_grads(g, |gv| block.backward(l, &pv, &ev, &saved, &dyt.as_view().unwrap(), gv).unwrap())
+    };
+    Harness { layout: &layout, x_shape: x_shape.clone(), forward: &fwd, backward: &bwd }.check("att_block", 61);
+}
+
+/// Linear maps without parameters: the adjoint identity <u, A x> = <A^T u, x> on random vectors
+/// (exact up to rounding, so much tighter than finite differences need).
+fn check_adjoint(what: &str, x_shape: &[usize], fwd: impl Fn(&Tensor) -> Tensor, adj: impl Fn(&Tensor) -> Tensor) {
+    let x = t64(&rand64(7, numel(x_shape), 1.0), x_shape);
+    let y = fwd(&x);
+    let u = t64(&rand64(8, y.numel(), 1.0), y.shape());
+    let at_u = adj(&u);
+    assert_eq!(at_u.shape(), x_shape, "{what}: adjoint shape");
+    let lhs = dot(&u.to_vec_f64().unwrap(), &y.to_vec_f64().unwrap());
+    let rhs = dot(&at_u.to_vec_f64().unwrap(), &x.to_vec_f64().unwrap());
+    assert!((lhs - rhs).abs() <= 1e-12 * lhs.abs().max(1.0), "{what}: <u, Ax> = {lhs} but <A^T u, x> = {rhs}");
+}
+
+#[test]
+fn resampling_maps_and_their_adjoints() {
+    check_adjoint(
+        "upsample2x",
+        &[2, 3, 5, 4],
+        |x| resample::upsample2x(&x.as_view().unwrap()).unwrap(),
+        |u| resample::upsample2x_backward(&u.as_view().unwrap()).unwrap(),
+    );
+    // Concatenation with a fixed b is affine in x; with b = 0 it is linear and split is its adjoint.
+    let b = t64(&[0.0; 2 * 3 * 5 * 2], &[2, 3, 5, 2]);
+    check_adjoint(
+        "concat_channels",
+        &[2, 3, 5, 4],
+        |x| resample::concat_channels(&x.as_view().unwrap(), &b.as_view().unwrap()).unwrap(),
+        |u| resample::split_channels(&u.as_view().unwrap(), 4).unwrap().0,
+    );
+    check_adjoint(
+        "pixel_unshuffle 4x4",
+        &[2, 8, 12, 3],
+        |x| resample::pixel_unshuffle(&x.as_view().unwrap(), 4).unwrap(),
+        |u| resample::pixel_shuffle(&u.as_view().unwrap(), 4).unwrap(),
+    );
+    // Unshuffle then shuffle is the identity, and the layout is einops' (H h)(W w)C -> H W (h w C).
+    let x = t64(&(0..2 * 8 * 8 * 2).map(|v| v as f64).collect::<Vec<_>>(), &[2, 8, 8, 2]);
+    let u = resample::pixel_unshuffle(&x.as_view().unwrap(), 4).unwrap();
+    assert_eq!(u.shape(), &[2, 2, 2, 32]);
+    let uv = u.to_vec_f64().unwrap();
+    // Output pixel (0, 0, 1), sub-pixel (h=1, w=2), channel 1 is input pixel (1, 4 + 2), channel 1.
+    assert_eq!(uv[32 + (4 + 2) * 2 + 1], ((8 + 6) * 2 + 1) as f64);
+    let back = resample::pixel_shuffle(&u.as_view().unwrap(), 4).unwrap();
+    assert_eq!(back.to_vec_f64().unwrap(), x.to_vec_f64().unwrap());
+    let up = resample::upsample2x(&x.as_view().unwrap()).unwrap().to_vec_f64().unwrap();
+    assert_eq!(up[((16 + 3) * 16 + 5) * 2 + 1], x.to_vec_f64().unwrap()[((8 + 1) * 8 + 2) * 2 + 1]);
+}
+
+#[test]
+fn dropout_is_inverted_reproducible_and_self_adjoint() {
+    use emprior::nn::dropout::{dropout, DropoutMask};
+    let mask = DropoutMask { rng: Philox::new(3, 4), offset: 1000, p: 0.25 };
+    let n = 40_000;
+    let x = Tensor::full(&[n], 1.0, &CPU).unwrap();
+    let y = dropout(&x.as_view().unwrap(), &mask).unwrap().to_vec_f32().unwrap();
+    let kept = y.iter().filter(|&&v| v != 0.0).count() as f64 / n as f64;
+    assert!((kept - 0.75).abs() < 0.01, "kept fraction {kept}");
+    assert!(y.iter().all(|&v| v == 0.0 || (v - 4.0 / 3.0).abs() < 1e-6), "kept values scaled by 1/(1-p)");
+    let mean = y.iter().map(|&v| v as f64).sum::<f64>() / n as f64;
+    assert!((mean - 1.0).abs() < 0.02, "inverted dropout keeps the mean: {mean}");
+    assert_eq!(y, dropout(&x.as_view().unwrap(), &mask).unwrap().to_vec_f32().unwrap(), "same counters, same mask");
+    check_adjoint("dropout", &[3, 50], |v| dropout(&v.as_view().unwrap(), &mask).unwrap(), |u| {
+        dropout(&u.as_view().unwrap(), &mask).unwrap()
+    });
 }

@@ -50,6 +50,11 @@ kernel_table! {
     broadcast { bc_add_bias_f32, bc_sum_rows_f32, bc_scale_rows_f32 }
     norm { ln_forward_f32, ln_backward_f32 }
     conv { conv_im2col_f32, conv_col2im_f32 }
+    resample { rs_upsample2x_f32, rs_upsample2x_backward_f32, rs_concat_f32, rs_split_f32, rs_permute_f32 }
+    blocks { blk_modulate_f32, blk_modulate_backward_f32, blk_residual_f32, blk_residual_backward_f32 }
+    attention { attn_softmax_f32, attn_softmax_backward_f32 }
+    embedding { emb_sinusoidal_f32 }
+    dropout { dropout_f32 }
     gemm { gemm_f32_nn, gemm_f32_nt, gemm_f32_tn, gemm_f32_tt }
     rng { rng_uniform_f32, rng_normal_f32 }
 }

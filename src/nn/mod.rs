@@ -29,10 +29,15 @@ macro_rules! host_real {
     };
 }
 
+pub mod attention;
+pub mod blocks;
 pub mod conv;
+pub mod dropout;
+pub mod embedding;
 pub mod linear;
 pub mod norm;
 pub mod params;
+pub mod resample;
 
 pub use conv::Conv3x3;
 pub use linear::Linear;

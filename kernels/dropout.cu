@@ -1,0 +1,17 @@
+// Inverted dropout driven by Philox: element i is kept when uniform(seed, stream, offset + i)
+// >= p, and scaled by 1 / (1 - p). The backward regenerates the same mask from the same
+// counters, so nothing is stored. Identical to src/nn/dropout.rs on the CPU.
+//
+// Launch contract: any grid/block; grid-stride.
+#include "common.cuh"
+
+extern "C" __global__ void dropout_f32(const float* x, float* y, i64 n, float p, u64 seed, u64 stream, u64 offset) {
+    const float scale = 1.0f / (1.0f - p);
+    const i64 step = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
+        const u64 e = offset + (u64)i;
+        const Philox4 r = philox_block(seed, stream, e / 4);
+        const float u = philox_uniform(r.v[e % 4]);
+        y[i] = u >= p ? x[i] * scale : 0.0f;
+    }
+}

@@ -1,0 +1,18 @@
+// The paper's sinusoidal noise embedding of c_noise = ln(sigma), one row per sample:
+// emb[n, j] = sin(f_j c[n]) for j < E/2 and cos(f_{j - E/2} c[n]) after, f_j = 1e-4^(j / (E/2 - 1)).
+//
+// Launch contract: any grid/block; grid-stride over n * E.
+#include "common.cuh"
+
+extern "C" __global__ void emb_sinusoidal_f32(const float* c_noise, float* emb, i64 n, int e) {
+    const int half = e / 2;
+    const i64 total = n * e, step = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
+        const int j = (int)(i % e), k = j < half ? j : j - half;
+        const i64 s = i / e;
+        // ln(1e-4) = -9.210340371976184
+        const float freq = expf(-9.210340371976184f * (float)k / (float)(half - 1));
+        const float arg = freq * c_noise[s];
+        emb[i] = j < half ? sinf(arg) : cosf(arg);
+    }
+}

@@ -1,0 +1,70 @@
+// Data movement for the U-Net: nearest x2 upsampling and its adjoint, channel concatenation and
+// its split, and a general permutation of up to 6 axes (pixel shuffle / unshuffle, attention
+// head split and merge). Each output element is written exactly once (gathers only): no atomics.
+//
+// Launch contract: any grid/block; grid-stride loops.
+#include "common.cuh"
+
+// y[n, oy, ox, c] = x[n, oy / 2, ox / 2, c]; y is [n, 2h, 2w, c].
+extern "C" __global__ void rs_upsample2x_f32(const float* x, float* y, i64 n, i64 h, i64 w, i64 c) {
+    const i64 total = n * 4 * h * w * c, step = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
+        const i64 ch = i % c, pix = i / c;
+        const i64 ox = pix % (2 * w), oy = (pix / (2 * w)) % (2 * h), b = pix / (4 * h * w);
+        y[i] = x[((b * h + oy / 2) * w + ox / 2) * c + ch];
+    }
+}
+
+// dx[n, iy, ix, c] = sum of the 2x2 block of dy above it.
+extern "C" __global__ void rs_upsample2x_backward_f32(const float* dy, float* dx, i64 n, i64 h, i64 w, i64 c) {
+    const i64 total = n * h * w * c, step = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
+        const i64 ch = i % c, pix = i / c;
+        const i64 ix = pix % w, iy = (pix / w) % h, b = pix / (h * w);
+        const float* r0 = dy + ((b * 2 * h + 2 * iy) * 2 * w + 2 * ix) * c + ch;
+        const float* r1 = r0 + 2 * w * c;
+        dx[i] = (r0[0] + r0[c]) + (r1[0] + r1[c]);
+    }
+}
+
+// y[r, :ca] = a[r], y[r, ca:] = b[r] over rows r.
+extern "C" __global__ void rs_concat_f32(const float* a, const float* b, float* y, i64 rows, i64 ca, i64 cb) {
+    const i64 cy = ca + cb, total = rows * cy, step = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
+        const i64 r = i / cy, ch = i % cy;
+        y[i] = ch < ca ? a[r * ca + ch] : b[r * cb + ch - ca];
+    }
+}
+
+// The adjoint: da[r] = dy[r, :ca], db[r] = dy[r, ca:].
+extern "C" __global__ void rs_split_f32(const float* dy, float* da, float* db, i64 rows, i64 ca, i64 cb) {
+    const i64 cy = ca + cb, total = rows * cy, step = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
+        const i64 r = i / cy, ch = i % cy;
+        if (ch < ca)
+            da[r * ca + ch] = dy[i];
+        else
+            db[r * cb + ch - ca] = dy[i];
+    }
+}
+
+// Must match PermuteParams in src/nn/resample.rs: y's dims, and for each of y's axes the stride
+// of the x axis it comes from.
+struct PermuteParams {
+    int rank;
+    i64 out_dims[6];
+    i64 in_strides[6];
+};
+
+extern "C" __global__ void rs_permute_f32(const float* x, float* y, i64 total, PermuteParams p) {
+    const i64 step = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
+        i64 rest = i, src = 0;
+        for (int a = p.rank - 1; a >= 0; --a) {
+            const i64 coord = rest % p.out_dims[a];
+            rest /= p.out_dims[a];
+            src += coord * p.in_strides[a];
+        }
+        y[i] = x[src];
+    }
+}

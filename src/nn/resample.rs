@@ -1,0 +1,287 @@
+//! Data movement: nearest x2 upsampling, channel concatenation, and axis permutations (4x4
+//! pixel unshuffle/shuffle for the MRI U-Net, attention head split/merge). Each has an adjoint
+//! for the backward. CUDA: kernels/resample.cu.
+
+use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+
+use crate::error::{Error, Result};
+use crate::ops::{launched, mismatch, one_device};
+use crate::tensor::{numel, AsViewMut, Data, DataMut, Tensor, View};
+
+/// The CPU bodies: the oracle for kernels/resample.cu.
+pub mod cpu {
+    use crate::real::Real;
+
+    pub fn upsample2x<T: Real>(x: &[T], y: &mut [T], n: usize, h: usize, w: usize, c: usize) {
+        for b in 0..n {
+            for oy in 0..2 * h {
+                for ox in 0..2 * w {
+                    let src = ((b * h + oy / 2) * w + ox / 2) * c;
+                    let dst = ((b * 2 * h + oy) * 2 * w + ox) * c;
+                    y[dst..dst + c].copy_from_slice(&x[src..src + c]);
+                }
+            }
+        }
+    }
+
+    pub fn upsample2x_backward<T: Real>(dy: &[T], dx: &mut [T], n: usize, h: usize, w: usize, c: usize) {
+        for b in 0..n {
+            for iy in 0..h {
+                for ix in 0..w {
+                    for ch in 0..c {
+                        let at = |oy: usize, ox: usize| dy[((b * 2 * h + oy) * 2 * w + ox) * c + ch];
+                        let (y0, x0) = (2 * iy, 2 * ix);
+                        dx[((b * h + iy) * w + ix) * c + ch] =
+                            (at(y0, x0) + at(y0, x0 + 1)) + (at(y0 + 1, x0) + at(y0 + 1, x0 + 1));
+                    }
+                }
+            }
+        }
+    }
+
+    pub fn concat<T: Real>(a: &[T], b: &[T], y: &mut [T], ca: usize, cb: usize) {
+        for ((yr, ar), br) in y.chunks_exact_mut(ca + cb).zip(a.chunks_exact(ca)).zip(b.chunks_exact(cb)) {
+            yr[..ca].copy_from_slice(ar);
+            yr[ca..].copy_from_slice(br);
+        }
+    }
+
+    pub fn split<T: Real>(dy: &[T], da: &mut [T], db: &mut [T], ca: usize, cb: usize) {
+        for ((yr, ar), br) in dy.chunks_exact(ca + cb).zip(da.chunks_exact_mut(ca)).zip(db.chunks_exact_mut(cb)) {
+            ar.copy_from_slice(&yr[..ca]);
+            br.copy_from_slice(&yr[ca..]);
+        }
+    }
+
+    pub fn permute<T: Real>(x: &[T], y: &mut [T], out_dims: &[usize], in_strides: &[usize]) {
+        for (i, o) in y.iter_mut().enumerate() {
+            let (mut rest, mut src) = (i, 0);
+            for a in (0..out_dims.len()).rev() {
+                src += (rest % out_dims[a]) * in_strides[a];
+                rest /= out_dims[a];
+            }
+            *o = x[src];
+        }
+    }
+}
+
+fn cfg(dev: &crate::device::CudaDevice, n: usize) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (dev.grid_for(n, 256), 1, 1),
+        block_dim: (256, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn nhwc(op: &'static str, shape: &[usize]) -> Result<(usize, usize, usize, usize)> {
+    match *shape {
+        [n, h, w, c] => Ok((n, h, w, c)),
+        _ => Err(Error::shape(op, "input", "[N, H, W, C]", shape)),
+    }
+}
+
+/// Nearest-neighbour x2 upsampling: [N, H, W, C] -> [N, 2H, 2W, C].
+pub fn upsample2x(x: &View) -> Result<Tensor> {
+    let (n, h, w, c) = nhwc("upsample2x", x.shape())?;
+    let mut y = Tensor::uninit(&[n, 2 * h, 2 * w, c], x.dtype(), &x.device())?;
+    {
+        let mut yv = y.as_view_mut()?;
+        match (&x.data, &mut yv.data) {
+            (Data::Cuda(xv, dev), DataMut::Cuda(o, _)) => {
+                let d = [n as i64, h as i64, w as i64, c as i64];
+                let mut l = dev.stream().launch_builder(&dev.kernels().rs_upsample2x_f32);
+                l.arg(xv).arg(o).arg(&d[0]).arg(&d[1]).arg(&d[2]).arg(&d[3]);
+                launched("rs_upsample2x_f32", unsafe { l.launch(cfg(dev, 4 * x.numel())) })?;
+            }
+            (Data::Cuda(..), _) => return Err(mismatch("upsample2x", &[x], &[])),
+            _ => host_real!(x, T => {
+                cpu::upsample2x::<T>(x.cpu()?, yv.cpu_mut()?, n, h, w, c);
+                Ok::<(), Error>(())
+            })?,
+        }
+    }
+    Ok(y)
+}
+
+/// The adjoint of `upsample2x`: [N, 2H, 2W, C] -> [N, H, W, C], summing 2x2 blocks.
+pub fn upsample2x_backward(dy: &View) -> Result<Tensor> {
+    let (n, h2, w2, c) = nhwc("upsample2x_backward", dy.shape())?;
+    if h2 % 2 != 0 || w2 % 2 != 0 {
+        return Err(Error::shape("upsample2x_backward", "dy", "even H and W", dy.shape()));
+    }
+    let (h, w) = (h2 / 2, w2 / 2);
+    let mut dx = Tensor::uninit(&[n, h, w, c], dy.dtype(), &dy.device())?;
+    {
+        let mut dv = dx.as_view_mut()?;
+        match (&dy.data, &mut dv.data) {
+            (Data::Cuda(gv, dev), DataMut::Cuda(o, _)) => {
+                let d = [n as i64, h as i64, w as i64, c as i64];
+                let mut l = dev.stream().launch_builder(&dev.kernels().rs_upsample2x_backward_f32);
+                l.arg(gv).arg(o).arg(&d[0]).arg(&d[1]).arg(&d[2]).arg(&d[3]);
+                launched("rs_upsample2x_backward_f32", unsafe { l.launch(cfg(dev, n * h * w * c)) })?;
+            }
+            (Data::Cuda(..), _) => return Err(mismatch("upsample2x_backward", &[dy], &[])),
+            _ => host_real!(dy, T => {
+                cpu::upsample2x_backward::<T>(dy.cpu()?, dv.cpu_mut()?, n, h, w, c);
+                Ok::<(), Error>(())
+            })?,
+        }
+    }
+    Ok(dx)
+}
+
+fn split_last(op: &'static str, shape: &[usize]) -> Result<(usize, usize)> {
+    match shape.last() {
+        Some(&c) if c > 0 => Ok((numel(shape) / c, c)),
+        _ => Err(Error::shape(op, "input", "[.., C]", shape)),
+    }
+}
+
+/// Concatenates along the last axis: [.., Ca] ++ [.., Cb] -> [.., Ca + Cb].
+pub fn concat_channels(a: &View, b: &View) -> Result<Tensor> {
+    one_device("concat_channels", &[a, b], &[])?;
+    let (rows, ca) = split_last("concat_channels", a.shape())?;
+    let (rows_b, cb) = split_last("concat_channels", b.shape())?;
+    if rows_b != rows || a.shape()[..a.shape().len() - 1] != b.shape()[..b.shape().len() - 1] {
+        return Err(Error::shape("concat_channels", "b", format!("{:?} but the last axis", a.shape()), b.shape()));
+    }
+    let mut shape = a.shape().to_vec();
+    *shape.last_mut().unwrap() = ca + cb;
+    let mut y = Tensor::uninit(&shape, a.dtype(), &a.device())?;
+    {
+        let mut yv = y.as_view_mut()?;
+        match (&a.data, &b.data, &mut yv.data) {
+            (Data::Cuda(av, dev), Data::Cuda(bv, _), DataMut::Cuda(o, _)) => {
+                let d = [rows as i64, ca as i64, cb as i64];
+                let mut l = dev.stream().launch_builder(&dev.kernels().rs_concat_f32);
+                l.arg(av).arg(bv).arg(o).arg(&d[0]).arg(&d[1]).arg(&d[2]);
+                launched("rs_concat_f32", unsafe { l.launch(cfg(dev, rows * (ca + cb))) })?;
+            }
+            (Data::Cuda(..), ..) | (_, Data::Cuda(..), _) => return Err(mismatch("concat_channels", &[a, b], &[])),
+            _ => host_real!(a, T => {
+                cpu::concat::<T>(a.cpu()?, b.cpu()?, yv.cpu_mut()?, ca, cb);
+                Ok::<(), Error>(())
+            })?,
+        }
+    }
+    Ok(y)
+}
+
+/// The adjoint of `concat_channels`: splits [.., Ca + Cb] into [.., Ca] and [.., Cb].
+pub fn split_channels(dy: &View, ca: usize) -> Result<(Tensor, Tensor)> {
+    let (rows, c) = split_last("split_channels", dy.shape())?;
+    if ca > c {
+        return Err(Error::shape("split_channels", "dy", format!("at least {ca} channels"), dy.shape()));
+    }
+    let cb = c - ca;
+    let mut sa = dy.shape().to_vec();
+    let mut sb = sa.clone();
+    *sa.last_mut().unwrap() = ca;
+    *sb.last_mut().unwrap() = cb;
+    let mut da = Tensor::uninit(&sa, dy.dtype(), &dy.device())?;
+    let mut db = Tensor::uninit(&sb, dy.dtype(), &dy.device())?;
+    {
+        let (mut av, mut bv) = (da.as_view_mut()?, db.as_view_mut()?);
+        match (&dy.data, &mut av.data, &mut bv.data) {
+            (Data::Cuda(gv, dev), DataMut::Cuda(oa, _), DataMut::Cuda(ob, _)) => {
+                let d = [rows as i64, ca as i64, cb as i64];
+                let mut l = dev.stream().launch_builder(&dev.kernels().rs_split_f32);
+                l.arg(gv).arg(oa).arg(ob).arg(&d[0]).arg(&d[1]).arg(&d[2]);
+                launched("rs_split_f32", unsafe { l.launch(cfg(dev, rows * c)) })?;
+            }
+            (Data::Cuda(..), ..) => return Err(mismatch("split_channels", &[dy], &[])),
+            _ => host_real!(dy, T => {
+                cpu::split::<T>(dy.cpu()?, av.cpu_mut()?, bv.cpu_mut()?, ca, cb);
+                Ok::<(), Error>(())
+            })?,
+        }
+    }
+    Ok((da, db))
+}
+
+/// Laid out as `PermuteParams` in kernels/resample.cu.
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+struct PermuteParams {
+    rank: i32,
+    out_dims: [i64; 6],
+    in_strides: [i64; 6],
+}
+
+// SAFETY: plain-old-data with the C layout the kernel expects.
+unsafe impl DeviceRepr for PermuteParams {}
+
+/// y = x with its axes reordered: y's axis i is x's axis `perm[i]` (rank <= 6).
+pub fn permute(x: &View, perm: &[usize]) -> Result<Tensor> {
+    let shape = x.shape();
+    let rank = shape.len();
+    let mut seen = [false; 6];
+    if rank > 6 || perm.len() != rank || perm.iter().any(|&p| p >= rank || std::mem::replace(&mut seen[p], true)) {
+        return Err(Error::shape("permute", format!("permutation {perm:?}"), "a permutation of the axes", shape));
+    }
+    let mut strides = vec![1usize; rank];
+    for a in (0..rank.saturating_sub(1)).rev() {
+        strides[a] = strides[a + 1] * shape[a + 1];
+    }
+    let out_dims: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
+    let in_strides: Vec<usize> = perm.iter().map(|&p| strides[p]).collect();
+    let mut y = Tensor::uninit(&out_dims, x.dtype(), &x.device())?;
+    {
+        let mut yv = y.as_view_mut()?;
+        match (&x.data, &mut yv.data) {
+            (Data::Cuda(xv, dev), DataMut::Cuda(o, _)) => {
+                let mut p = PermuteParams {
+                    rank: rank as i32,
+                    out_dims: [1; 6],
+                    in_strides: [0; 6],
+                };
+                for a in 0..rank {
+                    p.out_dims[a] = out_dims[a] as i64;
+                    p.in_strides[a] = in_strides[a] as i64;
+                }
+                let total = x.numel() as i64;
+                let mut l = dev.stream().launch_builder(&dev.kernels().rs_permute_f32);
+                l.arg(xv).arg(o).arg(&total).arg(&p);
+                launched("rs_permute_f32", unsafe { l.launch(cfg(dev, x.numel())) })?;
+            }
+            (Data::Cuda(..), _) => return Err(mismatch("permute", &[x], &[])),
+            _ => host_real!(x, T => {
+                cpu::permute::<T>(x.cpu()?, yv.cpu_mut()?, &out_dims, &in_strides);
+                Ok::<(), Error>(())
+            })?,
+        }
+    }
+    Ok(y)
+}
+
+/// The inverse permutation of `perm`.
+pub fn inverse_permutation(perm: &[usize]) -> Vec<usize> {
+    let mut inv = vec![0; perm.len()];
+    for (i, &p) in perm.iter().enumerate() {
+        inv[p] = i;
+    }
+    inv
+}
+
+/// 4x4 (or any f) pixel unshuffle, einops `(H h) (W w) C -> H W (h w C)`:
+/// [N, H f, W f, C] -> [N, H, W, f f C].
+pub fn pixel_unshuffle(x: &View, f: usize) -> Result<Tensor> {
+    let (n, hf, wf, c) = nhwc("pixel_unshuffle", x.shape())?;
+    if hf % f != 0 || wf % f != 0 {
+        return Err(Error::shape("pixel_unshuffle", "input", format!("H and W divisible by {f}"), x.shape()));
+    }
+    let (h, w) = (hf / f, wf / f);
+    let x6 = x.reshape(&[n, h, f, w, f, c])?;
+    permute(&x6, &[0, 1, 3, 2, 4, 5])?.reshape(&[n, h, w, f * f * c])
+}
+
+/// The inverse of `pixel_unshuffle` (and its adjoint: a permutation is orthogonal).
+pub fn pixel_shuffle(x: &View, f: usize) -> Result<Tensor> {
+    let (n, h, w, ffc) = nhwc("pixel_shuffle", x.shape())?;
+    if ffc % (f * f) != 0 {
+        return Err(Error::shape("pixel_shuffle", "input", format!("channels divisible by {}", f * f), x.shape()));
+    }
+    let c = ffc / (f * f);
+    let x6 = x.reshape(&[n, h, w, f, f, c])?;
+    permute(&x6, &[0, 1, 3, 2, 4, 5])?.reshape(&[n, h * f, w * f, c])
+}
