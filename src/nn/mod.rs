@@ -35,15 +35,19 @@ pub mod conv;
 pub mod dropout;
 pub mod embedding;
 pub mod linear;
+pub mod mlp;
 pub mod norm;
 pub mod params;
 pub mod resample;
+pub mod unet;
 
 pub use conv::Conv3x3;
 pub use linear::Linear;
+pub use mlp::TimeMlp;
+pub use norm::LnSaved;
 pub use params::{Init, ParamId, ParamLayout, ParamSpec};
+pub use unet::{UNet, UNetConfig};
 
-use crate::error::Error;
 use crate::ops::Philox;
 
 /// Training (dropout on, driven by a Philox stream) or evaluation (dropout off, as when sampling).
@@ -52,14 +56,4 @@ pub enum Mode {
     Eval,
     /// Dropout masks come from `rng`; every dropout layer uses its own element offset range.
     Train { rng: Philox },
-}
-
-/// The error for an op that has no CUDA kernel in this build.
-pub(crate) fn no_kernel(op: &str) -> Error {
-    Error::Other(format!("{op}: no CUDA kernel yet; run it on the CPU"))
-}
-
-/// Bytes held by a list of saved tensors.
-pub(crate) fn bytes_of(ts: &[&crate::tensor::Tensor]) -> usize {
-    ts.iter().map(|t| t.size_in_bytes()).sum()
 }

@@ -87,8 +87,13 @@ pub fn layer_norm(x: &View) -> Result<LnSaved> {
 
 /// dx for dy, given what the forward saved.
 pub fn layer_norm_backward(saved: &LnSaved, dy: &View) -> Result<Tensor> {
-    let y = crate::AsView::as_view(&saved.y)?;
-    let rstd = crate::AsView::as_view(&saved.rstd)?;
+    layer_norm_backward_from(&crate::AsView::as_view(&saved.y)?, &crate::AsView::as_view(&saved.rstd)?, dy)
+}
+
+/// dx for dy from the forward's output y and 1/std (when y is kept elsewhere, e.g. as the next
+/// block's saved input).
+pub fn layer_norm_backward_from(y: &View, rstd: &View, dy: &View) -> Result<Tensor> {
+    let (y, rstd) = (y.clone(), rstd.clone());
     one_device("layer_norm_backward", &[&y, &rstd, dy], &[])?;
     let (rows, c) = channels(&y)?;
     if dy.shape() != y.shape() {

@@ -1,0 +1,497 @@
+//! The paper's U-Net (method.md §3.3), channels-last, configurable by [`UNetConfig`].
+//!
+//! Descent, level i: Conv3x3 (i = 0: in -> C0; i > 0: stride 2, C(i-1) -> Ci, then LayerNorm),
+//! then B_i x [ResBlock, + AttBlock at attention levels]; the level's output is its skip.
+//! Ascent, deepest first: at i < L-1, concat(upsampled deeper features, skip_i) and
+//! Conv3x3(C(i+1) + Ci -> Ci); at the deepest level the skip is the current tensor. Then B_i
+//! blocks; then LayerNorm + nearest x2 upsampling (i > 0) or a final Linear C0 -> out (i = 0).
+//! Every block reads the same raw sinusoidal embedding. With `patch` > 1 the input is pixel-
+//! unshuffled first and the output shuffled back (the MRI network's 4x4 patchify).
+
+use std::fmt::Write as _;
+
+use super::blocks::{AttBlock, AttBlockSaved, ResBlock, ResSaved};
+use super::conv::Conv3x3;
+use super::linear::Linear;
+use super::norm::{layer_norm, layer_norm_backward, layer_norm_backward_from};
+use super::params::ParamLayout;
+use super::resample::{
+    concat_channels, pixel_shuffle, pixel_unshuffle, split_channels, upsample2x, upsample2x_backward,
+};
+use super::{LnSaved, Mode};
+use crate::error::{Error, Result};
+use crate::ops::add;
+use crate::tensor::{AsView, Tensor, View, ViewMut};
+
+/// The architecture: everything that changes the parameter layout or the shapes.
+#[derive(Clone, Debug, PartialEq)]
+pub struct UNetConfig {
+    /// Image channels (before patchify).
+    pub in_channels: usize,
+    pub out_channels: usize,
+    /// Channels per level, C0 .. C(L-1).
+    pub channels: Vec<usize>,
+    /// Blocks per level, B0 .. B(L-1).
+    pub blocks: Vec<usize>,
+    /// (level, heads) for the levels with attention.
+    pub attention: Vec<(usize, usize)>,
+    /// Width of the sinusoidal embedding.
+    pub emb: usize,
+    pub dropout: f32,
+    /// Pixel-unshuffle factor (1 = none, 4 for the MRI network).
+    pub patch: usize,
+    /// Image height and width the network is used at (for shapes and memory accounting).
+    pub resolution: (usize, usize),
+}
+
+impl UNetConfig {
+    /// CIFAR-10: 32x32x3, C = (128, 256, 384), 5 blocks per level, 4 heads at 16x16.
+    pub fn cifar10() -> Self {
+        UNetConfig {
+            in_channels: 3,
+            out_channels: 3,
+            channels: vec![128, 256, 384],
+            blocks: vec![5, 5, 5],
+            attention: vec![(1, 4)],
+            emb: 256,
+            dropout: 0.1,
+            patch: 1,
+            resolution: (32, 32),
+        }
+    }
+
+    /// Accelerated MRI: 320x320x1 patchified 4x4 to 80x80x16, C = (128, 256, 384, 512),
+    /// 3 blocks per level, 4 heads at 10x10.
+    pub fn mri() -> Self {
+        UNetConfig {
+            in_channels: 1,
+            out_channels: 1,
+            channels: vec![128, 256, 384, 512],
+            blocks: vec![3, 3, 3, 3],
+            attention: vec![(3, 4)],
+            emb: 256,
+            dropout: 0.1,
+            patch: 4,
+            resolution: (320, 320),
+        }
+    }
+
+    pub fn heads_at(&self, level: usize) -> Option<usize> {
+        self.attention.iter().find(|(l, _)| *l == level).map(|&(_, h)| h)
+    }
+
+    fn validate(&self) -> Result<()> {
+        let l = self.channels.len();
+        let bad = |why: String| Err(Error::Other(format!("invalid U-Net config: {why}")));
+        if l == 0 || self.blocks.len() != l {
+            return bad(format!("{} channel widths but {} block counts", l, self.blocks.len()));
+        }
+        if self.patch == 0 || self.emb < 4 || self.emb % 2 != 0 {
+            return bad("patch must be >= 1 and the embedding even and >= 4".into());
+        }
+        for &(level, heads) in &self.attention {
+            if level >= l || heads == 0 || self.channels[level] % heads != 0 {
+                return bad(format!("attention at level {level} with {heads} heads"));
+            }
+        }
+        let (h, w) = self.resolution;
+        let factor = self.patch << (l - 1);
+        if h % factor != 0 || w % factor != 0 {
+            return bad(format!("resolution {h}x{w} must be divisible by {factor}"));
+        }
+        Ok(())
+    }
+}
+
+#[derive(Clone, Debug)]
+enum Block {
+    Res(ResBlock),
+    Att(AttBlock),
+}
+
+enum BlockSaved {
+    Res(ResSaved),
+    Att(AttBlockSaved),
+}
+
+impl BlockSaved {
+    /// The block's input (saved by the block itself).
+    fn input(&self) -> &Tensor {
+        match self {
+            BlockSaved::Res(s) => &s.x,
+            BlockSaved::Att(s) => &s.x,
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            BlockSaved::Res(s) => s.bytes(),
+            BlockSaved::Att(s) => s.bytes(),
+        }
+    }
+}
+
+#[derive(Clone, Debug)]
+struct Level {
+    input: Conv3x3,
+    down: Vec<Block>,
+    /// Conv3x3(C(i+1) + Ci -> Ci) after the concatenation; None at the deepest level.
+    merge: Option<Conv3x3>,
+    up: Vec<Block>,
+}
+
+#[derive(Clone, Debug)]
+pub struct UNet {
+    pub config: UNetConfig,
+    pub layout: ParamLayout,
+    levels: Vec<Level>,
+    out: Linear,
+}
+
+/// Per level of the descent: LayerNorm 1/std after the strided conv (levels > 0; its output is
+/// the first block's saved input), the blocks, and the level's output (the skip).
+struct DownSaved {
+    ln_rstd: Option<Tensor>,
+    blocks: Vec<BlockSaved>,
+    skip: Tensor,
+}
+
+/// Per level of the ascent: the merge conv's input (the concatenation), the blocks, and the final
+/// LayerNorm (levels > 0, output kept for the backward) or the final Linear's input (level 0).
+struct UpSaved {
+    merged: Option<Tensor>,
+    blocks: Vec<BlockSaved>,
+    ln: Option<LnSaved>,
+    head_input: Option<Tensor>,
+}
+
+/// Everything the U-Net's backward needs, from one forward.
+pub struct UNetSaved {
+    input: Tensor,
+    down: Vec<DownSaved>,
+    /// Ascent levels in forward order (deepest first).
+    up: Vec<UpSaved>,
+    batch: usize,
+}
+
+impl UNetSaved {
+    /// Bytes held for the backward: what one forward keeps for any number of VJPs.
+    pub fn bytes(&self) -> usize {
+        let mut b = self.input.size_in_bytes();
+        for d in &self.down {
+            b += d.ln_rstd.as_ref().map_or(0, |t| t.size_in_bytes()) + d.skip.size_in_bytes();
+            b += d.blocks.iter().map(BlockSaved::bytes).sum::<usize>();
+        }
+        for u in &self.up {
+            b += u.merged.as_ref().map_or(0, |t| t.size_in_bytes());
+            b += u.blocks.iter().map(BlockSaved::bytes).sum::<usize>();
+            b += u.ln.as_ref().map_or(0, |l| l.y.size_in_bytes() + l.rstd.size_in_bytes());
+            b += u.head_input.as_ref().map_or(0, |t| t.size_in_bytes());
+        }
+        b
+    }
+}
+
+/// Each ResBlock draws dropout from its own range of the stream.
+const DROPOUT_STRIDE: u64 = 1 << 40;
+
+impl UNet {
+    pub fn new(config: UNetConfig) -> Result<Self> {
+        config.validate()?;
+        let mut layout = ParamLayout::new();
+        let (c, e, p) = (&config.channels, config.emb, config.patch);
+        let in_ch = config.in_channels * p * p;
+        let blocks = |layout: &mut ParamLayout, name: &str, i: usize| -> Vec<Block> {
+            let mut v = Vec::new();
+            for j in 0..config.blocks[i] {
+                let res = ResBlock::new(layout, &format!("{name}.{j}.res"), c[i], e, config.dropout);
+                v.push(Block::Res(res));
+                if let Some(heads) = config.heads_at(i) {
+                    v.push(Block::Att(AttBlock::new(layout, &format!("{name}.{j}.att"), c[i], heads, e)));
+                }
+            }
+            v
+        };
+        let mut levels = Vec::new();
+        for i in 0..c.len() {
+            let input = if i == 0 {
+                Conv3x3::new(&mut layout, "down.0.conv", in_ch, c[0], 1)
+            } else {
+                Conv3x3::new(&mut layout, &format!("down.{i}.conv"), c[i - 1], c[i], 2)
+            };
+            let down = blocks(&mut layout, &format!("down.{i}"), i);
+            levels.push(Level {
+                input,
+                down,
+                merge: None,
+                up: Vec::new(),
+            });
+        }
+        for i in (0..c.len()).rev() {
+            if i + 1 < c.len() {
+                levels[i].merge = Some(Conv3x3::new(&mut layout, &format!("up.{i}.conv"), c[i + 1] + c[i], c[i], 1));
+            }
+            levels[i].up = blocks(&mut layout, &format!("up.{i}"), i);
+        }
+        let out = Linear::new(&mut layout, "out", c[0], config.out_channels * p * p, true);
+        Ok(UNet {
+            config,
+            layout,
+            levels,
+            out,
+        })
+    }
+
+    fn run_blocks(
+        &self,
+        blocks: &[Block],
+        params: &View,
+        mut h: Tensor,
+        emb: &View,
+        mode: Mode,
+        counter: &mut u64,
+    ) -> Result<(Tensor, Vec<BlockSaved>)> {
+        let mut saved = Vec::with_capacity(blocks.len());
+        for b in blocks {
+            let (out, s) = match b {
+                Block::Res(r) => {
+                    *counter += 1;
+                    let (o, s) = r.forward(&self.layout, params, h, emb, mode, *counter * DROPOUT_STRIDE)?;
+                    (o, BlockSaved::Res(s))
+                }
+                Block::Att(a) => {
+                    let (o, s) = a.forward(&self.layout, params, h, emb)?;
+                    (o, BlockSaved::Att(s))
+                }
+            };
+            h = out;
+            saved.push(s);
+        }
+        Ok((h, saved))
+    }
+
+    fn back_blocks(
+        &self,
+        blocks: &[Block],
+        saved: &[BlockSaved],
+        params: &View,
+        emb: &View,
+        mut d: Tensor,
+        grads: &mut Option<&mut ViewMut>,
+    ) -> Result<Tensor> {
+        for (b, s) in blocks.iter().zip(saved).rev() {
+            d = match (b, s) {
+                (Block::Res(r), BlockSaved::Res(s)) => {
+                    r.backward(&self.layout, params, emb, s, &d.as_view()?, grads.as_deref_mut())?
+                }
+                (Block::Att(a), BlockSaved::Att(s)) => {
+                    a.backward(&self.layout, params, emb, s, &d.as_view()?, grads.as_deref_mut())?
+                }
+                _ => unreachable!("saved state follows the block list"),
+            };
+        }
+        Ok(d)
+    }
+
+    /// y = UNet(x, emb): x [N, H, W, in], emb [N, E] -> y [N, H, W, out].
+    pub fn forward(&self, params: &View, x: &View, emb: &View, mode: Mode) -> Result<(Tensor, UNetSaved)> {
+        let cfg = &self.config;
+        let n = match *x.shape() {
+            [n, h, w, c] if c == cfg.in_channels && h % (cfg.patch << (cfg.channels.len() - 1)) == 0 && w % (cfg.patch << (cfg.channels.len() - 1)) == 0 => n,
+            _ => {
+                return Err(Error::shape(
+                    "unet",
+                    "input",
+                    format!("[N, H, W, {}] with H, W divisible by {}", cfg.in_channels, cfg.patch << (cfg.channels.len() - 1)),
+                    x.shape(),
+                ))
+            }
+        };
+        if emb.shape() != [n, cfg.emb] {
+            return Err(Error::shape("unet", "embedding", [n, cfg.emb], emb.shape()));
+        }
+        let input = if cfg.patch > 1 { pixel_unshuffle(x, cfg.patch)? } else { x.to_tensor()? };
+        let mut counter = 0u64;
+        let mut down: Vec<DownSaved> = Vec::new();
+        for (i, level) in self.levels.iter().enumerate() {
+            let conv_in = if i == 0 { input.as_view()? } else { down[i - 1].skip.as_view()? };
+            let c = level.input.forward(&self.layout, params, &conv_in)?;
+            let (h, ln_rstd) = if i == 0 {
+                (c, None)
+            } else {
+                let ln = layer_norm(&c.as_view()?)?;
+                (ln.y, Some(ln.rstd))
+            };
+            let (skip, blocks) = self.run_blocks(&level.down, params, h, emb, mode, &mut counter)?;
+            down.push(DownSaved { ln_rstd, blocks, skip });
+        }
+        let last = self.levels.len() - 1;
+        let mut up: Vec<UpSaved> = Vec::new();
+        let mut carry: Option<Tensor> = None; // upsampled features from the level below
+        let mut y = None;
+        for i in (0..=last).rev() {
+            let level = &self.levels[i];
+            let (h, merged) = match (&level.merge, carry.take()) {
+                (Some(conv), Some(upsampled)) => {
+                    let cat = concat_channels(&upsampled.as_view()?, &down[i].skip.as_view()?)?;
+                    (conv.forward(&self.layout, params, &cat.as_view()?)?, Some(cat))
+                }
+                // The deepest level continues from its own output.
+                _ => (down[i].skip.as_view()?.to_tensor()?, None),
+            };
+            let (h, blocks) = self.run_blocks(&level.up, params, h, emb, mode, &mut counter)?;
+            if i > 0 {
+                let ln = layer_norm(&h.as_view()?)?;
+                carry = Some(upsample2x(&ln.y.as_view()?)?);
+                up.push(UpSaved {
+                    merged,
+                    blocks,
+                    ln: Some(ln),
+                    head_input: None,
+                });
+            } else {
+                y = Some(self.out.forward(&self.layout, params, &h.as_view()?)?);
+                up.push(UpSaved {
+                    merged,
+                    blocks,
+                    ln: None,
+                    head_input: Some(h),
+                });
+            }
+        }
+        let y = y.expect("level 0 produces the output");
+        let y = if cfg.patch > 1 { pixel_shuffle(&y.as_view()?, cfg.patch)? } else { y };
+        Ok((
+            y,
+            UNetSaved {
+                input,
+                down,
+                up,
+                batch: n,
+            },
+        ))
+    }
+
+    /// dx for dy (a VJP when `grads` is None; with `grads`, every parameter gradient too).
+    pub fn backward(
+        &self,
+        params: &View,
+        emb: &View,
+        saved: &UNetSaved,
+        dy: &View,
+        mut grads: Option<&mut ViewMut>,
+    ) -> Result<Tensor> {
+        let cfg = &self.config;
+        let last = self.levels.len() - 1;
+        let dy = if cfg.patch > 1 { pixel_unshuffle(dy, cfg.patch)? } else { dy.to_tensor()? };
+        let mut dskip: Vec<Option<Tensor>> = (0..=last).map(|_| None).collect();
+        let accumulate = |slot: &mut Option<Tensor>, g: Tensor| -> Result<()> {
+            *slot = Some(match slot.take() {
+                Some(prev) => add(&prev, &g)?,
+                None => g,
+            });
+            Ok(())
+        };
+        // Ascent, in reverse: level 0 first.
+        let mut d_carry: Option<Tensor> = None;
+        for i in 0..=last {
+            let s = &saved.up[last - i];
+            let level = &self.levels[i];
+            let d = if i == 0 {
+                let head = s.head_input.as_ref().expect("level 0 keeps the head input");
+                self.out.backward(&self.layout, params, &head.as_view()?, &dy.as_view()?, grads.as_deref_mut())?
+            } else {
+                let d_up = d_carry.take().expect("the level above passes its gradient down");
+                let d_y = upsample2x_backward(&d_up.as_view()?)?;
+                layer_norm_backward(s.ln.as_ref().expect("levels > 0 end in LayerNorm"), &d_y.as_view()?)?
+            };
+            let d = self.back_blocks(&level.up, &s.blocks, params, emb, d, &mut grads)?;
+            match (&level.merge, &s.merged) {
+                (Some(conv), Some(cat)) => {
+                    let d_cat = conv.backward(&self.layout, params, &cat.as_view()?, &d.as_view()?, grads.as_deref_mut())?;
+                    let c_up = cfg.channels[i + 1];
+                    let (d_up, d_skip) = split_channels(&d_cat.as_view()?, c_up)?;
+                    accumulate(&mut dskip[i], d_skip)?;
+                    d_carry = Some(d_up);
+                }
+                _ => accumulate(&mut dskip[i], d)?,
+            }
+        }
+        // Descent, in reverse: deepest first.
+        let mut dx = None;
+        for i in (0..=last).rev() {
+            let s = &saved.down[i];
+            let level = &self.levels[i];
+            let d = dskip[i].take().expect("every skip receives a gradient");
+            let d = self.back_blocks(&level.down, &s.blocks, params, emb, d, &mut grads)?;
+            let d = match &s.ln_rstd {
+                Some(rstd) => {
+                    let y = s.blocks.first().map(BlockSaved::input).expect("levels have at least one block");
+                    layer_norm_backward_from(&y.as_view()?, &rstd.as_view()?, &d.as_view()?)?
+                }
+                None => d,
+            };
+            let conv_in = if i == 0 { saved.input.as_view()? } else { saved.down[i - 1].skip.as_view()? };
+            let d_in = level.input.backward(&self.layout, params, &conv_in, &d.as_view()?, grads.as_deref_mut())?;
+            if i == 0 {
+                dx = Some(d_in);
+            } else {
+                accumulate(&mut dskip[i - 1], d_in)?;
+            }
+        }
+        let dx = dx.expect("level 0 yields the input gradient");
+        debug_assert_eq!(dx.shape()[0], saved.batch);
+        if cfg.patch > 1 {
+            pixel_shuffle(&dx.as_view()?, cfg.patch)
+        } else {
+            Ok(dx)
+        }
+    }
+
+    /// A human-readable summary: levels, blocks, shapes and parameter counts.
+    pub fn describe(&self) -> String {
+        let cfg = &self.config;
+        let (h0, w0) = (cfg.resolution.0 / cfg.patch, cfg.resolution.1 / cfg.patch);
+        let mut s = String::new();
+        let count = |prefix: &str| -> usize {
+            self.layout.specs().iter().filter(|p| p.name.starts_with(prefix)).map(|p| p.shape.iter().product::<usize>()).sum()
+        };
+        let _ = writeln!(
+            s,
+            "U-Net: input {}x{}x{}{}, embedding {}, dropout {}",
+            cfg.resolution.0,
+            cfg.resolution.1,
+            cfg.in_channels,
+            if cfg.patch > 1 { format!(" (patchified {p}x{p} to {h0}x{w0}x{})", cfg.in_channels * cfg.patch * cfg.patch, p = cfg.patch) } else { String::new() },
+            cfg.emb,
+            cfg.dropout
+        );
+        for (i, &c) in cfg.channels.iter().enumerate() {
+            let att = cfg.heads_at(i).map_or(String::new(), |hd| format!(" + AttBlock({hd} heads x {})", c / hd));
+            let _ = writeln!(
+                s,
+                "  level {i}: {}x{}x{c}, {} x [ResBlock{att}]; params descent {} / ascent {}",
+                h0 >> i,
+                w0 >> i,
+                cfg.blocks[i],
+                fmt_count(count(&format!("down.{i}."))),
+                fmt_count(count(&format!("up.{i}.")))
+            );
+        }
+        let _ = writeln!(s, "  head: Linear({} -> {})", cfg.channels[0], cfg.out_channels * cfg.patch * cfg.patch);
+        s
+    }
+}
+
+/// 57560451 -> "57,560,451".
+pub fn fmt_count(n: usize) -> String {
+    let digits = n.to_string();
+    let mut out = String::new();
+    for (i, ch) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            out.push(',');
+        }
+        out.push(ch);
+    }
+    out
+}
