@@ -312,3 +312,83 @@ fn dropout_is_inverted_reproducible_and_self_adjoint() {
         dropout(&u.as_view().unwrap(), &mask).unwrap()
     });
 }
+
+#[test]
+fn time_mlp_gradients() {
+    use emprior::nn::TimeMlp;
+    let mlp = TimeMlp::new(3, &[8, 7], 4);
+    let (n, f, e) = (5, 3, 4);
+    let emb = t64(&rand64(97, n * e, 1.0), &[n, e]);
+    let x_shape = vec![n, f];
+    let fwd = |_: &ParamLayout, p: &[f64], x: &[f64]| {
+        let (pt, xt) = (t64(p, &[p.len()]), t64(x, &x_shape));
+        mlp.forward(&pt.as_view().unwrap(), &xt.as_view().unwrap(), &emb.as_view().unwrap()).unwrap().0.to_vec_f64().unwrap()
+    };
+    let bwd = |_: &ParamLayout, p: &[f64], x: &[f64], dy: &[f64], g: Option<&mut [f64]>| {
+        let (pt, xt, dyt) = (t64(p, &[p.len()]), t64(x, &x_shape), t64(dy, &x_shape));
+        let pv = pt.as_view().unwrap();
+        let (_, saved) = mlp.forward(&pv, &xt.as_view().unwrap(), &emb.as_view().unwrap()).unwrap();
+        with_grads(g, |gv| mlp.backward(&pv, &saved, &dyt.as_view().unwrap(), gv).unwrap())
+    };
+    Harness { layout: &mlp.layout, x_shape: x_shape.clone(), forward: &fwd, backward: &bwd }.check("time_mlp", 71);
+}
+
+#[test]
+fn small_unet_gradients() {
+    use emprior::nn::{UNet, UNetConfig};
+    // Two levels with attention at the deeper one; then three levels with a 2x2 patchify and
+    // dropout on, which exercises the pixel (un)shuffle, the merge convolutions and the skips.
+    let configs = [
+        (
+            UNetConfig {
+                in_channels: 2,
+                out_channels: 2,
+                channels: vec![4, 6],
+                blocks: vec![1, 1],
+                attention: vec![(1, 2)],
+                emb: 4,
+                dropout: 0.0,
+                patch: 1,
+                resolution: (4, 4),
+            },
+            Mode::Eval,
+        ),
+        (
+            UNetConfig {
+                in_channels: 1,
+                out_channels: 1,
+                channels: vec![4, 4, 6],
+                blocks: vec![1, 2, 1],
+                attention: vec![(0, 2), (2, 3)],
+                emb: 6,
+                dropout: 0.2,
+                patch: 2,
+                resolution: (8, 8),
+            },
+            Mode::Train { rng: Philox::new(8, 1) },
+        ),
+    ];
+    for (k, (cfg, mode)) in configs.into_iter().enumerate() {
+        let unet = UNet::new(cfg.clone()).unwrap();
+        let n = 2;
+        let x_shape = vec![n, cfg.resolution.0, cfg.resolution.1, cfg.in_channels];
+        let emb = t64(&rand64(96, n * cfg.emb, 1.0), &[n, cfg.emb]);
+        let fwd = |_: &ParamLayout, p: &[f64], x: &[f64]| {
+            let (pt, xt) = (t64(p, &[p.len()]), t64(x, &x_shape));
+            unet.forward(&pt.as_view().unwrap(), &xt.as_view().unwrap(), &emb.as_view().unwrap(), mode)
+                .unwrap()
+                .0
+                .to_vec_f64()
+                .unwrap()
+        };
+        let bwd = |_: &ParamLayout, p: &[f64], x: &[f64], dy: &[f64], g: Option<&mut [f64]>| {
+            let (pt, xt) = (t64(p, &[p.len()]), t64(x, &x_shape));
+            let (pv, ev) = (pt.as_view().unwrap(), emb.as_view().unwrap());
+            let (y, saved) = unet.forward(&pv, &xt.as_view().unwrap(), &ev, mode).unwrap();
+            let dyt = t64(dy, y.shape());
+            with_grads(g, |gv| unet.backward(&pv, &ev, &saved, &dyt.as_view().unwrap(), gv).unwrap())
+        };
+        Harness { layout: &unet.layout, x_shape: x_shape.clone(), forward: &fwd, backward: &bwd }
+            .check(&format!("unet config {k}"), 81 + k as u64);
+    }
+}
