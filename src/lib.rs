@@ -11,6 +11,7 @@
 
 pub mod bench;
 pub mod device;
+pub mod diffusion;
 pub mod error;
 pub mod kernels;
 pub mod nn;

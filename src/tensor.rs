@@ -113,6 +113,19 @@ impl Tensor {
         Tensor::from_host(CpuStorage::F64(data.to_vec()), data.len(), shape, device)
     }
 
+    /// A tensor of `dtype` from f64 host values (rounded for f32), on `device`.
+    pub fn from_f64_as(data: &[f64], shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
+        match dtype {
+            DType::F64 => Tensor::from_f64(data, shape, device),
+            DType::F32 => Tensor::from_f32(&data.iter().map(|&v| v as f32).collect::<Vec<_>>(), shape, device),
+            DType::BF16 => Err(Error::DType {
+                op: "from_f64_as",
+                expected: "f32 or f64",
+                actual: "bf16",
+            }),
+        }
+    }
+
     fn from_host(storage: CpuStorage, len: usize, shape: &[usize], device: &Device) -> Result<Tensor> {
         if numel(shape) != len {
             return Err(Error::shape(

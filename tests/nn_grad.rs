@@ -392,3 +392,73 @@ fn small_unet_gradients() {
             .check(&format!("unet config {k}"), 81 + k as u64);
     }
 }
+
+#[test]
+fn preconditioned_denoiser_vjp_and_parameter_gradient() {
+    use emprior::diffusion::{Denoiser, Network};
+    use emprior::nn::{TimeMlp, UNet, UNetConfig};
+    let unet_cfg = UNetConfig {
+        in_channels: 1,
+        out_channels: 1,
+        channels: vec![4, 6],
+        blocks: vec![1, 1],
+        attention: vec![(1, 2)],
+        emb: 4,
+        dropout: 0.0,
+        patch: 1,
+        resolution: (4, 4),
+    };
+    let nets = [
+        ("mlp", Network::Mlp(TimeMlp::new(3, &[8, 8], 6)), vec![3usize, 3]),
+        ("unet", Network::UNet(UNet::new(unet_cfg).unwrap()), vec![3usize, 4, 4, 1]),
+    ];
+    // One sigma per sample, across the schedule's range.
+    let sigmas = [0.01, 0.7, 30.0];
+    for (name, net, x_shape) in nets {
+        let den = Denoiser::new(net);
+        let fwd = |_: &ParamLayout, p: &[f64], x: &[f64]| {
+            let (pt, xt) = (t64(p, &[p.len()]), t64(x, &x_shape));
+            den.denoise(&pt.as_view().unwrap(), &xt.as_view().unwrap(), &sigmas, Mode::Eval).unwrap().0.to_vec_f64().unwrap()
+        };
+        let bwd = |_: &ParamLayout, p: &[f64], x: &[f64], dy: &[f64], g: Option<&mut [f64]>| {
+            let (pt, xt, ut) = (t64(p, &[p.len()]), t64(x, &x_shape), t64(dy, &x_shape));
+            let pv = pt.as_view().unwrap();
+            let (_, saved) = den.denoise(&pv, &xt.as_view().unwrap(), &sigmas, Mode::Eval).unwrap();
+            with_grads(g, |gv| den.backward(&pv, &saved, &ut.as_view().unwrap(), gv).unwrap())
+        };
+        Harness { layout: den.layout(), x_shape: x_shape.clone(), forward: &fwd, backward: &bwd }
+            .check(&format!("denoiser {name}"), 91);
+
+        // Many VJPs against one forward give what fresh forwards give.
+        let p = den.layout().init(5, DType::F64, &CPU).unwrap();
+        let x = t64(&rand64(6, numel(&x_shape), 1.0), &x_shape);
+        let (_, saved) = den.denoise(&p.as_view().unwrap(), &x.as_view().unwrap(), &sigmas, Mode::Eval).unwrap();
+        for k in 0..3 {
+            let u = t64(&rand64(10 + k, numel(&x_shape), 1.0), &x_shape);
+            let reused = den.vjp(&p.as_view().unwrap(), &saved, &u.as_view().unwrap()).unwrap().to_vec_f64().unwrap();
+            let (_, fresh) = den.denoise(&p.as_view().unwrap(), &x.as_view().unwrap(), &sigmas, Mode::Eval).unwrap();
+            let again = den.vjp(&p.as_view().unwrap(), &fresh, &u.as_view().unwrap()).unwrap().to_vec_f64().unwrap();
+            assert_eq!(reused, again, "{name}: VJP {k} against saved activations");
+        }
+    }
+}
+
+#[test]
+fn denoiser_tends_to_identity_at_small_sigma_and_checks_inputs() {
+    use emprior::diffusion::{Denoiser, Network};
+    use emprior::nn::TimeMlp;
+    let den = Denoiser::new(Network::Mlp(TimeMlp::new(2, &[8], 4)));
+    let p = den.layout().init(1, DType::F64, &CPU).unwrap();
+    let x = t64(&rand64(2, 4, 1.0), &[2, 2]);
+    let (y, _) = den.denoise(&p.as_view().unwrap(), &x.as_view().unwrap(), &[1e-6, 1e-6], Mode::Eval).unwrap();
+    for (a, b) in y.to_vec_f64().unwrap().iter().zip(x.to_vec_f64().unwrap()) {
+        assert!((a - b).abs() < 1e-5, "c_skip -> 1 and c_out -> 0 as sigma -> 0");
+    }
+    let err = den.denoise(&p.as_view().unwrap(), &x.as_view().unwrap(), &[1.0], Mode::Eval).unwrap_err().to_string();
+    assert!(err.contains("sigmas"), "{err}");
+    let err = den.denoise(&p.as_view().unwrap(), &x.as_view().unwrap(), &[1.0, f64::NAN], Mode::Eval).unwrap_err().to_string();
+    assert!(err.contains("NaN"), "{err}");
+    let bad = t64(&[0.0; 6], &[2, 3]);
+    let err = den.denoise(&p.as_view().unwrap(), &bad.as_view().unwrap(), &[1.0, 1.0], Mode::Eval).unwrap_err().to_string();
+    assert!(err.contains("x_t") && err.contains("[2, 3]"), "{err}");
+}

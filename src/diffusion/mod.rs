@@ -1,0 +1,6 @@
+//! Diffusion pieces: the networks as one type, and EDM preconditioning that turns a network
+//! into a denoiser d(x_t, sigma) ~ E[x | x_t] with a per-sample sigma.
+
+pub mod precond;
+
+pub use precond::{Denoiser, DenoiserSaved, NetSaved, Network};

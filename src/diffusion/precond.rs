@@ -1,0 +1,198 @@
+//! EDM preconditioning with sigma_data = 1 (method.md §2.2):
+//!   d(x_t, sigma) = c_skip x_t + c_out F(c_in x_t, emb(c_noise)),
+//!   c_skip = 1 / (sigma^2 + 1), c_out = sigma / sqrt(sigma^2 + 1), c_in = 1 / sqrt(sigma^2 + 1),
+//!   c_noise = ln sigma.
+//!
+//! The MMPS hot path: `denoise` runs one forward and keeps what the backward needs; `vjp` then
+//! applies J^T (J = d d / d x_t) to any number of cotangents against those saved activations,
+//! never recomputing the forward.
+
+use crate::error::{Error, Result};
+use crate::nn::embedding::sinusoidal_embedding;
+use crate::nn::mlp::MlpSaved;
+use crate::nn::unet::UNetSaved;
+use crate::nn::{Mode, ParamLayout, TimeMlp, UNet};
+use crate::ops::broadcast::{scale_rows_add_into, scale_rows_into};
+use crate::tensor::{AsView, Tensor, View, ViewMut};
+
+/// A denoiser network F: the manifold's TimeMLP or an image U-Net.
+#[derive(Clone, Debug)]
+pub enum Network {
+    Mlp(TimeMlp),
+    UNet(UNet),
+}
+
+/// What a network's forward saved.
+pub enum NetSaved {
+    Mlp(MlpSaved),
+    UNet(UNetSaved),
+}
+
+impl NetSaved {
+    pub fn bytes(&self) -> usize {
+        match self {
+            NetSaved::Mlp(s) => s.bytes(),
+            NetSaved::UNet(s) => s.bytes(),
+        }
+    }
+}
+
+impl Network {
+    pub fn layout(&self) -> &ParamLayout {
+        match self {
+            Network::Mlp(m) => &m.layout,
+            Network::UNet(u) => &u.layout,
+        }
+    }
+
+    pub fn emb_width(&self) -> usize {
+        match self {
+            Network::Mlp(m) => m.emb,
+            Network::UNet(u) => u.config.emb,
+        }
+    }
+
+    /// The shape of one sample: [features] or [H, W, C].
+    pub fn sample_shape(&self) -> Vec<usize> {
+        match self {
+            Network::Mlp(m) => vec![m.features],
+            Network::UNet(u) => vec![u.config.resolution.0, u.config.resolution.1, u.config.in_channels],
+        }
+    }
+
+    pub fn forward(&self, params: &View, x: &View, emb: &View, mode: Mode) -> Result<(Tensor, NetSaved)> {
+        match self {
+            Network::Mlp(m) => m.forward(params, x, emb).map(|(y, s)| (y, NetSaved::Mlp(s))),
+            Network::UNet(u) => u.forward(params, x, emb, mode).map(|(y, s)| (y, NetSaved::UNet(s))),
+        }
+    }
+
+    pub fn backward(
+        &self,
+        params: &View,
+        emb: &View,
+        saved: &NetSaved,
+        dy: &View,
+        grads: Option<&mut ViewMut>,
+    ) -> Result<Tensor> {
+        match (self, saved) {
+            (Network::Mlp(m), NetSaved::Mlp(s)) => m.backward(params, s, dy, grads),
+            (Network::UNet(u), NetSaved::UNet(s)) => u.backward(params, emb, s, dy, grads),
+            _ => Err(Error::Other("saved activations come from another network".into())),
+        }
+    }
+}
+
+/// A network with EDM preconditioning.
+#[derive(Clone, Debug)]
+pub struct Denoiser {
+    pub net: Network,
+}
+
+/// One forward's state: the network's saved activations, the embedding and the per-sample
+/// preconditioning coefficients.
+pub struct DenoiserSaved {
+    pub net: NetSaved,
+    pub emb: Tensor,
+    pub c_skip: Tensor,
+    pub c_out: Tensor,
+    pub c_in: Tensor,
+}
+
+impl std::fmt::Debug for DenoiserSaved {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "DenoiserSaved({} bytes)", self.bytes())
+    }
+}
+
+impl DenoiserSaved {
+    /// Bytes kept for the VJPs.
+    pub fn bytes(&self) -> usize {
+        self.net.bytes() + [&self.emb, &self.c_skip, &self.c_out, &self.c_in].iter().map(|t| t.size_in_bytes()).sum::<usize>()
+    }
+}
+
+/// (c_skip, c_out, c_in, c_noise) for one sigma.
+pub fn edm_coefficients(sigma: f64) -> (f64, f64, f64, f64) {
+    let s2 = sigma * sigma;
+    (1.0 / (s2 + 1.0), sigma / (s2 + 1.0).sqrt(), 1.0 / (s2 + 1.0).sqrt(), sigma.ln())
+}
+
+impl Denoiser {
+    pub fn new(net: Network) -> Self {
+        Denoiser { net }
+    }
+
+    pub fn layout(&self) -> &ParamLayout {
+        self.net.layout()
+    }
+
+    /// x_hat = d(x_t, sigma) for a batch with one sigma per sample; keeps what VJPs need.
+    pub fn denoise(&self, params: &View, x_t: &View, sigmas: &[f64], mode: Mode) -> Result<(Tensor, DenoiserSaved)> {
+        let n = x_t.shape().first().copied().unwrap_or(0);
+        if sigmas.len() != n || n == 0 {
+            return Err(Error::shape("denoise", "sigmas", format!("{} values (one per sample)", n), sigmas.len()));
+        }
+        if let Some(bad) = sigmas.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
+            return Err(Error::Other(format!("denoise: sigma {bad} is not a positive finite number")));
+        }
+        if !self.accepts(x_t.shape()) {
+            let mut expected = vec![n];
+            expected.extend(self.net.sample_shape());
+            return Err(Error::shape("denoise", "x_t", expected, x_t.shape()));
+        }
+        let (dtype, device) = (x_t.dtype(), x_t.device());
+        let coef: Vec<_> = sigmas.iter().map(|&s| edm_coefficients(s)).collect();
+        let col = |f: fn(&(f64, f64, f64, f64)) -> f64| -> Result<Tensor> {
+            Tensor::from_f64_as(&coef.iter().map(f).collect::<Vec<_>>(), &[n], dtype, &device)
+        };
+        let (c_skip, c_out, c_in, c_noise) = (col(|c| c.0)?, col(|c| c.1)?, col(|c| c.2)?, col(|c| c.3)?);
+        let emb = sinusoidal_embedding(&c_noise.as_view()?, self.net.emb_width())?;
+        let mut x_in = Tensor::uninit(x_t.shape(), dtype, &device)?;
+        scale_rows_into(x_t, &c_in, &mut x_in)?;
+        let (f, net) = self.net.forward(params, &x_in.as_view()?, &emb.as_view()?, mode)?;
+        let mut x_hat = Tensor::uninit(x_t.shape(), dtype, &device)?;
+        scale_rows_add_into(x_t, &c_skip, &f, &c_out, &mut x_hat)?;
+        Ok((
+            x_hat,
+            DenoiserSaved {
+                net,
+                emb,
+                c_skip,
+                c_out,
+                c_in,
+            },
+        ))
+    }
+
+    /// A batch shape the network takes: [N, features] for the MLP; [N, H, W, C] for a U-Net
+    /// (any resolution its depth divides; the forward checks that).
+    fn accepts(&self, shape: &[usize]) -> bool {
+        match &self.net {
+            Network::Mlp(m) => matches!(*shape, [_, f] if f == m.features),
+            Network::UNet(u) => matches!(*shape, [_, _, _, c] if c == u.config.in_channels),
+        }
+    }
+
+    /// J^T u against the activations of one `denoise` call (no parameter gradients).
+    pub fn vjp(&self, params: &View, saved: &DenoiserSaved, u: &View) -> Result<Tensor> {
+        self.backward(params, saved, u, None)
+    }
+
+    /// J^T u, and with `grads` the parameter gradient of <u, d(x_t, sigma)> accumulated there.
+    pub fn backward(
+        &self,
+        params: &View,
+        saved: &DenoiserSaved,
+        u: &View,
+        grads: Option<&mut ViewMut>,
+    ) -> Result<Tensor> {
+        let (dtype, device) = (u.dtype(), u.device());
+        let mut du_f = Tensor::uninit(u.shape(), dtype, &device)?;
+        scale_rows_into(u, &saved.c_out, &mut du_f)?;
+        let d_in = self.net.backward(params, &saved.emb.as_view()?, &saved.net, &du_f.as_view()?, grads)?;
+        let mut dx = Tensor::uninit(u.shape(), dtype, &device)?;
+        scale_rows_add_into(u, &saved.c_skip, &d_in, &saved.c_in, &mut dx)?;
+        Ok(dx)
+    }
+}
