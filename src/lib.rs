@@ -13,6 +13,7 @@ pub mod bench;
 pub mod device;
 pub mod diffusion;
 pub mod error;
+pub mod io;
 pub mod kernels;
 pub mod nn;
 pub mod ops;

@@ -2,5 +2,7 @@
 //! into a denoiser d(x_t, sigma) ~ E[x | x_t] with a per-sample sigma.
 
 pub mod precond;
+pub mod presets;
 
 pub use precond::{Denoiser, DenoiserSaved, NetSaved, Network};
+pub use presets::{preset, PRESETS};
