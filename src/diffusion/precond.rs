@@ -60,6 +60,29 @@ impl Network {
         }
     }
 
+    /// Multiply-adds of one forward for one sample (FLOPs are twice this).
+    pub fn forward_macs(&self) -> u64 {
+        match self {
+            Network::Mlp(m) => m.forward_macs(),
+            Network::UNet(u) => u.forward_macs(),
+        }
+    }
+
+    /// A human-readable summary of the architecture.
+    pub fn describe(&self) -> String {
+        match self {
+            Network::Mlp(m) => format!(
+                "TimeMLP: input concat(x[{f}], emb[{e}]) = {w}; hidden {h:?}, each Linear -> SiLU -> LayerNorm; \
+                 output Linear -> {f}\n",
+                f = m.features,
+                e = m.emb,
+                w = m.features + m.emb,
+                h = m.hidden
+            ),
+            Network::UNet(u) => u.describe(),
+        }
+    }
+
     pub fn forward(&self, params: &View, x: &View, emb: &View, mode: Mode) -> Result<(Tensor, NetSaved)> {
         match self {
             Network::Mlp(m) => m.forward(params, x, emb).map(|(y, s)| (y, NetSaved::Mlp(s))),

@@ -62,6 +62,11 @@ impl TimeMlp {
         }
     }
 
+    /// Multiply-adds of one forward for one sample (the linear layers).
+    pub fn forward_macs(&self) -> u64 {
+        self.layers.iter().map(|l| (l.fan_in * l.fan_out) as u64).sum()
+    }
+
     /// y [N, F] = MLP(concat(x [N, F], emb [N, E])).
     pub fn forward(&self, params: &View, x: &View, emb: &View) -> Result<(Tensor, MlpSaved)> {
         if !matches!(*x.shape(), [_, f] if f == self.features) {

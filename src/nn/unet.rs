@@ -448,6 +448,58 @@ impl UNet {
         }
     }
 
+    /// Multiply-adds of one forward for one image at the configured resolution: every GEMM-shaped
+    /// product (convolutions, linears, the modulation MLPs, attention's q k^T and p v); the
+    /// elementwise work is not counted. FLOPs are twice this.
+    pub fn forward_macs(&self) -> u64 {
+        let cfg = &self.config;
+        let (c, e) = (&cfg.channels, cfg.emb as u64);
+        let (h0, w0) = ((cfg.resolution.0 / cfg.patch) as u64, (cfg.resolution.1 / cfg.patch) as u64);
+        let pixels = |i: usize| (h0 >> i) * (w0 >> i);
+        let conv = |cin: usize, cout: usize, i: usize| 9 * cin as u64 * cout as u64 * pixels(i);
+        let modulation = |ch: usize| e * e + e * 3 * ch as u64;
+        let blocks = |i: usize| -> u64 {
+            let ch = c[i] as u64;
+            let res = 2 * conv(c[i], c[i], i) + modulation(c[i]);
+            let att = cfg.heads_at(i).map_or(0, |_| {
+                let t = pixels(i);
+                4 * ch * ch * t + 2 * t * t * ch + modulation(c[i])
+            });
+            cfg.blocks[i] as u64 * (res + att)
+        };
+        let mut macs = conv(cfg.in_channels * cfg.patch * cfg.patch, c[0], 0);
+        for i in 0..c.len() {
+            if i > 0 {
+                macs += conv(c[i - 1], c[i], i);
+            }
+            macs += 2 * blocks(i);
+            if i + 1 < c.len() {
+                macs += conv(c[i] + c[i + 1], c[i], i);
+            }
+        }
+        macs + c[0] as u64 * (cfg.out_channels * cfg.patch * cfg.patch) as u64 * pixels(0)
+    }
+
+    /// Elements per image of the largest im2col column buffer a convolution allocates (the
+    /// biggest transient of a forward or backward on top of the saved activations).
+    pub fn largest_column_buffer(&self) -> u64 {
+        let cfg = &self.config;
+        let c = &cfg.channels;
+        let (h0, w0) = ((cfg.resolution.0 / cfg.patch) as u64, (cfg.resolution.1 / cfg.patch) as u64);
+        let cols = |cin: usize, i: usize| 9 * cin as u64 * (h0 >> i) * (w0 >> i);
+        let mut m = cols(cfg.in_channels * cfg.patch * cfg.patch, 0);
+        for i in 0..c.len() {
+            m = m.max(cols(c[i], i));
+            if i > 0 {
+                m = m.max(cols(c[i - 1], i));
+            }
+            if i + 1 < c.len() {
+                m = m.max(cols(c[i] + c[i + 1], i));
+            }
+        }
+        m
+    }
+
     /// A human-readable summary: levels, blocks, shapes and parameter counts.
     pub fn describe(&self) -> String {
         let cfg = &self.config;
