@@ -88,7 +88,7 @@ run_checks() {
     skips=$(grep -c 'skipped:' "$log" || true)
     echo "| $name | $passed | $fails | $skips |" >>"$summary"
     echo "$name: rc=$rc passed=$passed failed=$fails skipped=$skips"
-    grep -E 'parity:|cuda pool:|panicked|FAILED' "$log" || true
+    grep -E 'parity:|cuda pool:|relative error|panicked|FAILED' "$log" | head -n 60 || true
     [ "$rc" -ne 0 ] && failed=1
     rm -f "$log"
   done
@@ -105,7 +105,10 @@ run_checks() {
   cat "$out/bench.md"
   cat "$out/bench.md" >>"$summary"
   if [ "$quick" = 0 ]; then
-    "$bundle/benches/gpu_kernels" --bench --warm-up-time 1 --measurement-time 3 2>&1 | tee "$out/criterion-gpu.txt" | grep -E 'time:|thrpt:|^[a-z_]+/' || true
+    for b in gpu_kernels networks; do
+      "$bundle/benches/$b" --bench --warm-up-time 1 --measurement-time 3 2>&1 | tee "$out/criterion-$b.txt" |
+        grep -E 'time:|thrpt:|^[a-z0-9_]+/' || true
+    done
   fi
   echo
   cat "$summary"

@@ -244,6 +244,62 @@ pub fn run_gpu(dev: &CudaDevice, device: &Device, quick: bool) -> Result<Vec<Ben
     Ok(rows)
 }
 
+/// The CIFAR-10 U-Net (f32): forward, forward + one VJP (the MMPS pattern), forward + backward
+/// with parameter gradients (training), in images/s and model FLOP/s against the FP32 peak.
+/// FLOPs counted: forward = 2 x `forward_macs` per image (19.44 GFLOP); a VJP or the parameter
+/// gradient each costs one more forward's worth of GEMMs.
+pub fn run_networks_gpu(dev: &CudaDevice, device: &Device, quick: bool) -> Result<Vec<BenchRow>> {
+    use crate::diffusion::{preset, Denoiser};
+    use crate::nn::Mode;
+    use crate::tensor::{AsView, AsViewMut};
+
+    let repeats = if quick { 3 } else { 10 };
+    let den = Denoiser::new(preset("cifar10")?);
+    let fwd_flops = 2.0 * den.net.forward_macs() as f64;
+    let params = den.layout().init(0, DType::F32, device)?;
+    let mut grads = Tensor::zeros(&[den.layout().len()], DType::F32, device)?;
+    let peak = fp32_peak_tflops(dev);
+    let mut rows = Vec::new();
+    let batches: &[usize] = if quick { &[64] } else { &[64, 256] };
+    for &batch in batches {
+        let x = ops::normal(&[batch, 32, 32, 3], Philox::new(2, 1), 0, device)?;
+        let u = ops::normal(&[batch, 32, 32, 3], Philox::new(2, 2), 0, device)?;
+        let sigmas = vec![0.5; batch];
+        let pv = params.as_view()?;
+        let mut row = |what: &str, passes: f64, ms: f64| {
+            let tf = tflops(passes * fwd_flops * batch as f64, ms);
+            rows.push(BenchRow {
+                what: format!("cifar10 U-Net {what}"),
+                shape: format!("batch {batch}"),
+                median_ms: ms,
+                throughput: format!("{:.0} img/s, {tf:.2} TFLOP/s", batch as f64 / (ms * 1e-3)),
+                versus: peak.map_or("-".into(), |p| {
+                    format!("MFU {:.1}% of FP32 peak {p:.1}", 100.0 * tf / p)
+                }),
+            });
+        };
+        let ms = time_gpu(dev, repeats, || {
+            den.denoise(&pv, &x.as_view()?, &sigmas, Mode::Eval).map(drop)
+        })?;
+        row("forward", 1.0, ms);
+        let ms = time_gpu(dev, repeats, || {
+            let (_, s) = den.denoise(&pv, &x.as_view()?, &sigmas, Mode::Eval)?;
+            den.vjp(&pv, &s, &u.as_view()?).map(drop)
+        })?;
+        row("forward + VJP", 2.0, ms);
+        let ms = time_gpu(dev, repeats, || {
+            let mode = Mode::Train {
+                rng: Philox::new(3, 3),
+            };
+            let (_, s) = den.denoise(&pv, &x.as_view()?, &sigmas, mode)?;
+            den.backward(&pv, &s, &u.as_view()?, Some(&mut grads.as_view_mut()?))
+                .map(drop)
+        })?;
+        row("forward + backward", 3.0, ms);
+    }
+    Ok(rows)
+}
+
 /// Row-major C = op(A) op(B) through cuBLAS, as column-major C^T = op(B)^T op(A)^T.
 fn cublas_sgemm(
     blas: &CudaBlas,

@@ -131,8 +131,15 @@ fn model(name: &str, batch: Option<usize>) -> Result<()> {
     print!("{}", net.describe());
     let params = net.layout().len();
     let macs = net.forward_macs();
-    println!("parameters: {} ({} in f32)", fmt_count(params), fmt_bytes(params as f64 * 4.0));
-    println!("forward cost: {} per sample (GEMM-shaped work only)", fmt_flops(2.0 * macs as f64));
+    println!(
+        "parameters: {} ({} in f32)",
+        fmt_count(params),
+        fmt_bytes(params as f64 * 4.0)
+    );
+    println!(
+        "forward cost: {} per sample (GEMM-shaped work only)",
+        fmt_flops(2.0 * macs as f64)
+    );
     if let Some(n) = batch {
         let den = Denoiser::new(net);
         let weights = den.layout().init(0, DType::F32, &Device::Cpu)?;

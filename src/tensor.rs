@@ -117,7 +117,9 @@ impl Tensor {
     pub fn from_f64_as(data: &[f64], shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
         match dtype {
             DType::F64 => Tensor::from_f64(data, shape, device),
-            DType::F32 => Tensor::from_f32(&data.iter().map(|&v| v as f32).collect::<Vec<_>>(), shape, device),
+            DType::F32 => {
+                Tensor::from_f32(&data.iter().map(|&v| v as f32).collect::<Vec<_>>(), shape, device)
+            }
             DType::BF16 => Err(Error::DType {
                 op: "from_f64_as",
                 expected: "f32 or f64",
@@ -475,7 +477,12 @@ impl<'a> View<'a> {
     pub fn cpu<T: Real>(&self) -> Result<&'a [T]> {
         T::slice(&self.data).ok_or_else(|| Error::DeviceMismatch {
             op: "cpu view",
-            detail: format!("wanted {} host data, have {:?} on {}", T::DTYPE.name(), self.dtype(), self.device()),
+            detail: format!(
+                "wanted {} host data, have {:?} on {}",
+                T::DTYPE.name(),
+                self.dtype(),
+                self.device()
+            ),
         })
     }
 
@@ -566,7 +573,11 @@ impl<'a> ViewMut<'a> {
         let on_gpu = matches!(self.data, DataMut::Cuda(..));
         T::slice_mut(&mut self.data).ok_or_else(|| Error::DeviceMismatch {
             op: "cpu view",
-            detail: format!("wanted mutable {} host data, have {:?} (on GPU: {on_gpu})", T::DTYPE.name(), dtype),
+            detail: format!(
+                "wanted mutable {} host data, have {:?} (on GPU: {on_gpu})",
+                T::DTYPE.name(),
+                dtype
+            ),
         })
     }
 

@@ -39,12 +39,19 @@ fn round_trips_are_exact_and_rebuild_the_network() {
         for dtype in [DType::F32, DType::F64] {
             let params = net.layout().init(3, dtype, &Device::Cpu).unwrap();
             let path = tmp(&format!("{name}-{dtype:?}.safetensors"));
-            let extra = BTreeMap::from([("preset".to_string(), name.to_string()), ("lap".to_string(), "7".to_string())]);
+            let extra = BTreeMap::from([
+                ("preset".to_string(), name.to_string()),
+                ("lap".to_string(), "7".to_string()),
+            ]);
             save_checkpoint(&path, &net, &params, &extra).unwrap();
             let ck = load_checkpoint(&path, dtype).unwrap();
             assert_eq!(ck.metadata["preset"], name);
             assert_eq!(ck.metadata["lap"], "7");
-            assert_eq!(ck.network.layout(), net.layout(), "the architecture comes back from the metadata");
+            assert_eq!(
+                ck.network.layout(),
+                net.layout(),
+                "the architecture comes back from the metadata"
+            );
             match dtype {
                 DType::F32 => assert_eq!(ck.params.to_vec_f32().unwrap(), params.to_vec_f32().unwrap()),
                 _ => assert_eq!(ck.params.to_vec_f64().unwrap(), params.to_vec_f64().unwrap()),
@@ -55,7 +62,10 @@ fn round_trips_are_exact_and_rebuild_the_network() {
 
 /// Writes a safetensors file with the given tensors (f32 zeros of the given shapes) and metadata.
 fn write_raw(path: &PathBuf, tensors: &[(&str, Vec<usize>)], meta: HashMap<String, String>) {
-    let datas: Vec<Vec<u8>> = tensors.iter().map(|(_, s)| vec![0u8; 4 * s.iter().product::<usize>()]).collect();
+    let datas: Vec<Vec<u8>> = tensors
+        .iter()
+        .map(|(_, s)| vec![0u8; 4 * s.iter().product::<usize>()])
+        .collect();
     let views: Vec<(String, TensorView)> = tensors
         .iter()
         .zip(&datas)
@@ -68,14 +78,22 @@ fn write_raw(path: &PathBuf, tensors: &[(&str, Vec<usize>)], meta: HashMap<Strin
 fn bad_checkpoints_get_errors_that_name_the_problem() {
     let net = Network::Mlp(TimeMlp::new(2, &[3], 4));
     let meta: HashMap<String, String> = to_metadata(&net).into_iter().collect();
-    let specs: Vec<(&str, Vec<usize>)> = net.layout().specs().iter().map(|s| (s.name.as_str(), s.shape.clone())).collect();
+    let specs: Vec<(&str, Vec<usize>)> = net
+        .layout()
+        .specs()
+        .iter()
+        .map(|s| (s.name.as_str(), s.shape.clone()))
+        .collect();
 
     let path = tmp("wrong-shape.safetensors");
     let mut wrong = specs.clone();
     wrong[0].1 = vec![5, 3];
     write_raw(&path, &wrong, meta.clone());
     let err = load_checkpoint(&path, DType::F32).err().unwrap().to_string();
-    assert!(err.contains("mlp.0.weight") && err.contains("[5, 3]") && err.contains("[6, 3]"), "{err}");
+    assert!(
+        err.contains("mlp.0.weight") && err.contains("[5, 3]") && err.contains("[6, 3]"),
+        "{err}"
+    );
 
     let path = tmp("missing.safetensors");
     write_raw(&path, &specs[1..], meta.clone());
@@ -97,9 +115,15 @@ fn bad_checkpoints_get_errors_that_name_the_problem() {
     let path = tmp("corrupt.safetensors");
     std::fs::write(&path, b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}").unwrap();
     let err = load_checkpoint(&path, DType::F32).err().unwrap().to_string();
-    assert!(err.contains("corrupt.safetensors") && err.contains("not a valid safetensors"), "{err}");
+    assert!(
+        err.contains("corrupt.safetensors") && err.contains("not a valid safetensors"),
+        "{err}"
+    );
 
-    let err = load_checkpoint(&tmp("absent.safetensors"), DType::F32).err().unwrap().to_string();
+    let err = load_checkpoint(&tmp("absent.safetensors"), DType::F32)
+        .err()
+        .unwrap()
+        .to_string();
     assert!(err.contains("absent.safetensors"), "{err}");
 }
 
@@ -110,16 +134,27 @@ fn saving_never_leaves_a_torn_file() {
     let path = tmp("atomic.safetensors");
     save_checkpoint(&path, &net, &params, &BTreeMap::new()).unwrap();
     let dir = path.parent().unwrap();
-    let leftovers: Vec<_> = std::fs::read_dir(dir).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().contains(".tmp-")).collect();
+    let leftovers: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().contains(".tmp-"))
+        .collect();
     assert!(leftovers.is_empty(), "temporary files left behind");
     // A wrong-sized parameter buffer is refused before anything is written.
     let short = emprior::Tensor::zeros(&[3], DType::F32, &Device::Cpu).unwrap();
-    let err = save_checkpoint(&tmp("never.safetensors"), &net, &short, &BTreeMap::new()).unwrap_err().to_string();
+    let err = save_checkpoint(&tmp("never.safetensors"), &net, &short, &BTreeMap::new())
+        .unwrap_err()
+        .to_string();
     assert!(err.contains("flat buffer"), "{err}");
     assert!(!tmp("never.safetensors").exists());
     // An unwritable destination names the path.
-    let err = save_checkpoint(std::path::Path::new("/nonexistent-dir/x.safetensors"), &net, &params, &BTreeMap::new())
-        .unwrap_err()
-        .to_string();
+    let err = save_checkpoint(
+        std::path::Path::new("/nonexistent-dir/x.safetensors"),
+        &net,
+        &params,
+        &BTreeMap::new(),
+    )
+    .unwrap_err()
+    .to_string();
     assert!(err.contains("/nonexistent-dir"), "{err}");
 }

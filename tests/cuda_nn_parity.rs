@@ -41,7 +41,10 @@ fn parity(what: &str, gpu: &Device, tol: f64, f: impl Fn(&Device) -> Vec<Tensor>
         }
         let rel = (num / den.max(1e-30)).sqrt();
         println!("{what} output {k}: relative error {rel:.2e}, max abs {max_abs:.2e}");
-        assert!(rel <= tol && !max_abs.is_nan(), "{what} output {k}: relative error {rel:.3e} > {tol:e} (max abs {max_abs:e})");
+        assert!(
+            rel <= tol && !max_abs.is_nan(),
+            "{what} output {k}: relative error {rel:.3e} > {tol:e} (max abs {max_abs:e})"
+        );
     }
 }
 
@@ -53,13 +56,17 @@ fn grads(layout: &ParamLayout, dev: &Device) -> Tensor {
 
 #[test]
 fn cuda_layers_match_cpu() {
-    let Some(gpu) = gpu_or_skip("cuda_layers_match_cpu") else { return };
+    let Some(gpu) = gpu_or_skip("cuda_layers_match_cpu") else {
+        return;
+    };
     layers(&gpu);
 }
 
 #[test]
 fn cuda_cifar10_unet_matches_cpu_at_batch_2() {
-    let Some(gpu) = gpu_or_skip("cuda_cifar10_unet_matches_cpu_at_batch_2") else { return };
+    let Some(gpu) = gpu_or_skip("cuda_cifar10_unet_matches_cpu_at_batch_2") else {
+        return;
+    };
     cifar10_unet(&gpu);
 }
 
@@ -84,25 +91,49 @@ fn layers(gpu: &Device) {
         let pv = p.as_view().unwrap();
         let y = lin.forward(&layout, &pv, &x.as_view().unwrap()).unwrap();
         let mut g = grads(&layout, d);
-        let dx = lin.backward(&layout, &pv, &x.as_view().unwrap(), &dy.as_view().unwrap(), Some(&mut g.as_view_mut().unwrap())).unwrap();
+        let dx = lin
+            .backward(
+                &layout,
+                &pv,
+                &x.as_view().unwrap(),
+                &dy.as_view().unwrap(),
+                Some(&mut g.as_view_mut().unwrap()),
+            )
+            .unwrap();
         vec![y, dx, g]
     });
 
-    for (stride, h, w, cin, cout) in [(1, 9, 7, 5, 6), (2, 16, 16, 8, 12), (2, 7, 9, 3, 4), (1, 32, 32, 128, 128)] {
+    for (stride, h, w, cin, cout) in [
+        (1, 9, 7, 5, 6),
+        (2, 16, 16, 8, 12),
+        (2, 7, 9, 3, 4),
+        (1, 32, 32, 128, 128),
+    ] {
         let mut layout = ParamLayout::new();
         let conv = Conv3x3::new(&mut layout, "conv", cin, cout, stride);
-        parity(&format!("conv3x3 s{stride} {h}x{w}x{cin}->{cout}"), &gpu, 1e-5, |d| {
-            let p = layout.init(4, DType::F32, &CPU).unwrap().to_device(d).unwrap();
-            let x = on(d, 5, &[2, h, w, cin], 1.0);
-            let pv = p.as_view().unwrap();
-            let y = conv.forward(&layout, &pv, &x.as_view().unwrap()).unwrap();
-            let dy = on(d, 6, y.shape(), 1.0);
-            let mut g = grads(&layout, d);
-            let dx = conv
-                .backward(&layout, &pv, &x.as_view().unwrap(), &dy.as_view().unwrap(), Some(&mut g.as_view_mut().unwrap()))
-                .unwrap();
-            vec![y, dx, g]
-        });
+        parity(
+            &format!("conv3x3 s{stride} {h}x{w}x{cin}->{cout}"),
+            &gpu,
+            1e-5,
+            |d| {
+                let p = layout.init(4, DType::F32, &CPU).unwrap().to_device(d).unwrap();
+                let x = on(d, 5, &[2, h, w, cin], 1.0);
+                let pv = p.as_view().unwrap();
+                let y = conv.forward(&layout, &pv, &x.as_view().unwrap()).unwrap();
+                let dy = on(d, 6, y.shape(), 1.0);
+                let mut g = grads(&layout, d);
+                let dx = conv
+                    .backward(
+                        &layout,
+                        &pv,
+                        &x.as_view().unwrap(),
+                        &dy.as_view().unwrap(),
+                        Some(&mut g.as_view_mut().unwrap()),
+                    )
+                    .unwrap();
+                vec![y, dx, g]
+            },
+        );
     }
 
     parity("layer_norm", &gpu, tol, |d| {
@@ -119,7 +150,12 @@ fn layers(gpu: &Device) {
         let h = on(d, 10, &[n, p, c], 1.0);
         let m = on(d, 11, &[n, 3 * c], 0.5);
         let dy = on(d, 12, &[n, p, c], 1.0);
-        let (xv, hv, mv, dv) = (x.as_view().unwrap(), h.as_view().unwrap(), m.as_view().unwrap(), dy.as_view().unwrap());
+        let (xv, hv, mv, dv) = (
+            x.as_view().unwrap(),
+            h.as_view().unwrap(),
+            m.as_view().unwrap(),
+            dy.as_view().unwrap(),
+        );
         let hm = modulate(&xv, &mv).unwrap();
         let r = residual(&xv, &hv, &mv).unwrap();
         let mut dm = Tensor::full(&[n, 3 * c], f32::NAN, d).unwrap();
@@ -152,7 +188,11 @@ fn layers(gpu: &Device) {
 
     parity("dropout", &gpu, 1e-7, |d| {
         let x = on(d, 18, &[3, 1001], 1.0);
-        let mask = DropoutMask { rng: Philox::new(3, 7), offset: 5, p: 0.1 };
+        let mask = DropoutMask {
+            rng: Philox::new(3, 7),
+            offset: 5,
+            p: 0.1,
+        };
         vec![dropout(&x.as_view().unwrap(), &mask).unwrap()]
     });
 
@@ -181,7 +221,15 @@ fn layers(gpu: &Device) {
         let (y, saved) = attn.forward(&layout, &pv, &x.as_view().unwrap()).unwrap();
         let dy = on(d, 26, y.shape(), 1.0);
         let mut g = grads(&layout, d);
-        let dx = attn.backward(&layout, &pv, &saved, &dy.as_view().unwrap(), Some(&mut g.as_view_mut().unwrap())).unwrap();
+        let dx = attn
+            .backward(
+                &layout,
+                &pv,
+                &saved,
+                &dy.as_view().unwrap(),
+                Some(&mut g.as_view_mut().unwrap()),
+            )
+            .unwrap();
         vec![y, dx, g]
     });
 
@@ -194,14 +242,20 @@ fn layers(gpu: &Device) {
         let emb = on(d, 28, &[2, 16], 1.0);
         let ev = emb.as_view().unwrap();
         let x = on(d, 29, &[2, 8, 8, 32], 1.0);
-        let mode = Mode::Train { rng: Philox::new(1, 2) };
+        let mode = Mode::Train {
+            rng: Philox::new(1, 2),
+        };
         let (h, rs) = res.forward(&layout, &pv, x, &ev, mode, 0).unwrap();
         let (y, ats) = att.forward(&layout, &pv, h, &ev).unwrap();
         let dy = on(d, 30, y.shape(), 1.0);
         let mut g = grads(&layout, d);
         let mut gv = g.as_view_mut().unwrap();
-        let dh = att.backward(&layout, &pv, &ev, &ats, &dy.as_view().unwrap(), Some(&mut gv)).unwrap();
-        let dx = res.backward(&layout, &pv, &ev, &rs, &dh.as_view().unwrap(), Some(&mut gv)).unwrap();
+        let dh = att
+            .backward(&layout, &pv, &ev, &ats, &dy.as_view().unwrap(), Some(&mut gv))
+            .unwrap();
+        let dx = res
+            .backward(&layout, &pv, &ev, &rs, &dh.as_view().unwrap(), Some(&mut gv))
+            .unwrap();
         drop(gv);
         vec![y, dx, g]
     });
@@ -211,15 +265,34 @@ fn cifar10_unet(gpu: &Device) {
     let gpu = gpu.clone();
     let den = Denoiser::new(Network::UNet(UNet::new(UNetConfig::cifar10()).unwrap()));
     let sigmas = [0.05, 3.0];
-    parity("cifar10 U-Net: denoise, VJP, parameter gradient", &gpu, 1e-4, |d| {
-        let p = den.layout().init(31, DType::F32, &CPU).unwrap().to_device(d).unwrap();
-        let pv = p.as_view().unwrap();
-        let x = on(d, 32, &[2, 32, 32, 3], 2.0);
-        let (y, saved) = den.denoise(&pv, &x.as_view().unwrap(), &sigmas, Mode::Eval).unwrap();
-        let u = on(d, 33, &[2, 32, 32, 3], 1.0);
-        let vjp = den.vjp(&pv, &saved, &u.as_view().unwrap()).unwrap();
-        let mut g = grads(den.layout(), d);
-        let dx = den.backward(&pv, &saved, &u.as_view().unwrap(), Some(&mut g.as_view_mut().unwrap())).unwrap();
-        vec![y, vjp, dx, g]
-    });
+    parity(
+        "cifar10 U-Net: denoise, VJP, parameter gradient",
+        &gpu,
+        1e-4,
+        |d| {
+            let p = den
+                .layout()
+                .init(31, DType::F32, &CPU)
+                .unwrap()
+                .to_device(d)
+                .unwrap();
+            let pv = p.as_view().unwrap();
+            let x = on(d, 32, &[2, 32, 32, 3], 2.0);
+            let (y, saved) = den
+                .denoise(&pv, &x.as_view().unwrap(), &sigmas, Mode::Eval)
+                .unwrap();
+            let u = on(d, 33, &[2, 32, 32, 3], 1.0);
+            let vjp = den.vjp(&pv, &saved, &u.as_view().unwrap()).unwrap();
+            let mut g = grads(den.layout(), d);
+            let dx = den
+                .backward(
+                    &pv,
+                    &saved,
+                    &u.as_view().unwrap(),
+                    Some(&mut g.as_view_mut().unwrap()),
+                )
+                .unwrap();
+            vec![y, vjp, dx, g]
+        },
+    );
 }

@@ -21,7 +21,12 @@ fn forward_cost_is_counted() {
     assert!((gmac - 9.7).abs() < 0.3, "cifar10 forward {gmac:.3} GMAC");
     let mri = UNet::new(UNetConfig::mri()).unwrap();
     let gmac = mri.forward_macs() as f64 / 1e9;
-    assert!((gmac - 40.0).abs() < 4.0, "mri forward {gmac:.3} GMAC (method.md: about 40)");
-    assert_eq!(TimeMlp::new(5, &[256, 256, 256], 64).forward_macs(), 69 * 256 + 2 * 256 * 256 + 256 * 5);
+    assert!(
+        (gmac - 40.0).abs() < 4.0,
+        "mri forward {gmac:.3} GMAC (method.md: about 40)"
+    );
+    assert_eq!(
+        TimeMlp::new(5, &[256, 256, 256], 64).forward_macs(),
+        69 * 256 + 2 * 256 * 256 + 256 * 5
+    );
 }
-

@@ -86,7 +86,9 @@ impl Network {
     pub fn forward(&self, params: &View, x: &View, emb: &View, mode: Mode) -> Result<(Tensor, NetSaved)> {
         match self {
             Network::Mlp(m) => m.forward(params, x, emb).map(|(y, s)| (y, NetSaved::Mlp(s))),
-            Network::UNet(u) => u.forward(params, x, emb, mode).map(|(y, s)| (y, NetSaved::UNet(s))),
+            Network::UNet(u) => u
+                .forward(params, x, emb, mode)
+                .map(|(y, s)| (y, NetSaved::UNet(s))),
         }
     }
 
@@ -131,14 +133,23 @@ impl std::fmt::Debug for DenoiserSaved {
 impl DenoiserSaved {
     /// Bytes kept for the VJPs.
     pub fn bytes(&self) -> usize {
-        self.net.bytes() + [&self.emb, &self.c_skip, &self.c_out, &self.c_in].iter().map(|t| t.size_in_bytes()).sum::<usize>()
+        self.net.bytes()
+            + [&self.emb, &self.c_skip, &self.c_out, &self.c_in]
+                .iter()
+                .map(|t| t.size_in_bytes())
+                .sum::<usize>()
     }
 }
 
 /// (c_skip, c_out, c_in, c_noise) for one sigma.
 pub fn edm_coefficients(sigma: f64) -> (f64, f64, f64, f64) {
     let s2 = sigma * sigma;
-    (1.0 / (s2 + 1.0), sigma / (s2 + 1.0).sqrt(), 1.0 / (s2 + 1.0).sqrt(), sigma.ln())
+    (
+        1.0 / (s2 + 1.0),
+        sigma / (s2 + 1.0).sqrt(),
+        1.0 / (s2 + 1.0).sqrt(),
+        sigma.ln(),
+    )
 }
 
 impl Denoiser {
@@ -151,13 +162,26 @@ impl Denoiser {
     }
 
     /// x_hat = d(x_t, sigma) for a batch with one sigma per sample; keeps what VJPs need.
-    pub fn denoise(&self, params: &View, x_t: &View, sigmas: &[f64], mode: Mode) -> Result<(Tensor, DenoiserSaved)> {
+    pub fn denoise(
+        &self,
+        params: &View,
+        x_t: &View,
+        sigmas: &[f64],
+        mode: Mode,
+    ) -> Result<(Tensor, DenoiserSaved)> {
         let n = x_t.shape().first().copied().unwrap_or(0);
         if sigmas.len() != n || n == 0 {
-            return Err(Error::shape("denoise", "sigmas", format!("{} values (one per sample)", n), sigmas.len()));
+            return Err(Error::shape(
+                "denoise",
+                "sigmas",
+                format!("{} values (one per sample)", n),
+                sigmas.len(),
+            ));
         }
         if let Some(bad) = sigmas.iter().find(|s| !(s.is_finite() && **s > 0.0)) {
-            return Err(Error::Other(format!("denoise: sigma {bad} is not a positive finite number")));
+            return Err(Error::Other(format!(
+                "denoise: sigma {bad} is not a positive finite number"
+            )));
         }
         if !self.accepts(x_t.shape()) {
             let mut expected = vec![n];
@@ -173,7 +197,9 @@ impl Denoiser {
         let emb = sinusoidal_embedding(&c_noise.as_view()?, self.net.emb_width())?;
         let mut x_in = Tensor::uninit(x_t.shape(), dtype, &device)?;
         scale_rows_into(x_t, &c_in, &mut x_in)?;
-        let (f, net) = self.net.forward(params, &x_in.as_view()?, &emb.as_view()?, mode)?;
+        let (f, net) = self
+            .net
+            .forward(params, &x_in.as_view()?, &emb.as_view()?, mode)?;
         let mut x_hat = Tensor::uninit(x_t.shape(), dtype, &device)?;
         scale_rows_add_into(x_t, &c_skip, &f, &c_out, &mut x_hat)?;
         Ok((
@@ -213,7 +239,9 @@ impl Denoiser {
         let (dtype, device) = (u.dtype(), u.device());
         let mut du_f = Tensor::uninit(u.shape(), dtype, &device)?;
         scale_rows_into(u, &saved.c_out, &mut du_f)?;
-        let d_in = self.net.backward(params, &saved.emb.as_view()?, &saved.net, &du_f.as_view()?, grads)?;
+        let d_in = self
+            .net
+            .backward(params, &saved.emb.as_view()?, &saved.net, &du_f.as_view()?, grads)?;
         let mut dx = Tensor::uninit(u.shape(), dtype, &device)?;
         scale_rows_add_into(u, &saved.c_skip, &d_in, &saved.c_in, &mut dx)?;
         Ok(dx)

@@ -17,7 +17,10 @@ pub fn preset(name: &str) -> Result<Network> {
         "manifold" => Ok(Network::Mlp(TimeMlp::new(5, &[256, 256, 256], 64))),
         "cifar10" => Ok(Network::UNet(UNet::new(UNetConfig::cifar10())?)),
         "mri" => Ok(Network::UNet(UNet::new(UNetConfig::mri())?)),
-        other => Err(Error::Other(format!("unknown preset '{other}' (expected one of {})", PRESETS.join(", ")))),
+        other => Err(Error::Other(format!(
+            "unknown preset '{other}' (expected one of {})",
+            PRESETS.join(", ")
+        ))),
     }
 }
 
@@ -30,7 +33,11 @@ fn parse_list(key: &str, s: &str) -> Result<Vec<usize>> {
         return Ok(Vec::new());
     }
     s.split(',')
-        .map(|p| p.trim().parse().map_err(|_| Error::Other(format!("metadata '{key}': '{s}' is not a list of integers"))))
+        .map(|p| {
+            p.trim()
+                .parse()
+                .map_err(|_| Error::Other(format!("metadata '{key}': '{s}' is not a list of integers")))
+        })
         .collect()
 }
 
@@ -54,7 +61,14 @@ pub fn to_metadata(net: &Network) -> BTreeMap<String, String> {
             put("out_channels", c.out_channels.to_string());
             put("channels", list(&c.channels));
             put("blocks", list(&c.blocks));
-            put("attention", c.attention.iter().map(|(l, h)| format!("{l}:{h}")).collect::<Vec<_>>().join(","));
+            put(
+                "attention",
+                c.attention
+                    .iter()
+                    .map(|(l, h)| format!("{l}:{h}"))
+                    .collect::<Vec<_>>()
+                    .join(","),
+            );
             put("emb", c.emb.to_string());
             put("dropout", c.dropout.to_string());
             put("patch", c.patch.to_string());
@@ -72,17 +86,28 @@ pub fn from_metadata(m: &BTreeMap<String, String>) -> Result<Network> {
             .ok_or_else(|| Error::Other(format!("checkpoint metadata lacks 'arch.{k}'")))
     };
     let num = |k: &str| -> Result<usize> {
-        get(k)?.parse().map_err(|_| Error::Other(format!("checkpoint metadata 'arch.{k}' is not an integer")))
+        get(k)?
+            .parse()
+            .map_err(|_| Error::Other(format!("checkpoint metadata 'arch.{k}' is not an integer")))
     };
     match get("kind")? {
-        "time_mlp" => Ok(Network::Mlp(TimeMlp::new(num("features")?, &parse_list("hidden", get("hidden")?)?, num("emb")?))),
+        "time_mlp" => Ok(Network::Mlp(TimeMlp::new(
+            num("features")?,
+            &parse_list("hidden", get("hidden")?)?,
+            num("emb")?,
+        ))),
         "unet" => {
             let attention = get("attention")?
                 .split(',')
                 .filter(|s| !s.is_empty())
                 .map(|pair| {
-                    let (l, h) = pair.split_once(':').ok_or_else(|| Error::Other(format!("bad attention entry '{pair}'")))?;
-                    let parse = |v: &str| v.parse::<usize>().map_err(|_| Error::Other(format!("bad attention entry '{pair}'")));
+                    let (l, h) = pair
+                        .split_once(':')
+                        .ok_or_else(|| Error::Other(format!("bad attention entry '{pair}'")))?;
+                    let parse = |v: &str| {
+                        v.parse::<usize>()
+                            .map_err(|_| Error::Other(format!("bad attention entry '{pair}'")))
+                    };
                     Ok((parse(l)?, parse(h)?))
                 })
                 .collect::<Result<Vec<_>>>()?;
@@ -90,7 +115,11 @@ pub fn from_metadata(m: &BTreeMap<String, String>) -> Result<Network> {
             let (h, w) = res
                 .split_once('x')
                 .and_then(|(h, w)| Some((h.parse().ok()?, w.parse().ok()?)))
-                .ok_or_else(|| Error::Other(format!("checkpoint metadata 'arch.resolution' = '{res}' is not HxW")))?;
+                .ok_or_else(|| {
+                    Error::Other(format!(
+                        "checkpoint metadata 'arch.resolution' = '{res}' is not HxW"
+                    ))
+                })?;
             let config = UNetConfig {
                 in_channels: num("in_channels")?,
                 out_channels: num("out_channels")?,
@@ -106,6 +135,8 @@ pub fn from_metadata(m: &BTreeMap<String, String>) -> Result<Network> {
             };
             Ok(Network::UNet(UNet::new(config)?))
         }
-        other => Err(Error::Other(format!("checkpoint metadata 'arch.kind' = '{other}' is not a known network"))),
+        other => Err(Error::Other(format!(
+            "checkpoint metadata 'arch.kind' = '{other}' is not a known network"
+        ))),
     }
 }

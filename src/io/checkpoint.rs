@@ -26,8 +26,13 @@ pub struct Checkpoint {
 /// Writes `bytes` to `path` through a temporary file and a rename.
 pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
     let io = |what: &str, e: std::io::Error| Error::Other(format!("{what} {}: {e}", path.display()));
-    let dir = path.parent().filter(|d| !d.as_os_str().is_empty()).unwrap_or(Path::new("."));
-    let name = path.file_name().ok_or_else(|| Error::Other(format!("{} is not a file path", path.display())))?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let name = path
+        .file_name()
+        .ok_or_else(|| Error::Other(format!("{} is not a file path", path.display())))?;
     let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
     let result = (|| {
         let mut f = fs::File::create(&tmp).map_err(|e| io("cannot create a temporary file for", e))?;
@@ -43,13 +48,24 @@ pub fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// Saves the flat parameters of `network` (f32 or f64, any device) with its architecture and
 /// `extra` metadata (preset, lap, seed, ...).
-pub fn save_checkpoint(path: &Path, network: &Network, params: &Tensor, extra: &BTreeMap<String, String>) -> Result<()> {
+pub fn save_checkpoint(
+    path: &Path,
+    network: &Network,
+    params: &Tensor,
+    extra: &BTreeMap<String, String>,
+) -> Result<()> {
     let layout = network.layout();
     layout.check(params)?;
     let host = params.to_device(&Device::Cpu)?;
     let (bytes, dtype): (Vec<u8>, Dtype) = match host.dtype() {
-        DType::F32 => (bytemuck::cast_slice(host.as_view()?.cpu::<f32>()?).to_vec(), Dtype::F32),
-        DType::F64 => (bytemuck::cast_slice(host.as_view()?.cpu::<f64>()?).to_vec(), Dtype::F64),
+        DType::F32 => (
+            bytemuck::cast_slice(host.as_view()?.cpu::<f32>()?).to_vec(),
+            Dtype::F32,
+        ),
+        DType::F64 => (
+            bytemuck::cast_slice(host.as_view()?.cpu::<f64>()?).to_vec(),
+            Dtype::F64,
+        ),
         DType::BF16 => return Err(Error::Other("bf16 checkpoints are not supported yet".into())),
     };
     let width = host.dtype().size_in_bytes();
@@ -67,21 +83,29 @@ pub fn save_checkpoint(path: &Path, network: &Network, params: &Tensor, extra: &
     meta.insert("format".into(), "emprior-checkpoint-1".into());
     meta.insert("emprior.version".into(), env!("CARGO_PKG_VERSION").into());
     meta.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
-    let buf = safetensors::serialize(views, Some(meta)).map_err(|e| Error::Other(format!("serializing {}: {e}", path.display())))?;
+    let buf = safetensors::serialize(views, Some(meta))
+        .map_err(|e| Error::Other(format!("serializing {}: {e}", path.display())))?;
     write_atomically(path, &buf)
 }
 
 /// Loads a checkpoint, rebuilding its network from the metadata and checking every tensor
 /// against the layout: a missing, unexpected or mis-shaped tensor is an error that names it.
 pub fn load_checkpoint(path: &Path, dtype: DType) -> Result<Checkpoint> {
-    let bytes = fs::read(path).map_err(|e| Error::Other(format!("cannot read checkpoint {}: {e}", path.display())))?;
+    let bytes = fs::read(path)
+        .map_err(|e| Error::Other(format!("cannot read checkpoint {}: {e}", path.display())))?;
     let st = SafeTensors::deserialize(&bytes)
         .map_err(|e| Error::Other(format!("{} is not a valid safetensors file: {e}", path.display())))?;
     let (_, header) = SafeTensors::read_metadata(&bytes)
         .map_err(|e| Error::Other(format!("{} is not a valid safetensors file: {e}", path.display())))?;
-    let metadata: BTreeMap<String, String> = header.metadata().clone().unwrap_or_default().into_iter().collect();
+    let metadata: BTreeMap<String, String> = header
+        .metadata()
+        .clone()
+        .unwrap_or_default()
+        .into_iter()
+        .collect();
     let network = from_metadata(&metadata).map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
-    let params = read_params(&st, network.layout(), dtype).map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
+    let params = read_params(&st, network.layout(), dtype)
+        .map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
     Ok(Checkpoint {
         network,
         params,
@@ -90,14 +114,23 @@ pub fn load_checkpoint(path: &Path, dtype: DType) -> Result<Checkpoint> {
 }
 
 fn read_params(st: &SafeTensors, layout: &ParamLayout, dtype: DType) -> Result<Tensor> {
-    let mut unexpected: Vec<&str> = st.names().into_iter().filter(|n| layout.find(n).is_none()).collect();
+    let mut unexpected: Vec<&str> = st
+        .names()
+        .into_iter()
+        .filter(|n| layout.find(n).is_none())
+        .collect();
     if !unexpected.is_empty() {
         unexpected.sort();
-        return Err(Error::Other(format!("unexpected tensor(s) {} (not in this architecture)", unexpected.join(", "))));
+        return Err(Error::Other(format!(
+            "unexpected tensor(s) {} (not in this architecture)",
+            unexpected.join(", ")
+        )));
     }
     let mut flat = vec![0.0f64; layout.len()];
     for spec in layout.specs() {
-        let t = st.tensor(&spec.name).map_err(|_| Error::Other(format!("missing tensor '{}'", spec.name)))?;
+        let t = st
+            .tensor(&spec.name)
+            .map_err(|_| Error::Other(format!("missing tensor '{}'", spec.name)))?;
         if t.shape() != spec.shape.as_slice() {
             return Err(Error::Other(format!(
                 "tensor '{}' has shape {:?}, expected {:?}",
@@ -119,10 +152,18 @@ fn read_params(st: &SafeTensors, layout: &ParamLayout, dtype: DType) -> Result<T
                     *d = f64::from_le_bytes(c.try_into().unwrap());
                 }
             }
-            other => return Err(Error::Other(format!("tensor '{}' has dtype {other:?}, expected F32 or F64", spec.name))),
+            other => {
+                return Err(Error::Other(format!(
+                    "tensor '{}' has dtype {other:?}, expected F32 or F64",
+                    spec.name
+                )))
+            }
         }
         if let Some(i) = dst.iter().position(|v| !v.is_finite()) {
-            return Err(Error::Other(format!("tensor '{}' holds a non-finite value at index {i}", spec.name)));
+            return Err(Error::Other(format!(
+                "tensor '{}' holds a non-finite value at index {i}",
+                spec.name
+            )));
         }
     }
     Tensor::from_f64_as(&flat, &[layout.len()], dtype, &Device::Cpu)

@@ -30,7 +30,11 @@ pub mod cpu {
     }
 
     pub fn softmax_backward<T: Real>(p: &[T], dp: &[T], ds: &mut [T], cols: usize) {
-        for ((pr, gr), dr) in p.chunks_exact(cols).zip(dp.chunks_exact(cols)).zip(ds.chunks_exact_mut(cols)) {
+        for ((pr, gr), dr) in p
+            .chunks_exact(cols)
+            .zip(dp.chunks_exact(cols))
+            .zip(ds.chunks_exact_mut(cols))
+        {
             let dot: T = pr.iter().zip(gr).map(|(&a, &b)| a * b).sum();
             for ((o, &pv), &gv) in dr.iter_mut().zip(pr).zip(gr) {
                 *o = pv * (gv - dot);
@@ -49,7 +53,10 @@ fn warp_rows(dev: &crate::device::CudaDevice, rows: usize) -> LaunchConfig {
 
 /// Softmax over the last axis.
 pub fn softmax(s: &View) -> Result<Tensor> {
-    let cols = *s.shape().last().ok_or_else(|| Error::shape("softmax", "input", "[.., cols]", s.shape()))?;
+    let cols = *s
+        .shape()
+        .last()
+        .ok_or_else(|| Error::shape("softmax", "input", "[.., cols]", s.shape()))?;
     let rows = s.numel() / cols.max(1);
     let mut p = Tensor::uninit(s.shape(), s.dtype(), &s.device())?;
     {
@@ -85,9 +92,13 @@ pub fn softmax_backward(p: &View, dp: &View) -> Result<Tensor> {
         match (&p.data, &dp.data, &mut dv.data) {
             (Data::Cuda(pv, dev), Data::Cuda(gv, _), DataMut::Cuda(o, _)) => {
                 let (r, c) = (rows as i64, cols as i32);
-                let mut l = dev.stream().launch_builder(&dev.kernels().attn_softmax_backward_f32);
+                let mut l = dev
+                    .stream()
+                    .launch_builder(&dev.kernels().attn_softmax_backward_f32);
                 l.arg(pv).arg(gv).arg(o).arg(&r).arg(&c);
-                launched("attn_softmax_backward_f32", unsafe { l.launch(warp_rows(dev, rows)) })?;
+                launched("attn_softmax_backward_f32", unsafe {
+                    l.launch(warp_rows(dev, rows))
+                })?;
             }
             (Data::Cuda(..), ..) => return Err(mismatch("softmax_backward", &[p, dp], &[])),
             _ => host_real!(p, T => {
@@ -126,13 +137,19 @@ pub struct AttSaved {
 
 impl AttSaved {
     pub fn bytes(&self) -> usize {
-        [&self.x, &self.qkv, &self.probs, &self.merged].iter().map(|t| t.size_in_bytes()).sum()
+        [&self.x, &self.qkv, &self.probs, &self.merged]
+            .iter()
+            .map(|t| t.size_in_bytes())
+            .sum()
     }
 }
 
 impl SelfAttention {
     pub fn new(layout: &mut ParamLayout, name: &str, channels: usize, heads: usize) -> Self {
-        assert!(heads > 0 && channels % heads == 0, "channels {channels} not divisible by {heads} heads");
+        assert!(
+            heads > 0 && channels % heads == 0,
+            "channels {channels} not divisible by {heads} heads"
+        );
         SelfAttention {
             qkv: Linear::new(layout, &format!("{name}.qkv"), channels, 3 * channels, true),
             out: Linear::new(layout, &format!("{name}.out"), channels, channels, false),
@@ -144,7 +161,12 @@ impl SelfAttention {
     fn dims(&self, x: &View) -> Result<(usize, usize, usize)> {
         let shape = x.shape();
         if shape.len() < 3 || *shape.last().unwrap() != self.channels {
-            return Err(Error::shape("attention", "input", format!("[N, .., {}]", self.channels), shape));
+            return Err(Error::shape(
+                "attention",
+                "input",
+                format!("[N, .., {}]", self.channels),
+                shape,
+            ));
         }
         let n = shape[0];
         Ok((n, x.numel() / (n * self.channels), self.channels / self.heads))
@@ -156,7 +178,8 @@ impl SelfAttention {
         let (h, c) = (self.heads, self.channels);
         let tokens = x.reshape(&[n, t, c])?;
         let proj = self.qkv.forward(layout, params, &tokens)?;
-        let qkv = permute(&proj.as_view()?.reshape(&[n, t, 3, h, d])?, &SPLIT_QKV)?.reshape(&[3, n * h, t, d])?;
+        let qkv =
+            permute(&proj.as_view()?.reshape(&[n, t, 3, h, d])?, &SPLIT_QKV)?.reshape(&[3, n * h, t, d])?;
         let (q, k, v) = split3(&qkv.as_view()?, n * h, t, d)?;
         let mut scores = Tensor::uninit(&[n * h, t, t], x.dtype(), &x.device())?;
         let scaled = GemmSpec {
@@ -166,9 +189,17 @@ impl SelfAttention {
         gemm_into(&q, &k, &mut scores, scaled)?;
         let probs = softmax(&scores.as_view()?)?;
         let mut heads_out = Tensor::uninit(&[n, h, t, d], x.dtype(), &x.device())?;
-        gemm_into(&probs, &v, &mut heads_out.as_view_mut()?.reshape(&[n * h, t, d])?, GemmSpec::default())?;
+        gemm_into(
+            &probs,
+            &v,
+            &mut heads_out.as_view_mut()?.reshape(&[n * h, t, d])?,
+            GemmSpec::default(),
+        )?;
         let merged = permute(&heads_out.as_view()?, &MERGE_HEADS)?.reshape(&[n, t, c])?;
-        let y = self.out.forward(layout, params, &merged.as_view()?)?.reshape(x.shape())?;
+        let y = self
+            .out
+            .forward(layout, params, &merged.as_view()?)?
+            .reshape(x.shape())?;
         Ok((
             y,
             AttSaved {
@@ -193,8 +224,17 @@ impl SelfAttention {
         let (n, t, d) = self.dims(&x)?;
         let (h, c) = (self.heads, self.channels);
         let dy3 = dy.reshape(&[n, t, c])?;
-        let dmerged = self.out.backward(layout, params, &saved.merged.as_view()?, &dy3, grads.as_deref_mut())?;
-        let dheads = permute(&dmerged.as_view()?.reshape(&[n, t, h, d])?, &inverse_permutation(&MERGE_HEADS))?;
+        let dmerged = self.out.backward(
+            layout,
+            params,
+            &saved.merged.as_view()?,
+            &dy3,
+            grads.as_deref_mut(),
+        )?;
+        let dheads = permute(
+            &dmerged.as_view()?.reshape(&[n, t, h, d])?,
+            &inverse_permutation(&MERGE_HEADS),
+        )?;
         let dheads = dheads.as_view()?.reshape(&[n * h, t, d])?;
         let qkv = saved.qkv.as_view()?;
         let (q, k, v) = split3(&qkv, n * h, t, d)?;
@@ -213,12 +253,36 @@ impl SelfAttention {
                 ..GemmSpec::new(ta, tb)
             };
             // dq = dS k / sqrt(d); dk = dS^T q / sqrt(d); dv = P^T dO.
-            gemm_into(&dscores, &k, &mut dv_all.sub_mut(0, &[n * h, t, d])?, scaled(false, false))?;
-            gemm_into(&dscores, &q, &mut dv_all.sub_mut(block, &[n * h, t, d])?, scaled(true, false))?;
-            gemm_into(&probs, &dheads, &mut dv_all.sub_mut(2 * block, &[n * h, t, d])?, GemmSpec::new(true, false))?;
+            gemm_into(
+                &dscores,
+                &k,
+                &mut dv_all.sub_mut(0, &[n * h, t, d])?,
+                scaled(false, false),
+            )?;
+            gemm_into(
+                &dscores,
+                &q,
+                &mut dv_all.sub_mut(block, &[n * h, t, d])?,
+                scaled(true, false),
+            )?;
+            gemm_into(
+                &probs,
+                &dheads,
+                &mut dv_all.sub_mut(2 * block, &[n * h, t, d])?,
+                GemmSpec::new(true, false),
+            )?;
         }
-        let dproj = permute(&dqkv.as_view()?.reshape(&[3, n, h, t, d])?, &inverse_permutation(&SPLIT_QKV))?;
-        let dx = self.qkv.backward(layout, params, &x, &dproj.as_view()?.reshape(&[n, t, 3 * c])?, grads)?;
+        let dproj = permute(
+            &dqkv.as_view()?.reshape(&[3, n, h, t, d])?,
+            &inverse_permutation(&SPLIT_QKV),
+        )?;
+        let dx = self.qkv.backward(
+            layout,
+            params,
+            &x,
+            &dproj.as_view()?.reshape(&[n, t, 3 * c])?,
+            grads,
+        )?;
         dx.reshape(dy.shape())
     }
 }

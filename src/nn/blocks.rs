@@ -28,7 +28,15 @@ pub mod cpu {
         }
     }
 
-    pub fn modulate_backward<T: Real>(x: &[T], m: &[T], dh: &[T], dx: &mut [T], dm: &mut [T], p: usize, c: usize) {
+    pub fn modulate_backward<T: Real>(
+        x: &[T],
+        m: &[T],
+        dh: &[T],
+        dx: &mut [T],
+        dm: &mut [T],
+        p: usize,
+        c: usize,
+    ) {
         let n = m.len() / (3 * c);
         for s in 0..n {
             for ch in 0..c {
@@ -145,11 +153,28 @@ pub fn modulate_backward(x: &View, m: &View, dh: &View, dm: &mut ViewMut) -> Res
     {
         let mut dxv = dx.as_view_mut()?;
         match (&x.data, &m.data, &dh.data, &mut dxv.data, &mut dm.data) {
-            (Data::Cuda(xv, dev), Data::Cuda(mv, _), Data::Cuda(gv, _), DataMut::Cuda(o, _), DataMut::Cuda(dmv, _)) => {
+            (
+                Data::Cuda(xv, dev),
+                Data::Cuda(mv, _),
+                Data::Cuda(gv, _),
+                DataMut::Cuda(o, _),
+                DataMut::Cuda(dmv, _),
+            ) => {
                 let d = [n as i64, p as i64, c as i64];
-                let mut l = dev.stream().launch_builder(&dev.kernels().blk_modulate_backward_f32);
-                l.arg(xv).arg(mv).arg(gv).arg(o).arg(dmv).arg(&d[0]).arg(&d[1]).arg(&d[2]);
-                launched("blk_modulate_backward_f32", unsafe { l.launch(per_channel(n, c)) })?;
+                let mut l = dev
+                    .stream()
+                    .launch_builder(&dev.kernels().blk_modulate_backward_f32);
+                l.arg(xv)
+                    .arg(mv)
+                    .arg(gv)
+                    .arg(o)
+                    .arg(dmv)
+                    .arg(&d[0])
+                    .arg(&d[1])
+                    .arg(&d[2]);
+                launched("blk_modulate_backward_f32", unsafe {
+                    l.launch(per_channel(n, c))
+                })?;
             }
             (Data::Cuda(..), ..) => return Err(mismatch("modulate_backward", &[x, m, dh], &[])),
             _ => host_real!(x, T => {
@@ -189,14 +214,28 @@ pub fn residual(x: &View, h: &View, m: &View) -> Result<Tensor> {
 }
 
 /// (dx, dh) and the c columns of dm for dout.
-pub fn residual_backward(x: &View, h: &View, m: &View, dout: &View, dm: &mut ViewMut) -> Result<(Tensor, Tensor)> {
+pub fn residual_backward(
+    x: &View,
+    h: &View,
+    m: &View,
+    dout: &View,
+    dm: &mut ViewMut,
+) -> Result<(Tensor, Tensor)> {
     one_device("residual_backward", &[x, h, m, dout], &[dm])?;
     let (n, p, c) = npc("residual_backward", x, m)?;
     let mut dx = Tensor::uninit(x.shape(), x.dtype(), &x.device())?;
     let mut dh = Tensor::uninit(x.shape(), x.dtype(), &x.device())?;
     {
         let (mut dxv, mut dhv) = (dx.as_view_mut()?, dh.as_view_mut()?);
-        match (&x.data, &h.data, &m.data, &dout.data, &mut dxv.data, &mut dhv.data, &mut dm.data) {
+        match (
+            &x.data,
+            &h.data,
+            &m.data,
+            &dout.data,
+            &mut dxv.data,
+            &mut dhv.data,
+            &mut dm.data,
+        ) {
             (
                 Data::Cuda(xv, dev),
                 Data::Cuda(hv, _),
@@ -207,9 +246,22 @@ pub fn residual_backward(x: &View, h: &View, m: &View, dout: &View, dm: &mut Vie
                 DataMut::Cuda(dmv, _),
             ) => {
                 let d = [n as i64, p as i64, c as i64];
-                let mut l = dev.stream().launch_builder(&dev.kernels().blk_residual_backward_f32);
-                l.arg(xv).arg(hv).arg(mv).arg(gv).arg(ox).arg(oh).arg(dmv).arg(&d[0]).arg(&d[1]).arg(&d[2]);
-                launched("blk_residual_backward_f32", unsafe { l.launch(per_channel(n, c)) })?;
+                let mut l = dev
+                    .stream()
+                    .launch_builder(&dev.kernels().blk_residual_backward_f32);
+                l.arg(xv)
+                    .arg(hv)
+                    .arg(mv)
+                    .arg(gv)
+                    .arg(ox)
+                    .arg(oh)
+                    .arg(dmv)
+                    .arg(&d[0])
+                    .arg(&d[1])
+                    .arg(&d[2]);
+                launched("blk_residual_backward_f32", unsafe {
+                    l.launch(per_channel(n, c))
+                })?;
             }
             (Data::Cuda(..), ..) => return Err(mismatch("residual_backward", &[x, h, m, dout], &[])),
             _ => host_real!(x, T => {
@@ -264,9 +316,12 @@ impl Modulation {
         dm: &View,
         grads: &mut ViewMut,
     ) -> Result<()> {
-        let ds = self.out.backward(layout, params, &saved.s.as_view()?, dm, Some(grads))?;
+        let ds = self
+            .out
+            .backward(layout, params, &saved.s.as_view()?, dm, Some(grads))?;
         let dz = silu_backward(&saved.z, &ds)?;
-        self.hidden.backward(layout, params, emb, &dz.as_view()?, Some(grads))?;
+        self.hidden
+            .backward(layout, params, emb, &dz.as_view()?, Some(grads))?;
         Ok(())
     }
 }
@@ -284,10 +339,18 @@ pub struct ResSaved {
 
 impl ResSaved {
     pub fn bytes(&self) -> usize {
-        [&self.x, &self.ln.y, &self.ln.rstd, &self.c1, &self.d1, &self.c2, &self.modulation.m]
-            .iter()
-            .map(|t| t.size_in_bytes())
-            .sum::<usize>()
+        [
+            &self.x,
+            &self.ln.y,
+            &self.ln.rstd,
+            &self.c1,
+            &self.d1,
+            &self.c2,
+            &self.modulation.m,
+        ]
+        .iter()
+        .map(|t| t.size_in_bytes())
+        .sum::<usize>()
             + self.modulation.z.size_in_bytes()
             + self.modulation.s.size_in_bytes()
     }
@@ -370,17 +433,30 @@ impl ResBlock {
         let (x, m) = (saved.x.as_view()?, saved.modulation.m.as_view()?);
         let mut dm = Tensor::uninit(m.shape(), m.dtype(), &m.device())?;
         let (dx_res, dc2) = residual_backward(&x, &saved.c2.as_view()?, &m, dout, &mut dm.as_view_mut()?)?;
-        let dd1 = self.conv2.backward(layout, params, &saved.d1.as_view()?, &dc2.as_view()?, grads.as_deref_mut())?;
+        let dd1 = self.conv2.backward(
+            layout,
+            params,
+            &saved.d1.as_view()?,
+            &dc2.as_view()?,
+            grads.as_deref_mut(),
+        )?;
         let ds1 = match &saved.mask {
             Some(mk) => dropout(&dd1.as_view()?, mk)?,
             None => dd1,
         };
         let dc1 = silu_backward(&saved.c1, &ds1)?;
-        let dln = self.conv1.backward(layout, params, &saved.ln.y.as_view()?, &dc1.as_view()?, grads.as_deref_mut())?;
+        let dln = self.conv1.backward(
+            layout,
+            params,
+            &saved.ln.y.as_view()?,
+            &dc1.as_view()?,
+            grads.as_deref_mut(),
+        )?;
         let dh0 = layer_norm_backward(&saved.ln, &dln.as_view()?)?;
         let dx_mod = modulate_backward(&x, &m, &dh0.as_view()?, &mut dm.as_view_mut()?)?;
         if let Some(g) = grads {
-            self.modulation.backward_params(layout, params, emb, &saved.modulation, &dm.as_view()?, g)?;
+            self.modulation
+                .backward_params(layout, params, emb, &saved.modulation, &dm.as_view()?, g)?;
         }
         add(&dx_res, &dx_mod)
     }
@@ -397,10 +473,18 @@ pub struct AttBlockSaved {
 
 impl AttBlockSaved {
     pub fn bytes(&self) -> usize {
-        [&self.x, &self.ln.y, &self.ln.rstd, &self.h, &self.modulation.m, &self.modulation.z, &self.modulation.s]
-            .iter()
-            .map(|t| t.size_in_bytes())
-            .sum::<usize>()
+        [
+            &self.x,
+            &self.ln.y,
+            &self.ln.rstd,
+            &self.h,
+            &self.modulation.m,
+            &self.modulation.z,
+            &self.modulation.s,
+        ]
+        .iter()
+        .map(|t| t.size_in_bytes())
+        .sum::<usize>()
             + self.attention.bytes()
     }
 }
@@ -419,7 +503,13 @@ impl AttBlock {
         }
     }
 
-    pub fn forward(&self, layout: &ParamLayout, params: &View, x: Tensor, emb: &View) -> Result<(Tensor, AttBlockSaved)> {
+    pub fn forward(
+        &self,
+        layout: &ParamLayout,
+        params: &View,
+        x: Tensor,
+        emb: &View,
+    ) -> Result<(Tensor, AttBlockSaved)> {
         let modulation = self.modulation.forward(layout, params, emb)?;
         let xv = x.as_view()?;
         let mv = modulation.m.as_view()?;
@@ -452,11 +542,18 @@ impl AttBlock {
         let (x, m) = (saved.x.as_view()?, saved.modulation.m.as_view()?);
         let mut dm = Tensor::uninit(m.shape(), m.dtype(), &m.device())?;
         let (dx_res, dh) = residual_backward(&x, &saved.h.as_view()?, &m, dout, &mut dm.as_view_mut()?)?;
-        let dln = self.attention.backward(layout, params, &saved.attention, &dh.as_view()?, grads.as_deref_mut())?;
+        let dln = self.attention.backward(
+            layout,
+            params,
+            &saved.attention,
+            &dh.as_view()?,
+            grads.as_deref_mut(),
+        )?;
         let dh0 = layer_norm_backward(&saved.ln, &dln.as_view()?)?;
         let dx_mod = modulate_backward(&x, &m, &dh0.as_view()?, &mut dm.as_view_mut()?)?;
         if let Some(g) = grads {
-            self.modulation.backward_params(layout, params, emb, &saved.modulation, &dm.as_view()?, g)?;
+            self.modulation
+                .backward_params(layout, params, emb, &saved.modulation, &dm.as_view()?, g)?;
         }
         add(&dx_res, &dx_mod)
     }

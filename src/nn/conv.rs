@@ -56,7 +56,8 @@ pub mod cpu {
                     for tap in 0..9 {
                         let (iy, ix) = (oy * s + tap / 3 - 1, ox * s + tap % 3 - 1);
                         let inside = iy >= 0 && iy < h && ix >= 0 && ix < w;
-                        let base = ((n * h as usize + iy.max(0) as usize) * w as usize + ix.max(0) as usize) * cin;
+                        let base =
+                            ((n * h as usize + iy.max(0) as usize) * w as usize + ix.max(0) as usize) * cin;
                         for ci in 0..cin {
                             col[i] = if inside { x[base + ci] } else { T::ZERO };
                             i += 1;
@@ -108,7 +109,9 @@ pub fn im2col(x: &View, g: &ConvGeometry) -> Result<Tensor> {
             (Data::Cuda(xv, dev), DataMut::Cuda(co, _)) => {
                 let mut l = dev.stream().launch_builder(&dev.kernels().conv_im2col_f32);
                 l.arg(xv).arg(co).arg(g);
-                launched("conv_im2col_f32", unsafe { l.launch(launch_cfg(dev, g.out_pixels() * g.col_cols())) })?;
+                launched("conv_im2col_f32", unsafe {
+                    l.launch(launch_cfg(dev, g.out_pixels() * g.col_cols()))
+                })?;
             }
             (Data::Cuda(..), _) => return Err(mismatch("im2col", &[x], &[])),
             _ => host_real!(x, T => {
@@ -130,7 +133,9 @@ pub fn col2im(dcol: &View, g: &ConvGeometry) -> Result<Tensor> {
             (Data::Cuda(cv, dev), DataMut::Cuda(o, _)) => {
                 let mut l = dev.stream().launch_builder(&dev.kernels().conv_col2im_f32);
                 l.arg(cv).arg(o).arg(g);
-                launched("conv_col2im_f32", unsafe { l.launch(launch_cfg(dev, g.in_elems())) })?;
+                launched("conv_col2im_f32", unsafe {
+                    l.launch(launch_cfg(dev, g.in_elems()))
+                })?;
             }
             (Data::Cuda(..), _) => return Err(mismatch("col2im", &[dcol], &[])),
             _ => host_real!(dcol, T => {
@@ -180,7 +185,12 @@ impl Conv3x3 {
                     stride: s as i32,
                 })
             }
-            _ => Err(Error::shape("conv3x3", "input", format!("[N, H, W, {}]", self.cin), x_shape)),
+            _ => Err(Error::shape(
+                "conv3x3",
+                "input",
+                format!("[N, H, W, {}]", self.cin),
+                x_shape,
+            )),
         }
     }
 
@@ -191,7 +201,9 @@ impl Conv3x3 {
     }
 
     fn weight_matrix<'a>(&self, layout: &ParamLayout, params: &View<'a>) -> Result<View<'a>> {
-        layout.view(params, self.weight)?.reshape(&[9 * self.cin, self.cout])
+        layout
+            .view(params, self.weight)?
+            .reshape(&[9 * self.cin, self.cout])
     }
 
     /// y = conv(x) + b.
@@ -199,7 +211,12 @@ impl Conv3x3 {
         let g = self.geometry(x.shape())?;
         let col = im2col(x, &g)?;
         let mut y = Tensor::uninit(&[g.out_pixels(), self.cout], x.dtype(), &x.device())?;
-        gemm_into(&col, &self.weight_matrix(layout, params)?, &mut y, GemmSpec::default())?;
+        gemm_into(
+            &col,
+            &self.weight_matrix(layout, params)?,
+            &mut y,
+            GemmSpec::default(),
+        )?;
         add_bias(&mut y, &layout.view(params, self.bias)?)?;
         y.reshape(&self.out_shape(x.shape())?)
     }
@@ -220,7 +237,9 @@ impl Conv3x3 {
         gemm_into(&dy2, &wm, &mut dcol, GemmSpec::new(false, true))?;
         if let Some(grads) = grads {
             let col = im2col(x, &g)?;
-            let mut dw = layout.view_mut(grads, self.weight)?.reshape(&[9 * self.cin, self.cout])?;
+            let mut dw = layout
+                .view_mut(grads, self.weight)?
+                .reshape(&[9 * self.cin, self.cout])?;
             let acc = GemmSpec {
                 beta: 1.0,
                 ..GemmSpec::new(true, false)

@@ -21,7 +21,10 @@ pub struct DropoutMask {
 /// y = dropout(x). Also the backward: dx = dropout(dy) with the same mask.
 pub fn dropout(x: &View, mask: &DropoutMask) -> Result<Tensor> {
     if !(0.0..1.0).contains(&mask.p) {
-        return Err(Error::Other(format!("dropout probability {} is not in [0, 1)", mask.p)));
+        return Err(Error::Other(format!(
+            "dropout probability {} is not in [0, 1)",
+            mask.p
+        )));
     }
     let n = x.numel();
     let mut y = Tensor::uninit(x.shape(), x.dtype(), &x.device())?;
@@ -29,9 +32,16 @@ pub fn dropout(x: &View, mask: &DropoutMask) -> Result<Tensor> {
         let mut yv = y.as_view_mut()?;
         match (&x.data, &mut yv.data) {
             (Data::Cuda(xv, dev), DataMut::Cuda(o, _)) => {
-                let (n64, p, seed, stream, off) = (n as i64, mask.p, mask.rng.seed, mask.rng.stream, mask.offset);
+                let (n64, p, seed, stream, off) =
+                    (n as i64, mask.p, mask.rng.seed, mask.rng.stream, mask.offset);
                 let mut l = dev.stream().launch_builder(&dev.kernels().dropout_f32);
-                l.arg(xv).arg(o).arg(&n64).arg(&p).arg(&seed).arg(&stream).arg(&off);
+                l.arg(xv)
+                    .arg(o)
+                    .arg(&n64)
+                    .arg(&p)
+                    .arg(&seed)
+                    .arg(&stream)
+                    .arg(&off);
                 let cfg = LaunchConfig {
                     grid_dim: (dev.grid_for(n, 256), 1, 1),
                     block_dim: (256, 1, 1),

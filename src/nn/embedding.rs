@@ -24,11 +24,20 @@ pub fn embed_cpu<T: Real>(c_noise: &[T], out: &mut [T], e: usize) {
 /// [N] values of c_noise -> [N, E] embedding (E even, at least 4).
 pub fn sinusoidal_embedding(c_noise: &View, e: usize) -> Result<Tensor> {
     if e < 4 || e % 2 != 0 {
-        return Err(Error::Other(format!("embedding width {e} must be even and at least 4")));
+        return Err(Error::Other(format!(
+            "embedding width {e} must be even and at least 4"
+        )));
     }
     let n = match *c_noise.shape() {
         [n] => n,
-        _ => return Err(Error::shape("sinusoidal_embedding", "c_noise", "[N]", c_noise.shape())),
+        _ => {
+            return Err(Error::shape(
+                "sinusoidal_embedding",
+                "c_noise",
+                "[N]",
+                c_noise.shape(),
+            ))
+        }
     };
     let mut out = Tensor::uninit(&[n, e], c_noise.dtype(), &c_noise.device())?;
     {

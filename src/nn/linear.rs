@@ -51,7 +51,12 @@ impl Linear {
     fn rows(&self, x: &View) -> Result<usize> {
         match x.shape().last() {
             Some(&c) if c == self.fan_in => Ok(x.numel() / c),
-            _ => Err(Error::shape("linear", "input", format!("[.., {}]", self.fan_in), x.shape())),
+            _ => Err(Error::shape(
+                "linear",
+                "input",
+                format!("[.., {}]", self.fan_in),
+                x.shape(),
+            )),
         }
     }
 
@@ -62,7 +67,12 @@ impl Linear {
         let mut out_shape = x.shape().to_vec();
         *out_shape.last_mut().unwrap() = self.fan_out;
         let mut y = Tensor::uninit(&[rows, self.fan_out], x.dtype(), &x.device())?;
-        gemm_into(&x2, &layout.view(params, self.weight)?, &mut y, GemmSpec::default())?;
+        gemm_into(
+            &x2,
+            &layout.view(params, self.weight)?,
+            &mut y,
+            GemmSpec::default(),
+        )?;
         if let Some(b) = self.bias {
             add_bias(&mut y, &layout.view(params, b)?)?;
         }
@@ -81,7 +91,12 @@ impl Linear {
         let rows = self.rows(x)?;
         let dy2 = dy.reshape(&[rows, self.fan_out])?;
         let mut dx = Tensor::uninit(&[rows, self.fan_in], x.dtype(), &x.device())?;
-        gemm_into(&dy2, &layout.view(params, self.weight)?, &mut dx, GemmSpec::new(false, true))?;
+        gemm_into(
+            &dy2,
+            &layout.view(params, self.weight)?,
+            &mut dx,
+            GemmSpec::new(false, true),
+        )?;
         if let Some(g) = grads {
             let x2 = x.reshape(&[rows, self.fan_in])?;
             let accumulate = GemmSpec {

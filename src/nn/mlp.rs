@@ -29,8 +29,15 @@ pub struct MlpSaved {
 
 impl MlpSaved {
     pub fn bytes(&self) -> usize {
-        let t: usize = std::iter::once(&self.input).chain(&self.pre).map(|t| t.size_in_bytes()).sum();
-        t + self.norms.iter().map(|n| n.y.size_in_bytes() + n.rstd.size_in_bytes()).sum::<usize>()
+        let t: usize = std::iter::once(&self.input)
+            .chain(&self.pre)
+            .map(|t| t.size_in_bytes())
+            .sum();
+        t + self
+            .norms
+            .iter()
+            .map(|n| n.y.size_in_bytes() + n.rstd.size_in_bytes())
+            .sum::<usize>()
     }
 
     /// The input of Linear `i`.
@@ -52,7 +59,13 @@ impl TimeMlp {
             layers.push(Linear::new(&mut layout, &format!("mlp.{i}"), width, h, true));
             width = h;
         }
-        layers.push(Linear::new(&mut layout, &format!("mlp.{}", hidden.len()), width, features, true));
+        layers.push(Linear::new(
+            &mut layout,
+            &format!("mlp.{}", hidden.len()),
+            width,
+            features,
+            true,
+        ));
         TimeMlp {
             features,
             hidden: hidden.to_vec(),
@@ -70,7 +83,12 @@ impl TimeMlp {
     /// y [N, F] = MLP(concat(x [N, F], emb [N, E])).
     pub fn forward(&self, params: &View, x: &View, emb: &View) -> Result<(Tensor, MlpSaved)> {
         if !matches!(*x.shape(), [_, f] if f == self.features) {
-            return Err(Error::shape("time_mlp", "x", format!("[N, {}]", self.features), x.shape()));
+            return Err(Error::shape(
+                "time_mlp",
+                "x",
+                format!("[N, {}]", self.features),
+                x.shape(),
+            ));
         }
         let mut saved = MlpSaved {
             input: concat_channels(x, emb)?,
@@ -98,7 +116,13 @@ impl TimeMlp {
     ) -> Result<Tensor> {
         let (last, hidden) = self.layers.split_last().unwrap();
         let k = hidden.len();
-        let mut d = last.backward(&self.layout, params, &saved.layer_input(k).as_view()?, dy, grads.as_deref_mut())?;
+        let mut d = last.backward(
+            &self.layout,
+            params,
+            &saved.layer_input(k).as_view()?,
+            dy,
+            grads.as_deref_mut(),
+        )?;
         for i in (0..k).rev() {
             let ds = layer_norm_backward(&saved.norms[i], &d.as_view()?)?;
             let dz = silu_backward(&saved.pre[i], &ds)?;

@@ -55,5 +55,7 @@ use crate::ops::Philox;
 pub enum Mode {
     Eval,
     /// Dropout masks come from `rng`; every dropout layer uses its own element offset range.
-    Train { rng: Philox },
+    Train {
+        rng: Philox,
+    },
 }

@@ -13,7 +13,6 @@ pub const LN_EPS: f64 = 1e-5;
 pub mod cpu {
     use crate::real::Real;
 
-    
     pub fn forward<T: Real>(x: &[T], y: &mut [T], rstd: &mut [T], c: usize, eps: f64) {
         let inv_c = T::from_f64(1.0 / c as f64);
         for ((xr, yr), r) in x.chunks_exact(c).zip(y.chunks_exact_mut(c)).zip(rstd.iter_mut()) {
@@ -28,7 +27,12 @@ pub mod cpu {
 
     pub fn backward<T: Real>(y: &[T], rstd: &[T], dy: &[T], dx: &mut [T], c: usize) {
         let inv_c = T::from_f64(1.0 / c as f64);
-        for (((yr, gr), dr), &r) in y.chunks_exact(c).zip(dy.chunks_exact(c)).zip(dx.chunks_exact_mut(c)).zip(rstd) {
+        for (((yr, gr), dr), &r) in y
+            .chunks_exact(c)
+            .zip(dy.chunks_exact(c))
+            .zip(dx.chunks_exact_mut(c))
+            .zip(rstd)
+        {
             let ma = gr.iter().copied().sum::<T>() * inv_c;
             let mb = gr.iter().zip(yr).map(|(&g, &v)| g * v).sum::<T>() * inv_c;
             for ((d, &g), &v) in dr.iter_mut().zip(gr).zip(yr) {
@@ -67,7 +71,10 @@ pub fn layer_norm(x: &View) -> Result<LnSaved> {
     let mut y = Tensor::uninit(x.shape(), dtype, &device)?;
     let mut rstd = Tensor::uninit(&[rows], dtype, &device)?;
     {
-        let (mut yv, mut rv) = (crate::AsViewMut::as_view_mut(&mut y)?, crate::AsViewMut::as_view_mut(&mut rstd)?);
+        let (mut yv, mut rv) = (
+            crate::AsViewMut::as_view_mut(&mut y)?,
+            crate::AsViewMut::as_view_mut(&mut rstd)?,
+        );
         match (&x.data, &mut yv.data, &mut rv.data) {
             (Data::Cuda(xv, dev), DataMut::Cuda(yo, _), DataMut::Cuda(ro, _)) => {
                 let (r64, c32, eps) = (rows as i64, c as i32, LN_EPS as f32);
@@ -87,7 +94,11 @@ pub fn layer_norm(x: &View) -> Result<LnSaved> {
 
 /// dx for dy, given what the forward saved.
 pub fn layer_norm_backward(saved: &LnSaved, dy: &View) -> Result<Tensor> {
-    layer_norm_backward_from(&crate::AsView::as_view(&saved.y)?, &crate::AsView::as_view(&saved.rstd)?, dy)
+    layer_norm_backward_from(
+        &crate::AsView::as_view(&saved.y)?,
+        &crate::AsView::as_view(&saved.rstd)?,
+        dy,
+    )
 }
 
 /// dx for dy from the forward's output y and 1/std (when y is kept elsewhere, e.g. as the next

@@ -45,7 +45,10 @@ impl ParamLayout {
     /// Registers a parameter; offsets are handed out in order.
     pub fn add(&mut self, name: impl Into<String>, shape: &[usize], init: Init) -> ParamId {
         let name = name.into();
-        debug_assert!(self.specs.iter().all(|s| s.name != name), "duplicate parameter {name}");
+        debug_assert!(
+            self.specs.iter().all(|s| s.name != name),
+            "duplicate parameter {name}"
+        );
         self.specs.push(ParamSpec {
             name,
             shape: shape.to_vec(),

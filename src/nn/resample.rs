@@ -40,14 +40,22 @@ pub mod cpu {
     }
 
     pub fn concat<T: Real>(a: &[T], b: &[T], y: &mut [T], ca: usize, cb: usize) {
-        for ((yr, ar), br) in y.chunks_exact_mut(ca + cb).zip(a.chunks_exact(ca)).zip(b.chunks_exact(cb)) {
+        for ((yr, ar), br) in y
+            .chunks_exact_mut(ca + cb)
+            .zip(a.chunks_exact(ca))
+            .zip(b.chunks_exact(cb))
+        {
             yr[..ca].copy_from_slice(ar);
             yr[ca..].copy_from_slice(br);
         }
     }
 
     pub fn split<T: Real>(dy: &[T], da: &mut [T], db: &mut [T], ca: usize, cb: usize) {
-        for ((yr, ar), br) in dy.chunks_exact(ca + cb).zip(da.chunks_exact_mut(ca)).zip(db.chunks_exact_mut(cb)) {
+        for ((yr, ar), br) in dy
+            .chunks_exact(ca + cb)
+            .zip(da.chunks_exact_mut(ca))
+            .zip(db.chunks_exact_mut(cb))
+        {
             ar.copy_from_slice(&yr[..ca]);
             br.copy_from_slice(&yr[ca..]);
         }
@@ -107,7 +115,12 @@ pub fn upsample2x(x: &View) -> Result<Tensor> {
 pub fn upsample2x_backward(dy: &View) -> Result<Tensor> {
     let (n, h2, w2, c) = nhwc("upsample2x_backward", dy.shape())?;
     if h2 % 2 != 0 || w2 % 2 != 0 {
-        return Err(Error::shape("upsample2x_backward", "dy", "even H and W", dy.shape()));
+        return Err(Error::shape(
+            "upsample2x_backward",
+            "dy",
+            "even H and W",
+            dy.shape(),
+        ));
     }
     let (h, w) = (h2 / 2, w2 / 2);
     let mut dx = Tensor::uninit(&[n, h, w, c], dy.dtype(), &dy.device())?;
@@ -116,9 +129,13 @@ pub fn upsample2x_backward(dy: &View) -> Result<Tensor> {
         match (&dy.data, &mut dv.data) {
             (Data::Cuda(gv, dev), DataMut::Cuda(o, _)) => {
                 let d = [n as i64, h as i64, w as i64, c as i64];
-                let mut l = dev.stream().launch_builder(&dev.kernels().rs_upsample2x_backward_f32);
+                let mut l = dev
+                    .stream()
+                    .launch_builder(&dev.kernels().rs_upsample2x_backward_f32);
                 l.arg(gv).arg(o).arg(&d[0]).arg(&d[1]).arg(&d[2]).arg(&d[3]);
-                launched("rs_upsample2x_backward_f32", unsafe { l.launch(cfg(dev, n * h * w * c)) })?;
+                launched("rs_upsample2x_backward_f32", unsafe {
+                    l.launch(cfg(dev, n * h * w * c))
+                })?;
             }
             (Data::Cuda(..), _) => return Err(mismatch("upsample2x_backward", &[dy], &[])),
             _ => host_real!(dy, T => {
@@ -143,7 +160,12 @@ pub fn concat_channels(a: &View, b: &View) -> Result<Tensor> {
     let (rows, ca) = split_last("concat_channels", a.shape())?;
     let (rows_b, cb) = split_last("concat_channels", b.shape())?;
     if rows_b != rows || a.shape()[..a.shape().len() - 1] != b.shape()[..b.shape().len() - 1] {
-        return Err(Error::shape("concat_channels", "b", format!("{:?} but the last axis", a.shape()), b.shape()));
+        return Err(Error::shape(
+            "concat_channels",
+            "b",
+            format!("{:?} but the last axis", a.shape()),
+            b.shape(),
+        ));
     }
     let mut shape = a.shape().to_vec();
     *shape.last_mut().unwrap() = ca + cb;
@@ -157,7 +179,9 @@ pub fn concat_channels(a: &View, b: &View) -> Result<Tensor> {
                 l.arg(av).arg(bv).arg(o).arg(&d[0]).arg(&d[1]).arg(&d[2]);
                 launched("rs_concat_f32", unsafe { l.launch(cfg(dev, rows * (ca + cb))) })?;
             }
-            (Data::Cuda(..), ..) | (_, Data::Cuda(..), _) => return Err(mismatch("concat_channels", &[a, b], &[])),
+            (Data::Cuda(..), ..) | (_, Data::Cuda(..), _) => {
+                return Err(mismatch("concat_channels", &[a, b], &[]))
+            }
             _ => host_real!(a, T => {
                 cpu::concat::<T>(a.cpu()?, b.cpu()?, yv.cpu_mut()?, ca, cb);
                 Ok::<(), Error>(())
@@ -171,7 +195,12 @@ pub fn concat_channels(a: &View, b: &View) -> Result<Tensor> {
 pub fn split_channels(dy: &View, ca: usize) -> Result<(Tensor, Tensor)> {
     let (rows, c) = split_last("split_channels", dy.shape())?;
     if ca > c {
-        return Err(Error::shape("split_channels", "dy", format!("at least {ca} channels"), dy.shape()));
+        return Err(Error::shape(
+            "split_channels",
+            "dy",
+            format!("at least {ca} channels"),
+            dy.shape(),
+        ));
     }
     let cb = c - ca;
     let mut sa = dy.shape().to_vec();
@@ -216,8 +245,18 @@ pub fn permute(x: &View, perm: &[usize]) -> Result<Tensor> {
     let shape = x.shape();
     let rank = shape.len();
     let mut seen = [false; 6];
-    if rank > 6 || perm.len() != rank || perm.iter().any(|&p| p >= rank || std::mem::replace(&mut seen[p], true)) {
-        return Err(Error::shape("permute", format!("permutation {perm:?}"), "a permutation of the axes", shape));
+    if rank > 6
+        || perm.len() != rank
+        || perm
+            .iter()
+            .any(|&p| p >= rank || std::mem::replace(&mut seen[p], true))
+    {
+        return Err(Error::shape(
+            "permute",
+            format!("permutation {perm:?}"),
+            "a permutation of the axes",
+            shape,
+        ));
     }
     let mut strides = vec![1usize; rank];
     for a in (0..rank.saturating_sub(1)).rev() {
@@ -268,7 +307,12 @@ pub fn inverse_permutation(perm: &[usize]) -> Vec<usize> {
 pub fn pixel_unshuffle(x: &View, f: usize) -> Result<Tensor> {
     let (n, hf, wf, c) = nhwc("pixel_unshuffle", x.shape())?;
     if hf % f != 0 || wf % f != 0 {
-        return Err(Error::shape("pixel_unshuffle", "input", format!("H and W divisible by {f}"), x.shape()));
+        return Err(Error::shape(
+            "pixel_unshuffle",
+            "input",
+            format!("H and W divisible by {f}"),
+            x.shape(),
+        ));
     }
     let (h, w) = (hf / f, wf / f);
     let x6 = x.reshape(&[n, h, f, w, f, c])?;
@@ -279,7 +323,12 @@ pub fn pixel_unshuffle(x: &View, f: usize) -> Result<Tensor> {
 pub fn pixel_shuffle(x: &View, f: usize) -> Result<Tensor> {
     let (n, h, w, ffc) = nhwc("pixel_shuffle", x.shape())?;
     if ffc % (f * f) != 0 {
-        return Err(Error::shape("pixel_shuffle", "input", format!("channels divisible by {}", f * f), x.shape()));
+        return Err(Error::shape(
+            "pixel_shuffle",
+            "input",
+            format!("channels divisible by {}", f * f),
+            x.shape(),
+        ));
     }
     let c = ffc / (f * f);
     let x6 = x.reshape(&[n, h, w, f, f, c])?;

@@ -84,7 +84,11 @@ impl UNetConfig {
         let l = self.channels.len();
         let bad = |why: String| Err(Error::Other(format!("invalid U-Net config: {why}")));
         if l == 0 || self.blocks.len() != l {
-            return bad(format!("{} channel widths but {} block counts", l, self.blocks.len()));
+            return bad(format!(
+                "{} channel widths but {} block counts",
+                l,
+                self.blocks.len()
+            ));
         }
         if self.patch == 0 || self.emb < 4 || self.emb % 2 != 0 {
             return bad("patch must be >= 1 and the embedding even and >= 4".into());
@@ -185,7 +189,9 @@ impl UNetSaved {
         for u in &self.up {
             b += u.merged.as_ref().map_or(0, |t| t.size_in_bytes());
             b += u.blocks.iter().map(BlockSaved::bytes).sum::<usize>();
-            b += u.ln.as_ref().map_or(0, |l| l.y.size_in_bytes() + l.rstd.size_in_bytes());
+            b +=
+                u.ln.as_ref()
+                    .map_or(0, |l| l.y.size_in_bytes() + l.rstd.size_in_bytes());
             b += u.head_input.as_ref().map_or(0, |t| t.size_in_bytes());
         }
         b
@@ -207,7 +213,13 @@ impl UNet {
                 let res = ResBlock::new(layout, &format!("{name}.{j}.res"), c[i], e, config.dropout);
                 v.push(Block::Res(res));
                 if let Some(heads) = config.heads_at(i) {
-                    v.push(Block::Att(AttBlock::new(layout, &format!("{name}.{j}.att"), c[i], heads, e)));
+                    v.push(Block::Att(AttBlock::new(
+                        layout,
+                        &format!("{name}.{j}.att"),
+                        c[i],
+                        heads,
+                        e,
+                    )));
                 }
             }
             v
@@ -229,7 +241,13 @@ impl UNet {
         }
         for i in (0..c.len()).rev() {
             if i + 1 < c.len() {
-                levels[i].merge = Some(Conv3x3::new(&mut layout, &format!("up.{i}.conv"), c[i + 1] + c[i], c[i], 1));
+                levels[i].merge = Some(Conv3x3::new(
+                    &mut layout,
+                    &format!("up.{i}.conv"),
+                    c[i + 1] + c[i],
+                    c[i],
+                    1,
+                ));
             }
             levels[i].up = blocks(&mut layout, &format!("up.{i}"), i);
         }
@@ -297,12 +315,22 @@ impl UNet {
     pub fn forward(&self, params: &View, x: &View, emb: &View, mode: Mode) -> Result<(Tensor, UNetSaved)> {
         let cfg = &self.config;
         let n = match *x.shape() {
-            [n, h, w, c] if c == cfg.in_channels && h % (cfg.patch << (cfg.channels.len() - 1)) == 0 && w % (cfg.patch << (cfg.channels.len() - 1)) == 0 => n,
+            [n, h, w, c]
+                if c == cfg.in_channels
+                    && h % (cfg.patch << (cfg.channels.len() - 1)) == 0
+                    && w % (cfg.patch << (cfg.channels.len() - 1)) == 0 =>
+            {
+                n
+            }
             _ => {
                 return Err(Error::shape(
                     "unet",
                     "input",
-                    format!("[N, H, W, {}] with H, W divisible by {}", cfg.in_channels, cfg.patch << (cfg.channels.len() - 1)),
+                    format!(
+                        "[N, H, W, {}] with H, W divisible by {}",
+                        cfg.in_channels,
+                        cfg.patch << (cfg.channels.len() - 1)
+                    ),
                     x.shape(),
                 ))
             }
@@ -310,11 +338,19 @@ impl UNet {
         if emb.shape() != [n, cfg.emb] {
             return Err(Error::shape("unet", "embedding", [n, cfg.emb], emb.shape()));
         }
-        let input = if cfg.patch > 1 { pixel_unshuffle(x, cfg.patch)? } else { x.to_tensor()? };
+        let input = if cfg.patch > 1 {
+            pixel_unshuffle(x, cfg.patch)?
+        } else {
+            x.to_tensor()?
+        };
         let mut counter = 0u64;
         let mut down: Vec<DownSaved> = Vec::new();
         for (i, level) in self.levels.iter().enumerate() {
-            let conv_in = if i == 0 { input.as_view()? } else { down[i - 1].skip.as_view()? };
+            let conv_in = if i == 0 {
+                input.as_view()?
+            } else {
+                down[i - 1].skip.as_view()?
+            };
             let c = level.input.forward(&self.layout, params, &conv_in)?;
             let (h, ln_rstd) = if i == 0 {
                 (c, None)
@@ -323,7 +359,11 @@ impl UNet {
                 (ln.y, Some(ln.rstd))
             };
             let (skip, blocks) = self.run_blocks(&level.down, params, h, emb, mode, &mut counter)?;
-            down.push(DownSaved { ln_rstd, blocks, skip });
+            down.push(DownSaved {
+                ln_rstd,
+                blocks,
+                skip,
+            });
         }
         let last = self.levels.len() - 1;
         let mut up: Vec<UpSaved> = Vec::new();
@@ -360,7 +400,11 @@ impl UNet {
             }
         }
         let y = y.expect("level 0 produces the output");
-        let y = if cfg.patch > 1 { pixel_shuffle(&y.as_view()?, cfg.patch)? } else { y };
+        let y = if cfg.patch > 1 {
+            pixel_shuffle(&y.as_view()?, cfg.patch)?
+        } else {
+            y
+        };
         Ok((
             y,
             UNetSaved {
@@ -383,7 +427,11 @@ impl UNet {
     ) -> Result<Tensor> {
         let cfg = &self.config;
         let last = self.levels.len() - 1;
-        let dy = if cfg.patch > 1 { pixel_unshuffle(dy, cfg.patch)? } else { dy.to_tensor()? };
+        let dy = if cfg.patch > 1 {
+            pixel_unshuffle(dy, cfg.patch)?
+        } else {
+            dy.to_tensor()?
+        };
         let mut dskip: Vec<Option<Tensor>> = (0..=last).map(|_| None).collect();
         let accumulate = |slot: &mut Option<Tensor>, g: Tensor| -> Result<()> {
             *slot = Some(match slot.take() {
@@ -394,21 +442,35 @@ impl UNet {
         };
         // Ascent, in reverse: level 0 first.
         let mut d_carry: Option<Tensor> = None;
-        for i in 0..=last {
+        for (i, level) in self.levels.iter().enumerate() {
             let s = &saved.up[last - i];
-            let level = &self.levels[i];
             let d = if i == 0 {
                 let head = s.head_input.as_ref().expect("level 0 keeps the head input");
-                self.out.backward(&self.layout, params, &head.as_view()?, &dy.as_view()?, grads.as_deref_mut())?
+                self.out.backward(
+                    &self.layout,
+                    params,
+                    &head.as_view()?,
+                    &dy.as_view()?,
+                    grads.as_deref_mut(),
+                )?
             } else {
                 let d_up = d_carry.take().expect("the level above passes its gradient down");
                 let d_y = upsample2x_backward(&d_up.as_view()?)?;
-                layer_norm_backward(s.ln.as_ref().expect("levels > 0 end in LayerNorm"), &d_y.as_view()?)?
+                layer_norm_backward(
+                    s.ln.as_ref().expect("levels > 0 end in LayerNorm"),
+                    &d_y.as_view()?,
+                )?
             };
             let d = self.back_blocks(&level.up, &s.blocks, params, emb, d, &mut grads)?;
             match (&level.merge, &s.merged) {
                 (Some(conv), Some(cat)) => {
-                    let d_cat = conv.backward(&self.layout, params, &cat.as_view()?, &d.as_view()?, grads.as_deref_mut())?;
+                    let d_cat = conv.backward(
+                        &self.layout,
+                        params,
+                        &cat.as_view()?,
+                        &d.as_view()?,
+                        grads.as_deref_mut(),
+                    )?;
                     let c_up = cfg.channels[i + 1];
                     let (d_up, d_skip) = split_channels(&d_cat.as_view()?, c_up)?;
                     accumulate(&mut dskip[i], d_skip)?;
@@ -426,13 +488,27 @@ impl UNet {
             let d = self.back_blocks(&level.down, &s.blocks, params, emb, d, &mut grads)?;
             let d = match &s.ln_rstd {
                 Some(rstd) => {
-                    let y = s.blocks.first().map(BlockSaved::input).expect("levels have at least one block");
+                    let y = s
+                        .blocks
+                        .first()
+                        .map(BlockSaved::input)
+                        .expect("levels have at least one block");
                     layer_norm_backward_from(&y.as_view()?, &rstd.as_view()?, &d.as_view()?)?
                 }
                 None => d,
             };
-            let conv_in = if i == 0 { saved.input.as_view()? } else { saved.down[i - 1].skip.as_view()? };
-            let d_in = level.input.backward(&self.layout, params, &conv_in, &d.as_view()?, grads.as_deref_mut())?;
+            let conv_in = if i == 0 {
+                saved.input.as_view()?
+            } else {
+                saved.down[i - 1].skip.as_view()?
+            };
+            let d_in = level.input.backward(
+                &self.layout,
+                params,
+                &conv_in,
+                &d.as_view()?,
+                grads.as_deref_mut(),
+            )?;
             if i == 0 {
                 dx = Some(d_in);
             } else {
@@ -454,7 +530,10 @@ impl UNet {
     pub fn forward_macs(&self) -> u64 {
         let cfg = &self.config;
         let (c, e) = (&cfg.channels, cfg.emb as u64);
-        let (h0, w0) = ((cfg.resolution.0 / cfg.patch) as u64, (cfg.resolution.1 / cfg.patch) as u64);
+        let (h0, w0) = (
+            (cfg.resolution.0 / cfg.patch) as u64,
+            (cfg.resolution.1 / cfg.patch) as u64,
+        );
         let pixels = |i: usize| (h0 >> i) * (w0 >> i);
         let conv = |cin: usize, cout: usize, i: usize| 9 * cin as u64 * cout as u64 * pixels(i);
         let modulation = |ch: usize| e * e + e * 3 * ch as u64;
@@ -485,7 +564,10 @@ impl UNet {
     pub fn largest_column_buffer(&self) -> u64 {
         let cfg = &self.config;
         let c = &cfg.channels;
-        let (h0, w0) = ((cfg.resolution.0 / cfg.patch) as u64, (cfg.resolution.1 / cfg.patch) as u64);
+        let (h0, w0) = (
+            (cfg.resolution.0 / cfg.patch) as u64,
+            (cfg.resolution.1 / cfg.patch) as u64,
+        );
         let cols = |cin: usize, i: usize| 9 * cin as u64 * (h0 >> i) * (w0 >> i);
         let mut m = cols(cfg.in_channels * cfg.patch * cfg.patch, 0);
         for i in 0..c.len() {
@@ -506,7 +588,12 @@ impl UNet {
         let (h0, w0) = (cfg.resolution.0 / cfg.patch, cfg.resolution.1 / cfg.patch);
         let mut s = String::new();
         let count = |prefix: &str| -> usize {
-            self.layout.specs().iter().filter(|p| p.name.starts_with(prefix)).map(|p| p.shape.iter().product::<usize>()).sum()
+            self.layout
+                .specs()
+                .iter()
+                .filter(|p| p.name.starts_with(prefix))
+                .map(|p| p.shape.iter().product::<usize>())
+                .sum()
         };
         let _ = writeln!(
             s,
@@ -514,12 +601,22 @@ impl UNet {
             cfg.resolution.0,
             cfg.resolution.1,
             cfg.in_channels,
-            if cfg.patch > 1 { format!(" (patchified {p}x{p} to {h0}x{w0}x{})", cfg.in_channels * cfg.patch * cfg.patch, p = cfg.patch) } else { String::new() },
+            if cfg.patch > 1 {
+                format!(
+                    " (patchified {p}x{p} to {h0}x{w0}x{})",
+                    cfg.in_channels * cfg.patch * cfg.patch,
+                    p = cfg.patch
+                )
+            } else {
+                String::new()
+            },
             cfg.emb,
             cfg.dropout
         );
         for (i, &c) in cfg.channels.iter().enumerate() {
-            let att = cfg.heads_at(i).map_or(String::new(), |hd| format!(" + AttBlock({hd} heads x {})", c / hd));
+            let att = cfg.heads_at(i).map_or(String::new(), |hd| {
+                format!(" + AttBlock({hd} heads x {})", c / hd)
+            });
             let _ = writeln!(
                 s,
                 "  level {i}: {}x{}x{c}, {} x [ResBlock{att}]; params descent {} / ascent {}",
@@ -530,7 +627,12 @@ impl UNet {
                 fmt_count(count(&format!("up.{i}.")))
             );
         }
-        let _ = writeln!(s, "  head: Linear({} -> {})", cfg.channels[0], cfg.out_channels * cfg.patch * cfg.patch);
+        let _ = writeln!(
+            s,
+            "  head: Linear({} -> {})",
+            cfg.channels[0],
+            cfg.out_channels * cfg.patch * cfg.patch
+        );
         s
     }
 }

@@ -26,7 +26,11 @@ pub mod cpu {
             for c in 0..cols {
                 let s: f64 = (0..per).map(|r| x[(g * per + r) * cols + c].to_f64()).sum();
                 let o = &mut out[g * cols + c];
-                *o = if accumulate { *o + T::from_f64(s) } else { T::from_f64(s) };
+                *o = if accumulate {
+                    *o + T::from_f64(s)
+                } else {
+                    T::from_f64(s)
+                };
             }
         }
     }
@@ -80,12 +84,22 @@ pub fn add_bias(y: &mut impl AsViewMut, b: &impl AsView) -> Result<()> {
 
 /// out[g, c] (+= when `accumulate`) the sum over the rows of group g of x viewed as
 /// `[groups, rows_per_group, cols]`. `groups = 1` gives a bias gradient.
-pub fn sum_rows_into(x: &impl AsView, groups: usize, out: &mut impl AsViewMut, accumulate: bool) -> Result<()> {
+pub fn sum_rows_into(
+    x: &impl AsView,
+    groups: usize,
+    out: &mut impl AsViewMut,
+    accumulate: bool,
+) -> Result<()> {
     let (x, mut out) = (x.as_view()?, out.as_view_mut()?);
     one_device("sum_rows", &[&x], &[&out])?;
     let cols = cols_of("sum_rows", x.shape())?;
     if groups == 0 || x.numel() % (groups * cols) != 0 {
-        return Err(Error::shape("sum_rows", "input", format!("{groups} groups of rows"), x.shape()));
+        return Err(Error::shape(
+            "sum_rows",
+            "input",
+            format!("{groups} groups of rows"),
+            x.shape(),
+        ));
     }
     if out.numel() != groups * cols {
         return Err(Error::shape("sum_rows", "out", [groups, cols], out.shape()));
@@ -123,7 +137,12 @@ pub fn scale_rows_add_into(
     beta: &impl AsView,
     y: &mut impl AsViewMut,
 ) -> Result<()> {
-    scale_rows(a.as_view()?, alpha.as_view()?, Some((b.as_view()?, beta.as_view()?)), y.as_view_mut()?)
+    scale_rows(
+        a.as_view()?,
+        alpha.as_view()?,
+        Some((b.as_view()?, beta.as_view()?)),
+        y.as_view_mut()?,
+    )
 }
 
 fn scale_rows(a: View, alpha: View, b: Option<(View, View)>, mut y: ViewMut) -> Result<()> {

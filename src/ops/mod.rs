@@ -48,7 +48,10 @@ pub fn mismatch(op: &'static str, views: &[&View], outs: &[&ViewMut]) -> Error {
 /// Checks that all operands live on one device (the CPU, or the same GPU): the dispatch in each
 /// op matches on data kinds and would otherwise hand one GPU's pointer to another's kernel.
 pub fn one_device(op: &'static str, views: &[&View], outs: &[&ViewMut]) -> Result<()> {
-    let mut devices = views.iter().map(|v| v.device()).chain(outs.iter().map(|o| o.as_view().device()));
+    let mut devices = views
+        .iter()
+        .map(|v| v.device())
+        .chain(outs.iter().map(|o| o.as_view().device()));
     if let Some(first) = devices.next() {
         if devices.any(|d| !d.same_as(&first)) {
             return Err(mismatch(op, views, outs));

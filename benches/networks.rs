@@ -1,0 +1,140 @@
+//! The denoiser networks under criterion.
+//! - CPU: TimeMLP (manifold preset) forward + backward with parameter gradients at batch 1024.
+//! - GPU: the CIFAR-10 U-Net (19.44 GFLOP per image forward, counted by `forward_macs`) at batch
+//!   64 and 256: forward; forward + one VJP (the MMPS pattern); forward + backward with parameter
+//!   gradients (training). Throughput is images/s (criterion's elem/s). Device time comes from
+//!   CUDA events. Without a GPU the GPU group prints `skipped: GPU unavailable: <reason>`.
+
+use std::time::Duration;
+
+use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use cudarc::driver::sys::CUevent_flags;
+use emprior::diffusion::{preset, Denoiser};
+use emprior::nn::Mode;
+use emprior::ops::{self, Philox};
+use emprior::{AsView, AsViewMut, DType, Device, Tensor};
+
+fn time_mlp_cpu(c: &mut Criterion) {
+    let den = Denoiser::new(preset("manifold").unwrap());
+    let cpu = Device::Cpu;
+    let batch = 1024;
+    let params = den.layout().init(0, DType::F32, &cpu).unwrap();
+    let x = ops::normal(&[batch, 5], Philox::new(1, 1), 0, &cpu).unwrap();
+    let u = ops::normal(&[batch, 5], Philox::new(1, 2), 0, &cpu).unwrap();
+    let sigmas: Vec<f64> = (0..batch)
+        .map(|i| 1e-3 * (1e4f64).powf(i as f64 / batch as f64))
+        .collect();
+    let mut grads = Tensor::zeros(&[den.layout().len()], DType::F32, &cpu).unwrap();
+    let mut group = c.benchmark_group("time_mlp_cpu");
+    group.throughput(Throughput::Elements(batch as u64));
+    group.bench_function(BenchmarkId::new("forward_backward", batch), |b| {
+        b.iter(|| {
+            let pv = params.as_view().unwrap();
+            let (_, saved) = den
+                .denoise(&pv, &x.as_view().unwrap(), &sigmas, Mode::Eval)
+                .unwrap();
+            den.backward(
+                &pv,
+                &saved,
+                &u.as_view().unwrap(),
+                Some(&mut grads.as_view_mut().unwrap()),
+            )
+            .unwrap()
+        })
+    });
+    group.bench_function(BenchmarkId::new("forward_vjp", batch), |b| {
+        b.iter(|| {
+            let pv = params.as_view().unwrap();
+            let (_, saved) = den
+                .denoise(&pv, &x.as_view().unwrap(), &sigmas, Mode::Eval)
+                .unwrap();
+            den.vjp(&pv, &saved, &u.as_view().unwrap()).unwrap()
+        })
+    });
+    group.finish();
+}
+
+fn unet_gpu(c: &mut Criterion) {
+    let device = match Device::cuda(0) {
+        Ok(d) => d,
+        Err(e) => {
+            println!("unet_gpu: skipped: {e}");
+            return;
+        }
+    };
+    let Device::Cuda(dev) = &device else {
+        unreachable!()
+    };
+    let den = Denoiser::new(preset("cifar10").unwrap());
+    let params = den.layout().init(0, DType::F32, &device).unwrap();
+    let mut grads = Tensor::zeros(&[den.layout().len()], DType::F32, &device).unwrap();
+    let mut group = c.benchmark_group("unet_cifar10_gpu_f32");
+    group.sample_size(10).measurement_time(Duration::from_secs(10));
+    for batch in [64usize, 256] {
+        let x = ops::normal(&[batch, 32, 32, 3], Philox::new(2, 1), 0, &device).unwrap();
+        let u = ops::normal(&[batch, 32, 32, 3], Philox::new(2, 2), 0, &device).unwrap();
+        let sigmas = vec![0.5; batch];
+        group.throughput(Throughput::Elements(batch as u64));
+        let time = |iters: u64, f: &mut dyn FnMut()| -> Duration {
+            let ev = || {
+                dev.context()
+                    .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+                    .unwrap()
+            };
+            let (start, end) = (ev(), ev());
+            start.record(dev.stream()).unwrap();
+            for _ in 0..iters {
+                f();
+            }
+            end.record(dev.stream()).unwrap();
+            end.synchronize().unwrap();
+            Duration::from_secs_f64(start.elapsed_ms(&end).unwrap() as f64 * 1e-3)
+        };
+        group.bench_function(BenchmarkId::new("forward", batch), |b| {
+            b.iter_custom(|iters| {
+                time(iters, &mut || {
+                    den.denoise(
+                        &params.as_view().unwrap(),
+                        &x.as_view().unwrap(),
+                        &sigmas,
+                        Mode::Eval,
+                    )
+                    .unwrap();
+                })
+            })
+        });
+        group.bench_function(BenchmarkId::new("forward_vjp", batch), |b| {
+            b.iter_custom(|iters| {
+                time(iters, &mut || {
+                    let pv = params.as_view().unwrap();
+                    let (_, s) = den
+                        .denoise(&pv, &x.as_view().unwrap(), &sigmas, Mode::Eval)
+                        .unwrap();
+                    den.vjp(&pv, &s, &u.as_view().unwrap()).unwrap();
+                })
+            })
+        });
+        group.bench_function(BenchmarkId::new("forward_backward", batch), |b| {
+            b.iter_custom(|iters| {
+                time(iters, &mut || {
+                    let pv = params.as_view().unwrap();
+                    let mode = Mode::Train {
+                        rng: Philox::new(3, 3),
+                    };
+                    let (_, s) = den.denoise(&pv, &x.as_view().unwrap(), &sigmas, mode).unwrap();
+                    den.backward(
+                        &pv,
+                        &s,
+                        &u.as_view().unwrap(),
+                        Some(&mut grads.as_view_mut().unwrap()),
+                    )
+                    .unwrap();
+                })
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group!(benches, time_mlp_cpu, unet_gpu);
+criterion_main!(benches);
