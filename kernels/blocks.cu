@@ -1,5 +1,5 @@
 // The fused pieces of the paper's ResBlock and AttBlock around their convolutions / attention:
-//   modulate:  h = (1 + a) * x + b
+//   modulate:  h = (1 + a) * x + b          (forward fused into LayerNorm: kernels/norm.cu)
 //   residual:  out = (x + c * h) / sqrt(1 + c^2)
 // where (a, b, c) = m[n, 0:C], m[n, C:2C], m[n, 2C:3C] come from the block's modulation MLP and
 // broadcast over the P pixels of sample n. x, h, out are [N, P, C]; m is [N, 3C].
@@ -8,15 +8,6 @@
 // they write the input gradients and the deterministic per-sample sums that d m needs, with no
 // atomics. Forward kernels: any grid, grid-stride. Backward: grid = (ceil(C / 256), N), block 256.
 #include "common.cuh"
-
-extern "C" __global__ void blk_modulate_f32(const float* x, const float* m, float* h, i64 n, i64 p, i64 c) {
-    const i64 total = n * p * c, step = (i64)gridDim.x * blockDim.x;
-    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
-        const i64 ch = i % c, s = i / (p * c);
-        const float* ms = m + s * 3 * c;
-        h[i] = fmaf(1.0f + ms[ch], x[i], ms[c + ch]);
-    }
-}
 
 // dx = (1 + a) dh; dm[:, 0:C] = sum_p dh * x; dm[:, C:2C] = sum_p dh. dx may alias dh.
 extern "C" __global__ void blk_modulate_backward_f32(const float* x, const float* m, const float* dh, float* dx,

@@ -2,7 +2,8 @@
 //   C[b] = alpha * op(A[b]) * op(B[b]) + beta * C[b],   op(A) is M x K, op(B) is K x N, C is M x N.
 // op(A) = A (stored M x K, row stride lda) or A^T (A stored K x M); likewise for B (N x K when
 // transposed). A batch stride of 0 broadcasts one matrix over the batch (a shared weight).
-// beta == 0 means C is not read (so an uninitialised or poisoned C is fine).
+// beta == 0 means C is not read (so an uninitialised or poisoned C is fine). An optional bias
+// (length N, null for none) is added in the epilogue: C = alpha op(A) op(B) + beta C + bias.
 //
 // The kernel: 128 x 128 output tile per block of 256 threads, K in steps of 8 through shared
 // memory, each thread accumulating an 8 x 8 register block (two 4-wide strips 64 apart, so the
@@ -29,7 +30,8 @@ struct GemmParams {
 
 template <bool TA, bool TB>
 __device__ __forceinline__ void gemm_body(const float* __restrict__ A, const float* __restrict__ B,
-                                          float* __restrict__ C, const GemmParams& p) {
+                                          float* __restrict__ C, const GemmParams& p,
+                                          const float* __restrict__ bias) {
     // +4 padding: the transposing stores below (8 consecutive threads along k) hit 8 distinct
     // banks, and rows stay 16-byte aligned for the float4 reads.
     __shared__ __align__(16) float As[GEMM_BK][GEMM_BM + 4];
@@ -98,26 +100,28 @@ __device__ __forceinline__ void gemm_body(const float* __restrict__ A, const flo
                 const int gn = n0 + (j < 4 ? tx * 4 + j : 64 + tx * 4 + (j - 4));
                 if (gn >= p.n) continue;
                 float* c = Cb + (i64)gm * p.ldc + gn;
-                const float v = p.alpha * acc[i][j];
-                *c = p.beta == 0.0f ? v : fmaf(p.beta, *c, v);
+                float v = p.alpha * acc[i][j];
+                if (p.beta != 0.0f) v = fmaf(p.beta, *c, v);
+                if (bias) v += bias[gn];
+                *c = v;
             }
         }
     }
 }
 
 extern "C" __global__ void __launch_bounds__(GEMM_THREADS)
-    gemm_f32_nn(const float* A, const float* B, float* C, GemmParams p) {
-    gemm_body<false, false>(A, B, C, p);
+    gemm_f32_nn(const float* A, const float* B, float* C, GemmParams p, const float* bias) {
+    gemm_body<false, false>(A, B, C, p, bias);
 }
 extern "C" __global__ void __launch_bounds__(GEMM_THREADS)
-    gemm_f32_nt(const float* A, const float* B, float* C, GemmParams p) {
-    gemm_body<false, true>(A, B, C, p);
+    gemm_f32_nt(const float* A, const float* B, float* C, GemmParams p, const float* bias) {
+    gemm_body<false, true>(A, B, C, p, bias);
 }
 extern "C" __global__ void __launch_bounds__(GEMM_THREADS)
-    gemm_f32_tn(const float* A, const float* B, float* C, GemmParams p) {
-    gemm_body<true, false>(A, B, C, p);
+    gemm_f32_tn(const float* A, const float* B, float* C, GemmParams p, const float* bias) {
+    gemm_body<true, false>(A, B, C, p, bias);
 }
 extern "C" __global__ void __launch_bounds__(GEMM_THREADS)
-    gemm_f32_tt(const float* A, const float* B, float* C, GemmParams p) {
-    gemm_body<true, true>(A, B, C, p);
+    gemm_f32_tt(const float* A, const float* B, float* C, GemmParams p, const float* bias) {
+    gemm_body<true, true>(A, B, C, p, bias);
 }

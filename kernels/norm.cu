@@ -46,3 +46,31 @@ extern "C" __global__ void ln_backward_f32(const float* y, const float* rstd, co
         for (int c = lane; c < C; c += 32) dr[c] = r * (gr[c] - ma - yr[c] * mb);
     }
 }
+
+// The block entry of ResBlock and AttBlock fused: y = LN((1 + a) x + b), with (a, b) =
+// m[s, 0:C], m[s, C:2C] for the sample s = row / p that the row (pixel) belongs to. The
+// modulated value is recomputed in each pass instead of being stored: nothing but y and 1/std
+// goes to memory, and the backward needs nothing else.
+extern "C" __global__ void ln_modulate_forward_f32(const float* x, const float* m, float* y, float* rstd, i64 rows,
+                                                   i64 p, int C, float eps) {
+    const i64 warps = ((i64)gridDim.x * blockDim.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    const float inv_c = 1.0f / (float)C;
+    for (i64 row = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5; row < rows; row += warps) {
+        const float* xr = x + row * C;
+        const float* ma = m + (row / p) * 3 * C;
+        const float* mb = ma + C;
+        float s = 0.0f;
+        for (int c = lane; c < C; c += 32) s += fmaf(1.0f + ma[c], xr[c], mb[c]);
+        const float mean = warp_allsum(s) * inv_c;
+        float v = 0.0f;
+        for (int c = lane; c < C; c += 32) {
+            const float d = fmaf(1.0f + ma[c], xr[c], mb[c]) - mean;
+            v = fmaf(d, d, v);
+        }
+        const float r = 1.0f / sqrtf(warp_allsum(v) * inv_c + eps);
+        float* yr = y + row * C;
+        for (int c = lane; c < C; c += 32) yr[c] = (fmaf(1.0f + ma[c], xr[c], mb[c]) - mean) * r;
+        if (lane == 0) rstd[row] = r;
+    }
+}

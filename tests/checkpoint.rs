@@ -131,7 +131,10 @@ fn bad_checkpoints_get_errors_that_name_the_problem() {
 fn saving_never_leaves_a_torn_file() {
     let net = Network::Mlp(TimeMlp::new(2, &[3], 4));
     let params = net.layout().init(1, DType::F32, &Device::Cpu).unwrap();
-    let path = tmp("atomic.safetensors");
+    // Its own directory: the other tests write checkpoints concurrently.
+    let dir = std::env::temp_dir().join(format!("emprior-ckpt-atomic-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("atomic.safetensors");
     save_checkpoint(&path, &net, &params, &BTreeMap::new()).unwrap();
     let dir = path.parent().unwrap();
     let leftovers: Vec<_> = std::fs::read_dir(dir)

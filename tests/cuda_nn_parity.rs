@@ -9,10 +9,10 @@ mod common;
 use common::{gpu_or_skip, random_vec};
 use emprior::diffusion::{Denoiser, Network};
 use emprior::nn::attention::{softmax, softmax_backward, SelfAttention};
-use emprior::nn::blocks::{modulate, modulate_backward, residual, residual_backward, AttBlock, ResBlock};
+use emprior::nn::blocks::{modulate_backward, residual, residual_backward, AttBlock, ResBlock};
 use emprior::nn::dropout::{dropout, DropoutMask};
 use emprior::nn::embedding::sinusoidal_embedding;
-use emprior::nn::norm::{layer_norm, layer_norm_backward};
+use emprior::nn::norm::{layer_norm, layer_norm_backward, modulated_layer_norm};
 use emprior::nn::{resample, Conv3x3, Linear, Mode, ParamLayout, UNet, UNetConfig};
 use emprior::ops::broadcast::{add_bias, scale_rows_add_into, sum_rows_into};
 use emprior::ops::Philox;
@@ -144,7 +144,7 @@ fn layers(gpu: &Device) {
         vec![saved.y, saved.rstd, dx]
     });
 
-    parity("modulate and residual", &gpu, tol, |d| {
+    parity("modulated LayerNorm and residual", &gpu, tol, |d| {
         let (n, p, c) = (3, 70, 40);
         let x = on(d, 9, &[n, p, c], 1.0);
         let h = on(d, 10, &[n, p, c], 1.0);
@@ -156,12 +156,12 @@ fn layers(gpu: &Device) {
             m.as_view().unwrap(),
             dy.as_view().unwrap(),
         );
-        let hm = modulate(&xv, &mv).unwrap();
+        let ln = modulated_layer_norm(&xv, &mv).unwrap();
         let r = residual(&xv, &hv, &mv).unwrap();
         let mut dm = Tensor::full(&[n, 3 * c], f32::NAN, d).unwrap();
         let (dxr, dhr) = residual_backward(&xv, &hv, &mv, &dv, &mut dm.as_view_mut().unwrap()).unwrap();
         let dxm = modulate_backward(&xv, &mv, &dv, &mut dm.as_view_mut().unwrap()).unwrap();
-        vec![hm, r, dxr, dhr, dxm, dm]
+        vec![ln.y, ln.rstd, r, dxr, dhr, dxm, dm]
     });
 
     parity("softmax", &gpu, tol, |d| {

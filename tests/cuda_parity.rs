@@ -224,6 +224,40 @@ fn cuda_gemm_matches_cpu() {
             }
         }
     }
+    // The bias epilogue (linear and convolution layers), against the CPU.
+    for &(m, n, k) in &[(1usize, 1usize, 1usize), (129, 300, 77)] {
+        let a = random_vec(11, m * k, -1.0, 1.0);
+        let b = random_vec(12, k * n, -1.0, 1.0);
+        let bias = random_vec(13, n, -1.0, 1.0);
+        let mut want = Tensor::zeros(&[m, n], emprior::DType::F32, &CPU).unwrap();
+        let spec = GemmSpec::default();
+        ops::gemm_bias_into(
+            &on(&CPU, &a, &[m, k]),
+            &on(&CPU, &b, &[k, n]),
+            &on(&CPU, &bias, &[n]),
+            &mut want,
+            spec,
+        )
+        .unwrap();
+        let mut got = poisoned(&gpu, &[m, n]);
+        ops::gemm_bias_into(
+            &on(&gpu, &a, &[m, k]),
+            &on(&gpu, &b, &[k, n]),
+            &on(&gpu, &bias, &[n]),
+            &mut got,
+            spec,
+        )
+        .unwrap();
+        let what = format!("cuda gemm + bias {m}x{n}x{k}");
+        assert_close(
+            &what,
+            &got.to_vec_f32().unwrap(),
+            &to_f64(&want.to_vec_f32().unwrap()),
+            1e-7 * k as f64,
+            1e-6,
+        );
+        cases += 1;
+    }
     println!("cuda gemm parity: {cases} cases passed on {gpu:?}");
 }
 

@@ -262,6 +262,37 @@ fn gemm_matches_f64_for_every_transpose_and_batching() {
 }
 
 #[test]
+fn gemm_with_a_bias_epilogue_matches_f64() {
+    let (m, n, k) = (37, 19, 23);
+    let a = random_vec(1, m * k, -1.0, 1.0);
+    let b = random_vec(2, n * k, -1.0, 1.0);
+    let bias = random_vec(3, n, -1.0, 1.0);
+    let c0 = random_vec(4, m * n, -1.0, 1.0);
+    let spec = GemmSpec {
+        trans_a: false,
+        trans_b: true,
+        alpha: 0.5,
+        beta: -1.0,
+    };
+    let mut want = naive_gemm(&a, &[m, k], &b, &[n, k], &c0, spec);
+    want.iter_mut()
+        .enumerate()
+        .for_each(|(i, w)| *w += bias[i % n] as f64);
+    let mut c = t(&c0, &[m, n]);
+    ops::gemm_bias_into(&t(&a, &[m, k]), &t(&b, &[n, k]), &t(&bias, &[n]), &mut c, spec).unwrap();
+    assert_close("gemm + bias", &c.to_vec_f32().unwrap(), &want, 1e-5, 1e-6);
+    let err = ops::gemm_bias_into(
+        &t(&a, &[m, k]),
+        &t(&b, &[n, k]),
+        &t(&bias[..5], &[5]),
+        &mut c,
+        spec,
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("bias"), "{err}");
+}
+
+#[test]
 fn gemm_beta_zero_ignores_a_poisoned_output() {
     let a = t(&random_vec(1, 6, -1.0, 1.0), &[2, 3]);
     let b = t(&random_vec(2, 12, -1.0, 1.0), &[3, 4]);

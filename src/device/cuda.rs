@@ -48,10 +48,10 @@ kernel_table! {
     elementwise { ew_fill_f32, ew_add_f32, ew_mul_f32, ew_scale_f32, ew_axpy_f32, ew_silu_f32, ew_silu_backward_f32 }
     reduce { reduce_sum_partial_f32, reduce_sum_finish, reduce_row_dot_f32 }
     broadcast { bc_add_bias_f32, bc_sum_rows_f32, bc_scale_rows_f32 }
-    norm { ln_forward_f32, ln_backward_f32 }
+    norm { ln_forward_f32, ln_backward_f32, ln_modulate_forward_f32 }
     conv { conv_im2col_f32, conv_col2im_f32 }
     resample { rs_upsample2x_f32, rs_upsample2x_backward_f32, rs_concat_f32, rs_split_f32, rs_permute_f32 }
-    blocks { blk_modulate_f32, blk_modulate_backward_f32, blk_residual_f32, blk_residual_backward_f32 }
+    blocks { blk_modulate_backward_f32, blk_residual_f32, blk_residual_backward_f32 }
     attention { attn_softmax_f32, attn_softmax_backward_f32 }
     embedding { emb_sinusoidal_f32 }
     dropout { dropout_f32 }

@@ -10,7 +10,7 @@ use super::attention::{AttSaved, SelfAttention};
 use super::conv::Conv3x3;
 use super::dropout::{dropout, DropoutMask};
 use super::linear::Linear;
-use super::norm::{layer_norm, layer_norm_backward, LnSaved};
+use super::norm::{layer_norm_backward, modulated_layer_norm, LnSaved};
 use super::params::ParamLayout;
 use super::Mode;
 use crate::error::{Error, Result};
@@ -119,30 +119,6 @@ fn per_channel(n: usize, c: usize) -> LaunchConfig {
         block_dim: (256, 1, 1),
         shared_mem_bytes: 0,
     }
-}
-
-/// h = (1 + a) x + b.
-pub fn modulate(x: &View, m: &View) -> Result<Tensor> {
-    one_device("modulate", &[x, m], &[])?;
-    let (n, p, c) = npc("modulate", x, m)?;
-    let mut h = Tensor::uninit(x.shape(), x.dtype(), &x.device())?;
-    {
-        let mut hv = h.as_view_mut()?;
-        match (&x.data, &m.data, &mut hv.data) {
-            (Data::Cuda(xv, dev), Data::Cuda(mv, _), DataMut::Cuda(o, _)) => {
-                let d = [n as i64, p as i64, c as i64];
-                let mut l = dev.stream().launch_builder(&dev.kernels().blk_modulate_f32);
-                l.arg(xv).arg(mv).arg(o).arg(&d[0]).arg(&d[1]).arg(&d[2]);
-                launched("blk_modulate_f32", unsafe { l.launch(grid(dev, n * p * c)) })?;
-            }
-            (Data::Cuda(..), ..) => return Err(mismatch("modulate", &[x, m], &[])),
-            _ => host_real!(x, T => {
-                cpu::modulate::<T>(x.cpu()?, m.cpu()?, hv.cpu_mut()?, p, c);
-                Ok::<(), Error>(())
-            })?,
-        }
-    }
-    Ok(h)
 }
 
 /// dx and the (a, b) columns of dm for dh. `dm` is [N, 3C]; its c columns are left alone.
@@ -387,8 +363,7 @@ impl ResBlock {
         let modulation = self.modulation.forward(layout, params, emb)?;
         let xv = x.as_view()?;
         let mv = modulation.m.as_view()?;
-        let h0 = modulate(&xv, &mv)?;
-        let ln = layer_norm(&h0.as_view()?)?;
+        let ln = modulated_layer_norm(&xv, &mv)?;
         let c1 = self.conv1.forward(layout, params, &ln.y.as_view()?)?;
         let s1 = silu(&c1)?;
         let mask = match mode {
@@ -513,8 +488,7 @@ impl AttBlock {
         let modulation = self.modulation.forward(layout, params, emb)?;
         let xv = x.as_view()?;
         let mv = modulation.m.as_view()?;
-        let h0 = modulate(&xv, &mv)?;
-        let ln = layer_norm(&h0.as_view()?)?;
+        let ln = modulated_layer_norm(&xv, &mv)?;
         let (h, attention) = self.attention.forward(layout, params, &ln.y.as_view()?)?;
         let out = residual(&xv, &h.as_view()?, &mv)?;
         drop((xv, mv));

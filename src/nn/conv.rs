@@ -1,6 +1,7 @@
 //! 3x3 convolution with padding 1 and stride 1 or 2, channels-last: x [N, H, W, Cin], weight
 //! [3, 3, Cin, Cout] (inox's layout), bias [Cout]. Computed as im2col followed by a GEMM on both
-//! backends (kernels/conv.cu builds the columns, kernels/gemm.cu multiplies); the backward
+//! backends (kernels/conv.cu builds the columns, kernels/gemm.cu multiplies and adds the bias in
+//! its epilogue); the backward
 //! rebuilds the columns from the saved input instead of keeping them.
 //!
 //! An implicit-GEMM kernel with fused epilogues is the planned fast path; this one is the exact
@@ -10,8 +11,8 @@ use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::params::{ParamId, ParamLayout};
 use crate::error::{Error, Result};
-use crate::ops::broadcast::{add_bias, sum_rows_into};
-use crate::ops::{gemm_into, launched, mismatch, GemmSpec};
+use crate::ops::broadcast::sum_rows_into;
+use crate::ops::{gemm_bias_into, gemm_into, launched, mismatch, GemmSpec};
 use crate::tensor::{AsView, AsViewMut, Data, DataMut, Tensor, View, ViewMut};
 
 /// The shape of one convolution, laid out as `ConvGeometry` in kernels/conv.cu.
@@ -211,13 +212,11 @@ impl Conv3x3 {
         let g = self.geometry(x.shape())?;
         let col = im2col(x, &g)?;
         let mut y = Tensor::uninit(&[g.out_pixels(), self.cout], x.dtype(), &x.device())?;
-        gemm_into(
-            &col,
-            &self.weight_matrix(layout, params)?,
-            &mut y,
-            GemmSpec::default(),
-        )?;
-        add_bias(&mut y, &layout.view(params, self.bias)?)?;
+        let (w, b) = (
+            self.weight_matrix(layout, params)?,
+            layout.view(params, self.bias)?,
+        );
+        gemm_bias_into(&col, &w, &b, &mut y, GemmSpec::default())?;
         y.reshape(&self.out_shape(x.shape())?)
     }
 

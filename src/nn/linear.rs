@@ -1,11 +1,11 @@
 //! Linear layer y = x W + b over the last axis (W is [fan_in, fan_out], as inox stores it).
-//! It is a GEMM with a bias epilogue: forward and backward go through `ops::gemm` and the bias
-//! ops of `ops::broadcast`, so its CUDA path is kernels/gemm.cu and kernels/broadcast.cu.
+//! It is a GEMM with the bias added in its epilogue; the backward's bias gradient is a column sum
+//! (`ops::broadcast`). CUDA: kernels/gemm.cu and kernels/broadcast.cu.
 
 use super::params::{Init, ParamId, ParamLayout};
 use crate::error::{Error, Result};
-use crate::ops::broadcast::{add_bias, sum_rows_into};
-use crate::ops::{gemm_into, GemmSpec};
+use crate::ops::broadcast::sum_rows_into;
+use crate::ops::{gemm_bias_into, gemm_into, GemmSpec};
 use crate::tensor::{Tensor, View, ViewMut};
 
 #[derive(Clone, Debug)]
@@ -67,14 +67,10 @@ impl Linear {
         let mut out_shape = x.shape().to_vec();
         *out_shape.last_mut().unwrap() = self.fan_out;
         let mut y = Tensor::uninit(&[rows, self.fan_out], x.dtype(), &x.device())?;
-        gemm_into(
-            &x2,
-            &layout.view(params, self.weight)?,
-            &mut y,
-            GemmSpec::default(),
-        )?;
-        if let Some(b) = self.bias {
-            add_bias(&mut y, &layout.view(params, b)?)?;
+        let w = layout.view(params, self.weight)?;
+        match self.bias {
+            Some(b) => gemm_bias_into(&x2, &w, &layout.view(params, b)?, &mut y, GemmSpec::default())?,
+            None => gemm_into(&x2, &w, &mut y, GemmSpec::default())?,
         }
         y.reshape(&out_shape)
     }

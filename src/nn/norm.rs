@@ -5,6 +5,7 @@ use cudarc::driver::{LaunchConfig, PushKernelArg};
 
 use crate::error::{Error, Result};
 use crate::ops::{launched, mismatch, one_device};
+use crate::real::Real;
 use crate::tensor::{Data, DataMut, Tensor, View};
 
 pub const LN_EPS: f64 = 1e-5;
@@ -85,6 +86,57 @@ pub fn layer_norm(x: &View) -> Result<LnSaved> {
             (Data::Cuda(..), ..) => return Err(mismatch("layer_norm", &[x], &[])),
             _ => host_real!(x, T => {
                 cpu::forward::<T>(x.cpu()?, yv.cpu_mut()?, rv.cpu_mut()?, c, LN_EPS);
+                Ok::<(), Error>(())
+            })?,
+        }
+    }
+    Ok(LnSaved { y, rstd })
+}
+
+/// The block entry: LN((1 + a) x + b) with (a, b) from the modulation m [N, 3C], broadcast over
+/// the pixels of each sample. One fused kernel on the GPU (the modulated tensor is never stored).
+pub fn modulated_layer_norm(x: &View, m: &View) -> Result<LnSaved> {
+    one_device("modulated_layer_norm", &[x, m], &[])?;
+    let (rows, c) = channels(x)?;
+    let n = x.shape()[0];
+    if x.shape().len() < 2 || m.shape() != [n, 3 * c] {
+        return Err(Error::shape(
+            "modulated_layer_norm",
+            "modulation",
+            [n, 3 * c],
+            m.shape(),
+        ));
+    }
+    let p = rows / n;
+    let (device, dtype) = (x.device(), x.dtype());
+    let mut y = Tensor::uninit(x.shape(), dtype, &device)?;
+    let mut rstd = Tensor::uninit(&[rows], dtype, &device)?;
+    {
+        let (mut yv, mut rv) = (
+            crate::AsViewMut::as_view_mut(&mut y)?,
+            crate::AsViewMut::as_view_mut(&mut rstd)?,
+        );
+        match (&x.data, &m.data, &mut yv.data, &mut rv.data) {
+            (Data::Cuda(xv, dev), Data::Cuda(mv, _), DataMut::Cuda(yo, _), DataMut::Cuda(ro, _)) => {
+                let (r64, p64, c32, eps) = (rows as i64, p as i64, c as i32, LN_EPS as f32);
+                let mut l = dev
+                    .stream()
+                    .launch_builder(&dev.kernels().ln_modulate_forward_f32);
+                l.arg(xv)
+                    .arg(mv)
+                    .arg(yo)
+                    .arg(ro)
+                    .arg(&r64)
+                    .arg(&p64)
+                    .arg(&c32)
+                    .arg(&eps);
+                launched("ln_modulate_forward_f32", unsafe { l.launch(config(dev, rows)) })?;
+            }
+            (Data::Cuda(..), ..) => return Err(mismatch("modulated_layer_norm", &[x, m], &[])),
+            _ => host_real!(x, T => {
+                let mut h = vec![T::ZERO; x.numel()];
+                crate::nn::blocks::cpu::modulate::<T>(x.cpu()?, m.cpu()?, &mut h, p, c);
+                cpu::forward::<T>(&h, yv.cpu_mut()?, rv.cpu_mut()?, c, LN_EPS);
                 Ok::<(), Error>(())
             })?,
         }

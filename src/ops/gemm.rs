@@ -8,7 +8,7 @@ use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::{alloc_like, expect_shape, launched, mismatch, one_device};
 use crate::error::{Error, Result};
-use crate::tensor::{AsView, AsViewMut, Data, DataMut, Tensor};
+use crate::tensor::{AsView, AsViewMut, Data, DataMut, Tensor, View, ViewMut};
 
 /// What to compute besides the product: transposes and the alpha/beta scaling.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -167,17 +167,52 @@ const GEMM_TILE: u32 = 128;
 
 /// C = alpha * op(A) op(B) + beta * C into an existing C of the resolved shape.
 pub fn gemm_into(a: &impl AsView, b: &impl AsView, c: &mut impl AsViewMut, spec: GemmSpec) -> Result<()> {
-    let (a, b, mut c) = (a.as_view()?, b.as_view()?, c.as_view_mut()?);
+    gemm_impl(a.as_view()?, b.as_view()?, None, c.as_view_mut()?, spec)
+}
+
+/// C = alpha * op(A) op(B) + beta * C + bias (bias [N] broadcast over rows, added in the GEMM's
+/// epilogue: the linear and convolution layers' forward in one pass).
+pub fn gemm_bias_into(
+    a: &impl AsView,
+    b: &impl AsView,
+    bias: &impl AsView,
+    c: &mut impl AsViewMut,
+    spec: GemmSpec,
+) -> Result<()> {
+    gemm_impl(
+        a.as_view()?,
+        b.as_view()?,
+        Some(bias.as_view()?),
+        c.as_view_mut()?,
+        spec,
+    )
+}
+
+fn gemm_impl(a: View, b: View, bias: Option<View>, mut c: ViewMut, spec: GemmSpec) -> Result<()> {
     one_device("gemm", &[&a, &b], &[&c])?;
     let (p, out_shape) = resolve(a.shape(), b.shape(), &spec)?;
     expect_shape("gemm", "C", c.shape(), &out_shape)?;
+    if let Some(bias) = &bias {
+        one_device("gemm", &[&a, bias], &[])?;
+        expect_shape("gemm", "bias", bias.shape(), &[p.n as usize])?;
+    }
     if c.numel() == 0 {
         return Ok(());
     }
     let (ta, tb) = (spec.trans_a, spec.trans_b);
     match (&a.data, &b.data, &mut c.data) {
-        (Data::F32(x), Data::F32(y), DataMut::F32(o)) => cpu::gemm(&p, ta, tb, x, y, o),
-        (Data::F64(x), Data::F64(y), DataMut::F64(o)) => cpu::gemm(&p, ta, tb, x, y, o),
+        (Data::F32(x), Data::F32(y), DataMut::F32(o)) => {
+            cpu::gemm(&p, ta, tb, x, y, o);
+            if let Some(bias) = &bias {
+                crate::ops::broadcast::cpu::add_bias(o, bias.cpu::<f32>()?);
+            }
+        }
+        (Data::F64(x), Data::F64(y), DataMut::F64(o)) => {
+            cpu::gemm(&p, ta, tb, x, y, o);
+            if let Some(bias) = &bias {
+                crate::ops::broadcast::cpu::add_bias(o, bias.cpu::<f64>()?);
+            }
+        }
         (Data::Cuda(x, dev), Data::Cuda(y, _), DataMut::Cuda(o, _)) => {
             let k = dev.kernels();
             let (name, f) = match (ta, tb) {
@@ -203,8 +238,20 @@ pub fn gemm_into(a: &impl AsView, b: &impl AsView, c: &mut impl AsViewMut, spec:
                 block_dim: (GEMM_THREADS, 1, 1),
                 shared_mem_bytes: 0,
             };
+            let null = 0u64; // no bias: a null pointer
+            let bias_view = match &bias {
+                Some(v) => match &v.data {
+                    Data::Cuda(bv, _) => Some(bv.slice(..)),
+                    _ => return Err(mismatch("gemm", &[&a, v], &[])),
+                },
+                None => None,
+            };
             let mut l = dev.stream().launch_builder(f);
             l.arg(x).arg(y).arg(o).arg(&p);
+            match &bias_view {
+                Some(bv) => l.arg(bv),
+                None => l.arg(&null),
+            };
             launched(name, unsafe { l.launch(cfg) })?;
         }
         _ => return Err(mismatch("gemm", &[&a, &b], &[&c])),
