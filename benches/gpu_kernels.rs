@@ -2,10 +2,8 @@
 //! (bytes moved as B/s), each timed with CUDA events around the launch. Without a GPU every
 //! bench prints `skipped: GPU unavailable: <reason>` and measures nothing.
 
-use std::time::Duration;
-
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use cudarc::driver::sys::CUevent_flags;
+use emprior::bench::device_time;
 use emprior::device::CudaDevice;
 use emprior::ops::{self, GemmSpec, Philox};
 use emprior::{DType, Device, Tensor};
@@ -22,23 +20,6 @@ fn gpu() -> Option<(Device, std::sync::Arc<CudaDevice>)> {
             None
         }
     }
-}
-
-/// Device time of `iters` back-to-back launches, measured between two CUDA events.
-fn device_time(dev: &CudaDevice, iters: u64, mut launch: impl FnMut()) -> Duration {
-    let ev = || {
-        dev.context()
-            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-            .unwrap()
-    };
-    let (start, end) = (ev(), ev());
-    start.record(dev.stream()).unwrap();
-    for _ in 0..iters {
-        launch();
-    }
-    end.record(dev.stream()).unwrap();
-    end.synchronize().unwrap();
-    Duration::from_secs_f64(start.elapsed_ms(&end).unwrap() as f64 * 1e-3)
 }
 
 fn gemm_gpu(c: &mut Criterion) {

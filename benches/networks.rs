@@ -8,7 +8,7 @@
 use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
-use cudarc::driver::sys::CUevent_flags;
+use emprior::bench::device_time;
 use emprior::diffusion::{preset, Denoiser};
 use emprior::nn::Mode;
 use emprior::ops::{self, Philox};
@@ -75,21 +75,7 @@ fn unet_gpu(c: &mut Criterion) {
         let u = ops::normal(&[batch, 32, 32, 3], Philox::new(2, 2), 0, &device).unwrap();
         let sigmas = vec![0.5; batch];
         group.throughput(Throughput::Elements(batch as u64));
-        let time = |iters: u64, f: &mut dyn FnMut()| -> Duration {
-            let ev = || {
-                dev.context()
-                    .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
-                    .unwrap()
-            };
-            let (start, end) = (ev(), ev());
-            start.record(dev.stream()).unwrap();
-            for _ in 0..iters {
-                f();
-            }
-            end.record(dev.stream()).unwrap();
-            end.synchronize().unwrap();
-            Duration::from_secs_f64(start.elapsed_ms(&end).unwrap() as f64 * 1e-3)
-        };
+        let time = |iters: u64, f: &mut dyn FnMut()| device_time(dev, iters, f);
         group.bench_function(BenchmarkId::new("forward", batch), |b| {
             b.iter_custom(|iters| {
                 time(iters, &mut || {

@@ -74,6 +74,24 @@ pub fn time_gpu(dev: &CudaDevice, repeats: usize, mut f: impl FnMut() -> Result<
     Ok(median(times))
 }
 
+/// Device time of `iters` back-to-back calls of `f`, between two CUDA events: the timing
+/// criterion's `iter_custom` needs for GPU benches.
+pub fn device_time(dev: &CudaDevice, iters: u64, mut f: impl FnMut()) -> std::time::Duration {
+    let ev = || {
+        dev.context()
+            .new_event(Some(CUevent_flags::CU_EVENT_DEFAULT))
+            .expect("timing event")
+    };
+    let (start, end) = (ev(), ev());
+    start.record(dev.stream()).expect("recording an event");
+    for _ in 0..iters {
+        f();
+    }
+    end.record(dev.stream()).expect("recording an event");
+    end.synchronize().expect("waiting for an event");
+    std::time::Duration::from_secs_f64(start.elapsed_ms(&end).expect("reading an event") as f64 * 1e-3)
+}
+
 /// Median milliseconds of `f` on the host clock.
 pub fn time_cpu(repeats: usize, mut f: impl FnMut() -> Result<()>) -> Result<f64> {
     f()?;
