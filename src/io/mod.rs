@@ -1,5 +1,7 @@
-//! Files the user touches: safetensors checkpoints.
+//! Files the user touches: safetensors checkpoints and NumPy arrays.
 
 pub mod checkpoint;
+pub mod npy;
 
 pub use checkpoint::{load_checkpoint, save_checkpoint, write_atomically, Checkpoint};
+pub use npy::{read_npy, write_npy_f32, write_npy_f64, NpyArray};

@@ -1,0 +1,136 @@
+//! NumPy `.npy` files (format 1.0 and 2.0), f32 and f64, C order: what users already have for
+//! observations, operators, masks and samples. Anything else (another dtype, Fortran order, a
+//! big-endian array, a wrong rank) is an error that names the file and what was expected.
+
+use std::fs;
+use std::path::Path;
+
+use crate::error::{Error, Result};
+use crate::io::checkpoint::write_atomically;
+
+const MAGIC: &[u8] = b"\x93NUMPY";
+
+/// An array read from a `.npy` file, widened to f64.
+#[derive(Clone, Debug, PartialEq)]
+pub struct NpyArray {
+    pub shape: Vec<usize>,
+    pub data: Vec<f64>,
+    /// The dtype in the file: "f4" or "f8".
+    pub dtype: &'static str,
+}
+
+impl NpyArray {
+    /// Checks the rank, naming the file and the expected layout on failure.
+    pub fn expect_rank(&self, path: &Path, ranks: &[usize], what: &str) -> Result<()> {
+        if ranks.contains(&self.shape.len()) {
+            Ok(())
+        } else {
+            Err(Error::Other(format!(
+                "{}: expected {what}, got an array of shape {:?}",
+                path.display(),
+                self.shape
+            )))
+        }
+    }
+
+    /// The values as f32.
+    pub fn to_f32(&self) -> Vec<f32> {
+        self.data.iter().map(|&v| v as f32).collect()
+    }
+}
+
+fn bad(path: &Path, why: impl std::fmt::Display) -> Error {
+    Error::Other(format!("{}: {why}", path.display()))
+}
+
+/// Reads a `.npy` file of f32 or f64 values in C order.
+pub fn read_npy(path: &Path) -> Result<NpyArray> {
+    let bytes = fs::read(path).map_err(|e| bad(path, format!("cannot read: {e}")))?;
+    if bytes.len() < 10 || &bytes[..6] != MAGIC {
+        return Err(bad(path, "not a .npy file (no \\x93NUMPY magic)"));
+    }
+    let (header_len, start) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize, 12),
+        v => return Err(bad(path, format!("unsupported .npy format version {v}"))),
+    };
+    let header = bytes
+        .get(start..start + header_len)
+        .ok_or_else(|| bad(path, "truncated header"))?;
+    let header = std::str::from_utf8(header).map_err(|_| bad(path, "header is not text"))?;
+    let field = |key: &str| -> Result<&str> {
+        let at = header.find(&format!("'{key}'")).ok_or_else(|| bad(path, format!("header lacks '{key}'")))?;
+        let rest = header[at + key.len() + 2..].trim_start();
+        Ok(rest.strip_prefix(':').unwrap_or(rest).trim_start())
+    };
+    let descr = field("descr")?;
+    let (dtype, width) = if descr.starts_with("'<f4'") || descr.starts_with("'=f4'") {
+        ("f4", 4)
+    } else if descr.starts_with("'<f8'") || descr.starts_with("'=f8'") {
+        ("f8", 8)
+    } else {
+        let shown: String = descr.chars().take_while(|&c| c != ',').collect();
+        return Err(bad(path, format!("dtype {shown} is not supported (expected little-endian float32 '<f4' or float64 '<f8')")));
+    };
+    if field("fortran_order")?.starts_with("True") {
+        return Err(bad(path, "Fortran-order arrays are not supported (save with np.ascontiguousarray)"));
+    }
+    let shape_text = field("shape")?;
+    let close = shape_text.find(')').ok_or_else(|| bad(path, "malformed shape"))?;
+    let shape = shape_text[1..close]
+        .split(',')
+        .map(str::trim)
+        .filter(|s| !s.is_empty())
+        .map(|s| s.parse::<usize>().map_err(|_| bad(path, format!("malformed shape {}", &shape_text[..=close]))))
+        .collect::<Result<Vec<_>>>()?;
+    let n: usize = shape.iter().product();
+    let body = &bytes[start + header_len..];
+    if body.len() != n * width {
+        return Err(bad(path, format!("{} data bytes for shape {shape:?} of {dtype}, expected {}", body.len(), n * width)));
+    }
+    let data = match width {
+        4 => body.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
+        _ => body.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect(),
+    };
+    Ok(NpyArray { shape, data, dtype })
+}
+
+fn header(descr: &str, shape: &[usize]) -> Vec<u8> {
+    let dims = match shape.len() {
+        1 => format!("({},)", shape[0]),
+        _ => format!("({})", shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
+    };
+    let mut text = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {dims}, }}");
+    // Pad so the data starts on a 64-byte boundary, ending the header with a newline.
+    let total = 10 + text.len() + 1;
+    text.push_str(&" ".repeat(total.next_multiple_of(64) - total));
+    text.push('\n');
+    let mut out = MAGIC.to_vec();
+    out.extend([1u8, 0]);
+    out.extend((text.len() as u16).to_le_bytes());
+    out.extend(text.into_bytes());
+    out
+}
+
+/// Writes f32 values (C order) atomically.
+pub fn write_npy_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
+    check_len(path, shape, data.len())?;
+    let mut out = header("<f4", shape);
+    out.extend(data.iter().flat_map(|v| v.to_le_bytes()));
+    write_atomically(path, &out)
+}
+
+/// Writes f64 values (C order) atomically.
+pub fn write_npy_f64(path: &Path, shape: &[usize], data: &[f64]) -> Result<()> {
+    check_len(path, shape, data.len())?;
+    let mut out = header("<f8", shape);
+    out.extend(data.iter().flat_map(|v| v.to_le_bytes()));
+    write_atomically(path, &out)
+}
+
+fn check_len(path: &Path, shape: &[usize], len: usize) -> Result<()> {
+    if shape.iter().product::<usize>() != len {
+        return Err(bad(path, format!("{len} values do not fill shape {shape:?}")));
+    }
+    Ok(())
+}
