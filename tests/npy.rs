@@ -86,5 +86,5 @@ fn reads_files_written_by_numpy() {
     assert_eq!(a.shape, vec![2, 3]);
     assert_eq!(a.data, (0..6).map(|i| i as f64 / 7.0).collect::<Vec<_>>());
     let b = read_npy(&dir.join("numpy_f32_5.npy")).unwrap();
-    assert_eq!((b.shape, b.dtype, b.to_f32()), (vec![5], "f4", vec![0.0, 1.0, 2.0, 3.0, 4.0]));
+    assert_eq!((b.shape.clone(), b.dtype, b.to_f32()), (vec![5], "f4", vec![0.0, 1.0, 2.0, 3.0, 4.0]));
 }
