@@ -19,6 +19,7 @@ pub mod nn;
 pub mod ops;
 pub mod real;
 pub mod tensor;
+pub mod train;
 
 pub use device::{Device, DeviceRequest};
 pub use error::{Error, Result};

@@ -55,6 +55,7 @@ kernel_table! {
     attention { attn_softmax_f32, attn_softmax_backward_f32 }
     embedding { emb_sinusoidal_f32 }
     dropout { dropout_f32 }
+    adam { adam_step_f32 }
     gemm { gemm_f32_nn, gemm_f32_nt, gemm_f32_tn, gemm_f32_tt }
     rng { rng_uniform_f32, rng_normal_f32 }
 }

@@ -1,0 +1,41 @@
+//! The variance-exploding schedule with log-linear sigma (method.md §2.1), the sampler's time
+//! grid, and training times t ~ Beta(3, 3).
+
+use crate::ops::Philox;
+
+/// sigma(t) = exp((1 - t) ln sigma_min + t ln sigma_max), t in [0, 1].
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct VeSchedule {
+    pub sigma_min: f64,
+    pub sigma_max: f64,
+}
+
+impl VeSchedule {
+    pub fn new(sigma_min: f64, sigma_max: f64) -> Self {
+        VeSchedule { sigma_min, sigma_max }
+    }
+
+    pub fn sigma(&self, t: f64) -> f64 {
+        ((1.0 - t) * self.sigma_min.ln() + t * self.sigma_max.ln()).exp()
+    }
+
+    /// sigma at t_k = 1, 1 - 1/S, ..., 0: the S + 1 noise levels an S-step sampler visits
+    /// (log-uniform from sigma_max down to sigma_min).
+    pub fn grid(&self, steps: usize) -> Vec<f64> {
+        (0..=steps).map(|k| self.sigma(1.0 - k as f64 / steps as f64)).collect()
+    }
+}
+
+/// `n` draws of Beta(3, 3), elements `offset ..` of the stream: the third smallest of five
+/// uniforms (the k-th order statistic of n uniforms is Beta(k, n + 1 - k)), so the draw is exact
+/// and reproducible on any device.
+pub fn beta33(rng: Philox, offset: u64, n: usize) -> Vec<f64> {
+    let mut u = vec![0.0f32; 5 * n];
+    rng.fill_uniform(5 * offset, &mut u);
+    u.chunks_exact_mut(5)
+        .map(|c| {
+            c.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            c[2] as f64
+        })
+        .collect()
+}
