@@ -39,3 +39,10 @@ extern "C" __global__ void bc_scale_rows_f32(const float* a, const float* alpha,
         y[i] = v;
     }
 }
+
+// y[r, c] = x[r, c] * v[c]: a diagonal matrix applied to every row (Gaussian priors' diagonal
+// parts, per-feature scalings). y may alias x. Grid-stride over rows * cols.
+extern "C" __global__ void bc_scale_cols_f32(const float* x, const float* v, float* y, i64 rows, i64 cols) {
+    const i64 n = rows * cols, stride = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) y[i] = x[i] * v[i % cols];
+}

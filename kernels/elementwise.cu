@@ -100,3 +100,9 @@ extern "C" __global__ void ew_silu_f32(const float* x, float* out, i64 n) {
 extern "C" __global__ void ew_silu_backward_f32(const float* x, const float* dy, float* dx, i64 n) {
     binary_map(x, dy, dx, n, SiluBackwardOp{});
 }
+
+// out = a / b, and 0 where b == 0 (CG's per-system step sizes: a converged system has p = 0).
+extern "C" __global__ void ew_div_guarded_f32(const float* a, const float* b, float* out, i64 n) {
+    const i64 stride = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) out[i] = b[i] == 0.0f ? 0.0f : a[i] / b[i];
+}

@@ -19,7 +19,11 @@ fn round_trips_f32_and_f64() {
     assert_eq!((a.shape.clone(), a.dtype), (vec![2, 3, 4], "f4"));
     assert_eq!(a.to_f32(), data);
     let bytes = std::fs::read(&p).unwrap();
-    assert_eq!((bytes.len() - 24 * 4) % 64, 0, "data starts on a 64-byte boundary");
+    assert_eq!(
+        (bytes.len() - 24 * 4) % 64,
+        0,
+        "data starts on a 64-byte boundary"
+    );
 
     let p = tmp("b.npy");
     let data = vec![1e-300, -2.5, std::f64::consts::PI];
@@ -48,7 +52,10 @@ fn errors_name_the_file_and_the_expectation() {
     let p = tmp("int.npy");
     std::fs::write(&p, raw("<i8", "False", "(2,)", &[0; 16])).unwrap();
     let e = read_npy(&p).unwrap_err().to_string();
-    assert!(e.contains("int.npy") && e.contains("<i8") && e.contains("float32"), "{e}");
+    assert!(
+        e.contains("int.npy") && e.contains("<i8") && e.contains("float32"),
+        "{e}"
+    );
 
     let p = tmp("fortran.npy");
     std::fs::write(&p, raw("<f4", "True", "(2, 2)", &[0; 16])).unwrap();
@@ -74,8 +81,14 @@ fn errors_name_the_file_and_the_expectation() {
         (read_npy(&p).unwrap(), p)
     };
     let e = a.0.expect_rank(&a.1, &[3], "[n, m, d]").unwrap_err().to_string();
-    assert!(e.contains("rank.npy") && e.contains("[n, m, d]") && e.contains("[2, 2]"), "{e}");
-    assert!(read_npy(&tmp("missing.npy")).unwrap_err().to_string().contains("missing.npy"));
+    assert!(
+        e.contains("rank.npy") && e.contains("[n, m, d]") && e.contains("[2, 2]"),
+        "{e}"
+    );
+    assert!(read_npy(&tmp("missing.npy"))
+        .unwrap_err()
+        .to_string()
+        .contains("missing.npy"));
 }
 
 #[test]
@@ -86,5 +99,8 @@ fn reads_files_written_by_numpy() {
     assert_eq!(a.shape, vec![2, 3]);
     assert_eq!(a.data, (0..6).map(|i| i as f64 / 7.0).collect::<Vec<_>>());
     let b = read_npy(&dir.join("numpy_f32_5.npy")).unwrap();
-    assert_eq!((b.shape.clone(), b.dtype, b.to_f32()), (vec![5], "f4", vec![0.0, 1.0, 2.0, 3.0, 4.0]));
+    assert_eq!(
+        (b.shape.clone(), b.dtype, b.to_f32()),
+        (vec![5], "f4", vec![0.0, 1.0, 2.0, 3.0, 4.0])
+    );
 }

@@ -45,9 +45,9 @@ macro_rules! kernel_table {
 }
 
 kernel_table! {
-    elementwise { ew_fill_f32, ew_add_f32, ew_mul_f32, ew_scale_f32, ew_axpy_f32, ew_silu_f32, ew_silu_backward_f32 }
+    elementwise { ew_fill_f32, ew_add_f32, ew_mul_f32, ew_scale_f32, ew_axpy_f32, ew_silu_f32, ew_silu_backward_f32, ew_div_guarded_f32 }
     reduce { reduce_sum_partial_f32, reduce_sum_finish, reduce_row_dot_f32 }
-    broadcast { bc_add_bias_f32, bc_sum_rows_f32, bc_scale_rows_f32 }
+    broadcast { bc_add_bias_f32, bc_sum_rows_f32, bc_scale_rows_f32, bc_scale_cols_f32 }
     norm { ln_forward_f32, ln_backward_f32, ln_modulate_forward_f32 }
     conv { conv_im2col_f32, conv_col2im_f32 }
     resample { rs_upsample2x_f32, rs_upsample2x_backward_f32, rs_concat_f32, rs_split_f32, rs_permute_f32 }
@@ -56,6 +56,7 @@ kernel_table! {
     embedding { emb_sinusoidal_f32 }
     dropout { dropout_f32 }
     adam { adam_step_f32 }
+    sampler { sampler_step_f32 }
     gemm { gemm_f32_nn, gemm_f32_nt, gemm_f32_tn, gemm_f32_tt }
     rng { rng_uniform_f32, rng_normal_f32 }
 }

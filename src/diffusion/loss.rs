@@ -42,7 +42,9 @@ pub fn dsm_loss(
     let weights: Vec<f64> = sigmas.iter().map(|&s| dsm_weight(s)).collect();
     let loss = weights.iter().zip(&rr).map(|(w, e)| w * e).sum::<f64>() / (b as f64 * features);
     if !loss.is_finite() {
-        return Err(Error::Other(format!("dsm_loss: the loss is {loss} (diverged, or NaN in the data)")));
+        return Err(Error::Other(format!(
+            "dsm_loss: the loss is {loss} (diverged, or NaN in the data)"
+        )));
     }
     if let Some(g) = grads {
         let scale: Vec<f64> = weights.iter().map(|w| 2.0 * w / (b as f64 * features)).collect();

@@ -4,8 +4,10 @@
 pub mod loss;
 pub mod precond;
 pub mod presets;
+pub mod sampler;
 pub mod schedule;
 
 pub use precond::{Denoiser, DenoiserSaved, NetSaved, Network};
 pub use presets::{preset, PRESETS};
+pub use sampler::{Denoise, Sampler, SamplerKind};
 pub use schedule::{beta33, VeSchedule};

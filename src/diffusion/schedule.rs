@@ -22,7 +22,9 @@ impl VeSchedule {
     /// sigma at t_k = 1, 1 - 1/S, ..., 0: the S + 1 noise levels an S-step sampler visits
     /// (log-uniform from sigma_max down to sigma_min).
     pub fn grid(&self, steps: usize) -> Vec<f64> {
-        (0..=steps).map(|k| self.sigma(1.0 - k as f64 / steps as f64)).collect()
+        (0..=steps)
+            .map(|k| self.sigma(1.0 - k as f64 / steps as f64))
+            .collect()
     }
 }
 

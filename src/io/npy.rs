@@ -59,7 +59,9 @@ pub fn read_npy(path: &Path) -> Result<NpyArray> {
         .ok_or_else(|| bad(path, "truncated header"))?;
     let header = std::str::from_utf8(header).map_err(|_| bad(path, "header is not text"))?;
     let field = |key: &str| -> Result<&str> {
-        let at = header.find(&format!("'{key}'")).ok_or_else(|| bad(path, format!("header lacks '{key}'")))?;
+        let at = header
+            .find(&format!("'{key}'"))
+            .ok_or_else(|| bad(path, format!("header lacks '{key}'")))?;
         let rest = header[at + key.len() + 2..].trim_start();
         Ok(rest.strip_prefix(':').unwrap_or(rest).trim_start())
     };
@@ -70,10 +72,16 @@ pub fn read_npy(path: &Path) -> Result<NpyArray> {
         ("f8", 8)
     } else {
         let shown: String = descr.chars().take_while(|&c| c != ',').collect();
-        return Err(bad(path, format!("dtype {shown} is not supported (expected little-endian float32 '<f4' or float64 '<f8')")));
+        return Err(bad(
+            path,
+            format!("dtype {shown} is not supported (expected little-endian float32 '<f4' or float64 '<f8')"),
+        ));
     };
     if field("fortran_order")?.starts_with("True") {
-        return Err(bad(path, "Fortran-order arrays are not supported (save with np.ascontiguousarray)"));
+        return Err(bad(
+            path,
+            "Fortran-order arrays are not supported (save with np.ascontiguousarray)",
+        ));
     }
     let shape_text = field("shape")?;
     let close = shape_text.find(')').ok_or_else(|| bad(path, "malformed shape"))?;
@@ -81,16 +89,32 @@ pub fn read_npy(path: &Path) -> Result<NpyArray> {
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| s.parse::<usize>().map_err(|_| bad(path, format!("malformed shape {}", &shape_text[..=close]))))
+        .map(|s| {
+            s.parse::<usize>()
+                .map_err(|_| bad(path, format!("malformed shape {}", &shape_text[..=close])))
+        })
         .collect::<Result<Vec<_>>>()?;
     let n: usize = shape.iter().product();
     let body = &bytes[start + header_len..];
     if body.len() != n * width {
-        return Err(bad(path, format!("{} data bytes for shape {shape:?} of {dtype}, expected {}", body.len(), n * width)));
+        return Err(bad(
+            path,
+            format!(
+                "{} data bytes for shape {shape:?} of {dtype}, expected {}",
+                body.len(),
+                n * width
+            ),
+        ));
     }
     let data = match width {
-        4 => body.chunks_exact(4).map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64).collect(),
-        _ => body.chunks_exact(8).map(|c| f64::from_le_bytes(c.try_into().unwrap())).collect(),
+        4 => body
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+            .collect(),
+        _ => body
+            .chunks_exact(8)
+            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+            .collect(),
     };
     Ok(NpyArray { shape, data, dtype })
 }
@@ -98,7 +122,10 @@ pub fn read_npy(path: &Path) -> Result<NpyArray> {
 fn header(descr: &str, shape: &[usize]) -> Vec<u8> {
     let dims = match shape.len() {
         1 => format!("({},)", shape[0]),
-        _ => format!("({})", shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")),
+        _ => format!(
+            "({})",
+            shape.iter().map(|d| d.to_string()).collect::<Vec<_>>().join(", ")
+        ),
     };
     let mut text = format!("{{'descr': '{descr}', 'fortran_order': False, 'shape': {dims}, }}");
     // Pad so the data starts on a 64-byte boundary, ending the header with a newline.

@@ -35,6 +35,14 @@ pub mod cpu {
         }
     }
 
+    pub fn scale_cols<T: Real>(x: &[T], v: &[T], y: &mut [T]) {
+        for (yr, xr) in y.chunks_exact_mut(v.len()).zip(x.chunks_exact(v.len())) {
+            for ((o, &a), &d) in yr.iter_mut().zip(xr).zip(v) {
+                *o = a * d;
+            }
+        }
+    }
+
     pub fn scale_rows<T: Real>(a: &[T], alpha: &[T], b: Option<(&[T], &[T])>, y: &mut [T]) {
         let len = a.len() / alpha.len().max(1);
         for (i, o) in y.iter_mut().enumerate() {
@@ -120,6 +128,33 @@ pub fn sum_rows_into(
             launched("bc_sum_rows_f32", unsafe { l.launch(cfg) })?;
         }
         _ => return Err(mismatch("sum_rows", &[&x], &[&out])),
+    }
+    Ok(())
+}
+
+/// y[.., c] = x[.., c] * v[c]: a diagonal matrix applied to every row.
+pub fn scale_cols_into(x: &impl AsView, v: &impl AsView, y: &mut impl AsViewMut) -> Result<()> {
+    let (x, v, mut y) = (x.as_view()?, v.as_view()?, y.as_view_mut()?);
+    one_device("scale_cols", &[&x, &v], &[&y])?;
+    let cols = cols_of("scale_cols", x.shape())?;
+    expect_shape("scale_cols", "diagonal", v.shape(), &[cols])?;
+    expect_shape("scale_cols", "out", y.shape(), x.shape())?;
+    let rows = x.numel() / cols;
+    match (&x.data, &v.data, &mut y.data) {
+        (Data::F32(xv), Data::F32(vv), DataMut::F32(o)) => cpu::scale_cols(xv, vv, o),
+        (Data::F64(xv), Data::F64(vv), DataMut::F64(o)) => cpu::scale_cols(xv, vv, o),
+        (Data::Cuda(xv, dev), Data::Cuda(vv, _), DataMut::Cuda(o, _)) => {
+            let (r, c) = (rows as i64, cols as i64);
+            let mut l = dev.stream().launch_builder(&dev.kernels().bc_scale_cols_f32);
+            l.arg(xv).arg(vv).arg(o).arg(&r).arg(&c);
+            let cfg = LaunchConfig {
+                grid_dim: (dev.grid_for(rows * cols, 256), 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            launched("bc_scale_cols_f32", unsafe { l.launch(cfg) })?;
+        }
+        _ => return Err(mismatch("scale_cols", &[&x, &v], &[&y])),
     }
     Ok(())
 }

@@ -91,18 +91,38 @@ impl Map for SiluBackward {
     }
 }
 
-/// Unary maps use `apply(x, x)`.
-struct Scale(f32);
+struct DivGuarded;
+impl Map for DivGuarded {
+    const NAME: &'static str = "div_guarded";
+    fn kernel(k: &Kernels) -> &CudaFunction {
+        &k.ew_div_guarded_f32
+    }
+    fn apply<T: Real>(&self, a: T, b: T) -> T {
+        if b == T::ZERO {
+            T::ZERO
+        } else {
+            a / b
+        }
+    }
+}
+
+/// Unary maps use `apply(x, x)`. The scale is f64 so the f64 oracle keeps it exactly.
+struct Scale(f64);
 impl Map for Scale {
     const NAME: &'static str = "scale";
     fn kernel(k: &Kernels) -> &CudaFunction {
         &k.ew_scale_f32
     }
     fn scalar(&self) -> Option<f32> {
-        Some(self.0)
+        Some(self.0 as f32)
     }
     fn apply<T: Real>(&self, x: T, _: T) -> T {
-        T::from_f32(self.0) * x
+        // f32 data gets the f32-rounded scale, exactly what the kernel multiplies by.
+        if T::DTYPE == crate::tensor::DType::F32 {
+            T::from_f32(self.0 as f32) * x
+        } else {
+            T::from_f64(self.0) * x
+        }
     }
 }
 
@@ -206,31 +226,42 @@ pub fn mul(a: &impl AsView, b: &impl AsView) -> Result<Tensor> {
     Ok(out)
 }
 
+/// out = a / b elementwise, with 0 where b == 0.
+pub fn div_guarded_into(a: &impl AsView, b: &impl AsView, out: &mut impl AsViewMut) -> Result<()> {
+    binary(DivGuarded, a, b, out)
+}
+
+pub fn div_guarded(a: &impl AsView, b: &impl AsView) -> Result<Tensor> {
+    let mut out = alloc_for(a)?;
+    div_guarded_into(a, b, &mut out)?;
+    Ok(out)
+}
+
 /// out = alpha * x
-pub fn scale_into(x: &impl AsView, alpha: f32, out: &mut impl AsViewMut) -> Result<()> {
+pub fn scale_into(x: &impl AsView, alpha: f64, out: &mut impl AsViewMut) -> Result<()> {
     unary(Scale(alpha), x, out)
 }
 
-pub fn scale(x: &impl AsView, alpha: f32) -> Result<Tensor> {
+pub fn scale(x: &impl AsView, alpha: f64) -> Result<Tensor> {
     let mut out = alloc_for(x)?;
     scale_into(x, alpha, &mut out)?;
     Ok(out)
 }
 
 /// y <- y + alpha * x, in place.
-pub fn axpy(alpha: f32, x: &impl AsView, y: &mut impl AsViewMut) -> Result<()> {
+pub fn axpy(alpha: f64, x: &impl AsView, y: &mut impl AsViewMut) -> Result<()> {
     let (x, mut y) = (x.as_view()?, y.as_view_mut()?);
     one_device("axpy", &[&x], &[&y])?;
     expect_shape("axpy", "y", y.shape(), x.shape())?;
     let n = x.numel();
     match (&x.data, &mut y.data) {
-        (Data::F32(xv), DataMut::F32(yv)) => yv.iter_mut().zip(*xv).for_each(|(yi, &xi)| *yi += alpha * xi),
-        (Data::F64(xv), DataMut::F64(yv)) => {
-            let a = alpha as f64;
+        (Data::F32(xv), DataMut::F32(yv)) => {
+            let a = alpha as f32;
             yv.iter_mut().zip(*xv).for_each(|(yi, &xi)| *yi += a * xi)
         }
+        (Data::F64(xv), DataMut::F64(yv)) => yv.iter_mut().zip(*xv).for_each(|(yi, &xi)| *yi += alpha * xi),
         (Data::Cuda(xv, dev), DataMut::Cuda(yv, _)) => {
-            let n64 = n as i64;
+            let (n64, alpha) = (n as i64, alpha as f32);
             let mut l = dev.stream().launch_builder(&dev.kernels().ew_axpy_f32);
             l.arg(xv).arg(yv).arg(&n64).arg(&alpha);
             launched("ew_axpy_f32", unsafe { l.launch(config(dev, n)) })?;

@@ -13,8 +13,8 @@ pub mod reduce;
 pub mod rng;
 
 pub use elementwise::{
-    add, add_into, axpy, fill, mul, mul_into, scale, scale_into, silu, silu_backward, silu_backward_into,
-    silu_into,
+    add, add_into, axpy, div_guarded, div_guarded_into, fill, mul, mul_into, scale, scale_into, silu,
+    silu_backward, silu_backward_into, silu_into,
 };
 pub use gemm::{gemm_bias_into, gemm_into, matmul, GemmSpec};
 pub use reduce::{row_dot, row_dot_into, row_norm, row_norm_into, sum, sum_into};

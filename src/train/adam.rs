@@ -13,7 +13,11 @@ use crate::tensor::{AsView, AsViewMut, Data, DataMut, Tensor};
 pub enum LrSchedule {
     Constant(f64),
     /// lr_init + (lr_end - lr_init) * min((step + 1) / (steps + 1), 1).
-    Linear { init: f64, end: f64, steps: u64 },
+    Linear {
+        init: f64,
+        end: f64,
+        steps: u64,
+    },
 }
 
 impl LrSchedule {
@@ -166,7 +170,9 @@ impl Adam {
             _ => norm_t.to_vec_f32()?[0] as f64,
         };
         if !grad_norm.is_finite() {
-            return Err(Error::Other(format!("adam: the gradient norm is {grad_norm} (a NaN or an overflow upstream)")));
+            return Err(Error::Other(format!(
+                "adam: the gradient norm is {grad_norm} (a NaN or an overflow upstream)"
+            )));
         }
         {
             let (pv, gv) = (params.as_view_mut()?, grads.as_view()?);
@@ -187,14 +193,18 @@ impl Adam {
                         Some(e) => Some(e.cpu_mut::<f32>()?),
                         None => None,
                     };
-                    cpu::step(p, g, m, v, e, scale, lr, c.beta1, c.beta2, c.eps, bias1, bias2, decay)
+                    cpu::step(
+                        p, g, m, v, e, scale, lr, c.beta1, c.beta2, c.eps, bias1, bias2, decay,
+                    )
                 }
                 (DataMut::F64(p), Data::F64(g), DataMut::F64(m), DataMut::F64(v)) => {
                     let e = match ev.as_mut() {
                         Some(e) => Some(e.cpu_mut::<f64>()?),
                         None => None,
                     };
-                    cpu::step(p, g, m, v, e, scale, lr, c.beta1, c.beta2, c.eps, bias1, bias2, decay)
+                    cpu::step(
+                        p, g, m, v, e, scale, lr, c.beta1, c.beta2, c.eps, bias1, bias2, decay,
+                    )
                 }
                 (DataMut::Cuda(p, dev), Data::Cuda(g, _), DataMut::Cuda(m, _), DataMut::Cuda(v, _)) => {
                     let kp = AdamKernelParams {

@@ -38,7 +38,13 @@ pub struct TrainStep {
 }
 
 impl Trainer {
-    pub fn new(denoiser: Denoiser, params: Tensor, config: AdamConfig, schedule: VeSchedule, seed: u64) -> Result<Self> {
+    pub fn new(
+        denoiser: Denoiser,
+        params: Tensor,
+        config: AdamConfig,
+        schedule: VeSchedule,
+        seed: u64,
+    ) -> Result<Self> {
         denoiser.layout().check(&params)?;
         let grads = Tensor::zeros(params.shape(), params.dtype(), &params.device())?;
         let adam = Adam::new(config, &params)?;
@@ -69,7 +75,15 @@ impl Trainer {
         };
         let loss = {
             let mut g = self.grads.as_view_mut()?;
-            dsm_loss(&self.denoiser, &self.params.as_view()?, x, &sigmas, &z.as_view()?, mode, Some(&mut g))?
+            dsm_loss(
+                &self.denoiser,
+                &self.params.as_view()?,
+                x,
+                &sigmas,
+                &z.as_view()?,
+                mode,
+                Some(&mut g),
+            )?
         };
         let stats = self.adam.update(&mut self.params, &self.grads)?;
         Ok(TrainStep {

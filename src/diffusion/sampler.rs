@@ -1,0 +1,151 @@
+//! Samplers over any denoiser (method.md §4): DDPM (ancestral, = DDIM with eta = 1), DDIM
+//! (eta = 0) and predictor-corrector with Langevin corrections, on the grid t_k = 1, 1 - 1/S,
+//! ..., 0 (log-uniform sigma from sigma_max to sigma_min), started at mu + sigma_max z and
+//! finished with one more denoiser call at sigma_min. Posterior sampling is the same code with
+//! the MMPS posterior denoiser in place of the prior's. The update and its noise are one kernel
+//! (kernels/sampler.cu); the whole loop stays on the device.
+
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use super::schedule::VeSchedule;
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::ops::broadcast::add_bias;
+use crate::ops::{launched, mismatch, one_device, Philox};
+use crate::real::Real;
+use crate::tensor::{AsView, AsViewMut, DType, Data, DataMut, Tensor, View};
+
+/// E[x | x_t] for a batch at one noise level: what a sampler calls.
+pub trait Denoise {
+    fn denoise(&mut self, x_t: &Tensor, sigma: f64) -> Result<Tensor>;
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum SamplerKind {
+    Ddpm,
+    Ddim,
+    /// A DDIM predictor and `corrections` Langevin steps of size tau per step.
+    Pc {
+        corrections: usize,
+        tau: f64,
+    },
+}
+
+impl std::str::FromStr for SamplerKind {
+    type Err = String;
+    fn from_str(s: &str) -> std::result::Result<Self, String> {
+        match s {
+            "ddpm" => Ok(SamplerKind::Ddpm),
+            "ddim" => Ok(SamplerKind::Ddim),
+            "pc" => Ok(SamplerKind::Pc {
+                corrections: 1,
+                tau: 0.1,
+            }),
+            other => Err(format!("unknown sampler '{other}' (expected ddpm, ddim or pc)")),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Sampler {
+    pub kind: SamplerKind,
+    pub steps: usize,
+    pub schedule: VeSchedule,
+    /// The noise: Philox (seed, stream), element offsets laid out per step.
+    pub rng: Philox,
+}
+
+/// x <- x - a (x - d) + c eps with eps = normals `offset ..` of `rng` (in place).
+pub fn sampler_step(x: &mut Tensor, d: &Tensor, a: f64, c: f64, rng: Philox, offset: u64) -> Result<()> {
+    let (dv, mut xv) = (d.as_view()?, x.as_view_mut()?);
+    one_device("sampler_step", &[&dv], &[&xv])?;
+    if dv.shape() != xv.shape() {
+        return Err(Error::shape("sampler_step", "denoised", xv.shape(), dv.shape()));
+    }
+    let n = xv.numel();
+    fn host<T: Real>(x: &mut [T], d: &[T], a: f64, c: f64, rng: Philox, offset: u64) {
+        let mut eps = vec![0.0f32; if c != 0.0 { x.len() } else { 0 }];
+        rng.fill_normal(offset, &mut eps);
+        let (a, c) = (T::from_f64(a), T::from_f64(c));
+        for (i, (xi, &di)) in x.iter_mut().zip(d).enumerate() {
+            let mut v = *xi - a * (*xi - di);
+            if !eps.is_empty() {
+                v += c * T::from_f32(eps[i]);
+            }
+            *xi = v;
+        }
+    }
+    match (&mut xv.data, &dv.data) {
+        (DataMut::F32(xs), Data::F32(ds)) => host(xs, ds, a, c, rng, offset),
+        (DataMut::F64(xs), Data::F64(ds)) => host(xs, ds, a, c, rng, offset),
+        (DataMut::Cuda(xs, dev), Data::Cuda(ds, _)) => {
+            let (n64, af, cf) = (n as i64, a as f32, c as f32);
+            let mut l = dev.stream().launch_builder(&dev.kernels().sampler_step_f32);
+            l.arg(xs)
+                .arg(ds)
+                .arg(&n64)
+                .arg(&af)
+                .arg(&cf)
+                .arg(&rng.seed)
+                .arg(&rng.stream)
+                .arg(&offset);
+            let cfg = LaunchConfig {
+                grid_dim: (dev.grid_for(n, 256), 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            launched("sampler_step_f32", unsafe { l.launch(cfg) })?;
+        }
+        _ => return Err(mismatch("sampler_step", &[&dv], &[])),
+    }
+    Ok(())
+}
+
+impl Sampler {
+    /// Samples of `shape` ([N, ...]) from `den`, started at mean + sigma_max z (mean: one sample's
+    /// shape, broadcast; None for 0).
+    pub fn sample(
+        &self,
+        den: &mut impl Denoise,
+        shape: &[usize],
+        mean: Option<&View>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
+        if self.steps == 0 {
+            return Err(Error::Other("a sampler needs at least one step".into()));
+        }
+        let n: usize = shape.iter().product();
+        let n64 = n as u64;
+        let grid = self.schedule.grid(self.steps);
+        let mut x = Tensor::uninit(shape, dtype, device)?;
+        self.rng.normal_into(&mut x, 0)?;
+        let mut x = crate::ops::scale(&x, grid[0])?;
+        if let Some(mu) = mean {
+            let per = n / shape[0];
+            let mut flat = x.as_view_mut()?.reshape(&[shape[0], per])?;
+            add_bias(&mut flat, &mu.reshape(&[per])?)?;
+        }
+        // Noise offsets: block 1 + k for step k's update, then corrections after all steps.
+        for k in 0..self.steps {
+            let (t, s) = (grid[k], grid[k + 1]);
+            let d = den.denoise(&x, t)?;
+            match self.kind {
+                SamplerKind::Ddpm => {
+                    let tau = 1.0 - (s * s) / (t * t);
+                    sampler_step(&mut x, &d, tau, s * tau.sqrt(), self.rng, (1 + k as u64) * n64)?;
+                }
+                SamplerKind::Ddim => sampler_step(&mut x, &d, 1.0 - s / t, 0.0, self.rng, 0)?,
+                SamplerKind::Pc { corrections, tau } => {
+                    sampler_step(&mut x, &d, 1.0 - s / t, 0.0, self.rng, 0)?;
+                    for j in 0..corrections {
+                        let d = den.denoise(&x, s)?;
+                        let offset = (1 + self.steps as u64 + (k * corrections + j) as u64) * n64;
+                        sampler_step(&mut x, &d, tau, s * (2.0 * tau).sqrt(), self.rng, offset)?;
+                    }
+                }
+            }
+        }
+        den.denoise(&x, grid[self.steps])
+    }
+}

@@ -1,0 +1,10 @@
+//! Posterior sampling: observation operators, batched CG, and the MMPS posterior denoiser (and
+//! DPS). A posterior sample is a prior sampler run with `Mmps` as its denoiser.
+
+pub mod cg;
+pub mod mmps;
+pub mod operator;
+
+pub use cg::{cg, CgConfig, CgStats};
+pub use mmps::{Covariance, Dps, Mmps, NetworkPrior, Prior};
+pub use operator::{DenseOperators, LinearOperator, MaskOperator, ObservationNoise, SharedOperator};

@@ -1,0 +1,338 @@
+//! Closed forms for posterior sampling: with a Gaussian prior N(mu, Sigma) and y = A x + noise,
+//! MMPS with the Tweedie covariance and converged CG is the exact posterior denoiser, so DDPM
+//! sampling must reproduce the analytic posterior N(mu_post, Sigma_post):
+//!   Sigma_post = (Sigma^-1 + A^T A / s^2)^-1,  mu_post = Sigma_post (Sigma^-1 mu + A^T y / s^2).
+//! Tolerances come from the sample size (Monte-Carlo standard errors), plus a small allowance
+//! for the sampler's time discretisation.
+
+mod common;
+
+use common::random_vec;
+use emprior::diffusion::{Denoise, Sampler, SamplerKind, VeSchedule};
+use emprior::gaussian::linalg::spd_inverse;
+use emprior::gaussian::{Dplr, Gaussian};
+use emprior::ops::Philox;
+use emprior::posterior::{
+    cg, CgConfig, Covariance, DenseOperators, LinearOperator, Mmps, ObservationNoise, SharedOperator,
+};
+use emprior::{AsView, DType, Device, Tensor};
+
+const CPU: Device = Device::Cpu;
+
+fn randn(seed: u64, n: usize) -> Vec<f64> {
+    let mut z = vec![0.0f32; n];
+    Philox::new(seed, 77).fill_normal(0, &mut z);
+    z.iter().map(|&v| v as f64).collect()
+}
+
+struct Problem {
+    d: usize,
+    m: usize,
+    prior: Gaussian,
+    sigma_dense: Vec<f64>,
+    a: Vec<f64>,
+    y: Vec<f64>,
+    noise_std: f64,
+}
+
+fn problem(seed: u64, d: usize, m: usize, noise_std: f64) -> Problem {
+    let mean = randn(seed, d);
+    let l: Vec<f64> = randn(seed + 1, d * d)
+        .iter()
+        .map(|v| v / (d as f64).sqrt())
+        .collect();
+    let mut c = vec![0.0; d * d];
+    for i in 0..d {
+        for j in 0..d {
+            c[i * d + j] =
+                (0..d).map(|k| l[i * d + k] * l[j * d + k]).sum::<f64>() + if i == j { 0.1 } else { 0.0 };
+        }
+    }
+    let prior = Gaussian::new(mean, Dplr::from_dense(&c, d, 0.05).unwrap()).unwrap();
+    // Unit-norm rows, as the manifold experiment's operators.
+    let mut a = randn(seed + 2, m * d);
+    for r in 0..m {
+        let n = a[r * d..(r + 1) * d].iter().map(|v| v * v).sum::<f64>().sqrt();
+        a[r * d..(r + 1) * d].iter_mut().for_each(|v| *v /= n);
+    }
+    let x_true = randn(seed + 3, d);
+    let y: Vec<f64> = (0..m)
+        .map(|r| (0..d).map(|j| a[r * d + j] * x_true[j]).sum::<f64>() + noise_std * randn(seed + 4, m)[r])
+        .collect();
+    Problem {
+        d,
+        m,
+        sigma_dense: c,
+        prior,
+        a,
+        y,
+        noise_std,
+    }
+}
+
+fn analytic_posterior(p: &Problem) -> (Vec<f64>, Vec<f64>) {
+    let (d, m) = (p.d, p.m);
+    let s2 = p.noise_std * p.noise_std;
+    let sinv = spd_inverse(&p.sigma_dense, d).unwrap();
+    let mut prec = sinv.clone();
+    for i in 0..d {
+        for j in 0..d {
+            prec[i * d + j] += (0..m).map(|r| p.a[r * d + i] * p.a[r * d + j]).sum::<f64>() / s2;
+        }
+    }
+    let cov = spd_inverse(&prec, d).unwrap();
+    let rhs: Vec<f64> = (0..d)
+        .map(|i| {
+            (0..d).map(|j| sinv[i * d + j] * p.prior.mean[j]).sum::<f64>()
+                + (0..m).map(|r| p.a[r * d + i] * p.y[r]).sum::<f64>() / s2
+        })
+        .collect();
+    let mean = (0..d)
+        .map(|i| (0..d).map(|j| cov[i * d + j] * rhs[j]).sum())
+        .collect();
+    (mean, cov)
+}
+
+fn check_samples(what: &str, samples: &[f64], k: usize, d: usize, mean: &[f64], cov: &[f64]) {
+    let emp_mean: Vec<f64> = (0..d)
+        .map(|j| (0..k).map(|i| samples[i * d + j]).sum::<f64>() / k as f64)
+        .collect();
+    for j in 0..d {
+        let se = (cov[j * d + j] / k as f64).sqrt();
+        assert!(
+            (emp_mean[j] - mean[j]).abs() <= 5.0 * se + 1e-3 * cov[j * d + j].sqrt(),
+            "{what}: mean[{j}] = {} vs analytic {} (standard error {se:.2e})",
+            emp_mean[j],
+            mean[j]
+        );
+    }
+    let mut worst = 0.0f64;
+    for a in 0..d {
+        for b in 0..d {
+            let c: f64 = (0..k)
+                .map(|i| (samples[i * d + a] - emp_mean[a]) * (samples[i * d + b] - emp_mean[b]))
+                .sum::<f64>()
+                / (k - 1) as f64;
+            let se = ((cov[a * d + a] * cov[b * d + b] + cov[a * d + b].powi(2)) / k as f64).sqrt();
+            let allowance = 0.02 * (cov[a * d + a] * cov[b * d + b]).sqrt();
+            worst = worst.max((c - cov[a * d + b]).abs() / (5.0 * se + allowance));
+            assert!(
+                (c - cov[a * d + b]).abs() <= 5.0 * se + allowance,
+                "{what}: cov[{a},{b}] = {c} vs analytic {} (standard error {se:.2e})",
+                cov[a * d + b]
+            );
+        }
+    }
+    println!("{what}: worst covariance deviation {worst:.2} of its bound");
+}
+
+fn run_mmps(p: &Problem, op: &dyn LinearOperator, k: usize, seed: u64) -> Vec<f64> {
+    let y = Tensor::from_f64(&p.y.repeat(k), &[k, p.m], &CPU).unwrap();
+    let noise = ObservationNoise::Scalar(p.noise_std * p.noise_std);
+    let cg_cfg = CgConfig {
+        max_iters: 4 * p.m,
+        rtol: Some(1e-8),
+    };
+    let mut mmps = Mmps::new(&p.prior, op, &y, &noise, cg_cfg);
+    mmps.covariance = Covariance::Tweedie;
+    let sampler = Sampler {
+        kind: SamplerKind::Ddpm,
+        steps: 256,
+        schedule: VeSchedule::new(1e-3, 30.0),
+        rng: Philox::new(seed, 5),
+    };
+    let mean = p.prior.mean_tensor(DType::F64, &CPU).unwrap();
+    let x = sampler
+        .sample(
+            &mut mmps,
+            &[k, p.d],
+            Some(&mean.as_view().unwrap()),
+            DType::F64,
+            &CPU,
+        )
+        .unwrap();
+    x.to_vec_f64().unwrap()
+}
+
+#[test]
+fn mmps_with_a_gaussian_prior_samples_the_exact_posterior() {
+    // d = 8 with a shared operator, d = 32 with the same matrix given per observation; the
+    // sample sizes set the standard errors the checks use.
+    for (seed, d, m, k, per_observation) in [
+        (10u64, 8usize, 3usize, 4000usize, false),
+        (20, 32, 20, 2000, true),
+    ] {
+        let p = problem(seed, d, m, 0.1);
+        let (mean, cov) = analytic_posterior(&p);
+        let samples = if per_observation {
+            let dense =
+                DenseOperators::new(Tensor::from_f64(&p.a.repeat(k), &[k, m, d], &CPU).unwrap()).unwrap();
+            run_mmps(&p, &dense, k, seed)
+        } else {
+            let shared = SharedOperator::new(Tensor::from_f64(&p.a, &[m, d], &CPU).unwrap()).unwrap();
+            run_mmps(&p, &shared, k, seed)
+        };
+        let label = if per_observation {
+            "per-observation A"
+        } else {
+            "shared A"
+        };
+        check_samples(
+            &format!("d={d} m={m} {label}, {k} samples"),
+            &samples,
+            k,
+            d,
+            &mean,
+            &cov,
+        );
+    }
+}
+
+#[test]
+fn the_posterior_denoiser_is_exact_at_every_noise_level() {
+    // E[x | x_t, y] for a Gaussian prior, in closed form, against MMPS with converged CG (no
+    // sampling, so the tolerance is numerical).
+    let p = problem(3, 10, 4, 0.05);
+    let (d, m) = (p.d, p.m);
+    let shared = SharedOperator::new(Tensor::from_f64(&p.a, &[m, d], &CPU).unwrap()).unwrap();
+    let y = Tensor::from_f64(&p.y, &[1, m], &CPU).unwrap();
+    let noise = ObservationNoise::Scalar(p.noise_std * p.noise_std);
+    for (covariance, name) in [
+        (Covariance::Tweedie, "tweedie"),
+        (Covariance::Gaussian(Box::new(p.prior.clone())), "gaussian"),
+    ] {
+        let mut mmps = Mmps::new(
+            &p.prior,
+            &shared,
+            &y,
+            &noise,
+            CgConfig {
+                max_iters: 50,
+                rtol: Some(1e-13),
+            },
+        );
+        mmps.covariance = covariance;
+        for sigma in [0.01, 0.3, 3.0] {
+            let x_t = randn(40, d);
+            let got = mmps
+                .denoise(&Tensor::from_f64(&x_t, &[1, d], &CPU).unwrap(), sigma)
+                .unwrap()
+                .to_vec_f64()
+                .unwrap();
+            // Closed form: x ~ N(mu, S), x_t = x + sigma z, y = A x + n: the posterior mean
+            // given both is (S^-1 + I/sigma^2 + A^T A/s^2)^-1 (S^-1 mu + x_t/sigma^2 + A^T y/s^2).
+            let sinv = spd_inverse(&p.sigma_dense, d).unwrap();
+            let s2 = p.noise_std * p.noise_std;
+            let mut prec = sinv.clone();
+            for i in 0..d {
+                prec[i * d + i] += 1.0 / (sigma * sigma);
+                for j in 0..d {
+                    prec[i * d + j] += (0..m).map(|r| p.a[r * d + i] * p.a[r * d + j]).sum::<f64>() / s2;
+                }
+            }
+            let cov = spd_inverse(&prec, d).unwrap();
+            let rhs: Vec<f64> = (0..d)
+                .map(|i| {
+                    (0..d).map(|j| sinv[i * d + j] * p.prior.mean[j]).sum::<f64>()
+                        + x_t[i] / (sigma * sigma)
+                        + (0..m).map(|r| p.a[r * d + i] * p.y[r]).sum::<f64>() / s2
+                })
+                .collect();
+            for i in 0..d {
+                let want: f64 = (0..d).map(|j| cov[i * d + j] * rhs[j]).sum();
+                assert!(
+                    (got[i] - want).abs() < 1e-8 * (1.0 + want.abs()),
+                    "{name} sigma={sigma}: [{i}] {} vs {want}",
+                    got[i]
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn batched_cg_solves_each_system_and_skips_converged_rows() {
+    // Row-wise SPD systems M_b = diag(1..m) * (b + 1), one per row.
+    let (rows, m) = (3, 6);
+    let b: Vec<f64> = random_vec(5, rows * m, -1.0, 1.0)
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
+    let mut b_t = b.clone();
+    b_t[m..2 * m].iter_mut().for_each(|v| *v = 0.0); // a zero right-hand side converges at once
+    let bt = Tensor::from_f64(&b_t, &[rows, m], &CPU).unwrap();
+    let diag: Vec<f64> = (0..rows)
+        .flat_map(|r| (0..m).map(move |i| (i + 1) as f64 * (r + 1) as f64))
+        .collect();
+    let dt = Tensor::from_f64(&diag, &[rows, m], &CPU).unwrap();
+    let matvec = |v: &Tensor| emprior::ops::mul(v, &dt);
+    let (x, stats) = cg(
+        matvec,
+        &bt,
+        CgConfig {
+            max_iters: 20,
+            rtol: Some(1e-12),
+        },
+    )
+    .unwrap();
+    assert!(
+        stats.iterations <= m,
+        "a diagonal system with m distinct values converges in m steps: {stats:?}"
+    );
+    let x = x.to_vec_f64().unwrap();
+    for i in 0..rows * m {
+        assert!(
+            (x[i] - b_t[i] / diag[i]).abs() < 1e-10,
+            "[{i}] {} vs {}",
+            x[i],
+            b_t[i] / diag[i]
+        );
+    }
+    // One iteration is one steepest-descent step: v = (r^T r / r^T M r) r.
+    let (x1, _) = cg(
+        |v: &Tensor| emprior::ops::mul(v, &dt),
+        &bt,
+        CgConfig {
+            max_iters: 1,
+            rtol: None,
+        },
+    )
+    .unwrap();
+    let x1 = x1.to_vec_f64().unwrap();
+    for r in [0usize, 2] {
+        let row = &b_t[r * m..(r + 1) * m];
+        let rr: f64 = row.iter().map(|v| v * v).sum();
+        let rmr: f64 = row.iter().zip(&diag[r * m..]).map(|(v, d)| v * v * d).sum();
+        for i in 0..m {
+            assert!((x1[r * m + i] - rr / rmr * row[i]).abs() < 1e-12);
+        }
+    }
+}
+
+#[test]
+fn operators_have_exact_adjoints() {
+    let (b, m, d) = (3, 4, 7);
+    let a = Tensor::from_f64(&randn(1, b * m * d), &[b, m, d], &CPU).unwrap();
+    let x = Tensor::from_f64(&randn(2, b * d), &[b, d], &CPU).unwrap();
+    let u = Tensor::from_f64(&randn(3, b * m), &[b, m], &CPU).unwrap();
+    let dense = DenseOperators::new(a).unwrap();
+    let shared = SharedOperator::new(Tensor::from_f64(&randn(4, m * d), &[m, d], &CPU).unwrap()).unwrap();
+    let mask_bits: Vec<f32> = (0..b * 7).map(|i| (i % 3 != 0) as u8 as f32).collect();
+    let mask =
+        emprior::posterior::MaskOperator::from_pixel_mask(&mask_bits, b, 7, 1, DType::F64, &CPU).unwrap();
+    let u_mask = Tensor::from_f64(&randn(5, b * d), &[b, d], &CPU).unwrap();
+    for (name, op, u) in [
+        ("dense", &dense as &dyn LinearOperator, &u),
+        ("shared", &shared, &u),
+        ("mask", &mask, &u_mask),
+    ] {
+        let ax = op.apply(&x.as_view().unwrap()).unwrap().to_vec_f64().unwrap();
+        let atu = op.adjoint(&u.as_view().unwrap()).unwrap().to_vec_f64().unwrap();
+        let lhs: f64 = ax.iter().zip(u.to_vec_f64().unwrap()).map(|(p, q)| p * q).sum();
+        let rhs: f64 = atu.iter().zip(x.to_vec_f64().unwrap()).map(|(p, q)| p * q).sum();
+        assert!(
+            (lhs - rhs).abs() < 1e-12 * lhs.abs().max(1.0),
+            "{name}: {lhs} vs {rhs}"
+        );
+    }
+}
