@@ -16,3 +16,19 @@ extern "C" __global__ void emb_sinusoidal_f32(const float* c_noise, float* emb, 
         emb[i] = j < half ? sinf(arg) : cosf(arg);
     }
 }
+
+// EDM preconditioning coefficients for one sigma per sample (method.md §2.2), computed on the
+// device so a sampler step uploads nothing: sigma[s] from `sigmas`, or `sigma_all` for every
+// sample when `sigmas` is null. Writes c_skip, c_out, c_in, c_noise = ln sigma.
+extern "C" __global__ void emb_precond_f32(const float* sigmas, float sigma_all, float* c_skip, float* c_out, float* c_in,
+                                           float* c_noise, i64 n) {
+    const i64 step = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
+        const double s = sigmas ? (double)sigmas[i] : (double)sigma_all;
+        const double s2 = s * s;
+        c_skip[i] = (float)(1.0 / (s2 + 1.0));
+        c_out[i] = (float)(s / sqrt(s2 + 1.0));
+        c_in[i] = (float)(1.0 / sqrt(s2 + 1.0));
+        c_noise[i] = (float)log(s);
+    }
+}

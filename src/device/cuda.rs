@@ -53,7 +53,7 @@ kernel_table! {
     resample { rs_upsample2x_f32, rs_upsample2x_backward_f32, rs_concat_f32, rs_split_f32, rs_permute_f32 }
     blocks { blk_modulate_backward_f32, blk_residual_f32, blk_residual_backward_f32 }
     attention { attn_softmax_f32, attn_softmax_backward_f32 }
-    embedding { emb_sinusoidal_f32 }
+    embedding { emb_sinusoidal_f32, emb_precond_f32 }
     dropout { dropout_f32 }
     adam { adam_step_f32 }
     sampler { sampler_step_f32 }

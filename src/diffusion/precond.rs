@@ -7,13 +7,17 @@
 //! applies J^T (J = d d / d x_t) to any number of cotangents against those saved activations,
 //! never recomputing the forward.
 
+use cudarc::driver::{LaunchConfig, PushKernelArg};
+
+use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::nn::embedding::sinusoidal_embedding;
 use crate::nn::mlp::MlpSaved;
 use crate::nn::unet::UNetSaved;
 use crate::nn::{Mode, ParamLayout, TimeMlp, UNet};
 use crate::ops::broadcast::{scale_rows_add_into, scale_rows_into};
-use crate::tensor::{AsView, Tensor, View, ViewMut};
+use crate::ops::launched;
+use crate::tensor::{AsView, DType, Tensor, View, ViewMut};
 
 /// A denoiser network F: the manifold's TimeMLP or an image U-Net.
 #[derive(Clone, Debug)]
@@ -152,6 +156,41 @@ pub fn edm_coefficients(sigma: f64) -> (f64, f64, f64, f64) {
     )
 }
 
+/// [c_skip, c_out, c_in, c_noise] as [N] tensors on `device`. On a GPU they are computed there:
+/// with one sigma for the whole batch (every sampler step) nothing is uploaded at all.
+fn preconditioning(sigmas: &[f64], dtype: DType, device: &Device) -> Result<[Tensor; 4]> {
+    let n = sigmas.len();
+    if let Device::Cuda(dev) = device {
+        let make = || Tensor::uninit(&[n], DType::F32, device);
+        let (mut a, mut b, mut c, mut d) = (make()?, make()?, make()?, make()?);
+        let uniform = sigmas.iter().all(|&s| s == sigmas[0]);
+        let per_sample = if uniform { None } else { Some(Tensor::from_f64_as(sigmas, &[n], DType::F32, device)?) };
+        {
+            let sview = per_sample.as_ref().map(|t| t.cuda_f32()).transpose()?;
+            let (mut av, mut bv, mut cv, mut dv) = (a.cuda_f32_mut()?, b.cuda_f32_mut()?, c.cuda_f32_mut()?, d.cuda_f32_mut()?);
+            let (n64, all, null) = (n as i64, sigmas[0] as f32, 0u64);
+            let mut l = dev.stream().launch_builder(&dev.kernels().emb_precond_f32);
+            match &sview {
+                Some(v) => l.arg(v),
+                None => l.arg(&null),
+            };
+            l.arg(&all).arg(&mut av).arg(&mut bv).arg(&mut cv).arg(&mut dv).arg(&n64);
+            let cfg = LaunchConfig {
+                grid_dim: (dev.grid_for(n, 256), 1, 1),
+                block_dim: (256, 1, 1),
+                shared_mem_bytes: 0,
+            };
+            launched("emb_precond_f32", unsafe { l.launch(cfg) })?;
+        }
+        return Ok([a, b, c, d]);
+    }
+    let coef: Vec<_> = sigmas.iter().map(|&s| edm_coefficients(s)).collect();
+    let col = |f: fn(&(f64, f64, f64, f64)) -> f64| -> Result<Tensor> {
+        Tensor::from_f64_as(&coef.iter().map(f).collect::<Vec<_>>(), &[n], dtype, device)
+    };
+    Ok([col(|c| c.0)?, col(|c| c.1)?, col(|c| c.2)?, col(|c| c.3)?])
+}
+
 impl Denoiser {
     pub fn new(net: Network) -> Self {
         Denoiser { net }
@@ -189,11 +228,7 @@ impl Denoiser {
             return Err(Error::shape("denoise", "x_t", expected, x_t.shape()));
         }
         let (dtype, device) = (x_t.dtype(), x_t.device());
-        let coef: Vec<_> = sigmas.iter().map(|&s| edm_coefficients(s)).collect();
-        let col = |f: fn(&(f64, f64, f64, f64)) -> f64| -> Result<Tensor> {
-            Tensor::from_f64_as(&coef.iter().map(f).collect::<Vec<_>>(), &[n], dtype, &device)
-        };
-        let (c_skip, c_out, c_in, c_noise) = (col(|c| c.0)?, col(|c| c.1)?, col(|c| c.2)?, col(|c| c.3)?);
+        let [c_skip, c_out, c_in, c_noise] = preconditioning(sigmas, dtype, &device)?;
         let emb = sinusoidal_embedding(&c_noise.as_view()?, self.net.emb_width())?;
         let mut x_in = Tensor::uninit(x_t.shape(), dtype, &device)?;
         scale_rows_into(x_t, &c_in, &mut x_in)?;

@@ -33,7 +33,8 @@ pub fn cg(
 ) -> Result<(Tensor, CgStats)> {
     let rows = b.shape()[0];
     let (dtype, device) = (b.dtype(), b.device());
-    let ones = Tensor::from_f64_as(&vec![1.0; rows], &[rows], dtype, &device)?;
+    let mut ones = Tensor::uninit(&[rows], dtype, &device)?;
+    crate::ops::fill(&mut ones, 1.0)?;
     let mut x = Tensor::zeros(b.shape(), dtype, &device)?;
     let mut r = b.as_view()?.to_tensor()?;
     let mut p = b.as_view()?.to_tensor()?;
