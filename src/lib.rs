@@ -16,6 +16,7 @@ pub mod error;
 pub mod gaussian;
 pub mod io;
 pub mod kernels;
+pub mod metrics;
 pub mod nn;
 pub mod ops;
 pub mod posterior;
