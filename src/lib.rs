@@ -10,6 +10,7 @@
 //! - [`kernels`]: what build.rs compiled and embedded.
 
 pub mod bench;
+pub mod commands;
 pub mod device;
 pub mod diffusion;
 pub mod error;

@@ -4,7 +4,10 @@ use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 
 use emprior::device::{probe_cuda, Device, DeviceRequest, Kernels};
-use emprior::{bench, kernels};
+use std::path::PathBuf;
+
+use emprior::diffusion::SamplerKind;
+use emprior::{bench, commands, kernels};
 
 #[derive(Parser)]
 #[command(
@@ -15,6 +18,36 @@ use emprior::{bench, kernels};
 struct Cli {
     #[command(subcommand)]
     command: Command,
+}
+
+/// Sampler flags shared by `sample` and `posterior`.
+#[derive(clap::Args, Clone, Debug)]
+struct SamplerArgs {
+    /// ddpm (ancestral), ddim, or pc (predictor-corrector, 1 Langevin step, tau 0.1).
+    #[arg(long, default_value = "ddpm")]
+    sampler: SamplerKind,
+    #[arg(long, default_value_t = 256)]
+    steps: usize,
+    /// Default: the checkpoint's training range, else 1e-3.
+    #[arg(long)]
+    sigma_min: Option<f64>,
+    /// Default: the checkpoint's training range, else 100.
+    #[arg(long)]
+    sigma_max: Option<f64>,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+}
+
+impl SamplerArgs {
+    fn options(&self) -> commands::SamplerOptions {
+        commands::SamplerOptions {
+            kind: self.sampler,
+            steps: self.steps,
+            sigma_min: self.sigma_min,
+            sigma_max: self.sigma_max,
+            seed: self.seed,
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -39,6 +72,91 @@ enum Command {
         #[arg(long)]
         batch: Option<usize>,
     },
+    /// Train a denoiser by denoising score matching on samples (.npy [n, ...]).
+    Train {
+        #[arg(long)]
+        data: PathBuf,
+        /// manifold, cifar10, mri, or mlp (a TimeMLP sized to the data).
+        #[arg(long)]
+        preset: String,
+        /// The checkpoint to write (safetensors).
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long, default_value_t = 10_000)]
+        steps: u64,
+        #[arg(long, default_value_t = 256)]
+        batch: usize,
+        #[arg(long, default_value_t = 1e-3)]
+        lr: f64,
+        /// Decay the learning rate linearly to this value over the run.
+        #[arg(long)]
+        lr_end: Option<f64>,
+        /// Keep an EMA of the weights with this decay and save it.
+        #[arg(long)]
+        ema: Option<f64>,
+        #[arg(long, default_value_t = 1e-3)]
+        sigma_min: f64,
+        #[arg(long, default_value_t = 1e2)]
+        sigma_max: f64,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long, default_value = "auto")]
+        device: DeviceRequest,
+    },
+    /// Draw prior samples from a checkpoint into an .npy [n, ...].
+    Sample {
+        #[arg(long)]
+        checkpoint: PathBuf,
+        #[arg(long)]
+        n: usize,
+        #[arg(long)]
+        out: PathBuf,
+        #[command(flatten)]
+        sampler: SamplerArgs,
+        #[arg(long, default_value = "auto")]
+        device: DeviceRequest,
+    },
+    /// Posterior samples for observations y = A x + noise with MMPS, into an .npy [n, K, ...].
+    Posterior {
+        /// Observations [n, m].
+        #[arg(long)]
+        obs: PathBuf,
+        /// Observation noise standard deviation.
+        #[arg(long)]
+        sigma_y: f64,
+        #[arg(long)]
+        out: PathBuf,
+        /// The operator: [n, m, d] per observation or [m, d] shared.
+        #[arg(long, conflicts_with = "mask", required_unless_present = "mask")]
+        operator: Option<PathBuf>,
+        /// A 0/1 mask [n, d] or [n, H, W] (broadcast over channels).
+        #[arg(long)]
+        mask: Option<PathBuf>,
+        /// The prior as a trained checkpoint...
+        #[arg(long, conflicts_with_all = ["gaussian_mean", "gaussian_cov"], required_unless_present = "gaussian_mean")]
+        checkpoint: Option<PathBuf>,
+        /// ...or as a Gaussian: mean [d] ...
+        #[arg(long, requires = "gaussian_cov")]
+        gaussian_mean: Option<PathBuf>,
+        /// ... and covariance [d, d].
+        #[arg(long, requires = "gaussian_mean")]
+        gaussian_cov: Option<PathBuf>,
+        #[command(flatten)]
+        sampler: SamplerArgs,
+        /// CG iterations per posterior-denoiser call.
+        #[arg(long, default_value_t = 1)]
+        cg_iters: usize,
+        /// Stop CG early once every system's residual is below this fraction of its start.
+        #[arg(long)]
+        cg_rtol: Option<f64>,
+        /// tweedie (MMPS), zeros, sigma-t, ones, or gaussian (a Gaussian prior's own covariance).
+        #[arg(long, default_value = "tweedie")]
+        covariance: String,
+        #[arg(long, default_value_t = 1)]
+        samples_per_obs: usize,
+        #[arg(long, default_value = "auto")]
+        device: DeviceRequest,
+    },
     /// Time the kernels (CUDA events on a GPU) and print a markdown table with throughput against
     /// ceilings measured in the same run.
     Bench {
@@ -55,6 +173,91 @@ fn main() -> std::process::ExitCode {
         Command::Info { device, kernels } => info(device, kernels),
         Command::Bench { device, quick } => bench(device, quick),
         Command::Model { preset, batch } => model(&preset, batch),
+        Command::Train {
+            data,
+            preset,
+            out,
+            steps,
+            batch,
+            lr,
+            lr_end,
+            ema,
+            sigma_min,
+            sigma_max,
+            seed,
+            device,
+        } => {
+            let o = commands::TrainOptions {
+                data,
+                preset,
+                out: out.clone(),
+                steps,
+                batch,
+                lr,
+                lr_end,
+                ema,
+                sigma_min,
+                sigma_max,
+                seed,
+                device,
+                log_every: (steps / 20).max(1),
+            };
+            commands::train(&o)
+                .map(|loss| println!("final loss {loss:.5}; wrote {}", out.display()))
+                .map_err(Into::into)
+        }
+        Command::Sample {
+            checkpoint,
+            n,
+            out,
+            sampler,
+            device,
+        } => commands::sample(&checkpoint, n, &out, &sampler.options(), device)
+            .map(|()| println!("wrote {}", out.display()))
+            .map_err(Into::into),
+        Command::Posterior {
+            obs,
+            sigma_y,
+            out,
+            operator,
+            mask,
+            checkpoint,
+            gaussian_mean,
+            gaussian_cov,
+            sampler,
+            cg_iters,
+            cg_rtol,
+            covariance,
+            samples_per_obs,
+            device,
+        } => {
+            let operator = match (operator, mask) {
+                (Some(a), _) => commands::OperatorSource::Matrix(a),
+                (None, Some(m)) => commands::OperatorSource::Mask(m),
+                (None, None) => unreachable!("clap requires one"),
+            };
+            let prior = match (checkpoint, gaussian_mean, gaussian_cov) {
+                (Some(c), _, _) => commands::PriorSource::Checkpoint(c),
+                (None, Some(mean), Some(cov)) => commands::PriorSource::Gaussian { mean, cov },
+                _ => unreachable!("clap requires a prior"),
+            };
+            let o = commands::PosteriorOptions {
+                obs,
+                sigma_y,
+                out: out.clone(),
+                operator,
+                prior,
+                sampler: sampler.options(),
+                cg_iters,
+                cg_rtol,
+                covariance,
+                samples_per_obs,
+                device,
+            };
+            commands::posterior(&o)
+                .map(|()| println!("wrote {}", out.display()))
+                .map_err(Into::into)
+        }
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -14,7 +14,9 @@ pub fn sliced_wasserstein(a: &[f64], b: &[f64], d: usize, projections: usize, se
         let dir: Vec<f64> = dirs[p * d..(p + 1) * d].iter().map(|&v| v as f64).collect();
         let norm = dir.iter().map(|v| v * v).sum::<f64>().sqrt().max(1e-12);
         let project = |x: &[f64], count: usize| -> Vec<f64> {
-            let mut v: Vec<f64> = (0..count).map(|i| (0..d).map(|j| x[i * d + j] * dir[j]).sum::<f64>() / norm).collect();
+            let mut v: Vec<f64> = (0..count)
+                .map(|i| (0..d).map(|j| x[i * d + j] * dir[j]).sum::<f64>() / norm)
+                .collect();
             v.sort_by(|p, q| p.partial_cmp(q).unwrap());
             v
         };

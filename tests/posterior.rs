@@ -345,12 +345,38 @@ fn every_sampler_draws_a_gaussian_prior() {
     for (kind, steps) in [
         (SamplerKind::Ddpm, 256),
         (SamplerKind::Ddim, 256),
-        (SamplerKind::Pc { corrections: 1, tau: 0.1 }, 128),
+        (
+            SamplerKind::Pc {
+                corrections: 1,
+                tau: 0.1,
+            },
+            128,
+        ),
     ] {
-        let sampler = Sampler { kind, steps, schedule: VeSchedule::new(1e-3, 30.0), rng: Philox::new(9, 1) };
+        let sampler = Sampler {
+            kind,
+            steps,
+            schedule: VeSchedule::new(1e-3, 30.0),
+            rng: Philox::new(9, 1),
+        };
         let mut prior = p.prior.clone();
-        let x = sampler.sample(&mut prior, &[k, 6], Some(&mean.as_view().unwrap()), DType::F64, &CPU).unwrap();
-        check_samples(&format!("{kind:?} prior samples"), &x.to_vec_f64().unwrap(), k, 6, &p.prior.mean, &p.sigma_dense);
+        let x = sampler
+            .sample(
+                &mut prior,
+                &[k, 6],
+                Some(&mean.as_view().unwrap()),
+                DType::F64,
+                &CPU,
+            )
+            .unwrap();
+        check_samples(
+            &format!("{kind:?} prior samples"),
+            &x.to_vec_f64().unwrap(),
+            k,
+            6,
+            &p.prior.mean,
+            &p.sigma_dense,
+        );
     }
 }
 
@@ -377,7 +403,10 @@ fn woodbury_solves_and_ppca_recovers_a_low_rank_covariance() {
         for row in 0..2 {
             for i in 0..d {
                 let want: f64 = (0..d).map(|j| inv[i * d + j] * v[row * d + j]).sum();
-                assert!((got[row * d + i] - want).abs() < 1e-10 * (1.0 + want.abs()), "shift {shift}");
+                assert!(
+                    (got[row * d + i] - want).abs() < 1e-10 * (1.0 + want.abs()),
+                    "shift {shift}"
+                );
             }
         }
     }
@@ -386,17 +415,33 @@ fn woodbury_solves_and_ppca_recovers_a_low_rank_covariance() {
     let l = emprior::gaussian::linalg::cholesky(&dense, d).unwrap();
     let z = randn(62, n * d);
     let m = randn(63, d);
-    let samples: Vec<f64> = (0..n * d).map(|k| m[k % d] + (0..=k % d).map(|j| l[(k % d) * d + j] * z[(k / d) * d + j]).sum::<f64>()).collect();
+    let samples: Vec<f64> = (0..n * d)
+        .map(|k| {
+            m[k % d]
+                + (0..=k % d)
+                    .map(|j| l[(k % d) * d + j] * z[(k / d) * d + j])
+                    .sum::<f64>()
+        })
+        .collect();
     let fit = ppca(&samples, n, d, r).unwrap();
     let got = fit.cov.dense();
     let scale = (0..d).map(|i| dense[i * d + i]).fold(0.0, f64::max);
     for i in 0..d * d {
-        assert!((got[i] - dense[i]).abs() < 0.05 * scale, "ppca covariance [{i}]: {} vs {}", got[i], dense[i]);
+        assert!(
+            (got[i] - dense[i]).abs() < 0.05 * scale,
+            "ppca covariance [{i}]: {} vs {}",
+            got[i],
+            dense[i]
+        );
     }
     for i in 0..d {
         assert!((fit.mean[i] - m[i]).abs() < 0.05 * scale.sqrt());
     }
-    assert!((fit.cov.diag[0] - 0.2).abs() < 0.02, "noise floor {}", fit.cov.diag[0]);
+    assert!(
+        (fit.cov.diag[0] - 0.2).abs() < 0.02,
+        "noise floor {}",
+        fit.cov.diag[0]
+    );
     // Fewer samples than dimensions: the Gram-matrix path.
     let few = ppca(&samples[..8 * d], 8, d, 3).unwrap();
     assert_eq!((few.cov.rank, few.cov.dim()), (3, d));

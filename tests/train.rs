@@ -176,7 +176,10 @@ fn mixture(seed: u64, n: usize) -> Vec<f64> {
     (0..n)
         .flat_map(|i| {
             let k = (u[i] * 4.0) as usize;
-            let (cx, cy) = (if k & 1 == 0 { -1.2 } else { 1.2 }, if k & 2 == 0 { -1.2 } else { 1.2 });
+            let (cx, cy) = (
+                if k & 1 == 0 { -1.2 } else { 1.2 },
+                if k & 2 == 0 { -1.2 } else { 1.2 },
+            );
             [cx + 0.25 * z[2 * i] as f64, cy + 0.25 * z[2 * i + 1] as f64]
         })
         .collect()
@@ -193,7 +196,11 @@ fn a_time_mlp_trained_by_dsm_reproduces_a_mixture_of_gaussians() {
     let params = den.layout().init(1, DType::F32, &CPU).unwrap();
     let schedule = VeSchedule::new(1e-3, 10.0);
     let steps = 2500;
-    let config = AdamConfig::new(LrSchedule::Linear { init: 2e-3, end: 1e-5, steps });
+    let config = AdamConfig::new(LrSchedule::Linear {
+        init: 2e-3,
+        end: 1e-5,
+        steps,
+    });
     let mut trainer = Trainer::new(den.clone(), params, config, schedule, 7).unwrap();
     let train = mixture(100, 20_000);
     let batch = 256;
@@ -203,10 +210,13 @@ fn a_time_mlp_trained_by_dsm_reproduces_a_mixture_of_gaussians() {
     for s in 0..steps {
         // Minibatches drawn with replacement, as the manifold experiment does.
         Philox::new(8, 0).fill_uniform(s as u64 * batch as u64, &mut idx);
-        let x: Vec<f32> = idx.iter().flat_map(|&u| {
-            let i = ((u * 20_000.0) as usize).min(19_999);
-            [train[2 * i] as f32, train[2 * i + 1] as f32]
-        }).collect();
+        let x: Vec<f32> = idx
+            .iter()
+            .flat_map(|&u| {
+                let i = ((u * 20_000.0) as usize).min(19_999);
+                [train[2 * i] as f32, train[2 * i + 1] as f32]
+            })
+            .collect();
         let xt = Tensor::from_f32(&x, &[batch, 2], &CPU).unwrap();
         let st = trainer.step(&xt.as_view().unwrap()).unwrap();
         if s < 100 {
@@ -218,13 +228,31 @@ fn a_time_mlp_trained_by_dsm_reproduces_a_mixture_of_gaussians() {
     }
     // The DSM loss has an irreducible floor (a denoiser cannot undo large noise), so it only
     // falls part of the way; the samples are the real check.
-    assert!(last_losses < 0.9 * first_losses, "the loss falls: {first_losses} -> {last_losses}");
+    assert!(
+        last_losses < 0.9 * first_losses,
+        "the loss falls: {first_losses} -> {last_losses}"
+    );
 
     let n = 2000;
-    let sampler = Sampler { kind: SamplerKind::Ddpm, steps: 128, schedule, rng: Philox::new(3, 3) };
+    let sampler = Sampler {
+        kind: SamplerKind::Ddpm,
+        steps: 128,
+        schedule,
+        rng: Philox::new(3, 3),
+    };
     let sample = |weights: &Tensor| -> Vec<f64> {
-        let mut prior = NetworkPrior { denoiser: &den, params: weights };
-        sampler.sample(&mut prior, &[n, 2], None, DType::F32, &CPU).unwrap().to_vec_f32().unwrap().iter().map(|&v| v as f64).collect()
+        let mut prior = NetworkPrior {
+            denoiser: &den,
+            params: weights,
+        };
+        sampler
+            .sample(&mut prior, &[n, 2], None, DType::F32, &CPU)
+            .unwrap()
+            .to_vec_f32()
+            .unwrap()
+            .iter()
+            .map(|&v| v as f64)
+            .collect()
     };
     let generated = sample(trainer.weights());
     let untrained = sample(&den.layout().init(1, DType::F32, &CPU).unwrap());
@@ -234,13 +262,27 @@ fn a_time_mlp_trained_by_dsm_reproduces_a_mixture_of_gaussians() {
     let before = sliced_wasserstein(&untrained, &held_a, 2, 64, 1);
     println!("sliced W1: held-out vs held-out {floor:.4}, trained {trained:.4}, untrained {before:.4}");
     // Within twice the sampling noise of two held-out sets (measured: at it), far from untrained.
-    assert!(trained < 2.0 * floor + 0.01, "trained model: sliced W1 {trained:.4} (floor {floor:.4})");
-    assert!(trained < 0.25 * before, "training must help: {trained:.4} vs untrained {before:.4}");
+    assert!(
+        trained < 2.0 * floor + 0.01,
+        "trained model: sliced W1 {trained:.4} (floor {floor:.4})"
+    );
+    assert!(
+        trained < 0.25 * before,
+        "training must help: {trained:.4} vs untrained {before:.4}"
+    );
     // Every mode is populated in about the right proportion.
     for k in 0..4 {
-        let (sx, sy) = (if k & 1 == 0 { -1.0 } else { 1.0 }, if k & 2 == 0 { -1.0 } else { 1.0 });
-        let count = (0..n).filter(|&i| generated[2 * i] * sx > 0.0 && generated[2 * i + 1] * sy > 0.0).count();
+        let (sx, sy) = (
+            if k & 1 == 0 { -1.0 } else { 1.0 },
+            if k & 2 == 0 { -1.0 } else { 1.0 },
+        );
+        let count = (0..n)
+            .filter(|&i| generated[2 * i] * sx > 0.0 && generated[2 * i + 1] * sy > 0.0)
+            .count();
         let share = count as f64 / n as f64;
-        assert!((share - 0.25).abs() < 0.06, "mode {k} holds {share:.3} of the samples");
+        assert!(
+            (share - 0.25).abs() < 0.06,
+            "mode {k} holds {share:.3} of the samples"
+        );
     }
 }

@@ -164,17 +164,31 @@ fn preconditioning(sigmas: &[f64], dtype: DType, device: &Device) -> Result<[Ten
         let make = || Tensor::uninit(&[n], DType::F32, device);
         let (mut a, mut b, mut c, mut d) = (make()?, make()?, make()?, make()?);
         let uniform = sigmas.iter().all(|&s| s == sigmas[0]);
-        let per_sample = if uniform { None } else { Some(Tensor::from_f64_as(sigmas, &[n], DType::F32, device)?) };
+        let per_sample = if uniform {
+            None
+        } else {
+            Some(Tensor::from_f64_as(sigmas, &[n], DType::F32, device)?)
+        };
         {
             let sview = per_sample.as_ref().map(|t| t.cuda_f32()).transpose()?;
-            let (mut av, mut bv, mut cv, mut dv) = (a.cuda_f32_mut()?, b.cuda_f32_mut()?, c.cuda_f32_mut()?, d.cuda_f32_mut()?);
+            let (mut av, mut bv, mut cv, mut dv) = (
+                a.cuda_f32_mut()?,
+                b.cuda_f32_mut()?,
+                c.cuda_f32_mut()?,
+                d.cuda_f32_mut()?,
+            );
             let (n64, all, null) = (n as i64, sigmas[0] as f32, 0u64);
             let mut l = dev.stream().launch_builder(&dev.kernels().emb_precond_f32);
             match &sview {
                 Some(v) => l.arg(v),
                 None => l.arg(&null),
             };
-            l.arg(&all).arg(&mut av).arg(&mut bv).arg(&mut cv).arg(&mut dv).arg(&n64);
+            l.arg(&all)
+                .arg(&mut av)
+                .arg(&mut bv)
+                .arg(&mut cv)
+                .arg(&mut dv)
+                .arg(&n64);
             let cfg = LaunchConfig {
                 grid_dim: (dev.grid_for(n, 256), 1, 1),
                 block_dim: (256, 1, 1),

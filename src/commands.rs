@@ -1,0 +1,378 @@
+//! What the `train`, `sample` and `posterior` subcommands do, as library functions over option
+//! structs (the binary only parses arguments). Arrays come and go as `.npy`; networks as
+//! safetensors checkpoints.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Instant;
+
+use crate::device::{Device, DeviceRequest};
+use crate::diffusion::{preset, Denoise, Denoiser, Network, Sampler, SamplerKind, VeSchedule};
+use crate::error::{Error, Result};
+use crate::gaussian::{Dplr, Gaussian};
+use crate::io::{load_checkpoint, read_npy, save_checkpoint, write_npy_f32};
+use crate::nn::TimeMlp;
+use crate::ops::Philox;
+use crate::posterior::{
+    CgConfig, Covariance, DenseOperators, LinearOperator, MaskOperator, Mmps, NetworkPrior, ObservationNoise,
+    SharedOperator,
+};
+use crate::tensor::{AsView, DType, Tensor};
+use crate::train::{AdamConfig, LrSchedule, Trainer};
+
+/// `emprior train`: denoising score matching on given samples.
+#[derive(Clone, Debug)]
+pub struct TrainOptions {
+    pub data: PathBuf,
+    /// manifold, cifar10, mri, or mlp (a TimeMLP sized to the data's features).
+    pub preset: String,
+    pub out: PathBuf,
+    pub steps: u64,
+    pub batch: usize,
+    pub lr: f64,
+    /// Decay linearly to this learning rate over the run (None: constant).
+    pub lr_end: Option<f64>,
+    pub ema: Option<f64>,
+    pub sigma_min: f64,
+    pub sigma_max: f64,
+    pub seed: u64,
+    pub device: DeviceRequest,
+    /// Print a progress line every this many steps.
+    pub log_every: u64,
+}
+
+fn network_for(preset_name: &str, features: &[usize]) -> Result<Network> {
+    match preset_name {
+        "mlp" => match features {
+            [f] => Ok(Network::Mlp(TimeMlp::new(*f, &[256, 256, 256], 64))),
+            other => Err(Error::Other(format!(
+                "preset mlp needs [n, features] data, got samples of shape {other:?}"
+            ))),
+        },
+        name => preset(name),
+    }
+}
+
+/// Trains and writes the checkpoint (atomically); returns the final loss.
+pub fn train(o: &TrainOptions) -> Result<f64> {
+    let device = Device::open(o.device)?;
+    let data = read_npy(&o.data)?;
+    if data.shape.len() < 2 || data.shape[0] == 0 {
+        return Err(Error::Other(format!(
+            "{}: expected samples [n, ...], got shape {:?}",
+            o.data.display(),
+            data.shape
+        )));
+    }
+    if let Some(i) = data.data.iter().position(|v| !v.is_finite()) {
+        return Err(Error::Other(format!(
+            "{}: value {i} is {} (NaN or infinite)",
+            o.data.display(),
+            data.data[i]
+        )));
+    }
+    let net = network_for(&o.preset, &data.shape[1..])?;
+    let expected = net.sample_shape();
+    if data.shape[1..] != expected[..] {
+        return Err(Error::Other(format!(
+            "{}: samples have shape {:?}, preset {} takes {:?}",
+            o.data.display(),
+            &data.shape[1..],
+            o.preset,
+            expected
+        )));
+    }
+    let den = Denoiser::new(net);
+    let params = den.layout().init(o.seed, DType::F32, &device)?;
+    let lr = match o.lr_end {
+        Some(end) => LrSchedule::Linear {
+            init: o.lr,
+            end,
+            steps: o.steps,
+        },
+        None => LrSchedule::Constant(o.lr),
+    };
+    let config = AdamConfig {
+        ema: o.ema,
+        ..AdamConfig::new(lr)
+    };
+    let schedule = VeSchedule::new(o.sigma_min, o.sigma_max);
+    let mut trainer = Trainer::new(den.clone(), params, config, schedule, o.seed)?;
+    let n = data.shape[0];
+    let per: usize = expected.iter().product();
+    let values = data.to_f32();
+    let mut shape = vec![o.batch];
+    shape.extend(&expected);
+    let mut u = vec![0.0f32; o.batch];
+    let (start, mut loss) = (Instant::now(), f64::NAN);
+    let mut batch = vec![0.0f32; o.batch * per];
+    for step in 0..o.steps {
+        // Minibatches drawn with replacement from the samples (reproducible from the seed).
+        Philox::new(o.seed, 0xba7c).fill_uniform(step * o.batch as u64, &mut u);
+        for (k, &ui) in u.iter().enumerate() {
+            let i = ((ui * n as f32) as usize).min(n - 1);
+            batch[k * per..(k + 1) * per].copy_from_slice(&values[i * per..(i + 1) * per]);
+        }
+        let x = Tensor::from_f32(&batch, &shape, &device)?;
+        let st = trainer.step(&x.as_view()?)?;
+        loss = st.loss;
+        if o.log_every > 0 && ((step + 1) % o.log_every == 0 || step + 1 == o.steps) {
+            let rate = (step + 1) as f64 / start.elapsed().as_secs_f64();
+            eprintln!(
+                "step {:>7}/{} | loss {:.5} | grad norm {:.3} | lr {:.2e} | {:.1} steps/s",
+                step + 1,
+                o.steps,
+                st.loss,
+                st.grad_norm,
+                st.lr,
+                rate
+            );
+        }
+    }
+    let meta = BTreeMap::from([
+        ("preset".to_string(), o.preset.clone()),
+        ("steps".to_string(), o.steps.to_string()),
+        ("seed".to_string(), o.seed.to_string()),
+        ("sigma_min".to_string(), o.sigma_min.to_string()),
+        ("sigma_max".to_string(), o.sigma_max.to_string()),
+        (
+            "weights".to_string(),
+            if o.ema.is_some() { "ema" } else { "params" }.to_string(),
+        ),
+    ]);
+    save_checkpoint(&o.out, &den.net, trainer.weights(), &meta)?;
+    Ok(loss)
+}
+
+/// Sampler settings shared by `sample` and `posterior`.
+#[derive(Clone, Debug)]
+pub struct SamplerOptions {
+    pub kind: SamplerKind,
+    pub steps: usize,
+    /// None: the checkpoint's training range (or 1e-3 / 1e2).
+    pub sigma_min: Option<f64>,
+    pub sigma_max: Option<f64>,
+    pub seed: u64,
+}
+
+fn schedule_for(o: &SamplerOptions, meta: &BTreeMap<String, String>) -> VeSchedule {
+    let from_meta = |k: &str, default: f64| meta.get(k).and_then(|v| v.parse().ok()).unwrap_or(default);
+    VeSchedule::new(
+        o.sigma_min.unwrap_or(from_meta("sigma_min", 1e-3)),
+        o.sigma_max.unwrap_or(from_meta("sigma_max", 1e2)),
+    )
+}
+
+/// `emprior sample`: prior samples from a checkpoint, written as [n, ...].
+pub fn sample(
+    checkpoint: &PathBuf,
+    n: usize,
+    out: &PathBuf,
+    s: &SamplerOptions,
+    device: DeviceRequest,
+) -> Result<()> {
+    let device = Device::open(device)?;
+    let ck = load_checkpoint(checkpoint, DType::F32)?;
+    let params = ck.params.to_device(&device)?;
+    let den = Denoiser::new(ck.network);
+    let mut shape = vec![n];
+    shape.extend(den.net.sample_shape());
+    let sampler = Sampler {
+        kind: s.kind,
+        steps: s.steps,
+        schedule: schedule_for(s, &ck.metadata),
+        rng: Philox::new(s.seed, 0x5a),
+    };
+    let mut prior = NetworkPrior {
+        denoiser: &den,
+        params: &params,
+    };
+    let x = sampler.sample(&mut prior, &shape, None, DType::F32, &device)?;
+    write_npy_f32(out, &shape, &x.to_vec_f32()?)
+}
+
+/// Where the prior of `posterior` comes from.
+#[derive(Clone, Debug)]
+pub enum PriorSource {
+    Checkpoint(PathBuf),
+    Gaussian { mean: PathBuf, cov: PathBuf },
+}
+
+/// The observation operator of `posterior`.
+#[derive(Clone, Debug)]
+pub enum OperatorSource {
+    /// [n, m, d] per observation or [m, d] shared.
+    Matrix(PathBuf),
+    /// [n, d] or [n, H, W] (broadcast over channels).
+    Mask(PathBuf),
+}
+
+#[derive(Clone, Debug)]
+pub struct PosteriorOptions {
+    pub obs: PathBuf,
+    pub sigma_y: f64,
+    pub out: PathBuf,
+    pub operator: OperatorSource,
+    pub prior: PriorSource,
+    pub sampler: SamplerOptions,
+    pub cg_iters: usize,
+    pub cg_rtol: Option<f64>,
+    /// tweedie, zeros, sigma-t, ones, or gaussian (a Gaussian prior's own covariance).
+    pub covariance: String,
+    pub samples_per_obs: usize,
+    pub device: DeviceRequest,
+}
+
+/// `emprior posterior`: K posterior samples per observation, written as [n, K, ...].
+pub fn posterior(o: &PosteriorOptions) -> Result<()> {
+    let device = Device::open(o.device)?;
+    let obs = read_npy(&o.obs)?;
+    obs.expect_rank(&o.obs, &[2], "observations [n, m]")?;
+    let (n, m) = (obs.shape[0], obs.shape[1]);
+    let k = o.samples_per_obs.max(1);
+    if !(o.sigma_y > 0.0 && o.sigma_y.is_finite()) {
+        return Err(Error::Other(format!(
+            "--sigma-y {} must be a positive number",
+            o.sigma_y
+        )));
+    }
+    // The prior and the signal shape.
+    let (gaussian, checkpoint) = match &o.prior {
+        PriorSource::Gaussian { mean, cov } => {
+            let mu = read_npy(mean)?;
+            mu.expect_rank(mean, &[1], "a mean [d]")?;
+            let d = mu.shape[0];
+            let c = read_npy(cov)?;
+            if c.shape != [d, d] {
+                return Err(Error::Other(format!(
+                    "{}: expected a covariance [{d}, {d}], got {:?}",
+                    cov.display(),
+                    c.shape
+                )));
+            }
+            let smallest = (0..d).map(|i| c.data[i * d + i]).fold(f64::INFINITY, f64::min);
+            let dplr = Dplr::from_dense(&c.data, d, 1e-6 * smallest.max(1e-12))
+                .map_err(|e| Error::Other(format!("{}: {e}", cov.display())))?;
+            (Some(Gaussian::new(mu.data, dplr)?), None)
+        }
+        PriorSource::Checkpoint(path) => (None, Some(load_checkpoint(path, DType::F32)?)),
+    };
+    let sample_shape = match (&gaussian, &checkpoint) {
+        (Some(g), _) => vec![g.dim()],
+        (_, Some(ck)) => ck.network.sample_shape(),
+        _ => unreachable!(),
+    };
+    let d: usize = sample_shape.iter().product();
+    let rows = n * k;
+    // Each observation repeated K times (consecutive rows).
+    let repeat = |v: &[f64], per: usize| -> Vec<f64> {
+        (0..n)
+            .flat_map(|i| {
+                std::iter::repeat_n(&v[i * per..(i + 1) * per], k)
+                    .flatten()
+                    .copied()
+            })
+            .collect()
+    };
+    let y = Tensor::from_f64_as(&repeat(&obs.data, m), &[rows, m], DType::F32, &device)?;
+    let operator: Box<dyn LinearOperator> = match &o.operator {
+        OperatorSource::Matrix(path) => {
+            let a = read_npy(path)?;
+            match a.shape.as_slice() {
+                [an, am, ad] if *an == n && *am == m && *ad == d => Box::new(DenseOperators::new(Tensor::from_f64_as(
+                    &repeat(&a.data, m * d),
+                    &[rows, m, d],
+                    DType::F32,
+                    &device,
+                )?)?),
+                [am, ad] if *am == m && *ad == d => {
+                    Box::new(SharedOperator::new(Tensor::from_f64_as(&a.data, &[m, d], DType::F32, &device)?)?)
+                }
+                other => {
+                    return Err(Error::Other(format!(
+                        "{}: expected an operator [{n}, {m}, {d}] (per observation) or [{m}, {d}] (shared), got {other:?}",
+                        path.display()
+                    )))
+                }
+            }
+        }
+        OperatorSource::Mask(path) => {
+            let mk = read_npy(path)?;
+            let pixels: usize = mk.shape[1..].iter().product();
+            if mk.shape.first() != Some(&n) || pixels == 0 || d % pixels != 0 || m != d {
+                return Err(Error::Other(format!(
+                    "{}: expected a mask [{n}, pixels] dividing the signal size {d} (and observations [n, {d}]), got {:?}",
+                    path.display(),
+                    mk.shape
+                )));
+            }
+            let bits: Vec<f32> = repeat(&mk.data, pixels).iter().map(|&v| v as f32).collect();
+            Box::new(MaskOperator::from_pixel_mask(
+                &bits,
+                rows,
+                pixels,
+                d / pixels,
+                DType::F32,
+                &device,
+            )?)
+        }
+    };
+    let noise = ObservationNoise::Scalar(o.sigma_y * o.sigma_y);
+    let cg = CgConfig {
+        max_iters: o.cg_iters,
+        rtol: o.cg_rtol,
+    };
+    let covariance = match (o.covariance.as_str(), &gaussian) {
+        ("gaussian", Some(g)) => Covariance::Gaussian(Box::new(g.clone())),
+        ("gaussian", None) => {
+            return Err(Error::Other(
+                "--covariance gaussian needs a Gaussian prior (--gaussian-mean/--gaussian-cov)".into(),
+            ))
+        }
+        (name, _) => name.parse::<Covariance>().map_err(Error::Other)?,
+    };
+    let mut shape = vec![rows];
+    shape.extend(&sample_shape);
+    let empty = BTreeMap::new();
+    let meta = checkpoint.as_ref().map_or(&empty, |c| &c.metadata);
+    let sampler = Sampler {
+        kind: o.sampler.kind,
+        steps: o.sampler.steps,
+        schedule: schedule_for(&o.sampler, meta),
+        rng: Philox::new(o.sampler.seed, 0x9057),
+    };
+    let x = match (&gaussian, &checkpoint) {
+        (Some(g), _) => {
+            let mean = g.mean_tensor(DType::F32, &device)?;
+            let mut mmps = Mmps::new(g, operator.as_ref(), &y, &noise, cg);
+            mmps.covariance = covariance;
+            run(&sampler, &mut mmps, &shape, Some(&mean), &device)?
+        }
+        (_, Some(ck)) => {
+            let params = ck.params.to_device(&device)?;
+            let den = Denoiser::new(ck.network.clone());
+            let prior = NetworkPrior {
+                denoiser: &den,
+                params: &params,
+            };
+            let mut mmps = Mmps::new(&prior, operator.as_ref(), &y, &noise, cg);
+            mmps.covariance = covariance;
+            run(&sampler, &mut mmps, &shape, None, &device)?
+        }
+        _ => unreachable!(),
+    };
+    let mut out_shape = vec![n, k];
+    out_shape.extend(&sample_shape);
+    write_npy_f32(&o.out, &out_shape, &x.to_vec_f32()?)
+}
+
+fn run(
+    sampler: &Sampler,
+    den: &mut impl Denoise,
+    shape: &[usize],
+    mean: Option<&Tensor>,
+    device: &Device,
+) -> Result<Tensor> {
+    let mean_view = mean.map(|m| m.as_view()).transpose()?;
+    sampler.sample(den, shape, mean_view.as_ref(), DType::F32, device)
+}

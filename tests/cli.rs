@@ -1,0 +1,272 @@
+//! The command line end to end: posterior sampling with a Gaussian prior against the analytic
+//! posterior, train -> sample, and errors that name their cause.
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use emprior::gaussian::linalg::spd_inverse;
+use emprior::io::{read_npy, write_npy_f64};
+use emprior::ops::Philox;
+
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("emprior-cli-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn emprior(args: &[&str]) -> (bool, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_emprior"))
+        .args(args)
+        .output()
+        .unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+fn randn(seed: u64, n: usize) -> Vec<f64> {
+    let mut z = vec![0.0f32; n];
+    Philox::new(seed, 3).fill_normal(0, &mut z);
+    z.iter().map(|&v| v as f64).collect()
+}
+
+#[test]
+fn posterior_command_matches_the_analytic_gaussian_posterior() {
+    let dir = dir("gauss");
+    let (d, m, k) = (6usize, 3usize, 3000usize);
+    let mean = randn(1, d);
+    let l = randn(2, d * d);
+    let mut c = vec![0.0; d * d];
+    for i in 0..d {
+        for j in 0..d {
+            c[i * d + j] = (0..d).map(|q| l[i * d + q] * l[j * d + q]).sum::<f64>() / d as f64
+                + if i == j { 0.2 } else { 0.0 };
+        }
+    }
+    let a = randn(3, m * d);
+    let y = randn(4, m);
+    let sy = 0.2;
+    let p = |f: &str| dir.join(f).to_str().unwrap().to_string();
+    write_npy_f64(&dir.join("mu.npy"), &[d], &mean).unwrap();
+    write_npy_f64(&dir.join("cov.npy"), &[d, d], &c).unwrap();
+    write_npy_f64(&dir.join("a.npy"), &[m, d], &a).unwrap();
+    write_npy_f64(&dir.join("y.npy"), &[1, m], &y).unwrap();
+    let (ok, log) = emprior(&[
+        "posterior",
+        "--obs",
+        &p("y.npy"),
+        "--sigma-y",
+        "0.2",
+        "--operator",
+        &p("a.npy"),
+        "--gaussian-mean",
+        &p("mu.npy"),
+        "--gaussian-cov",
+        &p("cov.npy"),
+        "--samples-per-obs",
+        "3000",
+        "--sampler",
+        "ddpm",
+        "--steps",
+        "256",
+        "--cg-iters",
+        "20",
+        "--cg-rtol",
+        "1e-5",
+        "--sigma-max",
+        "30",
+        "--device",
+        "cpu",
+        "--seed",
+        "1",
+        "--out",
+        &p("x.npy"),
+    ]);
+    assert!(ok, "{log}");
+    let x = read_npy(&dir.join("x.npy")).unwrap();
+    assert_eq!(x.shape, vec![1, k, d]);
+    // Analytic posterior.
+    let sinv = spd_inverse(&c, d).unwrap();
+    let mut prec = sinv.clone();
+    for i in 0..d {
+        for j in 0..d {
+            prec[i * d + j] += (0..m).map(|r| a[r * d + i] * a[r * d + j]).sum::<f64>() / (sy * sy);
+        }
+    }
+    let cov = spd_inverse(&prec, d).unwrap();
+    let rhs: Vec<f64> = (0..d)
+        .map(|i| {
+            (0..d).map(|j| sinv[i * d + j] * mean[j]).sum::<f64>()
+                + (0..m).map(|r| a[r * d + i] * y[r]).sum::<f64>() / (sy * sy)
+        })
+        .collect();
+    let post: Vec<f64> = (0..d)
+        .map(|i| (0..d).map(|j| cov[i * d + j] * rhs[j]).sum())
+        .collect();
+    let s = &x.data;
+    for j in 0..d {
+        let emp: f64 = (0..k).map(|i| s[i * d + j]).sum::<f64>() / k as f64;
+        let se = (cov[j * d + j] / k as f64).sqrt();
+        assert!(
+            (emp - post[j]).abs() < 5.0 * se + 1e-3,
+            "mean[{j}] {emp} vs {} (se {se:.1e})",
+            post[j]
+        );
+        let var: f64 = (0..k).map(|i| (s[i * d + j] - emp).powi(2)).sum::<f64>() / (k - 1) as f64;
+        let se_var = cov[j * d + j] * (2.0 / k as f64).sqrt();
+        assert!(
+            (var - cov[j * d + j]).abs() < 5.0 * se_var + 0.02 * cov[j * d + j],
+            "var[{j}] {var} vs {}",
+            cov[j * d + j]
+        );
+    }
+}
+
+#[test]
+fn train_then_sample_through_the_cli() {
+    let dir = dir("train");
+    let p = |f: &str| dir.join(f).to_str().unwrap().to_string();
+    let n = 512;
+    let data: Vec<f64> = randn(5, 2 * n)
+        .iter()
+        .enumerate()
+        .map(|(i, v)| 0.3 * v + if i % 2 == 0 { 1.0 } else { -1.0 })
+        .collect();
+    write_npy_f64(&dir.join("data.npy"), &[n, 2], &data).unwrap();
+    let (ok, log) = emprior(&[
+        "train",
+        "--data",
+        &p("data.npy"),
+        "--preset",
+        "mlp",
+        "--out",
+        &p("ck.safetensors"),
+        "--steps",
+        "40",
+        "--batch",
+        "64",
+        "--sigma-max",
+        "10",
+        "--device",
+        "cpu",
+        "--ema",
+        "0.9",
+    ]);
+    assert!(ok, "{log}");
+    assert!(log.contains("final loss"), "{log}");
+    let (ok, log) = emprior(&[
+        "sample",
+        "--checkpoint",
+        &p("ck.safetensors"),
+        "--n",
+        "16",
+        "--out",
+        &p("s.npy"),
+        "--steps",
+        "8",
+        "--device",
+        "cpu",
+    ]);
+    assert!(ok, "{log}");
+    assert_eq!(read_npy(&dir.join("s.npy")).unwrap().shape, vec![16, 2]);
+}
+
+#[test]
+fn bad_inputs_exit_nonzero_with_a_reason() {
+    let dir = dir("errors");
+    let p = |f: &str| dir.join(f).to_str().unwrap().to_string();
+    let (ok, log) = emprior(&[
+        "train",
+        "--data",
+        &p("absent.npy"),
+        "--preset",
+        "mlp",
+        "--out",
+        &p("x.safetensors"),
+        "--device",
+        "cpu",
+    ]);
+    assert!(!ok && log.contains("absent.npy"), "{log}");
+
+    write_npy_f64(&dir.join("nan.npy"), &[2, 2], &[0.0, f64::NAN, 1.0, 2.0]).unwrap();
+    let (ok, log) = emprior(&[
+        "train",
+        "--data",
+        &p("nan.npy"),
+        "--preset",
+        "mlp",
+        "--out",
+        &p("x.safetensors"),
+        "--device",
+        "cpu",
+    ]);
+    assert!(!ok && log.contains("NaN"), "{log}");
+    assert!(
+        !dir.join("x.safetensors").exists(),
+        "no checkpoint for a failed run"
+    );
+
+    write_npy_f64(&dir.join("five.npy"), &[3, 4], &[0.0; 12]).unwrap();
+    let (ok, log) = emprior(&[
+        "train",
+        "--data",
+        &p("five.npy"),
+        "--preset",
+        "manifold",
+        "--out",
+        &p("x.safetensors"),
+        "--device",
+        "cpu",
+    ]);
+    assert!(!ok && log.contains("[4]") && log.contains("[5]"), "{log}");
+
+    write_npy_f64(&dir.join("y.npy"), &[1, 2], &[0.0; 2]).unwrap();
+    write_npy_f64(&dir.join("mu.npy"), &[3], &[0.0; 3]).unwrap();
+    write_npy_f64(
+        &dir.join("cov.npy"),
+        &[3, 3],
+        &[1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0, 1.0],
+    )
+    .unwrap();
+    write_npy_f64(&dir.join("a.npy"), &[2, 4], &[0.0; 8]).unwrap();
+    let (ok, log) = emprior(&[
+        "posterior",
+        "--obs",
+        &p("y.npy"),
+        "--sigma-y",
+        "0.1",
+        "--operator",
+        &p("a.npy"),
+        "--gaussian-mean",
+        &p("mu.npy"),
+        "--gaussian-cov",
+        &p("cov.npy"),
+        "--out",
+        &p("o.npy"),
+        "--device",
+        "cpu",
+    ]);
+    assert!(!ok && log.contains("a.npy") && log.contains("[2, 3]"), "{log}");
+
+    if emprior::device::probe_cuda().is_err() {
+        let (ok, log) = emprior(&["info", "--device", "cuda"]);
+        assert!(!ok && log.contains("GPU unavailable"), "{log}");
+        let (ok, log) = emprior(&[
+            "sample",
+            "--checkpoint",
+            &p("none.safetensors"),
+            "--n",
+            "1",
+            "--out",
+            &p("s.npy"),
+            "--device",
+            "cuda",
+        ]);
+        assert!(!ok && log.contains("GPU unavailable"), "{log}");
+    }
+}
