@@ -3,7 +3,7 @@
 //! safetensors checkpoints.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::device::{Device, DeviceRequest};
@@ -165,9 +165,9 @@ fn schedule_for(o: &SamplerOptions, meta: &BTreeMap<String, String>) -> VeSchedu
 
 /// `emprior sample`: prior samples from a checkpoint, written as [n, ...].
 pub fn sample(
-    checkpoint: &PathBuf,
+    checkpoint: &Path,
     n: usize,
-    out: &PathBuf,
+    out: &Path,
     s: &SamplerOptions,
     device: DeviceRequest,
 ) -> Result<()> {
