@@ -209,7 +209,7 @@ fn a_time_mlp_trained_by_dsm_reproduces_a_mixture_of_gaussians() {
     let mut last_losses = 0.0;
     for s in 0..steps {
         // Minibatches drawn with replacement, as the manifold experiment does.
-        Philox::new(8, 0).fill_uniform(s as u64 * batch as u64, &mut idx);
+        Philox::new(8, 0).fill_uniform(s * batch as u64, &mut idx);
         let x: Vec<f32> = idx
             .iter()
             .flat_map(|&u| {
