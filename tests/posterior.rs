@@ -434,8 +434,8 @@ fn woodbury_solves_and_ppca_recovers_a_low_rank_covariance() {
             dense[i]
         );
     }
-    for i in 0..d {
-        assert!((fit.mean[i] - m[i]).abs() < 0.05 * scale.sqrt());
+    for (fitted, truth) in fit.mean.iter().zip(&m) {
+        assert!((fitted - truth).abs() < 0.05 * scale.sqrt());
     }
     assert!(
         (fit.cov.diag[0] - 0.2).abs() < 0.02,
