@@ -122,5 +122,44 @@ fn unet_gpu(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, time_mlp_cpu, unet_gpu);
+/// One posterior sampler step for the manifold experiment on the CPU: an MMPS call (2 x 5
+/// operator per observation, 3 CG iterations) and the PC update, at batch 1024.
+fn time_mlp_posterior_cpu(c: &mut Criterion) {
+    use emprior::diffusion::sampler::sampler_step;
+    use emprior::diffusion::Denoise;
+    use emprior::posterior::{CgConfig, DenseOperators, Mmps, NetworkPrior, ObservationNoise};
+    let den = Denoiser::new(preset("manifold").unwrap());
+    let cpu = Device::Cpu;
+    let batch = 1024;
+    let params = den.layout().init(0, DType::F32, &cpu).unwrap();
+    let ops = DenseOperators::new(ops::normal(&[batch, 2, 5], Philox::new(5, 1), 0, &cpu).unwrap()).unwrap();
+    let y = ops::normal(&[batch, 2], Philox::new(5, 2), 0, &cpu).unwrap();
+    let noise = ObservationNoise::Scalar(1e-4);
+    let prior = NetworkPrior {
+        denoiser: &den,
+        params: &params,
+    };
+    let mut mmps = Mmps::new(
+        &prior,
+        &ops,
+        &y,
+        &noise,
+        CgConfig {
+            max_iters: 3,
+            rtol: None,
+        },
+    );
+    let mut x = ops::normal(&[batch, 5], Philox::new(5, 3), 0, &cpu).unwrap();
+    let mut group = c.benchmark_group("time_mlp_posterior_cpu");
+    group.throughput(Throughput::Elements(batch as u64));
+    group.bench_function(BenchmarkId::new("mmps_pc_step", batch), |b| {
+        b.iter(|| {
+            let d = mmps.denoise(&x, 0.3).unwrap();
+            sampler_step(&mut x, &d, 0.1, 0.3 * 0.2f64.sqrt(), Philox::new(5, 4), 0).unwrap();
+        })
+    });
+    group.finish();
+}
+
+criterion_group!(benches, time_mlp_cpu, time_mlp_posterior_cpu, unet_gpu);
 criterion_main!(benches);

@@ -314,6 +314,33 @@ pub fn run_networks_gpu(dev: &CudaDevice, device: &Device, quick: bool) -> Resul
                 .map(drop)
         })?;
         row("forward + backward", 3.0, ms);
+
+        // The MMPS posterior denoiser as the CIFAR E-step calls it: 75% of pixels masked out,
+        // sigma_y = 1e-3, one CG iteration: one forward and two VJPs (counted as 3 forwards of
+        // GEMM work; method.md's "about 5 forward-equivalents" counts a VJP as two).
+        let bits: Vec<f32> = {
+            let mut u = vec![0.0f32; batch * 1024];
+            Philox::new(4, 4).fill_uniform(0, &mut u);
+            u.iter().map(|&v| (v < 0.25) as u8 as f32).collect()
+        };
+        let mask =
+            crate::posterior::MaskOperator::from_pixel_mask(&bits, batch, 1024, 3, DType::F32, device)?;
+        let y = ops::normal(&[batch, 3072], Philox::new(2, 3), 0, device)?;
+        let noise = crate::posterior::ObservationNoise::Scalar(1e-6);
+        let prior = crate::posterior::NetworkPrior {
+            denoiser: &den,
+            params: &params,
+        };
+        let cg = crate::posterior::CgConfig {
+            max_iters: 1,
+            rtol: None,
+        };
+        let mut mmps = crate::posterior::Mmps::new(&prior, &mask, &y, &noise, cg);
+        let ms = time_gpu(dev, repeats, || {
+            use crate::diffusion::Denoise;
+            mmps.denoise(&x, 0.5).map(drop)
+        })?;
+        row("MMPS posterior denoiser (1 CG iteration)", 3.0, ms);
     }
     Ok(rows)
 }

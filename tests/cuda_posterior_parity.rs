@@ -28,17 +28,26 @@ fn parity(what: &str, gpu: &Device, tol: f64, f: impl Fn(&Device) -> Vec<Tensor>
     for (k, (w, g)) in want.iter().zip(&got).enumerate() {
         assert_eq!(w.shape(), g.shape(), "{what} output {k}");
         let (w, g) = (w.to_vec_f32().unwrap(), g.to_vec_f32().unwrap());
-        let num: f64 = w.iter().zip(&g).map(|(a, b)| (*a as f64 - *b as f64).powi(2)).sum();
+        let num: f64 = w
+            .iter()
+            .zip(&g)
+            .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
+            .sum();
         let den: f64 = w.iter().map(|a| (*a as f64).powi(2)).sum();
         let rel = (num / den.max(1e-30)).sqrt();
         println!("{what} output {k}: relative error {rel:.2e}");
-        assert!(rel <= tol, "{what} output {k}: relative error {rel:.3e} > {tol:e}");
+        assert!(
+            rel <= tol,
+            "{what} output {k}: relative error {rel:.3e} > {tol:e}"
+        );
     }
 }
 
 #[test]
 fn cuda_training_and_sampling_match_cpu() {
-    let Some(gpu) = gpu_or_skip("cuda_training_and_sampling_match_cpu") else { return };
+    let Some(gpu) = gpu_or_skip("cuda_training_and_sampling_match_cpu") else {
+        return;
+    };
     all(&gpu);
 }
 
@@ -59,7 +68,14 @@ fn all(gpu: &Device) {
 
     parity("Adam with clipping and EMA, three steps", gpu, 1e-6, |d| {
         let mut p = on(d, 4, &[5000], 1.0);
-        let config = AdamConfig { ema: Some(0.9), ..AdamConfig::new(LrSchedule::Linear { init: 1e-2, end: 1e-3, steps: 3 }) };
+        let config = AdamConfig {
+            ema: Some(0.9),
+            ..AdamConfig::new(LrSchedule::Linear {
+                init: 1e-2,
+                end: 1e-3,
+                steps: 3,
+            })
+        };
         let mut adam = Adam::new(config, &p).unwrap();
         for s in 0..3 {
             let g = on(d, 10 + s, &[5000], if s == 0 { 0.01 } else { 1.0 });
@@ -78,53 +94,113 @@ fn all(gpu: &Device) {
         vec![trainer.params.to_device(d).unwrap()]
     });
 
-    parity("DDPM + MMPS (1 CG iteration), small U-Net with masks", gpu, 1e-4, |d| {
-        let cfg = UNetConfig {
-            in_channels: 3,
-            out_channels: 3,
-            channels: vec![16, 32],
-            blocks: vec![1, 1],
-            attention: vec![(1, 2)],
-            emb: 32,
-            dropout: 0.1,
-            patch: 1,
-            resolution: (8, 8),
-        };
-        let den = Denoiser::new(Network::UNet(UNet::new(cfg).unwrap()));
-        let params = den.layout().init(2, DType::F32, d).unwrap();
-        let b = 4;
-        let bits: Vec<f32> = random_vec(30, b * 64, 0.0, 1.0).iter().map(|&u| (u > 0.5) as u8 as f32).collect();
-        let mask = MaskOperator::from_pixel_mask(&bits, b, 64, 3, DType::F32, d).unwrap();
-        let y = on(d, 31, &[b, 192], 1.0);
-        let noise = ObservationNoise::Scalar(1e-6);
-        let prior = NetworkPrior { denoiser: &den, params: &params };
-        let mut mmps = Mmps::new(&prior, &mask, &y, &noise, CgConfig { max_iters: 1, rtol: None });
-        let sampler = Sampler { kind: SamplerKind::Ddpm, steps: 4, schedule: VeSchedule::new(1e-3, 1e2), rng: Philox::new(6, 7) };
-        vec![sampler.sample(&mut mmps, &[b, 8, 8, 3], None, DType::F32, d).unwrap()]
-    });
+    parity(
+        "DDPM + MMPS (1 CG iteration), small U-Net with masks",
+        gpu,
+        1e-4,
+        |d| {
+            let cfg = UNetConfig {
+                in_channels: 3,
+                out_channels: 3,
+                channels: vec![16, 32],
+                blocks: vec![1, 1],
+                attention: vec![(1, 2)],
+                emb: 32,
+                dropout: 0.1,
+                patch: 1,
+                resolution: (8, 8),
+            };
+            let den = Denoiser::new(Network::UNet(UNet::new(cfg).unwrap()));
+            let params = den.layout().init(2, DType::F32, d).unwrap();
+            let b = 4;
+            let bits: Vec<f32> = random_vec(30, b * 64, 0.0, 1.0)
+                .iter()
+                .map(|&u| (u > 0.5) as u8 as f32)
+                .collect();
+            let mask = MaskOperator::from_pixel_mask(&bits, b, 64, 3, DType::F32, d).unwrap();
+            let y = on(d, 31, &[b, 192], 1.0);
+            let noise = ObservationNoise::Scalar(1e-6);
+            let prior = NetworkPrior {
+                denoiser: &den,
+                params: &params,
+            };
+            let mut mmps = Mmps::new(
+                &prior,
+                &mask,
+                &y,
+                &noise,
+                CgConfig {
+                    max_iters: 1,
+                    rtol: None,
+                },
+            );
+            let sampler = Sampler {
+                kind: SamplerKind::Ddpm,
+                steps: 4,
+                schedule: VeSchedule::new(1e-3, 1e2),
+                rng: Philox::new(6, 7),
+            };
+            vec![sampler
+                .sample(&mut mmps, &[b, 8, 8, 3], None, DType::F32, d)
+                .unwrap()]
+        },
+    );
 
-    parity("PC + MMPS (3 CG iterations), TimeMLP with per-observation operators", gpu, 1e-4, |d| {
-        let den = Denoiser::new(Network::Mlp(TimeMlp::new(5, &[64, 64], 16)));
-        let params = den.layout().init(3, DType::F32, d).unwrap();
-        let b = 64;
-        let ops = DenseOperators::new(on(d, 40, &[b, 2, 5], 1.0)).unwrap();
-        let y = on(d, 41, &[b, 2], 1.0);
-        let noise = ObservationNoise::Scalar(1e-4);
-        let prior = NetworkPrior { denoiser: &den, params: &params };
-        let mut mmps = Mmps::new(&prior, &ops, &y, &noise, CgConfig { max_iters: 3, rtol: None });
-        let kind = SamplerKind::Pc { corrections: 1, tau: 0.1 };
-        let sampler = Sampler { kind, steps: 4, schedule: VeSchedule::new(1e-3, 10.0), rng: Philox::new(8, 9) };
-        vec![sampler.sample(&mut mmps, &[b, 5], None, DType::F32, d).unwrap()]
-    });
+    parity(
+        "PC + MMPS (3 CG iterations), TimeMLP with per-observation operators",
+        gpu,
+        1e-4,
+        |d| {
+            let den = Denoiser::new(Network::Mlp(TimeMlp::new(5, &[64, 64], 16)));
+            let params = den.layout().init(3, DType::F32, d).unwrap();
+            let b = 64;
+            let ops = DenseOperators::new(on(d, 40, &[b, 2, 5], 1.0)).unwrap();
+            let y = on(d, 41, &[b, 2], 1.0);
+            let noise = ObservationNoise::Scalar(1e-4);
+            let prior = NetworkPrior {
+                denoiser: &den,
+                params: &params,
+            };
+            let mut mmps = Mmps::new(
+                &prior,
+                &ops,
+                &y,
+                &noise,
+                CgConfig {
+                    max_iters: 3,
+                    rtol: None,
+                },
+            );
+            let kind = SamplerKind::Pc {
+                corrections: 1,
+                tau: 0.1,
+            };
+            let sampler = Sampler {
+                kind,
+                steps: 4,
+                schedule: VeSchedule::new(1e-3, 10.0),
+                rng: Philox::new(8, 9),
+            };
+            vec![sampler.sample(&mut mmps, &[b, 5], None, DType::F32, d).unwrap()]
+        },
+    );
 
-    parity("Gaussian prior: denoiser and posterior covariance (Woodbury)", gpu, 1e-5, |d| {
-        let (dim, r) = (300, 16);
-        let u: Vec<f64> = random_vec(50, dim * r, -0.3, 0.3).iter().map(|&v| v as f64).collect();
-        let g = Gaussian::new(vec![0.5; dim], Dplr::new(vec![0.3; dim], u, r).unwrap()).unwrap();
-        let x = on(d, 51, &[7, dim], 3.0);
-        vec![
-            g.denoise(&x.as_view().unwrap(), 0.7).unwrap(),
-            g.posterior_cov_apply(2.0, &x.as_view().unwrap()).unwrap(),
-        ]
-    });
+    parity(
+        "Gaussian prior: denoiser and posterior covariance (Woodbury)",
+        gpu,
+        1e-5,
+        |d| {
+            let (dim, r) = (300, 16);
+            let u: Vec<f64> = random_vec(50, dim * r, -0.3, 0.3)
+                .iter()
+                .map(|&v| v as f64)
+                .collect();
+            let g = Gaussian::new(vec![0.5; dim], Dplr::new(vec![0.3; dim], u, r).unwrap()).unwrap();
+            let x = on(d, 51, &[7, dim], 3.0);
+            vec![
+                g.denoise(&x.as_view().unwrap(), 0.7).unwrap(),
+                g.posterior_cov_apply(2.0, &x.as_view().unwrap()).unwrap(),
+            ]
+        },
+    );
 }
