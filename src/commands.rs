@@ -220,6 +220,8 @@ pub struct PosteriorOptions {
     /// tweedie, zeros, sigma-t, ones, or gaussian (a Gaussian prior's own covariance).
     pub covariance: String,
     pub samples_per_obs: usize,
+    /// DPS instead of MMPS, with this step size zeta.
+    pub dps_zeta: Option<f64>,
     pub device: DeviceRequest,
 }
 

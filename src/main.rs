@@ -154,6 +154,9 @@ enum Command {
         covariance: String,
         #[arg(long, default_value_t = 1)]
         samples_per_obs: usize,
+        /// Use DPS (the baseline) with this step size instead of MMPS.
+        #[arg(long)]
+        dps_zeta: Option<f64>,
         #[arg(long, default_value = "auto")]
         device: DeviceRequest,
     },
@@ -229,6 +232,7 @@ fn main() -> std::process::ExitCode {
             cg_rtol,
             covariance,
             samples_per_obs,
+            dps_zeta,
             device,
         } => {
             let operator = match (operator, mask) {
@@ -252,6 +256,7 @@ fn main() -> std::process::ExitCode {
                 cg_rtol,
                 covariance,
                 samples_per_obs,
+                dps_zeta,
                 device,
             };
             commands::posterior(&o)

@@ -446,3 +446,67 @@ fn woodbury_solves_and_ppca_recovers_a_low_rank_covariance() {
     let few = ppca(&samples[..8 * d], 8, d, 3).unwrap();
     assert_eq!((few.cov.rank, few.cov.dim()), (3, d));
 }
+
+#[test]
+fn dps_pulls_samples_towards_the_observation() {
+    use emprior::posterior::Dps;
+    let p = problem(70, 6, 2, 0.05);
+    let k = 500;
+    let op = SharedOperator::new(Tensor::from_f64(&p.a, &[p.m, p.d], &CPU).unwrap()).unwrap();
+    let y = Tensor::from_f64(&p.y.repeat(k), &[k, p.m], &CPU).unwrap();
+    let sampler = Sampler {
+        kind: SamplerKind::Ddpm,
+        steps: 128,
+        schedule: VeSchedule::new(1e-3, 30.0),
+        rng: Philox::new(2, 2),
+    };
+    let mean = p.prior.mean_tensor(DType::F64, &CPU).unwrap();
+    let misfit = |x: &Tensor| -> f64 {
+        let ax = op.apply(&x.as_view().unwrap()).unwrap().to_vec_f64().unwrap();
+        ax.iter()
+            .enumerate()
+            .map(|(i, v)| (v - p.y[i % p.m]).powi(2))
+            .sum::<f64>()
+            / k as f64
+    };
+    let mut prior = p.prior.clone();
+    let free = sampler
+        .sample(
+            &mut prior,
+            &[k, p.d],
+            Some(&mean.as_view().unwrap()),
+            DType::F64,
+            &CPU,
+        )
+        .unwrap();
+    let before = misfit(&free);
+    let mut last = before;
+    for zeta in [1.0, 5.0, 25.0] {
+        let mut dps = Dps {
+            prior: &p.prior,
+            operator: &op,
+            y: &y,
+            zeta,
+        };
+        let guided = sampler
+            .sample(
+                &mut dps,
+                &[k, p.d],
+                Some(&mean.as_view().unwrap()),
+                DType::F64,
+                &CPU,
+            )
+            .unwrap();
+        let after = misfit(&guided);
+        println!("DPS zeta {zeta}: misfit {before:.4} -> {after:.4}");
+        assert!(
+            after < last,
+            "a larger step must fit the observation better: {last:.4} -> {after:.4} at zeta {zeta}"
+        );
+        last = after;
+    }
+    assert!(
+        last < 0.1 * before,
+        "DPS must fit the observation: misfit {before:.3} -> {last:.3}"
+    );
+}
