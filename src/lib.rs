@@ -11,6 +11,7 @@
 
 pub mod bench;
 pub mod commands;
+pub mod data;
 pub mod device;
 pub mod diffusion;
 pub mod error;

@@ -286,3 +286,21 @@ fn a_time_mlp_trained_by_dsm_reproduces_a_mixture_of_gaussians() {
         );
     }
 }
+
+#[test]
+fn sinkhorn_and_sliced_wasserstein_behave_like_distances() {
+    use emprior::metrics::{sinkhorn_cost, sliced_wasserstein};
+    let a: Vec<f64> = mixture(1, 256);
+    let b: Vec<f64> = mixture(2, 256);
+    let shifted: Vec<f64> = a.iter().map(|v| v + 0.5).collect();
+    let same = sinkhorn_cost(&a, &b, 2, 1e-3, 1024, 1e-3);
+    let moved = sinkhorn_cost(&a, &shifted, 2, 1e-3, 1024, 1e-3);
+    // Translating every point by (0.5, 0.5) costs |t|^2 = 0.5 per point under the optimal plan.
+    assert!((moved - 0.5).abs() < 0.02, "translation cost {moved}");
+    assert!(same < 0.2 * moved, "two samples of one law are closer than a translate: {same} vs {moved}");
+    let self_cost = sinkhorn_cost(&a, &a, 2, 1e-3, 1024, 1e-3);
+    assert!(self_cost < 1e-3, "a cloud against itself: {self_cost}");
+    let sw = sliced_wasserstein(&a, &shifted, 2, 128, 0);
+    // Projected translation: E|<t, u>| over unit u = |t| 2/pi = 0.45.
+    assert!((sw - 0.45).abs() < 0.05, "sliced W1 of a translate {sw}");
+}

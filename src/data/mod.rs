@@ -1,0 +1,3 @@
+//! Datasets and observation models of the paper's experiments.
+
+pub mod manifold;
