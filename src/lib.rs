@@ -14,6 +14,7 @@ pub mod commands;
 pub mod data;
 pub mod device;
 pub mod diffusion;
+pub mod em;
 pub mod error;
 pub mod gaussian;
 pub mod io;

@@ -160,6 +160,25 @@ enum Command {
         #[arg(long, default_value = "auto")]
         device: DeviceRequest,
     },
+    /// Learn a diffusion prior from observations by EM (the paper's experiments).
+    Em {
+        /// The experiment: manifold.
+        experiment: String,
+        /// quick (the default: minutes on a 2-core CPU) or paper.
+        #[arg(long, default_value = "quick")]
+        preset: String,
+        /// Override a configuration value, e.g. --set laps=4 (repeatable).
+        #[arg(long = "set", value_name = "KEY=VALUE")]
+        overrides: Vec<String>,
+        /// The run directory (default runs/<experiment>-<preset>).
+        #[arg(long, conflicts_with = "resume")]
+        out: Option<PathBuf>,
+        /// Continue the run in this directory after its last complete lap (its config.toml).
+        #[arg(long)]
+        resume: Option<PathBuf>,
+        #[arg(long, default_value = "auto")]
+        device: DeviceRequest,
+    },
     /// Time the kernels (CUDA events on a GPU) and print a markdown table with throughput against
     /// ceilings measured in the same run.
     Bench {
@@ -176,6 +195,14 @@ fn main() -> std::process::ExitCode {
         Command::Info { device, kernels } => info(device, kernels),
         Command::Bench { device, quick } => bench(device, quick),
         Command::Model { preset, batch } => model(&preset, batch),
+        Command::Em {
+            experiment,
+            preset,
+            overrides,
+            out,
+            resume,
+            device,
+        } => em(&experiment, &preset, &overrides, out, resume, device),
         Command::Train {
             data,
             preset,
@@ -387,4 +414,62 @@ fn fmt_flops(f: f64) -> String {
         f if f >= 1e6 => format!("{:.3} MFLOP", f / 1e6),
         f => format!("{:.1} kFLOP", f / 1e3),
     }
+}
+
+fn em(
+    experiment: &str,
+    preset: &str,
+    overrides: &[String],
+    out: Option<PathBuf>,
+    resume: Option<PathBuf>,
+    request: DeviceRequest,
+) -> Result<()> {
+    use emprior::em::{run_manifold, Config};
+
+    let (cfg, dir, resuming) = match resume {
+        Some(dir) => {
+            if !overrides.is_empty() {
+                bail!("--resume continues a run with its saved config.toml; --set cannot change it");
+            }
+            let path = dir.join("config.toml");
+            let text = std::fs::read_to_string(&path)
+                .map_err(|e| anyhow::anyhow!("cannot read {}: {e}", path.display()))?;
+            (Config::parse(&text, &path.display().to_string())?, dir, true)
+        }
+        None => {
+            let mut cfg = Config::preset(experiment, preset)?;
+            for o in overrides {
+                cfg.set(o)?;
+            }
+            let dir = out.unwrap_or_else(|| PathBuf::from(format!("runs/{experiment}-{preset}")));
+            (cfg, dir, false)
+        }
+    };
+    let device = match request {
+        DeviceRequest::Auto => {
+            let (d, why) = Device::auto();
+            if let Some(why) = why {
+                eprintln!("device: cpu (GPU unavailable: {why})");
+            }
+            d
+        }
+        r => Device::open(r)?,
+    };
+    eprintln!("run directory: {} (device {device})", dir.display());
+    eprint!("{}", cfg.to_toml());
+    let experiment_name = cfg.string("experiment")?;
+    let laps = match experiment_name.as_str() {
+        "manifold" => run_manifold(&cfg, &dir, &device, resuming)?,
+        other => bail!("unknown experiment '{other}'"),
+    };
+    println!("{}", laps.first().map(|m| m.summary()).unwrap_or_default());
+    if let Some(last) = laps.last() {
+        println!("{}", last.summary());
+    }
+    println!(
+        "metrics: {}; plots: {}, lap-XXX/pairs.png",
+        dir.join("metrics.jsonl").display(),
+        dir.join("divergence.png").display()
+    );
+    Ok(())
 }

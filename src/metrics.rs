@@ -50,7 +50,9 @@ pub fn sinkhorn_cost(a: &[f64], b: &[f64], d: usize, reg: f64, max_iters: usize,
     let (mut f, mut g) = (vec![0.0; n], vec![0.0; m]);
     // f_i = -reg logsumexp_j ((g_j - C_ij) / reg + log b_j), and symmetrically for g; rows are
     // split over threads (each potential entry is an independent reduction: deterministic).
-    let threads = std::thread::available_parallelism().map_or(1, |t| t.get()).min(16);
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |t| t.get())
+        .min(16);
     let update = |out: &mut [f64], other: &[f64], rows: usize, cols: usize, log_w: f64, transposed: bool| {
         let chunk = rows.div_ceil(threads);
         std::thread::scope(|s| {
@@ -59,8 +61,16 @@ pub fn sinkhorn_cost(a: &[f64], b: &[f64], d: usize, reg: f64, max_iters: usize,
                 s.spawn(move || {
                     for (r, o) in part.iter_mut().enumerate() {
                         let i = c * chunk + r;
-                        let at = |j: usize| if transposed { cost[j * rows + i] } else { cost[i * cols + j] };
-                        let mx = (0..cols).map(|j| (other[j] - at(j)) / reg).fold(f64::NEG_INFINITY, f64::max);
+                        let at = |j: usize| {
+                            if transposed {
+                                cost[j * rows + i]
+                            } else {
+                                cost[i * cols + j]
+                            }
+                        };
+                        let mx = (0..cols)
+                            .map(|j| (other[j] - at(j)) / reg)
+                            .fold(f64::NEG_INFINITY, f64::max);
                         let s: f64 = (0..cols).map(|j| ((other[j] - at(j)) / reg - mx).exp()).sum();
                         *o = -reg * (mx + s.ln() + log_w);
                     }
@@ -73,7 +83,13 @@ pub fn sinkhorn_cost(a: &[f64], b: &[f64], d: usize, reg: f64, max_iters: usize,
         update(&mut g, &f, m, n, log_a, true);
         if (it + 1) % 10 == 0 {
             let err: f64 = (0..n)
-                .map(|i| ((0..m).map(|j| ((f[i] + g[j] - cost[i * m + j]) / reg + log_a + log_b).exp()).sum::<f64>() - 1.0 / n as f64).abs())
+                .map(|i| {
+                    ((0..m)
+                        .map(|j| ((f[i] + g[j] - cost[i * m + j]) / reg + log_a + log_b).exp())
+                        .sum::<f64>()
+                        - 1.0 / n as f64)
+                        .abs()
+                })
                 .sum();
             if err < tol {
                 break;

@@ -297,7 +297,10 @@ fn sinkhorn_and_sliced_wasserstein_behave_like_distances() {
     let moved = sinkhorn_cost(&a, &shifted, 2, 1e-3, 1024, 1e-3);
     // Translating every point by (0.5, 0.5) costs |t|^2 = 0.5 per point under the optimal plan.
     assert!((moved - 0.5).abs() < 0.02, "translation cost {moved}");
-    assert!(same < 0.2 * moved, "two samples of one law are closer than a translate: {same} vs {moved}");
+    assert!(
+        same < 0.2 * moved,
+        "two samples of one law are closer than a translate: {same} vs {moved}"
+    );
     let self_cost = sinkhorn_cost(&a, &a, 2, 1e-3, 1024, 1e-3);
     assert!(self_cost < 1e-3, "a cloud against itself: {self_cost}");
     let sw = sliced_wasserstein(&a, &shifted, 2, 128, 0);

@@ -30,12 +30,28 @@ impl Manifold {
             Philox::new(seed, stream).fill_uniform(0, &mut u);
             u.iter().map(|&v| v as f64).collect()
         };
-        let mut m = Manifold { a: draw(1), b: draw(2), c: draw(3), lo: [0.0; DIM], hi: [0.0; DIM] };
+        let mut m = Manifold {
+            a: draw(1),
+            b: draw(2),
+            c: draw(3),
+            lo: [0.0; DIM],
+            hi: [0.0; DIM],
+        };
         // Normalise with a fixed large sample, so every preset sees the same manifold.
         let raw = m.raw(&latents(seed, 0, NORMALISATION_SAMPLES));
         for j in 0..DIM {
-            m.lo[j] = raw.iter().skip(j).step_by(DIM).copied().fold(f64::INFINITY, f64::min);
-            m.hi[j] = raw.iter().skip(j).step_by(DIM).copied().fold(f64::NEG_INFINITY, f64::max);
+            m.lo[j] = raw
+                .iter()
+                .skip(j)
+                .step_by(DIM)
+                .copied()
+                .fold(f64::INFINITY, f64::min);
+            m.hi[j] = raw
+                .iter()
+                .skip(j)
+                .step_by(DIM)
+                .copied()
+                .fold(f64::NEG_INFINITY, f64::max);
         }
         m
     }
@@ -49,7 +65,8 @@ impl Manifold {
                 for k in 0..TERMS {
                     let i = j * TERMS + k;
                     let kk = (k + 1) as f64;
-                    v += self.a[i] / kk.powf(ALPHA) * (std::f64::consts::TAU * (kk * self.b[i] * zi + self.c[i])).sin();
+                    v += self.a[i] / kk.powf(ALPHA)
+                        * (std::f64::consts::TAU * (kk * self.b[i] * zi + self.c[i])).sin();
                 }
                 out.push(v);
             }
@@ -90,7 +107,11 @@ pub fn observe(x: &[f64], sigma_y: f64, seed: u64) -> (Vec<f64>, Vec<f64>) {
     let y = (0..n * OBS_DIM)
         .map(|r| {
             let (i, row) = (r / OBS_DIM, &a[r * DIM..(r + 1) * DIM]);
-            row.iter().zip(&x[i * DIM..(i + 1) * DIM]).map(|(p, q)| p * q).sum::<f64>() + sigma_y * eps[r] as f64
+            row.iter()
+                .zip(&x[i * DIM..(i + 1) * DIM])
+                .map(|(p, q)| p * q)
+                .sum::<f64>()
+                + sigma_y * eps[r] as f64
         })
         .collect();
     (a, y)
@@ -98,5 +119,9 @@ pub fn observe(x: &[f64], sigma_y: f64, seed: u64) -> (Vec<f64>, Vec<f64>) {
 
 /// Keeps the samples inside the open box (-bound, bound)^d (the manifold M-step's filter).
 pub fn inside_box(x: &[f64], d: usize, bound: f64) -> Vec<f64> {
-    x.chunks_exact(d).filter(|p| p.iter().all(|v| v.abs() < bound)).flatten().copied().collect()
+    x.chunks_exact(d)
+        .filter(|p| p.iter().all(|v| v.abs() < bound))
+        .flatten()
+        .copied()
+        .collect()
 }

@@ -1,0 +1,234 @@
+//! EM run configuration: presets as TOML text compiled into the binary, `--set key=value`
+//! overrides checked against the keys and types, and the resolved configuration written to (and
+//! read back from) the run directory.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+
+use crate::error::{Error, Result};
+
+/// The manifold experiment (method.md §7.1, §8): `quick` finishes in minutes on 2 CPU cores;
+/// `paper` is the paper's scale (GPU).
+pub const MANIFOLD_QUICK: &str = r#"
+# Low-dimensional manifold, quick: small enough for a 2-core CPU in a few minutes.
+experiment = "manifold"
+seed = 0
+observations = 4096
+sigma_y = 0.01
+sigma_min = 0.001
+sigma_max = 10.0
+laps = 6
+init_rounds = 16
+init_steps = 64
+init_rank = 5
+estep_steps = 48
+estep_batch = 1024
+pc_corrections = 1
+pc_tau = 0.1
+covariance = "gaussian"
+cg_iters = 10
+cg_rtol = 0.001
+mstep_steps = 1500
+mstep_batch = 1024
+lr_init = 0.001
+lr_end = 0.000001
+hidden = "256,256,256"
+emb = 64
+filter_bound = 3.0
+eval_samples = 1024
+"#;
+
+pub const MANIFOLD_PAPER: &str = r#"
+# Low-dimensional manifold at the paper's scale (method.md §7.1, §8.3).
+experiment = "manifold"
+seed = 0
+observations = 65536
+sigma_y = 0.01
+sigma_min = 0.001
+sigma_max = 10.0
+laps = 32
+init_rounds = 16
+init_steps = 256
+init_rank = 5
+estep_steps = 4096
+estep_batch = 16384
+pc_corrections = 1
+pc_tau = 0.1
+covariance = "gaussian"
+cg_iters = 20
+cg_rtol = 0.001
+mstep_steps = 65536
+mstep_batch = 1024
+lr_init = 0.001
+lr_end = 0.000001
+hidden = "256,256,256"
+emb = 64
+filter_bound = 3.0
+eval_samples = 16384
+"#;
+
+/// One configuration value.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Value {
+    Int(i64),
+    Float(f64),
+    Str(String),
+}
+
+impl std::fmt::Display for Value {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Value::Int(v) => write!(f, "{v}"),
+            Value::Float(v) => write!(f, "{v:?}"),
+            Value::Str(s) => write!(f, "\"{s}\""),
+        }
+    }
+}
+
+/// A flat TOML table: `key = value` lines (integers, floats, quoted strings) and comments.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    values: BTreeMap<String, Value>,
+}
+
+fn parse_value(text: &str) -> Option<Value> {
+    let t = text.trim();
+    if let Some(s) = t.strip_prefix('"').and_then(|s| s.strip_suffix('"')) {
+        return Some(Value::Str(s.to_string()));
+    }
+    if let Ok(i) = t.parse::<i64>() {
+        return Some(Value::Int(i));
+    }
+    t.parse::<f64>().ok().filter(|v| v.is_finite()).map(Value::Float)
+}
+
+impl Config {
+    /// Parses the TOML subset the presets use; `origin` names the text in errors.
+    pub fn parse(text: &str, origin: &str) -> Result<Self> {
+        let mut values = BTreeMap::new();
+        for (no, line) in text.lines().enumerate() {
+            let line = line.split('#').next().unwrap_or("").trim();
+            if line.is_empty() {
+                continue;
+            }
+            let (k, v) = line.split_once('=').ok_or_else(|| {
+                Error::Other(format!(
+                    "{origin}:{}: expected `key = value`, got `{line}`",
+                    no + 1
+                ))
+            })?;
+            let value = parse_value(v).ok_or_else(|| {
+                Error::Other(format!(
+                    "{origin}:{}: cannot read the value `{}`",
+                    no + 1,
+                    v.trim()
+                ))
+            })?;
+            values.insert(k.trim().to_string(), value);
+        }
+        Ok(Config { values })
+    }
+
+    /// The preset `name` of `experiment`.
+    pub fn preset(experiment: &str, name: &str) -> Result<Self> {
+        let text = match (experiment, name) {
+            ("manifold", "quick") => MANIFOLD_QUICK,
+            ("manifold", "paper") => MANIFOLD_PAPER,
+            ("manifold", other) => {
+                return Err(Error::Other(format!(
+                    "unknown preset '{other}' for manifold (expected quick or paper)"
+                )))
+            }
+            (other, _) => {
+                return Err(Error::Other(format!(
+                    "unknown experiment '{other}' (expected manifold)"
+                )))
+            }
+        };
+        Config::parse(text, &format!("preset {experiment}/{name}"))
+    }
+
+    /// Applies `key=value`: the key must exist and the value must have its type (an integer is
+    /// accepted where a float is expected).
+    pub fn set(&mut self, assignment: &str) -> Result<()> {
+        let (k, v) = assignment
+            .split_once('=')
+            .ok_or_else(|| Error::Other(format!("--set '{assignment}': expected key=value")))?;
+        let key = k.trim();
+        let current = self.values.get(key).ok_or_else(|| {
+            Error::Other(format!(
+                "--set: unknown key '{key}' (known: {})",
+                self.values.keys().cloned().collect::<Vec<_>>().join(", ")
+            ))
+        })?;
+        let raw = v.trim();
+        let new = match current {
+            Value::Int(_) => raw.parse::<i64>().ok().map(Value::Int),
+            Value::Float(_) => raw
+                .parse::<f64>()
+                .ok()
+                .filter(|x| x.is_finite())
+                .map(Value::Float),
+            Value::Str(_) => Some(Value::Str(raw.trim_matches('"').to_string())),
+        }
+        .ok_or_else(|| {
+            let kind = match current {
+                Value::Int(_) => "an integer",
+                Value::Float(_) => "a number",
+                Value::Str(_) => "a string",
+            };
+            Error::Other(format!("--set {key}={raw}: '{key}' takes {kind}"))
+        })?;
+        self.values.insert(key.to_string(), new);
+        Ok(())
+    }
+
+    fn get(&self, key: &str) -> Result<&Value> {
+        self.values
+            .get(key)
+            .ok_or_else(|| Error::Other(format!("configuration lacks '{key}'")))
+    }
+
+    pub fn int(&self, key: &str) -> Result<i64> {
+        match self.get(key)? {
+            Value::Int(v) => Ok(*v),
+            other => Err(Error::Other(format!(
+                "configuration '{key}' = {other} is not an integer"
+            ))),
+        }
+    }
+
+    /// A non-negative integer.
+    pub fn count(&self, key: &str) -> Result<usize> {
+        usize::try_from(self.int(key)?)
+            .map_err(|_| Error::Other(format!("configuration '{key}' must not be negative")))
+    }
+
+    pub fn float(&self, key: &str) -> Result<f64> {
+        match self.get(key)? {
+            Value::Float(v) => Ok(*v),
+            Value::Int(v) => Ok(*v as f64),
+            other => Err(Error::Other(format!(
+                "configuration '{key}' = {other} is not a number"
+            ))),
+        }
+    }
+
+    pub fn string(&self, key: &str) -> Result<String> {
+        match self.get(key)? {
+            Value::Str(s) => Ok(s.clone()),
+            other => Err(Error::Other(format!(
+                "configuration '{key}' = {other} is not a string"
+            ))),
+        }
+    }
+
+    /// The resolved configuration as TOML.
+    pub fn to_toml(&self) -> String {
+        let mut s = String::from("# Resolved configuration of this run (emprior em).\n");
+        for (k, v) in &self.values {
+            let _ = writeln!(s, "{k} = {v}");
+        }
+        s
+    }
+}

@@ -1,0 +1,538 @@
+//! The low-dimensional manifold experiment (method.md §7.1, §8.2): 5-D points on a random 1-D
+//! manifold, each seen only through a random 2 x 5 projection with noise 0.01; a TimeMLP prior
+//! learned by EM, its posterior samples compared with the ground truth each lap.
+
+use std::fmt::Write as _;
+use std::fs;
+use std::path::Path;
+use std::time::Instant;
+
+use super::{derive_seed, lap_dir, last_complete_lap, mark_done, prepare_run_dir, Config};
+use crate::data::manifold::{inside_box, observe, Manifold, DIM, OBS_DIM};
+use crate::device::Device;
+use crate::diffusion::{Denoiser, Network, Sampler, SamplerKind, VeSchedule};
+use crate::error::{Error, Result};
+use crate::gaussian::{ppca, Dplr, Gaussian};
+use crate::io::{load_checkpoint, read_npy, save_checkpoint, write_atomically, write_npy_f32};
+use crate::metrics::{sinkhorn_cost, sinkhorn_divergence, sliced_wasserstein};
+use crate::nn::TimeMlp;
+use crate::ops::Philox;
+use crate::posterior::{CgConfig, Covariance, DenseOperators, Mmps, NetworkPrior, ObservationNoise, Prior};
+use crate::tensor::{AsView, DType, Tensor};
+use crate::train::{AdamConfig, LrSchedule, Trainer};
+
+/// Purposes for `derive_seed`.
+const SEED_INIT: u64 = 1;
+const SEED_ESTEP: u64 = 2;
+const SEED_MSTEP: u64 = 3;
+const SEED_PARAMS: u64 = 4;
+
+/// What one lap measured; one line of metrics.jsonl.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LapMetrics {
+    pub lap: usize,
+    /// Debiased Sinkhorn divergence of the lap's posterior samples to the ground truth.
+    pub sinkhorn: f64,
+    pub sliced_wasserstein: f64,
+    /// Posterior samples inside (-bound, bound)^5, out of all observations.
+    pub kept: usize,
+    /// Mean DSM loss over the M-step's last 100 steps (NaN for the initialisation).
+    pub loss: f64,
+    pub estep_seconds: f64,
+    pub mstep_seconds: f64,
+}
+
+impl LapMetrics {
+    fn to_json(&self) -> String {
+        let num = |v: f64| {
+            if v.is_finite() {
+                format!("{v}")
+            } else {
+                "null".into()
+            }
+        };
+        format!(
+            "{{\"lap\": {}, \"sinkhorn\": {}, \"sliced_wasserstein\": {}, \"kept\": {}, \"loss\": {}, \"estep_seconds\": {:.3}, \"mstep_seconds\": {:.3}}}",
+            self.lap,
+            num(self.sinkhorn),
+            num(self.sliced_wasserstein),
+            self.kept,
+            num(self.loss),
+            self.estep_seconds,
+            self.mstep_seconds
+        )
+    }
+
+    fn from_json(line: &str) -> Result<Self> {
+        let field = |k: &str| -> Result<f64> {
+            let at = line
+                .find(&format!("\"{k}\": "))
+                .ok_or_else(|| Error::Other(format!("metrics line lacks {k}: {line}")))?;
+            let rest = &line[at + k.len() + 4..];
+            let end = rest.find([',', '}']).unwrap_or(rest.len());
+            let v = rest[..end].trim();
+            Ok(if v == "null" {
+                f64::NAN
+            } else {
+                v.parse()
+                    .map_err(|_| Error::Other(format!("bad {k} in {line}")))?
+            })
+        };
+        Ok(LapMetrics {
+            lap: field("lap")? as usize,
+            sinkhorn: field("sinkhorn")?,
+            sliced_wasserstein: field("sliced_wasserstein")?,
+            kept: field("kept")? as usize,
+            loss: field("loss")?,
+            estep_seconds: field("estep_seconds")?,
+            mstep_seconds: field("mstep_seconds")?,
+        })
+    }
+
+    /// The one-line summary printed per lap.
+    pub fn summary(&self) -> String {
+        let loss = if self.loss.is_finite() {
+            format!("{:.4}", self.loss)
+        } else {
+            "-".into()
+        };
+        format!(
+            "lap {:>3} | sinkhorn {:.5} | sliced W1 {:.4} | kept {} | loss {loss} | E-step {:.1}s | M-step {:.1}s",
+            self.lap, self.sinkhorn, self.sliced_wasserstein, self.kept, self.estep_seconds, self.mstep_seconds
+        )
+    }
+}
+
+/// Everything fixed for a run.
+struct Setup {
+    cfg: Config,
+    seed: u64,
+    n: usize,
+    a: Vec<f64>,
+    y: Vec<f64>,
+    truth: Vec<f64>,
+    reference: f64,
+    eval: usize,
+    schedule: VeSchedule,
+    bound: f64,
+    network: Network,
+}
+
+impl Setup {
+    fn new(cfg: &Config) -> Result<Self> {
+        let seed = cfg.int("seed")? as u64;
+        let n = cfg.count("observations")?;
+        let eval = cfg.count("eval_samples")?;
+        if n == 0 || eval < 2 {
+            return Err(Error::Other(
+                "observations and eval_samples must be positive".into(),
+            ));
+        }
+        let manifold = Manifold::new(seed);
+        let x = manifold.sample(seed, 0, n);
+        let (a, y) = observe(&x, cfg.float("sigma_y")?, seed);
+        // Two disjoint ground-truth sets for the debiased divergence.
+        let truth = manifold.sample(seed, 1, eval);
+        let truth2 = manifold.sample(seed, 2, eval);
+        let reference = sinkhorn_cost(&truth, &truth2, DIM, 1e-3, 1024, 1e-3);
+        let hidden: Vec<usize> = cfg
+            .string("hidden")?
+            .split(',')
+            .map(|s| {
+                s.trim()
+                    .parse()
+                    .map_err(|_| Error::Other(format!("hidden = '{s}' is not a list of widths")))
+            })
+            .collect::<Result<_>>()?;
+        let network = Network::Mlp(TimeMlp::new(DIM, &hidden, cfg.count("emb")?));
+        Ok(Setup {
+            seed,
+            n,
+            a,
+            y,
+            truth,
+            reference,
+            eval,
+            schedule: VeSchedule::new(cfg.float("sigma_min")?, cfg.float("sigma_max")?),
+            bound: cfg.float("filter_bound")?,
+            network,
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// Posterior samples [n, 5] for every observation under `prior`, in batches.
+    #[allow(clippy::too_many_arguments)]
+    fn e_step<P: Prior>(
+        &self,
+        prior: &P,
+        covariance: &Covariance,
+        mean: Option<&Tensor>,
+        kind: SamplerKind,
+        steps: usize,
+        seed: u64,
+        device: &Device,
+        label: &str,
+    ) -> Result<Vec<f32>> {
+        let batch = self.cfg.count("estep_batch")?.max(1);
+        let noise = ObservationNoise::Scalar(self.cfg.float("sigma_y")?.powi(2));
+        let cg = CgConfig {
+            max_iters: self.cfg.count("cg_iters")?,
+            rtol: Some(self.cfg.float("cg_rtol")?),
+        };
+        let mean_view = mean.map(|m| m.as_view()).transpose()?;
+        let mut out = Vec::with_capacity(self.n * DIM);
+        let start = Instant::now();
+        for (chunk, first) in (0..self.n).step_by(batch).enumerate() {
+            let rows = batch.min(self.n - first);
+            let a = Tensor::from_f64_as(
+                &self.a[first * OBS_DIM * DIM..(first + rows) * OBS_DIM * DIM],
+                &[rows, OBS_DIM, DIM],
+                DType::F32,
+                device,
+            )?;
+            let y = Tensor::from_f64_as(
+                &self.y[first * OBS_DIM..(first + rows) * OBS_DIM],
+                &[rows, OBS_DIM],
+                DType::F32,
+                device,
+            )?;
+            let ops = DenseOperators::new(a)?;
+            let mut mmps = Mmps::new(prior, &ops, &y, &noise, cg);
+            mmps.covariance = covariance.clone();
+            let sampler = Sampler {
+                kind,
+                steps,
+                schedule: self.schedule,
+                rng: Philox::new(seed, chunk as u64),
+            };
+            let x = sampler.sample(&mut mmps, &[rows, DIM], mean_view.as_ref(), DType::F32, device)?;
+            out.extend(x.to_vec_f32()?);
+            progress(label, first + rows, self.n, "observations", start);
+        }
+        Ok(out)
+    }
+
+    /// DSM training of `params` on `samples` (drawn with replacement), a fresh Adam state.
+    fn m_step(
+        &self,
+        params: Tensor,
+        samples: &[f32],
+        seed: u64,
+        device: &Device,
+        lap: usize,
+    ) -> Result<(Tensor, f64)> {
+        let steps = self.cfg.count("mstep_steps")? as u64;
+        let batch = self.cfg.count("mstep_batch")?;
+        let count = samples.len() / DIM;
+        if count == 0 {
+            return Err(Error::Other(format!(
+                "lap {lap}: no posterior sample lies inside the filter box; the run diverged"
+            )));
+        }
+        let lr = LrSchedule::Linear {
+            init: self.cfg.float("lr_init")?,
+            end: self.cfg.float("lr_end")?,
+            steps,
+        };
+        let den = Denoiser::new(self.network.clone());
+        let mut trainer = Trainer::new(den, params, AdamConfig::new(lr), self.schedule, seed)?;
+        let mut u = vec![0.0f32; batch];
+        let mut x = vec![0.0f32; batch * DIM];
+        let (mut tail, mut tail_n) = (0.0, 0usize);
+        let start = Instant::now();
+        for step in 0..steps {
+            Philox::new(seed, 0xda7a).fill_uniform(step * batch as u64, &mut u);
+            for (k, &ui) in u.iter().enumerate() {
+                let i = ((ui * count as f32) as usize).min(count - 1);
+                x[k * DIM..(k + 1) * DIM].copy_from_slice(&samples[i * DIM..(i + 1) * DIM]);
+            }
+            let xt = Tensor::from_f32(&x, &[batch, DIM], device)?;
+            let st = trainer
+                .step(&xt.as_view()?)
+                .map_err(|e| Error::Other(format!("lap {lap}, M-step {step}: {e}")))?;
+            if step + 100 >= steps {
+                tail += st.loss;
+                tail_n += 1;
+            }
+            if (step + 1) % 250 == 0 || step + 1 == steps {
+                progress(
+                    &format!("lap {lap} M-step"),
+                    (step + 1) as usize,
+                    steps as usize,
+                    "steps",
+                    start,
+                );
+            }
+        }
+        Ok((trainer.params, tail / tail_n.max(1) as f64))
+    }
+
+    fn metrics(&self, lap: usize, samples: &[f32], loss: f64, estep: f64, mstep: f64) -> LapMetrics {
+        let kept: Vec<f64> = inside_box(
+            &samples.iter().map(|&v| v as f64).collect::<Vec<_>>(),
+            DIM,
+            self.bound,
+        );
+        let count = kept.len() / DIM;
+        let v = &kept[..self.eval.min(count) * DIM];
+        let (sinkhorn, sliced) = if v.len() >= 2 * DIM {
+            (
+                sinkhorn_divergence(&self.truth, v, self.reference, DIM),
+                sliced_wasserstein(&self.truth, v, DIM, 128, 0),
+            )
+        } else {
+            (f64::NAN, f64::NAN)
+        };
+        LapMetrics {
+            lap,
+            sinkhorn,
+            sliced_wasserstein: sliced,
+            kept: count,
+            loss,
+            estep_seconds: estep,
+            mstep_seconds: mstep,
+        }
+    }
+}
+
+fn progress(label: &str, done: usize, total: usize, unit: &str, start: Instant) {
+    let secs = start.elapsed().as_secs_f64().max(1e-9);
+    eprintln!(
+        "  {label}: {done}/{total} {unit} ({:.0} {unit}/s, {:.1}s)",
+        done as f64 / secs,
+        secs
+    );
+}
+
+fn samples_of(samples: &[f32], bound: f64) -> Vec<f32> {
+    samples
+        .chunks_exact(DIM)
+        .filter(|p| p.iter().all(|v| (v.abs() as f64) < bound))
+        .flatten()
+        .copied()
+        .collect()
+}
+
+fn fit(samples: &[f32], rank: usize) -> Result<Gaussian> {
+    let x: Vec<f64> = samples.iter().map(|&v| v as f64).collect();
+    ppca(&x, x.len() / DIM, DIM, rank)
+}
+
+fn write_lap(
+    run: &Path,
+    lap: usize,
+    samples: &[f32],
+    truth: &[f64],
+    metrics: &LapMetrics,
+    all: &[LapMetrics],
+) -> Result<()> {
+    let dir = lap_dir(run, lap);
+    fs::create_dir_all(&dir).map_err(|e| Error::Other(format!("cannot create {}: {e}", dir.display())))?;
+    write_npy_f32(&dir.join("samples.npy"), &[samples.len() / DIM, DIM], samples)?;
+    write_atomically(
+        &dir.join("metrics.json"),
+        format!("{}\n", metrics.to_json()).as_bytes(),
+    )?;
+    let mut lines = String::new();
+    for m in all {
+        let _ = writeln!(lines, "{}", m.to_json());
+    }
+    write_atomically(&run.join("metrics.jsonl"), lines.as_bytes())?;
+    crate::io::plot::pair_plot(&dir.join("pairs.png"), samples, truth, DIM)?;
+    let series = |f: fn(&LapMetrics) -> f64| all.iter().map(|m| (m.lap, f(m))).collect::<Vec<_>>();
+    crate::io::plot::curves(
+        &run.join("divergence.png"),
+        &series(|m| m.sinkhorn),
+        &series(|m| m.sliced_wasserstein),
+    )
+}
+
+/// For tests of resuming: `EMPRIOR_ABORT_LAP=k` stops the run with an error after lap k's
+/// E-step, before anything of lap k is written (as a kill mid-lap would).
+fn abort_requested(lap: usize) -> Result<()> {
+    if std::env::var("EMPRIOR_ABORT_LAP")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        == Some(lap)
+    {
+        return Err(Error::Other(format!(
+            "aborted during lap {lap} (EMPRIOR_ABORT_LAP)"
+        )));
+    }
+    Ok(())
+}
+
+/// Runs (or, with `resume`, continues) the manifold EM in `run`; returns every lap's metrics.
+pub fn run_manifold(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Result<Vec<LapMetrics>> {
+    prepare_run_dir(run)?;
+    let done = if resume { last_complete_lap(run) } else { None };
+    if !resume && last_complete_lap(run).is_some() {
+        return Err(Error::Other(format!(
+            "{} already holds a run; pass --resume {} to continue it, or choose another --out",
+            run.display(),
+            run.display()
+        )));
+    }
+    write_atomically(&run.join("config.toml"), cfg.to_toml().as_bytes())?;
+    let setup = Setup::new(cfg)?;
+    let pc = SamplerKind::Pc {
+        corrections: cfg.count("pc_corrections")?,
+        tau: cfg.float("pc_tau")?,
+    };
+    let estep_steps = cfg.count("estep_steps")?;
+    let laps = cfg.count("laps")?;
+    let tweedie = match cfg.string("covariance")?.as_str() {
+        "gaussian" => false,
+        "tweedie" => true,
+        other => {
+            return Err(Error::Other(format!(
+                "covariance = '{other}' (expected gaussian or tweedie)"
+            )))
+        }
+    };
+    let mut all: Vec<LapMetrics> = Vec::new();
+    for k in 0..=done.unwrap_or(0).min(laps) {
+        if done.is_some() {
+            let text = fs::read_to_string(lap_dir(run, k).join("metrics.json"))
+                .map_err(|e| Error::Other(format!("lap {k} of {} is marked done but: {e}", run.display())))?;
+            all.push(LapMetrics::from_json(text.trim())?);
+        }
+    }
+
+    // Lap 0: the Gaussian prior fitted by EM, and the posterior samples under it.
+    let (mut samples, mut params) = match done {
+        Some(k) => {
+            let dir = lap_dir(run, k);
+            let s = read_npy(&dir.join("samples.npy"))?.to_f32();
+            let p = if k == 0 {
+                setup
+                    .network
+                    .layout()
+                    .init(derive_seed(setup.seed, 0, SEED_PARAMS), DType::F32, device)?
+            } else {
+                let ck = load_checkpoint(&dir.join("checkpoint.safetensors"), DType::F32)?;
+                if ck.network.layout() != setup.network.layout() {
+                    return Err(Error::Other(format!(
+                        "{}: the checkpoint's network differs from config.toml's",
+                        dir.display()
+                    )));
+                }
+                ck.params.to_device(device)?
+            };
+            eprintln!("resuming {} after lap {k}", run.display());
+            (s, p)
+        }
+        None => {
+            let start = Instant::now();
+            let rank = cfg.count("init_rank")?;
+            let mut g = Gaussian::new(vec![0.0; DIM], Dplr::identity(DIM))?;
+            for round in 0..cfg.count("init_rounds")? {
+                let mean = g.mean_tensor(DType::F32, device)?;
+                let seed = derive_seed(setup.seed, round, SEED_INIT);
+                let cov = Covariance::Gaussian(Box::new(g.clone()));
+                let x = setup.e_step(
+                    &g,
+                    &cov,
+                    Some(&mean),
+                    SamplerKind::Ddim,
+                    cfg.count("init_steps")?,
+                    seed,
+                    device,
+                    &format!("init round {round}"),
+                )?;
+                g = fit(&x, rank)?;
+            }
+            let mean = g.mean_tensor(DType::F32, device)?;
+            let cov = Covariance::Gaussian(Box::new(g.clone()));
+            let s = setup.e_step(
+                &g,
+                &cov,
+                Some(&mean),
+                pc,
+                estep_steps,
+                derive_seed(setup.seed, 0, SEED_ESTEP),
+                device,
+                "lap 0 E-step",
+            )?;
+            let m = setup.metrics(0, &s, f64::NAN, start.elapsed().as_secs_f64(), 0.0);
+            eprintln!("{}", m.summary());
+            all.push(m.clone());
+            write_lap(run, 0, &s, &setup.truth, &m, &all)?;
+            mark_done(run, 0)?;
+            let p =
+                setup
+                    .network
+                    .layout()
+                    .init(derive_seed(setup.seed, 0, SEED_PARAMS), DType::F32, device)?;
+            (s, p)
+        }
+    };
+
+    let den = Denoiser::new(setup.network.clone());
+    for lap in done.map_or(1, |k| k + 1)..=laps {
+        let train_set = samples_of(&samples, setup.bound);
+        let t = Instant::now();
+        let (new_params, loss) = setup.m_step(
+            params,
+            &train_set,
+            derive_seed(setup.seed, lap, SEED_MSTEP),
+            device,
+            lap,
+        )?;
+        params = new_params;
+        let mstep = t.elapsed().as_secs_f64();
+        // The E-step: MMPS under the new network, started at the PPCA mean of the current
+        // samples, with the PPCA covariance as V (cov_x) unless the Tweedie covariance is asked.
+        let t = Instant::now();
+        let moments = fit(&train_set, DIM)?;
+        let mean = moments.mean_tensor(DType::F32, device)?;
+        let cov = if tweedie {
+            Covariance::Tweedie
+        } else {
+            Covariance::Gaussian(Box::new(moments))
+        };
+        let prior = NetworkPrior {
+            denoiser: &den,
+            params: &params,
+        };
+        let seed = derive_seed(setup.seed, lap, SEED_ESTEP);
+        samples = setup.e_step(
+            &prior,
+            &cov,
+            Some(&mean),
+            pc,
+            estep_steps,
+            seed,
+            device,
+            &format!("lap {lap} E-step"),
+        )?;
+        abort_requested(lap)?;
+        let m = setup.metrics(lap, &samples, loss, t.elapsed().as_secs_f64(), mstep);
+        eprintln!("{}", m.summary());
+        all.push(m.clone());
+        let meta = [
+            ("lap", lap.to_string()),
+            ("seed", setup.seed.to_string()),
+            ("experiment", "manifold".to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .chain([
+            ("sigma_min".to_string(), setup.schedule.sigma_min.to_string()),
+            ("sigma_max".to_string(), setup.schedule.sigma_max.to_string()),
+        ])
+        .collect();
+        let dir = lap_dir(run, lap);
+        fs::create_dir_all(&dir)
+            .map_err(|e| Error::Other(format!("cannot create {}: {e}", dir.display())))?;
+        save_checkpoint(
+            &dir.join("checkpoint.safetensors"),
+            &setup.network,
+            &params,
+            &meta,
+        )?;
+        write_lap(run, lap, &samples, &setup.truth, &m, &all)?;
+        mark_done(run, lap)?;
+    }
+    Ok(all)
+}
