@@ -40,55 +40,52 @@ pub fn sliced_wasserstein(a: &[f64], b: &[f64], d: usize, projections: usize, se
 /// Returns the transport cost <P, C> of the plan (POT's `sinkhorn2`).
 pub fn sinkhorn_cost(a: &[f64], b: &[f64], d: usize, reg: f64, max_iters: usize, tol: f64) -> f64 {
     let (n, m) = (a.len() / d, b.len() / d);
-    let cost: Vec<f64> = (0..n * m)
-        .map(|k| {
-            let (i, j) = (k / m, k % m);
-            (0..d).map(|t| (a[i * d + t] - b[j * d + t]).powi(2)).sum()
-        })
-        .collect();
+    let sq = |x: &[f64], i: usize, y: &[f64], j: usize| -> f64 {
+        (0..d).map(|t| (x[i * d + t] - y[j * d + t]).powi(2)).sum()
+    };
+    // The cost over reg, in both orientations so each potential update reads rows contiguously.
+    let c_ab: Vec<f64> = (0..n * m).map(|k| sq(a, k / m, b, k % m) / reg).collect();
+    let c_ba: Vec<f64> = (0..m * n).map(|k| c_ab[(k % n) * m + k / n]).collect();
     let (log_a, log_b) = (-(n as f64).ln(), -(m as f64).ln());
+    // Potentials over reg: f_i = -logsumexp_j (g_j - C_ij + log b_j), and symmetrically.
     let (mut f, mut g) = (vec![0.0; n], vec![0.0; m]);
-    // f_i = -reg logsumexp_j ((g_j - C_ij) / reg + log b_j), and symmetrically for g; rows are
-    // split over threads (each potential entry is an independent reduction: deterministic).
     let threads = std::thread::available_parallelism()
         .map_or(1, |t| t.get())
         .min(16);
-    let update = |out: &mut [f64], other: &[f64], rows: usize, cols: usize, log_w: f64, transposed: bool| {
-        let chunk = rows.div_ceil(threads);
+    let update = |out: &mut [f64], other: &[f64], cost: &[f64], cols: usize, log_w: f64| {
+        let chunk = out.len().div_ceil(threads).max(1);
         std::thread::scope(|s| {
             for (c, part) in out.chunks_mut(chunk).enumerate() {
-                let cost = &cost;
                 s.spawn(move || {
                     for (r, o) in part.iter_mut().enumerate() {
-                        let i = c * chunk + r;
-                        let at = |j: usize| {
-                            if transposed {
-                                cost[j * rows + i]
+                        let row = &cost[(c * chunk + r) * cols..(c * chunk + r + 1) * cols];
+                        // One-pass (online) log-sum-exp: one exp per entry.
+                        let (mut mx, mut sum) = (f64::NEG_INFINITY, 0.0f64);
+                        for (&oj, &cj) in other.iter().zip(row) {
+                            let v = oj - cj;
+                            if v > mx {
+                                sum = sum * (mx - v).exp() + 1.0;
+                                mx = v;
                             } else {
-                                cost[i * cols + j]
+                                sum += (v - mx).exp();
                             }
-                        };
-                        let mx = (0..cols)
-                            .map(|j| (other[j] - at(j)) / reg)
-                            .fold(f64::NEG_INFINITY, f64::max);
-                        let s: f64 = (0..cols).map(|j| ((other[j] - at(j)) / reg - mx).exp()).sum();
-                        *o = -reg * (mx + s.ln() + log_w);
+                        }
+                        *o = -(mx + sum.ln() + log_w);
                     }
                 });
             }
         });
     };
     for it in 0..max_iters {
-        update(&mut f, &g, n, m, log_b, false);
-        update(&mut g, &f, m, n, log_a, true);
+        update(&mut f, &g, &c_ab, m, log_b);
+        update(&mut g, &f, &c_ba, n, log_a);
         if (it + 1) % 10 == 0 {
             let err: f64 = (0..n)
                 .map(|i| {
-                    ((0..m)
-                        .map(|j| ((f[i] + g[j] - cost[i * m + j]) / reg + log_a + log_b).exp())
-                        .sum::<f64>()
-                        - 1.0 / n as f64)
-                        .abs()
+                    let row: f64 = (0..m)
+                        .map(|j| (f[i] + g[j] - c_ab[i * m + j] + log_a + log_b).exp())
+                        .sum();
+                    (row - 1.0 / n as f64).abs()
                 })
                 .sum();
             if err < tol {
@@ -97,10 +94,7 @@ pub fn sinkhorn_cost(a: &[f64], b: &[f64], d: usize, reg: f64, max_iters: usize,
         }
     }
     (0..n * m)
-        .map(|k| {
-            let (i, j) = (k / m, k % m);
-            ((f[i] + g[j] - cost[k]) / reg + log_a + log_b).exp() * cost[k]
-        })
+        .map(|k| (f[k / m] + g[k % m] - c_ab[k] + log_a + log_b).exp() * c_ab[k] * reg)
         .sum()
 }
 

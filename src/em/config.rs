@@ -17,7 +17,7 @@ observations = 4096
 sigma_y = 0.01
 sigma_min = 0.001
 sigma_max = 10.0
-laps = 6
+laps = 10
 init_rounds = 16
 init_steps = 64
 init_rank = 5
@@ -28,14 +28,15 @@ pc_tau = 0.1
 covariance = "gaussian"
 cg_iters = 10
 cg_rtol = 0.001
-mstep_steps = 1500
-mstep_batch = 1024
+mstep_steps = 2500
+mstep_batch = 256
 lr_init = 0.001
 lr_end = 0.000001
 hidden = "256,256,256"
 emb = 64
 filter_bound = 3.0
-eval_samples = 1024
+# Entropic OT on the CPU is O(n^2) per iteration: 512 points per set here, 16,384 in the paper.
+eval_samples = 512
 "#;
 
 pub const MANIFOLD_PAPER: &str = r#"
