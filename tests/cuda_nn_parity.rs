@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{gpu_or_skip, random_vec};
+use common::{gpu_or_skip, on, parity};
 use emprior::diffusion::{Denoiser, Network};
 use emprior::nn::attention::{softmax, softmax_backward, SelfAttention};
 use emprior::nn::blocks::{modulate_backward, residual, residual_backward, AttBlock, ResBlock};
@@ -19,34 +19,6 @@ use emprior::ops::Philox;
 use emprior::{AsView, AsViewMut, DType, Device, Tensor};
 
 const CPU: Device = Device::Cpu;
-
-fn on(dev: &Device, seed: u64, shape: &[usize], scale: f32) -> Tensor {
-    let n = shape.iter().product();
-    Tensor::from_f32(&random_vec(seed, n, -scale, scale), shape, dev).unwrap()
-}
-
-/// Runs `f` on the CPU and on the GPU and compares every output norm-wise.
-fn parity(what: &str, gpu: &Device, tol: f64, f: impl Fn(&Device) -> Vec<Tensor>) {
-    let (want, got) = (f(&CPU), f(gpu));
-    assert_eq!(want.len(), got.len());
-    for (k, (w, g)) in want.iter().zip(&got).enumerate() {
-        assert_eq!(w.shape(), g.shape(), "{what} output {k}: shape");
-        let (w, g) = (w.to_vec_f32().unwrap(), g.to_vec_f32().unwrap());
-        let (mut num, mut den, mut max_abs) = (0.0f64, 0.0f64, 0.0f64);
-        for (&a, &b) in w.iter().zip(&g) {
-            let d = (a as f64 - b as f64).abs();
-            num += d * d;
-            den += (a as f64).powi(2);
-            max_abs = if d.is_nan() { f64::NAN } else { max_abs.max(d) };
-        }
-        let rel = (num / den.max(1e-30)).sqrt();
-        println!("{what} output {k}: relative error {rel:.2e}, max abs {max_abs:.2e}");
-        assert!(
-            rel <= tol && !max_abs.is_nan(),
-            "{what} output {k}: relative error {rel:.3e} > {tol:e} (max abs {max_abs:e})"
-        );
-    }
-}
 
 /// A gradient buffer of the layout's size, poisoned with NaN except that accumulation needs a
 /// defined start: zeros.

@@ -6,7 +6,7 @@
 
 mod common;
 
-use common::{gpu_or_skip, random_vec};
+use common::{gpu_or_skip, on, parity, random_vec};
 use emprior::diffusion::sampler::sampler_step;
 use emprior::diffusion::{Denoiser, Network, Sampler, SamplerKind, VeSchedule};
 use emprior::gaussian::{Dplr, Gaussian};
@@ -14,34 +14,9 @@ use emprior::nn::{TimeMlp, UNet, UNetConfig};
 use emprior::ops::Philox;
 use emprior::posterior::{CgConfig, DenseOperators, MaskOperator, Mmps, NetworkPrior, ObservationNoise};
 use emprior::train::{Adam, AdamConfig, LrSchedule, Trainer};
-use emprior::{AsView, DType, Device, Tensor};
+use emprior::{AsView, DType, Device};
 
 const CPU: Device = Device::Cpu;
-
-fn on(dev: &Device, seed: u64, shape: &[usize], scale: f32) -> Tensor {
-    let n = shape.iter().product();
-    Tensor::from_f32(&random_vec(seed, n, -scale, scale), shape, dev).unwrap()
-}
-
-fn parity(what: &str, gpu: &Device, tol: f64, f: impl Fn(&Device) -> Vec<Tensor>) {
-    let (want, got) = (f(&CPU), f(gpu));
-    for (k, (w, g)) in want.iter().zip(&got).enumerate() {
-        assert_eq!(w.shape(), g.shape(), "{what} output {k}");
-        let (w, g) = (w.to_vec_f32().unwrap(), g.to_vec_f32().unwrap());
-        let num: f64 = w
-            .iter()
-            .zip(&g)
-            .map(|(a, b)| (*a as f64 - *b as f64).powi(2))
-            .sum();
-        let den: f64 = w.iter().map(|a| (*a as f64).powi(2)).sum();
-        let rel = (num / den.max(1e-30)).sqrt();
-        println!("{what} output {k}: relative error {rel:.2e}");
-        assert!(
-            rel <= tol,
-            "{what} output {k}: relative error {rel:.3e} > {tol:e}"
-        );
-    }
-}
 
 #[test]
 fn cuda_training_and_sampling_match_cpu() {

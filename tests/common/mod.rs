@@ -4,6 +4,7 @@
 use emprior::device::Device;
 use emprior::ops::{GemmSpec, Philox};
 use emprior::Error;
+use emprior::Tensor;
 
 /// `n` values uniform in [lo, hi), reproducible from `seed`.
 pub fn random_vec(seed: u64, n: usize, lo: f32, hi: f32) -> Vec<f32> {
@@ -137,5 +138,35 @@ pub fn operand_shape(batch: usize, rows: usize, cols: usize) -> Vec<usize> {
         vec![rows, cols]
     } else {
         vec![batch, rows, cols]
+    }
+}
+
+/// An f32 tensor of uniforms in [-scale, scale) on `dev`, reproducible from `seed`.
+pub fn on(dev: &Device, seed: u64, shape: &[usize], scale: f32) -> Tensor {
+    let n = shape.iter().product();
+    Tensor::from_f32(&random_vec(seed, n, -scale, scale), shape, dev).unwrap()
+}
+
+/// Runs `f` on the CPU and on `gpu` and compares every output norm-wise:
+/// ||gpu - cpu|| / ||cpu|| <= tol (a NaN anywhere fails).
+pub fn parity(what: &str, gpu: &Device, tol: f64, f: impl Fn(&Device) -> Vec<Tensor>) {
+    let (want, got) = (f(&Device::Cpu), f(gpu));
+    assert_eq!(want.len(), got.len());
+    for (k, (w, g)) in want.iter().zip(&got).enumerate() {
+        assert_eq!(w.shape(), g.shape(), "{what} output {k}: shape");
+        let (w, g) = (w.to_vec_f32().unwrap(), g.to_vec_f32().unwrap());
+        let (mut num, mut den, mut max_abs) = (0.0f64, 0.0f64, 0.0f64);
+        for (&a, &b) in w.iter().zip(&g) {
+            let d = (a as f64 - b as f64).abs();
+            num += d * d;
+            den += (a as f64).powi(2);
+            max_abs = if d.is_nan() { f64::NAN } else { max_abs.max(d) };
+        }
+        let rel = (num / den.max(1e-30)).sqrt();
+        println!("{what} output {k}: relative error {rel:.2e}, max abs {max_abs:.2e}");
+        assert!(
+            rel <= tol && !max_abs.is_nan(),
+            "{what} output {k}: relative error {rel:.3e} > {tol:e} (max abs {max_abs:e})"
+        );
     }
 }
