@@ -263,34 +263,6 @@ impl Tensor {
         }
     }
 
-    /// The host f32 slice (the tensor must be an f32 tensor on the CPU).
-    pub fn cpu_f32(&self) -> Result<&[f32]> {
-        match &self.storage {
-            Storage::Cpu(CpuStorage::F32(v)) => Ok(v),
-            Storage::Cpu(_) => Err(self.dtype_error("cpu_f32", "f32")),
-            Storage::Cuda(_) => Err(Error::DeviceMismatch {
-                op: "cpu_f32",
-                detail: "tensor is on the GPU".into(),
-            }),
-        }
-    }
-
-    pub fn cpu_f32_mut(&mut self) -> Result<&mut [f32]> {
-        let dtype = self.dtype;
-        match &mut self.storage {
-            Storage::Cpu(CpuStorage::F32(v)) => Ok(v),
-            Storage::Cpu(_) => Err(Error::DType {
-                op: "cpu_f32_mut",
-                expected: "f32",
-                actual: dtype.name(),
-            }),
-            Storage::Cuda(_) => Err(Error::DeviceMismatch {
-                op: "cpu_f32_mut",
-                detail: "tensor is on the GPU".into(),
-            }),
-        }
-    }
-
     /// A device view of the f32 data (the tensor must be an f32 tensor on a GPU).
     pub fn cuda_f32(&self) -> Result<CudaView<'_, f32>> {
         let n = self.numel();
