@@ -154,6 +154,33 @@ impl ShiftedInverse {
 pub struct Gaussian {
     pub mean: Vec<f64>,
     pub cov: Dplr,
+    /// The last (Sigma + shift I)^-1 built: a sampler step calls the denoiser, then CG calls the
+    /// VJP several times at the same sigma, and rebuilding would refactor the capacitance and
+    /// re-upload the factors every time.
+    cache: InverseCache,
+}
+
+/// One cached `ShiftedInverse`, keyed by (shift, dtype, device). Not part of a Gaussian's value:
+/// clones start empty and equality ignores it.
+#[derive(Default)]
+struct InverseCache(std::sync::Mutex<Option<(u64, DType, String, std::sync::Arc<ShiftedInverse>)>>);
+
+impl Clone for InverseCache {
+    fn clone(&self) -> Self {
+        InverseCache::default()
+    }
+}
+
+impl PartialEq for InverseCache {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl std::fmt::Debug for InverseCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("InverseCache")
+    }
 }
 
 impl Gaussian {
@@ -164,17 +191,35 @@ impl Gaussian {
                 cov.dim()
             )));
         }
-        Ok(Gaussian { mean, cov })
+        Ok(Gaussian {
+            mean,
+            cov,
+            cache: InverseCache::default(),
+        })
     }
 
     pub fn dim(&self) -> usize {
         self.mean.len()
     }
 
+    /// (Sigma + shift I)^-1 for `dtype` on `device`, reused while the shift stays the same.
+    fn inverse(&self, shift: f64, dtype: DType, device: &Device) -> Result<std::sync::Arc<ShiftedInverse>> {
+        let key = (shift.to_bits(), dtype, device.to_string());
+        let mut slot = self.cache.0.lock().unwrap();
+        if let Some((bits, dt, dev, inv)) = slot.as_ref() {
+            if (*bits, *dt, dev.as_str()) == (key.0, key.1, key.2.as_str()) {
+                return Ok(inv.clone());
+            }
+        }
+        let inv = std::sync::Arc::new(self.cov.shifted_inverse(shift, dtype, device)?);
+        *slot = Some((key.0, key.1, key.2, inv.clone()));
+        Ok(inv)
+    }
+
     /// E[x | x_t] = x_t - sigma^2 (Sigma + sigma^2 I)^-1 (x_t - mu) for a batch x_t [B, d].
     pub fn denoise(&self, x_t: &View, sigma: f64) -> Result<Tensor> {
         let s2 = sigma * sigma;
-        let inv = self.cov.shifted_inverse(s2, x_t.dtype(), &x_t.device())?;
+        let inv = self.inverse(s2, x_t.dtype(), &x_t.device())?;
         let d = self.dim();
         let b = x_t.numel() / d;
         let mut centred = x_t.reshape(&[b, d])?.to_tensor()?;
@@ -194,7 +239,7 @@ impl Gaussian {
     /// J^T u for the Gaussian denoiser, J = I - sigma^2 (Sigma + sigma^2 I)^-1 (symmetric).
     pub fn vjp(&self, sigma: f64, u: &View) -> Result<Tensor> {
         let s2 = sigma * sigma;
-        let solved = self.cov.shifted_inverse(s2, u.dtype(), &u.device())?.apply(u)?;
+        let solved = self.inverse(s2, u.dtype(), &u.device())?.apply(u)?;
         let mut out = u.to_tensor()?;
         axpy(-s2, &solved, &mut out)?;
         Ok(out)
@@ -203,7 +248,7 @@ impl Gaussian {
     /// V[x | x_t] u = (Sigma^-1 + sigma^-2 I)^-1 u = sigma^2 u - sigma^4 (Sigma + sigma^2 I)^-1 u.
     pub fn posterior_cov_apply(&self, sigma: f64, u: &View) -> Result<Tensor> {
         let s2 = sigma * sigma;
-        let solved = self.cov.shifted_inverse(s2, u.dtype(), &u.device())?.apply(u)?;
+        let solved = self.inverse(s2, u.dtype(), &u.device())?.apply(u)?;
         let mut out = scale(u, s2)?;
         axpy(-(s2 * s2), &solved, &mut out)?;
         Ok(out)
