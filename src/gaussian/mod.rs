@@ -160,10 +160,13 @@ pub struct Gaussian {
     cache: InverseCache,
 }
 
-/// One cached `ShiftedInverse`, keyed by (shift, dtype, device). Not part of a Gaussian's value:
-/// clones start empty and equality ignores it.
+/// (shift bits, dtype, device) -> the inverse built for them.
+type CachedInverse = (u64, DType, String, std::sync::Arc<ShiftedInverse>);
+
+/// One cached `ShiftedInverse`. Not part of a Gaussian's value: clones start empty and equality
+/// ignores it.
 #[derive(Default)]
-struct InverseCache(std::sync::Mutex<Option<(u64, DType, String, std::sync::Arc<ShiftedInverse>)>>);
+struct InverseCache(std::sync::Mutex<Option<CachedInverse>>);
 
 impl Clone for InverseCache {
     fn clone(&self) -> Self {
