@@ -4,7 +4,10 @@
 use std::path::PathBuf;
 use std::process::Command;
 
-use emprior::gaussian::linalg::spd_inverse;
+mod common;
+
+use common::gaussian_posterior;
+
 use emprior::io::{read_npy, write_npy_f64};
 use emprior::ops::Philox;
 
@@ -90,24 +93,7 @@ fn posterior_command_matches_the_analytic_gaussian_posterior() {
     assert!(ok, "{log}");
     let x = read_npy(&dir.join("x.npy")).unwrap();
     assert_eq!(x.shape, vec![1, k, d]);
-    // Analytic posterior.
-    let sinv = spd_inverse(&c, d).unwrap();
-    let mut prec = sinv.clone();
-    for i in 0..d {
-        for j in 0..d {
-            prec[i * d + j] += (0..m).map(|r| a[r * d + i] * a[r * d + j]).sum::<f64>() / (sy * sy);
-        }
-    }
-    let cov = spd_inverse(&prec, d).unwrap();
-    let rhs: Vec<f64> = (0..d)
-        .map(|i| {
-            (0..d).map(|j| sinv[i * d + j] * mean[j]).sum::<f64>()
-                + (0..m).map(|r| a[r * d + i] * y[r]).sum::<f64>() / (sy * sy)
-        })
-        .collect();
-    let post: Vec<f64> = (0..d)
-        .map(|i| (0..d).map(|j| cov[i * d + j] * rhs[j]).sum())
-        .collect();
+    let (post, cov) = gaussian_posterior(&mean, &c, &a, &y, sy * sy, None);
     let s = &x.data;
     for j in 0..d {
         let emp: f64 = (0..k).map(|i| s[i * d + j]).sum::<f64>() / k as f64;

@@ -170,3 +170,40 @@ pub fn parity(what: &str, gpu: &Device, tol: f64, f: impl Fn(&Device) -> Vec<Ten
         );
     }
 }
+
+/// The posterior of x ~ N(mu, S) given y = A x + N(0, s2 I) (A is m x d, row-major) and,
+/// optionally, also x_t = x + N(0, t2 I): (mean, covariance) by dense f64 algebra, written
+/// independently of the library's Woodbury and CG code.
+pub fn gaussian_posterior(
+    mu: &[f64],
+    s: &[f64],
+    a: &[f64],
+    y: &[f64],
+    s2: f64,
+    x_t: Option<(&[f64], f64)>,
+) -> (Vec<f64>, Vec<f64>) {
+    use emprior::gaussian::linalg::spd_inverse;
+    let (d, m) = (mu.len(), y.len());
+    let sinv = spd_inverse(s, d).unwrap();
+    let mut prec = sinv.clone();
+    for i in 0..d {
+        if let Some((_, t2)) = x_t {
+            prec[i * d + i] += 1.0 / t2;
+        }
+        for j in 0..d {
+            prec[i * d + j] += (0..m).map(|r| a[r * d + i] * a[r * d + j]).sum::<f64>() / s2;
+        }
+    }
+    let cov = spd_inverse(&prec, d).unwrap();
+    let rhs: Vec<f64> = (0..d)
+        .map(|i| {
+            (0..d).map(|j| sinv[i * d + j] * mu[j]).sum::<f64>()
+                + (0..m).map(|r| a[r * d + i] * y[r]).sum::<f64>() / s2
+                + x_t.map_or(0.0, |(xt, t2)| xt[i] / t2)
+        })
+        .collect();
+    let mean = (0..d)
+        .map(|i| (0..d).map(|j| cov[i * d + j] * rhs[j]).sum())
+        .collect();
+    (mean, cov)
+}
