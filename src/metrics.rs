@@ -104,3 +104,60 @@ pub fn sinkhorn_cost(a: &[f64], b: &[f64], d: usize, reg: f64, max_iters: usize,
 pub fn sinkhorn_divergence(u1: &[f64], v: &[f64], reference: f64, d: usize) -> f64 {
     (sinkhorn_cost(u1, v, d, 1e-3, 1024, 1e-3) - reference).max(1e-6)
 }
+
+/// Mean PSNR in dB over a batch of images (rows of `a` and `b`, `per` values each) whose values
+/// span `range` (4 for the model's [-2, 2) scale). An exact match counts as infinite.
+pub fn psnr(a: &[f64], b: &[f64], per: usize, range: f64) -> f64 {
+    let n = a.len() / per;
+    (0..n)
+        .map(|i| {
+            let mse = (0..per)
+                .map(|k| (a[i * per + k] - b[i * per + k]).powi(2))
+                .sum::<f64>()
+                / per as f64;
+            10.0 * (range * range / mse).log10()
+        })
+        .sum::<f64>()
+        / n as f64
+}
+
+/// Mean SSIM over a batch of [n, h, w, c] images (Wang et al. 2004: an 11 x 11 Gaussian window
+/// with sigma 1.5, K1 = 0.01, K2 = 0.03, the dynamic range `range`), averaged over the window
+/// positions that fit inside the image and over channels and images.
+pub fn ssim(a: &[f64], b: &[f64], h: usize, w: usize, c: usize, range: f64) -> f64 {
+    const WIN: usize = 11;
+    let g: Vec<f64> = (0..WIN)
+        .map(|i| (-((i as f64 - 5.0).powi(2)) / (2.0 * 1.5 * 1.5)).exp())
+        .collect();
+    let norm: f64 = g.iter().sum::<f64>().powi(2);
+    let (c1, c2) = ((0.01 * range).powi(2), (0.03 * range).powi(2));
+    let per = h * w * c;
+    let n = a.len() / per;
+    let (mut total, mut count) = (0.0, 0usize);
+    for img in 0..n {
+        let at = |x: &[f64], y: usize, xx: usize, ch: usize| x[img * per + (y * w + xx) * c + ch];
+        for ch in 0..c {
+            for y0 in 0..=h.saturating_sub(WIN) {
+                for x0 in 0..=w.saturating_sub(WIN) {
+                    let (mut ma, mut mb, mut saa, mut sbb, mut sab) = (0.0, 0.0, 0.0, 0.0, 0.0);
+                    for dy in 0..WIN {
+                        for dx in 0..WIN {
+                            let wgt = g[dy] * g[dx] / norm;
+                            let (p, q) = (at(a, y0 + dy, x0 + dx, ch), at(b, y0 + dy, x0 + dx, ch));
+                            ma += wgt * p;
+                            mb += wgt * q;
+                            saa += wgt * p * p;
+                            sbb += wgt * q * q;
+                            sab += wgt * p * q;
+                        }
+                    }
+                    let (va, vb, cov) = (saa - ma * ma, sbb - mb * mb, sab - ma * mb);
+                    total += ((2.0 * ma * mb + c1) * (2.0 * cov + c2))
+                        / ((ma * ma + mb * mb + c1) * (va + vb + c2));
+                    count += 1;
+                }
+            }
+        }
+    }
+    total / count.max(1) as f64
+}

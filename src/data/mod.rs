@@ -1,3 +1,4 @@
 //! Datasets and observation models of the paper's experiments.
 
+pub mod cifar10;
 pub mod manifold;

@@ -203,3 +203,37 @@ pub fn curves(path: &Path, first: &[(usize, f64)], second: &[(usize, f64)]) -> R
     }
     c.save(path)
 }
+
+/// A grid of images [n, h, w, c] (c = 1 or 3; values already as bytes), `cols` per row, each
+/// scaled up `scale` times, with a 2-pixel white gap.
+pub fn image_grid(
+    path: &Path,
+    images: &[u8],
+    h: usize,
+    w: usize,
+    c: usize,
+    cols: usize,
+    scale: usize,
+) -> Result<()> {
+    let n = images.len() / (h * w * c);
+    let cols = cols.max(1);
+    let rows = n.div_ceil(cols);
+    let gap = 2;
+    let (cw, ch) = (w * scale + gap, h * scale + gap);
+    let mut canvas = Canvas::new(cols * cw + gap, rows * ch + gap);
+    for i in 0..n {
+        let (ox, oy) = (gap + (i % cols) * cw, gap + (i / cols) * ch);
+        for y in 0..h * scale {
+            for x in 0..w * scale {
+                let base = ((i * h + y / scale) * w + x / scale) * c;
+                let px = if c == 1 {
+                    [images[base]; 3]
+                } else {
+                    [images[base], images[base + 1], images[base + 2]]
+                };
+                canvas.set((ox + x) as i64, (oy + y) as i64, px);
+            }
+        }
+    }
+    canvas.save(path)
+}

