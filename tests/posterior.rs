@@ -490,3 +490,43 @@ fn dps_pulls_samples_towards_the_observation() {
         "DPS must fit the observation: misfit {before:.3} -> {last:.3}"
     );
 }
+
+#[test]
+fn randomized_ppca_agrees_with_the_exact_fit() {
+    use emprior::gaussian::{ppca, ppca_randomized};
+    // 40 dimensions, a rank-4 signal over a 0.1 noise floor.
+    let (n, d, r) = (3000, 40, 4);
+    let u = randn(80, d * r);
+    let z = randn(81, n * r);
+    let e = randn(82, n * d);
+    let m = randn(83, d);
+    let samples: Vec<f64> = (0..n * d)
+        .map(|k| {
+            let (i, j) = (k / d, k % d);
+            m[j] + (0..r).map(|c| u[j * r + c] * z[i * r + c]).sum::<f64>() + 0.1f64.sqrt() * e[k]
+        })
+        .collect();
+    let exact = ppca(&samples, n, d, r).unwrap();
+    for dtype in [DType::F64, DType::F32] {
+        let t = Tensor::from_f64_as(&samples, &[n, d], dtype, &CPU).unwrap();
+        let fast = ppca_randomized(&t.as_view().unwrap(), r, 8, 6, 1).unwrap();
+        let (ce, cf) = (exact.cov.dense(), fast.cov.dense());
+        let scale = ce.iter().map(|v| v.abs()).fold(0.0, f64::max);
+        let tol = if dtype == DType::F64 { 1e-6 } else { 1e-4 };
+        for i in 0..d * d {
+            assert!(
+                (ce[i] - cf[i]).abs() < tol * scale,
+                "{dtype:?} covariance [{i}]: {} vs {}",
+                cf[i],
+                ce[i]
+            );
+        }
+        for j in 0..d {
+            assert!((exact.mean[j] - fast.mean[j]).abs() < tol * scale);
+        }
+        assert!(
+            (exact.cov.diag[0] - fast.cov.diag[0]).abs() < tol * scale,
+            "noise floor"
+        );
+    }
+}

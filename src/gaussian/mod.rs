@@ -8,7 +8,7 @@
 pub mod linalg;
 pub mod ppca;
 
-pub use ppca::ppca;
+pub use ppca::{ppca, ppca_randomized};
 
 use crate::device::Device;
 use crate::error::{Error, Result};
