@@ -5,9 +5,36 @@
 //!
 //! Layers of the crate, bottom up:
 //! - [`device`]: the CPU or a CUDA GPU (context, one stream, kernels loaded once, memory pool);
-//! - [`tensor`]: shape + dtype + storage on a device;
+//! - [`tensor`]: shape + dtype + storage on a device, and borrowed views;
 //! - [`ops`]: the op set, each op with a CPU body and a CUDA launch side by side;
+//! - [`nn`]: layers and networks with explicit backward passes and VJPs;
+//! - [`diffusion`]: the preconditioned denoiser, schedule, DSM loss and samplers;
+//! - [`train`], [`posterior`], [`gaussian`]: Adam and augmentation; operators, CG and MMPS;
+//!   Gaussian priors and PPCA;
+//! - [`em`]: the EM driver; [`data`], [`metrics`], [`io`]: datasets, distances, files;
 //! - [`kernels`]: what build.rs compiled and embedded.
+
+// Defined before the modules so every layer and op file can use it.
+/// Runs `$body` with `$T` bound to the host float type of the view `$probe` (f32 or f64).
+macro_rules! host_real {
+    ($probe:expr, $T:ident => $body:expr) => {
+        match $probe.dtype() {
+            $crate::tensor::DType::F32 => {
+                type $T = f32;
+                $body
+            }
+            $crate::tensor::DType::F64 => {
+                type $T = f64;
+                $body
+            }
+            other => Err($crate::error::Error::DType {
+                op: "host op",
+                expected: "f32 or f64",
+                actual: other.name(),
+            }),
+        }
+    };
+}
 
 pub mod bench;
 pub mod commands;

@@ -307,3 +307,56 @@ fn sinkhorn_and_sliced_wasserstein_behave_like_distances() {
     // Projected translation: E|<t, u>| over unit u = |t| 2/pi = 0.45.
     assert!((sw - 0.45).abs() < 0.05, "sliced W1 of a translate {sw}");
 }
+
+#[test]
+fn augmentation_flips_and_shifts_with_reflect_padding() {
+    use emprior::train::augment::{choices, flip_shift};
+    let (n, h, w, c) = (64, 5, 6, 2);
+    let x: Vec<f64> = (0..n * h * w * c).map(|v| v as f64).collect();
+    let xt = Tensor::from_f64(&x, &[n, h, w, c], &CPU).unwrap();
+    let rng = Philox::new(4, 2);
+    let y = flip_shift(&xt.as_view().unwrap(), 1, rng)
+        .unwrap()
+        .to_vec_f64()
+        .unwrap();
+    // numpy's 'reflect' padding: index -1 reads 1, index size reads size - 2.
+    let reflect = |i: i64, size: i64| {
+        if i < 0 {
+            -i
+        } else if i >= size {
+            2 * (size - 1) - i
+        } else {
+            i
+        }
+    };
+    let (mut flips, mut shifts) = (0, [0usize; 3]);
+    for img in 0..n {
+        let (flip, dy, dx) = choices(rng, img as u64, 1);
+        flips += flip as usize;
+        shifts[(dy + 1) as usize] += 1;
+        for yy in 0..h {
+            for xx in 0..w {
+                let sy = reflect(yy as i64 + dy, h as i64) as usize;
+                let mut sx = reflect(xx as i64 + dx, w as i64) as usize;
+                if flip {
+                    sx = w - 1 - sx;
+                }
+                for ch in 0..c {
+                    assert_eq!(
+                        y[((img * h + yy) * w + xx) * c + ch],
+                        x[((img * h + sy) * w + sx) * c + ch]
+                    );
+                }
+            }
+        }
+    }
+    assert!(
+        (20..=44).contains(&flips),
+        "about half the images are flipped: {flips}"
+    );
+    assert!(shifts.iter().all(|&s| s >= 10), "every shift occurs: {shifts:?}");
+    let err = flip_shift(&xt.as_view().unwrap(), 5, rng)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("shift of 5"), "{err}");
+}

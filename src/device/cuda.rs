@@ -57,6 +57,7 @@ kernel_table! {
     dropout { dropout_f32 }
     adam { adam_step_f32 }
     sampler { sampler_step_f32 }
+    augment { aug_flip_shift_f32 }
     gemm { gemm_f32_nn, gemm_f32_nt, gemm_f32_tn, gemm_f32_tt }
     rng { rng_uniform_f32, rng_normal_f32 }
 }

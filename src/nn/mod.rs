@@ -8,27 +8,6 @@
 //! layer family's CPU bodies (generic over f32/f64: the oracle, and f64 for finite differences)
 //! and its CUDA launches.
 
-/// Runs `$body` with `$T` bound to the host float type of the view `$probe` (f32 or f64).
-macro_rules! host_real {
-    ($probe:expr, $T:ident => $body:expr) => {
-        match $probe.dtype() {
-            $crate::tensor::DType::F32 => {
-                type $T = f32;
-                $body
-            }
-            $crate::tensor::DType::F64 => {
-                type $T = f64;
-                $body
-            }
-            other => Err($crate::error::Error::DType {
-                op: "host op",
-                expected: "f32 or f64",
-                actual: other.name(),
-            }),
-        }
-    };
-}
-
 pub mod attention;
 pub mod blocks;
 pub mod conv;

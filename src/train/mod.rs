@@ -3,6 +3,7 @@
 //! function of (parameters, optimizer state, batch, seed, step index).
 
 pub mod adam;
+pub mod augment;
 
 pub use adam::{Adam, AdamConfig, LrSchedule, StepStats};
 
