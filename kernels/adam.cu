@@ -6,12 +6,14 @@
 // Launch contract: any grid/block; grid-stride.
 #include "common.cuh"
 
-// Must match AdamKernelParams in src/train/adam.rs.
+// Must match AdamKernelParams in src/train/adam.rs. The (1 - x) factors come from the host,
+// rounded once from f64 as the CPU body rounds them.
 struct AdamKernelParams {
-    float lr, beta1, beta2, eps;
-    float bias1, bias2;  // 1 - beta^t
-    float max_norm;      // <= 0: no clipping
-    float ema_decay;     // < 0: no EMA
+    float lr, beta1, beta2, one_minus_beta1, one_minus_beta2, eps;
+    float bias1, bias2;       // 1 - beta^t
+    float max_norm;           // <= 0: no clipping
+    float one_minus_decay;    // the EMA step
+    int use_ema;              // 0: no EMA (and `ema` may be null)
 };
 
 extern "C" __global__ void adam_step_f32(float* p, const float* g, float* m, float* v, float* ema,
@@ -21,12 +23,12 @@ extern "C" __global__ void adam_step_f32(float* p, const float* g, float* m, flo
     const i64 step = (i64)gridDim.x * blockDim.x;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
         const float gi = g[i] * scale;
-        const float mi = a.beta1 * m[i] + (1.0f - a.beta1) * gi;
-        const float vi = a.beta2 * v[i] + (1.0f - a.beta2) * gi * gi;
+        const float mi = a.beta1 * m[i] + a.one_minus_beta1 * gi;
+        const float vi = a.beta2 * v[i] + a.one_minus_beta2 * gi * gi;
         m[i] = mi;
         v[i] = vi;
         const float pi = p[i] - a.lr * (mi / a.bias1) / (sqrtf(vi / a.bias2) + a.eps);
         p[i] = pi;
-        if (a.ema_decay >= 0.0f) ema[i] += (1.0f - a.ema_decay) * (pi - ema[i]);
+        if (a.use_ema) ema[i] += a.one_minus_decay * (pi - ema[i]);
     }
 }

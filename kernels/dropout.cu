@@ -5,8 +5,9 @@
 // Launch contract: any grid/block; grid-stride.
 #include "common.cuh"
 
-extern "C" __global__ void dropout_f32(const float* x, float* y, i64 n, float p, u64 seed, u64 stream, u64 offset) {
-    const float scale = 1.0f / (1.0f - p);
+// `scale` = 1 / (1 - p), rounded once on the host from f64 as the CPU body does.
+extern "C" __global__ void dropout_f32(const float* x, float* y, i64 n, float p, float scale, u64 seed, u64 stream,
+                                       u64 offset) {
     const i64 step = (i64)gridDim.x * blockDim.x;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
         const u64 e = offset + (u64)i;

@@ -10,8 +10,8 @@ extern "C" __global__ void emb_sinusoidal_f32(const float* c_noise, float* emb, 
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
         const int j = (int)(i % e), k = j < half ? j : j - half;
         const i64 s = i / e;
-        // ln(1e-4) = -9.210340371976184
-        const float freq = expf(-9.210340371976184f * (float)k / (float)(half - 1));
+        // ln(1e-4) = -9.210340371976184; in f64 and rounded once, as the CPU body does.
+        const float freq = (float)exp(-9.210340371976184 * (double)k / (double)(half - 1));
         const float arg = freq * c_noise[s];
         emb[i] = j < half ? sinf(arg) : cosf(arg);
     }
@@ -20,8 +20,8 @@ extern "C" __global__ void emb_sinusoidal_f32(const float* c_noise, float* emb, 
 // EDM preconditioning coefficients for one sigma per sample (method.md §2.2), computed on the
 // device so a sampler step uploads nothing: sigma[s] from `sigmas`, or `sigma_all` for every
 // sample when `sigmas` is null. Writes c_skip, c_out, c_in, c_noise = ln sigma.
-extern "C" __global__ void emb_precond_f32(const float* sigmas, float sigma_all, float* c_skip, float* c_out, float* c_in,
-                                           float* c_noise, i64 n) {
+extern "C" __global__ void emb_precond_f32(const float* sigmas, double sigma_all, float* c_skip, float* c_out,
+                                           float* c_in, float* c_noise, i64 n) {
     const i64 step = (i64)gridDim.x * blockDim.x;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
         const double s = sigmas ? (double)sigmas[i] : (double)sigma_all;

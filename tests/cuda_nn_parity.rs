@@ -160,10 +160,12 @@ fn layers(gpu: &Device) {
 
     parity("dropout", &gpu, 1e-7, |d| {
         let x = on(d, 18, &[3, 1001], 1.0);
+        // p = 0.15: 1 / (1 - p) rounds differently in f32 and f64, so the scale must come from
+        // the host.
         let mask = DropoutMask {
             rng: Philox::new(3, 7),
             offset: 5,
-            p: 0.1,
+            p: 0.15,
         };
         vec![dropout(&x.as_view().unwrap(), &mask).unwrap()]
     });

@@ -360,3 +360,16 @@ fn augmentation_flips_and_shifts_with_reflect_padding() {
         .to_string();
     assert!(err.contains("shift of 5"), "{err}");
 }
+
+#[test]
+fn adam_refuses_a_non_positive_clipping_threshold() {
+    let mut p = Tensor::from_f64(&[1.0], &[1], &CPU).unwrap();
+    let config = AdamConfig {
+        clip: Some(0.0),
+        ..AdamConfig::new(LrSchedule::Constant(0.1))
+    };
+    let mut adam = Adam::new(config, &p).unwrap();
+    let g = Tensor::from_f64(&[1.0], &[1], &CPU).unwrap();
+    let err = adam.update(&mut p, &g).unwrap_err().to_string();
+    assert!(err.contains("clipping threshold"), "{err}");
+}

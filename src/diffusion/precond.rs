@@ -177,7 +177,7 @@ fn preconditioning(sigmas: &[f64], dtype: DType, device: &Device) -> Result<[Ten
                 c.cuda_f32_mut()?,
                 d.cuda_f32_mut()?,
             );
-            let (n64, all, null) = (n as i64, sigmas[0] as f32, 0u64);
+            let (n64, all, null) = (n as i64, sigmas[0], 0u64);
             let mut l = dev.stream().launch_builder(&dev.kernels().emb_precond_f32);
             match &sview {
                 Some(v) => l.arg(v),

@@ -113,6 +113,30 @@ fn grid(dev: &crate::device::CudaDevice, total: usize) -> LaunchConfig {
     }
 }
 
+/// The backward kernels index raw buffers: check every operand's shape first.
+fn same_shapes(
+    op: &'static str,
+    x: &View,
+    others: &[(&str, &[usize])],
+    dm: &ViewMut,
+    n: usize,
+    c: usize,
+) -> Result<()> {
+    for (what, shape) in others {
+        if *shape != x.shape() {
+            return Err(Error::shape(op, *what, x.shape(), shape));
+        }
+    }
+    if dm.shape() != [n, 3 * c] {
+        return Err(Error::shape(op, "dm", [n, 3 * c], dm.shape()));
+    }
+    // The per-channel kernels put the batch on grid.y.
+    if n > 65_535 {
+        return Err(Error::shape(op, "batch", "at most 65,535 samples per call", n));
+    }
+    Ok(())
+}
+
 fn per_channel(n: usize, c: usize) -> LaunchConfig {
     LaunchConfig {
         grid_dim: ((c as u32).div_ceil(256), n as u32, 1),
@@ -125,6 +149,7 @@ fn per_channel(n: usize, c: usize) -> LaunchConfig {
 pub fn modulate_backward(x: &View, m: &View, dh: &View, dm: &mut ViewMut) -> Result<Tensor> {
     one_device("modulate_backward", &[x, m, dh], &[dm])?;
     let (n, p, c) = npc("modulate_backward", x, m)?;
+    same_shapes("modulate_backward", x, &[("dh", dh.shape())], dm, n, c)?;
     let mut dx = Tensor::uninit(x.shape(), x.dtype(), &x.device())?;
     {
         let mut dxv = dx.as_view_mut()?;
@@ -199,6 +224,14 @@ pub fn residual_backward(
 ) -> Result<(Tensor, Tensor)> {
     one_device("residual_backward", &[x, h, m, dout], &[dm])?;
     let (n, p, c) = npc("residual_backward", x, m)?;
+    same_shapes(
+        "residual_backward",
+        x,
+        &[("h", h.shape()), ("dout", dout.shape())],
+        dm,
+        n,
+        c,
+    )?;
     let mut dx = Tensor::uninit(x.shape(), x.dtype(), &x.device())?;
     let mut dh = Tensor::uninit(x.shape(), x.dtype(), &x.device())?;
     {

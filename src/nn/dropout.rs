@@ -34,11 +34,14 @@ pub fn dropout(x: &View, mask: &DropoutMask) -> Result<Tensor> {
             (Data::Cuda(xv, dev), DataMut::Cuda(o, _)) => {
                 let (n64, p, seed, stream, off) =
                     (n as i64, mask.p, mask.rng.seed, mask.rng.stream, mask.offset);
+                // 1 / (1 - p) rounded once from f64, as the CPU body below.
+                let scale = (1.0 / (1.0 - mask.p as f64)) as f32;
                 let mut l = dev.stream().launch_builder(&dev.kernels().dropout_f32);
                 l.arg(xv)
                     .arg(o)
                     .arg(&n64)
                     .arg(&p)
+                    .arg(&scale)
                     .arg(&seed)
                     .arg(&stream)
                     .arg(&off);

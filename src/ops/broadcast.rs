@@ -113,6 +113,15 @@ pub fn sum_rows_into(
         return Err(Error::shape("sum_rows", "out", [groups, cols], out.shape()));
     }
     let per = x.numel() / (groups * cols);
+    if groups > 65_535 && matches!(x.data, Data::Cuda(..)) {
+        // The kernel puts the groups on grid.y.
+        return Err(Error::shape(
+            "sum_rows",
+            "groups",
+            "at most 65,535 on the GPU",
+            groups,
+        ));
+    }
     match (&x.data, &mut out.data) {
         (Data::F32(xv), DataMut::F32(o)) => cpu::sum_rows(xv, o, groups, cols, accumulate),
         (Data::F64(xv), DataMut::F64(o)) => cpu::sum_rows(xv, o, groups, cols, accumulate),

@@ -64,11 +64,14 @@ struct AdamKernelParams {
     lr: f32,
     beta1: f32,
     beta2: f32,
+    one_minus_beta1: f32,
+    one_minus_beta2: f32,
     eps: f32,
     bias1: f32,
     bias2: f32,
     max_norm: f32,
-    ema_decay: f32,
+    one_minus_decay: f32,
+    use_ema: i32,
 }
 
 // SAFETY: plain-old-data with the C layout the kernel expects.
@@ -161,6 +164,13 @@ impl Adam {
             return Err(Error::shape("adam", "gradients", params.shape(), grads.shape()));
         }
         let c = self.config;
+        if let Some(max) = c.clip.filter(|m| !(*m > 0.0 && m.is_finite())) {
+            return Err(Error::Other(format!(
+                "adam: the clipping threshold {max} must be a positive number"
+            )));
+        }
+        // The EMA runs only when both the config asks for it and the copy exists.
+        let ema_decay = c.ema.filter(|_| self.ema.is_some());
         let t = self.step + 1;
         let lr = c.lr.at(self.step);
         let (bias1, bias2) = (1.0 - c.beta1.powi(t as i32), 1.0 - c.beta2.powi(t as i32));
@@ -177,16 +187,19 @@ impl Adam {
         {
             let (pv, gv) = (params.as_view_mut()?, grads.as_view()?);
             let (mut pv, mut mv, mut vv) = (pv, self.m.as_view_mut()?, self.v.as_view_mut()?);
-            let mut ev = match &mut self.ema {
-                Some(e) => Some(e.as_view_mut()?),
-                None => None,
+            let mut ev = match (&mut self.ema, ema_decay) {
+                (Some(e), Some(_)) => Some(e.as_view_mut()?),
+                _ => None,
             };
-            one_device("adam", &[&gv], &[&pv, &mv, &vv])?;
+            match &ev {
+                Some(e) => one_device("adam", &[&gv], &[&pv, &mv, &vv, e])?,
+                None => one_device("adam", &[&gv], &[&pv, &mv, &vv])?,
+            }
             let scale = match c.clip {
                 Some(max) if grad_norm > max => max / grad_norm,
                 _ => 1.0,
             };
-            let decay = c.ema.unwrap_or(0.0);
+            let decay = ema_decay.unwrap_or(0.0);
             match (&mut pv.data, &gv.data, &mut mv.data, &mut vv.data) {
                 (DataMut::F32(p), Data::F32(g), DataMut::F32(m), DataMut::F32(v)) => {
                     let e = match ev.as_mut() {
@@ -211,11 +224,14 @@ impl Adam {
                         lr: lr as f32,
                         beta1: c.beta1 as f32,
                         beta2: c.beta2 as f32,
+                        one_minus_beta1: (1.0 - c.beta1) as f32,
+                        one_minus_beta2: (1.0 - c.beta2) as f32,
                         eps: c.eps as f32,
                         bias1: bias1 as f32,
                         bias2: bias2 as f32,
                         max_norm: c.clip.unwrap_or(0.0) as f32,
-                        ema_decay: c.ema.map_or(-1.0, |d| d as f32),
+                        one_minus_decay: (1.0 - decay) as f32,
+                        use_ema: ev.is_some() as i32,
                     };
                     let norm_view = norm_t.as_view()?;
                     let Data::Cuda(nv, _) = &norm_view.data else {
