@@ -141,22 +141,14 @@ fn linear_gradients() {
         };
         let bwd = |l: &ParamLayout, p: &[f64], x: &[f64], dy: &[f64], g: Option<&mut [f64]>| {
             let (pt, xt, dyt) = (t64(p, &[p.len()]), t64(x, &[2, 3, 7]), t64(dy, &[2, 3, 5]));
-            let mut gt = g.as_ref().map(|g| t64(g, &[g.len()]));
-            let dx = {
-                let mut gv = gt.as_mut().map(|t| t.as_view_mut().unwrap());
-                lin.backward(
-                    l,
-                    &pt.as_view().unwrap(),
-                    &xt.as_view().unwrap(),
-                    &dyt.as_view().unwrap(),
-                    gv.as_mut(),
-                )
-                .unwrap()
-            };
-            if let (Some(g), Some(gt)) = (g, gt) {
-                g.copy_from_slice(&gt.to_vec_f64().unwrap());
-            }
-            dx.to_vec_f64().unwrap()
+            with_grads(g, |gv| {
+                let (pv, xv, dv) = (
+                    pt.as_view().unwrap(),
+                    xt.as_view().unwrap(),
+                    dyt.as_view().unwrap(),
+                );
+                lin.backward(l, &pv, &xv, &dv, gv).unwrap()
+            })
         };
         Harness {
             layout: &layout,
@@ -185,22 +177,14 @@ fn conv3x3_gradients() {
         };
         let bwd = |l: &ParamLayout, p: &[f64], x: &[f64], dy: &[f64], g: Option<&mut [f64]>| {
             let (pt, xt, dyt) = (t64(p, &[p.len()]), t64(x, &x_shape), t64(dy, &y_shape));
-            let mut gt = g.as_ref().map(|g| t64(g, &[g.len()]));
-            let dx = {
-                let mut gv = gt.as_mut().map(|t| t.as_view_mut().unwrap());
-                conv.backward(
-                    l,
-                    &pt.as_view().unwrap(),
-                    &xt.as_view().unwrap(),
-                    &dyt.as_view().unwrap(),
-                    gv.as_mut(),
-                )
-                .unwrap()
-            };
-            if let (Some(g), Some(gt)) = (g, gt) {
-                g.copy_from_slice(&gt.to_vec_f64().unwrap());
-            }
-            dx.to_vec_f64().unwrap()
+            with_grads(g, |gv| {
+                let (pv, xv, dv) = (
+                    pt.as_view().unwrap(),
+                    xt.as_view().unwrap(),
+                    dyt.as_view().unwrap(),
+                );
+                conv.backward(l, &pv, &xv, &dv, gv).unwrap()
+            })
         };
         Harness {
             layout: &layout,
