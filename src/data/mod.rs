@@ -1,4 +1,5 @@
 //! Datasets and observation models of the paper's experiments.
 
 pub mod cifar10;
+pub mod fashion_mnist;
 pub mod manifold;

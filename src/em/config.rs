@@ -70,6 +70,142 @@ filter_bound = 3.0
 eval_samples = 4096
 "#;
 
+/// Corrupted CIFAR-10, quick: a small U-Net on 512 observations, minutes per lap on 2 CPU
+/// cores (method.md §7.2, scaled down; `paper` has the paper's values).
+pub const CIFAR10_QUICK: &str = r#"
+# Corrupted CIFAR-10, quick: a small U-Net and a subset, for a 2-core CPU in under 15 minutes.
+experiment = "cifar10"
+dataset = "cifar10"
+# Empty: $EMPRIOR_DATA/cifar10 or ~/.cache/emprior/cifar10 (scripts/fetch-cifar10.sh).
+data_dir = ""
+seed = 0
+# Percentage of pixels removed (25, 50 or 75 in the paper).
+corruption = 75.0
+sigma_y = 0.001
+sigma_min = 0.001
+sigma_max = 100.0
+observations = 512
+heldout = 32
+# Posterior samples averaged into each held-out posterior mean.
+heldout_samples = 4
+laps = 4
+init_observations = 512
+init_rounds = 4
+init_steps = 32
+init_rank = 32
+init_cg_iters = 16
+init_cg_rtol = 0.001
+estep_steps = 32
+estep_batch = 64
+cg_iters = 1
+prior_steps = 32
+mstep_epochs = 10
+mstep_batch = 32
+lr = 0.001
+ema = 0.99
+augment = 1
+shift = 1
+channels = "32,64"
+blocks = "1,1"
+# level:heads, comma-separated; empty for none.
+attention = ""
+emb = 64
+dropout = 0.1
+grid = 64
+# Prior samples written as PNGs for FID tools at the last lap (and every export_every laps).
+export_samples = 0
+export_every = 0
+keep_samples = 1
+"#;
+
+/// Corrupted CIFAR-10 at the paper's scale (method.md §7.2, §8, §9.2): 50,000 observations,
+/// the 57.6M-parameter U-Net, 256 epochs per lap, 32 laps.
+pub const CIFAR10_PAPER: &str = r#"
+# Corrupted CIFAR-10 at the paper's scale (GPU).
+experiment = "cifar10"
+dataset = "cifar10"
+data_dir = ""
+seed = 0
+corruption = 75.0
+sigma_y = 0.001
+sigma_min = 0.001
+sigma_max = 100.0
+observations = 50000
+heldout = 1000
+heldout_samples = 4
+laps = 32
+init_observations = 16384
+init_rounds = 16
+init_steps = 256
+init_rank = 64
+# The paper runs CG to convergence here (maxiter None).
+init_cg_iters = 128
+init_cg_rtol = 0.00001
+estep_steps = 256
+estep_batch = 256
+cg_iters = 1
+prior_steps = 256
+mstep_epochs = 256
+mstep_batch = 256
+lr = 0.0002
+ema = 0.9999
+augment = 1
+shift = 1
+channels = "128,256,384"
+blocks = "5,5,5"
+attention = "1:4"
+emb = 256
+dropout = 0.1
+grid = 64
+# 196 batches of 256, as the paper's FID protocol; export_every = 1 evaluates every lap.
+export_samples = 50176
+export_every = 0
+keep_samples = 0
+"#;
+
+/// The paper's U-Net on a GPU for a few minutes: every kernel of the real experiment, with
+/// few observations and steps, and E-step and M-step throughput to project a full lap from.
+pub const CIFAR10_SMOKE: &str = r#"
+# Corrupted CIFAR-10 smoke run: the paper's U-Net, few observations and steps (GPU, minutes).
+experiment = "cifar10"
+dataset = "cifar10"
+data_dir = ""
+seed = 0
+corruption = 75.0
+sigma_y = 0.001
+sigma_min = 0.001
+sigma_max = 100.0
+observations = 1024
+heldout = 64
+heldout_samples = 2
+laps = 1
+init_observations = 1024
+init_rounds = 2
+init_steps = 32
+init_rank = 64
+init_cg_iters = 32
+init_cg_rtol = 0.00001
+estep_steps = 16
+estep_batch = 256
+cg_iters = 1
+prior_steps = 16
+mstep_epochs = 4
+mstep_batch = 256
+lr = 0.0002
+ema = 0.9999
+augment = 1
+shift = 1
+channels = "128,256,384"
+blocks = "5,5,5"
+attention = "1:4"
+emb = 256
+dropout = 0.1
+grid = 64
+export_samples = 0
+export_every = 0
+keep_samples = 1
+"#;
+
 /// One configuration value.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
@@ -137,18 +273,33 @@ impl Config {
         let text = match (experiment, name) {
             ("manifold", "quick") => MANIFOLD_QUICK,
             ("manifold", "paper") => MANIFOLD_PAPER,
-            ("manifold", other) => {
+            ("cifar10" | "fashion-mnist", "quick") => CIFAR10_QUICK,
+            ("cifar10" | "fashion-mnist", "smoke") => CIFAR10_SMOKE,
+            ("cifar10" | "fashion-mnist", "paper") => CIFAR10_PAPER,
+            ("manifold" | "cifar10" | "fashion-mnist", other) => {
+                let known = if experiment == "manifold" {
+                    "quick or paper"
+                } else {
+                    "quick, smoke or paper"
+                };
                 return Err(Error::Other(format!(
-                    "unknown preset '{other}' for manifold (expected quick or paper)"
-                )))
+                    "unknown preset '{other}' for {experiment} (expected {known})"
+                )));
             }
             (other, _) => {
                 return Err(Error::Other(format!(
-                    "unknown experiment '{other}' (expected manifold)"
+                    "unknown experiment '{other}' (expected manifold, cifar10 or fashion-mnist)"
                 )))
             }
         };
-        Config::parse(text, &format!("preset {experiment}/{name}"))
+        let mut cfg = Config::parse(text, &format!("preset {experiment}/{name}"))?;
+        if experiment == "fashion-mnist" {
+            // The same experiment on 28 x 28 grayscale images: the CIFAR-10 presets with the
+            // dataset swapped (method.md has no Fashion-MNIST run; this is for fast runs).
+            cfg.set("experiment=fashion-mnist")?;
+            cfg.set("dataset=fashion-mnist")?;
+        }
+        Ok(cfg)
     }
 
     /// Applies `key=value`: the key must exist and the value must have its type (an integer is

@@ -2,12 +2,13 @@
 //! manifold, each seen only through a random 2 x 5 projection with noise 0.01; a TimeMLP prior
 //! learned by EM, its posterior samples compared with the ground truth each lap.
 
-use std::fmt::Write as _;
-use std::fs;
 use std::path::Path;
 use std::time::Instant;
 
-use super::{derive_seed, lap_dir, last_complete_lap, mark_done, prepare_run_dir, Config};
+use super::{
+    abort_requested, create_lap_dir, derive_seed, json_field, json_line, lap_dir, mark_done, open_run,
+    progress, read_lap_metrics, write_metrics_jsonl, Config,
+};
 use crate::data::manifold::{inside_box, observe, Manifold, DIM, OBS_DIM};
 use crate::device::Device;
 use crate::diffusion::{Denoiser, Network, Sampler, SamplerKind, VeSchedule};
@@ -44,40 +45,19 @@ pub struct LapMetrics {
 
 impl LapMetrics {
     fn to_json(&self) -> String {
-        let num = |v: f64| {
-            if v.is_finite() {
-                format!("{v}")
-            } else {
-                "null".into()
-            }
-        };
-        format!(
-            "{{\"lap\": {}, \"sinkhorn\": {}, \"sliced_wasserstein\": {}, \"kept\": {}, \"loss\": {}, \"estep_seconds\": {:.3}, \"mstep_seconds\": {:.3}}}",
-            self.lap,
-            num(self.sinkhorn),
-            num(self.sliced_wasserstein),
-            self.kept,
-            num(self.loss),
-            self.estep_seconds,
-            self.mstep_seconds
-        )
+        json_line(&[
+            ("lap", self.lap as f64),
+            ("sinkhorn", self.sinkhorn),
+            ("sliced_wasserstein", self.sliced_wasserstein),
+            ("kept", self.kept as f64),
+            ("loss", self.loss),
+            ("estep_seconds", self.estep_seconds),
+            ("mstep_seconds", self.mstep_seconds),
+        ])
     }
 
     fn from_json(line: &str) -> Result<Self> {
-        let field = |k: &str| -> Result<f64> {
-            let at = line
-                .find(&format!("\"{k}\": "))
-                .ok_or_else(|| Error::Other(format!("metrics line lacks {k}: {line}")))?;
-            let rest = &line[at + k.len() + 4..];
-            let end = rest.find([',', '}']).unwrap_or(rest.len());
-            let v = rest[..end].trim();
-            Ok(if v == "null" {
-                f64::NAN
-            } else {
-                v.parse()
-                    .map_err(|_| Error::Other(format!("bad {k} in {line}")))?
-            })
-        };
+        let field = |k: &str| json_field(line, k);
         Ok(LapMetrics {
             lap: field("lap")? as usize,
             sinkhorn: field("sinkhorn")?,
@@ -295,15 +275,6 @@ impl Setup {
     }
 }
 
-fn progress(label: &str, done: usize, total: usize, unit: &str, start: Instant) {
-    let secs = start.elapsed().as_secs_f64().max(1e-9);
-    eprintln!(
-        "  {label}: {done}/{total} {unit} ({:.0} {unit}/s, {:.1}s)",
-        done as f64 / secs,
-        secs
-    );
-}
-
 fn samples_of(samples: &[f32], bound: f64) -> Vec<f32> {
     samples
         .chunks_exact(DIM)
@@ -326,18 +297,13 @@ fn write_lap(
     metrics: &LapMetrics,
     all: &[LapMetrics],
 ) -> Result<()> {
-    let dir = lap_dir(run, lap);
-    fs::create_dir_all(&dir).map_err(|e| Error::Other(format!("cannot create {}: {e}", dir.display())))?;
+    let dir = create_lap_dir(run, lap)?;
     write_npy_f32(&dir.join("samples.npy"), &[samples.len() / DIM, DIM], samples)?;
     write_atomically(
         &dir.join("metrics.json"),
         format!("{}\n", metrics.to_json()).as_bytes(),
     )?;
-    let mut lines = String::new();
-    for m in all {
-        let _ = writeln!(lines, "{}", m.to_json());
-    }
-    write_atomically(&run.join("metrics.jsonl"), lines.as_bytes())?;
+    write_metrics_jsonl(run, all.iter().map(LapMetrics::to_json))?;
     crate::io::plot::pair_plot(&dir.join("pairs.png"), samples, truth, DIM)?;
     let series = |f: fn(&LapMetrics) -> f64| all.iter().map(|m| (m.lap, f(m))).collect::<Vec<_>>();
     crate::io::plot::curves(
@@ -347,33 +313,9 @@ fn write_lap(
     )
 }
 
-/// For tests of resuming: `EMPRIOR_ABORT_LAP=k` stops the run with an error after lap k's
-/// E-step, before anything of lap k is written (as a kill mid-lap would).
-fn abort_requested(lap: usize) -> Result<()> {
-    if std::env::var("EMPRIOR_ABORT_LAP")
-        .ok()
-        .and_then(|v| v.parse::<usize>().ok())
-        == Some(lap)
-    {
-        return Err(Error::Other(format!(
-            "aborted during lap {lap} (EMPRIOR_ABORT_LAP)"
-        )));
-    }
-    Ok(())
-}
-
 /// Runs (or, with `resume`, continues) the manifold EM in `run`; returns every lap's metrics.
 pub fn run_manifold(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Result<Vec<LapMetrics>> {
-    prepare_run_dir(run)?;
-    let done = if resume { last_complete_lap(run) } else { None };
-    if !resume && last_complete_lap(run).is_some() {
-        return Err(Error::Other(format!(
-            "{} already holds a run; pass --resume {} to continue it, or choose another --out",
-            run.display(),
-            run.display()
-        )));
-    }
-    write_atomically(&run.join("config.toml"), cfg.to_toml().as_bytes())?;
+    let done = open_run(cfg, run, resume)?;
     let setup = Setup::new(cfg)?;
     let pc = SamplerKind::Pc {
         corrections: cfg.count("pc_corrections")?,
@@ -390,14 +332,7 @@ pub fn run_manifold(cfg: &Config, run: &Path, device: &Device, resume: bool) -> 
             )))
         }
     };
-    let mut all: Vec<LapMetrics> = Vec::new();
-    for k in 0..=done.unwrap_or(0).min(laps) {
-        if done.is_some() {
-            let text = fs::read_to_string(lap_dir(run, k).join("metrics.json"))
-                .map_err(|e| Error::Other(format!("lap {k} of {} is marked done but: {e}", run.display())))?;
-            all.push(LapMetrics::from_json(text.trim())?);
-        }
-    }
+    let mut all = read_lap_metrics(run, done.map(|k| k.min(laps)), LapMetrics::from_json)?;
 
     // Lap 0: the Gaussian prior fitted by EM, and the posterior samples under it.
     let (mut samples, mut params) = match done {
@@ -522,9 +457,7 @@ pub fn run_manifold(cfg: &Config, run: &Path, device: &Device, resume: bool) -> 
             ("sigma_max".to_string(), setup.schedule.sigma_max.to_string()),
         ])
         .collect();
-        let dir = lap_dir(run, lap);
-        fs::create_dir_all(&dir)
-            .map_err(|e| Error::Other(format!("cannot create {}: {e}", dir.display())))?;
+        let dir = create_lap_dir(run, lap)?;
         save_checkpoint(
             &dir.join("checkpoint.safetensors"),
             &setup.network,

@@ -8,13 +8,17 @@
 //! uninterrupted one bit for bit.
 
 pub mod config;
+pub mod images;
 pub mod manifold;
 
 pub use config::Config;
+pub use images::{run_images, ImageLapMetrics};
 pub use manifold::{run_manifold, LapMetrics};
 
+use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
+use std::time::Instant;
 
 use crate::error::{Error, Result};
 
@@ -63,4 +67,106 @@ pub fn prepare_run_dir(run: &Path) -> Result<()> {
 /// Marks a lap complete (the last write of a lap).
 pub fn mark_done(run: &Path, lap: usize) -> Result<()> {
     crate::io::write_atomically(&lap_dir(run, lap).join("DONE"), b"complete\n")
+}
+
+/// Opens the run directory of a fresh run or a resumed one and writes its config.toml; returns
+/// the last lap with a DONE marker when resuming. A fresh run refuses a directory that already
+/// holds laps.
+pub fn open_run(cfg: &Config, run: &Path, resume: bool) -> Result<Option<usize>> {
+    prepare_run_dir(run)?;
+    if !resume && last_complete_lap(run).is_some() {
+        return Err(Error::Other(format!(
+            "{} already holds a run; pass --resume {} to continue it, or choose another --out",
+            run.display(),
+            run.display()
+        )));
+    }
+    crate::io::write_atomically(&run.join("config.toml"), cfg.to_toml().as_bytes())?;
+    Ok(if resume { last_complete_lap(run) } else { None })
+}
+
+/// Reads back the metrics.json of laps 0..=last (for a resumed run's metrics.jsonl).
+pub fn read_lap_metrics<M>(run: &Path, last: Option<usize>, parse: fn(&str) -> Result<M>) -> Result<Vec<M>> {
+    let Some(last) = last else {
+        return Ok(Vec::new());
+    };
+    (0..=last)
+        .map(|k| {
+            let path = lap_dir(run, k).join("metrics.json");
+            let text = fs::read_to_string(&path)
+                .map_err(|e| Error::Other(format!("lap {k} is marked done but {}: {e}", path.display())))?;
+            parse(text.trim())
+        })
+        .collect()
+}
+
+/// One JSON object on one line from (key, number) pairs; non-finite numbers become null.
+pub fn json_line(fields: &[(&str, f64)]) -> String {
+    let mut s = String::from("{");
+    for (i, (k, v)) in fields.iter().enumerate() {
+        let sep = if i == 0 { "" } else { ", " };
+        if v.is_finite() {
+            let _ = write!(s, "{sep}\"{k}\": {v}");
+        } else {
+            let _ = write!(s, "{sep}\"{k}\": null");
+        }
+    }
+    s.push('}');
+    s
+}
+
+/// The number stored under `key` in a line written by [`json_line`] (null reads as NaN).
+pub fn json_field(line: &str, key: &str) -> Result<f64> {
+    let tag = format!("\"{key}\": ");
+    let at = line
+        .find(&tag)
+        .ok_or_else(|| Error::Other(format!("metrics line lacks {key}: {line}")))?;
+    let rest = &line[at + tag.len()..];
+    let v = rest[..rest.find([',', '}']).unwrap_or(rest.len())].trim();
+    if v == "null" {
+        return Ok(f64::NAN);
+    }
+    v.parse()
+        .map_err(|_| Error::Other(format!("bad {key} in {line}")))
+}
+
+/// Writes every lap's metrics as metrics.jsonl in the run directory.
+pub fn write_metrics_jsonl(run: &Path, lines: impl Iterator<Item = String>) -> Result<()> {
+    let mut text = String::new();
+    for l in lines {
+        let _ = writeln!(text, "{l}");
+    }
+    crate::io::write_atomically(&run.join("metrics.jsonl"), text.as_bytes())
+}
+
+/// A progress line on stderr with the rate so far.
+pub fn progress(label: &str, done: usize, total: usize, unit: &str, start: Instant) {
+    let secs = start.elapsed().as_secs_f64().max(1e-9);
+    eprintln!(
+        "  {label}: {done}/{total} {unit} ({:.1} {unit}/s, {:.1}s)",
+        done as f64 / secs,
+        secs
+    );
+}
+
+/// For tests of resuming: `EMPRIOR_ABORT_LAP=k` stops the run with an error after lap k's
+/// E-step, before anything of lap k is written (as a kill mid-lap would).
+pub fn abort_requested(lap: usize) -> Result<()> {
+    if std::env::var("EMPRIOR_ABORT_LAP")
+        .ok()
+        .and_then(|v| v.parse::<usize>().ok())
+        == Some(lap)
+    {
+        return Err(Error::Other(format!(
+            "aborted during lap {lap} (EMPRIOR_ABORT_LAP)"
+        )));
+    }
+    Ok(())
+}
+
+/// Creates a lap's directory.
+pub fn create_lap_dir(run: &Path, lap: usize) -> Result<PathBuf> {
+    let dir = lap_dir(run, lap);
+    fs::create_dir_all(&dir).map_err(|e| Error::Other(format!("cannot create {}: {e}", dir.display())))?;
+    Ok(dir)
 }

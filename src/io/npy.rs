@@ -1,4 +1,4 @@
-//! NumPy `.npy` files (format 1.0 and 2.0), f32 and f64, C order: what users already have for
+//! NumPy `.npy` files (format 1.0 and 2.0), f32, f64 and u8 (masks), C order: what users already have for
 //! observations, operators, masks and samples. Anything else (another dtype, Fortran order, a
 //! big-endian array, a wrong rank) is an error that names the file and what was expected.
 
@@ -15,7 +15,7 @@ const MAGIC: &[u8] = b"\x93NUMPY";
 pub struct NpyArray {
     pub shape: Vec<usize>,
     pub data: Vec<f64>,
-    /// The dtype in the file: "f4" or "f8".
+    /// The dtype in the file: "f4", "f8" or "u1".
     pub dtype: &'static str,
 }
 
@@ -43,7 +43,7 @@ fn bad(path: &Path, why: impl std::fmt::Display) -> Error {
     Error::Other(format!("{}: {why}", path.display()))
 }
 
-/// Reads a `.npy` file of f32 or f64 values in C order.
+/// Reads a `.npy` file of f32, f64 or u8 values in C order.
 pub fn read_npy(path: &Path) -> Result<NpyArray> {
     let bytes = fs::read(path).map_err(|e| bad(path, format!("cannot read: {e}")))?;
     if bytes.len() < 10 || &bytes[..6] != MAGIC {
@@ -70,11 +70,13 @@ pub fn read_npy(path: &Path) -> Result<NpyArray> {
         ("f4", 4)
     } else if descr.starts_with("'<f8'") || descr.starts_with("'=f8'") {
         ("f8", 8)
+    } else if descr.starts_with("'|u1'") {
+        ("u1", 1)
     } else {
         let shown: String = descr.chars().take_while(|&c| c != ',').collect();
         return Err(bad(
             path,
-            format!("dtype {shown} is not supported (expected little-endian float32 '<f4' or float64 '<f8')"),
+            format!("dtype {shown} is not supported (expected little-endian float32 '<f4', float64 '<f8' or uint8 '|u1')"),
         ));
     };
     if field("fortran_order")?.starts_with("True") {
@@ -107,6 +109,7 @@ pub fn read_npy(path: &Path) -> Result<NpyArray> {
         ));
     }
     let data = match width {
+        1 => body.iter().map(|&b| b as f64).collect(),
         4 => body
             .chunks_exact(4)
             .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
@@ -144,6 +147,14 @@ pub fn write_npy_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
     check_len(path, shape, data.len())?;
     let mut out = header("<f4", shape);
     out.extend(data.iter().flat_map(|v| v.to_le_bytes()));
+    write_atomically(path, &out)
+}
+
+/// Writes bytes (C order, dtype uint8) atomically: masks.
+pub fn write_npy_u8(path: &Path, shape: &[usize], data: &[u8]) -> Result<()> {
+    check_len(path, shape, data.len())?;
+    let mut out = header("|u1", shape);
+    out.extend_from_slice(data);
     write_atomically(path, &out)
 }
 

@@ -237,3 +237,32 @@ pub fn image_grid(
     }
     canvas.save(path)
 }
+
+/// One image [h, w, c] of bytes (c = 1 grayscale, c = 3 RGB) as a PNG of its own size: one file
+/// per sample in a directory is the layout FID tools (torch-fidelity, pytorch-fid, clean-fid)
+/// read.
+pub fn save_image(path: &Path, image: &[u8], h: usize, w: usize, c: usize) -> Result<()> {
+    let color = match c {
+        1 => png::ColorType::Grayscale,
+        3 => png::ColorType::Rgb,
+        _ => {
+            return Err(Error::Other(format!(
+                "{}: {c} channels cannot be a PNG here",
+                path.display()
+            )))
+        }
+    };
+    if image.len() != h * w * c {
+        return Err(Error::shape("save_image", "image", [h, w, c], image.len()));
+    }
+    let mut bytes = Vec::new();
+    {
+        let mut enc = png::Encoder::new(&mut bytes, w as u32, h as u32);
+        enc.set_color(color);
+        enc.set_depth(png::BitDepth::Eight);
+        let err = |e: png::EncodingError| Error::Other(format!("encoding {}: {e}", path.display()));
+        let mut wr = enc.write_header().map_err(err)?;
+        wr.write_image_data(image).map_err(err)?;
+    }
+    write_atomically(path, &bytes)
+}

@@ -1,0 +1,967 @@
+//! The corrupted-image experiments (method.md §7.2, §8, §9.2): CIFAR-10 (or Fashion-MNIST, the
+//! grayscale option for fast runs, or a directory of PNGs) seen only through a Bernoulli pixel
+//! mask per image, shared by the channels, with noise sigma_y on every entry. A U-Net prior is
+//! learned by EM:
+//! - lap 0: a Gaussian prior (PPCA, rank 64) fitted by EM with exact Gaussian MMPS and DDIM,
+//!   then a posterior sample of every observation under it;
+//! - lap k: an M-step (warm start from the previous EMA weights, fresh Adam, constant learning
+//!   rate, dropout, EMA, flips and reflect-padded shifts, shuffled epochs), then the E-step:
+//!   DDPM with MMPS (the Tweedie covariance through VJPs, 1 CG iteration), started at the mean of
+//!   the previous samples.
+//!
+//! Each lap measures the PSNR and SSIM of held-out posterior means (the average of several
+//! posterior samples of masked test images) against the clean images, and writes PNG grids of
+//! the observations, the posterior samples, the held-out reconstructions and prior samples.
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use super::{
+    abort_requested, create_lap_dir, derive_seed, json_field, json_line, lap_dir, mark_done, open_run,
+    progress, read_lap_metrics, write_metrics_jsonl, Config,
+};
+use crate::data::cifar10;
+use crate::device::Device;
+use crate::diffusion::sampler::Denoise;
+use crate::diffusion::{Denoiser, Network, Sampler, SamplerKind, VeSchedule};
+use crate::error::{Error, Result};
+use crate::gaussian::{ppca_randomized, Dplr, Gaussian};
+use crate::io::plot::{image_grid, save_image};
+use crate::io::{load_checkpoint, read_npy, save_checkpoint, write_atomically, write_npy_f32, write_npy_u8};
+use crate::metrics::{psnr, ssim};
+use crate::nn::{UNet, UNetConfig};
+use crate::ops::Philox;
+use crate::posterior::{CgConfig, Covariance, MaskOperator, Mmps, NetworkPrior, ObservationNoise, Prior};
+use crate::tensor::{AsView, DType, Tensor};
+use crate::train::augment::flip_shift;
+use crate::train::{AdamConfig, LrSchedule, Trainer};
+
+/// Purposes for `derive_seed`.
+const SEED_INIT: u64 = 1;
+const SEED_ESTEP: u64 = 2;
+const SEED_MSTEP: u64 = 3;
+const SEED_PARAMS: u64 = 4;
+const SEED_HELDOUT: u64 = 5;
+const SEED_PRIOR: u64 = 6;
+const SEED_PPCA: u64 = 7;
+const SEED_EXPORT: u64 = 8;
+const SEED_MASKS: u64 = 11;
+const SEED_NOISE: u64 = 12;
+const SEED_HELDOUT_MASKS: u64 = 13;
+const SEED_HELDOUT_NOISE: u64 = 14;
+
+/// The dynamic range of the model's pixel scale [-2, 2).
+const RANGE: f64 = 4.0;
+
+/// What one lap measured; one line of metrics.jsonl.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ImageLapMetrics {
+    pub lap: usize,
+    /// PSNR (dB) of the held-out posterior means against the clean images.
+    pub psnr: f64,
+    /// SSIM of the held-out posterior means against the clean images.
+    pub ssim: f64,
+    /// PSNR of the training posterior samples (one per observation) against the clean images.
+    pub sample_psnr: f64,
+    /// Mean DSM loss over the M-step's last epoch (NaN for lap 0).
+    pub loss: f64,
+    pub estep_seconds: f64,
+    pub mstep_seconds: f64,
+    /// E-step throughput: observations times sampler steps per second.
+    pub estep_image_steps_per_s: f64,
+    /// M-step throughput: training images per second (NaN for lap 0).
+    pub mstep_images_per_s: f64,
+}
+
+impl ImageLapMetrics {
+    fn to_json(&self) -> String {
+        json_line(&[
+            ("lap", self.lap as f64),
+            ("psnr", self.psnr),
+            ("ssim", self.ssim),
+            ("sample_psnr", self.sample_psnr),
+            ("loss", self.loss),
+            ("estep_seconds", self.estep_seconds),
+            ("mstep_seconds", self.mstep_seconds),
+            ("estep_image_steps_per_s", self.estep_image_steps_per_s),
+            ("mstep_images_per_s", self.mstep_images_per_s),
+        ])
+    }
+
+    fn from_json(line: &str) -> Result<Self> {
+        let field = |k: &str| json_field(line, k);
+        Ok(ImageLapMetrics {
+            lap: field("lap")? as usize,
+            psnr: field("psnr")?,
+            ssim: field("ssim")?,
+            sample_psnr: field("sample_psnr")?,
+            loss: field("loss")?,
+            estep_seconds: field("estep_seconds")?,
+            mstep_seconds: field("mstep_seconds")?,
+            estep_image_steps_per_s: field("estep_image_steps_per_s")?,
+            mstep_images_per_s: field("mstep_images_per_s")?,
+        })
+    }
+
+    /// The one-line summary printed per lap.
+    pub fn summary(&self) -> String {
+        let loss = if self.loss.is_finite() {
+            format!("{:.4}", self.loss)
+        } else {
+            "-".into()
+        };
+        format!(
+            "lap {:>3} | held-out PSNR {:.2} dB SSIM {:.4} | sample PSNR {:.2} dB | loss {loss} | E-step {:.1}s ({:.1} image-steps/s) | M-step {:.1}s ({:.1} images/s)",
+            self.lap,
+            self.psnr,
+            self.ssim,
+            self.sample_psnr,
+            self.estep_seconds,
+            self.estep_image_steps_per_s,
+            self.mstep_seconds,
+            self.mstep_images_per_s
+        )
+    }
+}
+
+/// Masked, noisy observations of a set of images.
+struct Observations {
+    /// y = mask * x + sigma_y * noise, [n, h * w * c].
+    y: Vec<f32>,
+    /// 1 = observed, one per pixel (shared by the channels), [n, h * w].
+    masks: Vec<f32>,
+    /// The clean images (for evaluation only), [n, h * w * c].
+    clean: Vec<f32>,
+    n: usize,
+}
+
+impl Observations {
+    fn new(clean: Vec<f32>, masks: Vec<f32>, per: usize, sigma_y: f64, noise_seed: u64) -> Self {
+        let n = clean.len() / per;
+        let pixels = masks.len() / n;
+        let channels = per / pixels;
+        let mut noise = vec![0.0f32; clean.len()];
+        Philox::new(noise_seed, 0).fill_normal(0, &mut noise);
+        let y = clean
+            .iter()
+            .zip(&noise)
+            .enumerate()
+            .map(|(i, (&x, &z))| masks[i / channels] * x + sigma_y as f32 * z)
+            .collect();
+        Observations { y, masks, clean, n }
+    }
+
+    /// The observations as images to look at: the noisy values where observed, 0 (mid grey)
+    /// where not.
+    fn shown(&self, count: usize, per: usize) -> Vec<f32> {
+        let channels = per / (self.masks.len() / self.n);
+        self.y[..count * per]
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| v * self.masks[i / channels])
+            .collect()
+    }
+}
+
+/// The clean images of a run: [n, h, w, c] in the model's range, and the held-out ones (moved
+/// into the observations once those are made).
+struct Dataset {
+    h: usize,
+    w: usize,
+    c: usize,
+    train: Vec<f32>,
+    heldout: Vec<f32>,
+}
+
+impl Dataset {
+    fn per(&self) -> usize {
+        self.h * self.w * self.c
+    }
+
+    fn load(cfg: &Config) -> Result<Self> {
+        let n = cfg.count("observations")?;
+        let held = cfg.count("heldout")?;
+        let dir = cfg.string("data_dir")?;
+        let dataset = cfg.string("dataset")?;
+        let pick = |bytes: Vec<u8>, count: usize, per: usize, what: &str| -> Result<Vec<f32>> {
+            let have = bytes.len() / per;
+            if have < count {
+                return Err(Error::Other(format!(
+                    "{dataset}: {count} {what} images asked for, the split has {have}"
+                )));
+            }
+            Ok(cifar10::to_model(&bytes[..count * per]))
+        };
+        match dataset.as_str() {
+            "cifar10" => {
+                let dir = if dir.is_empty() {
+                    cifar10::default_dir()
+                } else {
+                    PathBuf::from(dir)
+                };
+                let per = cifar10::IMAGE;
+                Ok(Dataset {
+                    h: cifar10::SIDE,
+                    w: cifar10::SIDE,
+                    c: cifar10::CHANNELS,
+                    train: pick(cifar10::read_split(&dir, true)?, n, per, "training")?,
+                    heldout: pick(cifar10::read_split(&dir, false)?, held, per, "test")?,
+                })
+            }
+            "fashion-mnist" => {
+                use crate::data::fashion_mnist as fm;
+                let dir = if dir.is_empty() {
+                    fm::default_dir()
+                } else {
+                    PathBuf::from(dir)
+                };
+                Ok(Dataset {
+                    h: fm::SIDE,
+                    w: fm::SIDE,
+                    c: fm::CHANNELS,
+                    train: pick(fm::read_split(&dir, true)?, n, fm::IMAGE, "training")?,
+                    heldout: pick(fm::read_split(&dir, false)?, held, fm::IMAGE, "test")?,
+                })
+            }
+            // A directory of 32 x 32 RGB PNGs (such as tests/fixtures/cifar10): the first
+            // `observations` files in name order are observed, the next `heldout` held out.
+            "png-dir" => {
+                let mut files: Vec<PathBuf> = fs::read_dir(&dir)
+                    .map_err(|e| Error::Other(format!("data_dir {dir}: {e}")))?
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .filter(|p| p.extension().is_some_and(|x| x == "png"))
+                    .collect();
+                files.sort();
+                if files.len() < n + held {
+                    return Err(Error::Other(format!(
+                        "data_dir {dir} holds {} PNGs; observations + heldout = {}",
+                        files.len(),
+                        n + held
+                    )));
+                }
+                Ok(Dataset {
+                    h: cifar10::SIDE,
+                    w: cifar10::SIDE,
+                    c: cifar10::CHANNELS,
+                    train: cifar10::to_model(&cifar10::read_images(&files[..n])?),
+                    heldout: cifar10::to_model(&cifar10::read_images(&files[n..n + held])?),
+                })
+            }
+            other => Err(Error::Other(format!(
+                "dataset = '{other}' (expected cifar10, fashion-mnist or png-dir)"
+            ))),
+        }
+    }
+}
+
+fn parse_list(cfg: &Config, key: &str) -> Result<Vec<usize>> {
+    let text = cfg.string(key)?;
+    text.split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| {
+            s.trim()
+                .parse()
+                .map_err(|_| Error::Other(format!("{key} = '{text}' is not a list of integers")))
+        })
+        .collect()
+}
+
+/// The U-Net of the configuration, for images of h x w x c.
+fn network(cfg: &Config, h: usize, w: usize, c: usize) -> Result<Network> {
+    let attention = cfg
+        .string("attention")?
+        .split(',')
+        .filter(|s| !s.trim().is_empty())
+        .map(|s| {
+            let parsed = s
+                .split_once(':')
+                .and_then(|(l, h)| Some((l.trim().parse().ok()?, h.trim().parse().ok()?)));
+            parsed.ok_or_else(|| Error::Other(format!("attention = '{s}': expected level:heads, e.g. 1:4")))
+        })
+        .collect::<Result<Vec<(usize, usize)>>>()?;
+    let config = UNetConfig {
+        in_channels: c,
+        out_channels: c,
+        channels: parse_list(cfg, "channels")?,
+        blocks: parse_list(cfg, "blocks")?,
+        attention,
+        emb: cfg.count("emb")?,
+        dropout: cfg.float("dropout")? as f32,
+        patch: 1,
+        resolution: (h, w),
+    };
+    Ok(Network::UNet(UNet::new(config)?))
+}
+
+/// Everything fixed for a run.
+struct Setup {
+    cfg: Config,
+    seed: u64,
+    data: Dataset,
+    train: Observations,
+    heldout: Observations,
+    schedule: VeSchedule,
+    network: Network,
+    noise: ObservationNoise,
+}
+
+impl Setup {
+    /// Loads the data and makes (or, when the run directory has them, reads back) the masks.
+    fn new(cfg: &Config, run: &Path) -> Result<Self> {
+        let seed = cfg.int("seed")? as u64;
+        let mut data = Dataset::load(cfg)?;
+        let removed = cfg.float("corruption")? / 100.0;
+        if !(0.0..1.0).contains(&removed) {
+            return Err(Error::Other(format!(
+                "corruption = {} is not a percentage of pixels removed in [0, 100)",
+                removed * 100.0
+            )));
+        }
+        let sigma_y = cfg.float("sigma_y")?;
+        let (per, pixels) = (data.per(), data.h * data.w);
+        let masks = |name: &str, n: usize, purpose: u64| -> Result<Vec<f32>> {
+            let path = run.join(name);
+            if path.is_file() {
+                let saved = read_npy(&path)?;
+                if saved.shape != [n, data.h, data.w] {
+                    return Err(Error::Other(format!(
+                        "{}: shape {:?}, expected [{n}, {}, {}] for this configuration",
+                        path.display(),
+                        saved.shape,
+                        data.h,
+                        data.w
+                    )));
+                }
+                return Ok(saved.to_f32());
+            }
+            let m = cifar10::pixel_masks(n, removed, derive_seed(seed, 0, purpose));
+            let bytes: Vec<u8> = m.iter().map(|&v| v as u8).collect();
+            write_npy_u8(&path, &[n, data.h, data.w], &bytes)?;
+            Ok(m)
+        };
+        let n = data.train.len() / per;
+        let held = data.heldout.len() / per;
+        if n == 0 || held == 0 {
+            return Err(Error::Other("observations and heldout must be positive".into()));
+        }
+        let train_masks = masks("masks.npy", n, SEED_MASKS)?;
+        let held_masks = masks("heldout-masks.npy", held, SEED_HELDOUT_MASKS)?;
+        debug_assert_eq!(train_masks.len(), n * pixels);
+        let train = Observations::new(
+            std::mem::take(&mut data.train),
+            train_masks,
+            per,
+            sigma_y,
+            derive_seed(seed, 0, SEED_NOISE),
+        );
+        let heldout = Observations::new(
+            std::mem::take(&mut data.heldout),
+            held_masks,
+            per,
+            sigma_y,
+            derive_seed(seed, 0, SEED_HELDOUT_NOISE),
+        );
+        let network = network(cfg, data.h, data.w, data.c)?;
+        Ok(Setup {
+            seed,
+            train,
+            heldout,
+            schedule: VeSchedule::new(cfg.float("sigma_min")?, cfg.float("sigma_max")?),
+            network,
+            noise: ObservationNoise::Scalar(sigma_y * sigma_y),
+            data,
+            cfg: cfg.clone(),
+        })
+    }
+
+    fn image_shape(&self, rows: usize) -> [usize; 4] {
+        [rows, self.data.h, self.data.w, self.data.c]
+    }
+
+    /// Posterior samples [n, h * w * c] of `obs` under `prior`, in batches of `estep_batch`.
+    #[allow(clippy::too_many_arguments)]
+    fn e_step<P: Prior>(
+        &self,
+        prior: &P,
+        covariance: &Covariance,
+        obs: &Observations,
+        mean: &Tensor,
+        kind: SamplerKind,
+        steps: usize,
+        cg: CgConfig,
+        seed: u64,
+        device: &Device,
+        label: &str,
+    ) -> Result<Vec<f32>> {
+        let batch = self.cfg.count("estep_batch")?.max(1);
+        let (per, pixels) = (self.data.per(), self.data.h * self.data.w);
+        let mean = mean.as_view()?;
+        let mut out = Vec::with_capacity(obs.n * per);
+        let start = Instant::now();
+        for (chunk, first) in (0..obs.n).step_by(batch).enumerate() {
+            let rows = batch.min(obs.n - first);
+            let y = Tensor::from_f32(&obs.y[first * per..(first + rows) * per], &[rows, per], device)?;
+            let op = MaskOperator::from_pixel_mask(
+                &obs.masks[first * pixels..(first + rows) * pixels],
+                rows,
+                pixels,
+                self.data.c,
+                DType::F32,
+                device,
+            )?;
+            let mut mmps = Mmps::new(prior, &op, &y, &self.noise, cg);
+            mmps.covariance = covariance.clone();
+            let sampler = Sampler {
+                kind,
+                steps,
+                schedule: self.schedule,
+                rng: Philox::new(seed, chunk as u64),
+            };
+            let x = sampler.sample(
+                &mut mmps,
+                &self.image_shape(rows),
+                Some(&mean),
+                DType::F32,
+                device,
+            )?;
+            out.extend(x.to_vec_f32()?);
+            progress(label, first + rows, obs.n, "images", start);
+        }
+        Ok(out)
+    }
+
+    /// Samples of the prior itself (DDIM from mean + sigma_max z), for grids and FID export.
+    fn prior_samples(
+        &self,
+        den: &mut impl Denoise,
+        count: usize,
+        mean: &Tensor,
+        seed: u64,
+        device: &Device,
+    ) -> Result<Vec<f32>> {
+        let batch = self.cfg.count("estep_batch")?.max(1);
+        let mean = mean.as_view()?;
+        let mut out = Vec::with_capacity(count * self.data.per());
+        for (chunk, first) in (0..count).step_by(batch).enumerate() {
+            let rows = batch.min(count - first);
+            let sampler = Sampler {
+                kind: SamplerKind::Ddim,
+                steps: self.cfg.count("prior_steps")?,
+                schedule: self.schedule,
+                rng: Philox::new(seed, chunk as u64),
+            };
+            out.extend(
+                sampler
+                    .sample(den, &self.image_shape(rows), Some(&mean), DType::F32, device)?
+                    .to_vec_f32()?,
+            );
+        }
+        Ok(out)
+    }
+
+    /// Posterior means of the held-out observations (the average of `heldout_samples` posterior
+    /// samples each) and the first of those samples.
+    fn heldout_means<P: Prior>(
+        &self,
+        prior: &P,
+        covariance: &Covariance,
+        mean: &Tensor,
+        seed: u64,
+        device: &Device,
+        lap: usize,
+    ) -> Result<(Vec<f32>, Vec<f32>)> {
+        let repeats = self.cfg.count("heldout_samples")?.max(1);
+        let mut sum = vec![0.0f64; self.heldout.y.len()];
+        let mut first = Vec::new();
+        for r in 0..repeats {
+            let x = self.e_step(
+                prior,
+                covariance,
+                &self.heldout,
+                mean,
+                SamplerKind::Ddpm,
+                self.cfg.count("estep_steps")?,
+                self.estep_cg()?,
+                derive_seed(seed, r, SEED_HELDOUT),
+                device,
+                &format!("lap {lap} held-out {}/{repeats}", r + 1),
+            )?;
+            for (s, v) in sum.iter_mut().zip(&x) {
+                *s += *v as f64;
+            }
+            if r == 0 {
+                first = x;
+            }
+        }
+        let means = sum.iter().map(|s| (s / repeats as f64) as f32).collect();
+        Ok((means, first))
+    }
+
+    fn estep_cg(&self) -> Result<CgConfig> {
+        Ok(CgConfig {
+            max_iters: self.cfg.count("cg_iters")?,
+            rtol: None,
+        })
+    }
+
+    /// DSM training from `params` on the posterior samples: shuffled epochs (the last partial
+    /// batch dropped), flips and shifts, a fresh Adam with EMA. Returns the EMA weights, the mean
+    /// loss of the last epoch and the training images per second.
+    fn m_step(
+        &self,
+        params: Tensor,
+        samples: &[f32],
+        seed: u64,
+        device: &Device,
+        lap: usize,
+    ) -> Result<(Tensor, f64, f64)> {
+        let per = self.data.per();
+        let n = samples.len() / per;
+        let batch = self.cfg.count("mstep_batch")?;
+        let epochs = self.cfg.count("mstep_epochs")?;
+        if batch == 0 || batch > n {
+            return Err(Error::Other(format!(
+                "mstep_batch = {batch} must be between 1 and the {n} posterior samples"
+            )));
+        }
+        let ema = self.cfg.float("ema")?;
+        let config = AdamConfig {
+            ema: (ema > 0.0).then_some(ema),
+            ..AdamConfig::new(LrSchedule::Constant(self.cfg.float("lr")?))
+        };
+        let shift = self.cfg.count("shift")?;
+        let augment = self.cfg.int("augment")? != 0;
+        let den = Denoiser::new(self.network.clone());
+        let mut trainer = Trainer::new(den, params, config, self.schedule, seed)?;
+        let per_epoch = n / batch;
+        let total = epochs * per_epoch;
+        let mut order: Vec<usize> = (0..n).collect();
+        let mut keys = vec![0.0f32; n];
+        let mut x = vec![0.0f32; batch * per];
+        let (mut epoch_loss, mut step) = (f64::NAN, 0usize);
+        let start = Instant::now();
+        for epoch in 0..epochs {
+            // A fresh permutation per epoch: sort by Philox keys (ties by index).
+            Philox::new(seed, 0x5bf1).fill_uniform((epoch * n) as u64, &mut keys);
+            order.sort_by(|&a, &b| keys[a].total_cmp(&keys[b]).then(a.cmp(&b)));
+            let mut sum = 0.0;
+            for chunk in order.chunks_exact(batch) {
+                for (k, &i) in chunk.iter().enumerate() {
+                    x[k * per..(k + 1) * per].copy_from_slice(&samples[i * per..(i + 1) * per]);
+                }
+                let xt = Tensor::from_f32(&x, &self.image_shape(batch), device)?;
+                let xt = if augment {
+                    flip_shift(
+                        &xt.as_view()?,
+                        shift,
+                        Philox::new(derive_seed(seed, 0, 0xa06), step as u64),
+                    )?
+                } else {
+                    xt
+                };
+                let st = trainer
+                    .step(&xt.as_view()?)
+                    .map_err(|e| Error::Other(format!("lap {lap}, M-step {step}: {e}")))?;
+                if !st.loss.is_finite() {
+                    return Err(Error::Other(format!(
+                        "lap {lap}, M-step {step}: the loss is {} (lower lr, or check the samples)",
+                        st.loss
+                    )));
+                }
+                sum += st.loss;
+                step += 1;
+                if step % 50 == 0 || step == total {
+                    progress(&format!("lap {lap} M-step"), step, total, "steps", start);
+                }
+            }
+            epoch_loss = sum / per_epoch as f64;
+        }
+        let rate = (total * batch) as f64 / start.elapsed().as_secs_f64().max(1e-9);
+        Ok((trainer.weights().to_device(device)?, epoch_loss, rate))
+    }
+
+    /// Writes the grids of a lap: the observations (lap 0), their posterior samples, the
+    /// held-out reconstructions (observation, a sample, the posterior mean, the clean image per
+    /// row) and prior samples.
+    fn write_grids(
+        &self,
+        dir: &Path,
+        samples: &[f32],
+        held_first: &[f32],
+        held_means: &[f32],
+        prior: &[f32],
+    ) -> Result<()> {
+        let (h, w, c, per) = (self.data.h, self.data.w, self.data.c, self.data.per());
+        let g = self.cfg.count("grid")?.min(self.train.n);
+        let cols = (g as f64).sqrt().ceil() as usize;
+        let grid = |name: &str, x: &[f32], cols: usize| {
+            image_grid(&dir.join(name), &cifar10::to_bytes(x), h, w, c, cols, 2)
+        };
+        grid("observations.png", &self.train.shown(g, per), cols)?;
+        grid("posterior.png", &samples[..g * per], cols)?;
+        grid("prior.png", prior, (prior.len() / per).max(1).isqrt().max(1))?;
+        let rows = self.heldout.n.min(16);
+        let shown = self.heldout.shown(rows, per);
+        let mut table = Vec::with_capacity(rows * 4 * per);
+        for i in 0..rows {
+            for part in [&shown[..], held_first, held_means, &self.heldout.clean[..]] {
+                table.extend(part[i * per..(i + 1) * per].iter().map(|v| v.clamp(-2.0, 2.0)));
+            }
+        }
+        grid("heldout.png", &table, 4)
+    }
+
+    /// PSNR and SSIM of the held-out posterior means, and PSNR of the training samples.
+    fn scores(&self, held_means: &[f32], samples: &[f32]) -> (f64, f64, f64) {
+        let clamp = |x: &[f32]| x.iter().map(|&v| (v as f64).clamp(-2.0, 2.0)).collect::<Vec<_>>();
+        let widen = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
+        let (means, clean) = (clamp(held_means), widen(&self.heldout.clean));
+        let per = self.data.per();
+        (
+            psnr(&means, &clean, per, RANGE),
+            ssim(&means, &clean, self.data.h, self.data.w, self.data.c, RANGE),
+            psnr(&clamp(samples), &widen(&self.train.clean), per, RANGE),
+        )
+    }
+
+    /// Column means of samples [n, per] (the sampler's starting mean).
+    fn mean_of(&self, samples: &[f32], device: &Device) -> Result<Tensor> {
+        let per = self.data.per();
+        let n = samples.len() / per;
+        let mut m = vec![0.0f64; per];
+        for row in samples.chunks_exact(per) {
+            for (a, &v) in m.iter_mut().zip(row) {
+                *a += v as f64;
+            }
+        }
+        m.iter_mut().for_each(|v| *v /= n as f64);
+        Tensor::from_f64_as(&m, &[per], DType::F32, device)
+    }
+
+    /// Prior samples as one PNG per image in `lap-XXX/fid-samples/` (the layout FID tools read),
+    /// when this lap is one to export.
+    fn export(
+        &self,
+        dir: &Path,
+        den: &mut impl Denoise,
+        mean: &Tensor,
+        lap: usize,
+        device: &Device,
+    ) -> Result<()> {
+        let count = self.cfg.count("export_samples")?;
+        let every = self.cfg.count("export_every")?;
+        let last = lap == self.cfg.count("laps")?;
+        if count == 0 || !(last || (every > 0 && lap % every == 0)) {
+            return Ok(());
+        }
+        let out = dir.join("fid-samples");
+        fs::create_dir_all(&out)
+            .map_err(|e| Error::Other(format!("cannot create {}: {e}", out.display())))?;
+        let (h, w, c, per) = (self.data.h, self.data.w, self.data.c, self.data.per());
+        let batch = self.cfg.count("estep_batch")?.max(1);
+        let start = Instant::now();
+        for first in (0..count).step_by(batch) {
+            let rows = batch.min(count - first);
+            let seed = derive_seed(derive_seed(self.seed, lap, SEED_EXPORT), first, 0);
+            let x = self.prior_samples(den, rows, mean, seed, device)?;
+            for (k, img) in x.chunks_exact(per).enumerate() {
+                save_image(
+                    &out.join(format!("{:06}.png", first + k)),
+                    &cifar10::to_bytes(img),
+                    h,
+                    w,
+                    c,
+                )?;
+            }
+            progress(
+                &format!("lap {lap} FID export"),
+                first + rows,
+                count,
+                "images",
+                start,
+            );
+        }
+        Ok(())
+    }
+}
+
+fn write_lap(
+    run: &Path,
+    lap: usize,
+    samples: &[f32],
+    per: usize,
+    metrics: &ImageLapMetrics,
+    all: &[ImageLapMetrics],
+    keep_samples: bool,
+) -> Result<()> {
+    let dir = create_lap_dir(run, lap)?;
+    write_npy_f32(&dir.join("samples.npy"), &[samples.len() / per, per], samples)?;
+    write_atomically(
+        &dir.join("metrics.json"),
+        format!("{}\n", metrics.to_json()).as_bytes(),
+    )?;
+    write_metrics_jsonl(run, all.iter().map(ImageLapMetrics::to_json))?;
+    mark_done(run, lap)?;
+    // Only the newest samples are needed to resume; older ones go unless asked to keep them
+    // (the paper's 50,000 CIFAR-10 samples are 614 MB per lap).
+    if lap > 0 && !keep_samples {
+        let old = lap_dir(run, lap - 1).join("samples.npy");
+        if old.is_file() {
+            fs::remove_file(&old)
+                .map_err(|e| Error::Other(format!("cannot remove {}: {e}", old.display())))?;
+        }
+    }
+    Ok(())
+}
+
+/// Runs (or, with `resume`, continues) the corrupted-image EM in `run`; returns every lap's
+/// metrics.
+pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Result<Vec<ImageLapMetrics>> {
+    let done = open_run(cfg, run, resume)?;
+    let setup = Setup::new(cfg, run)?;
+    let per = setup.data.per();
+    let laps = cfg.count("laps")?;
+    let keep = cfg.int("keep_samples")? != 0;
+    let steps = cfg.count("estep_steps")?;
+    let mut all = read_lap_metrics(run, done.map(|k| k.min(laps)), ImageLapMetrics::from_json)?;
+    eprintln!(
+        "{} observations of {}x{}x{} images, {}% of pixels removed; network {} parameters, {:.2} GFLOP per forward",
+        setup.train.n,
+        setup.data.h,
+        setup.data.w,
+        setup.data.c,
+        cfg.float("corruption")?,
+        setup.network.layout().len(),
+        2.0 * setup.network.forward_macs() as f64 / 1e9
+    );
+
+    let (mut samples, mut params) = match done {
+        Some(k) => {
+            let dir = lap_dir(run, k);
+            let s = read_npy(&dir.join("samples.npy"))?.to_f32();
+            if s.len() != setup.train.n * per {
+                return Err(Error::Other(format!(
+                    "{}: {} values, expected {} observations of {per}",
+                    dir.join("samples.npy").display(),
+                    s.len(),
+                    setup.train.n
+                )));
+            }
+            let p = if k == 0 {
+                setup
+                    .network
+                    .layout()
+                    .init(derive_seed(setup.seed, 0, SEED_PARAMS), DType::F32, device)?
+            } else {
+                let ck = load_checkpoint(&dir.join("checkpoint.safetensors"), DType::F32)?;
+                if ck.network.layout() != setup.network.layout() {
+                    return Err(Error::Other(format!(
+                        "{}: the checkpoint's network differs from config.toml's",
+                        dir.display()
+                    )));
+                }
+                ck.params.to_device(device)?
+            };
+            eprintln!("resuming {} after lap {k}", run.display());
+            (s, p)
+        }
+        None => {
+            let s = gaussian_lap(&setup, run, device, &mut all)?;
+            let p =
+                setup
+                    .network
+                    .layout()
+                    .init(derive_seed(setup.seed, 0, SEED_PARAMS), DType::F32, device)?;
+            (s, p)
+        }
+    };
+
+    let den = Denoiser::new(setup.network.clone());
+    for lap in done.map_or(1, |k| k + 1)..=laps {
+        let t = Instant::now();
+        let (weights, loss, mstep_rate) = setup.m_step(
+            params,
+            &samples,
+            derive_seed(setup.seed, lap, SEED_MSTEP),
+            device,
+            lap,
+        )?;
+        params = weights;
+        let mstep = t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        let mean = setup.mean_of(&samples, device)?;
+        let mut prior = NetworkPrior {
+            denoiser: &den,
+            params: &params,
+        };
+        samples = setup.e_step(
+            &prior,
+            &Covariance::Tweedie,
+            &setup.train,
+            &mean,
+            SamplerKind::Ddpm,
+            steps,
+            setup.estep_cg()?,
+            derive_seed(setup.seed, lap, SEED_ESTEP),
+            device,
+            &format!("lap {lap} E-step"),
+        )?;
+        let estep = t.elapsed().as_secs_f64();
+        abort_requested(lap)?;
+        let (held_means, held_first) = setup.heldout_means(
+            &prior,
+            &Covariance::Tweedie,
+            &mean,
+            derive_seed(setup.seed, lap, SEED_HELDOUT),
+            device,
+            lap,
+        )?;
+        let grid = cfg.count("grid")?;
+        let shown = setup.prior_samples(
+            &mut prior,
+            grid,
+            &mean,
+            derive_seed(setup.seed, lap, SEED_PRIOR),
+            device,
+        )?;
+        let (psnr, ssim, sample_psnr) = setup.scores(&held_means, &samples);
+        let m = ImageLapMetrics {
+            lap,
+            psnr,
+            ssim,
+            sample_psnr,
+            loss,
+            estep_seconds: estep,
+            mstep_seconds: mstep,
+            estep_image_steps_per_s: (setup.train.n * steps) as f64 / estep.max(1e-9),
+            mstep_images_per_s: mstep_rate,
+        };
+        eprintln!("{}", m.summary());
+        all.push(m.clone());
+        let dir = create_lap_dir(run, lap)?;
+        let meta = [
+            ("lap", lap.to_string()),
+            ("seed", setup.seed.to_string()),
+            ("experiment", cfg.string("experiment")?),
+            ("sigma_min", setup.schedule.sigma_min.to_string()),
+            ("sigma_max", setup.schedule.sigma_max.to_string()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect();
+        save_checkpoint(
+            &dir.join("checkpoint.safetensors"),
+            &setup.network,
+            &params,
+            &meta,
+        )?;
+        setup.write_grids(&dir, &samples, &held_first, &held_means, &shown)?;
+        setup.export(&dir, &mut prior, &mean, lap, device)?;
+        write_lap(run, lap, &samples, per, &m, &all, keep)?;
+    }
+    Ok(all)
+}
+
+/// Lap 0: the Gaussian prior fitted by EM (method.md §8.1: DDIM with the exact Gaussian MMPS,
+/// then PPCA, `init_rounds` times on the first `init_observations`), then a posterior sample of
+/// every observation under it. Returns the samples.
+fn gaussian_lap(
+    setup: &Setup,
+    run: &Path,
+    device: &Device,
+    all: &mut Vec<ImageLapMetrics>,
+) -> Result<Vec<f32>> {
+    let cfg = &setup.cfg;
+    let per = setup.data.per();
+    let start = Instant::now();
+    let rank = cfg.count("init_rank")?;
+    let used = cfg.count("init_observations")?.min(setup.train.n);
+    let pixels = setup.data.h * setup.data.w;
+    let subset = Observations {
+        y: setup.train.y[..used * per].to_vec(),
+        masks: setup.train.masks[..used * pixels].to_vec(),
+        clean: setup.train.clean[..used * per].to_vec(),
+        n: used,
+    };
+    let init_cg = CgConfig {
+        max_iters: cfg.count("init_cg_iters")?,
+        rtol: Some(cfg.float("init_cg_rtol")?),
+    };
+    let mut g = Gaussian::new(vec![0.0; per], Dplr::identity(per))?;
+    for round in 0..cfg.count("init_rounds")? {
+        let mean = g.mean_tensor(DType::F32, device)?;
+        let cov = Covariance::Gaussian(Box::new(g.clone()));
+        let x = setup.e_step(
+            &g,
+            &cov,
+            &subset,
+            &mean,
+            SamplerKind::Ddim,
+            cfg.count("init_steps")?,
+            init_cg,
+            derive_seed(setup.seed, round, SEED_INIT),
+            device,
+            &format!("init round {round}"),
+        )?;
+        let xt = Tensor::from_f32(&x, &[used, per], device)?;
+        g = ppca_randomized(
+            &xt.as_view()?,
+            rank.min(used - 1),
+            10,
+            4,
+            derive_seed(setup.seed, round, SEED_PPCA),
+        )?;
+    }
+    let mean = g.mean_tensor(DType::F32, device)?;
+    let cov = Covariance::Gaussian(Box::new(g.clone()));
+    let steps = cfg.count("estep_steps")?;
+    let t = Instant::now();
+    let samples = setup.e_step(
+        &g,
+        &cov,
+        &setup.train,
+        &mean,
+        SamplerKind::Ddpm,
+        steps,
+        init_cg,
+        derive_seed(setup.seed, 0, SEED_ESTEP),
+        device,
+        "lap 0 E-step",
+    )?;
+    let estep = t.elapsed().as_secs_f64();
+    let (held_means, held_first) = setup.heldout_means(
+        &g,
+        &cov,
+        &mean,
+        derive_seed(setup.seed, 0, SEED_HELDOUT),
+        device,
+        0,
+    )?;
+    let mut gaussian = g.clone();
+    let shown = setup.prior_samples(
+        &mut gaussian,
+        cfg.count("grid")?,
+        &mean,
+        derive_seed(setup.seed, 0, SEED_PRIOR),
+        device,
+    )?;
+    let (psnr, ssim, sample_psnr) = setup.scores(&held_means, &samples);
+    let m = ImageLapMetrics {
+        lap: 0,
+        psnr,
+        ssim,
+        sample_psnr,
+        loss: f64::NAN,
+        estep_seconds: start.elapsed().as_secs_f64(),
+        mstep_seconds: 0.0,
+        estep_image_steps_per_s: (setup.train.n * steps) as f64 / estep.max(1e-9),
+        mstep_images_per_s: f64::NAN,
+    };
+    eprintln!("{}", m.summary());
+    all.push(m.clone());
+    let dir = create_lap_dir(run, 0)?;
+    setup.write_grids(&dir, &samples, &held_first, &held_means, &shown)?;
+    write_lap(run, 0, &samples, per, &m, all, true)?;
+    Ok(samples)
+}
