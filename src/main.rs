@@ -184,6 +184,21 @@ enum Command {
         #[arg(long, default_value = "auto")]
         device: DeviceRequest,
     },
+    /// Copy the first images of the fetched CIFAR-10 into a small directory of the same layout
+    /// (for machines without registry access: `--set data_dir=DIR`).
+    Cifar10Subset {
+        /// Training images (at most 10,000).
+        #[arg(long, default_value_t = 1024)]
+        train: usize,
+        /// Test images.
+        #[arg(long, default_value_t = 64)]
+        test: usize,
+        #[arg(long)]
+        out: PathBuf,
+        /// The full dataset (default: the fetch script's cache).
+        #[arg(long)]
+        from: Option<PathBuf>,
+    },
     /// Time the kernels (CUDA events on a GPU) and print a markdown table with throughput against
     /// ceilings measured in the same run.
     Bench {
@@ -196,9 +211,26 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    emprior::tune_cpu_allocator();
     let result = match Cli::parse().command {
         Command::Info { device, kernels } => info(device, kernels),
         Command::Bench { device, quick } => bench(device, quick),
+        Command::Cifar10Subset {
+            train,
+            test,
+            out,
+            from,
+        } => {
+            let from = from.unwrap_or_else(emprior::data::cifar10::default_dir);
+            emprior::data::cifar10::write_subset(&from, &out, train, test)
+                .map(|()| {
+                    println!(
+                        "wrote {train} training and {test} test images to {}",
+                        out.display()
+                    )
+                })
+                .map_err(Into::into)
+        }
         Command::Model { preset, batch } => model(&preset, batch),
         Command::Em {
             experiment,

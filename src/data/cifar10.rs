@@ -63,23 +63,68 @@ pub fn read_batch(path: &Path) -> Result<Vec<u8>> {
 
 /// The training images (data_batch_1..5) or the test images, [n, 32, 32, 3] bytes.
 pub fn read_split(dir: &Path, train: bool) -> Result<Vec<u8>> {
-    let names: Vec<String> = if train {
+    read_split_prefix(dir, train, usize::MAX)
+}
+
+fn split_files(train: bool) -> Vec<String> {
+    if train {
         (1..=5).map(|i| format!("data_batch_{i}.png")).collect()
     } else {
         vec!["test_batch.png".into()]
-    };
+    }
+}
+
+/// The first `count` images of a split (at least; whole batch files are read), reading only the
+/// batch files needed: a directory may hold a prefix of the split, such as the subsets
+/// [`write_subset`] makes for machines without the full dataset.
+pub fn read_split_prefix(dir: &Path, train: bool, count: usize) -> Result<Vec<u8>> {
     let mut all = Vec::new();
-    for name in names {
+    for name in split_files(train) {
+        if all.len() / IMAGE >= count {
+            break;
+        }
         let path = dir.join(&name);
         if !path.is_file() {
-            return Err(Error::Other(format!(
-                "{} is missing: run scripts/fetch-cifar10.sh first",
-                path.display()
-            )));
+            if count == usize::MAX || all.is_empty() {
+                return Err(Error::Other(format!(
+                    "{} is missing: run scripts/fetch-cifar10.sh first",
+                    path.display()
+                )));
+            }
+            break;
         }
         all.extend(read_batch(&path)?);
     }
     Ok(all)
+}
+
+/// Writes the first `train` training and `test` test images of `dir` into `out` in the same
+/// layout (data_batch_1.png, test_batch.png; one image per row): a few megabytes that carry the
+/// real data to a machine without registry access (the GPU device machine).
+pub fn write_subset(dir: &Path, out: &Path, train: usize, test: usize) -> Result<()> {
+    std::fs::create_dir_all(out)
+        .map_err(|e| Error::Other(format!("cannot create {}: {e}", out.display())))?;
+    for (name, is_train, n) in [("data_batch_1.png", true, train), ("test_batch.png", false, test)] {
+        let images = read_split_prefix(dir, is_train, n)?;
+        let have = images.len() / IMAGE;
+        if have < n || (is_train && n > 10_000) {
+            return Err(Error::Other(format!(
+                "a subset holds at most 10,000 images per split; asked for {n}, have {have}"
+            )));
+        }
+        let path = out.join(name);
+        let mut bytes = Vec::new();
+        {
+            let mut enc = png::Encoder::new(&mut bytes, PIXELS as u32, n as u32);
+            enc.set_color(png::ColorType::Rgb);
+            enc.set_depth(png::BitDepth::Eight);
+            let err = |e: png::EncodingError| Error::Other(format!("encoding {}: {e}", path.display()));
+            let mut w = enc.write_header().map_err(err)?;
+            w.write_image_data(&images[..n * IMAGE]).map_err(err)?;
+        }
+        crate::io::write_atomically(&path, &bytes)?;
+    }
+    Ok(())
 }
 
 /// Single 32x32 images (such as the test fixture), in the order given.

@@ -70,7 +70,7 @@ filter_bound = 3.0
 eval_samples = 4096
 "#;
 
-/// Corrupted CIFAR-10, quick: a small U-Net on 512 observations, minutes per lap on 2 CPU
+/// Corrupted CIFAR-10, quick: a small U-Net on 384 observations, minutes per lap on 2 CPU
 /// cores (method.md §7.2, scaled down; `paper` has the paper's values).
 pub const CIFAR10_QUICK: &str = r#"
 # Corrupted CIFAR-10, quick: a small U-Net and a subset, for a 2-core CPU in under 15 minutes.
@@ -84,28 +84,28 @@ corruption = 75.0
 sigma_y = 0.001
 sigma_min = 0.001
 sigma_max = 100.0
-observations = 512
-heldout = 32
+observations = 384
+heldout = 16
 # Posterior samples averaged into each held-out posterior mean.
-heldout_samples = 4
-laps = 4
-init_observations = 512
+heldout_samples = 2
+laps = 3
+init_observations = 384
 init_rounds = 4
 init_steps = 32
 init_rank = 32
 init_cg_iters = 16
 init_cg_rtol = 0.001
-estep_steps = 32
+estep_steps = 24
 estep_batch = 64
 cg_iters = 1
-prior_steps = 32
-mstep_epochs = 10
+prior_steps = 24
+mstep_epochs = 20
 mstep_batch = 32
 lr = 0.001
 ema = 0.99
 augment = 1
 shift = 1
-channels = "32,64"
+channels = "16,32"
 blocks = "1,1"
 # level:heads, comma-separated; empty for none.
 attention = ""

@@ -205,8 +205,8 @@ impl Dataset {
                     h: cifar10::SIDE,
                     w: cifar10::SIDE,
                     c: cifar10::CHANNELS,
-                    train: pick(cifar10::read_split(&dir, true)?, n, per, "training")?,
-                    heldout: pick(cifar10::read_split(&dir, false)?, held, per, "test")?,
+                    train: pick(cifar10::read_split_prefix(&dir, true, n)?, n, per, "training")?,
+                    heldout: pick(cifar10::read_split_prefix(&dir, false, held)?, held, per, "test")?,
                 })
             }
             "fashion-mnist" => {
