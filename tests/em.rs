@@ -10,6 +10,8 @@ use emprior::io::load_checkpoint;
 use emprior::{DType, Device};
 
 fn dir(name: &str) -> PathBuf {
+    // As the binary does: keep freed activations in-process (glibc), for CPU speed.
+    emprior::tune_cpu_allocator();
     let d = std::env::temp_dir().join(format!("emprior-em-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     d
