@@ -18,8 +18,8 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::{
-    abort_requested, create_lap_dir, derive_seed, json_field, json_line, lap_dir, mark_done, open_run,
-    progress, read_lap_metrics, write_metrics_jsonl, Config,
+    abort_requested, create_lap_dir, derive_seed, json_field, json_line, lap_dir, lap_params, mark_done,
+    open_run, progress, read_lap_metrics, save_lap_checkpoint, write_metrics_jsonl, Config,
 };
 use crate::data::cifar10;
 use crate::device::Device;
@@ -28,7 +28,7 @@ use crate::diffusion::{Denoiser, Network, Sampler, SamplerKind, VeSchedule};
 use crate::error::{Error, Result};
 use crate::gaussian::{ppca_randomized, Dplr, Gaussian};
 use crate::io::plot::{image_grid, save_image};
-use crate::io::{load_checkpoint, read_npy, save_checkpoint, write_atomically, write_npy_f32, write_npy_u8};
+use crate::io::{read_npy, write_atomically, write_npy_f32, write_npy_u8};
 use crate::metrics::{psnr, ssim};
 use crate::nn::{UNet, UNetConfig};
 use crate::ops::Philox;
@@ -748,21 +748,13 @@ pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Re
                     setup.train.n
                 )));
             }
-            let p = if k == 0 {
-                setup
-                    .network
-                    .layout()
-                    .init(derive_seed(setup.seed, 0, SEED_PARAMS), DType::F32, device)?
-            } else {
-                let ck = load_checkpoint(&dir.join("checkpoint.safetensors"), DType::F32)?;
-                if ck.network.layout() != setup.network.layout() {
-                    return Err(Error::Other(format!(
-                        "{}: the checkpoint's network differs from config.toml's",
-                        dir.display()
-                    )));
-                }
-                ck.params.to_device(device)?
-            };
+            let p = lap_params(
+                run,
+                k,
+                &setup.network,
+                derive_seed(setup.seed, 0, SEED_PARAMS),
+                device,
+            )?;
             eprintln!("resuming {} after lap {k}", run.display());
             (s, p)
         }
@@ -839,22 +831,15 @@ pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Re
         };
         eprintln!("{}", m.summary());
         all.push(m.clone());
-        let dir = create_lap_dir(run, lap)?;
-        let meta = [
-            ("lap", lap.to_string()),
-            ("seed", setup.seed.to_string()),
-            ("experiment", cfg.string("experiment")?),
-            ("sigma_min", setup.schedule.sigma_min.to_string()),
-            ("sigma_max", setup.schedule.sigma_max.to_string()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .collect();
-        save_checkpoint(
-            &dir.join("checkpoint.safetensors"),
+        let experiment = cfg.string("experiment")?;
+        let dir = save_lap_checkpoint(
+            run,
+            lap,
+            &experiment,
+            setup.seed,
+            &setup.schedule,
             &setup.network,
             &params,
-            &meta,
         )?;
         setup.write_grids(&dir, &samples, &held_first, &held_means, &shown)?;
         setup.export(&dir, &mut prior, &mean, lap, device)?;

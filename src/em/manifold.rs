@@ -6,15 +6,15 @@ use std::path::Path;
 use std::time::Instant;
 
 use super::{
-    abort_requested, create_lap_dir, derive_seed, json_field, json_line, lap_dir, mark_done, open_run,
-    progress, read_lap_metrics, write_metrics_jsonl, Config,
+    abort_requested, create_lap_dir, derive_seed, json_field, json_line, lap_dir, lap_params, mark_done,
+    open_run, progress, read_lap_metrics, save_lap_checkpoint, write_metrics_jsonl, Config,
 };
 use crate::data::manifold::{inside_box, observe, Manifold, DIM, OBS_DIM};
 use crate::device::Device;
 use crate::diffusion::{Denoiser, Network, Sampler, SamplerKind, VeSchedule};
 use crate::error::{Error, Result};
 use crate::gaussian::{ppca, Dplr, Gaussian};
-use crate::io::{load_checkpoint, read_npy, save_checkpoint, write_atomically, write_npy_f32};
+use crate::io::{read_npy, write_atomically, write_npy_f32};
 use crate::metrics::{sinkhorn_cost, sinkhorn_divergence, sliced_wasserstein};
 use crate::nn::TimeMlp;
 use crate::ops::Philox;
@@ -339,21 +339,13 @@ pub fn run_manifold(cfg: &Config, run: &Path, device: &Device, resume: bool) -> 
         Some(k) => {
             let dir = lap_dir(run, k);
             let s = read_npy(&dir.join("samples.npy"))?.to_f32();
-            let p = if k == 0 {
-                setup
-                    .network
-                    .layout()
-                    .init(derive_seed(setup.seed, 0, SEED_PARAMS), DType::F32, device)?
-            } else {
-                let ck = load_checkpoint(&dir.join("checkpoint.safetensors"), DType::F32)?;
-                if ck.network.layout() != setup.network.layout() {
-                    return Err(Error::Other(format!(
-                        "{}: the checkpoint's network differs from config.toml's",
-                        dir.display()
-                    )));
-                }
-                ck.params.to_device(device)?
-            };
+            let p = lap_params(
+                run,
+                k,
+                &setup.network,
+                derive_seed(setup.seed, 0, SEED_PARAMS),
+                device,
+            )?;
             eprintln!("resuming {} after lap {k}", run.display());
             (s, p)
         }
@@ -445,24 +437,14 @@ pub fn run_manifold(cfg: &Config, run: &Path, device: &Device, resume: bool) -> 
         let m = setup.metrics(lap, &samples, loss, t.elapsed().as_secs_f64(), mstep);
         eprintln!("{}", m.summary());
         all.push(m.clone());
-        let meta = [
-            ("lap", lap.to_string()),
-            ("seed", setup.seed.to_string()),
-            ("experiment", "manifold".to_string()),
-        ]
-        .into_iter()
-        .map(|(k, v)| (k.to_string(), v))
-        .chain([
-            ("sigma_min".to_string(), setup.schedule.sigma_min.to_string()),
-            ("sigma_max".to_string(), setup.schedule.sigma_max.to_string()),
-        ])
-        .collect();
-        let dir = create_lap_dir(run, lap)?;
-        save_checkpoint(
-            &dir.join("checkpoint.safetensors"),
+        save_lap_checkpoint(
+            run,
+            lap,
+            "manifold",
+            setup.seed,
+            &setup.schedule,
             &setup.network,
             &params,
-            &meta,
         )?;
         write_lap(run, lap, &samples, &setup.truth, &m, &all)?;
         mark_done(run, lap)?;

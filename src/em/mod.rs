@@ -170,3 +170,53 @@ pub fn create_lap_dir(run: &Path, lap: usize) -> Result<PathBuf> {
     fs::create_dir_all(&dir).map_err(|e| Error::Other(format!("cannot create {}: {e}", dir.display())))?;
     Ok(dir)
 }
+
+/// The parameters to continue a run from after lap `k`: a fresh initialisation (seeded by
+/// `init_seed`) after the Gaussian lap 0, else lap k's checkpoint, which must hold `network`.
+pub fn lap_params(
+    run: &Path,
+    k: usize,
+    network: &crate::diffusion::Network,
+    init_seed: u64,
+    device: &crate::device::Device,
+) -> Result<crate::tensor::Tensor> {
+    use crate::tensor::DType;
+    if k == 0 {
+        return network.layout().init(init_seed, DType::F32, device);
+    }
+    let dir = lap_dir(run, k);
+    let ck = crate::io::load_checkpoint(&dir.join("checkpoint.safetensors"), DType::F32)?;
+    if ck.network.layout() != network.layout() {
+        return Err(Error::Other(format!(
+            "{}: the checkpoint's network differs from config.toml's",
+            dir.display()
+        )));
+    }
+    ck.params.to_device(device)
+}
+
+/// Creates lap `lap`'s directory and saves its checkpoint there, with the lap, seed, experiment
+/// and noise range as metadata; returns the directory.
+pub fn save_lap_checkpoint(
+    run: &Path,
+    lap: usize,
+    experiment: &str,
+    seed: u64,
+    schedule: &crate::diffusion::VeSchedule,
+    network: &crate::diffusion::Network,
+    params: &crate::tensor::Tensor,
+) -> Result<PathBuf> {
+    let meta = [
+        ("lap", lap.to_string()),
+        ("seed", seed.to_string()),
+        ("experiment", experiment.to_string()),
+        ("sigma_min", schedule.sigma_min.to_string()),
+        ("sigma_max", schedule.sigma_max.to_string()),
+    ]
+    .into_iter()
+    .map(|(k, v)| (k.to_string(), v))
+    .collect();
+    let dir = create_lap_dir(run, lap)?;
+    crate::io::save_checkpoint(&dir.join("checkpoint.safetensors"), network, params, &meta)?;
+    Ok(dir)
+}
