@@ -2,11 +2,10 @@
 //! posterior, train -> sample, and errors that name their cause.
 
 use std::path::PathBuf;
-use std::process::Command;
 
 mod common;
 
-use common::gaussian_posterior;
+use common::{emprior, gaussian_posterior};
 
 use emprior::io::{read_npy, write_npy_f64};
 use emprior::ops::Philox;
@@ -15,21 +14,6 @@ fn dir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("emprior-cli-{name}-{}", std::process::id()));
     std::fs::create_dir_all(&d).unwrap();
     d
-}
-
-fn emprior(args: &[&str]) -> (bool, String) {
-    let out = Command::new(env!("CARGO_BIN_EXE_emprior"))
-        .args(args)
-        .output()
-        .unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
 }
 
 fn randn(seed: u64, n: usize) -> Vec<f64> {

@@ -2,19 +2,19 @@
 //! falls; a run killed mid-lap and resumed ends bit for bit where an uninterrupted one does; bad
 //! configurations and damaged runs stop with a message that names the cause.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::PathBuf;
+
+mod common;
+
+use common::{
+    assert_same_checkpoints, emprior, emprior_aborting_at, file_bytes, metrics_without_timings, run_dir,
+};
 
 use emprior::em::{run_manifold, Config};
-use emprior::io::load_checkpoint;
-use emprior::{DType, Device};
+use emprior::Device;
 
 fn dir(name: &str) -> PathBuf {
-    // As the binary does: keep freed activations in-process (glibc), for CPU speed.
-    emprior::tune_cpu_allocator();
-    let d = std::env::temp_dir().join(format!("emprior-em-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+    run_dir("em", name)
 }
 
 /// A configuration that runs in seconds on the CPU.
@@ -78,23 +78,6 @@ fn em_lowers_the_divergence_to_the_ground_truth() {
     assert!(err.contains("--resume"), "{err}");
 }
 
-fn emprior(args: &[&str], abort_lap: Option<usize>) -> (bool, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_emprior"));
-    cmd.args(args);
-    if let Some(lap) = abort_lap {
-        cmd.env("EMPRIOR_ABORT_LAP", lap.to_string());
-    }
-    let out = cmd.output().unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 fn em_args<'a>(out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     let mut v = vec!["em", "manifold", "--device", "cpu", "--out", out];
     for s in SMALL.iter().chain(extra) {
@@ -102,10 +85,6 @@ fn em_args<'a>(out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
         v.push(s);
     }
     v
-}
-
-fn bytes(p: &Path) -> Vec<u8> {
-    std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
 }
 
 #[test]
@@ -119,54 +98,36 @@ fn a_run_killed_mid_lap_and_resumed_matches_an_uninterrupted_one() {
         "mstep_steps=150",
         "eval_samples=128",
     ];
-    let (ok, log) = emprior(&em_args(sa, &tiny), None);
+    let (ok, log) = emprior(&em_args(sa, &tiny));
     assert!(ok, "{log}");
     // Killed during lap 2 (after its E-step, before anything of lap 2 is written)...
-    let (ok, log) = emprior(&em_args(sb, &tiny), Some(2));
+    let (ok, log) = emprior_aborting_at(&em_args(sb, &tiny), Some(2));
     assert!(!ok && log.contains("aborted during lap 2"), "{log}");
     assert!(b.join("lap-001/DONE").is_file() && !b.join("lap-002").join("DONE").exists());
     // ...and resumed from lap 1.
-    let (ok, log) = emprior(&["em", "manifold", "--device", "cpu", "--resume", sb], None);
+    let (ok, log) = emprior(&["em", "manifold", "--device", "cpu", "--resume", sb]);
     assert!(ok && log.contains("resuming"), "{log}");
     for f in ["lap-002/samples.npy", "lap-001/samples.npy"] {
         assert!(
-            bytes(&a.join(f)) == bytes(&b.join(f)),
+            file_bytes(&a.join(f)) == file_bytes(&b.join(f)),
             "{f} differs between the uninterrupted and the resumed run"
         );
     }
     // Checkpoints: the same weights bit for bit and the same metadata (the file bytes may differ:
     // safetensors writes its metadata map in hash order).
-    for f in ["lap-001/checkpoint.safetensors", "lap-002/checkpoint.safetensors"] {
-        let (ca, cb) = (
-            load_checkpoint(&a.join(f), DType::F32).unwrap(),
-            load_checkpoint(&b.join(f), DType::F32).unwrap(),
-        );
-        let bits = |t: &emprior::Tensor| {
-            t.to_vec_f32()
-                .unwrap()
-                .iter()
-                .map(|v| v.to_bits())
-                .collect::<Vec<_>>()
-        };
-        assert!(
-            bits(&ca.params) == bits(&cb.params),
-            "{f}: the weights differ between the uninterrupted and the resumed run"
-        );
-        assert_eq!(ca.metadata, cb.metadata, "{f}: metadata");
-    }
-    let strip = |p: &Path| -> Vec<String> {
-        // The metrics lines agree but for the wall-clock timings.
-        std::fs::read_to_string(p)
-            .unwrap()
-            .lines()
-            .map(|l| l.split(", \"estep_seconds\"").next().unwrap().to_string())
-            .collect()
-    };
-    assert_eq!(strip(&a.join("metrics.jsonl")), strip(&b.join("metrics.jsonl")));
+    assert_same_checkpoints(
+        &a,
+        &b,
+        &["lap-001/checkpoint.safetensors", "lap-002/checkpoint.safetensors"],
+    );
+    assert_eq!(
+        metrics_without_timings(&a.join("metrics.jsonl")),
+        metrics_without_timings(&b.join("metrics.jsonl"))
+    );
 
     // A damaged checkpoint in the lap to resume from is named.
     std::fs::write(b.join("lap-002/checkpoint.safetensors"), b"garbage").unwrap();
-    let (ok, log) = emprior(&["em", "manifold", "--device", "cpu", "--resume", sb], None);
+    let (ok, log) = emprior(&["em", "manifold", "--device", "cpu", "--resume", sb]);
     assert!(!ok && log.contains("lap-002/checkpoint.safetensors"), "{log}");
 }
 
@@ -186,30 +147,24 @@ fn bad_configurations_are_named() {
         .to_string()
         .contains("unknown experiment"));
 
-    let (ok, log) = emprior(
-        &[
-            "em",
-            "manifold",
-            "--device",
-            "cpu",
-            "--set",
-            "laps=lots",
-            "--out",
-            "/tmp/never",
-        ],
-        None,
-    );
+    let (ok, log) = emprior(&[
+        "em",
+        "manifold",
+        "--device",
+        "cpu",
+        "--set",
+        "laps=lots",
+        "--out",
+        "/tmp/never",
+    ]);
     assert!(!ok && log.contains("laps"), "{log}");
-    let (ok, log) = emprior(
-        &[
-            "em",
-            "manifold",
-            "--device",
-            "cpu",
-            "--out",
-            "/proc/emprior-not-writable",
-        ],
-        None,
-    );
+    let (ok, log) = emprior(&[
+        "em",
+        "manifold",
+        "--device",
+        "cpu",
+        "--out",
+        "/proc/emprior-not-writable",
+    ]);
     assert!(!ok && log.contains("/proc/emprior-not-writable"), "{log}");
 }

@@ -4,19 +4,20 @@
 //! bad configurations stop with a message that names the cause.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+
+mod common;
+
+use common::{
+    assert_same_checkpoints, emprior, emprior_aborting_at, file_bytes, metrics_without_timings, run_dir,
+};
 
 use emprior::data::cifar10;
 use emprior::em::{run_images, Config};
-use emprior::io::{load_checkpoint, read_npy};
-use emprior::{DType, Device};
+use emprior::io::read_npy;
+use emprior::Device;
 
 fn dir(name: &str) -> PathBuf {
-    // As the binary does: keep freed activations in-process (glibc), for CPU speed.
-    emprior::tune_cpu_allocator();
-    let d = std::env::temp_dir().join(format!("emprior-images-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    d
+    run_dir("images", name)
 }
 
 fn fixture() -> String {
@@ -51,23 +52,6 @@ fn tiny() -> Vec<String> {
     .to_vec()
 }
 
-fn emprior(args: &[String], abort_lap: Option<usize>) -> (bool, String) {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_emprior"));
-    cmd.args(args);
-    if let Some(lap) = abort_lap {
-        cmd.env("EMPRIOR_ABORT_LAP", lap.to_string());
-    }
-    let out = cmd.output().unwrap();
-    (
-        out.status.success(),
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        ),
-    )
-}
-
 fn em_args(out: &Path, extra: &[String]) -> Vec<String> {
     let mut v: Vec<String> = ["em", "cifar10", "--corruption", "50", "--device", "cpu", "--out"]
         .iter()
@@ -81,16 +65,12 @@ fn em_args(out: &Path, extra: &[String]) -> Vec<String> {
     v
 }
 
-fn bytes(p: &Path) -> Vec<u8> {
-    std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
-}
-
 #[test]
 fn a_killed_and_resumed_image_run_matches_an_uninterrupted_one_and_writes_every_output() {
     let (a, b) = (dir("whole"), dir("resumed"));
-    let (ok, log) = emprior(&em_args(&a, &tiny()), None);
+    let (ok, log) = emprior(&em_args(&a, &tiny()));
     assert!(ok, "{log}");
-    let (ok, log) = emprior(&em_args(&b, &tiny()), Some(2));
+    let (ok, log) = emprior_aborting_at(&em_args(&b, &tiny()), Some(2));
     assert!(!ok && log.contains("aborted during lap 2"), "{log}");
     assert!(b.join("lap-001/DONE").is_file() && !b.join("lap-002/DONE").exists());
     let (ok, log) = emprior(
@@ -103,44 +83,23 @@ fn a_killed_and_resumed_image_run_matches_an_uninterrupted_one_and_writes_every_
             b.to_str().unwrap(),
         ]
         .map(String::from),
-        None,
     );
     assert!(ok && log.contains("resuming"), "{log}");
 
     for f in ["masks.npy", "heldout-masks.npy", "lap-002/samples.npy"] {
         assert!(
-            bytes(&a.join(f)) == bytes(&b.join(f)),
+            file_bytes(&a.join(f)) == file_bytes(&b.join(f)),
             "{f} differs after resuming"
         );
     }
-    for f in ["lap-001/checkpoint.safetensors", "lap-002/checkpoint.safetensors"] {
-        let (ca, cb) = (
-            load_checkpoint(&a.join(f), DType::F32).unwrap(),
-            load_checkpoint(&b.join(f), DType::F32).unwrap(),
-        );
-        let bits = |t: &emprior::Tensor| {
-            t.to_vec_f32()
-                .unwrap()
-                .iter()
-                .map(|v| v.to_bits())
-                .collect::<Vec<_>>()
-        };
-        assert!(
-            bits(&ca.params) == bits(&cb.params),
-            "{f}: weights differ after resuming"
-        );
-        assert_eq!(ca.metadata, cb.metadata, "{f}: metadata");
-    }
-    let strip = |p: &Path| -> Vec<String> {
-        std::fs::read_to_string(p)
-            .unwrap()
-            .lines()
-            .map(|l| l.split(", \"estep_seconds\"").next().unwrap().to_string())
-            .collect()
-    };
-    let lines = strip(&a.join("metrics.jsonl"));
+    assert_same_checkpoints(
+        &a,
+        &b,
+        &["lap-001/checkpoint.safetensors", "lap-002/checkpoint.safetensors"],
+    );
+    let lines = metrics_without_timings(&a.join("metrics.jsonl"));
     assert_eq!(lines.len(), 3, "lap 0 (Gaussian) and two laps");
-    assert_eq!(lines, strip(&b.join("metrics.jsonl")));
+    assert_eq!(lines, metrics_without_timings(&b.join("metrics.jsonl")));
 
     // The outputs a person looks at, and the FID export.
     for lap in ["lap-000", "lap-001", "lap-002"] {

@@ -207,3 +207,70 @@ pub fn gaussian_posterior(
         .collect();
     (mean, cov)
 }
+
+/// Runs the emprior binary; returns whether it succeeded and its stdout + stderr.
+pub fn emprior<S: AsRef<std::ffi::OsStr>>(args: &[S]) -> (bool, String) {
+    emprior_aborting_at(args, None)
+}
+
+/// [`emprior`], with `EMPRIOR_ABORT_LAP` set to stop an EM run after that lap's E-step (as a
+/// kill mid-lap would).
+pub fn emprior_aborting_at<S: AsRef<std::ffi::OsStr>>(
+    args: &[S],
+    abort_lap: Option<usize>,
+) -> (bool, String) {
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_emprior"));
+    cmd.args(args);
+    if let Some(lap) = abort_lap {
+        cmd.env("EMPRIOR_ABORT_LAP", lap.to_string());
+    }
+    let out = cmd.output().unwrap();
+    (
+        out.status.success(),
+        format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        ),
+    )
+}
+
+/// A fresh temporary directory for an EM run (removed first); the allocator is tuned as the
+/// binary does it (freed activations stay in-process, for CPU speed).
+pub fn run_dir(prefix: &str, name: &str) -> std::path::PathBuf {
+    emprior::tune_cpu_allocator();
+    let d = std::env::temp_dir().join(format!("emprior-{prefix}-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    d
+}
+
+pub fn file_bytes(p: &std::path::Path) -> Vec<u8> {
+    std::fs::read(p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))
+}
+
+/// Asserts that the checkpoints `files` of runs `a` and `b` hold bit-identical weights and the
+/// same metadata (the file bytes may differ: safetensors writes its metadata map in hash order).
+pub fn assert_same_checkpoints(a: &std::path::Path, b: &std::path::Path, files: &[&str]) {
+    use emprior::io::load_checkpoint;
+    let bits = |t: &Tensor| -> Vec<u32> { t.to_vec_f32().unwrap().iter().map(|v| v.to_bits()).collect() };
+    for f in files {
+        let (ca, cb) = (
+            load_checkpoint(&a.join(f), emprior::DType::F32).unwrap(),
+            load_checkpoint(&b.join(f), emprior::DType::F32).unwrap(),
+        );
+        assert!(
+            bits(&ca.params) == bits(&cb.params),
+            "{f}: the weights differ between the runs"
+        );
+        assert_eq!(ca.metadata, cb.metadata, "{f}: metadata");
+    }
+}
+
+/// The lines of a run's metrics.jsonl up to the wall-clock timings (which differ run to run).
+pub fn metrics_without_timings(p: &std::path::Path) -> Vec<String> {
+    std::fs::read_to_string(p)
+        .unwrap()
+        .lines()
+        .map(|l| l.split(", \"estep_seconds\"").next().unwrap().to_string())
+        .collect()
+}
