@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{assert_close, gpu_or_skip, naive_gemm, operand_shape, random_vec, to_f64, GEMM_CASES};
+use common::{assert_close, gemm_case, gpu_or_skip, naive_gemm, random_vec, to_f64, GemmCase, GEMM_CASES};
 use emprior::ops::{self, GemmSpec, Philox};
 use emprior::{Device, Tensor};
 
@@ -193,21 +193,18 @@ fn cuda_gemm_matches_cpu() {
                     alpha,
                     beta,
                 };
-                let a_shape = if trans_a {
-                    operand_shape(ba, k, m)
-                } else {
-                    operand_shape(ba, m, k)
-                };
-                let b_shape = if trans_b {
-                    operand_shape(bb, n, k)
-                } else {
-                    operand_shape(bb, k, n)
-                };
-                let a = random_vec(7000 + cases, a_shape.iter().product(), -1.0, 1.0);
-                let b = random_vec(8000 + cases, b_shape.iter().product(), -1.0, 1.0);
-                let batch = ba.max(bb);
-                let c_shape = if batch == 0 { vec![m, n] } else { vec![batch, m, n] };
-                let c0 = random_vec(9000 + cases, c_shape.iter().product(), -1.0, 1.0);
+                let GemmCase {
+                    a,
+                    a_shape,
+                    b,
+                    b_shape,
+                    c0,
+                    c_shape,
+                } = gemm_case(
+                    (ba, bb, m, n, k),
+                    spec,
+                    [7000 + cases, 8000 + cases, 9000 + cases],
+                );
                 // With beta = 0 the output starts poisoned: the kernel must not read it.
                 let mut gc = if beta == 0.0 {
                     poisoned(&gpu, &c_shape)

@@ -2,7 +2,7 @@
 
 mod common;
 
-use common::{assert_close, naive_gemm, operand_shape, random_vec, GEMM_CASES};
+use common::{assert_close, gemm_case, naive_gemm, random_vec, GemmCase, GEMM_CASES};
 use emprior::ops::{self, GemmSpec, Philox};
 use emprior::{DType, Device, DeviceRequest, Error, Tensor};
 
@@ -233,21 +233,14 @@ fn gemm_matches_f64_for_every_transpose_and_batching() {
                     alpha,
                     beta,
                 };
-                let a_shape = if trans_a {
-                    operand_shape(ba, k, m)
-                } else {
-                    operand_shape(ba, m, k)
-                };
-                let b_shape = if trans_b {
-                    operand_shape(bb, n, k)
-                } else {
-                    operand_shape(bb, k, n)
-                };
-                let a = random_vec(1000 + case, a_shape.iter().product(), -1.0, 1.0);
-                let b = random_vec(2000 + case, b_shape.iter().product(), -1.0, 1.0);
-                let batch = ba.max(bb);
-                let c_shape = if batch == 0 { vec![m, n] } else { vec![batch, m, n] };
-                let c0 = random_vec(3000 + case, c_shape.iter().product(), -1.0, 1.0);
+                let GemmCase {
+                    a,
+                    a_shape,
+                    b,
+                    b_shape,
+                    c0,
+                    c_shape,
+                } = gemm_case((ba, bb, m, n, k), spec, [1000 + case, 2000 + case, 3000 + case]);
                 let want = naive_gemm(&a, &a_shape, &b, &b_shape, &c0, spec);
                 let mut c = t(&c0, &c_shape);
                 ops::gemm_into(&t(&a, &a_shape), &t(&b, &b_shape), &mut c, spec).unwrap();

@@ -274,3 +274,41 @@ pub fn metrics_without_timings(p: &std::path::Path) -> Vec<String> {
         .map(|l| l.split(", \"estep_seconds\"").next().unwrap().to_string())
         .collect()
 }
+
+/// The operands of one GEMM test case: A and B of (batch_a, batch_b, m, n, k) laid out for the
+/// spec's transposes (batch 0: a plain matrix), and a starting C, drawn from `seeds`.
+pub struct GemmCase {
+    pub a: Vec<f32>,
+    pub a_shape: Vec<usize>,
+    pub b: Vec<f32>,
+    pub b_shape: Vec<usize>,
+    pub c0: Vec<f32>,
+    pub c_shape: Vec<usize>,
+}
+
+pub fn gemm_case(
+    (ba, bb, m, n, k): (usize, usize, usize, usize, usize),
+    spec: GemmSpec,
+    seeds: [u64; 3],
+) -> GemmCase {
+    let a_shape = if spec.trans_a {
+        operand_shape(ba, k, m)
+    } else {
+        operand_shape(ba, m, k)
+    };
+    let b_shape = if spec.trans_b {
+        operand_shape(bb, n, k)
+    } else {
+        operand_shape(bb, k, n)
+    };
+    let batch = ba.max(bb);
+    let c_shape = operand_shape(batch, m, n);
+    GemmCase {
+        a: random_vec(seeds[0], a_shape.iter().product(), -1.0, 1.0),
+        b: random_vec(seeds[1], b_shape.iter().product(), -1.0, 1.0),
+        c0: random_vec(seeds[2], c_shape.iter().product(), -1.0, 1.0),
+        a_shape,
+        b_shape,
+        c_shape,
+    }
+}
