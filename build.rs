@@ -1,6 +1,8 @@
 //! Compiles every `kernels/*.cu` with nvcc into a fatbin (SASS for each target architecture plus
 //! PTX for the newest, so newer GPUs can JIT) and into a stand-alone PTX file, and writes
-//! `OUT_DIR/kernels.rs`: a table that embeds them in the crate.
+//! `OUT_DIR/kernels.rs`: a table that embeds them in the crate. It also reads every kernel's
+//! signature and parameter structs (build/interface.rs) into `OUT_DIR/launchers.rs`, the typed
+//! Rust launchers, and `OUT_DIR/kernel_layouts.cuh`, the CUDA side of the struct layout checks.
 //!
 //! Without nvcc the crate still builds (CPU only) with one warning; `EMPRIOR_REQUIRE_KERNELS=1`
 //! turns that into an error. A kernel that fails to compile always fails the build.
@@ -13,6 +15,9 @@
 //! - `EMPRIOR_MAX_PTX_ISA` (default `9.0`, what driver 580 / CUDA 13.0 loads);
 //! - `EMPRIOR_REQUIRE_KERNELS=1`: a missing nvcc is an error;
 //! - `EMPRIOR_NO_KERNELS=1`: build CPU-only even where nvcc exists.
+
+#[path = "build/interface.rs"]
+mod interface;
 
 use std::env;
 use std::fmt::Write as _;
@@ -48,6 +53,7 @@ struct Built {
 fn main() {
     println!("cargo::rustc-check-cfg=cfg(has_cuda_kernels)");
     println!("cargo:rerun-if-changed=build.rs");
+    println!("cargo:rerun-if-changed=build");
     println!("cargo:rerun-if-changed=kernels");
     for var in WATCHED_ENV {
         println!("cargo:rerun-if-env-changed={var}");
@@ -58,6 +64,11 @@ fn main() {
     let kernel_dir = manifest_dir.join("kernels");
     let sources = kernel_sources(&kernel_dir);
     let require = flag("EMPRIOR_REQUIRE_KERNELS");
+
+    // The kernel interface comes from the sources alone, so CPU-only builds type-check every
+    // launch site against the kernels' signatures too.
+    let iface = interface::read(&sources).unwrap_or_else(|e| panic!("reading the kernel interface: {e}"));
+    interface::write(&iface, &out_dir);
 
     let archs = env::var("EMPRIOR_CUDA_ARCHS").unwrap_or_else(|_| "80,90".into());
     let archs: Vec<String> = archs
@@ -210,9 +221,12 @@ fn compile_one(
     let ptx = out_dir.join(format!("{name}.ptx"));
     let fatbin = out_dir.join(format!("{name}.fatbin"));
     let common = |cmd: &mut Command| {
+        // OUT_DIR holds the generated kernel_layouts.cuh that common.cuh includes.
         cmd.args(["-std=c++17", "-O3", "-lineinfo", "--expt-relaxed-constexpr"])
             .arg("-I")
-            .arg(kernel_dir);
+            .arg(kernel_dir)
+            .arg("-I")
+            .arg(out_dir);
     };
 
     let mut cmd = Command::new(&tk.nvcc);

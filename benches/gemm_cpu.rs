@@ -2,7 +2,7 @@
 //! problems and an MLP layer over a batch. Throughput is in FLOP (criterion prints elem/s =
 //! FLOP/s).
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use emprior::ops::{self, GemmSpec, Philox};
 use emprior::{DType, Device, Tensor};
 
@@ -28,4 +28,10 @@ fn gemm_cpu(c: &mut Criterion) {
 }
 
 criterion_group!(benches, gemm_cpu);
-criterion_main!(benches);
+/// criterion_main!, with poison mode off first: cargo runs benches with EMPRIOR_POISON=1, and the
+/// timings must be of the kernels, not of the memsets that poison every fresh buffer.
+fn main() {
+    emprior::set_poison(false);
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

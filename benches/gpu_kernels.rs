@@ -2,7 +2,7 @@
 //! (bytes moved as B/s), each timed with CUDA events around the launch. Without a GPU every
 //! bench prints `skipped: GPU unavailable: <reason>` and measures nothing.
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use emprior::bench::device_time;
 use emprior::device::CudaDevice;
 use emprior::ops::{self, GemmSpec, Philox};
@@ -84,4 +84,10 @@ fn elementwise_gpu(c: &mut Criterion) {
 }
 
 criterion_group!(benches, gemm_gpu, elementwise_gpu);
-criterion_main!(benches);
+/// criterion_main!, with poison mode off first: cargo runs benches with EMPRIOR_POISON=1, and the
+/// timings must be of the kernels, not of the memsets that poison every fresh buffer.
+fn main() {
+    emprior::set_poison(false);
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

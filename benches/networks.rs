@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
+use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use emprior::bench::device_time;
 use emprior::diffusion::{preset, Denoiser};
 use emprior::nn::Mode;
@@ -162,4 +162,10 @@ fn time_mlp_posterior_cpu(c: &mut Criterion) {
 }
 
 criterion_group!(benches, time_mlp_cpu, time_mlp_posterior_cpu, unet_gpu);
-criterion_main!(benches);
+/// criterion_main!, with poison mode off first: cargo runs benches with EMPRIOR_POISON=1, and the
+/// timings must be of the kernels, not of the memsets that poison every fresh buffer.
+fn main() {
+    emprior::set_poison(false);
+    benches();
+    Criterion::default().configure_from_args().final_summary();
+}

@@ -6,8 +6,8 @@
 // Launch contract: any grid/block; grid-stride.
 #include "common.cuh"
 
-// Must match AdamKernelParams in src/train/adam.rs. The (1 - x) factors come from the host,
-// rounded once from f64 as the CPU body rounds them.
+// Mirrored in Rust by a generated struct (build/interface.rs). The (1 - x) factors come from the
+// host, rounded once from f64 as the CPU body rounds them.
 struct AdamKernelParams {
     float lr, beta1, beta2, one_minus_beta1, one_minus_beta2, eps;
     float bias1, bias2;       // 1 - beta^t
@@ -15,8 +15,9 @@ struct AdamKernelParams {
     float one_minus_decay;    // the EMA step
     int use_ema;              // 0: no EMA (and `ema` may be null)
 };
+CHECK_LAYOUT(AdamKernelParams);
 
-extern "C" __global__ void adam_step_f32(float* p, const float* g, float* m, float* v, float* ema,
+extern "C" __global__ void adam_step_f32(float* p, const float* g, float* m, float* v, NULLABLE float* ema,
                                          const float* grad_norm, i64 n, AdamKernelParams a) {
     const float norm = *grad_norm;
     const float scale = (a.max_norm > 0.0f && norm > a.max_norm) ? a.max_norm / norm : 1.0f;

@@ -29,7 +29,7 @@ extern "C" __global__ void bc_sum_rows_f32(const float* x, float* out, i64 group
 
 // y[s, i] = alpha[s] * a[s, i] + beta[s] * b[s, i] for per-sample scalars (EDM preconditioning:
 // c_skip * x_t + c_out * F). b may be null (then y = alpha * a). Grid-stride over samples * len.
-extern "C" __global__ void bc_scale_rows_f32(const float* a, const float* alpha, const float* b, const float* beta,
+extern "C" __global__ void bc_scale_rows_f32(const float* a, const float* alpha, NULLABLE const float* b, NULLABLE const float* beta,
                                              float* y, i64 samples, i64 len) {
     const i64 n = samples * len, stride = (i64)gridDim.x * blockDim.x;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) {

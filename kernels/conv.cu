@@ -8,10 +8,11 @@
 // Launch contract: any grid/block; grid-stride loops.
 #include "common.cuh"
 
-// Must match ConvGeometry in src/nn/conv.rs.
+// Mirrored in Rust by a generated struct (build/interface.rs), with methods in src/nn/conv.rs.
 struct ConvGeometry {
     int n, h, w, cin, oh, ow, stride;
 };
+CHECK_LAYOUT(ConvGeometry);
 
 extern "C" __global__ void conv_im2col_f32(const float* x, float* col, ConvGeometry g) {
     const i64 kc = 9LL * g.cin;

@@ -20,7 +20,7 @@ extern "C" __global__ void emb_sinusoidal_f32(const float* c_noise, float* emb, 
 // EDM preconditioning coefficients for one sigma per sample (method.md §2.2), computed on the
 // device so a sampler step uploads nothing: sigma[s] from `sigmas`, or `sigma_all` for every
 // sample when `sigmas` is null. Writes c_skip, c_out, c_in, c_noise = ln sigma.
-extern "C" __global__ void emb_precond_f32(const float* sigmas, double sigma_all, float* c_skip, float* c_out,
+extern "C" __global__ void emb_precond_f32(NULLABLE const float* sigmas, double sigma_all, float* c_skip, float* c_out,
                                            float* c_in, float* c_noise, i64 n) {
     const i64 step = (i64)gridDim.x * blockDim.x;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {

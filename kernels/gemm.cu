@@ -19,7 +19,7 @@
 #define GEMM_BK 8
 #define GEMM_THREADS 256
 
-// Must match `GemmParams` in src/ops/gemm.rs (#[repr(C)]).
+// Mirrored in Rust by a generated struct (build/interface.rs), re-exported by src/ops/gemm.rs.
 struct GemmParams {
     int m, n, k;
     int lda, ldb, ldc;
@@ -27,6 +27,7 @@ struct GemmParams {
     int batch;
     float alpha, beta;
 };
+CHECK_LAYOUT(GemmParams);
 
 template <bool TA, bool TB>
 __device__ __forceinline__ void gemm_body(const float* __restrict__ A, const float* __restrict__ B,
@@ -110,18 +111,18 @@ __device__ __forceinline__ void gemm_body(const float* __restrict__ A, const flo
 }
 
 extern "C" __global__ void __launch_bounds__(GEMM_THREADS)
-    gemm_f32_nn(const float* A, const float* B, float* C, GemmParams p, const float* bias) {
+    gemm_f32_nn(const float* A, const float* B, float* C, GemmParams p, NULLABLE const float* bias) {
     gemm_body<false, false>(A, B, C, p, bias);
 }
 extern "C" __global__ void __launch_bounds__(GEMM_THREADS)
-    gemm_f32_nt(const float* A, const float* B, float* C, GemmParams p, const float* bias) {
+    gemm_f32_nt(const float* A, const float* B, float* C, GemmParams p, NULLABLE const float* bias) {
     gemm_body<false, true>(A, B, C, p, bias);
 }
 extern "C" __global__ void __launch_bounds__(GEMM_THREADS)
-    gemm_f32_tn(const float* A, const float* B, float* C, GemmParams p, const float* bias) {
+    gemm_f32_tn(const float* A, const float* B, float* C, GemmParams p, NULLABLE const float* bias) {
     gemm_body<true, false>(A, B, C, p, bias);
 }
 extern "C" __global__ void __launch_bounds__(GEMM_THREADS)
-    gemm_f32_tt(const float* A, const float* B, float* C, GemmParams p, const float* bias) {
+    gemm_f32_tt(const float* A, const float* B, float* C, GemmParams p, NULLABLE const float* bias) {
     gemm_body<true, true>(A, B, C, p, bias);
 }

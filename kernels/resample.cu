@@ -48,13 +48,14 @@ extern "C" __global__ void rs_split_f32(const float* dy, float* da, float* db, i
     }
 }
 
-// Must match PermuteParams in src/nn/resample.rs: y's dims, and for each of y's axes the stride
+// Mirrored in Rust by a generated struct (build/interface.rs): y's dims, and for each of y's axes the stride
 // of the x axis it comes from.
 struct PermuteParams {
     int rank;
     i64 out_dims[6];
     i64 in_strides[6];
 };
+CHECK_LAYOUT(PermuteParams);
 
 extern "C" __global__ void rs_permute_f32(const float* x, float* y, i64 total, PermuteParams p) {
     const i64 step = (i64)gridDim.x * blockDim.x;

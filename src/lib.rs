@@ -54,7 +54,7 @@ pub mod real;
 pub mod tensor;
 pub mod train;
 
-pub use device::{Device, DeviceRequest};
+pub use device::{poison_enabled, set_poison, Device, DeviceRequest};
 pub use error::{Error, Result};
 pub use real::Real;
 pub use tensor::{AsView, AsViewMut, DType, Tensor, View, ViewMut};

@@ -388,6 +388,8 @@ fn info(request: DeviceRequest, list_kernels: bool) -> Result<()> {
 }
 
 fn bench(request: DeviceRequest, quick: bool) -> Result<()> {
+    // Timings are of the kernels, not of poison memsets (cargo sets EMPRIOR_POISON=1).
+    emprior::set_poison(false);
     let device = Device::open(request)?;
     let (title, rows) = match &device {
         Device::Cuda(dev) => (

@@ -65,25 +65,41 @@ impl Tensor {
 
     /// A tensor of zeros.
     pub fn zeros(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
-        let mut t = Tensor::uninit(shape, dtype, device)?;
-        if let Storage::Cuda(s) = &mut t.storage {
-            s.device
-                .stream()
-                .memset_zeros(s.buf.slice_mut())
-                .map_err(|e| Error::cuda("zeroing a tensor", e))?;
-        }
-        Ok(t)
+        let n = numel(shape);
+        let storage = match device {
+            Device::Cpu => Storage::Cpu(CpuStorage::filled(dtype, n, 0.0)),
+            Device::Cuda(dev) => {
+                let mut buf = dev.alloc(n * dtype.size_in_bytes())?;
+                dev.stream()
+                    .memset_zeros(buf.slice_mut())
+                    .map_err(|e| Error::cuda("zeroing a tensor", e))?;
+                Storage::Cuda(CudaStorage {
+                    buf,
+                    device: dev.clone(),
+                })
+            }
+        };
+        Ok(Tensor {
+            shape: shape.to_vec(),
+            dtype,
+            storage,
+        })
     }
 
-    /// A tensor whose contents are undefined on the GPU (zeros on the CPU): for op outputs.
+    /// A tensor for an op to write before anything reads it. Its contents are undefined: zeros
+    /// on the CPU and recycled memory on the GPU, or NaN on both in poison mode
+    /// ([`crate::device::poison_enabled`]), so a read before the write shows in every test.
     pub fn uninit(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
         let n = numel(shape);
         let storage = match device {
-            Device::Cpu => Storage::Cpu(match dtype {
-                DType::F32 => CpuStorage::F32(vec![0.0; n]),
-                DType::BF16 => CpuStorage::BF16(vec![bf16::ZERO; n]),
-                DType::F64 => CpuStorage::F64(vec![0.0; n]),
-            }),
+            Device::Cpu => {
+                let fill = if crate::device::poison_enabled() {
+                    f64::NAN
+                } else {
+                    0.0
+                };
+                Storage::Cpu(CpuStorage::filled(dtype, n, fill))
+            }
             Device::Cuda(dev) => Storage::Cuda(CudaStorage {
                 buf: dev.alloc(n * dtype.size_in_bytes())?,
                 device: dev.clone(),
@@ -316,6 +332,15 @@ impl std::fmt::Debug for Tensor {
 }
 
 impl CpuStorage {
+    /// `n` elements of `dtype`, all equal to `value` (NaN stays NaN in every type).
+    fn filled(dtype: DType, n: usize, value: f64) -> CpuStorage {
+        match dtype {
+            DType::F32 => CpuStorage::F32(vec![value as f32; n]),
+            DType::BF16 => CpuStorage::BF16(vec![bf16::from_f64(value); n]),
+            DType::F64 => CpuStorage::F64(vec![value; n]),
+        }
+    }
+
     pub fn dtype(&self) -> DType {
         match self {
             CpuStorage::F32(_) => DType::F32,

@@ -6,61 +6,13 @@ use std::panic::catch_unwind;
 use std::sync::Arc;
 
 use cudarc::driver::sys::CUdevice_attribute;
-use cudarc::driver::{CudaContext, CudaFunction, CudaModule, CudaStream};
+use cudarc::driver::{CudaContext, CudaModule, CudaStream};
 use cudarc::nvrtc::Ptx;
 
+use super::launch::Kernels;
 use super::pool::{DevicePool, PoolStats, PooledBuffer};
 use crate::error::{Error, Result};
 use crate::kernels;
-
-/// Declares every kernel the engine launches, grouped by the `kernels/<module>.cu` that defines
-/// it, and generates the `Kernels` struct that holds them all, resolved once when the device
-/// opens (no name lookups per launch).
-macro_rules! kernel_table {
-    ($($module:ident { $($func:ident),* $(,)? })*) => {
-        /// Every kernel function, loaded from the embedded modules.
-        pub struct Kernels {
-            $($(pub $func: CudaFunction,)*)*
-        }
-
-        impl Kernels {
-            fn load(ctx: &Arc<CudaContext>) -> Result<Self> {
-                $(
-                    let module = load_module(ctx, stringify!($module))?;
-                    $(
-                        let $func = module.load_function(stringify!($func)).map_err(|e| {
-                            Error::cuda(format!("loading kernel {} from {}.cu", stringify!($func), stringify!($module)), e)
-                        })?;
-                    )*
-                )*
-                Ok(Kernels { $($($func,)*)* })
-            }
-
-            /// (module, function) names of every kernel, for `emprior info`.
-            pub fn names() -> &'static [(&'static str, &'static str)] {
-                &[$($((stringify!($module), stringify!($func)),)*)*]
-            }
-        }
-    };
-}
-
-kernel_table! {
-    elementwise { ew_fill_f32, ew_add_f32, ew_mul_f32, ew_scale_f32, ew_axpy_f32, ew_silu_f32, ew_silu_backward_f32, ew_div_guarded_f32 }
-    reduce { reduce_sum_partial_f32, reduce_sum_finish, reduce_row_dot_f32 }
-    broadcast { bc_add_bias_f32, bc_sum_rows_f32, bc_scale_rows_f32, bc_scale_cols_f32 }
-    norm { ln_forward_f32, ln_backward_f32, ln_modulate_forward_f32 }
-    conv { conv_im2col_f32, conv_col2im_f32 }
-    resample { rs_upsample2x_f32, rs_upsample2x_backward_f32, rs_concat_f32, rs_split_f32, rs_permute_f32 }
-    blocks { blk_modulate_backward_f32, blk_residual_f32, blk_residual_backward_f32 }
-    attention { attn_softmax_f32, attn_softmax_backward_f32 }
-    embedding { emb_sinusoidal_f32, emb_precond_f32 }
-    dropout { dropout_f32 }
-    adam { adam_step_f32 }
-    sampler { sampler_step_f32 }
-    augment { aug_flip_shift_f32 }
-    gemm { gemm_f32_nn, gemm_f32_nt, gemm_f32_tn, gemm_f32_tt }
-    rng { rng_uniform_f32, rng_normal_f32 }
-}
 
 /// Loads `kernels/<name>.cu` from the fatbin (SASS for the device, or its PTX JIT-compiled by the
 /// driver), falling back to the stand-alone PTX.
@@ -150,7 +102,7 @@ impl CudaDevice {
             .map_err(|e| Error::cuda("reading the compute capability", e))?;
         let name = ctx.name().unwrap_or_else(|_| "unknown CUDA device".into());
         let total_memory = ctx.total_mem().unwrap_or(0);
-        let kernels = Kernels::load(&ctx)?;
+        let kernels = Kernels::load(stream.clone(), |module| load_module(&ctx, module))?;
         let pool = Arc::new(DevicePool::new(stream.clone()));
         Ok(Arc::new(CudaDevice {
             ordinal,

@@ -1,6 +1,8 @@
 //! Where tensors live and ops run: the CPU (always there; the oracle) or a CUDA GPU.
 
 mod cuda;
+pub mod launch;
+mod poison;
 mod pool;
 
 use std::collections::HashMap;
@@ -8,7 +10,9 @@ use std::fmt;
 use std::str::FromStr;
 use std::sync::{Arc, Mutex, OnceLock};
 
-pub use cuda::{probe as probe_cuda, CudaDevice, Kernels};
+pub use cuda::{probe as probe_cuda, CudaDevice};
+pub use launch::{params, Kernels};
+pub use poison::{poison_enabled, set_poison, POISON_BYTE, POISON_F32};
 pub use pool::{size_class, PoolStats, PooledBuffer};
 
 use crate::error::{Error, Result};

@@ -59,7 +59,7 @@ impl DevicePool {
         }
     }
 
-    /// A buffer of at least `bytes` bytes, contents undefined.
+    /// A buffer of at least `bytes` bytes, contents undefined (all bytes 0xFF in poison mode).
     pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<PooledBuffer> {
         let class = size_class(bytes);
         let cached = {
@@ -71,10 +71,13 @@ impl DevicePool {
             }
             hit
         };
-        let slice = match cached {
+        let mut slice = match cached {
             Some(s) => s,
             None => self.alloc_from_driver(class)?,
         };
+        if super::poison_enabled() {
+            self.poison(&mut slice)?;
+        }
         let mut inner = self.inner.lock().unwrap();
         inner.stats.bytes_in_use += class;
         inner.stats.peak_bytes_in_use = inner.stats.peak_bytes_in_use.max(inner.stats.bytes_in_use);
@@ -87,7 +90,7 @@ impl DevicePool {
 
     fn alloc_from_driver(&self, class: usize) -> Result<CudaSlice<u8>> {
         // SAFETY: the pool hands out uninitialised memory by contract; every op writes its output
-        // before anything reads it.
+        // before anything reads it (poison mode checks that contract).
         let first = unsafe { self.stream.alloc::<u8>(class) };
         let slice = match first {
             Ok(s) => s,
@@ -100,6 +103,23 @@ impl DevicePool {
         };
         self.inner.lock().unwrap().stats.device_allocations += 1;
         Ok(slice)
+    }
+
+    /// Fills a buffer with the poison pattern (all bits set: NaN for every float type), queued on
+    /// the stream, so an op that reads its output before writing it yields NaN.
+    fn poison(&self, slice: &mut CudaSlice<u8>) -> Result<()> {
+        use cudarc::driver::DevicePtrMut;
+        self.stream
+            .context()
+            .bind_to_thread()
+            .map_err(|e| Error::cuda("binding the context to poison a buffer", e))?;
+        let bytes = slice.num_bytes();
+        let (ptr, _record) = slice.device_ptr_mut(&self.stream);
+        // SAFETY: `ptr` is a live allocation of `bytes` bytes owned by this pool, on our stream.
+        unsafe {
+            cudarc::driver::result::memset_d8_async(ptr, super::POISON_BYTE, bytes, self.stream.cu_stream())
+        }
+        .map_err(|e| Error::cuda(format!("poisoning {bytes} bytes of device memory"), e))
     }
 
     fn release(&self, slice: CudaSlice<u8>) {

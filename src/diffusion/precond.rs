@@ -7,7 +7,7 @@
 //! applies J^T (J = d d / d x_t) to any number of cotangents against those saved activations,
 //! never recomputing the forward.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use crate::device::launch::grid_stride;
 
 use crate::device::Device;
 use crate::error::{Error, Result};
@@ -16,7 +16,6 @@ use crate::nn::mlp::MlpSaved;
 use crate::nn::unet::UNetSaved;
 use crate::nn::{Mode, ParamLayout, TimeMlp, UNet};
 use crate::ops::broadcast::{scale_rows_add_into, scale_rows_into};
-use crate::ops::launched;
 use crate::tensor::{AsView, DType, Tensor, View, ViewMut};
 
 /// A denoiser network F: the manifold's TimeMLP or an image U-Net.
@@ -177,24 +176,19 @@ fn preconditioning(sigmas: &[f64], dtype: DType, device: &Device) -> Result<[Ten
                 c.cuda_f32_mut()?,
                 d.cuda_f32_mut()?,
             );
-            let (n64, all, null) = (n as i64, sigmas[0], 0u64);
-            let mut l = dev.stream().launch_builder(&dev.kernels().emb_precond_f32);
-            match &sview {
-                Some(v) => l.arg(v),
-                None => l.arg(&null),
-            };
-            l.arg(&all)
-                .arg(&mut av)
-                .arg(&mut bv)
-                .arg(&mut cv)
-                .arg(&mut dv)
-                .arg(&n64);
-            let cfg = LaunchConfig {
-                grid_dim: (dev.grid_for(n, 256), 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            launched("emb_precond_f32", unsafe { l.launch(cfg) })?;
+            // SAFETY: every buffer holds n values (one per sample).
+            unsafe {
+                dev.kernels().emb_precond_f32(
+                    grid_stride(dev, n),
+                    sview.as_ref(),
+                    sigmas[0],
+                    &mut av,
+                    &mut bv,
+                    &mut cv,
+                    &mut dv,
+                    n as i64,
+                )
+            }?;
         }
         return Ok([a, b, c, d]);
     }

@@ -5,13 +5,13 @@
 //! the MMPS posterior denoiser in place of the prior's. The update and its noise are one kernel
 //! (kernels/sampler.cu); the whole loop stays on the device.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use crate::device::launch::grid_stride;
 
 use super::schedule::VeSchedule;
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::ops::broadcast::add_bias;
-use crate::ops::{launched, mismatch, one_device, Philox};
+use crate::ops::{mismatch, one_device, Philox};
 use crate::real::Real;
 use crate::tensor::{AsView, AsViewMut, DType, Data, DataMut, Tensor, View};
 
@@ -80,21 +80,20 @@ pub fn sampler_step(x: &mut Tensor, d: &Tensor, a: f64, c: f64, rng: Philox, off
         (DataMut::F64(xs), Data::F64(ds)) => host(xs, ds, a, c, rng, offset),
         (DataMut::Cuda(xs, dev), Data::Cuda(ds, _)) => {
             let (n64, af, cf) = (n as i64, a as f32, c as f32);
-            let mut l = dev.stream().launch_builder(&dev.kernels().sampler_step_f32);
-            l.arg(xs)
-                .arg(ds)
-                .arg(&n64)
-                .arg(&af)
-                .arg(&cf)
-                .arg(&rng.seed)
-                .arg(&rng.stream)
-                .arg(&offset);
-            let cfg = LaunchConfig {
-                grid_dim: (dev.grid_for(n, 256), 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            launched("sampler_step_f32", unsafe { l.launch(cfg) })?;
+            // SAFETY: x and d hold n values (shapes checked above).
+            unsafe {
+                dev.kernels().sampler_step_f32(
+                    grid_stride(dev, n),
+                    xs,
+                    ds,
+                    n64,
+                    af,
+                    cf,
+                    rng.seed,
+                    rng.stream,
+                    offset,
+                )
+            }?;
         }
         _ => return Err(mismatch("sampler_step", &[&dv], &[])),
     }

@@ -4,13 +4,13 @@
 //! The matrix products are batched GEMMs over (sample, head); the softmax and its backward are
 //! kernels/attention.cu.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use crate::device::launch::warp_per_row;
 
 use super::linear::Linear;
 use super::params::ParamLayout;
 use super::resample::{inverse_permutation, permute};
 use crate::error::{Error, Result};
-use crate::ops::{gemm_into, launched, mismatch, GemmSpec};
+use crate::ops::{gemm_into, mismatch, GemmSpec};
 use crate::tensor::{AsView, AsViewMut, Data, DataMut, Tensor, View, ViewMut};
 
 /// The CPU bodies: the oracle for kernels/attention.cu.
@@ -43,14 +43,6 @@ pub mod cpu {
     }
 }
 
-fn warp_rows(dev: &crate::device::CudaDevice, rows: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (dev.grid_for(rows * 32, 256), 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
 /// Softmax over the last axis.
 pub fn softmax(s: &View) -> Result<Tensor> {
     let cols = *s
@@ -64,9 +56,11 @@ pub fn softmax(s: &View) -> Result<Tensor> {
         match (&s.data, &mut pv.data) {
             (Data::Cuda(sv, dev), DataMut::Cuda(o, _)) => {
                 let (r, c) = (rows as i64, cols as i32);
-                let mut l = dev.stream().launch_builder(&dev.kernels().attn_softmax_f32);
-                l.arg(sv).arg(o).arg(&r).arg(&c);
-                launched("attn_softmax_f32", unsafe { l.launch(warp_rows(dev, rows)) })?;
+                // SAFETY: s and p hold rows * cols values (same shape).
+                unsafe {
+                    dev.kernels()
+                        .attn_softmax_f32(warp_per_row(dev, rows), sv, o, r, c)
+                }?;
             }
             (Data::Cuda(..), _) => return Err(mismatch("softmax", &[s], &[])),
             _ => host_real!(s, T => {
@@ -92,13 +86,11 @@ pub fn softmax_backward(p: &View, dp: &View) -> Result<Tensor> {
         match (&p.data, &dp.data, &mut dv.data) {
             (Data::Cuda(pv, dev), Data::Cuda(gv, _), DataMut::Cuda(o, _)) => {
                 let (r, c) = (rows as i64, cols as i32);
-                let mut l = dev
-                    .stream()
-                    .launch_builder(&dev.kernels().attn_softmax_backward_f32);
-                l.arg(pv).arg(gv).arg(o).arg(&r).arg(&c);
-                launched("attn_softmax_backward_f32", unsafe {
-                    l.launch(warp_rows(dev, rows))
-                })?;
+                // SAFETY: p, dp and ds hold rows * cols values (same shape).
+                unsafe {
+                    dev.kernels()
+                        .attn_softmax_backward_f32(warp_per_row(dev, rows), pv, gv, o, r, c)
+                }?;
             }
             (Data::Cuda(..), ..) => return Err(mismatch("softmax_backward", &[p, dp], &[])),
             _ => host_real!(p, T => {

@@ -4,7 +4,9 @@
 //!   AttBlock: h = MHA(LN((1 + a) x + b));                         out = (x + c h) / sqrt(1 + c^2)
 //! CUDA for the fused maps: kernels/blocks.cu.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use cudarc::driver::LaunchConfig;
+
+use crate::device::launch::{blocks, grid_stride, THREADS};
 
 use super::attention::{AttSaved, SelfAttention};
 use super::conv::Conv3x3;
@@ -14,7 +16,7 @@ use super::norm::{layer_norm_backward, modulated_layer_norm, LnSaved};
 use super::params::ParamLayout;
 use super::Mode;
 use crate::error::{Error, Result};
-use crate::ops::{add, launched, mismatch, one_device, silu, silu_backward};
+use crate::ops::{add, mismatch, one_device, silu, silu_backward};
 use crate::tensor::{AsView, AsViewMut, Data, DataMut, Tensor, View, ViewMut};
 
 /// The CPU bodies: the oracle for kernels/blocks.cu. x, h, out: [n, p, c]; m: [n, 3c].
@@ -105,14 +107,6 @@ fn npc(op: &'static str, x: &View, m: &View) -> Result<(usize, usize, usize)> {
     Ok((n, x.numel() / (n * c), c))
 }
 
-fn grid(dev: &crate::device::CudaDevice, total: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (dev.grid_for(total, 256), 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
 /// The backward kernels index raw buffers: check every operand's shape first.
 fn same_shapes(
     op: &'static str,
@@ -137,12 +131,9 @@ fn same_shapes(
     Ok(())
 }
 
+/// One thread per channel, one grid row per sample (the per-channel backward kernels).
 fn per_channel(n: usize, c: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: ((c as u32).div_ceil(256), n as u32, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
+    blocks(((c as u32).div_ceil(THREADS), n as u32, 1), THREADS)
 }
 
 /// dx and the (a, b) columns of dm for dh. `dm` is [N, 3C]; its c columns are left alone.
@@ -161,21 +152,21 @@ pub fn modulate_backward(x: &View, m: &View, dh: &View, dm: &mut ViewMut) -> Res
                 DataMut::Cuda(o, _),
                 DataMut::Cuda(dmv, _),
             ) => {
-                let d = [n as i64, p as i64, c as i64];
-                let mut l = dev
-                    .stream()
-                    .launch_builder(&dev.kernels().blk_modulate_backward_f32);
-                l.arg(xv)
-                    .arg(mv)
-                    .arg(gv)
-                    .arg(o)
-                    .arg(dmv)
-                    .arg(&d[0])
-                    .arg(&d[1])
-                    .arg(&d[2]);
-                launched("blk_modulate_backward_f32", unsafe {
-                    l.launch(per_channel(n, c))
-                })?;
+                let (n64, p64, c64) = (n as i64, p as i64, c as i64);
+                // SAFETY: x, dh and dx are [n, p, c], m and dm [n, 3c] (checked by same_shapes).
+                unsafe {
+                    dev.kernels().blk_modulate_backward_f32(
+                        per_channel(n, c),
+                        xv,
+                        mv,
+                        gv,
+                        o,
+                        dmv,
+                        n64,
+                        p64,
+                        c64,
+                    )
+                }?;
             }
             (Data::Cuda(..), ..) => return Err(mismatch("modulate_backward", &[x, m, dh], &[])),
             _ => host_real!(x, T => {
@@ -199,10 +190,10 @@ pub fn residual(x: &View, h: &View, m: &View) -> Result<Tensor> {
         let mut ov = out.as_view_mut()?;
         match (&x.data, &h.data, &m.data, &mut ov.data) {
             (Data::Cuda(xv, dev), Data::Cuda(hv, _), Data::Cuda(mv, _), DataMut::Cuda(o, _)) => {
-                let d = [n as i64, p as i64, c as i64];
-                let mut l = dev.stream().launch_builder(&dev.kernels().blk_residual_f32);
-                l.arg(xv).arg(hv).arg(mv).arg(o).arg(&d[0]).arg(&d[1]).arg(&d[2]);
-                launched("blk_residual_f32", unsafe { l.launch(grid(dev, n * p * c)) })?;
+                let (n64, p64, c64) = (n as i64, p as i64, c as i64);
+                let cfg = grid_stride(dev, n * p * c);
+                // SAFETY: x, h and out are [n, p, c], m [n, 3c] (checked above).
+                unsafe { dev.kernels().blk_residual_f32(cfg, xv, hv, mv, o, n64, p64, c64) }?;
             }
             (Data::Cuda(..), ..) => return Err(mismatch("residual", &[x, h, m], &[])),
             _ => host_real!(x, T => {
@@ -254,23 +245,23 @@ pub fn residual_backward(
                 DataMut::Cuda(oh, _),
                 DataMut::Cuda(dmv, _),
             ) => {
-                let d = [n as i64, p as i64, c as i64];
-                let mut l = dev
-                    .stream()
-                    .launch_builder(&dev.kernels().blk_residual_backward_f32);
-                l.arg(xv)
-                    .arg(hv)
-                    .arg(mv)
-                    .arg(gv)
-                    .arg(ox)
-                    .arg(oh)
-                    .arg(dmv)
-                    .arg(&d[0])
-                    .arg(&d[1])
-                    .arg(&d[2]);
-                launched("blk_residual_backward_f32", unsafe {
-                    l.launch(per_channel(n, c))
-                })?;
+                let (n64, p64, c64) = (n as i64, p as i64, c as i64);
+                // SAFETY: x, h, dout, dx and dh are [n, p, c], m and dm [n, 3c] (same_shapes).
+                unsafe {
+                    dev.kernels().blk_residual_backward_f32(
+                        per_channel(n, c),
+                        xv,
+                        hv,
+                        mv,
+                        gv,
+                        ox,
+                        oh,
+                        dmv,
+                        n64,
+                        p64,
+                        c64,
+                    )
+                }?;
             }
             (Data::Cuda(..), ..) => return Err(mismatch("residual_backward", &[x, h, m, dout], &[])),
             _ => host_real!(x, T => {

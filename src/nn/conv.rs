@@ -7,29 +7,17 @@
 //! An implicit-GEMM kernel with fused epilogues is the planned fast path; this one is the exact
 //! reference it will be checked against.
 
-use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use crate::device::launch::grid_stride;
 
 use super::params::{ParamId, ParamLayout};
 use crate::error::{Error, Result};
 use crate::ops::broadcast::sum_rows_into;
-use crate::ops::{gemm_bias_into, gemm_into, launched, mismatch, GemmSpec};
+use crate::ops::{gemm_bias_into, gemm_into, mismatch, GemmSpec};
 use crate::tensor::{AsView, AsViewMut, Data, DataMut, Tensor, View, ViewMut};
 
-/// The shape of one convolution, laid out as `ConvGeometry` in kernels/conv.cu.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ConvGeometry {
-    pub n: i32,
-    pub h: i32,
-    pub w: i32,
-    pub cin: i32,
-    pub oh: i32,
-    pub ow: i32,
-    pub stride: i32,
-}
-
-// SAFETY: plain-old-data with the C layout the kernels expect.
-unsafe impl DeviceRepr for ConvGeometry {}
+/// The shape of one convolution: the `#[repr(C)]` mirror of `ConvGeometry` in kernels/conv.cu,
+/// generated from it by the build (layout asserted on both sides).
+pub use crate::device::params::ConvGeometry;
 
 impl ConvGeometry {
     fn out_pixels(&self) -> usize {
@@ -93,14 +81,6 @@ pub mod cpu {
     }
 }
 
-fn launch_cfg(dev: &crate::device::CudaDevice, n: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (dev.grid_for(n, 256), 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
 /// The column matrix [N * OH * OW, 9 * Cin] of x.
 pub fn im2col(x: &View, g: &ConvGeometry) -> Result<Tensor> {
     let mut col = Tensor::uninit(&[g.out_pixels(), g.col_cols()], x.dtype(), &x.device())?;
@@ -108,11 +88,9 @@ pub fn im2col(x: &View, g: &ConvGeometry) -> Result<Tensor> {
         let mut cv = col.as_view_mut()?;
         match (&x.data, &mut cv.data) {
             (Data::Cuda(xv, dev), DataMut::Cuda(co, _)) => {
-                let mut l = dev.stream().launch_builder(&dev.kernels().conv_im2col_f32);
-                l.arg(xv).arg(co).arg(g);
-                launched("conv_im2col_f32", unsafe {
-                    l.launch(launch_cfg(dev, g.out_pixels() * g.col_cols()))
-                })?;
+                let cfg = grid_stride(dev, g.out_pixels() * g.col_cols());
+                // SAFETY: x holds g.in_elems() values and col out_pixels * col_cols.
+                unsafe { dev.kernels().conv_im2col_f32(cfg, xv, co, *g) }?;
             }
             (Data::Cuda(..), _) => return Err(mismatch("im2col", &[x], &[])),
             _ => host_real!(x, T => {
@@ -132,11 +110,11 @@ pub fn col2im(dcol: &View, g: &ConvGeometry) -> Result<Tensor> {
         let mut dv = dx.as_view_mut()?;
         match (&dcol.data, &mut dv.data) {
             (Data::Cuda(cv, dev), DataMut::Cuda(o, _)) => {
-                let mut l = dev.stream().launch_builder(&dev.kernels().conv_col2im_f32);
-                l.arg(cv).arg(o).arg(g);
-                launched("conv_col2im_f32", unsafe {
-                    l.launch(launch_cfg(dev, g.in_elems()))
-                })?;
+                // SAFETY: dcol holds out_pixels * col_cols values and dx g.in_elems().
+                unsafe {
+                    dev.kernels()
+                        .conv_col2im_f32(grid_stride(dev, g.in_elems()), cv, o, *g)
+                }?;
             }
             (Data::Cuda(..), _) => return Err(mismatch("col2im", &[dcol], &[])),
             _ => host_real!(dcol, T => {

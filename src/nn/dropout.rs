@@ -3,10 +3,10 @@
 //! regenerates it instead of storing it, and CPU and GPU drop the same elements.
 //! CUDA: kernels/dropout.cu.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use crate::device::launch::grid_stride;
 
 use crate::error::{Error, Result};
-use crate::ops::{launched, mismatch, Philox};
+use crate::ops::{mismatch, Philox};
 use crate::real::Real;
 use crate::tensor::{AsViewMut, Data, DataMut, Tensor, View};
 
@@ -36,21 +36,11 @@ pub fn dropout(x: &View, mask: &DropoutMask) -> Result<Tensor> {
                     (n as i64, mask.p, mask.rng.seed, mask.rng.stream, mask.offset);
                 // 1 / (1 - p) rounded once from f64, as the CPU body below.
                 let scale = (1.0 / (1.0 - mask.p as f64)) as f32;
-                let mut l = dev.stream().launch_builder(&dev.kernels().dropout_f32);
-                l.arg(xv)
-                    .arg(o)
-                    .arg(&n64)
-                    .arg(&p)
-                    .arg(&scale)
-                    .arg(&seed)
-                    .arg(&stream)
-                    .arg(&off);
-                let cfg = LaunchConfig {
-                    grid_dim: (dev.grid_for(n, 256), 1, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                launched("dropout_f32", unsafe { l.launch(cfg) })?;
+                // SAFETY: x and y hold n values (same shape).
+                unsafe {
+                    dev.kernels()
+                        .dropout_f32(grid_stride(dev, n), xv, o, n64, p, scale, seed, stream, off)
+                }?;
             }
             (Data::Cuda(..), _) => return Err(mismatch("dropout", &[x], &[])),
             _ => host_real!(x, T => {

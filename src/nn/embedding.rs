@@ -2,10 +2,10 @@
 //! j < E/2, cos(f_{j-E/2} c_noise[n]) after, f_j = 1e-4^(j / (E/2 - 1)), with c_noise = ln sigma.
 //! Every block of the networks reads this raw embedding. CUDA: kernels/embedding.cu.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use crate::device::launch::grid_stride;
 
 use crate::error::{Error, Result};
-use crate::ops::{launched, mismatch};
+use crate::ops::mismatch;
 use crate::real::Real;
 use crate::tensor::{AsViewMut, Data, DataMut, Tensor, View};
 
@@ -45,14 +45,11 @@ pub fn sinusoidal_embedding(c_noise: &View, e: usize) -> Result<Tensor> {
         match (&c_noise.data, &mut ov.data) {
             (Data::Cuda(cv, dev), DataMut::Cuda(o, _)) => {
                 let (n64, e32) = (n as i64, e as i32);
-                let mut l = dev.stream().launch_builder(&dev.kernels().emb_sinusoidal_f32);
-                l.arg(cv).arg(o).arg(&n64).arg(&e32);
-                let cfg = LaunchConfig {
-                    grid_dim: (dev.grid_for(n * e, 256), 1, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                launched("emb_sinusoidal_f32", unsafe { l.launch(cfg) })?;
+                // SAFETY: c_noise holds n values and the output n * e.
+                unsafe {
+                    dev.kernels()
+                        .emb_sinusoidal_f32(grid_stride(dev, n * e), cv, o, n64, e32)
+                }?;
             }
             (Data::Cuda(..), _) => return Err(mismatch("sinusoidal_embedding", &[c_noise], &[])),
             _ => host_real!(c_noise, T => {

@@ -1,10 +1,10 @@
 //! LayerNorm over channels (the last axis) without affine parameters, eps = 1e-5 (inox's
 //! LayerNorm as the paper uses it). CUDA: kernels/norm.cu.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use crate::device::launch::warp_per_row;
 
 use crate::error::{Error, Result};
-use crate::ops::{launched, mismatch, one_device};
+use crate::ops::{mismatch, one_device};
 use crate::real::Real;
 use crate::tensor::{Data, DataMut, Tensor, View};
 
@@ -56,15 +56,6 @@ fn channels(x: &View) -> Result<(usize, usize)> {
     }
 }
 
-fn config(dev: &crate::device::CudaDevice, rows: usize) -> LaunchConfig {
-    // 8 warps per block, one row per warp.
-    LaunchConfig {
-        grid_dim: (dev.grid_for(rows * 32, 256), 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
 /// y = LN(x); the returned `LnSaved` holds y (also the layer's output) and 1/std.
 pub fn layer_norm(x: &View) -> Result<LnSaved> {
     let (rows, c) = channels(x)?;
@@ -79,9 +70,11 @@ pub fn layer_norm(x: &View) -> Result<LnSaved> {
         match (&x.data, &mut yv.data, &mut rv.data) {
             (Data::Cuda(xv, dev), DataMut::Cuda(yo, _), DataMut::Cuda(ro, _)) => {
                 let (r64, c32, eps) = (rows as i64, c as i32, LN_EPS as f32);
-                let mut l = dev.stream().launch_builder(&dev.kernels().ln_forward_f32);
-                l.arg(xv).arg(yo).arg(ro).arg(&r64).arg(&c32).arg(&eps);
-                launched("ln_forward_f32", unsafe { l.launch(config(dev, rows)) })?;
+                // SAFETY: x and y hold rows * c values, rstd rows.
+                unsafe {
+                    dev.kernels()
+                        .ln_forward_f32(warp_per_row(dev, rows), xv, yo, ro, r64, c32, eps)
+                }?;
             }
             (Data::Cuda(..), ..) => return Err(mismatch("layer_norm", &[x], &[])),
             _ => host_real!(x, T => {
@@ -119,18 +112,12 @@ pub fn modulated_layer_norm(x: &View, m: &View) -> Result<LnSaved> {
         match (&x.data, &m.data, &mut yv.data, &mut rv.data) {
             (Data::Cuda(xv, dev), Data::Cuda(mv, _), DataMut::Cuda(yo, _), DataMut::Cuda(ro, _)) => {
                 let (r64, p64, c32, eps) = (rows as i64, p as i64, c as i32, LN_EPS as f32);
-                let mut l = dev
-                    .stream()
-                    .launch_builder(&dev.kernels().ln_modulate_forward_f32);
-                l.arg(xv)
-                    .arg(mv)
-                    .arg(yo)
-                    .arg(ro)
-                    .arg(&r64)
-                    .arg(&p64)
-                    .arg(&c32)
-                    .arg(&eps);
-                launched("ln_modulate_forward_f32", unsafe { l.launch(config(dev, rows)) })?;
+                let cfg = warp_per_row(dev, rows);
+                // SAFETY: x and y hold rows * c values, rstd rows, m [rows / p, 3c] (checked above).
+                unsafe {
+                    dev.kernels()
+                        .ln_modulate_forward_f32(cfg, xv, mv, yo, ro, r64, p64, c32, eps)
+                }?;
             }
             (Data::Cuda(..), ..) => return Err(mismatch("modulated_layer_norm", &[x, m], &[])),
             _ => host_real!(x, T => {
@@ -168,9 +155,11 @@ pub fn layer_norm_backward_from(y: &View, rstd: &View, dy: &View) -> Result<Tens
         match (&y.data, &rstd.data, &dy.data, &mut dv.data) {
             (Data::Cuda(yv, dev), Data::Cuda(rv, _), Data::Cuda(gv, _), DataMut::Cuda(dout, _)) => {
                 let (r64, c32) = (rows as i64, c as i32);
-                let mut l = dev.stream().launch_builder(&dev.kernels().ln_backward_f32);
-                l.arg(yv).arg(rv).arg(gv).arg(dout).arg(&r64).arg(&c32);
-                launched("ln_backward_f32", unsafe { l.launch(config(dev, rows)) })?;
+                // SAFETY: y, dy and dx hold rows * c values, rstd rows.
+                unsafe {
+                    dev.kernels()
+                        .ln_backward_f32(warp_per_row(dev, rows), yv, rv, gv, dout, r64, c32)
+                }?;
             }
             (Data::Cuda(..), ..) => return Err(mismatch("layer_norm_backward", &[&y, dy], &[])),
             _ => host_real!(y, T => {

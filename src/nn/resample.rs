@@ -2,10 +2,11 @@
 //! pixel unshuffle/shuffle for the MRI U-Net, attention head split/merge). Each has an adjoint
 //! for the backward. CUDA: kernels/resample.cu.
 
-use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use crate::device::launch::grid_stride;
+use crate::device::params;
 
 use crate::error::{Error, Result};
-use crate::ops::{launched, mismatch, one_device};
+use crate::ops::{mismatch, one_device};
 use crate::tensor::{numel, AsViewMut, Data, DataMut, Tensor, View};
 
 /// The CPU bodies: the oracle for kernels/resample.cu.
@@ -73,14 +74,6 @@ pub mod cpu {
     }
 }
 
-fn cfg(dev: &crate::device::CudaDevice, n: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (dev.grid_for(n, 256), 1, 1),
-        block_dim: (256, 1, 1),
-        shared_mem_bytes: 0,
-    }
-}
-
 fn nhwc(op: &'static str, shape: &[usize]) -> Result<(usize, usize, usize, usize)> {
     match *shape {
         [n, h, w, c] => Ok((n, h, w, c)),
@@ -97,9 +90,12 @@ pub fn upsample2x(x: &View) -> Result<Tensor> {
         match (&x.data, &mut yv.data) {
             (Data::Cuda(xv, dev), DataMut::Cuda(o, _)) => {
                 let d = [n as i64, h as i64, w as i64, c as i64];
-                let mut l = dev.stream().launch_builder(&dev.kernels().rs_upsample2x_f32);
-                l.arg(xv).arg(o).arg(&d[0]).arg(&d[1]).arg(&d[2]).arg(&d[3]);
-                launched("rs_upsample2x_f32", unsafe { l.launch(cfg(dev, 4 * x.numel())) })?;
+                let cfg = grid_stride(dev, 4 * x.numel());
+                // SAFETY: x is [n, h, w, c] and y [n, 2h, 2w, c].
+                unsafe {
+                    dev.kernels()
+                        .rs_upsample2x_f32(cfg, xv, o, d[0], d[1], d[2], d[3])
+                }?;
             }
             (Data::Cuda(..), _) => return Err(mismatch("upsample2x", &[x], &[])),
             _ => host_real!(x, T => {
@@ -129,13 +125,12 @@ pub fn upsample2x_backward(dy: &View) -> Result<Tensor> {
         match (&dy.data, &mut dv.data) {
             (Data::Cuda(gv, dev), DataMut::Cuda(o, _)) => {
                 let d = [n as i64, h as i64, w as i64, c as i64];
-                let mut l = dev
-                    .stream()
-                    .launch_builder(&dev.kernels().rs_upsample2x_backward_f32);
-                l.arg(gv).arg(o).arg(&d[0]).arg(&d[1]).arg(&d[2]).arg(&d[3]);
-                launched("rs_upsample2x_backward_f32", unsafe {
-                    l.launch(cfg(dev, n * h * w * c))
-                })?;
+                let cfg = grid_stride(dev, n * h * w * c);
+                // SAFETY: dy is [n, 2h, 2w, c] and dx [n, h, w, c].
+                unsafe {
+                    dev.kernels()
+                        .rs_upsample2x_backward_f32(cfg, gv, o, d[0], d[1], d[2], d[3])
+                }?;
             }
             (Data::Cuda(..), _) => return Err(mismatch("upsample2x_backward", &[dy], &[])),
             _ => host_real!(dy, T => {
@@ -175,9 +170,9 @@ pub fn concat_channels(a: &View, b: &View) -> Result<Tensor> {
         match (&a.data, &b.data, &mut yv.data) {
             (Data::Cuda(av, dev), Data::Cuda(bv, _), DataMut::Cuda(o, _)) => {
                 let d = [rows as i64, ca as i64, cb as i64];
-                let mut l = dev.stream().launch_builder(&dev.kernels().rs_concat_f32);
-                l.arg(av).arg(bv).arg(o).arg(&d[0]).arg(&d[1]).arg(&d[2]);
-                launched("rs_concat_f32", unsafe { l.launch(cfg(dev, rows * (ca + cb))) })?;
+                let cfg = grid_stride(dev, rows * (ca + cb));
+                // SAFETY: a is [rows, ca], b [rows, cb] and y [rows, ca + cb].
+                unsafe { dev.kernels().rs_concat_f32(cfg, av, bv, o, d[0], d[1], d[2]) }?;
             }
             (Data::Cuda(..), ..) | (_, Data::Cuda(..), _) => {
                 return Err(mismatch("concat_channels", &[a, b], &[]))
@@ -214,9 +209,9 @@ pub fn split_channels(dy: &View, ca: usize) -> Result<(Tensor, Tensor)> {
         match (&dy.data, &mut av.data, &mut bv.data) {
             (Data::Cuda(gv, dev), DataMut::Cuda(oa, _), DataMut::Cuda(ob, _)) => {
                 let d = [rows as i64, ca as i64, cb as i64];
-                let mut l = dev.stream().launch_builder(&dev.kernels().rs_split_f32);
-                l.arg(gv).arg(oa).arg(ob).arg(&d[0]).arg(&d[1]).arg(&d[2]);
-                launched("rs_split_f32", unsafe { l.launch(cfg(dev, rows * c)) })?;
+                let cfg = grid_stride(dev, rows * c);
+                // SAFETY: dy is [rows, ca + cb], da [rows, ca] and db [rows, cb].
+                unsafe { dev.kernels().rs_split_f32(cfg, gv, oa, ob, d[0], d[1], d[2]) }?;
             }
             (Data::Cuda(..), ..) => return Err(mismatch("split_channels", &[dy], &[])),
             _ => host_real!(dy, T => {
@@ -227,18 +222,6 @@ pub fn split_channels(dy: &View, ca: usize) -> Result<(Tensor, Tensor)> {
     }
     Ok((da, db))
 }
-
-/// Laid out as `PermuteParams` in kernels/resample.cu.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-struct PermuteParams {
-    rank: i32,
-    out_dims: [i64; 6],
-    in_strides: [i64; 6],
-}
-
-// SAFETY: plain-old-data with the C layout the kernel expects.
-unsafe impl DeviceRepr for PermuteParams {}
 
 /// y = x with its axes reordered: y's axis i is x's axis `perm[i]` (rank <= 6).
 pub fn permute(x: &View, perm: &[usize]) -> Result<Tensor> {
@@ -269,7 +252,7 @@ pub fn permute(x: &View, perm: &[usize]) -> Result<Tensor> {
         let mut yv = y.as_view_mut()?;
         match (&x.data, &mut yv.data) {
             (Data::Cuda(xv, dev), DataMut::Cuda(o, _)) => {
-                let mut p = PermuteParams {
+                let mut p = params::PermuteParams {
                     rank: rank as i32,
                     out_dims: [1; 6],
                     in_strides: [0; 6],
@@ -278,10 +261,9 @@ pub fn permute(x: &View, perm: &[usize]) -> Result<Tensor> {
                     p.out_dims[a] = out_dims[a] as i64;
                     p.in_strides[a] = in_strides[a] as i64;
                 }
-                let total = x.numel() as i64;
-                let mut l = dev.stream().launch_builder(&dev.kernels().rs_permute_f32);
-                l.arg(xv).arg(o).arg(&total).arg(&p);
-                launched("rs_permute_f32", unsafe { l.launch(cfg(dev, x.numel())) })?;
+                let cfg = grid_stride(dev, x.numel());
+                // SAFETY: x and y hold x.numel() values; p describes x's shape (rank <= 6).
+                unsafe { dev.kernels().rs_permute_f32(cfg, xv, o, x.numel() as i64, p) }?;
             }
             (Data::Cuda(..), _) => return Err(mismatch("permute", &[x], &[])),
             _ => host_real!(x, T => {

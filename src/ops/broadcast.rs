@@ -2,9 +2,8 @@
 //! cols = the last): bias add and its gradient, per-group sums (per-sample reductions over
 //! pixels), and per-sample scaling. CUDA: kernels/broadcast.cu.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
-
-use super::{expect_shape, launched, mismatch, one_device};
+use super::{expect_shape, mismatch, one_device};
+use crate::device::launch::{blocks, grid_stride, THREADS};
 use crate::error::{Error, Result};
 use crate::real::Real;
 use crate::tensor::{AsView, AsViewMut, Data, DataMut, View, ViewMut};
@@ -75,15 +74,12 @@ pub fn add_bias(y: &mut impl AsViewMut, b: &impl AsView) -> Result<()> {
         (DataMut::F32(yv), Data::F32(bv)) => cpu::add_bias(yv, bv),
         (DataMut::F64(yv), Data::F64(bv)) => cpu::add_bias(yv, bv),
         (DataMut::Cuda(yv, dev), Data::Cuda(bv, _)) => {
-            let (r, c) = (rows as i64, cols as i64);
-            let mut l = dev.stream().launch_builder(&dev.kernels().bc_add_bias_f32);
-            l.arg(yv).arg(bv).arg(&r).arg(&c);
-            let cfg = LaunchConfig {
-                grid_dim: (dev.grid_for(rows * cols, 256), 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            launched("bc_add_bias_f32", unsafe { l.launch(cfg) })?;
+            let cfg = grid_stride(dev, rows * cols);
+            // SAFETY: y holds rows * cols values and b cols (shapes checked above).
+            unsafe {
+                dev.kernels()
+                    .bc_add_bias_f32(cfg, yv, bv, rows as i64, cols as i64)
+            }?;
         }
         _ => return Err(mismatch("add_bias", &[&b], &[&y])),
     }
@@ -127,14 +123,9 @@ pub fn sum_rows_into(
         (Data::F64(xv), DataMut::F64(o)) => cpu::sum_rows(xv, o, groups, cols, accumulate),
         (Data::Cuda(xv, dev), DataMut::Cuda(o, _)) => {
             let (g, p, c, acc) = (groups as i64, per as i64, cols as i64, accumulate as i32);
-            let mut l = dev.stream().launch_builder(&dev.kernels().bc_sum_rows_f32);
-            l.arg(xv).arg(o).arg(&g).arg(&p).arg(&c).arg(&acc);
-            let cfg = LaunchConfig {
-                grid_dim: ((cols as u32).div_ceil(256), groups as u32, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            launched("bc_sum_rows_f32", unsafe { l.launch(cfg) })?;
+            let cfg = blocks(((cols as u32).div_ceil(THREADS), groups as u32, 1), THREADS);
+            // SAFETY: x holds groups * per * cols values and out groups * cols (checked above).
+            unsafe { dev.kernels().bc_sum_rows_f32(cfg, xv, o, g, p, c, acc) }?;
         }
         _ => return Err(mismatch("sum_rows", &[&x], &[&out])),
     }
@@ -153,15 +144,12 @@ pub fn scale_cols_into(x: &impl AsView, v: &impl AsView, y: &mut impl AsViewMut)
         (Data::F32(xv), Data::F32(vv), DataMut::F32(o)) => cpu::scale_cols(xv, vv, o),
         (Data::F64(xv), Data::F64(vv), DataMut::F64(o)) => cpu::scale_cols(xv, vv, o),
         (Data::Cuda(xv, dev), Data::Cuda(vv, _), DataMut::Cuda(o, _)) => {
-            let (r, c) = (rows as i64, cols as i64);
-            let mut l = dev.stream().launch_builder(&dev.kernels().bc_scale_cols_f32);
-            l.arg(xv).arg(vv).arg(o).arg(&r).arg(&c);
-            let cfg = LaunchConfig {
-                grid_dim: (dev.grid_for(rows * cols, 256), 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            launched("bc_scale_cols_f32", unsafe { l.launch(cfg) })?;
+            let cfg = grid_stride(dev, rows * cols);
+            // SAFETY: x and y hold rows * cols values and v cols (shapes checked above).
+            unsafe {
+                dev.kernels()
+                    .bc_scale_cols_f32(cfg, xv, vv, o, rows as i64, cols as i64)
+            }?;
         }
         _ => return Err(mismatch("scale_cols", &[&x, &v], &[&y])),
     }
@@ -224,20 +212,16 @@ fn scale_rows(a: View, alpha: View, b: Option<(View, View)>, mut y: ViewMut) -> 
                 return Err(mismatch("scale_rows", &[&a, &alpha], &[]));
             };
             let (s, len) = (samples as i64, (a.numel() / samples.max(1)) as i64);
-            let null = 0u64; // a null pointer: the kernel then skips the second term
-            let mut l = dev.stream().launch_builder(&dev.kernels().bc_scale_rows_f32);
-            l.arg(av).arg(alv);
-            match &bviews {
-                Some((x, z)) => l.arg(x).arg(z),
-                None => l.arg(&null).arg(&null),
+            // Without b the kernel gets null pointers and skips the second term.
+            let (bv, betav) = match &bviews {
+                Some((x, z)) => (Some(x), Some(z)),
+                None => (None, None),
             };
-            l.arg(yv).arg(&s).arg(&len);
-            let cfg = LaunchConfig {
-                grid_dim: (dev.grid_for(a.numel(), 256), 1, 1),
-                block_dim: (256, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            launched("bc_scale_rows_f32", unsafe { l.launch(cfg) })
+            // SAFETY: a, b and y hold samples * len values, alpha and beta samples (checked above).
+            unsafe {
+                dev.kernels()
+                    .bc_scale_rows_f32(grid_stride(dev, a.numel()), av, alv, bv, betav, yv, s, len)
+            }
         }
         _ => Err(mismatch("scale_rows", &[&a, &alpha], &[&y])),
     }

@@ -1,15 +1,14 @@
 //! Elementwise maps: fill, add, mul, scale, axpy, SiLU and its backward.
 //! CUDA: kernels/elementwise.cu.
 
-use cudarc::driver::{CudaFunction, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig};
 
-use super::{alloc_like, expect_shape, launched, mismatch, one_device};
+use super::{alloc_like, expect_shape, mismatch, one_device};
+use crate::device::launch::grid_stride;
 use crate::device::{CudaDevice, Kernels};
 use crate::error::Result;
 use crate::real::Real;
 use crate::tensor::{AsView, AsViewMut, Data, DataMut, Tensor};
-
-const THREADS: u32 = 256;
 
 /// The CPU bodies: the oracle for kernels/elementwise.cu.
 pub mod cpu {
@@ -40,63 +39,104 @@ pub mod cpu {
 
 /// A grid-stride launch over n elements, each thread taking float4s.
 fn config(dev: &CudaDevice, n: usize) -> LaunchConfig {
-    LaunchConfig {
-        grid_dim: (dev.grid_for(n.div_ceil(4), THREADS), 1, 1),
-        block_dim: (THREADS, 1, 1),
-        shared_mem_bytes: 0,
-    }
+    grid_stride(dev, n.div_ceil(4))
 }
 
-/// An elementwise function with one CPU body for every float type and its CUDA kernel.
+/// An elementwise function of two operands: one CPU body for every float type, and its kernel
+/// (signature a, b, out, n). Unary maps are binary maps that ignore `b` (`apply(x, x)`) and
+/// launch a kernel of signature x, out, n [, scalar].
 trait Map {
     const NAME: &'static str;
-    fn kernel(k: &Kernels) -> &CudaFunction;
-    /// The scalar argument the kernel takes after n, if any.
-    fn scalar(&self) -> Option<f32> {
-        None
-    }
     fn apply<T: Real>(&self, a: T, b: T) -> T;
+    /// # Safety
+    /// `cfg` must come from `config(dev, n)` and every view must hold n elements.
+    unsafe fn launch(
+        &self,
+        k: &Kernels,
+        cfg: LaunchConfig,
+        a: &CudaView<f32>,
+        b: &CudaView<f32>,
+        out: &mut CudaViewMut<f32>,
+        n: i64,
+    ) -> Result<()>;
+}
+
+/// A map of one operand (kernel signature x, out, n [, scalar]).
+trait UnaryMap {
+    const NAME: &'static str;
+    fn apply<T: Real>(&self, x: T) -> T;
+    /// # Safety
+    /// As for [`Map::launch`].
+    unsafe fn launch(
+        &self,
+        k: &Kernels,
+        cfg: LaunchConfig,
+        x: &CudaView<f32>,
+        out: &mut CudaViewMut<f32>,
+        n: i64,
+    ) -> Result<()>;
 }
 
 struct Add;
 impl Map for Add {
     const NAME: &'static str = "add";
-    fn kernel(k: &Kernels) -> &CudaFunction {
-        &k.ew_add_f32
-    }
     fn apply<T: Real>(&self, a: T, b: T) -> T {
         a + b
+    }
+    unsafe fn launch(
+        &self,
+        k: &Kernels,
+        cfg: LaunchConfig,
+        a: &CudaView<f32>,
+        b: &CudaView<f32>,
+        out: &mut CudaViewMut<f32>,
+        n: i64,
+    ) -> Result<()> {
+        k.ew_add_f32(cfg, a, b, out, n)
     }
 }
 
 struct Mul;
 impl Map for Mul {
     const NAME: &'static str = "mul";
-    fn kernel(k: &Kernels) -> &CudaFunction {
-        &k.ew_mul_f32
-    }
     fn apply<T: Real>(&self, a: T, b: T) -> T {
         a * b
+    }
+    unsafe fn launch(
+        &self,
+        k: &Kernels,
+        cfg: LaunchConfig,
+        a: &CudaView<f32>,
+        b: &CudaView<f32>,
+        out: &mut CudaViewMut<f32>,
+        n: i64,
+    ) -> Result<()> {
+        k.ew_mul_f32(cfg, a, b, out, n)
     }
 }
 
 struct SiluBackward;
 impl Map for SiluBackward {
     const NAME: &'static str = "silu_backward";
-    fn kernel(k: &Kernels) -> &CudaFunction {
-        &k.ew_silu_backward_f32
-    }
     fn apply<T: Real>(&self, x: T, dy: T) -> T {
         cpu::silu_backward(x, dy)
+    }
+    unsafe fn launch(
+        &self,
+        k: &Kernels,
+        cfg: LaunchConfig,
+        x: &CudaView<f32>,
+        dy: &CudaView<f32>,
+        dx: &mut CudaViewMut<f32>,
+        n: i64,
+    ) -> Result<()> {
+        k.ew_silu_backward_f32(cfg, x, dy, dx, n)
     }
 }
 
 struct DivGuarded;
 impl Map for DivGuarded {
     const NAME: &'static str = "div_guarded";
-    fn kernel(k: &Kernels) -> &CudaFunction {
-        &k.ew_div_guarded_f32
-    }
     fn apply<T: Real>(&self, a: T, b: T) -> T {
         if b == T::ZERO {
             T::ZERO
@@ -104,19 +144,24 @@ impl Map for DivGuarded {
             a / b
         }
     }
+    unsafe fn launch(
+        &self,
+        k: &Kernels,
+        cfg: LaunchConfig,
+        a: &CudaView<f32>,
+        b: &CudaView<f32>,
+        out: &mut CudaViewMut<f32>,
+        n: i64,
+    ) -> Result<()> {
+        k.ew_div_guarded_f32(cfg, a, b, out, n)
+    }
 }
 
-/// Unary maps use `apply(x, x)`. The scale is f64 so the f64 oracle keeps it exactly.
+/// The scale is f64 so the f64 oracle keeps it exactly.
 struct Scale(f64);
-impl Map for Scale {
+impl UnaryMap for Scale {
     const NAME: &'static str = "scale";
-    fn kernel(k: &Kernels) -> &CudaFunction {
-        &k.ew_scale_f32
-    }
-    fn scalar(&self) -> Option<f32> {
-        Some(self.0 as f32)
-    }
-    fn apply<T: Real>(&self, x: T, _: T) -> T {
+    fn apply<T: Real>(&self, x: T) -> T {
         // f32 data gets the f32-rounded scale, exactly what the kernel multiplies by.
         if T::DTYPE == crate::tensor::DType::F32 {
             T::from_f32(self.0 as f32) * x
@@ -124,20 +169,37 @@ impl Map for Scale {
             T::from_f64(self.0) * x
         }
     }
+    unsafe fn launch(
+        &self,
+        k: &Kernels,
+        cfg: LaunchConfig,
+        x: &CudaView<f32>,
+        out: &mut CudaViewMut<f32>,
+        n: i64,
+    ) -> Result<()> {
+        k.ew_scale_f32(cfg, x, out, n, self.0 as f32)
+    }
 }
 
 struct Silu;
-impl Map for Silu {
+impl UnaryMap for Silu {
     const NAME: &'static str = "silu";
-    fn kernel(k: &Kernels) -> &CudaFunction {
-        &k.ew_silu_f32
-    }
-    fn apply<T: Real>(&self, x: T, _: T) -> T {
+    fn apply<T: Real>(&self, x: T) -> T {
         cpu::silu(x)
+    }
+    unsafe fn launch(
+        &self,
+        k: &Kernels,
+        cfg: LaunchConfig,
+        x: &CudaView<f32>,
+        out: &mut CudaViewMut<f32>,
+        n: i64,
+    ) -> Result<()> {
+        k.ew_silu_f32(cfg, x, out, n)
     }
 }
 
-/// `out = f(a, b)` elementwise (kernel signature: a, b, out, n).
+/// `out = f(a, b)` elementwise.
 fn binary<F: Map>(f: F, a: &impl AsView, b: &impl AsView, out: &mut impl AsViewMut) -> Result<()> {
     let (a, b, mut out) = (a.as_view()?, b.as_view()?, out.as_view_mut()?);
     one_device(F::NAME, &[&a, &b], &[&out])?;
@@ -148,34 +210,26 @@ fn binary<F: Map>(f: F, a: &impl AsView, b: &impl AsView, out: &mut impl AsViewM
         (Data::F32(x), Data::F32(y), DataMut::F32(o)) => cpu::map2(x, y, o, |p, q| f.apply(p, q)),
         (Data::F64(x), Data::F64(y), DataMut::F64(o)) => cpu::map2(x, y, o, |p, q| f.apply(p, q)),
         (Data::Cuda(x, dev), Data::Cuda(y, _), DataMut::Cuda(o, _)) => {
-            let n64 = n as i64;
-            let mut l = dev.stream().launch_builder(F::kernel(dev.kernels()));
-            l.arg(x).arg(y).arg(o).arg(&n64);
-            launched(F::NAME, unsafe { l.launch(config(dev, n)) })?;
+            // SAFETY: all three views hold n elements (shapes checked above).
+            unsafe { f.launch(dev.kernels(), config(dev, n), x, y, o, n as i64) }?;
         }
         _ => return Err(mismatch(F::NAME, &[&a, &b], &[&out])),
     }
     Ok(())
 }
 
-/// `out = f(x)` elementwise (kernel signature: x, out, n [, scalar]).
-fn unary<F: Map>(f: F, x: &impl AsView, out: &mut impl AsViewMut) -> Result<()> {
+/// `out = f(x)` elementwise.
+fn unary<F: UnaryMap>(f: F, x: &impl AsView, out: &mut impl AsViewMut) -> Result<()> {
     let (x, mut out) = (x.as_view()?, out.as_view_mut()?);
     one_device(F::NAME, &[&x], &[&out])?;
     expect_shape(F::NAME, "out", out.shape(), x.shape())?;
     let n = x.numel();
     match (&x.data, &mut out.data) {
-        (Data::F32(v), DataMut::F32(o)) => cpu::map1(v, o, |p| f.apply(p, p)),
-        (Data::F64(v), DataMut::F64(o)) => cpu::map1(v, o, |p| f.apply(p, p)),
+        (Data::F32(v), DataMut::F32(o)) => cpu::map1(v, o, |p| f.apply(p)),
+        (Data::F64(v), DataMut::F64(o)) => cpu::map1(v, o, |p| f.apply(p)),
         (Data::Cuda(v, dev), DataMut::Cuda(o, _)) => {
-            let n64 = n as i64;
-            let s = f.scalar().unwrap_or(0.0);
-            let mut l = dev.stream().launch_builder(F::kernel(dev.kernels()));
-            l.arg(v).arg(o).arg(&n64);
-            if f.scalar().is_some() {
-                l.arg(&s);
-            }
-            launched(F::NAME, unsafe { l.launch(config(dev, n)) })?;
+            // SAFETY: both views hold n elements (shape checked above).
+            unsafe { f.launch(dev.kernels(), config(dev, n), v, o, n as i64) }?;
         }
         _ => return Err(mismatch(F::NAME, &[&x], &[&out])),
     }
@@ -194,12 +248,8 @@ pub fn fill(out: &mut impl AsViewMut, value: f32) -> Result<()> {
     match &mut out.data {
         DataMut::F32(o) => o.fill(value),
         DataMut::F64(o) => o.fill(value as f64),
-        DataMut::Cuda(o, dev) => {
-            let n64 = n as i64;
-            let mut l = dev.stream().launch_builder(&dev.kernels().ew_fill_f32);
-            l.arg(o).arg(&n64).arg(&value);
-            launched("ew_fill_f32", unsafe { l.launch(config(dev, n)) })?;
-        }
+        // SAFETY: the view holds n elements.
+        DataMut::Cuda(o, dev) => unsafe { dev.kernels().ew_fill_f32(config(dev, n), o, n as i64, value) }?,
     }
     Ok(())
 }
@@ -261,10 +311,11 @@ pub fn axpy(alpha: f64, x: &impl AsView, y: &mut impl AsViewMut) -> Result<()> {
         }
         (Data::F64(xv), DataMut::F64(yv)) => yv.iter_mut().zip(*xv).for_each(|(yi, &xi)| *yi += alpha * xi),
         (Data::Cuda(xv, dev), DataMut::Cuda(yv, _)) => {
-            let (n64, alpha) = (n as i64, alpha as f32);
-            let mut l = dev.stream().launch_builder(&dev.kernels().ew_axpy_f32);
-            l.arg(xv).arg(yv).arg(&n64).arg(&alpha);
-            launched("ew_axpy_f32", unsafe { l.launch(config(dev, n)) })?;
+            // SAFETY: both views hold n elements (shape checked above).
+            unsafe {
+                dev.kernels()
+                    .ew_axpy_f32(config(dev, n), xv, yv, n as i64, alpha as f32)
+            }?;
         }
         _ => return Err(mismatch("axpy", &[&x], &[&y])),
     }

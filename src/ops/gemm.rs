@@ -4,9 +4,8 @@
 //! weight meets a batch of activations. `beta == 0` never reads C.
 //! CPU: `matrixmultiply` (blocked, SIMD; transposes are strides). CUDA: kernels/gemm.cu.
 
-use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
-
-use super::{alloc_like, expect_shape, launched, mismatch, one_device};
+use super::{alloc_like, expect_shape, mismatch, one_device};
+use crate::device::launch;
 use crate::error::{Error, Result};
 use crate::tensor::{AsView, AsViewMut, Data, DataMut, Tensor, View, ViewMut};
 
@@ -41,26 +40,9 @@ impl GemmSpec {
     }
 }
 
-/// A resolved problem, laid out exactly as `GemmParams` in kernels/gemm.cu.
-#[repr(C)]
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct GemmParams {
-    pub m: i32,
-    pub n: i32,
-    pub k: i32,
-    pub lda: i32,
-    pub ldb: i32,
-    pub ldc: i32,
-    pub stride_a: i64,
-    pub stride_b: i64,
-    pub stride_c: i64,
-    pub batch: i32,
-    pub alpha: f32,
-    pub beta: f32,
-}
-
-// SAFETY: plain-old-data with the C layout the kernel expects.
-unsafe impl DeviceRepr for GemmParams {}
+/// A resolved problem: the `#[repr(C)]` mirror of `GemmParams` in kernels/gemm.cu, generated
+/// from it by the build (layout asserted on both sides).
+pub use crate::device::params::GemmParams;
 
 /// Works out M, N, K, leading dimensions, batch strides and the output shape.
 pub fn resolve(a: &[usize], b: &[usize], spec: &GemmSpec) -> Result<(GemmParams, Vec<usize>)> {
@@ -214,13 +196,6 @@ fn gemm_impl(a: View, b: View, bias: Option<View>, mut c: ViewMut, spec: GemmSpe
             }
         }
         (Data::Cuda(x, dev), Data::Cuda(y, _), DataMut::Cuda(o, _)) => {
-            let k = dev.kernels();
-            let (name, f) = match (ta, tb) {
-                (false, false) => ("gemm_f32_nn", &k.gemm_f32_nn),
-                (false, true) => ("gemm_f32_nt", &k.gemm_f32_nt),
-                (true, false) => ("gemm_f32_tn", &k.gemm_f32_tn),
-                (true, true) => ("gemm_f32_tt", &k.gemm_f32_tt),
-            };
             if (p.m as u32).div_ceil(GEMM_TILE) > 65535 {
                 return Err(Error::shape(
                     "gemm",
@@ -229,16 +204,14 @@ fn gemm_impl(a: View, b: View, bias: Option<View>, mut c: ViewMut, spec: GemmSpe
                     p.m,
                 ));
             }
-            let cfg = LaunchConfig {
-                grid_dim: (
+            let cfg = launch::blocks(
+                (
                     (p.n as u32).div_ceil(GEMM_TILE),
                     (p.m as u32).div_ceil(GEMM_TILE),
                     (p.batch as u32).min(65535),
                 ),
-                block_dim: (GEMM_THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            let null = 0u64; // no bias: a null pointer
+                GEMM_THREADS,
+            );
             let bias_view = match &bias {
                 Some(v) => match &v.data {
                     Data::Cuda(bv, _) => Some(bv.slice(..)),
@@ -246,13 +219,17 @@ fn gemm_impl(a: View, b: View, bias: Option<View>, mut c: ViewMut, spec: GemmSpe
                 },
                 None => None,
             };
-            let mut l = dev.stream().launch_builder(f);
-            l.arg(x).arg(y).arg(o).arg(&p);
-            match &bias_view {
-                Some(bv) => l.arg(bv),
-                None => l.arg(&null),
-            };
-            launched(name, unsafe { l.launch(cfg) })?;
+            let (k, bias) = (dev.kernels(), bias_view.as_ref());
+            // SAFETY: `resolve` checked every operand against (m, n, k, batch, strides); the grid
+            // covers C's tiles and the kernel loops over batches beyond grid.z.
+            unsafe {
+                match (ta, tb) {
+                    (false, false) => k.gemm_f32_nn(cfg, x, y, o, p, bias),
+                    (false, true) => k.gemm_f32_nt(cfg, x, y, o, p, bias),
+                    (true, false) => k.gemm_f32_tn(cfg, x, y, o, p, bias),
+                    (true, true) => k.gemm_f32_tt(cfg, x, y, o, p, bias),
+                }
+            }?;
         }
         _ => return Err(mismatch("gemm", &[&a, &b], &[&c])),
     }

@@ -68,15 +68,6 @@ pub(crate) fn expect_shape(op: &'static str, what: &str, shape: &[usize], expect
     Ok(())
 }
 
-/// Launch failures carry the kernel's name.
-pub fn launched<T>(
-    kernel: &'static str,
-    r: std::result::Result<T, cudarc::driver::DriverError>,
-) -> Result<()> {
-    r.map(drop)
-        .map_err(|e| Error::cuda(format!("launching {kernel}"), e))
-}
-
 /// A new, uninitialised tensor on the device and dtype of `like`.
 pub(crate) fn alloc_like(like: &View, shape: &[usize]) -> Result<Tensor> {
     Tensor::uninit(shape, like.dtype(), &like.device())

@@ -3,9 +3,8 @@
 //! tree and the absence of atomics make every result identical run to run.
 //! CUDA: kernels/reduce.cu.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
-
-use super::{alloc_like, expect_shape, launched, mismatch, one_device};
+use super::{alloc_like, expect_shape, mismatch, one_device};
+use crate::device::launch;
 use crate::error::{Error, Result};
 use crate::tensor::{AsView, AsViewMut, Data, DataMut, Tensor};
 
@@ -50,23 +49,22 @@ pub fn sum_into(x: &impl AsView, out: &mut impl AsViewMut) -> Result<()> {
             let mut partials = dev.alloc(blocks * 8)?;
             // SAFETY: the buffer holds `blocks` f64 values.
             let mut pv = unsafe { partials.slice_mut().transmute_mut::<f64>(blocks) }.expect("sized above");
-            let n64 = n as i64;
-            let mut l = dev.stream().launch_builder(&dev.kernels().reduce_sum_partial_f32);
-            l.arg(v).arg(&n64).arg(&mut pv);
-            let cfg = LaunchConfig {
-                grid_dim: (blocks as u32, 1, 1),
-                block_dim: (REDUCE_THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            launched("reduce_sum_partial_f32", unsafe { l.launch(cfg) })?;
-            let count = blocks as i32;
-            let mut l = dev.stream().launch_builder(&dev.kernels().reduce_sum_finish);
-            l.arg(&mut pv).arg(&count).arg(o);
-            let cfg = LaunchConfig {
-                grid_dim: (1, 1, 1),
-                ..cfg
-            };
-            launched("reduce_sum_finish", unsafe { l.launch(cfg) })?;
+            let k = dev.kernels();
+            // SAFETY: one partial per block, and a one-block finish over them into the scalar.
+            unsafe {
+                k.reduce_sum_partial_f32(
+                    launch::blocks((blocks as u32, 1, 1), REDUCE_THREADS),
+                    v,
+                    n as i64,
+                    &mut pv,
+                )?;
+                k.reduce_sum_finish(
+                    launch::blocks((1, 1, 1), REDUCE_THREADS),
+                    &pv.slice(..),
+                    blocks as i32,
+                    o,
+                )
+            }?;
         }
         _ => return Err(mismatch("sum", &[&x], &[&out])),
     }
@@ -105,14 +103,15 @@ fn row_reduce(
         (Data::F64(x), Data::F64(y), DataMut::F64(o)) => cpu::row_dot(x, y, o, cols, sqrt),
         (Data::Cuda(x, dev), Data::Cuda(y, _), DataMut::Cuda(o, _)) => {
             let (rows64, cols64, sqrt32) = (rows as i64, cols as i64, sqrt as i32);
-            let mut l = dev.stream().launch_builder(&dev.kernels().reduce_row_dot_f32);
-            l.arg(x).arg(y).arg(o).arg(&rows64).arg(&cols64).arg(&sqrt32);
-            let cfg = LaunchConfig {
-                grid_dim: (rows.min(dev.sm_count() as usize * 32) as u32, 1, 1),
-                block_dim: (REDUCE_THREADS, 1, 1),
-                shared_mem_bytes: 0,
-            };
-            launched("reduce_row_dot_f32", unsafe { l.launch(cfg) })?;
+            let cfg = launch::blocks(
+                (rows.min(dev.sm_count() as usize * 32) as u32, 1, 1),
+                REDUCE_THREADS,
+            );
+            // SAFETY: a and b hold rows * cols values and out rows (shapes checked above).
+            unsafe {
+                dev.kernels()
+                    .reduce_row_dot_f32(cfg, x, y, o, rows64, cols64, sqrt32)
+            }?;
         }
         _ => return Err(mismatch(op, &[&a, &b], &[&out])),
     }

@@ -8,9 +8,7 @@
 //! Box-Muller on lanes (0, 1) and (2, 3), in f64, rounded once to f32.
 //! CUDA: kernels/rng.cu and common.cuh.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
-
-use super::launched;
+use crate::device::launch::grid_stride;
 use crate::device::Device;
 use crate::error::Result;
 use crate::real::Real;
@@ -153,20 +151,15 @@ impl Philox {
                     return Ok(());
                 }
                 let blocks = (offset + n as u64 - 1) / 4 - offset / 4 + 1;
-                let (name, f) = if normal {
-                    ("rng_normal_f32", &dev.kernels().rng_normal_f32)
-                } else {
-                    ("rng_uniform_f32", &dev.kernels().rng_uniform_f32)
-                };
-                let n64 = n as i64;
-                let mut l = dev.stream().launch_builder(f);
-                l.arg(o).arg(&n64).arg(&self.seed).arg(&self.stream).arg(&offset);
-                let cfg = LaunchConfig {
-                    grid_dim: (dev.grid_for(blocks as usize, 256), 1, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                launched(name, unsafe { l.launch(cfg) })?;
+                let (k, cfg, n64) = (dev.kernels(), grid_stride(dev, blocks as usize), n as i64);
+                // SAFETY: the view holds n values; one thread per Philox block of 4.
+                unsafe {
+                    if normal {
+                        k.rng_normal_f32(cfg, o, n64, self.seed, self.stream, offset)
+                    } else {
+                        k.rng_uniform_f32(cfg, o, n64, self.seed, self.stream, offset)
+                    }
+                }?;
             }
         }
         Ok(())

@@ -2,10 +2,11 @@
 //! global-norm gradient clipping, with constant or linear learning-rate schedules and an EMA of
 //! the parameters, all in one pass over the flat buffers (kernels/adam.cu on the GPU).
 
-use cudarc::driver::{DeviceRepr, LaunchConfig, PushKernelArg};
+use crate::device::launch::grid_stride;
+use crate::device::params;
 
 use crate::error::{Error, Result};
-use crate::ops::{launched, mismatch, one_device, row_norm};
+use crate::ops::{mismatch, one_device, row_norm};
 use crate::tensor::{AsView, AsViewMut, Data, DataMut, Tensor};
 
 /// lr(step) for step = 0, 1, ... (method.md §8.3).
@@ -56,26 +57,6 @@ impl AdamConfig {
         }
     }
 }
-
-/// Laid out as `AdamKernelParams` in kernels/adam.cu.
-#[repr(C)]
-#[derive(Clone, Copy, Debug)]
-struct AdamKernelParams {
-    lr: f32,
-    beta1: f32,
-    beta2: f32,
-    one_minus_beta1: f32,
-    one_minus_beta2: f32,
-    eps: f32,
-    bias1: f32,
-    bias2: f32,
-    max_norm: f32,
-    one_minus_decay: f32,
-    use_ema: i32,
-}
-
-// SAFETY: plain-old-data with the C layout the kernel expects.
-unsafe impl DeviceRepr for AdamKernelParams {}
 
 /// What one step did.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -220,7 +201,7 @@ impl Adam {
                     )
                 }
                 (DataMut::Cuda(p, dev), Data::Cuda(g, _), DataMut::Cuda(m, _), DataMut::Cuda(v, _)) => {
-                    let kp = AdamKernelParams {
+                    let kp = params::AdamKernelParams {
                         lr: lr as f32,
                         beta1: c.beta1 as f32,
                         beta2: c.beta2 as f32,
@@ -237,21 +218,17 @@ impl Adam {
                     let Data::Cuda(nv, _) = &norm_view.data else {
                         return Err(mismatch("adam", &[&gv], &[]));
                     };
-                    let n64 = n as i64;
-                    let null = 0u64;
-                    let mut l = dev.stream().launch_builder(&dev.kernels().adam_step_f32);
-                    l.arg(p).arg(g).arg(m).arg(v);
-                    match ev.as_mut().map(|e| &mut e.data) {
-                        Some(DataMut::Cuda(e, _)) => l.arg(e),
-                        _ => l.arg(&null),
+                    // Without an EMA copy the kernel gets a null pointer and use_ema = 0.
+                    let ema = match ev.as_mut().map(|e| &mut e.data) {
+                        Some(DataMut::Cuda(e, _)) => Some(e),
+                        _ => None,
                     };
-                    l.arg(nv).arg(&n64).arg(&kp);
-                    let cfg = LaunchConfig {
-                        grid_dim: (dev.grid_for(n, 256), 1, 1),
-                        block_dim: (256, 1, 1),
-                        shared_mem_bytes: 0,
-                    };
-                    launched("adam_step_f32", unsafe { l.launch(cfg) })?;
+                    // SAFETY: p, g, m, v (and the EMA copy) share the flat layout of n values
+                    // (checked above); the norm is one value.
+                    unsafe {
+                        dev.kernels()
+                            .adam_step_f32(grid_stride(dev, n), p, g, m, v, ema, nv, n as i64, kp)
+                    }?;
                 }
                 _ => return Err(mismatch("adam", &[&gv], &[])),
             }

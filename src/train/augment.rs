@@ -4,10 +4,10 @@
 //! Philox block i of (seed, stream), so both devices augment identically. CUDA:
 //! kernels/augment.cu.
 
-use cudarc::driver::{LaunchConfig, PushKernelArg};
+use crate::device::launch::grid_stride;
 
 use crate::error::{Error, Result};
-use crate::ops::{launched, mismatch, Philox};
+use crate::ops::{mismatch, Philox};
 use crate::tensor::{AsViewMut, Data, DataMut, Tensor, View};
 
 /// numpy's 'reflect' index (the edge is not repeated).
@@ -52,22 +52,12 @@ pub fn flip_shift(x: &View, shift: usize, rng: Philox) -> Result<Tensor> {
         match (&x.data, &mut yv.data) {
             (Data::Cuda(xv, dev), DataMut::Cuda(o, _)) => {
                 let (n64, h32, w32, c32, s32) = (n as i64, h as i32, w as i32, c as i32, shift as i32);
-                let mut l = dev.stream().launch_builder(&dev.kernels().aug_flip_shift_f32);
-                l.arg(xv)
-                    .arg(o)
-                    .arg(&n64)
-                    .arg(&h32)
-                    .arg(&w32)
-                    .arg(&c32)
-                    .arg(&s32)
-                    .arg(&rng.seed)
-                    .arg(&rng.stream);
-                let cfg = LaunchConfig {
-                    grid_dim: (dev.grid_for(x.numel(), 256), 1, 1),
-                    block_dim: (256, 1, 1),
-                    shared_mem_bytes: 0,
-                };
-                launched("aug_flip_shift_f32", unsafe { l.launch(cfg) })?;
+                let cfg = grid_stride(dev, x.numel());
+                // SAFETY: x and y hold n * h * w * c values (same shape, checked above).
+                unsafe {
+                    dev.kernels()
+                        .aug_flip_shift_f32(cfg, xv, o, n64, h32, w32, c32, s32, rng.seed, rng.stream)
+                }?;
             }
             (Data::Cuda(..), _) => return Err(mismatch("augment", &[x], &[])),
             _ => host_real!(x, T => {

@@ -1,0 +1,146 @@
+//! The kernel interface generated from the CUDA sources (build/interface.rs): the parser reads
+//! every kernel, rejects what it cannot map to Rust, and computes the C layouts that both
+//! compilers are made to assert.
+
+#[path = "../build/interface.rs"]
+#[allow(dead_code)]
+mod interface;
+
+use std::path::PathBuf;
+
+use emprior::device::{params, Kernels};
+
+fn sources() -> Vec<PathBuf> {
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("kernels");
+    let mut v: Vec<PathBuf> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+        .collect();
+    v.sort();
+    v
+}
+
+fn write_cu(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("emprior-iface-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(format!("{name}.cu"));
+    std::fs::write(&p, text).unwrap();
+    p
+}
+
+#[test]
+fn every_global_function_gets_a_launcher() {
+    let iface = interface::read(&sources()).unwrap();
+    let globals: usize = sources()
+        .iter()
+        .map(|p| std::fs::read_to_string(p).unwrap().matches("__global__").count())
+        .sum();
+    assert_eq!(iface.kernels.len(), globals);
+    let names: Vec<&str> = Kernels::names().iter().map(|(_, k)| *k).collect();
+    let parsed: Vec<&str> = iface.kernels.iter().map(|k| k.name.as_str()).collect();
+    assert_eq!(names, parsed, "the compiled table and a fresh parse disagree");
+}
+
+#[test]
+fn computed_layouts_are_the_rust_mirrors_layouts() {
+    let iface = interface::read(&sources()).unwrap();
+    let size_of = |name: &str| iface.structs.iter().find(|s| s.name == name).unwrap().layout().1;
+    assert_eq!(size_of("GemmParams"), std::mem::size_of::<params::GemmParams>());
+    assert_eq!(
+        size_of("GemmParams"),
+        64,
+        "6 ints, 3 i64 (aligned to 24), int, 2 floats, padded to 8"
+    );
+    assert_eq!(
+        size_of("PermuteParams"),
+        std::mem::size_of::<params::PermuteParams>()
+    );
+    assert_eq!(
+        size_of("ConvGeometry"),
+        std::mem::size_of::<params::ConvGeometry>()
+    );
+    assert_eq!(
+        size_of("AdamKernelParams"),
+        std::mem::size_of::<params::AdamKernelParams>()
+    );
+}
+
+#[test]
+fn signatures_map_to_typed_parameters() {
+    let p = write_cu(
+        "sig",
+        "#include \"common.cuh\"\nstruct P { int a; double b; float c[3]; };\nCHECK_LAYOUT(P);\n\
+         // a comment with __global__ in it is ignored\n\
+         extern \"C\" __global__ void __launch_bounds__(128) k(const float* __restrict__ x, float* y,\n\
+             NULLABLE const double* z, i64 n, unsigned int u, P p) {}\n",
+    );
+    let iface = interface::read(&[p]).unwrap();
+    let k = &iface.kernels[0];
+    assert_eq!(k.name, "k");
+    use interface::{ParamKind, Scalar};
+    let kinds: Vec<&ParamKind> = k.params.iter().map(|p| &p.kind).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            &ParamKind::Pointer {
+                elem: Scalar::F32,
+                mutable: false,
+                nullable: false
+            },
+            &ParamKind::Pointer {
+                elem: Scalar::F32,
+                mutable: true,
+                nullable: false
+            },
+            &ParamKind::Pointer {
+                elem: Scalar::F64,
+                mutable: false,
+                nullable: true
+            },
+            &ParamKind::Scalar(Scalar::I64),
+            &ParamKind::Scalar(Scalar::U32),
+            &ParamKind::Struct("P".into()),
+        ]
+    );
+    // int at 0, double at 8, float[3] at 16..28, padded to 32.
+    let (offsets, size) = iface.structs[0].layout();
+    assert_eq!((offsets, size), (vec![0, 8, 16], 32));
+    let code = interface::rust_code(&iface);
+    assert!(code.contains("pub c: [f32; 3]"), "{code}");
+    assert!(
+        code.contains("z: Option<&cudarc::driver::CudaView<'_, f64>>"),
+        "{code}"
+    );
+}
+
+#[test]
+fn what_cannot_be_mapped_is_refused_with_its_name() {
+    let cases = [
+        (
+            "extern \"C\" __global__ void k(half* x) {}",
+            "pointer to unsupported type `half`",
+        ),
+        (
+            "extern \"C\" __global__ void k(float** x) {}",
+            "pointers to pointers",
+        ),
+        ("extern \"C\" __global__ void k(Q q) {}", "type `Q`"),
+        ("__global__ void k(float* x) {}", "not extern \"C\""),
+        (
+            "struct S { int a; };\nextern \"C\" __global__ void k(S s) {}",
+            "no `CHECK_LAYOUT(S);`",
+        ),
+        (
+            "extern \"C\" __global__ void k(NULLABLE int n) {}",
+            "NULLABLE applies to pointers only",
+        ),
+    ];
+    for (i, (src, expected)) in cases.iter().enumerate() {
+        let p = write_cu(&format!("bad{i}"), src);
+        let err = interface::read(&[p])
+            .err()
+            .unwrap_or_else(|| panic!("accepted: {src}"));
+        assert!(err.contains(expected), "{src}: {err}");
+    }
+}
