@@ -634,10 +634,11 @@ pub fn rust_code(iface: &Interface) -> String {
         }
         writeln!(
             w,
-            "        unsafe {{ l.launch(cfg) }}.map(drop).map_err(|e| crate::error::Error::cuda(\"launching {} (kernels/{}.cu)\", e))",
+            "        unsafe {{ l.launch(cfg) }}.map_err(|e| crate::error::Error::cuda(\"launching {} (kernels/{}.cu)\", e))?;",
             k.name, k.module
         )
         .unwrap();
+        writeln!(w, "        self.after_launch({:?}, {:?})", k.name, k.module).unwrap();
         writeln!(w, "    }}").unwrap();
     }
     writeln!(w, "}}").unwrap();
