@@ -42,23 +42,21 @@ fn config(dev: &CudaDevice, n: usize) -> LaunchConfig {
     grid_stride(dev, n.div_ceil(4))
 }
 
-/// An elementwise function of two operands: one CPU body for every float type, and its kernel
-/// (signature a, b, out, n). Unary maps are binary maps that ignore `b` (`apply(x, x)`) and
-/// launch a kernel of signature x, out, n [, scalar].
+/// A launcher of a binary map kernel (signature a, b, out, n).
+type BinaryKernel = unsafe fn(
+    &Kernels,
+    LaunchConfig,
+    &CudaView<'_, f32>,
+    &CudaView<'_, f32>,
+    &mut CudaViewMut<'_, f32>,
+    i64,
+) -> Result<()>;
+
+/// An elementwise function of two operands: one CPU body for every float type, and its kernel.
 trait Map {
     const NAME: &'static str;
+    const KERNEL: BinaryKernel;
     fn apply<T: Real>(&self, a: T, b: T) -> T;
-    /// # Safety
-    /// `cfg` must come from `config(dev, n)` and every view must hold n elements.
-    unsafe fn launch(
-        &self,
-        k: &Kernels,
-        cfg: LaunchConfig,
-        a: &CudaView<f32>,
-        b: &CudaView<f32>,
-        out: &mut CudaViewMut<f32>,
-        n: i64,
-    ) -> Result<()>;
 }
 
 /// A map of one operand (kernel signature x, out, n [, scalar]).
@@ -66,7 +64,7 @@ trait UnaryMap {
     const NAME: &'static str;
     fn apply<T: Real>(&self, x: T) -> T;
     /// # Safety
-    /// As for [`Map::launch`].
+    /// `cfg` must come from `config(dev, n)` and both views must hold n elements.
     unsafe fn launch(
         &self,
         k: &Kernels,
@@ -80,80 +78,40 @@ trait UnaryMap {
 struct Add;
 impl Map for Add {
     const NAME: &'static str = "add";
+    const KERNEL: BinaryKernel = Kernels::ew_add_f32;
     fn apply<T: Real>(&self, a: T, b: T) -> T {
         a + b
-    }
-    unsafe fn launch(
-        &self,
-        k: &Kernels,
-        cfg: LaunchConfig,
-        a: &CudaView<f32>,
-        b: &CudaView<f32>,
-        out: &mut CudaViewMut<f32>,
-        n: i64,
-    ) -> Result<()> {
-        k.ew_add_f32(cfg, a, b, out, n)
     }
 }
 
 struct Mul;
 impl Map for Mul {
     const NAME: &'static str = "mul";
+    const KERNEL: BinaryKernel = Kernels::ew_mul_f32;
     fn apply<T: Real>(&self, a: T, b: T) -> T {
         a * b
-    }
-    unsafe fn launch(
-        &self,
-        k: &Kernels,
-        cfg: LaunchConfig,
-        a: &CudaView<f32>,
-        b: &CudaView<f32>,
-        out: &mut CudaViewMut<f32>,
-        n: i64,
-    ) -> Result<()> {
-        k.ew_mul_f32(cfg, a, b, out, n)
     }
 }
 
 struct SiluBackward;
 impl Map for SiluBackward {
     const NAME: &'static str = "silu_backward";
+    const KERNEL: BinaryKernel = Kernels::ew_silu_backward_f32;
     fn apply<T: Real>(&self, x: T, dy: T) -> T {
         cpu::silu_backward(x, dy)
-    }
-    unsafe fn launch(
-        &self,
-        k: &Kernels,
-        cfg: LaunchConfig,
-        x: &CudaView<f32>,
-        dy: &CudaView<f32>,
-        dx: &mut CudaViewMut<f32>,
-        n: i64,
-    ) -> Result<()> {
-        k.ew_silu_backward_f32(cfg, x, dy, dx, n)
     }
 }
 
 struct DivGuarded;
 impl Map for DivGuarded {
     const NAME: &'static str = "div_guarded";
+    const KERNEL: BinaryKernel = Kernels::ew_div_guarded_f32;
     fn apply<T: Real>(&self, a: T, b: T) -> T {
         if b == T::ZERO {
             T::ZERO
         } else {
             a / b
         }
-    }
-    unsafe fn launch(
-        &self,
-        k: &Kernels,
-        cfg: LaunchConfig,
-        a: &CudaView<f32>,
-        b: &CudaView<f32>,
-        out: &mut CudaViewMut<f32>,
-        n: i64,
-    ) -> Result<()> {
-        k.ew_div_guarded_f32(cfg, a, b, out, n)
     }
 }
 
@@ -211,7 +169,7 @@ fn binary<F: Map>(f: F, a: &impl AsView, b: &impl AsView, out: &mut impl AsViewM
         (Data::F64(x), Data::F64(y), DataMut::F64(o)) => cpu::map2(x, y, o, |p, q| f.apply(p, q)),
         (Data::Cuda(x, dev), Data::Cuda(y, _), DataMut::Cuda(o, _)) => {
             // SAFETY: all three views hold n elements (shapes checked above).
-            unsafe { f.launch(dev.kernels(), config(dev, n), x, y, o, n as i64) }?;
+            unsafe { F::KERNEL(dev.kernels(), config(dev, n), x, y, o, n as i64) }?;
         }
         _ => return Err(mismatch(F::NAME, &[&a, &b], &[&out])),
     }
