@@ -10,7 +10,9 @@
 
 mod common;
 
-use common::{compare_outputs, edited, on, parity, per_param, unravel, whole, Output, Suite, Tol};
+use common::{
+    case, compare_outputs, edited, on, parity, per_param, unravel, whole, Case, Output, Suite, Tol,
+};
 use emprior::diffusion::{Denoiser, Network};
 use emprior::nn::attention::{softmax, softmax_backward, SelfAttention};
 use emprior::nn::blocks::{modulate_backward, residual, residual_backward, AttBlock, ResBlock};
@@ -40,63 +42,57 @@ fn sigmas(n: usize) -> Vec<f64> {
         .collect()
 }
 
+/// The layers one by one, then whole networks.
+const CASES: [Case; 11] = [
+    case("layers::linear", "linear", Tol::norm(2e-6), linear_case),
+    case(
+        "layers::layer_norm",
+        "layer_norm",
+        Tol::norm(2e-6),
+        layer_norm_case,
+    ),
+    case(
+        "layers::modulated_layer_norm_and_residual",
+        "modulated LayerNorm and residual",
+        Tol::norm(2e-6),
+        modulation_case,
+    ),
+    case("layers::softmax", "softmax", Tol::norm(2e-6), softmax_case),
+    case("layers::resampling", "resampling", Tol::EXACT, resampling_case),
+    case("layers::dropout", "dropout", Tol::norm(1e-7), dropout_case),
+    case(
+        "layers::embedding_bias_sums_row_scaling",
+        "embedding, bias, sums, per-sample scaling",
+        Tol::norm(1e-6),
+        embedding_case,
+    ),
+    case(
+        "layers::self_attention",
+        "self-attention",
+        Tol::norm(1e-5),
+        attention_case,
+    ),
+    case(
+        "layers::resblock_dropout_and_attblock",
+        "ResBlock (dropout on) + AttBlock",
+        Tol::norm(1e-5),
+        blocks_case,
+    ),
+    case(
+        "nets::cifar10_unet_batch8_32x32",
+        "cifar10 U-Net b8 32x32",
+        Tol::norm(UNET_TOL),
+        |d| denoiser_case(d, &cifar10_unet(), DType::F32, &[8, 32, 32, 3]),
+    ),
+    case("nets::timemlp_batch64", "TimeMLP b64", Tol::norm(1e-5), |d| {
+        denoiser_case(d, &time_mlp(), DType::F32, &[64, 5])
+    }),
+];
+
 fn main() {
     let mut s = Suite::from_args();
-    s.gpu("layers::linear", |g| {
-        parity("linear", g, Tol::norm(2e-6), linear_case)
-    });
+    s.parity_cases(&CASES);
     s.gpu("layers::conv3x3", conv3x3);
-    s.gpu("layers::layer_norm", |g| {
-        parity("layer_norm", g, Tol::norm(2e-6), layer_norm_case)
-    });
-    s.gpu("layers::modulated_layer_norm_and_residual", |g| {
-        parity(
-            "modulated LayerNorm and residual",
-            g,
-            Tol::norm(2e-6),
-            modulation_case,
-        )
-    });
-    s.gpu("layers::softmax", |g| {
-        parity("softmax", g, Tol::norm(2e-6), softmax_case)
-    });
-    s.gpu("layers::resampling", |g| {
-        parity("resampling", g, Tol::EXACT, resampling_case)
-    });
-    s.gpu("layers::dropout", |g| {
-        parity("dropout", g, Tol::norm(1e-7), dropout_case)
-    });
-    s.gpu("layers::embedding_bias_sums_row_scaling", |g| {
-        parity(
-            "embedding, bias, sums, per-sample scaling",
-            g,
-            Tol::norm(1e-6),
-            embedding_case,
-        )
-    });
-    s.gpu("layers::self_attention", |g| {
-        parity("self-attention", g, Tol::norm(1e-5), attention_case)
-    });
-    s.gpu("layers::resblock_dropout_and_attblock", |g| {
-        parity(
-            "ResBlock (dropout on) + AttBlock",
-            g,
-            Tol::norm(1e-5),
-            blocks_case,
-        )
-    });
-    s.gpu("nets::cifar10_unet_batch8_32x32", |g| {
-        let den = cifar10_unet();
-        parity("cifar10 U-Net b8 32x32", g, Tol::norm(UNET_TOL), |d| {
-            denoiser_case(d, &den, DType::F32, &[8, 32, 32, 3])
-        })
-    });
-    s.gpu("nets::timemlp_batch64", |g| {
-        let den = Denoiser::new(Network::Mlp(TimeMlp::new(5, &[64, 64], 16)));
-        parity("TimeMLP b64", g, Tol::norm(1e-5), |d| {
-            denoiser_case(d, &den, DType::F32, &[64, 5])
-        })
-    });
     s.cpu("harness::planted_gradient_error_is_named", planted_gradient_error);
     s.cpu("harness::planted_output_error_is_named", planted_output_error);
     s.cpu("harness::equal_outputs_pass", equal_outputs_pass);
@@ -323,6 +319,10 @@ fn blocks_case(d: &Device) -> Vec<Output> {
     vec![whole("y", y), whole("dx", dx), per_param("grads", g, &layout)]
 }
 
+fn time_mlp() -> Denoiser {
+    Denoiser::new(Network::Mlp(TimeMlp::new(5, &[64, 64], 16)))
+}
+
 fn cifar10_unet() -> Denoiser {
     Denoiser::new(Network::UNet(UNet::new(UNetConfig::cifar10()).unwrap()))
 }
@@ -449,7 +449,7 @@ fn planted_gradient_error() {
         "a global norm would have caught it too ({global:e}): a weak demonstration"
     );
     println!(
-        "planted in {} [{elem}]: caught; the global relative error was only {global:.1e}",
+        "planted in {} element {elem}: caught; the global relative error was only {global:.1e}",
         spec.name
     );
 }

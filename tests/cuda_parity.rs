@@ -153,14 +153,15 @@ const OFFSETS: &[(usize, usize, usize)] = &[
 const PAD: usize = 4;
 
 /// An output buffer for a sub-view at `offset` of length `n`: NaN inside (a kernel must write
-/// every element) and a finite sentinel outside (a kernel must write nothing else), split into
-/// the pieces "before", "view" and "after" so that a failure says where.
+/// every element) and a finite sentinel outside (a kernel must write nothing else).
 fn out_buffer(dev: &Device, offset: usize, n: usize) -> Tensor {
     let mut v = vec![-7777.0f32; 2 * PAD + n];
     v[offset..offset + n].fill(f32::NAN);
     on(dev, &v, &[v.len()])
 }
 
+/// A buffer around a sub-view, compared in the pieces "before", "view" and "after", so that a
+/// failure says whether the kernel left the view unwritten or wrote outside it.
 fn regions(name: &str, out: Tensor, offset: usize, n: usize) -> common::Output {
     let piece = |name: &str, offset: usize, len: usize| Piece {
         name: name.into(),
@@ -662,9 +663,11 @@ fn pool_oom_retry(gpu: &Device) {
         "the dropped buffers were not cached: {before:?}"
     );
 
-    let buf = dev
-        .alloc(big)
-        .unwrap_or_else(|e| panic!("3 GiB with {parked} GiB cached and {left} bytes free: {e}"));
+    // If this fails: the driver's stream-ordered allocator keeps freed memory reserved until the
+    // stream synchronizes, so the pool may need to synchronize between its trim and the retry.
+    let buf = dev.alloc(big).unwrap_or_else(|e| {
+        panic!("3 GiB with {parked} GiB cached and {left} bytes free, not served after the trim: {e}")
+    });
     let after = dev.pool_stats();
     assert_eq!(
         after.bytes_cached, 0,

@@ -10,7 +10,7 @@
 
 mod common;
 
-use common::{compare_outputs, on, parity, per_param, random_vec, whole, Output, Suite, Tol};
+use common::{case, compare_outputs, on, per_param, random_vec, whole, Case, Output, Suite, Tol};
 use emprior::diffusion::loss::dsm_loss;
 use emprior::diffusion::sampler::sampler_step;
 use emprior::diffusion::{Denoiser, Network, Sampler, SamplerKind, VeSchedule};
@@ -23,77 +23,51 @@ use emprior::{AsView, AsViewMut, DType, Device, Tensor};
 
 const CPU: Device = Device::Cpu;
 
-/// A parity case: its trial's name, what it compares, its tolerance, and its body (run once per
-/// device).
-struct Case {
-    trial: &'static str,
-    what: &'static str,
-    tol: Tol,
-    run: fn(&Device) -> Vec<Output>,
-}
-
-const SAMPLER_TOL: Tol = Tol {
-    norm: 1e-6,
-    elem: 1e-5,
-};
-const MMPS_TOL: Tol = Tol {
-    norm: 1e-4,
-    elem: 1e-3,
-};
+const SAMPLER_TOL: Tol = Tol::norm(1e-6);
+const MMPS_TOL: Tol = Tol::norm(1e-4);
 
 const CASES: [Case; 6] = [
-    Case {
-        trial: "sampler::update_with_and_without_noise",
-        what: "sampler update with and without noise",
-        tol: SAMPLER_TOL,
-        run: |d| sampler_case(d, 5),
-    },
-    Case {
-        trial: "train::adam_clipping_ema_three_steps",
-        what: "Adam with clipping and EMA, three steps",
-        tol: Tol {
-            norm: 1e-6,
-            elem: 1e-5,
-        },
-        run: adam_case,
-    },
-    Case {
-        trial: "train::timemlp_dsm_gradient_and_step",
-        what: "TimeMLP: DSM gradient and one training step",
-        tol: Tol {
-            norm: 1e-5,
-            elem: 1e-4,
-        },
-        run: dsm_case,
-    },
-    Case {
-        trial: "mmps::ddpm_small_unet_masks",
-        what: "DDPM + MMPS (1 CG iteration), small U-Net with masks",
-        tol: MMPS_TOL,
-        run: |d| ddpm_mmps_case(d, 7),
-    },
-    Case {
-        trial: "mmps::pc_timemlp_dense_operators",
-        what: "PC + MMPS (3 CG iterations), TimeMLP with per-observation operators",
-        tol: MMPS_TOL,
-        run: pc_mmps_case,
-    },
-    Case {
-        trial: "gaussian::denoiser_and_woodbury_covariance",
-        what: "Gaussian prior: denoiser and posterior covariance (Woodbury)",
-        tol: Tol {
-            norm: 1e-5,
-            elem: 1e-4,
-        },
-        run: gaussian_case,
-    },
+    case(
+        "sampler::update_with_and_without_noise",
+        "sampler update with and without noise",
+        SAMPLER_TOL,
+        |d| sampler_case(d, 5),
+    ),
+    case(
+        "train::adam_clipping_ema_three_steps",
+        "Adam with clipping and EMA, three steps",
+        Tol::norm(1e-6),
+        adam_case,
+    ),
+    case(
+        "train::timemlp_dsm_gradient_and_step",
+        "TimeMLP: DSM gradient and one training step",
+        Tol::norm(1e-5),
+        dsm_case,
+    ),
+    case(
+        "mmps::ddpm_small_unet_masks",
+        "DDPM + MMPS (1 CG iteration), small U-Net with masks",
+        MMPS_TOL,
+        |d| ddpm_mmps_case(d, 7),
+    ),
+    case(
+        "mmps::pc_timemlp_dense_operators",
+        "PC + MMPS (3 CG iterations), TimeMLP with per-observation operators",
+        MMPS_TOL,
+        pc_mmps_case,
+    ),
+    case(
+        "gaussian::denoiser_and_woodbury_covariance",
+        "Gaussian prior: denoiser and posterior covariance (Woodbury)",
+        Tol::norm(1e-5),
+        gaussian_case,
+    ),
 ];
 
 fn main() {
     let mut s = Suite::from_args();
-    for c in CASES {
-        s.gpu(c.trial, move |gpu| parity(c.what, gpu, c.tol, c.run));
-    }
+    s.parity_cases(&CASES);
     s.cpu("harness::cpu_oracle_is_reproducible", oracle_is_reproducible);
     s.cpu(
         "harness::sampler_noise_from_another_stream_is_caught",

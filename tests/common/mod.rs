@@ -103,25 +103,6 @@ fn unavailable_reason(e: Error) -> String {
     }
 }
 
-/// The first GPU, or None after printing why the calling test is skipped. With
-/// EMPRIOR_REQUIRE_GPU=1 a missing GPU fails the test instead.
-pub fn gpu_or_skip(test: &str) -> Option<Device> {
-    match Device::cuda(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            let reason = unavailable_reason(e);
-            if gpu_required() {
-                panic!("{test}: EMPRIOR_REQUIRE_GPU=1 but GPU unavailable: {reason}");
-            }
-            // Straight to the stderr handle: libtest captures println!/eprintln! of passing tests,
-            // and a skip must never be silent.
-            use std::io::Write;
-            let _ = writeln!(std::io::stderr(), "{test}: skipped: GPU unavailable: {reason}");
-            None
-        }
-    }
-}
-
 /// EMPRIOR_GPU_TESTS_ON_CPU=1: without a GPU, run the GPU trials' code with the CPU standing in
 /// for the GPU (the device check's dry run): it checks that the test code runs, not the GPU, so
 /// such trials still count as ignored (and fail if the code panics).
@@ -140,7 +121,7 @@ pub struct Suite {
     trials: Vec<libtest_mimic::Trial>,
 }
 
-/// Where a GPU trial runs, decided once per process.
+/// Where a GPU trial runs.
 enum Target {
     Gpu(Device),
     StandIn,
@@ -249,6 +230,19 @@ impl Suite {
         self.trials.push(trial.with_ignored_flag(ignored));
     }
 
+    /// One GPU trial per parity case.
+    pub fn parity_cases(&mut self, cases: &[Case]) {
+        for &Case {
+            trial,
+            what,
+            tol,
+            run,
+        } in cases
+        {
+            self.gpu(trial, move |gpu| parity(what, gpu, tol, run));
+        }
+    }
+
     /// Runs the selected trials, prints libtest's summary line and exits (101 on a failure).
     pub fn run(self) -> ! {
         libtest_mimic::run(&self.args, self.trials).exit()
@@ -276,11 +270,36 @@ impl Tol {
 
     /// Norm-wise `norm`, elementwise ten times that: rounding is spread over all elements and
     /// their worst sits a few times above the norm-wise level; a bug is usually far above both.
-    pub fn norm(norm: f64) -> Tol {
+    pub const fn norm(norm: f64) -> Tol {
         Tol {
             norm,
             elem: 10.0 * norm,
         }
+    }
+}
+
+/// A parity case: its trial's name, what it compares, its tolerance, and its body (run once on
+/// the CPU and once on the GPU, from the same seeds).
+#[derive(Clone, Copy)]
+pub struct Case {
+    pub trial: &'static str,
+    pub what: &'static str,
+    pub tol: Tol,
+    pub run: fn(&Device) -> Vec<Output>,
+}
+
+/// A [`Case`], for tables of them.
+pub const fn case(
+    trial: &'static str,
+    what: &'static str,
+    tol: Tol,
+    run: fn(&Device) -> Vec<Output>,
+) -> Case {
+    Case {
+        trial,
+        what,
+        tol,
+        run,
     }
 }
 
@@ -452,10 +471,14 @@ pub fn compare_outputs(what: &str, cpu: &[Output], gpu: &[Output], tol: Tol) -> 
         } else {
             format!(" ({})", worst.1)
         };
+        let within = if tol == Tol::EXACT {
+            "bit-exact".to_string()
+        } else {
+            format!("within {:e}", tol.norm)
+        };
         summary.push(format!(
-            "{name}: {} piece(s) within {:e}, worst relative error {:.2e}{at}",
+            "{name}: {} piece(s) {within}, worst relative error {:.2e}{at}",
             c.pieces.len(),
-            tol.norm,
             worst.0
         ));
     }
