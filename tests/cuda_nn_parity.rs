@@ -91,8 +91,8 @@ const CASES: [Case; 11] = [
 
 fn main() {
     let mut s = Suite::from_args();
-    s.parity_cases(&CASES);
     s.gpu("layers::conv3x3", conv3x3);
+    s.parity_cases(&CASES);
     s.cpu("harness::planted_gradient_error_is_named", planted_gradient_error);
     s.cpu("harness::planted_output_error_is_named", planted_output_error);
     s.cpu("harness::equal_outputs_pass", equal_outputs_pass);
