@@ -1,182 +1,275 @@
 //! Tier 2 for training and sampling: the GPU against the CPU from the same seeds (the same
-//! Philox streams on both): sampler updates, Adam, one training step, a few DDPM + MMPS steps
-//! with a U-Net and with a TimeMLP, and the Gaussian prior's solves. Norm-wise f32 tolerances.
-//! Without a GPU each test prints `skipped: GPU unavailable: <reason>`; the harness also runs
-//! CPU against CPU so its code is exercised everywhere.
+//! Philox streams on both): sampler updates, Adam, the DSM gradient and one training step of a
+//! TimeMLP (tensor by tensor), a few DDPM + MMPS steps with a U-Net and with a TimeMLP, and the
+//! Gaussian prior's solves. f32 tolerances per output (see `common::compare_outputs`).
+//!
+//! Own harness (`common::Suite`): without a GPU the GPU trials are reported as ignored, and under
+//! EMPRIOR_REQUIRE_GPU=1 they fail. The `harness::` trials run everywhere: the oracle must be
+//! reproducible from its seeds, and the tolerances must tell a wrong random stream from the
+//! right one.
 
 mod common;
 
-use common::{gpu_or_skip, on, parity, random_vec};
+use common::{case, compare_outputs, on, per_param, random_vec, whole, Case, Output, Suite, Tol};
+use emprior::diffusion::loss::dsm_loss;
 use emprior::diffusion::sampler::sampler_step;
 use emprior::diffusion::{Denoiser, Network, Sampler, SamplerKind, VeSchedule};
 use emprior::gaussian::{Dplr, Gaussian};
-use emprior::nn::{TimeMlp, UNet, UNetConfig};
+use emprior::nn::{Mode, TimeMlp, UNet, UNetConfig};
 use emprior::ops::Philox;
 use emprior::posterior::{CgConfig, DenseOperators, MaskOperator, Mmps, NetworkPrior, ObservationNoise};
 use emprior::train::{Adam, AdamConfig, LrSchedule, Trainer};
-use emprior::{AsView, DType, Device};
+use emprior::{AsView, AsViewMut, DType, Device, Tensor};
 
 const CPU: Device = Device::Cpu;
 
-#[test]
-fn cuda_training_and_sampling_match_cpu() {
-    let Some(gpu) = gpu_or_skip("cuda_training_and_sampling_match_cpu") else {
-        return;
-    };
-    all(&gpu);
-}
+const SAMPLER_TOL: Tol = Tol::norm(1e-6);
+const MMPS_TOL: Tol = Tol::norm(1e-4);
 
-#[test]
-fn parity_harness_runs_cpu_against_cpu() {
-    all(&CPU);
-}
-
-fn all(gpu: &Device) {
-    parity("sampler update with and without noise", gpu, 1e-6, |d| {
-        let mut x = on(d, 1, &[3, 1001], 2.0);
-        let den = on(d, 2, &[3, 1001], 1.0);
-        sampler_step(&mut x, &den, 0.3, 0.7, Philox::new(4, 5), 17).unwrap();
-        let mut y = on(d, 3, &[3, 1001], 2.0);
-        sampler_step(&mut y, &den, 0.1, 0.0, Philox::new(4, 5), 0).unwrap();
-        vec![x, y]
-    });
-
-    parity("Adam with clipping and EMA, three steps", gpu, 1e-6, |d| {
-        let mut p = on(d, 4, &[5000], 1.0);
-        // An EMA decay whose 1 - decay is not exact in f32 (the host rounds it once, as the CPU).
-        let config = AdamConfig {
-            ema: Some(0.9999),
-            ..AdamConfig::new(LrSchedule::Linear {
-                init: 1e-2,
-                end: 1e-3,
-                steps: 3,
-            })
-        };
-        let mut adam = Adam::new(config, &p).unwrap();
-        for s in 0..3 {
-            let g = on(d, 10 + s, &[5000], if s == 0 { 0.01 } else { 1.0 });
-            adam.update(&mut p, &g).unwrap();
-        }
-        vec![p, adam.ema().unwrap().to_device(d).unwrap()]
-    });
-
-    parity("one DSM training step of a TimeMLP", gpu, 1e-5, |d| {
-        let den = Denoiser::new(Network::Mlp(TimeMlp::new(5, &[64, 64], 16)));
-        let params = den.layout().init(1, DType::F32, d).unwrap();
-        let config = AdamConfig::new(LrSchedule::Constant(1e-3));
-        let mut trainer = Trainer::new(den, params, config, VeSchedule::new(1e-3, 10.0), 3).unwrap();
-        let x = on(d, 20, &[128, 5], 2.0);
-        trainer.step(&x.as_view().unwrap()).unwrap();
-        vec![trainer.params.to_device(d).unwrap()]
-    });
-
-    parity(
+const CASES: [Case; 6] = [
+    case(
+        "sampler::update_with_and_without_noise",
+        "sampler update with and without noise",
+        SAMPLER_TOL,
+        |d| sampler_case(d, 5),
+    ),
+    case(
+        "train::adam_clipping_ema_three_steps",
+        "Adam with clipping and EMA, three steps",
+        Tol::norm(1e-6),
+        adam_case,
+    ),
+    case(
+        "train::timemlp_dsm_gradient_and_step",
+        "TimeMLP: DSM gradient and one training step",
+        Tol::norm(1e-5),
+        dsm_case,
+    ),
+    case(
+        "mmps::ddpm_small_unet_masks",
         "DDPM + MMPS (1 CG iteration), small U-Net with masks",
-        gpu,
-        1e-4,
-        |d| {
-            let cfg = UNetConfig {
-                in_channels: 3,
-                out_channels: 3,
-                channels: vec![16, 32],
-                blocks: vec![1, 1],
-                attention: vec![(1, 2)],
-                emb: 32,
-                dropout: 0.1,
-                patch: 1,
-                resolution: (8, 8),
-            };
-            let den = Denoiser::new(Network::UNet(UNet::new(cfg).unwrap()));
-            let params = den.layout().init(2, DType::F32, d).unwrap();
-            let b = 4;
-            let bits: Vec<f32> = random_vec(30, b * 64, 0.0, 1.0)
-                .iter()
-                .map(|&u| (u > 0.5) as u8 as f32)
-                .collect();
-            let mask = MaskOperator::from_pixel_mask(&bits, b, 64, 3, DType::F32, d).unwrap();
-            let y = on(d, 31, &[b, 192], 1.0);
-            let noise = ObservationNoise::Scalar(1e-6);
-            let prior = NetworkPrior {
-                denoiser: &den,
-                params: &params,
-            };
-            let mut mmps = Mmps::new(
-                &prior,
-                &mask,
-                &y,
-                &noise,
-                CgConfig {
-                    max_iters: 1,
-                    rtol: None,
-                },
-            );
-            let sampler = Sampler {
-                kind: SamplerKind::Ddpm,
-                steps: 4,
-                schedule: VeSchedule::new(1e-3, 1e2),
-                rng: Philox::new(6, 7),
-            };
-            vec![sampler
-                .sample(&mut mmps, &[b, 8, 8, 3], None, DType::F32, d)
-                .unwrap()]
-        },
-    );
-
-    parity(
+        MMPS_TOL,
+        |d| ddpm_mmps_case(d, 7),
+    ),
+    case(
+        "mmps::pc_timemlp_dense_operators",
         "PC + MMPS (3 CG iterations), TimeMLP with per-observation operators",
-        gpu,
-        1e-4,
-        |d| {
-            let den = Denoiser::new(Network::Mlp(TimeMlp::new(5, &[64, 64], 16)));
-            let params = den.layout().init(3, DType::F32, d).unwrap();
-            let b = 64;
-            let ops = DenseOperators::new(on(d, 40, &[b, 2, 5], 1.0)).unwrap();
-            let y = on(d, 41, &[b, 2], 1.0);
-            let noise = ObservationNoise::Scalar(1e-4);
-            let prior = NetworkPrior {
-                denoiser: &den,
-                params: &params,
-            };
-            let mut mmps = Mmps::new(
-                &prior,
-                &ops,
-                &y,
-                &noise,
-                CgConfig {
-                    max_iters: 3,
-                    rtol: None,
-                },
-            );
-            let kind = SamplerKind::Pc {
-                corrections: 1,
-                tau: 0.1,
-            };
-            let sampler = Sampler {
-                kind,
-                steps: 4,
-                schedule: VeSchedule::new(1e-3, 10.0),
-                rng: Philox::new(8, 9),
-            };
-            vec![sampler.sample(&mut mmps, &[b, 5], None, DType::F32, d).unwrap()]
-        },
-    );
-
-    parity(
+        MMPS_TOL,
+        pc_mmps_case,
+    ),
+    case(
+        "gaussian::denoiser_and_woodbury_covariance",
         "Gaussian prior: denoiser and posterior covariance (Woodbury)",
-        gpu,
-        1e-5,
-        |d| {
-            let (dim, r) = (300, 16);
-            let u: Vec<f64> = random_vec(50, dim * r, -0.3, 0.3)
-                .iter()
-                .map(|&v| v as f64)
-                .collect();
-            let g = Gaussian::new(vec![0.5; dim], Dplr::new(vec![0.3; dim], u, r).unwrap()).unwrap();
-            let x = on(d, 51, &[7, dim], 3.0);
-            vec![
-                g.denoise(&x.as_view().unwrap(), 0.7).unwrap(),
-                g.posterior_cov_apply(2.0, &x.as_view().unwrap()).unwrap(),
-            ]
-        },
+        Tol::norm(1e-5),
+        gaussian_case,
+    ),
+];
+
+fn main() {
+    let mut s = Suite::from_args();
+    s.parity_cases(&CASES);
+    s.cpu("harness::cpu_oracle_is_reproducible", oracle_is_reproducible);
+    s.cpu(
+        "harness::sampler_noise_from_another_stream_is_caught",
+        another_sampler_stream_is_caught,
     );
+    s.cpu(
+        "harness::ddpm_mmps_from_another_seed_is_caught",
+        another_ddpm_seed_is_caught,
+    );
+    s.run()
+}
+
+/// Two sampler updates: with noise from Philox stream (4, `stream`), and without noise.
+fn sampler_case(d: &Device, stream: u64) -> Vec<Output> {
+    let mut x = on(d, 1, &[3, 1001], 2.0);
+    let den = on(d, 2, &[3, 1001], 1.0);
+    sampler_step(&mut x, &den, 0.3, 0.7, Philox::new(4, stream), 17).unwrap();
+    let mut y = on(d, 3, &[3, 1001], 2.0);
+    sampler_step(&mut y, &den, 0.1, 0.0, Philox::new(4, stream), 0).unwrap();
+    vec![whole("with noise", x), whole("without noise", y)]
+}
+
+fn adam_case(d: &Device) -> Vec<Output> {
+    let mut p = on(d, 4, &[5000], 1.0);
+    // An EMA decay whose 1 - decay is not exact in f32 (the host rounds it once, as the CPU).
+    let config = AdamConfig {
+        ema: Some(0.9999),
+        ..AdamConfig::new(LrSchedule::Linear {
+            init: 1e-2,
+            end: 1e-3,
+            steps: 3,
+        })
+    };
+    let mut adam = Adam::new(config, &p).unwrap();
+    for s in 0..3 {
+        let g = on(d, 10 + s, &[5000], if s == 0 { 0.01 } else { 1.0 });
+        adam.update(&mut p, &g).unwrap();
+    }
+    let ema = adam.ema().unwrap().to_device(d).unwrap();
+    vec![whole("params", p), whole("ema", ema)]
+}
+
+/// The DSM loss's parameter gradient (dropout on), then one training step: both in the
+/// network's layout, compared parameter tensor by parameter tensor.
+fn dsm_case(d: &Device) -> Vec<Output> {
+    let den = Denoiser::new(Network::Mlp(TimeMlp::new(5, &[64, 64], 16)));
+    let params = den.layout().init(1, DType::F32, d).unwrap();
+    let x = on(d, 20, &[128, 5], 2.0);
+    let z = on(d, 21, &[128, 5], 1.0);
+    let sigmas: Vec<f64> = random_vec(22, 128, -6.0, 4.0)
+        .iter()
+        .map(|&l| (l as f64).exp())
+        .collect();
+    let mut g = Tensor::zeros(&[den.layout().len()], DType::F32, d).unwrap();
+    let mode = Mode::Train {
+        rng: Philox::new(23, 24),
+    };
+    let (pv, xv, zv) = (
+        params.as_view().unwrap(),
+        x.as_view().unwrap(),
+        z.as_view().unwrap(),
+    );
+    let loss = dsm_loss(
+        &den,
+        &pv,
+        &xv,
+        &sigmas,
+        &zv,
+        mode,
+        Some(&mut g.as_view_mut().unwrap()),
+    )
+    .unwrap();
+    let loss = Tensor::from_f32(&[loss as f32], &[1], d).unwrap();
+
+    let layout = den.layout().clone();
+    let config = AdamConfig::new(LrSchedule::Constant(1e-3));
+    let mut trainer = Trainer::new(den, params, config, VeSchedule::new(1e-3, 10.0), 3).unwrap();
+    trainer.step(&xv).unwrap();
+    vec![
+        whole("loss", loss),
+        per_param("dsm grads", g, &layout),
+        per_param("params after one step", trainer.params, &layout),
+    ]
+}
+
+/// Four DDPM steps with MMPS guidance (1 CG iteration) through a small U-Net, under pixel masks;
+/// the sampler draws from Philox (6, `stream`).
+fn ddpm_mmps_case(d: &Device, stream: u64) -> Vec<Output> {
+    let cfg = UNetConfig {
+        in_channels: 3,
+        out_channels: 3,
+        channels: vec![16, 32],
+        blocks: vec![1, 1],
+        attention: vec![(1, 2)],
+        emb: 32,
+        dropout: 0.1,
+        patch: 1,
+        resolution: (8, 8),
+    };
+    let den = Denoiser::new(Network::UNet(UNet::new(cfg).unwrap()));
+    let params = den.layout().init(2, DType::F32, d).unwrap();
+    let b = 4;
+    let bits: Vec<f32> = random_vec(30, b * 64, 0.0, 1.0)
+        .iter()
+        .map(|&u| (u > 0.5) as u8 as f32)
+        .collect();
+    let mask = MaskOperator::from_pixel_mask(&bits, b, 64, 3, DType::F32, d).unwrap();
+    let y = on(d, 31, &[b, 192], 1.0);
+    let noise = ObservationNoise::Scalar(1e-6);
+    let prior = NetworkPrior {
+        denoiser: &den,
+        params: &params,
+    };
+    let cg = CgConfig {
+        max_iters: 1,
+        rtol: None,
+    };
+    let mut mmps = Mmps::new(&prior, &mask, &y, &noise, cg);
+    let sampler = Sampler {
+        kind: SamplerKind::Ddpm,
+        steps: 4,
+        schedule: VeSchedule::new(1e-3, 1e2),
+        rng: Philox::new(6, stream),
+    };
+    let x = sampler
+        .sample(&mut mmps, &[b, 8, 8, 3], None, DType::F32, d)
+        .unwrap();
+    vec![whole("samples", x)]
+}
+
+fn pc_mmps_case(d: &Device) -> Vec<Output> {
+    let den = Denoiser::new(Network::Mlp(TimeMlp::new(5, &[64, 64], 16)));
+    let params = den.layout().init(3, DType::F32, d).unwrap();
+    let b = 64;
+    let ops = DenseOperators::new(on(d, 40, &[b, 2, 5], 1.0)).unwrap();
+    let y = on(d, 41, &[b, 2], 1.0);
+    let noise = ObservationNoise::Scalar(1e-4);
+    let prior = NetworkPrior {
+        denoiser: &den,
+        params: &params,
+    };
+    let cg = CgConfig {
+        max_iters: 3,
+        rtol: None,
+    };
+    let mut mmps = Mmps::new(&prior, &ops, &y, &noise, cg);
+    let sampler = Sampler {
+        kind: SamplerKind::Pc {
+            corrections: 1,
+            tau: 0.1,
+        },
+        steps: 4,
+        schedule: VeSchedule::new(1e-3, 10.0),
+        rng: Philox::new(8, 9),
+    };
+    vec![whole(
+        "samples",
+        sampler.sample(&mut mmps, &[b, 5], None, DType::F32, d).unwrap(),
+    )]
+}
+
+fn gaussian_case(d: &Device) -> Vec<Output> {
+    let (dim, r) = (300, 16);
+    let u: Vec<f64> = random_vec(50, dim * r, -0.3, 0.3)
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
+    let g = Gaussian::new(vec![0.5; dim], Dplr::new(vec![0.3; dim], u, r).unwrap()).unwrap();
+    let x = on(d, 51, &[7, dim], 3.0);
+    vec![
+        whole("denoised", g.denoise(&x.as_view().unwrap(), 0.7).unwrap()),
+        whole(
+            "posterior cov apply",
+            g.posterior_cov_apply(2.0, &x.as_view().unwrap()).unwrap(),
+        ),
+    ]
+}
+
+// ---- harness checks (CPU, everywhere) ----------------------------------------------------------
+
+/// Parity needs an oracle that is a function of its seeds: every case run twice on the CPU gives
+/// bit-identical outputs.
+fn oracle_is_reproducible() {
+    for c in CASES {
+        compare_outputs(c.what, &(c.run)(&CPU), &(c.run)(&CPU), Tol::EXACT).unwrap_or_else(|m| panic!("{m}"));
+    }
+}
+
+/// A GPU sampler that drew its noise from a neighbouring Philox stream must fail the sampler's
+/// tolerance, on the noisy update only.
+fn another_sampler_stream_is_caught() {
+    let (right, wrong) = (sampler_case(&CPU, 5), sampler_case(&CPU, 6));
+    let msg = compare_outputs("sampler", &right, &wrong, SAMPLER_TOL).expect_err("another stream passed");
+    assert!(
+        msg.contains("sampler: with noise") && !msg.contains("without noise"),
+        "{msg}"
+    );
+}
+
+/// The same for a whole guided DDPM run: the MMPS tolerance must tell the streams apart.
+fn another_ddpm_seed_is_caught() {
+    let (right, wrong) = (ddpm_mmps_case(&CPU, 7), ddpm_mmps_case(&CPU, 8));
+    let msg = compare_outputs("ddpm", &right, &wrong, MMPS_TOL).expect_err("another stream passed");
+    assert!(msg.contains("ddpm: samples"), "{msg}");
 }

@@ -1,4 +1,6 @@
-//! Helpers shared by the integration tests: seeded random inputs and llm.c's tolerance rule.
+//! Helpers shared by the integration tests: seeded random inputs, the elementwise tolerance
+//! check, the harness of the GPU test binaries (GPU trials ignored, and counted so, without a
+//! GPU), the piece-by-piece parity comparison, and the GEMM reference with its K-derived bound.
 #![allow(dead_code)]
 
 use emprior::device::Device;
@@ -14,60 +16,599 @@ pub fn random_vec(seed: u64, n: usize, lo: f32, hi: f32) -> Vec<f32> {
     v
 }
 
-/// Asserts |got - want| <= atol + rtol * |want| everywhere, printing the first few comparisons as
-/// proof and the worst offenders on failure.
-pub fn assert_close(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64) {
-    assert_eq!(got.len(), want.len(), "{what}: length");
-    let mut bad = Vec::new();
-    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
-        let err = (g as f64 - w).abs();
-        // A NaN (a poisoned output left unwritten) fails too.
-        if err.is_nan() || err > atol + rtol * w.abs() {
-            bad.push((i, g, w, err));
-        }
-    }
-    if !bad.is_empty() {
-        let shown: Vec<String> = bad
-            .iter()
-            .take(8)
-            .map(|(i, g, w, e)| format!("[{i}] got {g} want {w} (err {e:.3e})"))
-            .collect();
-        panic!(
-            "{what}: {} of {} values outside atol {atol:e} + rtol {rtol:e}: {}",
-            bad.len(),
-            got.len(),
-            shown.join("; ")
-        );
-    }
-}
-
 pub fn to_f64(v: &[f32]) -> Vec<f64> {
     v.iter().map(|&x| x as f64).collect()
 }
 
-/// The first GPU, or None after printing why the calling test is skipped. With
-/// EMPRIOR_REQUIRE_GPU=1 (the device-check script sets it) a missing GPU fails the test instead.
-pub fn gpu_or_skip(test: &str) -> Option<Device> {
-    match Device::cuda(0) {
-        Ok(d) => Some(d),
-        Err(e) => {
-            let reason = match e {
-                Error::GpuUnavailable(r) => r,
-                other => other.to_string(),
-            };
-            if std::env::var("EMPRIOR_REQUIRE_GPU").as_deref() == Ok("1") {
-                panic!("{test}: EMPRIOR_REQUIRE_GPU=1 but GPU unavailable: {reason}");
+// ---- Elementwise comparison: the one place that decides whether a value is close enough ------
+
+/// The elements of `got` outside their bound around `want`: how many, and the worst one (index,
+/// excess |got - want| / bound). A NaN on either side is outside any bound, and the worst.
+pub struct Outliers {
+    pub count: usize,
+    pub worst: Option<(usize, f64)>,
+}
+
+pub fn outliers(got: &[f32], want: &[f64], bound: impl Fn(usize) -> f64) -> Outliers {
+    assert_eq!(got.len(), want.len(), "outliers: lengths");
+    let mut out = Outliers {
+        count: 0,
+        worst: None,
+    };
+    for (i, (&g, &w)) in got.iter().zip(want).enumerate() {
+        let (err, b) = ((g as f64 - w).abs(), bound(i));
+        if err <= b {
+            continue;
+        }
+        out.count += 1;
+        let excess = if err.is_nan() { f64::INFINITY } else { err / b };
+        if out.worst.is_none_or(|(_, e)| excess > e) {
+            out.worst = Some((i, excess));
+        }
+    }
+    out
+}
+
+/// The multi-index of flat element `i` of a row-major `shape`.
+pub fn unravel(mut i: usize, shape: &[usize]) -> Vec<usize> {
+    let mut idx = vec![0; shape.len()];
+    for (d, &n) in shape.iter().enumerate().rev() {
+        idx[d] = i % n.max(1);
+        i /= n.max(1);
+    }
+    idx
+}
+
+/// Asserts |got - want| <= bound[i] everywhere; the message names the worst element by index
+/// into `shape`, with both values.
+pub fn assert_within(what: &str, shape: &[usize], got: &[f32], want: &[f64], bound: &[f64]) {
+    let o = outliers(got, want, |i| bound[i]);
+    if let Some((i, _)) = o.worst {
+        panic!(
+            "{what}: {} of {} values outside their bound; worst element {:?} (flat {i}): got {:e}, \
+             want {:e}, |diff| {:.3e} > bound {:.3e}",
+            o.count,
+            got.len(),
+            unravel(i, shape),
+            got[i],
+            want[i],
+            (got[i] as f64 - want[i]).abs(),
+            bound[i]
+        );
+    }
+}
+
+/// Asserts |got - want| <= atol + rtol * |want| everywhere (llm.c's rule).
+pub fn assert_close(what: &str, got: &[f32], want: &[f64], atol: f64, rtol: f64) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    let bound: Vec<f64> = want.iter().map(|w| atol + rtol * w.abs()).collect();
+    assert_within(what, &[got.len()], got, want, &bound);
+}
+
+// ---- GPU trials: one harness (libtest-mimic) for the cuda_* test binaries ----------------------
+
+/// GPU trials hold this shared; a trial that needs the whole GPU (the pool's out-of-memory path)
+/// holds it exclusively, so that no other trial of the binary allocates meanwhile.
+static GPU_LOCK: std::sync::RwLock<()> = std::sync::RwLock::new(());
+
+/// EMPRIOR_REQUIRE_GPU=1 (the device-check script sets it): a missing GPU fails GPU tests.
+pub fn gpu_required() -> bool {
+    std::env::var("EMPRIOR_REQUIRE_GPU").as_deref() == Ok("1")
+}
+
+fn unavailable_reason(e: Error) -> String {
+    match e {
+        Error::GpuUnavailable(r) => r,
+        other => other.to_string(),
+    }
+}
+
+/// EMPRIOR_GPU_TESTS_ON_CPU=1: without a GPU, run the GPU trials' code with the CPU standing in
+/// for the GPU (the device check's dry run): it checks that the test code runs, not the GPU, so
+/// such trials still count as ignored (and fail if the code panics).
+pub fn gpu_stand_in() -> bool {
+    std::env::var("EMPRIOR_GPU_TESTS_ON_CPU").as_deref() == Ok("1")
+}
+
+/// The trials of one `harness = false` test binary. CPU trials run everywhere. GPU trials run on
+/// cuda:0; without a usable GPU they are marked ignored, so the summary line counts them as
+/// `N ignored` rather than passed, or, under EMPRIOR_REQUIRE_GPU=1, they fail. The usual libtest
+/// command line works (`--list`, `--exact NAME`, `--include-ignored`, `--test-threads`, filters).
+pub struct Suite {
+    args: libtest_mimic::Arguments,
+    /// Why GPU trials cannot run in this process (None: they can, or this is only a `--list`).
+    missing: Option<String>,
+    trials: Vec<libtest_mimic::Trial>,
+}
+
+/// Where a GPU trial runs.
+enum Target {
+    Gpu(Device),
+    StandIn,
+    Missing(String),
+}
+
+impl Suite {
+    /// Parses the command line and looks for the GPU once, saying at the start what it found.
+    pub fn from_args() -> Suite {
+        let args = libtest_mimic::Arguments::from_args();
+        // Listing never touches the GPU: a script lists the trials, then runs each one alone.
+        let found = if args.list { None } else { Some(Device::cuda(0)) };
+        let say = |line: String| {
+            // Keep stdout parseable when it carries JSON events.
+            if matches!(args.format, Some(libtest_mimic::FormatSetting::Json)) {
+                eprintln!("{line}");
+            } else {
+                println!("{line}");
             }
-            // Straight to the stderr handle: libtest captures println!/eprintln! of passing tests,
-            // and a skip must never be silent.
-            use std::io::Write;
-            let _ = writeln!(std::io::stderr(), "{test}: skipped: GPU unavailable: {reason}");
-            None
+        };
+        let missing = match found {
+            None => None,
+            Some(Ok(gpu)) => {
+                say(format!("GPU tests run on {gpu:?}"));
+                None
+            }
+            Some(Err(e)) => {
+                let reason = unavailable_reason(e);
+                if gpu_required() {
+                    say(format!(
+                        "GPU tests fail: EMPRIOR_REQUIRE_GPU=1 but no GPU is usable: {reason}"
+                    ));
+                } else if gpu_stand_in() {
+                    say(format!(
+                        "GPU tests ignored, their code run on the CPU (EMPRIOR_GPU_TESTS_ON_CPU=1): {reason}"
+                    ));
+                } else {
+                    say(format!("GPU tests ignored: {reason}"));
+                }
+                Some(reason)
+            }
+        };
+        Suite {
+            args,
+            missing,
+            trials: Vec::new(),
+        }
+    }
+
+    /// A trial that runs on the CPU everywhere (the harness's own checks).
+    pub fn cpu(&mut self, name: &str, f: impl FnOnce() + Send + 'static) {
+        self.trials.push(libtest_mimic::Trial::test(name, move || {
+            f();
+            Ok(())
+        }));
+    }
+
+    /// A GPU trial: `f` gets cuda:0 and panics on a mismatch.
+    pub fn gpu(&mut self, name: &str, f: impl FnOnce(&Device) + Send + 'static) {
+        self.push_gpu(name, f, false);
+    }
+
+    /// A GPU trial that runs while no other trial of this binary touches the GPU.
+    pub fn gpu_alone(&mut self, name: &str, f: impl FnOnce(&Device) + Send + 'static) {
+        self.push_gpu(name, f, true);
+    }
+
+    fn push_gpu(&mut self, name: &str, f: impl FnOnce(&Device) + Send + 'static, alone: bool) {
+        let (required, stand_in) = (gpu_required(), gpu_stand_in());
+        let ignored = self.missing.is_some() && !required && !stand_in;
+        let trial = libtest_mimic::Trial::ignorable_test(name, move || {
+            let target = match Device::cuda(0) {
+                Ok(gpu) => Target::Gpu(gpu),
+                Err(e) if required => {
+                    let reason = unavailable_reason(e);
+                    return Err(format!("EMPRIOR_REQUIRE_GPU=1 but no GPU is usable: {reason}").into());
+                }
+                Err(_) if stand_in => Target::StandIn,
+                Err(e) => Target::Missing(unavailable_reason(e)),
+            };
+            let _shared;
+            let _exclusive;
+            if alone {
+                _exclusive = GPU_LOCK.write().unwrap_or_else(|p| p.into_inner());
+            } else {
+                _shared = GPU_LOCK.read().unwrap_or_else(|p| p.into_inner());
+            }
+            match target {
+                Target::Gpu(gpu) => {
+                    f(&gpu);
+                    // Asynchronous kernel faults surface here, charged to the trial that queued them.
+                    gpu.synchronize()
+                        .map_err(|e| format!("after the trial, synchronizing the GPU failed: {e}"))?;
+                    Ok(libtest_mimic::Completion::Completed)
+                }
+                Target::StandIn => {
+                    f(&Device::Cpu);
+                    Ok(libtest_mimic::Completion::ignored_with(
+                        "test code run on the CPU, GPU not checked",
+                    ))
+                }
+                // Run anyway (--include-ignored) without a GPU: still counted as ignored.
+                Target::Missing(reason) => Ok(libtest_mimic::Completion::ignored_with(reason)),
+            }
+        });
+        self.trials.push(trial.with_ignored_flag(ignored));
+    }
+
+    /// One GPU trial per parity case.
+    pub fn parity_cases(&mut self, cases: &[Case]) {
+        for &Case {
+            trial,
+            what,
+            tol,
+            run,
+        } in cases
+        {
+            self.gpu(trial, move |gpu| parity(what, gpu, tol, run));
+        }
+    }
+
+    /// Runs the selected trials, prints libtest's summary line and exits (101 on a failure).
+    pub fn run(self) -> ! {
+        libtest_mimic::run(&self.args, self.trials).exit()
+    }
+}
+
+// ---- Parity: the GPU against the CPU oracle, one named piece at a time -------------------------
+
+/// The tolerance of a parity comparison, applied to each named piece of each output on its own
+/// (a parameter tensor, or a whole output), never to a norm over everything: one wrong bias
+/// gradient among 57M entries barely moves a global norm.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Tol {
+    /// Bound on ||gpu - cpu|| / ||cpu|| over the piece: catches an error spread thinly over it.
+    pub norm: f64,
+    /// Elementwise bound |gpu - cpu| <= elem * (|cpu| + rms(cpu)): llm.c's atol + rtol |ref| with
+    /// atol scaled to the piece's own magnitude, so that one number serves tensors whose scales
+    /// differ by orders of magnitude. Catches one wrong element in a large piece.
+    pub elem: f64,
+}
+
+impl Tol {
+    /// Bit-identical results.
+    pub const EXACT: Tol = Tol { norm: 0.0, elem: 0.0 };
+
+    /// Norm-wise `norm`, elementwise ten times that: rounding is spread over all elements and
+    /// their worst sits a few times above the norm-wise level; a bug is usually far above both.
+    pub const fn norm(norm: f64) -> Tol {
+        Tol {
+            norm,
+            elem: 10.0 * norm,
         }
     }
 }
 
-/// The f64 reference: C = alpha op(A) op(B) + beta C over a batch (rank-2 operands broadcast).
+/// A parity case: its trial's name, what it compares, its tolerance, and its body (run once on
+/// the CPU and once on the GPU, from the same seeds).
+#[derive(Clone, Copy)]
+pub struct Case {
+    pub trial: &'static str,
+    pub what: &'static str,
+    pub tol: Tol,
+    pub run: fn(&Device) -> Vec<Output>,
+}
+
+/// A [`Case`], for tables of them.
+pub const fn case(
+    trial: &'static str,
+    what: &'static str,
+    tol: Tol,
+    run: fn(&Device) -> Vec<Output>,
+) -> Case {
+    Case {
+        trial,
+        what,
+        tol,
+        run,
+    }
+}
+
+/// A named piece of an output: elements `offset .. offset + numel(shape)`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Piece {
+    pub name: String,
+    pub offset: usize,
+    pub shape: Vec<usize>,
+}
+
+/// One output of a parity case, and the pieces it is compared in.
+pub struct Output {
+    pub name: String,
+    pub tensor: Tensor,
+    pub pieces: Vec<Piece>,
+}
+
+/// An output compared as one piece.
+pub fn whole(name: &str, tensor: Tensor) -> Output {
+    let shape = tensor.shape().to_vec();
+    pieces(
+        name,
+        tensor,
+        vec![Piece {
+            name: String::new(),
+            offset: 0,
+            shape,
+        }],
+    )
+}
+
+/// A flat buffer in a network's parameter layout (gradients, updated parameters), compared
+/// parameter tensor by parameter tensor under their names and shapes.
+pub fn per_param(name: &str, tensor: Tensor, layout: &emprior::nn::ParamLayout) -> Output {
+    let parts = layout
+        .specs()
+        .iter()
+        .map(|s| Piece {
+            name: s.name.clone(),
+            offset: s.offset,
+            shape: s.shape.clone(),
+        })
+        .collect();
+    pieces(name, tensor, parts)
+}
+
+/// An output split into named pieces, which must tile it exactly (no element escapes comparison).
+pub fn pieces(name: &str, tensor: Tensor, pieces: Vec<Piece>) -> Output {
+    let mut next = 0;
+    for p in &pieces {
+        assert_eq!(
+            p.offset, next,
+            "{name}: piece {} leaves a gap or overlaps",
+            p.name
+        );
+        next += p.shape.iter().product::<usize>();
+    }
+    assert_eq!(next, tensor.numel(), "{name}: the pieces do not cover the output");
+    Output {
+        name: name.to_string(),
+        tensor,
+        pieces,
+    }
+}
+
+/// Compares one piece; Ok(relative error), or a message naming the piece, its shape, the worst
+/// element (index and both values) and how many are out of bounds.
+pub fn compare_piece(
+    label: &str,
+    shape: &[usize],
+    gpu: &[f32],
+    cpu: &[f32],
+    tol: Tol,
+) -> Result<f64, String> {
+    assert_eq!(gpu.len(), cpu.len(), "{label}: lengths");
+    let cpu64 = to_f64(cpu);
+    // The piece's scale comes from its finite values: a NaN in the oracle must not disable the
+    // bound of every other element.
+    let (mut num, mut den, mut finite_sq, mut finite) = (0.0f64, 0.0f64, 0.0f64, 0usize);
+    for (&g, &c) in gpu.iter().zip(&cpu64) {
+        num += (g as f64 - c).powi(2);
+        den += c * c;
+        if c.is_finite() {
+            finite_sq += c * c;
+            finite += 1;
+        }
+    }
+    let rms = (finite_sq / finite.max(1) as f64).sqrt();
+    let rel = if den > 0.0 || num.is_nan() {
+        (num / den).sqrt()
+    } else if num == 0.0 {
+        0.0
+    } else {
+        f64::INFINITY
+    };
+    let o = outliers(gpu, &cpu64, |i| tol.elem * (cpu64[i].abs() + rms));
+    // NaN compares false: a NaN anywhere fails.
+    if o.count == 0 && rel <= tol.norm {
+        return Ok(rel);
+    }
+    let mut msg = format!(
+        "{label} {shape:?}: relative error {rel:.3e} (bound {:e}), {} of {} elements outside \
+         {:e} * (|cpu| + rms {rms:.3e})",
+        tol.norm,
+        o.count,
+        gpu.len(),
+        tol.elem
+    );
+    // The worst element: the largest excess over its bound, else (a diffuse error) the largest
+    // difference.
+    let worst = o.worst.map(|(i, _)| i).or_else(|| {
+        (0..gpu.len()).max_by(|&a, &b| {
+            let d = |i: usize| (gpu[i] as f64 - cpu64[i]).abs();
+            d(a).total_cmp(&d(b))
+        })
+    });
+    if let Some(i) = worst {
+        msg += &format!(
+            "; worst element {:?} (flat {i}): gpu {:e} vs cpu {:e}",
+            unravel(i, shape),
+            gpu[i],
+            cpu[i]
+        );
+    }
+    Err(msg)
+}
+
+/// Compares the outputs of a case run on the CPU and on the GPU, piece by piece. Ok: one summary
+/// line per output; Err: one line per failing piece (the first 20, then a count).
+pub fn compare_outputs(what: &str, cpu: &[Output], gpu: &[Output], tol: Tol) -> Result<Vec<String>, String> {
+    if cpu.len() != gpu.len() {
+        return Err(format!(
+            "{what}: {} outputs on the GPU, {} on the CPU",
+            gpu.len(),
+            cpu.len()
+        ));
+    }
+    let (mut summary, mut failures) = (Vec::new(), Vec::new());
+    for (c, g) in cpu.iter().zip(gpu) {
+        let name = format!("{what}: {}", c.name);
+        if c.name != g.name || c.tensor.shape() != g.tensor.shape() || c.pieces != g.pieces {
+            failures.push(format!(
+                "{name}: the GPU returned {} {:?} for {} {:?}",
+                g.name,
+                g.tensor.shape(),
+                c.name,
+                c.tensor.shape()
+            ));
+            continue;
+        }
+        let (cv, gv) = (c.tensor.to_vec_f32().unwrap(), g.tensor.to_vec_f32().unwrap());
+        let mut worst = (0.0f64, "");
+        for p in &c.pieces {
+            let range = p.offset..p.offset + p.shape.iter().product::<usize>();
+            let label = if p.name.is_empty() {
+                name.clone()
+            } else {
+                format!("{name}: {}", p.name)
+            };
+            match compare_piece(&label, &p.shape, &gv[range.clone()], &cv[range], tol) {
+                Ok(rel) if rel > worst.0 => worst = (rel, &p.name),
+                Ok(_) => {}
+                Err(msg) => failures.push(msg),
+            }
+        }
+        let at = if worst.1.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", worst.1)
+        };
+        let within = if tol == Tol::EXACT {
+            "bit-exact".to_string()
+        } else {
+            format!("within {:e}", tol.norm)
+        };
+        summary.push(format!(
+            "{name}: {} piece(s) {within}, worst relative error {:.2e}{at}",
+            c.pieces.len(),
+            worst.0
+        ));
+    }
+    if failures.is_empty() {
+        return Ok(summary);
+    }
+    let n = failures.len();
+    let mut msg = failures.into_iter().take(20).collect::<Vec<_>>().join("\n");
+    if n > 20 {
+        msg += &format!("\n... and {} more failing pieces", n - 20);
+    }
+    Err(msg)
+}
+
+/// Runs the case `f` on the CPU and on `gpu` from the same host inputs and compares its outputs
+/// piece by piece; panics naming every failing piece, else returns one summary line per output.
+pub fn check_parity(what: &str, gpu: &Device, tol: Tol, f: impl Fn(&Device) -> Vec<Output>) -> Vec<String> {
+    let (cpu_out, gpu_out) = (f(&Device::Cpu), f(gpu));
+    compare_outputs(what, &cpu_out, &gpu_out, tol).unwrap_or_else(|msg| panic!("{msg}"))
+}
+
+/// [`check_parity`], printing the summary (the record of what was compared, and how close).
+pub fn parity(what: &str, gpu: &Device, tol: Tol, f: impl Fn(&Device) -> Vec<Output>) {
+    check_parity(what, gpu, tol, f)
+        .iter()
+        .for_each(|l| println!("{l}"));
+}
+
+/// A host copy of `t` with `f` applied to its values (to plant errors in the harness checks).
+pub fn edited(t: &Tensor, f: impl FnOnce(&mut [f32])) -> Tensor {
+    let mut v = t.to_vec_f32().unwrap();
+    f(&mut v);
+    Tensor::from_f32(&v, t.shape(), &Device::Cpu).unwrap()
+}
+
+// ---- GEMM: the f64 reference and a bound derived from K ---------------------------------------
+
+/// The f64 reference of C = alpha op(A) op(B) + beta C (+ bias) over a batch (rank-2 operands
+/// broadcast), and for each output the bound its f32 result must meet.
+///
+/// The bound. An f32 dot product of K terms accumulated in sequence (one rounding per term, as
+/// kernels/gemm.cu and blocked CPU GEMMs do) is off by E = sum_k d_k s_k, with s_k the partial
+/// sums and |d_k| <= u = 2^-24. The worst case, gamma_K sum_k |a_k b_k| ~ K u sum|ab|, is 1.6%
+/// of sum|ab| at K = 262,144: far too loose to see a lost tile. With independent roundings E has
+/// a standard deviation of about u sqrt(sum_k s_k^2 / 3), and for zero-mean operands (the tests
+/// draw uniforms in [-1, 1]) the partial sums are a random walk, E[s_k^2] = k r^2 with
+/// r^2 = mean_k (a_k b_k)^2, so sd(E) ~ u K r / sqrt(6) = u sqrt(K) ||a o b||_2 / sqrt(6).
+/// The bound is
+///     |alpha| 8 u sqrt(K) ||a o b||_2  +  4 u (|alpha a.b| + |beta c| + |bias|),
+/// about 20 standard deviations of the accumulation, plus the epilogue's few roundings. It still
+/// sees one lost term: a typical term is r = ||a o b||_2 / sqrt(K), and the first part of the
+/// bound is 8 u K r = 0.125 r at K = 262,144.
+pub fn gemm_reference(
+    a: &[f32],
+    a_shape: &[usize],
+    b: &[f32],
+    b_shape: &[usize],
+    c0: &[f32],
+    bias: Option<&[f32]>,
+    spec: GemmSpec,
+) -> (Vec<f64>, Vec<f64>) {
+    const U: f64 = f32::EPSILON as f64 / 2.0;
+    let split = |s: &[usize]| {
+        if s.len() == 3 {
+            (s[0], s[1], s[2])
+        } else {
+            (1, s[0], s[1])
+        }
+    };
+    let ((ba, ra, ca), (bb, rb, cb)) = (split(a_shape), split(b_shape));
+    let (m, k) = if spec.trans_a { (ca, ra) } else { (ra, ca) };
+    let n = if spec.trans_b { rb } else { cb };
+    let rows = ba.max(bb) * m;
+    let (mut c, mut bound) = (vec![0.0f64; rows * n], vec![0.0f64; rows * n]);
+    if rows * n == 0 {
+        return (c, bound);
+    }
+    let (alpha, beta) = (spec.alpha as f64, spec.beta as f64);
+    // One output row after another; rows split over threads (the K = 262,144 cases are 10^9 MACs).
+    let one_row = |row: usize, c_row: &mut [f64], bound_row: &mut [f64]| {
+        let (z, i) = (row / m, row % m);
+        let ao = if ba == 1 { 0 } else { z * ra * ca };
+        let bo = if bb == 1 { 0 } else { z * rb * cb };
+        for j in 0..n {
+            let (mut dot, mut sq) = (0.0f64, 0.0f64);
+            for p in 0..k {
+                let av = if spec.trans_a {
+                    a[ao + p * ca + i]
+                } else {
+                    a[ao + i * ca + p]
+                };
+                let bv = if spec.trans_b {
+                    b[bo + j * cb + p]
+                } else {
+                    b[bo + p * cb + j]
+                };
+                let t = av as f64 * bv as f64;
+                dot += t;
+                sq += t * t;
+            }
+            let prev = if spec.beta == 0.0 {
+                0.0
+            } else {
+                beta * c0[row * n + j] as f64
+            };
+            let bias_j = bias.map_or(0.0, |v| v[j] as f64);
+            c_row[j] = alpha * dot + prev + bias_j;
+            bound_row[j] = alpha.abs() * 8.0 * U * (k as f64).sqrt() * sq.sqrt()
+                + 4.0 * U * ((alpha * dot).abs() + prev.abs() + bias_j.abs());
+        }
+    };
+    let threads = std::thread::available_parallelism()
+        .map_or(1, |t| t.get())
+        .min(rows);
+    let per = rows.div_ceil(threads);
+    std::thread::scope(|s| {
+        let chunks = c.chunks_mut(per * n).zip(bound.chunks_mut(per * n));
+        for (t, (cc, bc)) in chunks.enumerate() {
+            let one_row = &one_row;
+            s.spawn(move || {
+                for (r, (c_row, bound_row)) in cc.chunks_mut(n).zip(bc.chunks_mut(n)).enumerate() {
+                    one_row(t * per + r, c_row, bound_row);
+                }
+            });
+        }
+    });
+    (c, bound)
+}
+
+/// The f64 reference alone: C = alpha op(A) op(B) + beta C over a batch.
 pub fn naive_gemm(
     a: &[f32],
     a_shape: &[usize],
@@ -76,50 +617,7 @@ pub fn naive_gemm(
     c0: &[f32],
     spec: GemmSpec,
 ) -> Vec<f64> {
-    let (ba, ra, ca) = if a_shape.len() == 3 {
-        (a_shape[0], a_shape[1], a_shape[2])
-    } else {
-        (1, a_shape[0], a_shape[1])
-    };
-    let (bb, rb, cb) = if b_shape.len() == 3 {
-        (b_shape[0], b_shape[1], b_shape[2])
-    } else {
-        (1, b_shape[0], b_shape[1])
-    };
-    let (m, k) = if spec.trans_a { (ca, ra) } else { (ra, ca) };
-    let n = if spec.trans_b { rb } else { cb };
-    let batch = ba.max(bb);
-    let mut c = vec![0.0f64; batch * m * n];
-    for z in 0..batch {
-        let ao = if ba == 1 { 0 } else { z * ra * ca };
-        let bo = if bb == 1 { 0 } else { z * rb * cb };
-        for i in 0..m {
-            for j in 0..n {
-                let mut acc = 0.0f64;
-                for p in 0..k {
-                    let av = if spec.trans_a {
-                        a[ao + p * ca + i]
-                    } else {
-                        a[ao + i * ca + p]
-                    };
-                    let bv = if spec.trans_b {
-                        b[bo + j * cb + p]
-                    } else {
-                        b[bo + p * cb + j]
-                    };
-                    acc += av as f64 * bv as f64;
-                }
-                let idx = z * m * n + i * n + j;
-                let prev = if spec.beta == 0.0 {
-                    0.0
-                } else {
-                    spec.beta as f64 * c0[idx] as f64
-                };
-                c[idx] = spec.alpha as f64 * acc + prev;
-            }
-        }
-    }
-    c
+    gemm_reference(a, a_shape, b, b_shape, c0, None, spec).0
 }
 
 /// (batch_a, batch_b, m, n, k): ragged sizes, tile multiples, broadcast weights.
@@ -145,30 +643,6 @@ pub fn operand_shape(batch: usize, rows: usize, cols: usize) -> Vec<usize> {
 pub fn on(dev: &Device, seed: u64, shape: &[usize], scale: f32) -> Tensor {
     let n = shape.iter().product();
     Tensor::from_f32(&random_vec(seed, n, -scale, scale), shape, dev).unwrap()
-}
-
-/// Runs `f` on the CPU and on `gpu` and compares every output norm-wise:
-/// ||gpu - cpu|| / ||cpu|| <= tol (a NaN anywhere fails).
-pub fn parity(what: &str, gpu: &Device, tol: f64, f: impl Fn(&Device) -> Vec<Tensor>) {
-    let (want, got) = (f(&Device::Cpu), f(gpu));
-    assert_eq!(want.len(), got.len());
-    for (k, (w, g)) in want.iter().zip(&got).enumerate() {
-        assert_eq!(w.shape(), g.shape(), "{what} output {k}: shape");
-        let (w, g) = (w.to_vec_f32().unwrap(), g.to_vec_f32().unwrap());
-        let (mut num, mut den, mut max_abs) = (0.0f64, 0.0f64, 0.0f64);
-        for (&a, &b) in w.iter().zip(&g) {
-            let d = (a as f64 - b as f64).abs();
-            num += d * d;
-            den += (a as f64).powi(2);
-            max_abs = if d.is_nan() { f64::NAN } else { max_abs.max(d) };
-        }
-        let rel = (num / den.max(1e-30)).sqrt();
-        println!("{what} output {k}: relative error {rel:.2e}, max abs {max_abs:.2e}");
-        assert!(
-            rel <= tol && !max_abs.is_nan(),
-            "{what} output {k}: relative error {rel:.3e} > {tol:e} (max abs {max_abs:e})"
-        );
-    }
 }
 
 /// The posterior of x ~ N(mu, S) given y = A x + N(0, s2 I) (A is m x d, row-major) and,
