@@ -45,6 +45,10 @@ fn main() {
     s.gpu("gemm::batch140000_grid_z_loop", gemm_grid_z_loop);
     s.gpu("rng::streams_match_cpu", random_streams);
     s.gpu("pool::hot_loop_without_new_allocations", pool_hot_loop);
+    s.gpu(
+        "poison::fresh_and_recycled_buffers_are_nan",
+        poison_fresh_and_recycled,
+    );
     s.gpu_alone("pool::oom_trims_cache_and_retries", pool_oom_retry);
     s.cpu(
         "harness::gemm_bound_admits_f32_sums_and_catches_one_lost_term",
@@ -619,6 +623,43 @@ fn pool_hot_loop(gpu: &Device) {
     // 10 x 6 buffers the loop asked for) rather than a flat global counter.
     assert!(after.reuses - before.reuses >= 60, "{before:?} -> {after:?}");
     println!("cuda pool: {before:?} -> {after:?}");
+}
+
+/// Poison mode on the GPU (EMPRIOR_POISON=1, set by cargo and by the device check): a buffer the
+/// pool hands out, fresh from the driver or recycled from a dropped tensor that held finite
+/// values, reads as NaN, and a planted read-before-write (a GEMM accumulating into a C that was
+/// never written) comes out NaN instead of passing on stale data.
+fn poison_fresh_and_recycled(gpu: &Device) {
+    assert!(
+        emprior::poison_enabled(),
+        "poison mode is off: run the GPU tests with EMPRIOR_POISON=1"
+    );
+    let all_nan = |t: &Tensor, what: &str| {
+        let v = t.to_vec_f32().unwrap();
+        let finite = v.iter().filter(|x| !x.is_nan()).count();
+        assert_eq!(finite, 0, "{what}: {finite} of {} elements are not NaN", v.len());
+    };
+    // An odd size class no other trial uses, so the first request is fresh from the driver.
+    let shape = [7, 1013];
+    all_nan(
+        &Tensor::uninit(&shape, emprior::DType::F32, gpu).unwrap(),
+        "fresh buffer",
+    );
+    drop(Tensor::full(&shape, 1.5, gpu).unwrap());
+    all_nan(
+        &Tensor::uninit(&shape, emprior::DType::F32, gpu).unwrap(),
+        "recycled buffer",
+    );
+
+    let a = on(gpu, &random_vec(3, 64 * 32, -1.0, 1.0), &[64, 32]);
+    let b = on(gpu, &random_vec(4, 32 * 48, -1.0, 1.0), &[32, 48]);
+    let accumulate = GemmSpec {
+        beta: 1.0,
+        ..GemmSpec::default()
+    };
+    let mut c = Tensor::uninit(&[64, 48], emprior::DType::F32, gpu).unwrap();
+    ops::gemm_into(&a, &b, &mut c, accumulate).unwrap();
+    all_nan(&c, "GEMM accumulating into an unwritten C");
 }
 
 /// The pool's out-of-memory path: with the GPU's memory parked in the pool's free lists, a request

@@ -96,7 +96,12 @@ impl DevicePool {
             Ok(s) => s,
             Err(_) => {
                 // Out of memory with buffers parked in the cache: give them back and retry once.
+                // cudarc frees with cuMemFreeAsync into the driver's stream-ordered pool, which
+                // releases the memory only at a synchronisation: wait for it before retrying.
                 self.trim();
+                self.stream
+                    .synchronize()
+                    .map_err(|e| Error::cuda("synchronizing after trimming the memory pool", e))?;
                 unsafe { self.stream.alloc::<u8>(class) }
                     .map_err(|e| Error::cuda(format!("allocating {class} bytes of device memory"), e))?
             }
