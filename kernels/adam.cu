@@ -16,6 +16,7 @@ struct AdamKernelParams {
     int use_ema;              // 0: no EMA (and `ema` may be null)
 };
 
+// hot
 extern "C" __global__ void adam_step_f32(float* p, const float* g, float* m, float* v, float* ema,
                                          const float* grad_norm, i64 n, AdamKernelParams a) {
     const float norm = *grad_norm;
