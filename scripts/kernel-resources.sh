@@ -63,7 +63,8 @@ nvcc="$(find_nvcc)" || {
 
 if [ -z "$include" ]; then
   # The newest generated header of any profile's build of this crate, if there is one.
-  newest="$(ls -1t target/*/build/emprior-*/out/kernel_layouts.cuh 2>/dev/null | head -n 1 || true)"
+  newest="$(find target -maxdepth 5 -path '*/build/emprior-*/out/kernel_layouts.cuh' -printf '%T@ %p\n' 2>/dev/null |
+    sort -rn | head -n 1 | cut -d' ' -f2- || true)"
   [ -n "$newest" ] && include="$(dirname "$newest")"
 fi
 if [ -n "$include" ] && [ ! -d "$include" ]; then
