@@ -7,13 +7,15 @@
 #       kernel resource table). --dry-run skips the toolkit install when nvcc is already there and
 #       the stripping, and reuses the builds CI has made; --resources FILE copies an existing
 #       scripts/kernel-resources.sh table instead of compiling the kernels again.
-#   scripts/device-check.sh run [--quick] [--dry-run] [--budget S] [--steps LIST]
+#   scripts/device-check.sh run [--quick] [--dry-run] [--budget S] [--steps LIST] [--tests REGEX]
 #       there (device tool, carry [".device"], timeout_s above the budget): the checks below, in
 #       this order, so a run cut short has recorded correctness first. Results under $OUT
 #       (default .device/out): summary.md, console.log, logs.tar.gz (every per-test log, the
 #       sanitizer reports, the bench and EM logs) and kernel-resources.md; at most 8 files come
 #       back from the device machine, so the many small logs travel as one archive.
 #       --dry-run: the whole script on this machine, every GPU step replaced by the CPU (CI).
+#       --tests REGEX: a focused rerun, only tests whose "binary::name" matches (awk regex), in
+#       the serial, fast and sanitizer steps, e.g. --steps serial,sanitize --tests 'gemm'.
 #   scripts/device-check.sh record DIR
 #       here: append DIR/summary.md (the files_at folder of the run) to benches/RESULTS.md.
 #
@@ -358,10 +360,11 @@ PY
 }
 
 run_checks() {
-  local quick=0 dry=0 budget="" steps=""
+  local quick=0 dry=0 budget="" steps="" tests=""
   while [ $# -gt 0 ]; do
     case "$1" in
       --quick) quick=1; shift ;;
+      --tests) tests="${2:?--tests needs a regex}"; shift 2 ;;
       --dry-run) dry=1; shift ;;
       --budget) budget="${2:?--budget needs seconds}"; shift 2 ;;
       --steps) steps="${2:?--steps needs a list}"; shift 2 ;;
@@ -385,7 +388,7 @@ run_checks() {
   work="$(mktemp -d "${TMPDIR:-/tmp}/emprior-devcheck.XXXXXX")"
   local rc=0
   set +e
-  run_steps "$quick" "$dry" "$budget" "$steps" 2>&1 | tee "$out/console.log"
+  run_steps "$quick" "$dry" "$budget" "$steps" "$tests" 2>&1 | tee "$out/console.log"
   rc=${PIPESTATUS[0]}
   set -e
   rm -rf "$work"
@@ -396,7 +399,7 @@ run_checks() {
 run_steps() {
   set -Eeuo pipefail
   trap 'echo "device-check: SCRIPT ERROR at line $LINENO: $BASH_COMMAND" >&2' ERR
-  local quick="$1" dry="$2" budget="$3" steps="$4"
+  local quick="$1" dry="$2" budget="$3" steps="$4" only="$5"
   local t_start deadline reserve=10
   t_start=$(date +%s)
   deadline=$((t_start + budget))
@@ -549,6 +552,12 @@ run_steps() {
     fi
     sed "s/^/$group\t/" "$work/$group.names" >>"$work/tests.tsv"
   done
+  if [ -n "$only" ]; then
+    # --tests: a focused rerun; only the matching tests, and only their binaries in the fast pass.
+    awk -F'\t' -v re="$only" '($1 "::" $2) ~ re' "$work/tests.tsv" >"$work/tests.only"
+    mv "$work/tests.only" "$work/tests.tsv"
+    meta steps "$steps; tests matching /$only/"
+  fi
   echo "device-check: $(wc -l <"$work/tests.tsv") tests in $(wc -l <"$work/listing.tsv") GPU test binaries"
   pack
 
@@ -601,6 +610,7 @@ run_steps() {
     : >"$work/fast.tsv"
     for bin in "$bundle"/tests/*; do
       group="$(basename "$bin")"
+      if ! cut -f1 "$work/tests.tsv" | grep -qxF "$group"; then continue; fi
       local left=$((end - $(now)))
       if [ "$left" -lt 5 ]; then
         printf '%s\tnot-run\t0\t0\t0\t0\t0\t\t\n' "$group" >>"$work/fast.tsv"
@@ -659,7 +669,7 @@ run_steps() {
   if want sanitize; then
     t0=$(now)
     # The subset: small parity tests, no U-Net, no large GEMM or OOM path, no harness self-check.
-    local pat="${EMPRIOR_SANITIZE_TESTS:-^cuda_parity::|^cuda_nn_parity::cuda_layers}"
+    local pat="${EMPRIOR_SANITIZE_TESTS:-^cuda_parity::|^cuda_nn_parity::(\[[^]]*\] )?cuda_layers}"
     local nopat="${EMPRIOR_SANITIZE_SKIP:-unet|large|big|huge|oom|grid_?z|262144|harness|cpu_against_cpu}"
     local max="${EMPRIOR_SANITIZE_MAX:-8}"
     : >"$work/sanitize-subset.tsv"
@@ -718,9 +728,9 @@ run_steps() {
               "${incl[@]}" >"$log" 2>&1 </dev/null || rc=$?
             errors=""
           else
-            local poison=1
-            if [ "$tool" = initcheck ]; then poison=0; fi
-            EMPRIOR_POISON=$poison timeout -k 5 "$left" "$sanitizer" --tool "$tool" --error-exitcode 86 \
+            local envcmd=(env)
+            if [ "$tool" = initcheck ]; then envcmd=(env -u EMPRIOR_POISON); fi
+            "${envcmd[@]}" timeout -k 5 "$left" "$sanitizer" --tool "$tool" --error-exitcode 86 \
               --print-limit 25 --check-exit-code no --require-cuda-init no --log-file "$report" \
               "$bundle/tests/$group" --exact "$name" --test-threads=1 --color never "${incl[@]}" \
               >"$log" 2>&1 </dev/null || rc=$?
@@ -910,5 +920,5 @@ case "${1:-}" in
   prepare) shift; prepare "$@" ;;
   run) shift; run_checks "$@" ;;
   record) shift; record "$@" ;;
-  *) echo "usage: $0 prepare [--dry-run] [--resources FILE] | run [--quick] [--dry-run] [--budget S] [--steps LIST] | record DIR" >&2; exit 2 ;;
+  *) echo "usage: $0 prepare [--dry-run] [--resources FILE] | run [--quick] [--dry-run] [--budget S] [--steps LIST] [--tests REGEX] | record DIR" >&2; exit 2 ;;
 esac
