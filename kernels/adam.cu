@@ -17,6 +17,7 @@ struct AdamKernelParams {
 };
 CHECK_LAYOUT(AdamKernelParams);
 
+// hot
 extern "C" __global__ void adam_step_f32(float* p, const float* g, float* m, float* v, NULLABLE float* ema,
                                          const float* grad_norm, i64 n, AdamKernelParams a) {
     const float norm = *grad_norm;

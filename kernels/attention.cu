@@ -11,6 +11,7 @@ __device__ __forceinline__ float warp_allmax(float v) {
     return v;
 }
 
+// hot
 extern "C" __global__ void attn_softmax_f32(const float* s, float* p, i64 rows, int cols) {
     const i64 warps = ((i64)gridDim.x * blockDim.x) >> 5;
     const int lane = threadIdx.x & 31;
@@ -32,6 +33,7 @@ extern "C" __global__ void attn_softmax_f32(const float* s, float* p, i64 rows, 
 }
 
 // ds = p * (dp - sum_j p_j dp_j). ds may alias dp.
+// hot
 extern "C" __global__ void attn_softmax_backward_f32(const float* p, const float* dp, float* ds, i64 rows, int cols) {
     const i64 warps = ((i64)gridDim.x * blockDim.x) >> 5;
     const int lane = threadIdx.x & 31;

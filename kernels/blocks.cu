@@ -10,6 +10,7 @@
 #include "common.cuh"
 
 // dx = (1 + a) dh; dm[:, 0:C] = sum_p dh * x; dm[:, C:2C] = sum_p dh. dx may alias dh.
+// hot
 extern "C" __global__ void blk_modulate_backward_f32(const float* x, const float* m, const float* dh, float* dx,
                                                      float* dm, i64 n, i64 p, i64 c) {
     const i64 ch = (i64)blockIdx.x * blockDim.x + threadIdx.x, s = blockIdx.y;
@@ -27,6 +28,7 @@ extern "C" __global__ void blk_modulate_backward_f32(const float* x, const float
     dm[s * 3 * c + c + ch] = (float)sb;
 }
 
+// hot
 extern "C" __global__ void blk_residual_f32(const float* x, const float* h, const float* m, float* out, i64 n, i64 p,
                                             i64 c) {
     const i64 total = n * p * c, step = (i64)gridDim.x * blockDim.x;
@@ -38,6 +40,7 @@ extern "C" __global__ void blk_residual_f32(const float* x, const float* h, cons
 }
 
 // dx = dout / s; dh = c dout / s; dm[:, 2C:3C] = sum_p dout * (h - out c / s) / s, s = sqrt(1 + c^2).
+// hot
 extern "C" __global__ void blk_residual_backward_f32(const float* x, const float* h, const float* m,
                                                      const float* dout, float* dx, float* dh, float* dm, i64 n,
                                                      i64 p, i64 c) {

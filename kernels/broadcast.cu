@@ -6,6 +6,7 @@
 #include "common.cuh"
 
 // y[r, c] += b[c]. Any grid/block, grid-stride over rows * cols.
+// hot
 extern "C" __global__ void bc_add_bias_f32(float* y, const float* b, i64 rows, i64 cols) {
     const i64 n = rows * cols, stride = (i64)gridDim.x * blockDim.x;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) y[i] += b[i % cols];
@@ -15,6 +16,7 @@ extern "C" __global__ void bc_add_bias_f32(float* y, const float* b, i64 rows, i
 // gradient, with groups = batch a per-sample reduction over pixels. One thread per (g, c),
 // summing its rows in order (f64 accumulation): deterministic and coalesced across c.
 // grid = (ceil(cols / 256), groups), block = 256.
+// hot
 extern "C" __global__ void bc_sum_rows_f32(const float* x, float* out, i64 groups, i64 rows_per_group, i64 cols,
                                            int accumulate) {
     const i64 c = (i64)blockIdx.x * blockDim.x + threadIdx.x;

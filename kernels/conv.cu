@@ -14,6 +14,7 @@ struct ConvGeometry {
 };
 CHECK_LAYOUT(ConvGeometry);
 
+// hot
 extern "C" __global__ void conv_im2col_f32(const float* x, float* col, ConvGeometry g) {
     const i64 kc = 9LL * g.cin;
     const i64 total = (i64)g.n * g.oh * g.ow * kc;
@@ -33,6 +34,7 @@ extern "C" __global__ void conv_im2col_f32(const float* x, float* col, ConvGeome
 
 // dx[n, iy, ix, ci] = sum over taps (ky, kx) and output pixels (oy, ox) with
 // oy * stride + ky - 1 == iy (same for x) of dcol[n, oy, ox, (ky, kx, ci)].
+// hot
 extern "C" __global__ void conv_col2im_f32(const float* dcol, float* dx, ConvGeometry g) {
     const i64 total = (i64)g.n * g.h * g.w * g.cin;
     const i64 step = (i64)gridDim.x * blockDim.x;

@@ -6,6 +6,7 @@
 #include "common.cuh"
 
 // `scale` = 1 / (1 - p), rounded once on the host from f64 as the CPU body does.
+// hot
 extern "C" __global__ void dropout_f32(const float* x, float* y, i64 n, float p, float scale, u64 seed, u64 stream,
                                        u64 offset) {
     const i64 step = (i64)gridDim.x * blockDim.x;

@@ -75,33 +75,40 @@ extern "C" __global__ void ew_fill_f32(float* out, i64 n, float value) {
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) out[i] = value;
 }
 
+// hot
 extern "C" __global__ void ew_add_f32(const float* a, const float* b, float* out, i64 n) {
     binary_map(a, b, out, n, AddOp{});
 }
 
+// hot
 extern "C" __global__ void ew_mul_f32(const float* a, const float* b, float* out, i64 n) {
     binary_map(a, b, out, n, MulOp{});
 }
 
+// hot
 extern "C" __global__ void ew_scale_f32(const float* x, float* out, i64 n, float alpha) {
     unary_map(x, out, n, ScaleOp{alpha});
 }
 
 // y <- y + alpha * x, in place.
+// hot
 extern "C" __global__ void ew_axpy_f32(const float* x, float* y, i64 n, float alpha) {
     binary_map(x, y, y, n, AxpyOp{alpha});
 }
 
+// hot
 extern "C" __global__ void ew_silu_f32(const float* x, float* out, i64 n) {
     unary_map(x, out, n, SiluOp{});
 }
 
 // dx = dy * silu'(x); dx may alias dy.
+// hot
 extern "C" __global__ void ew_silu_backward_f32(const float* x, const float* dy, float* dx, i64 n) {
     binary_map(x, dy, dx, n, SiluBackwardOp{});
 }
 
 // out = a / b, and 0 where b == 0 (CG's per-system step sizes: a converged system has p = 0).
+// hot
 extern "C" __global__ void ew_div_guarded_f32(const float* a, const float* b, float* out, i64 n) {
     const i64 stride = (i64)gridDim.x * blockDim.x;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) out[i] = b[i] == 0.0f ? 0.0f : a[i] / b[i];

@@ -110,18 +110,22 @@ __device__ __forceinline__ void gemm_body(const float* __restrict__ A, const flo
     }
 }
 
+// hot
 extern "C" __global__ void __launch_bounds__(GEMM_THREADS)
     gemm_f32_nn(const float* A, const float* B, float* C, GemmParams p, NULLABLE const float* bias) {
     gemm_body<false, false>(A, B, C, p, bias);
 }
+// hot
 extern "C" __global__ void __launch_bounds__(GEMM_THREADS)
     gemm_f32_nt(const float* A, const float* B, float* C, GemmParams p, NULLABLE const float* bias) {
     gemm_body<false, true>(A, B, C, p, bias);
 }
+// hot
 extern "C" __global__ void __launch_bounds__(GEMM_THREADS)
     gemm_f32_tn(const float* A, const float* B, float* C, GemmParams p, NULLABLE const float* bias) {
     gemm_body<true, false>(A, B, C, p, bias);
 }
+// hot
 extern "C" __global__ void __launch_bounds__(GEMM_THREADS)
     gemm_f32_tt(const float* A, const float* B, float* C, GemmParams p, NULLABLE const float* bias) {
     gemm_body<true, true>(A, B, C, p, bias);

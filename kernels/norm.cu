@@ -5,6 +5,7 @@
 // Launch contract: blockDim.x a multiple of 32; any grid (warps stride over rows).
 #include "common.cuh"
 
+// hot
 extern "C" __global__ void ln_forward_f32(const float* x, float* y, float* rstd, i64 rows, int C, float eps) {
     const i64 warps = ((i64)gridDim.x * blockDim.x) >> 5;
     const int lane = threadIdx.x & 31;
@@ -27,6 +28,7 @@ extern "C" __global__ void ln_forward_f32(const float* x, float* y, float* rstd,
 }
 
 // dx = rstd * (dy - mean(dy) - y * mean(dy * y)). dx may alias dy.
+// hot
 extern "C" __global__ void ln_backward_f32(const float* y, const float* rstd, const float* dy, float* dx, i64 rows,
                                            int C) {
     const i64 warps = ((i64)gridDim.x * blockDim.x) >> 5;
@@ -51,6 +53,7 @@ extern "C" __global__ void ln_backward_f32(const float* y, const float* rstd, co
 // m[s, 0:C], m[s, C:2C] for the sample s = row / p that the row (pixel) belongs to. The
 // modulated value is recomputed in each pass instead of being stored: nothing but y and 1/std
 // goes to memory, and the backward needs nothing else.
+// hot
 extern "C" __global__ void ln_modulate_forward_f32(const float* x, const float* m, float* y, float* rstd, i64 rows,
                                                    i64 p, int C, float eps) {
     const i64 warps = ((i64)gridDim.x * blockDim.x) >> 5;

@@ -7,6 +7,7 @@
 
 // Stage 1 of a full sum: block b sums the elements b, b + gridDim.x * REDUCE_THREADS, ... of its
 // threads and writes one f64 partial. The host picks gridDim.x from n alone.
+// hot
 extern "C" __global__ void reduce_sum_partial_f32(const float* x, i64 n, double* partials) {
     __shared__ double scratch[REDUCE_THREADS / 32];
     const i64 stride = (i64)gridDim.x * REDUCE_THREADS;
@@ -27,6 +28,7 @@ extern "C" __global__ void reduce_sum_finish(const double* partials, int count, 
 
 // out[r] = sum_c a[r, c] * b[r, c] for a batch of `rows` rows of length `cols`. One block per row
 // (grid-stride over rows). With sqrt_result, out[r] = sqrt of that (the L2 norm when a == b).
+// hot
 extern "C" __global__ void reduce_row_dot_f32(const float* a, const float* b, float* out, i64 rows, i64 cols,
                                               int sqrt_result) {
     __shared__ double scratch[REDUCE_THREADS / 32];

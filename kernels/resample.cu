@@ -6,6 +6,7 @@
 #include "common.cuh"
 
 // y[n, oy, ox, c] = x[n, oy / 2, ox / 2, c]; y is [n, 2h, 2w, c].
+// hot
 extern "C" __global__ void rs_upsample2x_f32(const float* x, float* y, i64 n, i64 h, i64 w, i64 c) {
     const i64 total = n * 4 * h * w * c, step = (i64)gridDim.x * blockDim.x;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
@@ -16,6 +17,7 @@ extern "C" __global__ void rs_upsample2x_f32(const float* x, float* y, i64 n, i6
 }
 
 // dx[n, iy, ix, c] = sum of the 2x2 block of dy above it.
+// hot
 extern "C" __global__ void rs_upsample2x_backward_f32(const float* dy, float* dx, i64 n, i64 h, i64 w, i64 c) {
     const i64 total = n * h * w * c, step = (i64)gridDim.x * blockDim.x;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
@@ -28,6 +30,7 @@ extern "C" __global__ void rs_upsample2x_backward_f32(const float* dy, float* dx
 }
 
 // y[r, :ca] = a[r], y[r, ca:] = b[r] over rows r.
+// hot
 extern "C" __global__ void rs_concat_f32(const float* a, const float* b, float* y, i64 rows, i64 ca, i64 cb) {
     const i64 cy = ca + cb, total = rows * cy, step = (i64)gridDim.x * blockDim.x;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
@@ -37,6 +40,7 @@ extern "C" __global__ void rs_concat_f32(const float* a, const float* b, float* 
 }
 
 // The adjoint: da[r] = dy[r, :ca], db[r] = dy[r, ca:].
+// hot
 extern "C" __global__ void rs_split_f32(const float* dy, float* da, float* db, i64 rows, i64 ca, i64 cb) {
     const i64 cy = ca + cb, total = rows * cy, step = (i64)gridDim.x * blockDim.x;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
@@ -57,6 +61,7 @@ struct PermuteParams {
 };
 CHECK_LAYOUT(PermuteParams);
 
+// hot
 extern "C" __global__ void rs_permute_f32(const float* x, float* y, i64 total, PermuteParams p) {
     const i64 step = (i64)gridDim.x * blockDim.x;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {

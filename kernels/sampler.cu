@@ -8,6 +8,7 @@
 // Launch contract: any grid/block; grid-stride.
 #include "common.cuh"
 
+// hot
 extern "C" __global__ void sampler_step_f32(float* x, const float* d, i64 n, float a, float c, u64 seed, u64 stream,
                                             u64 offset) {
     const i64 step = (i64)gridDim.x * blockDim.x;
