@@ -25,8 +25,10 @@
 # says so in the summary.
 #   info      nvidia-smi, emprior info --device cuda                                  20 / 20
 #   serial    every test of every GPU test binary ONE AT A TIME, each in its own process,
-#             CUDA_LAUNCH_BLOCKING=1 EMPRIOR_POISON=1 RUST_BACKTRACE=1, so the first fault
-#             names its test and (launch errors read "launching <kernel>") its kernel;
+#             CUDA_LAUNCH_BLOCKING=1 EMPRIOR_CHECK_LAUNCHES=1 EMPRIOR_POISON=1 RUST_BACKTRACE=1,
+#             so the first fault names its test and its kernel (every launcher waits for its
+#             kernel and reports "kernel <k> (kernels/<f>.cu) failed"); in a dry run with
+#             EMPRIOR_GPU_TESTS_ON_CPU=1, so the GPU trials' code runs on the CPU;
 #             per test 60 / 120                                                      150 / 240
 #   fast      each GPU test binary whole, --test-threads=4, EMPRIOR_POISON=1; tests that
 #             crashed or hung one at a time are skipped here (--skip); per binary 60 / 150   90 / 180
@@ -458,7 +460,9 @@ run_steps() {
       status=not-found
     fi
     if [ "$status" = passed ] && [ "$rc" != 0 ]; then status="failed-rc-$rc"; fi
-    kernel="$(grep -oE 'launching [A-Za-z_][A-Za-z0-9_]*' "$log" | head -n 1 | cut -d' ' -f2 || true)"
+    # The generated launchers name their kernel: "launching <k> (kernels/<f>.cu)" when the launch
+    # fails, "kernel <k> (kernels/<f>.cu) failed" when EMPRIOR_CHECK_LAUNCHES catches its fault.
+    kernel="$(grep -oE '(launching|kernel) [A-Za-z_][A-Za-z0-9_]* \(kernels/' "$log" | head -n 1 | cut -d' ' -f2 || true)"
     err="$(grep -oE 'CUDA_ERROR_[A-Z_]+' "$log" | head -n 1 || true)"
     skips="$(grep -c 'skipped:' "$log" || true)"
     # The panic message: the lines after "panicked at", up to the backtrace.
@@ -469,9 +473,12 @@ run_steps() {
 
   # Environment of every test process.
   export EMPRIOR_POISON=1
-  local incl=()
+  local incl=() stand_in=(env)
   if [ "$dry" = 1 ]; then
     unset EMPRIOR_REQUIRE_GPU
+    # The one-at-a-time pass runs the GPU trials' code with the CPU standing in for the GPU (they
+    # still report ignored), so a broken trial shows here before a GPU is spent on it.
+    stand_in=(env EMPRIOR_GPU_TESTS_ON_CPU=1)
   else
     export EMPRIOR_REQUIRE_GPU=1
     incl=(--include-ignored)
@@ -492,7 +499,7 @@ run_steps() {
   meta steps "$steps"
   meta budget "$budget"
   meta commit "$(head -n 1 "$bundle/COMMIT")$(sed -n 2p "$bundle/COMMIT" | sed 's/^/ /')"
-  meta env "EMPRIOR_POISON=1, one at a time with CUDA_LAUNCH_BLOCKING=1$([ "$dry" = 0 ] && echo ', EMPRIOR_REQUIRE_GPU=1, --include-ignored'); bundle $(cat "$bundle/MODE" 2>/dev/null || echo '?')"
+  meta env "EMPRIOR_POISON=1, one at a time with CUDA_LAUNCH_BLOCKING=1 EMPRIOR_CHECK_LAUNCHES=1$([ "$dry" = 0 ] && echo ', EMPRIOR_REQUIRE_GPU=1, --include-ignored'); bundle $(cat "$bundle/MODE" 2>/dev/null || echo '?')"
   if [ -f "$bundle/kernel-resources.md" ]; then
     cp "$bundle/kernel-resources.md" "$out/kernel-resources.md"
     cp "$bundle/kernel-resources.md" "$work/kernel-resources.md"
@@ -563,7 +570,7 @@ run_steps() {
 
   local name log line status kernel err skips note secs end
   if want serial; then
-    echo "== one test at a time (CUDA_LAUNCH_BLOCKING=1, EMPRIOR_POISON=1)"
+    echo "== one test at a time (CUDA_LAUNCH_BLOCKING=1, EMPRIOR_CHECK_LAUNCHES=1, EMPRIOR_POISON=1)"
     t0=$(now)
     t=$(cap "$cap_serial")
     end=$(($(now) + t))
@@ -580,7 +587,8 @@ run_steps() {
       local ts
       ts=$(date +%s.%N)
       rc=0
-      CUDA_LAUNCH_BLOCKING=1 RUST_BACKTRACE=1 timeout -k 5 "$left" "$bundle/tests/$group" --exact "$name" \
+      CUDA_LAUNCH_BLOCKING=1 EMPRIOR_CHECK_LAUNCHES=1 RUST_BACKTRACE=1 "${stand_in[@]}" \
+        timeout -k 5 "$left" "$bundle/tests/$group" --exact "$name" \
         --test-threads=1 --color never "${incl[@]}" >"$log" 2>&1 </dev/null || rc=$?
       secs=$(awk -v a="$ts" -v b="$(date +%s.%N)" 'BEGIN { printf "%.1f", b - a }')
       line="$(classify "$log" "$rc")"
@@ -669,7 +677,10 @@ run_steps() {
   if want sanitize; then
     t0=$(now)
     # The subset: small parity tests, no U-Net, no large GEMM or OOM path, no harness self-check.
-    local pat="${EMPRIOR_SANITIZE_TESTS:-^cuda_parity::|^cuda_nn_parity::(\[[^]]*\] )?cuda_layers}"
+    # Small and varied by default: elementwise (aligned and misaligned), the reductions, a GEMM
+    # with its bias epilogue, the conv, norm and attention layers, and the fused Adam step.
+    local k='(\[[^]]*\] )?'
+    local pat="${EMPRIOR_SANITIZE_TESTS:-^cuda_parity::${k}(elementwise::aligned|misaligned::elementwise|reductions::|gemm::bias)|^cuda_nn_parity::${k}layers::(conv3x3|layer_norm|self_attention)|^cuda_posterior_parity::${k}train::adam}"
     local nopat="${EMPRIOR_SANITIZE_SKIP:-unet|large|big|huge|oom|grid_?z|262144|harness|cpu_against_cpu}"
     local max="${EMPRIOR_SANITIZE_MAX:-8}"
     : >"$work/sanitize-subset.tsv"
