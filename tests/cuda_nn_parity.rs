@@ -327,20 +327,8 @@ fn cifar10_unet() -> Denoiser {
     Denoiser::new(Network::UNet(UNet::new(UNetConfig::cifar10()).unwrap()))
 }
 
-/// Two levels, attention at the second, 8x8: the U-Net's code paths at a small cost.
 fn small_unet() -> Denoiser {
-    let cfg = UNetConfig {
-        in_channels: 3,
-        out_channels: 3,
-        channels: vec![16, 32],
-        blocks: vec![1, 1],
-        attention: vec![(1, 2)],
-        emb: 32,
-        dropout: 0.1,
-        patch: 1,
-        resolution: (8, 8),
-    };
-    Denoiser::new(Network::UNet(UNet::new(cfg).unwrap()))
+    Denoiser::new(Network::UNet(UNet::new(common::small_unet_config()).unwrap()))
 }
 
 /// `shape` values uniform in [-scale, scale) (the same draws as `common::on`), in `dtype`.

@@ -15,7 +15,7 @@ use emprior::diffusion::loss::dsm_loss;
 use emprior::diffusion::sampler::sampler_step;
 use emprior::diffusion::{Denoiser, Network, Sampler, SamplerKind, VeSchedule};
 use emprior::gaussian::{Dplr, Gaussian};
-use emprior::nn::{Mode, TimeMlp, UNet, UNetConfig};
+use emprior::nn::{Mode, TimeMlp, UNet};
 use emprior::ops::Philox;
 use emprior::posterior::{CgConfig, DenseOperators, MaskOperator, Mmps, NetworkPrior, ObservationNoise};
 use emprior::train::{Adam, AdamConfig, LrSchedule, Trainer};
@@ -156,18 +156,7 @@ fn dsm_case(d: &Device) -> Vec<Output> {
 /// Four DDPM steps with MMPS guidance (1 CG iteration) through a small U-Net, under pixel masks;
 /// the sampler draws from Philox (6, `stream`).
 fn ddpm_mmps_case(d: &Device, stream: u64) -> Vec<Output> {
-    let cfg = UNetConfig {
-        in_channels: 3,
-        out_channels: 3,
-        channels: vec![16, 32],
-        blocks: vec![1, 1],
-        attention: vec![(1, 2)],
-        emb: 32,
-        dropout: 0.1,
-        patch: 1,
-        resolution: (8, 8),
-    };
-    let den = Denoiser::new(Network::UNet(UNet::new(cfg).unwrap()));
+    let den = Denoiser::new(Network::UNet(UNet::new(common::small_unet_config()).unwrap()));
     let params = den.layout().init(2, DType::F32, d).unwrap();
     let b = 4;
     let bits: Vec<f32> = random_vec(30, b * 64, 0.0, 1.0)

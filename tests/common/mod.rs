@@ -786,3 +786,19 @@ pub fn gemm_case(
         c_shape,
     }
 }
+
+/// Two levels, attention at the second, 8x8, RGB, dropout on: every U-Net code path at a small
+/// cost (the GPU parity tests' small network).
+pub fn small_unet_config() -> emprior::nn::UNetConfig {
+    emprior::nn::UNetConfig {
+        in_channels: 3,
+        out_channels: 3,
+        channels: vec![16, 32],
+        blocks: vec![1, 1],
+        attention: vec![(1, 2)],
+        emb: 32,
+        dropout: 0.1,
+        patch: 1,
+        resolution: (8, 8),
+    }
+}
