@@ -1,6 +1,6 @@
 //! The `emprior` command line: parses arguments and calls the library; no logic of its own.
 
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand};
 
 use emprior::device::{probe_cuda, Device, DeviceRequest, Kernels};
@@ -200,13 +200,26 @@ enum Command {
         from: Option<PathBuf>,
     },
     /// Time the kernels (CUDA events on a GPU) and print a markdown table with throughput against
-    /// ceilings measured in the same run.
+    /// ceilings measured in the same run; with --peers, the workloads measured beside PyTorch and
+    /// JAX (benches/baselines/WORKLOADS.md) and a projection of paper runs from their rates.
     Bench {
         #[arg(long, default_value = "auto")]
         device: DeviceRequest,
         /// Fewer shapes and repeats (about a minute on a GPU).
         #[arg(long)]
         quick: bool,
+        /// Measure the peer workloads instead of the kernels.
+        #[arg(long)]
+        peers: bool,
+        /// With --peers: comma-separated workloads (default: all on a GPU, the small ones on the CPU).
+        #[arg(long, value_delimiter = ',')]
+        workloads: Vec<String>,
+        /// With --peers: timed runs per workload after warm-up (default 10, 3 with --quick).
+        #[arg(long)]
+        repeats: Option<usize>,
+        /// With --peers: append one JSON line per workload to this file.
+        #[arg(long)]
+        json: Option<PathBuf>,
     },
 }
 
@@ -214,7 +227,20 @@ fn main() -> std::process::ExitCode {
     emprior::tune_cpu_allocator();
     let result = match Cli::parse().command {
         Command::Info { device, kernels } => info(device, kernels),
-        Command::Bench { device, quick } => bench(device, quick),
+        Command::Bench {
+            device,
+            quick,
+            peers: false,
+            ..
+        } => bench(device, quick),
+        Command::Bench {
+            device,
+            quick,
+            peers: true,
+            workloads,
+            repeats,
+            json,
+        } => bench_peers(device, quick, &workloads, repeats, json.as_deref()),
         Command::Cifar10Subset {
             train,
             test,
@@ -384,6 +410,55 @@ fn info(request: DeviceRequest, list_kernels: bool) -> Result<()> {
         Ok(d) => println!("selected: {d:?}"),
         Err(e) => bail!("--device {request}: {e}"),
     }
+    Ok(())
+}
+
+fn bench_peers(
+    request: DeviceRequest,
+    quick: bool,
+    workloads: &[String],
+    repeats: Option<usize>,
+    json: Option<&std::path::Path>,
+) -> Result<()> {
+    use emprior::bench::peers;
+    emprior::set_poison(false);
+    let device = Device::open(request)?;
+    let names: Vec<String> = if workloads.is_empty() {
+        peers::default_workloads(&device)
+            .iter()
+            .map(|s| s.to_string())
+            .collect()
+    } else {
+        workloads.to_vec()
+    };
+    if let Some(bad) = names.iter().find(|n| !peers::WORKLOADS.contains(&n.as_str())) {
+        bail!(
+            "unknown workload '{bad}' (expected one of {})",
+            peers::WORKLOADS.join(", ")
+        );
+    }
+    let repeats = repeats.unwrap_or(if quick { 3 } else { 10 }).max(1);
+    let mut rows = Vec::new();
+    for name in &names {
+        eprintln!("bench --peers: {name} on {device} ({repeats} repeats)");
+        let m = peers::measure(&device, name, repeats)?;
+        if let Some(path) = json {
+            use std::io::Write as _;
+            let mut f = std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .with_context(|| format!("opening {}", path.display()))?;
+            writeln!(f, "{}", m.json(&device)).with_context(|| format!("writing {}", path.display()))?;
+        }
+        rows.push(m);
+    }
+    print!(
+        "{}",
+        peers::format_table(&format!("emprior on {device:?}"), &rows)
+    );
+    println!();
+    print!("{}", peers::projection(&rows));
     Ok(())
 }
 

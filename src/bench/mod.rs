@@ -3,6 +3,8 @@
 //! a ceiling measured in the same run (device-to-device copy bandwidth for memory-bound kernels,
 //! cuBLAS SGEMM for our GEMM) and against the datasheet FP32 rate.
 
+pub mod peers;
+
 use std::time::Instant;
 
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
