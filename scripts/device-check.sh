@@ -35,6 +35,10 @@
 #   sanitize  compute-sanitizer memcheck, initcheck, racecheck and synccheck, each over a
 #             quick subset of the parity tests (one process per test); per tool   40 / 75 (x4)
 #   bench     emprior bench --device cuda [--quick]                                  60 / 120
+#   peers     (full only) emprior bench --peers, then benches/baselines' PyTorch and JAX versions
+#             of the same workloads, one table with ratios and MFU against the bf16 rate
+#             measured in the run, and the projected paper laps (dry run: one workload on
+#             the CPU, the peers where installed)                                    - / 240
 #   em        (full only) one manifold EM lap at the paper's scale, then the CIFAR-10
 #             smoke preset (paper U-Net), with a projected paper lap                   - / 420 + 300
 #   criterion (full only) the criterion benches, short                              - / 60 each
@@ -126,6 +130,9 @@ prepare() {
   rm -rf "$lists"
   [ -n "$(ls -A "$bundle/tests")" ] || die "no cuda_* test binary was built"
   cp target/release/emprior "$bundle/emprior"
+  # The PyTorch and JAX versions of our workloads (the GPU machine has both, and no registry).
+  mkdir -p "$bundle/baselines"
+  cp benches/baselines/*.py benches/baselines/WORKLOADS.md "$bundle/baselines/"
   # The device machine reaches no registry: the CIFAR-10 smoke run takes the first 1,024
   # training and 64 test images along (about 3 MB).
   scripts/fetch-cifar10.sh
@@ -328,7 +335,7 @@ for s in steps:
         notes.append(f"step {name}: {status} ({note})")
     elif status not in ("ok", "dry"):
         incomplete.append(f"step {name}: {status}{' (' + note + ')' if note else ''}")
-for frag in ("bench.md", "em.md", "criterion.md"):
+for frag in ("bench.md", "peers.md", "em.md", "criterion.md"):
     path = os.path.join(work, frag)
     if os.path.exists(path):
         md.append(open(path, encoding="utf-8", errors="replace").read().rstrip("\n"))
@@ -376,11 +383,11 @@ run_checks() {
   [ -n "$budget" ] || { if [ "$quick" = 1 ]; then budget=480; else budget=570; fi; }
   if [ -z "$steps" ]; then
     steps="info,serial,fast,sanitize,bench"
-    [ "$quick" = 1 ] || steps="$steps,em,criterion"
+    [ "$quick" = 1 ] || steps="$steps,peers,em,criterion"
   fi
   local s
   for s in ${steps//,/ }; do
-    case "$s" in info | serial | fast | sanitize | bench | em | criterion) ;; *) die "run: unknown step '$s'" ;; esac
+    case "$s" in info | serial | fast | sanitize | bench | peers | em | criterion) ;; *) die "run: unknown step '$s'" ;; esac
   done
   [ -d "$bundle/tests" ] && [ -x "$bundle/emprior" ] && [ -f "$bundle/COMMIT" ] ||
     die "no bundle in $bundle: run scripts/device-check.sh prepare$([ "$dry" = 1 ] && echo ' --dry-run') first"
@@ -409,7 +416,7 @@ run_steps() {
   : >"$work/steps.tsv"
 
   # Time caps (seconds), quick / full; see the header.
-  local cap_info=20 cap_serial cap_test cap_fast cap_bin cap_tool cap_san_test cap_bench
+  local cap_info=20 cap_serial cap_test cap_fast cap_bin cap_tool cap_san_test cap_bench cap_peers=240
   if [ "$quick" = 1 ]; then
     cap_serial=150 cap_test=60 cap_fast=90 cap_bin=60 cap_tool=40 cap_san_test=40 cap_bench=60
   else
@@ -787,6 +794,81 @@ run_steps() {
       else
         step_row bench error "$(($(now) - t0))" "emprior bench exited $rc"
       fi
+    fi
+    pack
+  fi
+
+  if want peers; then
+    echo "== beside the peers: emprior, PyTorch and JAX on the same workloads (benches/baselines)"
+    t0=$(now)
+    t=$(cap "$cap_peers")
+    local pdir="$work/peers" py=python3 pargs=() tv=() jdev=gpu peak=()
+    mkdir -p "$pdir"
+    if [ "$dry" = 1 ]; then
+      # One small workload on the CPU; the peers only where this machine has them.
+      pargs=(--quick --workloads timemlp_train_step)
+      tv=(--variants torch-eager)
+      jdev=cpu
+      [ -x "$root/.baselines-venv/bin/python" ] && py="$root/.baselines-venv/bin/python"
+    elif [ "$quick" = 1 ]; then
+      pargs=(--quick)
+      tv=(--variants torch-eager,torch-bf16)
+    fi
+    if [ "$t" -lt 30 ]; then
+      step_row peers skipped 0 "budget spent"
+    else
+      local status=ok notes=()
+      rc=0
+      timeout -k 5 "$((t / 3))" "$bundle/emprior" bench --peers --device "$device" "${pargs[@]}" \
+        --json "$pdir/ours.jsonl" >"$pdir/ours.log" 2>&1 </dev/null || rc=$?
+      [ "$rc" = 0 ] || { status=error; notes+=("emprior bench --peers exited $rc"); }
+      local files=("$pdir/ours.jsonl") fw script
+      for fw in torch jax; do
+        script="$bundle/baselines/${fw}_workloads.py"
+        if ! "$py" -c "import $fw" 2>/dev/null; then
+          notes+=("$fw is not installed here")
+          continue
+        fi
+        local dev_arg="$device" extra=()
+        [ "$fw" = jax ] && dev_arg="$jdev"
+        [ "$fw" = torch ] && extra=("${tv[@]}")
+        rc=0
+        timeout -k 5 "$((t / 3))" "$py" "$script" --device "$dev_arg" "${pargs[@]}" "${extra[@]}" \
+          --json "$pdir/$fw.jsonl" >"$pdir/$fw.log" 2>&1 </dev/null || rc=$?
+        if [ "$rc" = 0 ]; then
+          files+=("$pdir/$fw.jsonl")
+        else
+          notes+=("$fw exited $rc (see peers/$fw.log)")
+          [ -s "$pdir/$fw.jsonl" ] && files+=("$pdir/$fw.jsonl")
+        fi
+      done
+      if [ "$dry" = 0 ] && "$py" -c "import torch" 2>/dev/null; then
+        # MFU against the bf16 tensor-core rate measured in this run (an 8192^3 product).
+        local p
+        p=$("$py" -c '
+import torch
+a = torch.randn(8192, 8192, device="cuda", dtype=torch.bfloat16); b = torch.randn_like(a)
+for _ in range(3): a @ b
+s, e = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+s.record()
+for _ in range(10): a @ b
+e.record(); torch.cuda.synchronize()
+print(f"{10 * 2 * 8192**3 / (s.elapsed_time(e) * 1e-3) / 1e12:.1f}")' 2>/dev/null || true)
+        [ -n "$p" ] && peak=(--peak-tflops "$p")
+      fi
+      {
+        echo "### Beside the peers (benches/baselines; ratio = peer / ours, above 1 = emprior faster)"
+        echo
+        [ "${#peak[@]}" -gt 0 ] && { echo "MFU against the bf16 rate measured in this run: ${peak[1]} TFLOP/s."; echo; }
+        python3 "$bundle/baselines/compare.py" "${files[@]}" "${peak[@]}" || echo "(compare.py failed)"
+        echo
+        sed -n '/^Projected/,$p' "$pdir/ours.log"
+        for n in "${notes[@]}"; do echo "- $n"; done
+      } >"$work/peers.md" 2>&1
+      cat "$work/peers.md"
+      if [ "$dry" = 0 ] && [ "${#notes[@]}" -gt 0 ]; then status=error; fi
+      [ "$status" = ok ] || true
+      step_row peers "$status" "$(($(now) - t0))" "${notes[*]:-}"
     fi
     pack
   fi
