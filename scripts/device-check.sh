@@ -38,7 +38,7 @@
 #   peers     (full only) emprior bench --peers, then benches/baselines' PyTorch and JAX versions
 #             of the same workloads, one table with ratios and MFU against the bf16 rate
 #             measured in the run, and the projected paper laps (dry run: one workload on
-#             the CPU, the peers where installed)                                    - / 240
+#             the CPU, the peers where installed); eager and bf16 variants        - / 300
 #   em        (full only) one manifold EM lap at the paper's scale, then the CIFAR-10
 #             smoke preset (paper U-Net), with a projected paper lap                   - / 420 + 300
 #   criterion (full only) the criterion benches, short                              - / 60 each
@@ -416,7 +416,7 @@ run_steps() {
   : >"$work/steps.tsv"
 
   # Time caps (seconds), quick / full; see the header.
-  local cap_info=20 cap_serial cap_test cap_fast cap_bin cap_tool cap_san_test cap_bench cap_peers=240
+  local cap_info=20 cap_serial cap_test cap_fast cap_bin cap_tool cap_san_test cap_bench cap_peers=300
   if [ "$quick" = 1 ]; then
     cap_serial=150 cap_test=60 cap_fast=90 cap_bin=60 cap_tool=40 cap_san_test=40 cap_bench=60
   else
@@ -802,17 +802,20 @@ run_steps() {
     echo "== beside the peers: emprior, PyTorch and JAX on the same workloads (benches/baselines)"
     t0=$(now)
     t=$(cap "$cap_peers")
-    local pdir="$work/peers" py=python3 pargs=() tv=() jdev=gpu peak=()
+    # On a GPU the compiled variants would spend minutes compiling the paper U-Net on an empty
+    # cache: eager and bf16 (and JAX's jit, which compiles once per workload) fit the cap;
+    # EMPRIOR_TORCH_VARIANTS / EMPRIOR_JAX_VARIANTS choose others for a focused rerun.
+    local pdir="$work/peers" py=python3 pargs=(--repeats 5) jdev=gpu peak=()
+    local tv=(--variants "${EMPRIOR_TORCH_VARIANTS:-torch-eager,torch-bf16}")
+    local jv=(--variants "${EMPRIOR_JAX_VARIANTS:-jax-jit,jax-jit-bf16}")
     mkdir -p "$pdir"
     if [ "$dry" = 1 ]; then
       # One small workload on the CPU; the peers only where this machine has them.
       pargs=(--quick --workloads timemlp_train_step)
       tv=(--variants torch-eager)
+      jv=(--variants jax-jit)
       jdev=cpu
       [ -x "$root/.baselines-venv/bin/python" ] && py="$root/.baselines-venv/bin/python"
-    elif [ "$quick" = 1 ]; then
-      pargs=(--quick)
-      tv=(--variants torch-eager,torch-bf16)
     fi
     if [ "$t" -lt 30 ]; then
       step_row peers skipped 0 "budget spent"
@@ -831,7 +834,7 @@ run_steps() {
         fi
         local dev_arg="$device" extra=()
         [ "$fw" = jax ] && dev_arg="$jdev"
-        [ "$fw" = torch ] && extra=("${tv[@]}")
+        if [ "$fw" = torch ]; then extra=("${tv[@]}"); else extra=("${jv[@]}"); fi
         rc=0
         timeout -k 5 "$((t / 3))" "$py" "$script" --device "$dev_arg" "${pargs[@]}" "${extra[@]}" \
           --json "$pdir/$fw.jsonl" >"$pdir/$fw.log" 2>&1 </dev/null || rc=$?
