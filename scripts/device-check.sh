@@ -899,13 +899,14 @@ print(f"{10 * 2 * 8192**3 / (s.elapsed_time(e) * 1e-3) / 1e12:.1f}")' 2>/dev/nul
       echo "### EM" >>"$em"
     fi
     local em_status=ok em_note=""
+    # The EM runs are timed (their rates project a paper lap): no poison memsets in them.
     t=$(cap "$cap_m")
     if [ "$t" -lt 30 ]; then
       echo "manifold EM, paper preset, one lap: skipped (budget spent)" >>"$em"
       em_status=skipped em_note="budget spent"
     else
       rc=0
-      timeout -k 10 "$t" "$bundle/emprior" em manifold --preset paper "${sets_m[@]}" --device "$device" \
+      EMPRIOR_POISON=0 timeout -k 10 "$t" "$bundle/emprior" em manifold --preset paper "${sets_m[@]}" --device "$device" \
         --out "$work/em-paper" >"$work/em-paper.log" 2>&1 </dev/null || rc=$?
       { echo; echo "manifold EM, paper preset, one lap (cap ${t}s, exit $rc):"; } >>"$em"
       if [ "$rc" = 0 ]; then
@@ -924,7 +925,7 @@ print(f"{10 * 2 * 8192**3 / (s.elapsed_time(e) * 1e-3) / 1e12:.1f}")' 2>/dev/nul
       if [ "$em_status" = ok ]; then em_status=skipped em_note="budget spent"; fi
     else
       rc=0
-      timeout -k 10 "$t" "$bundle/emprior" em cifar10 --preset smoke --set data_dir="$bundle/cifar10" "${sets_c[@]}" \
+      EMPRIOR_POISON=0 timeout -k 10 "$t" "$bundle/emprior" em cifar10 --preset smoke --set data_dir="$bundle/cifar10" "${sets_c[@]}" \
         --device "$device" --out "$work/em-cifar10" >"$work/em-cifar10.log" 2>&1 </dev/null || rc=$?
       { echo; echo "CIFAR-10 EM, smoke preset (paper U-Net) (cap ${t}s, exit $rc):"; } >>"$em"
       if [ "$rc" = 0 ]; then
