@@ -66,10 +66,15 @@ extern "C" __global__ void rs_permute_f32(const float* x, float* y, i64 total, P
     const i64 step = (i64)gridDim.x * blockDim.x;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
         i64 rest = i, src = 0;
-        for (int a = p.rank - 1; a >= 0; --a) {
-            const i64 coord = rest % p.out_dims[a];
-            rest /= p.out_dims[a];
-            src += coord * p.in_strides[a];
+        // Unrolled with constant indices: a runtime index into the by-value arrays would copy
+        // them to local memory (a 104-byte stack frame in ptxas -v).
+#pragma unroll
+        for (int a = 5; a >= 0; --a) {
+            if (a < p.rank) {
+                const i64 coord = rest % p.out_dims[a];
+                rest /= p.out_dims[a];
+                src += coord * p.in_strides[a];
+            }
         }
         y[i] = x[src];
     }

@@ -17,9 +17,11 @@ extern "C" __global__ void sampler_step_f32(float* x, const float* d, i64 n, flo
         if (c != 0.0f) {
             const u64 e = offset + (u64)i;
             const Philox4 r = philox_block(seed, stream, e / 4);
-            const int lane = (int)(e % 4), pair = lane & 2;
+            const int lane = (int)(e % 4);
+            // Selected, not indexed: r.v[lane & 2] would put r in local memory.
+            const bool hi = lane & 2;
             float z0, z1;
-            philox_normal_pair(r.v[pair], r.v[pair + 1], &z0, &z1);
+            philox_normal_pair(hi ? r.v[2] : r.v[0], hi ? r.v[3] : r.v[1], &z0, &z1);
             v += c * ((lane & 1) ? z1 : z0);
         }
         x[i] = v;
