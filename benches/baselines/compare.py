@@ -12,12 +12,16 @@ Standard library only, so it runs on the GPU machine as it is.
 
 import argparse
 import json
+import os
 import sys
 
 
 def load(paths):
     rows = []
     for path in paths:
+        if not os.path.exists(path):
+            print(f"(no results from {path})", file=sys.stderr)
+            continue
         with open(path) as f:
             for n, line in enumerate(f, 1):
                 line = line.strip()
