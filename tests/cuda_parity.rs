@@ -44,6 +44,7 @@ fn main() {
     s.gpu("gemm::tt_k262144", |g| gemm_weight_grad_shape(g, true, true));
     s.gpu("gemm::batch140000_grid_z_loop", gemm_grid_z_loop);
     s.gpu("rng::streams_match_cpu", random_streams);
+    s.gpu("augment::flip_shift_matches_cpu", augment_flip_shift);
     s.gpu("pool::hot_loop_without_new_allocations", pool_hot_loop);
     s.gpu(
         "poison::fresh_and_recycled_buffers_are_nan",
@@ -558,6 +559,34 @@ fn gemm_grid_z_loop(gpu: &Device) {
     };
     gemm_check(gpu, (batch, 0, 2, 3, 9), accumulate, 42_000);
     gemm_check(gpu, (0, batch, 5, 1, 2), GemmSpec::new(true, false), 43_000);
+}
+
+/// The M-step's augmentation (random flips and reflect-padded shifts from Philox): a pure
+/// gather, so the GPU must reproduce the CPU bit for bit, at CIFAR-10's shape and a ragged one.
+fn augment_flip_shift(gpu: &Device) {
+    use emprior::train::augment::flip_shift;
+    for &(shape, shift, seed) in &[([256usize, 32, 32, 3], 1usize, 3u64), ([7, 5, 9, 2], 2, 11)] {
+        let n: usize = shape.iter().product();
+        let x = random_vec(seed, n, -2.0, 2.0);
+        let rng = Philox::new(seed, 5);
+        let want = flip_shift(&on(&CPU, &x, &shape).as_view().unwrap(), shift, rng)
+            .unwrap()
+            .to_vec_f32()
+            .unwrap();
+        let got = flip_shift(&on(gpu, &x, &shape).as_view().unwrap(), shift, rng)
+            .unwrap()
+            .to_vec_f32()
+            .unwrap();
+        let differing = got
+            .iter()
+            .zip(&want)
+            .filter(|(g, w)| g.to_bits() != w.to_bits())
+            .count();
+        assert_eq!(
+            differing, 0,
+            "flip_shift {shape:?} shift {shift}: {differing} of {n} values differ"
+        );
+    }
 }
 
 fn random_streams(gpu: &Device) {
