@@ -33,7 +33,6 @@ this is host time around a synchronised call); the median is reported.
 """
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -47,30 +46,12 @@ jax = None
 jnp = None
 lax = None
 
-WORKLOADS = [
-    "timemlp_train_step",
-    "pc_mmps_step",
-    "unet_small_train_step",
-    "unet_small_forward_vjp",
-    "unet_cifar10_train_step",
-    "unet_cifar10_forward_vjp",
-    "unet_cifar10_mmps",
-]
-CPU_DEFAULT = [w for w in WORKLOADS if "cifar10" not in w]
 VARIANTS = ["jax-jit", "jax-jit-bf16"]
 
-# Expected parameter counts (ours, `emprior model --preset ...`).
-PARAMS_TIMEMLP = 150_789
-PARAMS_UNET_SMALL = 93_699
-PARAMS_UNET_CIFAR10 = 57_560_451
-
-LN_EPS = 1e-5
-
-TIMEMLP = dict(features=5, hidden=(256, 256, 256), emb=64)
-UNET_SMALL = dict(in_channels=3, out_channels=3, channels=(16, 32), blocks=(1, 1), attention={},
-                  emb=64, dropout=0.1, resolution=(32, 32))
-UNET_CIFAR10 = dict(in_channels=3, out_channels=3, channels=(128, 256, 384), blocks=(5, 5, 5),
-                    attention={1: 4}, emb=256, dropout=0.1, resolution=(32, 32))
+# The workloads, the networks (with the parameter counts ours has) and the FLOP count are the
+# ones torch_workloads.py uses too.
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import LN_EPS, NETWORKS, WORKLOADS, append_json, default_workloads, forward_macs  # noqa: E402
 
 
 # ------------------------------------------------------------------------------------------------
@@ -218,11 +199,6 @@ def timemlp_apply(p, x, emb, cp, dropout_key=None):
     return linear(p["layers"][-1], h, cp)
 
 
-def timemlp_forward_macs(features, hidden, emb):
-    widths = [features + emb, *hidden, features]
-    return sum(a * b for a, b in zip(widths[:-1], widths[1:]))
-
-
 # ------------------------------------------------------------------------------------------------
 # U-Net (src/nn/unet.rs, blocks.rs, attention.rs).
 
@@ -341,39 +317,6 @@ def unet_apply(p, x, emb, cp, cfg, dropout_key=None):
         else:
             y = linear(p["out"], h, cp)
     return y
-
-
-def unet_forward_macs(cfg):
-    """As UNet::forward_macs: GEMM-shaped multiply-adds of one forward for one image."""
-    c, e = cfg["channels"], cfg["emb"]
-    h0, w0 = cfg["resolution"]
-
-    def pixels(i):
-        return (h0 >> i) * (w0 >> i)
-
-    def conv(cin, cout, i):
-        return 9 * cin * cout * pixels(i)
-
-    def modm(ch):
-        return e * e + e * 3 * ch
-
-    def blocks(i):
-        ch = c[i]
-        res = 2 * conv(ch, ch, i) + modm(ch)
-        att = 0
-        if i in cfg["attention"]:
-            t = pixels(i)
-            att = 4 * ch * ch * t + 2 * t * t * ch + modm(ch)
-        return cfg["blocks"][i] * (res + att)
-
-    macs = conv(cfg["in_channels"], c[0], 0)
-    for i in range(len(c)):
-        if i > 0:
-            macs += conv(c[i - 1], c[i], i)
-        macs += 2 * blocks(i)
-        if i + 1 < len(c):
-            macs += conv(c[i] + c[i + 1], c[i], i)
-    return macs + c[0] * cfg["out_channels"] * pixels(0)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -498,22 +441,21 @@ def _check_params(params, expected, name):
 def build_train_step(kind, batch, cp, device):
     rng = np.random.default_rng(0)
     if kind == "timemlp":
-        cfg = TIMEMLP
-        params = init_timemlp(rng, **cfg)
-        n = _check_params(params, PARAMS_TIMEMLP, "TimeMLP")
+        cfg = NETWORKS["timemlp"]
+        params = init_timemlp(rng, cfg["features"], cfg["hidden"], cfg["emb"])
+        n = _check_params(params, cfg["params"], "TimeMLP")
         net, emb_w, shape = timemlp_apply, cfg["emb"], (batch, cfg["features"])
         smin, smax, lr, ema, dropout = 1e-3, 1e1, 1e-3, 0.999, 0.0
-        macs = timemlp_forward_macs(**cfg)
     else:
-        cfg = UNET_SMALL if kind == "unet_small" else UNET_CIFAR10
+        cfg = NETWORKS[kind]
         params = init_unet(rng, cfg)
-        n = _check_params(params, PARAMS_UNET_SMALL if kind == "unet_small" else PARAMS_UNET_CIFAR10, kind)
+        n = _check_params(params, cfg["params"], kind)
         net = lambda p, x, e, c, k: unet_apply(p, x, e, c, cfg, k)  # noqa: E731
         emb_w, dropout = cfg["emb"], cfg["dropout"]
         shape = (batch, *cfg["resolution"], cfg["in_channels"])
         smin, smax = 1e-3, 1e2
         lr, ema = (1e-3, 0.99) if kind == "unet_small" else (2e-4, 0.9999)
-        macs = unet_forward_macs(cfg)
+    macs = forward_macs(kind)
     step = make_train_step(net, emb_w, cp, smin, smax, lr, ema, dropout)
     jstep = jax.jit(step, donate_argnums=(0,))
     p = _put(params, device)
@@ -536,9 +478,9 @@ def build_train_step(kind, batch, cp, device):
 
 def build_pc_mmps(batch, cp, device, cg_iters=3):
     rng = np.random.default_rng(0)
-    cfg = TIMEMLP
-    params = init_timemlp(rng, **cfg)
-    n = _check_params(params, PARAMS_TIMEMLP, "TimeMLP")
+    cfg = NETWORKS["timemlp"]
+    params = init_timemlp(rng, cfg["features"], cfg["hidden"], cfg["emb"])
+    n = _check_params(params, cfg["params"], "TimeMLP")
     a = _normal(rng, (batch, 2, cfg["features"]))
     a /= np.linalg.norm(a, axis=-1, keepdims=True)  # unit-norm rows, as ours
     y = _normal(rng, (batch, 2))
@@ -573,16 +515,15 @@ def build_pc_mmps(batch, cp, device, cg_iters=3):
         jax.block_until_ready(x)
         state[0], state[1] = x, c
 
-    macs = timemlp_forward_macs(**cfg)
+    macs = forward_macs("timemlp")
     return run, n, 2.0 * 9.0 * 2.0 * macs * batch
 
 
 def _unet(kind):
-    cfg = UNET_SMALL if kind == "unet_small" else UNET_CIFAR10
-    expected = PARAMS_UNET_SMALL if kind == "unet_small" else PARAMS_UNET_CIFAR10
+    cfg = NETWORKS[kind]
     rng = np.random.default_rng(0)
     params = init_unet(rng, cfg)
-    n = _check_params(params, expected, kind)
+    n = _check_params(params, cfg["params"], kind)
     return cfg, params, n, rng
 
 
@@ -606,7 +547,7 @@ def build_forward_vjp(kind, batch, cp, device):
     def run():
         jax.block_until_ready(junit(p, x, u))
 
-    return run, n, 3.0 * 2.0 * unet_forward_macs(cfg) * batch
+    return run, n, 3.0 * 2.0 * forward_macs(kind) * batch
 
 
 def build_unet_mmps(kind, batch, cp, device, cg_iters=1, sigma=1.0, noise_std=1e-3):
@@ -634,18 +575,7 @@ def build_unet_mmps(kind, batch, cp, device, cg_iters=1, sigma=1.0, noise_std=1e
     def run():
         jax.block_until_ready(junit(p, *args))
 
-    return run, n, (1 + 2 * (cg_iters + 1)) * 2.0 * unet_forward_macs(cfg) * batch
-
-
-BATCH = {
-    "timemlp_train_step": 1024,
-    "pc_mmps_step": 8192,
-    "unet_small_train_step": 32,
-    "unet_small_forward_vjp": 64,
-    "unet_cifar10_train_step": 256,
-    "unet_cifar10_forward_vjp": 256,
-    "unet_cifar10_mmps": 64,
-}
+    return run, n, (1 + 2 * (cg_iters + 1)) * 2.0 * forward_macs(kind) * batch
 
 
 def build(workload, batch, cp, device):
@@ -710,11 +640,6 @@ def variant_note(variant, device_kind, bf16_mode, f32_precision, jax_version, ba
               if device_kind == "cuda" else "monotonic clock around the call + block_until_ready")
     return (f"jax {jax_version} ({backend}); whole unit under jax.jit; {prec}; dropout masks from "
             f"jax.random (threefry); timing: {timing}")
-
-
-def write_json(path, row):
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
 
 
 def fmt_table(rows):
@@ -789,7 +714,7 @@ def main(argv=None):
     if args.check_cifar10:
         return check_cifar10(args, device, bf16_mode)
 
-    workloads = args.workloads or (CPU_DEFAULT if args.device == "cpu" else WORKLOADS)
+    workloads = args.workloads or default_workloads("cpu" if args.device == "cpu" else "cuda")
     if args.quick:
         repeats, warmup, budget = 3, 1, None
     else:
@@ -805,9 +730,9 @@ def main(argv=None):
             note = variant_note(variant, device_kind, bf16_mode, args.f32_precision,
                                 jax.__version__, backend)
             row = {"impl": variant, "workload": w, "device": device_kind, "median_ms": None,
-                   "repeats": 0, "params": None, "batch": BATCH[w], "flops": None, "note": note}
+                   "repeats": 0, "params": None, "batch": WORKLOADS[w]["batch"], "flops": None, "note": note}
             try:
-                run, n_params, flops = build(w, BATCH[w], cp, device)
+                run, n_params, flops = build(w, WORKLOADS[w]["batch"], cp, device)
                 row["params"], row["flops"] = n_params, flops
                 ms, reps, compile_s = measure(run, repeats, warmup, budget)
                 row["median_ms"], row["repeats"], row["_compile_s"] = ms, reps, compile_s
@@ -823,7 +748,7 @@ def main(argv=None):
                   + ("failed" if ms is None else f"{ms:10.3f} ms  ({row['repeats']} runs, "
                      f"compile+first {row['_compile_s']:.1f} s)"), flush=True)
             if args.json:
-                write_json(args.json, {k: v for k, v in row.items() if not k.startswith("_")})
+                append_json(args.json, [{k: v for k, v in row.items() if not k.startswith("_")}])
             run = None  # noqa: F841 - release the unit's buffers before the next one
     print()
     print(fmt_table(rows))
@@ -833,12 +758,12 @@ def main(argv=None):
 
 def check_cifar10(args, device, bf16_mode):
     """The paper U-Net on this device: parameter count, and each cifar10 unit once at a small batch."""
-    cfg = UNET_CIFAR10
+    cfg = NETWORKS["unet_cifar10"]
     params = init_unet(np.random.default_rng(0), cfg)
     n = count_params(params)
-    assert n == PARAMS_UNET_CIFAR10, f"cifar10 U-Net: {n} parameters, ours {PARAMS_UNET_CIFAR10}"
-    macs = unet_forward_macs(cfg)
-    print(f"cifar10 U-Net: {n:,} parameters (ours {PARAMS_UNET_CIFAR10:,}); "
+    assert n == cfg["params"], f"cifar10 U-Net: {n} parameters, ours {cfg['params']}"
+    macs = forward_macs("unet_cifar10")
+    print(f"cifar10 U-Net: {n:,} parameters (ours {cfg['params']:,}); "
           f"forward {2 * macs / 1e9:.3f} GFLOP per sample")
     del params
     b = args.check_batch
