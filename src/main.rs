@@ -1,6 +1,6 @@
 //! The `emprior` command line: parses arguments and calls the library; no logic of its own.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 
 use emprior::device::{probe_cuda, Device, DeviceRequest, Kernels};
@@ -212,13 +212,13 @@ enum Command {
         #[arg(long)]
         peers: bool,
         /// With --peers: comma-separated workloads (default: all on a GPU, the small ones on the CPU).
-        #[arg(long, value_delimiter = ',')]
+        #[arg(long, value_delimiter = ',', requires = "peers")]
         workloads: Vec<String>,
         /// With --peers: timed runs per workload after warm-up (default 10, 3 with --quick).
-        #[arg(long)]
+        #[arg(long, requires = "peers")]
         repeats: Option<usize>,
         /// With --peers: append one JSON line per workload to this file.
-        #[arg(long)]
+        #[arg(long, requires = "peers")]
         json: Option<PathBuf>,
     },
 }
@@ -421,38 +421,16 @@ fn bench_peers(
     json: Option<&std::path::Path>,
 ) -> Result<()> {
     use emprior::bench::peers;
+    // Timings are of the work, not of poison memsets (cargo sets EMPRIOR_POISON=1).
     emprior::set_poison(false);
     let device = Device::open(request)?;
-    let names: Vec<String> = if workloads.is_empty() {
+    let names: Vec<&str> = if workloads.is_empty() {
         peers::default_workloads(&device)
-            .iter()
-            .map(|s| s.to_string())
-            .collect()
     } else {
-        workloads.to_vec()
+        workloads.iter().map(String::as_str).collect()
     };
-    if let Some(bad) = names.iter().find(|n| !peers::WORKLOADS.contains(&n.as_str())) {
-        bail!(
-            "unknown workload '{bad}' (expected one of {})",
-            peers::WORKLOADS.join(", ")
-        );
-    }
-    let repeats = repeats.unwrap_or(if quick { 3 } else { 10 }).max(1);
-    let mut rows = Vec::new();
-    for name in &names {
-        eprintln!("bench --peers: {name} on {device} ({repeats} repeats)");
-        let m = peers::measure(&device, name, repeats)?;
-        if let Some(path) = json {
-            use std::io::Write as _;
-            let mut f = std::fs::OpenOptions::new()
-                .create(true)
-                .append(true)
-                .open(path)
-                .with_context(|| format!("opening {}", path.display()))?;
-            writeln!(f, "{}", m.json(&device)).with_context(|| format!("writing {}", path.display()))?;
-        }
-        rows.push(m);
-    }
+    let repeats = repeats.unwrap_or(if quick { 3 } else { 10 });
+    let rows = peers::run(&device, &names, repeats, json)?;
     print!(
         "{}",
         peers::format_table(&format!("emprior on {device:?}"), &rows)

@@ -5,6 +5,9 @@
 //! rates, `projection` estimates a paper lap and a paper run of each experiment on this device.
 
 use std::fmt::Write as _;
+use std::fs::OpenOptions;
+use std::io::Write as _;
+use std::path::Path;
 
 use crate::device::Device;
 use crate::diffusion::sampler::{sampler_step, Denoise};
@@ -201,7 +204,6 @@ fn unet_mmps(device: &Device, den: &Denoiser, batch: usize, repeats: usize) -> R
 
 /// Measures `workload` on `device` (`repeats` timed runs after warm-up).
 pub fn measure(device: &Device, workload: &str, repeats: usize) -> Result<Measurement> {
-    let mut note = String::new();
     let (batch, (ms, params, flops)) = match workload {
         "timemlp_train_step" => {
             let den = Denoiser::new(preset("manifold")?);
@@ -254,9 +256,12 @@ pub fn measure(device: &Device, workload: &str, repeats: usize) -> Result<Measur
             )))
         }
     };
-    if !device.is_cuda() {
-        note = "f32; GEMMs on matrixmultiply's threads (MATMUL_NUM_THREADS or the physical cores), other ops on one".into();
-    }
+    let note = if device.is_cuda() {
+        String::new()
+    } else {
+        "f32; GEMMs on matrixmultiply's threads (MATMUL_NUM_THREADS or the physical cores), other ops on one"
+            .into()
+    };
     Ok(Measurement {
         workload: workload.into(),
         median_ms: ms,
@@ -266,6 +271,47 @@ pub fn measure(device: &Device, workload: &str, repeats: usize) -> Result<Measur
         flops: Some(flops),
         note,
     })
+}
+
+/// Measures `workloads` in order, each `repeats` times after warm-up, appending each line to
+/// `json` as soon as it is measured. The names, the repeat count and the file are checked before
+/// any work, so a typo does not cost a GPU run.
+pub fn run(
+    device: &Device,
+    workloads: &[&str],
+    repeats: usize,
+    json: Option<&Path>,
+) -> Result<Vec<Measurement>> {
+    if let Some(bad) = workloads.iter().find(|w| !WORKLOADS.contains(w)) {
+        return Err(Error::Other(format!(
+            "unknown workload '{bad}' (expected one of {})",
+            WORKLOADS.join(", ")
+        )));
+    }
+    if repeats == 0 {
+        return Err(Error::Other("--repeats must be at least 1".into()));
+    }
+    let mut file = match json {
+        Some(path) => Some(
+            OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(path)
+                .map_err(|e| Error::Other(format!("cannot open {} for the results: {e}", path.display())))?,
+        ),
+        None => None,
+    };
+    let mut rows = Vec::new();
+    for &name in workloads {
+        eprintln!("bench --peers: {name} on {device} ({repeats} repeats)");
+        let m = measure(device, name, repeats)?;
+        if let (Some(f), Some(path)) = (file.as_mut(), json) {
+            writeln!(f, "{}", m.json(device))
+                .map_err(|e| Error::Other(format!("writing {}: {e}", path.display())))?;
+        }
+        rows.push(m);
+    }
+    Ok(rows)
 }
 
 /// The measurements as a markdown table.

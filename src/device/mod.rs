@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 pub use cuda::{probe as probe_cuda, CudaDevice};
 pub use launch::{params, Kernels};
-pub use poison::{poison_enabled, set_poison, POISON_BYTE, POISON_F32};
+pub use poison::{poison_enabled, set_poison, POISON_BYTE};
 pub use pool::{size_class, PoolStats, PooledBuffer};
 
 use crate::error::{Error, Result};

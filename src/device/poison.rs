@@ -23,9 +23,6 @@ static STATE: AtomicU8 = AtomicU8::new(UNREAD);
 /// The byte every poisoned buffer is filled with.
 pub const POISON_BYTE: u8 = 0xFF;
 
-/// The f32 value of a poisoned element (a quiet NaN with the sign bit set).
-pub const POISON_F32: f32 = f32::from_bits(u32::MAX);
-
 /// True when uninitialised buffers are poisoned (first call reads `EMPRIOR_POISON`).
 pub fn poison_enabled() -> bool {
     match STATE.load(Ordering::Relaxed) {
