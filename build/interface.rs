@@ -406,13 +406,13 @@ fn parse_param(kernel: &str, p: &str, structs: &[String]) -> Result<Param, Strin
 }
 
 /// A Rust identifier for a C parameter name: lower case (the GEMM's `A`, `B`, `C`), and clear
-/// of keywords and of the launcher's own `cfg`.
+/// of keywords and of the launcher's own `cfg` and builder `l`.
 fn rust_ident(c_name: &str, taken: &[String]) -> String {
     let mut id = c_name.to_ascii_lowercase();
     const RESERVED: &[&str] = &[
         "as", "break", "const", "continue", "crate", "else", "enum", "extern", "fn", "for", "if", "impl",
         "in", "let", "loop", "match", "mod", "move", "mut", "pub", "ref", "return", "self", "static",
-        "struct", "super", "trait", "type", "unsafe", "use", "where", "while", "cfg", "launch", "null",
+        "struct", "super", "trait", "type", "unsafe", "use", "where", "while", "cfg", "l",
     ];
     while RESERVED.contains(&id.as_str()) || taken.contains(&id) {
         id.push('_');

@@ -19,10 +19,10 @@ fn every_cargo_test_run_is_poisoned() {
 fn uninitialised_tensors_are_nan_and_zeros_are_zero() {
     for dtype in [DType::F32, DType::F64] {
         let t = Tensor::uninit(&[3, 5], dtype, &Device::Cpu).unwrap();
-        let values = t.as_view_f64();
+        let values = t.host_values();
         assert!(values.iter().all(|v| v.is_nan()), "{dtype:?} uninit: {values:?}");
         let z = Tensor::zeros(&[3, 5], dtype, &Device::Cpu).unwrap();
-        assert!(z.as_view_f64().iter().all(|&v| v == 0.0), "{dtype:?} zeros");
+        assert!(z.host_values().iter().all(|&v| v == 0.0), "{dtype:?} zeros");
     }
 }
 
@@ -53,11 +53,11 @@ fn a_planted_read_before_write_is_caught() {
 }
 
 trait HostValues {
-    fn as_view_f64(&self) -> Vec<f64>;
+    fn host_values(&self) -> Vec<f64>;
 }
 
 impl HostValues for Tensor {
-    fn as_view_f64(&self) -> Vec<f64> {
+    fn host_values(&self) -> Vec<f64> {
         match self.dtype() {
             DType::F32 => self.to_vec_f32().unwrap().into_iter().map(f64::from).collect(),
             _ => self.to_vec_f64().unwrap(),
