@@ -111,3 +111,10 @@ __device__ __forceinline__ float warp_allsum(float v) {
     for (int off = 16; off > 0; off >>= 1) v += __shfl_xor_sync(0xffffffffu, v, off);
     return v;
 }
+
+// SiLU and its derivative times dy, shared by the elementwise kernels and the fused LayerNorm.
+__device__ __forceinline__ float silu_value(float x) { return x / (1.0f + expf(-x)); }
+__device__ __forceinline__ float silu_grad(float x, float dy) {
+    const float s = 1.0f / (1.0f + expf(-x));
+    return dy * (s * (1.0f + x * (1.0f - s)));
+}

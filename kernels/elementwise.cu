@@ -21,13 +21,10 @@ struct AxpyOp {  // (x, y) -> y + alpha * x
     __device__ float operator()(float x, float y) const { return fmaf(alpha, x, y); }
 };
 struct SiluOp {
-    __device__ float operator()(float x) const { return x / (1.0f + expf(-x)); }
+    __device__ float operator()(float x) const { return silu_value(x); }
 };
 struct SiluBackwardOp {  // (x, dy) -> dy * d/dx[x * sigmoid(x)]
-    __device__ float operator()(float x, float dy) const {
-        const float s = 1.0f / (1.0f + expf(-x));
-        return dy * (s * (1.0f + x * (1.0f - s)));
-    }
+    __device__ float operator()(float x, float dy) const { return silu_grad(x, dy); }
 };
 
 template <class Op>

@@ -77,3 +77,55 @@ extern "C" __global__ void ln_modulate_forward_f32(const float* x, const float* 
         if (lane == 0) rstd[row] = r;
     }
 }
+
+// The TimeMLP's activation and normalisation fused: y = LN(silu(z)). SiLU's output goes to y
+// (each lane rereads only what it wrote) and is normalised there; the backward recomputes it
+// from z, which the layer keeps as its pre-activation.
+// hot
+extern "C" __global__ void ln_silu_forward_f32(const float* z, float* y, float* rstd, i64 rows, int C, float eps) {
+    const i64 warps = ((i64)gridDim.x * blockDim.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    const float inv_c = 1.0f / (float)C;
+    for (i64 row = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5; row < rows; row += warps) {
+        const float* zr = z + row * C;
+        float* yr = y + row * C;
+        float s = 0.0f;
+        for (int c = lane; c < C; c += 32) {
+            const float a = silu_value(zr[c]);
+            yr[c] = a;
+            s += a;
+        }
+        const float mean = warp_allsum(s) * inv_c;
+        float v = 0.0f;
+        for (int c = lane; c < C; c += 32) {
+            const float d = yr[c] - mean;
+            v = fmaf(d, d, v);
+        }
+        const float r = 1.0f / sqrtf(warp_allsum(v) * inv_c + eps);
+        for (int c = lane; c < C; c += 32) yr[c] = (yr[c] - mean) * r;
+        if (lane == 0) rstd[row] = r;
+    }
+}
+
+// dz = silu'(z) * rstd * (dy - mean(dy) - y * mean(dy * y)): the fused pair's backward.
+// hot
+extern "C" __global__ void ln_silu_backward_f32(const float* z, const float* y, const float* rstd, const float* dy,
+                                                float* dz, i64 rows, int C) {
+    const i64 warps = ((i64)gridDim.x * blockDim.x) >> 5;
+    const int lane = threadIdx.x & 31;
+    const float inv_c = 1.0f / (float)C;
+    for (i64 row = ((i64)blockIdx.x * blockDim.x + threadIdx.x) >> 5; row < rows; row += warps) {
+        const float* yr = y + row * C;
+        const float* gr = dy + row * C;
+        float a = 0.0f, b = 0.0f;
+        for (int c = lane; c < C; c += 32) {
+            a += gr[c];
+            b = fmaf(gr[c], yr[c], b);
+        }
+        const float ma = warp_allsum(a) * inv_c, mb = warp_allsum(b) * inv_c;
+        const float r = rstd[row];
+        const float* zr = z + row * C;
+        float* dr = dz + row * C;
+        for (int c = lane; c < C; c += 32) dr[c] = silu_grad(zr[c], r * (gr[c] - ma - yr[c] * mb));
+    }
+}

@@ -9,7 +9,7 @@ use std::ops::{Add, AddAssign, Div, DivAssign, Mul, MulAssign, Neg, Sub, SubAssi
 use crate::tensor::{DType, Data, DataMut};
 
 pub trait Real:
-    Copy
+    bytemuck::Pod
     + Default
     + Debug
     + PartialOrd

@@ -18,7 +18,9 @@ use emprior::nn::attention::{softmax, softmax_backward, SelfAttention};
 use emprior::nn::blocks::{modulate_backward, residual, residual_backward, AttBlock, ResBlock};
 use emprior::nn::dropout::{dropout, DropoutMask};
 use emprior::nn::embedding::sinusoidal_embedding;
-use emprior::nn::norm::{layer_norm, layer_norm_backward, modulated_layer_norm};
+use emprior::nn::norm::{
+    layer_norm, layer_norm_backward, modulated_layer_norm, silu_layer_norm, silu_layer_norm_backward,
+};
 use emprior::nn::{resample, Conv3x3, Linear, Mode, ParamLayout, TimeMlp, UNet, UNetConfig};
 use emprior::ops::broadcast::{add_bias, scale_rows_add_into, sum_rows_into};
 use emprior::ops::Philox;
@@ -43,13 +45,19 @@ fn sigmas(n: usize) -> Vec<f64> {
 }
 
 /// The layers one by one, then whole networks.
-const CASES: [Case; 11] = [
+const CASES: [Case; 12] = [
     case("layers::linear", "linear", Tol::norm(2e-6), linear_case),
     case(
         "layers::layer_norm",
         "layer_norm",
         Tol::norm(2e-6),
         layer_norm_case,
+    ),
+    case(
+        "layers::silu_layer_norm_fused",
+        "fused SiLU + LayerNorm",
+        Tol::norm(2e-6),
+        silu_layer_norm_case,
     ),
     case(
         "layers::modulated_layer_norm_and_residual",
@@ -179,6 +187,16 @@ fn layer_norm_case(d: &Device) -> Vec<Output> {
     let dy = on(d, 8, &[5, 33, 384], 1.0);
     let dx = layer_norm_backward(&saved, &dy.as_view().unwrap()).unwrap();
     vec![whole("y", saved.y), whole("rstd", saved.rstd), whole("dx", dx)]
+}
+
+/// The TimeMLP's fused activation at its real shape (manifold E-step batch 8,192, width 256),
+/// with pre-activations spread over SiLU's curved range.
+fn silu_layer_norm_case(d: &Device) -> Vec<Output> {
+    let z = on(d, 13, &[8192, 256], 4.0);
+    let saved = silu_layer_norm(&z.as_view().unwrap()).unwrap();
+    let dy = on(d, 14, &[8192, 256], 1.0);
+    let dz = silu_layer_norm_backward(&z.as_view().unwrap(), &saved, &dy.as_view().unwrap()).unwrap();
+    vec![whole("y", saved.y), whole("rstd", saved.rstd), whole("dz", dz)]
 }
 
 fn modulation_case(d: &Device) -> Vec<Output> {

@@ -226,6 +226,37 @@ fn layer_norm_gradients() {
     .check("layer_norm", 31);
 }
 
+#[test]
+fn fused_silu_layer_norm_gradients() {
+    let layout = ParamLayout::new();
+    let shape = vec![4, 11];
+    let fwd = |_: &ParamLayout, _: &[f64], z: &[f64]| {
+        let zt = t64(z, &[4, 11]);
+        emprior::nn::norm::silu_layer_norm(&zt.as_view().unwrap())
+            .unwrap()
+            .y
+            .to_vec_f64()
+            .unwrap()
+    };
+    let bwd = |_: &ParamLayout, _: &[f64], z: &[f64], dy: &[f64], _: Option<&mut [f64]>| {
+        let zt = t64(z, &[4, 11]);
+        let zv = zt.as_view().unwrap();
+        let saved = emprior::nn::norm::silu_layer_norm(&zv).unwrap();
+        let dyt = t64(dy, &[4, 11]);
+        emprior::nn::norm::silu_layer_norm_backward(&zv, &saved, &dyt.as_view().unwrap())
+            .unwrap()
+            .to_vec_f64()
+            .unwrap()
+    };
+    Harness {
+        layout: &layout,
+        x_shape: shape,
+        forward: &fwd,
+        backward: &bwd,
+    }
+    .check("silu_layer_norm", 37);
+}
+
 /// Runs a layer's backward with an optional f64 gradient buffer, copying the gradients back.
 fn with_grads(g: Option<&mut [f64]>, f: impl FnOnce(Option<&mut emprior::ViewMut>) -> Tensor) -> Vec<f64> {
     let mut gt = g.as_ref().map(|g| t64(g, &[g.len()]));

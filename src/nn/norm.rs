@@ -10,36 +10,134 @@ use crate::tensor::{Data, DataMut, Tensor, View};
 
 pub const LN_EPS: f64 = 1e-5;
 
-/// The CPU bodies: the oracle for kernels/norm.cu.
+/// The CPU bodies: the oracle for kernels/norm.cu. Rows are independent, so they run on both
+/// cores (ops::parallel); row sums go over 8 lanes (ops::simd::sum8_by), a fixed order that
+/// vectorises, and the f32 loops are compiled for the CPU's widest vector unit.
 pub mod cpu {
-    use crate::real::Real;
+    use bytemuck::{cast_slice, cast_slice_mut};
 
-    pub fn forward<T: Real>(x: &[T], y: &mut [T], rstd: &mut [T], c: usize, eps: f64) {
+    use crate::ops::elementwise::cpu::{silu, silu_backward};
+    use crate::ops::parallel::for_rows2;
+    use crate::ops::simd::{multiversion, sum8_by};
+    use crate::real::Real;
+    use crate::tensor::DType;
+
+    /// y = (x - mean) / sqrt(var + eps) per row; `y` may already hold x (then `x` is None).
+    #[inline(always)]
+    fn normalise_rows<T: Real>(x: Option<&[T]>, y: &mut [T], rstd: &mut [T], c: usize, eps: f64) {
         let inv_c = T::from_f64(1.0 / c as f64);
-        for ((xr, yr), r) in x.chunks_exact(c).zip(y.chunks_exact_mut(c)).zip(rstd.iter_mut()) {
-            let mean = xr.iter().copied().sum::<T>() * inv_c;
-            let var = xr.iter().map(|&v| (v - mean) * (v - mean)).sum::<T>() * inv_c;
+        for (i, (yr, r)) in y.chunks_exact_mut(c).zip(rstd.iter_mut()).enumerate() {
+            if let Some(x) = x {
+                yr.copy_from_slice(&x[i * c..(i + 1) * c]);
+            }
+            let mean = sum8_by(c, |j| yr[j]) * inv_c;
+            let var = sum8_by(c, |j| (yr[j] - mean) * (yr[j] - mean)) * inv_c;
             *r = T::ONE / (var + T::from_f64(eps)).sqrt();
-            for (o, &v) in yr.iter_mut().zip(xr) {
-                *o = (v - mean) * *r;
+            for v in yr.iter_mut() {
+                *v = (*v - mean) * *r;
             }
         }
     }
 
-    pub fn backward<T: Real>(y: &[T], rstd: &[T], dy: &[T], dx: &mut [T], c: usize) {
+    #[inline(always)]
+    fn forward_rows<T: Real>(x: &[T], y: &mut [T], rstd: &mut [T], c: usize, eps: f64) {
+        normalise_rows(Some(x), y, rstd, c, eps)
+    }
+
+    /// y = LN(silu(z)): SiLU written into y, then normalised in place.
+    #[inline(always)]
+    fn silu_forward_rows<T: Real>(z: &[T], y: &mut [T], rstd: &mut [T], c: usize, eps: f64) {
+        for (o, &v) in y.iter_mut().zip(z) {
+            *o = silu(v);
+        }
+        normalise_rows(None, y, rstd, c, eps)
+    }
+
+    /// dx = rstd (dy - mean(dy) - y mean(dy y)) per row.
+    #[inline(always)]
+    fn backward_rows<T: Real>(y: &[T], rstd: &[T], dy: &[T], dx: &mut [T], c: usize) {
         let inv_c = T::from_f64(1.0 / c as f64);
-        for (((yr, gr), dr), &r) in y
-            .chunks_exact(c)
-            .zip(dy.chunks_exact(c))
-            .zip(dx.chunks_exact_mut(c))
-            .zip(rstd)
-        {
-            let ma = gr.iter().copied().sum::<T>() * inv_c;
-            let mb = gr.iter().zip(yr).map(|(&g, &v)| g * v).sum::<T>() * inv_c;
+        for (i, (dr, &r)) in dx.chunks_exact_mut(c).zip(rstd).enumerate() {
+            let (yr, gr) = (&y[i * c..(i + 1) * c], &dy[i * c..(i + 1) * c]);
+            let ma = sum8_by(c, |j| gr[j]) * inv_c;
+            let mb = sum8_by(c, |j| gr[j] * yr[j]) * inv_c;
             for ((d, &g), &v) in dr.iter_mut().zip(gr).zip(yr) {
                 *d = r * (g - ma - v * mb);
             }
         }
+    }
+
+    /// dz = silu'(z) * LN backward(dy): the fused pair's backward, one pass per row.
+    #[inline(always)]
+    fn silu_backward_rows<T: Real>(z: &[T], y: &[T], rstd: &[T], dy: &[T], dz: &mut [T], c: usize) {
+        backward_rows(y, rstd, dy, dz, c);
+        for (d, &v) in dz.iter_mut().zip(z) {
+            *d = silu_backward(v, *d);
+        }
+    }
+
+    // The f32 monomorphs, compiled for AVX-512, AVX2 and the baseline.
+    multiversion! { fn forward_f32(x: &[f32], y: &mut [f32], rstd: &mut [f32], c: usize, eps: f64) => forward_rows::<f32> }
+    multiversion! { fn silu_forward_f32(z: &[f32], y: &mut [f32], rstd: &mut [f32], c: usize, eps: f64) => silu_forward_rows::<f32> }
+    multiversion! { fn backward_f32(y: &[f32], rstd: &[f32], dy: &[f32], dx: &mut [f32], c: usize) => backward_rows::<f32> }
+    multiversion! { fn silu_backward_f32(z: &[f32], y: &[f32], rstd: &[f32], dy: &[f32], dz: &mut [f32], c: usize) => silu_backward_rows::<f32> }
+
+    fn is_f32<T: Real>() -> bool {
+        T::DTYPE == DType::F32
+    }
+
+    pub fn forward<T: Real>(x: &[T], y: &mut [T], rstd: &mut [T], c: usize, eps: f64) {
+        for_rows2(y, c, rstd, 1, |r, y, rs| {
+            let x = &x[r.start * c..r.end * c];
+            if is_f32::<T>() {
+                forward_f32(cast_slice(x), cast_slice_mut(y), cast_slice_mut(rs), c, eps)
+            } else {
+                forward_rows(x, y, rs, c, eps)
+            }
+        });
+    }
+
+    /// y = LN(silu(z)) per row, with 1/std.
+    pub fn silu_forward<T: Real>(z: &[T], y: &mut [T], rstd: &mut [T], c: usize, eps: f64) {
+        for_rows2(y, c, rstd, 1, |r, y, rs| {
+            let z = &z[r.start * c..r.end * c];
+            if is_f32::<T>() {
+                silu_forward_f32(cast_slice(z), cast_slice_mut(y), cast_slice_mut(rs), c, eps)
+            } else {
+                silu_forward_rows(z, y, rs, c, eps)
+            }
+        });
+    }
+
+    pub fn backward<T: Real>(y: &[T], rstd: &[T], dy: &[T], dx: &mut [T], c: usize) {
+        crate::ops::parallel::for_rows(dx, c, |r, dx| {
+            let (y, dy, rstd) = (&y[r.start * c..r.end * c], &dy[r.start * c..r.end * c], &rstd[r]);
+            if is_f32::<T>() {
+                backward_f32(
+                    cast_slice(y),
+                    cast_slice(rstd),
+                    cast_slice(dy),
+                    cast_slice_mut(dx),
+                    c,
+                )
+            } else {
+                backward_rows(y, rstd, dy, dx, c)
+            }
+        });
+    }
+
+    /// dz for dy through LN(silu(z)), from z and the forward's y and 1/std.
+    pub fn silu_backward_fused<T: Real>(z: &[T], y: &[T], rstd: &[T], dy: &[T], dz: &mut [T], c: usize) {
+        crate::ops::parallel::for_rows(dz, c, |r, dz| {
+            let rows = r.start * c..r.end * c;
+            let (z, y, dy, rstd) = (&z[rows.clone()], &y[rows.clone()], &dy[rows], &rstd[r]);
+            if is_f32::<T>() {
+                let (z, y, rstd, dy) = (cast_slice(z), cast_slice(y), cast_slice(rstd), cast_slice(dy));
+                silu_backward_f32(z, y, rstd, dy, cast_slice_mut(dz), c)
+            } else {
+                silu_backward_rows(z, y, rstd, dy, dz, c)
+            }
+        });
     }
 }
 
@@ -169,4 +267,80 @@ pub fn layer_norm_backward_from(y: &View, rstd: &View, dy: &View) -> Result<Tens
         }
     }
     Ok(dx)
+}
+
+/// y = LN(silu(z)): the TimeMLP's activation and normalisation in one pass. SiLU's output is
+/// never stored; the backward recomputes it from z, which the layer keeps anyway.
+pub fn silu_layer_norm(z: &View) -> Result<LnSaved> {
+    let (rows, c) = channels(z)?;
+    let (device, dtype) = (z.device(), z.dtype());
+    let mut y = Tensor::uninit(z.shape(), dtype, &device)?;
+    let mut rstd = Tensor::uninit(&[rows], dtype, &device)?;
+    {
+        let (mut yv, mut rv) = (
+            crate::AsViewMut::as_view_mut(&mut y)?,
+            crate::AsViewMut::as_view_mut(&mut rstd)?,
+        );
+        match (&z.data, &mut yv.data, &mut rv.data) {
+            (Data::Cuda(zv, dev), DataMut::Cuda(yo, _), DataMut::Cuda(ro, _)) => {
+                let (r64, c32, eps) = (rows as i64, c as i32, LN_EPS as f32);
+                // SAFETY: z and y hold rows * c values, rstd rows.
+                unsafe {
+                    dev.kernels()
+                        .ln_silu_forward_f32(warp_per_row(dev, rows), zv, yo, ro, r64, c32, eps)
+                }?;
+            }
+            (Data::Cuda(..), ..) => return Err(mismatch("silu_layer_norm", &[z], &[])),
+            _ => host_real!(z, T => {
+                cpu::silu_forward::<T>(z.cpu()?, yv.cpu_mut()?, rv.cpu_mut()?, c, LN_EPS);
+                Ok::<(), Error>(())
+            })?,
+        }
+    }
+    Ok(LnSaved { y, rstd })
+}
+
+/// dz for dy through `silu_layer_norm(z)`, given z and what it saved.
+pub fn silu_layer_norm_backward(z: &View, saved: &LnSaved, dy: &View) -> Result<Tensor> {
+    let (y, rstd) = (
+        crate::AsView::as_view(&saved.y)?,
+        crate::AsView::as_view(&saved.rstd)?,
+    );
+    one_device("silu_layer_norm_backward", &[z, &y, &rstd, dy], &[])?;
+    let (rows, c) = channels(&y)?;
+    if dy.shape() != y.shape() || z.shape() != y.shape() {
+        return Err(Error::shape(
+            "silu_layer_norm_backward",
+            "z and dy",
+            y.shape(),
+            (z.shape(), dy.shape()),
+        ));
+    }
+    let mut dz = Tensor::uninit(y.shape(), y.dtype(), &y.device())?;
+    {
+        let mut dv = crate::AsViewMut::as_view_mut(&mut dz)?;
+        match (&z.data, &y.data, &rstd.data, &dy.data, &mut dv.data) {
+            (
+                Data::Cuda(zv, dev),
+                Data::Cuda(yv, _),
+                Data::Cuda(rv, _),
+                Data::Cuda(gv, _),
+                DataMut::Cuda(dout, _),
+            ) => {
+                let (r64, c32) = (rows as i64, c as i32);
+                let cfg = warp_per_row(dev, rows);
+                // SAFETY: z, y, dy and dz hold rows * c values, rstd rows (checked above).
+                unsafe {
+                    dev.kernels()
+                        .ln_silu_backward_f32(cfg, zv, yv, rv, gv, dout, r64, c32)
+                }?;
+            }
+            (Data::Cuda(..), ..) => return Err(mismatch("silu_layer_norm_backward", &[z, dy], &[])),
+            _ => host_real!(y, T => {
+                cpu::silu_backward_fused::<T>(z.cpu()?, y.cpu()?, rstd.cpu()?, dy.cpu()?, dv.cpu_mut()?, c);
+                Ok::<(), Error>(())
+            })?,
+        }
+    }
+    Ok(dz)
 }

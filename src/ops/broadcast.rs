@@ -13,25 +13,35 @@ pub mod cpu {
     use crate::real::Real;
 
     pub fn add_bias<T: Real>(y: &mut [T], b: &[T]) {
-        for row in y.chunks_exact_mut(b.len()) {
-            row.iter_mut().zip(b).for_each(|(v, &bi)| *v += bi);
-        }
+        crate::ops::parallel::for_rows(y, b.len(), |_, y| {
+            for row in y.chunks_exact_mut(b.len()) {
+                row.iter_mut().zip(b).for_each(|(v, &bi)| *v += bi);
+            }
+        });
     }
 
-    /// out[g, c] (+)= sum of the rows of group g.
+    /// out[g, c] (+)= sum of the rows of group g, in f64, each column summed top to bottom.
+    /// The rows are walked in memory order into a row of f64 accumulators (a column walk
+    /// strides through memory and missed the cache on every element); each column's sum keeps
+    /// its order, so the bits are those of the column walk.
     pub fn sum_rows<T: Real>(x: &[T], out: &mut [T], groups: usize, cols: usize, accumulate: bool) {
         let per = x.len() / groups.max(1) / cols.max(1);
-        for g in 0..groups {
-            for c in 0..cols {
-                let s: f64 = (0..per).map(|r| x[(g * per + r) * cols + c].to_f64()).sum();
-                let o = &mut out[g * cols + c];
-                *o = if accumulate {
-                    *o + T::from_f64(s)
-                } else {
-                    T::from_f64(s)
-                };
+        crate::ops::parallel::for_rows(out, cols.max(1), |gs, out| {
+            let mut acc = vec![0.0f64; cols];
+            for (g, o) in gs.zip(out.chunks_exact_mut(cols.max(1))) {
+                acc.iter_mut().for_each(|a| *a = 0.0);
+                for row in x[g * per * cols..(g + 1) * per * cols].chunks_exact(cols) {
+                    acc.iter_mut().zip(row).for_each(|(a, &v)| *a += v.to_f64());
+                }
+                for (o, &s) in o.iter_mut().zip(&acc) {
+                    *o = if accumulate {
+                        *o + T::from_f64(s)
+                    } else {
+                        T::from_f64(s)
+                    };
+                }
             }
-        }
+        });
     }
 
     pub fn scale_cols<T: Real>(x: &[T], v: &[T], y: &mut [T]) {

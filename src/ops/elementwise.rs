@@ -7,33 +7,55 @@ use super::{alloc_like, expect_shape, mismatch, one_device};
 use crate::device::launch::grid_stride;
 use crate::device::{CudaDevice, Kernels};
 use crate::error::Result;
+use crate::ops::parallel::for_chunks;
 use crate::real::Real;
 use crate::tensor::{AsView, AsViewMut, Data, DataMut, Tensor};
 
 /// The CPU bodies: the oracle for kernels/elementwise.cu.
 pub mod cpu {
+    use crate::ops::parallel::for_chunks;
+    use crate::ops::simd;
     use crate::real::Real;
+    use crate::tensor::DType;
 
+    /// In f32 through our vectorisable exp (ops::simd), so that every CPU f32 SiLU, fused or
+    /// not, gives the same bits; libm's in f64, the finite-difference oracle.
+    #[inline(always)]
     pub fn silu<T: Real>(x: T) -> T {
-        x / (T::ONE + (-x).exp())
+        if T::DTYPE == DType::F32 {
+            T::from_f32(simd::silu_f32(x.to_f64() as f32))
+        } else {
+            x / (T::ONE + (-x).exp())
+        }
     }
 
     /// dy * d/dx [x * sigmoid(x)] = dy * s * (1 + x * (1 - s)), s = sigmoid(x).
+    #[inline(always)]
     pub fn silu_backward<T: Real>(x: T, dy: T) -> T {
-        let s = T::ONE / (T::ONE + (-x).exp());
-        dy * (s * (T::ONE + x * (T::ONE - s)))
-    }
-
-    pub fn map1<T: Real>(x: &[T], out: &mut [T], f: impl Fn(T) -> T) {
-        for (o, &a) in out.iter_mut().zip(x) {
-            *o = f(a);
+        if T::DTYPE == DType::F32 {
+            T::from_f32(simd::silu_backward_f32(x.to_f64() as f32, dy.to_f64() as f32))
+        } else {
+            let s = T::ONE / (T::ONE + (-x).exp());
+            dy * (s * (T::ONE + x * (T::ONE - s)))
         }
     }
 
-    pub fn map2<T: Real>(a: &[T], b: &[T], out: &mut [T], f: impl Fn(T, T) -> T) {
-        for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
-            *o = f(x, y);
-        }
+    /// out = f(x), on both cores when large.
+    pub fn map1<T: Real>(x: &[T], out: &mut [T], f: impl Fn(T) -> T + Sync) {
+        for_chunks(out, |r, o| {
+            for (o, &a) in o.iter_mut().zip(&x[r]) {
+                *o = f(a);
+            }
+        });
+    }
+
+    /// out = f(a, b), on both cores when large.
+    pub fn map2<T: Real>(a: &[T], b: &[T], out: &mut [T], f: impl Fn(T, T) -> T + Sync) {
+        for_chunks(out, |r, o| {
+            for ((o, &x), &y) in o.iter_mut().zip(&a[r.clone()]).zip(&b[r]) {
+                *o = f(x, y);
+            }
+        });
     }
 }
 
@@ -53,16 +75,28 @@ type BinaryKernel = unsafe fn(
 ) -> Result<()>;
 
 /// An elementwise function of two operands: one CPU body for every float type, and its kernel.
-trait Map {
+trait Map: Sync {
     const NAME: &'static str;
     const KERNEL: BinaryKernel;
     fn apply<T: Real>(&self, a: T, b: T) -> T;
+    /// The f32 loop over a chunk; maps with a vector body (ops::simd) replace it.
+    fn slice_f32(&self, a: &[f32], b: &[f32], out: &mut [f32]) {
+        for ((o, &x), &y) in out.iter_mut().zip(a).zip(b) {
+            *o = self.apply(x, y);
+        }
+    }
 }
 
 /// A map of one operand (kernel signature x, out, n [, scalar]).
-trait UnaryMap {
+trait UnaryMap: Sync {
     const NAME: &'static str;
     fn apply<T: Real>(&self, x: T) -> T;
+    /// The f32 loop over a chunk; maps with a vector body (ops::simd) replace it.
+    fn slice_f32(&self, x: &[f32], out: &mut [f32]) {
+        for (o, &v) in out.iter_mut().zip(x) {
+            *o = self.apply(v);
+        }
+    }
     /// # Safety
     /// `cfg` must come from `config(dev, n)` and both views must hold n elements.
     unsafe fn launch(
@@ -99,6 +133,9 @@ impl Map for SiluBackward {
     const KERNEL: BinaryKernel = Kernels::ew_silu_backward_f32;
     fn apply<T: Real>(&self, x: T, dy: T) -> T {
         cpu::silu_backward(x, dy)
+    }
+    fn slice_f32(&self, x: &[f32], dy: &[f32], out: &mut [f32]) {
+        crate::ops::simd::silu_backward(x, dy, out)
     }
 }
 
@@ -145,6 +182,9 @@ impl UnaryMap for Silu {
     fn apply<T: Real>(&self, x: T) -> T {
         cpu::silu(x)
     }
+    fn slice_f32(&self, x: &[f32], out: &mut [f32]) {
+        crate::ops::simd::silu(x, out)
+    }
     unsafe fn launch(
         &self,
         k: &Kernels,
@@ -165,7 +205,9 @@ fn binary<F: Map>(f: F, a: &impl AsView, b: &impl AsView, out: &mut impl AsViewM
     expect_shape(F::NAME, "out", out.shape(), a.shape())?;
     let n = a.numel();
     match (&a.data, &b.data, &mut out.data) {
-        (Data::F32(x), Data::F32(y), DataMut::F32(o)) => cpu::map2(x, y, o, |p, q| f.apply(p, q)),
+        (Data::F32(x), Data::F32(y), DataMut::F32(o)) => {
+            for_chunks(o, |r, o| f.slice_f32(&x[r.clone()], &y[r], o))
+        }
         (Data::F64(x), Data::F64(y), DataMut::F64(o)) => cpu::map2(x, y, o, |p, q| f.apply(p, q)),
         (Data::Cuda(x, dev), Data::Cuda(y, _), DataMut::Cuda(o, _)) => {
             // SAFETY: all three views hold n elements (shapes checked above).
@@ -183,7 +225,7 @@ fn unary<F: UnaryMap>(f: F, x: &impl AsView, out: &mut impl AsViewMut) -> Result
     expect_shape(F::NAME, "out", out.shape(), x.shape())?;
     let n = x.numel();
     match (&x.data, &mut out.data) {
-        (Data::F32(v), DataMut::F32(o)) => cpu::map1(v, o, |p| f.apply(p)),
+        (Data::F32(v), DataMut::F32(o)) => for_chunks(o, |r, o| f.slice_f32(&v[r], o)),
         (Data::F64(v), DataMut::F64(o)) => cpu::map1(v, o, |p| f.apply(p)),
         (Data::Cuda(v, dev), DataMut::Cuda(o, _)) => {
             // SAFETY: both views hold n elements (shape checked above).
@@ -265,9 +307,13 @@ pub fn axpy(alpha: f64, x: &impl AsView, y: &mut impl AsViewMut) -> Result<()> {
     match (&x.data, &mut y.data) {
         (Data::F32(xv), DataMut::F32(yv)) => {
             let a = alpha as f32;
-            yv.iter_mut().zip(*xv).for_each(|(yi, &xi)| *yi += a * xi)
+            for_chunks(yv, |r, y| {
+                y.iter_mut().zip(&xv[r]).for_each(|(yi, &xi)| *yi += a * xi)
+            })
         }
-        (Data::F64(xv), DataMut::F64(yv)) => yv.iter_mut().zip(*xv).for_each(|(yi, &xi)| *yi += alpha * xi),
+        (Data::F64(xv), DataMut::F64(yv)) => for_chunks(yv, |r, y| {
+            y.iter_mut().zip(&xv[r]).for_each(|(yi, &xi)| *yi += alpha * xi)
+        }),
         (Data::Cuda(xv, dev), DataMut::Cuda(yv, _)) => {
             // SAFETY: both views hold n elements (shape checked above).
             unsafe {

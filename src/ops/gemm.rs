@@ -110,11 +110,19 @@ pub mod cpu {
     use super::GemmParams;
     use crate::real::Real;
 
+    /// Below this many multiply-adds per batch entry, a batched GEMM runs as plain loops over
+    /// the batch on both cores: matrixmultiply's packing and thread dispatch cost more than a
+    /// 2 x 5 product (the manifold's per-observation operators, 16,384 of them per call).
+    pub const SMALL_MACS: usize = 4096;
+
     pub fn gemm<T: Real>(p: &GemmParams, trans_a: bool, trans_b: bool, a: &[T], b: &[T], c: &mut [T]) {
         let (m, n, k) = (p.m as usize, p.n as usize, p.k as usize);
         let (lda, ldb, ldc) = (p.lda as isize, p.ldb as isize, p.ldc as isize);
         let (rsa, csa) = if trans_a { (1, lda) } else { (lda, 1) };
         let (rsb, csb) = if trans_b { (1, ldb) } else { (ldb, 1) };
+        if p.batch > 1 && m * n * k <= SMALL_MACS {
+            return small_batched(p, (rsa, csa), (rsb, csb), a, b, c);
+        }
         for bz in 0..p.batch as usize {
             let a_off = bz * p.stride_a as usize;
             let b_off = bz * p.stride_b as usize;
@@ -140,6 +148,43 @@ pub mod cpu {
                 );
             }
         }
+    }
+
+    /// Many small products: each C entry is a dot product over k in order, batches split over
+    /// the cores in fixed chunks (the same bits on any number of threads).
+    fn small_batched<T: Real>(
+        p: &GemmParams,
+        (rsa, csa): (isize, isize),
+        (rsb, csb): (isize, isize),
+        a: &[T],
+        b: &[T],
+        c: &mut [T],
+    ) {
+        let (m, n, k) = (p.m as usize, p.n as usize, p.k as usize);
+        let (rsa, csa, rsb, csb) = (rsa as usize, csa as usize, rsb as usize, csb as usize);
+        let (alpha, beta) = (T::from_f32(p.alpha), T::from_f32(p.beta));
+        let per = p.stride_c as usize;
+        crate::ops::parallel::for_rows(&mut c[..p.batch as usize * per], per, |batches, cs| {
+            for (bz, cb) in batches.zip(cs.chunks_exact_mut(per)) {
+                let ab = &a[bz * p.stride_a as usize..];
+                let bb = &b[bz * p.stride_b as usize..];
+                for i in 0..m {
+                    for j in 0..n {
+                        let mut s = T::ZERO;
+                        for l in 0..k {
+                            s += ab[i * rsa + l * csa] * bb[l * rsb + j * csb];
+                        }
+                        let o = &mut cb[i * n + j];
+                        // beta = 0 never reads C (it may be uninitialised).
+                        *o = if p.beta == 0.0 {
+                            alpha * s
+                        } else {
+                            alpha * s + beta * *o
+                        };
+                    }
+                }
+            }
+        });
     }
 }
 

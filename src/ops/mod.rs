@@ -9,8 +9,10 @@
 pub mod broadcast;
 pub mod elementwise;
 pub mod gemm;
+pub mod parallel;
 pub mod reduce;
 pub mod rng;
+pub mod simd;
 
 pub use elementwise::{
     add, add_into, axpy, div_guarded, div_guarded_into, fill, mul, mul_into, scale, scale_into, silu,

@@ -629,6 +629,11 @@ pub const GEMM_CASES: &[(usize, usize, usize, usize, usize)] = &[
     (3, 3, 33, 65, 17),
     (4, 0, 64, 200, 96),
     (0, 2, 70, 9, 300),
+    // Many tiny products (the CPU's small-batched path, split over threads past 8,192 entries):
+    // per-observation operators [B, 2, 5] against [B, 5, 1], and a shared A.
+    (9000, 9000, 2, 1, 5),
+    (0, 300, 5, 1, 2),
+    (7, 0, 3, 4, 6),
 ];
 
 pub fn operand_shape(batch: usize, rows: usize, cols: usize) -> Vec<usize> {
