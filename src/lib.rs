@@ -44,6 +44,7 @@ pub mod diffusion;
 pub mod em;
 pub mod error;
 pub mod gaussian;
+pub mod host_pool;
 pub mod io;
 pub mod kernels;
 pub mod metrics;

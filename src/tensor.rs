@@ -86,20 +86,14 @@ impl Tensor {
         })
     }
 
-    /// A tensor for an op to write before anything reads it. Its contents are undefined: zeros
-    /// on the CPU and recycled memory on the GPU, or NaN on both in poison mode
+    /// A tensor for an op to write before anything reads it. Its contents are undefined: recycled
+    /// memory on both backends (`host_pool` on the CPU, zeros when none is free), or NaN on both
+    /// in poison mode
     /// ([`crate::device::poison_enabled`]), so a read before the write shows in every test.
     pub fn uninit(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
         let n = numel(shape);
         let storage = match device {
-            Device::Cpu => {
-                let fill = if crate::device::poison_enabled() {
-                    f64::NAN
-                } else {
-                    0.0
-                };
-                Storage::Cpu(CpuStorage::filled(dtype, n, fill))
-            }
+            Device::Cpu => Storage::Cpu(CpuStorage::uninit(dtype, n, crate::device::poison_enabled())),
             Device::Cuda(dev) => Storage::Cuda(CudaStorage {
                 buf: dev.alloc(n * dtype.size_in_bytes())?,
                 device: dev.clone(),
@@ -241,16 +235,16 @@ impl Tensor {
 
     /// The f32 contents, copied to the host (waits for queued GPU work).
     pub fn to_vec_f32(&self) -> Result<Vec<f32>> {
-        match self.to_device(&Device::Cpu)?.storage {
-            Storage::Cpu(CpuStorage::F32(v)) => Ok(v),
+        match &mut self.to_device(&Device::Cpu)?.storage {
+            Storage::Cpu(CpuStorage::F32(v)) => Ok(std::mem::take(v)),
             _ => Err(self.dtype_error("to_vec_f32", "f32")),
         }
     }
 
     /// The f64 contents, copied to the host.
     pub fn to_vec_f64(&self) -> Result<Vec<f64>> {
-        match self.to_device(&Device::Cpu)?.storage {
-            Storage::Cpu(CpuStorage::F64(v)) => Ok(v),
+        match &mut self.to_device(&Device::Cpu)?.storage {
+            Storage::Cpu(CpuStorage::F64(v)) => Ok(std::mem::take(v)),
             _ => Err(self.dtype_error("to_vec_f64", "f64")),
         }
     }
@@ -331,7 +325,44 @@ impl std::fmt::Debug for Tensor {
     }
 }
 
+/// A dropped buffer goes back to the host pool for the next `Tensor::uninit` of its length.
+impl Drop for CpuStorage {
+    fn drop(&mut self) {
+        match self {
+            CpuStorage::F32(v) => crate::host_pool::give(std::mem::take(v)),
+            CpuStorage::F64(v) => crate::host_pool::give(std::mem::take(v)),
+            CpuStorage::BF16(_) => {}
+        }
+    }
+}
+
 impl CpuStorage {
+    /// `n` elements of `dtype` for an op to overwrite: a recycled buffer when one is free (stale
+    /// contents), zeros otherwise; all NaN with `poison`.
+    fn uninit(dtype: DType, n: usize, poison: bool) -> CpuStorage {
+        let recycled = match dtype {
+            DType::F32 => crate::host_pool::take::<f32>(n).map(CpuStorage::F32),
+            DType::F64 => crate::host_pool::take::<f64>(n).map(CpuStorage::F64),
+            DType::BF16 => None,
+        };
+        match recycled {
+            Some(mut s) if poison => {
+                s.fill_nan();
+                s
+            }
+            Some(s) => s,
+            None => CpuStorage::filled(dtype, n, if poison { f64::NAN } else { 0.0 }),
+        }
+    }
+
+    fn fill_nan(&mut self) {
+        match self {
+            CpuStorage::F32(v) => v.fill(f32::NAN),
+            CpuStorage::F64(v) => v.fill(f64::NAN),
+            CpuStorage::BF16(v) => v.fill(bf16::NAN),
+        }
+    }
+
     /// `n` elements of `dtype`, all equal to `value` (NaN stays NaN in every type).
     fn filled(dtype: DType, n: usize, value: f64) -> CpuStorage {
         match dtype {

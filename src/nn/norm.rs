@@ -11,14 +11,14 @@ use crate::tensor::{Data, DataMut, Tensor, View};
 pub const LN_EPS: f64 = 1e-5;
 
 /// The CPU bodies: the oracle for kernels/norm.cu. Rows are independent, so they run on both
-/// cores (ops::parallel); row sums go over 8 lanes (ops::simd::sum8_by), a fixed order that
+/// cores (ops::parallel); row sums go over 8 lanes (ops::simd::sum8_map, dot8), a fixed order that
 /// vectorises, and the f32 loops are compiled for the CPU's widest vector unit.
 pub mod cpu {
     use bytemuck::{cast_slice, cast_slice_mut};
 
     use crate::ops::elementwise::cpu::{silu, silu_backward};
     use crate::ops::parallel::for_rows2;
-    use crate::ops::simd::{multiversion, sum8_by};
+    use crate::ops::simd::{dot8, multiversion, sum8_map};
     use crate::real::Real;
     use crate::tensor::DType;
 
@@ -30,8 +30,8 @@ pub mod cpu {
             if let Some(x) = x {
                 yr.copy_from_slice(&x[i * c..(i + 1) * c]);
             }
-            let mean = sum8_by(c, |j| yr[j]) * inv_c;
-            let var = sum8_by(c, |j| (yr[j] - mean) * (yr[j] - mean)) * inv_c;
+            let mean = sum8_map(yr, |v| v) * inv_c;
+            let var = sum8_map(yr, |v| (v - mean) * (v - mean)) * inv_c;
             *r = T::ONE / (var + T::from_f64(eps)).sqrt();
             for v in yr.iter_mut() {
                 *v = (*v - mean) * *r;
@@ -59,8 +59,8 @@ pub mod cpu {
         let inv_c = T::from_f64(1.0 / c as f64);
         for (i, (dr, &r)) in dx.chunks_exact_mut(c).zip(rstd).enumerate() {
             let (yr, gr) = (&y[i * c..(i + 1) * c], &dy[i * c..(i + 1) * c]);
-            let ma = sum8_by(c, |j| gr[j]) * inv_c;
-            let mb = sum8_by(c, |j| gr[j] * yr[j]) * inv_c;
+            let ma = sum8_map(gr, |v| v) * inv_c;
+            let mb = dot8(gr, yr) * inv_c;
             for ((d, &g), &v) in dr.iter_mut().zip(gr).zip(yr) {
                 *d = r * (g - ma - v * mb);
             }

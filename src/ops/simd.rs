@@ -69,7 +69,10 @@ pub fn exp_f32(x: f32) -> f32 {
     // Adding 1.5 * 2^23 rounds to the nearest integer in the low mantissa bits.
     const ROUND: f32 = 12_582_912.0;
     let x = x.clamp(-87.3, 88.3);
-    let n = (x * LOG2E + ROUND) - ROUND;
+    // t's low mantissa bits hold n as a two's-complement integer; reading them, rather than
+    // converting n with `as i32` (which checks for NaN and saturates), keeps the loop vectorised.
+    let t = x * LOG2E + ROUND;
+    let n = t - ROUND;
     let r = x - n * LN2_HI - n * LN2_LO;
     let mut p = 1.987_569_1e-4f32;
     p = p * r + 1.398_199_9e-3;
@@ -78,7 +81,8 @@ pub fn exp_f32(x: f32) -> f32 {
     p = p * r + 1.666_666_5e-1;
     p = p * r + 0.5;
     let e = p * r * r + r + 1.0;
-    e * f32::from_bits(((n as i32 + 127) as u32) << 23)
+    let n_bits = t.to_bits().wrapping_sub(ROUND.to_bits());
+    e * f32::from_bits(n_bits.wrapping_add(127) << 23)
 }
 
 /// silu(x) = x sigmoid(x).
@@ -112,20 +116,36 @@ pub fn sum8(x: &[f32]) -> f32 {
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
 }
 
-/// The sum of `f(i)` for i in 0..n over 8 interleaved lanes, as [`sum8`], in any float type.
+/// The sum of `f(x[i])` over 8 interleaved lanes, as [`sum8`], in any float type.
 #[inline(always)]
-pub fn sum8_by<T: crate::real::Real>(n: usize, f: impl Fn(usize) -> T) -> T {
+pub fn sum8_map<T: crate::real::Real>(x: &[T], f: impl Fn(T) -> T) -> T {
     let mut acc = [T::ZERO; 8];
-    let full = n / 8 * 8;
-    let mut i = 0;
-    while i < full {
-        for (l, a) in acc.iter_mut().enumerate() {
-            *a += f(i + l);
+    let chunks = x.chunks_exact(8);
+    let tail = chunks.remainder();
+    for c in chunks {
+        for l in 0..8 {
+            acc[l] += f(c[l]);
         }
-        i += 8;
     }
-    for (l, a) in acc.iter_mut().enumerate().take(n - full) {
-        *a += f(full + l);
+    for (l, &v) in tail.iter().enumerate() {
+        acc[l] += f(v);
+    }
+    ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
+}
+
+/// The dot product of `a` and `b` over 8 interleaved lanes, as [`sum8`], in any float type.
+#[inline(always)]
+pub fn dot8<T: crate::real::Real>(a: &[T], b: &[T]) -> T {
+    let mut acc = [T::ZERO; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let (ta, tb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    for (l, (&x, &y)) in ta.iter().zip(tb).enumerate() {
+        acc[l] += x * y;
     }
     ((acc[0] + acc[4]) + (acc[1] + acc[5])) + ((acc[2] + acc[6]) + (acc[3] + acc[7]))
 }
@@ -199,6 +219,8 @@ mod tests {
             .collect();
         let plain: f64 = x.iter().map(|&v| v as f64).sum();
         assert!((sum8(&x) as f64 - plain).abs() < 1e-4);
-        assert_eq!(sum8(&x).to_bits(), sum8_by(x.len(), |i| x[i]).to_bits());
+        assert_eq!(sum8(&x).to_bits(), sum8_map(&x, |v| v).to_bits());
+        let ones = vec![1.0f32; x.len()];
+        assert_eq!(sum8(&x).to_bits(), dot8(&x, &ones).to_bits());
     }
 }
