@@ -131,6 +131,42 @@ fn a_run_killed_mid_lap_and_resumed_matches_an_uninterrupted_one() {
     assert!(!ok && log.contains("lap-002/checkpoint.safetensors"), "{log}");
 }
 
+/// The paper script's E-step (the initialisation's moments for every lap, lap 0 unfiltered):
+/// the initial prior is saved with lap 0 and read back, so a resumed run matches a whole one.
+#[test]
+fn the_papers_estep_moments_run_and_resume_exactly() {
+    let (a, b) = (dir("paper-moments-whole"), dir("paper-moments-resumed"));
+    let (sa, sb) = (a.to_str().unwrap(), b.to_str().unwrap());
+    let tiny = [
+        "laps=2",
+        "observations=512",
+        "mstep_steps=150",
+        "eval_samples=128",
+        "estep_moments=init",
+        "filter_first=0",
+    ];
+    let (ok, log) = emprior(&em_args(sa, &tiny));
+    assert!(ok, "{log}");
+    for f in ["prior_mean.npy", "prior_diag.npy", "prior_factor.npy"] {
+        assert!(a.join("lap-000").join(f).is_file(), "{f} saved with lap 0");
+    }
+    let (ok, log) = emprior_aborting_at(&em_args(sb, &tiny), Some(2));
+    assert!(!ok && log.contains("aborted during lap 2"), "{log}");
+    let (ok, log) = emprior(&["em", "manifold", "--device", "cpu", "--resume", sb]);
+    assert!(ok && log.contains("resuming"), "{log}");
+    assert!(
+        file_bytes(&a.join("lap-002/samples.npy")) == file_bytes(&b.join("lap-002/samples.npy")),
+        "lap 2's samples differ between the uninterrupted and the resumed run"
+    );
+    // A value outside the choices is refused before any work.
+    let mut cfg = small(&[]);
+    cfg.set("estep_moments=mine").unwrap();
+    let err = run_manifold(&cfg, &dir("paper-moments-bad"), &Device::Cpu, false)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("estep_moments"), "{err}");
+}
+
 #[test]
 fn bad_configurations_are_named() {
     let mut cfg = Config::preset("manifold", "quick").unwrap();

@@ -26,6 +26,13 @@ estep_batch = 1024
 pc_corrections = 1
 pc_tau = 0.1
 covariance = "gaussian"
+# Where the E-step's starting mean and Gaussian covariance come from: "refit" (a PPCA of each
+# lap's samples, ours) or "init" (the Gaussian initialisation's, fixed for all laps, as the
+# paper's script does).
+estep_moments = "refit"
+# 1: drop lap 0's samples outside the box before the first M-step (ours); 0: keep them all (the
+# paper's script). Later laps are always filtered.
+filter_first = 1
 cg_iters = 10
 cg_rtol = 0.001
 mstep_steps = 2500
@@ -56,6 +63,9 @@ estep_batch = 16384
 pc_corrections = 1
 pc_tau = 0.1
 covariance = "gaussian"
+# As the paper's script: the initialisation's moments for every lap, lap 0 unfiltered.
+estep_moments = "init"
+filter_first = 0
 cg_iters = 20
 cg_rtol = 0.001
 mstep_steps = 65536

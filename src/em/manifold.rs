@@ -14,7 +14,7 @@ use crate::device::Device;
 use crate::diffusion::{Denoiser, Network, Sampler, SamplerKind, VeSchedule};
 use crate::error::{Error, Result};
 use crate::gaussian::{ppca, Dplr, Gaussian};
-use crate::io::{read_npy, write_atomically, write_npy_f32};
+use crate::io::{read_npy, write_atomically, write_npy_f32, write_npy_f64};
 use crate::metrics::{sinkhorn_cost, sinkhorn_divergence, sliced_wasserstein};
 use crate::nn::TimeMlp;
 use crate::ops::Philox;
@@ -284,6 +284,33 @@ fn samples_of(samples: &[f32], bound: f64) -> Vec<f32> {
         .collect()
 }
 
+/// The Gaussian initialisation's prior, saved with lap 0 (mean, DPLR diagonal and factor, f64)
+/// for the E-step's moments when `estep_moments = "init"`, and for a resumed run.
+fn write_init_prior(run: &Path, g: &Gaussian) -> Result<()> {
+    let dir = lap_dir(run, 0);
+    write_npy_f64(&dir.join("prior_mean.npy"), &[DIM], &g.mean)?;
+    write_npy_f64(&dir.join("prior_diag.npy"), &[DIM], &g.cov.diag)?;
+    write_npy_f64(&dir.join("prior_factor.npy"), &[DIM, g.cov.rank], &g.cov.u)
+}
+
+fn read_init_prior(run: &Path) -> Result<Gaussian> {
+    let dir = lap_dir(run, 0);
+    let read = |name: &str| -> Result<(Vec<usize>, Vec<f64>)> {
+        let path = dir.join(name);
+        let a = read_npy(&path).map_err(|e| {
+            Error::Other(format!(
+                "{e} (the Gaussian initialisation's prior, written with lap 0; a run from before it was saved cannot be resumed)"
+            ))
+        })?;
+        Ok((a.shape, a.data))
+    };
+    let (_, mean) = read("prior_mean.npy")?;
+    let (_, diag) = read("prior_diag.npy")?;
+    let (shape, u) = read("prior_factor.npy")?;
+    let rank = shape.get(1).copied().unwrap_or(0);
+    Gaussian::new(mean, Dplr::new(diag, u, rank)?)
+}
+
 fn fit(samples: &[f32], rank: usize) -> Result<Gaussian> {
     let x: Vec<f64> = samples.iter().map(|&v| v as f64).collect();
     ppca(&x, x.len() / DIM, DIM, rank)
@@ -332,13 +359,28 @@ pub fn run_manifold(cfg: &Config, run: &Path, device: &Device, resume: bool) -> 
             )))
         }
     };
+    let moments_from_init = match cfg.string("estep_moments")?.as_str() {
+        "refit" => false,
+        "init" => true,
+        other => {
+            return Err(Error::Other(format!(
+                "estep_moments = '{other}' (expected refit or init)"
+            )))
+        }
+    };
+    let filter_first = match cfg.int("filter_first")? {
+        0 => false,
+        1 => true,
+        other => return Err(Error::Other(format!("filter_first = {other} (expected 0 or 1)"))),
+    };
     let mut all = read_lap_metrics(run, done.map(|k| k.min(laps)), LapMetrics::from_json)?;
 
     // Lap 0: the Gaussian prior fitted by EM, and the posterior samples under it.
-    let (mut samples, mut params) = match done {
+    let (mut samples, mut params, init_prior) = match done {
         Some(k) => {
             let dir = lap_dir(run, k);
             let s = read_npy(&dir.join("samples.npy"))?.to_f32();
+            let init_prior = moments_from_init.then(|| read_init_prior(run)).transpose()?;
             let p = lap_params(
                 run,
                 k,
@@ -347,7 +389,7 @@ pub fn run_manifold(cfg: &Config, run: &Path, device: &Device, resume: bool) -> 
                 device,
             )?;
             eprintln!("resuming {} after lap {k}", run.display());
-            (s, p)
+            (s, p, init_prior)
         }
         None => {
             let start = Instant::now();
@@ -385,19 +427,26 @@ pub fn run_manifold(cfg: &Config, run: &Path, device: &Device, resume: bool) -> 
             eprintln!("{}", m.summary());
             all.push(m.clone());
             write_lap(run, 0, &s, &setup.truth, &m, &all)?;
+            write_init_prior(run, &g)?;
             mark_done(run, 0)?;
             let p =
                 setup
                     .network
                     .layout()
                     .init(derive_seed(setup.seed, 0, SEED_PARAMS), DType::F32, device)?;
-            (s, p)
+            // Read back what was written, so a resumed run uses the very same values.
+            let init_prior = moments_from_init.then(|| read_init_prior(run)).transpose()?;
+            (s, p, init_prior)
         }
     };
 
     let den = Denoiser::new(setup.network.clone());
     for lap in done.map_or(1, |k| k + 1)..=laps {
-        let train_set = samples_of(&samples, setup.bound);
+        let train_set = if lap == 1 && !filter_first {
+            samples.clone()
+        } else {
+            samples_of(&samples, setup.bound)
+        };
         let t = Instant::now();
         let (new_params, loss) = setup.m_step(
             params,
@@ -409,9 +458,13 @@ pub fn run_manifold(cfg: &Config, run: &Path, device: &Device, resume: bool) -> 
         params = new_params;
         let mstep = t.elapsed().as_secs_f64();
         // The E-step: MMPS under the new network, started at the PPCA mean of the current
-        // samples, with the PPCA covariance as V (cov_x) unless the Tweedie covariance is asked.
+        // samples (or, with estep_moments = "init", the Gaussian initialisation's), with that
+        // covariance as V (cov_x) unless the Tweedie covariance is asked.
         let t = Instant::now();
-        let moments = fit(&train_set, DIM)?;
+        let moments = match &init_prior {
+            Some(g) => g.clone(),
+            None => fit(&samples_of(&train_set, setup.bound), DIM)?,
+        };
         let mean = moments.mean_tensor(DType::F32, device)?;
         let cov = if tweedie {
             Covariance::Tweedie
