@@ -44,3 +44,20 @@ extern "C" __global__ void rng_normal_f32(float* out, i64 n, u64 seed, u64 strea
         for_block_elements(blk, offset, n, v, Store{out});
     }
 }
+
+// A training batch drawn with replacement from a pool of rows kept on the device: row k of dst is
+// row min(floor(u_k * rows), rows - 1) of src, u_k = uniform element offset + k of the stream
+// (the same f32 product and truncation as src/ops/rng.rs's CPU body).
+extern "C" __global__ void rng_gather_rows_uniform_f32(const float* src, float* dst, i64 rows, int per, i64 batch,
+                                                        u64 seed, u64 stream, u64 offset) {
+    const i64 total = batch * per, step = (i64)gridDim.x * blockDim.x;
+    for (i64 e = (i64)blockIdx.x * blockDim.x + threadIdx.x; e < total; e += step) {
+        const i64 k = e / per;
+        const u64 el = offset + (u64)k;
+        const Philox4 r = philox_block(seed, stream, el >> 2);
+        const float u = philox_uniform(r.v[el & 3]);
+        i64 i = (i64)(u * (float)rows);
+        if (i > rows - 1) i = rows - 1;
+        dst[e] = src[i * per + (e - k * per)];
+    }
+}

@@ -45,6 +45,10 @@ fn main() {
     s.gpu("gemm::batch140000_grid_z_loop", gemm_grid_z_loop);
     s.gpu("rng::streams_match_cpu", random_streams);
     s.gpu("augment::flip_shift_matches_cpu", augment_flip_shift);
+    s.gpu(
+        "batch::gather_rows_uniform_matches_cpu",
+        gather_rows_uniform_parity,
+    );
     s.gpu("pool::hot_loop_without_new_allocations", pool_hot_loop);
     s.gpu(
         "poison::fresh_and_recycled_buffers_are_nan",
@@ -559,6 +563,28 @@ fn gemm_grid_z_loop(gpu: &Device) {
     };
     gemm_check(gpu, (batch, 0, 2, 3, 9), accumulate, 42_000);
     gemm_check(gpu, (0, batch, 5, 1, 2), GemmSpec::new(true, false), 43_000);
+}
+
+/// The manifold M-step's batch, drawn on the device from Philox indices: a pure gather, so
+/// bit for bit, at the paper's batch (1,024 of 65,536 rows) and at an offset inside a block of 4.
+fn gather_rows_uniform_parity(gpu: &Device) {
+    use emprior::ops::rng::gather_rows_uniform;
+    for &(rows, per, batch, offset) in &[(65_536usize, 5usize, 1024usize, 7_340_032u64), (3, 7, 41, 6)] {
+        let x = random_vec(rows as u64, rows * per, -3.0, 3.0);
+        let rng = Philox::new(9, 0xda7a);
+        let pick = |d: &Device| {
+            let pool = on(d, &x, &[rows, per]);
+            gather_rows_uniform(&pool, batch, rng, offset)
+                .unwrap()
+                .to_vec_f32()
+                .unwrap()
+        };
+        let (want, got) = (pick(&CPU), pick(gpu));
+        assert!(
+            got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()),
+            "gather_rows_uniform rows {rows} batch {batch} offset {offset}"
+        );
+    }
 }
 
 /// The M-step's augmentation (random flips and reflect-padded shifts from Philox): a pure

@@ -17,6 +17,7 @@ use crate::gaussian::{ppca, Dplr, Gaussian};
 use crate::io::{read_npy, write_atomically, write_npy_f32, write_npy_f64};
 use crate::metrics::{sinkhorn_cost, sinkhorn_divergence, sliced_wasserstein};
 use crate::nn::TimeMlp;
+use crate::ops::rng::gather_rows_uniform;
 use crate::ops::Philox;
 use crate::posterior::{CgConfig, Covariance, DenseOperators, Mmps, NetworkPrior, ObservationNoise, Prior};
 use crate::tensor::{AsView, DType, Tensor};
@@ -216,17 +217,12 @@ impl Setup {
         };
         let den = Denoiser::new(self.network.clone());
         let mut trainer = Trainer::new(den, params, AdamConfig::new(lr), self.schedule, seed)?;
-        let mut u = vec![0.0f32; batch];
-        let mut x = vec![0.0f32; batch * DIM];
+        // The training set goes to the device once; each step's batch is drawn there.
+        let pool = Tensor::from_f32(samples, &[count, DIM], device)?;
         let (mut tail, mut tail_n) = (0.0, 0usize);
         let start = Instant::now();
         for step in 0..steps {
-            Philox::new(seed, 0xda7a).fill_uniform(step * batch as u64, &mut u);
-            for (k, &ui) in u.iter().enumerate() {
-                let i = ((ui * count as f32) as usize).min(count - 1);
-                x[k * DIM..(k + 1) * DIM].copy_from_slice(&samples[i * DIM..(i + 1) * DIM]);
-            }
-            let xt = Tensor::from_f32(&x, &[batch, DIM], device)?;
+            let xt = gather_rows_uniform(&pool, batch, Philox::new(seed, 0xda7a), step * batch as u64)?;
             let st = trainer
                 .step(&xt.as_view()?)
                 .map_err(|e| Error::Other(format!("lap {lap}, M-step {step}: {e}")))?;

@@ -12,7 +12,7 @@ use crate::device::launch::grid_stride;
 use crate::device::Device;
 use crate::error::Result;
 use crate::real::Real;
-use crate::tensor::{AsViewMut, DType, DataMut, Tensor};
+use crate::tensor::{AsView, AsViewMut, DType, Data, DataMut, Tensor};
 
 const M0: u32 = 0xD251_1F53;
 const M1: u32 = 0xCD9E_8D57;
@@ -178,4 +178,70 @@ pub fn normal(shape: &[usize], rng: Philox, offset: u64, device: &Device) -> Res
     let mut t = Tensor::uninit(shape, DType::F32, device)?;
     rng.normal_into(&mut t, offset)?;
     Ok(t)
+}
+
+/// A training batch drawn with replacement: row k of the result is row
+/// `min(floor(u_k * rows), rows - 1)` of `pool` ([rows, ..]), u_k = uniform element `offset + k`
+/// of `rng`. On a GPU the pool stays on the device for a whole M-step and the indices are drawn
+/// in the kernel (kernels/rng.cu), so a step uploads nothing.
+pub fn gather_rows_uniform(pool: &impl AsView, batch: usize, rng: Philox, offset: u64) -> Result<Tensor> {
+    let pool = pool.as_view()?;
+    let rows = pool.shape().first().copied().unwrap_or(0);
+    if rows == 0 {
+        return Err(crate::error::Error::shape(
+            "gather_rows_uniform",
+            "pool",
+            "[rows > 0, ..]",
+            pool.shape(),
+        ));
+    }
+    let per = pool.numel() / rows;
+    let mut shape = pool.shape().to_vec();
+    shape[0] = batch;
+    let mut out = Tensor::uninit(&shape, pool.dtype(), &pool.device())?;
+    {
+        let mut ov = out.as_view_mut()?;
+        match (&pool.data, &mut ov.data) {
+            (Data::Cuda(src, dev), DataMut::Cuda(dst, _)) => {
+                let (r64, b64, p32) = (rows as i64, batch as i64, per as i32);
+                // SAFETY: src holds rows * per values, dst batch * per; indices are clamped to rows.
+                unsafe {
+                    dev.kernels().rng_gather_rows_uniform_f32(
+                        grid_stride(dev, batch * per),
+                        src,
+                        dst,
+                        r64,
+                        p32,
+                        b64,
+                        rng.seed,
+                        rng.stream,
+                        offset,
+                    )
+                }?;
+            }
+            (Data::Cuda(..), _) => return Err(super::mismatch("gather_rows_uniform", &[&pool], &[])),
+            _ => host_real!(pool, T => {
+                gather_rows_uniform_cpu::<T>(pool.cpu()?, ov.cpu_mut()?, rows, per, rng, offset);
+                Ok::<(), crate::error::Error>(())
+            })?,
+        }
+    }
+    Ok(out)
+}
+
+/// The CPU body of rng_gather_rows_uniform_f32.
+pub fn gather_rows_uniform_cpu<T: Real>(
+    pool: &[T],
+    out: &mut [T],
+    rows: usize,
+    per: usize,
+    rng: Philox,
+    offset: u64,
+) {
+    let mut u = vec![0.0f32; out.len() / per.max(1)];
+    rng.fill_uniform(offset, &mut u);
+    for (dst, &uk) in out.chunks_exact_mut(per).zip(&u) {
+        let i = ((uk * rows as f32) as usize).min(rows - 1);
+        dst.copy_from_slice(&pool[i * per..(i + 1) * per]);
+    }
 }
