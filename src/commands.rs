@@ -114,19 +114,26 @@ pub fn train(o: &TrainOptions) -> Result<f64> {
             batch[k * per..(k + 1) * per].copy_from_slice(&values[i * per..(i + 1) * per]);
         }
         let x = Tensor::from_f32(&batch, &shape, &device)?;
-        let st = trainer.step(&x.as_view()?)?;
-        loss = st.loss;
-        if o.log_every > 0 && ((step + 1) % o.log_every == 0 || step + 1 == o.steps) {
-            let rate = (step + 1) as f64 / start.elapsed().as_secs_f64();
-            eprintln!(
-                "step {:>7}/{} | loss {:.5} | grad norm {:.3} | lr {:.2e} | {:.1} steps/s",
-                step + 1,
-                o.steps,
-                st.loss,
-                st.grad_norm,
-                st.lr,
-                rate
-            );
+        trainer.step(&x.as_view()?)?;
+        // The log is read (one device synchronisation) only at the log interval and at the end.
+        let log_now = o.log_every > 0 && (step + 1) % o.log_every == 0;
+        if log_now || step + 1 == o.steps {
+            let Some(st) = trainer.take_stats()?.pop() else {
+                continue;
+            };
+            loss = st.loss;
+            if o.log_every > 0 {
+                let rate = (step + 1) as f64 / start.elapsed().as_secs_f64();
+                eprintln!(
+                    "step {:>7}/{} | loss {:.5} | grad norm {:.3} | lr {:.2e} | {:.1} steps/s",
+                    step + 1,
+                    o.steps,
+                    st.loss,
+                    st.grad_norm,
+                    st.lr,
+                    rate
+                );
+            }
         }
     }
     let meta = BTreeMap::from([

@@ -452,6 +452,12 @@ fn bench(request: DeviceRequest, quick: bool) -> Result<()> {
         Device::Cpu => ("CPU (wall clock)".to_string(), bench::run_cpu(quick)?),
     };
     print!("{}", bench::format_table(&title, &rows));
+    println!();
+    let traffic = bench::run_host_traffic(&device, quick)?;
+    print!(
+        "{}",
+        bench::format_traffic_table(&format!("Host traffic on {device}"), &traffic)
+    );
     Ok(())
 }
 

@@ -235,6 +235,7 @@ impl Tensor {
 
     /// The f32 contents, copied to the host (waits for queued GPU work).
     pub fn to_vec_f32(&self) -> Result<Vec<f32>> {
+        self.count_host_read();
         match &mut self.to_device(&Device::Cpu)?.storage {
             Storage::Cpu(CpuStorage::F32(v)) => Ok(std::mem::take(v)),
             _ => Err(self.dtype_error("to_vec_f32", "f32")),
@@ -243,6 +244,7 @@ impl Tensor {
 
     /// The f64 contents, copied to the host.
     pub fn to_vec_f64(&self) -> Result<Vec<f64>> {
+        self.count_host_read();
         match &mut self.to_device(&Device::Cpu)?.storage {
             Storage::Cpu(CpuStorage::F64(v)) => Ok(std::mem::take(v)),
             _ => Err(self.dtype_error("to_vec_f64", "f64")),
@@ -261,6 +263,14 @@ impl Tensor {
         }
         self.shape = shape.to_vec();
         Ok(self)
+    }
+
+    /// On the CPU backend, counts a read of values into host memory as the synchronisation it
+    /// would be on a GPU (where `CudaDevice::synchronize` counts it).
+    fn count_host_read(&self) {
+        if matches!(self.storage, Storage::Cpu(_)) {
+            crate::device::note_sync();
+        }
     }
 
     // ---- typed access for op bodies -----------------------------------------------------
@@ -569,6 +579,10 @@ impl<'a> View<'a> {
 
     /// The values as f64 on the host (for tests and diagnostics).
     pub fn to_vec_f64(&self) -> Result<Vec<f64>> {
+        if !matches!(self.data, Data::Cuda(..)) {
+            // Counted as on a GPU, where the copy below counts it (see Tensor::to_vec_f32).
+            crate::device::note_sync();
+        }
         match &self.data {
             Data::F32(v) => Ok(v.iter().map(|&x| x as f64).collect()),
             Data::F64(v) => Ok(v.to_vec()),

@@ -15,8 +15,10 @@ use common::{
     to_f64, GemmCase, Piece, Suite, Tol, GEMM_CASES,
 };
 use emprior::device::size_class;
-use emprior::ops::broadcast::{add_bias, scale_cols_into, scale_rows_add_into, sum_rows_into};
-use emprior::ops::{self, GemmSpec, Philox};
+use emprior::ops::broadcast::{
+    add_bias, scale_cols_into, scale_rows_add_into, sum_rows_into, sum_rows_into_v1,
+};
+use emprior::ops::{self, reduce, GemmSpec, Philox};
 use emprior::{AsView, AsViewMut, Device, Tensor};
 
 const CPU: Device = Device::Cpu;
@@ -34,6 +36,18 @@ fn main() {
     s.gpu("misaligned::elementwise_offsets_1_2_3", misaligned_elementwise);
     s.gpu("misaligned::broadcast_and_reductions", misaligned_broadcast);
     s.gpu("reductions::match_cpu_and_are_deterministic", reductions);
+    // Named apart from "reductions::", which the device check's sanitizer subset selects: at
+    // these sizes a sanitizer would take minutes (the small shapes of `reductions` cover the
+    // same code paths there).
+    s.gpu("reductions_at_scale::column_sums_v1_v2", column_sums_real_shapes);
+    s.gpu(
+        "reductions_at_scale::norm_57m_and_cg_row_dots_v1_v2",
+        norms_and_dots_real_shapes,
+    );
+    s.gpu(
+        "reductions_at_scale::v2_bit_identical_run_to_run",
+        reductions_bit_identical,
+    );
     s.gpu("gemm::shapes_up_to_k1024", gemm_small_shapes);
     s.gpu("gemm::bias_epilogue", gemm_bias);
     s.gpu("gemm::nn_k262144", |g| gemm_weight_grad_shape(g, false, false));
@@ -444,6 +458,166 @@ fn reductions(gpu: &Device) {
             1e-6,
             1e-6,
         );
+    }
+    // Column sums in two stages (several chunks of rows; partial last chunk and column tile).
+    for (i, &(groups, per, cols)) in [(1usize, 5000usize, 33usize), (3, 700, 67)].iter().enumerate() {
+        let x = random_vec(700 + i as u64, groups * per * cols, -1.0, 1.0);
+        let mut want = on(&CPU, &vec![0.0; groups * cols], &[groups, cols]);
+        sum_rows_into(&on(&CPU, &x, &[groups * per, cols]), groups, &mut want, false).unwrap();
+        let gx = on(gpu, &x, &[groups * per, cols]);
+        let mut got = poisoned(gpu, &[groups, cols]);
+        sum_rows_into(&gx, groups, &mut got, false).unwrap();
+        let first = got.to_vec_f32().unwrap();
+        let what = format!("sum_rows {groups}x{per}x{cols}");
+        assert_close(&what, &first, &to_f64(&want.to_vec_f32().unwrap()), 1e-6, 1e-6);
+        sum_rows_into(&gx, groups, &mut got, false).unwrap();
+        assert_eq!(
+            first,
+            got.to_vec_f32().unwrap(),
+            "{what} must be bit-identical run to run"
+        );
+    }
+}
+
+/// Column sums as a step computes them: the bias gradient of a [262,144, 128] activation (batch
+/// 256 at 32x32), per-sample sums over pixels (256 groups of 1,024 rows), and a ragged shape whose
+/// last chunk and column tile are partial, with and without accumulation; version 2 (two stages)
+/// and version 1 both against the CPU.
+fn column_sums_real_shapes(gpu: &Device) {
+    for (i, &(groups, per, cols)) in [
+        (1usize, 262_144usize, 128usize),
+        (256, 1024, 128),
+        (3, 1000, 67),
+        (1, 300_000, 3),
+    ]
+    .iter()
+    .enumerate()
+    {
+        let x = random_vec(900 + i as u64, groups * per * cols, -1.0, 1.0);
+        let start = random_vec(950 + i as u64, groups * cols, -1.0, 1.0);
+        for accumulate in [false, true] {
+            let want = {
+                let cx = on(&CPU, &x, &[groups * per, cols]);
+                let mut out = on(&CPU, &start, &[groups, cols]);
+                sum_rows_into(&cx, groups, &mut out, accumulate).unwrap();
+                to_f64(&out.to_vec_f32().unwrap())
+            };
+            let gx = on(gpu, &x, &[groups * per, cols]);
+            type SumRows = fn(&Tensor, usize, &mut Tensor, bool) -> emprior::Result<()>;
+            let versions: [(&str, SumRows); 2] = [
+                ("v2", |x, g, o, a| sum_rows_into(x, g, o, a)),
+                ("v1", |x, g, o, a| sum_rows_into_v1(x, g, o, a)),
+            ];
+            for (version, f) in versions {
+                let mut got = if accumulate {
+                    on(gpu, &start, &[groups, cols])
+                } else {
+                    poisoned(gpu, &[groups, cols])
+                };
+                f(&gx, groups, &mut got, accumulate).unwrap();
+                assert_close(
+                    &format!("sum_rows {version} {groups}x{per}x{cols} accumulate={accumulate}"),
+                    &got.to_vec_f32().unwrap(),
+                    &want,
+                    1e-6,
+                    1e-6,
+                );
+            }
+        }
+    }
+}
+
+/// The global gradient norm over 57.6M values (the largest U-Net's parameters) and CG's
+/// per-observation dots at [8192, 10], plus full sums, version 2 and version 1 against the CPU.
+fn norms_and_dots_real_shapes(gpu: &Device) {
+    let n = 57_600_000;
+    let g = random_vec(970, n, -1.0, 1.0);
+    let want = {
+        let c = on(&CPU, &g, &[1, n]);
+        (
+            to_f64(&ops::row_norm(&c).unwrap().to_vec_f32().unwrap()),
+            to_f64(&ops::sum(&c).unwrap().to_vec_f32().unwrap()),
+        )
+    };
+    let gg = on(gpu, &g, &[1, n]);
+    for (version, v1) in [("v2", false), ("v1", true)] {
+        let mut norm = poisoned(gpu, &[1]);
+        let mut total = poisoned(gpu, &[]);
+        if v1 {
+            reduce::row_norm_into_v1(&gg, &mut norm).unwrap();
+            reduce::sum_into_v1(&gg, &mut total).unwrap();
+        } else {
+            reduce::row_norm_into(&gg, &mut norm).unwrap();
+            reduce::sum_into(&gg, &mut total).unwrap();
+        }
+        let what = format!("norm {version} of {n} values");
+        assert_close(&what, &norm.to_vec_f32().unwrap(), &want.0, 0.0, 1e-6);
+        // Both sides add in f64 and round once to f32: a few f32 ulps at most.
+        let what = format!("sum {version} of {n} values");
+        assert_close(&what, &total.to_vec_f32().unwrap(), &want.1, 1e-3, 1e-6);
+    }
+    for (i, &(rows, cols)) in [(8192usize, 10usize), (8192, 2), (1024, 3072), (3, 40_000)]
+        .iter()
+        .enumerate()
+    {
+        let a = random_vec(980 + i as u64, rows * cols, -1.0, 1.0);
+        let b = random_vec(990 + i as u64, rows * cols, -1.0, 1.0);
+        let (ca, cb) = (on(&CPU, &a, &[rows, cols]), on(&CPU, &b, &[rows, cols]));
+        let want = to_f64(&ops::row_dot(&ca, &cb).unwrap().to_vec_f32().unwrap());
+        let want_norm = to_f64(&ops::row_norm(&ca).unwrap().to_vec_f32().unwrap());
+        let (ga, gb) = (on(gpu, &a, &[rows, cols]), on(gpu, &b, &[rows, cols]));
+        for (version, v1) in [("v2", false), ("v1", true)] {
+            let (mut dots, mut norms) = (poisoned(gpu, &[rows]), poisoned(gpu, &[rows]));
+            if v1 {
+                reduce::row_dot_into_v1(&ga, &gb, &mut dots).unwrap();
+                reduce::row_norm_into_v1(&ga, &mut norms).unwrap();
+            } else {
+                reduce::row_dot_into(&ga, &gb, &mut dots).unwrap();
+                reduce::row_norm_into(&ga, &mut norms).unwrap();
+            }
+            let what = format!("row_dot {version} {rows}x{cols}");
+            assert_close(&what, &dots.to_vec_f32().unwrap(), &want, 1e-6, 1e-6);
+            let what = format!("row_norm {version} {rows}x{cols}");
+            assert_close(&what, &norms.to_vec_f32().unwrap(), &want_norm, 0.0, 1e-6);
+        }
+    }
+}
+
+/// Version 2 of every reduction twice on the same inputs, and once more on a copy of them in
+/// another buffer: the same bits each time (a fixed grid and tree, no atomics).
+fn reductions_bit_identical(gpu: &Device) {
+    let (rows, cols) = (262_144, 128);
+    let x = random_vec(1001, rows * cols, -1.0, 1.0);
+    let n = 57_600_000;
+    let g = random_vec(1002, n, -1.0, 1.0);
+    let d = random_vec(1003, 8192 * 10, -1.0, 1.0);
+    let run = || {
+        let gx = on(gpu, &x, &[rows, cols]);
+        let gg = on(gpu, &g, &[1, n]);
+        let gd = on(gpu, &d, &[8192, 10]);
+        let mut bias = poisoned(gpu, &[cols]);
+        sum_rows_into(&gx, 1, &mut bias, false).unwrap();
+        let mut per_sample = poisoned(gpu, &[256, cols]);
+        sum_rows_into(&gx, 256, &mut per_sample, false).unwrap();
+        let mut norm = poisoned(gpu, &[1]);
+        reduce::row_norm_into(&gg, &mut norm).unwrap();
+        let mut total = poisoned(gpu, &[]);
+        reduce::sum_into(&gg, &mut total).unwrap();
+        let dots = ops::row_dot(&gd, &gd).unwrap();
+        [bias, per_sample, norm, total, dots]
+            .iter()
+            .map(|t| {
+                t.to_vec_f32()
+                    .unwrap()
+                    .iter()
+                    .map(|v| v.to_bits())
+                    .collect::<Vec<u32>>()
+            })
+            .collect::<Vec<_>>()
+    };
+    let first = run();
+    for again in 0..3 {
+        assert!(first == run(), "run {again}: a reduction changed its bits");
     }
 }
 

@@ -26,7 +26,7 @@ const CPU: Device = Device::Cpu;
 const SAMPLER_TOL: Tol = Tol::norm(1e-6);
 const MMPS_TOL: Tol = Tol::norm(1e-4);
 
-const CASES: [Case; 6] = [
+const CASES: [Case; 7] = [
     case(
         "sampler::update_with_and_without_noise",
         "sampler update with and without noise",
@@ -44,6 +44,12 @@ const CASES: [Case; 6] = [
         "TimeMLP: DSM gradient and one training step",
         Tol::norm(1e-5),
         dsm_case,
+    ),
+    case(
+        "train::timemlp_log_and_non_finite_flag",
+        "TimeMLP: four steps' losses and norms from the device log, then a NaN step that stops the updates",
+        Tol::norm(1e-5),
+        train_log_case,
     ),
     case(
         "mmps::ddpm_small_unet_masks",
@@ -150,6 +156,74 @@ fn dsm_case(d: &Device) -> Vec<Output> {
         whole("loss", loss),
         per_param("dsm grads", g, &layout),
         per_param("params after one step", trainer.params, &layout),
+    ]
+}
+
+/// Four training steps read from the log in one go (losses and gradient norms reduced on the
+/// device: kernels/reduce.cu and adam.cu's norm finish), then three more with a NaN in the second
+/// batch and one after it: the read names step 5, and the parameters and the EMA stay those of
+/// step 4.
+fn train_log_case(d: &Device) -> Vec<Output> {
+    let den = Denoiser::new(Network::Mlp(TimeMlp::new(5, &[64, 64], 16)));
+    let params = den.layout().init(5, DType::F32, d).unwrap();
+    let layout = den.layout().clone();
+    let config = AdamConfig {
+        ema: Some(0.99),
+        ..AdamConfig::new(LrSchedule::Constant(1e-3))
+    };
+    let mut trainer = Trainer::new(den, params, config, VeSchedule::new(1e-3, 10.0), 4).unwrap();
+    for s in 0..4 {
+        let x = on(d, 40 + s, &[256, 5], 2.0);
+        trainer.step(&x.as_view().unwrap()).unwrap();
+    }
+    let log: Vec<f32> = trainer
+        .take_stats()
+        .unwrap()
+        .iter()
+        .flat_map(|st| [st.loss as f32, st.grad_norm as f32])
+        .collect();
+    trainer
+        .step(&on(d, 44, &[256, 5], 2.0).as_view().unwrap())
+        .unwrap();
+    let good = (
+        trainer.params.to_vec_f32().unwrap(),
+        trainer.weights().to_vec_f32().unwrap(),
+    );
+    let mut bad = on(d, 45, &[256, 5], 2.0).to_vec_f32().unwrap();
+    bad[3] = f32::NAN;
+    trainer
+        .step(&Tensor::from_f32(&bad, &[256, 5], d).unwrap().as_view().unwrap())
+        .unwrap();
+    trainer
+        .step(&on(d, 46, &[256, 5], 2.0).as_view().unwrap())
+        .unwrap();
+    let err = trainer.take_stats().unwrap_err().to_string();
+    assert!(
+        err.contains("training step 5") && err.contains("loss is NaN"),
+        "{err}"
+    );
+    assert!(
+        (
+            trainer.params.to_vec_f32().unwrap(),
+            trainer.weights().to_vec_f32().unwrap()
+        ) == good,
+        "the NaN step and the one after it left the parameters and the EMA alone"
+    );
+    vec![
+        whole(
+            "loss and gradient norm of steps 0..4",
+            Tensor::from_f32(&log, &[4, 2], d).unwrap(),
+        ),
+        per_param(
+            "params after the NaN step",
+            trainer.params.to_device(d).unwrap(),
+            &layout,
+        ),
+        per_param(
+            "EMA after the NaN step",
+            trainer.weights().to_device(d).unwrap(),
+            &layout,
+        ),
     ]
 }
 

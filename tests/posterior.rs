@@ -13,7 +13,8 @@ use emprior::gaussian::linalg::spd_inverse;
 use emprior::gaussian::{Dplr, Gaussian};
 use emprior::ops::Philox;
 use emprior::posterior::{
-    cg, CgConfig, Covariance, DenseOperators, LinearOperator, Mmps, ObservationNoise, SharedOperator,
+    cg, cg_checked, CgConfig, Covariance, DenseOperators, LinearOperator, Mmps, ObservationNoise,
+    SharedOperator,
 };
 use emprior::{AsView, DType, Device, Tensor};
 
@@ -246,27 +247,34 @@ fn batched_cg_solves_each_system_and_skips_converged_rows() {
         .collect();
     let dt = Tensor::from_f64(&diag, &[rows, m], &CPU).unwrap();
     let matvec = |v: &Tensor| emprior::ops::mul(v, &dt);
-    let (x, stats) = cg(
-        matvec,
-        &bt,
-        CgConfig {
-            max_iters: 20,
-            rtol: Some(1e-12),
-        },
-    )
-    .unwrap();
+    let config = CgConfig {
+        max_iters: 20,
+        rtol: Some(1e-12),
+    };
+    // Checked every iteration, the solve stops as soon as it converges.
+    let (x, stats) = cg_checked(matvec, &bt, config, 1).unwrap();
     assert!(
         stats.iterations <= m,
         "a diagonal system with m distinct values converges in m steps: {stats:?}"
     );
-    let x = x.to_vec_f64().unwrap();
-    for i in 0..rows * m {
-        assert!(
-            (x[i] - b_t[i] / diag[i]).abs() < 1e-10,
-            "[{i}] {} vs {}",
-            x[i],
-            b_t[i] / diag[i]
-        );
+    // Checked every 5 (the default), it stops at the first check after that, still converged.
+    let (x5, stats5) = cg(matvec, &bt, config).unwrap();
+    assert_eq!(
+        stats5.iterations,
+        m.div_ceil(5) * 5,
+        "stops at the first check past convergence: {stats5:?}"
+    );
+    assert!(stats5.worst_relative_residual.unwrap() <= 1e-12, "{stats5:?}");
+    for x in [x, x5] {
+        let x = x.to_vec_f64().unwrap();
+        for i in 0..rows * m {
+            assert!(
+                (x[i] - b_t[i] / diag[i]).abs() < 1e-10,
+                "[{i}] {} vs {}",
+                x[i],
+                b_t[i] / diag[i]
+            );
+        }
     }
     // One iteration is one steepest-descent step: v = (r^T r / r^T M r) r.
     let (x1, _) = cg(

@@ -12,7 +12,7 @@ use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
 
 use crate::device::{CudaDevice, Device};
 use crate::error::{Error, Result};
-use crate::ops::{self, gemm, GemmSpec, Philox};
+use crate::ops::{self, broadcast, gemm, reduce, GemmSpec, Philox};
 use crate::tensor::{DType, Tensor};
 
 /// One line of the table.
@@ -197,14 +197,37 @@ pub fn run_gpu(dev: &CudaDevice, device: &Device, quick: bool) -> Result<Vec<Ben
     memory_row("philox normal (write only)", 4.0, ms);
     let mut total = Tensor::uninit(&[], DType::F32, device)?;
     let ms = time_gpu(dev, repeats, || ops::sum_into(&src, &mut total))?;
-    memory_row("sum (deterministic, f64 partials)", 4.0, ms);
+    memory_row(
+        "sum (deterministic, f64 partials of 16,384-element chunks)",
+        4.0,
+        ms,
+    );
     let rows_n = 4096;
     let a2 = src.reshape(&[rows_n, n / rows_n])?;
     let b2 = b.reshape(&[rows_n, n / rows_n])?;
     let mut dots = Tensor::uninit(&[rows_n], DType::F32, device)?;
     let ms = time_gpu(dev, repeats, || ops::row_dot_into(&a2, &b2, &mut dots))?;
     memory_row("row_dot (4096 rows)", 8.0, ms);
+    let ms = time_gpu(dev, repeats, || reduce::row_dot_into_v1(&a2, &b2, &mut dots))?;
+    memory_row("row_dot v1 (4096 rows)", 8.0, ms);
+    let ms = time_gpu(dev, repeats, || reduce::sum_into_v1(&a2, &mut total))?;
+    memory_row("sum v1 (deterministic, 1024 f64 partials)", 4.0, ms);
     drop((a2, b2, out, y, dst));
+
+    // The reductions of a training or sampler step at their real shapes, version 1 (the kernel
+    // each replaced) beside version 2.
+    for (what, shape, bytes, v1, v2) in reduction_cases(device, quick)? {
+        for (label, mut f) in [("v1", v1), ("v2", v2)] {
+            let ms = time_gpu(dev, repeats, &mut f)?;
+            rows.push(memory_bench_row(
+                format!("{what} {label}"),
+                shape.clone(),
+                bytes,
+                ms,
+                copy_gbs,
+            ));
+        }
+    }
 
     // GEMM against cuBLAS SGEMM (plain FP32: cuBLAS's default math mode uses no TF32).
     let peak = fp32_peak_tflops(dev);
@@ -262,6 +285,78 @@ pub fn run_gpu(dev: &CudaDevice, device: &Device, quick: bool) -> Result<Vec<Ben
         });
     }
     Ok(rows)
+}
+
+/// A memory-bound row of the table: `bytes` moved in `ms`, against the copy ceiling.
+fn memory_bench_row(what: String, shape: String, bytes: f64, ms: f64, copy_gbs: f64) -> BenchRow {
+    let rate = gbs(bytes, ms);
+    BenchRow {
+        what,
+        shape,
+        median_ms: ms,
+        throughput: format!("{rate:.0} GB/s"),
+        versus: format!("{:.0}% of copy", 100.0 * rate / copy_gbs),
+    }
+}
+
+/// A reduction to time, twice: (what, shape, bytes read, version 1, version 2).
+type ReductionCase<'a> = (
+    &'static str,
+    String,
+    f64,
+    Box<dyn FnMut() -> Result<()> + 'a>,
+    Box<dyn FnMut() -> Result<()> + 'a>,
+);
+
+/// Bias gradients of a [262,144, 128] activation (a batch-256 step of a 32x32 U-Net level),
+/// the global gradient norm over 57.6M parameters, and CG's per-observation dots at [8192, 10].
+/// `quick` shrinks the first two 4x.
+fn reduction_cases(device: &Device, quick: bool) -> Result<Vec<ReductionCase<'static>>> {
+    use std::cell::RefCell;
+    use std::rc::Rc;
+    let shrink = if quick { 4 } else { 1 };
+    let (rows, cols) = (262_144 / shrink, 128);
+    let x = Rc::new(ops::uniform(&[rows, cols], Philox::new(5, 1), 0, device)?);
+    let bias = Rc::new(RefCell::new(Tensor::uninit(&[cols], DType::F32, device)?));
+    let n = 57_600_000 / shrink;
+    let g = Rc::new(ops::uniform(&[1, n], Philox::new(5, 2), 0, device)?);
+    let norm = Rc::new(RefCell::new(Tensor::uninit(&[1], DType::F32, device)?));
+    let (cg_rows, cg_cols) = (8192, 10);
+    let p = Rc::new(ops::uniform(&[cg_rows, cg_cols], Philox::new(5, 3), 0, device)?);
+    let q = Rc::new(ops::uniform(&[cg_rows, cg_cols], Philox::new(5, 4), 0, device)?);
+    let dots = Rc::new(RefCell::new(Tensor::uninit(&[cg_rows], DType::F32, device)?));
+    let mut cases: Vec<ReductionCase> = Vec::new();
+    {
+        let (x1, b1, x2, b2) = (x.clone(), bias.clone(), x, bias);
+        cases.push((
+            "column sum (bias gradient)",
+            format!("[{rows}, {cols}]"),
+            4.0 * (rows * cols) as f64,
+            Box::new(move || broadcast::sum_rows_into_v1(&*x1, 1, &mut *b1.borrow_mut(), false)),
+            Box::new(move || broadcast::sum_rows_into(&*x2, 1, &mut *b2.borrow_mut(), false)),
+        ));
+    }
+    {
+        let (g1, o1, g2, o2) = (g.clone(), norm.clone(), g, norm);
+        cases.push((
+            "global gradient norm",
+            format!("{n} f32"),
+            4.0 * n as f64,
+            Box::new(move || reduce::row_norm_into_v1(&*g1, &mut *o1.borrow_mut())),
+            Box::new(move || reduce::row_norm_into(&*g2, &mut *o2.borrow_mut())),
+        ));
+    }
+    {
+        let (p1, q1, d1, p2, q2, d2) = (p.clone(), q.clone(), dots.clone(), p, q, dots);
+        cases.push((
+            "CG row dots",
+            format!("[{cg_rows}, {cg_cols}]"),
+            8.0 * (cg_rows * cg_cols) as f64,
+            Box::new(move || reduce::row_dot_into_v1(&*p1, &*q1, &mut *d1.borrow_mut())),
+            Box::new(move || reduce::row_dot_into(&*p2, &*q2, &mut *d2.borrow_mut())),
+        ));
+    }
+    Ok(cases)
 }
 
 /// The CIFAR-10 U-Net (f32): forward, forward + one VJP (the MMPS pattern), forward + backward
@@ -407,6 +502,17 @@ pub fn run_cpu(quick: bool) -> Result<Vec<BenchRow>> {
         throughput: format!("{:.1} GB/s", gbs(12.0 * n as f64, ms)),
         versus: "-".into(),
     });
+    // The reductions' oracle at the GPU table's shapes (one version on the CPU).
+    for (what, shape, bytes, _, mut f) in reduction_cases(&cpu, quick)? {
+        let ms = time_cpu(repeats, &mut f)?;
+        rows.push(BenchRow {
+            what: what.into(),
+            shape,
+            median_ms: ms,
+            throughput: format!("{:.1} GB/s", gbs(bytes, ms)),
+            versus: "-".into(),
+        });
+    }
     for size in [256usize, 1024] {
         let a = ops::uniform(&[size, size], Philox::new(2, 1), 0, &cpu)?;
         let b = ops::uniform(&[size, size], Philox::new(2, 2), 0, &cpu)?;
@@ -420,6 +526,133 @@ pub fn run_cpu(quick: bool) -> Result<Vec<BenchRow>> {
             throughput: format!("{:.1} GFLOP/s", flops / (ms * 1e-3) / 1e9),
             versus: "-".into(),
         });
+    }
+    Ok(rows)
+}
+
+// ---- Host traffic per step: synchronisations, kernel launches and op calls --------------------
+
+/// What one step of a workload costs the host, from the process-wide counters
+/// (`crate::device::Counts`), averaged over the measured steps.
+#[derive(Clone, Debug)]
+pub struct TrafficRow {
+    pub what: String,
+    pub syncs: f64,
+    /// Kernel launches (GPU only; 0 on the CPU).
+    pub launches: f64,
+    /// Op calls (both backends; the CPU's stand-in for launches).
+    pub ops: f64,
+}
+
+pub fn format_traffic_table(title: &str, rows: &[TrafficRow]) -> String {
+    let mut s =
+        format!("{title}\n\n| per step | host syncs | kernel launches | op calls |\n|---|---:|---:|---:|\n");
+    for r in rows {
+        s += &format!(
+            "| {} | {:.2} | {:.1} | {:.1} |\n",
+            r.what, r.syncs, r.launches, r.ops
+        );
+    }
+    s
+}
+
+/// Counts per step of `f` over `steps` steps, after one untimed warm-up step.
+fn per_step(what: String, steps: usize, mut f: impl FnMut() -> Result<()>) -> Result<TrafficRow> {
+    use crate::device::Counts;
+    f()?;
+    let before = Counts::now();
+    for _ in 0..steps {
+        f()?;
+    }
+    let c = Counts::since(before);
+    let per = |v: u64| v as f64 / steps as f64;
+    Ok(TrafficRow {
+        what,
+        syncs: per(c.syncs),
+        launches: per(c.launches),
+        ops: per(c.ops),
+    })
+}
+
+/// Host synchronisations, launches and op calls of a TimeMLP training step (manifold preset),
+/// of reading its log, and of a predictor-corrector MMPS sampler step (manifold TimeMLP, dense
+/// 2 x 5 operators, CG with a relative tolerance at 3 and at 10 iterations).
+pub fn run_host_traffic(device: &Device, quick: bool) -> Result<Vec<TrafficRow>> {
+    use crate::diffusion::sampler::{sampler_step, Denoise};
+    use crate::diffusion::{preset, Denoiser, VeSchedule};
+    use crate::posterior::{CgConfig, DenseOperators, Mmps, NetworkPrior, ObservationNoise};
+    use crate::tensor::AsView;
+    use crate::train::{AdamConfig, LrSchedule, Trainer};
+
+    let steps = if quick { 3 } else { 10 };
+    let (batch, observations) = if device.is_cuda() {
+        (1024, 8192)
+    } else {
+        (256, 1024)
+    };
+    let den = Denoiser::new(preset("manifold")?);
+    let params = den.layout().init(0, DType::F32, device)?;
+    let mut rows = Vec::new();
+
+    let config = AdamConfig {
+        ema: Some(0.999),
+        ..AdamConfig::new(LrSchedule::Constant(1e-3))
+    };
+    let mut trainer = Trainer::new(den.clone(), params, config, VeSchedule::new(1e-3, 10.0), 0)?;
+    let x = ops::normal(&[batch, 5], Philox::new(11, 1), 0, device)?;
+    rows.push(per_step(
+        format!("TimeMLP training step (manifold preset, batch {batch})"),
+        steps,
+        || trainer.step(&x.as_view()?),
+    )?);
+    rows.push(per_step(
+        "reading the training log (once per log interval)".into(),
+        steps,
+        || {
+            trainer.step(&x.as_view()?)?;
+            trainer.take_stats().map(drop)
+        },
+    )?);
+    // The log read's own cost: the row above less a training step.
+    let read = rows.pop().expect("pushed above");
+    let step = &rows[0];
+    rows.push(TrafficRow {
+        what: read.what,
+        syncs: read.syncs - step.syncs,
+        launches: read.launches - step.launches,
+        ops: read.ops - step.ops,
+    });
+
+    let prior = NetworkPrior {
+        denoiser: &den,
+        params: trainer.weights(),
+    };
+    let a = ops::normal(&[observations, 2, 5], Philox::new(11, 2), 0, device)?;
+    let operator = DenseOperators::new(a)?;
+    let y = ops::normal(&[observations, 2], Philox::new(11, 3), 0, device)?;
+    let noise = ObservationNoise::Scalar(1e-4);
+    for iters in [3, 10] {
+        let cg = CgConfig {
+            max_iters: iters,
+            rtol: Some(1e-3),
+        };
+        let mut mmps = Mmps::new(&prior, &operator, &y, &noise, cg);
+        let mut x = ops::normal(&[observations, 5], Philox::new(11, 4), 0, device)?;
+        let rng = Philox::new(11, 5);
+        let (t, s, tau) = (1.0, 0.9, 0.1);
+        rows.push(per_step(
+            format!(
+                "PC + MMPS sampler step ({observations} observations, CG {iters} iterations, rtol 1e-3, checked every {})",
+                mmps.cg_check_every
+            ),
+            steps,
+            || {
+                let d = mmps.denoise(&x, t)?;
+                sampler_step(&mut x, &d, 1.0 - s / t, 0.0, rng, 0)?;
+                let d = mmps.denoise(&x, s)?;
+                sampler_step(&mut x, &d, tau, s * (2.0 * tau).sqrt(), rng, 0)
+            },
+        )?);
     }
     Ok(rows)
 }

@@ -156,8 +156,10 @@ impl CudaDevice {
         self.pool.trim()
     }
 
-    /// Waits for all queued work; surfaces asynchronous kernel errors.
+    /// Waits for all queued work; surfaces asynchronous kernel errors. Every device-to-host
+    /// read ends here, so this is where the GPU's synchronisations are counted.
     pub fn synchronize(&self) -> Result<()> {
+        super::note_sync();
         self.stream
             .synchronize()
             .map_err(|e| Error::cuda("synchronizing the stream", e))

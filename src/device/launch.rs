@@ -27,7 +27,9 @@ pub fn check_each_launch() -> bool {
 impl Kernels {
     /// Called by every launcher once its kernel is queued.
     fn after_launch(&self, kernel: &str, module: &str) -> Result<()> {
+        super::note_launch();
         if check_each_launch() {
+            super::note_sync();
             self.stream
                 .synchronize()
                 .map_err(|e| Error::cuda(format!("kernel {kernel} (kernels/{module}.cu) failed"), e))?;

@@ -8,6 +8,7 @@ mod pool;
 use std::collections::HashMap;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
 pub use cuda::{probe as probe_cuda, CudaDevice};
@@ -56,6 +57,77 @@ impl fmt::Display for DeviceRequest {
             DeviceRequest::Auto => f.write_str("auto"),
             DeviceRequest::Cpu => f.write_str("cpu"),
             DeviceRequest::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+// ---- Counters of host synchronisations, kernel launches and op calls ---------------------------
+//
+// Process-wide and cheap (one relaxed atomic add each), so that a test or `emprior bench` can
+// count what a training or sampler step costs the host. A synchronisation is anything that makes
+// the host wait for the device: a device-to-host read or an explicit stream synchronisation on a
+// GPU, and on the CPU backend each place that would be one on a GPU (reading a tensor's values
+// into host memory: `to_vec_f32`, `to_vec_f64`). A launch is one kernel queued by a generated
+// launcher (GPU only); an op call is one call of an op of `crate::ops` or of a layer's kernel
+// family that checks its operands' device (either backend: the CPU's stand-in for launches).
+
+static SYNCS: AtomicU64 = AtomicU64::new(0);
+static LAUNCHES: AtomicU64 = AtomicU64::new(0);
+static OPS: AtomicU64 = AtomicU64::new(0);
+
+/// Host synchronisations so far in this process (see the counters' notes above).
+pub fn sync_count() -> u64 {
+    SYNCS.load(Ordering::Relaxed)
+}
+
+/// Kernel launches so far in this process (GPU only).
+pub fn launch_count() -> u64 {
+    LAUNCHES.load(Ordering::Relaxed)
+}
+
+/// Op calls so far in this process (either backend).
+pub fn op_count() -> u64 {
+    OPS.load(Ordering::Relaxed)
+}
+
+/// Counts one host synchronisation (or, on the CPU, one place that would be one on a GPU).
+pub fn note_sync() {
+    SYNCS.fetch_add(1, Ordering::Relaxed);
+}
+
+/// Counts one op call.
+pub fn note_op() {
+    OPS.fetch_add(1, Ordering::Relaxed);
+}
+
+pub(crate) fn note_launch() {
+    LAUNCHES.fetch_add(1, Ordering::Relaxed);
+}
+
+/// The three counters at one moment; `since` gives what happened between two of them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counts {
+    pub syncs: u64,
+    pub launches: u64,
+    pub ops: u64,
+}
+
+impl Counts {
+    pub fn now() -> Counts {
+        Counts {
+            syncs: sync_count(),
+            launches: launch_count(),
+            ops: op_count(),
+        }
+    }
+
+    /// What was counted from `earlier` to now.
+    pub fn since(earlier: Counts) -> Counts {
+        let now = Counts::now();
+        Counts {
+            syncs: now.syncs - earlier.syncs,
+            launches: now.launches - earlier.launches,
+            ops: now.ops - earlier.ops,
         }
     }
 }

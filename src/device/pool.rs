@@ -99,6 +99,7 @@ impl DevicePool {
                 // cudarc frees with cuMemFreeAsync into the driver's stream-ordered pool, which
                 // releases the memory only at a synchronisation: wait for it before retrying.
                 self.trim();
+                super::note_sync();
                 self.stream
                     .synchronize()
                     .map_err(|e| Error::cuda("synchronizing after trimming the memory pool", e))?;

@@ -560,21 +560,17 @@ impl Setup {
                 } else {
                     xt
                 };
-                let st = trainer
+                trainer
                     .step(&xt.as_view()?)
                     .map_err(|e| Error::Other(format!("lap {lap}, M-step {step}: {e}")))?;
-                if !st.loss.is_finite() {
-                    return Err(Error::Other(format!(
-                        "lap {lap}, M-step {step}: the loss is {} (lower lr, or check the samples)",
-                        st.loss
-                    )));
-                }
-                sum += st.loss;
                 step += 1;
                 if step % 50 == 0 || step == total {
+                    // The losses wait on the device until here; a non-finite one fails here.
+                    sum += take_losses(&mut trainer, lap)?;
                     progress(&format!("lap {lap} M-step"), step, total, "steps", start);
                 }
             }
+            sum += take_losses(&mut trainer, lap)?;
             epoch_loss = sum / per_epoch as f64;
         }
         let rate = (total * batch) as f64 / start.elapsed().as_secs_f64().max(1e-9);
@@ -949,4 +945,13 @@ fn gaussian_lap(
     setup.write_grids(&dir, &samples, &held_first, &held_means, &shown)?;
     write_lap(run, 0, &samples, per, &m, all, true)?;
     Ok(samples)
+}
+
+/// The sum of the losses waiting in the trainer's log (one device synchronisation; none when
+/// empty), or the error naming the first non-finite step.
+fn take_losses(trainer: &mut Trainer, lap: usize) -> Result<f64> {
+    let steps = trainer
+        .take_stats()
+        .map_err(|e| Error::Other(format!("lap {lap}, M-step: {e} (lower lr, or check the samples)")))?;
+    Ok(steps.iter().map(|st| st.loss).sum())
 }

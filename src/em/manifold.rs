@@ -223,14 +223,18 @@ impl Setup {
         let start = Instant::now();
         for step in 0..steps {
             let xt = gather_rows_uniform(&pool, batch, Philox::new(seed, 0xda7a), step * batch as u64)?;
-            let st = trainer
+            trainer
                 .step(&xt.as_view()?)
                 .map_err(|e| Error::Other(format!("lap {lap}, M-step {step}: {e}")))?;
-            if step + 100 >= steps {
-                tail += st.loss;
-                tail_n += 1;
-            }
             if (step + 1) % 250 == 0 || step + 1 == steps {
+                // The losses wait on the device until here (one synchronisation per 250 steps).
+                let done = trainer
+                    .take_stats()
+                    .map_err(|e| Error::Other(format!("lap {lap}, M-step: {e}")))?;
+                for st in done.iter().filter(|st| st.step + 100 >= steps) {
+                    tail += st.loss;
+                    tail_n += 1;
+                }
                 progress(
                     &format!("lap {lap} M-step"),
                     (step + 1) as usize,

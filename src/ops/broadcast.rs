@@ -2,8 +2,11 @@
 //! cols = the last): bias add and its gradient, per-group sums (per-sample reductions over
 //! pixels), and per-sample scaling. CUDA: kernels/broadcast.cu.
 
+use cudarc::driver::{CudaView, CudaViewMut};
+
 use super::{expect_shape, mismatch, one_device};
 use crate::device::launch::{blocks, grid_stride, THREADS};
+use crate::device::CudaDevice;
 use crate::error::{Error, Result};
 use crate::real::Real;
 use crate::tensor::{AsView, AsViewMut, Data, DataMut, View, ViewMut};
@@ -98,11 +101,35 @@ pub fn add_bias(y: &mut impl AsViewMut, b: &impl AsView) -> Result<()> {
 
 /// out[g, c] (+= when `accumulate`) the sum over the rows of group g of x viewed as
 /// `[groups, rows_per_group, cols]`. `groups = 1` gives a bias gradient.
+///
+/// On a GPU, version 2 of kernels/broadcast.cu: two stages over chunks of rows, cut from the
+/// shape alone (see [`col_sum_plan`]), so the result is identical run to run and on every GPU.
 pub fn sum_rows_into(
     x: &impl AsView,
     groups: usize,
     out: &mut impl AsViewMut,
     accumulate: bool,
+) -> Result<()> {
+    sum_rows_version(x, groups, out, accumulate, false)
+}
+
+/// [`sum_rows_into`] with version 1 of the GPU kernel (one thread per column, summing every
+/// row), kept for the parity trials and `emprior bench`; the same on the CPU.
+pub fn sum_rows_into_v1(
+    x: &impl AsView,
+    groups: usize,
+    out: &mut impl AsViewMut,
+    accumulate: bool,
+) -> Result<()> {
+    sum_rows_version(x, groups, out, accumulate, true)
+}
+
+fn sum_rows_version(
+    x: &impl AsView,
+    groups: usize,
+    out: &mut impl AsViewMut,
+    accumulate: bool,
+    v1: bool,
 ) -> Result<()> {
     let (x, mut out) = (x.as_view()?, out.as_view_mut()?);
     one_device("sum_rows", &[&x], &[&out])?;
@@ -119,27 +146,82 @@ pub fn sum_rows_into(
         return Err(Error::shape("sum_rows", "out", [groups, cols], out.shape()));
     }
     let per = x.numel() / (groups * cols);
-    if groups > 65_535 && matches!(x.data, Data::Cuda(..)) {
-        // The kernel puts the groups on grid.y.
-        return Err(Error::shape(
-            "sum_rows",
-            "groups",
-            "at most 65,535 on the GPU",
-            groups,
-        ));
-    }
     match (&x.data, &mut out.data) {
         (Data::F32(xv), DataMut::F32(o)) => cpu::sum_rows(xv, o, groups, cols, accumulate),
         (Data::F64(xv), DataMut::F64(o)) => cpu::sum_rows(xv, o, groups, cols, accumulate),
-        (Data::Cuda(xv, dev), DataMut::Cuda(o, _)) => {
+        (Data::Cuda(xv, dev), DataMut::Cuda(o, _)) if v1 => {
+            if groups > 65_535 {
+                // Version 1 puts the groups on grid.y.
+                return Err(Error::shape(
+                    "sum_rows",
+                    "groups",
+                    "at most 65,535 on the GPU",
+                    groups,
+                ));
+            }
             let (g, p, c, acc) = (groups as i64, per as i64, cols as i64, accumulate as i32);
             let cfg = blocks(((cols as u32).div_ceil(THREADS), groups as u32, 1), THREADS);
             // SAFETY: x holds groups * per * cols values and out groups * cols (checked above).
             unsafe { dev.kernels().bc_sum_rows_f32(cfg, xv, o, g, p, c, acc) }?;
         }
+        (Data::Cuda(xv, dev), DataMut::Cuda(o, _)) => col_sum(dev, xv, o, groups, per, cols, accumulate)?,
         _ => return Err(mismatch("sum_rows", &[&x], &[&out])),
     }
     Ok(())
+}
+
+/// Rows per chunk in the first stage of the column sums, and at most this many chunks per group
+/// (longer groups get longer chunks): bounds the partials and the finishing stage's work.
+const COL_CHUNK_ROWS: usize = 256;
+const COL_MAX_CHUNKS: usize = 512;
+/// Must equal COL_TILE in kernels/broadcast.cu.
+const COL_TILE: usize = 32;
+
+/// How version 2 cuts `rows_per_group` rows: (rows per chunk, chunks), from the shape alone.
+pub fn col_sum_plan(rows_per_group: usize) -> (usize, usize) {
+    let chunk_rows = COL_CHUNK_ROWS.max(rows_per_group.div_ceil(COL_MAX_CHUNKS));
+    (chunk_rows, rows_per_group.div_ceil(chunk_rows).max(1))
+}
+
+/// Version 2 of the column sums on the GPU: f64 partials per (group, chunk, column), then one
+/// pass adding each column's chunks in order; a single chunk is written out directly.
+#[allow(clippy::too_many_arguments)]
+fn col_sum(
+    dev: &CudaDevice,
+    x: &CudaView<f32>,
+    out: &mut CudaViewMut<f32>,
+    groups: usize,
+    per: usize,
+    cols: usize,
+    accumulate: bool,
+) -> Result<()> {
+    let (chunk_rows, chunks) = col_sum_plan(per);
+    let tiles = cols.div_ceil(COL_TILE);
+    let grid = |n: usize| {
+        u32::try_from(n)
+            .ok()
+            .filter(|&b| b <= i32::MAX as u32)
+            .ok_or_else(|| Error::shape("sum_rows", "input", "at most 2^31 - 1 blocks of work", n))
+    };
+    let stage1 = blocks((grid(groups * chunks * tiles)?, 1, 1), THREADS);
+    let (g, p, c, acc) = (groups as i64, per as i64, cols as i64, accumulate as i32);
+    let (cr, ch) = (chunk_rows as i64, chunks as i64);
+    let k = dev.kernels();
+    if chunks == 1 {
+        // SAFETY: x holds groups * per * cols values and out groups * cols; one chunk per group
+        // goes straight to out.
+        return unsafe { k.bc_col_sum_partial_f32(stage1, x, g, p, c, cr, ch, None, Some(out), acc) };
+    }
+    let len = groups * chunks * cols;
+    let mut partials = dev.alloc(len * 8)?;
+    // SAFETY: the buffer holds groups * chunks * cols f64 values.
+    let mut pv = unsafe { partials.slice_mut().transmute_mut::<f64>(len) }.expect("sized above");
+    let stage2 = blocks((grid(groups * tiles)?, 1, 1), THREADS);
+    // SAFETY: as above; the partials are written in full before the finishing kernel reads them.
+    unsafe {
+        k.bc_col_sum_partial_f32(stage1, x, g, p, c, cr, ch, Some(&mut pv), None, acc)?;
+        k.bc_col_sum_finish_f32(stage2, &pv.slice(..), g, ch, c, out, acc)
+    }
 }
 
 /// y[.., c] = x[.., c] * v[c]: a diagonal matrix applied to every row.

@@ -50,6 +50,8 @@ pub fn mismatch(op: &'static str, views: &[&View], outs: &[&ViewMut]) -> Error {
 /// Checks that all operands live on one device (the CPU, or the same GPU): the dispatch in each
 /// op matches on data kinds and would otherwise hand one GPU's pointer to another's kernel.
 pub fn one_device(op: &'static str, views: &[&View], outs: &[&ViewMut]) -> Result<()> {
+    // Nearly every op passes here once: the CPU backend's count of "launches".
+    crate::device::note_op();
     let mut devices = views
         .iter()
         .map(|v| v.device())

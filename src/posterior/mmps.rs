@@ -5,7 +5,7 @@
 //! v from batched CG. The covariance is treated as constant (no derivative through the solve).
 //! DPS is here too, as the baseline posterior denoiser.
 
-use super::cg::{cg, CgConfig, CgStats};
+use super::cg::{cg_checked, CgConfig, CgStats, DEFAULT_CHECK_EVERY};
 use super::operator::{LinearOperator, ObservationNoise};
 use crate::diffusion::sampler::Denoise;
 use crate::diffusion::{Denoiser, DenoiserSaved};
@@ -101,6 +101,8 @@ pub struct Mmps<'a, P: Prior> {
     pub y: &'a Tensor,
     pub noise: &'a ObservationNoise,
     pub cg: CgConfig,
+    /// How often CG reads its residuals when `cg.rtol` is set (posterior::cg's notes; 0: never).
+    pub cg_check_every: usize,
     pub covariance: Covariance,
     /// The last solve's statistics.
     pub last_cg: CgStats,
@@ -120,6 +122,7 @@ impl<'a, P: Prior> Mmps<'a, P> {
             y,
             noise,
             cg,
+            cg_check_every: DEFAULT_CHECK_EVERY,
             covariance: Covariance::Tweedie,
             last_cg: CgStats::default(),
         }
@@ -168,7 +171,7 @@ impl<P: Prior> Denoise for Mmps<'_, P> {
                 None => Ok(noise),
             }
         };
-        let (v, stats) = cg(matvec, &residual, self.cg)?;
+        let (v, stats) = cg_checked(matvec, &residual, self.cg, self.cg_check_every)?;
         self.last_cg = stats;
         let score = self.prior.vjp(
             &saved,

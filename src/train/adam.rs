@@ -2,12 +2,17 @@
 //! global-norm gradient clipping, with constant or linear learning-rate schedules and an EMA of
 //! the parameters, all in one pass over the flat buffers (kernels/adam.cu on the GPU).
 
-use crate::device::launch::grid_stride;
+use super::log::{finish_norm, StepLog, GATE};
+use crate::device::launch::{self, grid_stride};
 use crate::device::params;
-
 use crate::error::{Error, Result};
-use crate::ops::{mismatch, one_device, row_norm};
+use crate::ops::reduce::square_partials;
+use crate::ops::{mismatch, one_device};
+use crate::real::Real;
 use crate::tensor::{AsView, AsViewMut, Data, DataMut, Tensor};
+
+/// Threads of the one-block norm finish (REDUCE_THREADS in kernels/common.cuh).
+const REDUCE_THREADS: u32 = 256;
 
 /// lr(step) for step = 0, 1, ... (method.md §8.3).
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -58,16 +63,21 @@ impl AdamConfig {
     }
 }
 
-/// What one step did.
+/// What one step did (Adam::update).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StepStats {
     pub grad_norm: f64,
     pub lr: f64,
 }
 
-/// The CPU body: the oracle for kernels/adam.cu.
+/// The CPU body: the oracle for kernels/adam.cu (with `log::finish_norm`).
 pub mod cpu {
     use crate::real::Real;
+
+    /// The squared L2 norm in f64, the twin of the norm's reduction (ops::reduce::cpu::dot).
+    pub fn sum_sq<T: Real>(g: &[T]) -> f64 {
+        crate::ops::reduce::cpu::dot(g, g)
+    }
 
     #[allow(clippy::too_many_arguments)]
     pub fn step<T: Real>(
@@ -138,12 +148,44 @@ impl Adam {
         (&self.m, &self.v)
     }
 
-    /// One update of `params` with `grads` (clip, Adam, EMA).
+    /// One update of `params` with `grads` (clip, Adam, EMA), reading the gradient norm back
+    /// (one host synchronisation): for tests and one-off use. Training steps use
+    /// [`Adam::update_logged`], which reads nothing. A non-finite gradient norm is an error and
+    /// leaves the parameters, the moments and the step count alone.
     pub fn update(&mut self, params: &mut Tensor, grads: &Tensor) -> Result<StepStats> {
+        let lr = self.config.lr.at(self.step);
+        // A fresh log: the record's loss is a finite zero, so only the gradient can flag it.
+        let mut log = StepLog::new(params.dtype(), &params.device())?;
+        let slot = log.begin(self.step, lr)?;
+        self.update_logged(params, grads, &mut log, slot)?;
+        match log.take() {
+            Ok(records) => Ok(StepStats {
+                grad_norm: records[0].grad_norm,
+                lr,
+            }),
+            Err(e) => {
+                self.step -= 1;
+                Err(Error::Other(format!("adam: {e}")))
+            }
+        }
+    }
+
+    /// One update with no host synchronisation: the gradient norm is reduced on the device into
+    /// record `slot` of `log` (whose loss must already be written), the log's flag is raised when
+    /// that loss or the norm is not finite, and the update reads the clipping norm from the log,
+    /// skipping itself entirely once the flag is up.
+    pub fn update_logged(
+        &mut self,
+        params: &mut Tensor,
+        grads: &Tensor,
+        log: &mut StepLog,
+        slot: usize,
+    ) -> Result<()> {
         let n = params.numel();
         if grads.shape() != params.shape() || params.shape() != [n] {
             return Err(Error::shape("adam", "gradients", params.shape(), grads.shape()));
         }
+        log.check_slot(slot)?;
         let c = self.config;
         if let Some(max) = c.clip.filter(|m| !(*m > 0.0 && m.is_finite())) {
             return Err(Error::Other(format!(
@@ -155,52 +197,62 @@ impl Adam {
         let t = self.step + 1;
         let lr = c.lr.at(self.step);
         let (bias1, bias2) = (1.0 - c.beta1.powi(t as i32), 1.0 - c.beta2.powi(t as i32));
-        let norm_t = row_norm(&grads.as_view()?.reshape(&[1, n])?)?;
-        let grad_norm = match norm_t.as_view()?.data {
-            Data::F64(v) => v[0],
-            _ => norm_t.to_vec_f32()?[0] as f64,
-        };
-        if !grad_norm.is_finite() {
-            return Err(Error::Other(format!(
-                "adam: the gradient norm is {grad_norm} (a NaN or an overflow upstream)"
-            )));
-        }
+        let decay = ema_decay.unwrap_or(0.0);
         {
-            let (pv, gv) = (params.as_view_mut()?, grads.as_view()?);
-            let (mut pv, mut mv, mut vv) = (pv, self.m.as_view_mut()?, self.v.as_view_mut()?);
+            let (mut pv, gv) = (params.as_view_mut()?, grads.as_view()?);
+            let (mut mv, mut vv) = (self.m.as_view_mut()?, self.v.as_view_mut()?);
+            let mut lv = log.buffer_mut().as_view_mut()?;
             let mut ev = match (&mut self.ema, ema_decay) {
                 (Some(e), Some(_)) => Some(e.as_view_mut()?),
                 _ => None,
             };
             match &ev {
-                Some(e) => one_device("adam", &[&gv], &[&pv, &mv, &vv, e])?,
-                None => one_device("adam", &[&gv], &[&pv, &mv, &vv])?,
+                Some(e) => one_device("adam", &[&gv], &[&pv, &mv, &vv, &lv, e])?,
+                None => one_device("adam", &[&gv], &[&pv, &mv, &vv, &lv])?,
             }
-            let scale = match c.clip {
-                Some(max) if grad_norm > max => max / grad_norm,
-                _ => 1.0,
-            };
-            let decay = ema_decay.unwrap_or(0.0);
-            match (&mut pv.data, &gv.data, &mut mv.data, &mut vv.data) {
-                (DataMut::F32(p), Data::F32(g), DataMut::F32(m), DataMut::F32(v)) => {
+            // The clipping scale from the gate the norm's finish left in the log, in f64 from
+            // the stored value as the CPU always computed it; None: the update is skipped.
+            fn host_scale<T: Real>(g: &[T], log: &mut [T], slot: usize, clip: Option<f64>) -> Option<f64> {
+                finish_norm(log, cpu::sum_sq(g), slot);
+                let gate = log[GATE].to_f64();
+                if !gate.is_finite() {
+                    return None;
+                }
+                Some(match clip {
+                    Some(max) if gate > max => max / gate,
+                    _ => 1.0,
+                })
+            }
+            match (&mut pv.data, &gv.data, &mut mv.data, &mut vv.data, &mut lv.data) {
+                (DataMut::F32(p), Data::F32(g), DataMut::F32(m), DataMut::F32(v), DataMut::F32(l)) => {
                     let e = match ev.as_mut() {
                         Some(e) => Some(e.cpu_mut::<f32>()?),
                         None => None,
                     };
-                    cpu::step(
-                        p, g, m, v, e, scale, lr, c.beta1, c.beta2, c.eps, bias1, bias2, decay,
-                    )
+                    if let Some(scale) = host_scale(g, l, slot, c.clip) {
+                        cpu::step(
+                            p, g, m, v, e, scale, lr, c.beta1, c.beta2, c.eps, bias1, bias2, decay,
+                        )
+                    }
                 }
-                (DataMut::F64(p), Data::F64(g), DataMut::F64(m), DataMut::F64(v)) => {
+                (DataMut::F64(p), Data::F64(g), DataMut::F64(m), DataMut::F64(v), DataMut::F64(l)) => {
                     let e = match ev.as_mut() {
                         Some(e) => Some(e.cpu_mut::<f64>()?),
                         None => None,
                     };
-                    cpu::step(
-                        p, g, m, v, e, scale, lr, c.beta1, c.beta2, c.eps, bias1, bias2, decay,
-                    )
+                    if let Some(scale) = host_scale(g, l, slot, c.clip) {
+                        cpu::step(
+                            p, g, m, v, e, scale, lr, c.beta1, c.beta2, c.eps, bias1, bias2, decay,
+                        )
+                    }
                 }
-                (DataMut::Cuda(p, dev), Data::Cuda(g, _), DataMut::Cuda(m, _), DataMut::Cuda(v, _)) => {
+                (
+                    DataMut::Cuda(p, dev),
+                    Data::Cuda(g, _),
+                    DataMut::Cuda(m, _),
+                    DataMut::Cuda(v, _),
+                    DataMut::Cuda(l, _),
+                ) => {
                     let kp = params::AdamKernelParams {
                         lr: lr as f32,
                         beta1: c.beta1 as f32,
@@ -214,26 +266,30 @@ impl Adam {
                         one_minus_decay: (1.0 - decay) as f32,
                         use_ema: ev.is_some() as i32,
                     };
-                    let norm_view = norm_t.as_view()?;
-                    let Data::Cuda(nv, _) = &norm_view.data else {
-                        return Err(mismatch("adam", &[&gv], &[]));
-                    };
                     // Without an EMA copy the kernel gets a null pointer and use_ema = 0.
                     let ema = match ev.as_mut().map(|e| &mut e.data) {
                         Some(DataMut::Cuda(e, _)) => Some(e),
                         _ => None,
                     };
-                    // SAFETY: p, g, m, v (and the EMA copy) share the flat layout of n values
-                    // (checked above); the norm is one value.
+                    let (partials, count) = square_partials(dev, g, n)?;
+                    // SAFETY: the buffer holds `count` f64 partials, written above in stream order.
+                    let pv = unsafe { partials.slice().transmute::<f64>(count) }
+                        .expect("sized by square_partials");
+                    let k = dev.kernels();
+                    let one_block = launch::blocks((1, 1, 1), REDUCE_THREADS);
+                    // SAFETY: one block finishes the norm into record `slot` of the log (checked
+                    // open above); then p, g, m, v (and the EMA copy) share the flat layout of n
+                    // values (checked above) and the gate is one value of the log.
                     unsafe {
-                        dev.kernels()
-                            .adam_step_f32(grid_stride(dev, n), p, g, m, v, ema, nv, n as i64, kp)
+                        k.adam_norm_finish_f32(one_block, &pv, count as i32, l, slot as i64)?;
+                        let gate = l.slice(GATE..GATE + 1);
+                        k.adam_step_f32(grid_stride(dev, n), p, g, m, v, ema, &gate, n as i64, kp)
                     }?;
                 }
                 _ => return Err(mismatch("adam", &[&gv], &[])),
             }
         }
         self.step = t;
-        Ok(StepStats { grad_norm, lr })
+        Ok(())
     }
 }

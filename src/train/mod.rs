@@ -1,13 +1,19 @@
 //! Training a denoiser by denoising score matching: Adam with clipping and EMA over the flat
 //! parameters, sigma from Beta(3, 3) training times, noise from Philox, so a step is a pure
 //! function of (parameters, optimizer state, batch, seed, step index).
+//!
+//! A step never waits for the device: its loss and gradient norm go to the training log
+//! ([`log::StepLog`]) on the device, and the host reads them with [`Trainer::take_stats`] at its
+//! log interval, which is also where a non-finite step is reported.
 
 pub mod adam;
 pub mod augment;
+pub mod log;
 
 pub use adam::{Adam, AdamConfig, LrSchedule, StepStats};
+pub use log::{StepLog, TrainStep};
 
-use crate::diffusion::loss::dsm_loss;
+use crate::diffusion::loss::dsm_loss_into;
 use crate::diffusion::{beta33, Denoiser, VeSchedule};
 use crate::error::Result;
 use crate::nn::Mode;
@@ -28,14 +34,7 @@ pub struct Trainer {
     pub schedule: VeSchedule,
     pub seed: u64,
     grads: Tensor,
-}
-
-/// What a step reports.
-#[derive(Clone, Copy, Debug, PartialEq)]
-pub struct TrainStep {
-    pub loss: f64,
-    pub grad_norm: f64,
-    pub lr: f64,
+    log: StepLog,
 }
 
 impl Trainer {
@@ -49,6 +48,7 @@ impl Trainer {
         denoiser.layout().check(&params)?;
         let grads = Tensor::zeros(params.shape(), params.dtype(), &params.device())?;
         let adam = Adam::new(config, &params)?;
+        let log = StepLog::new(params.dtype(), &params.device())?;
         Ok(Trainer {
             denoiser,
             params,
@@ -56,11 +56,13 @@ impl Trainer {
             schedule,
             seed,
             grads,
+            log,
         })
     }
 
-    /// One Adam step on the batch `x` (its first axis is the batch).
-    pub fn step(&mut self, x: &View) -> Result<TrainStep> {
+    /// One Adam step on the batch `x` (its first axis is the batch). Reads nothing back from
+    /// the device: the step's loss and gradient norm wait in the log for [`Trainer::take_stats`].
+    pub fn step(&mut self, x: &View) -> Result<()> {
         let step = self.adam.steps();
         let b = x.shape()[0];
         let per = numel(x.shape()) as u64;
@@ -74,24 +76,36 @@ impl Trainer {
         let mode = Mode::Train {
             rng: Philox::new(self.seed, STREAM_DROPOUT + step),
         };
-        let loss = {
-            let mut g = self.grads.as_view_mut()?;
-            dsm_loss(
-                &self.denoiser,
-                &self.params.as_view()?,
+        let slot = self.log.begin(step, self.adam.config.lr.at(step))?;
+        let (den, params, grads) = (&self.denoiser, &self.params, &mut self.grads);
+        self.log.with_loss(slot, |loss| {
+            let mut g = grads.as_view_mut()?;
+            dsm_loss_into(
+                den,
+                &params.as_view()?,
                 x,
                 &sigmas,
                 &z.as_view()?,
                 mode,
                 Some(&mut g),
-            )?
-        };
-        let stats = self.adam.update(&mut self.params, &self.grads)?;
-        Ok(TrainStep {
-            loss,
-            grad_norm: stats.grad_norm,
-            lr: stats.lr,
-        })
+                loss,
+            )
+        })?;
+        self.adam
+            .update_logged(&mut self.params, &self.grads, &mut self.log, slot)
+    }
+
+    /// The steps since the last call (loss, gradient norm, learning rate), read from the device
+    /// in one host synchronisation; none when no step ran. Fails, naming the first bad step, when
+    /// a step's loss or gradient norm was not finite (the updates stopped there: the parameters
+    /// are those of the last good step).
+    pub fn take_stats(&mut self) -> Result<Vec<TrainStep>> {
+        self.log.take()
+    }
+
+    /// Steps waiting in the log.
+    pub fn pending_stats(&self) -> usize {
+        self.log.len()
     }
 
     /// The weights to sample with: the EMA copy when kept, else the parameters.

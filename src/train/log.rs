@@ -1,0 +1,193 @@
+//! The training log: each step's loss and gradient norm stay on the device (one buffer, in the
+//! parameters' dtype, a plain tensor on the CPU backend) until the host asks for them at its log
+//! interval, so a training step needs no host synchronisation. A non-finite loss or gradient norm
+//! raises a sticky flag on the device, which also stops every later Adam update (the parameters
+//! stay those of the last good step); the host learns of it, with the first bad step, at the next
+//! [`StepLog::take`].
+//!
+//! Layout (kernels/adam.cu reads and writes it the same way): a header of [`HEADER`] values
+//! (flag, first bad record, the gate Adam clips with, unused), then two values per record (loss,
+//! gradient norm). Record indices are exact in f32 up to 2^24 steps between two reads.
+
+use crate::device::Device;
+use crate::error::{Error, Result};
+use crate::real::Real;
+use crate::tensor::{AsView, AsViewMut, DType, Data, DataMut, Tensor, ViewMut};
+
+/// Values before the first record; must equal LOG_HEADER in kernels/adam.cu.
+pub const HEADER: usize = 4;
+/// Header slots.
+pub(crate) const FLAG: usize = 0;
+pub(crate) const FIRST_BAD: usize = 1;
+pub(crate) const GATE: usize = 2;
+/// Records the buffer holds at first; it doubles when full (a device-to-device copy).
+const INITIAL_RECORDS: usize = 1024;
+
+/// One step as the log recorded it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TrainStep {
+    /// The step's index in its run (0 for the first update).
+    pub step: u64,
+    pub loss: f64,
+    pub grad_norm: f64,
+    pub lr: f64,
+}
+
+/// Per-step records on the device since the last [`StepLog::take`].
+pub struct StepLog {
+    buf: Tensor,
+    capacity: usize,
+    /// Host-side facts of each open record: its step index and learning rate.
+    open: Vec<(u64, f64)>,
+    /// The error already reported, repeated by every later take (the flag is sticky).
+    failed: Option<String>,
+}
+
+/// The offset of record `slot`'s loss in the buffer (its gradient norm follows).
+pub(crate) fn record_offset(slot: usize) -> usize {
+    HEADER + 2 * slot
+}
+
+impl StepLog {
+    /// An empty log for parameters of `dtype` on `device`.
+    pub fn new(dtype: DType, device: &Device) -> Result<Self> {
+        Ok(StepLog {
+            buf: Tensor::zeros(&[record_offset(INITIAL_RECORDS)], dtype, device)?,
+            capacity: INITIAL_RECORDS,
+            open: Vec::new(),
+            failed: None,
+        })
+    }
+
+    /// Records written since the last take.
+    pub fn len(&self) -> usize {
+        self.open.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.open.is_empty()
+    }
+
+    /// Opens the record of step `step` (learning rate `lr`) and returns its slot. Its loss must
+    /// be written (through [`StepLog::with_loss`]) before the step's gradient norm is finished,
+    /// or it reads as the zero (or an older step's loss) left there.
+    pub fn begin(&mut self, step: u64, lr: f64) -> Result<usize> {
+        if self.open.len() == self.capacity {
+            self.grow()?;
+        }
+        self.open.push((step, lr));
+        Ok(self.open.len() - 1)
+    }
+
+    /// Runs `f` with record `slot`'s loss as a scalar view for an op to write.
+    pub fn with_loss<R>(&mut self, slot: usize, f: impl FnOnce(&mut ViewMut) -> Result<R>) -> Result<R> {
+        self.check_slot(slot)?;
+        let mut whole = self.buf.as_view_mut()?;
+        let mut loss = whole.sub_mut(record_offset(slot), &[])?;
+        f(&mut loss)
+    }
+
+    /// The whole buffer, for the kernels of the step that fill a record.
+    pub(crate) fn buffer_mut(&mut self) -> &mut Tensor {
+        &mut self.buf
+    }
+
+    pub(crate) fn check_slot(&self, slot: usize) -> Result<()> {
+        if slot >= self.open.len() {
+            return Err(Error::Other(format!(
+                "training log: record {slot} is not open ({} open)",
+                self.open.len()
+            )));
+        }
+        Ok(())
+    }
+
+    /// Doubles the capacity, keeping the header and the records written so far.
+    fn grow(&mut self) -> Result<()> {
+        let (dtype, device) = (self.buf.dtype(), self.buf.device());
+        let capacity = 2 * self.capacity;
+        let mut bigger = Tensor::zeros(&[record_offset(capacity)], dtype, &device)?;
+        let used = record_offset(self.open.len());
+        {
+            let src = self.buf.as_view()?.sub(0, &[used])?;
+            let mut whole = bigger.as_view_mut()?;
+            let mut dst = whole.sub_mut(0, &[used])?;
+            match (&src.data, &mut dst.data) {
+                (Data::F32(s), DataMut::F32(d)) => d.copy_from_slice(s),
+                (Data::F64(s), DataMut::F64(d)) => d.copy_from_slice(s),
+                (Data::Cuda(s, dev), DataMut::Cuda(d, _)) => dev
+                    .stream()
+                    .memcpy_dtod(s, d)
+                    .map_err(|e| Error::cuda("growing the training log", e))?,
+                _ => return Err(Error::Other("training log: buffers on different devices".into())),
+            }
+        }
+        self.buf = bigger;
+        self.capacity = capacity;
+        Ok(())
+    }
+
+    /// The records since the last take, read in one host synchronisation (none when no step ran),
+    /// and a fresh window. Fails, naming the first bad step, when a step's loss or gradient norm
+    /// was not finite; every later take fails the same way.
+    pub fn take(&mut self) -> Result<Vec<TrainStep>> {
+        if let Some(e) = &self.failed {
+            return Err(Error::Other(e.clone()));
+        }
+        if self.open.is_empty() {
+            return Ok(Vec::new());
+        }
+        let used = record_offset(self.open.len());
+        let values = self.buf.as_view()?.sub(0, &[used])?.to_vec_f64()?;
+        let open = std::mem::take(&mut self.open);
+        let steps: Vec<TrainStep> = open
+            .iter()
+            .enumerate()
+            .map(|(slot, &(step, lr))| TrainStep {
+                step,
+                loss: values[record_offset(slot)],
+                grad_norm: values[record_offset(slot) + 1],
+                lr,
+            })
+            .collect();
+        if values[FLAG] != 0.0 {
+            let bad = steps
+                .get(values[FIRST_BAD] as usize)
+                .copied()
+                .ok_or_else(|| Error::Other("training log: the flagged record is out of range".into()))?;
+            let e = if !bad.loss.is_finite() {
+                format!(
+                    "training step {}: the loss is {} (diverged, or NaN in the data)",
+                    bad.step, bad.loss
+                )
+            } else {
+                format!(
+                    "training step {}: the gradient norm is {} (a NaN or an overflow upstream)",
+                    bad.step, bad.grad_norm
+                )
+            };
+            self.failed = Some(e.clone());
+            return Err(Error::Other(e));
+        }
+        Ok(steps)
+    }
+}
+
+/// The CPU twin of kernels/adam.cu's `adam_norm_finish_f32`: records the gradient norm of slot
+/// `slot` (the square root of `sum_sq`, rounded to the log's type), raises the flag when that
+/// step's loss or norm is not finite, and sets the gate.
+pub(crate) fn finish_norm<T: Real>(log: &mut [T], sum_sq: f64, slot: usize) {
+    let norm = T::from_f64(sum_sq.sqrt());
+    let r = record_offset(slot);
+    log[r + 1] = norm;
+    let finite = |v: T| v.to_f64().is_finite();
+    if log[FLAG] == T::ZERO && !(finite(log[r]) && finite(norm)) {
+        log[FLAG] = T::ONE;
+        log[FIRST_BAD] = T::from_f64(slot as f64);
+    }
+    log[GATE] = if log[FLAG] != T::ZERO {
+        T::from_f64(f64::NAN)
+    } else {
+        norm
+    };
+}

@@ -1,0 +1,197 @@
+//! No host synchronisation inside a training step or a sampler step, counted on the CPU backend,
+//! where `emprior::device::sync_count` counts every place that would be a device-to-host read on
+//! a GPU: N TimeMLP training steps between two reads of the training log, and MMPS posterior
+//! sampling with a CG tolerance. Also: a non-finite step is reported at the next log read, naming
+//! the step, with the parameters of the last good step.
+
+use std::sync::Mutex;
+
+use emprior::device::{sync_count, Counts};
+use emprior::diffusion::{Denoiser, Network, Sampler, SamplerKind, VeSchedule};
+use emprior::nn::TimeMlp;
+use emprior::ops::Philox;
+use emprior::posterior::{CgConfig, DenseOperators, Mmps, NetworkPrior, ObservationNoise};
+use emprior::train::{AdamConfig, LrSchedule, Trainer};
+use emprior::{AsView, DType, Device, Tensor};
+
+const CPU: Device = Device::Cpu;
+
+/// The counters are process-wide: the tests of this binary take turns.
+static SERIAL: Mutex<()> = Mutex::new(());
+
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn trainer(seed: u64) -> Trainer {
+    let den = Denoiser::new(Network::Mlp(TimeMlp::new(5, &[64, 64], 16)));
+    let params = den.layout().init(seed, DType::F32, &CPU).unwrap();
+    let config = AdamConfig {
+        ema: Some(0.99),
+        ..AdamConfig::new(LrSchedule::Constant(1e-3))
+    };
+    Trainer::new(den, params, config, VeSchedule::new(1e-3, 10.0), seed).unwrap()
+}
+
+fn batch(step: u64) -> Tensor {
+    let mut x = vec![0.0f32; 128 * 5];
+    Philox::new(9, step).fill_normal(0, &mut x);
+    Tensor::from_f32(&x, &[128, 5], &CPU).unwrap()
+}
+
+#[test]
+fn training_steps_between_two_log_reads_do_not_synchronise() {
+    let _turn = serial();
+    let mut t = trainer(1);
+    let batches: Vec<Tensor> = (0..12).map(batch).collect();
+    t.step(&batches[0].as_view().unwrap()).unwrap();
+    assert_eq!(t.take_stats().unwrap().len(), 1);
+
+    let before = Counts::now();
+    for x in &batches[1..] {
+        t.step(&x.as_view().unwrap()).unwrap();
+    }
+    let steps = Counts::since(before);
+    assert_eq!(steps.syncs, 0, "11 training steps synchronised: {steps:?}");
+    assert!(
+        steps.ops > 11 * 10,
+        "the op counter counts the steps' ops: {steps:?}"
+    );
+
+    let log = t.take_stats().unwrap();
+    let read = Counts::since(before);
+    assert_eq!(read.syncs, 1, "one log read, one synchronisation: {read:?}");
+    assert_eq!(log.len(), 11);
+    assert!(log
+        .iter()
+        .enumerate()
+        .all(|(i, s)| s.step == i as u64 + 1 && s.loss.is_finite() && s.grad_norm > 0.0 && s.lr == 1e-3));
+
+    // An empty log reads nothing.
+    let before = sync_count();
+    assert!(t.take_stats().unwrap().is_empty());
+    assert_eq!(sync_count(), before);
+    // A read of values is counted.
+    t.params.to_vec_f32().unwrap();
+    assert_eq!(sync_count(), before + 1);
+}
+
+#[test]
+fn training_is_bit_identical_run_to_run_and_across_log_intervals() {
+    let _turn = serial();
+    let run = |read_every: usize| {
+        let mut t = trainer(2);
+        let mut losses = Vec::new();
+        for s in 0..9 {
+            t.step(&batch(s).as_view().unwrap()).unwrap();
+            if (s as usize + 1) % read_every == 0 {
+                losses.extend(t.take_stats().unwrap().iter().map(|st| st.loss.to_bits()));
+            }
+        }
+        losses.extend(t.take_stats().unwrap().iter().map(|st| st.loss.to_bits()));
+        (
+            t.params.to_vec_f32().unwrap(),
+            t.weights().to_vec_f32().unwrap(),
+            losses,
+        )
+    };
+    let a = run(1);
+    assert_eq!(a, run(1));
+    assert_eq!(a, run(4));
+    assert_eq!(a, run(100));
+}
+
+#[test]
+fn a_non_finite_step_is_reported_at_the_next_read_and_stops_the_updates() {
+    let _turn = serial();
+    let good = {
+        let mut t = trainer(3);
+        for s in 0..3 {
+            t.step(&batch(s).as_view().unwrap()).unwrap();
+        }
+        t.take_stats().unwrap();
+        (t.params.to_vec_f32().unwrap(), t.weights().to_vec_f32().unwrap())
+    };
+    let mut t = trainer(3);
+    for s in 0..6 {
+        let x = if s == 3 {
+            let mut v = batch(s).to_vec_f32().unwrap();
+            v[7] = f32::NAN;
+            Tensor::from_f32(&v, &[128, 5], &CPU).unwrap()
+        } else {
+            batch(s)
+        };
+        // No error at the step itself: nothing is read back.
+        t.step(&x.as_view().unwrap()).unwrap();
+    }
+    let err = t.take_stats().unwrap_err().to_string();
+    assert!(
+        err.contains("training step 3") && err.contains("loss is NaN"),
+        "{err}"
+    );
+    assert_eq!(
+        (t.params.to_vec_f32().unwrap(), t.weights().to_vec_f32().unwrap()),
+        good,
+        "the parameters and the EMA are those after the last good step"
+    );
+    // The flag is sticky.
+    t.step(&batch(9).as_view().unwrap()).unwrap();
+    assert!(t
+        .take_stats()
+        .unwrap_err()
+        .to_string()
+        .contains("training step 3"));
+}
+
+#[test]
+fn mmps_sampling_with_a_cg_tolerance_does_not_synchronise() {
+    let _turn = serial();
+    let t = trainer(4);
+    let den = t.denoiser.clone();
+    let prior = NetworkPrior {
+        denoiser: &den,
+        params: t.weights(),
+    };
+    let n = 64;
+    let mut a = vec![0.0f32; n * 2 * 5];
+    Philox::new(5, 5).fill_normal(0, &mut a);
+    let operator = DenseOperators::new(Tensor::from_f32(&a, &[n, 2, 5], &CPU).unwrap()).unwrap();
+    let mut y = vec![0.0f32; n * 2];
+    Philox::new(5, 6).fill_normal(0, &mut y);
+    let y = Tensor::from_f32(&y, &[n, 2], &CPU).unwrap();
+    let noise = ObservationNoise::Scalar(1e-4);
+    let sampler = Sampler {
+        kind: SamplerKind::Pc {
+            corrections: 1,
+            tau: 0.1,
+        },
+        steps: 4,
+        schedule: VeSchedule::new(1e-3, 10.0),
+        rng: Philox::new(6, 1),
+    };
+    let cg = CgConfig {
+        max_iters: 3,
+        rtol: Some(1e-3),
+    };
+    let sample = |check_every: usize| {
+        let mut mmps = Mmps::new(&prior, &operator, &y, &noise, cg);
+        mmps.cg_check_every = check_every;
+        let before = Counts::now();
+        let x = sampler
+            .sample(&mut mmps, &[n, 5], None, DType::F32, &CPU)
+            .unwrap();
+        (Counts::since(before), x.to_vec_f32().unwrap())
+    };
+    // By default the tolerance is checked every 5 iterations, so 3-iteration solves read nothing.
+    let (quiet, _) = sample(emprior::posterior::DEFAULT_CHECK_EVERY);
+    assert_eq!(quiet.syncs, 0, "posterior sampling synchronised: {quiet:?}");
+    assert_eq!(quiet, sample(emprior::posterior::DEFAULT_CHECK_EVERY).0);
+    // Checked every iteration (as before), each of the 9 denoiser calls reads ||b|| and the
+    // residuals after iterations 1 and 2 (or only 1, when that already converged).
+    let (checked, _) = sample(1);
+    assert!(
+        (9 * 2..=9 * 3).contains(&checked.syncs),
+        "the counter sees the checks: {checked:?}"
+    );
+    assert!(checked.ops <= quiet.ops, "{checked:?} vs {quiet:?}");
+}
