@@ -55,7 +55,10 @@ extern "C" __global__ void rng_gather_rows_uniform_f32(const float* src, float* 
         const i64 k = e / per;
         const u64 el = offset + (u64)k;
         const Philox4 r = philox_block(seed, stream, el >> 2);
-        const float u = philox_uniform(r.v[el & 3]);
+        // A select, not r.v[el & 3]: a dynamic index would put r in local memory.
+        const uint32_t lane = (uint32_t)(el & 3);
+        const uint32_t bits = lane == 0 ? r.v[0] : lane == 1 ? r.v[1] : lane == 2 ? r.v[2] : r.v[3];
+        const float u = philox_uniform(bits);
         i64 i = (i64)(u * (float)rows);
         if (i > rows - 1) i = rows - 1;
         dst[e] = src[i * per + (e - k * per)];
