@@ -117,8 +117,9 @@ pub struct SelfAttention {
 
 /// What the attention backward needs.
 pub struct AttSaved {
-    /// The normalised input tokens [N, T, C].
-    pub x: Tensor,
+    /// A copy of the input tokens [N, T, C], kept by [`SelfAttention::forward`] only: inside an
+    /// AttBlock the input is the block's LayerNorm output, which the block keeps anyway.
+    pub x: Option<Tensor>,
     /// q, k, v as [3, N * heads, T, d].
     pub qkv: Tensor,
     /// Softmax probabilities [N * heads, T, T].
@@ -129,10 +130,11 @@ pub struct AttSaved {
 
 impl AttSaved {
     pub fn bytes(&self) -> usize {
-        [&self.x, &self.qkv, &self.probs, &self.merged]
+        [&self.qkv, &self.probs, &self.merged]
             .iter()
             .map(|t| t.size_in_bytes())
-            .sum()
+            .sum::<usize>()
+            + self.x.as_ref().map_or(0, Tensor::size_in_bytes)
     }
 }
 
@@ -164,8 +166,21 @@ impl SelfAttention {
         Ok((n, x.numel() / (n * self.channels), self.channels / self.heads))
     }
 
-    /// y = MHA(x) over all pixels of each sample (x is [N, H, W, C] or [N, T, C]).
+    /// y = MHA(x) over all pixels of each sample (x is [N, H, W, C] or [N, T, C]); the saved
+    /// state holds its own copy of x.
     pub fn forward(&self, layout: &ParamLayout, params: &View, x: &View) -> Result<(Tensor, AttSaved)> {
+        let (y, mut saved) = self.forward_shared(layout, params, x)?;
+        saved.x = Some(x.to_tensor()?);
+        Ok((y, saved))
+    }
+
+    /// As `forward`, but the caller keeps x and hands it to [`Self::backward_shared`].
+    pub fn forward_shared(
+        &self,
+        layout: &ParamLayout,
+        params: &View,
+        x: &View,
+    ) -> Result<(Tensor, AttSaved)> {
         let (n, t, d) = self.dims(x)?;
         let (h, c) = (self.heads, self.channels);
         let tokens = x.reshape(&[n, t, c])?;
@@ -195,7 +210,7 @@ impl SelfAttention {
         Ok((
             y,
             AttSaved {
-                x: tokens.to_tensor()?,
+                x: None,
                 qkv,
                 probs,
                 merged,
@@ -210,10 +225,25 @@ impl SelfAttention {
         params: &View,
         saved: &AttSaved,
         dy: &View,
+        grads: Option<&mut ViewMut>,
+    ) -> Result<Tensor> {
+        let x = saved.x.as_ref().ok_or_else(|| {
+            Error::Other("attention backward: the forward kept no input (use backward_shared)".into())
+        })?;
+        self.backward_shared(layout, params, &x.as_view()?, saved, dy, grads)
+    }
+
+    /// The backward against an input the caller kept (`forward_shared`'s x).
+    pub fn backward_shared(
+        &self,
+        layout: &ParamLayout,
+        params: &View,
+        x: &View,
+        saved: &AttSaved,
+        dy: &View,
         mut grads: Option<&mut ViewMut>,
     ) -> Result<Tensor> {
-        let x = saved.x.as_view()?;
-        let (n, t, d) = self.dims(&x)?;
+        let (n, t, d) = self.dims(x)?;
         let (h, c) = (self.heads, self.channels);
         let dy3 = dy.reshape(&[n, t, c])?;
         let dmerged = self.out.backward(
@@ -271,7 +301,7 @@ impl SelfAttention {
         let dx = self.qkv.backward(
             layout,
             params,
-            &x,
+            x,
             &dproj.as_view()?.reshape(&[n, t, 3 * c])?,
             grads,
         )?;

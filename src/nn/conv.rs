@@ -207,23 +207,42 @@ impl Conv3x3 {
         dy: &View,
         grads: Option<&mut ViewMut>,
     ) -> Result<Tensor> {
-        let g = self.geometry(x.shape())?;
+        if let Some(grads) = grads {
+            self.param_grads(layout, x, dy, grads)?;
+        }
+        self.backward_input(layout, params, x.shape(), dy)
+    }
+
+    /// dx for dy alone: the input enters only through its shape, so a VJP needs no saved input.
+    pub fn backward_input(
+        &self,
+        layout: &ParamLayout,
+        params: &View,
+        x_shape: &[usize],
+        dy: &View,
+    ) -> Result<Tensor> {
+        let g = self.geometry(x_shape)?;
         let dy2 = dy.reshape(&[g.out_pixels(), self.cout])?;
         let wm = self.weight_matrix(layout, params)?;
-        let mut dcol = Tensor::uninit(&[g.out_pixels(), g.col_cols()], x.dtype(), &x.device())?;
+        let mut dcol = Tensor::uninit(&[g.out_pixels(), g.col_cols()], dy.dtype(), &dy.device())?;
         gemm_into(&dy2, &wm, &mut dcol, GemmSpec::new(false, true))?;
-        if let Some(grads) = grads {
-            let col = im2col(x, &g)?;
-            let mut dw = layout
-                .view_mut(grads, self.weight)?
-                .reshape(&[9 * self.cin, self.cout])?;
-            let acc = GemmSpec {
-                beta: 1.0,
-                ..GemmSpec::new(true, false)
-            };
-            gemm_into(&col, &dy2, &mut dw, acc)?;
-            sum_rows_into(&dy2, 1, &mut layout.view_mut(grads, self.bias)?, true)?;
-        }
         col2im(&dcol.as_view()?, &g)
+    }
+
+    /// dW += col(x)^T dy and db += sum dy. The column buffer is freed before the input gradient's
+    /// own column buffer exists (`backward` calls this first), so the two never coexist.
+    pub fn param_grads(&self, layout: &ParamLayout, x: &View, dy: &View, grads: &mut ViewMut) -> Result<()> {
+        let g = self.geometry(x.shape())?;
+        let dy2 = dy.reshape(&[g.out_pixels(), self.cout])?;
+        let col = im2col(x, &g)?;
+        let mut dw = layout
+            .view_mut(grads, self.weight)?
+            .reshape(&[9 * self.cin, self.cout])?;
+        let acc = GemmSpec {
+            beta: 1.0,
+            ..GemmSpec::new(true, false)
+        };
+        gemm_into(&col, &dy2, &mut dw, acc)?;
+        sum_rows_into(&dy2, 1, &mut layout.view_mut(grads, self.bias)?, true)
     }
 }

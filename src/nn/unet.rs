@@ -10,7 +10,7 @@
 
 use std::fmt::Write as _;
 
-use super::blocks::{AttBlock, AttBlockSaved, ResBlock, ResSaved};
+use super::blocks::{AttBlock, AttCore, BankSaved, Modulation, ModulationBank, ResBlock, ResCore};
 use super::conv::Conv3x3;
 use super::linear::Linear;
 use super::norm::{layer_norm, layer_norm_backward, layer_norm_backward_from};
@@ -21,7 +21,7 @@ use super::resample::{
 use super::{LnSaved, Mode};
 use crate::error::{Error, Result};
 use crate::ops::add;
-use crate::tensor::{AsView, Tensor, View, ViewMut};
+use crate::tensor::{AsView, AsViewMut, Tensor, View, ViewMut};
 
 /// The architecture: everything that changes the parameter layout or the shapes.
 #[derive(Clone, Debug, PartialEq)]
@@ -108,30 +108,48 @@ impl UNetConfig {
 }
 
 #[derive(Clone, Debug)]
-enum Block {
+enum BlockKind {
     Res(ResBlock),
     Att(AttBlock),
 }
 
-enum BlockSaved {
-    Res(ResSaved),
-    Att(AttBlockSaved),
+#[derive(Clone, Debug)]
+struct Block {
+    kind: BlockKind,
+    /// Its modulation's place in the network's [`ModulationBank`].
+    slot: usize,
+}
+
+impl Block {
+    fn modulation(&self) -> &Modulation {
+        match &self.kind {
+            BlockKind::Res(r) => &r.modulation,
+            BlockKind::Att(a) => &a.modulation,
+        }
+    }
+}
+
+enum Core {
+    Res(Box<ResCore>),
+    Att(Box<AttCore>),
+}
+
+/// One block's saved state. Its modulation lives in the bank's state, and its input is the
+/// previous block's output, kept here once (no block keeps its own output).
+struct BlockSaved {
+    /// The block's input; None where it is the level's skip (the deepest level's ascent starts
+    /// from its own descent output), which the descent keeps.
+    x: Option<Tensor>,
+    core: Core,
 }
 
 impl BlockSaved {
-    /// The block's input (saved by the block itself).
-    fn input(&self) -> &Tensor {
-        match self {
-            BlockSaved::Res(s) => &s.x,
-            BlockSaved::Att(s) => &s.x,
-        }
-    }
-
     fn bytes(&self) -> usize {
-        match self {
-            BlockSaved::Res(s) => s.bytes(),
-            BlockSaved::Att(s) => s.bytes(),
-        }
+        self.x.as_ref().map_or(0, Tensor::size_in_bytes)
+            + match &self.core {
+                Core::Res(c) => c.bytes(),
+                Core::Att(c) => c.bytes(),
+            }
     }
 }
 
@@ -150,6 +168,7 @@ pub struct UNet {
     pub layout: ParamLayout,
     levels: Vec<Level>,
     out: Linear,
+    bank: ModulationBank,
 }
 
 /// Per level of the descent: LayerNorm 1/std after the strided conv (levels > 0; its output is
@@ -160,10 +179,11 @@ struct DownSaved {
     skip: Tensor,
 }
 
-/// Per level of the ascent: the merge conv's input (the concatenation), the blocks, and the final
-/// LayerNorm (levels > 0, output kept for the backward) or the final Linear's input (level 0).
+/// Per level of the ascent: the blocks, and the final LayerNorm (levels > 0, output kept for
+/// the backward) or the final Linear's input (level 0). The merge conv's input, the
+/// concatenation of the upsampled LayerNorm output below and the skip, is not kept: both halves
+/// are kept already, and only the parameter gradient reads it (a VJP needs its shape alone).
 struct UpSaved {
-    merged: Option<Tensor>,
     blocks: Vec<BlockSaved>,
     ln: Option<LnSaved>,
     head_input: Option<Tensor>,
@@ -172,6 +192,8 @@ struct UpSaved {
 /// Everything the U-Net's backward needs, from one forward.
 pub struct UNetSaved {
     input: Tensor,
+    /// Boxed: it keeps the saved state small beside the MLP's in an enum.
+    modulation: Box<BankSaved>,
     down: Vec<DownSaved>,
     /// Ascent levels in forward order (deepest first).
     up: Vec<UpSaved>,
@@ -181,13 +203,12 @@ pub struct UNetSaved {
 impl UNetSaved {
     /// Bytes held for the backward: what one forward keeps for any number of VJPs.
     pub fn bytes(&self) -> usize {
-        let mut b = self.input.size_in_bytes();
+        let mut b = self.input.size_in_bytes() + self.modulation.bytes();
         for d in &self.down {
             b += d.ln_rstd.as_ref().map_or(0, |t| t.size_in_bytes()) + d.skip.size_in_bytes();
             b += d.blocks.iter().map(BlockSaved::bytes).sum::<usize>();
         }
         for u in &self.up {
-            b += u.merged.as_ref().map_or(0, |t| t.size_in_bytes());
             b += u.blocks.iter().map(BlockSaved::bytes).sum::<usize>();
             b +=
                 u.ln.as_ref()
@@ -211,15 +232,16 @@ impl UNet {
             let mut v = Vec::new();
             for j in 0..config.blocks[i] {
                 let res = ResBlock::new(layout, &format!("{name}.{j}.res"), c[i], e, config.dropout);
-                v.push(Block::Res(res));
+                v.push(Block {
+                    kind: BlockKind::Res(res),
+                    slot: 0,
+                });
                 if let Some(heads) = config.heads_at(i) {
-                    v.push(Block::Att(AttBlock::new(
-                        layout,
-                        &format!("{name}.{j}.att"),
-                        c[i],
-                        heads,
-                        e,
-                    )));
+                    let att = AttBlock::new(layout, &format!("{name}.{j}.att"), c[i], heads, e);
+                    v.push(Block {
+                        kind: BlockKind::Att(att),
+                        slot: 0,
+                    });
                 }
             }
             v
@@ -252,58 +274,123 @@ impl UNet {
             levels[i].up = blocks(&mut layout, &format!("up.{i}"), i);
         }
         let out = Linear::new(&mut layout, "out", c[0], config.out_channels * p * p, true);
+        // Bank slots level by level (one width each), and within a level ResBlocks then
+        // AttBlocks of the descent, then of the ascent: equally spaced in the parameters, so
+        // each such run of weights is gathered by one strided copy.
+        let mut order = Vec::new();
+        for (i, level) in levels.iter().enumerate() {
+            for (dir, blocks) in [(0, &level.down), (1, &level.up)] {
+                for att in [false, true] {
+                    for (k, b) in blocks.iter().enumerate() {
+                        if matches!(b.kind, BlockKind::Att(_)) == att {
+                            order.push((i, dir, k));
+                        }
+                    }
+                }
+            }
+        }
+        let mut mods = Vec::with_capacity(order.len());
+        for &(i, dir, k) in &order {
+            let blocks = if dir == 0 { &levels[i].down } else { &levels[i].up };
+            mods.push(blocks[k].modulation());
+        }
+        let bank = ModulationBank::new(&layout, &mods)?;
+        for (slot, &(i, dir, k)) in order.iter().enumerate() {
+            let blocks = if dir == 0 {
+                &mut levels[i].down
+            } else {
+                &mut levels[i].up
+            };
+            blocks[k].slot = slot;
+        }
         Ok(UNet {
             config,
             layout,
             levels,
             out,
+            bank,
         })
     }
 
+    /// Runs `blocks` from `input` (owned, or the skip it starts from); returns the output and
+    /// each block's saved state.
+    #[allow(clippy::too_many_arguments)]
     fn run_blocks(
         &self,
         blocks: &[Block],
         params: &View,
-        mut h: Tensor,
-        emb: &View,
+        input: Option<Tensor>,
+        skip: Option<&View>,
+        modulation: &BankSaved,
         mode: Mode,
         counter: &mut u64,
     ) -> Result<(Tensor, Vec<BlockSaved>)> {
         let mut saved = Vec::with_capacity(blocks.len());
+        let mut cur = input;
+        let all_m = modulation.m.as_view()?;
+        let n = modulation.batch();
         for b in blocks {
-            let (out, s) = match b {
-                Block::Res(r) => {
-                    *counter += 1;
-                    let (o, s) = r.forward(&self.layout, params, h, emb, mode, *counter * DROPOUT_STRIDE)?;
-                    (o, BlockSaved::Res(s))
-                }
-                Block::Att(a) => {
-                    let (o, s) = a.forward(&self.layout, params, h, emb)?;
-                    (o, BlockSaved::Att(s))
+            let m = self.bank.slot(&all_m, n, b.slot)?;
+            let (out, core) = {
+                let x = match (&cur, skip) {
+                    (Some(t), _) => t.as_view()?,
+                    (None, Some(v)) => v.clone(),
+                    (None, None) => unreachable!("blocks start from a tensor or the skip"),
+                };
+                match &b.kind {
+                    BlockKind::Res(r) => {
+                        *counter += 1;
+                        let offset = *counter * DROPOUT_STRIDE;
+                        let (o, c) = r.forward_modulated(&self.layout, params, &x, &m, mode, offset)?;
+                        (o, Core::Res(Box::new(c)))
+                    }
+                    BlockKind::Att(a) => {
+                        let (o, c) = a.forward_modulated(&self.layout, params, &x, &m)?;
+                        (o, Core::Att(Box::new(c)))
+                    }
                 }
             };
-            h = out;
-            saved.push(s);
+            saved.push(BlockSaved { x: cur.take(), core });
+            cur = Some(out);
         }
-        Ok((h, saved))
+        match (cur, skip) {
+            (Some(out), _) => Ok((out, saved)),
+            (None, Some(v)) => Ok((v.to_tensor()?, saved)),
+            (None, None) => unreachable!("blocks start from a tensor or the skip"),
+        }
     }
 
+    /// The blocks' backward; each block's modulation gradient goes to its slot of `dm`.
+    #[allow(clippy::too_many_arguments)]
     fn back_blocks(
         &self,
         blocks: &[Block],
         saved: &[BlockSaved],
+        skip: Option<&View>,
         params: &View,
-        emb: &View,
+        modulation: &BankSaved,
+        dm: &mut Tensor,
         mut d: Tensor,
         grads: &mut Option<&mut ViewMut>,
     ) -> Result<Tensor> {
+        let (all_m, n) = (modulation.m.as_view()?, modulation.batch());
+        let mut all_dm = dm.as_view_mut()?;
         for (b, s) in blocks.iter().zip(saved).rev() {
-            d = match (b, s) {
-                (Block::Res(r), BlockSaved::Res(s)) => {
-                    r.backward(&self.layout, params, emb, s, &d.as_view()?, grads.as_deref_mut())?
+            let m = self.bank.slot(&all_m, n, b.slot)?;
+            let mut dmb = self.bank.slot_mut(&mut all_dm, n, b.slot)?;
+            let x = match (&s.x, skip) {
+                (Some(t), _) => t.as_view()?,
+                (None, Some(v)) => v.clone(),
+                (None, None) => unreachable!("a block without its input starts from the skip"),
+            };
+            let (l, p, g) = (&self.layout, params, grads.as_deref_mut());
+            let dv = d.as_view()?;
+            d = match (&b.kind, &s.core) {
+                (BlockKind::Res(r), Core::Res(c)) => {
+                    r.backward_modulated(l, p, &x, &m, c, &dv, &mut dmb, g)?
                 }
-                (Block::Att(a), BlockSaved::Att(s)) => {
-                    a.backward(&self.layout, params, emb, s, &d.as_view()?, grads.as_deref_mut())?
+                (BlockKind::Att(a), Core::Att(c)) => {
+                    a.backward_modulated(l, p, &x, &m, c, &dv, &mut dmb, g)?
                 }
                 _ => unreachable!("saved state follows the block list"),
             };
@@ -343,6 +430,7 @@ impl UNet {
         } else {
             x.to_tensor()?
         };
+        let modulation = Box::new(self.bank.forward(params, emb)?);
         let mut counter = 0u64;
         let mut down: Vec<DownSaved> = Vec::new();
         for (i, level) in self.levels.iter().enumerate() {
@@ -358,7 +446,15 @@ impl UNet {
                 let ln = layer_norm(&c.as_view()?)?;
                 (ln.y, Some(ln.rstd))
             };
-            let (skip, blocks) = self.run_blocks(&level.down, params, h, emb, mode, &mut counter)?;
+            let (skip, blocks) = self.run_blocks(
+                &level.down,
+                params,
+                Some(h),
+                None,
+                &modulation,
+                mode,
+                &mut counter,
+            )?;
             down.push(DownSaved {
                 ln_rstd,
                 blocks,
@@ -371,20 +467,23 @@ impl UNet {
         let mut y = None;
         for i in (0..=last).rev() {
             let level = &self.levels[i];
-            let (h, merged) = match (&level.merge, carry.take()) {
+            let skip = down[i].skip.as_view()?;
+            let h = match (&level.merge, carry.take()) {
                 (Some(conv), Some(upsampled)) => {
-                    let cat = concat_channels(&upsampled.as_view()?, &down[i].skip.as_view()?)?;
-                    (conv.forward(&self.layout, params, &cat.as_view()?)?, Some(cat))
+                    let cat = concat_channels(&upsampled.as_view()?, &skip)?;
+                    drop(upsampled);
+                    Some(conv.forward(&self.layout, params, &cat.as_view()?)?)
                 }
                 // The deepest level continues from its own output.
-                _ => (down[i].skip.as_view()?.to_tensor()?, None),
+                _ => None,
             };
-            let (h, blocks) = self.run_blocks(&level.up, params, h, emb, mode, &mut counter)?;
+            let (h, blocks) =
+                self.run_blocks(&level.up, params, h, Some(&skip), &modulation, mode, &mut counter)?;
             if i > 0 {
                 let ln = layer_norm(&h.as_view()?)?;
+                drop(h);
                 carry = Some(upsample2x(&ln.y.as_view()?)?);
                 up.push(UpSaved {
-                    merged,
                     blocks,
                     ln: Some(ln),
                     head_input: None,
@@ -392,7 +491,6 @@ impl UNet {
             } else {
                 y = Some(self.out.forward(&self.layout, params, &h.as_view()?)?);
                 up.push(UpSaved {
-                    merged,
                     blocks,
                     ln: None,
                     head_input: Some(h),
@@ -409,6 +507,7 @@ impl UNet {
             y,
             UNetSaved {
                 input,
+                modulation,
                 down,
                 up,
                 batch: n,
@@ -432,6 +531,12 @@ impl UNet {
         } else {
             dy.to_tensor()?
         };
+        // Every block's modulation gradient, in the bank's layout (a VJP discards it).
+        let mut dm = Tensor::uninit(
+            saved.modulation.m.shape(),
+            saved.modulation.m.dtype(),
+            &saved.modulation.m.device(),
+        )?;
         let mut dskip: Vec<Option<Tensor>> = (0..=last).map(|_| None).collect();
         let accumulate = |slot: &mut Option<Tensor>, g: Tensor| -> Result<()> {
             *slot = Some(match slot.take() {
@@ -444,6 +549,7 @@ impl UNet {
         let mut d_carry: Option<Tensor> = None;
         for (i, level) in self.levels.iter().enumerate() {
             let s = &saved.up[last - i];
+            let skip = saved.down[i].skip.as_view()?;
             let d = if i == 0 {
                 let head = s.head_input.as_ref().expect("level 0 keeps the head input");
                 self.out.backward(
@@ -456,27 +562,45 @@ impl UNet {
             } else {
                 let d_up = d_carry.take().expect("the level above passes its gradient down");
                 let d_y = upsample2x_backward(&d_up.as_view()?)?;
+                drop(d_up);
                 layer_norm_backward(
                     s.ln.as_ref().expect("levels > 0 end in LayerNorm"),
                     &d_y.as_view()?,
                 )?
             };
-            let d = self.back_blocks(&level.up, &s.blocks, params, emb, d, &mut grads)?;
-            match (&level.merge, &s.merged) {
-                (Some(conv), Some(cat)) => {
-                    let d_cat = conv.backward(
-                        &self.layout,
-                        params,
-                        &cat.as_view()?,
-                        &d.as_view()?,
-                        grads.as_deref_mut(),
-                    )?;
+            let d = self.back_blocks(
+                &level.up,
+                &s.blocks,
+                Some(&skip),
+                params,
+                &saved.modulation,
+                &mut dm,
+                d,
+                &mut grads,
+            )?;
+            match &level.merge {
+                Some(conv) => {
                     let c_up = cfg.channels[i + 1];
+                    let below = saved.up[last - i - 1]
+                        .ln
+                        .as_ref()
+                        .expect("levels > 0 end in LayerNorm");
+                    let mut cat_shape = skip.shape().to_vec();
+                    cat_shape[3] += c_up;
+                    if let Some(g) = grads.as_deref_mut() {
+                        // The forward's concatenation, rebuilt from what it was made of.
+                        let upsampled = upsample2x(&below.y.as_view()?)?;
+                        let cat = concat_channels(&upsampled.as_view()?, &skip)?;
+                        drop(upsampled);
+                        conv.param_grads(&self.layout, &cat.as_view()?, &d.as_view()?, g)?;
+                    }
+                    let d_cat = conv.backward_input(&self.layout, params, &cat_shape, &d.as_view()?)?;
+                    drop(d);
                     let (d_up, d_skip) = split_channels(&d_cat.as_view()?, c_up)?;
                     accumulate(&mut dskip[i], d_skip)?;
                     d_carry = Some(d_up);
                 }
-                _ => accumulate(&mut dskip[i], d)?,
+                None => accumulate(&mut dskip[i], d)?,
             }
         }
         // Descent, in reverse: deepest first.
@@ -485,15 +609,26 @@ impl UNet {
             let s = &saved.down[i];
             let level = &self.levels[i];
             let d = dskip[i].take().expect("every skip receives a gradient");
-            let d = self.back_blocks(&level.down, &s.blocks, params, emb, d, &mut grads)?;
+            let skip = s.skip.as_view()?;
+            let d = self.back_blocks(
+                &level.down,
+                &s.blocks,
+                None,
+                params,
+                &saved.modulation,
+                &mut dm,
+                d,
+                &mut grads,
+            )?;
             let d = match &s.ln_rstd {
                 Some(rstd) => {
-                    let y = s
-                        .blocks
-                        .first()
-                        .map(BlockSaved::input)
-                        .expect("levels have at least one block");
-                    layer_norm_backward_from(&y.as_view()?, &rstd.as_view()?, &d.as_view()?)?
+                    // The LayerNorm's output is the first block's input (or, without blocks, the
+                    // skip itself).
+                    let y = match s.blocks.first().and_then(|b| b.x.as_ref()) {
+                        Some(t) => t.as_view()?,
+                        None => skip.clone(),
+                    };
+                    layer_norm_backward_from(&y, &rstd.as_view()?, &d.as_view()?)?
                 }
                 None => d,
             };
@@ -514,6 +649,10 @@ impl UNet {
             } else {
                 accumulate(&mut dskip[i - 1], d_in)?;
             }
+        }
+        if let Some(g) = grads {
+            self.bank
+                .backward_params(params, emb, &saved.modulation, &dm.as_view()?, g)?;
         }
         let dx = dx.expect("level 0 yields the input gradient");
         debug_assert_eq!(dx.shape()[0], saved.batch);
