@@ -187,6 +187,8 @@ impl SelfAttention {
         let proj = self.qkv.forward(layout, params, &tokens)?;
         let qkv =
             permute(&proj.as_view()?.reshape(&[n, t, 3, h, d])?, &SPLIT_QKV)?.reshape(&[3, n * h, t, d])?;
+        // Transients go as soon as they are read: the forward's peak is kept state plus these.
+        drop(proj);
         let (q, k, v) = split3(&qkv.as_view()?, n * h, t, d)?;
         let mut scores = Tensor::uninit(&[n * h, t, t], x.dtype(), &x.device())?;
         let scaled = GemmSpec {
@@ -195,6 +197,7 @@ impl SelfAttention {
         };
         gemm_into(&q, &k, &mut scores, scaled)?;
         let probs = softmax(&scores.as_view()?)?;
+        drop(scores);
         let mut heads_out = Tensor::uninit(&[n, h, t, d], x.dtype(), &x.device())?;
         gemm_into(
             &probs,
@@ -203,6 +206,7 @@ impl SelfAttention {
             GemmSpec::default(),
         )?;
         let merged = permute(&heads_out.as_view()?, &MERGE_HEADS)?.reshape(&[n, t, c])?;
+        drop(heads_out);
         let y = self
             .out
             .forward(layout, params, &merged.as_view()?)?
@@ -253,11 +257,12 @@ impl SelfAttention {
             &dy3,
             grads.as_deref_mut(),
         )?;
-        let dheads = permute(
+        let dheads_t = permute(
             &dmerged.as_view()?.reshape(&[n, t, h, d])?,
             &inverse_permutation(&MERGE_HEADS),
         )?;
-        let dheads = dheads.as_view()?.reshape(&[n * h, t, d])?;
+        drop(dmerged);
+        let dheads = dheads_t.as_view()?.reshape(&[n * h, t, d])?;
         let qkv = saved.qkv.as_view()?;
         let (q, k, v) = split3(&qkv, n * h, t, d)?;
         let probs = saved.probs.as_view()?;
@@ -267,6 +272,7 @@ impl SelfAttention {
         let mut dprobs = Tensor::uninit(&[n * h, t, t], x.dtype(), &x.device())?;
         gemm_into(&dheads, &v, &mut dprobs, GemmSpec::new(false, true))?;
         let dscores = softmax_backward(&probs, &dprobs.as_view()?)?;
+        drop(dprobs);
         {
             let mut dv_all = dqkv.as_view_mut()?;
             let block = n * h * t * d;
@@ -294,10 +300,13 @@ impl SelfAttention {
                 GemmSpec::new(true, false),
             )?;
         }
+        drop(dheads);
+        drop((dscores, dheads_t));
         let dproj = permute(
             &dqkv.as_view()?.reshape(&[3, n, h, t, d])?,
             &inverse_permutation(&SPLIT_QKV),
         )?;
+        drop(dqkv);
         let dx = self.qkv.backward(
             layout,
             params,

@@ -17,7 +17,7 @@ use super::params::ParamLayout;
 use super::resample::{concat_channels, gather_rows_into};
 use super::Mode;
 use crate::error::{Error, Result};
-use crate::ops::{add, axpy, fill, gemm_into, mismatch, one_device, silu, silu_backward, GemmSpec};
+use crate::ops::{axpy, fill, gemm_into, mismatch, one_device, silu, silu_backward, GemmSpec};
 use crate::tensor::{AsView, AsViewMut, Data, DataMut, Tensor, View, ViewMut};
 
 /// The CPU bodies: the oracle for kernels/blocks.cu. x, h, out: [n, p, c]; m: [n, 3c].
@@ -466,6 +466,11 @@ impl ModulationBank {
         self.slots.is_empty()
     }
 
+    /// (count, channels) of each run of slots that shares a second-layer GEMM.
+    pub fn group_sizes(&self) -> Vec<(usize, usize)> {
+        self.groups.iter().map(|&(_, k, c)| (k, c)).collect()
+    }
+
     /// Elements per sample of every block's m together.
     pub fn m_width(&self) -> usize {
         self.slots.iter().map(|s| 3 * s.channels).sum()
@@ -706,7 +711,7 @@ impl ResBlock {
             &saved.x.as_view()?,
             &m,
             &saved.core,
-            dout,
+            dout.to_tensor()?,
             &mut dm.as_view_mut()?,
             grads.as_deref_mut(),
         )?;
@@ -718,7 +723,8 @@ impl ResBlock {
     }
 
     /// dx for dout, and the modulation's gradient into dm [N, 3C]; with `grads`, the
-    /// convolutions' parameter gradients (the modulation's are the caller's, from dm).
+    /// convolutions' parameter gradients (the modulation's are the caller's, from dm). Takes
+    /// dout to free it as soon as the residual's backward has read it.
     #[allow(clippy::too_many_arguments)]
     pub fn backward_modulated(
         &self,
@@ -727,11 +733,12 @@ impl ResBlock {
         x: &View,
         m: &View,
         core: &ResCore,
-        dout: &View,
+        dout: Tensor,
         dm: &mut ViewMut,
         mut grads: Option<&mut ViewMut>,
     ) -> Result<Tensor> {
-        let (dx_res, dc2) = residual_backward(x, &core.c2.as_view()?, m, dout, dm)?;
+        let (mut dx, dc2) = residual_backward(x, &core.c2.as_view()?, m, &dout.as_view()?, dm)?;
+        drop(dout);
         if let Some(g) = grads.as_deref_mut() {
             let d1 = conv2_input(&core.c1, core.mask.as_ref())?;
             self.conv2
@@ -742,7 +749,11 @@ impl ResBlock {
             .backward_input(layout, params, core.c1.shape(), &dc2.as_view()?)?;
         drop(dc2);
         let ds1 = match &core.mask {
-            Some(mk) => dropout(&dd1.as_view()?, mk)?,
+            Some(mk) => {
+                let ds1 = dropout(&dd1.as_view()?, mk)?;
+                drop(dd1);
+                ds1
+            }
             None => dd1,
         };
         let dc1 = silu_backward(&core.c1, &ds1)?;
@@ -754,7 +765,10 @@ impl ResBlock {
         let dh0 = layer_norm_backward(&core.ln, &dln.as_view()?)?;
         drop(dln);
         let dx_mod = modulate_backward(x, m, &dh0.as_view()?, dm)?;
-        add(&dx_res, &dx_mod)
+        drop(dh0);
+        // dx_res + dx_mod in place (the same rounding as a new sum).
+        axpy(1.0, &dx_mod, &mut dx)?;
+        Ok(dx)
     }
 }
 
@@ -859,7 +873,7 @@ impl AttBlock {
             &saved.x.as_view()?,
             &m,
             &saved.core,
-            dout,
+            dout.to_tensor()?,
             &mut dm.as_view_mut()?,
             grads.as_deref_mut(),
         )?;
@@ -880,11 +894,12 @@ impl AttBlock {
         x: &View,
         m: &View,
         core: &AttCore,
-        dout: &View,
+        dout: Tensor,
         dm: &mut ViewMut,
         grads: Option<&mut ViewMut>,
     ) -> Result<Tensor> {
-        let (dx_res, dh) = residual_backward(x, &core.h.as_view()?, m, dout, dm)?;
+        let (mut dx, dh) = residual_backward(x, &core.h.as_view()?, m, &dout.as_view()?, dm)?;
+        drop(dout);
         let dln = self.attention.backward_shared(
             layout,
             params,
@@ -897,6 +912,8 @@ impl AttBlock {
         let dh0 = layer_norm_backward(&core.ln, &dln.as_view()?)?;
         drop(dln);
         let dx_mod = modulate_backward(x, m, &dh0.as_view()?, dm)?;
-        add(&dx_res, &dx_mod)
+        drop(dh0);
+        axpy(1.0, &dx_mod, &mut dx)?;
+        Ok(dx)
     }
 }

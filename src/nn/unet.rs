@@ -19,8 +19,9 @@ use super::resample::{
     concat_channels, pixel_shuffle, pixel_unshuffle, split_channels, upsample2x, upsample2x_backward,
 };
 use super::{LnSaved, Mode};
+use crate::device::size_class;
 use crate::error::{Error, Result};
-use crate::ops::add;
+use crate::ops::axpy;
 use crate::tensor::{AsView, AsViewMut, Tensor, View, ViewMut};
 
 /// The architecture: everything that changes the parameter layout or the shapes.
@@ -384,14 +385,9 @@ impl UNet {
                 (None, None) => unreachable!("a block without its input starts from the skip"),
             };
             let (l, p, g) = (&self.layout, params, grads.as_deref_mut());
-            let dv = d.as_view()?;
             d = match (&b.kind, &s.core) {
-                (BlockKind::Res(r), Core::Res(c)) => {
-                    r.backward_modulated(l, p, &x, &m, c, &dv, &mut dmb, g)?
-                }
-                (BlockKind::Att(a), Core::Att(c)) => {
-                    a.backward_modulated(l, p, &x, &m, c, &dv, &mut dmb, g)?
-                }
+                (BlockKind::Res(r), Core::Res(c)) => r.backward_modulated(l, p, &x, &m, c, d, &mut dmb, g)?,
+                (BlockKind::Att(a), Core::Att(c)) => a.backward_modulated(l, p, &x, &m, c, d, &mut dmb, g)?,
                 _ => unreachable!("saved state follows the block list"),
             };
         }
@@ -444,6 +440,7 @@ impl UNet {
                 (c, None)
             } else {
                 let ln = layer_norm(&c.as_view()?)?;
+                drop(c); // else it would live through the level (a conditional move)
                 (ln.y, Some(ln.rstd))
             };
             let (skip, blocks) = self.run_blocks(
@@ -526,11 +523,11 @@ impl UNet {
     ) -> Result<Tensor> {
         let cfg = &self.config;
         let last = self.levels.len() - 1;
-        let dy = if cfg.patch > 1 {
+        let mut dy = Some(if cfg.patch > 1 {
             pixel_unshuffle(dy, cfg.patch)?
         } else {
             dy.to_tensor()?
-        };
+        });
         // Every block's modulation gradient, in the bank's layout (a VJP discards it).
         let mut dm = Tensor::uninit(
             saved.modulation.m.shape(),
@@ -538,12 +535,15 @@ impl UNet {
             &saved.modulation.m.device(),
         )?;
         let mut dskip: Vec<Option<Tensor>> = (0..=last).map(|_| None).collect();
+        // Sums in place (the same rounding as a new sum, one tensor fewer).
         let accumulate = |slot: &mut Option<Tensor>, g: Tensor| -> Result<()> {
-            *slot = Some(match slot.take() {
-                Some(prev) => add(&prev, &g)?,
-                None => g,
-            });
-            Ok(())
+            match slot {
+                Some(prev) => axpy(1.0, &g, prev),
+                None => {
+                    *slot = Some(g);
+                    Ok(())
+                }
+            }
         };
         // Ascent, in reverse: level 0 first.
         let mut d_carry: Option<Tensor> = None;
@@ -552,6 +552,7 @@ impl UNet {
             let skip = saved.down[i].skip.as_view()?;
             let d = if i == 0 {
                 let head = s.head_input.as_ref().expect("level 0 keeps the head input");
+                let dy = dy.take().expect("one head");
                 self.out.backward(
                     &self.layout,
                     params,
@@ -628,7 +629,9 @@ impl UNet {
                         Some(t) => t.as_view()?,
                         None => skip.clone(),
                     };
-                    layer_norm_backward_from(&y, &rstd.as_view()?, &d.as_view()?)?
+                    let dn = layer_norm_backward_from(&y, &rstd.as_view()?, &d.as_view()?)?;
+                    drop(d); // else it would live through the conv's backward
+                    dn
                 }
                 None => d,
             };
@@ -773,6 +776,466 @@ impl UNet {
             cfg.out_channels * cfg.patch * cfg.patch
         );
         s
+    }
+}
+
+/// Activation memory of one U-Net call at a batch size, in f32 bytes: what the forward keeps and
+/// the most that is live at once in each phase. Worked out by following the allocations and
+/// frees of `forward` and `backward`, in their order, on a simulated allocator (each is one pool
+/// buffer on the GPU, before size-class rounding; CPU-only scratch inside an op is not counted).
+/// tests/memory_peak.rs holds it to the allocations of a real run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ActivationMemory {
+    /// Kept by one forward for any number of backwards (`UNetSaved::bytes`).
+    pub saved: u64,
+    /// The most live during the forward: what it has kept so far plus an op's transients.
+    pub forward_peak: u64,
+    /// The most live during a backward with parameter gradients: `saved` plus transients.
+    pub backward_peak: u64,
+    /// The same for a VJP (no parameter gradients).
+    pub vjp_peak: u64,
+}
+
+/// A simulated allocator over f32 tensors: live bytes and their peak, either as requested or
+/// rounded to the GPU pool's size classes, with each class's most buffers out at once (what a
+/// pool that never hands a buffer to another class keeps from the driver).
+#[derive(Default)]
+struct Tally {
+    pooled: bool,
+    live: u64,
+    peak: u64,
+    /// Size class -> (buffers out, most out at once).
+    classes: std::collections::BTreeMap<u64, (u64, u64)>,
+}
+
+impl Tally {
+    fn bytes(&self, elems: u64) -> u64 {
+        if self.pooled {
+            size_class(4 * elems as usize) as u64
+        } else {
+            4 * elems
+        }
+    }
+
+    fn alloc(&mut self, elems: u64) -> u64 {
+        let b = self.bytes(elems);
+        self.live += b;
+        self.peak = self.peak.max(self.live);
+        let (out, most) = self.classes.entry(b).or_default();
+        *out += 1;
+        *most = (*most).max(*out);
+        elems
+    }
+
+    fn free(&mut self, elems: u64) {
+        let b = self.bytes(elems);
+        self.live -= b;
+        if let Some((out, _)) = self.classes.get_mut(&b) {
+            *out -= 1;
+        }
+    }
+
+    /// Bytes a class-exact cache holds from the driver after this run.
+    fn footprint(&self) -> u64 {
+        self.classes.iter().map(|(b, (_, most))| b * most).sum()
+    }
+}
+
+/// The walk: shapes of one batch through `forward` and `backward`.
+struct Walk<'a> {
+    net: &'a UNet,
+    n: u64,
+    t: Tally,
+    /// Dropout active (Train mode with p > 0): conv2's input is a second tensor.
+    dropout: bool,
+}
+
+impl Walk<'_> {
+    fn pixels(&self, i: usize) -> u64 {
+        let cfg = &self.net.config;
+        let (h, w) = (cfg.resolution.0 / cfg.patch, cfg.resolution.1 / cfg.patch);
+        ((h >> i) * (w >> i)) as u64
+    }
+
+    fn c(&self, i: usize) -> u64 {
+        self.net.config.channels[i] as u64
+    }
+
+    /// One activation of level i.
+    fn act(&self, i: usize) -> u64 {
+        self.n * self.pixels(i) * self.c(i)
+    }
+
+    fn image_in(&self) -> u64 {
+        let cfg = &self.net.config;
+        self.n * self.pixels(0) * (cfg.in_channels * cfg.patch * cfg.patch) as u64
+    }
+
+    fn image_out(&self) -> u64 {
+        let cfg = &self.net.config;
+        self.n * self.pixels(0) * (cfg.out_channels * cfg.patch * cfg.patch) as u64
+    }
+
+    /// Conv3x3 forward to `p_out` pixels: the column buffer, then the output.
+    fn conv(&mut self, cin: u64, cout: u64, p_out: u64) -> u64 {
+        let col = self.t.alloc(self.n * p_out * 9 * cin);
+        let y = self.t.alloc(self.n * p_out * cout);
+        self.t.free(col);
+        y
+    }
+
+    fn conv_param_grads(&mut self, cin: u64, p_out: u64) {
+        let col = self.t.alloc(self.n * p_out * 9 * cin);
+        self.t.free(col);
+    }
+
+    fn conv_backward_input(&mut self, cin: u64, p_in: u64, p_out: u64) -> u64 {
+        let dcol = self.t.alloc(self.n * p_out * 9 * cin);
+        let dx = self.t.alloc(self.n * p_in * cin);
+        self.t.free(dcol);
+        dx
+    }
+
+    /// [x, 1] of a [rows, k] matrix: the ones, the result; the ones go.
+    fn with_ones(&mut self, rows: u64, k: u64) -> u64 {
+        let ones = self.t.alloc(rows);
+        let y = self.t.alloc(rows * (k + 1));
+        self.t.free(ones);
+        y
+    }
+
+    fn bank_forward(&mut self) -> (u64, u64) {
+        let bank = &self.net.bank;
+        let (b, e, n) = (bank.len() as u64, self.net.config.emb as u64, self.n);
+        let w0 = self.t.alloc(b * (e + 1) * e);
+        let z = self.t.alloc(b * n * e);
+        let emb1 = self.with_ones(n, e);
+        self.t.free(emb1);
+        self.t.free(w0);
+        let s = self.t.alloc(b * n * e);
+        let s1 = self.with_ones(b * n, e);
+        self.t.free(s);
+        let m = self.t.alloc(n * bank.m_width() as u64);
+        for (k, c) in bank.group_sizes() {
+            let (k, c) = (k as u64, c as u64);
+            let w2 = self.t.alloc(k * (e + 1) * 3 * c);
+            self.t.free(w2);
+        }
+        self.t.free(s1);
+        (z, m)
+    }
+
+    fn bank_backward(&mut self) {
+        let bank = &self.net.bank;
+        let (b, e, n) = (bank.len() as u64, self.net.config.emb as u64, self.n);
+        let s = self.t.alloc(b * n * e);
+        let s1 = self.with_ones(b * n, e);
+        self.t.free(s);
+        let ds = self.t.alloc(b * n * e);
+        for (k, c) in bank.group_sizes() {
+            let (k, c) = (k as u64, c as u64);
+            let w2 = self.t.alloc(k * e * 3 * c);
+            self.t.free(w2);
+            let g2 = self.t.alloc(k * (e + 1) * 3 * c);
+            self.t.free(g2);
+        }
+        self.t.free(s1);
+        let dz = self.t.alloc(b * n * e);
+        self.t.free(ds);
+        let g0 = self.t.alloc(b * (e + 1) * e);
+        let emb1 = self.with_ones(n, e);
+        self.t.free(emb1);
+        self.t.free(g0);
+        self.t.free(dz);
+    }
+
+    /// A block's forward from its (already counted) input; returns its output.
+    fn block_forward(&mut self, i: usize, att: bool) -> u64 {
+        let (a, p, c) = (self.act(i), self.pixels(i), self.c(i));
+        self.t.alloc(a); // LayerNorm output, kept
+        self.t.alloc(self.n * p); // and its 1/std
+        if att {
+            let heads = self.net.config.heads_at(i).unwrap_or(1) as u64;
+            let proj = self.t.alloc(3 * a);
+            self.t.alloc(3 * a); // q, k, v, kept
+            self.t.free(proj);
+            let scores = self.t.alloc(self.n * heads * p * p);
+            self.t.alloc(self.n * heads * p * p); // probabilities, kept
+            self.t.free(scores);
+            let heads_out = self.t.alloc(a);
+            self.t.alloc(a); // merged heads, kept
+            self.t.free(heads_out);
+            self.t.alloc(a); // the projection's output h, kept
+        } else {
+            self.conv(c, c, p); // c1, kept
+            let s1 = self.t.alloc(a);
+            let d1 = if self.dropout {
+                let d1 = self.t.alloc(a);
+                self.t.free(s1);
+                d1
+            } else {
+                s1
+            };
+            self.conv(c, c, p); // c2, kept
+            self.t.free(d1);
+        }
+        self.t.alloc(a) // the residual's output
+    }
+
+    /// A block's backward; frees dout and returns dx.
+    fn block_backward(&mut self, i: usize, att: bool, dout: u64, grads: bool) -> u64 {
+        let (a, p, c) = (self.act(i), self.pixels(i), self.c(i));
+        let dx = self.t.alloc(a);
+        let dh = self.t.alloc(a);
+        self.t.free(dout);
+        let dln = if att {
+            let heads = self.net.config.heads_at(i).unwrap_or(1) as u64;
+            let s = self.n * heads * p * p;
+            let dmerged = self.t.alloc(a);
+            let dheads = self.t.alloc(a);
+            self.t.free(dmerged);
+            let dqkv = self.t.alloc(3 * a);
+            let dprobs = self.t.alloc(s);
+            let dscores = self.t.alloc(s);
+            self.t.free(dprobs);
+            self.t.free(dscores);
+            self.t.free(dheads);
+            let dproj = self.t.alloc(3 * a);
+            self.t.free(dqkv);
+            let dln = self.t.alloc(a);
+            self.t.free(dproj);
+            self.t.free(dh);
+            dln
+        } else {
+            if grads {
+                let s1 = self.t.alloc(a);
+                let d1 = if self.dropout {
+                    let d1 = self.t.alloc(a);
+                    self.t.free(s1);
+                    d1
+                } else {
+                    s1
+                };
+                self.conv_param_grads(c, p);
+                self.t.free(d1);
+            }
+            let dd1 = self.conv_backward_input(c, p, p);
+            self.t.free(dh);
+            let ds1 = if self.dropout {
+                let ds1 = self.t.alloc(a);
+                self.t.free(dd1);
+                ds1
+            } else {
+                dd1
+            };
+            let dc1 = self.t.alloc(a);
+            self.t.free(ds1);
+            if grads {
+                self.conv_param_grads(c, p);
+            }
+            let dln = self.conv_backward_input(c, p, p);
+            self.t.free(dc1);
+            dln
+        };
+        let dh0 = self.t.alloc(a);
+        self.t.free(dln);
+        let dx_mod = self.t.alloc(a);
+        self.t.free(dh0);
+        self.t.free(dx_mod);
+        dx
+    }
+
+    fn blocks(&self, i: usize, up: bool) -> Vec<bool> {
+        let level = &self.net.levels[i];
+        let blocks = if up { &level.up } else { &level.down };
+        blocks
+            .iter()
+            .map(|b| matches!(b.kind, BlockKind::Att(_)))
+            .collect()
+    }
+
+    /// The forward; returns the elements kept.
+    fn forward(&mut self) -> u64 {
+        let last = self.net.levels.len() - 1;
+        let cin = (self.net.config.in_channels * self.net.config.patch * self.net.config.patch) as u64;
+        self.t.alloc(self.image_in()); // the (unshuffled) input, kept
+        self.bank_forward();
+        for i in 0..=last {
+            let c = if i == 0 {
+                self.conv(cin, self.c(0), self.pixels(0))
+            } else {
+                self.conv(self.c(i - 1), self.c(i), self.pixels(i))
+            };
+            if i > 0 {
+                self.t.alloc(self.act(i)); // LayerNorm output and 1/std, kept
+                self.t.alloc(self.n * self.pixels(i));
+                self.t.free(c);
+            }
+            for att in self.blocks(i, false) {
+                self.block_forward(i, att); // each output is kept (next input or the skip)
+            }
+        }
+        let mut carry = 0;
+        for i in (0..=last).rev() {
+            let blocks = self.blocks(i, true);
+            // The merge conv's output (the first block's input), else the skip itself (copied
+            // only when there are no blocks to read it in place).
+            let mut h = if i < last {
+                let cat = self
+                    .t
+                    .alloc(self.n * self.pixels(i) * (self.c(i) + self.c(i + 1)));
+                self.t.free(carry);
+                let h = self.conv(self.c(i) + self.c(i + 1), self.c(i), self.pixels(i));
+                self.t.free(cat);
+                h
+            } else if blocks.is_empty() {
+                self.t.alloc(self.act(i))
+            } else {
+                0
+            };
+            for &att in &blocks {
+                h = self.block_forward(i, att); // kept as the next input, save the last
+            }
+            if i > 0 {
+                self.t.alloc(self.act(i)); // LayerNorm output and 1/std, kept
+                self.t.alloc(self.n * self.pixels(i));
+                self.t.free(h);
+                carry = self.t.alloc(self.n * self.pixels(i - 1) * self.c(i));
+            } else {
+                let y = self.t.alloc(self.image_out());
+                if self.net.config.patch > 1 {
+                    self.t.alloc(self.image_out());
+                    self.t.free(y);
+                }
+            }
+        }
+        self.t.live - self.t.bytes(self.image_out())
+    }
+
+    /// The backward from `live = kept`; the peak over it.
+    fn backward(&mut self, grads: bool) {
+        let last = self.net.levels.len() - 1;
+        let cin = (self.net.config.in_channels * self.net.config.patch * self.net.config.patch) as u64;
+        let dm = self.t.alloc(self.n * self.net.bank.m_width() as u64);
+        let dy = self.t.alloc(self.image_out());
+        let mut dskip = Vec::with_capacity(last + 1);
+        let mut d_carry = 0;
+        for i in 0..=last {
+            let mut d = if i == 0 {
+                let d = self.t.alloc(self.act(0));
+                self.t.free(dy);
+                d
+            } else {
+                let d_y = self.t.alloc(self.act(i));
+                self.t.free(d_carry);
+                let d = self.t.alloc(self.act(i));
+                self.t.free(d_y);
+                d
+            };
+            for &att in self.blocks(i, true).iter().rev() {
+                d = self.block_backward(i, att, d, grads);
+            }
+            if i < last {
+                let cat_c = self.c(i) + self.c(i + 1);
+                if grads {
+                    let up = self.t.alloc(self.n * self.pixels(i) * self.c(i + 1));
+                    let cat = self.t.alloc(self.n * self.pixels(i) * cat_c);
+                    self.t.free(up);
+                    self.conv_param_grads(cat_c, self.pixels(i));
+                    self.t.free(cat);
+                }
+                let d_cat = self.conv_backward_input(cat_c, self.pixels(i), self.pixels(i));
+                self.t.free(d);
+                d_carry = self.t.alloc(self.n * self.pixels(i) * self.c(i + 1));
+                dskip.push(self.t.alloc(self.act(i)));
+                self.t.free(d_cat);
+            } else {
+                dskip.push(d);
+            }
+        }
+        for i in (0..=last).rev() {
+            let mut d = dskip[i];
+            for &att in self.blocks(i, false).iter().rev() {
+                d = self.block_backward(i, att, d, grads);
+            }
+            if i > 0 {
+                let dn = self.t.alloc(self.act(i));
+                self.t.free(d);
+                d = dn;
+            }
+            let (ci, p_in) = if i == 0 {
+                (cin, self.pixels(0))
+            } else {
+                (self.c(i - 1), self.pixels(i - 1))
+            };
+            if grads {
+                self.conv_param_grads(ci, self.pixels(i));
+            }
+            let d_in = self.conv_backward_input(ci, p_in, self.pixels(i));
+            self.t.free(d);
+            if i > 0 {
+                self.t.free(d_in); // summed into the skip's gradient in place
+            }
+        }
+        if grads {
+            self.bank_backward();
+        }
+        if self.net.config.patch > 1 {
+            self.t.alloc(self.image_in());
+        }
+        self.t.free(dm);
+    }
+}
+
+/// A training step's activations in the GPU pool (f32, size classes): the most bytes handed
+/// out at once, and what the pool holds from the driver once the step has run, since it keeps
+/// every freed buffer for its own size class.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolEstimate {
+    pub peak_in_use: u64,
+    pub footprint: u64,
+}
+
+impl UNet {
+    fn walk(&self, n: usize, dropout: bool, pooled: bool, grads: bool) -> (u64, u64, u64, Tally) {
+        let mut w = Walk {
+            net: self,
+            n: n as u64,
+            t: Tally {
+                pooled,
+                ..Tally::default()
+            },
+            dropout: dropout && self.config.dropout > 0.0,
+        };
+        let kept = w.forward();
+        let forward_peak = w.t.peak;
+        // The caller turns the output into its own and lets it go before the backward.
+        w.t.free(w.image_out());
+        w.t.peak = w.t.live;
+        w.backward(grads);
+        (kept, forward_peak, w.t.peak, w.t)
+    }
+
+    /// Activation memory of one call at batch `n` (f32 bytes as requested), in training mode
+    /// when `dropout` (conv2's input is then a second tensor while it exists).
+    pub fn activation_memory(&self, n: usize, dropout: bool) -> ActivationMemory {
+        let (saved, forward_peak, backward_peak, _) = self.walk(n, dropout, false, true);
+        let (_, _, vjp_peak, _) = self.walk(n, dropout, false, false);
+        ActivationMemory {
+            saved,
+            forward_peak,
+            backward_peak,
+            vjp_peak,
+        }
+    }
+
+    /// A training step's forward and backward in the GPU pool at batch `n`.
+    pub fn pool_estimate(&self, n: usize) -> PoolEstimate {
+        let (_, forward_peak, backward_peak, t) = self.walk(n, true, true, true);
+        PoolEstimate {
+            peak_in_use: forward_peak.max(backward_peak),
+            footprint: t.footprint(),
+        }
     }
 }
 
