@@ -425,7 +425,6 @@ pub fn model_report(name: &str, batch: Option<usize>) -> Result<String> {
         }
     };
     let mem = u.activation_memory(n, true);
-    let pool = u.pool_estimate(n);
     let cfg = &u.config;
     let image = (n * cfg.resolution.0 * cfg.resolution.1 * cfg.in_channels) as f64 * 4.0;
     // Held by a training step around the network: the batch, its noise and noisy copy, the
@@ -434,12 +433,11 @@ pub fn model_report(name: &str, batch: Option<usize>) -> Result<String> {
     let (images_fwd, images_bwd) = (4.0 * image, 7.0 * image);
     // Parameters, gradients, both Adam moments and the EMA copy.
     let state = 5.0 * p_bytes;
-    let gib = |b: f64| fmt_bytes(b);
     let _ = writeln!(s, "memory at batch {n}, f32:");
     let _ = writeln!(
         s,
         "  kept by one forward for its backward or VJPs: {} ({} per sample)",
-        gib(mem.saved as f64),
+        fmt_bytes(mem.saved as f64),
         fmt_bytes(mem.saved as f64 / n as f64)
     );
     let fwd_total = state + images_fwd + mem.forward_peak as f64;
@@ -447,47 +445,62 @@ pub fn model_report(name: &str, batch: Option<usize>) -> Result<String> {
     let _ = writeln!(
         s,
         "  training step: parameters, gradients, Adam moments and EMA {}; images around the network {} / {}",
-        gib(state),
-        gib(images_fwd),
-        gib(images_bwd)
+        fmt_bytes(state),
+        fmt_bytes(images_fwd),
+        fmt_bytes(images_bwd)
     );
     let _ = writeln!(
         s,
         "    forward peak: kept so far + transients {} -> {} in all",
-        gib(mem.forward_peak as f64),
-        gib(fwd_total)
+        fmt_bytes(mem.forward_peak as f64),
+        fmt_bytes(fwd_total)
     );
     let _ = writeln!(
         s,
         "    backward peak: kept {} + transients {} -> {} in all",
-        gib(mem.saved as f64),
-        gib((mem.backward_peak - mem.saved) as f64),
-        gib(bwd_total)
+        fmt_bytes(mem.saved as f64),
+        fmt_bytes((mem.backward_peak - mem.saved) as f64),
+        fmt_bytes(bwd_total)
     );
-    let _ = writeln!(
-        s,
-        "    in the GPU pool's size classes: peak {} handed out; {} held after one step (each freed buffer \
-         stays with its size class)",
-        gib(pool.peak_in_use as f64),
-        gib(pool.footprint as f64)
-    );
-    let e_total = p_bytes + mem.vjp_peak as f64;
     let _ = writeln!(
         s,
         "  posterior sampling: one forward then VJPs, peak kept + transients {} -> {} with the weights \
          (plus the sampler's image-sized vectors)",
-        gib(mem.vjp_peak as f64),
-        gib(e_total)
+        fmt_bytes(mem.vjp_peak as f64),
+        fmt_bytes(p_bytes + mem.vjp_peak as f64)
     );
-    let budget = 80e9;
+    // An 80 GB device: the pool's limit is the memory free when it starts (after about 0.5 GiB
+    // of context and modules) less a 32nd of the device, as DevicePool::new sets it; the
+    // activations get what the step's other buffers leave of it.
+    let device = 80e9;
+    let limit = device - 0.5 * (1u64 << 30) as f64 - device / 32.0;
     let worst = fwd_total.max(bwd_total);
+    let pool = u.pool_estimate(n, (limit - state - images_bwd).max(0.0) as u64);
     let _ = writeln!(
         s,
-        "  on an 80 GB GPU ({}): a training step peaks at {} ({:.0}%){}",
-        gib(budget),
-        gib(worst),
-        100.0 * worst / budget,
-        if worst <= budget { "" } else { ": does not fit" }
+        "  on an 80 GB GPU ({}): a training step peaks at {} of live buffers ({:.0}%; {} in the pool's size classes){}",
+        fmt_bytes(device),
+        fmt_bytes(worst),
+        100.0 * worst / device,
+        fmt_bytes(state + images_bwd + pool.peak_in_use as f64),
+        if worst <= limit { "" } else { ": does not fit" }
+    );
+    let _ = writeln!(
+        s,
+        "    a pool that keeps every freed buffer for its size class would hold {} after one step{}",
+        fmt_bytes(state + images_bwd + pool.unlimited_held as f64),
+        if state + images_bwd + pool.unlimited_held as f64 <= limit {
+            ""
+        } else {
+            " (too much)"
+        }
+    );
+    let _ = writeln!(
+        s,
+        "    the pool within its limit ({}) holds at most {} and allocates {} buffers a step from the driver",
+        fmt_bytes(limit),
+        fmt_bytes(state + images_bwd + pool.limited_held as f64),
+        pool.allocations_per_step
     );
     Ok(s)
 }

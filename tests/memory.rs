@@ -188,3 +188,25 @@ fn modulation_bank_refuses_a_layout_without_adjacent_biases() {
     md.hidden.bias = Some(layout.add("stray", &[8], emprior::nn::Init::Zeros));
     assert!(ModulationBank::new(&layout, &[&md]).is_err());
 }
+
+#[test]
+fn model_report_gives_each_phase_and_the_80_gb_verdict() {
+    let mri = emprior::commands::model_report("mri", Some(256)).unwrap();
+    println!("{mri}");
+    for line in [
+        "kept by one forward for its backward or VJPs: 37.97 GiB",
+        "forward peak:",
+        "backward peak:",
+        "posterior sampling:",
+        "on an 80 GB GPU",
+    ] {
+        assert!(mri.contains(line), "missing {line:?}");
+    }
+    // The paper's MRI network trains at batch 256 on 80 GB, but only with the pool's limit: a
+    // pool that keeps every freed buffer for its own size class would outgrow the device.
+    assert!(!mri.contains("does not fit"));
+    assert!(mri.contains("(too much)"));
+    let cifar = emprior::commands::model_report("cifar10", Some(256)).unwrap();
+    assert!(cifar.contains("15.77 GiB (63.08 MiB per sample)"));
+    assert!(!cifar.contains("(too much)"));
+}

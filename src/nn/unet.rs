@@ -19,7 +19,7 @@ use super::resample::{
     concat_channels, pixel_shuffle, pixel_unshuffle, split_channels, upsample2x, upsample2x_backward,
 };
 use super::{LnSaved, Mode};
-use crate::device::size_class;
+use crate::device::{size_class, PoolStats};
 use crate::error::{Error, Result};
 use crate::ops::axpy;
 use crate::tensor::{AsView, AsViewMut, Tensor, View, ViewMut};
@@ -796,16 +796,17 @@ pub struct ActivationMemory {
     pub vjp_peak: u64,
 }
 
-/// A simulated allocator over f32 tensors: live bytes and their peak, either as requested or
-/// rounded to the GPU pool's size classes, with each class's most buffers out at once (what a
-/// pool that never hands a buffer to another class keeps from the driver).
+/// A simulated allocator over f32 tensors: live bytes and their peak, as requested or rounded
+/// to the GPU pool's size classes, and the requests in order (for [`PoolStats::replay`]).
 #[derive(Default)]
 struct Tally {
     pooled: bool,
     live: u64,
     peak: u64,
-    /// Size class -> (buffers out, most out at once).
-    classes: std::collections::BTreeMap<u64, (u64, u64)>,
+    /// (bytes, handed out or back), in order.
+    events: Vec<(usize, bool)>,
+    /// Element counts of the tensors out, to hand them all back at the end.
+    out: std::collections::BTreeMap<u64, u64>,
 }
 
 impl Tally {
@@ -818,26 +819,31 @@ impl Tally {
     }
 
     fn alloc(&mut self, elems: u64) -> u64 {
-        let b = self.bytes(elems);
-        self.live += b;
+        self.live += self.bytes(elems);
         self.peak = self.peak.max(self.live);
-        let (out, most) = self.classes.entry(b).or_default();
-        *out += 1;
-        *most = (*most).max(*out);
+        self.events.push((4 * elems as usize, true));
+        *self.out.entry(elems).or_default() += 1;
         elems
     }
 
     fn free(&mut self, elems: u64) {
-        let b = self.bytes(elems);
-        self.live -= b;
-        if let Some((out, _)) = self.classes.get_mut(&b) {
-            *out -= 1;
+        self.live -= self.bytes(elems);
+        self.events.push((4 * elems as usize, false));
+        let count = self.out.get_mut(&elems).expect("freeing a tensor that is out");
+        *count -= 1;
+        if *count == 0 {
+            self.out.remove(&elems);
         }
     }
 
-    /// Bytes a class-exact cache holds from the driver after this run.
-    fn footprint(&self) -> u64 {
-        self.classes.iter().map(|(b, (_, most))| b * most).sum()
+    /// Hands back everything still out (the end of a step).
+    fn free_all(&mut self) {
+        for (elems, count) in std::mem::take(&mut self.out) {
+            for _ in 0..count {
+                self.live -= self.bytes(elems);
+                self.events.push((4 * elems as usize, false));
+            }
+        }
     }
 }
 
@@ -1187,13 +1193,18 @@ impl Walk<'_> {
     }
 }
 
-/// A training step's activations in the GPU pool (f32, size classes): the most bytes handed
-/// out at once, and what the pool holds from the driver once the step has run, since it keeps
-/// every freed buffer for its own size class.
+/// A training step's activations in the GPU pool (f32, size classes), over two steps.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PoolEstimate {
+    /// The most bytes handed out at once.
     pub peak_in_use: u64,
-    pub footprint: u64,
+    /// What a pool without a limit holds from the driver: per size class, the most buffers
+    /// ever out at once.
+    pub unlimited_held: u64,
+    /// With the limit asked for: the most held, and the driver allocations of the second step
+    /// (the steady state; none without a limit).
+    pub limited_held: u64,
+    pub allocations_per_step: u64,
 }
 
 impl UNet {
@@ -1229,12 +1240,22 @@ impl UNet {
         }
     }
 
-    /// A training step's forward and backward in the GPU pool at batch `n`.
-    pub fn pool_estimate(&self, n: usize) -> PoolEstimate {
-        let (_, forward_peak, backward_peak, t) = self.walk(n, true, true, true);
+    /// A training step's forward and backward in the GPU pool at batch `n`, with the pool's
+    /// bytes held limited to `limit` (its own buffers: what the rest of the step holds is the
+    /// caller's to subtract).
+    pub fn pool_estimate(&self, n: usize, limit: u64) -> PoolEstimate {
+        let (_, forward_peak, backward_peak, mut t) = self.walk(n, true, true, true);
+        t.free_all();
+        let two: Vec<(usize, bool)> = t.events.iter().chain(&t.events).copied().collect();
+        let unlimited = PoolStats::replay(&two, None);
+        let limit = Some(limit as usize);
+        let first = PoolStats::replay(&t.events, limit);
+        let both = PoolStats::replay(&two, limit);
         PoolEstimate {
             peak_in_use: forward_peak.max(backward_peak),
-            footprint: t.footprint(),
+            unlimited_held: unlimited.peak_bytes_held as u64,
+            limited_held: both.peak_bytes_held as u64,
+            allocations_per_step: both.device_allocations - first.device_allocations,
         }
     }
 }
