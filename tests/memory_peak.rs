@@ -3,11 +3,13 @@
 //! path; the CPU adds its own scratch inside a few ops (the modulated LayerNorm's pre-norm
 //! values, dropout's uniforms, the GEMM's packing), which the comparison allows for.
 //!
-//! One test in this binary: the counter is global, so nothing may run beside it.
+//! One test in this binary: the counter (and the column budget) is global, so nothing may run
+//! beside it.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
+use emprior::nn::conv::set_column_budget;
 use emprior::nn::{Mode, UNet, UNetConfig};
 use emprior::ops::Philox;
 use emprior::{AsView, AsViewMut, DType, Device, Tensor};
@@ -99,7 +101,13 @@ fn activation_memory_estimate_follows_real_allocations() {
     let train = Mode::Train {
         rng: Philox::new(3, 4),
     };
-    for (name, cfg, n) in [("mid", mid, 3), ("cifar10", UNetConfig::cifar10(), 2)] {
+    // The mid network also with convolutions in chunks of samples (a 200 KB column budget).
+    for (name, cfg, n, budget) in [
+        ("mid", mid.clone(), 3, 1 << 30),
+        ("mid chunked", mid, 3, 200_000),
+        ("cifar10", UNetConfig::cifar10(), 2, 1 << 30),
+    ] {
+        set_column_budget(budget);
         for (mode_name, mode) in [("eval", Mode::Eval), ("train", train)] {
             let unet = UNet::new(cfg.clone()).unwrap();
             let est = unet.activation_memory(n, mode != Mode::Eval);

@@ -6,8 +6,9 @@
 //! still queued can be handed to the next op at once: stream order makes that op run after them.
 //!
 //! A free list serves only its own class, so a pool that only grows keeps, per class, the most
-//! buffers that were ever out at once: after one MRI training step at batch 256 that is about
-//! 102 GiB, though never more than 65 GiB is out at once (`emprior model --preset mri`). Hence
+//! buffers that were ever out at once: after one MRI training step at batch 256, 56 GiB of
+//! activation buffers of which at most 45 GiB are out at once (102 and 65 GiB before the
+//! convolutions built their columns in chunks; `emprior model --preset mri --batch 256`). Hence
 //! a limit on the bytes the pool holds (out plus cached), by default the device memory free
 //! when the pool starts less some headroom: a new buffer that would pass it first releases
 //! cached buffers, least recently returned first. cudarc frees them stream-ordered, so the

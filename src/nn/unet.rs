@@ -11,7 +11,7 @@
 use std::fmt::Write as _;
 
 use super::blocks::{AttBlock, AttCore, BankSaved, Modulation, ModulationBank, ResBlock, ResCore};
-use super::conv::Conv3x3;
+use super::conv::{samples_per_chunk, Conv3x3};
 use super::linear::Linear;
 use super::norm::{layer_norm, layer_norm_backward, layer_norm_backward_from};
 use super::params::ParamLayout;
@@ -701,29 +701,6 @@ impl UNet {
         macs + c[0] as u64 * (cfg.out_channels * cfg.patch * cfg.patch) as u64 * pixels(0)
     }
 
-    /// Elements per image of the largest im2col column buffer a convolution allocates (the
-    /// biggest transient of a forward or backward on top of the saved activations).
-    pub fn largest_column_buffer(&self) -> u64 {
-        let cfg = &self.config;
-        let c = &cfg.channels;
-        let (h0, w0) = (
-            (cfg.resolution.0 / cfg.patch) as u64,
-            (cfg.resolution.1 / cfg.patch) as u64,
-        );
-        let cols = |cin: usize, i: usize| 9 * cin as u64 * (h0 >> i) * (w0 >> i);
-        let mut m = cols(cfg.in_channels * cfg.patch * cfg.patch, 0);
-        for i in 0..c.len() {
-            m = m.max(cols(c[i], i));
-            if i > 0 {
-                m = m.max(cols(c[i - 1], i));
-            }
-            if i + 1 < c.len() {
-                m = m.max(cols(c[i] + c[i + 1], i));
-            }
-        }
-        m
-    }
-
     /// A human-readable summary: levels, blocks, shapes and parameter counts.
     pub fn describe(&self) -> String {
         let cfg = &self.config;
@@ -882,23 +859,39 @@ impl Walk<'_> {
         self.n * self.pixels(0) * (cfg.out_channels * cfg.patch * cfg.patch) as u64
     }
 
-    /// Conv3x3 forward to `p_out` pixels: the column buffer, then the output.
+    /// Column elements of each chunk of samples a convolution builds in turn.
+    fn column_chunks(&self, cin: u64, p_out: u64) -> Vec<u64> {
+        let per = p_out * 9 * cin;
+        let k = samples_per_chunk(4 * per as usize) as u64;
+        (0..self.n)
+            .step_by(k as usize)
+            .map(|s| k.min(self.n - s) * per)
+            .collect()
+    }
+
+    /// Conv3x3 forward to `p_out` pixels: the output, then each chunk's columns.
     fn conv(&mut self, cin: u64, cout: u64, p_out: u64) -> u64 {
-        let col = self.t.alloc(self.n * p_out * 9 * cin);
         let y = self.t.alloc(self.n * p_out * cout);
-        self.t.free(col);
+        for col in self.column_chunks(cin, p_out) {
+            self.t.alloc(col);
+            self.t.free(col);
+        }
         y
     }
 
     fn conv_param_grads(&mut self, cin: u64, p_out: u64) {
-        let col = self.t.alloc(self.n * p_out * 9 * cin);
-        self.t.free(col);
+        for col in self.column_chunks(cin, p_out) {
+            self.t.alloc(col);
+            self.t.free(col);
+        }
     }
 
     fn conv_backward_input(&mut self, cin: u64, p_in: u64, p_out: u64) -> u64 {
-        let dcol = self.t.alloc(self.n * p_out * 9 * cin);
         let dx = self.t.alloc(self.n * p_in * cin);
-        self.t.free(dcol);
+        for dcol in self.column_chunks(cin, p_out) {
+            self.t.alloc(dcol);
+            self.t.free(dcol);
+        }
         dx
     }
 
