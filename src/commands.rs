@@ -385,3 +385,145 @@ fn run(
     let mean_view = mean.map(|m| m.as_view()).transpose()?;
     sampler.sample(den, shape, mean_view.as_ref(), DType::F32, device)
 }
+
+/// `emprior model`: the architecture, parameter count and forward cost of a preset and, with a
+/// batch size, its memory: what one forward keeps, and each phase's peak of a training step
+/// and of posterior sampling (f32; U-Nets from `UNet::activation_memory`).
+pub fn model_report(name: &str, batch: Option<usize>) -> Result<String> {
+    use std::fmt::Write as _;
+
+    use crate::nn::unet::fmt_count;
+    use crate::nn::Mode;
+
+    let net = preset(name)?;
+    let mut s = net.describe();
+    let params = net.layout().len();
+    let p_bytes = params as f64 * 4.0;
+    let _ = writeln!(
+        s,
+        "parameters: {} ({} in f32)",
+        fmt_count(params),
+        fmt_bytes(p_bytes)
+    );
+    let _ = writeln!(
+        s,
+        "forward cost: {} per sample (GEMM-shaped work only)",
+        fmt_flops(2.0 * net.forward_macs() as f64)
+    );
+    let Some(n) = batch else { return Ok(s) };
+    let u = match &net {
+        Network::UNet(u) => u,
+        Network::Mlp(_) => {
+            // Small: measured from a one-sample forward.
+            let den = Denoiser::new(net);
+            let weights = den.layout().init(0, DType::F32, &Device::Cpu)?;
+            let mut shape = vec![1];
+            shape.extend(den.net.sample_shape());
+            let x = Tensor::zeros(&shape, DType::F32, &Device::Cpu)?;
+            let (_, saved) = den.denoise(&weights.as_view()?, &x.as_view()?, &[1.0], Mode::Eval)?;
+            let per = saved.bytes() as f64;
+            let _ = writeln!(
+                s,
+                "activations kept by one forward for the VJPs (f32): {} per sample, {} at batch {n}",
+                fmt_bytes(per),
+                fmt_bytes(per * n as f64)
+            );
+            return Ok(s);
+        }
+    };
+    let mem = u.activation_memory(n, true);
+    let cfg = &u.config;
+    let image = (n * cfg.resolution.0 * cfg.resolution.1 * cfg.in_channels) as f64 * 4.0;
+    // Held by a training step around the network: the batch, its noise and noisy copy, the
+    // network's scaled input (forward); then the denoised batch, the residual, the loss
+    // gradient and its scaled copy instead of the scaled input (backward).
+    let (images_fwd, images_bwd) = (4.0 * image, 7.0 * image);
+    // Parameters, gradients, both Adam moments and the EMA copy.
+    let state = 5.0 * p_bytes;
+    let _ = writeln!(s, "memory at batch {n}, f32:");
+    let _ = writeln!(
+        s,
+        "  kept by one forward for its backward or VJPs: {} ({} per sample)",
+        fmt_bytes(mem.saved as f64),
+        fmt_bytes(mem.saved as f64 / n as f64)
+    );
+    let fwd_total = state + images_fwd + mem.forward_peak as f64;
+    let bwd_total = state + images_bwd + mem.backward_peak as f64;
+    let _ = writeln!(
+        s,
+        "  training step: parameters, gradients, Adam moments and EMA {}; images around the network {} / {}",
+        fmt_bytes(state),
+        fmt_bytes(images_fwd),
+        fmt_bytes(images_bwd)
+    );
+    let _ = writeln!(
+        s,
+        "    forward peak: kept so far + transients {} -> {} in all",
+        fmt_bytes(mem.forward_peak as f64),
+        fmt_bytes(fwd_total)
+    );
+    let _ = writeln!(
+        s,
+        "    backward peak: kept {} + transients {} -> {} in all",
+        fmt_bytes(mem.saved as f64),
+        fmt_bytes((mem.backward_peak - mem.saved) as f64),
+        fmt_bytes(bwd_total)
+    );
+    let _ = writeln!(
+        s,
+        "  posterior sampling: one forward then VJPs, peak kept + transients {} -> {} with the weights \
+         (plus the sampler's image-sized vectors)",
+        fmt_bytes(mem.vjp_peak as f64),
+        fmt_bytes(p_bytes + mem.vjp_peak as f64)
+    );
+    // An 80 GB device: the pool's limit is the memory free when it starts (after about 0.5 GiB
+    // of context and modules) less a 32nd of the device, as DevicePool::new sets it; the
+    // activations get what the step's other buffers leave of it.
+    let device = 80e9;
+    let limit = device - 0.5 * (1u64 << 30) as f64 - device / 32.0;
+    let worst = fwd_total.max(bwd_total);
+    let pool = u.pool_estimate(n, (limit - state - images_bwd).max(0.0) as u64);
+    let _ = writeln!(
+        s,
+        "  on an 80 GB GPU ({}): a training step peaks at {} of live buffers ({:.0}%; {} in the pool's size classes){}",
+        fmt_bytes(device),
+        fmt_bytes(worst),
+        100.0 * worst / device,
+        fmt_bytes(state + images_bwd + pool.peak_in_use as f64),
+        if worst <= limit { "" } else { ": does not fit" }
+    );
+    let _ = writeln!(
+        s,
+        "    a pool that keeps every freed buffer for its size class would hold {} after one step{}",
+        fmt_bytes(state + images_bwd + pool.unlimited_held as f64),
+        if state + images_bwd + pool.unlimited_held as f64 <= limit {
+            ""
+        } else {
+            " (too much)"
+        }
+    );
+    let _ = writeln!(
+        s,
+        "    the pool within its limit ({}) holds at most {} and allocates {} buffers a step from the driver",
+        fmt_bytes(limit),
+        fmt_bytes(state + images_bwd + pool.limited_held as f64),
+        pool.allocations_per_step
+    );
+    Ok(s)
+}
+
+fn fmt_bytes(b: f64) -> String {
+    match b {
+        b if b >= (1u64 << 30) as f64 => format!("{:.2} GiB", b / (1u64 << 30) as f64),
+        b if b >= (1u64 << 20) as f64 => format!("{:.2} MiB", b / (1u64 << 20) as f64),
+        b => format!("{:.1} KiB", b / 1024.0),
+    }
+}
+
+fn fmt_flops(f: f64) -> String {
+    match f {
+        f if f >= 1e9 => format!("{:.3} GFLOP", f / 1e9),
+        f if f >= 1e6 => format!("{:.3} MFLOP", f / 1e6),
+        f => format!("{:.1} kFLOP", f / 1e3),
+    }
+}

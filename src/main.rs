@@ -67,8 +67,8 @@ enum Command {
         /// manifold (TimeMLP), cifar10 or mri (U-Nets).
         #[arg(long)]
         preset: String,
-        /// Report the activation memory for this batch size (measured from a one-sample forward
-        /// on the CPU; every saved tensor scales with the batch).
+        /// Report the memory at this batch size: what one forward keeps, and the peaks of a
+        /// training step's forward and backward and of posterior sampling.
         #[arg(long)]
         batch: Option<usize>,
     },
@@ -462,63 +462,8 @@ fn bench(request: DeviceRequest, quick: bool) -> Result<()> {
 }
 
 fn model(name: &str, batch: Option<usize>) -> Result<()> {
-    use emprior::diffusion::{preset, Denoiser, Network};
-    use emprior::nn::unet::fmt_count;
-    use emprior::nn::Mode;
-    use emprior::{AsView, DType, Tensor};
-
-    let net = preset(name)?;
-    print!("{}", net.describe());
-    let params = net.layout().len();
-    let macs = net.forward_macs();
-    println!(
-        "parameters: {} ({} in f32)",
-        fmt_count(params),
-        fmt_bytes(params as f64 * 4.0)
-    );
-    println!(
-        "forward cost: {} per sample (GEMM-shaped work only)",
-        fmt_flops(2.0 * macs as f64)
-    );
-    if let Some(n) = batch {
-        let den = Denoiser::new(net);
-        let weights = den.layout().init(0, DType::F32, &Device::Cpu)?;
-        let mut shape = vec![1];
-        shape.extend(den.net.sample_shape());
-        let x = Tensor::zeros(&shape, DType::F32, &Device::Cpu)?;
-        let (_, saved) = den.denoise(&weights.as_view()?, &x.as_view()?, &[1.0], Mode::Eval)?;
-        let per_sample = saved.bytes() as f64;
-        println!(
-            "activations kept by one forward for the VJPs (f32): {} per sample, {} at batch {n}",
-            fmt_bytes(per_sample),
-            fmt_bytes(per_sample * n as f64)
-        );
-        if let Network::UNet(u) = &den.net {
-            let cols = u.largest_column_buffer() as f64 * 4.0;
-            println!(
-                "largest transient (im2col columns of one convolution): {} per sample, {} at batch {n}",
-                fmt_bytes(cols),
-                fmt_bytes(cols * n as f64)
-            );
-        }
-    }
+    print!("{}", emprior::commands::model_report(name, batch)?);
     Ok(())
-}
-
-fn fmt_bytes(b: f64) -> String {
-    match b {
-        b if b >= (1u64 << 30) as f64 => format!("{:.2} GiB", b / (1u64 << 30) as f64),
-        b if b >= (1u64 << 20) as f64 => format!("{:.2} MiB", b / (1u64 << 20) as f64),
-        b => format!("{:.1} KiB", b / 1024.0),
-    }
-}
-
-fn fmt_flops(f: f64) -> String {
-    match f {
-        f if f >= 1e9 => format!("{:.3} GFLOP", f / 1e9),
-        f if f >= 1e6 => format!("{:.3} MFLOP", f / 1e6),
-        f => format!("{:.1} kFLOP", f / 1e3),
-    }
 }
 
 fn em(

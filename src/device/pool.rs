@@ -4,6 +4,23 @@
 //!
 //! All work runs on the device's one stream, so a buffer released while kernels that read it are
 //! still queued can be handed to the next op at once: stream order makes that op run after them.
+//!
+//! A free list serves only its own class, so a pool that only grows keeps, per class, the most
+//! buffers that were ever out at once: after one MRI training step at batch 256, 56 GiB of
+//! activation buffers of which at most 45 GiB are out at once (102 and 65 GiB before the
+//! convolutions built their columns in chunks; `emprior model --preset mri --batch 256`). Hence
+//! a limit on the bytes the pool holds (out plus cached), by default the device memory free
+//! when the pool starts less some headroom: a new buffer that would pass it first releases
+//! cached buffers, least recently returned first. cudarc frees them stream-ordered, so the
+//! driver can hand their memory to the allocation that follows on the same stream without a
+//! synchronisation.
+//!
+//! Phases label parts of a run (an E-step, an M-step): each keeps its own peaks, and entering one
+//! releases the cache the previous one built, so the two do not each hold their own buffers for
+//! the whole run.
+//!
+//! The bookkeeping ([`PoolBook`]) is apart from the driver calls: it decides, the pool allocates
+//! and frees. Tests and [`PoolStats::replay`] run it without a GPU.
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
@@ -26,17 +43,202 @@ pub struct PoolStats {
     pub bytes_cached: usize,
     /// The largest `bytes_in_use` seen.
     pub peak_bytes_in_use: usize,
+    /// The largest `bytes_in_use + bytes_cached` seen: the most device memory the pool held.
+    pub peak_bytes_held: usize,
+    /// Cached buffers given back to the driver (to stay under the limit, on entering a phase,
+    /// or by a trim).
+    pub releases: u64,
+}
+
+/// One phase's figures, over every time it was entered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct PhaseStats {
+    pub name: &'static str,
+    pub peak_bytes_in_use: usize,
+    pub peak_bytes_held: usize,
+    pub device_allocations: u64,
+    pub reuses: u64,
+}
+
+/// A pool's bookkeeping, over buffers of any kind `B` (device slices in the pool; markers in
+/// tests and replays): the free lists, the statistics, the limit and the phases.
+pub struct PoolBook<B> {
+    /// Size class -> cached buffers with the order they came back in, oldest first.
+    free: BTreeMap<usize, Vec<(u64, B)>>,
+    returned: u64,
+    limit: Option<usize>,
+    stats: PoolStats,
+    /// The largest `bytes_in_use` since the last `reset_peak`.
+    peak_since_reset: usize,
+    phases: Vec<PhaseStats>,
+    phase: Option<usize>,
+}
+
+impl<B> PoolBook<B> {
+    /// With `limit`, the bytes held (out plus cached) that a new buffer may not push past while
+    /// cached buffers can be released instead.
+    pub fn new(limit: Option<usize>) -> Self {
+        PoolBook {
+            free: BTreeMap::new(),
+            returned: 0,
+            limit,
+            stats: PoolStats::default(),
+            peak_since_reset: 0,
+            phases: Vec::new(),
+            phase: None,
+        }
+    }
+
+    fn held(&self) -> usize {
+        self.stats.bytes_in_use + self.stats.bytes_cached
+    }
+
+    fn lent(&mut self, class: usize, new: bool) {
+        let s = &mut self.stats;
+        s.bytes_in_use += class;
+        s.peak_bytes_in_use = s.peak_bytes_in_use.max(s.bytes_in_use);
+        let held = s.bytes_in_use + s.bytes_cached;
+        s.peak_bytes_held = s.peak_bytes_held.max(held);
+        self.peak_since_reset = self.peak_since_reset.max(s.bytes_in_use);
+        if let Some(p) = self.phase.map(|i| &mut self.phases[i]) {
+            p.peak_bytes_in_use = p.peak_bytes_in_use.max(s.bytes_in_use);
+            p.peak_bytes_held = p.peak_bytes_held.max(held);
+            if new {
+                p.device_allocations += 1;
+            } else {
+                p.reuses += 1;
+            }
+        }
+    }
+
+    /// A cached buffer of `class`, now counted as handed out; None on a miss.
+    pub fn take(&mut self, class: usize) -> Option<B> {
+        let list = self.free.get_mut(&class)?;
+        let (_, buf) = list.pop()?;
+        if list.is_empty() {
+            self.free.remove(&class);
+        }
+        self.stats.reuses += 1;
+        self.stats.bytes_cached -= class;
+        self.lent(class, false);
+        Some(buf)
+    }
+
+    /// Before a new buffer of `class`: the cached buffers to give back to the driver, least
+    /// recently returned first, so that the pool stays within its limit.
+    pub fn make_room(&mut self, class: usize) -> Vec<B> {
+        let mut out = Vec::new();
+        let Some(limit) = self.limit else { return out };
+        while self.held() + class > limit {
+            // The class whose oldest buffer came back first.
+            let oldest = self
+                .free
+                .iter()
+                .min_by_key(|(_, list)| list[0].0)
+                .map(|(&c, _)| c);
+            let Some(c) = oldest else { break };
+            let list = self.free.get_mut(&c).expect("a cached class");
+            out.push(list.remove(0).1);
+            if list.is_empty() {
+                self.free.remove(&c);
+            }
+            self.stats.bytes_cached -= c;
+            self.stats.releases += 1;
+        }
+        out
+    }
+
+    /// A new buffer of `class` from the driver is handed out.
+    pub fn lent_new(&mut self, class: usize) {
+        self.stats.device_allocations += 1;
+        self.lent(class, true);
+    }
+
+    /// A buffer of `class` comes back to the cache.
+    pub fn give_back(&mut self, class: usize, buf: B) {
+        self.stats.bytes_in_use -= class;
+        self.stats.bytes_cached += class;
+        self.returned += 1;
+        self.free.entry(class).or_default().push((self.returned, buf));
+    }
+
+    /// Every cached buffer, to give back to the driver.
+    pub fn drain(&mut self) -> Vec<B> {
+        let free = std::mem::take(&mut self.free);
+        self.stats.bytes_cached = 0;
+        let out: Vec<B> = free.into_values().flatten().map(|(_, b)| b).collect();
+        self.stats.releases += out.len() as u64;
+        out
+    }
+
+    pub fn stats(&self) -> PoolStats {
+        self.stats
+    }
+
+    /// The most bytes handed out at once since the last `reset_peak` (or the start).
+    pub fn peak_bytes(&self) -> usize {
+        self.peak_since_reset
+    }
+
+    /// Starts a new peak from what is handed out now.
+    pub fn reset_peak(&mut self) {
+        self.peak_since_reset = self.stats.bytes_in_use;
+    }
+
+    /// Enters phase `name` (a name seen before continues its figures) and returns the cache the
+    /// previous phase built, to give back to the driver.
+    pub fn enter_phase(&mut self, name: &'static str) -> Vec<B> {
+        let released = self.drain();
+        let i = match self.phases.iter().position(|p| p.name == name) {
+            Some(i) => i,
+            None => {
+                self.phases.push(PhaseStats {
+                    name,
+                    peak_bytes_in_use: 0,
+                    peak_bytes_held: 0,
+                    device_allocations: 0,
+                    reuses: 0,
+                });
+                self.phases.len() - 1
+            }
+        };
+        let (in_use, held) = (self.stats.bytes_in_use, self.held());
+        let p = &mut self.phases[i];
+        p.peak_bytes_in_use = p.peak_bytes_in_use.max(in_use);
+        p.peak_bytes_held = p.peak_bytes_held.max(held);
+        self.phase = Some(i);
+        released
+    }
+
+    /// The phases entered so far, in first-entry order.
+    pub fn phases(&self) -> &[PhaseStats] {
+        &self.phases
+    }
+}
+
+impl PoolStats {
+    /// The figures a pool with `limit` ends with after `events`, each a request size in bytes
+    /// and whether it is handed out (true) or comes back (false); buffers of one size class are
+    /// interchangeable to the pool. The device pool's own bookkeeping, without a device (for
+    /// memory estimates and tests).
+    pub fn replay(events: &[(usize, bool)], limit: Option<usize>) -> PoolStats {
+        let mut book = PoolBook::<()>::new(limit);
+        for &(bytes, out) in events {
+            let class = size_class(bytes);
+            if !out {
+                book.give_back(class, ());
+            } else if book.take(class).is_none() {
+                book.make_room(class);
+                book.lent_new(class);
+            }
+        }
+        book.stats()
+    }
 }
 
 pub struct DevicePool {
     stream: Arc<CudaStream>,
-    inner: Mutex<PoolInner>,
-}
-
-#[derive(Default)]
-struct PoolInner {
-    free: BTreeMap<usize, Vec<CudaSlice<u8>>>,
-    stats: PoolStats,
+    inner: Mutex<PoolBook<CudaSlice<u8>>>,
 }
 
 /// Rounds a request up to its size class: 256-byte steps up to 64 KiB, then sixteenths of the
@@ -51,26 +253,40 @@ pub fn size_class(bytes: usize) -> usize {
     bytes.div_ceil(step) * step
 }
 
+/// Device memory left outside the pool's limit for what does not come from the pool (driver
+/// workspaces, modules loaded later, other processes): a 32nd of the device, at least 512 MiB.
+pub fn headroom(total: usize) -> usize {
+    (total / 32).max(512 << 20)
+}
+
 impl DevicePool {
+    /// A pool limited to the device memory free now less the headroom (unlimited when the
+    /// driver cannot say).
     pub fn new(stream: Arc<CudaStream>) -> Self {
+        let limit = stream
+            .context()
+            .mem_get_info()
+            .ok()
+            .map(|(free, total)| free.saturating_sub(headroom(total)));
         DevicePool {
             stream,
-            inner: Mutex::new(PoolInner::default()),
+            inner: Mutex::new(PoolBook::new(limit)),
         }
     }
 
     /// A buffer of at least `bytes` bytes, contents undefined (all bytes 0xFF in poison mode).
     pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<PooledBuffer> {
         let class = size_class(bytes);
-        let cached = {
-            let mut inner = self.inner.lock().unwrap();
-            let hit = inner.free.get_mut(&class).and_then(Vec::pop);
-            if hit.is_some() {
-                inner.stats.reuses += 1;
-                inner.stats.bytes_cached -= class;
+        let (cached, released) = {
+            let mut book = self.inner.lock().unwrap();
+            match book.take(class) {
+                Some(s) => (Some(s), Vec::new()),
+                None => (None, book.make_room(class)),
             }
-            hit
         };
+        if !released.is_empty() {
+            self.free_to_driver(released);
+        }
         let mut slice = match cached {
             Some(s) => s,
             None => self.alloc_from_driver(class)?,
@@ -78,9 +294,6 @@ impl DevicePool {
         if super::poison_enabled() {
             self.poison(&mut slice)?;
         }
-        let mut inner = self.inner.lock().unwrap();
-        inner.stats.bytes_in_use += class;
-        inner.stats.peak_bytes_in_use = inner.stats.peak_bytes_in_use.max(inner.stats.bytes_in_use);
         Ok(PooledBuffer {
             slice: Some(slice),
             bytes,
@@ -107,7 +320,7 @@ impl DevicePool {
                     .map_err(|e| Error::cuda(format!("allocating {class} bytes of device memory"), e))?
             }
         };
-        self.inner.lock().unwrap().stats.device_allocations += 1;
+        self.inner.lock().unwrap().lent_new(class);
         Ok(slice)
     }
 
@@ -130,26 +343,49 @@ impl DevicePool {
 
     fn release(&self, slice: CudaSlice<u8>) {
         let class = slice.len();
-        let mut inner = self.inner.lock().unwrap();
-        inner.stats.bytes_in_use -= class;
-        inner.stats.bytes_cached += class;
-        inner.free.entry(class).or_default().push(slice);
+        self.inner.lock().unwrap().give_back(class, slice);
+    }
+
+    /// Frees buffers (outside the lock; cudarc frees without making the context current, and
+    /// this may run on any thread).
+    fn free_to_driver(&self, buffers: Vec<CudaSlice<u8>>) {
+        let _ = self.stream.context().bind_to_thread();
+        drop(buffers);
     }
 
     /// Returns every cached buffer to the driver.
     pub fn trim(&self) {
-        // cudarc frees without making the context current; this may run on any thread.
-        let _ = self.stream.context().bind_to_thread();
-        let freed = {
-            let mut inner = self.inner.lock().unwrap();
-            inner.stats.bytes_cached = 0;
-            std::mem::take(&mut inner.free)
-        };
-        drop(freed);
+        let freed = self.inner.lock().unwrap().drain();
+        self.free_to_driver(freed);
     }
 
     pub fn stats(&self) -> PoolStats {
-        self.inner.lock().unwrap().stats
+        self.inner.lock().unwrap().stats()
+    }
+
+    // Per-phase reporting. CudaDevice (device/cuda.rs) does not forward these yet.
+
+    /// The most bytes handed out at once since the last `reset_peak`.
+    #[allow(dead_code)]
+    pub fn peak_bytes(&self) -> usize {
+        self.inner.lock().unwrap().peak_bytes()
+    }
+
+    #[allow(dead_code)]
+    pub fn reset_peak(&self) {
+        self.inner.lock().unwrap().reset_peak()
+    }
+
+    /// Enters phase `name`, giving the previous phase's cached buffers back to the driver.
+    #[allow(dead_code)]
+    pub fn set_phase(&self, name: &'static str) {
+        let freed = self.inner.lock().unwrap().enter_phase(name);
+        self.free_to_driver(freed);
+    }
+
+    #[allow(dead_code)]
+    pub fn phases(&self) -> Vec<PhaseStats> {
+        self.inner.lock().unwrap().phases().to_vec()
     }
 }
 
@@ -185,7 +421,7 @@ impl Drop for PooledBuffer {
 
 #[cfg(test)]
 mod tests {
-    use super::size_class;
+    use super::{size_class, PoolBook, PoolStats};
 
     #[test]
     fn size_classes_cover_the_request_with_bounded_slack() {
@@ -210,5 +446,120 @@ mod tests {
             );
         }
         assert_eq!(size_class(1000), size_class(1024));
+    }
+
+    /// What DevicePool::alloc does, with numbered markers for buffers; returns (class, marker).
+    fn alloc(book: &mut PoolBook<u32>, next: &mut u32, bytes: usize) -> (usize, u32, Vec<u32>) {
+        let class = size_class(bytes);
+        match book.take(class) {
+            Some(b) => (class, b, Vec::new()),
+            None => {
+                let released = book.make_room(class);
+                book.lent_new(class);
+                *next += 1;
+                (class, *next, released)
+            }
+        }
+    }
+
+    #[test]
+    fn a_repeated_loop_allocates_only_the_first_time() {
+        let mut book = PoolBook::new(None);
+        let mut next = 0;
+        for pass in 0..3 {
+            let a = alloc(&mut book, &mut next, 1000);
+            let b = alloc(&mut book, &mut next, 5 << 20);
+            book.give_back(a.0, a.1);
+            let c = alloc(&mut book, &mut next, 900); // same class as a: reuses it
+            assert_eq!(c.1, a.1, "pass {pass}");
+            book.give_back(b.0, b.1);
+            book.give_back(c.0, c.1);
+        }
+        let s = book.stats();
+        assert_eq!((s.device_allocations, s.reuses), (2, 7));
+        assert_eq!(s.bytes_in_use, 0);
+        assert_eq!(s.bytes_cached, size_class(1000) + size_class(5 << 20));
+        assert_eq!(s.peak_bytes_in_use, size_class(1000) + size_class(5 << 20));
+        assert_eq!(s.peak_bytes_held, s.bytes_cached);
+    }
+
+    #[test]
+    fn the_limit_releases_the_least_recently_returned_first() {
+        let mb = 1 << 20;
+        let mut book = PoolBook::new(Some(10 * mb));
+        let mut next = 0;
+        let a = alloc(&mut book, &mut next, 3 * mb);
+        let b = alloc(&mut book, &mut next, 2 * mb);
+        let c = alloc(&mut book, &mut next, 4 * mb);
+        book.give_back(b.0, b.1); // oldest in the cache
+        book.give_back(a.0, a.1);
+        book.give_back(c.0, c.1);
+        // 9 MiB cached; a 5 MiB buffer must release 4 MiB or more: b (2) then a (3).
+        let d = alloc(&mut book, &mut next, 5 * mb);
+        assert_eq!(d.2, vec![b.1, a.1]);
+        let s = book.stats();
+        assert_eq!(s.bytes_cached, 4 * mb);
+        assert_eq!(s.bytes_in_use, 5 * mb);
+        assert_eq!(s.releases, 2);
+        assert!(s.peak_bytes_held <= 10 * mb);
+        // c is still cached and still served.
+        assert_eq!(alloc(&mut book, &mut next, 4 * mb).1, c.1);
+        // Past the limit with nothing cached to release: the driver decides.
+        let e = alloc(&mut book, &mut next, 6 * mb);
+        assert!(e.2.is_empty());
+        assert_eq!(book.stats().bytes_in_use, 15 * mb);
+    }
+
+    #[test]
+    fn peaks_reset_and_phases_keep_their_own() {
+        let mb = 1 << 20;
+        let mut book = PoolBook::new(None);
+        let mut next = 0;
+        assert!(book.enter_phase("m-step").is_empty());
+        let a = alloc(&mut book, &mut next, 8 * mb);
+        let b = alloc(&mut book, &mut next, 4 * mb);
+        book.give_back(b.0, b.1);
+        assert_eq!(book.peak_bytes(), 12 * mb);
+        book.reset_peak();
+        assert_eq!(book.peak_bytes(), 8 * mb);
+        // Entering the E-step gives the M-step's cache back (b), not what is still out (a).
+        assert_eq!(book.enter_phase("e-step"), vec![b.1]);
+        let c = alloc(&mut book, &mut next, 2 * mb);
+        book.give_back(c.0, c.1);
+        book.give_back(a.0, a.1);
+        assert_eq!(book.peak_bytes(), 10 * mb);
+        book.enter_phase("m-step");
+        let d = alloc(&mut book, &mut next, 16 * mb);
+        book.give_back(d.0, d.1);
+        let p = book.phases();
+        assert_eq!(p.len(), 2);
+        assert_eq!((p[0].name, p[0].peak_bytes_in_use), ("m-step", 16 * mb));
+        assert_eq!((p[0].device_allocations, p[0].reuses), (3, 0));
+        assert_eq!((p[1].name, p[1].peak_bytes_in_use), ("e-step", 10 * mb));
+        assert_eq!(p[1].peak_bytes_held, 10 * mb);
+        assert_eq!(book.stats().releases, 3);
+    }
+
+    #[test]
+    fn replay_is_the_pools_bookkeeping() {
+        let mb = 1 << 20;
+        let step = [
+            (6 * mb, true),
+            (3 * mb, true),
+            (6 * mb, false),
+            (5 * mb, true),
+            (3 * mb, false),
+            (5 * mb, false),
+        ];
+        let twice: Vec<(usize, bool)> = step.iter().chain(&step).copied().collect();
+        // Unlimited: three classes, each allocated once, held for good.
+        let s = PoolStats::replay(&twice, None);
+        assert_eq!((s.device_allocations, s.reuses), (3, 3));
+        assert_eq!(s.peak_bytes_held, 14 * mb);
+        // Within 9 MiB: never more held than that, at the price of allocating again.
+        let s = PoolStats::replay(&twice, Some(9 * mb));
+        assert!(s.peak_bytes_held <= 9 * mb, "{s:?}");
+        assert_eq!(s.peak_bytes_in_use, 9 * mb);
+        assert_eq!((s.device_allocations, s.releases), (6, 4));
     }
 }

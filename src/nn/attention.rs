@@ -117,8 +117,9 @@ pub struct SelfAttention {
 
 /// What the attention backward needs.
 pub struct AttSaved {
-    /// The normalised input tokens [N, T, C].
-    pub x: Tensor,
+    /// A copy of the input tokens [N, T, C], kept by [`SelfAttention::forward`] only: inside an
+    /// AttBlock the input is the block's LayerNorm output, which the block keeps anyway.
+    pub x: Option<Tensor>,
     /// q, k, v as [3, N * heads, T, d].
     pub qkv: Tensor,
     /// Softmax probabilities [N * heads, T, T].
@@ -129,10 +130,11 @@ pub struct AttSaved {
 
 impl AttSaved {
     pub fn bytes(&self) -> usize {
-        [&self.x, &self.qkv, &self.probs, &self.merged]
+        [&self.qkv, &self.probs, &self.merged]
             .iter()
             .map(|t| t.size_in_bytes())
-            .sum()
+            .sum::<usize>()
+            + self.x.as_ref().map_or(0, Tensor::size_in_bytes)
     }
 }
 
@@ -164,14 +166,29 @@ impl SelfAttention {
         Ok((n, x.numel() / (n * self.channels), self.channels / self.heads))
     }
 
-    /// y = MHA(x) over all pixels of each sample (x is [N, H, W, C] or [N, T, C]).
+    /// y = MHA(x) over all pixels of each sample (x is [N, H, W, C] or [N, T, C]); the saved
+    /// state holds its own copy of x.
     pub fn forward(&self, layout: &ParamLayout, params: &View, x: &View) -> Result<(Tensor, AttSaved)> {
+        let (y, mut saved) = self.forward_shared(layout, params, x)?;
+        saved.x = Some(x.to_tensor()?);
+        Ok((y, saved))
+    }
+
+    /// As `forward`, but the caller keeps x and hands it to [`Self::backward_shared`].
+    pub fn forward_shared(
+        &self,
+        layout: &ParamLayout,
+        params: &View,
+        x: &View,
+    ) -> Result<(Tensor, AttSaved)> {
         let (n, t, d) = self.dims(x)?;
         let (h, c) = (self.heads, self.channels);
         let tokens = x.reshape(&[n, t, c])?;
         let proj = self.qkv.forward(layout, params, &tokens)?;
         let qkv =
             permute(&proj.as_view()?.reshape(&[n, t, 3, h, d])?, &SPLIT_QKV)?.reshape(&[3, n * h, t, d])?;
+        // Transients go as soon as they are read: the forward's peak is kept state plus these.
+        drop(proj);
         let (q, k, v) = split3(&qkv.as_view()?, n * h, t, d)?;
         let mut scores = Tensor::uninit(&[n * h, t, t], x.dtype(), &x.device())?;
         let scaled = GemmSpec {
@@ -180,6 +197,7 @@ impl SelfAttention {
         };
         gemm_into(&q, &k, &mut scores, scaled)?;
         let probs = softmax(&scores.as_view()?)?;
+        drop(scores);
         let mut heads_out = Tensor::uninit(&[n, h, t, d], x.dtype(), &x.device())?;
         gemm_into(
             &probs,
@@ -188,6 +206,7 @@ impl SelfAttention {
             GemmSpec::default(),
         )?;
         let merged = permute(&heads_out.as_view()?, &MERGE_HEADS)?.reshape(&[n, t, c])?;
+        drop(heads_out);
         let y = self
             .out
             .forward(layout, params, &merged.as_view()?)?
@@ -195,7 +214,7 @@ impl SelfAttention {
         Ok((
             y,
             AttSaved {
-                x: tokens.to_tensor()?,
+                x: None,
                 qkv,
                 probs,
                 merged,
@@ -210,10 +229,25 @@ impl SelfAttention {
         params: &View,
         saved: &AttSaved,
         dy: &View,
+        grads: Option<&mut ViewMut>,
+    ) -> Result<Tensor> {
+        let x = saved.x.as_ref().ok_or_else(|| {
+            Error::Other("attention backward: the forward kept no input (use backward_shared)".into())
+        })?;
+        self.backward_shared(layout, params, &x.as_view()?, saved, dy, grads)
+    }
+
+    /// The backward against an input the caller kept (`forward_shared`'s x).
+    pub fn backward_shared(
+        &self,
+        layout: &ParamLayout,
+        params: &View,
+        x: &View,
+        saved: &AttSaved,
+        dy: &View,
         mut grads: Option<&mut ViewMut>,
     ) -> Result<Tensor> {
-        let x = saved.x.as_view()?;
-        let (n, t, d) = self.dims(&x)?;
+        let (n, t, d) = self.dims(x)?;
         let (h, c) = (self.heads, self.channels);
         let dy3 = dy.reshape(&[n, t, c])?;
         let dmerged = self.out.backward(
@@ -223,11 +257,12 @@ impl SelfAttention {
             &dy3,
             grads.as_deref_mut(),
         )?;
-        let dheads = permute(
+        let dheads_t = permute(
             &dmerged.as_view()?.reshape(&[n, t, h, d])?,
             &inverse_permutation(&MERGE_HEADS),
         )?;
-        let dheads = dheads.as_view()?.reshape(&[n * h, t, d])?;
+        drop(dmerged);
+        let dheads = dheads_t.as_view()?.reshape(&[n * h, t, d])?;
         let qkv = saved.qkv.as_view()?;
         let (q, k, v) = split3(&qkv, n * h, t, d)?;
         let probs = saved.probs.as_view()?;
@@ -237,6 +272,7 @@ impl SelfAttention {
         let mut dprobs = Tensor::uninit(&[n * h, t, t], x.dtype(), &x.device())?;
         gemm_into(&dheads, &v, &mut dprobs, GemmSpec::new(false, true))?;
         let dscores = softmax_backward(&probs, &dprobs.as_view()?)?;
+        drop(dprobs);
         {
             let mut dv_all = dqkv.as_view_mut()?;
             let block = n * h * t * d;
@@ -264,14 +300,17 @@ impl SelfAttention {
                 GemmSpec::new(true, false),
             )?;
         }
+        drop(dheads);
+        drop((dscores, dheads_t));
         let dproj = permute(
             &dqkv.as_view()?.reshape(&[3, n, h, t, d])?,
             &inverse_permutation(&SPLIT_QKV),
         )?;
+        drop(dqkv);
         let dx = self.qkv.backward(
             layout,
             params,
-            &x,
+            x,
             &dproj.as_view()?.reshape(&[n, t, 3 * c])?,
             grads,
         )?;

@@ -14,9 +14,10 @@ use super::dropout::{dropout, DropoutMask};
 use super::linear::Linear;
 use super::norm::{layer_norm_backward, modulated_layer_norm, LnSaved};
 use super::params::ParamLayout;
+use super::resample::{concat_channels, gather_rows_into};
 use super::Mode;
 use crate::error::{Error, Result};
-use crate::ops::{add, mismatch, one_device, silu, silu_backward};
+use crate::ops::{axpy, fill, gemm_into, mismatch, one_device, silu, silu_backward, GemmSpec};
 use crate::tensor::{AsView, AsViewMut, Data, DataMut, Tensor, View, ViewMut};
 
 /// The CPU bodies: the oracle for kernels/blocks.cu. x, h, out: [n, p, c]; m: [n, 3c].
@@ -283,10 +284,10 @@ pub struct Modulation {
     pub channels: usize,
 }
 
-/// What the modulation's parameter backward needs.
+/// What one modulation's parameter backward needs: the hidden pre-activation (SiLU's output is
+/// recomputed from it) and the output m = [a | b | c].
 pub struct ModSaved {
     pub z: Tensor,
-    pub s: Tensor,
     pub m: Tensor,
 }
 
@@ -299,11 +300,13 @@ impl Modulation {
         }
     }
 
+    /// One block's modulation on its own (the U-Net evaluates all of them at once through
+    /// [`ModulationBank`]; this is the reference it is tested against).
     pub fn forward(&self, layout: &ParamLayout, params: &View, emb: &View) -> Result<ModSaved> {
         let z = self.hidden.forward(layout, params, emb)?;
         let s = silu(&z)?;
         let m = self.out.forward(layout, params, &s.as_view()?)?;
-        Ok(ModSaved { z, s, m })
+        Ok(ModSaved { z, m })
     }
 
     /// Parameter gradients only: the embedding depends on sigma, never on x.
@@ -316,43 +319,310 @@ impl Modulation {
         dm: &View,
         grads: &mut ViewMut,
     ) -> Result<()> {
+        let s = silu(&saved.z)?;
         let ds = self
             .out
-            .backward(layout, params, &saved.s.as_view()?, dm, Some(grads))?;
+            .backward(layout, params, &s.as_view()?, dm, Some(grads))?;
         let dz = silu_backward(&saved.z, &ds)?;
         self.hidden
             .backward(layout, params, emb, &dz.as_view()?, Some(grads))?;
         Ok(())
     }
+
+    /// Offsets of [W0; b0] and [W2; b2] in the flat parameters, when each weight is followed by
+    /// its bias (as `new` registers them), so each layer is one [E + 1, fan_out] matrix.
+    fn augmented_offsets(&self, layout: &ParamLayout) -> Option<(usize, usize)> {
+        let at = |l: &Linear| {
+            let w = layout.spec(l.weight).offset;
+            let b = layout.spec(l.bias?).offset;
+            (b == w + l.fan_in * l.fan_out).then_some(w)
+        };
+        Some((at(&self.hidden)?, at(&self.out)?))
+    }
 }
 
-/// Everything a ResBlock's backward needs.
-pub struct ResSaved {
-    pub x: Tensor,
-    pub modulation: ModSaved,
+/// One modulation MLP's place in a [`ModulationBank`].
+#[derive(Clone, Debug)]
+struct BankSlot {
+    /// Offsets of [W0; b0] and [W2; b2] in the flat parameters.
+    hidden: usize,
+    out: usize,
+    channels: usize,
+    /// Sum of 3C over the slots before this one: its m starts at N times this in the bank's m.
+    m_before: usize,
+}
+
+/// Every block's modulation MLP at once. They all read the same embedding, so the first layers
+/// of all B of them are one batched GEMM against it ([N, E+1] x [B, E+1, E]), and the second
+/// layers one batched GEMM per channel width ([k, N, E+1] x [k, E+1, 3C]). The bias rides in
+/// the GEMM as a last row of the weight, met by a column of ones: each Linear's weight is
+/// followed by its bias in the flat parameters, so [W; b] is one contiguous matrix. The weights
+/// are gathered from their places (one strided copy per equally spaced run of blocks) and the
+/// gradients scattered back, so the parameter layout and the checkpoint names stay as they are.
+#[derive(Clone, Debug)]
+pub struct ModulationBank {
+    emb: usize,
+    slots: Vec<BankSlot>,
+    /// Runs of consecutive slots with one width: (first slot, count, channels).
+    groups: Vec<(usize, usize, usize)>,
+}
+
+/// The bank's forward state: z [B, N, E] (SiLU's input, for the backward) and every block's m,
+/// block after block, each [N, 3C].
+pub struct BankSaved {
+    pub z: Tensor,
+    pub m: Tensor,
+    n: usize,
+}
+
+impl BankSaved {
+    /// The batch size N.
+    pub fn batch(&self) -> usize {
+        self.n
+    }
+
+    pub fn bytes(&self) -> usize {
+        self.z.size_in_bytes() + self.m.size_in_bytes()
+    }
+}
+
+/// Maximal runs of equally spaced offsets: (first index, count, spacing).
+fn strided_runs(offsets: &[usize]) -> Vec<(usize, usize, usize)> {
+    let mut runs: Vec<(usize, usize, usize)> = Vec::new();
+    for (i, &o) in offsets.iter().enumerate() {
+        if let Some((start, count, stride)) = runs.last_mut() {
+            let last = offsets[*start + *count - 1];
+            if o > last && (*count == 1 || o - last == *stride) {
+                *stride = o - last;
+                *count += 1;
+                continue;
+            }
+        }
+        runs.push((i, 1, 0));
+    }
+    runs
+}
+
+/// Gathers `cols` values at each of `offsets` of `flat` into consecutive rows of `out`.
+fn gather(flat: &View, offsets: &[usize], cols: usize, out: &mut ViewMut) -> Result<()> {
+    for (start, count, stride) in strided_runs(offsets) {
+        let mut rows = out.sub_mut(start * cols, &[count, cols])?;
+        gather_rows_into(flat, offsets[start], stride, &mut rows)?;
+    }
+    Ok(())
+}
+
+/// A tensor of ones (the bias column) in `like`'s dtype and device.
+fn ones(like: &View, shape: &[usize]) -> Result<Tensor> {
+    let mut t = Tensor::uninit(shape, like.dtype(), &like.device())?;
+    fill(&mut t, 1.0)?;
+    Ok(t)
+}
+
+/// [x, 1]: a column of ones after the last axis of a [rows, k] matrix.
+fn with_ones(x: &View) -> Result<Tensor> {
+    let rows = x.numel() / x.shape().last().copied().unwrap_or(1).max(1);
+    concat_channels(x, &ones(x, &[rows, 1])?.as_view()?)
+}
+
+impl ModulationBank {
+    /// A bank over `mods` in this order; consecutive modulations of one width share the second
+    /// GEMM, so order them by width.
+    pub fn new(layout: &ParamLayout, mods: &[&Modulation]) -> Result<Self> {
+        let emb = mods.first().map_or(0, |m| m.hidden.fan_in);
+        let mut slots = Vec::with_capacity(mods.len());
+        let mut groups: Vec<(usize, usize, usize)> = Vec::new();
+        let mut m_before = 0;
+        for (i, md) in mods.iter().enumerate() {
+            let (hidden, out) = md
+                .augmented_offsets(layout)
+                .filter(|_| md.hidden.fan_in == emb && md.hidden.fan_out == emb)
+                .ok_or_else(|| {
+                    Error::Other(format!(
+                        "modulation {i}: each weight must be followed by its bias in the parameters, \
+                         with a {emb}-wide embedding"
+                    ))
+                })?;
+            slots.push(BankSlot {
+                hidden,
+                out,
+                channels: md.channels,
+                m_before,
+            });
+            m_before += 3 * md.channels;
+            match groups.last_mut() {
+                Some((_, count, c)) if *c == md.channels => *count += 1,
+                _ => groups.push((i, 1, md.channels)),
+            }
+        }
+        Ok(ModulationBank { emb, slots, groups })
+    }
+
+    pub fn len(&self) -> usize {
+        self.slots.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.slots.is_empty()
+    }
+
+    /// (count, channels) of each run of slots that shares a second-layer GEMM.
+    pub fn group_sizes(&self) -> Vec<(usize, usize)> {
+        self.groups.iter().map(|&(_, k, c)| (k, c)).collect()
+    }
+
+    /// Elements per sample of every block's m together.
+    pub fn m_width(&self) -> usize {
+        self.slots.iter().map(|s| 3 * s.channels).sum()
+    }
+
+    /// Elements of the largest gathered weight stack (the forward's transient besides z and m).
+    pub fn gathered_weights(&self) -> usize {
+        let e = self.emb;
+        let second = self.groups.iter().map(|&(_, k, c)| k * (e + 1) * 3 * c).max();
+        (self.len() * (e + 1) * e).max(second.unwrap_or(0))
+    }
+
+    /// Slot `slot`'s part of a bank-shaped buffer (m or its gradient), [N, 3C].
+    pub fn slot<'a>(&self, all: &View<'a>, n: usize, slot: usize) -> Result<View<'a>> {
+        let s = &self.slots[slot];
+        all.sub(n * s.m_before, &[n, 3 * s.channels])
+    }
+
+    pub fn slot_mut<'b>(&self, all: &'b mut ViewMut<'_>, n: usize, slot: usize) -> Result<ViewMut<'b>> {
+        let s = &self.slots[slot];
+        all.sub_mut(n * s.m_before, &[n, 3 * s.channels])
+    }
+
+    /// Every m for the embedding emb [N, E].
+    pub fn forward(&self, params: &View, emb: &View) -> Result<BankSaved> {
+        let (e, b) = (self.emb, self.len());
+        let n = match *emb.shape() {
+            [n, w] if w == e => n,
+            _ => {
+                return Err(Error::shape(
+                    "modulation bank",
+                    "embedding",
+                    format!("[N, {e}]"),
+                    emb.shape(),
+                ))
+            }
+        };
+        let z = {
+            let mut w0 = Tensor::uninit(&[b, e + 1, e], emb.dtype(), &emb.device())?;
+            let hidden: Vec<usize> = self.slots.iter().map(|s| s.hidden).collect();
+            gather(params, &hidden, (e + 1) * e, &mut w0.as_view_mut()?)?;
+            let mut z = Tensor::uninit(&[b, n, e], emb.dtype(), &emb.device())?;
+            gemm_into(&with_ones(emb)?, &w0, &mut z, GemmSpec::default())?;
+            z
+        };
+        let s1 = with_ones(&silu(&z)?.as_view()?.reshape(&[b * n, e])?)?;
+        let s1 = s1.as_view()?;
+        let mut m = Tensor::uninit(&[n * self.m_width()], emb.dtype(), &emb.device())?;
+        {
+            let mut mv = m.as_view_mut()?;
+            for &(first, k, c) in &self.groups {
+                let mut w2 = Tensor::uninit(&[k, e + 1, 3 * c], emb.dtype(), &emb.device())?;
+                let out: Vec<usize> = self.slots[first..first + k].iter().map(|s| s.out).collect();
+                gather(params, &out, (e + 1) * 3 * c, &mut w2.as_view_mut()?)?;
+                let a = s1.sub(first * n * (e + 1), &[k, n, e + 1])?;
+                let at = n * self.slots[first].m_before;
+                gemm_into(&a, &w2, &mut mv.sub_mut(at, &[k, n, 3 * c])?, GemmSpec::default())?;
+            }
+        }
+        Ok(BankSaved { z, m, n })
+    }
+
+    /// Accumulates every modulation's parameter gradient for dm (shaped like `saved.m`).
+    pub fn backward_params(
+        &self,
+        params: &View,
+        emb: &View,
+        saved: &BankSaved,
+        dm: &View,
+        grads: &mut ViewMut,
+    ) -> Result<()> {
+        let (e, b, n) = (self.emb, self.len(), saved.n);
+        if dm.shape() != saved.m.shape() {
+            return Err(Error::shape("modulation bank", "dm", saved.m.shape(), dm.shape()));
+        }
+        let (dtype, device) = (dm.dtype(), dm.device());
+        let s1 = with_ones(&silu(&saved.z)?.as_view()?.reshape(&[b * n, e])?)?;
+        let mut ds = Tensor::uninit(&[b, n, e], dtype, &device)?;
+        for &(first, k, c) in &self.groups {
+            let dmk = dm.sub(n * self.slots[first].m_before, &[k, n, 3 * c])?;
+            // ds = dm W2^T, with W2 (no bias row) gathered again.
+            let mut w2 = Tensor::uninit(&[k, e, 3 * c], dtype, &device)?;
+            let out: Vec<usize> = self.slots[first..first + k].iter().map(|s| s.out).collect();
+            gather(params, &out, e * 3 * c, &mut w2.as_view_mut()?)?;
+            let mut dsk = ds.as_view_mut()?;
+            gemm_into(
+                &dmk,
+                &w2,
+                &mut dsk.sub_mut(first * n * e, &[k, n, e])?,
+                GemmSpec::new(false, true),
+            )?;
+            drop(w2);
+            // [dW2; db2] = [s, 1]^T dm.
+            let mut g2 = Tensor::uninit(&[k, e + 1, 3 * c], dtype, &device)?;
+            let a = s1.as_view()?.sub(first * n * (e + 1), &[k, n, e + 1])?;
+            gemm_into(&a, &dmk, &mut g2, GemmSpec::new(true, false))?;
+            scatter_add(&g2.as_view()?, &out, (e + 1) * 3 * c, grads)?;
+        }
+        drop(s1);
+        let dz = silu_backward(&saved.z, &ds)?;
+        drop(ds);
+        // [dW0; db0] = [emb, 1]^T dz, every block in one GEMM.
+        let mut g0 = Tensor::uninit(&[b, e + 1, e], dtype, &device)?;
+        gemm_into(&with_ones(emb)?, &dz, &mut g0, GemmSpec::new(true, false))?;
+        let hidden: Vec<usize> = self.slots.iter().map(|s| s.hidden).collect();
+        scatter_add(&g0.as_view()?, &hidden, (e + 1) * e, grads)
+    }
+}
+
+/// grads[offsets[j] ..][.. cols] += g[j] for every row j of g.
+fn scatter_add(g: &View, offsets: &[usize], cols: usize, grads: &mut ViewMut) -> Result<()> {
+    for (j, &o) in offsets.iter().enumerate() {
+        axpy(1.0, &g.sub(j * cols, &[cols])?, &mut grads.sub_mut(o, &[cols])?)?;
+    }
+    Ok(())
+}
+
+/// What a ResBlock's backward needs besides its input x and modulation m (which the caller
+/// keeps). Conv2's input Dropout(SiLU(c1)) is not kept: the parameter backward recomputes it
+/// from c1 (the same ops on the same values), and a VJP needs only its shape.
+pub struct ResCore {
+    /// LN((1 + a) x + b): conv1's input.
     pub ln: LnSaved,
+    /// Conv1's output, SiLU's input.
     pub c1: Tensor,
-    pub d1: Tensor,
+    /// Conv2's output, the h of the residual.
     pub c2: Tensor,
     pub mask: Option<DropoutMask>,
 }
 
+impl ResCore {
+    pub fn bytes(&self) -> usize {
+        [&self.ln.y, &self.ln.rstd, &self.c1, &self.c2]
+            .iter()
+            .map(|t| t.size_in_bytes())
+            .sum()
+    }
+}
+
+/// Everything a standalone ResBlock's backward needs.
+pub struct ResSaved {
+    pub x: Tensor,
+    pub modulation: ModSaved,
+    pub core: ResCore,
+}
+
 impl ResSaved {
     pub fn bytes(&self) -> usize {
-        [
-            &self.x,
-            &self.ln.y,
-            &self.ln.rstd,
-            &self.c1,
-            &self.d1,
-            &self.c2,
-            &self.modulation.m,
-        ]
-        .iter()
-        .map(|t| t.size_in_bytes())
-        .sum::<usize>()
+        self.x.size_in_bytes()
+            + self.core.bytes()
             + self.modulation.z.size_in_bytes()
-            + self.modulation.s.size_in_bytes()
+            + self.modulation.m.size_in_bytes()
     }
 }
 
@@ -385,11 +655,29 @@ impl ResBlock {
         dropout_offset: u64,
     ) -> Result<(Tensor, ResSaved)> {
         let modulation = self.modulation.forward(layout, params, emb)?;
-        let xv = x.as_view()?;
-        let mv = modulation.m.as_view()?;
-        let ln = modulated_layer_norm(&xv, &mv)?;
+        let (out, core) = self.forward_modulated(
+            layout,
+            params,
+            &x.as_view()?,
+            &modulation.m.as_view()?,
+            mode,
+            dropout_offset,
+        )?;
+        Ok((out, ResSaved { x, modulation, core }))
+    }
+
+    /// The block for a given modulation m [N, 3C]; the caller keeps x and m for the backward.
+    pub fn forward_modulated(
+        &self,
+        layout: &ParamLayout,
+        params: &View,
+        x: &View,
+        m: &View,
+        mode: Mode,
+        dropout_offset: u64,
+    ) -> Result<(Tensor, ResCore)> {
+        let ln = modulated_layer_norm(x, m)?;
         let c1 = self.conv1.forward(layout, params, &ln.y.as_view()?)?;
-        let s1 = silu(&c1)?;
         let mask = match mode {
             Mode::Train { rng } if self.dropout > 0.0 => Some(DropoutMask {
                 rng,
@@ -398,25 +686,11 @@ impl ResBlock {
             }),
             _ => None,
         };
-        let d1 = match &mask {
-            Some(mk) => dropout(&s1.as_view()?, mk)?,
-            None => s1,
-        };
+        let d1 = conv2_input(&c1, mask.as_ref())?;
         let c2 = self.conv2.forward(layout, params, &d1.as_view()?)?;
-        let out = residual(&xv, &c2.as_view()?, &mv)?;
-        drop((xv, mv));
-        Ok((
-            out,
-            ResSaved {
-                x,
-                modulation,
-                ln,
-                c1,
-                d1,
-                c2,
-                mask,
-            },
-        ))
+        drop(d1);
+        let out = residual(x, &c2.as_view()?, m)?;
+        Ok((out, ResCore { ln, c1, c2, mask }))
     }
 
     /// dx; with `grads`, accumulates every parameter gradient of the block.
@@ -429,62 +703,116 @@ impl ResBlock {
         dout: &View,
         mut grads: Option<&mut ViewMut>,
     ) -> Result<Tensor> {
-        let (x, m) = (saved.x.as_view()?, saved.modulation.m.as_view()?);
+        let m = saved.modulation.m.as_view()?;
         let mut dm = Tensor::uninit(m.shape(), m.dtype(), &m.device())?;
-        let (dx_res, dc2) = residual_backward(&x, &saved.c2.as_view()?, &m, dout, &mut dm.as_view_mut()?)?;
-        let dd1 = self.conv2.backward(
+        let dx = self.backward_modulated(
             layout,
             params,
-            &saved.d1.as_view()?,
-            &dc2.as_view()?,
+            &saved.x.as_view()?,
+            &m,
+            &saved.core,
+            dout.to_tensor()?,
+            &mut dm.as_view_mut()?,
             grads.as_deref_mut(),
         )?;
-        let ds1 = match &saved.mask {
-            Some(mk) => dropout(&dd1.as_view()?, mk)?,
-            None => dd1,
-        };
-        let dc1 = silu_backward(&saved.c1, &ds1)?;
-        let dln = self.conv1.backward(
-            layout,
-            params,
-            &saved.ln.y.as_view()?,
-            &dc1.as_view()?,
-            grads.as_deref_mut(),
-        )?;
-        let dh0 = layer_norm_backward(&saved.ln, &dln.as_view()?)?;
-        let dx_mod = modulate_backward(&x, &m, &dh0.as_view()?, &mut dm.as_view_mut()?)?;
         if let Some(g) = grads {
             self.modulation
                 .backward_params(layout, params, emb, &saved.modulation, &dm.as_view()?, g)?;
         }
-        add(&dx_res, &dx_mod)
+        Ok(dx)
+    }
+
+    /// dx for dout, and the modulation's gradient into dm [N, 3C]; with `grads`, the
+    /// convolutions' parameter gradients (the modulation's are the caller's, from dm). Takes
+    /// dout to free it as soon as the residual's backward has read it.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_modulated(
+        &self,
+        layout: &ParamLayout,
+        params: &View,
+        x: &View,
+        m: &View,
+        core: &ResCore,
+        dout: Tensor,
+        dm: &mut ViewMut,
+        mut grads: Option<&mut ViewMut>,
+    ) -> Result<Tensor> {
+        let (mut dx, dc2) = residual_backward(x, &core.c2.as_view()?, m, &dout.as_view()?, dm)?;
+        drop(dout);
+        if let Some(g) = grads.as_deref_mut() {
+            let d1 = conv2_input(&core.c1, core.mask.as_ref())?;
+            self.conv2
+                .param_grads(layout, &d1.as_view()?, &dc2.as_view()?, g)?;
+        }
+        let dd1 = self
+            .conv2
+            .backward_input(layout, params, core.c1.shape(), &dc2.as_view()?)?;
+        drop(dc2);
+        let ds1 = match &core.mask {
+            Some(mk) => {
+                let ds1 = dropout(&dd1.as_view()?, mk)?;
+                drop(dd1);
+                ds1
+            }
+            None => dd1,
+        };
+        let dc1 = silu_backward(&core.c1, &ds1)?;
+        drop(ds1);
+        let dln = self
+            .conv1
+            .backward(layout, params, &core.ln.y.as_view()?, &dc1.as_view()?, grads)?;
+        drop(dc1);
+        let dh0 = layer_norm_backward(&core.ln, &dln.as_view()?)?;
+        drop(dln);
+        let dx_mod = modulate_backward(x, m, &dh0.as_view()?, dm)?;
+        drop(dh0);
+        // dx_res + dx_mod in place (the same rounding as a new sum).
+        axpy(1.0, &dx_mod, &mut dx)?;
+        Ok(dx)
     }
 }
 
-/// Everything an AttBlock's backward needs.
+/// Conv2's input: Dropout(SiLU(c1)), or SiLU(c1) without dropout.
+fn conv2_input(c1: &Tensor, mask: Option<&DropoutMask>) -> Result<Tensor> {
+    let s1 = silu(c1)?;
+    match mask {
+        Some(mk) => dropout(&s1.as_view()?, mk),
+        None => Ok(s1),
+    }
+}
+
+/// What an AttBlock's backward needs besides its input x and modulation m.
+pub struct AttCore {
+    /// LN((1 + a) x + b): the attention's input (which the attention does not copy).
+    pub ln: LnSaved,
+    pub attention: AttSaved,
+    /// The attention's output, the h of the residual.
+    pub h: Tensor,
+}
+
+impl AttCore {
+    pub fn bytes(&self) -> usize {
+        [&self.ln.y, &self.ln.rstd, &self.h]
+            .iter()
+            .map(|t| t.size_in_bytes())
+            .sum::<usize>()
+            + self.attention.bytes()
+    }
+}
+
+/// Everything a standalone AttBlock's backward needs.
 pub struct AttBlockSaved {
     pub x: Tensor,
     pub modulation: ModSaved,
-    pub ln: LnSaved,
-    pub attention: AttSaved,
-    pub h: Tensor,
+    pub core: AttCore,
 }
 
 impl AttBlockSaved {
     pub fn bytes(&self) -> usize {
-        [
-            &self.x,
-            &self.ln.y,
-            &self.ln.rstd,
-            &self.h,
-            &self.modulation.m,
-            &self.modulation.z,
-            &self.modulation.s,
-        ]
-        .iter()
-        .map(|t| t.size_in_bytes())
-        .sum::<usize>()
-            + self.attention.bytes()
+        self.x.size_in_bytes()
+            + self.core.bytes()
+            + self.modulation.z.size_in_bytes()
+            + self.modulation.m.size_in_bytes()
     }
 }
 
@@ -510,22 +838,22 @@ impl AttBlock {
         emb: &View,
     ) -> Result<(Tensor, AttBlockSaved)> {
         let modulation = self.modulation.forward(layout, params, emb)?;
-        let xv = x.as_view()?;
-        let mv = modulation.m.as_view()?;
-        let ln = modulated_layer_norm(&xv, &mv)?;
-        let (h, attention) = self.attention.forward(layout, params, &ln.y.as_view()?)?;
-        let out = residual(&xv, &h.as_view()?, &mv)?;
-        drop((xv, mv));
-        Ok((
-            out,
-            AttBlockSaved {
-                x,
-                modulation,
-                ln,
-                attention,
-                h,
-            },
-        ))
+        let (out, core) = self.forward_modulated(layout, params, &x.as_view()?, &modulation.m.as_view()?)?;
+        Ok((out, AttBlockSaved { x, modulation, core }))
+    }
+
+    /// The block for a given modulation m [N, 3C]; the caller keeps x and m for the backward.
+    pub fn forward_modulated(
+        &self,
+        layout: &ParamLayout,
+        params: &View,
+        x: &View,
+        m: &View,
+    ) -> Result<(Tensor, AttCore)> {
+        let ln = modulated_layer_norm(x, m)?;
+        let (h, attention) = self.attention.forward_shared(layout, params, &ln.y.as_view()?)?;
+        let out = residual(x, &h.as_view()?, m)?;
+        Ok((out, AttCore { ln, attention, h }))
     }
 
     pub fn backward(
@@ -537,22 +865,55 @@ impl AttBlock {
         dout: &View,
         mut grads: Option<&mut ViewMut>,
     ) -> Result<Tensor> {
-        let (x, m) = (saved.x.as_view()?, saved.modulation.m.as_view()?);
+        let m = saved.modulation.m.as_view()?;
         let mut dm = Tensor::uninit(m.shape(), m.dtype(), &m.device())?;
-        let (dx_res, dh) = residual_backward(&x, &saved.h.as_view()?, &m, dout, &mut dm.as_view_mut()?)?;
-        let dln = self.attention.backward(
+        let dx = self.backward_modulated(
             layout,
             params,
-            &saved.attention,
-            &dh.as_view()?,
+            &saved.x.as_view()?,
+            &m,
+            &saved.core,
+            dout.to_tensor()?,
+            &mut dm.as_view_mut()?,
             grads.as_deref_mut(),
         )?;
-        let dh0 = layer_norm_backward(&saved.ln, &dln.as_view()?)?;
-        let dx_mod = modulate_backward(&x, &m, &dh0.as_view()?, &mut dm.as_view_mut()?)?;
         if let Some(g) = grads {
             self.modulation
                 .backward_params(layout, params, emb, &saved.modulation, &dm.as_view()?, g)?;
         }
-        add(&dx_res, &dx_mod)
+        Ok(dx)
+    }
+
+    /// dx for dout, and the modulation's gradient into dm [N, 3C]; with `grads`, the
+    /// attention's parameter gradients.
+    #[allow(clippy::too_many_arguments)]
+    pub fn backward_modulated(
+        &self,
+        layout: &ParamLayout,
+        params: &View,
+        x: &View,
+        m: &View,
+        core: &AttCore,
+        dout: Tensor,
+        dm: &mut ViewMut,
+        grads: Option<&mut ViewMut>,
+    ) -> Result<Tensor> {
+        let (mut dx, dh) = residual_backward(x, &core.h.as_view()?, m, &dout.as_view()?, dm)?;
+        drop(dout);
+        let dln = self.attention.backward_shared(
+            layout,
+            params,
+            &core.ln.y.as_view()?,
+            &core.attention,
+            &dh.as_view()?,
+            grads,
+        )?;
+        drop(dh);
+        let dh0 = layer_norm_backward(&core.ln, &dln.as_view()?)?;
+        drop(dln);
+        let dx_mod = modulate_backward(x, m, &dh0.as_view()?, dm)?;
+        drop(dh0);
+        axpy(1.0, &dx_mod, &mut dx)?;
+        Ok(dx)
     }
 }

@@ -2,10 +2,13 @@
 //! [3, 3, Cin, Cout] (inox's layout), bias [Cout]. Computed as im2col followed by a GEMM on both
 //! backends (kernels/conv.cu builds the columns, kernels/gemm.cu multiplies and adds the bias in
 //! its epilogue); the backward
-//! rebuilds the columns from the saved input instead of keeping them.
+//! rebuilds the columns from the saved input instead of keeping them. Columns are built for a
+//! chunk of samples at a time when the whole batch's would pass a budget (1 GiB by default).
 //!
 //! An implicit-GEMM kernel with fused epilogues is the planned fast path; this one is the exact
 //! reference it will be checked against.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::device::launch::grid_stride;
 
@@ -106,24 +109,80 @@ pub fn im2col(x: &View, g: &ConvGeometry) -> Result<Tensor> {
 pub fn col2im(dcol: &View, g: &ConvGeometry) -> Result<Tensor> {
     let shape = [g.n as usize, g.h as usize, g.w as usize, g.cin as usize];
     let mut dx = Tensor::uninit(&shape, dcol.dtype(), &dcol.device())?;
-    {
-        let mut dv = dx.as_view_mut()?;
-        match (&dcol.data, &mut dv.data) {
-            (Data::Cuda(cv, dev), DataMut::Cuda(o, _)) => {
-                // SAFETY: dcol holds out_pixels * col_cols values and dx g.in_elems().
-                unsafe {
-                    dev.kernels()
-                        .conv_col2im_f32(grid_stride(dev, g.in_elems()), cv, o, *g)
-                }?;
-            }
-            (Data::Cuda(..), _) => return Err(mismatch("col2im", &[dcol], &[])),
-            _ => host_real!(dcol, T => {
-                cpu::col2im::<T>(dcol.cpu()?, dv.cpu_mut()?, g);
-                Ok::<(), Error>(())
-            })?,
-        }
-    }
+    col2im_into(dcol, g, &mut dx.as_view_mut()?)?;
     Ok(dx)
+}
+
+/// As `col2im`, into a view holding [N, H, W, Cin] (overwritten).
+pub fn col2im_into(dcol: &View, g: &ConvGeometry, dx: &mut ViewMut) -> Result<()> {
+    if dx.numel() != g.in_elems() || dcol.numel() != g.out_pixels() * g.col_cols() {
+        return Err(Error::shape("col2im", "dx", [g.in_elems()], dx.shape()));
+    }
+    match (&dcol.data, &mut dx.data) {
+        (Data::Cuda(cv, dev), DataMut::Cuda(o, _)) => {
+            // SAFETY: dcol holds out_pixels * col_cols values and dx g.in_elems() (checked).
+            unsafe {
+                dev.kernels()
+                    .conv_col2im_f32(grid_stride(dev, g.in_elems()), cv, o, *g)
+            }?;
+        }
+        (Data::Cuda(..), _) => return Err(mismatch("col2im", &[dcol], &[])),
+        _ => host_real!(dcol, T => {
+            cpu::col2im::<T>(dcol.cpu()?, dx.cpu_mut()?, g);
+            Ok::<(), Error>(())
+        })?,
+    }
+    Ok(())
+}
+
+/// Column buffers are built for at most this many bytes at once (f32): a convolution whose
+/// columns need more runs over chunks of samples. Each output row and each sample's input
+/// gradient comes out as in one piece; the weight gradient adds the chunks' products in turn.
+/// The MRI U-Net's widest convolution needs 84 MiB of columns per sample, 21 GiB at batch 256.
+static COLUMN_BUDGET: AtomicUsize = AtomicUsize::new(1 << 30);
+
+/// Sets the column budget in bytes (tests use a small one to exercise the chunks).
+pub fn set_column_budget(bytes: usize) {
+    COLUMN_BUDGET.store(bytes.max(1), Ordering::Relaxed);
+}
+
+pub fn column_budget() -> usize {
+    COLUMN_BUDGET.load(Ordering::Relaxed)
+}
+
+/// Samples per chunk for `col_bytes` bytes of columns per sample (at least one).
+pub fn samples_per_chunk(col_bytes: usize) -> usize {
+    (column_budget() / col_bytes.max(1)).max(1)
+}
+
+impl ConvGeometry {
+    /// (first sample, geometry) of each chunk of samples whose columns fit the budget.
+    fn chunks(&self) -> Vec<(usize, ConvGeometry)> {
+        let n = self.n as usize;
+        let per = (self.oh * self.ow) as usize * self.col_cols() * 4;
+        let k = samples_per_chunk(per);
+        (0..n)
+            .step_by(k)
+            .map(|s| {
+                let count = k.min(n - s);
+                (
+                    s,
+                    ConvGeometry {
+                        n: count as i32,
+                        ..*self
+                    },
+                )
+            })
+            .collect()
+    }
+
+    /// Elements of one sample's input and of its output pixels.
+    fn per_sample(&self) -> (usize, usize) {
+        (
+            (self.h * self.w * self.cin) as usize,
+            (self.oh * self.ow) as usize,
+        )
+    }
 }
 
 #[derive(Clone, Debug)]
@@ -188,13 +247,19 @@ impl Conv3x3 {
     /// y = conv(x) + b.
     pub fn forward(&self, layout: &ParamLayout, params: &View, x: &View) -> Result<Tensor> {
         let g = self.geometry(x.shape())?;
-        let col = im2col(x, &g)?;
         let mut y = Tensor::uninit(&[g.out_pixels(), self.cout], x.dtype(), &x.device())?;
         let (w, b) = (
             self.weight_matrix(layout, params)?,
             layout.view(params, self.bias)?,
         );
-        gemm_bias_into(&col, &w, &b, &mut y, GemmSpec::default())?;
+        let (in_per, out_per) = g.per_sample();
+        for (s, gk) in g.chunks() {
+            let n = gk.n as usize;
+            let col = im2col(&x.sub(s * in_per, &[n * in_per])?, &gk)?;
+            let mut yv = y.as_view_mut()?;
+            let mut yk = yv.sub_mut(s * out_per * self.cout, &[n * out_per, self.cout])?;
+            gemm_bias_into(&col, &w, &b, &mut yk, GemmSpec::default())?;
+        }
         y.reshape(&self.out_shape(x.shape())?)
     }
 
@@ -207,23 +272,59 @@ impl Conv3x3 {
         dy: &View,
         grads: Option<&mut ViewMut>,
     ) -> Result<Tensor> {
-        let g = self.geometry(x.shape())?;
+        if let Some(grads) = grads {
+            self.param_grads(layout, x, dy, grads)?;
+        }
+        self.backward_input(layout, params, x.shape(), dy)
+    }
+
+    /// dx for dy alone: the input enters only through its shape, so a VJP needs no saved input.
+    pub fn backward_input(
+        &self,
+        layout: &ParamLayout,
+        params: &View,
+        x_shape: &[usize],
+        dy: &View,
+    ) -> Result<Tensor> {
+        let g = self.geometry(x_shape)?;
         let dy2 = dy.reshape(&[g.out_pixels(), self.cout])?;
         let wm = self.weight_matrix(layout, params)?;
-        let mut dcol = Tensor::uninit(&[g.out_pixels(), g.col_cols()], x.dtype(), &x.device())?;
-        gemm_into(&dy2, &wm, &mut dcol, GemmSpec::new(false, true))?;
-        if let Some(grads) = grads {
-            let col = im2col(x, &g)?;
+        let mut dx = Tensor::uninit(x_shape, dy.dtype(), &dy.device())?;
+        let (in_per, out_per) = g.per_sample();
+        for (s, gk) in g.chunks() {
+            let n = gk.n as usize;
+            let dyk = dy2.sub(s * out_per * self.cout, &[n * out_per, self.cout])?;
+            let mut dcol = Tensor::uninit(&[n * out_per, g.col_cols()], dy.dtype(), &dy.device())?;
+            gemm_into(&dyk, &wm, &mut dcol, GemmSpec::new(false, true))?;
+            let mut dxv = dx.as_view_mut()?;
+            col2im_into(
+                &dcol.as_view()?,
+                &gk,
+                &mut dxv.sub_mut(s * in_per, &[n * in_per])?,
+            )?;
+        }
+        Ok(dx)
+    }
+
+    /// dW += col(x)^T dy and db += sum dy. The column buffer is freed before the input gradient's
+    /// own column buffer exists (`backward` calls this first), so the two never coexist.
+    pub fn param_grads(&self, layout: &ParamLayout, x: &View, dy: &View, grads: &mut ViewMut) -> Result<()> {
+        let g = self.geometry(x.shape())?;
+        let dy2 = dy.reshape(&[g.out_pixels(), self.cout])?;
+        let acc = GemmSpec {
+            beta: 1.0,
+            ..GemmSpec::new(true, false)
+        };
+        let (in_per, out_per) = g.per_sample();
+        for (s, gk) in g.chunks() {
+            let n = gk.n as usize;
+            let col = im2col(&x.sub(s * in_per, &[n * in_per])?, &gk)?;
+            let dyk = dy2.sub(s * out_per * self.cout, &[n * out_per, self.cout])?;
             let mut dw = layout
                 .view_mut(grads, self.weight)?
                 .reshape(&[9 * self.cin, self.cout])?;
-            let acc = GemmSpec {
-                beta: 1.0,
-                ..GemmSpec::new(true, false)
-            };
-            gemm_into(&col, &dy2, &mut dw, acc)?;
-            sum_rows_into(&dy2, 1, &mut layout.view_mut(grads, self.bias)?, true)?;
+            gemm_into(&col, &dyk, &mut dw, acc)?;
         }
-        col2im(&dcol.as_view()?, &g)
+        sum_rows_into(&dy2, 1, &mut layout.view_mut(grads, self.bias)?, true)
     }
 }

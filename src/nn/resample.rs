@@ -7,7 +7,7 @@ use crate::device::params;
 
 use crate::error::{Error, Result};
 use crate::ops::{mismatch, one_device};
-use crate::tensor::{numel, AsViewMut, Data, DataMut, Tensor, View};
+use crate::tensor::{numel, AsViewMut, Data, DataMut, Tensor, View, ViewMut};
 
 /// The CPU bodies: the oracle for kernels/resample.cu.
 pub mod cpu {
@@ -221,6 +221,48 @@ pub fn split_channels(dy: &View, ca: usize) -> Result<(Tensor, Tensor)> {
         }
     }
     Ok((da, db))
+}
+
+/// out[j, i] = x[offset + j * stride + i]: `rows` equally spaced runs of `cols` values copied
+/// into the [rows, cols] view `out`. The permute kernel's index map is any strided one, so this
+/// is that kernel with strides of our choosing.
+pub fn gather_rows_into(x: &View, offset: usize, stride: usize, out: &mut ViewMut) -> Result<()> {
+    one_device("gather_rows", &[x], &[&*out])?;
+    let (rows, cols) = match *out.shape() {
+        [r, c] if r > 0 && c > 0 => (r, c),
+        _ => return Err(Error::shape("gather_rows", "out", "[rows, cols]", out.shape())),
+    };
+    if rows > 1 && stride < cols {
+        return Err(Error::Other(format!(
+            "gather_rows: runs of {cols} values {stride} apart overlap"
+        )));
+    }
+    let span = (rows - 1) * stride + cols;
+    let src = x.sub(offset, &[span])?;
+    let (dims, strides) = ([rows, cols], [stride, 1]);
+    match (&src.data, &mut out.data) {
+        (Data::Cuda(xv, dev), DataMut::Cuda(o, _)) => {
+            let mut p = params::PermuteParams {
+                rank: 2,
+                out_dims: [1; 6],
+                in_strides: [0; 6],
+            };
+            for a in 0..2 {
+                p.out_dims[a] = dims[a] as i64;
+                p.in_strides[a] = strides[a] as i64;
+            }
+            let cfg = grid_stride(dev, rows * cols);
+            // SAFETY: src holds span values, the largest index the map reads plus one; out holds
+            // rows * cols.
+            unsafe { dev.kernels().rs_permute_f32(cfg, xv, o, (rows * cols) as i64, p) }?;
+        }
+        (Data::Cuda(..), _) => return Err(mismatch("gather_rows", &[x], &[])),
+        _ => host_real!(src, T => {
+            cpu::permute::<T>(src.cpu()?, out.cpu_mut()?, &dims, &strides);
+            Ok::<(), Error>(())
+        })?,
+    }
+    Ok(())
 }
 
 /// y = x with its axes reordered: y's axis i is x's axis `perm[i]` (rank <= 6).

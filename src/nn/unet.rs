@@ -10,8 +10,8 @@
 
 use std::fmt::Write as _;
 
-use super::blocks::{AttBlock, AttBlockSaved, ResBlock, ResSaved};
-use super::conv::Conv3x3;
+use super::blocks::{AttBlock, AttCore, BankSaved, Modulation, ModulationBank, ResBlock, ResCore};
+use super::conv::{samples_per_chunk, Conv3x3};
 use super::linear::Linear;
 use super::norm::{layer_norm, layer_norm_backward, layer_norm_backward_from};
 use super::params::ParamLayout;
@@ -19,9 +19,10 @@ use super::resample::{
     concat_channels, pixel_shuffle, pixel_unshuffle, split_channels, upsample2x, upsample2x_backward,
 };
 use super::{LnSaved, Mode};
+use crate::device::{size_class, PoolStats};
 use crate::error::{Error, Result};
-use crate::ops::add;
-use crate::tensor::{AsView, Tensor, View, ViewMut};
+use crate::ops::axpy;
+use crate::tensor::{AsView, AsViewMut, Tensor, View, ViewMut};
 
 /// The architecture: everything that changes the parameter layout or the shapes.
 #[derive(Clone, Debug, PartialEq)]
@@ -108,30 +109,48 @@ impl UNetConfig {
 }
 
 #[derive(Clone, Debug)]
-enum Block {
+enum BlockKind {
     Res(ResBlock),
     Att(AttBlock),
 }
 
-enum BlockSaved {
-    Res(ResSaved),
-    Att(AttBlockSaved),
+#[derive(Clone, Debug)]
+struct Block {
+    kind: BlockKind,
+    /// Its modulation's place in the network's [`ModulationBank`].
+    slot: usize,
+}
+
+impl Block {
+    fn modulation(&self) -> &Modulation {
+        match &self.kind {
+            BlockKind::Res(r) => &r.modulation,
+            BlockKind::Att(a) => &a.modulation,
+        }
+    }
+}
+
+enum Core {
+    Res(Box<ResCore>),
+    Att(Box<AttCore>),
+}
+
+/// One block's saved state. Its modulation lives in the bank's state, and its input is the
+/// previous block's output, kept here once (no block keeps its own output).
+struct BlockSaved {
+    /// The block's input; None where it is the level's skip (the deepest level's ascent starts
+    /// from its own descent output), which the descent keeps.
+    x: Option<Tensor>,
+    core: Core,
 }
 
 impl BlockSaved {
-    /// The block's input (saved by the block itself).
-    fn input(&self) -> &Tensor {
-        match self {
-            BlockSaved::Res(s) => &s.x,
-            BlockSaved::Att(s) => &s.x,
-        }
-    }
-
     fn bytes(&self) -> usize {
-        match self {
-            BlockSaved::Res(s) => s.bytes(),
-            BlockSaved::Att(s) => s.bytes(),
-        }
+        self.x.as_ref().map_or(0, Tensor::size_in_bytes)
+            + match &self.core {
+                Core::Res(c) => c.bytes(),
+                Core::Att(c) => c.bytes(),
+            }
     }
 }
 
@@ -150,6 +169,7 @@ pub struct UNet {
     pub layout: ParamLayout,
     levels: Vec<Level>,
     out: Linear,
+    bank: ModulationBank,
 }
 
 /// Per level of the descent: LayerNorm 1/std after the strided conv (levels > 0; its output is
@@ -160,10 +180,11 @@ struct DownSaved {
     skip: Tensor,
 }
 
-/// Per level of the ascent: the merge conv's input (the concatenation), the blocks, and the final
-/// LayerNorm (levels > 0, output kept for the backward) or the final Linear's input (level 0).
+/// Per level of the ascent: the blocks, and the final LayerNorm (levels > 0, output kept for
+/// the backward) or the final Linear's input (level 0). The merge conv's input, the
+/// concatenation of the upsampled LayerNorm output below and the skip, is not kept: both halves
+/// are kept already, and only the parameter gradient reads it (a VJP needs its shape alone).
 struct UpSaved {
-    merged: Option<Tensor>,
     blocks: Vec<BlockSaved>,
     ln: Option<LnSaved>,
     head_input: Option<Tensor>,
@@ -172,6 +193,8 @@ struct UpSaved {
 /// Everything the U-Net's backward needs, from one forward.
 pub struct UNetSaved {
     input: Tensor,
+    /// Boxed: it keeps the saved state small beside the MLP's in an enum.
+    modulation: Box<BankSaved>,
     down: Vec<DownSaved>,
     /// Ascent levels in forward order (deepest first).
     up: Vec<UpSaved>,
@@ -181,13 +204,12 @@ pub struct UNetSaved {
 impl UNetSaved {
     /// Bytes held for the backward: what one forward keeps for any number of VJPs.
     pub fn bytes(&self) -> usize {
-        let mut b = self.input.size_in_bytes();
+        let mut b = self.input.size_in_bytes() + self.modulation.bytes();
         for d in &self.down {
             b += d.ln_rstd.as_ref().map_or(0, |t| t.size_in_bytes()) + d.skip.size_in_bytes();
             b += d.blocks.iter().map(BlockSaved::bytes).sum::<usize>();
         }
         for u in &self.up {
-            b += u.merged.as_ref().map_or(0, |t| t.size_in_bytes());
             b += u.blocks.iter().map(BlockSaved::bytes).sum::<usize>();
             b +=
                 u.ln.as_ref()
@@ -211,15 +233,16 @@ impl UNet {
             let mut v = Vec::new();
             for j in 0..config.blocks[i] {
                 let res = ResBlock::new(layout, &format!("{name}.{j}.res"), c[i], e, config.dropout);
-                v.push(Block::Res(res));
+                v.push(Block {
+                    kind: BlockKind::Res(res),
+                    slot: 0,
+                });
                 if let Some(heads) = config.heads_at(i) {
-                    v.push(Block::Att(AttBlock::new(
-                        layout,
-                        &format!("{name}.{j}.att"),
-                        c[i],
-                        heads,
-                        e,
-                    )));
+                    let att = AttBlock::new(layout, &format!("{name}.{j}.att"), c[i], heads, e);
+                    v.push(Block {
+                        kind: BlockKind::Att(att),
+                        slot: 0,
+                    });
                 }
             }
             v
@@ -252,59 +275,119 @@ impl UNet {
             levels[i].up = blocks(&mut layout, &format!("up.{i}"), i);
         }
         let out = Linear::new(&mut layout, "out", c[0], config.out_channels * p * p, true);
+        // Bank slots level by level (one width each), and within a level ResBlocks then
+        // AttBlocks of the descent, then of the ascent: equally spaced in the parameters, so
+        // each such run of weights is gathered by one strided copy.
+        let mut order = Vec::new();
+        for (i, level) in levels.iter().enumerate() {
+            for (dir, blocks) in [(0, &level.down), (1, &level.up)] {
+                for att in [false, true] {
+                    for (k, b) in blocks.iter().enumerate() {
+                        if matches!(b.kind, BlockKind::Att(_)) == att {
+                            order.push((i, dir, k));
+                        }
+                    }
+                }
+            }
+        }
+        let mut mods = Vec::with_capacity(order.len());
+        for &(i, dir, k) in &order {
+            let blocks = if dir == 0 { &levels[i].down } else { &levels[i].up };
+            mods.push(blocks[k].modulation());
+        }
+        let bank = ModulationBank::new(&layout, &mods)?;
+        for (slot, &(i, dir, k)) in order.iter().enumerate() {
+            let blocks = if dir == 0 {
+                &mut levels[i].down
+            } else {
+                &mut levels[i].up
+            };
+            blocks[k].slot = slot;
+        }
         Ok(UNet {
             config,
             layout,
             levels,
             out,
+            bank,
         })
     }
 
+    /// Runs `blocks` from `input` (owned, or the skip it starts from); returns the output and
+    /// each block's saved state.
+    #[allow(clippy::too_many_arguments)]
     fn run_blocks(
         &self,
         blocks: &[Block],
         params: &View,
-        mut h: Tensor,
-        emb: &View,
+        input: Option<Tensor>,
+        skip: Option<&View>,
+        modulation: &BankSaved,
         mode: Mode,
         counter: &mut u64,
     ) -> Result<(Tensor, Vec<BlockSaved>)> {
         let mut saved = Vec::with_capacity(blocks.len());
+        let mut cur = input;
+        let all_m = modulation.m.as_view()?;
+        let n = modulation.batch();
         for b in blocks {
-            let (out, s) = match b {
-                Block::Res(r) => {
-                    *counter += 1;
-                    let (o, s) = r.forward(&self.layout, params, h, emb, mode, *counter * DROPOUT_STRIDE)?;
-                    (o, BlockSaved::Res(s))
-                }
-                Block::Att(a) => {
-                    let (o, s) = a.forward(&self.layout, params, h, emb)?;
-                    (o, BlockSaved::Att(s))
+            let m = self.bank.slot(&all_m, n, b.slot)?;
+            let (out, core) = {
+                let x = match (&cur, skip) {
+                    (Some(t), _) => t.as_view()?,
+                    (None, Some(v)) => v.clone(),
+                    (None, None) => unreachable!("blocks start from a tensor or the skip"),
+                };
+                match &b.kind {
+                    BlockKind::Res(r) => {
+                        *counter += 1;
+                        let offset = *counter * DROPOUT_STRIDE;
+                        let (o, c) = r.forward_modulated(&self.layout, params, &x, &m, mode, offset)?;
+                        (o, Core::Res(Box::new(c)))
+                    }
+                    BlockKind::Att(a) => {
+                        let (o, c) = a.forward_modulated(&self.layout, params, &x, &m)?;
+                        (o, Core::Att(Box::new(c)))
+                    }
                 }
             };
-            h = out;
-            saved.push(s);
+            saved.push(BlockSaved { x: cur.take(), core });
+            cur = Some(out);
         }
-        Ok((h, saved))
+        match (cur, skip) {
+            (Some(out), _) => Ok((out, saved)),
+            (None, Some(v)) => Ok((v.to_tensor()?, saved)),
+            (None, None) => unreachable!("blocks start from a tensor or the skip"),
+        }
     }
 
+    /// The blocks' backward; each block's modulation gradient goes to its slot of `dm`.
+    #[allow(clippy::too_many_arguments)]
     fn back_blocks(
         &self,
         blocks: &[Block],
         saved: &[BlockSaved],
+        skip: Option<&View>,
         params: &View,
-        emb: &View,
+        modulation: &BankSaved,
+        dm: &mut Tensor,
         mut d: Tensor,
         grads: &mut Option<&mut ViewMut>,
     ) -> Result<Tensor> {
+        let (all_m, n) = (modulation.m.as_view()?, modulation.batch());
+        let mut all_dm = dm.as_view_mut()?;
         for (b, s) in blocks.iter().zip(saved).rev() {
-            d = match (b, s) {
-                (Block::Res(r), BlockSaved::Res(s)) => {
-                    r.backward(&self.layout, params, emb, s, &d.as_view()?, grads.as_deref_mut())?
-                }
-                (Block::Att(a), BlockSaved::Att(s)) => {
-                    a.backward(&self.layout, params, emb, s, &d.as_view()?, grads.as_deref_mut())?
-                }
+            let m = self.bank.slot(&all_m, n, b.slot)?;
+            let mut dmb = self.bank.slot_mut(&mut all_dm, n, b.slot)?;
+            let x = match (&s.x, skip) {
+                (Some(t), _) => t.as_view()?,
+                (None, Some(v)) => v.clone(),
+                (None, None) => unreachable!("a block without its input starts from the skip"),
+            };
+            let (l, p, g) = (&self.layout, params, grads.as_deref_mut());
+            d = match (&b.kind, &s.core) {
+                (BlockKind::Res(r), Core::Res(c)) => r.backward_modulated(l, p, &x, &m, c, d, &mut dmb, g)?,
+                (BlockKind::Att(a), Core::Att(c)) => a.backward_modulated(l, p, &x, &m, c, d, &mut dmb, g)?,
                 _ => unreachable!("saved state follows the block list"),
             };
         }
@@ -343,6 +426,7 @@ impl UNet {
         } else {
             x.to_tensor()?
         };
+        let modulation = Box::new(self.bank.forward(params, emb)?);
         let mut counter = 0u64;
         let mut down: Vec<DownSaved> = Vec::new();
         for (i, level) in self.levels.iter().enumerate() {
@@ -356,9 +440,18 @@ impl UNet {
                 (c, None)
             } else {
                 let ln = layer_norm(&c.as_view()?)?;
+                drop(c); // else it would live through the level (a conditional move)
                 (ln.y, Some(ln.rstd))
             };
-            let (skip, blocks) = self.run_blocks(&level.down, params, h, emb, mode, &mut counter)?;
+            let (skip, blocks) = self.run_blocks(
+                &level.down,
+                params,
+                Some(h),
+                None,
+                &modulation,
+                mode,
+                &mut counter,
+            )?;
             down.push(DownSaved {
                 ln_rstd,
                 blocks,
@@ -371,20 +464,23 @@ impl UNet {
         let mut y = None;
         for i in (0..=last).rev() {
             let level = &self.levels[i];
-            let (h, merged) = match (&level.merge, carry.take()) {
+            let skip = down[i].skip.as_view()?;
+            let h = match (&level.merge, carry.take()) {
                 (Some(conv), Some(upsampled)) => {
-                    let cat = concat_channels(&upsampled.as_view()?, &down[i].skip.as_view()?)?;
-                    (conv.forward(&self.layout, params, &cat.as_view()?)?, Some(cat))
+                    let cat = concat_channels(&upsampled.as_view()?, &skip)?;
+                    drop(upsampled);
+                    Some(conv.forward(&self.layout, params, &cat.as_view()?)?)
                 }
                 // The deepest level continues from its own output.
-                _ => (down[i].skip.as_view()?.to_tensor()?, None),
+                _ => None,
             };
-            let (h, blocks) = self.run_blocks(&level.up, params, h, emb, mode, &mut counter)?;
+            let (h, blocks) =
+                self.run_blocks(&level.up, params, h, Some(&skip), &modulation, mode, &mut counter)?;
             if i > 0 {
                 let ln = layer_norm(&h.as_view()?)?;
+                drop(h);
                 carry = Some(upsample2x(&ln.y.as_view()?)?);
                 up.push(UpSaved {
-                    merged,
                     blocks,
                     ln: Some(ln),
                     head_input: None,
@@ -392,7 +488,6 @@ impl UNet {
             } else {
                 y = Some(self.out.forward(&self.layout, params, &h.as_view()?)?);
                 up.push(UpSaved {
-                    merged,
                     blocks,
                     ln: None,
                     head_input: Some(h),
@@ -409,6 +504,7 @@ impl UNet {
             y,
             UNetSaved {
                 input,
+                modulation,
                 down,
                 up,
                 batch: n,
@@ -427,25 +523,36 @@ impl UNet {
     ) -> Result<Tensor> {
         let cfg = &self.config;
         let last = self.levels.len() - 1;
-        let dy = if cfg.patch > 1 {
+        let mut dy = Some(if cfg.patch > 1 {
             pixel_unshuffle(dy, cfg.patch)?
         } else {
             dy.to_tensor()?
-        };
+        });
+        // Every block's modulation gradient, in the bank's layout (a VJP discards it).
+        let mut dm = Tensor::uninit(
+            saved.modulation.m.shape(),
+            saved.modulation.m.dtype(),
+            &saved.modulation.m.device(),
+        )?;
         let mut dskip: Vec<Option<Tensor>> = (0..=last).map(|_| None).collect();
+        // Sums in place (the same rounding as a new sum, one tensor fewer).
         let accumulate = |slot: &mut Option<Tensor>, g: Tensor| -> Result<()> {
-            *slot = Some(match slot.take() {
-                Some(prev) => add(&prev, &g)?,
-                None => g,
-            });
-            Ok(())
+            match slot {
+                Some(prev) => axpy(1.0, &g, prev),
+                None => {
+                    *slot = Some(g);
+                    Ok(())
+                }
+            }
         };
         // Ascent, in reverse: level 0 first.
         let mut d_carry: Option<Tensor> = None;
         for (i, level) in self.levels.iter().enumerate() {
             let s = &saved.up[last - i];
+            let skip = saved.down[i].skip.as_view()?;
             let d = if i == 0 {
                 let head = s.head_input.as_ref().expect("level 0 keeps the head input");
+                let dy = dy.take().expect("one head");
                 self.out.backward(
                     &self.layout,
                     params,
@@ -456,27 +563,45 @@ impl UNet {
             } else {
                 let d_up = d_carry.take().expect("the level above passes its gradient down");
                 let d_y = upsample2x_backward(&d_up.as_view()?)?;
+                drop(d_up);
                 layer_norm_backward(
                     s.ln.as_ref().expect("levels > 0 end in LayerNorm"),
                     &d_y.as_view()?,
                 )?
             };
-            let d = self.back_blocks(&level.up, &s.blocks, params, emb, d, &mut grads)?;
-            match (&level.merge, &s.merged) {
-                (Some(conv), Some(cat)) => {
-                    let d_cat = conv.backward(
-                        &self.layout,
-                        params,
-                        &cat.as_view()?,
-                        &d.as_view()?,
-                        grads.as_deref_mut(),
-                    )?;
+            let d = self.back_blocks(
+                &level.up,
+                &s.blocks,
+                Some(&skip),
+                params,
+                &saved.modulation,
+                &mut dm,
+                d,
+                &mut grads,
+            )?;
+            match &level.merge {
+                Some(conv) => {
                     let c_up = cfg.channels[i + 1];
+                    let below = saved.up[last - i - 1]
+                        .ln
+                        .as_ref()
+                        .expect("levels > 0 end in LayerNorm");
+                    let mut cat_shape = skip.shape().to_vec();
+                    cat_shape[3] += c_up;
+                    if let Some(g) = grads.as_deref_mut() {
+                        // The forward's concatenation, rebuilt from what it was made of.
+                        let upsampled = upsample2x(&below.y.as_view()?)?;
+                        let cat = concat_channels(&upsampled.as_view()?, &skip)?;
+                        drop(upsampled);
+                        conv.param_grads(&self.layout, &cat.as_view()?, &d.as_view()?, g)?;
+                    }
+                    let d_cat = conv.backward_input(&self.layout, params, &cat_shape, &d.as_view()?)?;
+                    drop(d);
                     let (d_up, d_skip) = split_channels(&d_cat.as_view()?, c_up)?;
                     accumulate(&mut dskip[i], d_skip)?;
                     d_carry = Some(d_up);
                 }
-                _ => accumulate(&mut dskip[i], d)?,
+                None => accumulate(&mut dskip[i], d)?,
             }
         }
         // Descent, in reverse: deepest first.
@@ -485,15 +610,28 @@ impl UNet {
             let s = &saved.down[i];
             let level = &self.levels[i];
             let d = dskip[i].take().expect("every skip receives a gradient");
-            let d = self.back_blocks(&level.down, &s.blocks, params, emb, d, &mut grads)?;
+            let skip = s.skip.as_view()?;
+            let d = self.back_blocks(
+                &level.down,
+                &s.blocks,
+                None,
+                params,
+                &saved.modulation,
+                &mut dm,
+                d,
+                &mut grads,
+            )?;
             let d = match &s.ln_rstd {
                 Some(rstd) => {
-                    let y = s
-                        .blocks
-                        .first()
-                        .map(BlockSaved::input)
-                        .expect("levels have at least one block");
-                    layer_norm_backward_from(&y.as_view()?, &rstd.as_view()?, &d.as_view()?)?
+                    // The LayerNorm's output is the first block's input (or, without blocks, the
+                    // skip itself).
+                    let y = match s.blocks.first().and_then(|b| b.x.as_ref()) {
+                        Some(t) => t.as_view()?,
+                        None => skip.clone(),
+                    };
+                    let dn = layer_norm_backward_from(&y, &rstd.as_view()?, &d.as_view()?)?;
+                    drop(d); // else it would live through the conv's backward
+                    dn
                 }
                 None => d,
             };
@@ -514,6 +652,10 @@ impl UNet {
             } else {
                 accumulate(&mut dskip[i - 1], d_in)?;
             }
+        }
+        if let Some(g) = grads {
+            self.bank
+                .backward_params(params, emb, &saved.modulation, &dm.as_view()?, g)?;
         }
         let dx = dx.expect("level 0 yields the input gradient");
         debug_assert_eq!(dx.shape()[0], saved.batch);
@@ -557,29 +699,6 @@ impl UNet {
             }
         }
         macs + c[0] as u64 * (cfg.out_channels * cfg.patch * cfg.patch) as u64 * pixels(0)
-    }
-
-    /// Elements per image of the largest im2col column buffer a convolution allocates (the
-    /// biggest transient of a forward or backward on top of the saved activations).
-    pub fn largest_column_buffer(&self) -> u64 {
-        let cfg = &self.config;
-        let c = &cfg.channels;
-        let (h0, w0) = (
-            (cfg.resolution.0 / cfg.patch) as u64,
-            (cfg.resolution.1 / cfg.patch) as u64,
-        );
-        let cols = |cin: usize, i: usize| 9 * cin as u64 * (h0 >> i) * (w0 >> i);
-        let mut m = cols(cfg.in_channels * cfg.patch * cfg.patch, 0);
-        for i in 0..c.len() {
-            m = m.max(cols(c[i], i));
-            if i > 0 {
-                m = m.max(cols(c[i - 1], i));
-            }
-            if i + 1 < c.len() {
-                m = m.max(cols(c[i] + c[i + 1], i));
-            }
-        }
-        m
     }
 
     /// A human-readable summary: levels, blocks, shapes and parameter counts.
@@ -634,6 +753,503 @@ impl UNet {
             cfg.out_channels * cfg.patch * cfg.patch
         );
         s
+    }
+}
+
+/// Activation memory of one U-Net call at a batch size, in f32 bytes: what the forward keeps and
+/// the most that is live at once in each phase. Worked out by following the allocations and
+/// frees of `forward` and `backward`, in their order, on a simulated allocator (each is one pool
+/// buffer on the GPU, before size-class rounding; CPU-only scratch inside an op is not counted).
+/// tests/memory_peak.rs holds it to the allocations of a real run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ActivationMemory {
+    /// Kept by one forward for any number of backwards (`UNetSaved::bytes`).
+    pub saved: u64,
+    /// The most live during the forward: what it has kept so far plus an op's transients.
+    pub forward_peak: u64,
+    /// The most live during a backward with parameter gradients: `saved` plus transients.
+    pub backward_peak: u64,
+    /// The same for a VJP (no parameter gradients).
+    pub vjp_peak: u64,
+}
+
+/// A simulated allocator over f32 tensors: live bytes and their peak, as requested or rounded
+/// to the GPU pool's size classes, and the requests in order (for [`PoolStats::replay`]).
+#[derive(Default)]
+struct Tally {
+    pooled: bool,
+    live: u64,
+    peak: u64,
+    /// (bytes, handed out or back), in order.
+    events: Vec<(usize, bool)>,
+    /// Element counts of the tensors out, to hand them all back at the end.
+    out: std::collections::BTreeMap<u64, u64>,
+}
+
+impl Tally {
+    fn bytes(&self, elems: u64) -> u64 {
+        if self.pooled {
+            size_class(4 * elems as usize) as u64
+        } else {
+            4 * elems
+        }
+    }
+
+    fn alloc(&mut self, elems: u64) -> u64 {
+        self.live += self.bytes(elems);
+        self.peak = self.peak.max(self.live);
+        self.events.push((4 * elems as usize, true));
+        *self.out.entry(elems).or_default() += 1;
+        elems
+    }
+
+    fn free(&mut self, elems: u64) {
+        self.live -= self.bytes(elems);
+        self.events.push((4 * elems as usize, false));
+        let count = self.out.get_mut(&elems).expect("freeing a tensor that is out");
+        *count -= 1;
+        if *count == 0 {
+            self.out.remove(&elems);
+        }
+    }
+
+    /// Hands back everything still out (the end of a step).
+    fn free_all(&mut self) {
+        for (elems, count) in std::mem::take(&mut self.out) {
+            for _ in 0..count {
+                self.live -= self.bytes(elems);
+                self.events.push((4 * elems as usize, false));
+            }
+        }
+    }
+}
+
+/// The walk: shapes of one batch through `forward` and `backward`.
+struct Walk<'a> {
+    net: &'a UNet,
+    n: u64,
+    t: Tally,
+    /// Dropout active (Train mode with p > 0): conv2's input is a second tensor.
+    dropout: bool,
+}
+
+impl Walk<'_> {
+    fn pixels(&self, i: usize) -> u64 {
+        let cfg = &self.net.config;
+        let (h, w) = (cfg.resolution.0 / cfg.patch, cfg.resolution.1 / cfg.patch);
+        ((h >> i) * (w >> i)) as u64
+    }
+
+    fn c(&self, i: usize) -> u64 {
+        self.net.config.channels[i] as u64
+    }
+
+    /// One activation of level i.
+    fn act(&self, i: usize) -> u64 {
+        self.n * self.pixels(i) * self.c(i)
+    }
+
+    fn image_in(&self) -> u64 {
+        let cfg = &self.net.config;
+        self.n * self.pixels(0) * (cfg.in_channels * cfg.patch * cfg.patch) as u64
+    }
+
+    fn image_out(&self) -> u64 {
+        let cfg = &self.net.config;
+        self.n * self.pixels(0) * (cfg.out_channels * cfg.patch * cfg.patch) as u64
+    }
+
+    /// Column elements of each chunk of samples a convolution builds in turn.
+    fn column_chunks(&self, cin: u64, p_out: u64) -> Vec<u64> {
+        let per = p_out * 9 * cin;
+        let k = samples_per_chunk(4 * per as usize) as u64;
+        (0..self.n)
+            .step_by(k as usize)
+            .map(|s| k.min(self.n - s) * per)
+            .collect()
+    }
+
+    /// Conv3x3 forward to `p_out` pixels: the output, then each chunk's columns.
+    fn conv(&mut self, cin: u64, cout: u64, p_out: u64) -> u64 {
+        let y = self.t.alloc(self.n * p_out * cout);
+        for col in self.column_chunks(cin, p_out) {
+            self.t.alloc(col);
+            self.t.free(col);
+        }
+        y
+    }
+
+    fn conv_param_grads(&mut self, cin: u64, p_out: u64) {
+        for col in self.column_chunks(cin, p_out) {
+            self.t.alloc(col);
+            self.t.free(col);
+        }
+    }
+
+    fn conv_backward_input(&mut self, cin: u64, p_in: u64, p_out: u64) -> u64 {
+        let dx = self.t.alloc(self.n * p_in * cin);
+        for dcol in self.column_chunks(cin, p_out) {
+            self.t.alloc(dcol);
+            self.t.free(dcol);
+        }
+        dx
+    }
+
+    /// [x, 1] of a [rows, k] matrix: the ones, the result; the ones go.
+    fn with_ones(&mut self, rows: u64, k: u64) -> u64 {
+        let ones = self.t.alloc(rows);
+        let y = self.t.alloc(rows * (k + 1));
+        self.t.free(ones);
+        y
+    }
+
+    fn bank_forward(&mut self) -> (u64, u64) {
+        let bank = &self.net.bank;
+        let (b, e, n) = (bank.len() as u64, self.net.config.emb as u64, self.n);
+        let w0 = self.t.alloc(b * (e + 1) * e);
+        let z = self.t.alloc(b * n * e);
+        let emb1 = self.with_ones(n, e);
+        self.t.free(emb1);
+        self.t.free(w0);
+        let s = self.t.alloc(b * n * e);
+        let s1 = self.with_ones(b * n, e);
+        self.t.free(s);
+        let m = self.t.alloc(n * bank.m_width() as u64);
+        for (k, c) in bank.group_sizes() {
+            let (k, c) = (k as u64, c as u64);
+            let w2 = self.t.alloc(k * (e + 1) * 3 * c);
+            self.t.free(w2);
+        }
+        self.t.free(s1);
+        (z, m)
+    }
+
+    fn bank_backward(&mut self) {
+        let bank = &self.net.bank;
+        let (b, e, n) = (bank.len() as u64, self.net.config.emb as u64, self.n);
+        let s = self.t.alloc(b * n * e);
+        let s1 = self.with_ones(b * n, e);
+        self.t.free(s);
+        let ds = self.t.alloc(b * n * e);
+        for (k, c) in bank.group_sizes() {
+            let (k, c) = (k as u64, c as u64);
+            let w2 = self.t.alloc(k * e * 3 * c);
+            self.t.free(w2);
+            let g2 = self.t.alloc(k * (e + 1) * 3 * c);
+            self.t.free(g2);
+        }
+        self.t.free(s1);
+        let dz = self.t.alloc(b * n * e);
+        self.t.free(ds);
+        let g0 = self.t.alloc(b * (e + 1) * e);
+        let emb1 = self.with_ones(n, e);
+        self.t.free(emb1);
+        self.t.free(g0);
+        self.t.free(dz);
+    }
+
+    /// A block's forward from its (already counted) input; returns its output.
+    fn block_forward(&mut self, i: usize, att: bool) -> u64 {
+        let (a, p, c) = (self.act(i), self.pixels(i), self.c(i));
+        self.t.alloc(a); // LayerNorm output, kept
+        self.t.alloc(self.n * p); // and its 1/std
+        if att {
+            let heads = self.net.config.heads_at(i).unwrap_or(1) as u64;
+            let proj = self.t.alloc(3 * a);
+            self.t.alloc(3 * a); // q, k, v, kept
+            self.t.free(proj);
+            let scores = self.t.alloc(self.n * heads * p * p);
+            self.t.alloc(self.n * heads * p * p); // probabilities, kept
+            self.t.free(scores);
+            let heads_out = self.t.alloc(a);
+            self.t.alloc(a); // merged heads, kept
+            self.t.free(heads_out);
+            self.t.alloc(a); // the projection's output h, kept
+        } else {
+            self.conv(c, c, p); // c1, kept
+            let s1 = self.t.alloc(a);
+            let d1 = if self.dropout {
+                let d1 = self.t.alloc(a);
+                self.t.free(s1);
+                d1
+            } else {
+                s1
+            };
+            self.conv(c, c, p); // c2, kept
+            self.t.free(d1);
+        }
+        self.t.alloc(a) // the residual's output
+    }
+
+    /// A block's backward; frees dout and returns dx.
+    fn block_backward(&mut self, i: usize, att: bool, dout: u64, grads: bool) -> u64 {
+        let (a, p, c) = (self.act(i), self.pixels(i), self.c(i));
+        let dx = self.t.alloc(a);
+        let dh = self.t.alloc(a);
+        self.t.free(dout);
+        let dln = if att {
+            let heads = self.net.config.heads_at(i).unwrap_or(1) as u64;
+            let s = self.n * heads * p * p;
+            let dmerged = self.t.alloc(a);
+            let dheads = self.t.alloc(a);
+            self.t.free(dmerged);
+            let dqkv = self.t.alloc(3 * a);
+            let dprobs = self.t.alloc(s);
+            let dscores = self.t.alloc(s);
+            self.t.free(dprobs);
+            self.t.free(dscores);
+            self.t.free(dheads);
+            let dproj = self.t.alloc(3 * a);
+            self.t.free(dqkv);
+            let dln = self.t.alloc(a);
+            self.t.free(dproj);
+            self.t.free(dh);
+            dln
+        } else {
+            if grads {
+                let s1 = self.t.alloc(a);
+                let d1 = if self.dropout {
+                    let d1 = self.t.alloc(a);
+                    self.t.free(s1);
+                    d1
+                } else {
+                    s1
+                };
+                self.conv_param_grads(c, p);
+                self.t.free(d1);
+            }
+            let dd1 = self.conv_backward_input(c, p, p);
+            self.t.free(dh);
+            let ds1 = if self.dropout {
+                let ds1 = self.t.alloc(a);
+                self.t.free(dd1);
+                ds1
+            } else {
+                dd1
+            };
+            let dc1 = self.t.alloc(a);
+            self.t.free(ds1);
+            if grads {
+                self.conv_param_grads(c, p);
+            }
+            let dln = self.conv_backward_input(c, p, p);
+            self.t.free(dc1);
+            dln
+        };
+        let dh0 = self.t.alloc(a);
+        self.t.free(dln);
+        let dx_mod = self.t.alloc(a);
+        self.t.free(dh0);
+        self.t.free(dx_mod);
+        dx
+    }
+
+    fn blocks(&self, i: usize, up: bool) -> Vec<bool> {
+        let level = &self.net.levels[i];
+        let blocks = if up { &level.up } else { &level.down };
+        blocks
+            .iter()
+            .map(|b| matches!(b.kind, BlockKind::Att(_)))
+            .collect()
+    }
+
+    /// The forward; returns the elements kept.
+    fn forward(&mut self) -> u64 {
+        let last = self.net.levels.len() - 1;
+        let cin = (self.net.config.in_channels * self.net.config.patch * self.net.config.patch) as u64;
+        self.t.alloc(self.image_in()); // the (unshuffled) input, kept
+        self.bank_forward();
+        for i in 0..=last {
+            let c = if i == 0 {
+                self.conv(cin, self.c(0), self.pixels(0))
+            } else {
+                self.conv(self.c(i - 1), self.c(i), self.pixels(i))
+            };
+            if i > 0 {
+                self.t.alloc(self.act(i)); // LayerNorm output and 1/std, kept
+                self.t.alloc(self.n * self.pixels(i));
+                self.t.free(c);
+            }
+            for att in self.blocks(i, false) {
+                self.block_forward(i, att); // each output is kept (next input or the skip)
+            }
+        }
+        let mut carry = 0;
+        for i in (0..=last).rev() {
+            let blocks = self.blocks(i, true);
+            // The merge conv's output (the first block's input), else the skip itself (copied
+            // only when there are no blocks to read it in place).
+            let mut h = if i < last {
+                let cat = self
+                    .t
+                    .alloc(self.n * self.pixels(i) * (self.c(i) + self.c(i + 1)));
+                self.t.free(carry);
+                let h = self.conv(self.c(i) + self.c(i + 1), self.c(i), self.pixels(i));
+                self.t.free(cat);
+                h
+            } else if blocks.is_empty() {
+                self.t.alloc(self.act(i))
+            } else {
+                0
+            };
+            for &att in &blocks {
+                h = self.block_forward(i, att); // kept as the next input, save the last
+            }
+            if i > 0 {
+                self.t.alloc(self.act(i)); // LayerNorm output and 1/std, kept
+                self.t.alloc(self.n * self.pixels(i));
+                self.t.free(h);
+                carry = self.t.alloc(self.n * self.pixels(i - 1) * self.c(i));
+            } else {
+                let y = self.t.alloc(self.image_out());
+                if self.net.config.patch > 1 {
+                    self.t.alloc(self.image_out());
+                    self.t.free(y);
+                }
+            }
+        }
+        self.t.live - self.t.bytes(self.image_out())
+    }
+
+    /// The backward from `live = kept`; the peak over it.
+    fn backward(&mut self, grads: bool) {
+        let last = self.net.levels.len() - 1;
+        let cin = (self.net.config.in_channels * self.net.config.patch * self.net.config.patch) as u64;
+        let dm = self.t.alloc(self.n * self.net.bank.m_width() as u64);
+        let dy = self.t.alloc(self.image_out());
+        let mut dskip = Vec::with_capacity(last + 1);
+        let mut d_carry = 0;
+        for i in 0..=last {
+            let mut d = if i == 0 {
+                let d = self.t.alloc(self.act(0));
+                self.t.free(dy);
+                d
+            } else {
+                let d_y = self.t.alloc(self.act(i));
+                self.t.free(d_carry);
+                let d = self.t.alloc(self.act(i));
+                self.t.free(d_y);
+                d
+            };
+            for &att in self.blocks(i, true).iter().rev() {
+                d = self.block_backward(i, att, d, grads);
+            }
+            if i < last {
+                let cat_c = self.c(i) + self.c(i + 1);
+                if grads {
+                    let up = self.t.alloc(self.n * self.pixels(i) * self.c(i + 1));
+                    let cat = self.t.alloc(self.n * self.pixels(i) * cat_c);
+                    self.t.free(up);
+                    self.conv_param_grads(cat_c, self.pixels(i));
+                    self.t.free(cat);
+                }
+                let d_cat = self.conv_backward_input(cat_c, self.pixels(i), self.pixels(i));
+                self.t.free(d);
+                d_carry = self.t.alloc(self.n * self.pixels(i) * self.c(i + 1));
+                dskip.push(self.t.alloc(self.act(i)));
+                self.t.free(d_cat);
+            } else {
+                dskip.push(d);
+            }
+        }
+        for i in (0..=last).rev() {
+            let mut d = dskip[i];
+            for &att in self.blocks(i, false).iter().rev() {
+                d = self.block_backward(i, att, d, grads);
+            }
+            if i > 0 {
+                let dn = self.t.alloc(self.act(i));
+                self.t.free(d);
+                d = dn;
+            }
+            let (ci, p_in) = if i == 0 {
+                (cin, self.pixels(0))
+            } else {
+                (self.c(i - 1), self.pixels(i - 1))
+            };
+            if grads {
+                self.conv_param_grads(ci, self.pixels(i));
+            }
+            let d_in = self.conv_backward_input(ci, p_in, self.pixels(i));
+            self.t.free(d);
+            if i > 0 {
+                self.t.free(d_in); // summed into the skip's gradient in place
+            }
+        }
+        if grads {
+            self.bank_backward();
+        }
+        if self.net.config.patch > 1 {
+            self.t.alloc(self.image_in());
+        }
+        self.t.free(dm);
+    }
+}
+
+/// A training step's activations in the GPU pool (f32, size classes), over two steps.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PoolEstimate {
+    /// The most bytes handed out at once.
+    pub peak_in_use: u64,
+    /// What a pool without a limit holds from the driver: per size class, the most buffers
+    /// ever out at once.
+    pub unlimited_held: u64,
+    /// With the limit asked for: the most held, and the driver allocations of the second step
+    /// (the steady state; none without a limit).
+    pub limited_held: u64,
+    pub allocations_per_step: u64,
+}
+
+impl UNet {
+    fn walk(&self, n: usize, dropout: bool, pooled: bool, grads: bool) -> (u64, u64, u64, Tally) {
+        let mut w = Walk {
+            net: self,
+            n: n as u64,
+            t: Tally {
+                pooled,
+                ..Tally::default()
+            },
+            dropout: dropout && self.config.dropout > 0.0,
+        };
+        let kept = w.forward();
+        let forward_peak = w.t.peak;
+        // The caller turns the output into its own and lets it go before the backward.
+        w.t.free(w.image_out());
+        w.t.peak = w.t.live;
+        w.backward(grads);
+        (kept, forward_peak, w.t.peak, w.t)
+    }
+
+    /// Activation memory of one call at batch `n` (f32 bytes as requested), in training mode
+    /// when `dropout` (conv2's input is then a second tensor while it exists).
+    pub fn activation_memory(&self, n: usize, dropout: bool) -> ActivationMemory {
+        let (saved, forward_peak, backward_peak, _) = self.walk(n, dropout, false, true);
+        let (_, _, vjp_peak, _) = self.walk(n, dropout, false, false);
+        ActivationMemory {
+            saved,
+            forward_peak,
+            backward_peak,
+            vjp_peak,
+        }
+    }
+
+    /// A training step's forward and backward in the GPU pool at batch `n`, with the pool's
+    /// bytes held limited to `limit` (its own buffers: what the rest of the step holds is the
+    /// caller's to subtract).
+    pub fn pool_estimate(&self, n: usize, limit: u64) -> PoolEstimate {
+        let (_, forward_peak, backward_peak, mut t) = self.walk(n, true, true, true);
+        t.free_all();
+        let two: Vec<(usize, bool)> = t.events.iter().chain(&t.events).copied().collect();
+        let unlimited = PoolStats::replay(&two, None);
+        let limit = Some(limit as usize);
+        let first = PoolStats::replay(&t.events, limit);
+        let both = PoolStats::replay(&two, limit);
+        PoolEstimate {
+            peak_in_use: forward_peak.max(backward_peak),
+            unlimited_held: unlimited.peak_bytes_held as u64,
+            limited_held: both.peak_bytes_held as u64,
+            allocations_per_step: both.device_allocations - first.device_allocations,
+        }
     }
 }
 

@@ -1,0 +1,135 @@
+//! `UNet::activation_memory` against the allocations of a real forward and backward on the CPU,
+//! counted by this binary's global allocator. The estimate follows the pool buffers of the GPU
+//! path; the CPU adds its own scratch inside a few ops (the modulated LayerNorm's pre-norm
+//! values, dropout's uniforms, the GEMM's packing), which the comparison allows for.
+//!
+//! One test in this binary: the counter (and the column budget) is global, so nothing may run
+//! beside it.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
+
+use emprior::nn::conv::set_column_budget;
+use emprior::nn::{Mode, UNet, UNetConfig};
+use emprior::ops::Philox;
+use emprior::{AsView, AsViewMut, DType, Device, Tensor};
+
+struct Counting;
+
+static LIVE: AtomicUsize = AtomicUsize::new(0);
+static PEAK: AtomicUsize = AtomicUsize::new(0);
+
+// SAFETY: forwards to the system allocator; only counts.
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        let p = unsafe { System.alloc(layout) };
+        if !p.is_null() {
+            let now = LIVE.fetch_add(layout.size(), Relaxed) + layout.size();
+            PEAK.fetch_max(now, Relaxed);
+        }
+        p
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        unsafe { System.dealloc(ptr, layout) };
+        LIVE.fetch_sub(layout.size(), Relaxed);
+    }
+}
+
+#[global_allocator]
+static COUNTING: Counting = Counting;
+
+/// Runs `f` and returns its result and the most bytes live during it beyond those live before.
+fn peak_during<R>(f: impl FnOnce() -> R) -> (R, u64) {
+    let before = LIVE.load(Relaxed);
+    PEAK.store(before, Relaxed);
+    let r = f();
+    (r, (PEAK.load(Relaxed) - before) as u64)
+}
+
+struct Measured {
+    saved: u64,
+    forward_peak: u64,
+    backward_peak: u64,
+    vjp_peak: u64,
+}
+
+fn measure(cfg: &UNetConfig, n: usize, mode: Mode) -> Measured {
+    let unet = UNet::new(cfg.clone()).unwrap();
+    let cpu = Device::Cpu;
+    let p = unet.layout.init(1, DType::F32, &cpu).unwrap();
+    let (h, w) = cfg.resolution;
+    let x = Tensor::full(&[n, h, w, cfg.in_channels], 0.5, &cpu).unwrap();
+    let e = Tensor::full(&[n, cfg.emb], 0.25, &cpu).unwrap();
+    let dy = Tensor::full(&[n, h, w, cfg.out_channels], 1.0, &cpu).unwrap();
+    let mut g = Tensor::zeros(&[unet.layout.len()], DType::F32, &cpu).unwrap();
+    let (pv, ev) = (p.as_view().unwrap(), e.as_view().unwrap());
+    let ((y, saved), forward_peak) =
+        peak_during(|| unet.forward(&pv, &x.as_view().unwrap(), &ev, mode).unwrap());
+    let saved_bytes = saved.bytes() as u64;
+    let (_, vjp) = peak_during(|| {
+        unet.backward(&pv, &ev, &saved, &dy.as_view().unwrap(), None)
+            .unwrap()
+    });
+    let (_, bwd) = peak_during(|| {
+        let mut gv = g.as_view_mut().unwrap();
+        unet.backward(&pv, &ev, &saved, &dy.as_view().unwrap(), Some(&mut gv))
+            .unwrap()
+    });
+    drop(y);
+    Measured {
+        saved: saved_bytes,
+        forward_peak,
+        backward_peak: saved_bytes + bwd,
+        vjp_peak: saved_bytes + vjp,
+    }
+}
+
+#[test]
+fn activation_memory_estimate_follows_real_allocations() {
+    let mid = UNetConfig {
+        in_channels: 3,
+        out_channels: 3,
+        channels: vec![16, 24, 32],
+        blocks: vec![2, 1, 2],
+        attention: vec![(1, 2)],
+        emb: 32,
+        dropout: 0.1,
+        patch: 2,
+        resolution: (32, 32),
+    };
+    let train = Mode::Train {
+        rng: Philox::new(3, 4),
+    };
+    // The mid network also with convolutions in chunks of samples (a 200 KB column budget).
+    for (name, cfg, n, budget) in [
+        ("mid", mid.clone(), 3, 1 << 30),
+        ("mid chunked", mid, 3, 200_000),
+        ("cifar10", UNetConfig::cifar10(), 2, 1 << 30),
+    ] {
+        set_column_budget(budget);
+        for (mode_name, mode) in [("eval", Mode::Eval), ("train", train)] {
+            let unet = UNet::new(cfg.clone()).unwrap();
+            let est = unet.activation_memory(n, mode != Mode::Eval);
+            let got = measure(&cfg, n, mode);
+            // CPU scratch: at most two level-0 activations (pre-norm values, uniforms) at
+            // once, and the GEMM's packing buffers.
+            let (h, w) = (cfg.resolution.0 / cfg.patch, cfg.resolution.1 / cfg.patch);
+            let slack = (2 * n * h * w * cfg.channels[0] * 4 + (8 << 20)) as u64;
+            println!("{name} {mode_name} batch {n}: saved {} / {}, forward {} / {}, backward {} / {}, vjp {} / {} (estimate / measured)",
+                est.saved, got.saved, est.forward_peak, got.forward_peak, est.backward_peak,
+                got.backward_peak, est.vjp_peak, got.vjp_peak);
+            assert_eq!(est.saved, got.saved, "{name} {mode_name}: saved");
+            for (what, e, m) in [
+                ("forward", est.forward_peak, got.forward_peak),
+                ("backward", est.backward_peak, got.backward_peak),
+                ("vjp", est.vjp_peak, got.vjp_peak),
+            ] {
+                assert!(
+                    e <= m && m <= e + slack,
+                    "{name} {mode_name}: {what} peak estimated {e}, measured {m} (slack {slack})"
+                );
+            }
+        }
+    }
+}
