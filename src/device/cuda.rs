@@ -151,6 +151,26 @@ impl CudaDevice {
         self.pool.stats()
     }
 
+    /// The most pool bytes lent out at once since the last `reset_pool_peak`.
+    pub fn pool_peak_bytes(&self) -> usize {
+        self.pool.peak_bytes()
+    }
+
+    pub fn reset_pool_peak(&self) {
+        self.pool.reset_peak()
+    }
+
+    /// Enters a phase of a run (e.g. "m-step", "e-step"): the previous phase's cached buffers
+    /// go back to the driver, and peaks are kept per phase.
+    pub fn set_pool_phase(&self, name: &'static str) {
+        self.pool.set_phase(name)
+    }
+
+    /// Every phase's peaks so far.
+    pub fn pool_phases(&self) -> Vec<super::pool::PhaseStats> {
+        self.pool.phases()
+    }
+
     /// Returns the pool's cached buffers to the driver.
     pub fn trim_pool(&self) {
         self.pool.trim()

@@ -14,7 +14,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 pub use cuda::{probe as probe_cuda, CudaDevice};
 pub use launch::{params, Kernels};
 pub use poison::{poison_enabled, set_poison, POISON_BYTE};
-pub use pool::{size_class, PoolStats, PooledBuffer};
+pub use pool::{size_class, PhaseStats, PoolStats, PooledBuffer};
 
 use crate::error::{Error, Result};
 
@@ -140,6 +140,35 @@ fn opened() -> &'static Mutex<HashMap<usize, Arc<CudaDevice>>> {
 }
 
 impl Device {
+    /// Marks the start of a phase of a run for the GPU pool (`CudaDevice::set_pool_phase`):
+    /// the previous phase's cached buffers are released and peaks are kept per phase. Nothing
+    /// on the CPU.
+    pub fn set_memory_phase(&self, name: &'static str) {
+        if let Device::Cuda(dev) = self {
+            dev.set_pool_phase(name)
+        }
+    }
+
+    /// "phase: peak GiB in use, GiB held" for every phase so far (empty on the CPU).
+    pub fn memory_phase_summary(&self) -> String {
+        match self {
+            Device::Cpu => String::new(),
+            Device::Cuda(dev) => dev
+                .pool_phases()
+                .iter()
+                .map(|p| {
+                    format!(
+                        "{}: peak {:.2} GiB in use, {:.2} GiB held",
+                        p.name,
+                        p.peak_bytes_in_use as f64 / (1u64 << 30) as f64,
+                        p.peak_bytes_held as f64 / (1u64 << 30) as f64
+                    )
+                })
+                .collect::<Vec<_>>()
+                .join("; "),
+        }
+    }
+
     /// GPU `ordinal`, opened once per process. Fails with `Error::GpuUnavailable(reason)`.
     pub fn cuda(ordinal: usize) -> Result<Device> {
         let mut map = opened().lock().unwrap();

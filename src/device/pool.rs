@@ -363,27 +363,23 @@ impl DevicePool {
         self.inner.lock().unwrap().stats()
     }
 
-    // Per-phase reporting. CudaDevice (device/cuda.rs) does not forward these yet.
+    // Per-phase reporting, forwarded by CudaDevice (device/cuda.rs).
 
     /// The most bytes handed out at once since the last `reset_peak`.
-    #[allow(dead_code)]
     pub fn peak_bytes(&self) -> usize {
         self.inner.lock().unwrap().peak_bytes()
     }
 
-    #[allow(dead_code)]
     pub fn reset_peak(&self) {
         self.inner.lock().unwrap().reset_peak()
     }
 
     /// Enters phase `name`, giving the previous phase's cached buffers back to the driver.
-    #[allow(dead_code)]
     pub fn set_phase(&self, name: &'static str) {
         let freed = self.inner.lock().unwrap().enter_phase(name);
         self.free_to_driver(freed);
     }
 
-    #[allow(dead_code)]
     pub fn phases(&self) -> Vec<PhaseStats> {
         self.inner.lock().unwrap().phases().to_vec()
     }

@@ -767,6 +767,7 @@ pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Re
 
     let den = Denoiser::new(setup.network.clone());
     for lap in done.map_or(1, |k| k + 1)..=laps {
+        device.set_memory_phase("m-step");
         let t = Instant::now();
         let (weights, loss, mstep_rate) = setup.m_step(
             params,
@@ -777,6 +778,7 @@ pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Re
         )?;
         params = weights;
         let mstep = t.elapsed().as_secs_f64();
+        device.set_memory_phase("e-step");
         let t = Instant::now();
         let mean = setup.mean_of(&samples, device)?;
         let mut prior = NetworkPrior {
@@ -797,6 +799,7 @@ pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Re
         )?;
         let estep = t.elapsed().as_secs_f64();
         abort_requested(lap)?;
+        device.set_memory_phase("evaluation");
         let (held_means, held_first) = setup.heldout_means(
             &prior,
             &Covariance::Tweedie,
@@ -826,6 +829,10 @@ pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Re
             mstep_images_per_s: mstep_rate,
         };
         eprintln!("{}", m.summary());
+        let memory = device.memory_phase_summary();
+        if !memory.is_empty() {
+            eprintln!("  GPU memory by phase: {memory}");
+        }
         all.push(m.clone());
         let experiment = cfg.string("experiment")?;
         let dir = save_lap_checkpoint(

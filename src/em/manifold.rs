@@ -447,6 +447,7 @@ pub fn run_manifold(cfg: &Config, run: &Path, device: &Device, resume: bool) -> 
         } else {
             samples_of(&samples, setup.bound)
         };
+        device.set_memory_phase("m-step");
         let t = Instant::now();
         let (new_params, loss) = setup.m_step(
             params,
@@ -460,6 +461,7 @@ pub fn run_manifold(cfg: &Config, run: &Path, device: &Device, resume: bool) -> 
         // The E-step: MMPS under the new network, started at the PPCA mean of the current
         // samples (or, with estep_moments = "init", the Gaussian initialisation's), with that
         // covariance as V (cov_x) unless the Tweedie covariance is asked.
+        device.set_memory_phase("e-step");
         let t = Instant::now();
         let moments = match &init_prior {
             Some(g) => g.clone(),
@@ -489,6 +491,10 @@ pub fn run_manifold(cfg: &Config, run: &Path, device: &Device, resume: bool) -> 
         abort_requested(lap)?;
         let m = setup.metrics(lap, &samples, loss, t.elapsed().as_secs_f64(), mstep);
         eprintln!("{}", m.summary());
+        let memory = device.memory_phase_summary();
+        if !memory.is_empty() {
+            eprintln!("  GPU memory by phase: {memory}");
+        }
         all.push(m.clone());
         save_lap_checkpoint(
             run,
