@@ -8,6 +8,7 @@
 //! step's worth of activations.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{LazyLock, Mutex};
 
 const MIN_BYTES: usize = 64 << 10;
@@ -23,6 +24,17 @@ pub struct Cache {
 }
 
 static CACHE: LazyLock<Mutex<Cache>> = LazyLock::new(Default::default);
+static ENABLED: AtomicBool = AtomicBool::new(true);
+
+/// Turns recycling on or off for the whole process; off also empties the cache. For measuring
+/// what the ops themselves allocate (tests/memory_peak.rs counts real allocations).
+pub fn set_enabled(on: bool) {
+    ENABLED.store(on, Ordering::Relaxed);
+    if !on {
+        let mut cache = lock();
+        *cache = Cache::default();
+    }
+}
 
 /// A float type whose buffers are cached.
 pub trait Recycled: Sized + Copy {
@@ -49,7 +61,7 @@ fn lock() -> std::sync::MutexGuard<'static, Cache> {
 
 /// A cached buffer of exactly `n` elements, if one is free.
 pub fn take<T: Recycled>(n: usize) -> Option<Vec<T>> {
-    if n * size_of::<T>() < MIN_BYTES {
+    if n * size_of::<T>() < MIN_BYTES || !ENABLED.load(Ordering::Relaxed) {
         return None;
     }
     let mut cache = lock();
@@ -61,7 +73,7 @@ pub fn take<T: Recycled>(n: usize) -> Option<Vec<T>> {
 /// Hands a buffer back; dropped instead when it is small or the cache is full.
 pub fn give<T: Recycled>(v: Vec<T>) {
     let bytes = v.len() * size_of::<T>();
-    if bytes < MIN_BYTES {
+    if bytes < MIN_BYTES || !ENABLED.load(Ordering::Relaxed) {
         return;
     }
     let mut cache = lock();

@@ -166,9 +166,11 @@ fn bank_against_blocks(dtype: DType, n: usize) -> (f64, f64) {
 
 #[test]
 fn modulation_bank_matches_each_blocks_own_modulation() {
-    // Same GEMMs per block, so the forward agrees to the bit on the CPU; the bias gradients are a
-    // column of the weight-gradient GEMM (an f32 sum) instead of an f64 row sum, so they agree
-    // to f32 rounding of a sum over the batch.
+    // The same products per block, but the bank's batched GEMM may take the CPU's small-product
+    // path (plain loops) where a block's own GEMM takes matrixmultiply, so the forward agrees to
+    // f32 rounding (1.9e-7 seen at batch 1), not to the bit; the bias gradients are a column of
+    // the weight-gradient GEMM (an f32 sum) instead of an f64 row sum, so they agree to f32
+    // rounding of a sum over the batch.
     for n in [1, 3, 64] {
         let (m64, g64) = bank_against_blocks(DType::F64, n);
         let (m32, g32) = bank_against_blocks(DType::F32, n);
@@ -176,7 +178,7 @@ fn modulation_bank_matches_each_blocks_own_modulation() {
             "batch {n}: m differs by {m64:.1e} (f64) / {m32:.1e} (f32), gradients by {g64:.1e} / {g32:.1e}"
         );
         assert!(m64 <= 1e-15 && g64 <= 1e-14, "f64 at batch {n}: {m64:e}, {g64:e}");
-        assert!(m32 <= 1e-7 && g32 <= 1e-6, "f32 at batch {n}: {m32:e}, {g32:e}");
+        assert!(m32 <= 1e-6 && g32 <= 1e-6, "f32 at batch {n}: {m32:e}, {g32:e}");
     }
 }
 
