@@ -123,31 +123,86 @@ pub mod cpu {
         if p.batch > 1 && m * n * k <= SMALL_MACS {
             return small_batched(p, (rsa, csa), (rsb, csb), a, b, c);
         }
-        for bz in 0..p.batch as usize {
-            let a_off = bz * p.stride_a as usize;
-            let b_off = bz * p.stride_b as usize;
-            let c_off = bz * p.stride_c as usize;
-            // SAFETY: resolve() derived every stride from the operand shapes, so all indexed
-            // elements lie inside the slices; C entries do not alias (ldc = n, stride m * n).
-            unsafe {
-                T::gemm(
-                    m,
-                    k,
-                    n,
-                    T::from_f32(p.alpha),
-                    a.as_ptr().add(a_off),
-                    rsa,
-                    csa,
-                    b.as_ptr().add(b_off),
-                    rsb,
-                    csb,
-                    T::from_f32(p.beta),
-                    c.as_mut_ptr().add(c_off),
-                    ldc,
-                    1,
-                );
-            }
+        if p.batch == 1 && m >= SPLIT_ROWS && m * n * k >= SPLIT_MACS {
+            return split_rows(p, (rsa, csa), (rsb, csb), a, b, c);
         }
+        // Batch entries in parallel (each one single-threaded product).
+        let per = p.stride_c as usize;
+        crate::ops::parallel::for_rows(&mut c[..p.batch as usize * per], per, |entries, cs| {
+            for (bz, cc) in entries.zip(cs.chunks_exact_mut(per)) {
+                let a_off = bz * p.stride_a as usize;
+                let b_off = bz * p.stride_b as usize;
+                // SAFETY: resolve() derived every stride from the operand shapes, so all indexed
+                // elements lie inside the slices; C entries do not alias (ldc = n, stride m * n).
+                unsafe {
+                    T::gemm(
+                        m,
+                        k,
+                        n,
+                        T::from_f32(p.alpha),
+                        a.as_ptr().add(a_off),
+                        rsa,
+                        csa,
+                        b.as_ptr().add(b_off),
+                        rsb,
+                        csb,
+                        T::from_f32(p.beta),
+                        cc.as_mut_ptr(),
+                        ldc,
+                        1,
+                    );
+                }
+            }
+        });
+    }
+
+    /// A single product this large is cut into `SPLIT_PARTS` row blocks of C, run on rayon's pool
+    /// (matrixmultiply itself runs single-threaded: with its own thread pool beside rayon's, the
+    /// two spun against each other on 2 cores, 17% of an E-step in sched_yield). Each C entry is
+    /// still one matrixmultiply dot product over the whole of K, so the split does not depend on
+    /// the number of threads.
+    pub const SPLIT_ROWS: usize = 64;
+    pub const SPLIT_MACS: usize = 1 << 20;
+    const SPLIT_PARTS: usize = 4;
+
+    fn split_rows<T: Real>(
+        p: &GemmParams,
+        (rsa, csa): (isize, isize),
+        (rsb, csb): (isize, isize),
+        a: &[T],
+        b: &[T],
+        c: &mut [T],
+    ) {
+        let (m, n, k) = (p.m as usize, p.n as usize, p.k as usize);
+        let rows = m.div_ceil(SPLIT_PARTS).next_multiple_of(8);
+        let (alpha, beta) = (T::from_f32(p.alpha), T::from_f32(p.beta));
+        use rayon::prelude::*;
+        c[..m * n]
+            .par_chunks_mut(rows * n)
+            .enumerate()
+            .for_each(|(i, cc)| {
+                let r = cc.len() / n;
+                // SAFETY: rows i*rows .. i*rows + r of op(A) and of C (ldc = n) lie inside the
+                // operands, whose strides resolve() derived from their shapes.
+                unsafe {
+                    T::gemm(
+                        r,
+                        k,
+                        n,
+                        alpha,
+                        a.as_ptr().offset(i as isize * rows as isize * rsa),
+                        rsa,
+                        csa,
+                        b.as_ptr(),
+                        rsb,
+                        csb,
+                        beta,
+                        cc.as_mut_ptr(),
+                        n as isize,
+                        1,
+                    );
+                }
+            });
     }
 
     /// Many small products: each C entry is a dot product over k in order, batches split over

@@ -634,6 +634,8 @@ pub const GEMM_CASES: &[(usize, usize, usize, usize, usize)] = &[
     (9000, 9000, 2, 1, 5),
     (0, 300, 5, 1, 2),
     (7, 0, 3, 4, 6),
+    // One product large enough to be cut into row blocks on the CPU (ragged: 80, 80, 80, 60).
+    (0, 0, 300, 70, 64),
 ];
 
 pub fn operand_shape(batch: usize, rows: usize, cols: usize) -> Vec<usize> {
