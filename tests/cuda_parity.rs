@@ -63,6 +63,7 @@ fn main() {
         "batch::gather_rows_uniform_matches_cpu",
         gather_rows_uniform_parity,
     );
+    s.gpu("sinkhorn::lse_kernel_matches_cpu_solve", sinkhorn_matches_cpu);
     s.gpu("pool::hot_loop_without_new_allocations", pool_hot_loop);
     s.gpu(
         "poison::fresh_and_recycled_buffers_are_nan",
@@ -785,6 +786,77 @@ fn augment_flip_shift(gpu: &Device) {
         assert_eq!(
             differing, 0,
             "flip_shift {shape:?} shift {shift}: {differing} of {n} values differ"
+        );
+    }
+}
+
+/// kernels/sinkhorn.cu against the CPU solver (src/metrics/sinkhorn.rs): the kernel repeats the
+/// CPU's f32 operations in the CPU's order, so only CUDA's f64 log (an ulp from glibc's) separates
+/// them; over hundreds of iterations that may flip the last bit of a few f32 potentials, which
+/// moves the value far less than 1e-9. Iteration counts must be equal. Sizes: ragged (partial
+/// blocks, a half-warp past the last row), the unrolled d = 5 and 2, d = 11, and the manifold
+/// reference at 4,096 points.
+fn sinkhorn_matches_cpu(gpu: &Device) {
+    use emprior::data::manifold::Manifold;
+    use emprior::metrics::Sinkhorn;
+    let cloud = |seed: u64, n: usize, d: usize| to_f64(&random_vec(seed, n * d, -1.5, 1.5));
+    let manifold = Manifold::new(0);
+    type Case = (String, Vec<f64>, Vec<f64>, usize, Sinkhorn);
+    let cases: Vec<Case> = vec![
+        (
+            "5-D 1000 x 777".into(),
+            cloud(1, 1000, 5),
+            cloud(2, 777, 5),
+            5,
+            Sinkhorn::PAPER,
+        ),
+        (
+            "2-D 33 x 517".into(),
+            cloud(3, 33, 2),
+            cloud(4, 517, 2),
+            2,
+            Sinkhorn::PAPER,
+        ),
+        (
+            "11-D 300 x 301, reg 0.1".into(),
+            cloud(5, 300, 11),
+            cloud(6, 301, 11),
+            11,
+            Sinkhorn::new(0.1, 500, 1e-6),
+        ),
+        (
+            "manifold 4096".into(),
+            manifold.sample(0, 1, 4096),
+            manifold.sample(0, 2, 4096),
+            5,
+            Sinkhorn::PAPER,
+        ),
+    ];
+    for (what, a, b, d, s) in cases {
+        let cpu = s.solve(&a, &b, d);
+        let start = std::time::Instant::now();
+        let got = s.solve_on(gpu, &a, &b, d).unwrap();
+        println!(
+            "sinkhorn {what}: GPU {:.3} s, value {:.12e} (CPU {:.12e}), iterations {} (CPU {})",
+            start.elapsed().as_secs_f64(),
+            got.value,
+            cpu.value,
+            got.iterations,
+            cpu.iterations
+        );
+        assert_eq!(got.iterations, cpu.iterations, "{what}: iterations");
+        assert_eq!(got.converged, cpu.converged, "{what}");
+        assert!(
+            ((got.value - cpu.value) / cpu.value).abs() < 1e-9,
+            "{what}: value {} vs {}",
+            got.value,
+            cpu.value
+        );
+        assert!(
+            (got.marginal_error - cpu.marginal_error).abs() <= 1e-9 * cpu.marginal_error + 1e-15,
+            "{what}: marginal error {} vs {}",
+            got.marginal_error,
+            cpu.marginal_error
         );
     }
 }
