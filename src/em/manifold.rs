@@ -256,7 +256,16 @@ impl Setup {
         Ok((trainer.params, tail / tail_n.max(1) as f64))
     }
 
-    fn metrics(&self, lap: usize, samples: &[f32], loss: f64, estep: f64, mstep: f64) -> LapMetrics {
+    /// The lap's metrics; the Sinkhorn solve runs on `device` (kernels/sinkhorn.cu on a GPU).
+    fn metrics(
+        &self,
+        lap: usize,
+        samples: &[f32],
+        loss: f64,
+        estep: f64,
+        mstep: f64,
+        device: &Device,
+    ) -> Result<LapMetrics> {
         let kept: Vec<f64> = inside_box(
             &samples.iter().map(|&v| v as f64).collect::<Vec<_>>(),
             DIM,
@@ -267,7 +276,7 @@ impl Setup {
         let start = Instant::now();
         let (sinkhorn, iterations, sliced) = if v.len() >= 2 * DIM {
             // method.md §9.1: max(OT(u1, v) - OT(u1, u2), 1e-6).
-            let ot = Sinkhorn::PAPER.solve(&self.truth, v, DIM);
+            let ot = Sinkhorn::PAPER.solve_on(device, &self.truth, v, DIM)?;
             (
                 (ot.value - self.reference).max(1e-6),
                 ot.iterations,
@@ -276,7 +285,7 @@ impl Setup {
         } else {
             (f64::NAN, 0, f64::NAN)
         };
-        LapMetrics {
+        Ok(LapMetrics {
             lap,
             sinkhorn,
             sliced_wasserstein: sliced,
@@ -286,7 +295,7 @@ impl Setup {
             mstep_seconds: mstep,
             sinkhorn_iterations: iterations,
             eval_seconds: start.elapsed().as_secs_f64(),
-        }
+        })
     }
 }
 
@@ -438,7 +447,7 @@ pub fn run_manifold(cfg: &Config, run: &Path, device: &Device, resume: bool) -> 
                 device,
                 "lap 0 E-step",
             )?;
-            let m = setup.metrics(0, &s, f64::NAN, start.elapsed().as_secs_f64(), 0.0);
+            let m = setup.metrics(0, &s, f64::NAN, start.elapsed().as_secs_f64(), 0.0, device)?;
             eprintln!("{}", m.summary());
             all.push(m.clone());
             write_lap(run, 0, &s, &setup.truth, &m, &all)?;
@@ -504,7 +513,7 @@ pub fn run_manifold(cfg: &Config, run: &Path, device: &Device, resume: bool) -> 
             &format!("lap {lap} E-step"),
         )?;
         abort_requested(lap)?;
-        let m = setup.metrics(lap, &samples, loss, t.elapsed().as_secs_f64(), mstep);
+        let m = setup.metrics(lap, &samples, loss, t.elapsed().as_secs_f64(), mstep, device)?;
         eprintln!("{}", m.summary());
         let memory = device.memory_phase_summary();
         if !memory.is_empty() {
