@@ -18,7 +18,7 @@ JSON line per case.
     python benches/baselines/sinkhorn_fixtures.py [--manifold DIR] [--out DIR]
 
 `--manifold DIR` adds cases on the manifold experiment's ground truth, read from DIR/u1.npy and
-DIR/u2.npy as `cargo bench --bench sinkhorn -- 4096 --dump DIR` writes them; those points are not
+DIR/u2.npy as `cargo bench --bench sinkhorn_cpu -- 4096 --dump DIR` writes them; those points are not
 stored (the Rust test regenerates them from the seed). The 4,096-point case runs on POT's torch
 backend in float64 when torch is importable (the same POT code; 31 minutes on a busy 2-core
 machine), otherwise on NumPy (slower). The stored cases take about 4 minutes on NumPy.

@@ -2,7 +2,7 @@
 //! two ground-truth sets (seed 0, latent streams 1 and 2), the reference OT(u1, u2) every lap of
 //! `emprior em` computes: one timed solve per size, wall seconds, value, iterations.
 //!
-//! `cargo bench --bench sinkhorn -- [SIZES...] [--threads T] [--dump DIR]`: sizes default to
+//! `cargo bench --bench sinkhorn_cpu -- [SIZES...] [--threads T] [--dump DIR]`: sizes default to
 //! 1024 4096; `--dump DIR` writes u1.npy and u2.npy at the largest size for
 //! benches/baselines/sinkhorn_fixtures.py (POT's values for the same points) and times nothing.
 
@@ -22,6 +22,11 @@ fn main() {
             "--dump" => dump = Some(PathBuf::from(args.next().expect("--dump DIR"))),
             // cargo bench passes --bench; criterion-style filters are not used here.
             "--bench" => {}
+            // What criterion benches answer to --list (scripts/device-check.sh asks every bench).
+            "--list" => {
+                println!("sinkhorn_cpu: bench");
+                return;
+            }
             s => sizes.push(s.parse::<usize>().expect("sizes are point counts")),
         }
     }
