@@ -87,26 +87,32 @@ fn em_args<'a>(out: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
     v
 }
 
-#[test]
-fn a_run_killed_mid_lap_and_resumed_matches_an_uninterrupted_one() {
-    let (a, b) = (dir("whole"), dir("resumed"));
+/// Runs a two-lap configuration (SMALL, smaller still, plus `extra`) whole into `a`, and into `b`
+/// killed during lap 2 (after its E-step, before anything of lap 2 is written) and resumed from
+/// lap 1. Determinism, not quality, is under test: hence the small run.
+fn run_whole_and_resumed(a: &std::path::Path, b: &std::path::Path, extra: &[&str]) {
     let (sa, sb) = (a.to_str().unwrap(), b.to_str().unwrap());
-    // Determinism, not quality, is under test here: a smaller run still.
-    let tiny = [
+    let mut tiny = vec![
         "laps=2",
         "observations=512",
         "mstep_steps=150",
         "eval_samples=128",
     ];
+    tiny.extend_from_slice(extra);
     let (ok, log) = emprior(&em_args(sa, &tiny));
     assert!(ok, "{log}");
-    // Killed during lap 2 (after its E-step, before anything of lap 2 is written)...
     let (ok, log) = emprior_aborting_at(&em_args(sb, &tiny), Some(2));
     assert!(!ok && log.contains("aborted during lap 2"), "{log}");
     assert!(b.join("lap-001/DONE").is_file() && !b.join("lap-002").join("DONE").exists());
-    // ...and resumed from lap 1.
     let (ok, log) = emprior(&["em", "manifold", "--device", "cpu", "--resume", sb]);
     assert!(ok && log.contains("resuming"), "{log}");
+}
+
+#[test]
+fn a_run_killed_mid_lap_and_resumed_matches_an_uninterrupted_one() {
+    let (a, b) = (dir("whole"), dir("resumed"));
+    let sb = b.to_str().unwrap();
+    run_whole_and_resumed(&a, &b, &[]);
     for f in ["lap-002/samples.npy", "lap-001/samples.npy"] {
         assert!(
             file_bytes(&a.join(f)) == file_bytes(&b.join(f)),
@@ -136,24 +142,10 @@ fn a_run_killed_mid_lap_and_resumed_matches_an_uninterrupted_one() {
 #[test]
 fn the_papers_estep_moments_run_and_resume_exactly() {
     let (a, b) = (dir("paper-moments-whole"), dir("paper-moments-resumed"));
-    let (sa, sb) = (a.to_str().unwrap(), b.to_str().unwrap());
-    let tiny = [
-        "laps=2",
-        "observations=512",
-        "mstep_steps=150",
-        "eval_samples=128",
-        "estep_moments=init",
-        "filter_first=0",
-    ];
-    let (ok, log) = emprior(&em_args(sa, &tiny));
-    assert!(ok, "{log}");
+    run_whole_and_resumed(&a, &b, &["estep_moments=init", "filter_first=0"]);
     for f in ["prior_mean.npy", "prior_diag.npy", "prior_factor.npy"] {
         assert!(a.join("lap-000").join(f).is_file(), "{f} saved with lap 0");
     }
-    let (ok, log) = emprior_aborting_at(&em_args(sb, &tiny), Some(2));
-    assert!(!ok && log.contains("aborted during lap 2"), "{log}");
-    let (ok, log) = emprior(&["em", "manifold", "--device", "cpu", "--resume", sb]);
-    assert!(ok && log.contains("resuming"), "{log}");
     assert!(
         file_bytes(&a.join("lap-002/samples.npy")) == file_bytes(&b.join("lap-002/samples.npy")),
         "lap 2's samples differ between the uninterrupted and the resumed run"
