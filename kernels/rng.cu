@@ -64,3 +64,41 @@ extern "C" __global__ void rng_gather_rows_uniform_f32(const float* src, float* 
         dst[e] = src[i * per + (e - k * per)];
     }
 }
+
+// Position i of a random permutation of 0..rows (src/ops/rng.rs permuted_index, the same integer
+// operations): a 4-round Feistel network over the smallest even power of two >= rows, keyed by
+// Philox (seed, stream) and `key`, walked until it lands inside 0..rows.
+__device__ __forceinline__ u64 permuted_index(u64 seed, u64 stream, u64 key, u64 rows, u64 i) {
+    const u64 m = rows > 1 ? rows - 1 : 0;
+    int bits = 64 - __clzll((long long)m);
+    if (bits < 2) bits = 2;
+    const int half = (bits + 1) / 2;
+    const u64 mask = (1ull << half) - 1;
+    u64 x = i;
+    for (;;) {
+        u64 l = x >> half, r = x & mask;
+        for (u64 round = 0; round < 4; ++round) {
+            const u64 f = (u64)philox_block(seed, stream, ((key * 4 + round) << 32) | r).v[0] & mask;
+            const u64 t = l ^ f;
+            l = r;
+            r = t;
+        }
+        x = (l << half) | r;
+        if (x < rows) return x;
+    }
+}
+
+// One epoch's batch without replacement: row k of dst is row permuted_index(start + k) of src.
+// A block per output row (grid-stride over rows): thread 0 walks the permutation, the block copies.
+extern "C" __global__ void rng_gather_rows_permuted_f32(const float* src, float* dst, i64 rows, i64 per, i64 batch,
+                                                         i64 start, u64 seed, u64 stream, u64 key) {
+    __shared__ i64 row;
+    for (i64 k = blockIdx.x; k < batch; k += gridDim.x) {
+        if (threadIdx.x == 0) row = (i64)permuted_index(seed, stream, key, (u64)rows, (u64)(start + k));
+        __syncthreads();
+        const float* s = src + row * per;
+        float* d = dst + k * per;
+        for (i64 e = threadIdx.x; e < per; e += blockDim.x) d[e] = s[e];
+        __syncthreads();
+    }
+}

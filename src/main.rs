@@ -225,7 +225,8 @@ enum Command {
 
 fn main() -> std::process::ExitCode {
     emprior::tune_cpu_allocator();
-    let result = match Cli::parse().command {
+    let cli = Cli::parse();
+    let result = emprior::ops::parallel::on_pool(move || match cli.command {
         Command::Info { device, kernels } => info(device, kernels),
         Command::Bench {
             device,
@@ -360,7 +361,7 @@ fn main() -> std::process::ExitCode {
                 .map(|()| println!("wrote {}", out.display()))
                 .map_err(Into::into)
         }
-    };
+    });
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {

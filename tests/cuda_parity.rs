@@ -63,6 +63,11 @@ fn main() {
         "batch::gather_rows_uniform_matches_cpu",
         gather_rows_uniform_parity,
     );
+    s.gpu(
+        "batch::gather_rows_permuted_matches_cpu",
+        gather_rows_permuted_parity,
+    );
+    s.gpu("cg::step_sizes_match_cpu", cg_step_sizes_parity);
     s.gpu("sinkhorn::lse_kernel_matches_cpu_solve", sinkhorn_matches_cpu);
     s.gpu("pool::hot_loop_without_new_allocations", pool_hot_loop);
     s.gpu(
@@ -758,6 +763,70 @@ fn gather_rows_uniform_parity(gpu: &Device) {
         assert!(
             got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()),
             "gather_rows_uniform rows {rows} batch {batch} offset {offset}"
+        );
+    }
+}
+
+/// The images M-step's device-side shuffle against the CPU bit for bit: CIFAR-10's quick and
+/// paper shapes (a batch of 256 images of 3,072 values out of 50,000, the last full batch of an
+/// epoch) and a ragged one.
+fn gather_rows_permuted_parity(gpu: &Device) {
+    use emprior::ops::rng::gather_rows_permuted;
+    for &(rows, per, batch, start, epoch) in &[
+        (50_000usize, 3072usize, 256usize, 49_664usize, 31u64),
+        (384, 3072, 32, 64, 0),
+        (13, 5, 7, 6, 2),
+    ] {
+        let x = random_vec(rows as u64, rows * per, -2.0, 2.0);
+        let rng = Philox::new(4, 0x5bf1);
+        let pick = |d: &Device| {
+            gather_rows_permuted(&on(d, &x, &[rows, per]), batch, rng, epoch, start)
+                .unwrap()
+                .to_vec_f32()
+                .unwrap()
+        };
+        let (want, got) = (pick(&CPU), pick(gpu));
+        assert!(
+            got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()),
+            "gather_rows_permuted rows {rows} batch {batch} start {start}"
+        );
+    }
+}
+
+/// CG's per-row step sizes with convergence freezing (kernels/cg.cu): one f32 division and one
+/// f32 product per row, so the GPU must give the CPU's bits, at CG's E-step shape (8,192 rows)
+/// with converged rows, zero pAp and zero right-hand sides mixed in.
+fn cg_step_sizes_parity(gpu: &Device) {
+    use emprior::posterior::cg::step_sizes;
+    let rows = 8192;
+    let mut rr = random_vec(1, rows, 0.0, 1.0);
+    let mut pap = random_vec(2, rows, 0.1, 2.0);
+    let mut bn = random_vec(3, rows, 0.5, 1e4);
+    for i in (0..rows).step_by(7) {
+        rr[i] = 1e-7 * bn[i]; // converged at tol2 = 1e-6
+    }
+    for i in (0..rows).step_by(11) {
+        pap[i] = 0.0;
+    }
+    for i in (0..rows).step_by(13) {
+        (rr[i], bn[i]) = (0.0, 0.0);
+    }
+    for tol2 in [0.0, 1e-6] {
+        let run = |d: &Device| {
+            let t = |v: &Vec<f32>| on(d, v, &[rows]);
+            step_sizes(&t(&rr), &t(&pap), &t(&bn), tol2)
+                .unwrap()
+                .to_vec_f32()
+                .unwrap()
+        };
+        let (want, got) = (run(&CPU), run(gpu));
+        assert!(
+            got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()),
+            "cg step sizes at tol2 = {tol2}"
+        );
+        assert!(
+            tol2 == 0.0 || want.iter().step_by(7).all(|&a| a == 0.0),
+            "converged rows keep still"
         );
     }
 }

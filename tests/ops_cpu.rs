@@ -444,3 +444,59 @@ fn batches_drawn_from_philox_indices_match_the_host_loop() {
     let empty = Tensor::from_f32(&[], &[0, 5], &CPU).unwrap();
     assert!(gather_rows_uniform(&empty, 4, rng, 0).is_err());
 }
+
+/// The images M-step's shuffle: `permuted_index` is a permutation of 0..rows for every size
+/// (powers of two, one past them, odd bit counts, 1), different per epoch, and the batches of one
+/// epoch gathered by `gather_rows_permuted` visit every row exactly once.
+#[test]
+fn permuted_batches_visit_every_row_once_per_epoch() {
+    use emprior::ops::rng::{gather_rows_permuted, permuted_index};
+    let rng = Philox::new(3, 0x5bf1);
+    for rows in [1u64, 2, 3, 4, 5, 17, 64, 65, 1000, 4097] {
+        for epoch in [0u64, 1, 9] {
+            let mut seen = vec![false; rows as usize];
+            for i in 0..rows {
+                let j = permuted_index(rng, epoch, rows, i);
+                assert!(
+                    j < rows && !seen[j as usize],
+                    "rows {rows} epoch {epoch}: {i} -> {j}"
+                );
+                seen[j as usize] = true;
+            }
+        }
+        if rows >= 64 {
+            let order = |e| {
+                (0..rows)
+                    .map(|i| permuted_index(rng, e, rows, i))
+                    .collect::<Vec<_>>()
+            };
+            assert_ne!(order(0), order(1), "rows {rows}: two epochs in the same order");
+            let fixed = order(0)
+                .iter()
+                .enumerate()
+                .filter(|(i, &j)| *i as u64 == j)
+                .count();
+            assert!(fixed < 8, "rows {rows}: {fixed} rows left in place");
+        }
+    }
+    // Rows tagged by their index; three batches of 4 out of 13 rows, then the rest.
+    let (rows, per) = (13usize, 3usize);
+    let pool: Vec<f32> = (0..rows * per).map(|e| (e / per) as f32).collect();
+    let pool = Tensor::from_f32(&pool, &[rows, per], &Device::Cpu).unwrap();
+    let mut seen = Vec::new();
+    for (start, batch) in [(0, 4), (4, 4), (8, 4), (12, 1)] {
+        let got = gather_rows_permuted(&pool, batch, rng, 2, start).unwrap();
+        assert_eq!(got.shape(), &[batch, per]);
+        let v = got.to_vec_f32().unwrap();
+        for row in v.chunks_exact(per) {
+            assert!(row.iter().all(|&x| x == row[0]), "a row is copied whole");
+            seen.push(row[0] as usize);
+        }
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, (0..rows).collect::<Vec<_>>());
+    assert!(
+        gather_rows_permuted(&pool, 4, rng, 0, 10).is_err(),
+        "a batch past the pool's end"
+    );
+}

@@ -538,3 +538,176 @@ fn randomized_ppca_agrees_with_the_exact_fit() {
         );
     }
 }
+
+/// The CPU backend samples an E-step batch in parts, one per core (ops::parallel::map_parts);
+/// that is only sound if each row's sample depends on nothing but its own observation. Here a
+/// TimeMLP prior with MMPS (Tweedie covariance, CG with a relative tolerance that some rows
+/// reach before others) and a PC sampler draw 37 rows whole and in parts of 1, 8 and 16 rows,
+/// run sequentially and through map_parts: every way gives the same bits.
+#[test]
+fn a_batch_sampled_in_parts_gives_the_bits_of_the_whole() {
+    use emprior::diffusion::{BatchPart, Denoiser, Network};
+    use emprior::nn::TimeMlp;
+    use emprior::posterior::NetworkPrior;
+    let (rows, d, m) = (37usize, 5usize, 2usize);
+    let denoiser = Denoiser::new(Network::Mlp(TimeMlp::new(d, &[64, 64], 16)));
+    let params = denoiser.layout().init(11, DType::F32, &CPU).unwrap();
+    let prior = NetworkPrior {
+        denoiser: &denoiser,
+        params: &params,
+    };
+    let a = randn(21, rows * m * d);
+    let y: Vec<f64> = randn(22, rows * m).iter().map(|v| 0.5 * v).collect();
+    let noise = ObservationNoise::Scalar(0.05f64.powi(2));
+    let cg = CgConfig {
+        max_iters: 10,
+        rtol: Some(1e-2),
+    };
+    let sampler = Sampler {
+        kind: SamplerKind::Pc {
+            corrections: 1,
+            tau: 0.1,
+        },
+        steps: 6,
+        schedule: VeSchedule::new(1e-3, 10.0),
+        rng: Philox::new(5, 3),
+    };
+    let mean = Tensor::from_f64_as(&[0.1, -0.2, 0.3, 0.0, 0.5], &[d], DType::F32, &CPU).unwrap();
+    let part = |range: std::ops::Range<usize>| -> Vec<f32> {
+        let (lo, hi) = (range.start, range.end);
+        let a = Tensor::from_f64_as(&a[lo * m * d..hi * m * d], &[hi - lo, m, d], DType::F32, &CPU).unwrap();
+        let y = Tensor::from_f64_as(&y[lo * m..hi * m], &[hi - lo, m], DType::F32, &CPU).unwrap();
+        let ops = DenseOperators::new(a).unwrap();
+        let mut mmps = Mmps::new(&prior, &ops, &y, &noise, cg);
+        let at = BatchPart {
+            first: lo,
+            total: rows,
+        };
+        let mv = mean.as_view().unwrap();
+        let x = sampler
+            .sample_part(&mut mmps, &[hi - lo, d], at, Some(&mv), DType::F32, &CPU)
+            .unwrap();
+        x.to_vec_f32().unwrap()
+    };
+    let whole = part(0..rows);
+    assert!(whole.iter().all(|v| v.is_finite()));
+    for part_rows in [1, 8, 16] {
+        let sequential: Vec<f32> = (0..rows)
+            .step_by(part_rows)
+            .flat_map(|s| part(s..(s + part_rows).min(rows)))
+            .collect();
+        let parallel: Vec<f32> = emprior::ops::parallel::map_parts(rows, part_rows, part)
+            .into_iter()
+            .flatten()
+            .collect();
+        for (what, got) in [("sequential", sequential), ("map_parts", parallel)] {
+            let same = whole.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits());
+            assert!(
+                same && got.len() == whole.len(),
+                "parts of {part_rows} rows ({what}) differ from the whole batch"
+            );
+        }
+    }
+}
+
+/// With a relative tolerance, a row that has converged stops moving (a 0 step size, decided on
+/// the device), so each row's solution is the same bits whether it is solved alone or beside
+/// rows that need more iterations.
+#[test]
+fn cg_rows_converge_on_their_own() {
+    let m = 6;
+    // Row 0: a well-conditioned system; row 1: a spread spectrum that needs all m iterations.
+    let diag: Vec<f64> = (0..m)
+        .map(|i| 1.0 + 0.01 * i as f64)
+        .chain((0..m).map(|i| 10f64.powi(i as i32 - 2)))
+        .collect();
+    let b: Vec<f64> = random_vec(9, 2 * m, -1.0, 1.0)
+        .iter()
+        .map(|&v| v as f64)
+        .collect();
+    let config = CgConfig {
+        max_iters: 12,
+        rtol: Some(1e-3),
+    };
+    let solve = |rows: std::ops::Range<usize>| -> Vec<f32> {
+        let n = rows.len();
+        let bt = Tensor::from_f64_as(&b[rows.start * m..rows.end * m], &[n, m], DType::F32, &CPU).unwrap();
+        let dt = Tensor::from_f64_as(&diag[rows.start * m..rows.end * m], &[n, m], DType::F32, &CPU).unwrap();
+        let (x, _) = cg_checked(|v: &Tensor| emprior::ops::mul(v, &dt), &bt, config, 1).unwrap();
+        x.to_vec_f32().unwrap()
+    };
+    let both = solve(0..2);
+    let (alone0, alone1) = (solve(0..1), solve(1..2));
+    assert_eq!(&both[..m], &alone0[..], "the fast row moved after it converged");
+    assert_eq!(&both[m..], &alone1[..]);
+    // And it did converge: the relative residual is within the tolerance.
+    let res: f64 = (0..m)
+        .map(|i| (b[i] - diag[i] * both[i] as f64).powi(2))
+        .sum::<f64>()
+        .sqrt();
+    let bn: f64 = b[..m].iter().map(|v| v * v).sum::<f64>().sqrt();
+    assert!(res <= 1e-3 * bn * 1.01, "row 0: {res} vs {}", 1e-3 * bn);
+}
+
+/// The same for the image experiments' E-step: a small U-Net (with attention) and MMPS through
+/// masks, DDPM, CG without a tolerance; 5 images whole and in parts of 1 and 2.
+#[test]
+fn an_image_batch_sampled_in_parts_gives_the_bits_of_the_whole() {
+    use emprior::diffusion::{BatchPart, Denoiser, Network};
+    use emprior::nn::UNet;
+    use emprior::posterior::{MaskOperator, NetworkPrior};
+    let (rows, h, w, c) = (5usize, 8usize, 8usize, 3usize);
+    let per = h * w * c;
+    let denoiser = Denoiser::new(Network::UNet(UNet::new(common::small_unet_config()).unwrap()));
+    let params = denoiser.layout().init(12, DType::F32, &CPU).unwrap();
+    let prior = NetworkPrior {
+        denoiser: &denoiser,
+        params: &params,
+    };
+    let masks: Vec<f32> = random_vec(23, rows * h * w, 0.0, 1.0)
+        .iter()
+        .map(|&u| (u < 0.4) as u8 as f32)
+        .collect();
+    let y: Vec<f32> = random_vec(24, rows * per, -1.0, 1.0);
+    let noise = ObservationNoise::Scalar(1e-3f64.powi(2));
+    let cg = CgConfig {
+        max_iters: 2,
+        rtol: None,
+    };
+    let sampler = Sampler {
+        kind: SamplerKind::Ddpm,
+        steps: 3,
+        schedule: VeSchedule::new(1e-3, 100.0),
+        rng: Philox::new(6, 1),
+    };
+    let part = |range: std::ops::Range<usize>| -> Vec<f32> {
+        let (lo, hi) = (range.start, range.end);
+        let n = hi - lo;
+        let y = Tensor::from_f32(&y[lo * per..hi * per], &[n, per], &CPU).unwrap();
+        let op = MaskOperator::from_pixel_mask(&masks[lo * h * w..hi * h * w], n, h * w, c, DType::F32, &CPU)
+            .unwrap();
+        let mut mmps = Mmps::new(&prior, &op, &y, &noise, cg);
+        let at = BatchPart {
+            first: lo,
+            total: rows,
+        };
+        sampler
+            .sample_part(&mut mmps, &[n, h, w, c], at, None, DType::F32, &CPU)
+            .unwrap()
+            .to_vec_f32()
+            .unwrap()
+    };
+    let whole = part(0..rows);
+    assert!(whole.iter().all(|v| v.is_finite()));
+    for part_rows in [1, 2] {
+        let got: Vec<f32> = emprior::ops::parallel::map_parts(rows, part_rows, part)
+            .into_iter()
+            .flatten()
+            .collect();
+        let same = whole.iter().zip(&got).all(|(a, b)| a.to_bits() == b.to_bits());
+        assert!(
+            same && got.len() == whole.len(),
+            "parts of {part_rows} images differ from the whole batch"
+        );
+    }
+}

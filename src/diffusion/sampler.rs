@@ -100,6 +100,26 @@ pub fn sampler_step(x: &mut Tensor, d: &Tensor, a: f64, c: f64, rng: Philox, off
     Ok(())
 }
 
+/// Which rows of a batch a sampler call draws: rows `first .. first + shape[0]` of a batch of
+/// `total` samples. The noise is laid out over the whole batch, so a batch sampled in parts gives
+/// the same bits as in one piece when the denoiser treats rows independently (as the networks,
+/// the operators and CG do: posterior::cg's notes).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BatchPart {
+    pub first: usize,
+    pub total: usize,
+}
+
+impl BatchPart {
+    /// The whole batch of `rows` rows.
+    pub fn whole(rows: usize) -> Self {
+        BatchPart {
+            first: 0,
+            total: rows,
+        }
+    }
+}
+
 impl Sampler {
     /// Samples of `shape` ([N, ...]) from `den`, started at mean + sigma_max z (mean: one sample's
     /// shape, broadcast; None for 0).
@@ -111,36 +131,69 @@ impl Sampler {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
+        let rows = shape.first().copied().unwrap_or(0);
+        self.sample_part(den, shape, BatchPart::whole(rows), mean, dtype, device)
+    }
+
+    /// Rows `part.first ..` of a batch of `part.total` samples ([`BatchPart`]); `shape` is the
+    /// part's ([rows, ...]) and `den` denoises those rows only.
+    pub fn sample_part(
+        &self,
+        den: &mut impl Denoise,
+        shape: &[usize],
+        part: BatchPart,
+        mean: Option<&View>,
+        dtype: DType,
+        device: &Device,
+    ) -> Result<Tensor> {
         if self.steps == 0 {
             return Err(Error::Other("a sampler needs at least one step".into()));
         }
+        let rows = shape.first().copied().unwrap_or(0);
+        if part.first + rows > part.total {
+            return Err(Error::Other(format!(
+                "a sampler part of rows {}..{} lies outside its batch of {}",
+                part.first,
+                part.first + rows,
+                part.total
+            )));
+        }
         let n: usize = shape.iter().product();
-        let n64 = n as u64;
+        let per = n.checked_div(rows).unwrap_or(0);
+        // Element offsets over the whole batch: block 1 + k of `whole` normals for step k's
+        // update, then the corrections' blocks after all steps; this part starts `base` in.
+        let (whole, base) = ((part.total * per) as u64, (part.first * per) as u64);
         let grid = self.schedule.grid(self.steps);
         let mut x = Tensor::uninit(shape, dtype, device)?;
-        self.rng.normal_into(&mut x, 0)?;
+        self.rng.normal_into(&mut x, base)?;
         let mut x = crate::ops::scale(&x, grid[0])?;
         if let Some(mu) = mean {
-            let per = n / shape[0];
-            let mut flat = x.as_view_mut()?.reshape(&[shape[0], per])?;
+            let mut flat = x.as_view_mut()?.reshape(&[rows, per])?;
             add_bias(&mut flat, &mu.reshape(&[per])?)?;
         }
-        // Noise offsets: block 1 + k for step k's update, then corrections after all steps.
         for k in 0..self.steps {
             let (t, s) = (grid[k], grid[k + 1]);
             let d = den.denoise(&x, t)?;
             match self.kind {
                 SamplerKind::Ddpm => {
                     let tau = 1.0 - (s * s) / (t * t);
-                    sampler_step(&mut x, &d, tau, s * tau.sqrt(), self.rng, (1 + k as u64) * n64)?;
+                    let offset = (1 + k as u64) * whole + base;
+                    sampler_step(&mut x, &d, tau, s * tau.sqrt(), self.rng, offset)?;
                 }
                 SamplerKind::Ddim => sampler_step(&mut x, &d, 1.0 - s / t, 0.0, self.rng, 0)?,
                 SamplerKind::Pc { corrections, tau } => {
                     sampler_step(&mut x, &d, 1.0 - s / t, 0.0, self.rng, 0)?;
                     for j in 0..corrections {
                         let d = den.denoise(&x, s)?;
-                        let offset = (1 + self.steps as u64 + (k * corrections + j) as u64) * n64;
-                        sampler_step(&mut x, &d, tau, s * (2.0 * tau).sqrt(), self.rng, offset)?;
+                        let block = 1 + self.steps as u64 + (k * corrections + j) as u64;
+                        sampler_step(
+                            &mut x,
+                            &d,
+                            tau,
+                            s * (2.0 * tau).sqrt(),
+                            self.rng,
+                            block * whole + base,
+                        )?;
                     }
                 }
             }

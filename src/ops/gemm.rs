@@ -110,20 +110,25 @@ pub mod cpu {
     use super::GemmParams;
     use crate::real::Real;
 
-    /// Below this many multiply-adds per batch entry, a batched GEMM runs as plain loops over
-    /// the batch on both cores: matrixmultiply's packing and thread dispatch cost more than a
-    /// 2 x 5 product (the manifold's per-observation operators, 16,384 of them per call).
-    pub const SMALL_MACS: usize = 4096;
+    /// At most this many multiply-adds per row of C, a batched GEMM (an operand per entry) runs
+    /// as plain loops over the batch on both cores: matrixmultiply's packing and dispatch cost
+    /// more than a 2 x 5 product (the manifold's per-observation operators, 16,384 of them per
+    /// call) or a 16-token attention head.
+    pub const SMALL_ROW_MACS: usize = 256;
 
     pub fn gemm<T: Real>(p: &GemmParams, trans_a: bool, trans_b: bool, a: &[T], b: &[T], c: &mut [T]) {
         let (m, n, k) = (p.m as usize, p.n as usize, p.k as usize);
         let (lda, ldb, ldc) = (p.lda as isize, p.ldb as isize, p.ldc as isize);
         let (rsa, csa) = if trans_a { (1, lda) } else { (lda, 1) };
         let (rsb, csb) = if trans_b { (1, ldb) } else { (ldb, 1) };
-        if p.batch > 1 && m * n * k <= SMALL_MACS {
+        // Decided by whether an operand is per entry and by the size of one row of C (n, k),
+        // never by m or the batch count, which may be the rows of a batch: a batch cut into row
+        // parts (ops::parallel::map_parts) must take the same path in every part.
+        let per_entry = p.stride_a != 0 || p.stride_b != 0;
+        if per_entry && n * k <= SMALL_ROW_MACS {
             return small_batched(p, (rsa, csa), (rsb, csb), a, b, c);
         }
-        if p.batch == 1 && m >= SPLIT_ROWS && m * n * k >= SPLIT_MACS {
+        if p.batch == 1 && m >= SPLIT_ROWS && m * n * k >= SPLIT_MACS && !crate::ops::parallel::inline() {
             return split_rows(p, (rsa, csa), (rsb, csb), a, b, c);
         }
         // Batch entries in parallel (each one single-threaded product).

@@ -4,9 +4,44 @@
 //! on a pool of any size (`RAYON_NUM_THREADS=1` included). Below one chunk the loop runs inline:
 //! a fork costs a few microseconds, more than a small op.
 
+use std::cell::Cell;
 use std::ops::Range;
 
 use rayon::prelude::*;
+
+thread_local! {
+    /// Set while this thread runs one part of [`map_parts`]: its loops then run inline.
+    static INLINE: Cell<bool> = const { Cell::new(false) };
+}
+
+/// Whether loops on this thread should run inline (inside a [`map_parts`] part, where the
+/// parallelism is already spent on the parts).
+pub fn inline() -> bool {
+    INLINE.with(Cell::get)
+}
+
+/// `f(rows)` for consecutive parts of `part_rows` rows (the last one shorter) of `0..rows`, the
+/// parts in parallel and each one's own loops inline on its thread: a batch of independent rows
+/// cut into parts small enough that each part's activations stay in its core's cache. The
+/// results come back in order. `part_rows` must not depend on the thread count when the bits of
+/// the result should not.
+pub fn map_parts<R: Send>(rows: usize, part_rows: usize, f: impl Fn(Range<usize>) -> R + Sync) -> Vec<R> {
+    let part_rows = part_rows.max(1);
+    let parts: Vec<Range<usize>> = (0..rows)
+        .step_by(part_rows)
+        .map(|s| s..(s + part_rows).min(rows))
+        .collect();
+    let run = |r: Range<usize>| {
+        let before = INLINE.with(|c| c.replace(true));
+        let out = f(r);
+        INLINE.with(|c| c.set(before));
+        out
+    };
+    if parts.len() <= 1 || inline() {
+        return parts.into_iter().map(run).collect();
+    }
+    parts.into_par_iter().map(run).collect()
+}
 
 /// Elements per parallel task: large enough that scheduling is noise (a few microseconds against
 /// tens), small enough that two cores share a [1024, 256] activation evenly.
@@ -17,12 +52,26 @@ fn rows_per_task(width: usize) -> usize {
     (CHUNK / width.max(1)).max(1)
 }
 
+/// Runs `f` on one of the pool's worker threads and waits for it. A parallel loop started from a
+/// thread outside the pool hands its work to the pool and sleeps until a worker wakes it, two
+/// context switches per op (12% of a small-batch E-step on one core); started from a worker, the
+/// loop runs on that worker and the others steal from it. The binary runs every command this way;
+/// a program embedding the library can do the same around its own calls.
+pub fn on_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        return f();
+    }
+    let mut out = None;
+    rayon::scope(|_| out = Some(f()));
+    out.expect("rayon::scope ran its body")
+}
+
 /// `f(rows, out_rows)` over row chunks of `out` ([rows, width]), in parallel when it is large.
 pub fn for_rows<T: Send>(out: &mut [T], width: usize, f: impl Fn(Range<usize>, &mut [T]) + Sync) {
     let width = width.max(1);
     let rows = out.len() / width;
     let per = rows_per_task(width);
-    if rows <= per {
+    if rows <= per || inline() {
         return f(0..rows, out);
     }
     out.par_chunks_mut(per * width)
@@ -42,7 +91,7 @@ pub fn for_rows2<T: Send, U: Send>(
     let rows = a.len() / wa;
     debug_assert_eq!(rows, b.len() / wb);
     let per = rows_per_task(wa.max(wb));
-    if rows <= per {
+    if rows <= per || inline() {
         return f(0..rows, a, b);
     }
     a.par_chunks_mut(per * wa)

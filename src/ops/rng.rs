@@ -245,3 +245,79 @@ pub fn gather_rows_uniform_cpu<T: Real>(
         dst.copy_from_slice(&pool[i * per..(i + 1) * per]);
     }
 }
+
+/// Position `i` of a random permutation of `0..rows` (rows < 2^32), keyed by `rng` and `key`
+/// (an epoch): a 4-round Feistel network over the smallest even power of two >= rows, walked
+/// until it lands inside 0..rows (at most 4 walks expected). Computed per index, so a device
+/// gathers a shuffled epoch's batches with no sort and no index upload; kernels/rng.cu repeats
+/// it in the same integer operations.
+pub fn permuted_index(rng: Philox, key: u64, rows: u64, i: u64) -> u64 {
+    let bits = (64 - rows.saturating_sub(1).leading_zeros()).max(2);
+    let half = bits.div_ceil(2);
+    let mask = (1u64 << half) - 1;
+    let mut x = i;
+    loop {
+        let (mut l, mut r) = (x >> half, x & mask);
+        for round in 0..4u64 {
+            let f = rng.block(((key * 4 + round) << 32) | r)[0] as u64 & mask;
+            (l, r) = (r, l ^ f);
+        }
+        x = (l << half) | r;
+        if x < rows {
+            return x;
+        }
+    }
+}
+
+/// One epoch's batch without replacement: row k of the result is row
+/// `permuted_index(rng, epoch, rows, start + k)` of `pool` ([rows, ..]). The batches
+/// `start = 0, b, 2b, ..` of one epoch visit every row once. On a GPU the pool stays on the
+/// device for a whole M-step and the indices are computed in the kernel (kernels/rng.cu).
+pub fn gather_rows_permuted(
+    pool: &impl AsView,
+    batch: usize,
+    rng: Philox,
+    epoch: u64,
+    start: usize,
+) -> Result<Tensor> {
+    let pool = pool.as_view()?;
+    let rows = pool.shape().first().copied().unwrap_or(0);
+    if rows == 0 || rows > u32::MAX as usize || start + batch > rows {
+        return Err(crate::error::Error::shape(
+            "gather_rows_permuted",
+            "pool",
+            format!("[rows, ..] with 0 < rows < 2^32 and rows >= {}", start + batch),
+            pool.shape(),
+        ));
+    }
+    let per = pool.numel() / rows;
+    let mut shape = pool.shape().to_vec();
+    shape[0] = batch;
+    let mut out = Tensor::uninit(&shape, pool.dtype(), &pool.device())?;
+    {
+        let mut ov = out.as_view_mut()?;
+        match (&pool.data, &mut ov.data) {
+            (Data::Cuda(src, dev), DataMut::Cuda(dst, _)) => {
+                let (r64, p64, b64, s64) = (rows as i64, per as i64, batch as i64, start as i64);
+                let cfg = crate::device::launch::blocks((batch.clamp(1, 65_535) as u32, 1, 1), 256);
+                // SAFETY: src holds rows * per values, dst batch * per; every index the kernel
+                // computes lies in 0..rows (the walk ends only there).
+                unsafe {
+                    dev.kernels().rng_gather_rows_permuted_f32(
+                        cfg, src, dst, r64, p64, b64, s64, rng.seed, rng.stream, epoch,
+                    )
+                }?;
+            }
+            (Data::Cuda(..), _) => return Err(super::mismatch("gather_rows_permuted", &[&pool], &[])),
+            _ => host_real!(pool, T => {
+                let (src, dst) = (pool.cpu::<T>()?, ov.cpu_mut::<T>()?);
+                for (k, d) in dst.chunks_exact_mut(per).enumerate() {
+                    let i = permuted_index(rng, epoch, rows as u64, (start + k) as u64) as usize;
+                    d.copy_from_slice(&src[i * per..(i + 1) * per]);
+                }
+                Ok::<(), crate::error::Error>(())
+            })?,
+        }
+    }
+    Ok(out)
+}

@@ -1,7 +1,13 @@
 //! Batched conjugate gradient: one SPD system M v = b per row of b [B, m], all systems advanced
 //! together with per-row step sizes held on the device. Starts from v = 0 with r = b, so it does
 //! not spend an operator call on M 0 (as JAX's cg does). Dot products accumulate in f64
-//! (ops::row_dot). A row whose p becomes 0 (converged) gets a 0 step size and stays put.
+//! (ops::row_dot).
+//!
+//! Each row converges on its own: with a relative tolerance, a row whose residual is within it
+//! (||r||^2 <= rtol^2 ||b||^2, decided on the device by [`step_sizes`]) gets a 0 step size and
+//! stays put, as does a row whose p becomes 0. So a row's iterates depend only on its own
+//! system, never on the other rows of its batch nor on when the host looks: a batch cut into
+//! parts (the CPU backend samples an E-step batch in parts, one per core) gives the same bits.
 //!
 //! Host synchronisation: none without a relative tolerance. With one, the residuals are read
 //! back (one synchronisation, two at the first check) only every `check_every` iterations
@@ -10,10 +16,11 @@
 //! `check_every - 1` iterations past convergence, which leave a converged solve converged.
 //! Deciding on the device instead would still need the host to learn whether to stop.
 
-use crate::error::Result;
+use crate::device::launch::grid_stride;
+use crate::error::{Error, Result};
 use crate::ops::broadcast::scale_rows_add_into;
-use crate::ops::{div_guarded, row_dot, scale};
-use crate::tensor::{AsView, Tensor};
+use crate::ops::{div_guarded, mismatch, one_device, row_dot, scale};
+use crate::tensor::{AsView, AsViewMut, Data, DataMut, Tensor};
 
 /// How often [`cg`] reads its residuals when a relative tolerance is set.
 pub const DEFAULT_CHECK_EVERY: usize = 5;
@@ -64,15 +71,16 @@ pub fn cg_checked(
     let tol = config.rtol.filter(|_| check_every > 0);
     // ||b||^2 per row stays on the device until the first check needs it.
     let b_norm2 = match tol {
-        Some(_) => Some(row_dot(&r, &r)?),
+        Some(_) => Some(rr.as_view()?.to_tensor()?),
         None => None,
     };
+    let tol2 = tol.map_or(0.0, |t| t * t);
     let mut b_norm2_host: Option<Vec<f64>> = None;
     let mut stats = CgStats::default();
     for it in 1..=config.max_iters {
         let ap = matvec(&p)?;
         let pap = row_dot(&p, &ap)?;
-        let alpha = div_guarded(&rr, &pap)?;
+        let alpha = step_sizes(&rr, &pap, b_norm2.as_ref().unwrap_or(&rr), tol2)?;
         let neg_alpha = scale(&alpha, -1.0)?;
         let mut x_next = Tensor::uninit(x.shape(), dtype, &device)?;
         scale_rows_add_into(&x, &ones, &p, &alpha, &mut x_next)?;
@@ -110,4 +118,51 @@ pub fn cg_checked(
         rr = rr_next;
     }
     Ok((x, stats))
+}
+
+/// CG's step size per row: rr / pAp, and 0 where the row has converged (rr <= tol2 * bn) or
+/// pAp is 0 (kernels/cg.cu; the CPU body gives the same bits). With tol2 = 0 only the pAp guard
+/// remains, which is `div_guarded(rr, pap)`.
+pub fn step_sizes(rr: &Tensor, pap: &Tensor, bn: &Tensor, tol2: f64) -> Result<Tensor> {
+    let (rv, pv, bv) = (rr.as_view()?, pap.as_view()?, bn.as_view()?);
+    one_device("cg::step_sizes", &[&rv, &pv, &bv], &[])?;
+    if pv.shape() != rv.shape() || bv.shape() != rv.shape() {
+        return Err(Error::shape(
+            "cg::step_sizes",
+            "pAp and ||b||^2",
+            rv.shape(),
+            (pv.shape(), bv.shape()),
+        ));
+    }
+    if tol2 == 0.0 {
+        return div_guarded(rr, pap);
+    }
+    let mut alpha = Tensor::uninit(rv.shape(), rv.dtype(), &rv.device())?;
+    {
+        let mut av = alpha.as_view_mut()?;
+        let n = rv.numel();
+        fn host<T: crate::real::Real>(rr: &[T], pap: &[T], bn: &[T], tol2: T, out: &mut [T]) {
+            for (i, o) in out.iter_mut().enumerate() {
+                let converged = rr[i] <= tol2 * bn[i];
+                *o = if converged || pap[i] == T::ZERO {
+                    T::ZERO
+                } else {
+                    rr[i] / pap[i]
+                };
+            }
+        }
+        match (&rv.data, &pv.data, &bv.data, &mut av.data) {
+            (Data::F32(r), Data::F32(p), Data::F32(b), DataMut::F32(o)) => host(r, p, b, tol2 as f32, o),
+            (Data::F64(r), Data::F64(p), Data::F64(b), DataMut::F64(o)) => host(r, p, b, tol2, o),
+            (Data::Cuda(r, dev), Data::Cuda(p, _), Data::Cuda(b, _), DataMut::Cuda(o, _)) => {
+                // SAFETY: all four views hold n values (shapes checked above).
+                unsafe {
+                    dev.kernels()
+                        .cg_step_size_f32(grid_stride(dev, n), r, p, b, tol2 as f32, o, n as i64)
+                }?;
+            }
+            _ => return Err(mismatch("cg::step_sizes", &[&rv, &pv, &bv], &[])),
+        }
+    }
+    Ok(alpha)
 }
