@@ -106,6 +106,7 @@ fn unet_gpu(c: &mut Criterion) {
                     let pv = params.as_view().unwrap();
                     let mode = Mode::Train {
                         rng: Philox::new(3, 3),
+                        first_row: 0,
                     };
                     let (_, s) = den.denoise(&pv, &x.as_view().unwrap(), &sigmas, mode).unwrap();
                     den.backward(

@@ -34,6 +34,7 @@ fn run(unet: &UNet, cfg: &UNetConfig, dtype: DType, n: usize) -> [Vec<f64>; 4] {
     let (pv, ev, uv) = (p.as_view().unwrap(), e.as_view().unwrap(), u.as_view().unwrap());
     let mode = Mode::Train {
         rng: Philox::new(4, 4),
+        first_row: 0,
     };
     let (y, saved) = unet.forward(&pv, &x.as_view().unwrap(), &ev, mode).unwrap();
     let vjp = unet.backward(&pv, &ev, &saved, &uv, None).unwrap();

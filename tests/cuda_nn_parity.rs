@@ -321,6 +321,7 @@ fn blocks_case(d: &Device) -> Vec<Output> {
     let x = on(d, 29, &[2, 8, 8, 32], 1.0);
     let mode = Mode::Train {
         rng: Philox::new(1, 2),
+        first_row: 0,
     };
     let (h, rs) = res.forward(&layout, &pv, x, &ev, mode, 0).unwrap();
     let (y, ats) = att.forward(&layout, &pv, h, &ev).unwrap();

@@ -130,6 +130,7 @@ fn dsm_case(d: &Device) -> Vec<Output> {
     let mut g = Tensor::zeros(&[den.layout().len()], DType::F32, d).unwrap();
     let mode = Mode::Train {
         rng: Philox::new(23, 24),
+        first_row: 0,
     };
     let (pv, xv, zv) = (
         params.as_view().unwrap(),

@@ -102,6 +102,7 @@ fn activation_memory_estimate_follows_real_allocations() {
     };
     let train = Mode::Train {
         rng: Philox::new(3, 4),
+        first_row: 0,
     };
     // The mid network also with convolutions in chunks of samples (a 200 KB column budget).
     for (name, cfg, n, budget) in [

@@ -279,6 +279,7 @@ fn res_block_gradients() {
         (
             Mode::Train {
                 rng: Philox::new(5, 9),
+                first_row: 0,
             },
             "train p=0.3",
         ),
@@ -568,6 +569,7 @@ fn small_unet_gradients() {
             },
             Mode::Train {
                 rng: Philox::new(8, 1),
+                first_row: 0,
             },
         ),
     ];

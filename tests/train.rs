@@ -371,3 +371,92 @@ fn adam_refuses_a_non_positive_clipping_threshold() {
     let err = adam.update(&mut p, &g).unwrap_err().to_string();
     assert!(err.contains("clipping threshold"), "{err}");
 }
+
+/// On the CPU a training step runs its batch in row parts (`Trainer::cpu_part_rows`), each with
+/// its own gradient, added in part order: the same bits on one thread and on two, and the same
+/// step as the batch in one piece up to the sum's rounding.
+#[test]
+fn training_steps_in_parts_match_the_whole_batch() {
+    use emprior::train::Trainer;
+    let (b, f) = (300usize, 5usize);
+    let x = Tensor::from_f32(&random_vec(41, b * f, -2.0, 2.0), &[b, f], &CPU).unwrap();
+    let run = |parts: Option<usize>, threads: usize| -> (Vec<f32>, Vec<f64>) {
+        let den = Denoiser::new(Network::Mlp(TimeMlp::new(f, &[64, 64], 16)));
+        let params = den.layout().init(3, DType::F32, &CPU).unwrap();
+        let cfg = AdamConfig::new(LrSchedule::Constant(1e-3));
+        let mut t = Trainer::new(den, params, cfg, VeSchedule::new(1e-3, 10.0), 9).unwrap();
+        t.cpu_part_rows = parts;
+        let pool = rayon::ThreadPoolBuilder::new()
+            .num_threads(threads)
+            .build()
+            .unwrap();
+        pool.install(|| {
+            for _ in 0..3 {
+                t.step(&x.as_view().unwrap()).unwrap();
+            }
+        });
+        let losses = t.take_stats().unwrap().iter().map(|s| s.loss).collect();
+        (t.params.to_vec_f32().unwrap(), losses)
+    };
+    let (whole, whole_loss) = run(None, 2);
+    let (one, one_loss) = run(Some(64), 1);
+    let (two, two_loss) = run(Some(64), 2);
+    assert!(
+        one.iter().zip(&two).all(|(a, b)| a.to_bits() == b.to_bits()),
+        "1 vs 2 threads"
+    );
+    assert_eq!(one_loss, two_loss);
+    let worst = one
+        .iter()
+        .zip(&whole)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    assert!(worst < 1e-5, "parts vs whole: parameters differ by {worst}");
+    for (p, w) in one_loss.iter().zip(&whole_loss) {
+        assert!((p - w).abs() <= 1e-5 * w.abs(), "loss {p} vs {w}");
+    }
+}
+
+/// Dropout in a batch part draws each row's masks where the whole batch would (Mode::Train's
+/// first_row): a U-Net's training forward on rows 1..3 is rows 1..3 of the whole forward.
+#[test]
+fn dropout_masks_of_a_part_are_the_whole_batchs() {
+    use emprior::nn::UNet;
+    let (n, per) = (4usize, 8 * 8 * 3);
+    let den = Denoiser::new(Network::UNet(UNet::new(common::small_unet_config()).unwrap()));
+    let params = den.layout().init(5, DType::F32, &CPU).unwrap();
+    let x = random_vec(42, n * per, -1.0, 1.0);
+    let forward = |lo: usize, hi: usize| {
+        let xt = Tensor::from_f32(&x[lo * per..hi * per], &[hi - lo, 8, 8, 3], &CPU).unwrap();
+        let mode = Mode::Train {
+            rng: Philox::new(6, 7),
+            first_row: lo as u64,
+        };
+        let sigmas = vec![0.5; hi - lo];
+        let (y, _) = den
+            .denoise(&params.as_view().unwrap(), &xt.as_view().unwrap(), &sigmas, mode)
+            .unwrap();
+        y.to_vec_f32().unwrap()
+    };
+    let (whole, part) = (forward(0, n), forward(1, 3));
+    assert!(
+        whole[per..3 * per]
+            .iter()
+            .zip(&part)
+            .all(|(a, b)| a.to_bits() == b.to_bits()),
+        "a part's dropout masks differ from the whole batch's"
+    );
+    let eval = {
+        let xt = Tensor::from_f32(&x[per..3 * per], &[2, 8, 8, 3], &CPU).unwrap();
+        let (y, _) = den
+            .denoise(
+                &params.as_view().unwrap(),
+                &xt.as_view().unwrap(),
+                &[0.5, 0.5],
+                Mode::Eval,
+            )
+            .unwrap();
+        y.to_vec_f32().unwrap()
+    };
+    assert_ne!(eval, part, "dropout was active (p = 0.1 in the small U-Net)");
+}

@@ -405,6 +405,7 @@ pub fn run_networks_gpu(dev: &CudaDevice, device: &Device, quick: bool) -> Resul
         let ms = time_gpu(dev, repeats, || {
             let mode = Mode::Train {
                 rng: Philox::new(3, 3),
+                first_row: 0,
             };
             let (_, s) = den.denoise(&pv, &x.as_view()?, &sigmas, mode)?;
             den.backward(&pv, &s, &u.as_view()?, Some(&mut grads.as_view_mut()?))

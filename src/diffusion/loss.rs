@@ -32,7 +32,26 @@ pub fn dsm_loss_into(
     loss: &mut ViewMut,
 ) -> Result<()> {
     let b = x.shape().first().copied().unwrap_or(0);
-    if sigmas.len() != b || z.shape() != x.shape() || b == 0 {
+    dsm_loss_part_into(den, params, x, sigmas, z, mode, grads, loss, b)
+}
+
+/// [`dsm_loss_into`] for a part of a step's batch of `batch_rows` rows (x, sigmas and z are the
+/// part's; `mode` says where the part starts): the loss and gradient are this part's terms of the
+/// whole batch's mean, so the parts' losses and gradients add up to the whole's.
+#[allow(clippy::too_many_arguments)]
+pub fn dsm_loss_part_into(
+    den: &Denoiser,
+    params: &View,
+    x: &View,
+    sigmas: &[f64],
+    z: &View,
+    mode: Mode,
+    grads: Option<&mut ViewMut>,
+    loss: &mut ViewMut,
+    batch_rows: usize,
+) -> Result<()> {
+    let b = x.shape().first().copied().unwrap_or(0);
+    if sigmas.len() != b || z.shape() != x.shape() || b == 0 || batch_rows < b {
         return Err(Error::shape("dsm_loss", "noise", x.shape(), z.shape()));
     }
     if !loss.shape().is_empty() {
@@ -47,18 +66,24 @@ pub fn dsm_loss_into(
     let (d, saved) = den.denoise(params, &x_t.as_view()?, sigmas, mode)?;
     let mut r = Tensor::uninit(x.shape(), dtype, &device)?;
     scale_rows_add_into(&d, &ones, x, &col(vec![-1.0; b], &[b])?, &mut r)?;
-    // L = sum_b (lambda_b / (B F)) ||r_b||^2: a dot of the weights with the squared errors, as
+    // L = sum_b (lambda_b / (B F)) ||r_b||^2 (B the whole batch's rows): a dot of the weights with the squared errors, as
     // one row of length B.
     let weights: Vec<f64> = sigmas.iter().map(|&s| dsm_weight(s)).collect();
     let rr = row_dot(&r, &r)?.reshape(&[1, b])?;
-    let mean_weights: Vec<f64> = weights.iter().map(|w| w / (b as f64 * features)).collect();
+    let mean_weights: Vec<f64> = weights
+        .iter()
+        .map(|w| w / (batch_rows as f64 * features))
+        .collect();
     row_dot_into(
         &col(mean_weights, &[1, b])?,
         &rr,
         &mut loss.reborrow().reshape(&[1])?,
     )?;
     if let Some(g) = grads {
-        let scale: Vec<f64> = weights.iter().map(|w| 2.0 * w / (b as f64 * features)).collect();
+        let scale: Vec<f64> = weights
+            .iter()
+            .map(|w| 2.0 * w / (batch_rows as f64 * features))
+            .collect();
         let mut dl_dd = Tensor::uninit(x.shape(), dtype, &device)?;
         scale_rows_into(&r, &col(scale, &[b])?, &mut dl_dd)?;
         den.backward(params, &saved, &dl_dd.as_view()?, Some(g))?;

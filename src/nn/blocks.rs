@@ -679,9 +679,10 @@ impl ResBlock {
         let ln = modulated_layer_norm(x, m)?;
         let c1 = self.conv1.forward(layout, params, &ln.y.as_view()?)?;
         let mask = match mode {
-            Mode::Train { rng } if self.dropout > 0.0 => Some(DropoutMask {
+            Mode::Train { rng, first_row } if self.dropout > 0.0 => Some(DropoutMask {
                 rng,
-                offset: dropout_offset,
+                // Element offsets over the whole batch: this part starts first_row rows in.
+                offset: dropout_offset + first_row * (c1.numel() / m.shape()[0].max(1)) as u64,
                 p: self.dropout,
             }),
             _ => None,

@@ -36,5 +36,8 @@ pub enum Mode {
     /// Dropout masks come from `rng`; every dropout layer uses its own element offset range.
     Train {
         rng: Philox,
+        /// The first row of this batch within the step's batch (diffusion::BatchPart): a batch
+        /// run in row parts draws each row's masks from where the whole batch would.
+        first_row: u64,
     },
 }
