@@ -161,3 +161,28 @@ fn saving_never_leaves_a_torn_file() {
     .to_string();
     assert!(err.contains("/nonexistent-dir"), "{err}");
 }
+
+/// A diverged run's weights are never saved: the save fails, naming the tensor and the value,
+/// and leaves no file behind.
+#[test]
+fn non_finite_parameters_are_refused_by_name() {
+    let net = preset("manifold").unwrap();
+    let mut v = net
+        .layout()
+        .init(3, DType::F32, &Device::Cpu)
+        .unwrap()
+        .to_vec_f32()
+        .unwrap();
+    let last = v.len() - 1;
+    v[last] = f32::NAN;
+    let params = emprior::Tensor::from_f32(&v, &[v.len()], &Device::Cpu).unwrap();
+    let path = tmp("nan.safetensors");
+    let e = save_checkpoint(&path, &net, &params, &BTreeMap::new())
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("nan.safetensors") && e.contains("NaN") && e.contains("mlp."),
+        "{e}"
+    );
+    assert!(!path.exists(), "nothing written");
+}

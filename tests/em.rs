@@ -196,3 +196,61 @@ fn bad_configurations_are_named() {
     ]);
     assert!(!ok && log.contains("/proc/emprior-not-writable"), "{log}");
 }
+
+/// Ranges and cross-field rules are checked before a run creates anything (issue 16's reports:
+/// `ema=2` marked a lap DONE with NaN weights; a negative sigma_y ran silently).
+#[test]
+fn out_of_range_values_are_refused_before_the_run_starts() {
+    let cases = [
+        ("cifar10", "ema=2", "'ema' = 2.0 must be in [0, 1)"),
+        ("cifar10", "dropout=1", "'dropout' = 1.0 must be in [0, 1)"),
+        (
+            "cifar10",
+            "mstep_batch=0",
+            "'mstep_batch' = 0 must be an integer >= 1",
+        ),
+        (
+            "manifold",
+            "sigma_y=-0.05",
+            "'sigma_y' = -0.05 must be a positive number",
+        ),
+        (
+            "manifold",
+            "sigma_min=200",
+            "sigma_min = 200.0 must be below sigma_max",
+        ),
+        (
+            "manifold",
+            "estep_steps=0",
+            "'estep_steps' = 0 must be an integer >= 1",
+        ),
+        ("manifold", "laps=-1", "'laps' must not be negative"),
+    ];
+    for (experiment, set, want) in cases {
+        let mut cfg = Config::preset(experiment, "quick").unwrap();
+        cfg.set(set).unwrap();
+        let e = cfg.validate().unwrap_err().to_string();
+        assert!(e.contains(want), "{set}: {e} (wanted: {want})");
+    }
+    for experiment in ["manifold", "cifar10", "fashion-mnist"] {
+        for preset in ["quick", "smoke", "paper"] {
+            if let Ok(cfg) = Config::preset(experiment, preset) {
+                cfg.validate()
+                    .unwrap_or_else(|e| panic!("{experiment}/{preset}: {e}"));
+            }
+        }
+    }
+    let out = std::env::temp_dir().join(format!("emprior-bad-sigma-{}", std::process::id()));
+    let (ok, log) = emprior(&[
+        "em",
+        "manifold",
+        "--device",
+        "cpu",
+        "--set",
+        "sigma_y=-1",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(!ok && log.contains("sigma_y"), "{log}");
+    assert!(!out.exists(), "a refused run leaves no directory");
+}

@@ -104,3 +104,60 @@ fn reads_files_written_by_numpy() {
         (vec![5], "f4", vec![0.0, 1.0, 2.0, 3.0, 4.0])
     );
 }
+
+/// Forged headers never reach a panic or a wrapped size: each is refused with its reason.
+#[test]
+fn forged_headers_are_refused_without_a_panic() {
+    let cases: [(&str, Vec<u8>, &str); 6] = [
+        // 2^62 * 2^62 elements wrap to 0 in usize: an empty body must not pass for it.
+        (
+            "overflow.npy",
+            raw("<f4", "False", "(4611686018427387904, 4611686018427387904)", &[]),
+            "too large to address",
+        ),
+        (
+            "close-first.npy",
+            raw("<f4", "False", ")", &[]),
+            "malformed shape",
+        ),
+        (
+            "no-paren.npy",
+            raw("<f4", "False", "é(2,)", &[0; 8]),
+            "malformed shape",
+        ),
+        (
+            "negative.npy",
+            raw("<f4", "False", "(-2,)", &[0; 8]),
+            "malformed shape",
+        ),
+        (
+            "words.npy",
+            raw("<f4", "False", "(two,)", &[0; 8]),
+            "malformed shape",
+        ),
+        (
+            "no-shape.npy",
+            {
+                let mut b = raw("<f4", "False", "(2,)", &[0; 8]);
+                let at = b.windows(7).position(|w| w == b"'shape'").unwrap();
+                b[at + 1] = b'x';
+                b
+            },
+            "lacks 'shape'",
+        ),
+    ];
+    for (name, bytes, want) in cases {
+        let p = tmp(name);
+        std::fs::write(&p, bytes).unwrap();
+        let e = read_npy(&p).unwrap_err().to_string();
+        assert!(e.contains(name) && e.contains(want), "{name}: {e}");
+    }
+    // A version-2 header longer than the file.
+    let p = tmp("long-header.npy");
+    let mut b = b"\x93NUMPY\x02\x00".to_vec();
+    b.extend(u32::MAX.to_le_bytes());
+    b.extend(b"{'descr'");
+    std::fs::write(&p, b).unwrap();
+    let e = read_npy(&p).unwrap_err().to_string();
+    assert!(e.contains("truncated header"), "{e}");
+}

@@ -366,10 +366,49 @@ fn adam_refuses_a_non_positive_clipping_threshold() {
         clip: Some(0.0),
         ..AdamConfig::new(LrSchedule::Constant(0.1))
     };
-    let mut adam = Adam::new(config, &p).unwrap();
+    let err = Adam::new(config, &p).err().expect("refused").to_string();
+    assert!(err.contains("clipping threshold"), "{err}");
+    // Changed after construction, it is refused by the update too.
+    let mut adam = Adam::new(AdamConfig::new(LrSchedule::Constant(0.1)), &p).unwrap();
+    adam.config.clip = Some(f64::NAN);
     let g = Tensor::from_f64(&[1.0], &[1], &CPU).unwrap();
     let err = adam.update(&mut p, &g).unwrap_err().to_string();
     assert!(err.contains("clipping threshold"), "{err}");
+}
+
+/// Every Adam hyper-parameter out of range is refused before any step, naming the value and
+/// its range (an EMA decay of 2 used to produce NaN weights that were then saved).
+#[test]
+fn adam_refuses_out_of_range_hyper_parameters() {
+    let p = Tensor::from_f64(&[1.0], &[1], &CPU).unwrap();
+    let base = AdamConfig::new(LrSchedule::Constant(0.1));
+    let cases: [(AdamConfig, &str); 6] = [
+        (
+            AdamConfig {
+                ema: Some(2.0),
+                ..base
+            },
+            "ema = 2 must be in [0, 1)",
+        ),
+        (
+            AdamConfig {
+                ema: Some(f64::NAN),
+                ..base
+            },
+            "ema = NaN",
+        ),
+        (AdamConfig { beta1: 1.0, ..base }, "beta1 = 1 must be in [0, 1)"),
+        (AdamConfig { beta2: -0.5, ..base }, "beta2 = -0.5"),
+        (AdamConfig { eps: 0.0, ..base }, "eps = 0 must be positive"),
+        (
+            AdamConfig::new(LrSchedule::Constant(-1e-3)),
+            "lr = -0.001 must be positive",
+        ),
+    ];
+    for (config, want) in cases {
+        let err = Adam::new(config, &p).err().expect("refused").to_string();
+        assert!(err.contains(want), "{err} (wanted: {want})");
+    }
 }
 
 /// On the CPU a training step runs its batch in row parts (`Trainer::cpu_part_rows`), each with

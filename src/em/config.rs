@@ -387,6 +387,84 @@ impl Config {
         }
     }
 
+    /// Every range and cross-field rule of the keys this configuration has, checked before a run
+    /// creates anything; the message names the key, its value and the valid range.
+    pub fn validate(&self) -> Result<()> {
+        use Rule::*;
+        const RULES: &[(&str, Rule)] = &[
+            ("sigma_y", Positive),
+            ("sigma_min", Positive),
+            ("sigma_max", Positive),
+            ("lr", Positive),
+            ("lr_init", Positive),
+            ("lr_end", NonNegative),
+            ("ema", Fraction),
+            ("dropout", Fraction),
+            ("corruption", Percent),
+            ("cg_rtol", NonNegative),
+            ("init_cg_rtol", NonNegative),
+            ("pc_tau", Positive),
+            ("filter_bound", Positive),
+            ("observations", AtLeastOne),
+            ("init_observations", AtLeastOne),
+            ("init_rounds", AtLeastOne),
+            ("init_steps", AtLeastOne),
+            ("init_rank", AtLeastOne),
+            ("init_cg_iters", AtLeastOne),
+            ("estep_steps", AtLeastOne),
+            ("estep_batch", AtLeastOne),
+            ("cg_iters", AtLeastOne),
+            ("prior_steps", AtLeastOne),
+            ("mstep_steps", AtLeastOne),
+            ("mstep_epochs", AtLeastOne),
+            ("mstep_batch", AtLeastOne),
+            ("heldout_samples", AtLeastOne),
+            ("emb", AtLeastOne),
+            ("grid", AtLeastOne),
+        ];
+        for &(key, rule) in RULES {
+            if !self.values.contains_key(key) {
+                continue;
+            }
+            let (ok, want) = match rule {
+                Positive => (self.float(key)? > 0.0, "a positive number"),
+                NonNegative => (self.float(key)? >= 0.0, "a number >= 0"),
+                Fraction => ((0.0..1.0).contains(&self.float(key)?), "in [0, 1)"),
+                Percent => (
+                    (0.0..100.0).contains(&self.float(key)?),
+                    "a percentage in [0, 100)",
+                ),
+                AtLeastOne => (self.int(key)? >= 1, "an integer >= 1"),
+            };
+            if !ok {
+                return Err(Error::Other(format!(
+                    "configuration '{key}' = {} must be {want}",
+                    self.values[key]
+                )));
+            }
+        }
+        for key in [
+            "laps",
+            "seed",
+            "pc_corrections",
+            "shift",
+            "heldout",
+            "export_samples",
+            "export_every",
+        ] {
+            if self.values.contains_key(key) {
+                self.count(key)?;
+            }
+        }
+        if self.values.contains_key("sigma_min") && self.float("sigma_min")? >= self.float("sigma_max")? {
+            return Err(Error::Other(format!(
+                "configuration sigma_min = {} must be below sigma_max = {}",
+                self.values["sigma_min"], self.values["sigma_max"]
+            )));
+        }
+        Ok(())
+    }
+
     /// The resolved configuration as TOML.
     pub fn to_toml(&self) -> String {
         let mut s = String::from("# Resolved configuration of this run (emprior em).\n");
@@ -395,4 +473,14 @@ impl Config {
         }
         s
     }
+}
+
+/// A range rule of [`Config::validate`].
+#[derive(Clone, Copy)]
+enum Rule {
+    Positive,
+    NonNegative,
+    Fraction,
+    Percent,
+    AtLeastOne,
 }

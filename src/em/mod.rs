@@ -73,6 +73,7 @@ pub fn mark_done(run: &Path, lap: usize) -> Result<()> {
 /// the last lap with a DONE marker when resuming. A fresh run refuses a directory that already
 /// holds laps.
 pub fn open_run(cfg: &Config, run: &Path, resume: bool) -> Result<Option<usize>> {
+    cfg.validate()?;
     prepare_run_dir(run)?;
     if !resume && last_complete_lap(run).is_some() {
         return Err(Error::Other(format!(

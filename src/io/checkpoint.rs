@@ -68,6 +68,24 @@ pub fn save_checkpoint(
         ),
         DType::BF16 => return Err(Error::Other("bf16 checkpoints are not supported yet".into())),
     };
+    // Nothing non-finite is saved: a diverged run fails here, naming the tensor, instead of
+    // leaving a checkpoint that every later load refuses.
+    let first_bad = match host.dtype() {
+        DType::F32 => host.as_view()?.cpu::<f32>()?.iter().position(|v| !v.is_finite()),
+        _ => host.as_view()?.cpu::<f64>()?.iter().position(|v| !v.is_finite()),
+    };
+    if let Some(i) = first_bad {
+        let spec = layout
+            .specs()
+            .iter()
+            .find(|s| (s.offset..s.offset + numel(&s.shape)).contains(&i));
+        let name = spec.map_or("?", |s| s.name.as_str());
+        let value = host.as_view()?.to_vec_f64()?[i];
+        return Err(Error::Other(format!(
+            "refusing to save {}: parameter {name} holds {value} (flat index {i}); the training diverged or its input was not finite",
+            path.display()
+        )));
+    }
     let width = host.dtype().size_in_bytes();
     let views = layout
         .specs()

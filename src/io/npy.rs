@@ -49,20 +49,34 @@ pub fn read_npy(path: &Path) -> Result<NpyArray> {
     if bytes.len() < 10 || &bytes[..6] != MAGIC {
         return Err(bad(path, "not a .npy file (no \\x93NUMPY magic)"));
     }
-    let (header_len, start) = match bytes[6] {
+    let (header_len, start): (usize, usize) = match bytes[6] {
         1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
-        2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes(bytes[8..12].try_into().unwrap()) as usize, 12),
+        2 | 3 if bytes.len() >= 12 => (
+            u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize,
+            12,
+        ),
         v => return Err(bad(path, format!("unsupported .npy format version {v}"))),
     };
-    let header = bytes
-        .get(start..start + header_len)
-        .ok_or_else(|| bad(path, "truncated header"))?;
+    let header = start
+        .checked_add(header_len)
+        .and_then(|end| bytes.get(start..end))
+        .ok_or_else(|| {
+            bad(
+                path,
+                format!(
+                    "truncated header ({header_len} bytes declared, {} in the file)",
+                    bytes.len() - start
+                ),
+            )
+        })?;
     let header = std::str::from_utf8(header).map_err(|_| bad(path, "header is not text"))?;
     let field = |key: &str| -> Result<&str> {
+        let quoted = format!("'{key}'");
         let at = header
-            .find(&format!("'{key}'"))
+            .find(&quoted)
             .ok_or_else(|| bad(path, format!("header lacks '{key}'")))?;
-        let rest = header[at + key.len() + 2..].trim_start();
+        // `quoted` is ASCII, so the byte after it is a character boundary.
+        let rest = header[at + quoted.len()..].trim_start();
         Ok(rest.strip_prefix(':').unwrap_or(rest).trim_start())
     };
     let descr = field("descr")?;
@@ -86,25 +100,41 @@ pub fn read_npy(path: &Path) -> Result<NpyArray> {
         ));
     }
     let shape_text = field("shape")?;
-    let close = shape_text.find(')').ok_or_else(|| bad(path, "malformed shape"))?;
-    let shape = shape_text[1..close]
+    let malformed = || {
+        let shown: String = shape_text.chars().take(40).collect();
+        bad(
+            path,
+            format!("malformed shape {shown} (expected a tuple of sizes such as (3, 4))"),
+        )
+    };
+    let inner = shape_text
+        .strip_prefix('(')
+        .and_then(|t| t.find(')').map(|close| &t[..close]))
+        .ok_or_else(malformed)?;
+    let shape = inner
         .split(',')
         .map(str::trim)
         .filter(|s| !s.is_empty())
-        .map(|s| {
-            s.parse::<usize>()
-                .map_err(|_| bad(path, format!("malformed shape {}", &shape_text[..=close])))
-        })
+        .map(|s| s.parse::<usize>().map_err(|_| malformed()))
         .collect::<Result<Vec<_>>>()?;
-    let n: usize = shape.iter().product();
+    // Sizes come from the file: multiply with checks, so a forged shape is an error, never a
+    // wrapped count that happens to match the data.
+    let bytes_needed = shape
+        .iter()
+        .try_fold(width as usize, |acc, &d| acc.checked_mul(d))
+        .ok_or_else(|| {
+            bad(
+                path,
+                format!("shape {shape:?} of {dtype} is too large to address"),
+            )
+        })?;
     let body = &bytes[start + header_len..];
-    if body.len() != n * width {
+    if body.len() != bytes_needed {
         return Err(bad(
             path,
             format!(
-                "{} data bytes for shape {shape:?} of {dtype}, expected {}",
+                "{} data bytes for shape {shape:?} of {dtype}, expected {bytes_needed}",
                 body.len(),
-                n * width
             ),
         ));
     }
@@ -112,11 +142,11 @@ pub fn read_npy(path: &Path) -> Result<NpyArray> {
         1 => body.iter().map(|&b| b as f64).collect(),
         4 => body
             .chunks_exact(4)
-            .map(|c| f32::from_le_bytes(c.try_into().unwrap()) as f64)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]) as f64)
             .collect(),
         _ => body
             .chunks_exact(8)
-            .map(|c| f64::from_le_bytes(c.try_into().unwrap()))
+            .map(|c| f64::from_le_bytes([c[0], c[1], c[2], c[3], c[4], c[5], c[6], c[7]]))
             .collect(),
     };
     Ok(NpyArray { shape, data, dtype })
@@ -167,7 +197,7 @@ pub fn write_npy_f64(path: &Path, shape: &[usize], data: &[f64]) -> Result<()> {
 }
 
 fn check_len(path: &Path, shape: &[usize], len: usize) -> Result<()> {
-    if shape.iter().product::<usize>() != len {
+    if shape.iter().try_fold(1usize, |a, &d| a.checked_mul(d)) != Some(len) {
         return Err(bad(path, format!("{len} values do not fill shape {shape:?}")));
     }
     Ok(())

@@ -63,6 +63,44 @@ impl AdamConfig {
     }
 }
 
+impl AdamConfig {
+    /// Every hyper-parameter in its valid range, or an error that names the value and the range
+    /// (checked by [`Adam::new`], before any step).
+    pub fn validate(&self) -> Result<()> {
+        let range = |name: &str, v: f64, ok: bool, want: &str| -> Result<()> {
+            if ok && v.is_finite() {
+                Ok(())
+            } else {
+                Err(crate::error::Error::Other(format!(
+                    "Adam: {name} = {v} must be {want}"
+                )))
+            }
+        };
+        range("beta1", self.beta1, (0.0..1.0).contains(&self.beta1), "in [0, 1)")?;
+        range("beta2", self.beta2, (0.0..1.0).contains(&self.beta2), "in [0, 1)")?;
+        range("eps", self.eps, self.eps > 0.0, "positive")?;
+        if let Some(clip) = self.clip {
+            range("the clipping threshold", clip, clip > 0.0, "positive")?;
+        }
+        if let Some(ema) = self.ema {
+            range(
+                "ema",
+                ema,
+                (0.0..1.0).contains(&ema),
+                "in [0, 1) (the EMA decay; 0.999 is usual)",
+            )?;
+        }
+        match self.lr {
+            LrSchedule::Constant(lr) => range("lr", lr, lr > 0.0, "positive")?,
+            LrSchedule::Linear { init, end, .. } => {
+                range("lr (start)", init, init > 0.0, "positive")?;
+                range("lr (end)", end, end >= 0.0, "non-negative")?;
+            }
+        }
+        Ok(())
+    }
+}
+
 /// What one step did (Adam::update).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StepStats {
@@ -120,6 +158,7 @@ pub struct Adam {
 impl Adam {
     /// Fresh state (zero moments; the EMA starts at the current parameters, as every lap does).
     pub fn new(config: AdamConfig, params: &Tensor) -> Result<Self> {
+        config.validate()?;
         let (shape, dtype, device) = (params.shape().to_vec(), params.dtype(), params.device());
         Ok(Adam {
             config,
