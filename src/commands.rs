@@ -53,8 +53,59 @@ fn network_for(preset_name: &str, features: &[usize]) -> Result<Network> {
     }
 }
 
+/// Refuses an output path that cannot be written, before any work: a directory, a missing or
+/// read-only parent (probed with a temporary file, removed at once).
+pub fn check_output(path: &Path) -> Result<()> {
+    if path.is_dir() {
+        return Err(Error::Other(format!(
+            "--out {} is a directory; name a file",
+            path.display()
+        )));
+    }
+    let parent = match path.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    let probe = parent.join(format!(".emprior-probe-{}", std::process::id()));
+    std::fs::write(&probe, b"").map_err(|e| {
+        Error::Other(format!(
+            "--out {}: cannot write in {}: {e}",
+            path.display(),
+            parent.display()
+        ))
+    })?;
+    let _ = std::fs::remove_file(&probe);
+    Ok(())
+}
+
+/// The first non-finite value of an input array, as an error naming the file.
+fn check_finite(path: &Path, what: &str, data: &[f64]) -> Result<()> {
+    match data.iter().position(|v| !v.is_finite()) {
+        Some(i) => Err(Error::Other(format!(
+            "{}: {what} value {i} is {} (NaN or infinite)",
+            path.display(),
+            data[i]
+        ))),
+        None => Ok(()),
+    }
+}
+
+/// Samples are written only when every value is finite: a diverged sampler is reported, not
+/// saved.
+fn check_samples(what: &str, x: &[f32]) -> Result<()> {
+    let bad = x.iter().filter(|v| !v.is_finite()).count();
+    if bad > 0 {
+        return Err(Error::Other(format!(
+            "{bad} of {} {what} values are NaN or infinite (the sampler diverged: fewer steps, another covariance or CG setting, or a checkpoint trained longer may help); nothing written",
+            x.len()
+        )));
+    }
+    Ok(())
+}
+
 /// Trains and writes the checkpoint (atomically); returns the final loss.
 pub fn train(o: &TrainOptions) -> Result<f64> {
+    check_output(&o.out)?;
     let device = Device::open(o.device)?;
     let data = read_npy(&o.data)?;
     if data.shape.len() < 2 || data.shape[0] == 0 {
@@ -64,13 +115,7 @@ pub fn train(o: &TrainOptions) -> Result<f64> {
             data.shape
         )));
     }
-    if let Some(i) = data.data.iter().position(|v| !v.is_finite()) {
-        return Err(Error::Other(format!(
-            "{}: value {i} is {} (NaN or infinite)",
-            o.data.display(),
-            data.data[i]
-        )));
-    }
+    check_finite(&o.data, "sample", &data.data)?;
     let net = network_for(&o.preset, &data.shape[1..])?;
     let expected = net.sample_shape();
     if data.shape[1..] != expected[..] {
@@ -178,6 +223,7 @@ pub fn sample(
     s: &SamplerOptions,
     device: DeviceRequest,
 ) -> Result<()> {
+    check_output(out)?;
     let device = Device::open(device)?;
     let ck = load_checkpoint(checkpoint, DType::F32)?;
     let params = ck.params.to_device(&device)?;
@@ -194,8 +240,11 @@ pub fn sample(
         denoiser: &den,
         params: &params,
     };
-    let x = sampler.sample(&mut prior, &shape, None, DType::F32, &device)?;
-    write_npy_f32(out, &shape, &x.to_vec_f32()?)
+    let x = sampler
+        .sample(&mut prior, &shape, None, DType::F32, &device)?
+        .to_vec_f32()?;
+    check_samples("prior sample", &x)?;
+    write_npy_f32(out, &shape, &x)
 }
 
 /// Where the prior of `posterior` comes from.
@@ -234,9 +283,11 @@ pub struct PosteriorOptions {
 
 /// `emprior posterior`: K posterior samples per observation, written as [n, K, ...].
 pub fn posterior(o: &PosteriorOptions) -> Result<()> {
+    check_output(&o.out)?;
     let device = Device::open(o.device)?;
     let obs = read_npy(&o.obs)?;
     obs.expect_rank(&o.obs, &[2], "observations [n, m]")?;
+    check_finite(&o.obs, "observation", &obs.data)?;
     let (n, m) = (obs.shape[0], obs.shape[1]);
     let k = o.samples_per_obs.max(1);
     if !(o.sigma_y > 0.0 && o.sigma_y.is_finite()) {
@@ -250,8 +301,10 @@ pub fn posterior(o: &PosteriorOptions) -> Result<()> {
         PriorSource::Gaussian { mean, cov } => {
             let mu = read_npy(mean)?;
             mu.expect_rank(mean, &[1], "a mean [d]")?;
+            check_finite(mean, "mean", &mu.data)?;
             let d = mu.shape[0];
             let c = read_npy(cov)?;
+            check_finite(cov, "covariance", &c.data)?;
             if c.shape != [d, d] {
                 return Err(Error::Other(format!(
                     "{}: expected a covariance [{d}, {d}], got {:?}",
@@ -287,6 +340,7 @@ pub fn posterior(o: &PosteriorOptions) -> Result<()> {
     let operator: Box<dyn LinearOperator> = match &o.operator {
         OperatorSource::Matrix(path) => {
             let a = read_npy(path)?;
+            check_finite(path, "operator", &a.data)?;
             match a.shape.as_slice() {
                 [an, am, ad] if *an == n && *am == m && *ad == d => Box::new(DenseOperators::new(Tensor::from_f64_as(
                     &repeat(&a.data, m * d),
@@ -307,6 +361,13 @@ pub fn posterior(o: &PosteriorOptions) -> Result<()> {
         }
         OperatorSource::Mask(path) => {
             let mk = read_npy(path)?;
+            if let Some(i) = mk.data.iter().position(|&v| v != 0.0 && v != 1.0) {
+                return Err(Error::Other(format!(
+                    "{}: mask value {i} is {}; a mask holds 0 (missing) or 1 (observed)",
+                    path.display(),
+                    mk.data[i]
+                )));
+            }
             let pixels: usize = mk.shape[1..].iter().product();
             if mk.shape.first() != Some(&n) || pixels == 0 || d % pixels != 0 || m != d {
                 return Err(Error::Other(format!(
@@ -372,7 +433,9 @@ pub fn posterior(o: &PosteriorOptions) -> Result<()> {
     };
     let mut out_shape = vec![n, k];
     out_shape.extend(&sample_shape);
-    write_npy_f32(&o.out, &out_shape, &x.to_vec_f32()?)
+    let x = x.to_vec_f32()?;
+    check_samples("posterior sample", &x)?;
+    write_npy_f32(&o.out, &out_shape, &x)
 }
 
 fn run(

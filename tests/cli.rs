@@ -240,3 +240,78 @@ fn bad_inputs_exit_nonzero_with_a_reason() {
         assert!(!ok && log.contains("GPU unavailable"), "{log}");
     }
 }
+
+/// One-shot commands refuse, before any work, an output they could not write, non-finite
+/// observations, operators or Gaussian moments, and masks that are not 0/1; nothing is written.
+#[test]
+fn posterior_refuses_bad_inputs_and_outputs_before_working() {
+    let dir = dir("posterior-inputs");
+    let p = |f: &str| dir.join(f).to_str().unwrap().to_string();
+    write_npy_f64(&dir.join("y.npy"), &[1, 2], &[0.5, -0.5]).unwrap();
+    write_npy_f64(&dir.join("y-nan.npy"), &[1, 2], &[0.5, f64::NAN]).unwrap();
+    write_npy_f64(&dir.join("mu.npy"), &[2], &[0.0; 2]).unwrap();
+    write_npy_f64(&dir.join("cov.npy"), &[2, 2], &[1.0, 0.0, 0.0, 1.0]).unwrap();
+    write_npy_f64(&dir.join("cov-inf.npy"), &[2, 2], &[1.0, 0.0, 0.0, f64::INFINITY]).unwrap();
+    write_npy_f64(&dir.join("a.npy"), &[2, 2], &[1.0, 0.0, 0.0, 1.0]).unwrap();
+    write_npy_f64(&dir.join("a-nan.npy"), &[2, 2], &[1.0, 0.0, f64::NAN, 1.0]).unwrap();
+    write_npy_f64(&dir.join("mask-half.npy"), &[1, 2], &[1.0, 0.5]).unwrap();
+    let run = |obs: &str, op: (&str, &str), cov: &str, out: &str| {
+        emprior(&[
+            "posterior",
+            "--obs",
+            &p(obs),
+            "--sigma-y",
+            "0.1",
+            op.0,
+            &p(op.1),
+            "--gaussian-mean",
+            &p("mu.npy"),
+            "--gaussian-cov",
+            &p(cov),
+            "--steps",
+            "4",
+            "--out",
+            out,
+            "--device",
+            "cpu",
+        ])
+    };
+    let out = p("o.npy");
+    let cases = [
+        (
+            run("y-nan.npy", ("--operator", "a.npy"), "cov.npy", &out),
+            "y-nan.npy: observation value 1 is NaN",
+        ),
+        (
+            run("y.npy", ("--operator", "a-nan.npy"), "cov.npy", &out),
+            "a-nan.npy: operator value 2 is NaN",
+        ),
+        (
+            run("y.npy", ("--operator", "a.npy"), "cov-inf.npy", &out),
+            "cov-inf.npy: covariance value 3 is inf",
+        ),
+        (
+            run("y.npy", ("--mask", "mask-half.npy"), "cov.npy", &out),
+            "mask value 1 is 0.5",
+        ),
+        (
+            run(
+                "y.npy",
+                ("--operator", "a.npy"),
+                "cov.npy",
+                "/nonexistent-dir/o.npy",
+            ),
+            "cannot write in /nonexistent-dir",
+        ),
+        (
+            run("y.npy", ("--operator", "a.npy"), "cov.npy", &p("")),
+            "is a directory",
+        ),
+    ];
+    for ((ok, log), want) in cases {
+        assert!(!ok && log.contains(want), "wanted '{want}': {log}");
+    }
+    assert!(!dir.join("o.npy").exists(), "nothing written");
+    let (ok, log) = run("y.npy", ("--operator", "a.npy"), "cov.npy", &out);
+    assert!(ok && dir.join("o.npy").exists(), "{log}");
+}

@@ -254,3 +254,37 @@ fn out_of_range_values_are_refused_before_the_run_starts() {
     assert!(!ok && log.contains("sigma_y"), "{log}");
     assert!(!out.exists(), "a refused run leaves no directory");
 }
+
+/// A run directory in use is refused to a second run, which names the holder; the lock goes
+/// with its holder, and temporary files a killed writer left are removed when a run opens it.
+#[test]
+fn a_run_directory_serves_one_run_at_a_time() {
+    use emprior::em::{open_run, RunLock};
+    let run = std::env::temp_dir().join(format!("emprior-lock-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&run);
+    std::fs::create_dir_all(run.join("lap-000")).unwrap();
+    let stale = run.join("lap-000").join(".checkpoint.safetensors.tmp-999999");
+    std::fs::write(&stale, b"torn").unwrap();
+    let held = RunLock::acquire(&run).unwrap();
+    let e = RunLock::acquire(&run).err().expect("refused").to_string();
+    assert!(
+        e.contains("in use by another emprior run") && e.contains(&std::process::id().to_string()),
+        "{e}"
+    );
+    let (ok, log) = emprior(&[
+        "em",
+        "manifold",
+        "--device",
+        "cpu",
+        "--set",
+        "laps=1",
+        "--out",
+        run.to_str().unwrap(),
+    ]);
+    assert!(!ok && log.contains("in use by another emprior run"), "{log}");
+    drop(held);
+    let cfg = Config::preset("manifold", "quick").unwrap();
+    let (done, _lock) = open_run(&cfg, &run, true).unwrap();
+    assert_eq!(done, None);
+    assert!(!stale.exists(), "the stale temporary file is removed");
+}

@@ -729,7 +729,7 @@ fn write_lap(
 /// Runs (or, with `resume`, continues) the corrupted-image EM in `run`; returns every lap's
 /// metrics.
 pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Result<Vec<ImageLapMetrics>> {
-    let done = open_run(cfg, run, resume)?;
+    let (done, _lock) = open_run(cfg, run, resume)?;
     let setup = Setup::new(cfg, run)?;
     let per = setup.data.per();
     let laps = cfg.count("laps")?;

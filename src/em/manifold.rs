@@ -393,7 +393,7 @@ fn write_lap(
 
 /// Runs (or, with `resume`, continues) the manifold EM in `run`; returns every lap's metrics.
 pub fn run_manifold(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Result<Vec<LapMetrics>> {
-    let done = open_run(cfg, run, resume)?;
+    let (done, _lock) = open_run(cfg, run, resume)?;
     let setup = Setup::new(cfg)?;
     let pc = SamplerKind::Pc {
         corrections: cfg.count("pc_corrections")?,

@@ -72,9 +72,11 @@ pub fn mark_done(run: &Path, lap: usize) -> Result<()> {
 /// Opens the run directory of a fresh run or a resumed one and writes its config.toml; returns
 /// the last lap with a DONE marker when resuming. A fresh run refuses a directory that already
 /// holds laps.
-pub fn open_run(cfg: &Config, run: &Path, resume: bool) -> Result<Option<usize>> {
+pub fn open_run(cfg: &Config, run: &Path, resume: bool) -> Result<(Option<usize>, RunLock)> {
     cfg.validate()?;
     prepare_run_dir(run)?;
+    let lock = RunLock::acquire(run)?;
+    remove_stale_temporaries(run);
     if !resume && last_complete_lap(run).is_some() {
         return Err(Error::Other(format!(
             "{} already holds a run; pass --resume {} to continue it, or choose another --out",
@@ -83,7 +85,65 @@ pub fn open_run(cfg: &Config, run: &Path, resume: bool) -> Result<Option<usize>>
         )));
     }
     crate::io::write_atomically(&run.join("config.toml"), cfg.to_toml().as_bytes())?;
-    Ok(if resume { last_complete_lap(run) } else { None })
+    Ok((if resume { last_complete_lap(run) } else { None }, lock))
+}
+
+/// An exclusive lock on a run directory (`flock` on `DIR/.lock`, which holds the owner's pid),
+/// held while a run uses it: a second run into the same directory is refused and names the
+/// holder. The kernel drops the lock when the process ends, however it ends.
+pub struct RunLock {
+    _file: fs::File,
+}
+
+impl RunLock {
+    pub fn acquire(run: &Path) -> Result<Self> {
+        use std::io::{Read, Seek, Write};
+        use std::os::fd::AsRawFd;
+        let path = run.join(".lock");
+        let mut file = fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .map_err(|e| Error::Other(format!("cannot open {}: {e}", path.display())))?;
+        // SAFETY: flock on a descriptor this File owns; no memory is involved.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            return Err(Error::Other(format!(
+                "{} is in use by another emprior run (pid {}); wait for it to finish or choose another --out",
+                run.display(),
+                holder.trim()
+            )));
+        }
+        let _ = file.set_len(0);
+        let _ = file.rewind();
+        let _ = write!(file, "{}", std::process::id());
+        Ok(RunLock { _file: file })
+    }
+}
+
+/// Temporary files a killed writer left (`.NAME.tmp-PID`, io::write_atomically) in the run
+/// directory and its lap directories; called with the run's lock held, so no writer is live.
+fn remove_stale_temporaries(run: &Path) {
+    let is_temp = |p: &Path| {
+        p.file_name()
+            .and_then(|n| n.to_str())
+            .is_some_and(|n| n.starts_with('.') && n.contains(".tmp-"))
+    };
+    let mut dirs = vec![run.to_path_buf()];
+    if let Ok(entries) = fs::read_dir(run) {
+        dirs.extend(entries.flatten().map(|e| e.path()).filter(|p| p.is_dir()));
+    }
+    for dir in dirs {
+        for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let p = entry.path();
+            if p.is_file() && is_temp(&p) {
+                let _ = fs::remove_file(&p);
+            }
+        }
+    }
 }
 
 /// Reads back the metrics.json of laps 0..=last (for a resumed run's metrics.jsonl).
