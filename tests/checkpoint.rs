@@ -186,3 +186,38 @@ fn non_finite_parameters_are_refused_by_name() {
     );
     assert!(!path.exists(), "nothing written");
 }
+
+/// Identical saves give identical bytes (safetensors writes its metadata in a HashMap's random
+/// order; ours is sorted), with metadata that needs escaping, and the file still loads.
+#[test]
+fn identical_saves_give_identical_bytes() {
+    let net = preset("manifold").unwrap();
+    let params = net.layout().init(3, DType::F32, &Device::Cpu).unwrap();
+    let extra = BTreeMap::from([
+        (
+            "config".to_string(),
+            "a = \"quoted\"\n\tb = 'x' \\ é ✓ \u{1}".to_string(),
+        ),
+        ("lap".to_string(), "3".to_string()),
+        ("seed".to_string(), "0".to_string()),
+        ("preset".to_string(), "quick".to_string()),
+    ]);
+    let bytes: Vec<Vec<u8>> = (0..4)
+        .map(|i| {
+            let path = tmp(&format!("same-{i}.safetensors"));
+            save_checkpoint(&path, &net, &params, &extra).unwrap();
+            std::fs::read(&path).unwrap()
+        })
+        .collect();
+    assert!(bytes.iter().all(|b| b == &bytes[0]), "the saves differ");
+    let header_len = u64::from_le_bytes(bytes[0][..8].try_into().unwrap()) as usize;
+    let header = std::str::from_utf8(&bytes[0][8..8 + header_len]).unwrap();
+    let (c, l, p) = (
+        header.find("\"config\"").unwrap(),
+        header.find("\"lap\"").unwrap(),
+        header.find("\"preset\"").unwrap(),
+    );
+    assert!(c < l && l < p, "metadata keys in order: {header}");
+    let ck = load_checkpoint(&tmp("same-0.safetensors"), DType::F32).unwrap();
+    assert_eq!(ck.metadata["config"], extra["config"]);
+}

@@ -101,9 +101,60 @@ pub fn save_checkpoint(
     meta.insert("format".into(), "emprior-checkpoint-1".into());
     meta.insert("emprior.version".into(), env!("CARGO_PKG_VERSION").into());
     meta.extend(extra.iter().map(|(k, v)| (k.clone(), v.clone())));
-    let buf = safetensors::serialize(views, Some(meta))
+    let mut buf = safetensors::serialize(views, Some(meta.clone()))
         .map_err(|e| Error::Other(format!("serializing {}: {e}", path.display())))?;
+    sort_metadata(&mut buf, &meta);
     write_atomically(path, &buf)
+}
+
+/// safetensors writes its metadata map in a HashMap's random order, so two identical saves gave
+/// different bytes. The metadata object comes first in the header: it is rewritten in place with
+/// its keys sorted (the same entries, escaped as serde_json does, hence the same length), and the
+/// result is parsed back; anything unexpected keeps safetensors' own bytes.
+fn sort_metadata(buf: &mut [u8], meta: &HashMap<String, String>) {
+    fn json_string(out: &mut String, s: &str) {
+        out.push('"');
+        for c in s.chars() {
+            match c {
+                '"' => out.push_str("\\\""),
+                '\\' => out.push_str("\\\\"),
+                '\n' => out.push_str("\\n"),
+                '\r' => out.push_str("\\r"),
+                '\t' => out.push_str("\\t"),
+                '\u{8}' => out.push_str("\\b"),
+                '\u{c}' => out.push_str("\\f"),
+                c if (c as u32) < 0x20 => out.push_str(&format!("\\u{:04x}", c as u32)),
+                c => out.push(c),
+            }
+        }
+        out.push('"');
+    }
+    const PREFIX: &[u8] = b"{\"__metadata__\":";
+    let sorted: BTreeMap<&String, &String> = meta.iter().collect();
+    let mut obj = String::from("{");
+    for (i, (k, v)) in sorted.into_iter().enumerate() {
+        if i > 0 {
+            obj.push(',');
+        }
+        json_string(&mut obj, k);
+        obj.push(':');
+        json_string(&mut obj, v);
+    }
+    obj.push('}');
+    let (at, len) = (8 + PREFIX.len(), obj.len());
+    let fits = buf.get(8..at) == Some(PREFIX)
+        && buf.get(at) == Some(&b'{')
+        && buf.get(at + len - 1) == Some(&b'}')
+        && matches!(buf.get(at + len), Some(b',' | b'}'));
+    if !fits {
+        return;
+    }
+    let original = buf[at..at + len].to_vec();
+    buf[at..at + len].copy_from_slice(obj.as_bytes());
+    let same = SafeTensors::read_metadata(buf).is_ok_and(|(_, m)| m.metadata().as_ref() == Some(meta));
+    if !same {
+        buf[at..at + len].copy_from_slice(&original);
+    }
 }
 
 /// Loads a checkpoint, rebuilding its network from the metadata and checking every tensor
