@@ -104,6 +104,15 @@ fn run_whole_and_resumed(a: &std::path::Path, b: &std::path::Path, extra: &[&str
     let (ok, log) = emprior_aborting_at(&em_args(sb, &tiny), Some(2));
     assert!(!ok && log.contains("aborted during lap 2"), "{log}");
     assert!(b.join("lap-001/DONE").is_file() && !b.join("lap-002").join("DONE").exists());
+    // A kill leaves metrics.jsonl no further than DONE: one line per complete lap (0 and 1).
+    let lines = std::fs::read_to_string(b.join("metrics.jsonl")).unwrap();
+    assert_eq!(
+        lines.lines().filter(|l| l.contains("\"lap\"")).count(),
+        2,
+        "{lines}"
+    );
+    // Even one emptied (a kill between DONE and its rewrite) is made whole by the resume.
+    std::fs::write(b.join("metrics.jsonl"), b"").unwrap();
     let (ok, log) = emprior(&["em", "manifold", "--device", "cpu", "--resume", sb]);
     assert!(ok && log.contains("resuming"), "{log}");
 }
@@ -113,14 +122,18 @@ fn a_run_killed_mid_lap_and_resumed_matches_an_uninterrupted_one() {
     let (a, b) = (dir("whole"), dir("resumed"));
     let sb = b.to_str().unwrap();
     run_whole_and_resumed(&a, &b, &[]);
-    for f in ["lap-002/samples.npy", "lap-001/samples.npy"] {
+    for f in [
+        "lap-002/samples.npy",
+        "lap-001/samples.npy",
+        "lap-001/checkpoint.safetensors",
+        "lap-002/checkpoint.safetensors",
+    ] {
         assert!(
             file_bytes(&a.join(f)) == file_bytes(&b.join(f)),
             "{f} differs between the uninterrupted and the resumed run"
         );
     }
-    // Checkpoints: the same weights bit for bit and the same metadata (the file bytes may differ:
-    // safetensors writes its metadata map in hash order).
+    // Checkpoints: the same weights bit for bit and the same metadata.
     assert_same_checkpoints(
         &a,
         &b,

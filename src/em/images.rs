@@ -712,8 +712,10 @@ fn write_lap(
         &dir.join("metrics.json"),
         format!("{}\n", metrics.to_json()).as_bytes(),
     )?;
-    write_metrics_jsonl(run, all.iter().map(ImageLapMetrics::to_json))?;
     mark_done(run, lap)?;
+    // After DONE: a kill between the two leaves metrics.jsonl a lap behind, and the resume
+    // rewrites it from the complete laps.
+    write_metrics_jsonl(run, all.iter().map(ImageLapMetrics::to_json))?;
     // Only the newest samples are needed to resume; older ones go unless asked to keep them
     // (the paper's 50,000 CIFAR-10 samples are 614 MB per lap).
     if lap > 0 && !keep_samples {
@@ -736,6 +738,7 @@ pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Re
     let keep = cfg.int("keep_samples")? != 0;
     let steps = cfg.count("estep_steps")?;
     let mut all = read_lap_metrics(run, done.map(|k| k.min(laps)), ImageLapMetrics::from_json)?;
+    write_metrics_jsonl(run, all.iter().map(ImageLapMetrics::to_json))?;
     eprintln!(
         "{} observations of {}x{}x{} images, {}% of pixels removed; network {} parameters, {:.2} GFLOP per forward",
         setup.train.n,

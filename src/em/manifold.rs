@@ -381,7 +381,6 @@ fn write_lap(
         &dir.join("metrics.json"),
         format!("{}\n", metrics.to_json()).as_bytes(),
     )?;
-    write_metrics_jsonl(run, all.iter().map(LapMetrics::to_json))?;
     crate::io::plot::pair_plot(&dir.join("pairs.png"), samples, truth, DIM)?;
     let series = |f: fn(&LapMetrics) -> f64| all.iter().map(|m| (m.lap, f(m))).collect::<Vec<_>>();
     crate::io::plot::curves(
@@ -425,6 +424,7 @@ pub fn run_manifold(cfg: &Config, run: &Path, device: &Device, resume: bool) -> 
         other => return Err(Error::Other(format!("filter_first = {other} (expected 0 or 1)"))),
     };
     let mut all = read_lap_metrics(run, done.map(|k| k.min(laps)), LapMetrics::from_json)?;
+    write_metrics_jsonl(run, all.iter().map(LapMetrics::to_json))?;
 
     // Lap 0: the Gaussian prior fitted by EM, and the posterior samples under it.
     let (mut samples, mut params, init_prior) = match done {
@@ -480,6 +480,7 @@ pub fn run_manifold(cfg: &Config, run: &Path, device: &Device, resume: bool) -> 
             write_lap(run, 0, &s, &setup.truth, &m, &all)?;
             write_init_prior(run, &g)?;
             mark_done(run, 0)?;
+            write_metrics_jsonl(run, all.iter().map(LapMetrics::to_json))?;
             let p =
                 setup
                     .network
@@ -558,6 +559,9 @@ pub fn run_manifold(cfg: &Config, run: &Path, device: &Device, resume: bool) -> 
         )?;
         write_lap(run, lap, &samples, &setup.truth, &m, &all)?;
         mark_done(run, lap)?;
+        // metrics.jsonl follows DONE: a kill between the two leaves it a lap behind, and the
+        // resume rewrites it from the complete laps.
+        write_metrics_jsonl(run, all.iter().map(LapMetrics::to_json))?;
     }
     Ok(all)
 }
