@@ -711,3 +711,17 @@ fn an_image_batch_sampled_in_parts_gives_the_bits_of_the_whole() {
         );
     }
 }
+
+/// A NaN among the samples to fit is refused by name (it used to panic in the eigen-solver's
+/// sort), and the eigen-solver itself sorts a NaN without panicking.
+#[test]
+fn ppca_refuses_non_finite_samples() {
+    use emprior::gaussian::linalg::symmetric_eigen;
+    use emprior::gaussian::ppca;
+    let mut x = randn(31, 40 * 3);
+    x[7 * 3 + 2] = f64::NAN;
+    let e = ppca(&x, 40, 3, 2).err().expect("refused").to_string();
+    assert!(e.contains("sample 7") && e.contains("NaN"), "{e}");
+    let (values, _) = symmetric_eigen(&[1.0, 0.0, 0.0, f64::NAN], 2);
+    assert_eq!(values.len(), 2);
+}

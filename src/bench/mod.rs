@@ -41,7 +41,7 @@ pub fn format_table(title: &str, rows: &[BenchRow]) -> String {
 }
 
 fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v.sort_by(|a, b| a.total_cmp(b));
     v[v.len() / 2]
 }
 

@@ -36,7 +36,7 @@ pub fn beta33(rng: Philox, offset: u64, n: usize) -> Vec<f64> {
     rng.fill_uniform(5 * offset, &mut u);
     u.chunks_exact_mut(5)
         .map(|c| {
-            c.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            c.sort_by(|a, b| a.total_cmp(b));
             c[2] as f64
         })
         .collect()

@@ -103,7 +103,7 @@ pub fn symmetric_eigen(a: &[f64], n: usize) -> (Vec<f64>, Vec<f64>) {
         }
     }
     let mut order: Vec<usize> = (0..n).collect();
-    order.sort_by(|&a, &b| m[b * n + b].partial_cmp(&m[a * n + a]).unwrap());
+    order.sort_by(|&a, &b| m[b * n + b].total_cmp(&m[a * n + a]));
     let values = order.iter().map(|&i| m[i * n + i]).collect();
     let mut vectors = vec![0.0; n * n];
     for (new, &old) in order.iter().enumerate() {

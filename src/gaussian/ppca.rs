@@ -13,6 +13,14 @@ pub fn ppca(samples: &[f64], n: usize, d: usize, rank: usize) -> Result<Gaussian
             "ppca: {n} samples of dimension {d} cannot give rank {rank}"
         )));
     }
+    if let Some(i) = samples.iter().position(|v| !v.is_finite()) {
+        return Err(Error::Other(format!(
+            "ppca: sample {} (value {}) is {}: the samples to fit diverged",
+            i / d,
+            i % d,
+            samples[i]
+        )));
+    }
     let mean: Vec<f64> = (0..d)
         .map(|j| (0..n).map(|i| samples[i * d + j]).sum::<f64>() / n as f64)
         .collect();

@@ -24,7 +24,7 @@ pub fn sliced_wasserstein(a: &[f64], b: &[f64], d: usize, projections: usize, se
             let mut v: Vec<f64> = (0..count)
                 .map(|i| (0..d).map(|j| x[i * d + j] * dir[j]).sum::<f64>() / norm)
                 .collect();
-            v.sort_by(|p, q| p.partial_cmp(q).unwrap());
+            v.sort_by(|p, q| p.total_cmp(q));
             v
         };
         let (pa, pb) = (project(a, na), project(b, nb));
