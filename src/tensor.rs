@@ -65,9 +65,9 @@ impl Tensor {
 
     /// A tensor of zeros.
     pub fn zeros(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
-        let n = numel(shape);
+        let n = checked_numel(shape, dtype)?;
         let storage = match device {
-            Device::Cpu => Storage::Cpu(CpuStorage::filled(dtype, n, 0.0)),
+            Device::Cpu => Storage::Cpu(CpuStorage::filled(dtype, n, 0.0)?),
             Device::Cuda(dev) => {
                 let mut buf = dev.alloc(n * dtype.size_in_bytes())?;
                 dev.stream()
@@ -91,9 +91,9 @@ impl Tensor {
     /// in poison mode
     /// ([`crate::device::poison_enabled`]), so a read before the write shows in every test.
     pub fn uninit(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
-        let n = numel(shape);
+        let n = checked_numel(shape, dtype)?;
         let storage = match device {
-            Device::Cpu => Storage::Cpu(CpuStorage::uninit(dtype, n, crate::device::poison_enabled())),
+            Device::Cpu => Storage::Cpu(CpuStorage::uninit(dtype, n, crate::device::poison_enabled())?),
             Device::Cuda(dev) => Storage::Cuda(CudaStorage {
                 buf: dev.alloc(n * dtype.size_in_bytes())?,
                 device: dev.clone(),
@@ -349,20 +349,20 @@ impl Drop for CpuStorage {
 impl CpuStorage {
     /// `n` elements of `dtype` for an op to overwrite: a recycled buffer when one is free (stale
     /// contents), zeros otherwise; all NaN with `poison`.
-    fn uninit(dtype: DType, n: usize, poison: bool) -> CpuStorage {
+    fn uninit(dtype: DType, n: usize, poison: bool) -> Result<CpuStorage> {
         let recycled = match dtype {
             DType::F32 => crate::host_pool::take::<f32>(n).map(CpuStorage::F32),
             DType::F64 => crate::host_pool::take::<f64>(n).map(CpuStorage::F64),
             DType::BF16 => None,
         };
-        match recycled {
+        Ok(match recycled {
             Some(mut s) if poison => {
                 s.fill_nan();
                 s
             }
             Some(s) => s,
-            None => CpuStorage::filled(dtype, n, if poison { f64::NAN } else { 0.0 }),
-        }
+            None => CpuStorage::filled(dtype, n, if poison { f64::NAN } else { 0.0 })?,
+        })
     }
 
     fn fill_nan(&mut self) {
@@ -374,12 +374,38 @@ impl CpuStorage {
     }
 
     /// `n` elements of `dtype`, all equal to `value` (NaN stays NaN in every type).
-    fn filled(dtype: DType, n: usize, value: f64) -> CpuStorage {
-        match dtype {
-            DType::F32 => CpuStorage::F32(vec![value as f32; n]),
-            DType::BF16 => CpuStorage::BF16(vec![bf16::from_f64(value); n]),
-            DType::F64 => CpuStorage::F64(vec![value; n]),
+    /// A request past the memory the system has left is an error that says how much was asked
+    /// and how much is available, never an allocator abort.
+    fn filled(dtype: DType, n: usize, value: f64) -> Result<CpuStorage> {
+        fn vec_of<T: Clone>(n: usize, value: T, dtype: DType) -> Result<Vec<T>> {
+            let bytes = n.saturating_mul(dtype.size_in_bytes());
+            // Only large requests read /proc/meminfo (a small one cannot be what exhausts it).
+            let available = if bytes >= 1 << 26 {
+                available_host_bytes()
+            } else {
+                None
+            };
+            let refuse = || {
+                Error::Other(format!(
+                    "cannot allocate {:.2} GB on the host for a tensor of {n} {} values ({} available)",
+                    bytes as f64 / 1e9,
+                    dtype.name(),
+                    available.map_or("unknown".to_string(), |a| format!("{:.2} GB", a as f64 / 1e9))
+                ))
+            };
+            if available.is_some_and(|a| bytes > a) {
+                return Err(refuse());
+            }
+            let mut v = Vec::new();
+            v.try_reserve_exact(n).map_err(|_| refuse())?;
+            v.resize(n, value);
+            Ok(v)
         }
+        Ok(match dtype {
+            DType::F32 => CpuStorage::F32(vec_of(n, value as f32, dtype)?),
+            DType::BF16 => CpuStorage::BF16(vec_of(n, bf16::from_f64(value), dtype)?),
+            DType::F64 => CpuStorage::F64(vec_of(n, value, dtype)?),
+        })
     }
 
     pub fn dtype(&self) -> DType {
@@ -431,6 +457,26 @@ fn from_bytes<T: bytemuck::Pod>(bytes: &[u8]) -> Vec<T> {
 /// The number of elements of a shape (1 for a scalar, shape `[]`).
 pub fn numel(shape: &[usize]) -> usize {
     shape.iter().product()
+}
+
+/// The element count of a new tensor, or an error when the shape cannot be addressed.
+fn checked_numel(shape: &[usize], dtype: DType) -> Result<usize> {
+    shape
+        .iter()
+        .try_fold(1usize, |a, &d| a.checked_mul(d))
+        .filter(|n| {
+            n.checked_mul(dtype.size_in_bytes())
+                .is_some_and(|b| b <= isize::MAX as usize)
+        })
+        .ok_or_else(|| Error::Other(format!("a tensor of shape {shape:?} is too large to address")))
+}
+
+/// MemAvailable from /proc/meminfo (None where it cannot be read).
+fn available_host_bytes() -> Option<usize> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    kb.checked_mul(1024)
 }
 
 // ---- borrowed views ---------------------------------------------------------------------------

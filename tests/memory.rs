@@ -212,3 +212,17 @@ fn model_report_gives_each_phase_and_the_80_gb_verdict() {
     assert!(cifar.contains("15.77 GiB (63.08 MiB per sample)"));
     assert!(!cifar.contains("(too much)"));
 }
+
+/// A tensor larger than the host's memory is an error that says what was asked and what is
+/// available, not an allocator abort; a shape past the address space is refused too.
+#[test]
+fn host_tensors_past_the_memory_left_are_refused() {
+    let e = Tensor::zeros(&[1 << 20, 1 << 20, 64], DType::F32, &Device::Cpu)
+        .expect_err("refused")
+        .to_string();
+    assert!(e.contains("cannot allocate") && e.contains("available"), "{e}");
+    let e = Tensor::uninit(&[usize::MAX / 2, 4], DType::F32, &Device::Cpu)
+        .expect_err("refused")
+        .to_string();
+    assert!(e.contains("too large to address"), "{e}");
+}
