@@ -111,3 +111,25 @@ mod tests {
         assert!(take::<f32>(8).is_none());
     }
 }
+
+/// MemAvailable from /proc/meminfo (None where it cannot be read).
+pub fn available_bytes() -> Option<usize> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
+    kb.checked_mul(1024)
+}
+
+/// An error that names `what`, the bytes it needs and the bytes available, when the host has
+/// less memory left than that: checked before a large allocation, so a size from a
+/// configuration or a file never reaches the allocator's abort.
+pub fn ensure_available(what: &str, bytes: usize) -> crate::error::Result<()> {
+    match available_bytes() {
+        Some(a) if bytes > a => Err(crate::error::Error::Other(format!(
+            "{what} needs {:.2} GB of host memory and {:.2} GB is available",
+            bytes as f64 / 1e9,
+            a as f64 / 1e9
+        ))),
+        _ => Ok(()),
+    }
+}

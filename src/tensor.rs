@@ -381,7 +381,7 @@ impl CpuStorage {
             let bytes = n.saturating_mul(dtype.size_in_bytes());
             // Only large requests read /proc/meminfo (a small one cannot be what exhausts it).
             let available = if bytes >= 1 << 26 {
-                available_host_bytes()
+                crate::host_pool::available_bytes()
             } else {
                 None
             };
@@ -469,14 +469,6 @@ fn checked_numel(shape: &[usize], dtype: DType) -> Result<usize> {
                 .is_some_and(|b| b <= isize::MAX as usize)
         })
         .ok_or_else(|| Error::Other(format!("a tensor of shape {shape:?} is too large to address")))
-}
-
-/// MemAvailable from /proc/meminfo (None where it cannot be read).
-fn available_host_bytes() -> Option<usize> {
-    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kb: usize = line.split_whitespace().nth(1)?.parse().ok()?;
-    kb.checked_mul(1024)
 }
 
 // ---- borrowed views ---------------------------------------------------------------------------

@@ -266,6 +266,22 @@ fn out_of_range_values_are_refused_before_the_run_starts() {
     ]);
     assert!(!ok && log.contains("sigma_y"), "{log}");
     assert!(!out.exists(), "a refused run leaves no directory");
+    // A size past the host's memory: refused with what it needs, not an allocator abort.
+    let (ok, log) = emprior(&[
+        "em",
+        "manifold",
+        "--device",
+        "cpu",
+        "--set",
+        "observations=100000000000",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert!(
+        !ok && log.contains("GB of host memory") && !log.contains("panicked"),
+        "{log}"
+    );
+    assert!(!out.exists(), "a refused run leaves no directory");
 }
 
 /// A run directory in use is refused to a second run, which names the holder; the lock goes

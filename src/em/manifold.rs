@@ -392,6 +392,13 @@ fn write_lap(
 
 /// Runs (or, with `resume`, continues) the manifold EM in `run`; returns every lap's metrics.
 pub fn run_manifold(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Result<Vec<LapMetrics>> {
+    // The host arrays per observation (f64 truth, operator and observation; f32 samples, kept
+    // twice across a lap), checked before the run directory is made.
+    let per_observation = 8 * (DIM + OBS_DIM * DIM + OBS_DIM) + 2 * 4 * DIM;
+    crate::host_pool::ensure_available(
+        &format!("observations = {}", cfg.count("observations")?),
+        cfg.count("observations")?.saturating_mul(per_observation),
+    )?;
     let (done, _lock) = open_run(cfg, run, resume)?;
     let setup = Setup::new(cfg)?;
     let pc = SamplerKind::Pc {
