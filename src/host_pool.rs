@@ -92,26 +92,6 @@ pub fn cached_bytes() -> usize {
     lock().bytes
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn buffers_come_back_by_length_and_small_ones_are_not_kept() {
-        let n = (MIN_BYTES / 4) * 3 + 1;
-        let mut v = vec![0.0f32; n];
-        v[0] = 7.0;
-        let ptr = v.as_ptr();
-        give(v);
-        assert!(take::<f32>(n + 1).is_none());
-        assert!(take::<f64>(n).is_none());
-        let back = take::<f32>(n).expect("the buffer given back");
-        assert_eq!((back.as_ptr(), back.len(), back[0]), (ptr, n, 7.0));
-        give(vec![1.0f32; 8]);
-        assert!(take::<f32>(8).is_none());
-    }
-}
-
 /// MemAvailable from /proc/meminfo (None where it cannot be read).
 pub fn available_bytes() -> Option<usize> {
     let text = std::fs::read_to_string("/proc/meminfo").ok()?;
@@ -131,5 +111,25 @@ pub fn ensure_available(what: &str, bytes: usize) -> crate::error::Result<()> {
             a as f64 / 1e9
         ))),
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buffers_come_back_by_length_and_small_ones_are_not_kept() {
+        let n = (MIN_BYTES / 4) * 3 + 1;
+        let mut v = vec![0.0f32; n];
+        v[0] = 7.0;
+        let ptr = v.as_ptr();
+        give(v);
+        assert!(take::<f32>(n + 1).is_none());
+        assert!(take::<f64>(n).is_none());
+        let back = take::<f32>(n).expect("the buffer given back");
+        assert_eq!((back.as_ptr(), back.len(), back[0]), (ptr, n, 7.0));
+        give(vec![1.0f32; 8]);
+        assert!(take::<f32>(8).is_none());
     }
 }
