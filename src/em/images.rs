@@ -19,19 +19,18 @@ use std::time::Instant;
 
 use super::{
     abort_requested, create_lap_dir, derive_seed, json_field, json_line, lap_dir, lap_params, mark_done,
-    open_run, progress, read_lap_metrics, save_lap_checkpoint, write_metrics_jsonl, Config,
+    open_run, progress, read_lap_metrics, sample_batch, save_lap_checkpoint, write_metrics_jsonl, Config,
 };
 use crate::data::cifar10;
 use crate::device::Device;
 use crate::diffusion::sampler::Denoise;
-use crate::diffusion::{BatchPart, Denoiser, Network, Sampler, SamplerKind, VeSchedule};
+use crate::diffusion::{Denoiser, Network, Sampler, SamplerKind, VeSchedule};
 use crate::error::{Error, Result};
 use crate::gaussian::{ppca_randomized, Dplr, Gaussian};
 use crate::io::plot::{image_grid, save_image};
 use crate::io::{read_npy, write_atomically, write_npy_f32, write_npy_u8};
 use crate::metrics::{psnr, ssim};
 use crate::nn::{UNet, UNetConfig};
-use crate::ops::parallel::map_parts;
 use crate::ops::rng::gather_rows_permuted;
 use crate::ops::Philox;
 use crate::posterior::{CgConfig, Covariance, MaskOperator, Mmps, NetworkPrior, ObservationNoise, Prior};
@@ -412,10 +411,7 @@ impl Setup {
                 schedule: self.schedule,
                 rng: Philox::new(seed, chunk as u64),
             };
-            // On the CPU, parts of CPU_PART_IMAGES images, one per core at a time (the same bits
-            // as one piece: diffusion::BatchPart); the GPU takes the batch whole.
-            let part_rows = if device.is_cuda() { rows } else { CPU_PART_IMAGES };
-            let parts = map_parts(rows, part_rows, |part| -> Result<Vec<f32>> {
+            sample_batch(&mut out, rows, CPU_PART_IMAGES, device, |part, at| {
                 let (lo, hi) = (first + part.start, first + part.end);
                 let y = Tensor::from_f32(&obs.y[lo * per..hi * per], &[hi - lo, per], device)?;
                 let op = MaskOperator::from_pixel_mask(
@@ -428,24 +424,10 @@ impl Setup {
                 )?;
                 let mut mmps = Mmps::new(prior, &op, &y, &self.noise, cg);
                 mmps.covariance = covariance.clone();
-                let at = BatchPart {
-                    first: part.start,
-                    total: rows,
-                };
                 let mean = mean.as_view()?;
-                let x = sampler.sample_part(
-                    &mut mmps,
-                    &self.image_shape(hi - lo),
-                    at,
-                    Some(&mean),
-                    DType::F32,
-                    device,
-                )?;
-                x.to_vec_f32()
-            });
-            for part in parts {
-                out.extend(part?);
-            }
+                let shape = self.image_shape(hi - lo);
+                sampler.sample_part(&mut mmps, &shape, at, Some(&mean), DType::F32, device)
+            })?;
             progress(label, first + rows, obs.n, "images", start);
         }
         Ok(out)

@@ -7,17 +7,16 @@ use std::time::Instant;
 
 use super::{
     abort_requested, create_lap_dir, derive_seed, json_field, json_line, lap_dir, lap_params, mark_done,
-    open_run, progress, read_lap_metrics, save_lap_checkpoint, write_metrics_jsonl, Config,
+    open_run, progress, read_lap_metrics, sample_batch, save_lap_checkpoint, write_metrics_jsonl, Config,
 };
 use crate::data::manifold::{inside_box, observe, Manifold, DIM, OBS_DIM};
 use crate::device::Device;
-use crate::diffusion::{BatchPart, Denoiser, Network, Sampler, SamplerKind, VeSchedule};
+use crate::diffusion::{Denoiser, Network, Sampler, SamplerKind, VeSchedule};
 use crate::error::{Error, Result};
 use crate::gaussian::{ppca, Dplr, Gaussian};
 use crate::io::{read_npy, write_atomically, write_npy_f32, write_npy_f64};
 use crate::metrics::{sinkhorn_cost, sliced_wasserstein, Sinkhorn};
 use crate::nn::TimeMlp;
-use crate::ops::parallel::map_parts;
 use crate::ops::rng::gather_rows_uniform;
 use crate::ops::Philox;
 use crate::posterior::{CgConfig, Covariance, DenseOperators, Mmps, NetworkPrior, ObservationNoise, Prior};
@@ -185,11 +184,8 @@ impl Setup {
                 schedule: self.schedule,
                 rng: Philox::new(seed, chunk as u64),
             };
-            // On the CPU the batch runs as parts of CPU_PART_ROWS rows, one per core at a time,
-            // each small enough to keep its activations in cache; the same bits as one piece
-            // (BatchPart's notes). The GPU takes the batch whole.
-            let part_rows = if device.is_cuda() { rows } else { CPU_PART_ROWS };
-            let parts = map_parts(rows, part_rows, |part| -> Result<Vec<f32>> {
+            // On the CPU in parts of CPU_PART_ROWS rows (em::sample_batch).
+            sample_batch(&mut out, rows, CPU_PART_ROWS, device, |part, at| {
                 let (lo, hi) = (first + part.start, first + part.end);
                 let a = Tensor::from_f64_as(
                     &self.a[lo * OBS_DIM * DIM..hi * OBS_DIM * DIM],
@@ -206,24 +202,16 @@ impl Setup {
                 let ops = DenseOperators::new(a)?;
                 let mut mmps = Mmps::new(prior, &ops, &y, &noise, cg);
                 mmps.covariance = covariance.clone();
-                let at = BatchPart {
-                    first: part.start,
-                    total: rows,
-                };
                 let mean_view = mean.map(|m| m.as_view()).transpose()?;
-                let x = sampler.sample_part(
+                sampler.sample_part(
                     &mut mmps,
                     &[hi - lo, DIM],
                     at,
                     mean_view.as_ref(),
                     DType::F32,
                     device,
-                )?;
-                x.to_vec_f32()
-            });
-            for part in parts {
-                out.extend(part?);
-            }
+                )
+            })?;
             progress(label, first + rows, self.n, "observations", start);
         }
         Ok(out)

@@ -69,6 +69,30 @@ pub fn mark_done(run: &Path, lap: usize) -> Result<()> {
     crate::io::write_atomically(&lap_dir(run, lap).join("DONE"), b"complete\n")
 }
 
+/// Appends to `out` the samples of one E-step batch of `rows` rows: `sample(part, at)` draws
+/// rows `part` (in the batch) placed by `at`. A GPU takes the batch whole; the CPU runs it in
+/// parts of `cpu_part_rows`, one per core at a time, with the same bits (diffusion::BatchPart).
+pub fn sample_batch(
+    out: &mut Vec<f32>,
+    rows: usize,
+    cpu_part_rows: usize,
+    device: &crate::device::Device,
+    sample: impl Fn(std::ops::Range<usize>, crate::diffusion::BatchPart) -> Result<crate::tensor::Tensor> + Sync,
+) -> Result<()> {
+    let part_rows = if device.is_cuda() { rows } else { cpu_part_rows };
+    let parts = crate::ops::parallel::map_parts(rows, part_rows, |part| {
+        let at = crate::diffusion::BatchPart {
+            first: part.start,
+            total: rows,
+        };
+        sample(part, at)?.to_vec_f32()
+    });
+    for part in parts {
+        out.extend(part?);
+    }
+    Ok(())
+}
+
 /// Opens the run directory of a fresh run or a resumed one and writes its config.toml; returns
 /// the last lap with a DONE marker when resuming. A fresh run refuses a directory that already
 /// holds laps.
