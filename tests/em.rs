@@ -317,3 +317,29 @@ fn a_run_directory_serves_one_run_at_a_time() {
     assert_eq!(done, None);
     assert!(!stale.exists(), "the stale temporary file is removed");
 }
+
+/// A resume may change how many laps and what is evaluated, nothing that defines the data or the
+/// model: an edited config.toml that would mix two runs is refused, naming the keys.
+#[test]
+fn a_resume_refuses_an_edited_data_defining_configuration() {
+    use emprior::em::open_run;
+    let run = std::env::temp_dir().join(format!("emprior-origin-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&run);
+    let cfg = Config::preset("manifold", "quick").unwrap();
+    drop(open_run(&cfg, &run, false).unwrap());
+    let mut edited = cfg.clone();
+    edited.set("seed=7").unwrap();
+    edited.set("sigma_y=0.1").unwrap();
+    let e = open_run(&edited, &run, true).err().expect("refused").to_string();
+    assert!(
+        e.contains("seed (was 0, now 7)") && e.contains("sigma_y (was 0.01, now 0.1)"),
+        "{e}"
+    );
+    let mut more = cfg.clone();
+    more.set("laps=40").unwrap();
+    more.set("eval_samples=512").unwrap();
+    assert!(
+        open_run(&more, &run, true).is_ok(),
+        "laps and evaluation settings may change"
+    );
+}

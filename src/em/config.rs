@@ -465,6 +465,19 @@ impl Config {
         Ok(())
     }
 
+    /// The keys whose values differ between `self` and `other` (either side missing counts),
+    /// as (key, this value, other value), in key order.
+    pub fn differences(&self, other: &Config) -> Vec<(String, String, String)> {
+        let show = |v: Option<&Value>| v.map_or("(absent)".to_string(), |v| v.to_string());
+        let mut keys: Vec<&String> = self.values.keys().chain(other.values.keys()).collect();
+        keys.sort();
+        keys.dedup();
+        keys.into_iter()
+            .filter(|k| self.values.get(*k) != other.values.get(*k))
+            .map(|k| (k.clone(), show(self.values.get(k)), show(other.values.get(k))))
+            .collect()
+    }
+
     /// The resolved configuration as TOML.
     pub fn to_toml(&self) -> String {
         let mut s = String::from("# Resolved configuration of this run (emprior em).\n");

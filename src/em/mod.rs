@@ -108,8 +108,52 @@ pub fn open_run(cfg: &Config, run: &Path, resume: bool) -> Result<(Option<usize>
             run.display()
         )));
     }
+    let origin = run.join(ORIGIN_CONFIG);
+    if resume && origin.is_file() {
+        check_resumable(cfg, &origin)?;
+    } else if !resume || last_complete_lap(run).is_none() {
+        crate::io::write_atomically(&origin, cfg.to_toml().as_bytes())?;
+    }
     crate::io::write_atomically(&run.join("config.toml"), cfg.to_toml().as_bytes())?;
     Ok((if resume { last_complete_lap(run) } else { None }, lock))
+}
+
+/// The configuration a run started with, kept beside the editable config.toml so a resume can
+/// tell what changed.
+const ORIGIN_CONFIG: &str = ".config.origin.toml";
+
+/// Keys a resumed run may change: how many laps, and what is evaluated or kept. Every other key
+/// defines the data, the model or the laps already run, so a resume that changed it would mix two
+/// runs.
+const SAFE_ON_RESUME: &[&str] = &[
+    "laps",
+    "eval_samples",
+    "grid",
+    "export_samples",
+    "export_every",
+    "keep_samples",
+    "heldout_samples",
+];
+
+fn check_resumable(cfg: &Config, origin: &Path) -> Result<()> {
+    let text = fs::read_to_string(origin)
+        .map_err(|e| Error::Other(format!("cannot read {}: {e}", origin.display())))?;
+    let start = Config::parse(&text, &origin.display().to_string())?;
+    let changed: Vec<String> = start
+        .differences(cfg)
+        .into_iter()
+        .filter(|(k, ..)| !SAFE_ON_RESUME.contains(&k.as_str()))
+        .map(|(k, was, now)| format!("{k} (was {was}, now {now})"))
+        .collect();
+    if changed.is_empty() {
+        return Ok(());
+    }
+    Err(Error::Other(format!(
+        "this run started with another configuration; a resume may change only {} but {} changed: {}. Restore config.toml or start a new run with --out",
+        SAFE_ON_RESUME.join(", "),
+        if changed.len() == 1 { "this key" } else { "these keys" },
+        changed.join("; ")
+    )))
 }
 
 /// An exclusive lock on a run directory (`flock` on `DIR/.lock`, which holds the owner's pid),
