@@ -188,16 +188,7 @@ fn bad_configurations_are_named() {
         .to_string()
         .contains("unknown experiment"));
 
-    let (ok, log) = emprior(&[
-        "em",
-        "manifold",
-        "--device",
-        "cpu",
-        "--set",
-        "laps=lots",
-        "--out",
-        "/tmp/never",
-    ]);
+    let (ok, log) = emprior(&em_args("/tmp/never", &["laps=lots"]));
     assert!(!ok && log.contains("laps"), "{log}");
     let (ok, log) = emprior(&[
         "em",
@@ -254,29 +245,11 @@ fn out_of_range_values_are_refused_before_the_run_starts() {
         }
     }
     let out = std::env::temp_dir().join(format!("emprior-bad-sigma-{}", std::process::id()));
-    let (ok, log) = emprior(&[
-        "em",
-        "manifold",
-        "--device",
-        "cpu",
-        "--set",
-        "sigma_y=-1",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let (ok, log) = emprior(&em_args(out.to_str().unwrap(), &["sigma_y=-1"]));
     assert!(!ok && log.contains("sigma_y"), "{log}");
     assert!(!out.exists(), "a refused run leaves no directory");
     // A size past the host's memory: refused with what it needs, not an allocator abort.
-    let (ok, log) = emprior(&[
-        "em",
-        "manifold",
-        "--device",
-        "cpu",
-        "--set",
-        "observations=100000000000",
-        "--out",
-        out.to_str().unwrap(),
-    ]);
+    let (ok, log) = emprior(&em_args(out.to_str().unwrap(), &["observations=100000000000"]));
     assert!(
         !ok && log.contains("GB of host memory") && !log.contains("panicked"),
         "{log}"
@@ -300,16 +273,7 @@ fn a_run_directory_serves_one_run_at_a_time() {
         e.contains("in use by another emprior run") && e.contains(&std::process::id().to_string()),
         "{e}"
     );
-    let (ok, log) = emprior(&[
-        "em",
-        "manifold",
-        "--device",
-        "cpu",
-        "--set",
-        "laps=1",
-        "--out",
-        run.to_str().unwrap(),
-    ]);
+    let (ok, log) = emprior(&em_args(run.to_str().unwrap(), &["laps=1"]));
     assert!(!ok && log.contains("in use by another emprior run"), "{log}");
     drop(held);
     let cfg = Config::preset("manifold", "quick").unwrap();
