@@ -176,9 +176,26 @@ impl RunLock {
             .open(&path)
             .map_err(|e| Error::Other(format!("cannot open {}: {e}", path.display())))?;
         // SAFETY: flock on a descriptor this File owns; no memory is involved.
-        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-            let mut holder = String::new();
+        let try_lock =
+            |f: &fs::File| unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+        let mut locked = try_lock(&file);
+        let mut holder = String::new();
+        // Our own pid as the holder: a lock this process just released, still shared for a
+        // moment with a child forked by another thread before its exec closed the descriptor.
+        for _ in 0..100 {
+            if locked {
+                break;
+            }
+            holder.clear();
+            let _ = file.rewind();
             let _ = file.read_to_string(&mut holder);
+            if holder.trim() != std::process::id().to_string() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            locked = try_lock(&file);
+        }
+        if !locked {
             return Err(Error::Other(format!(
                 "{} is in use by another emprior run (pid {}); wait for it to finish or choose another --out",
                 run.display(),
