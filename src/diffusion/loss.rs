@@ -66,8 +66,8 @@ pub fn dsm_loss_part_into(
     let (d, saved) = den.denoise(params, &x_t.as_view()?, sigmas, mode)?;
     let mut r = Tensor::uninit(x.shape(), dtype, &device)?;
     scale_rows_add_into(&d, &ones, x, &col(vec![-1.0; b], &[b])?, &mut r)?;
-    // L = sum_b (lambda_b / (B F)) ||r_b||^2 (B the whole batch's rows): a dot of the weights with the squared errors, as
-    // one row of length B.
+    // L = sum_b (lambda_b / (B F)) ||r_b||^2, B the whole batch's rows: a dot of the weights
+    // with the squared errors, as one row of this part's length.
     let weights: Vec<f64> = sigmas.iter().map(|&s| dsm_weight(s)).collect();
     let rr = row_dot(&r, &r)?.reshape(&[1, b])?;
     let mean_weights: Vec<f64> = weights

@@ -38,11 +38,12 @@ use crate::tensor::{AsView, DType, Tensor};
 use crate::train::augment::flip_shift;
 use crate::train::{AdamConfig, LrSchedule, Trainer};
 
-/// Purposes for `derive_seed`.
 /// Images per part of an E-step batch on the CPU (diffusion::BatchPart). CIFAR-10 quick preset's
 /// E-step (384 images, 24 DDPM + MMPS steps, batches of 64), 2 cores: 92.8 s whole, 35.9 s in
 /// parts of 4, 34.2 s of 8, 39.9 s of 16.
 const CPU_PART_IMAGES: usize = 8;
+
+/// Purposes for `derive_seed`.
 const SEED_INIT: u64 = 1;
 const SEED_ESTEP: u64 = 2;
 const SEED_MSTEP: u64 = 3;

@@ -31,15 +31,17 @@ pub fn map_parts<R: Send>(rows: usize, part_rows: usize, f: impl Fn(Range<usize>
         .step_by(part_rows)
         .map(|s| s..(s + part_rows).min(rows))
         .collect();
+    // A single part keeps its loops parallel (both cores on it); inline or not, the bits are
+    // the same.
+    if parts.len() <= 1 || inline() {
+        return parts.into_iter().map(f).collect();
+    }
     let run = |r: Range<usize>| {
         let before = INLINE.with(|c| c.replace(true));
         let out = f(r);
         INLINE.with(|c| c.set(before));
         out
     };
-    if parts.len() <= 1 || inline() {
-        return parts.into_iter().map(run).collect();
-    }
     parts.into_par_iter().map(run).collect()
 }
 
