@@ -67,7 +67,7 @@ impl Tensor {
     pub fn zeros(shape: &[usize], dtype: DType, device: &Device) -> Result<Tensor> {
         let n = checked_numel(shape, dtype)?;
         let storage = match device {
-            Device::Cpu => Storage::Cpu(CpuStorage::filled(dtype, n, 0.0)?),
+            Device::Cpu => Storage::Cpu(CpuStorage::zeroed(dtype, n)?),
             Device::Cuda(dev) => {
                 let mut buf = dev.alloc(n * dtype.size_in_bytes())?;
                 dev.stream()
@@ -347,29 +347,46 @@ impl Drop for CpuStorage {
 }
 
 impl CpuStorage {
-    /// `n` elements of `dtype` for an op to overwrite: a recycled buffer when one is free (stale
-    /// contents), zeros otherwise; all NaN with `poison`.
-    fn uninit(dtype: DType, n: usize, poison: bool) -> Result<CpuStorage> {
-        let recycled = match dtype {
+    /// A dropped buffer of `n` elements of `dtype` from the host pool (stale contents), if any.
+    fn recycled(dtype: DType, n: usize) -> Option<CpuStorage> {
+        match dtype {
             DType::F32 => crate::host_pool::take::<f32>(n).map(CpuStorage::F32),
             DType::F64 => crate::host_pool::take::<f64>(n).map(CpuStorage::F64),
             DType::BF16 => None,
-        };
-        Ok(match recycled {
-            Some(mut s) if poison => {
-                s.fill_nan();
-                s
-            }
-            Some(s) => s,
-            None => CpuStorage::filled(dtype, n, if poison { f64::NAN } else { 0.0 })?,
-        })
+        }
     }
 
-    fn fill_nan(&mut self) {
+    /// `n` elements of `dtype` for an op to overwrite: a recycled buffer when one is free (stale
+    /// contents), zeros otherwise; all NaN with `poison`.
+    fn uninit(dtype: DType, n: usize, poison: bool) -> Result<CpuStorage> {
+        match Self::recycled(dtype, n) {
+            Some(mut s) if poison => {
+                s.fill(f64::NAN);
+                Ok(s)
+            }
+            Some(s) => Ok(s),
+            None => CpuStorage::filled(dtype, n, if poison { f64::NAN } else { 0.0 }),
+        }
+    }
+
+    /// `n` zeros of `dtype`: a recycled buffer cleared when one is free (a training step's
+    /// per-part gradients come and go every step), else a fresh one.
+    fn zeroed(dtype: DType, n: usize) -> Result<CpuStorage> {
+        match Self::recycled(dtype, n) {
+            Some(mut s) => {
+                s.fill(0.0);
+                Ok(s)
+            }
+            None => CpuStorage::filled(dtype, n, 0.0),
+        }
+    }
+
+    /// Every element set to `value` (NaN stays NaN in every type).
+    fn fill(&mut self, value: f64) {
         match self {
-            CpuStorage::F32(v) => v.fill(f32::NAN),
-            CpuStorage::F64(v) => v.fill(f64::NAN),
-            CpuStorage::BF16(v) => v.fill(bf16::NAN),
+            CpuStorage::F32(v) => v.fill(value as f32),
+            CpuStorage::BF16(v) => v.fill(bf16::from_f64(value)),
+            CpuStorage::F64(v) => v.fill(value),
         }
     }
 
