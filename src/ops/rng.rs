@@ -195,6 +195,51 @@ pub fn gather_rows_uniform(pool: &impl AsView, batch: usize, rng: Philox, offset
             pool.shape(),
         ));
     }
+    gather_rows(
+        "gather_rows_uniform",
+        &pool,
+        batch,
+        |dev, src, dst, per| {
+            let (r64, b64, p32) = (rows as i64, batch as i64, per as i32);
+            // SAFETY: src holds rows * per values, dst batch * per; indices are clamped to rows.
+            unsafe {
+                dev.kernels().rng_gather_rows_uniform_f32(
+                    grid_stride(dev, batch * per),
+                    src,
+                    dst,
+                    r64,
+                    p32,
+                    b64,
+                    rng.seed,
+                    rng.stream,
+                    offset,
+                )
+            }
+        },
+        || {
+            let mut u = vec![0.0f32; batch];
+            rng.fill_uniform(offset, &mut u);
+            move |k: usize| ((u[k] * rows as f32) as usize).min(rows - 1)
+        },
+    )
+}
+
+/// A new [batch, ..] tensor whose row k is row `index(k)` of `pool` ([rows, ..]): on the CPU by
+/// the index function `cpu_index()` returns, on a GPU by `launch`, a kernel that computes the
+/// same indices (rng_gather_rows_*: the gathers of the M-steps).
+fn gather_rows<F: Fn(usize) -> usize>(
+    op: &'static str,
+    pool: &crate::tensor::View,
+    batch: usize,
+    launch: impl FnOnce(
+        &crate::device::CudaDevice,
+        &cudarc::driver::CudaView<f32>,
+        &mut cudarc::driver::CudaViewMut<f32>,
+        usize,
+    ) -> std::result::Result<(), crate::error::Error>,
+    cpu_index: impl FnOnce() -> F,
+) -> Result<Tensor> {
+    let rows = pool.shape().first().copied().unwrap_or(0).max(1);
     let per = pool.numel() / rows;
     let mut shape = pool.shape().to_vec();
     shape[0] = batch;
@@ -202,48 +247,20 @@ pub fn gather_rows_uniform(pool: &impl AsView, batch: usize, rng: Philox, offset
     {
         let mut ov = out.as_view_mut()?;
         match (&pool.data, &mut ov.data) {
-            (Data::Cuda(src, dev), DataMut::Cuda(dst, _)) => {
-                let (r64, b64, p32) = (rows as i64, batch as i64, per as i32);
-                // SAFETY: src holds rows * per values, dst batch * per; indices are clamped to rows.
-                unsafe {
-                    dev.kernels().rng_gather_rows_uniform_f32(
-                        grid_stride(dev, batch * per),
-                        src,
-                        dst,
-                        r64,
-                        p32,
-                        b64,
-                        rng.seed,
-                        rng.stream,
-                        offset,
-                    )
-                }?;
-            }
-            (Data::Cuda(..), _) => return Err(super::mismatch("gather_rows_uniform", &[&pool], &[])),
+            (Data::Cuda(src, dev), DataMut::Cuda(dst, _)) => launch(dev, src, dst, per)?,
+            (Data::Cuda(..), _) => return Err(super::mismatch(op, &[pool], &[])),
             _ => host_real!(pool, T => {
-                gather_rows_uniform_cpu::<T>(pool.cpu()?, ov.cpu_mut()?, rows, per, rng, offset);
+                let (src, dst) = (pool.cpu::<T>()?, ov.cpu_mut::<T>()?);
+                let index = cpu_index();
+                for (k, d) in dst.chunks_exact_mut(per.max(1)).enumerate() {
+                    let i = index(k);
+                    d.copy_from_slice(&src[i * per..(i + 1) * per]);
+                }
                 Ok::<(), crate::error::Error>(())
             })?,
         }
     }
     Ok(out)
-}
-
-/// The CPU body of rng_gather_rows_uniform_f32.
-pub fn gather_rows_uniform_cpu<T: Real>(
-    pool: &[T],
-    out: &mut [T],
-    rows: usize,
-    per: usize,
-    rng: Philox,
-    offset: u64,
-) {
-    let mut u = vec![0.0f32; out.len() / per.max(1)];
-    rng.fill_uniform(offset, &mut u);
-    for (dst, &uk) in out.chunks_exact_mut(per).zip(&u) {
-        let i = ((uk * rows as f32) as usize).min(rows - 1);
-        dst.copy_from_slice(&pool[i * per..(i + 1) * per]);
-    }
 }
 
 /// Position `i` of a random permutation of `0..rows` (rows < 2^32), keyed by `rng` and `key`
@@ -290,34 +307,21 @@ pub fn gather_rows_permuted(
             pool.shape(),
         ));
     }
-    let per = pool.numel() / rows;
-    let mut shape = pool.shape().to_vec();
-    shape[0] = batch;
-    let mut out = Tensor::uninit(&shape, pool.dtype(), &pool.device())?;
-    {
-        let mut ov = out.as_view_mut()?;
-        match (&pool.data, &mut ov.data) {
-            (Data::Cuda(src, dev), DataMut::Cuda(dst, _)) => {
-                let (r64, p64, b64, s64) = (rows as i64, per as i64, batch as i64, start as i64);
-                let cfg = crate::device::launch::blocks((batch.clamp(1, 65_535) as u32, 1, 1), 256);
-                // SAFETY: src holds rows * per values, dst batch * per; every index the kernel
-                // computes lies in 0..rows (the walk ends only there).
-                unsafe {
-                    dev.kernels().rng_gather_rows_permuted_f32(
-                        cfg, src, dst, r64, p64, b64, s64, rng.seed, rng.stream, epoch,
-                    )
-                }?;
+    gather_rows(
+        "gather_rows_permuted",
+        &pool,
+        batch,
+        |dev, src, dst, per| {
+            let (r64, p64, b64, s64) = (rows as i64, per as i64, batch as i64, start as i64);
+            let cfg = crate::device::launch::blocks((batch.clamp(1, 65_535) as u32, 1, 1), 256);
+            // SAFETY: src holds rows * per values, dst batch * per; every index the kernel
+            // computes lies in 0..rows (the walk ends only there).
+            unsafe {
+                dev.kernels().rng_gather_rows_permuted_f32(
+                    cfg, src, dst, r64, p64, b64, s64, rng.seed, rng.stream, epoch,
+                )
             }
-            (Data::Cuda(..), _) => return Err(super::mismatch("gather_rows_permuted", &[&pool], &[])),
-            _ => host_real!(pool, T => {
-                let (src, dst) = (pool.cpu::<T>()?, ov.cpu_mut::<T>()?);
-                for (k, d) in dst.chunks_exact_mut(per).enumerate() {
-                    let i = permuted_index(rng, epoch, rows as u64, (start + k) as u64) as usize;
-                    d.copy_from_slice(&src[i * per..(i + 1) * per]);
-                }
-                Ok::<(), crate::error::Error>(())
-            })?,
-        }
-    }
-    Ok(out)
+        },
+        || move |k: usize| permuted_index(rng, epoch, rows as u64, (start + k) as u64) as usize,
+    )
 }
