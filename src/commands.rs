@@ -103,9 +103,104 @@ fn check_samples(what: &str, x: &[f32]) -> Result<()> {
     Ok(())
 }
 
+/// A sampler's denoiser with progress on stderr: its calls counted against the run's total and
+/// a line every few seconds (and at the end), the device synchronised first so the count is of
+/// finished work.
+struct Progress<'a, D> {
+    inner: &'a mut D,
+    label: &'static str,
+    calls: usize,
+    total: usize,
+    start: Instant,
+    last: Instant,
+}
+
+impl<'a, D: Denoise> Progress<'a, D> {
+    /// Progress over the denoiser calls of `sampler`.
+    fn new(inner: &'a mut D, label: &'static str, sampler: &Sampler) -> Self {
+        let per_step = match sampler.kind {
+            SamplerKind::Pc { corrections, .. } => 1 + corrections,
+            SamplerKind::Ddpm | SamplerKind::Ddim => 1,
+        };
+        let now = Instant::now();
+        Progress {
+            inner,
+            label,
+            calls: 0,
+            total: sampler.steps * per_step + 1,
+            start: now,
+            last: now,
+        }
+    }
+}
+
+impl<D: Denoise> Denoise for Progress<'_, D> {
+    fn denoise(&mut self, x_t: &Tensor, sigma: f64) -> Result<Tensor> {
+        let out = self.inner.denoise(x_t, sigma)?;
+        self.calls += 1;
+        if self.last.elapsed().as_secs_f64() >= 2.0 || self.calls == self.total {
+            x_t.device().synchronize()?;
+            self.last = Instant::now();
+            let secs = self.start.elapsed().as_secs_f64();
+            let eta = secs / self.calls as f64 * (self.total - self.calls) as f64;
+            eprintln!(
+                "  {}: {}/{} denoiser calls (sigma {sigma:.3e}), {secs:.1}s, about {eta:.0}s left",
+                self.label, self.calls, self.total
+            );
+        }
+        Ok(out)
+    }
+}
+
+/// Rows whose norm is this many times the median row norm are reported as far from the rest.
+const FAR_FACTOR: f64 = 10.0;
+
+/// What a person should know about a batch of samples before trusting it: how many are not
+/// finite, how many lie far from the rest (row norm over FAR_FACTOR times the median), and the
+/// norms' median and largest. The text, and whether it deserves a warning.
+pub fn sample_diagnostics(x: &[f32], rows: usize) -> (String, bool) {
+    let per = x.len().checked_div(rows).unwrap_or(0).max(1);
+    let norms: Vec<f64> = x
+        .chunks(per)
+        .map(|r| r.iter().map(|&v| v as f64 * v as f64).sum::<f64>().sqrt())
+        .collect();
+    let non_finite = norms.iter().filter(|v| !v.is_finite()).count();
+    let mut finite: Vec<f64> = norms.iter().copied().filter(|v| v.is_finite()).collect();
+    finite.sort_by(f64::total_cmp);
+    let median = finite.get(finite.len() / 2).copied().unwrap_or(f64::NAN);
+    let largest = finite.last().copied().unwrap_or(f64::NAN);
+    let far = finite.iter().filter(|&&v| v > FAR_FACTOR * median).count();
+    let text = format!(
+        "{rows} samples: {non_finite} non-finite, {far} far from the rest (norm over {FAR_FACTOR}x the median); norm median {median:.4}, largest {largest:.4}"
+    );
+    (text, non_finite > 0 || far > 0)
+}
+
 /// Trains and writes the checkpoint (atomically); returns the final loss.
 pub fn train(o: &TrainOptions) -> Result<f64> {
     check_output(&o.out)?;
+    // Options first, before any file is read.
+    if o.steps == 0 || o.batch == 0 {
+        return Err(Error::Other(format!(
+            "--steps {} --batch {}: both must be at least 1",
+            o.steps, o.batch
+        )));
+    }
+    let schedule = VeSchedule::checked(o.sigma_min, o.sigma_max)
+        .map_err(|e| Error::Other(format!("--sigma-min/--sigma-max: {e}")))?;
+    let lr = match o.lr_end {
+        Some(end) => LrSchedule::Linear {
+            init: o.lr,
+            end,
+            steps: o.steps,
+        },
+        None => LrSchedule::Constant(o.lr),
+    };
+    let config = AdamConfig {
+        ema: o.ema,
+        ..AdamConfig::new(lr)
+    };
+    config.validate()?;
     let device = Device::open(o.device)?;
     let data = read_npy(&o.data)?;
     if data.shape.len() < 2 || data.shape[0] == 0 {
@@ -127,24 +222,14 @@ pub fn train(o: &TrainOptions) -> Result<f64> {
             expected
         )));
     }
+    let per: usize = expected.iter().product();
+    // The batch on the host, and on the device with its noise, noisy copy and gradients.
+    let batch_bytes = o.batch.checked_mul(per).and_then(|v| v.checked_mul(4 * 8));
+    crate::host_pool::ensure_available(&format!("--batch {}", o.batch), batch_bytes.unwrap_or(usize::MAX))?;
     let den = Denoiser::new(net);
     let params = den.layout().init(o.seed, DType::F32, &device)?;
-    let lr = match o.lr_end {
-        Some(end) => LrSchedule::Linear {
-            init: o.lr,
-            end,
-            steps: o.steps,
-        },
-        None => LrSchedule::Constant(o.lr),
-    };
-    let config = AdamConfig {
-        ema: o.ema,
-        ..AdamConfig::new(lr)
-    };
-    let schedule = VeSchedule::new(o.sigma_min, o.sigma_max);
     let mut trainer = Trainer::new(den.clone(), params, config, schedule, o.seed)?;
     let n = data.shape[0];
-    let per: usize = expected.iter().product();
     let values = data.to_f32();
     let mut shape = vec![o.batch];
     shape.extend(&expected);
@@ -207,12 +292,28 @@ pub struct SamplerOptions {
     pub seed: u64,
 }
 
-fn schedule_for(o: &SamplerOptions, meta: &BTreeMap<String, String>) -> VeSchedule {
+fn schedule_for(o: &SamplerOptions, meta: &BTreeMap<String, String>) -> Result<VeSchedule> {
     let from_meta = |k: &str, default: f64| meta.get(k).and_then(|v| v.parse().ok()).unwrap_or(default);
-    VeSchedule::new(
+    VeSchedule::checked(
         o.sigma_min.unwrap_or(from_meta("sigma_min", 1e-3)),
         o.sigma_max.unwrap_or(from_meta("sigma_max", 1e2)),
     )
+    .map_err(|e| {
+        Error::Other(format!(
+            "--sigma-min/--sigma-max (or the checkpoint's range): {e}"
+        ))
+    })
+}
+
+/// Refuses a sampler run whose arrays would not fit in host memory: `rows` samples of `per`
+/// values, `copies` f32 arrays of that size live at once (the state, the denoised batch, the
+/// sampler's and CG's vectors).
+fn check_sample_memory(what: &str, rows: usize, per: usize, copies: usize) -> Result<()> {
+    let bytes = rows
+        .checked_mul(per)
+        .and_then(|v| v.checked_mul(4 * copies))
+        .unwrap_or(usize::MAX);
+    crate::host_pool::ensure_available(what, bytes)
 }
 
 /// `emprior sample`: prior samples from a checkpoint, written as [n, ...].
@@ -224,25 +325,44 @@ pub fn sample(
     device: DeviceRequest,
 ) -> Result<()> {
     check_output(out)?;
+    if n == 0 || s.steps == 0 {
+        return Err(Error::Other(format!(
+            "--n {n} --steps {}: both must be at least 1",
+            s.steps
+        )));
+    }
     let device = Device::open(device)?;
     let ck = load_checkpoint(checkpoint, DType::F32)?;
     let params = ck.params.to_device(&device)?;
     let den = Denoiser::new(ck.network);
     let mut shape = vec![n];
     shape.extend(den.net.sample_shape());
+    check_sample_memory(&format!("--n {n}"), n, shape[1..].iter().product(), 8)?;
     let sampler = Sampler {
         kind: s.kind,
         steps: s.steps,
-        schedule: schedule_for(s, &ck.metadata),
+        schedule: schedule_for(s, &ck.metadata)?,
         rng: Philox::new(s.seed, 0x5a),
     };
     let mut prior = NetworkPrior {
         denoiser: &den,
         params: &params,
     };
+    eprintln!(
+        "sample: {n} prior samples of {:?} on {device:?}, {} steps of {:?}",
+        &shape[1..],
+        s.steps,
+        s.kind
+    );
+    let mut progress = Progress::new(&mut prior, "sample", &sampler);
     let x = sampler
-        .sample(&mut prior, &shape, None, DType::F32, &device)?
+        .sample(&mut progress, &shape, None, DType::F32, &device)?
         .to_vec_f32()?;
+    let (text, warn) = sample_diagnostics(&x, n);
+    eprintln!("sample: {text}");
+    if warn {
+        eprintln!("warning: some prior samples diverged or lie far from the rest; fewer or more steps, or a checkpoint trained longer, may help");
+    }
     check_samples("prior sample", &x)?;
     write_npy_f32(out, &shape, &x)
 }
@@ -289,7 +409,13 @@ pub fn posterior(o: &PosteriorOptions) -> Result<()> {
     obs.expect_rank(&o.obs, &[2], "observations [n, m]")?;
     check_finite(&o.obs, "observation", &obs.data)?;
     let (n, m) = (obs.shape[0], obs.shape[1]);
-    let k = o.samples_per_obs.max(1);
+    let k = o.samples_per_obs;
+    if k == 0 || o.sampler.steps == 0 {
+        return Err(Error::Other(format!(
+            "--samples-per-obs {k} --steps {}: both must be at least 1",
+            o.sampler.steps
+        )));
+    }
     if !(o.sigma_y > 0.0 && o.sigma_y.is_finite()) {
         return Err(Error::Other(format!(
             "--sigma-y {} must be a positive number",
@@ -325,7 +451,19 @@ pub fn posterior(o: &PosteriorOptions) -> Result<()> {
         _ => unreachable!(),
     };
     let d: usize = sample_shape.iter().product();
-    let rows = n * k;
+    let rows = n.saturating_mul(k);
+    // The observations and operators repeated per sample (f64 while built), and the sampler's
+    // and CG's vectors.
+    let operator_values = match &o.operator {
+        OperatorSource::Matrix(_) => m.saturating_mul(d),
+        OperatorSource::Mask(_) => d,
+    };
+    check_sample_memory(
+        &format!("{n} observations x --samples-per-obs {k}"),
+        rows,
+        m.max(d).saturating_add(operator_values),
+        12,
+    )?;
     // Each observation repeated K times (consecutive rows).
     let repeat = |v: &[f64], per: usize| -> Vec<f64> {
         (0..n)
@@ -408,15 +546,24 @@ pub fn posterior(o: &PosteriorOptions) -> Result<()> {
     let sampler = Sampler {
         kind: o.sampler.kind,
         steps: o.sampler.steps,
-        schedule: schedule_for(&o.sampler, meta),
+        schedule: schedule_for(&o.sampler, meta)?,
         rng: Philox::new(o.sampler.seed, 0x9057),
     };
-    let x = match (&gaussian, &checkpoint) {
+    eprintln!(
+        "posterior: {n} observations of {m} values, {k} sample(s) each, signal {sample_shape:?}, on {device:?}; {} steps of {:?}, {} CG iterations, {} covariance",
+        o.sampler.steps, o.sampler.kind, o.cg_iters, o.covariance
+    );
+    // The final CG residuals are measured for the diagnostics (a host synchronisation per
+    // solve, nothing else changes).
+    let (x, worst_cg) = match (&gaussian, &checkpoint) {
         (Some(g), _) => {
             let mean = g.mean_tensor(DType::F32, &device)?;
             let mut mmps = Mmps::new(g, operator.as_ref(), &y, &noise, cg);
             mmps.covariance = covariance;
-            run(&sampler, &mut mmps, &shape, Some(&mean), &device)?
+            mmps.measure_cg = true;
+            let mut progress = Progress::new(&mut mmps, "posterior", &sampler);
+            let x = run(&sampler, &mut progress, &shape, Some(&mean), &device)?;
+            (x, mmps.worst_cg_residual)
         }
         (_, Some(ck)) => {
             let params = ck.params.to_device(&device)?;
@@ -427,13 +574,39 @@ pub fn posterior(o: &PosteriorOptions) -> Result<()> {
             };
             let mut mmps = Mmps::new(&prior, operator.as_ref(), &y, &noise, cg);
             mmps.covariance = covariance;
-            run(&sampler, &mut mmps, &shape, None, &device)?
+            mmps.measure_cg = true;
+            let mut progress = Progress::new(&mut mmps, "posterior", &sampler);
+            let x = run(&sampler, &mut progress, &shape, None, &device)?;
+            (x, mmps.worst_cg_residual)
         }
         _ => unreachable!(),
+    };
+    // How well the samples explain their observations: RMS of y - A x over sigma_y, per row.
+    let fit = {
+        let mut r = y.as_view()?.to_tensor()?;
+        let flat = x.as_view()?.reshape(&[rows, d])?;
+        crate::ops::axpy(-1.0, &operator.apply(&flat)?, &mut r)?;
+        let r = r.to_vec_f32()?;
+        let mut per_row: Vec<f64> = r
+            .chunks(m.max(1))
+            .map(|c| {
+                (c.iter().map(|&v| v as f64 * v as f64).sum::<f64>() / m.max(1) as f64).sqrt() / o.sigma_y
+            })
+            .collect();
+        per_row.sort_by(f64::total_cmp);
+        per_row.get(per_row.len() / 2).copied().unwrap_or(f64::NAN)
     };
     let mut out_shape = vec![n, k];
     out_shape.extend(&sample_shape);
     let x = x.to_vec_f32()?;
+    let (text, warn) = sample_diagnostics(&x, rows);
+    let cg_text = worst_cg.map_or("no CG solve".into(), |r| format!("{r:.3e}"));
+    eprintln!(
+        "posterior: {text}; observation fit, median RMS(y - A x) / sigma_y {fit:.3}; largest final CG relative residual {cg_text}"
+    );
+    if warn {
+        eprintln!("warning: some posterior samples diverged or lie far from the rest; the Gaussian covariance (--covariance gaussian with a Gaussian prior), more --cg-iters, or more steps may help");
+    }
     check_samples("posterior sample", &x)?;
     write_npy_f32(&o.out, &out_shape, &x)
 }

@@ -73,6 +73,7 @@ enum Command {
         batch: Option<usize>,
     },
     /// Train a denoiser by denoising score matching on samples (.npy [n, ...]).
+    #[command(allow_negative_numbers = true)]
     Train {
         #[arg(long)]
         data: PathBuf,
@@ -104,6 +105,7 @@ enum Command {
         device: DeviceRequest,
     },
     /// Draw prior samples from a checkpoint into an .npy [n, ...].
+    #[command(allow_negative_numbers = true)]
     Sample {
         #[arg(long)]
         checkpoint: PathBuf,
@@ -117,6 +119,7 @@ enum Command {
         device: DeviceRequest,
     },
     /// Posterior samples for observations y = A x + noise with MMPS, into an .npy [n, K, ...].
+    #[command(allow_negative_numbers = true)]
     Posterior {
         /// Observations [n, m].
         #[arg(long)]

@@ -315,3 +315,24 @@ fn posterior_refuses_bad_inputs_and_outputs_before_working() {
     let (ok, log) = run("y.npy", ("--operator", "a.npy"), "cov.npy", &out);
     assert!(ok && dir.join("o.npy").exists(), "{log}");
 }
+
+/// The diagnostics line of `sample` and `posterior` counts non-finite samples and samples far
+/// from the rest (norm over 10x the median), and asks for a warning when there are any.
+#[test]
+fn sample_diagnostics_count_diverged_and_far_samples() {
+    use emprior::commands::sample_diagnostics;
+    let mut x: Vec<f32> = (0..200).map(|i| ((i * 7) % 11) as f32 / 10.0 - 0.5).collect();
+    let (text, warn) = sample_diagnostics(&x, 100);
+    assert!(
+        !warn && text.contains("100 samples: 0 non-finite, 0 far from the rest"),
+        "{text}"
+    );
+    x[10] = 8000.0;
+    x[51] = f32::NAN;
+    let (text, warn) = sample_diagnostics(&x, 100);
+    assert!(
+        warn && text.contains("1 non-finite, 1 far from the rest"),
+        "{text}"
+    );
+    assert!(text.contains("largest 8000.0"), "{text}");
+}

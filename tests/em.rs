@@ -307,3 +307,69 @@ fn a_resume_refuses_an_edited_data_defining_configuration() {
         "laps and evaluation settings may change"
     );
 }
+
+/// A resume may lower the learning rate of a run that diverged; the change is logged in the run.
+#[test]
+fn a_resume_may_change_the_learning_rate_and_says_so() {
+    use emprior::em::open_run;
+    let run = std::env::temp_dir().join(format!("emprior-lr-resume-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&run);
+    let cfg = Config::preset("manifold", "quick").unwrap();
+    drop(open_run(&cfg, &run, false).unwrap());
+    std::fs::create_dir_all(run.join("lap-000")).unwrap();
+    std::fs::write(run.join("lap-000/DONE"), "complete\n").unwrap();
+    let mut lower = cfg.clone();
+    lower.set("lr_init=0.0001").unwrap();
+    let (done, _lock) = open_run(&lower, &run, true).unwrap();
+    assert_eq!(done, Some(0));
+    let log = std::fs::read_to_string(run.join("resumes.log")).unwrap();
+    assert!(
+        log.contains("resumed after lap 0 with lr_init (was 0.001, now 0.0001)"),
+        "{log}"
+    );
+}
+
+/// The observations' fingerprint is recorded by a fresh run and checked by a resume: other data
+/// (an edited file, another dataset under the same name) is refused, the same data accepted.
+#[test]
+fn a_resume_refuses_changed_observations() {
+    use emprior::em::{check_observations, Fingerprint};
+    let run = std::env::temp_dir().join(format!("emprior-fingerprint-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&run);
+    std::fs::create_dir_all(&run).unwrap();
+    let y = vec![0.25f32, -1.0, 3.5, 0.0, 7.0];
+    let print = |v: &[f32]| *Fingerprint::new().add(v);
+    check_observations(&run, None, print(&y)).unwrap();
+    check_observations(&run, Some(0), print(&y)).unwrap();
+    let mut edited = y.clone();
+    edited[3] = 1e-7;
+    let e = check_observations(&run, Some(0), print(&edited))
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        e.contains("the observations differ") && e.contains("data files changed"),
+        "{e}"
+    );
+    // Every value and the length count: a prefix, a reordering and a bit flip all differ.
+    assert_ne!(print(&y[..4]), print(&y));
+    assert_ne!(print(&[y[1], y[0], y[2], y[3], y[4]]), print(&y));
+    assert_ne!(print(&[-0.0f32]), print(&[0.0f32]));
+}
+
+/// A diverged sampler stops the run, naming the phase, how many samples and the first bad one.
+#[test]
+fn non_finite_samples_stop_the_lap_with_the_phase_named() {
+    use emprior::em::ensure_finite_samples;
+    let mut x = vec![0.5f32; 5 * 4];
+    ensure_finite_samples("lap 3 E-step", &x, 5).unwrap();
+    x[7] = f32::NAN;
+    x[13] = f32::INFINITY;
+    x[19] = f32::NEG_INFINITY;
+    let e = ensure_finite_samples("lap 3 E-step", &x, 5)
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        e.starts_with("lap 3 E-step: 3 of 4 samples hold NaN or infinite values (first: sample 1, value NaN at coordinate 2)"),
+        "{e}"
+    );
+}

@@ -28,17 +28,18 @@ pub fn default_dir() -> PathBuf {
 
 fn decode_png(path: &Path) -> Result<(usize, usize, Vec<u8>)> {
     let err = |e: &dyn std::fmt::Display| Error::Other(format!("{}: {e}", path.display()));
+    let unreadable = |e: png::DecodingError| err(&format!("not a readable PNG ({e})"));
     let file = File::open(path).map_err(|e| err(&e))?;
     let mut reader = png::Decoder::new(BufReader::new(file))
         .read_info()
-        .map_err(|e| err(&e))?;
-    let mut buf = vec![
-        0u8;
-        reader
-            .output_buffer_size()
-            .ok_or_else(|| err(&"image too large"))?
-    ];
-    let info = reader.next_frame(&mut buf).map_err(|e| err(&e))?;
+        .map_err(unreadable)?;
+    // The size comes from the file's header: checked before it reaches the allocator.
+    let size = reader
+        .output_buffer_size()
+        .ok_or_else(|| err(&"image too large"))?;
+    crate::host_pool::ensure_available(&path.display().to_string(), size)?;
+    let mut buf = vec![0u8; size];
+    let info = reader.next_frame(&mut buf).map_err(unreadable)?;
     if info.color_type != png::ColorType::Rgb || info.bit_depth != png::BitDepth::Eight {
         return Err(err(&format!(
             "expected 8-bit RGB, got {:?} {:?}",

@@ -198,6 +198,19 @@ impl Device {
         }
     }
 
+    /// Memory a run can still allocate: on a GPU the driver's free memory less the pool's
+    /// headroom (`pool::headroom`), plus what the pool holds idle; on the CPU the host's
+    /// MemAvailable. None when it cannot be read.
+    pub fn memory_available(&self) -> Option<usize> {
+        match self {
+            Device::Cpu => crate::host_pool::available_bytes(),
+            Device::Cuda(dev) => {
+                let (free, total) = dev.context().mem_get_info().ok()?;
+                Some(free.saturating_sub(pool::headroom(total)) + dev.pool_stats().bytes_cached)
+            }
+        }
+    }
+
     pub fn is_cuda(&self) -> bool {
         matches!(self, Device::Cuda(_))
     }

@@ -15,6 +15,18 @@ impl VeSchedule {
         VeSchedule { sigma_min, sigma_max }
     }
 
+    /// [`VeSchedule::new`] for values from a user: both positive and finite, the minimum below
+    /// the maximum, or an error that says which.
+    pub fn checked(sigma_min: f64, sigma_max: f64) -> crate::error::Result<Self> {
+        let positive = |v: f64| v > 0.0 && v.is_finite();
+        if !positive(sigma_min) || !positive(sigma_max) || sigma_min >= sigma_max {
+            return Err(crate::error::Error::Other(format!(
+                "the noise range sigma_min = {sigma_min}, sigma_max = {sigma_max} must hold two positive, finite values with sigma_min < sigma_max (1e-3 and 1e2 are usual)"
+            )));
+        }
+        Ok(VeSchedule { sigma_min, sigma_max })
+    }
+
     pub fn sigma(&self, t: f64) -> f64 {
         ((1.0 - t) * self.sigma_min.ln() + t * self.sigma_max.ln()).exp()
     }

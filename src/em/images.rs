@@ -18,8 +18,9 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use super::{
-    abort_requested, create_lap_dir, derive_seed, json_field, json_line, lap_dir, lap_params, mark_done,
-    open_run, progress, read_lap_metrics, sample_batch, save_lap_checkpoint, write_metrics_jsonl, Config,
+    abort_requested, check_observations, create_lap_dir, derive_seed, ensure_finite_samples, json_field,
+    json_line, lap_dir, lap_params, mark_done, open_run, progress, read_lap_metrics, sample_batch,
+    save_lap_checkpoint, write_metrics_jsonl, Config, Fingerprint,
 };
 use crate::data::cifar10;
 use crate::device::Device;
@@ -273,6 +274,95 @@ fn parse_list(cfg: &Config, key: &str) -> Result<Vec<usize>> {
         .collect()
 }
 
+/// The image size (h, w, c) of the configured dataset, known before it is read.
+fn dataset_shape(cfg: &Config) -> Result<(usize, usize, usize)> {
+    use crate::data::fashion_mnist as fm;
+    match cfg.string("dataset")?.as_str() {
+        "cifar10" | "png-dir" => Ok((cifar10::SIDE, cifar10::SIDE, cifar10::CHANNELS)),
+        "fashion-mnist" => Ok((fm::SIDE, fm::SIDE, fm::CHANNELS)),
+        other => Err(Error::Other(format!(
+            "dataset = '{other}' (expected cifar10, fashion-mnist or png-dir)"
+        ))),
+    }
+}
+
+/// Refuses, before anything is read or created, a configuration whose peak memory exceeds what
+/// the device has: the host's arrays of observations and samples, and the larger of the M-step
+/// (parameters, gradients, Adam moments and EMA, the training set, a batch's activations by
+/// `UNet::activation_memory`) and the E-step (the weights, a batch's VJP activations and its
+/// image-sized sampler and CG vectors). On the CPU both come from host memory, with the batches
+/// as the CPU runs them (a part per core at a time). An estimate: it errs by the allocator's
+/// rounding and small buffers, not by orders of magnitude.
+fn check_memory(cfg: &Config, device: &Device) -> Result<()> {
+    let (h, w, c) = dataset_shape(cfg)?;
+    let net = network(cfg, h, w, c)?;
+    let Network::UNet(unet) = &net else {
+        return Ok(());
+    };
+    let f32s = |count: usize| count as f64 * 4.0;
+    let (per, pixels) = (h * w * c, h * w);
+    let (n, held) = (cfg.count("observations")?, cfg.count("heldout")?);
+    // Clean images, observations, masks; this lap's samples and the next; held-out means.
+    let host = f32s(n * (4 * per + pixels) + held * (3 * per + pixels));
+    let threads = rayon::current_num_threads();
+    let (m_batch, e_batch) = (cfg.count("mstep_batch")?.max(1), cfg.count("estep_batch")?.max(1));
+    // The network's activations: a whole batch on a GPU, a part per core at a time on the CPU.
+    let (m_active, e_active) = if device.is_cuda() {
+        (m_batch, e_batch)
+    } else {
+        let part = |batch: usize, rows: usize| batch.min(threads * rows).max(1);
+        let train_part = crate::train::cpu_part_rows(&net).unwrap_or(m_batch);
+        (part(m_batch, train_part), part(e_batch, CPU_PART_IMAGES))
+    };
+    let params = f32s(net.layout().len());
+    let train = unet.activation_memory(m_active, true);
+    // On the CPU each part of a wave keeps its own gradient (train::CPU_PARTS_PER_CORE).
+    let part_grads = if device.is_cuda() {
+        0.0
+    } else {
+        (threads * crate::train::CPU_PARTS_PER_CORE) as f64 * params
+    };
+    // Parameters, gradients, Adam moments and EMA; the training set; the batch with its noise,
+    // noisy copy, denoised copy and gradients.
+    let mstep = 5.0 * params
+        + part_grads
+        + f32s(n * per)
+        + f32s(m_batch.saturating_mul(7 * per))
+        + train.backward_peak as f64;
+    let sample = unet.activation_memory(e_active, false);
+    let estep = params + sample.vjp_peak as f64 + f32s(e_batch.saturating_mul(12 * per + pixels));
+    let working = mstep.max(estep);
+    let gb = |b: f64| b / 1e9;
+    let what = format!(
+        "{n} observations of {h}x{w}x{c} (host arrays {:.2} GB), M-step at mstep_batch = {m_batch} ({:.2} GB), E-step at estep_batch = {e_batch} ({:.2} GB)",
+        gb(host),
+        gb(mstep),
+        gb(estep)
+    );
+    let advice = "lower observations, mstep_batch or estep_batch, or choose a smaller network";
+    let refuse = |kind: &str, needs: f64, has: usize| {
+        Err(Error::Other(format!(
+            "this configuration needs about {:.2} GB of {kind} memory at its peak and {:.2} GB is available: {what}; {advice}",
+            gb(needs),
+            gb(has as f64)
+        )))
+    };
+    let host_needs = if device.is_cuda() { host } else { host + working };
+    if let Some(has) = crate::host_pool::available_bytes() {
+        if host_needs > has as f64 {
+            return refuse("host", host_needs, has);
+        }
+    }
+    if device.is_cuda() {
+        if let Some(has) = device.memory_available() {
+            if working > has as f64 {
+                return refuse("GPU", working, has);
+            }
+        }
+    }
+    Ok(())
+}
+
 /// The U-Net of the configuration, for images of h x w x c.
 fn network(cfg: &Config, h: usize, w: usize, c: usize) -> Result<Network> {
     let attention = cfg
@@ -431,6 +521,7 @@ impl Setup {
             })?;
             progress(label, first + rows, obs.n, "images", start);
         }
+        ensure_finite_samples(label, &out, per)?;
         Ok(out)
     }
 
@@ -460,6 +551,7 @@ impl Setup {
                     .to_vec_f32()?,
             );
         }
+        ensure_finite_samples("prior samples", &out, self.data.per())?;
         Ok(out)
     }
 
@@ -714,8 +806,23 @@ fn write_lap(
 /// Runs (or, with `resume`, continues) the corrupted-image EM in `run`; returns every lap's
 /// metrics.
 pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Result<Vec<ImageLapMetrics>> {
+    cfg.validate()?;
+    check_memory(cfg, device)?;
     let (done, _lock) = open_run(cfg, run, resume)?;
     let setup = Setup::new(cfg, run)?;
+    let (train, held) = (&setup.train, &setup.heldout);
+    let mut fingerprint = Fingerprint::new();
+    for part in [
+        &train.y,
+        &train.masks,
+        &train.clean,
+        &held.y,
+        &held.masks,
+        &held.clean,
+    ] {
+        fingerprint.add(part);
+    }
+    check_observations(run, done, fingerprint)?;
     let per = setup.data.per();
     let laps = cfg.count("laps")?;
     let keep = cfg.int("keep_samples")? != 0;

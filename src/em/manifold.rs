@@ -6,8 +6,9 @@ use std::path::Path;
 use std::time::Instant;
 
 use super::{
-    abort_requested, create_lap_dir, derive_seed, json_field, json_line, lap_dir, lap_params, mark_done,
-    open_run, progress, read_lap_metrics, sample_batch, save_lap_checkpoint, write_metrics_jsonl, Config,
+    abort_requested, check_observations, create_lap_dir, derive_seed, ensure_finite_samples, json_field,
+    json_line, lap_dir, lap_params, mark_done, open_run, progress, read_lap_metrics, sample_batch,
+    save_lap_checkpoint, write_metrics_jsonl, Config, Fingerprint,
 };
 use crate::data::manifold::{inside_box, observe, Manifold, DIM, OBS_DIM};
 use crate::device::Device;
@@ -214,6 +215,7 @@ impl Setup {
             })?;
             progress(label, first + rows, self.n, "observations", start);
         }
+        ensure_finite_samples(label, &out, DIM)?;
         Ok(out)
     }
 
@@ -389,6 +391,7 @@ pub fn run_manifold(cfg: &Config, run: &Path, device: &Device, resume: bool) -> 
     )?;
     let (done, _lock) = open_run(cfg, run, resume)?;
     let setup = Setup::new(cfg)?;
+    check_observations(run, done, *Fingerprint::new().add(&setup.a).add(&setup.y))?;
     let pc = SamplerKind::Pc {
         corrections: cfg.count("pc_corrections")?,
         tau: cfg.float("pc_tau")?,

@@ -110,7 +110,7 @@ pub fn open_run(cfg: &Config, run: &Path, resume: bool) -> Result<(Option<usize>
     }
     let origin = run.join(ORIGIN_CONFIG);
     if resume && origin.is_file() {
-        check_resumable(cfg, &origin)?;
+        check_resumable(cfg, &origin, run)?;
     } else if !resume || last_complete_lap(run).is_none() {
         crate::io::write_atomically(&origin, cfg.to_toml().as_bytes())?;
     }
@@ -122,11 +122,14 @@ pub fn open_run(cfg: &Config, run: &Path, resume: bool) -> Result<(Option<usize>
 /// tell what changed.
 const ORIGIN_CONFIG: &str = ".config.origin.toml";
 
-/// Keys a resumed run may change: how many laps, and what is evaluated or kept. Every other key
-/// defines the data, the model or the laps already run, so a resume that changed it would mix two
-/// runs.
+/// Keys a resumed run may change: how many laps, what is evaluated or kept, and the M-step's
+/// learning rates (to continue a run that diverged with a smaller one; the laps already run keep
+/// theirs, and `resumes.log` records the change). Every other key defines the data, the model or
+/// the laps already run, so a resume that changed it would mix two runs.
 const SAFE_ON_RESUME: &[&str] = &[
     "laps",
+    "lr_init",
+    "lr_end",
     "eval_samples",
     "grid",
     "export_samples",
@@ -135,17 +138,36 @@ const SAFE_ON_RESUME: &[&str] = &[
     "heldout_samples",
 ];
 
-fn check_resumable(cfg: &Config, origin: &Path) -> Result<()> {
+fn check_resumable(cfg: &Config, origin: &Path, run: &Path) -> Result<()> {
     let text = fs::read_to_string(origin)
         .map_err(|e| Error::Other(format!("cannot read {}: {e}", origin.display())))?;
     let start = Config::parse(&text, &origin.display().to_string())?;
-    let changed: Vec<String> = start
+    let (safe, changed): (Vec<_>, Vec<_>) = start
         .differences(cfg)
         .into_iter()
-        .filter(|(k, ..)| !SAFE_ON_RESUME.contains(&k.as_str()))
-        .map(|(k, was, now)| format!("{k} (was {was}, now {now})"))
-        .collect();
+        .map(|(k, was, now)| {
+            (
+                SAFE_ON_RESUME.contains(&k.as_str()),
+                format!("{k} (was {was}, now {now})"),
+            )
+        })
+        .partition(|(safe, _)| *safe);
+    let changed: Vec<String> = changed.into_iter().map(|(_, c)| c).collect();
     if changed.is_empty() {
+        if !safe.is_empty() {
+            let line = format!(
+                "resumed after lap {} with {}\n",
+                last_complete_lap(run).map_or("-".into(), |k| k.to_string()),
+                safe.iter()
+                    .map(|(_, c)| c.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; ")
+            );
+            eprint!("{line}");
+            let log = run.join("resumes.log");
+            let before = fs::read_to_string(&log).unwrap_or_default();
+            crate::io::write_atomically(&log, format!("{before}{line}").as_bytes())?;
+        }
         return Ok(());
     }
     Err(Error::Other(format!(
@@ -365,4 +387,84 @@ pub fn save_lap_checkpoint(
     let dir = create_lap_dir(run, lap)?;
     crate::io::save_checkpoint(&dir.join("checkpoint.safetensors"), network, params, &meta)?;
     Ok(dir)
+}
+
+/// Stops a run whose sampler diverged, before anything of the lap is written (so the last
+/// complete lap stays resumable): the count of non-finite samples among `samples` (rows of
+/// `per` values) and the first one, under `label` (the phase, e.g. "lap 3 E-step").
+pub fn ensure_finite_samples(label: &str, samples: &[f32], per: usize) -> Result<()> {
+    let Some(first) = samples.iter().position(|v| !v.is_finite()) else {
+        return Ok(());
+    };
+    let per = per.max(1);
+    let bad = samples
+        .chunks(per)
+        .filter(|row| row.iter().any(|v| !v.is_finite()))
+        .count();
+    Err(Error::Other(format!(
+        "{label}: {bad} of {} samples hold NaN or infinite values (first: sample {}, value {} at coordinate {}); the prior or the sampler diverged, and nothing of this lap was written (the last complete lap can be resumed; a lower learning rate, more CG iterations or the Gaussian covariance may help)",
+        samples.len().div_ceil(per),
+        first / per,
+        samples[first],
+        first % per
+    )))
+}
+
+/// A 64-bit fingerprint of the observations a run learns from (a word-wise multiply-xorshift
+/// hash; it detects changed data, it is not cryptographic).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Fingerprint(u64);
+
+impl Fingerprint {
+    pub fn new() -> Self {
+        Fingerprint(0x243F_6A88_85A3_08D3)
+    }
+
+    /// Mixes in a slice of floats (their bits) and its length.
+    pub fn add<T: bytemuck::Pod>(&mut self, values: &[T]) -> &mut Self {
+        let bytes: &[u8] = bytemuck::cast_slice(values);
+        let mut mix = |w: u64| {
+            let h = (self.0 ^ w).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+            self.0 = h ^ (h >> 29);
+        };
+        let mut words = bytes.chunks_exact(8);
+        for w in &mut words {
+            mix(u64::from_le_bytes(w.try_into().expect("8 bytes")));
+        }
+        let mut tail = [0u8; 8];
+        tail[..words.remainder().len()].copy_from_slice(words.remainder());
+        mix(u64::from_le_bytes(tail));
+        mix(bytes.len() as u64);
+        self
+    }
+}
+
+impl Default for Fingerprint {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Where a run keeps the fingerprint of its observations.
+const FINGERPRINT_FILE: &str = ".observations.fingerprint";
+
+/// Records the observations' fingerprint in a fresh run, and checks it on a resume: data files
+/// changed since the run started (another dataset, edited PNGs, another masks file) are refused
+/// instead of mixing two datasets. A run from before fingerprints were kept gets one now.
+pub fn check_observations(run: &Path, done: Option<usize>, fingerprint: Fingerprint) -> Result<()> {
+    let path = run.join(FINGERPRINT_FILE);
+    let now = format!("{:016x}", fingerprint.0);
+    if done.is_some() {
+        if let Ok(was) = fs::read_to_string(&path) {
+            if was.trim() != now {
+                return Err(Error::Other(format!(
+                    "the observations differ from those {} started with (fingerprint {} then, {now} now): the data files changed since; restore them, or start a new run with another --out",
+                    run.display(),
+                    was.trim()
+                )));
+            }
+            return Ok(());
+        }
+    }
+    crate::io::write_atomically(&path, format!("{now}\n").as_bytes())
 }

@@ -101,7 +101,8 @@ pub fn read_npy(path: &Path) -> Result<NpyArray> {
     }
     let shape_text = field("shape")?;
     let malformed = || {
-        let shown: String = shape_text.chars().take(40).collect();
+        let tuple = shape_text.find(')').map_or(shape_text, |end| &shape_text[..=end]);
+        let shown: String = tuple.chars().take(40).collect();
         bad(
             path,
             format!("malformed shape {shown} (expected a tuple of sizes such as (3, 4))"),

@@ -40,6 +40,8 @@ pub struct CgStats {
     pub iterations: usize,
     /// The largest ||r|| / ||b|| over rows at the last tolerance check, if one ran.
     pub worst_relative_residual: Option<f64>,
+    /// The largest ||r|| / ||b|| over rows when the solve ended ([`cg_measured`] only).
+    pub final_relative_residual: Option<f64>,
 }
 
 /// Solves M v = b row by row; `matvec` applies M to a batch [B, m]. With a tolerance, checks it
@@ -55,10 +57,40 @@ pub fn cg(
 /// [`cg`] with the tolerance checked every `check_every` iterations (0: never; the solve runs
 /// `max_iters` iterations and reads nothing back).
 pub fn cg_checked(
+    matvec: impl FnMut(&Tensor) -> Result<Tensor>,
+    b: &Tensor,
+    config: CgConfig,
+    check_every: usize,
+) -> Result<(Tensor, CgStats)> {
+    solve(matvec, b, config, check_every, false)
+}
+
+/// [`cg_checked`] that also reports the largest relative residual of the rows when the solve
+/// ends (`CgStats::final_relative_residual`): one more residual update and one host
+/// synchronisation per solve, for diagnostics. The solution is the same bits.
+pub fn cg_measured(
+    matvec: impl FnMut(&Tensor) -> Result<Tensor>,
+    b: &Tensor,
+    config: CgConfig,
+    check_every: usize,
+) -> Result<(Tensor, CgStats)> {
+    solve(matvec, b, config, check_every, true)
+}
+
+/// The largest sqrt(rr / bn) over rows (0 for a row with b = 0).
+fn worst_ratio(rr: &[f64], bn: &[f64]) -> f64 {
+    rr.iter()
+        .zip(bn)
+        .map(|(r, b)| if *b > 0.0 { (r / b).sqrt() } else { 0.0 })
+        .fold(0.0, f64::max)
+}
+
+fn solve(
     mut matvec: impl FnMut(&Tensor) -> Result<Tensor>,
     b: &Tensor,
     config: CgConfig,
     check_every: usize,
+    measure: bool,
 ) -> Result<(Tensor, CgStats)> {
     let rows = b.shape()[0];
     let (dtype, device) = (b.dtype(), b.device());
@@ -70,9 +102,9 @@ pub fn cg_checked(
     let mut rr = row_dot(&r, &r)?;
     let tol = config.rtol.filter(|_| check_every > 0);
     // ||b||^2 per row stays on the device until the first check needs it.
-    let b_norm2 = match tol {
-        Some(_) => Some(rr.as_view()?.to_tensor()?),
-        None => None,
+    let b_norm2 = match tol.is_some() || measure {
+        true => Some(rr.as_view()?.to_tensor()?),
+        false => None,
     };
     let tol2 = tol.map_or(0.0, |t| t * t);
     let mut b_norm2_host: Option<Vec<f64>> = None;
@@ -80,33 +112,45 @@ pub fn cg_checked(
     for it in 1..=config.max_iters {
         let ap = matvec(&p)?;
         let pap = row_dot(&p, &ap)?;
-        let alpha = step_sizes(&rr, &pap, b_norm2.as_ref().unwrap_or(&rr), tol2)?;
+        let bn = match (tol, &b_norm2) {
+            (Some(_), Some(bn)) => bn,
+            _ => &rr,
+        };
+        let alpha = step_sizes(&rr, &pap, bn, tol2)?;
         let neg_alpha = scale(&alpha, -1.0)?;
         let mut x_next = Tensor::uninit(x.shape(), dtype, &device)?;
         scale_rows_add_into(&x, &ones, &p, &alpha, &mut x_next)?;
         x = x_next;
         stats.iterations = it;
-        if it == config.max_iters {
+        if it == config.max_iters && !measure {
             break; // the last iteration needs neither r nor p
         }
         let mut r_next = Tensor::uninit(r.shape(), dtype, &device)?;
         scale_rows_add_into(&r, &ones, &ap, &neg_alpha, &mut r_next)?;
         r = r_next;
         let rr_next = row_dot(&r, &r)?;
+        if it == config.max_iters {
+            if let Some(bn) = &b_norm2 {
+                let bn = match &mut b_norm2_host {
+                    Some(v) => v,
+                    slot => slot.insert(bn.as_view()?.to_vec_f64()?),
+                };
+                stats.final_relative_residual = Some(worst_ratio(&rr_next.as_view()?.to_vec_f64()?, bn));
+            }
+            break;
+        }
         if let (Some(tol), Some(bn)) = (tol, &b_norm2) {
             if it % check_every == 0 {
                 let bn = match &mut b_norm2_host {
                     Some(v) => v,
                     slot => slot.insert(bn.as_view()?.to_vec_f64()?),
                 };
-                let now = rr_next.as_view()?.to_vec_f64()?;
-                let worst = now
-                    .iter()
-                    .zip(bn.iter())
-                    .map(|(r, b)| if *b > 0.0 { (r / b).sqrt() } else { 0.0 })
-                    .fold(0.0, f64::max);
+                let worst = worst_ratio(&rr_next.as_view()?.to_vec_f64()?, bn);
                 stats.worst_relative_residual = Some(worst);
                 if worst <= tol {
+                    if measure {
+                        stats.final_relative_residual = Some(worst);
+                    }
                     break;
                 }
             }

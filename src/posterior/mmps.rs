@@ -5,7 +5,7 @@
 //! v from batched CG. The covariance is treated as constant (no derivative through the solve).
 //! DPS is here too, as the baseline posterior denoiser.
 
-use super::cg::{cg_checked, CgConfig, CgStats, DEFAULT_CHECK_EVERY};
+use super::cg::{cg_checked, cg_measured, CgConfig, CgStats, DEFAULT_CHECK_EVERY};
 use super::operator::{LinearOperator, ObservationNoise};
 use crate::diffusion::sampler::Denoise;
 use crate::diffusion::{Denoiser, DenoiserSaved};
@@ -106,6 +106,11 @@ pub struct Mmps<'a, P: Prior> {
     pub covariance: Covariance,
     /// The last solve's statistics.
     pub last_cg: CgStats,
+    /// Measure every solve's final residual (`cg_measured`: one host synchronisation per
+    /// solve) and keep the largest in `worst_cg_residual`; for diagnostics.
+    pub measure_cg: bool,
+    /// The largest final relative residual of any solve so far, when `measure_cg`.
+    pub worst_cg_residual: Option<f64>,
 }
 
 impl<'a, P: Prior> Mmps<'a, P> {
@@ -125,6 +130,8 @@ impl<'a, P: Prior> Mmps<'a, P> {
             cg_check_every: DEFAULT_CHECK_EVERY,
             covariance: Covariance::Tweedie,
             last_cg: CgStats::default(),
+            measure_cg: false,
+            worst_cg_residual: None,
         }
     }
 
@@ -171,8 +178,15 @@ impl<P: Prior> Denoise for Mmps<'_, P> {
                 None => Ok(noise),
             }
         };
-        let (v, stats) = cg_checked(matvec, &residual, self.cg, self.cg_check_every)?;
+        let (v, stats) = if self.measure_cg {
+            cg_measured(matvec, &residual, self.cg, self.cg_check_every)?
+        } else {
+            cg_checked(matvec, &residual, self.cg, self.cg_check_every)?
+        };
         self.last_cg = stats;
+        if let Some(r) = stats.final_relative_residual {
+            self.worst_cg_residual = Some(self.worst_cg_residual.map_or(r, |w| w.max(r)));
+        }
         let score = self.prior.vjp(
             &saved,
             &self.operator.adjoint(&v.as_view()?)?.reshape(x_t.shape())?,

@@ -5,6 +5,6 @@ pub mod cg;
 pub mod mmps;
 pub mod operator;
 
-pub use cg::{cg, cg_checked, CgConfig, CgStats, DEFAULT_CHECK_EVERY};
+pub use cg::{cg, cg_checked, cg_measured, CgConfig, CgStats, DEFAULT_CHECK_EVERY};
 pub use mmps::{Covariance, Dps, Mmps, NetworkPrior, Prior};
 pub use operator::{DenseOperators, LinearOperator, MaskOperator, ObservationNoise, SharedOperator};

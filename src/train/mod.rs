@@ -43,12 +43,16 @@ pub struct Trainer {
     log: StepLog,
 }
 
+/// Parts per core in one wave of a CPU training step: a wave's gradients (one per part, the
+/// network's size each) are live together.
+pub const CPU_PARTS_PER_CORE: usize = 2;
+
 /// Rows per CPU part of a training batch, by network, measured on 2 cores: the manifold M-step
 /// (TimeMLP, batch 1024, 1,000 steps) 10.3 s whole, 9.1 s in parts of 256, 9.5 s of 128, 9.7 s
 /// of 512; the CIFAR-10 quick M-step (U-Net, batch 32, 3 epochs) 11.4 s whole, 5.5-6.0 s in
 /// parts of 4, 6.1 s of 2, 6.3 s of 8, 5.9 s of 16.
-fn cpu_part_rows(denoiser: &Denoiser) -> Option<usize> {
-    Some(match &denoiser.net {
+pub fn cpu_part_rows(net: &Network) -> Option<usize> {
+    Some(match net {
         Network::Mlp(_) => 256,
         Network::UNet(_) => 4,
     })
@@ -67,7 +71,7 @@ impl Trainer {
         let adam = Adam::new(config, &params)?;
         let log = StepLog::new(params.dtype(), &params.device())?;
         Ok(Trainer {
-            cpu_part_rows: cpu_part_rows(&denoiser),
+            cpu_part_rows: cpu_part_rows(&denoiser.net),
             denoiser,
             params,
             adam,
@@ -115,38 +119,44 @@ impl Trainer {
             Some(part_rows) => {
                 // On the CPU: row parts on the cores, each with its own gradient, added in part
                 // order (the same bits on any number of threads; the sum's order, hence the last
-                // bits, differ from one piece's).
+                // bits, differ from one piece's). In waves of a few parts per core, so a large
+                // batch holds a few gradients at once, not one per part.
                 let (zv, row) = (z.as_view()?, per as usize / b);
-                let parts = map_parts(b, part_rows, |r| -> Result<(Tensor, Tensor)> {
-                    let n = r.len();
-                    let mut shape = x.shape().to_vec();
-                    shape[0] = n;
-                    let (xp, zp) = (x.sub(r.start * row, &shape)?, zv.sub(r.start * row, &shape)?);
-                    let mut g = Tensor::zeros(params.shape(), params.dtype(), &params.device())?;
-                    let mut loss = Tensor::zeros(&[], params.dtype(), &params.device())?;
-                    let mode = Mode::Train {
-                        rng,
-                        first_row: r.start as u64,
-                    };
-                    dsm_loss_part_into(
-                        den,
-                        &params.as_view()?,
-                        &xp,
-                        &sigmas[r],
-                        &zp,
-                        mode,
-                        Some(&mut g.as_view_mut()?),
-                        &mut loss.as_view_mut()?,
-                        b,
-                    )?;
-                    Ok((g, loss))
-                });
+                let wave_rows = part_rows * CPU_PARTS_PER_CORE * rayon::current_num_threads();
                 fill(grads, 0.0)?;
-                let mut losses = Vec::with_capacity(parts.len());
-                for part in parts {
-                    let (g, loss) = part?;
-                    axpy(1.0, &g, grads)?;
-                    losses.push(loss);
+                let mut losses = Vec::with_capacity(b.div_ceil(part_rows));
+                for wave in (0..b).step_by(wave_rows) {
+                    let rows = wave_rows.min(b - wave);
+                    let parts = map_parts(rows, part_rows, |r| -> Result<(Tensor, Tensor)> {
+                        let r = wave + r.start..wave + r.end;
+                        let n = r.len();
+                        let mut shape = x.shape().to_vec();
+                        shape[0] = n;
+                        let (xp, zp) = (x.sub(r.start * row, &shape)?, zv.sub(r.start * row, &shape)?);
+                        let mut g = Tensor::zeros(params.shape(), params.dtype(), &params.device())?;
+                        let mut loss = Tensor::zeros(&[], params.dtype(), &params.device())?;
+                        let mode = Mode::Train {
+                            rng,
+                            first_row: r.start as u64,
+                        };
+                        dsm_loss_part_into(
+                            den,
+                            &params.as_view()?,
+                            &xp,
+                            &sigmas[r],
+                            &zp,
+                            mode,
+                            Some(&mut g.as_view_mut()?),
+                            &mut loss.as_view_mut()?,
+                            b,
+                        )?;
+                        Ok((g, loss))
+                    });
+                    for part in parts {
+                        let (g, loss) = part?;
+                        axpy(1.0, &g, grads)?;
+                        losses.push(loss);
+                    }
                 }
                 self.log.with_loss(slot, |total| {
                     fill(total, 0.0)?;
