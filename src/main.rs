@@ -178,6 +178,21 @@ enum Command {
         /// Override a configuration value, e.g. --set laps=4 (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
+        /// vectors: your observations [n, m] (.npy); the same as --set obs=FILE.
+        #[arg(long)]
+        obs: Option<PathBuf>,
+        /// vectors: the operators, [n, m, d] (one per observation) or [m, d] (shared).
+        #[arg(long)]
+        operator: Option<PathBuf>,
+        /// vectors: the observation noise standard deviation (the same as --set sigma_y=S).
+        #[arg(long)]
+        sigma_y: Option<f64>,
+        /// vectors: a file of m noise standard deviations [m] (a diagonal noise).
+        #[arg(long)]
+        sigma_y_file: Option<PathBuf>,
+        /// vectors: the true signals [n, d], when known; only the metrics use them.
+        #[arg(long)]
+        truth: Option<PathBuf>,
         /// The run directory (default runs/<experiment>-<preset>).
         #[arg(long, conflicts_with = "resume")]
         out: Option<PathBuf>,
@@ -267,6 +282,11 @@ fn main() -> std::process::ExitCode {
             preset,
             corruption,
             overrides,
+            obs,
+            operator,
+            sigma_y,
+            sigma_y_file,
+            truth,
             out,
             resume,
             device,
@@ -274,6 +294,22 @@ fn main() -> std::process::ExitCode {
             let mut overrides = overrides;
             if let Some(c) = corruption {
                 overrides.insert(0, format!("corruption={c}"));
+            }
+            if let Some(s) = sigma_y {
+                overrides.insert(0, format!("sigma_y={s}"));
+            }
+            // Files by absolute path, so a resume finds them from anywhere.
+            let files = [
+                ("obs", obs),
+                ("operator", operator),
+                ("sigma_y_file", sigma_y_file),
+                ("truth", truth),
+            ];
+            for (key, path) in files {
+                if let Some(p) = path {
+                    let p = std::path::absolute(&p).unwrap_or(p);
+                    overrides.insert(0, format!("{key}={}", p.display()));
+                }
             }
             em(&experiment, &preset, &overrides, out, resume, device)
         }
@@ -478,7 +514,7 @@ fn em(
     resume: Option<PathBuf>,
     request: DeviceRequest,
 ) -> Result<()> {
-    use emprior::em::{run_images, run_manifold, Config};
+    use emprior::em::{run_images, run_vectors, Config};
 
     let (cfg, dir, resuming) = match resume {
         Some(dir) => {
@@ -513,8 +549,8 @@ fn em(
     eprint!("{}", cfg.to_toml());
     let experiment_name = cfg.string("experiment")?;
     let (first, last, plots) = match experiment_name.as_str() {
-        "manifold" => {
-            let laps = run_manifold(&cfg, &dir, &device, resuming)?;
+        "manifold" | "vectors" => {
+            let laps = run_vectors(&cfg, &dir, &device, resuming)?;
             let s = |m: Option<&emprior::em::LapMetrics>| m.map(|m| m.summary()).unwrap_or_default();
             (
                 s(laps.first()),

@@ -149,3 +149,12 @@ fn png_reader_never_panics() {
         let _ = read_images(&[path.to_path_buf()]);
     });
 }
+
+/// Found by scripts/fuzz.sh (libFuzzer): a 2.4 KB PNG whose header declares an image of 5.4 GB
+/// reached the allocator. It is refused before any allocation, naming the declared size.
+#[test]
+fn a_png_header_declaring_more_than_its_file_can_hold_is_refused() {
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/fuzz-png-forged-size.png");
+    let e = read_images(&[fixture]).expect_err("refused").to_string();
+    assert!(e.contains("more than the file's 2397 bytes can hold"), "{e}");
+}

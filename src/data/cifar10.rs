@@ -4,8 +4,6 @@
 //! Also the corruption of method.md §7.2: a Bernoulli pixel mask per image, shared by the
 //! channels, fixed by a seed.
 
-use std::fs::File;
-use std::io::BufReader;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
@@ -27,16 +25,41 @@ pub fn default_dir() -> PathBuf {
 }
 
 fn decode_png(path: &Path) -> Result<(usize, usize, Vec<u8>)> {
+    let bytes = std::fs::read(path).map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
+    decode_png_bytes(&bytes, path)
+}
+
+/// The most deflate can expand its input.
+const MAX_DEFLATE_RATIO: usize = 1032;
+
+/// An 8-bit RGB PNG's (width, height, bytes) from the file's bytes; `path` names it in errors
+/// (the fuzz targets call this directly).
+pub fn decode_png_bytes(bytes: &[u8], path: &Path) -> Result<(usize, usize, Vec<u8>)> {
     let err = |e: &dyn std::fmt::Display| Error::Other(format!("{}: {e}", path.display()));
     let unreadable = |e: png::DecodingError| err(&format!("not a readable PNG ({e})"));
-    let file = File::open(path).map_err(|e| err(&e))?;
-    let mut reader = png::Decoder::new(BufReader::new(file))
+    let mut reader = png::Decoder::new(std::io::Cursor::new(bytes))
         .read_info()
         .map_err(unreadable)?;
-    // The size comes from the file's header: checked before it reaches the allocator.
+    // The size comes from the file's header: checked before it reaches the allocator. Deflate
+    // expands at most 1032:1, so a header that declares more pixels than the file's compressed
+    // bytes could hold is a forged one (found by scripts/fuzz.sh: a 5.4 GB buffer for a small
+    // file).
     let size = reader
         .output_buffer_size()
         .ok_or_else(|| err(&"image too large"))?;
+    let info = reader.info();
+    if size
+        > MAX_DEFLATE_RATIO
+            .saturating_mul(bytes.len())
+            .saturating_add(1 << 16)
+    {
+        return Err(err(&format!(
+            "the header declares a {} x {} image, more than the file's {} bytes can hold",
+            info.width,
+            info.height,
+            bytes.len()
+        )));
+    }
     crate::host_pool::ensure_available(&path.display().to_string(), size)?;
     let mut buf = vec![0u8; size];
     let info = reader.next_frame(&mut buf).map_err(unreadable)?;

@@ -9,11 +9,14 @@
 
 pub mod config;
 pub mod images;
-pub mod manifold;
+pub mod vectors;
 
 pub use config::Config;
 pub use images::{run_images, ImageLapMetrics};
-pub use manifold::{run_manifold, LapMetrics};
+pub use vectors::{run_vectors, LapMetrics};
+
+/// The manifold experiment runs through the vector driver ([`run_vectors`]).
+pub use vectors::run_vectors as run_manifold;
 
 use std::fmt::Write as _;
 use std::fs;

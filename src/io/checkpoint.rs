@@ -162,9 +162,15 @@ fn sort_metadata(buf: &mut [u8], meta: &HashMap<String, String>) {
 pub fn load_checkpoint(path: &Path, dtype: DType) -> Result<Checkpoint> {
     let bytes = fs::read(path)
         .map_err(|e| Error::Other(format!("cannot read checkpoint {}: {e}", path.display())))?;
-    let st = SafeTensors::deserialize(&bytes)
+    checkpoint_from_bytes(&bytes, path, dtype)
+}
+
+/// The checkpoint in the bytes of a safetensors file; `path` names it in errors (the fuzz
+/// targets call this directly).
+pub fn checkpoint_from_bytes(bytes: &[u8], path: &Path, dtype: DType) -> Result<Checkpoint> {
+    let st = SafeTensors::deserialize(bytes)
         .map_err(|e| Error::Other(format!("{} is not a valid safetensors file: {e}", path.display())))?;
-    let (_, header) = SafeTensors::read_metadata(&bytes)
+    let (_, header) = SafeTensors::read_metadata(bytes)
         .map_err(|e| Error::Other(format!("{} is not a valid safetensors file: {e}", path.display())))?;
     let metadata: BTreeMap<String, String> = header
         .metadata()

@@ -4,5 +4,5 @@ pub mod checkpoint;
 pub mod npy;
 pub mod plot;
 
-pub use checkpoint::{load_checkpoint, save_checkpoint, write_atomically, Checkpoint};
-pub use npy::{read_npy, write_npy_f32, write_npy_f64, write_npy_u8, NpyArray};
+pub use checkpoint::{checkpoint_from_bytes, load_checkpoint, save_checkpoint, write_atomically, Checkpoint};
+pub use npy::{parse_npy, read_npy, write_npy_f32, write_npy_f64, write_npy_u8, NpyArray};

@@ -46,6 +46,12 @@ fn bad(path: &Path, why: impl std::fmt::Display) -> Error {
 /// Reads a `.npy` file of f32, f64 or u8 values in C order.
 pub fn read_npy(path: &Path) -> Result<NpyArray> {
     let bytes = fs::read(path).map_err(|e| bad(path, format!("cannot read: {e}")))?;
+    parse_npy(&bytes, path)
+}
+
+/// The array in the bytes of a `.npy` file; `path` names it in errors (the fuzz targets call
+/// this directly).
+pub fn parse_npy(bytes: &[u8], path: &Path) -> Result<NpyArray> {
     if bytes.len() < 10 || &bytes[..6] != MAGIC {
         return Err(bad(path, "not a .npy file (no \\x93NUMPY magic)"));
     }

@@ -82,15 +82,15 @@ impl Canvas {
     }
 }
 
-/// The pair plot of d-dimensional samples (rows of `model` and `truth`, range [-3, 3]): panel
+/// The pair plot of d-dimensional samples (rows of `model` and `truth`, axes over `range`): panel
 /// (i, j) below the diagonal scatters the model's (x_j, x_i), above it the ground truth's; the
 /// diagonal overlays the two histograms of x_i (model blue, truth grey).
-pub fn pair_plot(path: &Path, model: &[f32], truth: &[f64], d: usize) -> Result<()> {
+pub fn pair_plot(path: &Path, model: &[f32], truth: &[f64], d: usize, range: (f64, f64)) -> Result<()> {
     const PANEL: usize = 140;
     const GAP: usize = 6;
     let size = d * PANEL + (d + 1) * GAP;
     let mut c = Canvas::new(size, size);
-    let (lo, hi) = (-3.0f64, 3.0f64);
+    let (lo, hi) = range;
     let to_px = |v: f64| ((v - lo) / (hi - lo) * (PANEL - 1) as f64).round() as i64;
     let origin = |k: usize| (GAP + k * (PANEL + GAP)) as i64;
     let scatter = |c: &mut Canvas,

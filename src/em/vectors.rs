@@ -1,6 +1,17 @@
-//! The low-dimensional manifold experiment (method.md §7.1, §8.2): 5-D points on a random 1-D
-//! manifold, each seen only through a random 2 x 5 projection with noise 0.01; a TimeMLP prior
-//! learned by EM, its posterior samples compared with the ground truth each lap.
+//! EM on vectors: a TimeMLP prior learned from observations y = A x + noise of d-dimensional
+//! signals, with dense operators (one per observation, or one shared) and scalar or diagonal
+//! noise. Two sources of observations run through the same driver:
+//! - the low-dimensional manifold experiment (method.md §7.1, §8.2): 5-D points on a random 1-D
+//!   manifold, each seen only through a random 2 x 5 projection with noise 0.01, its posterior
+//!   samples compared with the ground truth each lap;
+//! - the user's own (`experiment = "vectors"`): `obs` [n, m], `operator` [n, m, d] or [m, d],
+//!   `sigma_y` or a diagonal `sigma_y_file` [m], and, when given, the ground truth `truth` [n, d]
+//!   for the metrics.
+//!
+//! Either way the observations, operators (and truth) are saved in `DIR/observations/` as .npy
+//! (`obs.npy`, `operator.npy`, `truth.npy`, `sigma_y_file.npy`),
+//! so `emprior posterior` can replay any lap's checkpoint on them; a resume reads them back from
+//! there.
 
 use std::path::Path;
 use std::time::Instant;
@@ -10,7 +21,7 @@ use super::{
     json_line, lap_dir, lap_params, mark_done, open_run, progress, read_lap_metrics, sample_batch,
     save_lap_checkpoint, write_metrics_jsonl, Config, Fingerprint,
 };
-use crate::data::manifold::{inside_box, observe, Manifold, DIM, OBS_DIM};
+use crate::data::manifold::{observe, Manifold, DIM as MANIFOLD_DIM};
 use crate::device::Device;
 use crate::diffusion::{Denoiser, Network, Sampler, SamplerKind, VeSchedule};
 use crate::error::{Error, Result};
@@ -20,7 +31,10 @@ use crate::metrics::{sinkhorn_cost, sliced_wasserstein, Sinkhorn};
 use crate::nn::TimeMlp;
 use crate::ops::rng::gather_rows_uniform;
 use crate::ops::Philox;
-use crate::posterior::{CgConfig, Covariance, DenseOperators, Mmps, NetworkPrior, ObservationNoise, Prior};
+use crate::posterior::{
+    CgConfig, Covariance, DenseOperators, LinearOperator, Mmps, NetworkPrior, ObservationNoise, Prior,
+    SharedOperator,
+};
 use crate::tensor::{AsView, DType, Tensor};
 use crate::train::{AdamConfig, LrSchedule, Trainer};
 
@@ -39,10 +53,11 @@ const CPU_PART_ROWS: usize = 512;
 #[derive(Clone, Debug, PartialEq)]
 pub struct LapMetrics {
     pub lap: usize,
-    /// Debiased Sinkhorn divergence of the lap's posterior samples to the ground truth.
+    /// Debiased Sinkhorn divergence of the lap's posterior samples to the ground truth (NaN
+    /// without one).
     pub sinkhorn: f64,
     pub sliced_wasserstein: f64,
-    /// Posterior samples inside (-bound, bound)^5, out of all observations.
+    /// Posterior samples inside (-bound, bound)^d, out of all observations (all without a bound).
     pub kept: usize,
     /// Mean DSM loss over the M-step's last 100 steps (NaN for the initialisation).
     pub loss: f64,
@@ -87,16 +102,39 @@ impl LapMetrics {
 
     /// The one-line summary printed per lap.
     pub fn summary(&self) -> String {
-        let loss = if self.loss.is_finite() {
-            format!("{:.4}", self.loss)
-        } else {
-            "-".into()
+        let shown = |v: f64, digits: usize| {
+            if v.is_finite() {
+                format!("{v:.digits$}")
+            } else {
+                "-".into()
+            }
         };
         format!(
-            "lap {:>3} | sinkhorn {:.5} | sliced W1 {:.4} | kept {} | loss {loss} | E-step {:.1}s | M-step {:.1}s",
-            self.lap, self.sinkhorn, self.sliced_wasserstein, self.kept, self.estep_seconds, self.mstep_seconds
+            "lap {:>3} | sinkhorn {} | sliced W1 {} | kept {} | loss {} | E-step {:.1}s | M-step {:.1}s",
+            self.lap,
+            shown(self.sinkhorn, 5),
+            shown(self.sliced_wasserstein, 4),
+            self.kept,
+            shown(self.loss, 4),
+            self.estep_seconds,
+            self.mstep_seconds
         )
     }
+}
+
+/// The operators of a run: one [m, d] matrix per observation, or one for all.
+enum Operators {
+    PerObservation(Vec<f64>),
+    Shared(Vec<f64>),
+}
+
+/// The ground truth a run is measured against: the first evaluation set u1 and the debiased
+/// divergence's reference OT(u1, u2) to a second, disjoint one.
+struct Truth {
+    u1: Vec<f64>,
+    reference: f64,
+    /// Every observation's true signal, when known (for the pair plot).
+    shown: Vec<f64>,
 }
 
 /// Everything fixed for a run.
@@ -104,18 +142,76 @@ struct Setup {
     cfg: Config,
     seed: u64,
     n: usize,
-    a: Vec<f64>,
+    /// Signal and observation sizes.
+    d: usize,
+    m: usize,
+    ops: Operators,
     y: Vec<f64>,
-    truth: Vec<f64>,
-    reference: f64,
+    /// Per-coordinate noise variances [m] (None: sigma_y^2 for all).
+    noise_diag: Option<Vec<f64>>,
+    truth: Option<Truth>,
     eval: usize,
     schedule: VeSchedule,
+    /// The M-step's box filter (0: none).
     bound: f64,
     network: Network,
 }
 
+/// Where a run keeps its observations (`observations/*.npy`).
+fn observations_dir(run: &Path) -> std::path::PathBuf {
+    run.join("observations")
+}
+
+/// An array of the user's, read from the run's saved copy when there is one (a resume), else
+/// from `cfg[key]` and then saved there; finite values only, of a rank in `ranks`.
+fn user_array(
+    cfg: &Config,
+    run: &Path,
+    key: &str,
+    ranks: &[usize],
+    what: &str,
+) -> Result<Option<crate::io::NpyArray>> {
+    let copy = observations_dir(run).join(format!("{key}.npy"));
+    let path = if copy.is_file() {
+        copy.clone()
+    } else {
+        let given = cfg.string(key)?;
+        if given.is_empty() {
+            return Ok(None);
+        }
+        std::path::PathBuf::from(given)
+    };
+    let a = read_npy(&path)?;
+    a.expect_rank(&path, ranks, what)?;
+    if let Some(i) = a.data.iter().position(|v| !v.is_finite()) {
+        return Err(Error::Other(format!(
+            "{}: {what}: value {i} is {} (NaN or infinite)",
+            path.display(),
+            a.data[i]
+        )));
+    }
+    if !copy.is_file() {
+        std::fs::create_dir_all(observations_dir(run))
+            .map_err(|e| Error::Other(format!("cannot create {}: {e}", observations_dir(run).display())))?;
+        write_npy_f64(&copy, &a.shape, &a.data)?;
+    }
+    Ok(Some(a))
+}
+
 impl Setup {
-    fn new(cfg: &Config) -> Result<Self> {
+    fn new(cfg: &Config, run: &Path) -> Result<Self> {
+        match cfg.string("experiment")?.as_str() {
+            "manifold" => Self::manifold(cfg, run),
+            "vectors" => Self::user(cfg, run),
+            other => Err(Error::Other(format!(
+                "experiment '{other}' is not a vector experiment"
+            ))),
+        }
+    }
+
+    /// The manifold experiment's observations, made from the seed (and saved for `posterior`).
+    fn manifold(cfg: &Config, run: &Path) -> Result<Self> {
+        let (d, m) = (MANIFOLD_DIM, crate::data::manifold::OBS_DIM);
         let seed = cfg.int("seed")? as u64;
         let n = cfg.count("observations")?;
         let eval = cfg.count("eval_samples")?;
@@ -128,35 +224,175 @@ impl Setup {
         let x = manifold.sample(seed, 0, n);
         let (a, y) = observe(&x, cfg.float("sigma_y")?, seed);
         // Two disjoint ground-truth sets for the debiased divergence.
-        let truth = manifold.sample(seed, 1, eval);
-        let truth2 = manifold.sample(seed, 2, eval);
-        let reference = sinkhorn_cost(&truth, &truth2, DIM, 1e-3, 1024, 1e-3);
-        let hidden: Vec<usize> = cfg
-            .string("hidden")?
-            .split(',')
-            .map(|s| {
-                s.trim()
-                    .parse()
-                    .map_err(|_| Error::Other(format!("hidden = '{s}' is not a list of widths")))
-            })
-            .collect::<Result<_>>()?;
-        let network = Network::Mlp(TimeMlp::new(DIM, &hidden, cfg.count("emb")?));
+        let u1 = manifold.sample(seed, 1, eval);
+        let u2 = manifold.sample(seed, 2, eval);
+        let reference = sinkhorn_cost(&u1, &u2, d, 1e-3, 1024, 1e-3);
+        let dir = observations_dir(run);
+        if !dir.join("obs.npy").is_file() {
+            std::fs::create_dir_all(&dir)
+                .map_err(|e| Error::Other(format!("cannot create {}: {e}", dir.display())))?;
+            write_npy_f64(&dir.join("operator.npy"), &[n, m, d], &a)?;
+            write_npy_f64(&dir.join("truth.npy"), &[n, d], &x)?;
+            // Last: its presence means the set is complete.
+            write_npy_f64(&dir.join("obs.npy"), &[n, m], &y)?;
+        }
         Ok(Setup {
             seed,
             n,
-            a,
+            d,
+            m,
+            ops: Operators::PerObservation(a),
             y,
-            truth,
-            reference,
+            noise_diag: None,
+            truth: Some(Truth {
+                shown: u1.clone(),
+                u1,
+                reference,
+            }),
             eval,
             schedule: VeSchedule::new(cfg.float("sigma_min")?, cfg.float("sigma_max")?),
             bound: cfg.float("filter_bound")?,
-            network,
+            network: Network::Mlp(TimeMlp::new(d, &hidden_widths(cfg)?, cfg.count("emb")?)),
             cfg: cfg.clone(),
         })
     }
 
-    /// Posterior samples [n, 5] for every observation under `prior`, in batches.
+    /// The user's observations (`obs`, `operator`, `sigma_y` or `sigma_y_file`, `truth`).
+    fn user(cfg: &Config, run: &Path) -> Result<Self> {
+        let need = |key: &str, what: &str| -> Result<crate::io::NpyArray> {
+            user_array(cfg, run, key, &[2, 3], what)?.ok_or_else(|| {
+                Error::Other(format!(
+                    "experiment vectors needs {key} (--{} FILE.npy): {what}",
+                    key.replace('_', "-")
+                ))
+            })
+        };
+        let y = need("obs", "observations [n, m]")?;
+        if y.shape.len() != 2 || y.shape[0] == 0 || y.shape[1] == 0 {
+            return Err(Error::Other(format!(
+                "observations: expected [n, m] with n, m > 0, got {:?}",
+                y.shape
+            )));
+        }
+        let (n, m) = (y.shape[0], y.shape[1]);
+        let a = need(
+            "operator",
+            "the operator, [n, m, d] per observation or [m, d] shared",
+        )?;
+        let (ops, d) = match a.shape.as_slice() {
+            [an, am, ad] if *an == n && *am == m && *ad > 0 => (Operators::PerObservation(a.data), *ad),
+            [am, ad] if *am == m && *ad > 0 => (Operators::Shared(a.data), *ad),
+            other => {
+                return Err(Error::Other(format!(
+                    "operator: expected [{n}, {m}, d] (per observation) or [{m}, d] (shared) for observations [{n}, {m}], got {other:?}"
+                )))
+            }
+        };
+        let noise_diag = match user_array(cfg, run, "sigma_y_file", &[1], "observation noise std [m]")? {
+            None => None,
+            Some(s) => {
+                if s.shape != [m] || s.data.iter().any(|&v| v <= 0.0) {
+                    return Err(Error::Other(format!(
+                        "sigma_y_file: expected {m} positive standard deviations [{m}], got shape {:?}",
+                        s.shape
+                    )));
+                }
+                Some(s.data.iter().map(|v| v * v).collect())
+            }
+        };
+        let eval = cfg.count("eval_samples")?;
+        let truth = match user_array(cfg, run, "truth", &[2], "the ground truth [n, d]")? {
+            None => None,
+            Some(t) if t.shape == [n, d] => {
+                // Two disjoint halves of the truth: u1 to compare with, u2 for the reference.
+                let e = eval.min(n / 2);
+                if e < 2 {
+                    return Err(Error::Other(format!(
+                        "truth: {n} rows are too few to evaluate on (at least 4)"
+                    )));
+                }
+                let u1 = t.data[..e * d].to_vec();
+                let u2 = t.data[e * d..2 * e * d].to_vec();
+                let reference = sinkhorn_cost(&u1, &u2, d, 1e-3, 1024, 1e-3);
+                Some(Truth {
+                    u1,
+                    reference,
+                    shown: t.data,
+                })
+            }
+            Some(t) => {
+                return Err(Error::Other(format!(
+                    "truth: expected [{n}, {d}] (one signal per observation), got {:?}",
+                    t.shape
+                )))
+            }
+        };
+        Ok(Setup {
+            seed: cfg.int("seed")? as u64,
+            n,
+            d,
+            m,
+            ops,
+            y: y.data,
+            noise_diag,
+            truth,
+            eval,
+            schedule: VeSchedule::new(cfg.float("sigma_min")?, cfg.float("sigma_max")?),
+            bound: cfg.float("filter_bound")?,
+            network: Network::Mlp(TimeMlp::new(d, &hidden_widths(cfg)?, cfg.count("emb")?)),
+            cfg: cfg.clone(),
+        })
+    }
+
+    /// The fingerprint of everything observed.
+    fn fingerprint(&self) -> Fingerprint {
+        let mut f = Fingerprint::new();
+        match &self.ops {
+            Operators::PerObservation(a) | Operators::Shared(a) => f.add(a),
+        };
+        f.add(&self.y);
+        if let Some(s) = &self.noise_diag {
+            f.add(s);
+        }
+        f
+    }
+
+    /// The operator of observations lo..hi on `device`.
+    fn operator(&self, lo: usize, hi: usize, device: &Device) -> Result<Box<dyn LinearOperator>> {
+        let (m, d) = (self.m, self.d);
+        Ok(match &self.ops {
+            Operators::PerObservation(a) => Box::new(DenseOperators::new(Tensor::from_f64_as(
+                &a[lo * m * d..hi * m * d],
+                &[hi - lo, m, d],
+                DType::F32,
+                device,
+            )?)?),
+            Operators::Shared(a) => Box::new(SharedOperator::new(Tensor::from_f64_as(
+                a,
+                &[m, d],
+                DType::F32,
+                device,
+            )?)?),
+        })
+    }
+
+    /// The observation noise of `rows` observations on `device`.
+    fn noise(&self, rows: usize, device: &Device) -> Result<ObservationNoise> {
+        Ok(match &self.noise_diag {
+            None => ObservationNoise::Scalar(self.cfg.float("sigma_y")?.powi(2)),
+            Some(v) => {
+                let repeated: Vec<f64> = (0..rows).flat_map(|_| v.iter().copied()).collect();
+                ObservationNoise::Diagonal(Tensor::from_f64_as(
+                    &repeated,
+                    &[rows, self.m],
+                    DType::F32,
+                    device,
+                )?)
+            }
+        })
+    }
+
+    /// Posterior samples [n, d] for every observation under `prior`, in batches.
     #[allow(clippy::too_many_arguments)]
     fn e_step<P: Prior + Sync>(
         &self,
@@ -170,12 +406,12 @@ impl Setup {
         label: &str,
     ) -> Result<Vec<f32>> {
         let batch = self.cfg.count("estep_batch")?.max(1);
-        let noise = ObservationNoise::Scalar(self.cfg.float("sigma_y")?.powi(2));
+        let (d, m) = (self.d, self.m);
         let cg = CgConfig {
             max_iters: self.cfg.count("cg_iters")?,
             rtol: Some(self.cfg.float("cg_rtol")?),
         };
-        let mut out = Vec::with_capacity(self.n * DIM);
+        let mut out = Vec::with_capacity(self.n * d);
         let start = Instant::now();
         for (chunk, first) in (0..self.n).step_by(batch).enumerate() {
             let rows = batch.min(self.n - first);
@@ -188,25 +424,15 @@ impl Setup {
             // On the CPU in parts of CPU_PART_ROWS rows (em::sample_batch).
             sample_batch(&mut out, rows, CPU_PART_ROWS, device, |part, at| {
                 let (lo, hi) = (first + part.start, first + part.end);
-                let a = Tensor::from_f64_as(
-                    &self.a[lo * OBS_DIM * DIM..hi * OBS_DIM * DIM],
-                    &[hi - lo, OBS_DIM, DIM],
-                    DType::F32,
-                    device,
-                )?;
-                let y = Tensor::from_f64_as(
-                    &self.y[lo * OBS_DIM..hi * OBS_DIM],
-                    &[hi - lo, OBS_DIM],
-                    DType::F32,
-                    device,
-                )?;
-                let ops = DenseOperators::new(a)?;
-                let mut mmps = Mmps::new(prior, &ops, &y, &noise, cg);
+                let y = Tensor::from_f64_as(&self.y[lo * m..hi * m], &[hi - lo, m], DType::F32, device)?;
+                let ops = self.operator(lo, hi, device)?;
+                let noise = self.noise(hi - lo, device)?;
+                let mut mmps = Mmps::new(prior, ops.as_ref(), &y, &noise, cg);
                 mmps.covariance = covariance.clone();
                 let mean_view = mean.map(|m| m.as_view()).transpose()?;
                 sampler.sample_part(
                     &mut mmps,
-                    &[hi - lo, DIM],
+                    &[hi - lo, d],
                     at,
                     mean_view.as_ref(),
                     DType::F32,
@@ -215,7 +441,7 @@ impl Setup {
             })?;
             progress(label, first + rows, self.n, "observations", start);
         }
-        ensure_finite_samples(label, &out, DIM)?;
+        ensure_finite_samples(label, &out, d)?;
         Ok(out)
     }
 
@@ -230,7 +456,8 @@ impl Setup {
     ) -> Result<(Tensor, f64)> {
         let steps = self.cfg.count("mstep_steps")? as u64;
         let batch = self.cfg.count("mstep_batch")?;
-        let count = samples.len() / DIM;
+        let d = self.d;
+        let count = samples.len() / d;
         if count == 0 {
             return Err(Error::Other(format!(
                 "lap {lap}: no posterior sample lies inside the filter box; the run diverged"
@@ -244,7 +471,7 @@ impl Setup {
         let den = Denoiser::new(self.network.clone());
         let mut trainer = Trainer::new(den, params, AdamConfig::new(lr), self.schedule, seed)?;
         // The training set goes to the device once; each step's batch is drawn there.
-        let pool = Tensor::from_f32(samples, &[count, DIM], device)?;
+        let pool = Tensor::from_f32(samples, &[count, d], device)?;
         let (mut tail, mut tail_n) = (0.0, 0usize);
         let start = Instant::now();
         for step in 0..steps {
@@ -283,24 +510,25 @@ impl Setup {
         mstep: f64,
         device: &Device,
     ) -> Result<LapMetrics> {
-        let kept: Vec<f64> = inside_box(
-            &samples.iter().map(|&v| v as f64).collect::<Vec<_>>(),
-            DIM,
-            self.bound,
-        );
-        let count = kept.len() / DIM;
-        let v = &kept[..self.eval.min(count) * DIM];
+        let d = self.d;
+        let kept: Vec<f64> = samples_of(samples, d, self.bound)
+            .iter()
+            .map(|&v| v as f64)
+            .collect();
+        let count = kept.len() / d;
+        let v = &kept[..self.eval.min(count) * d];
         let start = Instant::now();
-        let (sinkhorn, iterations, sliced) = if v.len() >= 2 * DIM {
-            // method.md §9.1: max(OT(u1, v) - OT(u1, u2), 1e-6).
-            let ot = Sinkhorn::PAPER.solve_on(device, &self.truth, v, DIM)?;
-            (
-                (ot.value - self.reference).max(1e-6),
-                ot.iterations,
-                sliced_wasserstein(&self.truth, v, DIM, 128, 0),
-            )
-        } else {
-            (f64::NAN, 0, f64::NAN)
+        let (sinkhorn, iterations, sliced) = match &self.truth {
+            Some(truth) if v.len() >= 2 * d => {
+                // method.md §9.1: max(OT(u1, v) - OT(u1, u2), 1e-6).
+                let ot = Sinkhorn::PAPER.solve_on(device, &truth.u1, v, d)?;
+                (
+                    (ot.value - truth.reference).max(1e-6),
+                    ot.iterations,
+                    sliced_wasserstein(&truth.u1, v, d, 128, 0),
+                )
+            }
+            _ => (f64::NAN, 0, f64::NAN),
         };
         Ok(LapMetrics {
             lap,
@@ -316,9 +544,25 @@ impl Setup {
     }
 }
 
-fn samples_of(samples: &[f32], bound: f64) -> Vec<f32> {
+/// The TimeMLP's hidden widths, "256,256,256".
+fn hidden_widths(cfg: &Config) -> Result<Vec<usize>> {
+    cfg.string("hidden")?
+        .split(',')
+        .map(|s| {
+            s.trim()
+                .parse()
+                .map_err(|_| Error::Other(format!("hidden = '{s}' is not a list of widths")))
+        })
+        .collect()
+}
+
+/// The samples inside the open box (-bound, bound)^d (all of them when bound is 0).
+fn samples_of(samples: &[f32], d: usize, bound: f64) -> Vec<f32> {
+    if bound <= 0.0 {
+        return samples.to_vec();
+    }
     samples
-        .chunks_exact(DIM)
+        .chunks_exact(d)
         .filter(|p| p.iter().all(|v| (v.abs() as f64) < bound))
         .flatten()
         .copied()
@@ -329,9 +573,10 @@ fn samples_of(samples: &[f32], bound: f64) -> Vec<f32> {
 /// for the E-step's moments when `estep_moments = "init"`, and for a resumed run.
 fn write_init_prior(run: &Path, g: &Gaussian) -> Result<()> {
     let dir = lap_dir(run, 0);
-    write_npy_f64(&dir.join("prior_mean.npy"), &[DIM], &g.mean)?;
-    write_npy_f64(&dir.join("prior_diag.npy"), &[DIM], &g.cov.diag)?;
-    write_npy_f64(&dir.join("prior_factor.npy"), &[DIM, g.cov.rank], &g.cov.u)
+    let d = g.mean.len();
+    write_npy_f64(&dir.join("prior_mean.npy"), &[d], &g.mean)?;
+    write_npy_f64(&dir.join("prior_diag.npy"), &[d], &g.cov.diag)?;
+    write_npy_f64(&dir.join("prior_factor.npy"), &[d, g.cov.rank], &g.cov.u)
 }
 
 fn read_init_prior(run: &Path) -> Result<Gaussian> {
@@ -352,26 +597,56 @@ fn read_init_prior(run: &Path) -> Result<Gaussian> {
     Gaussian::new(mean, Dplr::new(diag, u, rank)?)
 }
 
-fn fit(samples: &[f32], rank: usize) -> Result<Gaussian> {
+/// A PPCA fit of rank at most `rank` (and below d) to samples [_, d].
+fn fit(samples: &[f32], d: usize, rank: usize) -> Result<Gaussian> {
     let x: Vec<f64> = samples.iter().map(|&v| v as f64).collect();
-    ppca(&x, x.len() / DIM, DIM, rank)
+    ppca(&x, x.len() / d, d, rank.min(d))
+}
+
+/// The pair plot shows at most this many coordinates.
+const PLOTTED_COORDINATES: usize = 6;
+
+/// The first `k` of the `d` coordinates of every row.
+fn first_columns<T: Copy>(x: &[T], d: usize, k: usize) -> Vec<T> {
+    x.chunks_exact(d).flat_map(|r| r[..k].iter().copied()).collect()
+}
+
+/// A symmetric plot range that holds 99% of the values (at least [-1, 1]).
+fn plot_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
+    let mut a: Vec<f64> = values.filter(|v| v.is_finite()).map(f64::abs).collect();
+    a.sort_by(f64::total_cmp);
+    let top = a.get(a.len() * 99 / 100).copied().unwrap_or(1.0).max(1.0) * 1.1;
+    (-top, top)
 }
 
 fn write_lap(
+    setup: &Setup,
     run: &Path,
     lap: usize,
     samples: &[f32],
-    truth: &[f64],
     metrics: &LapMetrics,
     all: &[LapMetrics],
 ) -> Result<()> {
+    let d = setup.d;
     let dir = create_lap_dir(run, lap)?;
-    write_npy_f32(&dir.join("samples.npy"), &[samples.len() / DIM, DIM], samples)?;
+    write_npy_f32(&dir.join("samples.npy"), &[samples.len() / d, d], samples)?;
     write_atomically(
         &dir.join("metrics.json"),
         format!("{}\n", metrics.to_json()).as_bytes(),
     )?;
-    crate::io::plot::pair_plot(&dir.join("pairs.png"), samples, truth, DIM)?;
+    let k = d.min(PLOTTED_COORDINATES);
+    let truth = setup
+        .truth
+        .as_ref()
+        .map_or(Vec::new(), |t| first_columns(&t.shown, d, k));
+    let shown = first_columns(samples, d, k);
+    // The manifold's box; the user's data by its own spread.
+    let range = if setup.cfg.string("experiment")? == "manifold" {
+        (-3.0, 3.0)
+    } else {
+        plot_range(shown.iter().map(|&v| v as f64).chain(truth.iter().copied()))
+    };
+    crate::io::plot::pair_plot(&dir.join("pairs.png"), &shown, &truth, k, range)?;
     let series = |f: fn(&LapMetrics) -> f64| all.iter().map(|m| (m.lap, f(m))).collect::<Vec<_>>();
     crate::io::plot::curves(
         &run.join("divergence.png"),
@@ -380,18 +655,24 @@ fn write_lap(
     )
 }
 
-/// Runs (or, with `resume`, continues) the manifold EM in `run`; returns every lap's metrics.
-pub fn run_manifold(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Result<Vec<LapMetrics>> {
-    // The host arrays per observation (f64 truth, operator and observation; f32 samples, kept
-    // twice across a lap), checked before the run directory is made.
-    let per_observation = 8 * (DIM + OBS_DIM * DIM + OBS_DIM) + 2 * 4 * DIM;
-    crate::host_pool::ensure_available(
-        &format!("observations = {}", cfg.count("observations")?),
-        cfg.count("observations")?.saturating_mul(per_observation),
-    )?;
+/// Runs (or, with `resume`, continues) the EM of a vector experiment (`manifold`, or `vectors`
+/// on the user's observations) in `run`; returns every lap's metrics.
+pub fn run_vectors(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Result<Vec<LapMetrics>> {
+    cfg.validate()?;
+    if cfg.string("experiment")? == "manifold" {
+        // The host arrays per observation (f64 truth, operator and observation, and their saved
+        // copies; f32 samples, kept twice across a lap), checked before the run directory is made.
+        let (d, m) = (MANIFOLD_DIM, crate::data::manifold::OBS_DIM);
+        let per_observation = 2 * 8 * (d + m * d + m) + 2 * 4 * d;
+        crate::host_pool::ensure_available(
+            &format!("observations = {}", cfg.count("observations")?),
+            cfg.count("observations")?.saturating_mul(per_observation),
+        )?;
+    }
     let (done, _lock) = open_run(cfg, run, resume)?;
-    let setup = Setup::new(cfg)?;
-    check_observations(run, done, *Fingerprint::new().add(&setup.a).add(&setup.y))?;
+    let setup = Setup::new(cfg, run)?;
+    check_observations(run, done, setup.fingerprint())?;
+    let d = setup.d;
     let pc = SamplerKind::Pc {
         corrections: cfg.count("pc_corrections")?,
         tau: cfg.float("pc_tau")?,
@@ -443,7 +724,7 @@ pub fn run_manifold(cfg: &Config, run: &Path, device: &Device, resume: bool) -> 
         None => {
             let start = Instant::now();
             let rank = cfg.count("init_rank")?;
-            let mut g = Gaussian::new(vec![0.0; DIM], Dplr::identity(DIM))?;
+            let mut g = Gaussian::new(vec![0.0; d], Dplr::identity(d))?;
             for round in 0..cfg.count("init_rounds")? {
                 let mean = g.mean_tensor(DType::F32, device)?;
                 let seed = derive_seed(setup.seed, round, SEED_INIT);
@@ -458,7 +739,7 @@ pub fn run_manifold(cfg: &Config, run: &Path, device: &Device, resume: bool) -> 
                     device,
                     &format!("init round {round}"),
                 )?;
-                g = fit(&x, rank)?;
+                g = fit(&x, d, rank)?;
             }
             let mean = g.mean_tensor(DType::F32, device)?;
             let cov = Covariance::Gaussian(Box::new(g.clone()));
@@ -475,7 +756,7 @@ pub fn run_manifold(cfg: &Config, run: &Path, device: &Device, resume: bool) -> 
             let m = setup.metrics(0, &s, f64::NAN, start.elapsed().as_secs_f64(), 0.0, device)?;
             eprintln!("{}", m.summary());
             all.push(m.clone());
-            write_lap(run, 0, &s, &setup.truth, &m, &all)?;
+            write_lap(&setup, run, 0, &s, &m, &all)?;
             write_init_prior(run, &g)?;
             mark_done(run, 0)?;
             write_metrics_jsonl(run, all.iter().map(LapMetrics::to_json))?;
@@ -495,7 +776,7 @@ pub fn run_manifold(cfg: &Config, run: &Path, device: &Device, resume: bool) -> 
         let train_set = if lap == 1 && !filter_first {
             samples.clone()
         } else {
-            samples_of(&samples, setup.bound)
+            samples_of(&samples, d, setup.bound)
         };
         device.set_memory_phase("m-step");
         let t = Instant::now();
@@ -515,7 +796,7 @@ pub fn run_manifold(cfg: &Config, run: &Path, device: &Device, resume: bool) -> 
         let t = Instant::now();
         let moments = match &init_prior {
             Some(g) => g.clone(),
-            None => fit(&samples_of(&train_set, setup.bound), DIM)?,
+            None => fit(&samples_of(&train_set, d, setup.bound), d, d)?,
         };
         let mean = moments.mean_tensor(DType::F32, device)?;
         let cov = if tweedie {
@@ -555,7 +836,7 @@ pub fn run_manifold(cfg: &Config, run: &Path, device: &Device, resume: bool) -> 
             &setup.network,
             &params,
         )?;
-        write_lap(run, lap, &samples, &setup.truth, &m, &all)?;
+        write_lap(&setup, run, lap, &samples, &m, &all)?;
         mark_done(run, lap)?;
         // metrics.jsonl follows DONE: a kill between the two leaves it a lap behind, and the
         // resume rewrites it from the complete laps.
