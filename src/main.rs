@@ -165,7 +165,7 @@ enum Command {
     },
     /// Learn a diffusion prior from observations by EM (the paper's experiments).
     Em {
-        /// The experiment: manifold, cifar10 or fashion-mnist.
+        /// The experiment: manifold, cifar10 or fashion-mnist; vectors or images on your own data.
         experiment: String,
         /// quick (the default: minutes on a 2-core CPU), smoke (images: the paper's U-Net for a
         /// few GPU minutes) or paper.
@@ -178,19 +178,24 @@ enum Command {
         /// Override a configuration value, e.g. --set laps=4 (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
-        /// vectors: your observations [n, m] (.npy); the same as --set obs=FILE.
+        /// vectors: your observations [n, m]; images: your observed images [n, H, W, C] (.npy;
+        /// the same as --set obs=FILE).
         #[arg(long)]
         obs: Option<PathBuf>,
+        /// images: the masks [n, H, W] or [n, H, W, C] of --obs, 1 = observed.
+        #[arg(long)]
+        mask: Option<PathBuf>,
         /// vectors: the operators, [n, m, d] (one per observation) or [m, d] (shared).
         #[arg(long)]
         operator: Option<PathBuf>,
-        /// vectors: the observation noise standard deviation (the same as --set sigma_y=S).
+        /// vectors, images: the observation noise standard deviation (--set sigma_y=S).
         #[arg(long)]
         sigma_y: Option<f64>,
         /// vectors: a file of m noise standard deviations [m] (a diagonal noise).
         #[arg(long)]
         sigma_y_file: Option<PathBuf>,
-        /// vectors: the true signals [n, d], when known; only the metrics use them.
+        /// vectors, images: the true signals [n, d] or images, when known; only the metrics use
+        /// them.
         #[arg(long)]
         truth: Option<PathBuf>,
         /// The run directory (default runs/<experiment>-<preset>).
@@ -283,6 +288,7 @@ fn main() -> std::process::ExitCode {
             corruption,
             overrides,
             obs,
+            mask,
             operator,
             sigma_y,
             sigma_y_file,
@@ -301,6 +307,7 @@ fn main() -> std::process::ExitCode {
             // Files by absolute path, so a resume finds them from anywhere.
             let files = [
                 ("obs", obs),
+                ("mask", mask),
                 ("operator", operator),
                 ("sigma_y_file", sigma_y_file),
                 ("truth", truth),
@@ -558,7 +565,7 @@ fn em(
                 "divergence.png, lap-XXX/pairs.png",
             )
         }
-        "cifar10" | "fashion-mnist" => {
+        "cifar10" | "fashion-mnist" | "images" => {
             let laps = run_images(&cfg, &dir, &device, resuming)?;
             let s = |m: Option<&emprior::em::ImageLapMetrics>| m.map(|m| m.summary()).unwrap_or_default();
             (

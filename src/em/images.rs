@@ -159,6 +159,17 @@ impl Observations {
         Observations { y, masks, clean, n }
     }
 
+    /// The first `count` observations (images of `per` values).
+    fn first(&self, count: usize, per: usize) -> Observations {
+        let width = self.masks.len() / self.n.max(1);
+        Observations {
+            y: self.y[..count * per].to_vec(),
+            masks: self.masks[..count * width].to_vec(),
+            clean: self.clean.get(..count * per).map_or(Vec::new(), <[f32]>::to_vec),
+            n: count,
+        }
+    }
+
     /// The observations as images to look at: the noisy values where observed, 0 (mid grey)
     /// where not.
     fn shown(&self, count: usize, per: usize) -> Vec<f32> {
@@ -274,12 +285,36 @@ fn parse_list(cfg: &Config, key: &str) -> Result<Vec<usize>> {
         .collect()
 }
 
-/// The image size (h, w, c) of the configured dataset, known before it is read.
-fn dataset_shape(cfg: &Config) -> Result<(usize, usize, usize)> {
+/// The observations' count and image size (n, h, w, c) of the configured dataset, known before
+/// it is read (the user's images: from their file, or the run's saved copy).
+fn dataset_shape(cfg: &Config, run: &Path) -> Result<(usize, usize, usize, usize)> {
     use crate::data::fashion_mnist as fm;
+    let n = || cfg.count("observations");
     match cfg.string("dataset")?.as_str() {
-        "cifar10" | "png-dir" => Ok((cifar10::SIDE, cifar10::SIDE, cifar10::CHANNELS)),
-        "fashion-mnist" => Ok((fm::SIDE, fm::SIDE, fm::CHANNELS)),
+        "cifar10" | "png-dir" => Ok((n()?, cifar10::SIDE, cifar10::SIDE, cifar10::CHANNELS)),
+        "fashion-mnist" => Ok((n()?, fm::SIDE, fm::SIDE, fm::CHANNELS)),
+        "npy" => {
+            let copy = super::observations_dir(run).join("obs.npy");
+            let path = if copy.is_file() {
+                copy
+            } else {
+                PathBuf::from(cfg.string("obs")?)
+            };
+            if path.as_os_str().is_empty() {
+                return Err(Error::Other(
+                    "experiment images needs obs (--obs FILE.npy): observed images [n, H, W, C]".into(),
+                ));
+            }
+            let shape = crate::io::read_npy(&path)?.shape;
+            match *shape.as_slice() {
+                [n, h, w] => Ok((n, h, w, 1)),
+                [n, h, w, c] => Ok((n, h, w, c)),
+                ref other => Err(Error::Other(format!(
+                    "{}: expected observed images [n, H, W, C] or [n, H, W], got {other:?}",
+                    path.display()
+                ))),
+            }
+        }
         other => Err(Error::Other(format!(
             "dataset = '{other}' (expected cifar10, fashion-mnist or png-dir)"
         ))),
@@ -293,15 +328,15 @@ fn dataset_shape(cfg: &Config) -> Result<(usize, usize, usize)> {
 /// image-sized sampler and CG vectors). On the CPU both come from host memory, with the batches
 /// as the CPU runs them (a part per core at a time). An estimate: it errs by the allocator's
 /// rounding and small buffers, not by orders of magnitude.
-fn check_memory(cfg: &Config, device: &Device) -> Result<()> {
-    let (h, w, c) = dataset_shape(cfg)?;
+fn check_memory(cfg: &Config, device: &Device, run: &Path) -> Result<()> {
+    let (n, h, w, c) = dataset_shape(cfg, run)?;
     let net = network(cfg, h, w, c)?;
     let Network::UNet(unet) = &net else {
         return Ok(());
     };
     let f32s = |count: usize| count as f64 * 4.0;
     let (per, pixels) = (h * w * c, h * w);
-    let (n, held) = (cfg.count("observations")?, cfg.count("heldout")?);
+    let held = cfg.count("heldout")?;
     // Clean images, observations, masks; this lap's samples and the next; held-out means.
     let host = f32s(n * (4 * per + pixels) + held * (3 * per + pixels));
     let threads = rayon::current_num_threads();
@@ -403,8 +438,12 @@ struct Setup {
 }
 
 impl Setup {
-    /// Loads the data and makes (or, when the run directory has them, reads back) the masks.
+    /// Loads the data and makes (or, when the run directory has them, reads back) the masks;
+    /// for `experiment = "images"`, the user's own observed images and masks.
     fn new(cfg: &Config, run: &Path) -> Result<Self> {
+        if cfg.string("experiment")? == "images" {
+            return Self::user(cfg, run);
+        }
         let seed = cfg.int("seed")? as u64;
         let mut data = Dataset::load(cfg)?;
         let removed = cfg.float("corruption")? / 100.0;
@@ -471,6 +510,88 @@ impl Setup {
         })
     }
 
+    /// The user's observed images `obs` [n, H, W, C] (or [n, H, W]: grayscale), their masks
+    /// `mask` [n, H, W] (shared by the channels) or [n, H, W, C], and, when given, the true
+    /// images `truth` [n, H, W, C] for PSNR. The first `heldout` observations are also shown and
+    /// scored as the held-out set (they are not held out of training: all are observations).
+    fn user(cfg: &Config, run: &Path) -> Result<Self> {
+        let need = |key: &str, what: &str| -> Result<crate::io::NpyArray> {
+            super::user_array(cfg, run, key, &[3, 4], what)?.ok_or_else(|| {
+                Error::Other(format!(
+                    "experiment images needs {key} (--{key} FILE.npy): {what}"
+                ))
+            })
+        };
+        let obs = need("obs", "observed images [n, H, W, C] or [n, H, W]")?;
+        let (n, h, w, c) = match *obs.shape.as_slice() {
+            [n, h, w] => (n, h, w, 1),
+            [n, h, w, c] => (n, h, w, c),
+            ref other => return Err(Error::Other(format!("obs: expected [n, H, W, C], got {other:?}"))),
+        };
+        if n < 2 || h == 0 || w == 0 || !(1..=4).contains(&c) {
+            return Err(Error::Other(format!(
+                "obs: expected at least 2 images [n, H, W, C] with 1 to 4 channels, got {:?}",
+                obs.shape
+            )));
+        }
+        let mask = need("mask", "masks [n, H, W] or [n, H, W, C], 1 = observed")?;
+        let per_pixel = mask.shape == [n, h, w];
+        if !per_pixel && mask.shape != [n, h, w, c] {
+            return Err(Error::Other(format!(
+                "mask: expected [{n}, {h}, {w}] or [{n}, {h}, {w}, {c}] for observations {:?}, got {:?}",
+                obs.shape, mask.shape
+            )));
+        }
+        if let Some(i) = mask.data.iter().position(|&v| v != 0.0 && v != 1.0) {
+            return Err(Error::Other(format!(
+                "mask: value {i} is {}; a mask holds 0 (missing) or 1 (observed)",
+                mask.data[i]
+            )));
+        }
+        let truth = super::user_array(cfg, run, "truth", &[3, 4], "true images")?;
+        let clean = match truth {
+            None => Vec::new(),
+            Some(t) if t.data.len() == obs.data.len() => t.to_f32(),
+            Some(t) => {
+                return Err(Error::Other(format!(
+                    "truth: expected {:?} like the observations, got {:?}",
+                    obs.shape, t.shape
+                )))
+            }
+        };
+        let sigma_y = cfg.float("sigma_y")?;
+        // Unobserved values carry no information: zeroed, so y = mask * (x + noise) as MMPS assumes.
+        let masks = mask.to_f32();
+        let per = h * w * c;
+        let channels = per / (masks.len() / n);
+        let y: Vec<f32> = obs
+            .to_f32()
+            .iter()
+            .enumerate()
+            .map(|(i, &v)| v * masks[i / channels])
+            .collect();
+        let held = cfg.count("heldout")?.min(n);
+        let train = Observations { y, masks, clean, n };
+        let heldout = train.first(held, per);
+        let network = network(cfg, h, w, c)?;
+        Ok(Setup {
+            seed: cfg.int("seed")? as u64,
+            data: Dataset {
+                h,
+                w,
+                c,
+                train: Vec::new(),
+                heldout: Vec::new(),
+            },
+            train,
+            heldout,
+            schedule: VeSchedule::new(cfg.float("sigma_min")?, cfg.float("sigma_max")?),
+            network,
+            noise: ObservationNoise::Scalar(sigma_y * sigma_y),
+            cfg: cfg.clone(),
+        })
+    }
+
     fn image_shape(&self, rows: usize) -> [usize; 4] {
         [rows, self.data.h, self.data.w, self.data.c]
     }
@@ -491,7 +612,10 @@ impl Setup {
         label: &str,
     ) -> Result<Vec<f32>> {
         let batch = self.cfg.count("estep_batch")?.max(1);
-        let (per, pixels) = (self.data.per(), self.data.h * self.data.w);
+        let per = self.data.per();
+        // Per-pixel masks (shared by the channels) or one value per channel.
+        let pixels = obs.masks.len() / obs.n.max(1);
+        let channels = per / pixels.max(1);
         let mut out = Vec::with_capacity(obs.n * per);
         let start = Instant::now();
         for (chunk, first) in (0..obs.n).step_by(batch).enumerate() {
@@ -509,7 +633,7 @@ impl Setup {
                     &obs.masks[lo * pixels..hi * pixels],
                     hi - lo,
                     pixels,
-                    self.data.c,
+                    channels,
                     DType::F32,
                     device,
                 )?;
@@ -689,9 +813,16 @@ impl Setup {
         grid("prior.png", prior, (prior.len() / per).max(1).isqrt().max(1))?;
         let rows = self.heldout.n.min(16);
         let shown = self.heldout.shown(rows, per);
+        // Without the true images, their column is mid grey.
+        let unknown = vec![0.0f32; rows * per];
+        let clean = if self.heldout.clean.is_empty() {
+            &unknown[..]
+        } else {
+            &self.heldout.clean[..]
+        };
         let mut table = Vec::with_capacity(rows * 4 * per);
         for i in 0..rows {
-            for part in [&shown[..], held_first, held_means, &self.heldout.clean[..]] {
+            for part in [&shown[..], held_first, held_means, clean] {
                 table.extend(part[i * per..(i + 1) * per].iter().map(|v| v.clamp(-2.0, 2.0)));
             }
         }
@@ -700,6 +831,9 @@ impl Setup {
 
     /// PSNR and SSIM of the held-out posterior means, and PSNR of the training samples.
     fn scores(&self, held_means: &[f32], samples: &[f32]) -> (f64, f64, f64) {
+        if self.heldout.clean.is_empty() || self.train.clean.is_empty() {
+            return (f64::NAN, f64::NAN, f64::NAN);
+        }
         let clamp = |x: &[f32]| x.iter().map(|&v| (v as f64).clamp(-2.0, 2.0)).collect::<Vec<_>>();
         let widen = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
         let (means, clean) = (clamp(held_means), widen(&self.heldout.clean));
@@ -807,7 +941,7 @@ fn write_lap(
 /// metrics.
 pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Result<Vec<ImageLapMetrics>> {
     cfg.validate()?;
-    check_memory(cfg, device)?;
+    check_memory(cfg, device, run)?;
     let (done, _lock) = open_run(cfg, run, resume)?;
     let setup = Setup::new(cfg, run)?;
     let (train, held) = (&setup.train, &setup.heldout);
@@ -829,13 +963,15 @@ pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Re
     let steps = cfg.count("estep_steps")?;
     let mut all = read_lap_metrics(run, done.map(|k| k.min(laps)), ImageLapMetrics::from_json)?;
     write_metrics_jsonl(run, all.iter().map(ImageLapMetrics::to_json))?;
+    // The share of values removed, as the masks have it.
+    let masks = &setup.train.masks;
+    let removed = 100.0 * masks.iter().filter(|&&v| v == 0.0).count() as f64 / masks.len().max(1) as f64;
     eprintln!(
-        "{} observations of {}x{}x{} images, {}% of pixels removed; network {} parameters, {:.2} GFLOP per forward",
+        "{} observations of {}x{}x{} images, {removed:.1}% of values removed; network {} parameters, {:.2} GFLOP per forward",
         setup.train.n,
         setup.data.h,
         setup.data.w,
         setup.data.c,
-        cfg.float("corruption")?,
         setup.network.layout().len(),
         2.0 * setup.network.forward_macs() as f64 / 1e9
     );
@@ -973,13 +1109,7 @@ fn gaussian_lap(
     let start = Instant::now();
     let rank = cfg.count("init_rank")?;
     let used = cfg.count("init_observations")?.min(setup.train.n);
-    let pixels = setup.data.h * setup.data.w;
-    let subset = Observations {
-        y: setup.train.y[..used * per].to_vec(),
-        masks: setup.train.masks[..used * pixels].to_vec(),
-        clean: setup.train.clean[..used * per].to_vec(),
-        n: used,
-    };
+    let subset = setup.train.first(used, per);
     let init_cg = CgConfig {
         max_iters: cfg.count("init_cg_iters")?,
         rtol: Some(cfg.float("init_cg_rtol")?),

@@ -471,3 +471,44 @@ pub fn check_observations(run: &Path, done: Option<usize>, fingerprint: Fingerpr
     }
     crate::io::write_atomically(&path, format!("{now}\n").as_bytes())
 }
+
+/// Where a run keeps its observations (`observations/*.npy`).
+pub fn observations_dir(run: &Path) -> PathBuf {
+    run.join("observations")
+}
+
+/// An array of the user's, read from the run's saved copy when there is one (a resume), else
+/// from `cfg[key]` and then saved there; finite values only, of a rank in `ranks`.
+pub(crate) fn user_array(
+    cfg: &Config,
+    run: &Path,
+    key: &str,
+    ranks: &[usize],
+    what: &str,
+) -> Result<Option<crate::io::NpyArray>> {
+    let copy = observations_dir(run).join(format!("{key}.npy"));
+    let path = if copy.is_file() {
+        copy.clone()
+    } else {
+        let given = cfg.string(key)?;
+        if given.is_empty() {
+            return Ok(None);
+        }
+        PathBuf::from(given)
+    };
+    let a = crate::io::read_npy(&path)?;
+    a.expect_rank(&path, ranks, what)?;
+    if let Some(i) = a.data.iter().position(|v| !v.is_finite()) {
+        return Err(Error::Other(format!(
+            "{}: {what}: value {i} is {} (NaN or infinite)",
+            path.display(),
+            a.data[i]
+        )));
+    }
+    if !copy.is_file() {
+        std::fs::create_dir_all(observations_dir(run))
+            .map_err(|e| Error::Other(format!("cannot create {}: {e}", observations_dir(run).display())))?;
+        crate::io::write_npy_f64(&copy, &a.shape, &a.data)?;
+    }
+    Ok(Some(a))
+}

@@ -157,47 +157,6 @@ struct Setup {
     network: Network,
 }
 
-/// Where a run keeps its observations (`observations/*.npy`).
-fn observations_dir(run: &Path) -> std::path::PathBuf {
-    run.join("observations")
-}
-
-/// An array of the user's, read from the run's saved copy when there is one (a resume), else
-/// from `cfg[key]` and then saved there; finite values only, of a rank in `ranks`.
-fn user_array(
-    cfg: &Config,
-    run: &Path,
-    key: &str,
-    ranks: &[usize],
-    what: &str,
-) -> Result<Option<crate::io::NpyArray>> {
-    let copy = observations_dir(run).join(format!("{key}.npy"));
-    let path = if copy.is_file() {
-        copy.clone()
-    } else {
-        let given = cfg.string(key)?;
-        if given.is_empty() {
-            return Ok(None);
-        }
-        std::path::PathBuf::from(given)
-    };
-    let a = read_npy(&path)?;
-    a.expect_rank(&path, ranks, what)?;
-    if let Some(i) = a.data.iter().position(|v| !v.is_finite()) {
-        return Err(Error::Other(format!(
-            "{}: {what}: value {i} is {} (NaN or infinite)",
-            path.display(),
-            a.data[i]
-        )));
-    }
-    if !copy.is_file() {
-        std::fs::create_dir_all(observations_dir(run))
-            .map_err(|e| Error::Other(format!("cannot create {}: {e}", observations_dir(run).display())))?;
-        write_npy_f64(&copy, &a.shape, &a.data)?;
-    }
-    Ok(Some(a))
-}
-
 impl Setup {
     fn new(cfg: &Config, run: &Path) -> Result<Self> {
         match cfg.string("experiment")?.as_str() {
@@ -227,7 +186,7 @@ impl Setup {
         let u1 = manifold.sample(seed, 1, eval);
         let u2 = manifold.sample(seed, 2, eval);
         let reference = sinkhorn_cost(&u1, &u2, d, 1e-3, 1024, 1e-3);
-        let dir = observations_dir(run);
+        let dir = super::observations_dir(run);
         if !dir.join("obs.npy").is_file() {
             std::fs::create_dir_all(&dir)
                 .map_err(|e| Error::Other(format!("cannot create {}: {e}", dir.display())))?;
@@ -260,7 +219,7 @@ impl Setup {
     /// The user's observations (`obs`, `operator`, `sigma_y` or `sigma_y_file`, `truth`).
     fn user(cfg: &Config, run: &Path) -> Result<Self> {
         let need = |key: &str, what: &str| -> Result<crate::io::NpyArray> {
-            user_array(cfg, run, key, &[2, 3], what)?.ok_or_else(|| {
+            super::user_array(cfg, run, key, &[2, 3], what)?.ok_or_else(|| {
                 Error::Other(format!(
                     "experiment vectors needs {key} (--{} FILE.npy): {what}",
                     key.replace('_', "-")
@@ -288,7 +247,8 @@ impl Setup {
                 )))
             }
         };
-        let noise_diag = match user_array(cfg, run, "sigma_y_file", &[1], "observation noise std [m]")? {
+        let noise_diag = match super::user_array(cfg, run, "sigma_y_file", &[1], "observation noise std [m]")?
+        {
             None => None,
             Some(s) => {
                 if s.shape != [m] || s.data.iter().any(|&v| v <= 0.0) {
@@ -301,7 +261,7 @@ impl Setup {
             }
         };
         let eval = cfg.count("eval_samples")?;
-        let truth = match user_array(cfg, run, "truth", &[2], "the ground truth [n, d]")? {
+        let truth = match super::user_array(cfg, run, "truth", &[2], "the ground truth [n, d]")? {
             None => None,
             Some(t) if t.shape == [n, d] => {
                 // Two disjoint halves of the truth: u1 to compare with, u2 for the reference.
