@@ -207,6 +207,9 @@ enum Command {
         #[arg(long, default_value = "auto")]
         device: DeviceRequest,
     },
+    /// Print every configuration key of `emprior em` (the `--set` keys): its valid values and
+    /// its meaning, as a markdown table (the README's copy is checked against it).
+    Keys,
     /// Copy the first images of the fetched CIFAR-10 into a small directory of the same layout
     /// (for machines without registry access: `--set data_dir=DIR`).
     Cifar10Subset {
@@ -282,6 +285,10 @@ fn main() -> std::process::ExitCode {
                 .map_err(Into::into)
         }
         Command::Model { preset, batch } => model(&preset, batch),
+        Command::Keys => {
+            print!("{}", emprior::em::config::keys_markdown());
+            Ok(())
+        }
         Command::Em {
             experiment,
             preset,

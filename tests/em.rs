@@ -228,7 +228,7 @@ fn out_of_range_values_are_refused_before_the_run_starts() {
             "estep_steps=0",
             "'estep_steps' = 0 must be an integer >= 1",
         ),
-        ("manifold", "laps=-1", "'laps' must not be negative"),
+        ("manifold", "laps=-1", "'laps' = -1 must be an integer >= 0"),
     ];
     for (experiment, set, want) in cases {
         let mut cfg = Config::preset(experiment, "quick").unwrap();
@@ -372,4 +372,65 @@ fn non_finite_samples_stop_the_lap_with_the_phase_named() {
         e.starts_with("lap 3 E-step: 3 of 4 samples hold NaN or infinite values (first: sample 1, value NaN at coordinate 2)"),
         "{e}"
     );
+}
+
+/// The key reference has one source: every key of every preset is in `KEYS` (sorted, once), and
+/// the README's table is `emprior keys`'s output.
+#[test]
+fn the_key_reference_covers_every_preset_and_matches_the_readme() {
+    use emprior::em::config::{keys_markdown, KEYS};
+    let names: Vec<&str> = KEYS.iter().map(|k| k.name).collect();
+    let mut sorted = names.clone();
+    sorted.sort_unstable();
+    sorted.dedup();
+    assert_eq!(names, sorted, "KEYS sorted, each once");
+    for (experiment, presets) in [
+        ("manifold", &["quick", "paper"][..]),
+        ("vectors", &["quick"][..]),
+        ("cifar10", &["quick", "smoke", "paper"][..]),
+        ("images", &["quick"][..]),
+    ] {
+        for preset in presets {
+            let cfg = Config::preset(experiment, preset).unwrap();
+            cfg.validate().unwrap();
+            for line in cfg.to_toml().lines().filter(|l| !l.starts_with('#')) {
+                let key = line.split('=').next().unwrap().trim();
+                assert!(
+                    names.contains(&key),
+                    "{experiment}/{preset}: '{key}' is not in KEYS"
+                );
+            }
+        }
+    }
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let table = readme
+        .split("<!-- keys:begin -->\n")
+        .nth(1)
+        .and_then(|rest| rest.split("<!-- keys:end -->").next())
+        .expect("the README's key table markers");
+    assert_eq!(
+        table,
+        keys_markdown(),
+        "README's key table: regenerate it with `emprior keys`"
+    );
+}
+
+/// Each rule's range is what validate enforces, and its message says it.
+#[test]
+fn key_rules_are_enforced_with_their_range() {
+    let mut cfg = Config::preset("manifold", "quick").unwrap();
+    cfg.set("covariance=diagonal").unwrap();
+    let e = cfg.validate().expect_err("refused").to_string();
+    assert!(
+        e.contains("'covariance' = \"diagonal\" must be one of gaussian, tweedie"),
+        "{e}"
+    );
+    let mut cfg = Config::preset("manifold", "quick").unwrap();
+    cfg.set("filter_first=2").unwrap();
+    let e = cfg.validate().expect_err("refused").to_string();
+    assert!(e.contains("'filter_first' = 2 must be 0 or 1"), "{e}");
+    let mut cfg = Config::preset("cifar10", "quick").unwrap();
+    cfg.set("laps=-1").unwrap();
+    let e = cfg.validate().expect_err("refused").to_string();
+    assert!(e.contains("'laps' = -1 must be an integer >= 0"), "{e}");
 }

@@ -495,70 +495,28 @@ impl Config {
     /// Every range and cross-field rule of the keys this configuration has, checked before a run
     /// creates anything; the message names the key, its value and the valid range.
     pub fn validate(&self) -> Result<()> {
-        use Rule::*;
-        const RULES: &[(&str, Rule)] = &[
-            ("sigma_y", Positive),
-            ("sigma_min", Positive),
-            ("sigma_max", Positive),
-            ("lr", Positive),
-            ("lr_init", Positive),
-            ("lr_end", NonNegative),
-            ("ema", Fraction),
-            ("dropout", Fraction),
-            ("corruption", Percent),
-            ("cg_rtol", NonNegative),
-            ("init_cg_rtol", NonNegative),
-            ("pc_tau", Positive),
-            ("filter_bound", NonNegative),
-            ("observations", AtLeastOne),
-            ("init_observations", AtLeastOne),
-            ("init_rounds", AtLeastOne),
-            ("init_steps", AtLeastOne),
-            ("init_rank", AtLeastOne),
-            ("init_cg_iters", AtLeastOne),
-            ("estep_steps", AtLeastOne),
-            ("estep_batch", AtLeastOne),
-            ("cg_iters", AtLeastOne),
-            ("prior_steps", AtLeastOne),
-            ("mstep_steps", AtLeastOne),
-            ("mstep_epochs", AtLeastOne),
-            ("mstep_batch", AtLeastOne),
-            ("heldout_samples", AtLeastOne),
-            ("emb", AtLeastOne),
-            ("grid", AtLeastOne),
-        ];
-        for &(key, rule) in RULES {
-            if !self.values.contains_key(key) {
-                continue;
-            }
-            let (ok, want) = match rule {
-                Positive => (self.float(key)? > 0.0, "a positive number"),
-                NonNegative => (self.float(key)? >= 0.0, "a number >= 0"),
-                Fraction => ((0.0..1.0).contains(&self.float(key)?), "in [0, 1)"),
-                Percent => (
-                    (0.0..100.0).contains(&self.float(key)?),
-                    "a percentage in [0, 100)",
-                ),
-                AtLeastOne => (self.int(key)? >= 1, "an integer >= 1"),
+        for key in KEYS.iter().filter(|k| self.values.contains_key(k.name)) {
+            let name = key.name;
+            let ok = match key.rule {
+                Rule::Positive => self.float(name)? > 0.0,
+                Rule::NonNegative => self.float(name)? >= 0.0,
+                Rule::Fraction => (0.0..1.0).contains(&self.float(name)?),
+                Rule::Percent => (0.0..100.0).contains(&self.float(name)?),
+                Rule::AtLeastOne => self.int(name)? >= 1,
+                Rule::Count => self.int(name)? >= 0,
+                Rule::Flag => matches!(self.int(name)?, 0 | 1),
+                Rule::OneOf(options) => options.contains(&self.string(name)?.as_str()),
+                Rule::Text(_) => {
+                    self.string(name)?;
+                    true
+                }
             };
             if !ok {
                 return Err(Error::Other(format!(
-                    "configuration '{key}' = {} must be {want}",
-                    self.values[key]
+                    "configuration '{name}' = {} must be {}",
+                    self.values[name],
+                    key.rule.range()
                 )));
-            }
-        }
-        for key in [
-            "laps",
-            "seed",
-            "pc_corrections",
-            "shift",
-            "heldout",
-            "export_samples",
-            "export_every",
-        ] {
-            if self.values.contains_key(key) {
-                self.count(key)?;
             }
         }
         if self.values.contains_key("sigma_min") && self.float("sigma_min")? >= self.float("sigma_max")? {
@@ -594,11 +552,114 @@ impl Config {
 }
 
 /// A range rule of [`Config::validate`].
-#[derive(Clone, Copy)]
-enum Rule {
+pub enum Rule {
     Positive,
     NonNegative,
     Fraction,
     Percent,
     AtLeastOne,
+    /// An integer >= 0.
+    Count,
+    /// 0 or 1.
+    Flag,
+    OneOf(&'static [&'static str]),
+    /// Free text, described.
+    Text(&'static str),
+}
+
+impl Rule {
+    /// The valid values, as the reference and the error messages say them.
+    pub fn range(&self) -> String {
+        match self {
+            Rule::Positive => "a positive number".into(),
+            Rule::NonNegative => "a number >= 0".into(),
+            Rule::Fraction => "in [0, 1)".into(),
+            Rule::Percent => "a percentage in [0, 100)".into(),
+            Rule::AtLeastOne => "an integer >= 1".into(),
+            Rule::Count => "an integer >= 0".into(),
+            Rule::Flag => "0 or 1".into(),
+            Rule::OneOf(options) => format!("one of {}", options.join(", ")),
+            Rule::Text(what) => (*what).into(),
+        }
+    }
+}
+
+/// One configuration key: its valid values and what it means. The one source of the reference
+/// (`emprior keys`, the README's table) and of [`Config::validate`]'s range checks; a test keeps
+/// every preset's keys in it.
+pub struct Key {
+    pub name: &'static str,
+    pub rule: Rule,
+    pub meaning: &'static str,
+}
+
+const fn key(name: &'static str, rule: Rule, meaning: &'static str) -> Key {
+    Key { name, rule, meaning }
+}
+
+/// Every key of every preset, in alphabetical order.
+pub const KEYS: &[Key] = &[
+    key("attention", Rule::Text("level:heads pairs, comma-separated, or empty"), "U-Net self-attention: at which levels, with how many heads (the paper: 1:4)"),
+    key("augment", Rule::Flag, "M-step: random horizontal flips of the training images"),
+    key("blocks", Rule::Text("integers >= 1, one per level"), "U-Net residual blocks per level"),
+    key("cg_iters", Rule::AtLeastOne, "E-step: conjugate-gradient iterations per MMPS denoiser call"),
+    key("cg_rtol", Rule::NonNegative, "E-step: stop CG once every system's residual is below this fraction of its start (0: never early)"),
+    key("channels", Rule::Text("integers >= 1, one per level"), "U-Net widths per level (their count sets the levels; H and W must divide by 2 per level after the first)"),
+    key("corruption", Rule::Percent, "built-in image runs: the percentage of pixels removed by the Bernoulli masks"),
+    key("covariance", Rule::OneOf(&["gaussian", "tweedie"]), "vector runs: MMPS's covariance V, the Gaussian fit of the samples or Tweedie's (the denoiser's Jacobian)"),
+    key("data_dir", Rule::Text("a directory, or empty for the fetch script's cache"), "built-in image runs: where the dataset (or the PNG folder) is"),
+    key("dataset", Rule::OneOf(&["cifar10", "fashion-mnist", "png-dir", "npy"]), "image runs: where the images come from (npy: the user's --obs/--mask)"),
+    key("dropout", Rule::Fraction, "U-Net dropout in training"),
+    key("ema", Rule::Fraction, "image runs: the EMA decay of the weights (0: none)"),
+    key("emb", Rule::AtLeastOne, "the width of the noise-level embedding"),
+    key("estep_batch", Rule::AtLeastOne, "E-step: observations sampled together"),
+    key("estep_moments", Rule::OneOf(&["refit", "init"]), "vector runs: the E-step's starting mean and Gaussian V from a PPCA of each lap's samples, or the Gaussian initialisation's for all laps (the paper's script)"),
+    key("estep_steps", Rule::AtLeastOne, "E-step: sampler steps"),
+    key("eval_samples", Rule::AtLeastOne, "vector runs: points per set of the Sinkhorn divergence to the truth"),
+    key("experiment", Rule::OneOf(&["manifold", "vectors", "cifar10", "fashion-mnist", "images"]), "which run this is (set by the command line)"),
+    key("export_every", Rule::Count, "image runs: also export prior samples every this many laps (0: only at the last)"),
+    key("export_samples", Rule::Count, "image runs: prior samples written as PNGs for FID tools (0: none)"),
+    key("filter_bound", Rule::NonNegative, "vector runs: drop samples outside (-b, b)^d before each M-step (0: keep all)"),
+    key("filter_first", Rule::Flag, "vector runs: 1 filters lap 0's samples too (ours), 0 keeps them (the paper's script)"),
+    key("grid", Rule::AtLeastOne, "image runs: images per grid PNG"),
+    key("heldout", Rule::Count, "image runs: held-out images scored each lap (the user's: the first observations, shown)"),
+    key("heldout_samples", Rule::AtLeastOne, "image runs: posterior samples averaged into each held-out posterior mean"),
+    key("hidden", Rule::Text("integers >= 1, comma-separated"), "vector runs: the TimeMLP's hidden widths"),
+    key("init_cg_iters", Rule::AtLeastOne, "image runs: CG iterations of the Gaussian initialisation's exact MMPS"),
+    key("init_cg_rtol", Rule::NonNegative, "image runs: the initialisation's CG relative tolerance"),
+    key("init_observations", Rule::AtLeastOne, "image runs: observations the Gaussian initialisation fits on"),
+    key("init_rank", Rule::AtLeastOne, "the rank of the Gaussian initialisation's PPCA covariance"),
+    key("init_rounds", Rule::AtLeastOne, "rounds of the Gaussian initialisation's EM (sample, then PPCA)"),
+    key("init_steps", Rule::AtLeastOne, "DDIM steps per initialisation round"),
+    key("keep_samples", Rule::Flag, "image runs: 1 keeps every lap's samples.npy, 0 only the newest"),
+    key("laps", Rule::Count, "EM laps after the Gaussian initialisation (lap 0); may grow on --resume"),
+    key("lr", Rule::Positive, "image runs: Adam's learning rate (constant)"),
+    key("lr_end", Rule::NonNegative, "vector runs: the learning rate at the M-step's end (linear decay); may change on --resume"),
+    key("lr_init", Rule::Positive, "vector runs: the learning rate at the M-step's start; may change on --resume"),
+    key("mask", Rule::Text("an .npy path (set by --mask)"), "your images' masks [n, H, W] or [n, H, W, C], 1 = observed"),
+    key("mstep_batch", Rule::AtLeastOne, "M-step: training batch"),
+    key("mstep_epochs", Rule::AtLeastOne, "image runs: M-step epochs over the samples per lap"),
+    key("mstep_steps", Rule::AtLeastOne, "vector runs: M-step Adam steps per lap"),
+    key("obs", Rule::Text("an .npy path (set by --obs)"), "your observations: [n, m] vectors or [n, H, W, C] images"),
+    key("observations", Rule::AtLeastOne, "built-in runs: how many observations are made (images: the first of the training split)"),
+    key("operator", Rule::Text("an .npy path (set by --operator)"), "your operators: [n, m, d] per observation or [m, d] shared"),
+    key("pc_corrections", Rule::Count, "vector runs: Langevin corrections per predictor step of the PC sampler"),
+    key("pc_tau", Rule::Positive, "vector runs: the Langevin step size of the PC sampler"),
+    key("prior_steps", Rule::AtLeastOne, "image runs: DDIM steps of the prior samples in the grids and exports"),
+    key("seed", Rule::Count, "every random draw of the run (Philox keyed by seed, lap and purpose)"),
+    key("shift", Rule::Count, "image runs: the M-step's random shift of the images, in pixels (0: none)"),
+    key("sigma_max", Rule::Positive, "the largest noise level of the diffusion prior (above sigma_min)"),
+    key("sigma_min", Rule::Positive, "the smallest noise level of the diffusion prior (below sigma_max)"),
+    key("sigma_y", Rule::Positive, "the observation noise standard deviation"),
+    key("sigma_y_file", Rule::Text("an .npy path [m], or empty (set by --sigma-y-file)"), "vector runs: a standard deviation per observed coordinate, instead of sigma_y"),
+    key("truth", Rule::Text("an .npy path, or empty (set by --truth)"), "your true signals or images, for the metrics only"),
+];
+
+/// The key reference as a markdown table (`emprior keys`, the README's copy).
+pub fn keys_markdown() -> String {
+    let mut s = String::from("| key | valid values | meaning |\n|---|---|---|\n");
+    for k in KEYS {
+        let _ = writeln!(s, "| `{}` | {} | {} |", k.name, k.rule.range(), k.meaning);
+    }
+    s
 }
