@@ -170,7 +170,10 @@ fn image_configurations_and_missing_data_are_named() {
     let e = run(&["attention=1-4", "laps=1", "grid=4"]);
     assert!(e.contains("level:heads"), "{e}");
     let e = run(&["dataset=mnist", "laps=1"]);
-    assert!(e.contains("dataset = 'mnist'"), "{e}");
+    assert!(
+        e.contains("'dataset' = \"mnist\" must be one of cifar10, fashion-mnist, png-dir, npy"),
+        "{e}"
+    );
     assert!(Config::preset("cifar10", "huge")
         .unwrap_err()
         .to_string()
