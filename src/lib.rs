@@ -3,6 +3,9 @@
 //! a plain-Rust CPU backend that is both the fallback and the oracle every kernel is checked
 //! against.
 //!
+//! To embed it, start with [`api`]: load a prior, build an operator from host arrays, draw
+//! posterior samples; [`em`] runs EM from code (`examples/` shows both).
+//!
 //! Layers of the crate, bottom up:
 //! - [`device`]: the CPU or a CUDA GPU (context, one stream, kernels loaded once, memory pool);
 //! - [`tensor`]: shape + dtype + storage on a device, and borrowed views;
@@ -36,6 +39,7 @@ macro_rules! host_real {
     };
 }
 
+pub mod api;
 pub mod bench;
 pub mod commands;
 pub mod data;

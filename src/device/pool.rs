@@ -385,7 +385,7 @@ impl DevicePool {
     }
 }
 
-/// Device memory on loan from a [`DevicePool`]; goes back to the pool's free list when dropped.
+/// Device memory on loan from a `DevicePool`; goes back to the pool's free list when dropped.
 pub struct PooledBuffer {
     slice: Option<CudaSlice<u8>>,
     bytes: usize,

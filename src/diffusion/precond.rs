@@ -55,7 +55,7 @@ impl Network {
         }
     }
 
-    /// The shape of one sample: [features] or [H, W, C].
+    /// The shape of one sample: `[features]` or `[H, W, C]`.
     pub fn sample_shape(&self) -> Vec<usize> {
         match self {
             Network::Mlp(m) => vec![m.features],

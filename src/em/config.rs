@@ -418,7 +418,20 @@ impl Config {
     }
 
     /// Applies `key=value`: the key must exist and the value must have its type (an integer is
-    /// accepted where a float is expected).
+    /// accepted where a float is expected). Ranges are checked by [`Config::validate`].
+    ///
+    /// ```
+    /// use emprior::em::Config;
+    ///
+    /// let mut cfg = Config::preset("vectors", "quick")?;
+    /// cfg.set("laps=4")?;
+    /// cfg.set("hidden=128,128")?;
+    /// assert_eq!(cfg.count("laps")?, 4);
+    /// assert!(cfg.set("lapz=4").is_err(), "an unknown key");
+    /// cfg.set("sigma_y=-1")?; // the right type...
+    /// assert!(cfg.validate().is_err(), "...out of range");
+    /// # Ok::<(), emprior::Error>(())
+    /// ```
     pub fn set(&mut self, assignment: &str) -> Result<()> {
         let (k, v) = assignment
             .split_once('=')

@@ -5,7 +5,7 @@
 //!   manifold, each seen only through a random 2 x 5 projection with noise 0.01, its posterior
 //!   samples compared with the ground truth each lap;
 //! - the user's own (`experiment = "vectors"`): `obs` [n, m], `operator` [n, m, d] or [m, d],
-//!   `sigma_y` or a diagonal `sigma_y_file` [m], and, when given, the ground truth `truth` [n, d]
+//!   `sigma_y` or a diagonal `sigma_y_file` `[m]`, and, when given, the ground truth `truth` `[n, d]`
 //!   for the metrics.
 //!
 //! Either way the observations, operators (and truth) are saved in `DIR/observations/` as .npy

@@ -1,5 +1,5 @@
 //! 3x3 convolution with padding 1 and stride 1 or 2, channels-last: x [N, H, W, Cin], weight
-//! [3, 3, Cin, Cout] (inox's layout), bias [Cout]. Computed as im2col followed by a GEMM on both
+//! `[3, 3, Cin, Cout]` (inox's layout), bias `[Cout]`. Computed as im2col followed by a GEMM on both
 //! backends (kernels/conv.cu builds the columns, kernels/gemm.cu multiplies and adds the bias in
 //! its epilogue); the backward
 //! rebuilds the columns from the saved input instead of keeping them. Columns are built for a

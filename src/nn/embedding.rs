@@ -1,5 +1,5 @@
-//! The sinusoidal noise embedding (no learned parameters): emb[n, j] = sin(f_j c_noise[n]) for
-//! j < E/2, cos(f_{j-E/2} c_noise[n]) after, f_j = 1e-4^(j / (E/2 - 1)), with c_noise = ln sigma.
+//! The sinusoidal noise embedding (no learned parameters): `emb[n, j] = sin(f_j c_noise[n])` for
+//! j < E/2, `cos(f_{j-E/2} c_noise[n])` after, f_j = 1e-4^(j / (E/2 - 1)), with c_noise = ln sigma.
 //! Every block of the networks reads this raw embedding. CUDA: kernels/embedding.cu.
 
 use crate::device::launch::grid_stride;
@@ -21,7 +21,7 @@ pub fn embed_cpu<T: Real>(c_noise: &[T], out: &mut [T], e: usize) {
     }
 }
 
-/// [N] values of c_noise -> [N, E] embedding (E even, at least 4).
+/// `[N]` values of c_noise -> `[N, E]` embedding (E even, at least 4).
 pub fn sinusoidal_embedding(c_noise: &View, e: usize) -> Result<Tensor> {
     if e < 4 || e % 2 != 0 {
         return Err(Error::Other(format!(

@@ -76,7 +76,7 @@ fn cols_of(op: &'static str, shape: &[usize]) -> Result<usize> {
         .ok_or_else(|| Error::shape(op, "input", "[.., channels]", shape))
 }
 
-/// y[.., c] += b[c] in place.
+/// `y[.., c] += b[c]` in place.
 pub fn add_bias(y: &mut impl AsViewMut, b: &impl AsView) -> Result<()> {
     let (mut y, b) = (y.as_view_mut()?, b.as_view()?);
     one_device("add_bias", &[&b], &[&y])?;
@@ -224,7 +224,7 @@ fn col_sum(
     }
 }
 
-/// y[.., c] = x[.., c] * v[c]: a diagonal matrix applied to every row.
+/// `y[.., c] = x[.., c] * v[c]`: a diagonal matrix applied to every row.
 pub fn scale_cols_into(x: &impl AsView, v: &impl AsView, y: &mut impl AsViewMut) -> Result<()> {
     let (x, v, mut y) = (x.as_view()?, v.as_view()?, y.as_view_mut()?);
     one_device("scale_cols", &[&x, &v], &[&y])?;
@@ -248,12 +248,12 @@ pub fn scale_cols_into(x: &impl AsView, v: &impl AsView, y: &mut impl AsViewMut)
     Ok(())
 }
 
-/// y[s, ..] = alpha[s] a[s, ..]: per-sample scalars over a batch.
+/// `y[s, ..] = alpha[s] a[s, ..]`: per-sample scalars over a batch.
 pub fn scale_rows_into(a: &impl AsView, alpha: &impl AsView, y: &mut impl AsViewMut) -> Result<()> {
     scale_rows(a.as_view()?, alpha.as_view()?, None, y.as_view_mut()?)
 }
 
-/// y[s, ..] = alpha[s] a[s, ..] + beta[s] b[s, ..] (EDM's c_skip x_t + c_out F).
+/// `y[s, ..] = alpha[s] a[s, ..] + beta[s] b[s, ..]` (EDM's c_skip x_t + c_out F).
 pub fn scale_rows_add_into(
     a: &impl AsView,
     alpha: &impl AsView,

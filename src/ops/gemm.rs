@@ -257,7 +257,7 @@ pub fn gemm_into(a: &impl AsView, b: &impl AsView, c: &mut impl AsViewMut, spec:
     gemm_impl(a.as_view()?, b.as_view()?, None, c.as_view_mut()?, spec)
 }
 
-/// C = alpha * op(A) op(B) + beta * C + bias (bias [N] broadcast over rows, added in the GEMM's
+/// C = alpha * op(A) op(B) + beta * C + bias (bias `[N]` broadcast over rows, added in the GEMM's
 /// epilogue: the linear and convolution layers' forward in one pass).
 pub fn gemm_bias_into(
     a: &impl AsView,

@@ -39,7 +39,7 @@ pub mod cpu {
         a.iter().zip(b).map(|(&x, &y)| x.to_f64() * y.to_f64()).sum()
     }
 
-    /// out[r] = <a[r], b[r]> (or its square root) over rows of length `cols`.
+    /// `out[r] = <a[r], b[r]>` (or its square root) over rows of length `cols`.
     pub fn row_dot<T: Real>(a: &[T], b: &[T], out: &mut [T], cols: usize, sqrt: bool) {
         for (r, o) in out.iter_mut().enumerate() {
             let d = dot(&a[r * cols..(r + 1) * cols], &b[r * cols..(r + 1) * cols]);
@@ -237,7 +237,7 @@ fn row_reduce(
     Ok(())
 }
 
-/// out[r] = <a[r], b[r]> for each row r of a batch.
+/// `out[r] = <a[r], b[r]>` for each row r of a batch.
 pub fn row_dot_into(a: &impl AsView, b: &impl AsView, out: &mut impl AsViewMut) -> Result<()> {
     row_reduce("row_dot", a, b, out, false, Version::Current)
 }
@@ -255,7 +255,7 @@ pub fn row_dot(a: &impl AsView, b: &impl AsView) -> Result<Tensor> {
     Ok(out)
 }
 
-/// out[r] = ||x[r]||_2 for each row r of a batch.
+/// `out[r] = ||x[r]||_2` for each row r of a batch.
 pub fn row_norm_into(x: &impl AsView, out: &mut impl AsViewMut) -> Result<()> {
     row_reduce("row_norm", x, x, out, true, Version::Current)
 }
