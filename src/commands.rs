@@ -406,9 +406,10 @@ pub fn posterior(o: &PosteriorOptions) -> Result<()> {
     check_output(&o.out)?;
     let device = Device::open(o.device)?;
     let obs = read_npy(&o.obs)?;
-    obs.expect_rank(&o.obs, &[2], "observations [n, m]")?;
+    // Images may come as [n, H, W, C]: each observation is its values in order.
+    obs.expect_rank(&o.obs, &[2, 3, 4], "observations [n, m] (or images [n, H, W, C])")?;
     check_finite(&o.obs, "observation", &obs.data)?;
-    let (n, m) = (obs.shape[0], obs.shape[1]);
+    let (n, m) = (obs.shape[0], obs.shape[1..].iter().product::<usize>());
     let k = o.samples_per_obs;
     if k == 0 || o.sampler.steps == 0 {
         return Err(Error::Other(format!(

@@ -178,11 +178,12 @@ enum Command {
         /// Override a configuration value, e.g. --set laps=4 (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
-        /// vectors: your observations [n, m]; images: your observed images [n, H, W, C] (.npy;
-        /// the same as --set obs=FILE).
+        /// vectors: your observations [n, m]; images: your observed images [n, H, W, C] (.npy),
+        /// or a folder of PNGs (the same as --set obs=PATH).
         #[arg(long)]
         obs: Option<PathBuf>,
-        /// images: the masks [n, H, W] or [n, H, W, C] of --obs, 1 = observed.
+        /// images: the masks [n, H, W] or [n, H, W, C] of --obs, 1 = observed (.npy), or a folder
+        /// of mask PNGs in the same name order (0 = missing, 255 = observed).
         #[arg(long)]
         mask: Option<PathBuf>,
         /// vectors: the operators, [n, m, d] (one per observation) or [m, d] (shared).

@@ -86,7 +86,14 @@ fn a_killed_and_resumed_image_run_matches_an_uninterrupted_one_and_writes_every_
     );
     assert!(ok && log.contains("resuming"), "{log}");
 
-    for f in ["masks.npy", "heldout-masks.npy", "lap-002/samples.npy"] {
+    // The observations as the run saw them, for `posterior` to replay a lap.
+    for f in [
+        "masks.npy",
+        "heldout-masks.npy",
+        "lap-002/samples.npy",
+        "observations/obs.npy",
+        "observations/mask.npy",
+    ] {
         assert!(
             file_bytes(&a.join(f)) == file_bytes(&b.join(f)),
             "{f} differs after resuming"

@@ -182,3 +182,56 @@ fn bad_image_inputs_are_named() {
         assert!(!ok && log.contains(want), "wanted '{want}': {log}");
     }
 }
+
+/// A folder of grayscale PNGs with a folder of mask PNGs (0 = missing, 255 = observed): read in
+/// name order into the model's range, copied into the run as .npy, a mask PNG of other values
+/// refused by name.
+#[test]
+fn png_folders_of_images_and_masks() {
+    use emprior::data::cifar10::{to_bytes, to_model};
+    use emprior::io::plot::save_image;
+    let data = run_dir("user-images", "png-data");
+    let (imgs, msks) = (data.join("images"), data.join("masks"));
+    std::fs::create_dir_all(&imgs).unwrap();
+    std::fs::create_dir_all(&msks).unwrap();
+    let (n, h, w) = (16, 16, 16);
+    let (x, masks, _) = images(n, h, w, 1, true);
+    let bytes = to_bytes(&x);
+    for i in 0..n {
+        let per = h * w;
+        let observed: Vec<u8> = (0..per)
+            .map(|p| {
+                if masks[i * per + p] == 1.0 {
+                    bytes[i * per + p]
+                } else {
+                    0
+                }
+            })
+            .collect();
+        save_image(&imgs.join(format!("{i:03}.png")), &observed, h, w, 1).unwrap();
+        let m: Vec<u8> = masks[i * per..(i + 1) * per]
+            .iter()
+            .map(|&v| if v == 1.0 { 255 } else { 0 })
+            .collect();
+        save_image(&msks.join(format!("{i:03}.png")), &m, h, w, 1).unwrap();
+    }
+    let out = run_dir("user-images", "png-run");
+    let (ok, log) = em_images(&out, &[("obs", &imgs), ("mask", &msks)]);
+    assert!(ok, "{log}");
+    let saved = read_npy(&out.join("observations/obs.npy")).unwrap();
+    assert_eq!(saved.shape, vec![n, h, w, 1]);
+    // The observed pixels arrive as the PNGs' bytes in the model's range.
+    let i = masks.iter().position(|&v| v == 1.0).unwrap();
+    assert_eq!(saved.data[i] as f32, to_model(&[bytes[i]])[0]);
+    assert_eq!(
+        read_npy(&out.join("observations/mask.npy")).unwrap().shape,
+        vec![n, h, w]
+    );
+
+    save_image(&msks.join("000.png"), &vec![128u8; h * w], h, w, 1).unwrap();
+    let (ok, log) = em_images(
+        &run_dir("user-images", "png-bad"),
+        &[("obs", &imgs), ("mask", &msks)],
+    );
+    assert!(!ok && log.contains("mask value 0 is 128"), "{log}");
+}

@@ -29,48 +29,18 @@ fn decode_png(path: &Path) -> Result<(usize, usize, Vec<u8>)> {
     decode_png_bytes(&bytes, path)
 }
 
-/// The most deflate can expand its input.
-const MAX_DEFLATE_RATIO: usize = 1032;
-
 /// An 8-bit RGB PNG's (width, height, bytes) from the file's bytes; `path` names it in errors
 /// (the fuzz targets call this directly).
 pub fn decode_png_bytes(bytes: &[u8], path: &Path) -> Result<(usize, usize, Vec<u8>)> {
-    let err = |e: &dyn std::fmt::Display| Error::Other(format!("{}: {e}", path.display()));
-    let unreadable = |e: png::DecodingError| err(&format!("not a readable PNG ({e})"));
-    let mut reader = png::Decoder::new(std::io::Cursor::new(bytes))
-        .read_info()
-        .map_err(unreadable)?;
-    // The size comes from the file's header: checked before it reaches the allocator. Deflate
-    // expands at most 1032:1, so a header that declares more pixels than the file's compressed
-    // bytes could hold is a forged one (found by scripts/fuzz.sh: a 5.4 GB buffer for a small
-    // file).
-    let size = reader
-        .output_buffer_size()
-        .ok_or_else(|| err(&"image too large"))?;
-    let info = reader.info();
-    if size
-        > MAX_DEFLATE_RATIO
-            .saturating_mul(bytes.len())
-            .saturating_add(1 << 16)
-    {
-        return Err(err(&format!(
-            "the header declares a {} x {} image, more than the file's {} bytes can hold",
-            info.width,
-            info.height,
-            bytes.len()
+    let img = super::png_images::decode(bytes, path)?;
+    if img.channels != 3 {
+        return Err(Error::Other(format!(
+            "{}: expected an RGB image, got {} channel(s)",
+            path.display(),
+            img.channels
         )));
     }
-    crate::host_pool::ensure_available(&path.display().to_string(), size)?;
-    let mut buf = vec![0u8; size];
-    let info = reader.next_frame(&mut buf).map_err(unreadable)?;
-    if info.color_type != png::ColorType::Rgb || info.bit_depth != png::BitDepth::Eight {
-        return Err(err(&format!(
-            "expected 8-bit RGB, got {:?} {:?}",
-            info.color_type, info.bit_depth
-        )));
-    }
-    buf.truncate(info.buffer_size());
-    Ok((info.width as usize, info.height as usize, buf))
+    Ok((img.width, img.height, img.bytes))
 }
 
 /// One batch PNG (1024 x n, a row per image) as n images of 32 x 32 x 3 bytes (HWC).

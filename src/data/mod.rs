@@ -3,3 +3,4 @@
 pub mod cifar10;
 pub mod fashion_mnist;
 pub mod manifold;
+pub mod png_images;

@@ -305,7 +305,17 @@ fn dataset_shape(cfg: &Config, run: &Path) -> Result<(usize, usize, usize, usize
                     "experiment images needs obs (--obs FILE.npy): observed images [n, H, W, C]".into(),
                 ));
             }
-            let shape = crate::io::read_npy(&path)?.shape;
+            let shape = if path.is_dir() {
+                // A folder of PNGs: the count, and the first image's size.
+                let files = crate::data::png_images::list(&path)?;
+                let first = files
+                    .first()
+                    .ok_or_else(|| Error::Other(format!("{}: no PNG files", path.display())))?;
+                let img = crate::data::png_images::read(first)?;
+                vec![files.len(), img.height, img.width, img.channels]
+            } else {
+                crate::io::read_npy(&path)?.shape
+            };
             match *shape.as_slice() {
                 [n, h, w] => Ok((n, h, w, 1)),
                 [n, h, w, c] => Ok((n, h, w, c)),
@@ -497,6 +507,21 @@ impl Setup {
             sigma_y,
             derive_seed(seed, 0, SEED_HELDOUT_NOISE),
         );
+        // The observations as the run sees them, for `emprior posterior` to replay any lap: y
+        // (unobserved values zeroed) and the masks, written once (obs.npy last: its presence
+        // means the pair is complete).
+        let saved = super::observations_dir(run);
+        if !saved.join("obs.npy").is_file() {
+            fs::create_dir_all(&saved)
+                .map_err(|e| Error::Other(format!("cannot create {}: {e}", saved.display())))?;
+            let bits: Vec<u8> = train.masks.iter().map(|&v| v as u8).collect();
+            write_npy_u8(&saved.join("mask.npy"), &[n, data.h, data.w], &bits)?;
+            write_npy_f32(
+                &saved.join("obs.npy"),
+                &[n, data.h, data.w, data.c],
+                &train.shown(n, per),
+            )?;
+        }
         let network = network(cfg, data.h, data.w, data.c)?;
         Ok(Setup {
             seed,

@@ -477,8 +477,39 @@ pub fn observations_dir(run: &Path) -> PathBuf {
     run.join("observations")
 }
 
-/// An array of the user's, read from the run's saved copy when there is one (a resume), else
-/// from `cfg[key]` and then saved there; finite values only, of a rank in `ranks`.
+/// A folder of PNGs (one size, grayscale or RGB) as an array: images [n, H, W, C] in the
+/// model's range (bytes to [-2, 2), as CIFAR-10's); for `mask`, 0 = missing and 255 = observed
+/// (anything else is refused), [n, H, W] when grayscale.
+fn png_folder_array(dir: &Path, key: &str) -> Result<crate::io::NpyArray> {
+    let (mut shape, bytes) = crate::data::png_images::read_folder(dir)?;
+    let data: Vec<f64> = if key == "mask" {
+        if let Some(i) = bytes.iter().position(|&b| b != 0 && b != 255) {
+            return Err(Error::Other(format!(
+                "{}: mask value {i} is {}; a mask PNG holds 0 (missing) or 255 (observed)",
+                dir.display(),
+                bytes[i]
+            )));
+        }
+        if shape[3] == 1 {
+            shape.truncate(3);
+        }
+        bytes.iter().map(|&b| (b == 255) as u8 as f64).collect()
+    } else {
+        crate::data::cifar10::to_model(&bytes)
+            .iter()
+            .map(|&v| v as f64)
+            .collect()
+    };
+    Ok(crate::io::NpyArray {
+        shape,
+        data,
+        dtype: "f4",
+    })
+}
+
+/// An array of the user's (an .npy file, or for images a folder of PNGs: `png_folder_array`),
+/// read from the run's saved copy when there is one (a resume), else from `cfg[key]` and then
+/// saved there; finite values only, of a rank in `ranks`.
 pub(crate) fn user_array(
     cfg: &Config,
     run: &Path,
@@ -496,7 +527,11 @@ pub(crate) fn user_array(
         }
         PathBuf::from(given)
     };
-    let a = crate::io::read_npy(&path)?;
+    let a = if path.is_dir() {
+        png_folder_array(&path, key)?
+    } else {
+        crate::io::read_npy(&path)?
+    };
     a.expect_rank(&path, ranks, what)?;
     if let Some(i) = a.data.iter().position(|v| !v.is_finite()) {
         return Err(Error::Other(format!(
