@@ -584,8 +584,10 @@ fn em(
         }
         other => bail!("unknown experiment '{other}'"),
     };
-    println!("{first}");
-    println!("{last}");
+    println!("first lap: {first}");
+    if last != first {
+        println!("last lap:  {last}");
+    }
     println!(
         "metrics: {}; plots in {}: {plots}",
         dir.join("metrics.jsonl").display(),

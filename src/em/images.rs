@@ -20,7 +20,7 @@ use std::time::Instant;
 use super::{
     abort_requested, check_observations, create_lap_dir, derive_seed, ensure_finite_samples, json_field,
     json_line, lap_dir, lap_params, mark_done, open_run, progress, read_lap_metrics, sample_batch,
-    save_lap_checkpoint, write_metrics_jsonl, Config, Fingerprint,
+    save_lap_checkpoint, say_if_complete, write_metrics_jsonl, Config, Fingerprint,
 };
 use crate::data::cifar10;
 use crate::device::Device;
@@ -118,16 +118,24 @@ impl ImageLapMetrics {
         } else {
             "-".into()
         };
+        // Values a lap has not measured (no truth, no M-step in lap 0) show as "-".
+        let shown = |v: f64, digits: usize| {
+            if v.is_finite() {
+                format!("{v:.digits$}")
+            } else {
+                "-".into()
+            }
+        };
         format!(
-            "lap {:>3} | held-out PSNR {:.2} dB SSIM {:.4} | sample PSNR {:.2} dB | loss {loss} | E-step {:.1}s ({:.1} image-steps/s) | M-step {:.1}s ({:.1} images/s)",
+            "lap {:>3} | held-out PSNR {} dB SSIM {} | sample PSNR {} dB | loss {loss} | E-step {:.1}s ({} image-steps/s) | M-step {:.1}s ({} images/s)",
             self.lap,
-            self.psnr,
-            self.ssim,
-            self.sample_psnr,
+            shown(self.psnr, 2),
+            shown(self.ssim, 4),
+            shown(self.sample_psnr, 2),
             self.estep_seconds,
-            self.estep_image_steps_per_s,
+            shown(self.estep_image_steps_per_s, 1),
             self.mstep_seconds,
-            self.mstep_images_per_s
+            shown(self.mstep_images_per_s, 1)
         )
     }
 }
@@ -968,6 +976,7 @@ pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Re
     cfg.validate()?;
     check_memory(cfg, device, run)?;
     let (done, _lock) = open_run(cfg, run, resume)?;
+    say_if_complete(run, done, cfg.count("laps")?);
     let setup = Setup::new(cfg, run)?;
     let (train, held) = (&setup.train, &setup.heldout);
     let mut fingerprint = Fingerprint::new();

@@ -320,6 +320,16 @@ pub fn progress(label: &str, done: usize, total: usize, unit: &str, start: Insta
     );
 }
 
+/// Tells a resume of a finished run that there is nothing left to do (and how to go on).
+pub fn say_if_complete(run: &Path, done: Option<usize>, laps: usize) {
+    if done.is_some_and(|k| k >= laps) {
+        eprintln!(
+            "{} is complete: all {laps} laps are done; raise `laps` in its config.toml and --resume to run more",
+            run.display()
+        );
+    }
+}
+
 /// For tests of resuming: `EMPRIOR_ABORT_LAP=k` stops the run with an error after lap k's
 /// E-step, before anything of lap k is written (as a kill mid-lap would).
 pub fn abort_requested(lap: usize) -> Result<()> {

@@ -19,7 +19,7 @@ use std::time::Instant;
 use super::{
     abort_requested, check_observations, create_lap_dir, derive_seed, ensure_finite_samples, json_field,
     json_line, lap_dir, lap_params, mark_done, open_run, progress, read_lap_metrics, sample_batch,
-    save_lap_checkpoint, write_metrics_jsonl, Config, Fingerprint,
+    save_lap_checkpoint, say_if_complete, write_metrics_jsonl, Config, Fingerprint,
 };
 use crate::data::manifold::{observe, Manifold, DIM as MANIFOLD_DIM};
 use crate::device::Device;
@@ -630,6 +630,7 @@ pub fn run_vectors(cfg: &Config, run: &Path, device: &Device, resume: bool) -> R
         )?;
     }
     let (done, _lock) = open_run(cfg, run, resume)?;
+    say_if_complete(run, done, cfg.count("laps")?);
     let setup = Setup::new(cfg, run)?;
     check_observations(run, done, setup.fingerprint())?;
     let d = setup.d;
