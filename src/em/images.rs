@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use super::{
     abort_requested, check_observations, create_lap_dir, derive_seed, ensure_finite_samples, json_field,
-    json_line, lap_dir, lap_params, mark_done, open_run, progress, read_lap_metrics, sample_batch,
+    json_line, lap_dir, lap_params, mark_done, metric, open_run, progress, read_lap_metrics, sample_batch,
     save_lap_checkpoint, say_if_complete, write_metrics_jsonl, Config, Fingerprint,
 };
 use crate::data::cifar10;
@@ -113,29 +113,17 @@ impl ImageLapMetrics {
 
     /// The one-line summary printed per lap.
     pub fn summary(&self) -> String {
-        let loss = if self.loss.is_finite() {
-            format!("{:.4}", self.loss)
-        } else {
-            "-".into()
-        };
-        // Values a lap has not measured (no truth, no M-step in lap 0) show as "-".
-        let shown = |v: f64, digits: usize| {
-            if v.is_finite() {
-                format!("{v:.digits$}")
-            } else {
-                "-".into()
-            }
-        };
         format!(
-            "lap {:>3} | held-out PSNR {} dB SSIM {} | sample PSNR {} dB | loss {loss} | E-step {:.1}s ({} image-steps/s) | M-step {:.1}s ({} images/s)",
+            "lap {:>3} | held-out PSNR {} dB SSIM {} | sample PSNR {} dB | loss {} | E-step {:.1}s ({} image-steps/s) | M-step {:.1}s ({} images/s)",
             self.lap,
-            shown(self.psnr, 2),
-            shown(self.ssim, 4),
-            shown(self.sample_psnr, 2),
+            metric(self.psnr, 2),
+            metric(self.ssim, 4),
+            metric(self.sample_psnr, 2),
+            metric(self.loss, 4),
             self.estep_seconds,
-            shown(self.estep_image_steps_per_s, 1),
+            metric(self.estep_image_steps_per_s, 1),
             self.mstep_seconds,
-            shown(self.mstep_images_per_s, 1)
+            metric(self.mstep_images_per_s, 1)
         )
     }
 }

@@ -320,6 +320,16 @@ pub fn progress(label: &str, done: usize, total: usize, unit: &str, start: Insta
     );
 }
 
+/// A metric for a lap summary with `digits` decimals, "-" when the lap did not measure it (no
+/// truth to compare with, no M-step in lap 0).
+pub fn metric(v: f64, digits: usize) -> String {
+    if v.is_finite() {
+        format!("{v:.digits$}")
+    } else {
+        "-".into()
+    }
+}
+
 /// Tells a resume of a finished run that there is nothing left to do (and how to go on).
 pub fn say_if_complete(run: &Path, done: Option<usize>, laps: usize) {
     if done.is_some_and(|k| k >= laps) {

@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use super::{
     abort_requested, check_observations, create_lap_dir, derive_seed, ensure_finite_samples, json_field,
-    json_line, lap_dir, lap_params, mark_done, open_run, progress, read_lap_metrics, sample_batch,
+    json_line, lap_dir, lap_params, mark_done, metric, open_run, progress, read_lap_metrics, sample_batch,
     save_lap_checkpoint, say_if_complete, write_metrics_jsonl, Config, Fingerprint,
 };
 use crate::data::manifold::{observe, Manifold, DIM as MANIFOLD_DIM};
@@ -102,20 +102,13 @@ impl LapMetrics {
 
     /// The one-line summary printed per lap.
     pub fn summary(&self) -> String {
-        let shown = |v: f64, digits: usize| {
-            if v.is_finite() {
-                format!("{v:.digits$}")
-            } else {
-                "-".into()
-            }
-        };
         format!(
             "lap {:>3} | sinkhorn {} | sliced W1 {} | kept {} | loss {} | E-step {:.1}s | M-step {:.1}s",
             self.lap,
-            shown(self.sinkhorn, 5),
-            shown(self.sliced_wasserstein, 4),
+            metric(self.sinkhorn, 5),
+            metric(self.sliced_wasserstein, 4),
             self.kept,
-            shown(self.loss, 4),
+            metric(self.loss, 4),
             self.estep_seconds,
             self.mstep_seconds
         )
