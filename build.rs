@@ -302,8 +302,23 @@ fn write_table(
     } else {
         String::new()
     };
+    writeln!(
+        out,
+        "/// The nvcc release the kernels were compiled with; `None` in a CPU-only build."
+    )
+    .unwrap();
     writeln!(out, "pub const NVCC_VERSION: Option<&str> = {nvcc_version};").unwrap();
+    writeln!(
+        out,
+        "/// The GPU architectures with machine code (SASS) in the fat binaries; newer ones JIT the PTX."
+    )
+    .unwrap();
     writeln!(out, "pub const SASS_ARCHS: &[&str] = &[{arch_list}];").unwrap();
+    writeln!(
+        out,
+        "/// One entry per compiled `kernels/*.cu`: its PTX and fat binary, embedded."
+    )
+    .unwrap();
     writeln!(out, "pub const KERNEL_MODULES: &[KernelModule] = &[").unwrap();
     for b in built {
         writeln!(
@@ -317,6 +332,11 @@ fn write_table(
         .unwrap();
     }
     writeln!(out, "];").unwrap();
+    writeln!(
+        out,
+        "/// The stem of every `kernels/*.cu`, compiled or not (a CPU-only build still lists them)."
+    )
+    .unwrap();
     writeln!(out, "pub const KERNEL_SOURCE_NAMES: &[&str] = &[").unwrap();
     for s in sources {
         writeln!(out, "    {:?},", s.file_stem().unwrap().to_string_lossy()).unwrap();

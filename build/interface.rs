@@ -50,6 +50,18 @@ impl Scalar {
         }
     }
 
+    /// The C spelling, for documentation.
+    fn c(self) -> &'static str {
+        match self {
+            Scalar::I32 => "int",
+            Scalar::U32 => "unsigned",
+            Scalar::I64 => "int64_t",
+            Scalar::U64 => "uint64_t",
+            Scalar::F32 => "float",
+            Scalar::F64 => "double",
+        }
+    }
+
     /// Size and alignment on every CUDA target (LP64 host ABI).
     fn size(self) -> usize {
         match self {
@@ -452,11 +464,19 @@ pub fn rust_code(iface: &Interface) -> String {
         let eq = if integral { ", Eq, Hash" } else { "" };
         writeln!(w, "    #[derive(Clone, Copy, Debug, Default, PartialEq{eq})]").unwrap();
         writeln!(w, "    pub struct {} {{", s.name).unwrap();
-        for f in &s.fields {
+        for (f, offset) in s.fields.iter().zip(&offsets) {
             let ty = match f.len {
                 Some(n) => format!("[{}; {n}]", f.ty.rust()),
                 None => f.ty.rust().to_string(),
             };
+            let c_len = f.len.map(|n| format!("[{n}]")).unwrap_or_default();
+            writeln!(
+                w,
+                "        /// `{} {}{c_len}` at byte {offset} (its meaning is documented at the CUDA definition).",
+                f.ty.c(),
+                f.name
+            )
+            .unwrap();
             writeln!(w, "        pub {}: {ty},", f.name).unwrap();
         }
         writeln!(w, "    }}").unwrap();

@@ -23,19 +23,30 @@ use crate::train::{AdamConfig, LrSchedule, Trainer};
 /// `emprior train`: denoising score matching on given samples.
 #[derive(Clone, Debug)]
 pub struct TrainOptions {
+    /// The training samples: an `.npy` (f32, f64 or u8) of shape `[n, ...]`.
     pub data: PathBuf,
     /// manifold, cifar10, mri, or mlp (a TimeMLP sized to the data's features).
     pub preset: String,
+    /// The safetensors checkpoint to write (atomically, once training ends).
     pub out: PathBuf,
+    /// Adam steps to run (at least 1).
     pub steps: u64,
+    /// Samples per step, drawn with replacement (at least 1).
     pub batch: usize,
+    /// Adam's learning rate (the start of the decay with `lr_end`).
     pub lr: f64,
     /// Decay linearly to this learning rate over the run (None: constant).
     pub lr_end: Option<f64>,
+    /// Keep an EMA of the weights with this decay in `[0, 1)` and save it (None: save the
+    /// parameters).
     pub ema: Option<f64>,
+    /// Smallest noise level of the VE schedule (also stored in the checkpoint for sampling).
     pub sigma_min: f64,
+    /// Largest noise level of the VE schedule (also stored in the checkpoint for sampling).
     pub sigma_max: f64,
+    /// Seeds the initialisation, minibatches, noise levels and noise (a run is reproducible).
     pub seed: u64,
+    /// Where to run: auto, cpu, cuda or cuda:N.
     pub device: DeviceRequest,
     /// Print a progress line every this many steps.
     pub log_every: u64,
@@ -284,11 +295,15 @@ pub fn train(o: &TrainOptions) -> Result<f64> {
 /// Sampler settings shared by `sample` and `posterior`.
 #[derive(Clone, Debug)]
 pub struct SamplerOptions {
+    /// The reverse-diffusion sampler: DDPM (ancestral), DDIM or predictor-corrector.
     pub kind: SamplerKind,
+    /// Discretisation steps from `sigma_max` down to `sigma_min` (at least 1).
     pub steps: usize,
     /// None: the checkpoint's training range (or 1e-3 / 1e2).
     pub sigma_min: Option<f64>,
+    /// None: the checkpoint's training range (or 1e2).
     pub sigma_max: Option<f64>,
+    /// Seeds the sampler's initial noise and every step's noise.
     pub seed: u64,
 }
 
@@ -370,8 +385,15 @@ pub fn sample(
 /// Where the prior of `posterior` comes from.
 #[derive(Clone, Debug)]
 pub enum PriorSource {
+    /// A trained diffusion prior: a safetensors checkpoint written by `train` or `em`.
     Checkpoint(PathBuf),
-    Gaussian { mean: PathBuf, cov: PathBuf },
+    /// A Gaussian prior N(mean, cov), whose posterior is exact up to the sampler.
+    Gaussian {
+        /// The mean, an `.npy` of shape `[d]`.
+        mean: PathBuf,
+        /// The covariance, an `.npy` of shape `[d, d]` (symmetric positive semi-definite).
+        cov: PathBuf,
+    },
 }
 
 /// The observation operator of `posterior`.
@@ -383,21 +405,32 @@ pub enum OperatorSource {
     Mask(PathBuf),
 }
 
+/// `emprior posterior`: posterior sampling for observations y = A x + noise.
 #[derive(Clone, Debug)]
 pub struct PosteriorOptions {
+    /// The observations: an `.npy` `[n, m]` (or images `[n, H, W, C]`, read in row-major order).
     pub obs: PathBuf,
+    /// The observation noise's standard deviation (positive; the same for every value).
     pub sigma_y: f64,
+    /// The `.npy` to write: f32 samples `[n, K, ...]` (K = `samples_per_obs`).
     pub out: PathBuf,
+    /// The observation operator A: dense matrices or a 0/1 mask.
     pub operator: OperatorSource,
+    /// The prior: a diffusion checkpoint or a Gaussian.
     pub prior: PriorSource,
+    /// The reverse-diffusion sampler and its noise range.
     pub sampler: SamplerOptions,
+    /// Conjugate-gradient iterations per posterior-denoiser call (MMPS's linear solve).
     pub cg_iters: usize,
+    /// Stop CG early once every residual is below this fraction of its start (None: run all).
     pub cg_rtol: Option<f64>,
     /// tweedie, zeros, sigma-t, ones, or gaussian (a Gaussian prior's own covariance).
     pub covariance: String,
+    /// Posterior samples K drawn per observation (at least 1).
     pub samples_per_obs: usize,
     /// DPS instead of MMPS, with this step size zeta.
     pub dps_zeta: Option<f64>,
+    /// Where to run: auto, cpu, cuda or cuda:N.
     pub device: DeviceRequest,
 }
 

@@ -38,6 +38,7 @@ pub fn set_enabled(on: bool) {
 
 /// A float type whose buffers are cached.
 pub trait Recycled: Sized + Copy {
+    /// The cache's free buffers of this type, keyed by length in elements.
     fn shelf(cache: &mut Cache) -> &mut HashMap<usize, Vec<Vec<Self>>>;
 }
 

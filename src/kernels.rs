@@ -3,9 +3,15 @@
 /// One compiled `kernels/<name>.cu`: a fatbin (SASS per architecture plus PTX for the newest)
 /// and a stand-alone PTX for the JIT fallback.
 pub struct KernelModule {
+    /// The file stem, e.g. `"adam"` for `kernels/adam.cu`; the key [`module`] looks up.
     pub name: &'static str,
+    /// The PTX ISA version of `ptx` (its `.version` line, e.g. `"9.0"`); quoted in load errors,
+    /// since a driver older than this ISA cannot JIT it.
     pub ptx_isa: &'static str,
+    /// The module as PTX source for one virtual architecture (`EMPRIOR_PTX_ARCH`, default
+    /// `compute_80`), JIT-compiled by the driver when the fatbin does not load.
     pub ptx: &'static str,
+    /// The fatbin image: SASS for each architecture in the build, plus PTX for the newest.
     pub fatbin: &'static [u8],
 }
 

@@ -17,6 +17,8 @@
 //! - [`em`]: the EM driver; [`data`], [`metrics`], [`io`]: datasets, distances, files;
 //! - [`kernels`]: what build.rs compiled and embedded.
 
+#![deny(missing_docs)]
+
 // Defined before the modules so every layer and op file can use it.
 /// Runs `$body` with `$T` bound to the host float type of the view `$probe` (f32 or f64).
 macro_rules! host_real {

@@ -8,6 +8,11 @@ use std::ops::{Add, AddAssign, Div, DivAssign, Mul, MulAssign, Neg, Sub, SubAssi
 
 use crate::tensor::{DType, Data, DataMut};
 
+/// A host float type the CPU backend computes in; the crate implements it for `f32` and `f64`.
+///
+/// CPU op bodies are generic over it (the crate's `host_real!` macro picks the instance from a
+/// view's [`DType`]); it bundles the arithmetic, the few transcendental functions the ops need,
+/// and a strided GEMM.
 pub trait Real:
     bytemuck::Pod
     + Default
@@ -27,21 +32,35 @@ pub trait Real:
     + DivAssign
     + Sum
 {
+    /// The tensor dtype whose host storage holds this type (`F32` or `F64`).
     const DTYPE: DType;
     /// The host slice of view data of this type, if that is what it holds.
     fn slice<'a>(data: &Data<'a>) -> Option<&'a [Self]>;
+    /// The mutable host slice of view data of this type, if that is what it holds.
     fn slice_mut<'b>(data: &'b mut DataMut<'_>) -> Option<&'b mut [Self]>;
+    /// Additive identity, `0.0`.
     const ZERO: Self;
+    /// Multiplicative identity, `1.0`.
     const ONE: Self;
+    /// Converts with `as` (rounds to nearest for `f32`).
     fn from_f64(v: f64) -> Self;
+    /// Converts with `as` (exact).
     fn from_f32(v: f32) -> Self;
+    /// Widens to `f64` (exact).
     fn to_f64(self) -> f64;
+    /// `e^self`.
     fn exp(self) -> Self;
+    /// Natural logarithm (NaN for negative input, `-inf` at zero).
     fn ln(self) -> Self;
+    /// Square root (NaN for negative input).
     fn sqrt(self) -> Self;
+    /// Sine of an angle in radians.
     fn sin(self) -> Self;
+    /// Cosine of an angle in radians.
     fn cos(self) -> Self;
+    /// The larger of the two; if one is NaN, the other (as `f32::max`).
     fn max(self, other: Self) -> Self;
+    /// Absolute value.
     fn abs(self) -> Self;
 
     /// C = alpha A B + beta C with arbitrary strides (matrixmultiply's sgemm / dgemm).

@@ -11,14 +11,20 @@ use crate::error::{Error, Result};
 use crate::real::Real;
 use std::sync::Arc;
 
+/// The element type of a tensor. Every op computes in `F32` on both backends and in `F64` on the
+/// CPU (the oracle); `BF16` is a storage type only, which no view or op accepts yet.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
+    /// IEEE binary32, 4 bytes: what the GPU kernels compute in.
     F32,
+    /// bfloat16, 2 bytes: storage only (reserved for a mixed-precision path).
     BF16,
+    /// IEEE binary64, 8 bytes: the CPU oracle's type; GPU ops do not accept it.
     F64,
 }
 
 impl DType {
+    /// Bytes per element: 4, 2 or 8.
     pub fn size_in_bytes(self) -> usize {
         match self {
             DType::F32 => 4,
@@ -27,6 +33,7 @@ impl DType {
         }
     }
 
+    /// The lower-case name used in error messages and files: `"f32"`, `"bf16"` or `"f64"`.
     pub fn name(self) -> &'static str {
         match self {
             DType::F32 => "f32",
@@ -39,21 +46,48 @@ impl DType {
 /// Host storage, one variant per dtype.
 #[derive(Clone, Debug)]
 pub enum CpuStorage {
+    /// f32 elements, row-major.
     F32(Vec<f32>),
+    /// bf16 elements, row-major.
     BF16(Vec<bf16>),
+    /// f64 elements, row-major.
     F64(Vec<f64>),
 }
 
+/// Device storage: a buffer lent by the GPU's memory pool (its size class, at least the tensor's
+/// bytes) and the GPU it lives on. The buffer goes back to the pool when this is dropped.
 pub struct CudaStorage {
     buf: PooledBuffer,
     device: Arc<CudaDevice>,
 }
 
+/// Where a tensor's elements live.
 pub enum Storage {
+    /// In host memory.
     Cpu(CpuStorage),
+    /// In the device memory of one GPU.
     Cuda(CudaStorage),
 }
 
+/// An owned n-dimensional array: a shape, a [`DType`] and contiguous row-major storage on one
+/// [`Device`]. A scalar has shape `[]`. Ops read and write tensors through [`AsView`] and
+/// [`AsViewMut`]; there is no `Clone` (copy with [`Tensor::to_device`]).
+///
+/// ```
+/// use emprior::{DType, Device, Tensor};
+///
+/// let t = Tensor::from_f32(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3], &Device::Cpu)?;
+/// assert_eq!(t.shape(), &[2, 3]);
+/// assert_eq!((t.dtype(), t.numel()), (DType::F32, 6));
+/// let t = t.reshape(&[3, 2])?; // same data, row-major
+/// assert_eq!(t.to_vec_f32()?, [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]);
+///
+/// let z = Tensor::zeros(&[4], DType::F64, &Device::Cpu)?;
+/// assert_eq!(z.to_vec_f64()?, [0.0; 4]);
+/// // The data must match the shape.
+/// assert!(Tensor::from_f32(&[1.0, 2.0], &[3], &Device::Cpu).is_err());
+/// # Ok::<(), emprior::Error>(())
+/// ```
 pub struct Tensor {
     shape: Vec<usize>,
     dtype: DType,
@@ -157,22 +191,27 @@ impl Tensor {
 
     // ---- inspection ---------------------------------------------------------------------
 
+    /// The dimensions, outermost first.
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }
 
+    /// The element type.
     pub fn dtype(&self) -> DType {
         self.dtype
     }
 
+    /// The number of elements: the product of the shape (1 for shape `[]`).
     pub fn numel(&self) -> usize {
         numel(&self.shape)
     }
 
+    /// The bytes the elements take, `numel * dtype.size_in_bytes()` (a GPU buffer may be larger).
     pub fn size_in_bytes(&self) -> usize {
         self.numel() * self.dtype.size_in_bytes()
     }
 
+    /// The device holding the data (a cheap handle clone).
     pub fn device(&self) -> Device {
         match &self.storage {
             Storage::Cpu(_) => Device::Cpu,
@@ -180,6 +219,7 @@ impl Tensor {
         }
     }
 
+    /// The underlying storage, for code that needs the raw host vector or device buffer.
     pub fn storage(&self) -> &Storage {
         &self.storage
     }
@@ -299,6 +339,8 @@ impl Tensor {
         }
     }
 
+    /// A mutable device view of the f32 data (the tensor must be an f32 tensor on a GPU; errors
+    /// with `DeviceMismatch` on the CPU and `DType` otherwise).
     pub fn cuda_f32_mut(&mut self) -> Result<CudaViewMut<'_, f32>> {
         let n = self.numel();
         let dtype = self.dtype;
@@ -425,6 +467,7 @@ impl CpuStorage {
         })
     }
 
+    /// The dtype of the elements held.
     pub fn dtype(&self) -> DType {
         match self {
             CpuStorage::F32(_) => DType::F32,
@@ -443,6 +486,7 @@ impl CpuStorage {
 }
 
 impl CudaStorage {
+    /// The GPU the buffer belongs to.
     pub fn device(&self) -> &Arc<CudaDevice> {
         &self.device
     }
@@ -496,8 +540,11 @@ fn checked_numel(shape: &[usize], dtype: DType) -> Result<usize> {
 
 /// Borrowed data of a view.
 pub enum Data<'a> {
+    /// f32 elements in host memory.
     F32(&'a [f32]),
+    /// f64 elements in host memory.
     F64(&'a [f64]),
+    /// f32 elements in device memory, with the GPU they are on (views on a GPU are f32 only).
     Cuda(CudaView<'a, f32>, &'a Arc<CudaDevice>),
 }
 
@@ -513,8 +560,11 @@ impl Clone for Data<'_> {
 
 /// Mutably borrowed data of a view.
 pub enum DataMut<'a> {
+    /// f32 elements in host memory.
     F32(&'a mut [f32]),
+    /// f64 elements in host memory.
     F64(&'a mut [f64]),
+    /// f32 elements in device memory, with the GPU they are on (views on a GPU are f32 only).
     Cuda(CudaViewMut<'a, f32>, &'a Arc<CudaDevice>),
 }
 
@@ -522,12 +572,14 @@ pub enum DataMut<'a> {
 #[derive(Clone)]
 pub struct View<'a> {
     shape: Vec<usize>,
+    /// The borrowed elements, exactly `numel()` of them; ops match on it to dispatch.
     pub data: Data<'a>,
 }
 
 /// A mutable view.
 pub struct ViewMut<'a> {
     shape: Vec<usize>,
+    /// The mutably borrowed elements, exactly `numel()` of them; ops match on it to dispatch.
     pub data: DataMut<'a>,
 }
 
@@ -544,14 +596,17 @@ fn check_sub(len: usize, offset: usize, shape: &[usize]) -> Result<()> {
 }
 
 impl<'a> View<'a> {
+    /// The dimensions, outermost first.
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }
 
+    /// The number of elements: the product of the shape.
     pub fn numel(&self) -> usize {
         numel(&self.shape)
     }
 
+    /// `F32` or `F64` (always `F32` on a GPU).
     pub fn dtype(&self) -> DType {
         match self.data {
             Data::F32(_) | Data::Cuda(..) => DType::F32,
@@ -559,6 +614,7 @@ impl<'a> View<'a> {
         }
     }
 
+    /// The device the data lives on.
     pub fn device(&self) -> Device {
         match &self.data {
             Data::Cuda(_, dev) => Device::Cuda((*dev).clone()),
@@ -652,14 +708,17 @@ impl<'a> View<'a> {
 }
 
 impl<'a> ViewMut<'a> {
+    /// The dimensions, outermost first.
     pub fn shape(&self) -> &[usize] {
         &self.shape
     }
 
+    /// The number of elements: the product of the shape.
     pub fn numel(&self) -> usize {
         numel(&self.shape)
     }
 
+    /// `F32` or `F64` (always `F32` on a GPU).
     pub fn dtype(&self) -> DType {
         self.as_view().dtype()
     }
@@ -738,11 +797,15 @@ impl<'a> ViewMut<'a> {
 
 /// Anything an op can read: a tensor or a view.
 pub trait AsView {
+    /// A read-only view of all the data; errors for data no view can hold (bf16, or f64 on a
+    /// GPU).
     fn as_view(&self) -> Result<View<'_>>;
 }
 
 /// Anything an op can write: a tensor or a mutable view.
 pub trait AsViewMut {
+    /// A mutable view of all the data; errors for data no view can hold (bf16, or f64 on a
+    /// GPU).
     fn as_view_mut(&mut self) -> Result<ViewMut<'_>>;
 }
 

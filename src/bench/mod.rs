@@ -18,8 +18,11 @@ use crate::tensor::{DType, Tensor};
 /// One line of the table.
 #[derive(Clone, Debug)]
 pub struct BenchRow {
+    /// The kernel or operation measured, e.g. "gemm f32 ..." or "cuMemcpyDtoD (ceiling)".
     pub what: String,
+    /// Its problem size as text, e.g. "16777216 f32" or "batch x m x n x k".
     pub shape: String,
+    /// Median time of one call over the repeats, in milliseconds.
     pub median_ms: f64,
     /// e.g. "3950 GB/s" or "21.3 TFLOP/s".
     pub throughput: String,
@@ -537,7 +540,9 @@ pub fn run_cpu(quick: bool) -> Result<Vec<BenchRow>> {
 /// (`crate::device::Counts`), averaged over the measured steps.
 #[derive(Clone, Debug)]
 pub struct TrafficRow {
+    /// The workload step measured.
     pub what: String,
+    /// Host-device synchronisations per step.
     pub syncs: f64,
     /// Kernel launches (GPU only; 0 on the CPU).
     pub launches: f64,
@@ -545,6 +550,7 @@ pub struct TrafficRow {
     pub ops: f64,
 }
 
+/// The host-traffic table (syncs, launches, op calls per step) as markdown.
 pub fn format_traffic_table(title: &str, rows: &[TrafficRow]) -> String {
     let mut s =
         format!("{title}\n\n| per step | host syncs | kernel launches | op calls |\n|---|---:|---:|---:|\n");

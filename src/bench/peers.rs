@@ -42,13 +42,19 @@ pub fn default_workloads(device: &Device) -> Vec<&'static str> {
 /// One measured workload.
 #[derive(Clone, Debug)]
 pub struct Measurement {
+    /// The workload's name, one of [`WORKLOADS`].
     pub workload: String,
+    /// Median wall time of one unit of work, in milliseconds (CUDA events on a GPU).
     pub median_ms: f64,
+    /// Timed runs the median is over (after warm-up).
     pub repeats: usize,
+    /// Parameters of the network the workload runs.
     pub params: usize,
+    /// Rows (samples) per unit of work.
     pub batch: usize,
     /// Floating-point operations of one unit (network passes only), when counted.
     pub flops: Option<f64>,
+    /// Free text on how it ran (e.g. the CPU's threading), empty on a GPU.
     pub note: String,
 }
 

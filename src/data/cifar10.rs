@@ -9,9 +9,13 @@ use std::path::{Path, PathBuf};
 use crate::error::{Error, Result};
 use crate::ops::Philox;
 
+/// Image height and width in pixels.
 pub const SIDE: usize = 32;
+/// Channels per pixel (RGB).
 pub const CHANNELS: usize = 3;
+/// Pixels per image (32 x 32); one mask value each.
 pub const PIXELS: usize = SIDE * SIDE;
+/// Values per image, `[32, 32, 3]` in HWC order.
 pub const IMAGE: usize = PIXELS * CHANNELS;
 
 /// The cache directory the fetch script fills: $EMPRIOR_DATA/cifar10, else

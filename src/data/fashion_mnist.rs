@@ -13,9 +13,13 @@ use flate2::read::GzDecoder;
 
 use crate::error::{Error, Result};
 
+/// Image height and width in pixels.
 pub const SIDE: usize = 28;
+/// Channels per pixel (grayscale).
 pub const CHANNELS: usize = 1;
+/// Pixels per image (28 x 28); one mask value each.
 pub const PIXELS: usize = SIDE * SIDE;
+/// Values per image, `[28, 28, 1]` in HWC order.
 pub const IMAGE: usize = PIXELS * CHANNELS;
 
 /// The IDX magic of an unsigned-byte array with 3 dims.

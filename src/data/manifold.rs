@@ -7,6 +7,7 @@ use crate::ops::Philox;
 
 /// Ambient dimension, observation dimension, Fourier terms and their decay exponent.
 pub const DIM: usize = 5;
+/// Observation dimension: each y_i has 2 values, each A_i is `[2, 5]`.
 pub const OBS_DIM: usize = 2;
 const TERMS: usize = 10;
 const ALPHA: f64 = 3.0;
@@ -24,6 +25,8 @@ pub struct Manifold {
 }
 
 impl Manifold {
+    /// The manifold of `seed`: its Fourier coefficients drawn from Philox, its per-feature
+    /// min-max range fixed on 65,536 reference points (the same manifold in every preset).
     pub fn new(seed: u64) -> Self {
         let draw = |stream: u64| -> Vec<f64> {
             let mut u = vec![0.0f32; DIM * TERMS];

@@ -12,9 +12,13 @@ const MAX_DEFLATE_RATIO: usize = 1032;
 
 /// An image: width, height, channels (1 or 3) and its bytes, HWC.
 pub struct Image {
+    /// Width in pixels.
     pub width: usize,
+    /// Height in pixels.
     pub height: usize,
+    /// Channels per pixel: 1 (grayscale) or 3 (RGB).
     pub channels: usize,
+    /// The 8-bit values, `[height, width, channels]` row-major.
     pub bytes: Vec<u8>,
 }
 

@@ -117,27 +117,35 @@ impl CudaDevice {
         }))
     }
 
+    /// The CUDA device index it was opened with (`cuda:N`).
     pub fn ordinal(&self) -> usize {
         self.ordinal
     }
+    /// The driver's name for the device, e.g. `"NVIDIA H200"`.
     pub fn name(&self) -> &str {
         &self.name
     }
+    /// `(major, minor)`, e.g. `(9, 0)` for sm_90.
     pub fn compute_capability(&self) -> (i32, i32) {
         self.compute_capability
     }
+    /// The number of streaming multiprocessors (grid-stride launches size their grids by it).
     pub fn sm_count(&self) -> u32 {
         self.sm_count
     }
+    /// Total device memory in bytes (0 when the driver could not say).
     pub fn total_memory(&self) -> usize {
         self.total_memory
     }
+    /// The cudarc context, for driver queries such as free memory.
     pub fn context(&self) -> &Arc<CudaContext> {
         &self.ctx
     }
+    /// The one stream every copy and kernel is queued on: stream order is what orders ops.
     pub fn stream(&self) -> &Arc<CudaStream> {
         &self.stream
     }
+    /// The launchers of every embedded kernel, loaded when the device was opened.
     pub fn kernels(&self) -> &Kernels {
         &self.kernels
     }
@@ -147,6 +155,7 @@ impl CudaDevice {
         self.pool.alloc(bytes)
     }
 
+    /// A snapshot of the memory pool's counters.
     pub fn pool_stats(&self) -> PoolStats {
         self.pool.stats()
     }
@@ -156,6 +165,7 @@ impl CudaDevice {
         self.pool.peak_bytes()
     }
 
+    /// Restarts [`CudaDevice::pool_peak_bytes`] from the bytes handed out now.
     pub fn reset_pool_peak(&self) {
         self.pool.reset_peak()
     }

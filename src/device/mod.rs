@@ -21,7 +21,9 @@ use crate::error::{Error, Result};
 /// A compute device. Cloning is cheap (the CUDA device is shared).
 #[derive(Clone)]
 pub enum Device {
+    /// The host, running the plain-Rust op bodies: always available, and the oracle.
     Cpu,
+    /// A CUDA GPU, opened once per ordinal and shared by every handle to it.
     Cuda(Arc<CudaDevice>),
 }
 
@@ -29,9 +31,12 @@ pub enum Device {
 /// `cuda:N`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum DeviceRequest {
+    /// A GPU (ordinal 0) when one is usable, else the CPU; the default.
     #[default]
     Auto,
+    /// The CPU, even when a GPU is present.
     Cpu,
+    /// The GPU of this ordinal (`cuda` alone means 0); opening it fails when it is not usable.
     Cuda(usize),
 }
 
@@ -107,12 +112,16 @@ pub(crate) fn note_launch() {
 /// The three counters at one moment; `since` gives what happened between two of them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counts {
+    /// Host synchronisations (see [`sync_count`]).
     pub syncs: u64,
+    /// Kernel launches, GPU only (see [`launch_count`]).
     pub launches: u64,
+    /// Op calls on either backend (see [`op_count`]).
     pub ops: u64,
 }
 
 impl Counts {
+    /// The three process-wide counters as they are now.
     pub fn now() -> Counts {
         Counts {
             syncs: sync_count(),
@@ -211,6 +220,7 @@ impl Device {
         }
     }
 
+    /// True for a GPU.
     pub fn is_cuda(&self) -> bool {
         matches!(self, Device::Cuda(_))
     }

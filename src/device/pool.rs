@@ -53,10 +53,15 @@ pub struct PoolStats {
 /// One phase's figures, over every time it was entered.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PhaseStats {
+    /// The phase's label, as given to `set_pool_phase` (e.g. `"e-step"`).
     pub name: &'static str,
+    /// The most bytes (by size class) handed out at once while the phase was current.
     pub peak_bytes_in_use: usize,
+    /// The most bytes held (handed out plus cached) while the phase was current.
     pub peak_bytes_held: usize,
+    /// Driver allocations (cache misses) in the phase.
     pub device_allocations: u64,
+    /// Allocations served from the free lists in the phase.
     pub reuses: u64,
 }
 
@@ -171,6 +176,7 @@ impl<B> PoolBook<B> {
         out
     }
 
+    /// The counters so far.
     pub fn stats(&self) -> PoolStats {
         self.stats
     }
@@ -236,6 +242,8 @@ impl PoolStats {
     }
 }
 
+/// The caching allocator of one GPU: a [`PoolBook`] of `CudaSlice<u8>` behind a mutex, and the
+/// stream its buffers are allocated, poisoned and freed on.
 pub struct DevicePool {
     stream: Arc<CudaStream>,
     inner: Mutex<PoolBook<CudaSlice<u8>>>,
@@ -359,6 +367,7 @@ impl DevicePool {
         self.free_to_driver(freed);
     }
 
+    /// A snapshot of the counters.
     pub fn stats(&self) -> PoolStats {
         self.inner.lock().unwrap().stats()
     }
@@ -370,6 +379,7 @@ impl DevicePool {
         self.inner.lock().unwrap().peak_bytes()
     }
 
+    /// Restarts [`DevicePool::peak_bytes`] from the bytes handed out now.
     pub fn reset_peak(&self) {
         self.inner.lock().unwrap().reset_peak()
     }
@@ -380,6 +390,7 @@ impl DevicePool {
         self.free_to_driver(freed);
     }
 
+    /// Every phase's figures so far, in first-entry order.
     pub fn phases(&self) -> Vec<PhaseStats> {
         self.inner.lock().unwrap().phases().to_vec()
     }
@@ -398,10 +409,12 @@ impl PooledBuffer {
         self.bytes
     }
 
+    /// The whole allocation as bytes: its size class, at least [`PooledBuffer::len_bytes`].
     pub fn slice(&self) -> &CudaSlice<u8> {
         self.slice.as_ref().expect("live buffer")
     }
 
+    /// The whole allocation as bytes, mutably (see [`PooledBuffer::slice`]).
     pub fn slice_mut(&mut self) -> &mut CudaSlice<u8> {
         self.slice.as_mut().expect("live buffer")
     }

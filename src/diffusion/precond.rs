@@ -21,17 +21,22 @@ use crate::tensor::{AsView, DType, Tensor, View, ViewMut};
 /// A denoiser network F: the manifold's TimeMLP or an image U-Net.
 #[derive(Clone, Debug)]
 pub enum Network {
+    /// The manifold experiment's TimeMLP on flat samples `[N, features]` (method.md §3.4).
     Mlp(TimeMlp),
+    /// An image U-Net on channels-last samples `[N, H, W, C]` (method.md §3.3).
     UNet(UNet),
 }
 
 /// What a network's forward saved.
 pub enum NetSaved {
+    /// Activations the TimeMLP's forward kept for its backward.
     Mlp(MlpSaved),
+    /// Activations the U-Net's forward kept for its backward.
     UNet(UNetSaved),
 }
 
 impl NetSaved {
+    /// Bytes the saved activations occupy (on the device they live on).
     pub fn bytes(&self) -> usize {
         match self {
             NetSaved::Mlp(s) => s.bytes(),
@@ -41,6 +46,7 @@ impl NetSaved {
 }
 
 impl Network {
+    /// Names, shapes and offsets of the network's parameters in its flat parameter vector.
     pub fn layout(&self) -> &ParamLayout {
         match self {
             Network::Mlp(m) => &m.layout,
@@ -48,6 +54,8 @@ impl Network {
         }
     }
 
+    /// E, the width of the sinusoidal noise embedding the network reads (64 for the manifold
+    /// MLP, 256 for the U-Nets; method.md §2.3).
     pub fn emb_width(&self) -> usize {
         match self {
             Network::Mlp(m) => m.emb,
@@ -86,6 +94,10 @@ impl Network {
         }
     }
 
+    /// One forward of the raw network F (no preconditioning): `x` is a batch `[N, ...]` of
+    /// [`Network::sample_shape`] samples, `emb` their noise embeddings `[N, E]`; returns F's
+    /// output, shaped like `x`, and the activations [`Network::backward`] needs. `mode` switches
+    /// dropout (the U-Net's; the MLP has none).
     pub fn forward(&self, params: &View, x: &View, emb: &View, mode: Mode) -> Result<(Tensor, NetSaved)> {
         match self {
             Network::Mlp(m) => m.forward(params, x, emb).map(|(y, s)| (y, NetSaved::Mlp(s))),
@@ -95,6 +107,9 @@ impl Network {
         }
     }
 
+    /// The backward of [`Network::forward`] against its saved activations: returns the input
+    /// cotangent `(∂F/∂x)ᵀ dy`, shaped like `x`, and with `grads` accumulates the parameter
+    /// gradient of `⟨dy, F⟩` there. Errors when `saved` comes from the other kind of network.
     pub fn backward(
         &self,
         params: &View,
@@ -114,16 +129,22 @@ impl Network {
 /// A network with EDM preconditioning.
 #[derive(Clone, Debug)]
 pub struct Denoiser {
+    /// The network F inside the preconditioning.
     pub net: Network,
 }
 
 /// One forward's state: the network's saved activations, the embedding and the per-sample
 /// preconditioning coefficients.
 pub struct DenoiserSaved {
+    /// The network's saved activations.
     pub net: NetSaved,
+    /// The noise embeddings emb(c_noise), `[N, E]`, one row per sample.
     pub emb: Tensor,
+    /// c_skip(σ) = 1/(σ² + 1) per sample, `[N]`.
     pub c_skip: Tensor,
+    /// c_out(σ) = σ/√(σ² + 1) per sample, `[N]`.
     pub c_out: Tensor,
+    /// c_in(σ) = 1/√(σ² + 1) per sample, `[N]`.
     pub c_in: Tensor,
 }
 
@@ -200,10 +221,12 @@ fn preconditioning(sigmas: &[f64], dtype: DType, device: &Device) -> Result<[Ten
 }
 
 impl Denoiser {
+    /// Wraps `net` in EDM preconditioning with σ_data = 1 (method.md §2.2).
     pub fn new(net: Network) -> Self {
         Denoiser { net }
     }
 
+    /// The network's parameter layout ([`Network::layout`]).
     pub fn layout(&self) -> &ParamLayout {
         self.net.layout()
     }

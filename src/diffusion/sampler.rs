@@ -17,16 +17,25 @@ use crate::tensor::{AsView, AsViewMut, DType, Data, DataMut, Tensor, View};
 
 /// E[x | x_t] for a batch at one noise level: what a sampler calls.
 pub trait Denoise {
+    /// `d(x_t, σ) ≈ E[x | x_t]` for every row of `x_t` (`[N, ...]`), all at noise level `sigma`;
+    /// the result has `x_t`'s shape.
     fn denoise(&mut self, x_t: &Tensor, sigma: f64) -> Result<Tensor>;
 }
 
+/// The update rule a [`Sampler`] applies at each step t → s (method.md §4). Parses from
+/// `ddpm`, `ddim` or `pc` (the last with 1 correction and τ_c = 0.1, the paper's defaults).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum SamplerKind {
+    /// Ancestral sampling, DDIM with η = 1: `x_s = x_t − τ (x_t − d) + σ_s √τ ε` with
+    /// `τ = 1 − σ_s²/σ_t²` (the E-steps' sampler).
     Ddpm,
+    /// Deterministic DDIM, η = 0: `x_s = x_t − (1 − σ_s/σ_t) (x_t − d)`.
     Ddim,
     /// A DDIM predictor and `corrections` Langevin steps of size tau per step.
     Pc {
+        /// Langevin steps at σ_s after each predictor step (the paper: 1).
         corrections: usize,
+        /// τ_c in `x ← x − τ_c (x − d(x, σ_s)) + σ_s √(2 τ_c) ε` (the paper: 0.1).
         tau: f64,
     },
 }
@@ -46,10 +55,16 @@ impl std::str::FromStr for SamplerKind {
     }
 }
 
+/// A sampler: update rule, step count S, VE schedule and noise stream. [`Sampler::sample`] runs
+/// it against any [`Denoise`]: S denoiser calls on the grid t_k = 1 − k/S (plus `corrections`
+/// per step for PC) and one final call at σ_min.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Sampler {
+    /// The update rule.
     pub kind: SamplerKind,
+    /// S, the number of steps (at least 1; sampling errors on 0).
     pub steps: usize,
+    /// The schedule giving σ at each grid time.
     pub schedule: VeSchedule,
     /// The noise: Philox (seed, stream), element offsets laid out per step.
     pub rng: Philox,
@@ -106,7 +121,9 @@ pub fn sampler_step(x: &mut Tensor, d: &Tensor, a: f64, c: f64, rng: Philox, off
 /// the operators and CG do: posterior::cg's notes).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct BatchPart {
+    /// The index, within the whole batch, of the first row this call draws.
     pub first: usize,
+    /// Rows in the whole batch (the noise is laid out over all of them).
     pub total: usize,
 }
 

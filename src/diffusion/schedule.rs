@@ -4,13 +4,32 @@
 use crate::ops::Philox;
 
 /// sigma(t) = exp((1 - t) ln sigma_min + t ln sigma_max), t in [0, 1].
+///
+/// ```
+/// use emprior::diffusion::VeSchedule;
+///
+/// let s = VeSchedule::new(1e-3, 1e2);
+/// assert!((s.sigma(0.0) - 1e-3).abs() < 1e-12);
+/// assert!((s.sigma(1.0) - 1e2).abs() < 1e-9);
+/// // Log-linear: the midpoint is the geometric mean √(σ_min σ_max).
+/// assert!((s.sigma(0.5) - 0.1f64.sqrt()).abs() < 1e-12);
+/// // A 4-step sampler visits 5 levels, from σ_max down to σ_min.
+/// let grid = s.grid(4);
+/// assert_eq!(grid.len(), 5);
+/// assert!((grid[0] - 1e2).abs() < 1e-9 && (grid[4] - 1e-3).abs() < 1e-12);
+/// assert!(VeSchedule::checked(1.0, 0.5).is_err());
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct VeSchedule {
+    /// σ at t = 0, the smallest noise level (a in method.md §2.1; 1e-3 in the paper).
     pub sigma_min: f64,
+    /// σ at t = 1, the largest noise level (b; 1e2 for CIFAR-10 and MRI, 1e1 for the manifold).
     pub sigma_max: f64,
 }
 
 impl VeSchedule {
+    /// The schedule from `sigma_min` to `sigma_max`, unchecked ([`VeSchedule::checked`] is for
+    /// values from a user).
     pub fn new(sigma_min: f64, sigma_max: f64) -> Self {
         VeSchedule { sigma_min, sigma_max }
     }
@@ -27,6 +46,7 @@ impl VeSchedule {
         Ok(VeSchedule { sigma_min, sigma_max })
     }
 
+    /// σ(t) = exp((1 − t) ln σ_min + t ln σ_max); `t` is not clamped to `[0, 1]`.
     pub fn sigma(&self, t: f64) -> f64 {
         ((1.0 - t) * self.sigma_min.ln() + t * self.sigma_max.ln()).exp()
     }

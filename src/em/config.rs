@@ -46,6 +46,8 @@ filter_bound = 3.0
 eval_samples = 512
 "#;
 
+/// The manifold experiment at the paper's scale (method.md §7.1, §8.3): 65,536 observations,
+/// 32 laps, the initialisation's moments for every lap as the paper's script; meant for a GPU.
 pub const MANIFOLD_PAPER: &str = r#"
 # Low-dimensional manifold at the paper's scale (method.md §7.1, §8.3).
 experiment = "manifold"
@@ -317,8 +319,11 @@ keep_samples = 1
 /// One configuration value.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
+    /// An integer (counts, flags, seeds); written without a decimal point.
     Int(i64),
+    /// A finite float; written with a decimal point or exponent.
     Float(f64),
+    /// A string, written in double quotes (paths, names, comma-separated lists).
     Str(String),
 }
 
@@ -350,7 +355,22 @@ fn parse_value(text: &str) -> Option<Value> {
 }
 
 impl Config {
-    /// Parses the TOML subset the presets use; `origin` names the text in errors.
+    /// Parses the TOML subset the presets use; `origin` names the text in errors. A line that
+    /// is not `key = value` or a value that is not an integer, finite float or quoted string is
+    /// an error; keys are not checked here (see [`Config::validate`]).
+    ///
+    /// ```
+    /// use emprior::em::Config;
+    ///
+    /// let cfg = Config::parse("laps = 3 # laps after lap 0\nsigma_y = 0.5\nhidden = \"64,64\"\n", "inline")?;
+    /// assert_eq!(cfg.count("laps")?, 3);
+    /// assert_eq!(cfg.float("sigma_y")?, 0.5);
+    /// assert_eq!(cfg.string("hidden")?, "64,64");
+    /// // The resolved TOML reads back to the same configuration.
+    /// assert_eq!(Config::parse(&cfg.to_toml(), "round trip")?, cfg);
+    /// assert!(cfg.string("laps").is_err(), "laps is an integer");
+    /// # Ok::<(), emprior::Error>(())
+    /// ```
     pub fn parse(text: &str, origin: &str) -> Result<Self> {
         let mut values = BTreeMap::new();
         for (no, line) in text.lines().enumerate() {
@@ -376,7 +396,9 @@ impl Config {
         Ok(Config { values })
     }
 
-    /// The preset `name` of `experiment`.
+    /// The preset `name` of `experiment`: manifold (quick, paper), cifar10 and fashion-mnist
+    /// (quick, smoke, paper), vectors and images (quick). An unknown pair is an error that lists
+    /// the known ones.
     pub fn preset(experiment: &str, name: &str) -> Result<Self> {
         let text = match (experiment, name) {
             ("manifold", "quick") => MANIFOLD_QUICK,
@@ -471,6 +493,7 @@ impl Config {
             .ok_or_else(|| Error::Other(format!("configuration lacks '{key}'")))
     }
 
+    /// The integer value of `key`; an error when the key is absent or holds a float or string.
     pub fn int(&self, key: &str) -> Result<i64> {
         match self.get(key)? {
             Value::Int(v) => Ok(*v),
@@ -486,6 +509,7 @@ impl Config {
             .map_err(|_| Error::Other(format!("configuration '{key}' must not be negative")))
     }
 
+    /// The numeric value of `key` (an integer is widened); an error when it is absent or a string.
     pub fn float(&self, key: &str) -> Result<f64> {
         match self.get(key)? {
             Value::Float(v) => Ok(*v),
@@ -496,6 +520,7 @@ impl Config {
         }
     }
 
+    /// The string value of `key`; an error when it is absent or a number.
     pub fn string(&self, key: &str) -> Result<String> {
         match self.get(key)? {
             Value::Str(s) => Ok(s.clone()),
@@ -566,15 +591,21 @@ impl Config {
 
 /// A range rule of [`Config::validate`].
 pub enum Rule {
+    /// A number > 0.
     Positive,
+    /// A number >= 0.
     NonNegative,
+    /// A number in `[0, 1)` (decays, dropout).
     Fraction,
+    /// A percentage in `[0, 100)`.
     Percent,
+    /// An integer >= 1.
     AtLeastOne,
     /// An integer >= 0.
     Count,
     /// 0 or 1.
     Flag,
+    /// One of these strings.
     OneOf(&'static [&'static str]),
     /// Free text, described.
     Text(&'static str),
@@ -601,8 +632,11 @@ impl Rule {
 /// (`emprior keys`, the README's table) and of [`Config::validate`]'s range checks; a test keeps
 /// every preset's keys in it.
 pub struct Key {
+    /// The key as written in the TOML and in `--set key=value`.
     pub name: &'static str,
+    /// Its valid values.
     pub rule: Rule,
+    /// What it controls, one line for the reference table.
     pub meaning: &'static str,
 }
 

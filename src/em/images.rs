@@ -64,6 +64,7 @@ const RANGE: f64 = 4.0;
 /// What one lap measured; one line of metrics.jsonl.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ImageLapMetrics {
+    /// The lap: 0 for the Gaussian initialisation, then 1, 2, ...
     pub lap: usize,
     /// PSNR (dB) of the held-out posterior means against the clean images.
     pub psnr: f64,
@@ -73,7 +74,9 @@ pub struct ImageLapMetrics {
     pub sample_psnr: f64,
     /// Mean DSM loss over the M-step's last epoch (NaN for lap 0).
     pub loss: f64,
+    /// Wall time of the E-step in seconds (lap 0: the whole Gaussian initialisation with it).
     pub estep_seconds: f64,
+    /// Wall time of the M-step in seconds (0 for lap 0).
     pub mstep_seconds: f64,
     /// E-step throughput: observations times sampler steps per second.
     pub estep_image_steps_per_s: f64,

@@ -189,6 +189,8 @@ pub struct RunLock {
 }
 
 impl RunLock {
+    /// Takes the lock of the run directory `run` (creating `run/.lock`) and writes our pid into
+    /// it; an error naming the holder's pid when another process holds it.
     pub fn acquire(run: &Path) -> Result<Self> {
         use std::io::{Read, Seek, Write};
         use std::os::fd::AsRawFd;
@@ -439,6 +441,7 @@ pub fn ensure_finite_samples(label: &str, samples: &[f32], per: usize) -> Result
 pub struct Fingerprint(u64);
 
 impl Fingerprint {
+    /// The fingerprint of nothing, a fixed starting state to [`Fingerprint::add`] data to.
     pub fn new() -> Self {
         Fingerprint(0x243F_6A88_85A3_08D3)
     }

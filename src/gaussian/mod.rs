@@ -19,12 +19,17 @@ use crate::tensor::{AsView, DType, Tensor, View};
 /// Sigma = diag(d) + U U^T with U d x r (row-major), in f64 on the host.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Dplr {
+    /// The diagonal D: `d` positive, finite entries.
     pub diag: Vec<f64>,
+    /// U, `d × rank` row-major (entry `(i, k)` at `u[i * rank + k]`); empty when `rank` is 0.
     pub u: Vec<f64>,
+    /// r, the number of columns of U.
     pub rank: usize,
 }
 
 impl Dplr {
+    /// `diag(diag) + U Uᵀ`; errors unless `u` holds `diag.len() × rank` values and every
+    /// diagonal entry is positive and finite.
     pub fn new(diag: Vec<f64>, u: Vec<f64>, rank: usize) -> Result<Self> {
         if u.len() != diag.len() * rank {
             return Err(Error::Other(format!(
@@ -60,6 +65,7 @@ impl Dplr {
         Dplr::new(vec![eps; d], l, d)
     }
 
+    /// d, the dimension of the (d × d) matrix.
     pub fn dim(&self) -> usize {
         self.diag.len()
     }
@@ -150,9 +156,24 @@ impl ShiftedInverse {
 }
 
 /// A Gaussian prior N(mean, cov).
+///
+/// ```
+/// use emprior::gaussian::{Dplr, Gaussian};
+/// use emprior::{AsView, Device, Tensor};
+///
+/// // N(μ, I) in 2-D: at σ = 1, E[x | x_t] = μ + (x_t − μ) / 2.
+/// let prior = Gaussian::new(vec![1.0, -1.0], Dplr::identity(2))?;
+/// let x_t = Tensor::from_f64(&[3.0, 1.0], &[1, 2], &Device::Cpu)?;
+/// let x_hat = prior.denoise(&x_t.as_view()?, 1.0)?.to_vec_f64()?;
+/// assert!((x_hat[0] - 2.0).abs() < 1e-12);
+/// assert!((x_hat[1] - 0.0).abs() < 1e-12);
+/// # Ok::<(), emprior::Error>(())
+/// ```
 #[derive(Clone, Debug, PartialEq)]
 pub struct Gaussian {
+    /// μ, `d` entries.
     pub mean: Vec<f64>,
+    /// Σ, diagonal plus low rank.
     pub cov: Dplr,
     /// The last (Sigma + shift I)^-1 built: a sampler step calls the denoiser, then CG calls the
     /// VJP several times at the same sigma, and rebuilding would refactor the capacitance and
@@ -187,6 +208,7 @@ impl std::fmt::Debug for InverseCache {
 }
 
 impl Gaussian {
+    /// N(mean, cov); errors when `mean`'s length differs from the covariance's dimension.
     pub fn new(mean: Vec<f64>, cov: Dplr) -> Result<Self> {
         if mean.len() != cov.dim() {
             return Err(Error::Other(format!(
@@ -201,6 +223,7 @@ impl Gaussian {
         })
     }
 
+    /// d, the dimension.
     pub fn dim(&self) -> usize {
         self.mean.len()
     }

@@ -18,8 +18,12 @@ use crate::tensor::{numel, AsView, DType, Tensor};
 
 /// A loaded checkpoint: the network it describes, its flat parameters (host) and metadata.
 pub struct Checkpoint {
+    /// The architecture, rebuilt from the metadata.
     pub network: Network,
+    /// The flat parameters `[P]` in the network's layout, on the CPU, in the dtype asked for.
     pub params: Tensor,
+    /// Every metadata entry of the file: the architecture, `format`, `emprior.version` and run
+    /// facts such as `preset`, `seed`, `sigma_min`, `sigma_max`.
     pub metadata: BTreeMap<String, String>,
 }
 

@@ -13,7 +13,9 @@ const MAGIC: &[u8] = b"\x93NUMPY";
 /// An array read from a `.npy` file, widened to f64.
 #[derive(Clone, Debug, PartialEq)]
 pub struct NpyArray {
+    /// The array's shape as stored (`[]` for a scalar).
     pub shape: Vec<usize>,
+    /// The values in C (row-major) order, widened to f64 exactly; `shape`'s product of them.
     pub data: Vec<f64>,
     /// The dtype in the file: "f4", "f8" or "u1".
     pub dtype: &'static str,
@@ -179,7 +181,24 @@ fn header(descr: &str, shape: &[usize]) -> Vec<u8> {
     out
 }
 
-/// Writes f32 values (C order) atomically.
+/// Writes f32 values (C order) atomically; an error when `data.len()` is not the product of
+/// `shape` or the file cannot be written.
+///
+/// ```
+/// use emprior::io::{read_npy, write_npy_f32};
+///
+/// let path = std::env::temp_dir().join(format!("emprior-doc-{}.npy", std::process::id()));
+/// write_npy_f32(&path, &[2, 3], &[1.0, 2.0, 3.0, 4.0, 5.0, 6.5])?;
+/// let a = read_npy(&path)?;
+/// assert_eq!(a.shape, vec![2, 3]);
+/// assert_eq!(a.dtype, "f4");
+/// assert_eq!(a.data[5], 6.5);
+/// assert_eq!(a.to_f32(), vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.5]);
+/// // Values that do not fill the shape are refused.
+/// assert!(write_npy_f32(&path, &[4], &[1.0]).is_err());
+/// std::fs::remove_file(&path).unwrap();
+/// # Ok::<(), emprior::Error>(())
+/// ```
 pub fn write_npy_f32(path: &Path, shape: &[usize], data: &[f32]) -> Result<()> {
     check_len(path, shape, data.len())?;
     let mut out = header("<f4", shape);

@@ -14,12 +14,15 @@ const SECOND: [u8; 3] = [255, 127, 14];
 
 /// An RGB canvas.
 pub struct Canvas {
+    /// Width in pixels.
     pub width: usize,
+    /// Height in pixels.
     pub height: usize,
     pixels: Vec<[u8; 3]>,
 }
 
 impl Canvas {
+    /// A white canvas of `width` x `height` pixels.
     pub fn new(width: usize, height: usize) -> Self {
         Canvas {
             width,
@@ -28,6 +31,7 @@ impl Canvas {
         }
     }
 
+    /// Paints pixel (x, y) (origin top left) with colour `c`; points off the canvas are ignored.
     pub fn set(&mut self, x: i64, y: i64, c: [u8; 3]) {
         if x >= 0 && y >= 0 && (x as usize) < self.width && (y as usize) < self.height {
             self.pixels[y as usize * self.width + x as usize] = c;
@@ -44,6 +48,7 @@ impl Canvas {
         }
     }
 
+    /// The 1 px outline of the rectangle with corners (x0, y0) and (x1, y1), both inclusive.
     pub fn rect(&mut self, x0: i64, y0: i64, x1: i64, y1: i64, c: [u8; 3]) {
         for x in x0..=x1 {
             self.set(x, y0, c);
@@ -67,6 +72,7 @@ impl Canvas {
         }
     }
 
+    /// Writes the canvas as an 8-bit RGB PNG, atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut bytes = Vec::new();
         {

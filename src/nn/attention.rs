@@ -17,6 +17,8 @@ use crate::tensor::{AsView, AsViewMut, Data, DataMut, Tensor, View, ViewMut};
 pub mod cpu {
     use crate::real::Real;
 
+    /// Row-wise softmax of the row-major `[rows, cols]` scores `s` into `p`, with the row max
+    /// subtracted first for stability.
     pub fn softmax<T: Real>(s: &[T], p: &mut [T], cols: usize) {
         for (sr, pr) in s.chunks_exact(cols).zip(p.chunks_exact_mut(cols)) {
             let mx = sr.iter().copied().fold(sr[0], T::max);
@@ -29,6 +31,8 @@ pub mod cpu {
         }
     }
 
+    /// The softmax VJP per row, from the forward's probabilities `p`:
+    /// `ds = p * (dp - sum(p * dp))`.
     pub fn softmax_backward<T: Real>(p: &[T], dp: &[T], ds: &mut [T], cols: usize) {
         for ((pr, gr), dr) in p
             .chunks_exact(cols)
@@ -107,11 +111,18 @@ const SPLIT_QKV: [usize; 5] = [2, 0, 3, 1, 4];
 /// [N, heads, T, d] -> [N, T, heads, d].
 const MERGE_HEADS: [usize; 4] = [0, 2, 1, 3];
 
+/// Multi-head self-attention over the tokens (pixels) of each sample: one fused q/k/v projection
+/// with bias, `softmax(q k^T / sqrt(d))` per head, and an output projection without bias.
+/// Shape-preserving on `[N, H, W, C]` or `[N, T, C]`.
 #[derive(Clone, Debug)]
 pub struct SelfAttention {
+    /// The fused q, k, v projection C -> 3C with bias; its output columns run (q/k/v, head, d).
     pub qkv: Linear,
+    /// The output projection C -> C, without bias.
     pub out: Linear,
+    /// Token width C, the input's last axis.
     pub channels: usize,
+    /// Number of heads; each is d = channels / heads wide.
     pub heads: usize,
 }
 
@@ -129,6 +140,7 @@ pub struct AttSaved {
 }
 
 impl AttSaved {
+    /// Bytes held by the saved tensors, the input copy included when there is one.
     pub fn bytes(&self) -> usize {
         [&self.qkv, &self.probs, &self.merged]
             .iter()
@@ -139,6 +151,8 @@ impl AttSaved {
 }
 
 impl SelfAttention {
+    /// Registers `{name}.qkv.weight` `[C, 3C]`, `{name}.qkv.bias` `[3C]` and `{name}.out.weight`
+    /// `[C, C]`. Panics unless `heads > 0` divides `channels`.
     pub fn new(layout: &mut ParamLayout, name: &str, channels: usize, heads: usize) -> Self {
         assert!(
             heads > 0 && channels % heads == 0,

@@ -39,6 +39,8 @@ pub mod cpu {
     use super::ConvGeometry;
     use crate::real::Real;
 
+    /// The row-major column matrix `[n * oh * ow, 9 * cin]` of the NHWC input: per output pixel,
+    /// the 9 taps in (ky, kx) order with channels fastest; taps in the padding are zero.
     pub fn im2col<T: Real>(x: &[T], col: &mut [T], g: &ConvGeometry) {
         let (h, w, cin, oh, ow, s) = (g.h, g.w, g.cin as usize, g.oh, g.ow, g.stride);
         let mut i = 0;
@@ -146,6 +148,7 @@ pub fn set_column_budget(bytes: usize) {
     COLUMN_BUDGET.store(bytes.max(1), Ordering::Relaxed);
 }
 
+/// The current column budget in bytes (see [`set_column_budget`]).
 pub fn column_budget() -> usize {
     COLUMN_BUDGET.load(Ordering::Relaxed)
 }
@@ -185,12 +188,19 @@ impl ConvGeometry {
     }
 }
 
+/// A 3x3 convolution with padding 1 and stride 1 or 2, channels-last:
+/// `[N, H, W, Cin]` -> `[N, ceil(H / s), ceil(W / s), Cout]`.
 #[derive(Clone, Debug)]
 pub struct Conv3x3 {
+    /// The weight `[3, 3, Cin, Cout]`.
     pub weight: ParamId,
+    /// The bias `[Cout]`.
     pub bias: ParamId,
+    /// Input channels.
     pub cin: usize,
+    /// Output channels.
     pub cout: usize,
+    /// 1, or 2 for the U-Net's down-sampling convolutions.
     pub stride: usize,
 }
 
@@ -209,6 +219,7 @@ impl Conv3x3 {
         }
     }
 
+    /// The geometry for an input of shape `[N, H, W, Cin]`; errors on any other shape.
     pub fn geometry(&self, x_shape: &[usize]) -> Result<ConvGeometry> {
         match *x_shape {
             [n, h, w, c] if c == self.cin => {

@@ -13,8 +13,11 @@ use crate::tensor::{AsViewMut, Data, DataMut, Tensor, View};
 /// Where a dropout layer's mask comes from: a stream and the first element offset.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct DropoutMask {
+    /// The Philox key (seed and stream) the mask is drawn from.
     pub rng: Philox,
+    /// Counter of the layer's first element: element i is kept when uniform(offset + i) >= p.
     pub offset: u64,
+    /// Drop probability, in `[0, 1)`.
     pub p: f32,
 }
 

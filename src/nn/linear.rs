@@ -8,11 +8,16 @@ use crate::ops::broadcast::sum_rows_into;
 use crate::ops::{gemm_bias_into, gemm_into, GemmSpec};
 use crate::tensor::{Tensor, View, ViewMut};
 
+/// A fully connected layer over the last axis, `y = x W + b`, its parameters in a [`ParamLayout`].
 #[derive(Clone, Debug)]
 pub struct Linear {
+    /// The weight `[fan_in, fan_out]`.
     pub weight: ParamId,
+    /// The bias `[fan_out]`, when the layer has one.
     pub bias: Option<ParamId>,
+    /// Input features: the input's last axis.
     pub fan_in: usize,
+    /// Output features.
     pub fan_out: usize,
 }
 

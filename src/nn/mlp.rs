@@ -10,12 +10,38 @@ use super::resample::{concat_channels, split_channels};
 use crate::error::{Error, Result};
 use crate::tensor::{AsView, Tensor, View, ViewMut};
 
+/// The manifold experiment's network F(x, emb) on `[N, F]` feature vectors, with its own
+/// parameter layout.
+///
+/// ```
+/// use emprior::nn::{embedding::sinusoidal_embedding, TimeMlp};
+/// use emprior::{AsView, DType, Device, Tensor};
+///
+/// // The manifold network: 5 features, hidden widths (256, 256, 256), a 64-wide embedding.
+/// let mlp = TimeMlp::new(5, &[256, 256, 256], 64);
+/// assert_eq!(mlp.layout.len(), 150_789);
+/// let params = mlp.layout.init(0, DType::F32, &Device::Cpu)?;
+/// let x = Tensor::zeros(&[2, 5], DType::F32, &Device::Cpu)?;
+/// let c_noise = Tensor::from_f32(&[-1.0, 0.5], &[2], &Device::Cpu)?; // ln sigma per row
+/// let emb = sinusoidal_embedding(&c_noise.as_view()?, 64)?;
+/// let (y, saved) = mlp.forward(&params.as_view()?, &x.as_view()?, &emb.as_view()?)?;
+/// assert_eq!(y.shape(), [2, 5]);
+/// // A VJP (no parameter gradients) against the saved activations.
+/// let dx = mlp.backward(&params.as_view()?, &saved, &y.as_view()?, None)?;
+/// assert_eq!(dx.shape(), [2, 5]);
+/// # Ok::<(), emprior::Error>(())
+/// ```
 #[derive(Clone, Debug)]
 pub struct TimeMlp {
+    /// Data features F: the width of x and of the output.
     pub features: usize,
+    /// Hidden widths, one Linear-SiLU-LayerNorm layer each.
     pub hidden: Vec<usize>,
+    /// Width E of the sinusoidal embedding concatenated to x.
     pub emb: usize,
+    /// The Linears: one per hidden width, then the output layer back to F.
     pub layers: Vec<Linear>,
+    /// The network's parameters, `mlp.{i}.weight` and `mlp.{i}.bias` in layer order.
     pub layout: ParamLayout,
 }
 
@@ -28,6 +54,7 @@ pub struct MlpSaved {
 }
 
 impl MlpSaved {
+    /// Bytes held for the backward.
     pub fn bytes(&self) -> usize {
         let t: usize = std::iter::once(&self.input)
             .chain(&self.pre)
@@ -51,6 +78,8 @@ impl MlpSaved {
 }
 
 impl TimeMlp {
+    /// A TimeMLP for `features`-wide data, the given hidden widths and an `emb`-wide embedding;
+    /// registers `mlp.0` to `mlp.{hidden.len()}` in its own layout.
     pub fn new(features: usize, hidden: &[usize], emb: usize) -> Self {
         let mut layout = ParamLayout::new();
         let mut layers = Vec::new();

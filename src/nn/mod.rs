@@ -32,9 +32,11 @@ use crate::ops::Philox;
 /// Training (dropout on, driven by a Philox stream) or evaluation (dropout off, as when sampling).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Mode {
+    /// Evaluation: dropout off.
     Eval,
     /// Dropout masks come from `rng`; every dropout layer uses its own element offset range.
     Train {
+        /// The Philox key every dropout mask of the step is drawn from.
         rng: Philox,
         /// The first row of this batch within the step's batch (diffusion::BatchPart): a batch
         /// run in row parts draws each row's masks from where the whole batch would.

@@ -8,6 +8,7 @@ use crate::ops::{mismatch, one_device};
 use crate::real::Real;
 use crate::tensor::{Data, DataMut, Tensor, View};
 
+/// LayerNorm's epsilon, added to the variance (inox's default).
 pub const LN_EPS: f64 = 1e-5;
 
 /// The CPU bodies: the oracle for kernels/norm.cu. Rows are independent, so they run on both
@@ -86,6 +87,7 @@ pub mod cpu {
         T::DTYPE == DType::F32
     }
 
+    /// y = LN(x) per row of the row-major `[rows, c]` x, and 1/std per row into `rstd`.
     pub fn forward<T: Real>(x: &[T], y: &mut [T], rstd: &mut [T], c: usize, eps: f64) {
         for_rows2(y, c, rstd, 1, |r, y, rs| {
             let x = &x[r.start * c..r.end * c];
@@ -109,6 +111,8 @@ pub mod cpu {
         });
     }
 
+    /// The LayerNorm VJP per row from the forward's y and 1/std:
+    /// `dx = rstd (dy - mean(dy) - y mean(dy y))`.
     pub fn backward<T: Real>(y: &[T], rstd: &[T], dy: &[T], dx: &mut [T], c: usize) {
         crate::ops::parallel::for_rows(dx, c, |r, dx| {
             let (y, dy, rstd) = (&y[r.start * c..r.end * c], &dy[r.start * c..r.end * c], &rstd[r]);
@@ -143,7 +147,9 @@ pub mod cpu {
 
 /// What the backward needs: the output and 1/std per row.
 pub struct LnSaved {
+    /// The normalised output, shaped like the input.
     pub y: Tensor,
+    /// `1 / sqrt(var + eps)` per row, `[rows]` (rows: the product of all axes but the last).
     pub rstd: Tensor,
 }
 

@@ -17,16 +17,26 @@ pub struct ParamId(pub usize);
 pub enum Init {
     /// U(-bound, bound) times `scale`: weights, with bound = 1/sqrt(fan_in) (scale 0.1 for the
     /// last layer of every modulation MLP).
-    Uniform { bound: f64, scale: f64 },
+    Uniform {
+        /// Half-width of the interval: 1/sqrt(fan_in) for the paper's weights.
+        bound: f64,
+        /// Factor on every draw: 1, or 0.1 for the modulation output layers.
+        scale: f64,
+    },
     /// Biases.
     Zeros,
 }
 
+/// One parameter's entry in a [`ParamLayout`]: its name, shape and place in the flat buffer.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ParamSpec {
+    /// Checkpoint name, e.g. `down.0.conv.weight`; unique within a layout.
     pub name: String,
+    /// Shape, row-major.
     pub shape: Vec<usize>,
+    /// Index of its first scalar in the flat buffer.
     pub offset: usize,
+    /// How [`ParamLayout::init`] fills it.
     pub init: Init,
 }
 
@@ -38,6 +48,7 @@ pub struct ParamLayout {
 }
 
 impl ParamLayout {
+    /// An empty layout.
     pub fn new() -> Self {
         Self::default()
     }
@@ -76,18 +87,22 @@ impl ParamLayout {
         self.total
     }
 
+    /// Whether the layout holds no scalars.
     pub fn is_empty(&self) -> bool {
         self.total == 0
     }
 
+    /// Every parameter's spec, in registration (and offset) order.
     pub fn specs(&self) -> &[ParamSpec] {
         &self.specs
     }
 
+    /// The spec of `id`; panics for an id from another, larger layout.
     pub fn spec(&self, id: ParamId) -> &ParamSpec {
         &self.specs[id.0]
     }
 
+    /// The spec named `name`, if there is one.
     pub fn find(&self, name: &str) -> Option<&ParamSpec> {
         self.specs.iter().find(|s| s.name == name)
     }

@@ -13,6 +13,7 @@ use crate::tensor::{numel, AsViewMut, Data, DataMut, Tensor, View, ViewMut};
 pub mod cpu {
     use crate::real::Real;
 
+    /// Nearest x2 upsampling of NHWC `[n, h, w, c]` into `[n, 2h, 2w, c]`.
     pub fn upsample2x<T: Real>(x: &[T], y: &mut [T], n: usize, h: usize, w: usize, c: usize) {
         for b in 0..n {
             for oy in 0..2 * h {
@@ -25,6 +26,7 @@ pub mod cpu {
         }
     }
 
+    /// The adjoint of [`upsample2x`]: each dx pixel is the sum of its 2x2 block of dy.
     pub fn upsample2x_backward<T: Real>(dy: &[T], dx: &mut [T], n: usize, h: usize, w: usize, c: usize) {
         for b in 0..n {
             for iy in 0..h {
@@ -40,6 +42,7 @@ pub mod cpu {
         }
     }
 
+    /// Per row, a `[rows, ca]` then b `[rows, cb]` into y `[rows, ca + cb]`.
     pub fn concat<T: Real>(a: &[T], b: &[T], y: &mut [T], ca: usize, cb: usize) {
         for ((yr, ar), br) in y
             .chunks_exact_mut(ca + cb)
@@ -51,6 +54,7 @@ pub mod cpu {
         }
     }
 
+    /// The adjoint of [`concat()`]: dy `[rows, ca + cb]` split into da and db.
     pub fn split<T: Real>(dy: &[T], da: &mut [T], db: &mut [T], ca: usize, cb: usize) {
         for ((yr, ar), br) in dy
             .chunks_exact(ca + cb)
@@ -62,6 +66,8 @@ pub mod cpu {
         }
     }
 
+    /// A strided gather: output element i, at row-major multi-index `idx` over `out_dims`, is
+    /// `x[sum_a idx[a] * in_strides[a]]`.
     pub fn permute<T: Real>(x: &[T], y: &mut [T], out_dims: &[usize], in_strides: &[usize]) {
         for (i, o) in y.iter_mut().enumerate() {
             let (mut rest, mut src) = (i, 0);

@@ -29,6 +29,7 @@ use crate::tensor::{AsView, AsViewMut, Tensor, View, ViewMut};
 pub struct UNetConfig {
     /// Image channels (before patchify).
     pub in_channels: usize,
+    /// Output channels (before un-patchifying).
     pub out_channels: usize,
     /// Channels per level, C0 .. C(L-1).
     pub channels: Vec<usize>,
@@ -38,6 +39,7 @@ pub struct UNetConfig {
     pub attention: Vec<(usize, usize)>,
     /// Width of the sinusoidal embedding.
     pub emb: usize,
+    /// Dropout probability inside every ResBlock (Train mode only).
     pub dropout: f32,
     /// Pixel-unshuffle factor (1 = none, 4 for the MRI network).
     pub patch: usize,
@@ -77,6 +79,7 @@ impl UNetConfig {
         }
     }
 
+    /// The number of attention heads at `level`, or None where it has no attention.
     pub fn heads_at(&self, level: usize) -> Option<usize> {
         self.attention.iter().find(|(l, _)| *l == level).map(|&(_, h)| h)
     }
@@ -163,9 +166,44 @@ struct Level {
     up: Vec<Block>,
 }
 
+/// The paper's U-Net F(x, emb): x `[N, H, W, in]` and the embedding `[N, E]` to
+/// `[N, H, W, out]`, built from a [`UNetConfig`], every parameter in one flat [`ParamLayout`].
+/// `forward` returns the saved activations; `backward` is a VJP, or with a gradient buffer
+/// also accumulates every parameter gradient.
+///
+/// ```
+/// use emprior::nn::{embedding::sinusoidal_embedding, Mode, UNet, UNetConfig};
+/// use emprior::{AsView, DType, Device, Tensor};
+///
+/// // A tiny two-level U-Net on 8x8 grayscale images, attention at the 4x4 level.
+/// let net = UNet::new(UNetConfig {
+///     in_channels: 1,
+///     out_channels: 1,
+///     channels: vec![8, 16],
+///     blocks: vec![1, 1],
+///     attention: vec![(1, 2)],
+///     emb: 16,
+///     dropout: 0.0,
+///     patch: 1,
+///     resolution: (8, 8),
+/// })?;
+/// assert_eq!(net.layout.len(), 22_465);
+/// let params = net.layout.init(0, DType::F32, &Device::Cpu)?;
+/// let x = Tensor::zeros(&[2, 8, 8, 1], DType::F32, &Device::Cpu)?;
+/// let c_noise = Tensor::from_f32(&[-1.0, 0.5], &[2], &Device::Cpu)?; // ln sigma per sample
+/// let emb = sinusoidal_embedding(&c_noise.as_view()?, 16)?;
+/// let (y, saved) = net.forward(&params.as_view()?, &x.as_view()?, &emb.as_view()?, Mode::Eval)?;
+/// assert_eq!(y.shape(), [2, 8, 8, 1]);
+/// // A VJP (no parameter gradients): the saved state serves any number of them.
+/// let dx = net.backward(&params.as_view()?, &emb.as_view()?, &saved, &y.as_view()?, None)?;
+/// assert_eq!(dx.shape(), [2, 8, 8, 1]);
+/// # Ok::<(), emprior::Error>(())
+/// ```
 #[derive(Clone, Debug)]
 pub struct UNet {
+    /// The architecture it was built from.
     pub config: UNetConfig,
+    /// Names, shapes and offsets of every parameter (`down.{i}.*`, `up.{i}.*`, `out.*`).
     pub layout: ParamLayout,
     levels: Vec<Level>,
     out: Linear,
@@ -224,6 +262,9 @@ impl UNetSaved {
 const DROPOUT_STRIDE: u64 = 1 << 40;
 
 impl UNet {
+    /// Builds the network and its parameter layout. Errors when the config is inconsistent:
+    /// block counts not matching the widths, heads not dividing a level's channels, a resolution
+    /// not divisible by `patch * 2^(L-1)`, or an odd or narrower than 4 embedding.
     pub fn new(config: UNetConfig) -> Result<Self> {
         config.validate()?;
         let mut layout = ParamLayout::new();
@@ -1197,6 +1238,7 @@ pub struct PoolEstimate {
     /// With the limit asked for: the most held, and the driver allocations of the second step
     /// (the steady state; none without a limit).
     pub limited_held: u64,
+    /// Driver allocations the second step still makes under the limit (0 in the steady state).
     pub allocations_per_step: u64,
 }
 

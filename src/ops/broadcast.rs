@@ -15,6 +15,7 @@ use crate::tensor::{AsView, AsViewMut, Data, DataMut, View, ViewMut};
 pub mod cpu {
     use crate::real::Real;
 
+    /// `y[r, c] += b[c]` for every row of `y` (rows of `b.len()`), rows split over the cores.
     pub fn add_bias<T: Real>(y: &mut [T], b: &[T]) {
         crate::ops::parallel::for_rows(y, b.len(), |_, y| {
             for row in y.chunks_exact_mut(b.len()) {
@@ -47,6 +48,7 @@ pub mod cpu {
         });
     }
 
+    /// `y[r, c] = x[r, c] * v[c]` for every row (rows of `v.len()`).
     pub fn scale_cols<T: Real>(x: &[T], v: &[T], y: &mut [T]) {
         for (yr, xr) in y.chunks_exact_mut(v.len()).zip(x.chunks_exact(v.len())) {
             for ((o, &a), &d) in yr.iter_mut().zip(xr).zip(v) {
@@ -55,6 +57,8 @@ pub mod cpu {
         }
     }
 
+    /// `y[s, i] = alpha[s] a[s, i]`, plus `beta[s] b[s, i]` when `b` is `Some((b, beta))`, for
+    /// `alpha.len()` samples of `a.len() / alpha.len()` elements each.
     pub fn scale_rows<T: Real>(a: &[T], alpha: &[T], b: Option<(&[T], &[T])>, y: &mut [T]) {
         let len = a.len() / alpha.len().max(1);
         for (i, o) in y.iter_mut().enumerate() {

@@ -259,6 +259,7 @@ pub fn add_into(a: &impl AsView, b: &impl AsView, out: &mut impl AsViewMut) -> R
     binary(Add, a, b, out)
 }
 
+/// `a + b` elementwise, in a new tensor on `a`'s device and dtype (see [`add_into`]).
 pub fn add(a: &impl AsView, b: &impl AsView) -> Result<Tensor> {
     let mut out = alloc_for(a)?;
     add_into(a, b, &mut out)?;
@@ -270,6 +271,7 @@ pub fn mul_into(a: &impl AsView, b: &impl AsView, out: &mut impl AsViewMut) -> R
     binary(Mul, a, b, out)
 }
 
+/// `a * b` elementwise, in a new tensor on `a`'s device and dtype (see [`mul_into`]).
 pub fn mul(a: &impl AsView, b: &impl AsView) -> Result<Tensor> {
     let mut out = alloc_for(a)?;
     mul_into(a, b, &mut out)?;
@@ -281,6 +283,7 @@ pub fn div_guarded_into(a: &impl AsView, b: &impl AsView, out: &mut impl AsViewM
     binary(DivGuarded, a, b, out)
 }
 
+/// `a / b` elementwise with 0 where `b == 0`, in a new tensor (see [`div_guarded_into`]).
 pub fn div_guarded(a: &impl AsView, b: &impl AsView) -> Result<Tensor> {
     let mut out = alloc_for(a)?;
     div_guarded_into(a, b, &mut out)?;
@@ -292,6 +295,7 @@ pub fn scale_into(x: &impl AsView, alpha: f64, out: &mut impl AsViewMut) -> Resu
     unary(Scale(alpha), x, out)
 }
 
+/// `alpha * x` in a new tensor on `x`'s device and dtype (f32 data uses `alpha` rounded to f32).
 pub fn scale(x: &impl AsView, alpha: f64) -> Result<Tensor> {
     let mut out = alloc_for(x)?;
     scale_into(x, alpha, &mut out)?;
@@ -331,6 +335,7 @@ pub fn silu_into(x: &impl AsView, out: &mut impl AsViewMut) -> Result<()> {
     unary(Silu, x, out)
 }
 
+/// `silu(x) = x * sigmoid(x)` in a new tensor (see [`silu_into`]).
 pub fn silu(x: &impl AsView) -> Result<Tensor> {
     let mut out = alloc_for(x)?;
     silu_into(x, &mut out)?;
@@ -342,6 +347,7 @@ pub fn silu_backward_into(x: &impl AsView, dy: &impl AsView, dx: &mut impl AsVie
     binary(SiluBackward, x, dy, dx)
 }
 
+/// `dy * silu'(x)` in a new tensor on `x`'s device and dtype (see [`silu_backward_into`]).
 pub fn silu_backward(x: &impl AsView, dy: &impl AsView) -> Result<Tensor> {
     let mut dx = alloc_for(x)?;
     silu_backward_into(x, dy, &mut dx)?;

@@ -12,9 +12,13 @@ use crate::tensor::{AsView, AsViewMut, Data, DataMut, Tensor, View, ViewMut};
 /// What to compute besides the product: transposes and the alpha/beta scaling.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct GemmSpec {
+    /// Use `A` transposed: `A` is stored `[k, m]` (per batch entry) instead of `[m, k]`.
     pub trans_a: bool,
+    /// Use `B` transposed: `B` is stored `[n, k]` instead of `[k, n]`.
     pub trans_b: bool,
+    /// Scale of the product (1 by default).
     pub alpha: f32,
+    /// Scale of the existing `C` (0 by default); 0 never reads `C`, which may be uninitialised.
     pub beta: f32,
 }
 
@@ -116,6 +120,8 @@ pub mod cpu {
     /// call) or a 16-token attention head.
     pub const SMALL_ROW_MACS: usize = 256;
 
+    /// `C = alpha op(A) op(B) + beta C` for every batch entry of `p` (from `resolve`) on the
+    /// host; small per-entry products run as plain loops, one large product in row blocks.
     pub fn gemm<T: Real>(p: &GemmParams, trans_a: bool, trans_b: bool, a: &[T], b: &[T], c: &mut [T]) {
         let (m, n, k) = (p.m as usize, p.n as usize, p.k as usize);
         let (lda, ldb, ldc) = (p.lda as isize, p.ldb as isize, p.ldc as isize);
@@ -167,6 +173,8 @@ pub mod cpu {
     /// still one matrixmultiply dot product over the whole of K, so the split does not depend on
     /// the number of threads.
     pub const SPLIT_ROWS: usize = 64;
+    /// With [`SPLIT_ROWS`] rows or more, the multiply-adds (`m * n * k`) from which a single
+    /// product is cut into row blocks.
     pub const SPLIT_MACS: usize = 1 << 20;
     const SPLIT_PARTS: usize = 4;
 
@@ -341,7 +349,30 @@ fn gemm_impl(a: View, b: View, bias: Option<View>, mut c: ViewMut, spec: GemmSpe
     Ok(())
 }
 
-/// op(A) op(B) in a new tensor.
+/// op(A) op(B) in a new tensor on `a`'s device and dtype, shaped as [`resolve`] says:
+/// `[m, n]`, or `[batch, m, n]` when either operand is batched.
+///
+/// ```
+/// use emprior::{ops, Device, Tensor};
+///
+/// let a = Tensor::from_f32(&[1.0, 2.0, 3.0, 4.0, 5.0, 6.0], &[2, 3], &Device::Cpu)?;
+/// let b = Tensor::from_f32(&[1.0, 0.0, 0.0, 1.0, 1.0, 1.0], &[3, 2], &Device::Cpu)?;
+/// let c = ops::matmul(&a, &b, false, false)?;
+/// assert_eq!(c.shape(), &[2, 2]);
+/// assert_eq!(c.to_vec_f32()?, [4.0, 5.0, 10.0, 11.0]);
+/// // A^T A is `[3, 3]`.
+/// let g = ops::matmul(&a, &a, true, false)?;
+/// assert_eq!(g.shape(), &[3, 3]);
+/// assert_eq!(g.to_vec_f32()?[0], 17.0);
+/// // Accumulate into an existing C: C = 2 A B + C.
+/// let mut acc = Tensor::full(&[2, 2], 1.0, &Device::Cpu)?;
+/// let spec = ops::GemmSpec { alpha: 2.0, beta: 1.0, ..ops::GemmSpec::default() };
+/// ops::gemm_into(&a, &b, &mut acc, spec)?;
+/// assert_eq!(acc.to_vec_f32()?, [9.0, 11.0, 21.0, 23.0]);
+/// // Inner dimensions must agree.
+/// assert!(ops::matmul(&a, &a, false, false).is_err());
+/// # Ok::<(), emprior::Error>(())
+/// ```
 pub fn matmul(a: &impl AsView, b: &impl AsView, trans_a: bool, trans_b: bool) -> Result<Tensor> {
     let (a, b) = (a.as_view()?, b.as_view()?);
     let spec = GemmSpec::new(trans_a, trans_b);

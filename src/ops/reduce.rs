@@ -31,10 +31,12 @@ const WARPS: usize = REDUCE_THREADS as usize / 32;
 pub mod cpu {
     use crate::real::Real;
 
+    /// The sum of all elements, accumulated in f64 in order.
     pub fn sum<T: Real>(x: &[T]) -> f64 {
         x.iter().map(|&v| v.to_f64()).sum()
     }
 
+    /// `sum_i a[i] b[i]` in f64, in order, over the shorter of the two slices.
     pub fn dot<T: Real>(a: &[T], b: &[T]) -> f64 {
         a.iter().zip(b).map(|(&x, &y)| x.to_f64() * y.to_f64()).sum()
     }
@@ -185,6 +187,8 @@ fn sum_version(x: &impl AsView, out: &mut impl AsViewMut, version: Version) -> R
     Ok(())
 }
 
+/// The sum of all elements of `x` as a new shape-`[]` tensor on its device and dtype,
+/// accumulated in f64 (see [`sum_into`]).
 pub fn sum(x: &impl AsView) -> Result<Tensor> {
     let v = x.as_view()?;
     let mut out = alloc_like(&v, &[])?;
@@ -247,6 +251,8 @@ pub fn row_dot_into_v1(a: &impl AsView, b: &impl AsView, out: &mut impl AsViewMu
     row_reduce("row_dot", a, b, out, false, Version::V1)
 }
 
+/// The per-row dot products of `a` and `b` (same shape, rows along the first axis) as a new
+/// `[rows]` tensor (see [`row_dot_into`]).
 pub fn row_dot(a: &impl AsView, b: &impl AsView) -> Result<Tensor> {
     let v = a.as_view()?;
     let (rows, _) = rows_cols("row_dot", v.shape())?;
@@ -265,6 +271,8 @@ pub fn row_norm_into_v1(x: &impl AsView, out: &mut impl AsViewMut) -> Result<()>
     row_reduce("row_norm", x, x, out, true, Version::V1)
 }
 
+/// The L2 norm of each row of `x` (rows along the first axis) as a new `[rows]` tensor (see
+/// [`row_norm_into`]).
 pub fn row_norm(x: &impl AsView) -> Result<Tensor> {
     let v = x.as_view()?;
     let (rows, _) = rows_cols("row_norm", v.shape())?;

@@ -57,13 +57,40 @@ fn normal_pair(a: u32, b: u32) -> (f32, f32) {
 }
 
 /// One random stream: a seed and a stream index. Elements are addressed by offset.
+///
+/// ```
+/// use emprior::ops::{self, Philox};
+/// use emprior::Device;
+///
+/// let rng = Philox::new(42, 0);
+/// let mut u = [0.0f32; 8];
+/// rng.fill_uniform(0, &mut u);
+/// assert!(u.iter().all(|&x| x > 0.0 && x < 1.0));
+/// // Any element can be drawn on its own: elements 5, 6, 7 of the same stream.
+/// let mut tail = [0.0f32; 3];
+/// rng.fill_uniform(5, &mut tail);
+/// assert_eq!(&tail[..], &u[5..]);
+/// // A tensor on any device gets the same numbers.
+/// let t = ops::uniform(&[2, 4], rng, 0, &Device::Cpu)?;
+/// assert_eq!(t.to_vec_f32()?, u);
+/// // Another stream of the same seed is another sequence.
+/// let other = ops::uniform(&[8], Philox::new(42, 1), 0, &Device::Cpu)?;
+/// assert_ne!(other.to_vec_f32()?, u);
+/// let z = ops::normal(&[4096], rng, 0, &Device::Cpu)?.to_vec_f32()?;
+/// let mean = z.iter().sum::<f32>() / z.len() as f32;
+/// assert!(mean.abs() < 0.1);
+/// # Ok::<(), emprior::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct Philox {
+    /// The 64-bit Philox key: runs with different seeds draw unrelated numbers.
     pub seed: u64,
+    /// The stream index (the high half of the counter): independent sequences under one seed.
     pub stream: u64,
 }
 
 impl Philox {
+    /// The stream `stream` of generator `seed`.
     pub fn new(seed: u64, stream: u64) -> Self {
         Philox { seed, stream }
     }

@@ -36,6 +36,7 @@ macro_rules! multiversion {
 }
 pub(crate) use multiversion;
 
+/// True when the CPU has AVX-512F and AVX-512VL plus AVX2 and FMA (detected once, then cached).
 #[cfg(target_arch = "x86_64")]
 pub fn has_avx512() -> bool {
     use std::sync::OnceLock;
@@ -48,6 +49,7 @@ pub fn has_avx512() -> bool {
     })
 }
 
+/// True when the CPU has AVX2 and FMA (detected once, then cached).
 #[cfg(target_arch = "x86_64")]
 pub fn has_avx2() -> bool {
     use std::sync::OnceLock;

@@ -25,6 +25,9 @@ use crate::tensor::{AsView, AsViewMut, Data, DataMut, Tensor};
 /// How often [`cg`] reads its residuals when a relative tolerance is set.
 pub const DEFAULT_CHECK_EVERY: usize = 5;
 
+/// When a CG solve stops: after `max_iters` iterations, or earlier once `rtol` is met. DP's
+/// Gaussian initialisation and manifold E-step solve to rtol 1e-3; the image E-steps run a fixed
+/// 1 or 3 iterations (method.md §4, §5.2).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct CgConfig {
     /// The most iterations (each one operator call).
@@ -37,6 +40,7 @@ pub struct CgConfig {
 /// What a solve did.
 #[derive(Clone, Copy, Debug, PartialEq, Default)]
 pub struct CgStats {
+    /// Iterations run (each one operator call).
     pub iterations: usize,
     /// The largest ||r|| / ||b|| over rows at the last tolerance check, if one ran.
     pub worst_relative_residual: Option<f64>,
@@ -46,6 +50,23 @@ pub struct CgStats {
 
 /// Solves M v = b row by row; `matvec` applies M to a batch [B, m]. With a tolerance, checks it
 /// every [`DEFAULT_CHECK_EVERY`] iterations.
+///
+/// ```
+/// use emprior::posterior::{cg, CgConfig, LinearOperator, SharedOperator};
+/// use emprior::{AsView, Device, Tensor};
+///
+/// // M = [[4, 1], [1, 3]] (symmetric, so x ↦ x Mᵀ is x ↦ M x per row); two right-hand sides.
+/// let m = SharedOperator::new(Tensor::from_f64(&[4.0, 1.0, 1.0, 3.0], &[2, 2], &Device::Cpu)?)?;
+/// let b = Tensor::from_f64(&[1.0, 2.0, 4.0, 1.0], &[2, 2], &Device::Cpu)?;
+/// let config = CgConfig { max_iters: 2, rtol: None };
+/// let (v, stats) = cg(|p: &Tensor| m.apply(&p.as_view()?), &b, config)?;
+/// assert_eq!(stats.iterations, 2); // exact after n = 2 steps for a 2 × 2 system
+/// let expected = [1.0 / 11.0, 7.0 / 11.0, 1.0, 0.0];
+/// for (got, want) in v.to_vec_f64()?.iter().zip(expected) {
+///     assert!((got - want).abs() < 1e-12, "{got} vs {want}");
+/// }
+/// # Ok::<(), emprior::Error>(())
+/// ```
 pub fn cg(
     matvec: impl FnMut(&Tensor) -> Result<Tensor>,
     b: &Tensor,

@@ -18,14 +18,22 @@ use crate::tensor::{AsView, Tensor};
 
 /// A prior the posterior samplers can use: a denoiser with VJPs against one saved forward.
 pub trait Prior {
+    /// What [`Prior::denoise_saved`] keeps for later VJPs (a network's activations; σ for a
+    /// Gaussian).
     type Saved;
+    /// x̂ = d(x_t, σ) for a batch `x_t` (`[B, ...]`) at one σ, and the state [`Prior::vjp`]
+    /// needs.
     fn denoise_saved(&self, x_t: &Tensor, sigma: f64) -> Result<(Tensor, Self::Saved)>;
+    /// Jᵀ u with J = ∂x̂/∂x_t at the point `saved` came from; `u` has `x_t`'s shape. Runs a
+    /// backward only, never the forward again.
     fn vjp(&self, saved: &Self::Saved, u: &Tensor) -> Result<Tensor>;
 }
 
 /// A trained network with its weights, in evaluation mode.
 pub struct NetworkPrior<'a> {
+    /// The preconditioned network.
     pub denoiser: &'a Denoiser,
+    /// Its flat parameter vector, laid out by [`Denoiser::layout`].
     pub params: &'a Tensor,
 }
 
@@ -96,13 +104,19 @@ impl std::str::FromStr for Covariance {
 
 /// The MMPS posterior denoiser for a batch of observations y [B, m].
 pub struct Mmps<'a, P: Prior> {
+    /// The prior whose denoiser and VJPs give x̂ and J.
     pub prior: &'a P,
+    /// A, mapping a flattened signal `[B, d]` to observations `[B, m]`.
     pub operator: &'a dyn LinearOperator,
+    /// The observations `[B, m]`, one row per row of the batch being denoised.
     pub y: &'a Tensor,
+    /// Σ_y, the observation noise covariance.
     pub noise: &'a ObservationNoise,
+    /// When the CG solve of `(Σ_y + A V Aᵀ) v = y − A x̂` stops.
     pub cg: CgConfig,
     /// How often CG reads its residuals when `cg.rtol` is set (posterior::cg's notes; 0: never).
     pub cg_check_every: usize,
+    /// Which `V[x | x_t]` the solve uses (the paper's: [`Covariance::Tweedie`], the default).
     pub covariance: Covariance,
     /// The last solve's statistics.
     pub last_cg: CgStats,
@@ -114,6 +128,8 @@ pub struct Mmps<'a, P: Prior> {
 }
 
 impl<'a, P: Prior> Mmps<'a, P> {
+    /// MMPS with the Tweedie covariance, residual checks every [`DEFAULT_CHECK_EVERY`] CG
+    /// iterations and no residual measurement; the other fields are public to change those.
     pub fn new(
         prior: &'a P,
         operator: &'a dyn LinearOperator,
@@ -200,9 +216,13 @@ impl<P: Prior> Denoise for Mmps<'_, P> {
 /// DPS as a posterior denoiser (the baseline): x_hat + sigma^2 zeta J^T A^T r / ||r||, r = y - A x_hat,
 /// i.e. a step of size zeta along the gradient of -||y - A x_hat(x_t)|| per observation.
 pub struct Dps<'a, P: Prior> {
+    /// The prior whose denoiser and VJPs give x̂ and J.
     pub prior: &'a P,
+    /// A, mapping a flattened signal `[B, d]` to observations `[B, m]`.
     pub operator: &'a dyn LinearOperator,
+    /// The observations `[B, m]`.
     pub y: &'a Tensor,
+    /// ζ, the step size along the normalised likelihood gradient (azula's default: 1).
     pub zeta: f64,
 }
 

@@ -13,6 +13,8 @@ pub trait LinearOperator {
     fn obs_dim(&self) -> usize;
     /// Signal size d per row (the product of the signal's non-batch axes).
     fn signal_dim(&self) -> usize;
+    /// A x, shaped `[B, m]`: `x` holds B rows of d values (any shape whose leading axis is B);
+    /// errors when its size does not fit.
     fn apply(&self, x: &View) -> Result<Tensor>;
     /// A^T y, shaped [B, d].
     fn adjoint(&self, y: &View) -> Result<Tensor>;
@@ -33,10 +35,12 @@ fn rows(op: &str, v: &View, per: usize) -> Result<usize> {
 
 /// A_i [m, d] per observation, as a [B, m, d] tensor.
 pub struct DenseOperators {
+    /// The matrices A_i, `[B, m, d]` row-major; row i of a batch is observed through A_i.
     pub a: Tensor,
 }
 
 impl DenseOperators {
+    /// Wraps `a`, `[B, m, d]`; errors unless it has three axes.
     pub fn new(a: Tensor) -> Result<Self> {
         if a.shape().len() != 3 {
             return Err(Error::shape("DenseOperators", "A", "[n, m, d]", a.shape()));
@@ -83,10 +87,12 @@ impl LinearOperator for DenseOperators {
 
 /// One A [m, d] for every observation.
 pub struct SharedOperator {
+    /// A, `[m, d]` row-major.
     pub a: Tensor,
 }
 
 impl SharedOperator {
+    /// Wraps `a`, `[m, d]`; errors unless it has two axes.
     pub fn new(a: Tensor) -> Result<Self> {
         if a.shape().len() != 2 {
             return Err(Error::shape("SharedOperator", "A", "[m, d]", a.shape()));
@@ -120,6 +126,7 @@ impl LinearOperator for SharedOperator {
 
 /// A 0/1 mask per observation, already broadcast over channels: [B, d]. A = A^T = diag(mask).
 pub struct MaskOperator {
+    /// The mask `[B, d]`: 1 where an entry is observed, 0 where it is not.
     pub mask: Tensor,
 }
 
@@ -171,7 +178,9 @@ impl LinearOperator for MaskOperator {
 
 /// Sigma_y: a scalar variance, or one variance per observed entry [B, m].
 pub enum ObservationNoise {
+    /// One variance σ_y² for every entry: Σ_y = σ_y² I (not the standard deviation).
     Scalar(f64),
+    /// One variance per observed entry, `[B, m]` (any shape with B · m values).
     Diagonal(Tensor),
 }
 

@@ -17,16 +17,21 @@ const REDUCE_THREADS: u32 = 256;
 /// lr(step) for step = 0, 1, ... (method.md §8.3).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum LrSchedule {
+    /// The same learning rate at every step.
     Constant(f64),
     /// lr_init + (lr_end - lr_init) * min((step + 1) / (steps + 1), 1).
     Linear {
+        /// lr_init: the rate the decay starts from (positive).
         init: f64,
+        /// lr_end: the rate reached at step `steps` and kept after it (non-negative).
         end: f64,
+        /// The number of steps the decay spans.
         steps: u64,
     },
 }
 
 impl LrSchedule {
+    /// The learning rate of update `step` (0 for the first).
     pub fn at(&self, step: u64) -> f64 {
         match *self {
             LrSchedule::Constant(lr) => lr,
@@ -37,11 +42,16 @@ impl LrSchedule {
     }
 }
 
+/// Adam's hyper-parameters, clipping and EMA ([`AdamConfig::new`] gives optax's defaults).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct AdamConfig {
+    /// The learning rate by step.
     pub lr: LrSchedule,
+    /// Decay of the first-moment average, in `[0, 1)` (default 0.9).
     pub beta1: f64,
+    /// Decay of the second-moment average, in `[0, 1)` (default 0.999).
     pub beta2: f64,
+    /// Added to sqrt(v_hat) in the update's denominator (positive; default 1e-8).
     pub eps: f64,
     /// Global-norm clipping threshold (the paper: 1.0); None disables it.
     pub clip: Option<f64>,
@@ -104,7 +114,9 @@ impl AdamConfig {
 /// What one step did (Adam::update).
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct StepStats {
+    /// The global L2 norm of the gradient, before clipping.
     pub grad_norm: f64,
+    /// The learning rate the step used.
     pub lr: f64,
 }
 
@@ -117,6 +129,9 @@ pub mod cpu {
         crate::ops::reduce::cpu::dot(g, g)
     }
 
+    /// One Adam update of `p` in place, with moments `m` and `v` and the optional EMA copy:
+    /// the gradient `g` is multiplied by the clipping factor `scale` first, `bias1`/`bias2` are
+    /// 1 - beta^t, and the EMA moves toward the new `p` by 1 - `ema_decay`.
     #[allow(clippy::too_many_arguments)]
     pub fn step<T: Real>(
         p: &mut [T],
@@ -148,6 +163,7 @@ pub mod cpu {
 
 /// Optimizer state in the layout of the flat parameters.
 pub struct Adam {
+    /// The hyper-parameters every update reads.
     pub config: AdamConfig,
     m: Tensor,
     v: Tensor,

@@ -28,8 +28,11 @@ const INITIAL_RECORDS: usize = 1024;
 pub struct TrainStep {
     /// The step's index in its run (0 for the first update).
     pub step: u64,
+    /// The step's denoising score-matching loss on its batch.
     pub loss: f64,
+    /// The global L2 norm of the step's gradient, before clipping.
     pub grad_norm: f64,
+    /// The learning rate the step used.
     pub lr: f64,
 }
 
@@ -64,6 +67,7 @@ impl StepLog {
         self.open.len()
     }
 
+    /// Whether no record was written since the last take.
     pub fn is_empty(&self) -> bool {
         self.open.is_empty()
     }

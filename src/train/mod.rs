@@ -30,10 +30,15 @@ const STREAM_DROPOUT: u64 = 1 << 32;
 
 /// One training run's state.
 pub struct Trainer {
+    /// The preconditioned denoiser being trained.
     pub denoiser: Denoiser,
+    /// Its flat parameters `[P]` (the raw weights, not the EMA).
     pub params: Tensor,
+    /// The optimizer state (moments, EMA, step count).
     pub adam: Adam,
+    /// The VE noise schedule that maps training times to noise levels.
     pub schedule: VeSchedule,
+    /// Seeds the step's training times, noise and dropout (with the step index).
     pub seed: u64,
     /// On the CPU, a step's batch runs in parts of this many rows, one per core at a time,
     /// each small enough to keep its activations in cache (None: whole). Set from the network
@@ -59,6 +64,8 @@ pub fn cpu_part_rows(net: &Network) -> Option<usize> {
 }
 
 impl Trainer {
+    /// A run from `params` (checked against the denoiser's layout) with fresh Adam state; an
+    /// error when the layout or `config` is invalid.
     pub fn new(
         denoiser: Denoiser,
         params: Tensor,
@@ -186,6 +193,7 @@ impl Trainer {
         self.adam.ema().unwrap_or(&self.params)
     }
 
+    /// The dtype of the parameters (and of every step's arithmetic).
     pub fn dtype(&self) -> DType {
         self.params.dtype()
     }
