@@ -57,6 +57,7 @@ pub mod metrics;
 pub mod nn;
 pub mod ops;
 pub mod posterior;
+pub mod progress;
 pub mod real;
 pub mod tensor;
 pub mod train;

@@ -117,10 +117,17 @@ fn image_grids_are_written() {
     let (paths, _) = fixture();
     let bytes = read_images(&paths).unwrap();
     let out = std::env::temp_dir().join(format!("emprior-grid-{}.png", std::process::id()));
-    emprior::io::plot::image_grid(&out, &bytes, 32, 32, 3, 5, 2).unwrap();
-    let data = std::fs::read(&out).unwrap();
-    assert_eq!(&data[1..4], b"PNG");
-    // 5 columns x 4 rows of 64-pixel tiles with 2-pixel gaps.
-    assert_eq!(u32::from_be_bytes(data[16..20].try_into().unwrap()), 5 * 66 + 2);
-    assert_eq!(u32::from_be_bytes(data[20..24].try_into().unwrap()), 4 * 66 + 2);
+    emprior::io::plot::image_grid(&out, "CIFAR-10 test", &bytes, (32, 32, 3), 5, 2, &[], &[]).unwrap();
+    let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(&out).unwrap()));
+    let mut reader = decoder.read_info().unwrap();
+    let mut rgb = vec![0; reader.output_buffer_size().unwrap()];
+    let info = reader.next_frame(&mut rgb).unwrap();
+    // 5 columns x 4 rows of 64-pixel tiles, 4-pixel gaps, a 6-pixel left margin, a 34-pixel title.
+    assert_eq!((info.width, info.height), (6 + 5 * 68 + 4, 34 + 4 * 68 + 4));
+    // Image 7 (row 1, column 2), its pixel (5, 9), scaled twice: at (6 + 2 * 68 + 18, 34 + 68 + 10).
+    let (x, y) = (6 + 2 * 68 + 2 * 9, 34 + 68 + 2 * 5);
+    let at = (y * info.width as usize + x) * 3;
+    let src = ((7 * 32 + 5) * 32 + 9) * 3;
+    assert_eq!(&rgb[at..at + 3], &bytes[src..src + 3]);
+    std::fs::remove_file(&out).unwrap();
 }

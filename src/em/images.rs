@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use super::{
     abort_requested, check_observations, create_lap_dir, derive_seed, ensure_finite_samples, json_field,
-    json_line, lap_dir, lap_params, mark_done, metric, open_run, progress, read_lap_metrics, sample_batch,
+    json_line, lap_dir, lap_params, mark_done, metric, open_run, read_lap_metrics, sample_batch,
     save_lap_checkpoint, say_if_complete, write_metrics_jsonl, Config, Fingerprint,
 };
 use crate::data::cifar10;
@@ -28,13 +28,14 @@ use crate::diffusion::sampler::Denoise;
 use crate::diffusion::{Denoiser, Network, Sampler, SamplerKind, VeSchedule};
 use crate::error::{Error, Result};
 use crate::gaussian::{ppca_randomized, Dplr, Gaussian};
-use crate::io::plot::{image_grid, save_image};
+use crate::io::plot::{self, image_grid, save_image};
 use crate::io::{read_npy, write_atomically, write_npy_f32, write_npy_u8};
 use crate::metrics::{psnr, ssim};
 use crate::nn::{UNet, UNetConfig};
 use crate::ops::rng::gather_rows_permuted;
 use crate::ops::Philox;
 use crate::posterior::{CgConfig, Covariance, MaskOperator, Mmps, NetworkPrior, ObservationNoise, Prior};
+use crate::progress::{say, Laps, Phase};
 use crate::tensor::{AsView, DType, Tensor};
 use crate::train::augment::flip_shift;
 use crate::train::{AdamConfig, LrSchedule, Trainer};
@@ -82,6 +83,13 @@ pub struct ImageLapMetrics {
     pub estep_image_steps_per_s: f64,
     /// M-step throughput: training images per second (NaN for lap 0).
     pub mstep_images_per_s: f64,
+    /// The evaluation's time in seconds: held-out posterior means, prior samples, PSNR and SSIM
+    /// (NaN in runs written before it was recorded).
+    pub eval_seconds: f64,
+    /// Writing the lap's grids, the run's curves and its report, in seconds (NaN likewise).
+    pub plot_seconds: f64,
+    /// Exporting prior samples for FID tools, in seconds (0 when the lap exports none).
+    pub export_seconds: f64,
 }
 
 impl ImageLapMetrics {
@@ -96,6 +104,9 @@ impl ImageLapMetrics {
             ("mstep_seconds", self.mstep_seconds),
             ("estep_image_steps_per_s", self.estep_image_steps_per_s),
             ("mstep_images_per_s", self.mstep_images_per_s),
+            ("eval_seconds", self.eval_seconds),
+            ("plot_seconds", self.plot_seconds),
+            ("export_seconds", self.export_seconds),
         ])
     }
 
@@ -111,13 +122,17 @@ impl ImageLapMetrics {
             mstep_seconds: field("mstep_seconds")?,
             estep_image_steps_per_s: field("estep_image_steps_per_s")?,
             mstep_images_per_s: field("mstep_images_per_s")?,
+            // Absent from runs written before they were recorded.
+            eval_seconds: field("eval_seconds").unwrap_or(f64::NAN),
+            plot_seconds: field("plot_seconds").unwrap_or(f64::NAN),
+            export_seconds: field("export_seconds").unwrap_or(f64::NAN),
         })
     }
 
     /// The one-line summary printed per lap.
     pub fn summary(&self) -> String {
         format!(
-            "lap {:>3} | held-out PSNR {} dB SSIM {} | sample PSNR {} dB | loss {} | E-step {:.1}s ({} image-steps/s) | M-step {:.1}s ({} images/s)",
+            "lap {:>3} | held-out PSNR {} dB SSIM {} | sample PSNR {} dB | loss {} | E-step {:.1}s ({} image-steps/s) | M-step {:.1}s ({} images/s) | eval {}s | plots {}s",
             self.lap,
             metric(self.psnr, 2),
             metric(self.ssim, 4),
@@ -126,7 +141,9 @@ impl ImageLapMetrics {
             self.estep_seconds,
             metric(self.estep_image_steps_per_s, 1),
             self.mstep_seconds,
-            metric(self.mstep_images_per_s, 1)
+            metric(self.mstep_images_per_s, 1),
+            metric(self.eval_seconds, 1),
+            metric(self.plot_seconds, 1)
         )
     }
 }
@@ -641,7 +658,7 @@ impl Setup {
         let pixels = obs.masks.len() / obs.n.max(1);
         let channels = per / pixels.max(1);
         let mut out = Vec::with_capacity(obs.n * per);
-        let start = Instant::now();
+        let mut phase = Phase::new(label, obs.n as u64, "images");
         for (chunk, first) in (0..obs.n).step_by(batch).enumerate() {
             let rows = batch.min(obs.n - first);
             let sampler = Sampler {
@@ -667,8 +684,9 @@ impl Setup {
                 let shape = self.image_shape(hi - lo);
                 sampler.sample_part(&mut mmps, &shape, at, Some(&mean), DType::F32, device)
             })?;
-            progress(label, first + rows, obs.n, "images", start);
+            phase.set((first + rows) as u64);
         }
+        phase.finish();
         ensure_finite_samples(label, &out, per)?;
         Ok(out)
     }
@@ -784,7 +802,7 @@ impl Setup {
         let pool = Tensor::from_f32(samples, &self.image_shape(n), device)?;
         let shuffle = Philox::new(seed, 0x5bf1);
         let (mut epoch_loss, mut step) = (f64::NAN, 0usize);
-        let start = Instant::now();
+        let mut phase = Phase::new(format!("lap {lap} M-step"), total as u64, "steps");
         for epoch in 0..epochs {
             let mut sum = 0.0;
             for b in 0..per_epoch {
@@ -804,14 +822,20 @@ impl Setup {
                 step += 1;
                 if step % 50 == 0 || step == total {
                     // The losses wait on the device until here; a non-finite one fails here.
-                    sum += take_losses(&mut trainer, lap)?;
-                    progress(&format!("lap {lap} M-step"), step, total, "steps", start);
+                    let losses = take_losses(&mut trainer, lap)?;
+                    sum += losses;
+                    phase.set(step as u64);
+                    phase.message(format!(
+                        "epoch {}/{epochs}, loss so far {:.4}",
+                        epoch + 1,
+                        sum / (b + 1) as f64
+                    ));
                 }
             }
             sum += take_losses(&mut trainer, lap)?;
             epoch_loss = sum / per_epoch as f64;
         }
-        let rate = (total * batch) as f64 / start.elapsed().as_secs_f64().max(1e-9);
+        let rate = (total * batch) as f64 / phase.finish().max(1e-9);
         Ok((trainer.weights().to_device(device)?, epoch_loss, rate))
     }
 
@@ -821,6 +845,7 @@ impl Setup {
     fn write_grids(
         &self,
         dir: &Path,
+        m: &ImageLapMetrics,
         samples: &[f32],
         held_first: &[f32],
         held_means: &[f32],
@@ -829,12 +854,41 @@ impl Setup {
         let (h, w, c, per) = (self.data.h, self.data.w, self.data.c, self.data.per());
         let g = self.cfg.count("grid")?.min(self.train.n);
         let cols = (g as f64).sqrt().ceil() as usize;
-        let grid = |name: &str, x: &[f32], cols: usize| {
-            image_grid(&dir.join(name), &cifar10::to_bytes(x), h, w, c, cols, 2)
+        let lap = if m.lap == 0 {
+            "Gaussian initialisation (lap 0)".to_string()
+        } else {
+            format!("lap {} of {}", m.lap, self.cfg.count("laps")?)
         };
-        grid("observations.png", &self.train.shown(g, per), cols)?;
-        grid("posterior.png", &samples[..g * per], cols)?;
-        grid("prior.png", prior, (prior.len() / per).max(1).isqrt().max(1))?;
+        let grid = |name: &str, title: &str, x: &[f32], cols: usize, captions: &[String]| {
+            let bytes = cifar10::to_bytes(x);
+            image_grid(&dir.join(name), title, &bytes, (h, w, c), cols, 2, captions, &[])
+        };
+        let removed = 100.0 * self.train.masks.iter().filter(|&&v| v == 0.0).count() as f64
+            / self.train.masks.len().max(1) as f64;
+        grid(
+            "observations.png",
+            &format!(
+                "The first {g} of {} training observations ({removed:.0}% of pixels removed, grey)",
+                self.train.n
+            ),
+            &self.train.shown(g, per),
+            cols,
+            &[],
+        )?;
+        grid(
+            "posterior.png",
+            &format!("{lap}: posterior samples of those observations (the E-step)"),
+            &samples[..g * per],
+            cols,
+            &[],
+        )?;
+        grid(
+            "prior.png",
+            &format!("{lap}: samples of the prior alone (no observation)"),
+            prior,
+            (prior.len() / per).max(1).isqrt().max(1),
+            &[],
+        )?;
         let rows = self.heldout.n.min(16);
         let shown = self.heldout.shown(rows, per);
         // Without the true images, their column is mid grey.
@@ -850,7 +904,88 @@ impl Setup {
                 table.extend(part[i * per..(i + 1) * per].iter().map(|v| v.clamp(-2.0, 2.0)));
             }
         }
-        grid("heldout.png", &table, 4)
+        let truth = if self.heldout.clean.is_empty() {
+            "no ground truth given"
+        } else {
+            "ground truth"
+        };
+        let captions = ["observation", "a posterior sample", "posterior mean", truth].map(String::from);
+        let psnr = if m.psnr.is_finite() {
+            format!(
+                "; posterior means' PSNR {} dB, SSIM {}",
+                metric(m.psnr, 2),
+                metric(m.ssim, 3)
+            )
+        } else {
+            String::new()
+        };
+        grid(
+            "heldout.png",
+            &format!("{lap}: held-out observations{psnr}"),
+            &table,
+            4,
+            &captions,
+        )
+    }
+
+    /// The lap's grids and the run's curves (the lap's metrics are the last of `all`, whose
+    /// `plot_seconds` this sets).
+    #[allow(clippy::too_many_arguments)]
+    fn write_pictures(
+        &self,
+        run: &Path,
+        dir: &Path,
+        all: &mut [ImageLapMetrics],
+        samples: &[f32],
+        held_first: &[f32],
+        held_means: &[f32],
+        prior: &[f32],
+    ) -> Result<()> {
+        let start = Instant::now();
+        let m = &all[all.len() - 1];
+        self.write_grids(dir, m, samples, held_first, held_means, prior)?;
+        self.write_curves(run, all)?;
+        let last = all.len() - 1;
+        all[last].plot_seconds = start.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// The run's PSNR curves (held-out posterior means and training samples) over its laps, with
+    /// the Gaussian initialisation's as the reference; nothing without a ground truth.
+    fn write_curves(&self, run: &Path, all: &[ImageLapMetrics]) -> Result<()> {
+        if self.heldout.clean.is_empty() {
+            return Ok(());
+        }
+        let series = |f: fn(&ImageLapMetrics) -> f64| all.iter().map(|m| (m.lap, f(m))).collect::<Vec<_>>();
+        let references = all
+            .iter()
+            .find(|m| m.lap == 0)
+            .map(|m| {
+                vec![(
+                    format!("Gaussian initialisation: {} dB", metric(m.psnr, 2)),
+                    m.psnr,
+                )]
+            })
+            .unwrap_or_default();
+        plot::curves(
+            &run.join("psnr.png"),
+            &plot::CurvePlot {
+                title: "Reconstruction quality by lap (higher is better)",
+                y_label: "PSNR (dB)",
+                log_y: false,
+                series: vec![
+                    plot::Series {
+                        name: "held-out posterior means",
+                        points: series(|m| m.psnr),
+                    },
+                    plot::Series {
+                        name: "training posterior samples",
+                        points: series(|m| m.sample_psnr),
+                    },
+                ],
+                references,
+            },
+        )
     }
 
     /// PSNR and SSIM of the held-out posterior means, and PSNR of the training samples.
@@ -904,7 +1039,7 @@ impl Setup {
             .map_err(|e| Error::Other(format!("cannot create {}: {e}", out.display())))?;
         let (h, w, c, per) = (self.data.h, self.data.w, self.data.c, self.data.per());
         let batch = self.cfg.count("estep_batch")?.max(1);
-        let start = Instant::now();
+        let mut phase = Phase::new(format!("lap {lap} FID export"), count as u64, "images");
         for first in (0..count).step_by(batch) {
             let rows = batch.min(count - first);
             let seed = derive_seed(derive_seed(self.seed, lap, SEED_EXPORT), first, 0);
@@ -918,27 +1053,24 @@ impl Setup {
                     c,
                 )?;
             }
-            progress(
-                &format!("lap {lap} FID export"),
-                first + rows,
-                count,
-                "images",
-                start,
-            );
+            phase.set((first + rows) as u64);
         }
+        phase.finish();
         Ok(())
     }
 }
 
+/// Writes lap `lap`'s samples and metrics (the last of `all`), marks it done and rewrites
+/// metrics.jsonl; drops the previous lap's samples unless they are kept.
 fn write_lap(
     run: &Path,
     lap: usize,
     samples: &[f32],
     per: usize,
-    metrics: &ImageLapMetrics,
     all: &[ImageLapMetrics],
     keep_samples: bool,
 ) -> Result<()> {
+    let metrics = &all[all.len() - 1];
     let dir = create_lap_dir(run, lap)?;
     write_npy_f32(&dir.join("samples.npy"), &[samples.len() / per, per], samples)?;
     write_atomically(
@@ -991,7 +1123,7 @@ pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Re
     // The share of values removed, as the masks have it.
     let masks = &setup.train.masks;
     let removed = 100.0 * masks.iter().filter(|&&v| v == 0.0).count() as f64 / masks.len().max(1) as f64;
-    eprintln!(
+    say(format!(
         "{} observations of {}x{}x{} images, {removed:.1}% of values removed; network {} parameters, {:.2} GFLOP per forward",
         setup.train.n,
         setup.data.h,
@@ -999,8 +1131,9 @@ pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Re
         setup.data.c,
         setup.network.layout().len(),
         2.0 * setup.network.forward_macs() as f64 / 1e9
-    );
+    ));
 
+    let lap_bar = Laps::new(done.map_or(0, |k| k + 1), laps);
     let (mut samples, mut params) = match done {
         Some(k) => {
             let dir = lap_dir(run, k);
@@ -1020,11 +1153,13 @@ pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Re
                 derive_seed(setup.seed, 0, SEED_PARAMS),
                 device,
             )?;
-            eprintln!("resuming {} after lap {k}", run.display());
+            say(format!("resuming {} after lap {k}", run.display()));
             (s, p)
         }
         None => {
+            lap_bar.start(0);
             let s = gaussian_lap(&setup, run, device, &mut all)?;
+            lap_bar.done(0);
             let p =
                 setup
                     .network
@@ -1036,6 +1171,7 @@ pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Re
 
     let den = Denoiser::new(setup.network.clone());
     for lap in done.map_or(1, |k| k + 1)..=laps {
+        lap_bar.start(lap);
         device.set_memory_phase("m-step");
         let t = Instant::now();
         let (weights, loss, mstep_rate) = setup.m_step(
@@ -1069,6 +1205,7 @@ pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Re
         let estep = t.elapsed().as_secs_f64();
         abort_requested(lap)?;
         device.set_memory_phase("evaluation");
+        let t = Instant::now();
         let (held_means, held_first) = setup.heldout_means(
             &prior,
             &Covariance::Tweedie,
@@ -1096,13 +1233,11 @@ pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Re
             mstep_seconds: mstep,
             estep_image_steps_per_s: (setup.train.n * steps) as f64 / estep.max(1e-9),
             mstep_images_per_s: mstep_rate,
+            eval_seconds: t.elapsed().as_secs_f64(),
+            plot_seconds: f64::NAN,
+            export_seconds: 0.0,
         };
-        eprintln!("{}", m.summary());
-        let memory = device.memory_phase_summary();
-        if !memory.is_empty() {
-            eprintln!("  GPU memory by phase: {memory}");
-        }
-        all.push(m.clone());
+        all.push(m);
         let experiment = cfg.string("experiment")?;
         let dir = save_lap_checkpoint(
             run,
@@ -1113,9 +1248,19 @@ pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Re
             &setup.network,
             &params,
         )?;
-        setup.write_grids(&dir, &samples, &held_first, &held_means, &shown)?;
+        setup.write_pictures(run, &dir, &mut all, &samples, &held_first, &held_means, &shown)?;
+        let t = Instant::now();
         setup.export(&dir, &mut prior, &mean, lap, device)?;
-        write_lap(run, lap, &samples, per, &m, &all, keep)?;
+        if let Some(m) = all.last_mut() {
+            m.export_seconds = t.elapsed().as_secs_f64();
+        }
+        write_lap(run, lap, &samples, per, &all, keep)?;
+        lap_bar.done(lap);
+        say(all[all.len() - 1].summary());
+        let memory = device.memory_phase_summary();
+        if !memory.is_empty() {
+            say(format!("  GPU memory by phase: {memory}"));
+        }
     }
     Ok(all)
 }
@@ -1181,6 +1326,7 @@ fn gaussian_lap(
         "lap 0 E-step",
     )?;
     let estep = t.elapsed().as_secs_f64();
+    let t = Instant::now();
     let (held_means, held_first) = setup.heldout_means(
         &g,
         &cov,
@@ -1208,12 +1354,15 @@ fn gaussian_lap(
         mstep_seconds: 0.0,
         estep_image_steps_per_s: (setup.train.n * steps) as f64 / estep.max(1e-9),
         mstep_images_per_s: f64::NAN,
+        eval_seconds: t.elapsed().as_secs_f64(),
+        plot_seconds: f64::NAN,
+        export_seconds: 0.0,
     };
-    eprintln!("{}", m.summary());
-    all.push(m.clone());
+    all.push(m);
     let dir = create_lap_dir(run, 0)?;
-    setup.write_grids(&dir, &samples, &held_first, &held_means, &shown)?;
-    write_lap(run, 0, &samples, per, &m, all, true)?;
+    setup.write_pictures(run, &dir, all, &samples, &held_first, &held_means, &shown)?;
+    write_lap(run, 0, &samples, per, all, true)?;
+    say(all[all.len() - 1].summary());
     Ok(samples)
 }
 

@@ -21,7 +21,6 @@ pub use vectors::run_vectors as run_manifold;
 use std::fmt::Write as _;
 use std::fs;
 use std::path::{Path, PathBuf};
-use std::time::Instant;
 
 use crate::error::{Error, Result};
 
@@ -312,16 +311,6 @@ pub fn write_metrics_jsonl(run: &Path, lines: impl Iterator<Item = String>) -> R
     crate::io::write_atomically(&run.join("metrics.jsonl"), text.as_bytes())
 }
 
-/// A progress line on stderr with the rate so far.
-pub fn progress(label: &str, done: usize, total: usize, unit: &str, start: Instant) {
-    let secs = start.elapsed().as_secs_f64().max(1e-9);
-    eprintln!(
-        "  {label}: {done}/{total} {unit} ({:.1} {unit}/s, {:.1}s)",
-        done as f64 / secs,
-        secs
-    );
-}
-
 /// A metric for a lap summary with `digits` decimals, "-" when the lap did not measure it (no
 /// truth to compare with, no M-step in lap 0).
 pub fn metric(v: f64, digits: usize) -> String {
@@ -335,10 +324,10 @@ pub fn metric(v: f64, digits: usize) -> String {
 /// Tells a resume of a finished run that there is nothing left to do (and how to go on).
 pub fn say_if_complete(run: &Path, done: Option<usize>, laps: usize) {
     if done.is_some_and(|k| k >= laps) {
-        eprintln!(
+        crate::progress::say(format!(
             "{} is complete: all {laps} laps are done; raise `laps` in its config.toml and --resume to run more",
             run.display()
-        );
+        ));
     }
 }
 

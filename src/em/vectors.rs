@@ -18,7 +18,7 @@ use std::time::Instant;
 
 use super::{
     abort_requested, check_observations, create_lap_dir, derive_seed, ensure_finite_samples, json_field,
-    json_line, lap_dir, lap_params, mark_done, metric, open_run, progress, read_lap_metrics, sample_batch,
+    json_line, lap_dir, lap_params, mark_done, metric, open_run, read_lap_metrics, sample_batch,
     save_lap_checkpoint, say_if_complete, write_metrics_jsonl, Config, Fingerprint,
 };
 use crate::data::manifold::{observe, Manifold, DIM as MANIFOLD_DIM};
@@ -26,7 +26,7 @@ use crate::device::Device;
 use crate::diffusion::{Denoiser, Network, Sampler, SamplerKind, VeSchedule};
 use crate::error::{Error, Result};
 use crate::gaussian::{ppca, Dplr, Gaussian};
-use crate::io::{read_npy, write_atomically, write_npy_f32, write_npy_f64};
+use crate::io::{plot, read_npy, write_atomically, write_npy_f32, write_npy_f64};
 use crate::metrics::{sinkhorn_cost, sliced_wasserstein, Sinkhorn};
 use crate::nn::TimeMlp;
 use crate::ops::rng::gather_rows_uniform;
@@ -35,6 +35,7 @@ use crate::posterior::{
     CgConfig, Covariance, DenseOperators, LinearOperator, Mmps, NetworkPrior, ObservationNoise, Prior,
     SharedOperator,
 };
+use crate::progress::{say, Laps, Phase};
 use crate::tensor::{AsView, DType, Tensor};
 use crate::train::{AdamConfig, LrSchedule, Trainer};
 
@@ -73,6 +74,9 @@ pub struct LapMetrics {
     pub sinkhorn_iterations: usize,
     /// The evaluation's own time (Sinkhorn and sliced W1).
     pub eval_seconds: f64,
+    /// Writing the lap's plots and the run's report (NaN in runs written before it was
+    /// recorded).
+    pub plot_seconds: f64,
 }
 
 impl LapMetrics {
@@ -87,6 +91,7 @@ impl LapMetrics {
             ("mstep_seconds", self.mstep_seconds),
             ("sinkhorn_iterations", self.sinkhorn_iterations as f64),
             ("eval_seconds", self.eval_seconds),
+            ("plot_seconds", self.plot_seconds),
         ])
     }
 
@@ -103,20 +108,23 @@ impl LapMetrics {
             // Absent from runs written before they were recorded.
             sinkhorn_iterations: field("sinkhorn_iterations").unwrap_or(0.0) as usize,
             eval_seconds: field("eval_seconds").unwrap_or(f64::NAN),
+            plot_seconds: field("plot_seconds").unwrap_or(f64::NAN),
         })
     }
 
     /// The one-line summary printed per lap.
     pub fn summary(&self) -> String {
         format!(
-            "lap {:>3} | sinkhorn {} | sliced W1 {} | kept {} | loss {} | E-step {:.1}s | M-step {:.1}s",
+            "lap {:>3} | sinkhorn {} | sliced W1 {} | kept {} | loss {} | E-step {:.1}s | M-step {:.1}s | eval {}s | plots {}s",
             self.lap,
             metric(self.sinkhorn, 5),
             metric(self.sliced_wasserstein, 4),
             self.kept,
             metric(self.loss, 4),
             self.estep_seconds,
-            self.mstep_seconds
+            self.mstep_seconds,
+            metric(self.eval_seconds, 1),
+            metric(self.plot_seconds, 1)
         )
     }
 }
@@ -371,7 +379,7 @@ impl Setup {
             rtol: Some(self.cfg.float("cg_rtol")?),
         };
         let mut out = Vec::with_capacity(self.n * d);
-        let start = Instant::now();
+        let mut phase = Phase::new(label, self.n as u64, "observations");
         for (chunk, first) in (0..self.n).step_by(batch).enumerate() {
             let rows = batch.min(self.n - first);
             let sampler = Sampler {
@@ -398,8 +406,9 @@ impl Setup {
                     device,
                 )
             })?;
-            progress(label, first + rows, self.n, "observations", start);
+            phase.set((first + rows) as u64);
         }
+        phase.finish();
         ensure_finite_samples(label, &out, d)?;
         Ok(out)
     }
@@ -432,7 +441,7 @@ impl Setup {
         // The training set goes to the device once; each step's batch is drawn there.
         let pool = Tensor::from_f32(samples, &[count, d], device)?;
         let (mut tail, mut tail_n) = (0.0, 0usize);
-        let start = Instant::now();
+        let mut phase = Phase::new(format!("lap {lap} M-step"), steps, "steps");
         for step in 0..steps {
             let xt = gather_rows_uniform(&pool, batch, Philox::new(seed, 0xda7a), step * batch as u64)?;
             trainer
@@ -447,15 +456,13 @@ impl Setup {
                     tail += st.loss;
                     tail_n += 1;
                 }
-                progress(
-                    &format!("lap {lap} M-step"),
-                    (step + 1) as usize,
-                    steps as usize,
-                    "steps",
-                    start,
-                );
+                if let Some(last) = done.last() {
+                    phase.message(format!("loss {:.4}", last.loss));
+                }
+                phase.set(step + 1);
             }
         }
+        phase.finish();
         Ok((trainer.params, tail / tail_n.max(1) as f64))
     }
 
@@ -499,6 +506,7 @@ impl Setup {
             mstep_seconds: mstep,
             sinkhorn_iterations: iterations,
             eval_seconds: start.elapsed().as_secs_f64(),
+            plot_seconds: f64::NAN,
         })
     }
 }
@@ -578,21 +586,29 @@ fn plot_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
     (-top, top)
 }
 
-fn write_lap(
-    setup: &Setup,
-    run: &Path,
-    lap: usize,
-    samples: &[f32],
-    metrics: &LapMetrics,
-    all: &[LapMetrics],
-) -> Result<()> {
+/// Writes lap `lap`'s samples, plots and metrics (the last of `all`, whose `plot_seconds` it
+/// sets) and regenerates the run's report.
+fn write_lap(setup: &Setup, run: &Path, lap: usize, samples: &[f32], all: &mut [LapMetrics]) -> Result<()> {
     let d = setup.d;
     let dir = create_lap_dir(run, lap)?;
     write_npy_f32(&dir.join("samples.npy"), &[samples.len() / d, d], samples)?;
+    let start = Instant::now();
+    write_plots(setup, run, &dir, samples, all)?;
+    let metrics = all
+        .last_mut()
+        .expect("the lap's metrics are pushed before it is written");
+    metrics.plot_seconds = start.elapsed().as_secs_f64();
     write_atomically(
         &dir.join("metrics.json"),
         format!("{}\n", metrics.to_json()).as_bytes(),
-    )?;
+    )
+}
+
+/// The lap's pair plot and the run's distance curves.
+fn write_plots(setup: &Setup, run: &Path, dir: &Path, samples: &[f32], all: &[LapMetrics]) -> Result<()> {
+    let d = setup.d;
+    let metrics = &all[all.len() - 1];
+    let lap = metrics.lap;
     let k = d.min(PLOTTED_COORDINATES);
     let truth = setup
         .truth
@@ -605,12 +621,55 @@ fn write_lap(
     } else {
         plot_range(shown.iter().map(|&v| v as f64).chain(truth.iter().copied()))
     };
-    crate::io::plot::pair_plot(&dir.join("pairs.png"), &shown, &truth, k, range)?;
+    let laps = setup.cfg.count("laps")?;
+    let what = if lap == 0 {
+        "Gaussian initialisation (lap 0)".to_string()
+    } else {
+        format!("lap {lap} of {laps}")
+    };
+    let title = if setup.truth.is_some() {
+        format!(
+            "{what}: posterior samples; Sinkhorn {}, sliced W1 {}",
+            metric(metrics.sinkhorn, 4),
+            metric(metrics.sliced_wasserstein, 4)
+        )
+    } else {
+        format!("{what}: posterior samples")
+    };
+    plot::pair_plot(&dir.join("pairs.png"), &title, &shown, &truth, k, range)?;
+    if setup.truth.is_none() {
+        return Ok(());
+    }
     let series = |f: fn(&LapMetrics) -> f64| all.iter().map(|m| (m.lap, f(m))).collect::<Vec<_>>();
-    crate::io::plot::curves(
+    // Lap 0 is the Gaussian initialisation: the line every later lap should fall below.
+    let references = all
+        .iter()
+        .find(|m| m.lap == 0)
+        .map(|m| {
+            vec![(
+                format!("Gaussian initialisation: Sinkhorn {}", metric(m.sinkhorn, 4)),
+                m.sinkhorn,
+            )]
+        })
+        .unwrap_or_default();
+    plot::curves(
         &run.join("divergence.png"),
-        &series(|m| m.sinkhorn),
-        &series(|m| m.sliced_wasserstein),
+        &plot::CurvePlot {
+            title: "Distance of the EM samples to the ground truth, by lap",
+            y_label: "distance (log scale)",
+            log_y: true,
+            series: vec![
+                plot::Series {
+                    name: "Sinkhorn divergence (method.md §9.1)",
+                    points: series(|m| m.sinkhorn),
+                },
+                plot::Series {
+                    name: "sliced Wasserstein-1 (128 directions)",
+                    points: series(|m| m.sliced_wasserstein),
+                },
+            ],
+            references,
+        },
     )
 }
 
@@ -665,6 +724,7 @@ pub fn run_vectors(cfg: &Config, run: &Path, device: &Device, resume: bool) -> R
     let mut all = read_lap_metrics(run, done.map(|k| k.min(laps)), LapMetrics::from_json)?;
     write_metrics_jsonl(run, all.iter().map(LapMetrics::to_json))?;
 
+    let lap_bar = Laps::new(done.map_or(0, |k| k + 1), laps);
     // Lap 0: the Gaussian prior fitted by EM, and the posterior samples under it.
     let (mut samples, mut params, init_prior) = match done {
         Some(k) => {
@@ -678,10 +738,11 @@ pub fn run_vectors(cfg: &Config, run: &Path, device: &Device, resume: bool) -> R
                 derive_seed(setup.seed, 0, SEED_PARAMS),
                 device,
             )?;
-            eprintln!("resuming {} after lap {k}", run.display());
+            say(format!("resuming {} after lap {k}", run.display()));
             (s, p, init_prior)
         }
         None => {
+            lap_bar.start(0);
             let start = Instant::now();
             let rank = cfg.count("init_rank")?;
             let mut g = Gaussian::new(vec![0.0; d], Dplr::identity(d))?;
@@ -714,11 +775,12 @@ pub fn run_vectors(cfg: &Config, run: &Path, device: &Device, resume: bool) -> R
                 "lap 0 E-step",
             )?;
             let m = setup.metrics(0, &s, f64::NAN, start.elapsed().as_secs_f64(), 0.0, device)?;
-            eprintln!("{}", m.summary());
-            all.push(m.clone());
-            write_lap(&setup, run, 0, &s, &m, &all)?;
+            all.push(m);
+            write_lap(&setup, run, 0, &s, &mut all)?;
+            say(all[all.len() - 1].summary());
             write_init_prior(run, &g)?;
             mark_done(run, 0)?;
+            lap_bar.done(0);
             write_metrics_jsonl(run, all.iter().map(LapMetrics::to_json))?;
             let p =
                 setup
@@ -733,6 +795,7 @@ pub fn run_vectors(cfg: &Config, run: &Path, device: &Device, resume: bool) -> R
 
     let den = Denoiser::new(setup.network.clone());
     for lap in done.map_or(1, |k| k + 1)..=laps {
+        lap_bar.start(lap);
         let train_set = if lap == 1 && !filter_first {
             samples.clone()
         } else {
@@ -781,12 +844,7 @@ pub fn run_vectors(cfg: &Config, run: &Path, device: &Device, resume: bool) -> R
         )?;
         abort_requested(lap)?;
         let m = setup.metrics(lap, &samples, loss, t.elapsed().as_secs_f64(), mstep, device)?;
-        eprintln!("{}", m.summary());
-        let memory = device.memory_phase_summary();
-        if !memory.is_empty() {
-            eprintln!("  GPU memory by phase: {memory}");
-        }
-        all.push(m.clone());
+        all.push(m);
         save_lap_checkpoint(
             run,
             lap,
@@ -796,8 +854,14 @@ pub fn run_vectors(cfg: &Config, run: &Path, device: &Device, resume: bool) -> R
             &setup.network,
             &params,
         )?;
-        write_lap(&setup, run, lap, &samples, &m, &all)?;
+        write_lap(&setup, run, lap, &samples, &mut all)?;
         mark_done(run, lap)?;
+        lap_bar.done(lap);
+        say(all[all.len() - 1].summary());
+        let memory = device.memory_phase_summary();
+        if !memory.is_empty() {
+            say(format!("  GPU memory by phase: {memory}"));
+        }
         // metrics.jsonl follows DONE: a kill between the two leaves it a lap behind, and the
         // resume rewrites it from the complete laps.
         write_metrics_jsonl(run, all.iter().map(LapMetrics::to_json))?;
