@@ -60,6 +60,9 @@ fn main() {
     }
 
     let manifest_dir = PathBuf::from(env::var("CARGO_MANIFEST_DIR").unwrap());
+    // Recorded in every run's config.toml and printed by `emprior info`.
+    let commit = commit_id(&manifest_dir).unwrap_or_default();
+    println!("cargo:rustc-env=EMPRIOR_COMMIT={commit}");
     let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
     let kernel_dir = manifest_dir.join("kernels");
     let sources = kernel_sources(&kernel_dir);
@@ -110,15 +113,27 @@ fn main() {
             }
             println!("cargo:rustc-cfg=has_cuda_kernels");
             write_table(&mut table, &built, Some(&tk), &archs, &sources);
+            writeln!(
+                table,
+                "/// Why this build has no kernels (None when it has them).\npub const CPU_ONLY_REASON: Option<&str> = None;"
+            )
+            .unwrap();
         }
         Err(reason) => {
             if require {
                 panic!("EMPRIOR_REQUIRE_KERNELS=1 but no CUDA kernels can be built: {reason}");
             }
+            // Not a cargo warning: cargo replays those on every command. `emprior info` and every
+            // command's header say it instead (CPU_ONLY_REASON).
             println!(
-                "cargo:warning=CPU-only build ({reason}); run scripts/install-cuda-toolkit.sh to embed the CUDA kernels"
+                "CPU-only build ({reason}); run scripts/install-cuda-toolkit.sh to embed the CUDA kernels"
             );
             write_table(&mut table, &[], None, &archs, &sources);
+            writeln!(
+                table,
+                "/// Why this build has no kernels (None when it has them).\npub const CPU_ONLY_REASON: Option<&str> = Some({reason:?});"
+            )
+            .unwrap();
         }
     }
     fs::write(out_dir.join("kernels.rs"), table).expect("write kernels.rs");
@@ -229,23 +244,31 @@ fn compile_one(
             .arg(out_dir);
     };
 
-    let mut cmd = Command::new(&tk.nvcc);
-    cmd.arg("-ptx").arg(format!("-arch=compute_{ptx_arch}"));
-    common(&mut cmd);
-    cmd.arg(src).arg("-o").arg(&ptx);
-    run(cmd, src)?;
+    // The build script reruns for reasons other than the kernels (a new commit, for the
+    // recorded commit id): a module whose inputs are unchanged keeps its PTX and fat binary.
+    let key_path = out_dir.join(format!("{name}.inputs"));
+    let key = inputs_key(tk, src, kernel_dir, out_dir, archs, ptx_arch);
+    let cached = ptx.is_file() && fatbin.is_file() && fs::read_to_string(&key_path).is_ok_and(|k| k == key);
+    if !cached {
+        let mut cmd = Command::new(&tk.nvcc);
+        cmd.arg("-ptx").arg(format!("-arch=compute_{ptx_arch}"));
+        common(&mut cmd);
+        cmd.arg(src).arg("-o").arg(&ptx);
+        run(cmd, src)?;
 
-    let mut cmd = Command::new(&tk.nvcc);
-    cmd.arg("--fatbin");
-    for a in archs {
-        cmd.arg("-gencode").arg(format!("arch=compute_{a},code=sm_{a}"));
+        let mut cmd = Command::new(&tk.nvcc);
+        cmd.arg("--fatbin");
+        for a in archs {
+            cmd.arg("-gencode").arg(format!("arch=compute_{a},code=sm_{a}"));
+        }
+        let last = archs.last().map(String::as_str).unwrap_or(ptx_arch);
+        cmd.arg("-gencode")
+            .arg(format!("arch=compute_{last},code=compute_{last}"));
+        common(&mut cmd);
+        cmd.arg(src).arg("-o").arg(&fatbin);
+        run(cmd, src)?;
+        fs::write(&key_path, &key).map_err(|e| format!("{}: {e}", key_path.display()))?;
     }
-    let last = archs.last().map(String::as_str).unwrap_or(ptx_arch);
-    cmd.arg("-gencode")
-        .arg(format!("arch=compute_{last},code=compute_{last}"));
-    common(&mut cmd);
-    cmd.arg(src).arg("-o").arg(&fatbin);
-    run(cmd, src)?;
 
     let text = fs::read_to_string(&ptx).map_err(|e| format!("{}: {e}", ptx.display()))?;
     let ptx_isa = text
@@ -259,6 +282,63 @@ fn compile_one(
         fatbin,
         ptx_isa,
     })
+}
+
+/// Everything a module's compilation depends on, hashed: its source, every header beside it
+/// and the generated layout header, the toolkit's release, the architectures.
+fn inputs_key(
+    tk: &Toolkit,
+    src: &Path,
+    kernel_dir: &Path,
+    out_dir: &Path,
+    archs: &[String],
+    ptx_arch: &str,
+) -> String {
+    use std::hash::{Hash, Hasher};
+    let mut h = std::collections::hash_map::DefaultHasher::new();
+    let mut files = vec![src.to_path_buf(), out_dir.join("kernel_layouts.cuh")];
+    if let Ok(entries) = fs::read_dir(kernel_dir) {
+        let mut headers: Vec<PathBuf> = entries
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| p.extension().is_some_and(|x| x == "cuh"))
+            .collect();
+        headers.sort();
+        files.extend(headers);
+    }
+    for f in &files {
+        f.hash(&mut h);
+        fs::read(f).unwrap_or_default().hash(&mut h);
+    }
+    (&tk.version, archs, ptx_arch, env!("CARGO_PKG_VERSION")).hash(&mut h);
+    format!("{:016x}", h.finish())
+}
+
+/// The commit the crate is built from (`git rev-parse`), rerunning the build script when HEAD
+/// moves; None outside a git checkout or without git.
+fn commit_id(manifest_dir: &Path) -> Option<String> {
+    let git = manifest_dir.join(".git");
+    if !git.is_dir() {
+        return None;
+    }
+    println!("cargo:rerun-if-changed={}", git.join("HEAD").display());
+    if let Ok(head) = fs::read_to_string(git.join("HEAD")) {
+        if let Some(r) = head.trim().strip_prefix("ref: ") {
+            let loose = git.join(r);
+            if loose.is_file() {
+                println!("cargo:rerun-if-changed={}", loose.display());
+            } else {
+                println!("cargo:rerun-if-changed={}", git.join("packed-refs").display());
+            }
+        }
+    }
+    let out = Command::new("git")
+        .arg("-C")
+        .arg(manifest_dir)
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .output()
+        .ok()?;
+    let id = String::from_utf8(out.stdout).ok()?.trim().to_string();
+    (out.status.success() && !id.is_empty()).then_some(id)
 }
 
 fn run(mut cmd: Command, src: &Path) -> Result<(), String> {

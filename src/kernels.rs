@@ -45,10 +45,42 @@ pub fn build_summary() -> String {
         )
     } else {
         format!(
-            "kernels embedded: no (built without nvcc; {} kernel sources not compiled: {}). \
+            "kernels embedded: no (CPU-only build: {}; {} kernel sources not compiled: {}). \
              Run scripts/install-cuda-toolkit.sh and rebuild for the GPU path.",
+            CPU_ONLY_REASON.unwrap_or("no toolkit"),
             KERNEL_SOURCE_NAMES.len(),
             KERNEL_SOURCE_NAMES.join(", ")
         )
+    }
+}
+
+/// One line for a command's header: what the binary carries for a GPU.
+pub fn kernels_line() -> String {
+    if kernels_embedded() {
+        format!(
+            "{} CUDA modules (nvcc {}, SASS for {})",
+            KERNEL_MODULES.len(),
+            NVCC_VERSION.unwrap_or("?"),
+            SASS_ARCHS.join(", ")
+        )
+    } else {
+        format!(
+            "none (CPU-only build: {})",
+            CPU_ONLY_REASON.unwrap_or("no toolkit")
+        )
+    }
+}
+
+/// The git commit this binary was built from (12 hex digits), when it was built in a checkout.
+pub const COMMIT: Option<&str> = match env!("EMPRIOR_COMMIT").as_bytes() {
+    [] => None,
+    _ => Some(env!("EMPRIOR_COMMIT")),
+};
+
+/// "emprior 0.1.0 (commit abc123def456)", or without the commit when unknown.
+pub fn version_line() -> String {
+    match COMMIT {
+        Some(c) => format!("emprior {} (commit {c})", env!("CARGO_PKG_VERSION")),
+        None => format!("emprior {}", env!("CARGO_PKG_VERSION")),
     }
 }

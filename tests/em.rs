@@ -277,7 +277,7 @@ fn a_run_directory_serves_one_run_at_a_time() {
     assert!(!ok && log.contains("in use by another emprior run"), "{log}");
     drop(held);
     let cfg = Config::preset("manifold", "quick").unwrap();
-    let (done, _lock) = open_run(&cfg, &run, true).unwrap();
+    let (done, _lock) = open_run(&cfg, &run, true, &Device::Cpu).unwrap();
     assert_eq!(done, None);
     assert!(!stale.exists(), "the stale temporary file is removed");
 }
@@ -290,11 +290,14 @@ fn a_resume_refuses_an_edited_data_defining_configuration() {
     let run = std::env::temp_dir().join(format!("emprior-origin-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&run);
     let cfg = Config::preset("manifold", "quick").unwrap();
-    drop(open_run(&cfg, &run, false).unwrap());
+    drop(open_run(&cfg, &run, false, &Device::Cpu).unwrap());
     let mut edited = cfg.clone();
     edited.set("seed=7").unwrap();
     edited.set("sigma_y=0.1").unwrap();
-    let e = open_run(&edited, &run, true).err().expect("refused").to_string();
+    let e = open_run(&edited, &run, true, &Device::Cpu)
+        .err()
+        .expect("refused")
+        .to_string();
     assert!(
         e.contains("seed (was 0, now 7)") && e.contains("sigma_y (was 0.01, now 0.1)"),
         "{e}"
@@ -303,7 +306,7 @@ fn a_resume_refuses_an_edited_data_defining_configuration() {
     more.set("laps=40").unwrap();
     more.set("eval_samples=512").unwrap();
     assert!(
-        open_run(&more, &run, true).is_ok(),
+        open_run(&more, &run, true, &Device::Cpu).is_ok(),
         "laps and evaluation settings may change"
     );
 }
@@ -315,12 +318,12 @@ fn a_resume_may_change_the_learning_rate_and_says_so() {
     let run = std::env::temp_dir().join(format!("emprior-lr-resume-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&run);
     let cfg = Config::preset("manifold", "quick").unwrap();
-    drop(open_run(&cfg, &run, false).unwrap());
+    drop(open_run(&cfg, &run, false, &Device::Cpu).unwrap());
     std::fs::create_dir_all(run.join("lap-000")).unwrap();
     std::fs::write(run.join("lap-000/DONE"), "complete\n").unwrap();
     let mut lower = cfg.clone();
     lower.set("lr_init=0.0001").unwrap();
-    let (done, _lock) = open_run(&lower, &run, true).unwrap();
+    let (done, _lock) = open_run(&lower, &run, true, &Device::Cpu).unwrap();
     assert_eq!(done, Some(0));
     let log = std::fs::read_to_string(run.join("resumes.log")).unwrap();
     assert!(

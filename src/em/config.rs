@@ -338,9 +338,32 @@ impl std::fmt::Display for Value {
 }
 
 /// A flat TOML table: `key = value` lines (integers, floats, quoted strings) and comments.
-#[derive(Clone, Debug, PartialEq)]
+/// Two configurations are equal when their values are; the comments ride along.
+#[derive(Clone, Debug)]
 pub struct Config {
     values: BTreeMap<String, Value>,
+    /// The comment lines written directly above each key (a preset's explanations), kept so the
+    /// saved config.toml still says why a value is what it is.
+    notes: BTreeMap<String, Vec<String>>,
+    /// The preset this configuration started from, when known (a saved config.toml records it).
+    preset: Option<String>,
+}
+
+impl PartialEq for Config {
+    fn eq(&self, other: &Self) -> bool {
+        self.values == other.values
+    }
+}
+
+/// The header line of a saved config.toml that records the preset.
+const PRESET_NOTE: &str = "preset: ";
+
+/// The comment [`Config::to_toml`] writes above `key`: its meaning and valid values (a parse
+/// drops it again, so saving twice does not repeat it).
+fn key_note(key: &str) -> Option<String> {
+    KEYS.iter()
+        .find(|k| k.name == key)
+        .map(|k| format!("{} (valid: {})", k.meaning, k.rule.range()))
 }
 
 fn parse_value(text: &str) -> Option<Value> {
@@ -373,9 +396,23 @@ impl Config {
     /// ```
     pub fn parse(text: &str, origin: &str) -> Result<Self> {
         let mut values = BTreeMap::new();
-        for (no, line) in text.lines().enumerate() {
-            let line = line.split('#').next().unwrap_or("").trim();
+        let mut notes = BTreeMap::new();
+        let mut preset = None;
+        // Comment lines since the last blank line: they belong to the next key.
+        let mut pending: Vec<String> = Vec::new();
+        for (no, raw) in text.lines().enumerate() {
+            let (line, comment) = match raw.split_once('#') {
+                Some((code, comment)) => (code.trim(), Some(comment.trim())),
+                None => (raw.trim(), None),
+            };
             if line.is_empty() {
+                match comment {
+                    Some(c) => match c.strip_prefix(PRESET_NOTE) {
+                        Some(name) => preset = Some(name.trim().to_string()),
+                        None => pending.push(c.to_string()),
+                    },
+                    None => pending.clear(),
+                }
                 continue;
             }
             let (k, v) = line.split_once('=').ok_or_else(|| {
@@ -391,9 +428,20 @@ impl Config {
                     v.trim()
                 ))
             })?;
-            values.insert(k.trim().to_string(), value);
+            let key = k.trim().to_string();
+            pending.extend(comment.map(str::to_string));
+            let generated = key_note(&key);
+            pending.retain(|c| Some(c) != generated.as_ref());
+            if !pending.is_empty() {
+                notes.insert(key.clone(), std::mem::take(&mut pending));
+            }
+            values.insert(key, value);
         }
-        Ok(Config { values })
+        Ok(Config {
+            values,
+            notes,
+            preset,
+        })
     }
 
     /// The preset `name` of `experiment`: manifold (quick, paper), cifar10 and fashion-mnist
@@ -430,6 +478,7 @@ impl Config {
             }
         };
         let mut cfg = Config::parse(text, &format!("preset {experiment}/{name}"))?;
+        cfg.preset = Some(name.to_string());
         if experiment == "fashion-mnist" {
             // The same experiment on 28 x 28 grayscale images: the CIFAR-10 presets with the
             // dataset swapped (method.md has no Fashion-MNIST run; this is for fast runs).
@@ -579,10 +628,39 @@ impl Config {
             .collect()
     }
 
-    /// The resolved configuration as TOML.
+    /// The preset this configuration started from ("quick"), when known.
+    pub fn preset_name(&self) -> Option<&str> {
+        self.preset.as_deref()
+    }
+
+    /// The resolved configuration as TOML: every key under its meaning and valid values and the
+    /// preset's own comments on it.
     pub fn to_toml(&self) -> String {
-        let mut s = String::from("# Resolved configuration of this run (emprior em).\n");
+        self.to_toml_with(&[])
+    }
+
+    /// [`Config::to_toml`] under a header of `provenance` lines (who wrote it, where, when); the
+    /// preset is recorded there too, so a resumed run still knows it.
+    pub fn to_toml_with(&self, provenance: &[String]) -> String {
+        let mut s = String::from(
+            "# emprior em: the configuration of this run, every key with its meaning and valid values.\n",
+        );
+        if let Some(p) = &self.preset {
+            let _ = writeln!(s, "# {PRESET_NOTE}{p}");
+        }
+        for line in provenance {
+            let _ = writeln!(s, "# {line}");
+        }
+        let _ = writeln!(
+            s,
+            "# On --resume only {} may change; any other change needs a new run.",
+            super::SAFE_ON_RESUME.join(", ")
+        );
         for (k, v) in &self.values {
+            s.push('\n');
+            for note in key_note(k).iter().chain(self.notes.get(k).into_iter().flatten()) {
+                let _ = writeln!(s, "# {note}");
+            }
             let _ = writeln!(s, "{k} = {v}");
         }
         s

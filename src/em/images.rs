@@ -19,8 +19,9 @@ use std::time::Instant;
 
 use super::{
     abort_requested, check_observations, create_lap_dir, derive_seed, ensure_finite_samples, json_field,
-    json_line, lap_dir, lap_params, mark_done, metric, open_run, read_lap_metrics, sample_batch,
-    save_lap_checkpoint, say_if_complete, write_metrics_jsonl, Config, Fingerprint,
+    json_line, lap_dir, lap_params, mark_done, metric, open_run, print_header, read_lap_metrics,
+    sample_batch, save_lap_checkpoint, say_if_complete, write_metrics_jsonl, write_run_report, Config,
+    Fingerprint,
 };
 use crate::data::cifar10;
 use crate::device::Device;
@@ -29,6 +30,7 @@ use crate::diffusion::{Denoiser, Network, Sampler, SamplerKind, VeSchedule};
 use crate::error::{Error, Result};
 use crate::gaussian::{ppca_randomized, Dplr, Gaussian};
 use crate::io::plot::{self, image_grid, save_image};
+use crate::io::report::Figure;
 use crate::io::{read_npy, write_atomically, write_npy_f32, write_npy_u8};
 use crate::metrics::{psnr, ssim};
 use crate::nn::{UNet, UNetConfig};
@@ -940,12 +942,40 @@ impl Setup {
         held_first: &[f32],
         held_means: &[f32],
         prior: &[f32],
+        device: &Device,
     ) -> Result<()> {
         let start = Instant::now();
-        let m = &all[all.len() - 1];
-        self.write_grids(dir, m, samples, held_first, held_means, prior)?;
-        self.write_curves(run, all)?;
         let last = all.len() - 1;
+        let lap = all[last].lap;
+        self.write_grids(dir, &all[last], samples, held_first, held_means, prior)?;
+        self.write_curves(run, all)?;
+        all[last].plot_seconds = start.elapsed().as_secs_f64();
+        let mut figures = Vec::new();
+        if !self.heldout.clean.is_empty() {
+            figures.push(Figure {
+                caption: "PSNR by lap: held-out posterior means and training samples".into(),
+                path: run.join("psnr.png"),
+            });
+        }
+        for (file, what) in [
+            (
+                "heldout.png",
+                "held-out observations, a posterior sample, the posterior mean, the truth",
+            ),
+            ("posterior.png", "posterior samples of the training observations"),
+            ("prior.png", "samples of the prior alone"),
+        ] {
+            figures.push(Figure {
+                caption: format!("Lap {lap}: {what}"),
+                path: dir.join(file),
+            });
+        }
+        figures.push(Figure {
+            caption: "The training observations (lap 0)".into(),
+            path: lap_dir(run, 0).join("observations.png"),
+        });
+        let lines: Vec<String> = all.iter().map(ImageLapMetrics::to_json).collect();
+        write_run_report(run, &self.cfg, device, &lines, figures)?;
         all[last].plot_seconds = start.elapsed().as_secs_f64();
         Ok(())
     }
@@ -1098,7 +1128,7 @@ fn write_lap(
 pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Result<Vec<ImageLapMetrics>> {
     cfg.validate()?;
     check_memory(cfg, device, run)?;
-    let (done, _lock) = open_run(cfg, run, resume)?;
+    let (done, _lock) = open_run(cfg, run, resume, device)?;
     say_if_complete(run, done, cfg.count("laps")?);
     let setup = Setup::new(cfg, run)?;
     let (train, held) = (&setup.train, &setup.heldout);
@@ -1123,15 +1153,26 @@ pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Re
     // The share of values removed, as the masks have it.
     let masks = &setup.train.masks;
     let removed = 100.0 * masks.iter().filter(|&&v| v == 0.0).count() as f64 / masks.len().max(1) as f64;
-    say(format!(
-        "{} observations of {}x{}x{} images, {removed:.1}% of values removed; network {} parameters, {:.2} GFLOP per forward",
+    let data = format!(
+        "{} observations of {}x{}x{} images, {removed:.1}% of values removed ({}); {} held out{}",
         setup.train.n,
         setup.data.h,
         setup.data.w,
         setup.data.c,
+        cfg.string("dataset")?,
+        setup.heldout.n,
+        if setup.train.clean.is_empty() {
+            ", no ground truth"
+        } else {
+            ""
+        }
+    );
+    let network = format!(
+        "U-Net, {} parameters, {:.2} GFLOP per forward",
         setup.network.layout().len(),
         2.0 * setup.network.forward_macs() as f64 / 1e9
-    ));
+    );
+    print_header(run, cfg, device, &data, &network, done)?;
 
     let lap_bar = Laps::new(done.map_or(0, |k| k + 1), laps);
     let (mut samples, mut params) = match done {
@@ -1248,7 +1289,16 @@ pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Re
             &setup.network,
             &params,
         )?;
-        setup.write_pictures(run, &dir, &mut all, &samples, &held_first, &held_means, &shown)?;
+        setup.write_pictures(
+            run,
+            &dir,
+            &mut all,
+            &samples,
+            &held_first,
+            &held_means,
+            &shown,
+            device,
+        )?;
         let t = Instant::now();
         setup.export(&dir, &mut prior, &mean, lap, device)?;
         if let Some(m) = all.last_mut() {
@@ -1360,7 +1410,7 @@ fn gaussian_lap(
     };
     all.push(m);
     let dir = create_lap_dir(run, 0)?;
-    setup.write_pictures(run, &dir, all, &samples, &held_first, &held_means, &shown)?;
+    setup.write_pictures(run, &dir, all, &samples, &held_first, &held_means, &shown, device)?;
     write_lap(run, 0, &samples, per, all, true)?;
     say(all[all.len() - 1].summary());
     Ok(samples)

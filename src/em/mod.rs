@@ -98,7 +98,12 @@ pub fn sample_batch(
 /// Opens the run directory of a fresh run or a resumed one and writes its config.toml; returns
 /// the last lap with a DONE marker when resuming. A fresh run refuses a directory that already
 /// holds laps.
-pub fn open_run(cfg: &Config, run: &Path, resume: bool) -> Result<(Option<usize>, RunLock)> {
+pub fn open_run(
+    cfg: &Config,
+    run: &Path,
+    resume: bool,
+    device: &crate::device::Device,
+) -> Result<(Option<usize>, RunLock)> {
     cfg.validate()?;
     prepare_run_dir(run)?;
     let lock = RunLock::acquire(run)?;
@@ -116,8 +121,42 @@ pub fn open_run(cfg: &Config, run: &Path, resume: bool) -> Result<(Option<usize>
     } else if !resume || last_complete_lap(run).is_none() {
         crate::io::write_atomically(&origin, cfg.to_toml().as_bytes())?;
     }
-    crate::io::write_atomically(&run.join("config.toml"), cfg.to_toml().as_bytes())?;
+    let provenance = [
+        format!("written by {}", crate::kernels::version_line()),
+        format!("device: {device}; kernels: {}", crate::kernels::kernels_line()),
+        format!(
+            "{} {}",
+            if resume { "resumed" } else { "started" },
+            utc_timestamp(std::time::SystemTime::now())
+        ),
+    ];
+    crate::io::write_atomically(&run.join("config.toml"), cfg.to_toml_with(&provenance).as_bytes())?;
     Ok((if resume { last_complete_lap(run) } else { None }, lock))
+}
+
+/// `time` as "2026-12-01 13:55:02 UTC" (civil date from the Unix day count, no time zone
+/// database needed).
+pub fn utc_timestamp(time: std::time::SystemTime) -> String {
+    let secs = time
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()) as i64;
+    let (days, rest) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Howard Hinnant's days-to-civil: eras of 400 years, March-based years.
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
+        rest / 3600,
+        rest % 3600 / 60,
+        rest % 60
+    )
 }
 
 /// The configuration a run started with, kept beside the editable config.toml so a resume can
@@ -558,4 +597,104 @@ pub(crate) fn user_array(
         crate::io::write_npy_f64(&copy, &a.shape, &a.data)?;
     }
     Ok(Some(a))
+}
+
+/// Regenerates the run's `report.html`: its facts (experiment, preset, build, device, laps),
+/// the metrics of every lap so far (`metrics`: lines written by [`json_line`]), `figures` and
+/// the run's config.toml. Called after every lap's pictures are written.
+pub fn write_run_report(
+    run: &Path,
+    cfg: &Config,
+    device: &crate::device::Device,
+    metrics: &[String],
+    figures: Vec<crate::io::report::Figure>,
+) -> Result<()> {
+    use crate::io::report::{write_report, Report};
+    let experiment = cfg.string("experiment")?;
+    let laps = cfg.count("laps")?;
+    let done = metrics.len().saturating_sub(1);
+    let facts = [
+        ("experiment", experiment.clone()),
+        ("preset", cfg.preset_name().unwrap_or("-").to_string()),
+        ("run directory", run.display().to_string()),
+        (
+            "laps",
+            format!("{done} of {laps} done (lap 0 is the Gaussian initialisation)"),
+        ),
+        ("device", device.to_string()),
+        ("kernels", crate::kernels::kernels_line()),
+        ("build", crate::kernels::version_line()),
+        ("updated", utc_timestamp(std::time::SystemTime::now())),
+    ]
+    .map(|(k, v)| (k.to_string(), v))
+    .to_vec();
+    let columns = metrics.first().map(|l| json_keys(l)).unwrap_or_default();
+    let rows = metrics
+        .iter()
+        .map(|line| {
+            columns
+                .iter()
+                .map(|k| json_field(line, k).map_or("-".into(), |v| report_value(k, v)))
+                .collect()
+        })
+        .collect();
+    let config_toml = fs::read_to_string(run.join("config.toml")).unwrap_or_else(|_| cfg.to_toml());
+    write_report(
+        &run.join("report.html"),
+        &Report {
+            title: format!("emprior em {experiment}: {}", run.display()),
+            facts,
+            columns,
+            rows,
+            figures,
+            config_toml,
+        },
+    )
+}
+
+/// The keys of a line written by [`json_line`], in order.
+fn json_keys(line: &str) -> Vec<String> {
+    line.split('"').skip(1).step_by(2).map(str::to_string).collect()
+}
+
+/// A metric for the report's table: counts as integers, seconds with one decimal, the rest
+/// with four significant digits; "-" for what a lap did not measure.
+fn report_value(key: &str, v: f64) -> String {
+    if !v.is_finite() {
+        "-".into()
+    } else if v.fract() == 0.0 && v.abs() < 1e15 {
+        format!("{}", v as i64)
+    } else if key.ends_with("_seconds") {
+        format!("{v:.1}")
+    } else {
+        let digits = (3 - v.abs().log10().floor() as i32).clamp(0, 8) as usize;
+        format!("{v:.digits$}")
+    }
+}
+
+/// What a run prints before its first lap: the run, the device and its kernels, the data, the
+/// network, the precision and where everything goes.
+pub fn print_header(
+    run: &Path,
+    cfg: &Config,
+    device: &crate::device::Device,
+    data: &str,
+    network: &str,
+    done: Option<usize>,
+) -> Result<()> {
+    let laps = cfg.count("laps")?;
+    let start = match done {
+        Some(k) => format!("resuming after lap {k}"),
+        None => "a new run".into(),
+    };
+    crate::progress::say(format!(
+        "emprior em {} (preset {}): {start}, laps 0..={laps} (lap 0 is the Gaussian initialisation)\n  \
+         device: {device}; kernels: {}\n  data: {data}\n  network: {network}; precision f32\n  \
+         output: {} (config.toml, metrics.jsonl, report.html, lap-XXX/)",
+        cfg.string("experiment")?,
+        cfg.preset_name().unwrap_or("-"),
+        crate::kernels::kernels_line(),
+        run.display()
+    ));
+    Ok(())
 }

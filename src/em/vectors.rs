@@ -18,14 +18,16 @@ use std::time::Instant;
 
 use super::{
     abort_requested, check_observations, create_lap_dir, derive_seed, ensure_finite_samples, json_field,
-    json_line, lap_dir, lap_params, mark_done, metric, open_run, read_lap_metrics, sample_batch,
-    save_lap_checkpoint, say_if_complete, write_metrics_jsonl, Config, Fingerprint,
+    json_line, lap_dir, lap_params, mark_done, metric, open_run, print_header, read_lap_metrics,
+    sample_batch, save_lap_checkpoint, say_if_complete, write_metrics_jsonl, write_run_report, Config,
+    Fingerprint,
 };
 use crate::data::manifold::{observe, Manifold, DIM as MANIFOLD_DIM};
 use crate::device::Device;
 use crate::diffusion::{Denoiser, Network, Sampler, SamplerKind, VeSchedule};
 use crate::error::{Error, Result};
 use crate::gaussian::{ppca, Dplr, Gaussian};
+use crate::io::report::Figure;
 use crate::io::{plot, read_npy, write_atomically, write_npy_f32, write_npy_f64};
 use crate::metrics::{sinkhorn_cost, sliced_wasserstein, Sinkhorn};
 use crate::nn::TimeMlp;
@@ -588,15 +590,37 @@ fn plot_range(values: impl Iterator<Item = f64>) -> (f64, f64) {
 
 /// Writes lap `lap`'s samples, plots and metrics (the last of `all`, whose `plot_seconds` it
 /// sets) and regenerates the run's report.
-fn write_lap(setup: &Setup, run: &Path, lap: usize, samples: &[f32], all: &mut [LapMetrics]) -> Result<()> {
+fn write_lap(
+    setup: &Setup,
+    run: &Path,
+    lap: usize,
+    samples: &[f32],
+    all: &mut [LapMetrics],
+    device: &Device,
+) -> Result<()> {
     let d = setup.d;
     let dir = create_lap_dir(run, lap)?;
     write_npy_f32(&dir.join("samples.npy"), &[samples.len() / d, d], samples)?;
     let start = Instant::now();
     write_plots(setup, run, &dir, samples, all)?;
-    let metrics = all
-        .last_mut()
-        .expect("the lap's metrics are pushed before it is written");
+    let last = all.len() - 1;
+    all[last].plot_seconds = start.elapsed().as_secs_f64();
+    let mut figures = Vec::new();
+    if setup.truth.is_some() {
+        figures.push(Figure {
+            caption: "Distances of the EM samples to the ground truth, by lap".into(),
+            path: run.join("divergence.png"),
+        });
+    }
+    figures.push(Figure {
+        caption: format!(
+            "Lap {lap}: posterior samples (left) and the ground truth (right), first coordinates"
+        ),
+        path: dir.join("pairs.png"),
+    });
+    let lines: Vec<String> = all.iter().map(LapMetrics::to_json).collect();
+    write_run_report(run, &setup.cfg, device, &lines, figures)?;
+    let metrics = &mut all[last];
     metrics.plot_seconds = start.elapsed().as_secs_f64();
     write_atomically(
         &dir.join("metrics.json"),
@@ -687,10 +711,33 @@ pub fn run_vectors(cfg: &Config, run: &Path, device: &Device, resume: bool) -> R
             cfg.count("observations")?.saturating_mul(per_observation),
         )?;
     }
-    let (done, _lock) = open_run(cfg, run, resume)?;
+    let (done, _lock) = open_run(cfg, run, resume, device)?;
     say_if_complete(run, done, cfg.count("laps")?);
     let setup = Setup::new(cfg, run)?;
     check_observations(run, done, setup.fingerprint())?;
+    let operators = match setup.ops {
+        Operators::PerObservation(_) => format!("one [{}, {}] operator per observation", setup.m, setup.d),
+        Operators::Shared(_) => format!("one shared [{}, {}] operator", setup.m, setup.d),
+    };
+    let data = format!(
+        "{} observations y of {} values of signals x of {}, {operators}{}",
+        setup.n,
+        setup.m,
+        setup.d,
+        if setup.truth.is_some() {
+            ""
+        } else {
+            "; no ground truth"
+        }
+    );
+    let network = format!(
+        "TimeMLP {} -> {} -> {}, {} parameters",
+        setup.d,
+        cfg.string("hidden")?,
+        setup.d,
+        setup.network.layout().len()
+    );
+    print_header(run, cfg, device, &data, &network, done)?;
     let d = setup.d;
     let pc = SamplerKind::Pc {
         corrections: cfg.count("pc_corrections")?,
@@ -776,7 +823,7 @@ pub fn run_vectors(cfg: &Config, run: &Path, device: &Device, resume: bool) -> R
             )?;
             let m = setup.metrics(0, &s, f64::NAN, start.elapsed().as_secs_f64(), 0.0, device)?;
             all.push(m);
-            write_lap(&setup, run, 0, &s, &mut all)?;
+            write_lap(&setup, run, 0, &s, &mut all, device)?;
             say(all[all.len() - 1].summary());
             write_init_prior(run, &g)?;
             mark_done(run, 0)?;
@@ -854,7 +901,7 @@ pub fn run_vectors(cfg: &Config, run: &Path, device: &Device, resume: bool) -> R
             &setup.network,
             &params,
         )?;
-        write_lap(&setup, run, lap, &samples, &mut all)?;
+        write_lap(&setup, run, lap, &samples, &mut all, device)?;
         mark_done(run, lap)?;
         lap_bar.done(lap);
         say(all[all.len() - 1].summary());

@@ -205,8 +205,14 @@ pub fn curves(path: &Path, plot: &CurvePlot<'_>) -> Result<()> {
             }};
         }
         if plot.log_y {
+            // Ticks at 1, 2 and 5 of every decade in range (plotters' own log ticks skip
+            // values below 1).
+            let ticks: Vec<f64> = (lo.log10().floor() as i32..=hi.log10().ceil() as i32)
+                .flat_map(|e| [1.0, 2.0, 5.0].map(|m| m * 10f64.powi(e)))
+                .filter(|v| (lo..=hi).contains(v))
+                .collect();
             let chart = builder
-                .build_cartesian_2d(x_range.clone(), (lo..hi).log_scale())
+                .build_cartesian_2d(x_range.clone(), (lo..hi).log_scale().with_key_points(ticks))
                 .map_err(&err)?;
             draw_on!(chart, |v: f64| v);
         } else {
