@@ -66,6 +66,7 @@ fn main() {
             "chromium::screenshot_paints_both_figures",
             screenshot_paints_figures,
         ),
+        trial("chromium::a_real_runs_report_renders", real_run_report),
     ];
     libtest_mimic::run(&args, trials).exit()
 }
@@ -344,4 +345,80 @@ fn decode_rgb(path: &Path) -> Result<(u32, u32, Vec<u8>), String> {
         .flat_map(|p| [p[0], p[1], p[2]])
         .collect();
     Ok((frame.width, frame.height, rgb))
+}
+
+/// A real run's report: a one-lap EM on a small ring seen through random projections (as
+/// examples/em_from_code.rs, smaller), written by the engine itself; every figure it names
+/// renders, and the screenshot shows the plots' blue (the samples' colour) over a good area.
+fn real_run_report(browser: &Path, dir: &Path) -> Result<(), String> {
+    use emprior::em::{run_vectors, Config};
+    use emprior::io::write_npy_f32;
+    let (n, d) = (512usize, 2usize);
+    let x: Vec<f32> = (0..n)
+        .flat_map(|i| {
+            let a = i as f32 / n as f32 * std::f32::consts::TAU;
+            [a.cos(), a.sin()]
+        })
+        .collect();
+    let a: Vec<f32> = (0..n)
+        .flat_map(|i| {
+            let t = i as f32 * 2.399;
+            [t.cos(), t.sin()]
+        })
+        .collect();
+    let y: Vec<f32> = (0..n)
+        .map(|i| a[2 * i] * x[2 * i] + a[2 * i + 1] * x[2 * i + 1])
+        .collect();
+    let err = |e: emprior::Error| e.to_string();
+    write_npy_f32(&dir.join("y.npy"), &[n, 1], &y).map_err(err)?;
+    write_npy_f32(&dir.join("a.npy"), &[n, 1, d], &a).map_err(err)?;
+    write_npy_f32(&dir.join("x.npy"), &[n, d], &x).map_err(err)?;
+    let mut cfg = Config::preset("vectors", "quick").map_err(err)?;
+    let path = |f: &str| dir.join(f).display().to_string();
+    for set in [
+        format!("obs={}", path("y.npy")),
+        format!("operator={}", path("a.npy")),
+        format!("truth={}", path("x.npy")),
+        "sigma_y=0.05".into(),
+        "laps=1".into(),
+        "init_rounds=2".into(),
+        "estep_steps=8".into(),
+        "mstep_steps=50".into(),
+        "hidden=32,32".into(),
+        "eval_samples=128".into(),
+    ] {
+        cfg.set(&set).map_err(err)?;
+    }
+    let run = dir.join("run");
+    run_vectors(&cfg, &run, &emprior::Device::Cpu, false).map_err(err)?;
+    let html = run.join("report.html");
+    run_browser(browser, dir, &["--dump-dom".into()], &file_url(&html), "dom.html")?;
+    let dom = std::fs::read_to_string(dir.join("dom.html")).map_err(|e| e.to_string())?;
+    // divergence.png and lap-001/pairs.png.
+    if !dom.contains("data-rendered=\"2/2\"") {
+        return Err(format!(
+            "the run's report did not render both figures (kept in {})",
+            dir.display()
+        ));
+    }
+    let shot = dir.join("run-screenshot.png");
+    let extra = [
+        "--hide-scrollbars".to_string(),
+        format!("--window-size={},{}", WINDOW.0, WINDOW.1),
+        format!("--screenshot={}", shot.display()),
+    ];
+    run_browser(browser, dir, &extra, &file_url(&html), "run-screenshot.stdout")?;
+    let _ = std::fs::copy(&shot, target_dir().join("report-run-screenshot.png"));
+    let (_, _, rgb) = decode_rgb(&shot)?;
+    let blue = rgb
+        .chunks_exact(3)
+        .filter(|p| p.iter().zip(BLUE).all(|(&a, b)| a.abs_diff(b) <= 40))
+        .count();
+    if blue < 500 {
+        return Err(format!(
+            "only {blue} pixels of the samples' blue in the screenshot of the run's report (kept in {})",
+            dir.display()
+        ));
+    }
+    Ok(())
 }

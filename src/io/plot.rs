@@ -207,8 +207,15 @@ pub fn curves(path: &Path, plot: &CurvePlot<'_>) -> Result<()> {
         if plot.log_y {
             // Ticks at 1, 2 and 5 of every decade in range (plotters' own log ticks skip
             // values below 1).
-            let ticks: Vec<f64> = (lo.log10().floor() as i32..=hi.log10().ceil() as i32)
-                .flat_map(|e| [1.0, 2.0, 5.0].map(|m| m * 10f64.powi(e)))
+            // Over more than four decades, powers of ten alone stay readable.
+            let (first, last) = (lo.log10().floor() as i32, hi.log10().ceil() as i32);
+            let mantissas: &[f64] = if last - first > 4 {
+                &[1.0]
+            } else {
+                &[1.0, 2.0, 5.0]
+            };
+            let ticks: Vec<f64> = (first..=last)
+                .flat_map(|e| mantissas.iter().map(move |m| m * 10f64.powi(e)))
                 .filter(|v| (lo..=hi).contains(v))
                 .collect();
             let chart = builder
