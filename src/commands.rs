@@ -14,9 +14,10 @@ use crate::io::{load_checkpoint, read_npy, save_checkpoint, write_npy_f32};
 use crate::nn::TimeMlp;
 use crate::ops::Philox;
 use crate::posterior::{
-    CgConfig, Covariance, DenseOperators, LinearOperator, MaskOperator, Mmps, NetworkPrior, ObservationNoise,
-    SharedOperator,
+    CgConfig, Covariance, DenseOperators, Dps, LinearOperator, MaskOperator, Mmps, NetworkPrior,
+    ObservationNoise, Prior, SharedOperator,
 };
+use crate::progress::{self, Phase};
 use crate::tensor::{AsView, DType, Tensor};
 use crate::train::{AdamConfig, LrSchedule, Trainer};
 
@@ -114,53 +115,180 @@ fn check_samples(what: &str, x: &[f32]) -> Result<()> {
     Ok(())
 }
 
-/// A sampler's denoiser with progress on stderr: its calls counted against the run's total and
-/// a line every few seconds (and at the end), the device synchronised first so the count is of
-/// finished work.
-struct Progress<'a, D> {
+/// Seconds between two progress updates of a sampler (each one synchronises the device).
+const REPORT_EVERY: f64 = 0.5;
+
+/// A sampler's denoiser driving a [`Phase`] over its calls (the run's total known from the
+/// sampler), the current noise level as its message. The device is synchronised before each
+/// update, so the count is of finished work; updates come every [`REPORT_EVERY`] seconds and at
+/// the last call.
+struct Progress<'a, D: ?Sized> {
     inner: &'a mut D,
-    label: &'static str,
-    calls: usize,
-    total: usize,
-    start: Instant,
+    phase: Phase,
+    calls: u64,
+    total: u64,
     last: Instant,
 }
 
-impl<'a, D: Denoise> Progress<'a, D> {
-    /// Progress over the denoiser calls of `sampler`.
+impl<'a, D: Denoise + ?Sized> Progress<'a, D> {
+    /// Progress named `label` over the denoiser calls of `sampler`.
     fn new(inner: &'a mut D, label: &'static str, sampler: &Sampler) -> Self {
         let per_step = match sampler.kind {
             SamplerKind::Pc { corrections, .. } => 1 + corrections,
             SamplerKind::Ddpm | SamplerKind::Ddim => 1,
         };
-        let now = Instant::now();
+        let total = (sampler.steps * per_step + 1) as u64;
         Progress {
             inner,
-            label,
+            phase: Phase::new(label, total, "denoiser calls"),
             calls: 0,
-            total: sampler.steps * per_step + 1,
-            start: now,
-            last: now,
+            total,
+            last: Instant::now(),
+        }
+    }
+
+    /// Ends the phase (its line with the count, rate and time); returns its seconds.
+    fn finish(mut self) -> f64 {
+        self.phase.set(self.calls);
+        self.phase.finish()
+    }
+}
+
+impl<D: Denoise + ?Sized> Denoise for Progress<'_, D> {
+    fn denoise(&mut self, x_t: &Tensor, sigma: f64) -> Result<Tensor> {
+        let out = self.inner.denoise(x_t, sigma)?;
+        self.calls += 1;
+        if self.last.elapsed().as_secs_f64() >= REPORT_EVERY || self.calls == self.total {
+            x_t.device().synchronize()?;
+            self.last = Instant::now();
+            self.phase.message(format!("sigma {sigma:.3e}"));
+            self.phase.set(self.calls);
+        }
+        Ok(out)
+    }
+}
+
+/// The device a command runs on, opened from the request, and the header's line for it (with
+/// the reason when `auto` passed a GPU over).
+fn open_device(request: DeviceRequest) -> Result<(Device, String)> {
+    let (device, passed_over) = match request {
+        DeviceRequest::Auto => Device::auto(),
+        r => (Device::open(r)?, None),
+    };
+    let mut line = describe_device(&device);
+    if let Some(why) = passed_over {
+        line.push_str(&format!(" (auto: GPU unavailable: {why})"));
+    }
+    Ok((device, line))
+}
+
+/// The device and the kernels it runs, as the commands' headers print it: "CPU (2 threads); ..."
+/// or the GPU with the embedded kernel modules and whether they load as SASS or JIT-compiled PTX.
+pub fn describe_device(device: &Device) -> String {
+    use crate::kernels::{kernels_embedded, KERNEL_MODULES, NVCC_VERSION, SASS_ARCHS};
+    match device {
+        Device::Cpu => {
+            let kernels = if kernels_embedded() {
+                format!(
+                    "{} CUDA kernel modules embedded, unused on the CPU",
+                    KERNEL_MODULES.len()
+                )
+            } else {
+                "CUDA kernels not compiled (a CPU-only build, without nvcc)".to_string()
+            };
+            format!("CPU ({} threads); {kernels}", rayon::current_num_threads())
+        }
+        Device::Cuda(dev) => {
+            let (major, minor) = dev.compute_capability();
+            let arch = format!("sm_{major}{minor}");
+            let isa = KERNEL_MODULES.first().map_or("?", |m| m.ptx_isa);
+            let code = if SASS_ARCHS.contains(&arch.as_str()) {
+                format!("SASS for {arch}")
+            } else {
+                format!(
+                    "PTX ISA {isa} JIT-compiled for {arch} (SASS only for {})",
+                    SASS_ARCHS.join(", ")
+                )
+            };
+            format!(
+                "{dev:?}; {} CUDA kernel modules (nvcc {}), {code}",
+                KERNEL_MODULES.len(),
+                NVCC_VERSION.unwrap_or("?")
+            )
         }
     }
 }
 
-impl<D: Denoise> Denoise for Progress<'_, D> {
-    fn denoise(&mut self, x_t: &Tensor, sigma: f64) -> Result<Tensor> {
-        let out = self.inner.denoise(x_t, sigma)?;
-        self.calls += 1;
-        if self.last.elapsed().as_secs_f64() >= 2.0 || self.calls == self.total {
-            x_t.device().synchronize()?;
-            self.last = Instant::now();
-            let secs = self.start.elapsed().as_secs_f64();
-            let eta = secs / self.calls as f64 * (self.total - self.calls) as f64;
-            eprintln!(
-                "  {}: {}/{} denoiser calls (sigma {sigma:.3e}), {secs:.1}s, about {eta:.0}s left",
-                self.label, self.calls, self.total
-            );
+/// The precision every command computes and writes in (the only one today).
+const PRECISION: &str = "f32";
+
+/// An `.npy` as the headers name it: "x.npy [10000, 5] f32".
+fn describe_npy(path: &Path, shape: &[usize], dtype: &str) -> String {
+    let dtype = match dtype {
+        "f4" => "f32",
+        "f8" => "f64",
+        "u1" => "u8",
+        other => other,
+    };
+    format!("{} {shape:?} {dtype}", path.display())
+}
+
+/// A network in one line: its architecture and parameter count.
+fn describe_network(net: &Network) -> String {
+    let arch = match net {
+        Network::Mlp(m) => format!(
+            "TimeMLP {f} -> {h:?} -> {f}, embedding {e}",
+            f = m.features,
+            h = m.hidden,
+            e = m.emb
+        ),
+        Network::UNet(u) => {
+            let c = &u.config;
+            format!(
+                "U-Net {}x{}x{}, channels {:?}, blocks {:?}, embedding {}",
+                c.resolution.0, c.resolution.1, c.in_channels, c.channels, c.blocks, c.emb
+            )
         }
-        Ok(out)
+    };
+    format!(
+        "{arch}; {} parameters",
+        crate::nn::unet::fmt_count(net.layout().len())
+    )
+}
+
+/// A sampler in a few words: "ddpm (ancestral), 256 steps, sigma 1.0e2 down to 1.0e-3, seed 0".
+fn describe_sampler(sampler: &Sampler, seed: u64) -> String {
+    let kind = match sampler.kind {
+        SamplerKind::Ddpm => "ddpm (ancestral)".to_string(),
+        SamplerKind::Ddim => "ddim (deterministic)".to_string(),
+        SamplerKind::Pc { corrections, tau } => {
+            format!("pc ({corrections} Langevin correction(s) of tau {tau} per step)")
+        }
+    };
+    format!(
+        "{kind}, {} steps, sigma {:.1e} down to {:.1e}, seed {seed}",
+        sampler.steps, sampler.schedule.sigma_max, sampler.schedule.sigma_min
+    )
+}
+
+/// The header every command prints before its work: a title, then one labelled line per field
+/// (the labels aligned).
+fn print_header(title: &str, fields: &[(&str, String)]) {
+    let width = fields.iter().map(|(l, _)| l.len() + 1).max().unwrap_or(0);
+    progress::say(title);
+    for (label, value) in fields {
+        progress::say(format!("  {:<width$} {value}", format!("{label}:")));
     }
+}
+
+/// "12.3s (81.3 samples/s)" (short runs to the hundredth of a second).
+fn time_and_rate(secs: f64, count: u64, unit: &str) -> String {
+    let time = if secs < 10.0 {
+        format!("{secs:.2}s")
+    } else {
+        progress::duration(secs)
+    };
+    format!("{time} ({:.1} {unit}/s)", count as f64 / secs.max(1e-9))
 }
 
 /// Rows whose norm is this many times the median row norm are reported as far from the rest.
@@ -212,7 +340,7 @@ pub fn train(o: &TrainOptions) -> Result<f64> {
         ..AdamConfig::new(lr)
     };
     config.validate()?;
-    let device = Device::open(o.device)?;
+    let (device, device_line) = open_device(o.device)?;
     let data = read_npy(&o.data)?;
     if data.shape.len() < 2 || data.shape[0] == 0 {
         return Err(Error::Other(format!(
@@ -237,6 +365,31 @@ pub fn train(o: &TrainOptions) -> Result<f64> {
     // The batch on the host, and on the device with its noise, noisy copy and gradients.
     let batch_bytes = o.batch.checked_mul(per).and_then(|v| v.checked_mul(4 * 8));
     crate::host_pool::ensure_available(&format!("--batch {}", o.batch), batch_bytes.unwrap_or(usize::MAX))?;
+    let lr_text = match o.lr_end {
+        Some(end) => format!("{:.1e} decaying linearly to {end:.1e}", o.lr),
+        None => format!("{:.1e} (constant)", o.lr),
+    };
+    let ema_text = o.ema.map_or("no EMA".to_string(), |d| format!("EMA {d}"));
+    print_header(
+        &format!(
+            "emprior train: denoising score matching, {} steps of batch {}",
+            o.steps, o.batch
+        ),
+        &[
+            ("device", device_line),
+            ("data", describe_npy(&o.data, &data.shape, data.dtype)),
+            ("network", format!("{}: {}", o.preset, describe_network(&net))),
+            (
+                "optimiser",
+                format!(
+                    "Adam, lr {lr_text}, {ema_text}; VE noise sigma {:.1e} .. {:.1e}; seed {}",
+                    o.sigma_min, o.sigma_max, o.seed
+                ),
+            ),
+            ("precision", PRECISION.to_string()),
+            ("output", format!("{} (safetensors checkpoint)", o.out.display())),
+        ],
+    );
     let den = Denoiser::new(net);
     let params = den.layout().init(o.seed, DType::F32, &device)?;
     let mut trainer = Trainer::new(den.clone(), params, config, schedule, o.seed)?;
@@ -245,8 +398,9 @@ pub fn train(o: &TrainOptions) -> Result<f64> {
     let mut shape = vec![o.batch];
     shape.extend(&expected);
     let mut u = vec![0.0f32; o.batch];
-    let (start, mut loss) = (Instant::now(), f64::NAN);
+    let (mut loss, mut loss_step) = (f64::NAN, 0);
     let mut batch = vec![0.0f32; o.batch * per];
+    let mut phase = Phase::new("train", o.steps, "steps");
     for step in 0..o.steps {
         // Minibatches drawn with replacement from the samples (reproducible from the seed).
         Philox::new(o.seed, 0xba7c).fill_uniform(step * o.batch as u64, &mut u);
@@ -262,10 +416,10 @@ pub fn train(o: &TrainOptions) -> Result<f64> {
             let Some(st) = trainer.take_stats()?.pop() else {
                 continue;
             };
-            loss = st.loss;
+            (loss, loss_step) = (st.loss, step + 1);
             if o.log_every > 0 {
-                let rate = (step + 1) as f64 / start.elapsed().as_secs_f64();
-                eprintln!(
+                let rate = (step + 1) as f64 / phase.seconds();
+                progress::say(format!(
                     "step {:>7}/{} | loss {:.5} | grad norm {:.3} | lr {:.2e} | {:.1} steps/s",
                     step + 1,
                     o.steps,
@@ -273,10 +427,13 @@ pub fn train(o: &TrainOptions) -> Result<f64> {
                     st.grad_norm,
                     st.lr,
                     rate
-                );
+                ));
             }
+            phase.message(format!("loss {:.5}", st.loss));
+            phase.set(step + 1);
         }
     }
+    let secs = phase.finish();
     let meta = BTreeMap::from([
         ("preset".to_string(), o.preset.clone()),
         ("steps".to_string(), o.steps.to_string()),
@@ -289,6 +446,13 @@ pub fn train(o: &TrainOptions) -> Result<f64> {
         ),
     ]);
     save_checkpoint(&o.out, &den.net, trainer.weights(), &meta)?;
+    progress::say(format!(
+        "summary: final loss {loss:.5} (step {loss_step}); {} steps in {}; checkpoint ({} weights) written to {}",
+        o.steps,
+        time_and_rate(secs, o.steps, "steps"),
+        if o.ema.is_some() { "EMA" } else { "last" },
+        o.out.display()
+    ));
     Ok(loss)
 }
 
@@ -346,9 +510,10 @@ pub fn sample(
             s.steps
         )));
     }
-    let device = Device::open(device)?;
+    let (device, device_line) = open_device(device)?;
     let ck = load_checkpoint(checkpoint, DType::F32)?;
     let params = ck.params.to_device(&device)?;
+    let network_line = describe_checkpoint(checkpoint, &ck.network, &ck.metadata);
     let den = Denoiser::new(ck.network);
     let mut shape = vec![n];
     shape.extend(den.net.sample_shape());
@@ -363,23 +528,53 @@ pub fn sample(
         denoiser: &den,
         params: &params,
     };
-    eprintln!(
-        "sample: {n} prior samples of {:?} on {device:?}, {} steps of {:?}",
-        &shape[1..],
-        s.steps,
-        s.kind
+    print_header(
+        &format!(
+            "emprior sample: {n} prior samples of {:?} from {}",
+            &shape[1..],
+            checkpoint.display()
+        ),
+        &[
+            ("device", device_line),
+            ("network", network_line),
+            ("sampler", describe_sampler(&sampler, s.seed)),
+            ("precision", PRECISION.to_string()),
+            ("output", describe_npy(out, &shape, "f4")),
+        ],
     );
     let mut progress = Progress::new(&mut prior, "sample", &sampler);
-    let x = sampler
-        .sample(&mut progress, &shape, None, DType::F32, &device)?
-        .to_vec_f32()?;
+    let x = sampler.sample(&mut progress, &shape, None, DType::F32, &device)?;
+    let secs = progress.finish();
+    let x = x.to_vec_f32()?;
     let (text, warn) = sample_diagnostics(&x, n);
-    eprintln!("sample: {text}");
+    progress::say(format!("diagnostics: {text}"));
     if warn {
-        eprintln!("warning: some prior samples diverged or lie far from the rest; fewer or more steps, or a checkpoint trained longer, may help");
+        progress::say("warning: some prior samples diverged or lie far from the rest; fewer or more steps, or a checkpoint trained longer, may help");
     }
     check_samples("prior sample", &x)?;
-    write_npy_f32(out, &shape, &x)
+    write_npy_f32(out, &shape, &x)?;
+    progress::say(format!(
+        "summary: {n} samples {shape:?} written to {}; sampled in {}",
+        out.display(),
+        time_and_rate(secs, n as u64, "samples")
+    ));
+    Ok(())
+}
+
+/// A checkpoint's network for the headers: the preset it was trained as (when recorded), the
+/// architecture and parameter count, and how it was trained.
+fn describe_checkpoint(path: &Path, net: &Network, meta: &BTreeMap<String, String>) -> String {
+    let mut facts = vec![path.display().to_string()];
+    if let Some(steps) = meta.get("steps") {
+        facts.push(format!("{steps} training steps"));
+    }
+    match meta.get("weights").map(String::as_str) {
+        Some("ema") => facts.push("EMA weights".into()),
+        Some("params") => facts.push("last weights".into()),
+        _ => {}
+    }
+    let preset = meta.get("preset").map_or(String::new(), |p| format!("{p}: "));
+    format!("{preset}{} ({})", describe_network(net), facts.join(", "))
 }
 
 /// Where the prior of `posterior` comes from.
@@ -437,7 +632,7 @@ pub struct PosteriorOptions {
 /// `emprior posterior`: K posterior samples per observation, written as [n, K, ...].
 pub fn posterior(o: &PosteriorOptions) -> Result<()> {
     check_output(&o.out)?;
-    let device = Device::open(o.device)?;
+    let (device, device_line) = open_device(o.device)?;
     let obs = read_npy(&o.obs)?;
     // Images may come as [n, H, W, C]: each observation is its values in order.
     obs.expect_rank(&o.obs, &[2, 3, 4], "observations [n, m] (or images [n, H, W, C])")?;
@@ -456,8 +651,13 @@ pub fn posterior(o: &PosteriorOptions) -> Result<()> {
             o.sigma_y
         )));
     }
+    if let Some(zeta) = o.dps_zeta.filter(|z| !(*z > 0.0 && z.is_finite())) {
+        return Err(Error::Other(format!(
+            "--dps-zeta {zeta} must be a positive number"
+        )));
+    }
     // The prior and the signal shape.
-    let (gaussian, checkpoint) = match &o.prior {
+    let (gaussian, checkpoint, prior_line) = match &o.prior {
         PriorSource::Gaussian { mean, cov } => {
             let mu = read_npy(mean)?;
             mu.expect_rank(mean, &[1], "a mean [d]")?;
@@ -475,9 +675,18 @@ pub fn posterior(o: &PosteriorOptions) -> Result<()> {
             let smallest = (0..d).map(|i| c.data[i * d + i]).fold(f64::INFINITY, f64::min);
             let dplr = Dplr::from_dense(&c.data, d, 1e-6 * smallest.max(1e-12))
                 .map_err(|e| Error::Other(format!("{}: {e}", cov.display())))?;
-            (Some(Gaussian::new(mu.data, dplr)?), None)
+            let line = format!(
+                "Gaussian, mean {}, covariance {}",
+                describe_npy(mean, &mu.shape, mu.dtype),
+                describe_npy(cov, &c.shape, c.dtype)
+            );
+            (Some(Gaussian::new(mu.data, dplr)?), None, ("prior", line))
         }
-        PriorSource::Checkpoint(path) => (None, Some(load_checkpoint(path, DType::F32)?)),
+        PriorSource::Checkpoint(path) => {
+            let ck = load_checkpoint(path, DType::F32)?;
+            let line = describe_checkpoint(path, &ck.network, &ck.metadata);
+            (None, Some(ck), ("network", line))
+        }
     };
     let sample_shape = match (&gaussian, &checkpoint) {
         (Some(g), _) => vec![g.dim()],
@@ -509,10 +718,17 @@ pub fn posterior(o: &PosteriorOptions) -> Result<()> {
             .collect()
     };
     let y = Tensor::from_f64_as(&repeat(&obs.data, m), &[rows, m], DType::F32, &device)?;
+    let operator_line;
     let operator: Box<dyn LinearOperator> = match &o.operator {
         OperatorSource::Matrix(path) => {
             let a = read_npy(path)?;
             check_finite(path, "operator", &a.data)?;
+            let shared = if a.shape.len() == 2 {
+                "shared"
+            } else {
+                "one per observation"
+            };
+            operator_line = format!("{} ({shared})", describe_npy(path, &a.shape, a.dtype));
             match a.shape.as_slice() {
                 [an, am, ad] if *an == n && *am == m && *ad == d => Box::new(DenseOperators::new(Tensor::from_f64_as(
                     &repeat(&a.data, m * d),
@@ -541,6 +757,12 @@ pub fn posterior(o: &PosteriorOptions) -> Result<()> {
                 )));
             }
             let pixels: usize = mk.shape[1..].iter().product();
+            let observed = mk.data.iter().filter(|&&v| v == 1.0).count();
+            operator_line = format!(
+                "mask {} ({:.1}% observed)",
+                describe_npy(path, &mk.shape, mk.dtype),
+                100.0 * observed as f64 / mk.data.len().max(1) as f64
+            );
             if mk.shape.first() != Some(&n) || pixels == 0 || d % pixels != 0 || m != d {
                 return Err(Error::Other(format!(
                     "{}: expected a mask [{n}, pixels] dividing the signal size {d} (and observations [n, {d}]), got {:?}",
@@ -583,21 +805,46 @@ pub fn posterior(o: &PosteriorOptions) -> Result<()> {
         schedule: schedule_for(&o.sampler, meta)?,
         rng: Philox::new(o.sampler.seed, 0x9057),
     };
-    eprintln!(
-        "posterior: {n} observations of {m} values, {k} sample(s) each, signal {sample_shape:?}, on {device:?}; {} steps of {:?}, {} CG iterations, {} covariance",
-        o.sampler.steps, o.sampler.kind, o.cg_iters, o.covariance
+    let mut out_shape = vec![n, k];
+    out_shape.extend(&sample_shape);
+    let method = match o.dps_zeta {
+        Some(zeta) => Method::Dps(zeta),
+        None => Method::Mmps { cg, covariance },
+    };
+    let method_line = match o.dps_zeta {
+        Some(zeta) => format!(
+            "DPS, step size zeta {zeta} (--cg-iters, --cg-rtol and --covariance unused); sigma_y {}",
+            o.sigma_y
+        ),
+        None => format!(
+            "MMPS, {} covariance, {} CG iteration(s) per denoiser call{}; sigma_y {}",
+            o.covariance,
+            o.cg_iters,
+            o.cg_rtol
+                .map_or(String::new(), |r| format!(" (stopping at rtol {r:e})")),
+            o.sigma_y
+        ),
+    };
+    print_header(
+        &format!(
+            "emprior posterior: {k} sample(s) of {sample_shape:?} for each of {n} observations of {m} values"
+        ),
+        &[
+            ("device", device_line),
+            ("data", describe_npy(&o.obs, &obs.shape, obs.dtype)),
+            ("operator", operator_line),
+            prior_line,
+            ("method", method_line),
+            ("sampler", describe_sampler(&sampler, o.sampler.seed)),
+            ("precision", PRECISION.to_string()),
+            ("output", describe_npy(&o.out, &out_shape, "f4")),
+        ],
     );
-    // The final CG residuals are measured for the diagnostics (a host synchronisation per
-    // solve, nothing else changes).
-    let (x, worst_cg) = match (&gaussian, &checkpoint) {
+    let (x, worst_cg, secs) = match (&gaussian, &checkpoint) {
         (Some(g), _) => {
             let mean = g.mean_tensor(DType::F32, &device)?;
-            let mut mmps = Mmps::new(g, operator.as_ref(), &y, &noise, cg);
-            mmps.covariance = covariance;
-            mmps.measure_cg = true;
-            let mut progress = Progress::new(&mut mmps, "posterior", &sampler);
-            let x = run(&sampler, &mut progress, &shape, Some(&mean), &device)?;
-            (x, mmps.worst_cg_residual)
+            let run = (&sampler, shape.as_slice(), Some(&mean), &device);
+            posterior_samples(g, operator.as_ref(), &y, &noise, method, run)?
         }
         (_, Some(ck)) => {
             let params = ck.params.to_device(&device)?;
@@ -606,12 +853,8 @@ pub fn posterior(o: &PosteriorOptions) -> Result<()> {
                 denoiser: &den,
                 params: &params,
             };
-            let mut mmps = Mmps::new(&prior, operator.as_ref(), &y, &noise, cg);
-            mmps.covariance = covariance;
-            mmps.measure_cg = true;
-            let mut progress = Progress::new(&mut mmps, "posterior", &sampler);
-            let x = run(&sampler, &mut progress, &shape, None, &device)?;
-            (x, mmps.worst_cg_residual)
+            let run = (&sampler, shape.as_slice(), None, &device);
+            posterior_samples(&prior, operator.as_ref(), &y, &noise, method, run)?
         }
         _ => unreachable!(),
     };
@@ -630,30 +873,73 @@ pub fn posterior(o: &PosteriorOptions) -> Result<()> {
         per_row.sort_by(f64::total_cmp);
         per_row.get(per_row.len() / 2).copied().unwrap_or(f64::NAN)
     };
-    let mut out_shape = vec![n, k];
-    out_shape.extend(&sample_shape);
     let x = x.to_vec_f32()?;
     let (text, warn) = sample_diagnostics(&x, rows);
-    let cg_text = worst_cg.map_or("no CG solve".into(), |r| format!("{r:.3e}"));
-    eprintln!(
-        "posterior: {text}; observation fit, median RMS(y - A x) / sigma_y {fit:.3}; largest final CG relative residual {cg_text}"
-    );
+    let cg_text = worst_cg.map_or("no CG solve".into(), |r| {
+        format!("largest final CG relative residual {r:.3e}")
+    });
+    progress::say(format!(
+        "diagnostics: {text}; observation fit, median RMS(y - A x) / sigma_y {fit:.3}; {cg_text}"
+    ));
     if warn {
-        eprintln!("warning: some posterior samples diverged or lie far from the rest; the Gaussian covariance (--covariance gaussian with a Gaussian prior), more --cg-iters, or more steps may help");
+        progress::say("warning: some posterior samples diverged or lie far from the rest; the Gaussian covariance (--covariance gaussian with a Gaussian prior), more --cg-iters, or more steps may help");
     }
     check_samples("posterior sample", &x)?;
-    write_npy_f32(&o.out, &out_shape, &x)
+    write_npy_f32(&o.out, &out_shape, &x)?;
+    progress::say(format!(
+        "summary: {rows} posterior samples {out_shape:?} ({k} per observation) written to {}; sampled in {}",
+        o.out.display(),
+        time_and_rate(secs, rows as u64, "samples")
+    ));
+    Ok(())
 }
 
-fn run(
-    sampler: &Sampler,
-    den: &mut impl Denoise,
-    shape: &[usize],
-    mean: Option<&Tensor>,
-    device: &Device,
-) -> Result<Tensor> {
+/// The posterior denoiser of `posterior`.
+enum Method {
+    /// MMPS with this CG solve and covariance.
+    Mmps { cg: CgConfig, covariance: Covariance },
+    /// DPS with this step size.
+    Dps(f64),
+}
+
+/// Posterior samples over `prior` by `method`, with progress: the sampler, the batch shape, the
+/// prior mean to start from (a Gaussian's) and the device in `run`. Returns the samples, the
+/// largest final CG relative residual (MMPS measures every solve's: one host synchronisation
+/// per solve, nothing else changes) and the sampling's seconds.
+fn posterior_samples<P: Prior>(
+    prior: &P,
+    operator: &dyn LinearOperator,
+    y: &Tensor,
+    noise: &ObservationNoise,
+    method: Method,
+    run: (&Sampler, &[usize], Option<&Tensor>, &Device),
+) -> Result<(Tensor, Option<f64>, f64)> {
+    let (sampler, shape, mean, device) = run;
     let mean_view = mean.map(|m| m.as_view()).transpose()?;
-    sampler.sample(den, shape, mean_view.as_ref(), DType::F32, device)
+    let sample = |den: &mut dyn Denoise| -> Result<(Tensor, f64)> {
+        let mut progress = Progress::new(den, "posterior", sampler);
+        let x = sampler.sample(&mut progress, shape, mean_view.as_ref(), DType::F32, device)?;
+        Ok((x, progress.finish()))
+    };
+    match method {
+        Method::Dps(zeta) => {
+            let mut dps = Dps {
+                prior,
+                operator,
+                y,
+                zeta,
+            };
+            let (x, secs) = sample(&mut dps)?;
+            Ok((x, None, secs))
+        }
+        Method::Mmps { cg, covariance } => {
+            let mut mmps = Mmps::new(prior, operator, y, noise, cg);
+            mmps.covariance = covariance;
+            mmps.measure_cg = true;
+            let (x, secs) = sample(&mut mmps)?;
+            Ok((x, mmps.worst_cg_residual, secs))
+        }
+    }
 }
 
 /// `emprior model`: the architecture, parameter count and forward cost of a preset and, with a

@@ -9,11 +9,12 @@ use std::path::PathBuf;
 use emprior::diffusion::SamplerKind;
 use emprior::{bench, commands, kernels};
 
+/// The command line: one subcommand per task.
 #[derive(Parser)]
 #[command(
     name = "emprior",
     version,
-    about = "Diffusion priors from incomplete observations by EM, on CUDA"
+    about = "Diffusion priors from incomplete observations by EM, on CUDA or the CPU"
 )]
 struct Cli {
     #[command(subcommand)]
@@ -26,14 +27,18 @@ struct SamplerArgs {
     /// ddpm (ancestral), ddim, or pc (predictor-corrector, 1 Langevin step, tau 0.1).
     #[arg(long, default_value = "ddpm")]
     sampler: SamplerKind,
+    /// Reverse-diffusion steps from --sigma-max down to --sigma-min (at least 1).
     #[arg(long, default_value_t = 256)]
     steps: usize,
-    /// Default: the checkpoint's training range, else 1e-3.
+    /// Smallest noise level, where sampling ends [default: the checkpoint's training range, else
+    /// 1e-3].
     #[arg(long)]
     sigma_min: Option<f64>,
-    /// Default: the checkpoint's training range, else 100.
+    /// Largest noise level, where sampling starts [default: the checkpoint's training range, else
+    /// 100].
     #[arg(long)]
     sigma_max: Option<f64>,
+    /// Seeds the initial noise and every step's noise (the same seed gives the same samples).
     #[arg(long, default_value_t = 0)]
     seed: u64,
 }
@@ -75,91 +80,115 @@ enum Command {
     /// Train a denoiser by denoising score matching on samples (.npy [n, ...]).
     #[command(allow_negative_numbers = true)]
     Train {
+        /// The training samples: an .npy [n, ...] (f32, f64 or u8), one sample per row, of the
+        /// preset's sample shape.
         #[arg(long)]
         data: PathBuf,
         /// manifold, cifar10, mri, or mlp (a TimeMLP sized to the data).
         #[arg(long)]
         preset: String,
-        /// The checkpoint to write (safetensors).
+        /// The checkpoint to write (safetensors), once training ends.
         #[arg(long)]
         out: PathBuf,
+        /// Adam steps to run (at least 1).
         #[arg(long, default_value_t = 10_000)]
         steps: u64,
+        /// Samples per step, drawn with replacement from --data.
         #[arg(long, default_value_t = 256)]
         batch: usize,
+        /// Adam's learning rate (constant, or the start of the decay with --lr-end).
         #[arg(long, default_value_t = 1e-3)]
         lr: f64,
-        /// Decay the learning rate linearly to this value over the run.
+        /// Decay the learning rate linearly to this value over the run [default: constant].
         #[arg(long)]
         lr_end: Option<f64>,
-        /// Keep an EMA of the weights with this decay and save it.
+        /// Keep an EMA of the weights with this decay, in [0, 1), and save it instead of the
+        /// last weights.
         #[arg(long)]
         ema: Option<f64>,
+        /// Smallest noise level of the VE schedule (stored in the checkpoint for sampling).
         #[arg(long, default_value_t = 1e-3)]
         sigma_min: f64,
+        /// Largest noise level of the VE schedule (stored in the checkpoint for sampling).
         #[arg(long, default_value_t = 1e2)]
         sigma_max: f64,
+        /// Seeds the initialisation, the minibatches and the noise (a run is reproducible).
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Where to run: auto (a GPU when one is usable, else the CPU), cpu, cuda or cuda:N.
         #[arg(long, default_value = "auto")]
         device: DeviceRequest,
     },
     /// Draw prior samples from a checkpoint into an .npy [n, ...].
     #[command(allow_negative_numbers = true)]
     Sample {
+        /// The prior: a safetensors checkpoint written by `emprior train` or `emprior em`.
         #[arg(long)]
         checkpoint: PathBuf,
+        /// How many samples to draw (at least 1).
         #[arg(long)]
         n: usize,
+        /// The .npy to write: f32 samples [n, ...] of the network's sample shape.
         #[arg(long)]
         out: PathBuf,
         #[command(flatten)]
         sampler: SamplerArgs,
+        /// Where to run: auto (a GPU when one is usable, else the CPU), cpu, cuda or cuda:N.
         #[arg(long, default_value = "auto")]
         device: DeviceRequest,
     },
     /// Posterior samples for observations y = A x + noise with MMPS, into an .npy [n, K, ...].
     #[command(allow_negative_numbers = true)]
     Posterior {
-        /// Observations [n, m].
+        /// The observations y: an .npy [n, m] (or images [n, H, W, C], each read as its m values
+        /// in row-major order).
         #[arg(long)]
         obs: PathBuf,
-        /// Observation noise standard deviation.
+        /// The observation noise's standard deviation (positive; the same for every value).
         #[arg(long)]
         sigma_y: f64,
+        /// The .npy to write: f32 samples [n, K, ...] (K = --samples-per-obs).
         #[arg(long)]
         out: PathBuf,
-        /// The operator: [n, m, d] per observation or [m, d] shared.
+        /// The operator A: an .npy [n, m, d] (one per observation) or [m, d] (shared); or --mask.
         #[arg(long, conflicts_with = "mask", required_unless_present = "mask")]
         operator: Option<PathBuf>,
-        /// A 0/1 mask [n, d] or [n, H, W] (broadcast over channels).
+        /// A 0/1 mask instead of --operator (1 = observed): [n, d], or [n, H, W] broadcast over
+        /// channels; --obs then holds whole signals (m = d), any value where missing.
         #[arg(long)]
         mask: Option<PathBuf>,
-        /// The prior as a trained checkpoint...
+        /// The prior as a trained checkpoint (safetensors); or --gaussian-mean and --gaussian-cov.
         #[arg(long, conflicts_with_all = ["gaussian_mean", "gaussian_cov"], required_unless_present = "gaussian_mean")]
         checkpoint: Option<PathBuf>,
-        /// ...or as a Gaussian: mean [d] ...
+        /// The prior as a Gaussian instead of --checkpoint: its mean, an .npy [d] (with
+        /// --gaussian-cov).
         #[arg(long, requires = "gaussian_cov")]
         gaussian_mean: Option<PathBuf>,
-        /// ... and covariance [d, d].
+        /// The Gaussian prior's covariance, an .npy [d, d], symmetric positive semi-definite
+        /// (with --gaussian-mean).
         #[arg(long, requires = "gaussian_mean")]
         gaussian_cov: Option<PathBuf>,
         #[command(flatten)]
         sampler: SamplerArgs,
-        /// CG iterations per posterior-denoiser call.
+        /// Conjugate-gradient iterations per posterior-denoiser call (MMPS's linear solve).
         #[arg(long, default_value_t = 1)]
         cg_iters: usize,
-        /// Stop CG early once every system's residual is below this fraction of its start.
+        /// Stop CG early once every system's residual is below this fraction of its start
+        /// [default: run all --cg-iters].
         #[arg(long)]
         cg_rtol: Option<f64>,
-        /// tweedie (MMPS), zeros, sigma-t, ones, or gaussian (a Gaussian prior's own covariance).
+        /// The denoiser covariance V[x | x_t] in MMPS's solve: tweedie (MMPS, sigma^2 times the
+        /// Jacobian), zeros, sigma-t, ones, or gaussian (a Gaussian prior's own covariance).
         #[arg(long, default_value = "tweedie")]
         covariance: String,
+        /// Posterior samples K drawn per observation (at least 1).
         #[arg(long, default_value_t = 1)]
         samples_per_obs: usize,
-        /// Use DPS (the baseline) with this step size instead of MMPS.
+        /// Use DPS (the baseline) with this step size zeta (positive) instead of MMPS; --cg-* and
+        /// --covariance are then unused.
         #[arg(long)]
         dps_zeta: Option<f64>,
+        /// Where to run: auto (a GPU when one is usable, else the CPU), cpu, cuda or cuda:N.
         #[arg(long, default_value = "auto")]
         device: DeviceRequest,
     },
@@ -205,6 +234,7 @@ enum Command {
         /// Continue the run in this directory after its last complete lap (its config.toml).
         #[arg(long)]
         resume: Option<PathBuf>,
+        /// Where to run: auto (a GPU when one is usable, else the CPU), cpu, cuda or cuda:N.
         #[arg(long, default_value = "auto")]
         device: DeviceRequest,
     },
@@ -220,6 +250,8 @@ enum Command {
         /// Test images.
         #[arg(long, default_value_t = 64)]
         test: usize,
+        /// The directory to write (created), in the fetched dataset's layout: data_batch_1.png and
+        /// test_batch.png, one image per row.
         #[arg(long)]
         out: PathBuf,
         /// The full dataset (default: the fetch script's cache).
@@ -230,6 +262,7 @@ enum Command {
     /// ceilings measured in the same run; with --peers, the workloads measured beside PyTorch and
     /// JAX (benches/baselines/WORKLOADS.md) and a projection of paper runs from their rates.
     Bench {
+        /// Where to measure: auto (a GPU when one is usable, else the CPU), cpu, cuda or cuda:N.
         #[arg(long, default_value = "auto")]
         device: DeviceRequest,
         /// Fewer shapes and repeats (about a minute on a GPU).
@@ -251,6 +284,12 @@ enum Command {
 }
 
 fn main() -> std::process::ExitCode {
+    // A closed pipe (`emprior info | head -1`) ends the process quietly, as it does any Unix
+    // tool, instead of panicking in println!.
+    // SAFETY: restoring the default disposition of one signal before any thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     emprior::tune_cpu_allocator();
     let cli = Cli::parse();
     let result = emprior::ops::parallel::on_pool(move || match cli.command {
@@ -345,7 +384,7 @@ fn main() -> std::process::ExitCode {
             let o = commands::TrainOptions {
                 data,
                 preset,
-                out: out.clone(),
+                out,
                 steps,
                 batch,
                 lr,
@@ -357,9 +396,8 @@ fn main() -> std::process::ExitCode {
                 device,
                 log_every: (steps / 20).max(1),
             };
-            commands::train(&o)
-                .map(|loss| println!("final loss {loss:.5}; wrote {}", out.display()))
-                .map_err(Into::into)
+            // The header, the progress and the summary are on stderr.
+            commands::train(&o).map(|_loss| ()).map_err(Into::into)
         }
         Command::Sample {
             checkpoint,
@@ -367,9 +405,7 @@ fn main() -> std::process::ExitCode {
             out,
             sampler,
             device,
-        } => commands::sample(&checkpoint, n, &out, &sampler.options(), device)
-            .map(|()| println!("wrote {}", out.display()))
-            .map_err(Into::into),
+        } => commands::sample(&checkpoint, n, &out, &sampler.options(), device).map_err(Into::into),
         Command::Posterior {
             obs,
             sigma_y,
@@ -400,7 +436,7 @@ fn main() -> std::process::ExitCode {
             let o = commands::PosteriorOptions {
                 obs,
                 sigma_y,
-                out: out.clone(),
+                out,
                 operator,
                 prior,
                 sampler: sampler.options(),
@@ -411,9 +447,7 @@ fn main() -> std::process::ExitCode {
                 dps_zeta,
                 device,
             };
-            commands::posterior(&o)
-                .map(|()| println!("wrote {}", out.display()))
-                .map_err(Into::into)
+            commands::posterior(&o).map_err(Into::into)
         }
     });
     match result {
@@ -426,7 +460,7 @@ fn main() -> std::process::ExitCode {
 }
 
 fn info(request: DeviceRequest, list_kernels: bool) -> Result<()> {
-    println!("emprior {}", env!("CARGO_PKG_VERSION"));
+    println!("{}", kernels::version_line());
     println!("build: {}", kernels::build_summary());
     if list_kernels {
         for (module, func) in Kernels::names() {
@@ -560,8 +594,8 @@ fn em(
         }
         r => Device::open(r)?,
     };
-    eprintln!("run directory: {} (device {device})", dir.display());
-    eprint!("{}", cfg.to_toml());
+    // The run's header (device, data, network, output) comes from the run itself; every value
+    // is in DIR/config.toml with its meaning.
     let experiment_name = cfg.string("experiment")?;
     let (first, last, plots) = match experiment_name.as_str() {
         "manifold" | "vectors" => {

@@ -689,11 +689,11 @@ pub fn print_header(
     };
     crate::progress::say(format!(
         "emprior em {} (preset {}): {start}, laps 0..={laps} (lap 0 is the Gaussian initialisation)\n  \
-         device: {device}; kernels: {}\n  data: {data}\n  network: {network}; precision f32\n  \
+         device: {}\n  data: {data}\n  network: {network}; precision f32\n  \
          output: {} (config.toml, metrics.jsonl, report.html, lap-XXX/)",
         cfg.string("experiment")?,
         cfg.preset_name().unwrap_or("-"),
-        crate::kernels::kernels_line(),
+        crate::commands::describe_device(device),
         run.display()
     ));
     Ok(())
