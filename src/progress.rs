@@ -57,9 +57,12 @@ impl Phase {
             let bar = multi().add(ProgressBar::new(total));
             bar.set_style(
                 ProgressStyle::with_template(&format!(
-                    "  {{prefix}} [{{bar:30.cyan/blue}}] {{pos}}/{{len}} {unit} ({{per_sec}}, {{elapsed}}, ETA {{eta}}) {{msg}}"
+                    "  {{prefix}} [{{bar:30.cyan/blue}}] {{pos}}/{{len}} {unit} ({{rate}} {unit}/s, {{elapsed}}, ETA {{eta}}) {{msg}}"
                 ))
                 .expect("the template is valid")
+                .with_key("rate", |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                    let _ = write!(w, "{:.1}", state.per_sec());
+                })
                 .progress_chars("=> "),
             );
             bar.set_prefix(label.clone());

@@ -396,7 +396,11 @@ fn the_key_reference_covers_every_preset_and_matches_the_readme() {
         for preset in presets {
             let cfg = Config::preset(experiment, preset).unwrap();
             cfg.validate().unwrap();
-            for line in cfg.to_toml().lines().filter(|l| !l.starts_with('#')) {
+            for line in cfg
+                .to_toml()
+                .lines()
+                .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
+            {
                 let key = line.split('=').next().unwrap().trim();
                 assert!(
                     names.contains(&key),
