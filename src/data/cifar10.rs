@@ -110,17 +110,8 @@ pub fn write_subset(dir: &Path, out: &Path, train: usize, test: usize) -> Result
                 "a subset holds at most 10,000 images per split; asked for {n}, have {have}"
             )));
         }
-        let path = out.join(name);
-        let mut bytes = Vec::new();
-        {
-            let mut enc = png::Encoder::new(&mut bytes, PIXELS as u32, n as u32);
-            enc.set_color(png::ColorType::Rgb);
-            enc.set_depth(png::BitDepth::Eight);
-            let err = |e: png::EncodingError| Error::Other(format!("encoding {}: {e}", path.display()));
-            let mut w = enc.write_header().map_err(err)?;
-            w.write_image_data(&images[..n * IMAGE]).map_err(err)?;
-        }
-        crate::io::write_atomically(&path, &bytes)?;
+        // The tfjs layout: one image per row of 1024 RGB pixels.
+        crate::io::plot::save_image(&out.join(name), &images[..n * IMAGE], n, PIXELS, 3)?;
     }
     Ok(())
 }

@@ -54,16 +54,7 @@ fn render(
 }
 
 fn write_png(path: &Path, rgb: &[u8], width: usize, height: usize) -> Result<()> {
-    let mut bytes = Vec::new();
-    {
-        let mut enc = png::Encoder::new(&mut bytes, width as u32, height as u32);
-        enc.set_color(png::ColorType::Rgb);
-        enc.set_depth(png::BitDepth::Eight);
-        let err = |e: png::EncodingError| Error::Other(format!("encoding {}: {e}", path.display()));
-        let mut w = enc.write_header().map_err(err)?;
-        w.write_image_data(rgb).map_err(err)?;
-    }
-    write_atomically(path, &bytes)
+    save_image(path, rgb, height, width, 3)
 }
 
 /// One series of a curve plot: a name for the legend and (lap, value) points.
