@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Coverage-guided fuzzing (libFuzzer through cargo fuzz) of every reader of untrusted bytes:
-# .npy arrays, safetensors checkpoints with their metadata, configurations, PNG images.
+# .npy arrays, safetensors checkpoints with their metadata, configurations, PNG images, NIfTI-1 volumes.
 #
 #   scripts/fuzz.sh [SECONDS_PER_TARGET] [TARGET...]   (default 60 s each, every target)
 #
@@ -15,7 +15,7 @@ seconds="${1:-60}"
 shift || true
 targets=("$@")
 if [ ${#targets[@]} -eq 0 ]; then
-    targets=(npy checkpoint config png)
+    targets=(npy checkpoint config png nifti)
 fi
 if ! rustup toolchain list | grep -q '^nightly'; then
     echo "fuzz: needs a nightly toolchain: rustup toolchain install nightly" >&2

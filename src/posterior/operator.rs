@@ -1,7 +1,7 @@
 //! Observation operators y = A x with exact adjoints, batched over observations (one row of the
 //! batch per observation): a dense matrix per observation, one shared dense matrix, or a
 //! per-pixel mask (kept at full size, zeros where unobserved, as the paper does). The trait is
-//! all MMPS needs, so the MRI operator (masked, centred, orthonormal FFT) slots in later.
+//! all MMPS needs: the MRI operator (masked, centred, orthonormal FFT) is `super::fourier`.
 
 use crate::error::{Error, Result};
 use crate::ops::{gemm_into, mul_into, GemmSpec};
