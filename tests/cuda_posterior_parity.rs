@@ -17,7 +17,10 @@ use emprior::diffusion::{Denoiser, Network, Sampler, SamplerKind, VeSchedule};
 use emprior::gaussian::{Dplr, Gaussian};
 use emprior::nn::{Mode, TimeMlp, UNet};
 use emprior::ops::Philox;
-use emprior::posterior::{CgConfig, DenseOperators, MaskOperator, Mmps, NetworkPrior, ObservationNoise};
+use emprior::posterior::{
+    column_masks, CgConfig, DenseOperators, FourierOperator, LinearOperator, MaskOperator, Mmps,
+    NetworkPrior, ObservationNoise,
+};
 use emprior::train::{Adam, AdamConfig, LrSchedule, Trainer};
 use emprior::{AsView, AsViewMut, DType, Device, Tensor};
 
@@ -26,7 +29,7 @@ const CPU: Device = Device::Cpu;
 const SAMPLER_TOL: Tol = Tol::norm(1e-6);
 const MMPS_TOL: Tol = Tol::norm(1e-4);
 
-const CASES: [Case; 7] = [
+const CASES: [Case; 8] = [
     case(
         "sampler::update_with_and_without_noise",
         "sampler update with and without noise",
@@ -62,6 +65,12 @@ const CASES: [Case; 7] = [
         "PC + MMPS (3 CG iterations), TimeMLP with per-observation operators",
         MMPS_TOL,
         pc_mmps_case,
+    ),
+    case(
+        "mri::fourier_operator_products_against_the_fft",
+        "MRI operator: A x and A^T v by the GPU's GEMM products against rustfft on the CPU (64x40, 320x320)",
+        Tol::norm(1e-5),
+        fourier_case,
     ),
     case(
         "gaussian::denoiser_and_woodbury_covariance",
@@ -291,6 +300,22 @@ fn pc_mmps_case(d: &Device) -> Vec<Output> {
         "samples",
         sampler.sample(&mut mmps, &[b, 5], None, DType::F32, d).unwrap(),
     )]
+}
+
+/// The MRI operator: on the CPU the FFT path (rustfft), on a GPU the product path (the GEMM
+/// kernels), from the same images and k-spaces.
+fn fourier_case(d: &Device) -> Vec<Output> {
+    let (b, h, w) = (3, 64, 40);
+    let op = FourierOperator::new(&column_masks(b, w, 4.0, 0.125, 3).unwrap(), b, h, w).unwrap();
+    let x = on(d, 61, &[b, h, w], 2.0);
+    let v = on(d, 62, &[b, 2 * h * w], 1.0);
+    let big = FourierOperator::new(&column_masks(1, 320, 6.0, 0.0625, 5).unwrap(), 1, 320, 320).unwrap();
+    let xb = on(d, 63, &[1, 320, 320], 2.0);
+    vec![
+        whole("A x", op.apply(&x.as_view().unwrap()).unwrap()),
+        whole("A^T v", op.adjoint(&v.as_view().unwrap()).unwrap()),
+        whole("A x, 320 x 320", big.apply(&xb.as_view().unwrap()).unwrap()),
+    ]
 }
 
 fn gaussian_case(d: &Device) -> Vec<Output> {

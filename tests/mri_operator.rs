@@ -684,15 +684,52 @@ fn mmps_samples_the_exact_posterior_with_three_cg_iterations() {
     }
 }
 
+/// The product path (dense centred DFT matrices through the GEMM op, what a GPU runs) is the FFT
+/// path: the same A and Aᵀ to rounding, in f64 and f32, on odd and even sizes and batches with
+/// their own masks (on a GPU, tests/cuda_posterior_parity.rs compares it with this CPU path).
 #[test]
-#[ignore = "needs a GPU: run with --ignored on a machine with one"]
-fn on_a_gpu_the_operator_refuses_with_an_error() {
-    let gpu = Device::cuda(0).expect("this check needs a GPU");
-    let op = FourierOperator::new(&[1.0; 4], 1, 4, 4).unwrap();
-    let x = Tensor::from_f32(&[0.0; 16], &[1, 16], &gpu).unwrap();
-    let e = op.apply(&x.as_view().unwrap()).unwrap_err().to_string();
-    assert!(e.contains("CPU only"), "{e}");
-    let y = Tensor::from_f32(&[0.0; 32], &[1, 32], &gpu).unwrap();
-    let e = op.adjoint(&y.as_view().unwrap()).unwrap_err().to_string();
-    assert!(e.contains("CPU only"), "{e}");
+fn the_product_path_is_the_fft_path() {
+    for (b, h, w, seed) in [(3usize, 7usize, 9usize, 11u64), (2, 16, 16, 12), (2, 32, 20, 13)] {
+        let masks = column_masks(b, w, 3.0, 0.2, seed).unwrap();
+        let op = FourierOperator::new(&masks, b, h, w).unwrap();
+        let x: Vec<f64> = (0..b * h * w)
+            .map(|i| ((i * 37 % 101) as f64 / 50.0) - 1.0)
+            .collect();
+        let v: Vec<f64> = (0..b * h * w * 2)
+            .map(|i| ((i * 53 % 97) as f64 / 48.0) - 1.0)
+            .collect();
+        let xt = Tensor::from_f64(&x, &[b, h, w], &Device::Cpu).unwrap();
+        let vt = Tensor::from_f64(&v, &[b, 2 * h * w], &Device::Cpu).unwrap();
+        let rel = |a: &[f64], b: &[f64]| {
+            let num: f64 = a
+                .iter()
+                .zip(b)
+                .map(|(p, q)| (p - q) * (p - q))
+                .sum::<f64>()
+                .sqrt();
+            num / b.iter().map(|q| q * q).sum::<f64>().sqrt().max(1e-300)
+        };
+        let fft = op.apply(&xt.as_view().unwrap()).unwrap().to_vec_f64().unwrap();
+        let prod = op
+            .apply_by_products(&xt.as_view().unwrap())
+            .unwrap()
+            .to_vec_f64()
+            .unwrap();
+        assert!(rel(&prod, &fft) < 1e-13, "A at {h}x{w}: {}", rel(&prod, &fft));
+        let fft = op.adjoint(&vt.as_view().unwrap()).unwrap().to_vec_f64().unwrap();
+        let prod = op
+            .adjoint_by_products(&vt.as_view().unwrap())
+            .unwrap()
+            .to_vec_f64()
+            .unwrap();
+        assert!(rel(&prod, &fft) < 1e-13, "Aᵀ at {h}x{w}: {}", rel(&prod, &fft));
+        // f32 tensors: the products in f32 against the f64 FFT path rounded to f32.
+        let x32 = Tensor::from_f64_as(&x, &[b, h, w], DType::F32, &Device::Cpu).unwrap();
+        let p32 = op.apply_by_products(&x32.as_view().unwrap()).unwrap();
+        assert_eq!(p32.dtype(), DType::F32);
+        let widen = |t: Tensor| -> Vec<f64> { t.to_vec_f32().unwrap().into_iter().map(f64::from).collect() };
+        let fft = widen(op.apply(&x32.as_view().unwrap()).unwrap());
+        let p32 = widen(p32);
+        assert!(rel(&p32, &fft) < 1e-5, "f32 A at {h}x{w}: {}", rel(&p32, &fft));
+    }
 }

@@ -18,10 +18,13 @@
 //!   real.
 //!
 //! The CPU path computes in f64 whatever the tensors' dtype (f32 or f64) and returns the input's
-//! dtype; only the kept k-space columns are transformed along the rows' axis. There is no GPU
-//! path yet: a tensor on a GPU is refused with an error.
+//! dtype; only the kept k-space columns are transformed along the rows' axis. On a GPU the
+//! operator runs as dense products through the engine's GEMM kernels: the centred DFT matrices
+//! `C_h`, `C_w` (taken from the FFT path itself) give A x = M ⊙ (C_h X C_wᵀ) in six real GEMMs and
+//! the adjoint in six, O(h·w·(h + w)) per image (an FFT kernel would be O(h·w·log)); the CPU runs
+//! the same products in tests to check them against the FFT path.
 
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 use rayon::prelude::*;
 use rustfft::num_complex::Complex;
@@ -29,8 +32,11 @@ use rustfft::{Fft, FftPlanner};
 
 use crate::device::Device;
 use crate::error::{Error, Result};
+use crate::nn::resample::{concat_channels, split_channels};
+use crate::ops::gemm::{gemm_into, GemmSpec};
+use crate::ops::mul;
 use crate::ops::Philox;
-use crate::tensor::{Data, Tensor, View};
+use crate::tensor::{AsView, DType, Data, Tensor, View};
 
 use super::operator::LinearOperator;
 
@@ -87,6 +93,19 @@ pub struct FourierOperator {
     ifft_h: Arc<dyn Fft<f64>>,
     fft_w: Arc<dyn Fft<f64>>,
     ifft_w: Arc<dyn Fft<f64>>,
+    /// The dense matrices and expanded mask of the product path, built on first use on a
+    /// device (a sub-batch from [`FourierOperator::rows`] builds its own).
+    products: Arc<OnceLock<Arc<Products>>>,
+}
+
+/// The operator as dense products on one device: the centred DFT matrices `C_h`, `C_w` (real and
+/// imaginary parts, `[n, n]`) and the masks expanded to `[B·h, w]`.
+struct Products {
+    device: Device,
+    dtype: DType,
+    ch: (Tensor, Tensor),
+    cw: (Tensor, Tensor),
+    mask: Tensor,
 }
 
 impl std::fmt::Debug for FourierOperator {
@@ -129,6 +148,7 @@ impl FourierOperator {
             ifft_h: planner.plan_fft_inverse(h),
             fft_w: planner.plan_fft_forward(w),
             ifft_w: planner.plan_fft_inverse(w),
+            products: Arc::new(OnceLock::new()),
         })
     }
 
@@ -144,6 +164,7 @@ impl FourierOperator {
         Ok(FourierOperator {
             first: self.first + lo,
             batch: hi - lo,
+            products: Arc::new(OnceLock::new()),
             ..self.clone()
         })
     }
@@ -175,15 +196,143 @@ impl FourierOperator {
         self.adjoint(y)
     }
 
-    /// The host f64 values of `v` (B rows of `per` values), after checking its device and size.
-    fn input(&self, what: &str, v: &View, per: usize) -> Result<Vec<f64>> {
-        if matches!(v.data, Data::Cuda(..)) {
-            return Err(Error::Other(format!(
-                "the Fourier operator runs on the CPU only so far; its {what} input is on {} \
-                 (move the tensors to the CPU, or wait for the GPU path)",
-                v.device()
-            )));
+    /// The centred 1-D DFT of length `n` as a dense `[n, n]` matrix (real, imaginary parts),
+    /// taken from the FFT path itself (its images of the unit vectors), so both paths compute one
+    /// operator by construction.
+    fn centred_dft(n: usize) -> (Vec<f64>, Vec<f64>) {
+        // n images of 1 x n (all columns kept): row j of the batch is the unit vector e_j.
+        let line = FourierOperator::new(&vec![1.0; n * n], n, 1, n).expect("n >= 1");
+        let (mut re, mut im) = (vec![0.0; n * n], vec![0.0; n * n]);
+        let mut e = vec![0.0; n];
+        let mut out = vec![0.0; 2 * n];
+        for j in 0..n {
+            e.iter_mut()
+                .enumerate()
+                .for_each(|(i, v)| *v = f64::from(u8::from(i == j)));
+            out.iter_mut().for_each(|v| *v = 0.0);
+            line.apply_one(j, &e, &mut out);
+            for k in 0..n {
+                re[k * n + j] = out[2 * k];
+                im[k * n + j] = out[2 * k + 1];
+            }
         }
+        (re, im)
+    }
+
+    /// The product path's matrices and mask on `device` in `dtype` (cached for the first device
+    /// and dtype used; another pair builds them afresh).
+    fn products(&self, device: &Device, dtype: DType) -> Result<Arc<Products>> {
+        let build = || -> Result<Products> {
+            let (h, w) = (self.h, self.w);
+            let upload = |(re, im): (Vec<f64>, Vec<f64>), n: usize| -> Result<(Tensor, Tensor)> {
+                Ok((
+                    Tensor::from_f64_as(&re, &[n, n], dtype, device)?,
+                    Tensor::from_f64_as(&im, &[n, n], dtype, device)?,
+                ))
+            };
+            let mut mask = Vec::with_capacity(self.batch * h * w);
+            for i in 0..self.batch {
+                for _ in 0..h {
+                    mask.extend_from_slice(self.mask(i));
+                }
+            }
+            Ok(Products {
+                device: device.clone(),
+                dtype,
+                ch: upload(Self::centred_dft(h), h)?,
+                cw: upload(Self::centred_dft(w), w)?,
+                mask: Tensor::from_f64_as(&mask, &[self.batch * h, w], dtype, device)?,
+            })
+        };
+        match self.products.get() {
+            Some(p) if p.device.same_as(device) && p.dtype == dtype => Ok(p.clone()),
+            Some(_) => Ok(Arc::new(build()?)),
+            None => {
+                let built = Arc::new(build()?);
+                let _ = self.products.set(built.clone());
+                Ok(built)
+            }
+        }
+    }
+
+    /// A x by dense products (`C_h X C_wᵀ`, masked, packed): the path for tensors on a GPU (the
+    /// engine's GEMM kernels), public so tests can check it against the FFT path on the CPU.
+    /// `x` holds B real `[h, w]` images; returns `[B, 2·h·w]` in x's dtype on x's device.
+    pub fn apply_by_products(&self, x: &View) -> Result<Tensor> {
+        let (b, h, w) = (self.batch, self.h, self.w);
+        self.check_shape("apply", x, h * w)?;
+        let p = self.products(&x.device(), x.dtype())?;
+        let (dev, dt) = (&p.device, p.dtype);
+        let x3 = x.reshape(&[b, h, w])?;
+        // T = C_h X, batched over the images (C_h broadcast).
+        let mut tr = Tensor::zeros(&[b, h, w], dt, dev)?;
+        let mut ti = Tensor::zeros(&[b, h, w], dt, dev)?;
+        gemm_into(&p.ch.0, &x3, &mut tr, GemmSpec::new(false, false))?;
+        gemm_into(&p.ch.1, &x3, &mut ti, GemmSpec::new(false, false))?;
+        let (tr, ti) = (tr.reshape(&[b * h, w])?, ti.reshape(&[b * h, w])?);
+        // Y = T C_wᵀ: Re = Tr Cwrᵀ - Ti Cwiᵀ, Im = Tr Cwiᵀ + Ti Cwrᵀ.
+        let mut yr = Tensor::zeros(&[b * h, w], dt, dev)?;
+        let mut yi = Tensor::zeros(&[b * h, w], dt, dev)?;
+        gemm_into(&tr, &p.cw.0, &mut yr, GemmSpec::new(false, true))?;
+        gemm_into(&ti, &p.cw.1, &mut yr, accumulate(-1.0, true))?;
+        gemm_into(&tr, &p.cw.1, &mut yi, GemmSpec::new(false, true))?;
+        gemm_into(&ti, &p.cw.0, &mut yi, accumulate(1.0, true))?;
+        let (yr, yi) = (mul(&yr, &p.mask)?, mul(&yi, &p.mask)?);
+        let packed = concat_channels(
+            &yr.reshape(&[b * h * w, 1])?.as_view()?,
+            &yi.reshape(&[b * h * w, 1])?.as_view()?,
+        )?;
+        packed.reshape(&[b, 2 * h * w])
+    }
+
+    /// Aᵀ y by dense products (`Re(C_hᴴ (M ⊙ Y) conj(C_w))`), the adjoint of
+    /// [`FourierOperator::apply_by_products`]: `y` holds B k-spaces `[h, w, 2]`; returns
+    /// `[B, h·w]` in y's dtype on y's device.
+    pub fn adjoint_by_products(&self, y: &View) -> Result<Tensor> {
+        let (b, h, w) = (self.batch, self.h, self.w);
+        self.check_shape("adjoint", y, 2 * h * w)?;
+        let p = self.products(&y.device(), y.dtype())?;
+        let (dev, dt) = (&p.device, p.dtype);
+        let (vr, vi) = split_channels(&y.reshape(&[b * h * w, 2])?, 1)?;
+        let vr = mul(&vr.reshape(&[b * h, w])?, &p.mask)?;
+        let vi = mul(&vi.reshape(&[b * h, w])?, &p.mask)?;
+        // S = V conj(C_w): Re = Vr Cwr + Vi Cwi, Im = Vi Cwr - Vr Cwi.
+        let mut sr = Tensor::zeros(&[b * h, w], dt, dev)?;
+        let mut si = Tensor::zeros(&[b * h, w], dt, dev)?;
+        gemm_into(&vr, &p.cw.0, &mut sr, GemmSpec::new(false, false))?;
+        gemm_into(&vi, &p.cw.1, &mut sr, accumulate(1.0, false))?;
+        gemm_into(&vi, &p.cw.0, &mut si, GemmSpec::new(false, false))?;
+        gemm_into(&vr, &p.cw.1, &mut si, accumulate(-1.0, false))?;
+        // X = Re(C_hᴴ S) = Chrᵀ Sr + Chiᵀ Si, batched over the images.
+        let (sr, si) = (sr.reshape(&[b, h, w])?, si.reshape(&[b, h, w])?);
+        let mut x = Tensor::zeros(&[b, h, w], dt, dev)?;
+        gemm_into(&p.ch.0, &sr, &mut x, GemmSpec::new(true, false))?;
+        gemm_into(
+            &p.ch.1,
+            &si,
+            &mut x,
+            GemmSpec {
+                beta: 1.0,
+                ..GemmSpec::new(true, false)
+            },
+        )?;
+        x.reshape(&[b, h * w])
+    }
+
+    fn check_shape(&self, what: &str, v: &View, per: usize) -> Result<()> {
+        if v.shape().first() != Some(&self.batch) || v.numel() != self.batch * per {
+            return Err(Error::shape(
+                "FourierOperator",
+                format!("{what} input"),
+                [self.batch, per],
+                v.shape(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The host f64 values of `v` (B rows of `per` values), after checking its size.
+    fn input(&self, what: &str, v: &View, per: usize) -> Result<Vec<f64>> {
         if v.shape().first() != Some(&self.batch) || v.numel() != self.batch * per {
             return Err(Error::shape(
                 "FourierOperator",
@@ -195,7 +344,11 @@ impl FourierOperator {
         match &v.data {
             Data::F32(x) => Ok(x.iter().map(|&a| a as f64).collect()),
             Data::F64(x) => Ok(x.to_vec()),
-            Data::Cuda(..) => unreachable!("refused above"),
+            Data::Cuda(..) => Err(Error::Other(format!(
+                "FourierOperator: the FFT path reads host memory; its {what} input is on {} (apply \
+                 and adjoint take the product path there)",
+                v.device()
+            ))),
         }
     }
 
@@ -292,6 +445,15 @@ impl FourierOperator {
     }
 }
 
+/// `C = alpha op(A) op(B) + C` (B transposed or not): the second half of a complex product.
+fn accumulate(alpha: f32, trans_b: bool) -> GemmSpec {
+    GemmSpec {
+        alpha,
+        beta: 1.0,
+        ..GemmSpec::new(false, trans_b)
+    }
+}
+
 impl LinearOperator for FourierOperator {
     /// m = 2·h·w: k-space `[h, w, 2]` ([real, imag] channels-last), zeros in dropped columns.
     fn obs_dim(&self) -> usize {
@@ -306,6 +468,9 @@ impl LinearOperator for FourierOperator {
     /// `[Re, Im](mask ⊙ fft2c(x))`: `x` holds B real `[h, w]` images (any shape with leading axis
     /// B and B·h·w values, f32 or f64 on the CPU); returns `[B, 2·h·w]` in x's dtype.
     fn apply(&self, x: &View) -> Result<Tensor> {
+        if matches!(x.data, Data::Cuda(..)) {
+            return self.apply_by_products(x);
+        }
         let (d, m) = (self.signal_dim(), self.obs_dim());
         let xs = self.input("apply", x, d)?;
         let mut out = vec![0.0f64; self.batch * m];
@@ -319,6 +484,9 @@ impl LinearOperator for FourierOperator {
     /// Re(ifft2c(mask ⊙ (v_re + i·v_im))): `y` holds B k-spaces `[h, w, 2]` (any shape with
     /// leading axis B and B·2·h·w values, f32 or f64 on the CPU); returns `[B, h·w]` in y's dtype.
     fn adjoint(&self, y: &View) -> Result<Tensor> {
+        if matches!(y.data, Data::Cuda(..)) {
+            return self.adjoint_by_products(y);
+        }
         let (d, m) = (self.signal_dim(), self.obs_dim());
         let ys = self.input("adjoint", y, m)?;
         let mut out = vec![0.0f64; self.batch * d];
