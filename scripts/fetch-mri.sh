@@ -28,60 +28,9 @@ declare -A files=(
   [extra/inia19-t1-brain.nii.gz]=3f0707f4999a0c6b56d6c9a0145310cba17753e2b4612f577d8dbfe65a89e231
 )
 
-verified() {
-  for f in "${!files[@]}"; do
-    [ -f "$dest/$f" ] || return 1
-    echo "${files[$f]}  $dest/$f" | sha256sum --check --status || return 1
-  done
-}
-
-if verified; then
-  echo "fetch-mri: verified copy in $dest (${!files[*]})"
-  exit 0
-fi
-for tool in apt-get dpkg-deb sha256sum; do
-  command -v "$tool" >/dev/null ||
-    { echo "fetch-mri: $tool not found (needs a Debian-based system)" >&2; exit 1; }
-done
-work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
-
-download() { (cd "$work" && apt-get download -q "$package=$version" >"$work/apt.log" 2>&1); }
-
-echo "fetch-mri: apt-get download $package=$version (16 MB)"
-if ! download; then
-  if [ "$(id -u)" -eq 0 ]; then
-    echo "fetch-mri: apt-get download failed (package lists missing?); running apt-get update as root"
-    apt-get update -q >/dev/null ||
-      { echo "fetch-mri: apt-get update failed" >&2; exit 1; }
-    download || {
-      cat "$work/apt.log" >&2
-      echo "fetch-mri: apt-get download $package=$version failed after apt-get update" >&2
-      exit 1
-    }
-  else
-    cat "$work/apt.log" >&2
-    echo "fetch-mri: apt-get download $package failed; if the package lists are missing," \
-      "run 'apt-get update' as root (not done here: not running as root) and try again" >&2
-    exit 1
-  fi
-fi
-debs=("$work"/"$package"_*_all.deb)
-[ -f "${debs[0]}" ] ||
-  { echo "fetch-mri: apt-get download produced no $package .deb" >&2; exit 1; }
-deb=${debs[0]}
-echo "$deb_sha  $deb" | sha256sum --check --status ||
-  { echo "fetch-mri: checksum mismatch for $(basename "$deb") (expected the bookworm package $version)" >&2
-    exit 1; }
-echo "fetch-mri: $(basename "$deb") verified; extracting"
-dpkg-deb -x "$deb" "$work/root"
-mkdir -p "$dest/extra"
-for f in "${!files[@]}"; do
-  src="$work/root/$src_dir/$(basename "$f")"
-  echo "${files[$f]}  $src" | sha256sum --check --status ||
-    { echo "fetch-mri: checksum mismatch for $(basename "$f")" >&2; exit 1; }
-  cp "$src" "$dest/$f.tmp" && mv "$dest/$f.tmp" "$dest/$f"
-  echo "fetch-mri: $f ($(stat -c %s "$dest/$f") bytes) verified"
-done
-verified || { echo "fetch-mri: the copies in $dest do not verify" >&2; exit 1; }
-echo "fetch-mri: MRI volumes verified and copied into $dest"
+me=fetch-mri
+spec="$package=$version"
+expected="the bookworm package $version"
+# shellcheck source=lib/debian-dataset.sh
+source "$(dirname "${BASH_SOURCE[0]}")/lib/debian-dataset.sh"
+fetch_dataset
