@@ -5,8 +5,11 @@
 //! (a few seconds) so it runs in CI; a panic names the iteration and leaves its input on disk
 //! for a regression test.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 
+use common::Rng;
 use emprior::data::cifar10::read_images;
 use emprior::diffusion::Network;
 use emprior::em::Config;
@@ -15,21 +18,6 @@ use emprior::nn::TimeMlp;
 use emprior::{DType, Device};
 
 const ITERATIONS: usize = 20_000;
-
-/// xorshift64*: deterministic, no dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
 
 const INTERESTING: &[u8] = b"\x00\xff\x7f\x80()[]{},:'\"9-.eE \n\\";
 

@@ -5,9 +5,12 @@
 //! fetched it (skipped with a message otherwise, a failure when EMPRIOR_REQUIRE_DATA=1, as CI
 //! sets after fetching). The real test writes target/mri-slices.png for a person to look at.
 
+mod common;
+
 use std::io::Write;
 use std::path::PathBuf;
 
+use common::Rng;
 use emprior::data::mri::{self, axial_slices, load_dir, load_file, nifti_files};
 use emprior::data::nifti::{self, parse, Volume};
 
@@ -273,21 +276,6 @@ fn broken_and_forged_headers_give_errors_that_name_the_problem() {
     n.slope = 3e38;
     let e = parse_error(&n.bytes(&data));
     assert!(e.contains("after scl_slope"), "{e}");
-}
-
-/// xorshift64*: deterministic mutations without a dependency.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
 }
 
 #[test]

@@ -8,6 +8,25 @@ use emprior::ops::{GemmSpec, Philox};
 use emprior::Error;
 use emprior::Tensor;
 
+/// xorshift64*: a deterministic stream for the mutation runs over the readers (no dependency,
+/// the same sequence everywhere).
+pub struct Rng(pub u64);
+
+impl Rng {
+    /// The next 64 random bits.
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// Uniform in `0..n` (0 when n is 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
 /// `n` values uniform in [lo, hi), reproducible from `seed`.
 pub fn random_vec(seed: u64, n: usize, lo: f32, hi: f32) -> Vec<f32> {
     let mut v = vec![0.0; n];
