@@ -47,6 +47,7 @@ pub mod commands;
 pub mod data;
 pub mod device;
 pub mod diffusion;
+pub mod dist;
 pub mod em;
 pub mod error;
 pub mod gaussian;

@@ -292,6 +292,18 @@ fn main() -> std::process::ExitCode {
     }
     emprior::tune_cpu_allocator();
     let cli = Cli::parse();
+    // Launched by mpirun/srun/torchrun as several processes: refused before any work (one
+    // process only until the data-parallel EM lands), rather than N copies of one run.
+    let computes = matches!(
+        cli.command,
+        Command::Em { .. } | Command::Train { .. } | Command::Sample { .. } | Command::Posterior { .. }
+    );
+    if computes {
+        if let Err(e) = emprior::dist::launch().and_then(|l| emprior::dist::communicator(&l).map(drop)) {
+            eprintln!("error: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    }
     let result = emprior::ops::parallel::on_pool(move || match cli.command {
         Command::Info { device, kernels } => info(device, kernels),
         Command::Bench {

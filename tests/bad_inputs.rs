@@ -669,3 +669,32 @@ fn bad_inputs_are_refused_with_a_message_that_names_the_problem() {
 fn text_contains_pid(dir: &Path, pid: &str) -> bool {
     std::fs::read_to_string(dir.join("busy/.lock")).is_ok_and(|t| t.trim() == pid)
 }
+
+/// Launched as two processes (mpirun's variables), a computing command is refused before any
+/// work, naming the launcher; a one-process launch and `info` are not.
+#[test]
+fn a_multi_process_launch_is_refused_before_any_work() {
+    let out_dir = dir().join("launched-twice");
+    let _ = std::fs::remove_dir_all(&out_dir);
+    let out = Command::new(env!("CARGO_BIN_EXE_emprior"))
+        .args(["em", "manifold", "--out"])
+        .arg(&out_dir)
+        .env("OMPI_COMM_WORLD_RANK", "1")
+        .env("OMPI_COMM_WORLD_SIZE", "2")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    assert!(
+        text.contains("rank 1 of 2") && text.contains("Open MPI"),
+        "{text}"
+    );
+    assert!(!out_dir.exists(), "nothing is written");
+    let info = Command::new(env!("CARGO_BIN_EXE_emprior"))
+        .arg("info")
+        .env("SLURM_PROCID", "0")
+        .env("SLURM_NTASKS", "4")
+        .output()
+        .unwrap();
+    assert!(info.status.success(), "info runs under any launcher");
+}
