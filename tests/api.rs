@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::gaussian_posterior;
+use common::{gaussian_posterior, spd_from};
 
 use emprior::api::{sample_posterior, Operator, PosteriorOptions, Prior};
 use emprior::ops::Philox;
@@ -21,13 +21,7 @@ fn api_posterior_samples_match_the_gaussian_closed_form() {
     let (d, m, k) = (5usize, 2usize, 3000usize);
     let mean = randn(1, d);
     let l = randn(2, d * d);
-    let mut c = vec![0.0; d * d];
-    for i in 0..d {
-        for j in 0..d {
-            c[i * d + j] = (0..d).map(|q| l[i * d + q] * l[j * d + q]).sum::<f64>() / d as f64
-                + if i == j { 0.3 } else { 0.0 };
-        }
-    }
+    let c = spd_from(&l, d, 0.3);
     let a = randn(3, m * d);
     let y = randn(4, m);
     let sy = 0.1;

@@ -5,7 +5,7 @@ use std::path::PathBuf;
 
 mod common;
 
-use common::{emprior, gaussian_posterior};
+use common::{emprior, gaussian_posterior, spd_from};
 
 use emprior::io::{read_npy, write_npy_f64};
 use emprior::ops::Philox;
@@ -28,13 +28,7 @@ fn posterior_command_matches_the_analytic_gaussian_posterior() {
     let (d, m, k) = (6usize, 3usize, 3000usize);
     let mean = randn(1, d);
     let l = randn(2, d * d);
-    let mut c = vec![0.0; d * d];
-    for i in 0..d {
-        for j in 0..d {
-            c[i * d + j] = (0..d).map(|q| l[i * d + q] * l[j * d + q]).sum::<f64>() / d as f64
-                + if i == j { 0.2 } else { 0.0 };
-        }
-    }
+    let c = spd_from(&l, d, 0.2);
     let a = randn(3, m * d);
     let y = randn(4, m);
     let sy = 0.2;

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::gaussian_posterior;
+use common::{check_gaussian_samples, gaussian_posterior};
 use emprior::diffusion::{Denoise, Sampler, SamplerKind, VeSchedule};
 use emprior::gaussian::{Dplr, Gaussian};
 use emprior::ops::Philox;
@@ -582,44 +582,6 @@ fn mmps_with_a_gaussian_prior_is_the_exact_posterior_denoiser() {
     }
 }
 
-fn check_samples(what: &str, samples: &[f64], k: usize, d: usize, mean: &[f64], cov: &[f64]) {
-    let emp_mean: Vec<f64> = (0..d)
-        .map(|j| (0..k).map(|i| samples[i * d + j]).sum::<f64>() / k as f64)
-        .collect();
-    let mut worst_mean = 0.0f64;
-    for j in 0..d {
-        let se = (cov[j * d + j] / k as f64).sqrt();
-        let bound = 5.0 * se + 1e-3 * cov[j * d + j].sqrt();
-        worst_mean = worst_mean.max((emp_mean[j] - mean[j]).abs() / bound);
-        assert!(
-            (emp_mean[j] - mean[j]).abs() <= bound,
-            "{what}: mean[{j}] = {} vs analytic {} (standard error {se:.2e})",
-            emp_mean[j],
-            mean[j]
-        );
-    }
-    let mut worst = 0.0f64;
-    for a in 0..d {
-        for b in 0..d {
-            let c: f64 = (0..k)
-                .map(|i| (samples[i * d + a] - emp_mean[a]) * (samples[i * d + b] - emp_mean[b]))
-                .sum::<f64>()
-                / (k - 1) as f64;
-            let se = ((cov[a * d + a] * cov[b * d + b] + cov[a * d + b].powi(2)) / k as f64).sqrt();
-            let allowance = 0.02 * (cov[a * d + a] * cov[b * d + b]).sqrt();
-            worst = worst.max((c - cov[a * d + b]).abs() / (5.0 * se + allowance));
-            assert!(
-                (c - cov[a * d + b]).abs() <= 5.0 * se + allowance,
-                "{what}: cov[{a},{b}] = {c} vs analytic {} (standard error {se:.2e})",
-                cov[a * d + b]
-            );
-        }
-    }
-    println!(
-        "{what}: worst mean deviation {worst_mean:.2}, worst covariance deviation {worst:.2} of its bound"
-    );
-}
-
 #[test]
 fn mmps_samples_the_exact_posterior_with_three_cg_iterations() {
     // DDPM with MMPS (Tweedie covariance, the paper's 3 CG iterations) under an isotropic Gaussian
@@ -673,7 +635,7 @@ fn mmps_samples_the_exact_posterior_with_three_cg_iterations() {
             p.noise_std * p.noise_std,
             None,
         );
-        check_samples(
+        check_gaussian_samples(
             &format!("observation {i}, {k} samples"),
             &x[i * k * d..(i + 1) * k * d],
             k,

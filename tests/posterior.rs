@@ -7,7 +7,7 @@
 
 mod common;
 
-use common::{gaussian_posterior, random_vec};
+use common::{check_gaussian_samples, gaussian_posterior, random_vec};
 use emprior::diffusion::{Denoise, Sampler, SamplerKind, VeSchedule};
 use emprior::gaussian::linalg::spd_inverse;
 use emprior::gaussian::{Dplr, Gaussian};
@@ -82,39 +82,6 @@ fn analytic_posterior(p: &Problem) -> (Vec<f64>, Vec<f64>) {
     )
 }
 
-fn check_samples(what: &str, samples: &[f64], k: usize, d: usize, mean: &[f64], cov: &[f64]) {
-    let emp_mean: Vec<f64> = (0..d)
-        .map(|j| (0..k).map(|i| samples[i * d + j]).sum::<f64>() / k as f64)
-        .collect();
-    for j in 0..d {
-        let se = (cov[j * d + j] / k as f64).sqrt();
-        assert!(
-            (emp_mean[j] - mean[j]).abs() <= 5.0 * se + 1e-3 * cov[j * d + j].sqrt(),
-            "{what}: mean[{j}] = {} vs analytic {} (standard error {se:.2e})",
-            emp_mean[j],
-            mean[j]
-        );
-    }
-    let mut worst = 0.0f64;
-    for a in 0..d {
-        for b in 0..d {
-            let c: f64 = (0..k)
-                .map(|i| (samples[i * d + a] - emp_mean[a]) * (samples[i * d + b] - emp_mean[b]))
-                .sum::<f64>()
-                / (k - 1) as f64;
-            let se = ((cov[a * d + a] * cov[b * d + b] + cov[a * d + b].powi(2)) / k as f64).sqrt();
-            let allowance = 0.02 * (cov[a * d + a] * cov[b * d + b]).sqrt();
-            worst = worst.max((c - cov[a * d + b]).abs() / (5.0 * se + allowance));
-            assert!(
-                (c - cov[a * d + b]).abs() <= 5.0 * se + allowance,
-                "{what}: cov[{a},{b}] = {c} vs analytic {} (standard error {se:.2e})",
-                cov[a * d + b]
-            );
-        }
-    }
-    println!("{what}: worst covariance deviation {worst:.2} of its bound");
-}
-
 fn run_mmps(p: &Problem, op: &dyn LinearOperator, k: usize, seed: u64) -> Vec<f64> {
     let y = Tensor::from_f64(&p.y.repeat(k), &[k, p.m], &CPU).unwrap();
     let noise = ObservationNoise::Scalar(p.noise_std * p.noise_std);
@@ -166,7 +133,7 @@ fn mmps_with_a_gaussian_prior_samples_the_exact_posterior() {
         } else {
             "shared A"
         };
-        check_samples(
+        check_gaussian_samples(
             &format!("d={d} m={m} {label}, {k} samples"),
             &samples,
             k,
@@ -357,7 +324,7 @@ fn every_sampler_draws_a_gaussian_prior() {
                 &CPU,
             )
             .unwrap();
-        check_samples(
+        check_gaussian_samples(
             &format!("{kind:?} prior samples"),
             &x.to_vec_f64().unwrap(),
             k,

@@ -183,13 +183,22 @@ pub unsafe extern "C" fn emprior_device_is_gpu(device: *const EmpriorDevice) -> 
     unsafe { device.as_ref() }.map_or(0, |d| d.0.is_cuda() as i32)
 }
 
+/// Frees an object this library boxed and handed out (NULL: nothing).
+///
+/// # Safety
+/// `p` is NULL or a pointer from `Box::into_raw` in this library, not freed before.
+unsafe fn free_boxed<T>(p: *mut T) {
+    if !p.is_null() {
+        // SAFETY: the caller's contract.
+        drop(unsafe { Box::from_raw(p) });
+    }
+}
+
 /// Frees a device (NULL: nothing).
 #[no_mangle]
 pub unsafe extern "C" fn emprior_device_free(device: *mut EmpriorDevice) {
-    if !device.is_null() {
-        // SAFETY: a pointer from emprior_device_open, freed once.
-        drop(unsafe { Box::from_raw(device) });
-    }
+    // SAFETY: NULL or a pointer from this library, freed once.
+    unsafe { free_boxed(device) }
 }
 
 /// Loads a checkpoint (from `emprior train` or an EM lap: `DIR/lap-XXX/checkpoint.safetensors`)
@@ -241,10 +250,8 @@ pub unsafe extern "C" fn emprior_prior_dim(prior: *const EmpriorPrior) -> usize 
 /// Frees a prior (NULL: nothing).
 #[no_mangle]
 pub unsafe extern "C" fn emprior_prior_free(prior: *mut EmpriorPrior) {
-    if !prior.is_null() {
-        // SAFETY: a pointer from this library, freed once.
-        drop(unsafe { Box::from_raw(prior) });
-    }
+    // SAFETY: NULL or a pointer from this library, freed once.
+    unsafe { free_boxed(prior) }
 }
 
 /// One operator per observation: `a` [n, m, d] row-major (copied to the device).
@@ -312,10 +319,8 @@ pub unsafe extern "C" fn emprior_operator_mask(
 /// Frees an operator (NULL: nothing).
 #[no_mangle]
 pub unsafe extern "C" fn emprior_operator_free(operator: *mut EmpriorOperator) {
-    if !operator.is_null() {
-        // SAFETY: a pointer from this library, freed once.
-        drop(unsafe { Box::from_raw(operator) });
-    }
+    // SAFETY: NULL or a pointer from this library, freed once.
+    unsafe { free_boxed(operator) }
 }
 
 /// The default options: DDPM, 256 steps, 3 CG iterations, no early stop, seed 0, the prior's

@@ -177,6 +177,11 @@ impl Observations {
         Observations { y, masks, clean, n }
     }
 
+    /// The share of values removed, in percent, as the masks have it.
+    fn removed_percent(&self) -> f64 {
+        100.0 * self.masks.iter().filter(|&&v| v == 0.0).count() as f64 / self.masks.len().max(1) as f64
+    }
+
     /// The first `count` observations (images of `per` values).
     fn first(&self, count: usize, per: usize) -> Observations {
         let width = self.masks.len() / self.n.max(1);
@@ -865,8 +870,7 @@ impl Setup {
             let bytes = cifar10::to_bytes(x);
             image_grid(&dir.join(name), title, &bytes, (h, w, c), cols, 2, captions, &[])
         };
-        let removed = 100.0 * self.train.masks.iter().filter(|&&v| v == 0.0).count() as f64
-            / self.train.masks.len().max(1) as f64;
+        let removed = self.train.removed_percent();
         grid(
             "observations.png",
             &format!(
@@ -1150,9 +1154,7 @@ pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Re
     let steps = cfg.count("estep_steps")?;
     let mut all = read_lap_metrics(run, done.map(|k| k.min(laps)), ImageLapMetrics::from_json)?;
     write_metrics_jsonl(run, all.iter().map(ImageLapMetrics::to_json))?;
-    // The share of values removed, as the masks have it.
-    let masks = &setup.train.masks;
-    let removed = 100.0 * masks.iter().filter(|&&v| v == 0.0).count() as f64 / masks.len().max(1) as f64;
+    let removed = setup.train.removed_percent();
     let data = format!(
         "{} observations of {}x{}x{} images, {removed:.1}% of values removed ({}); {} held out{}",
         setup.train.n,

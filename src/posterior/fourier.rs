@@ -370,12 +370,7 @@ impl FourierOperator {
             return;
         }
         let scale = 1.0 / ((h * w) as f64).sqrt();
-        let mut scratch = vec![
-            Complex::default();
-            self.fft_w
-                .get_inplace_scratch_len()
-                .max(self.fft_h.get_inplace_scratch_len())
-        ];
+        let mut scratch = scratch_for(&self.fft_w, &self.fft_h);
         // ifftshift over both axes, then the FFT along each row (length w).
         let mut buf = vec![Complex::default(); h * w];
         for a in 0..h {
@@ -411,12 +406,7 @@ impl FourierOperator {
             return;
         }
         let scale = 1.0 / ((h * w) as f64).sqrt();
-        let mut scratch = vec![
-            Complex::default();
-            self.ifft_w
-                .get_inplace_scratch_len()
-                .max(self.ifft_h.get_inplace_scratch_len())
-        ];
+        let mut scratch = scratch_for(&self.ifft_w, &self.ifft_h);
         // Masked kept columns, ifftshifted along the rows' axis, inverse FFT along it (length h).
         let mut cols = vec![Complex::default(); h * kept.len()];
         for (col, &(c, m)) in cols.chunks_exact_mut(h).zip(&kept) {
@@ -443,6 +433,12 @@ impl FourierOperator {
             }
         }
     }
+}
+
+/// Scratch for in-place transforms by either plan (they take turns on one image).
+fn scratch_for(a: &Arc<dyn Fft<f64>>, b: &Arc<dyn Fft<f64>>) -> Vec<Complex<f64>> {
+    let len = a.get_inplace_scratch_len().max(b.get_inplace_scratch_len());
+    vec![Complex::default(); len]
 }
 
 /// `C = alpha op(A) op(B) + C` (B transposed or not): the second half of a complex product.

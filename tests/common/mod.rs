@@ -671,6 +671,59 @@ pub fn on(dev: &Device, seed: u64, shape: &[usize], scale: f32) -> Tensor {
     Tensor::from_f32(&random_vec(seed, n, -scale, scale), shape, dev).unwrap()
 }
 
+/// A positive definite `[d, d]` covariance from a random square `l`: `l lᵀ / d + jitter I`.
+pub fn spd_from(l: &[f64], d: usize, jitter: f64) -> Vec<f64> {
+    let mut c = vec![0.0; d * d];
+    for i in 0..d {
+        for j in 0..d {
+            c[i * d + j] = (0..d).map(|q| l[i * d + q] * l[j * d + q]).sum::<f64>() / d as f64
+                + if i == j { jitter } else { 0.0 };
+        }
+    }
+    c
+}
+
+/// Asserts that `k` samples of dimension `d` (rows of `samples`) have the Gaussian's `mean` and
+/// `cov` within 5 standard errors (plus a small allowance), naming the first entry that is not,
+/// and prints the worst deviations as fractions of their bounds.
+pub fn check_gaussian_samples(what: &str, samples: &[f64], k: usize, d: usize, mean: &[f64], cov: &[f64]) {
+    let emp_mean: Vec<f64> = (0..d)
+        .map(|j| (0..k).map(|i| samples[i * d + j]).sum::<f64>() / k as f64)
+        .collect();
+    let mut worst_mean = 0.0f64;
+    for j in 0..d {
+        let se = (cov[j * d + j] / k as f64).sqrt();
+        let bound = 5.0 * se + 1e-3 * cov[j * d + j].sqrt();
+        worst_mean = worst_mean.max((emp_mean[j] - mean[j]).abs() / bound);
+        assert!(
+            (emp_mean[j] - mean[j]).abs() <= bound,
+            "{what}: mean[{j}] = {} vs analytic {} (standard error {se:.2e})",
+            emp_mean[j],
+            mean[j]
+        );
+    }
+    let mut worst = 0.0f64;
+    for a in 0..d {
+        for b in 0..d {
+            let c: f64 = (0..k)
+                .map(|i| (samples[i * d + a] - emp_mean[a]) * (samples[i * d + b] - emp_mean[b]))
+                .sum::<f64>()
+                / (k - 1) as f64;
+            let se = ((cov[a * d + a] * cov[b * d + b] + cov[a * d + b].powi(2)) / k as f64).sqrt();
+            let allowance = 0.02 * (cov[a * d + a] * cov[b * d + b]).sqrt();
+            worst = worst.max((c - cov[a * d + b]).abs() / (5.0 * se + allowance));
+            assert!(
+                (c - cov[a * d + b]).abs() <= 5.0 * se + allowance,
+                "{what}: cov[{a},{b}] = {c} vs analytic {} (standard error {se:.2e})",
+                cov[a * d + b]
+            );
+        }
+    }
+    println!(
+        "{what}: worst mean deviation {worst_mean:.2}, worst covariance deviation {worst:.2} of its bound"
+    );
+}
+
 /// The posterior of x ~ N(mu, S) given y = A x + N(0, s2 I) (A is m x d, row-major) and,
 /// optionally, also x_t = x + N(0, t2 I): (mean, covariance) by dense f64 algebra, written
 /// independently of the library's Woodbury and CG code.
