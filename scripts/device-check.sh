@@ -40,7 +40,8 @@
 #             measured in the run, and the projected paper laps (dry run: one workload on
 #             the CPU, the peers where installed); eager and bf16 variants        - / 300
 #   em        (full only) a paper-scale manifold lap cut 16x (projected back), then the
-#             CIFAR-10 smoke preset (paper U-Net), with a projected paper lap          - / 180 + 300
+#             CIFAR-10 and MRI smoke presets (paper U-Nets), each with a projected paper lap
+#                                                                                     - / 180 + 300 + 300
 #   criterion (full only) the criterion benches, short                              - / 60 each
 # Worst case with --quick: 20 + 150 + 90 + 4 x 40 + 60 = 480 s, the budget; a clean quick run
 # should take a few minutes.
@@ -137,6 +138,10 @@ prepare() {
   # training and 64 test images along (about 3 MB).
   scripts/fetch-cifar10.sh
   target/release/emprior cifar10-subset --train 1024 --test 64 --out "$bundle/cifar10"
+  # And the MRI smoke run the Colin27 head (3.5 MB).
+  scripts/fetch-mri.sh
+  mkdir -p "$bundle/mri"
+  cp "${EMPRIOR_DATA:-$HOME/.cache/emprior}/mri/ch2.nii.gz" "$bundle/mri/"
   if [ -n "$resources" ]; then
     cp "$resources" "$bundle/kernel-resources.md"
   elif ! scripts/kernel-resources.sh --out "$bundle/kernel-resources.md" >/dev/null; then
@@ -905,7 +910,7 @@ print(f"{10 * 2 * 8192**3 / (s.elapsed_time(e) * 1e-3) / 1e12:.1f}")' 2>/dev/nul
   if want em; then
     echo "== EM runs"
     t0=$(now)
-    local em="$work/em.md" sets_m=() sets_c=() cap_m=180 cap_c=300
+    local em="$work/em.md" sets_m=() sets_c=() sets_r=() cap_m=180 cap_c=300 cap_r=300
     : >"$em"
     if [ "$dry" = 1 ]; then
       # The same presets and paths, at toy sizes on the CPU.
@@ -916,7 +921,11 @@ print(f"{10 * 2 * 8192**3 / (s.elapsed_time(e) * 1e-3) / 1e12:.1f}")' 2>/dev/nul
         --set estep_steps=2 --set prior_steps=2 --set mstep_epochs=1 --set mstep_batch=16 --set estep_batch=16
         --set grid=4 --set "channels=8,16" --set "blocks=1,1" --set attention=1:2 --set init_rounds=1
         --set init_steps=4 --set init_rank=4 --set emb=16 --set init_cg_iters=2)
-      cap_m=60 cap_c=60
+      sets_r=(--set slice_size=32 --set observations=8 --set init_observations=8 --set heldout=2
+        --set estep_steps=2 --set prior_steps=2 --set mstep_epochs=1 --set mstep_batch=8 --set estep_batch=8
+        --set grid=4 --set "channels=8,16" --set "blocks=1,1" --set attention=1:2 --set init_rounds=1
+        --set init_steps=4 --set init_rank=4 --set emb=16)
+      cap_m=60 cap_c=60 cap_r=60
       echo "### EM (dry run: toy sizes on the CPU, not timings)" >>"$em"
     else
       # A paper-scale lap cut 16x in both halves (256 of 4,096 PC steps, 4,096 of 65,536 Adam
@@ -951,36 +960,53 @@ PY
         if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then em_status=timeout em_note="manifold cut at ${t}s"; else em_status=error em_note="manifold exited $rc"; fi
       fi
     fi
-    # The CIFAR-10 smoke preset: the paper's U-Net through Gaussian init, one M-step (4 epochs of
-    # 1,024) and one E-step (DDPM 16 steps, MMPS, 1 CG iteration, batch 256); its lap line gives
-    # E-step image-steps/s and M-step images/s, from which a paper lap is projected.
-    t=$(cap "$cap_c")
-    if [ "$t" -lt 30 ]; then
-      { echo; echo "CIFAR-10 EM, smoke preset: skipped (budget spent)"; } >>"$em"
-      if [ "$em_status" = ok ]; then em_status=skipped em_note="budget spent"; fi
-    else
-      rc=0
-      EMPRIOR_POISON=0 timeout -k 10 "$t" "$bundle/emprior" em cifar10 --preset smoke --set data_dir="$bundle/cifar10" "${sets_c[@]}" \
-        --device "$device" --out "$work/em-cifar10" >"$work/em-cifar10.log" 2>&1 </dev/null || rc=$?
-      { echo; echo "CIFAR-10 EM, smoke preset (paper U-Net) (cap ${t}s, exit $rc):"; } >>"$em"
+    # The smoke presets: the paper's U-Net through Gaussian init, one M-step and one E-step;
+    # the lap line gives E-step image-steps/s and M-step images/s, from which a paper lap is
+    # projected (the python snippet reads the last lap of metrics.jsonl).
+    # em_smoke EXPERIMENT LABEL CAP PROJECTION SETS...
+    em_smoke() {
+      local experiment=$1 label=$2 limit=$3 projection=$4 rc=0
+      shift 4
+      t=$(cap "$limit")
+      if [ "$t" -lt 30 ]; then
+        { echo; echo "$label: skipped (budget spent)"; } >>"$em"
+        if [ "$em_status" = ok ]; then em_status=skipped em_note="budget spent"; fi
+        return
+      fi
+      EMPRIOR_POISON=0 timeout -k 10 "$t" "$bundle/emprior" em "$experiment" --preset smoke "$@" \
+        --device "$device" --out "$work/em-$experiment" >"$work/em-$experiment.log" 2>&1 </dev/null || rc=$?
+      { echo; echo "$label (cap ${t}s, exit $rc):"; } >>"$em"
       if [ "$rc" = 0 ]; then
-        { echo '```'; cat "$work/em-cifar10/metrics.jsonl" || true; echo '```'; } >>"$em"
-        python3 - "$work/em-cifar10/metrics.jsonl" >>"$em" <<'PY' || true
+        { echo '```'; cat "$work/em-$experiment/metrics.jsonl" || true; echo '```'; } >>"$em"
+        python3 -c "$projection" "$work/em-$experiment/metrics.jsonl" >>"$em" || true
+      else
+        { echo '```'; grep -E '^lap|E-step|M-step|rror' "$work/em-$experiment.log" | tail -n 8; echo '```'; } >>"$em" || true
+        if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+          if [ "$em_status" = ok ]; then em_status=timeout em_note="$experiment cut at ${t}s"; fi
+        else
+          em_status=error em_note="${em_note:+$em_note; }$experiment exited $rc"
+        fi
+      fi
+    }
+    # CIFAR-10: 4 epochs of 1,024, DDPM 16 steps with 1 CG iteration, batch 256; a paper lap is
+    # 50,000 observations x 256 steps and 256 epochs of 195 batches of 256.
+    em_smoke cifar10 "CIFAR-10 EM, smoke preset (paper U-Net)" "$cap_c" '
 import json, sys
 lap = [json.loads(l) for l in open(sys.argv[1])][-1]
 e = 50000 * 256 / lap["estep_image_steps_per_s"]
 m = 256 * 195 * 256 / lap["mstep_images_per_s"]
 print(f"Projected paper lap on this device: E-step {e/3600:.2f} h + M-step {m/3600:.2f} h = {(e+m)/3600:.2f} h; 32 laps {32*(e+m)/86400:.1f} days")
-PY
-      else
-        { echo '```'; grep -E '^lap|E-step|M-step|rror' "$work/em-cifar10.log" | tail -n 8; echo '```'; } >>"$em" || true
-        if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
-          if [ "$em_status" = ok ]; then em_status=timeout em_note="cifar10 cut at ${t}s"; fi
-        else
-          em_status=error em_note="${em_note:+$em_note; }cifar10 exited $rc"
-        fi
-      fi
-    fi
+' --set data_dir="$bundle/cifar10" "${sets_c[@]}"
+    # MRI: the paper's 77.6M-parameter U-Net at 320 x 320 on 64 slices of the Colin27 head, 2
+    # samples each, DDPM 16 steps with 3 CG iterations; a paper lap (method.md §10) is about
+    # 66,000 posterior samples x 64 steps and 64 epochs of about 60,000 samples.
+    em_smoke mri "MRI EM, smoke preset (paper U-Net, 320 x 320)" "$cap_r" '
+import json, sys
+lap = [json.loads(l) for l in open(sys.argv[1])][-1]
+e = 66000 * 64 / lap["estep_image_steps_per_s"]
+m = 64 * 60000 / lap["mstep_images_per_s"]
+print(f"Projected paper MRI lap on this device (fastMRI sizes): E-step {e/3600:.2f} h + M-step {m/3600:.2f} h = {(e+m)/3600:.2f} h; 16 laps {16*(e+m)/86400:.1f} days")
+' --set data_dir="$bundle/mri" "${sets_r[@]}"
     cat "$em"
     step_row em "$em_status" "$(($(now) - t0))" "$em_note"
     pack

@@ -194,16 +194,21 @@ enum Command {
     },
     /// Learn a diffusion prior from observations by EM (the paper's experiments).
     Em {
-        /// The experiment: manifold, cifar10 or fashion-mnist; vectors or images on your own data.
+        /// The experiment: manifold, cifar10, fashion-mnist or mri (accelerated MRI from k-space);
+        /// vectors or images on your own data.
         experiment: String,
-        /// quick (the default: minutes on a 2-core CPU), smoke (images: the paper's U-Net for a
-        /// few GPU minutes) or paper.
+        /// quick (the default: minutes on a 2-core CPU), smoke (cifar10, mri: the paper's U-Net
+        /// for a few GPU minutes) or paper.
         #[arg(long, default_value = "quick")]
         preset: String,
         /// Images: the percentage of pixels removed (25, 50 or 75 in the paper); the same as
         /// --set corruption=N.
         #[arg(long)]
         corruption: Option<f64>,
+        /// mri: the k-space undersampling factor R, about one column in R kept (6 in the paper);
+        /// the same as --set acceleration=R.
+        #[arg(long)]
+        acceleration: Option<f64>,
         /// Override a configuration value, e.g. --set laps=4 (repeatable).
         #[arg(long = "set", value_name = "KEY=VALUE")]
         overrides: Vec<String>,
@@ -345,6 +350,7 @@ fn main() -> std::process::ExitCode {
             experiment,
             preset,
             corruption,
+            acceleration,
             overrides,
             obs,
             mask,
@@ -359,6 +365,9 @@ fn main() -> std::process::ExitCode {
             let mut overrides = overrides;
             if let Some(c) = corruption {
                 overrides.insert(0, format!("corruption={c}"));
+            }
+            if let Some(r) = acceleration {
+                overrides.insert(0, format!("acceleration={r}"));
             }
             if let Some(s) = sigma_y {
                 overrides.insert(0, format!("sigma_y={s}"));
@@ -619,14 +628,15 @@ fn em(
                 "divergence.png, lap-XXX/pairs.png",
             )
         }
-        "cifar10" | "fashion-mnist" | "images" => {
+        "cifar10" | "fashion-mnist" | "images" | "mri" => {
             let laps = run_images(&cfg, &dir, &device, resuming)?;
             let s = |m: Option<&emprior::em::ImageLapMetrics>| m.map(|m| m.summary()).unwrap_or_default();
-            (
-                s(laps.first()),
-                s(laps.last()),
-                "lap-XXX/{observations,posterior,heldout,prior}.png",
-            )
+            let plots = if experiment_name == "mri" {
+                "psnr.png, lap-XXX/{heldout,observations,posterior,prior}.png, lap-000/masks.png"
+            } else {
+                "lap-XXX/{observations,posterior,heldout,prior}.png"
+            };
+            (s(laps.first()), s(laps.last()), plots)
         }
         other => bail!("unknown experiment '{other}'"),
     };

@@ -793,14 +793,16 @@ fn gather_rows_permuted_parity(gpu: &Device) {
     }
 }
 
-/// CG's per-row step sizes with convergence freezing (kernels/cg.cu): one f32 division and one
-/// f32 product per row, so the GPU must give the CPU's bits, at CG's E-step shape (8,192 rows)
-/// with converged rows, zero pAp and zero right-hand sides mixed in.
+/// CG's per-row steps with convergence freezing and the curvature guard (kernels/cg.cu): one f32
+/// division and two f32 products per row, so the GPU must give the CPU's bits, at CG's E-step
+/// shape (8,192 rows) with converged rows, zero and negative pAp, curvature under the floor and
+/// zero right-hand sides mixed in.
 fn cg_step_sizes_parity(gpu: &Device) {
     use emprior::posterior::cg::step_sizes;
     let rows = 8192;
     let mut rr = random_vec(1, rows, 0.0, 1.0);
     let mut pap = random_vec(2, rows, 0.1, 2.0);
+    let pp = random_vec(4, rows, 0.5, 4.0);
     let mut bn = random_vec(3, rows, 0.5, 1e4);
     for i in (0..rows).step_by(7) {
         rr[i] = 1e-7 * bn[i]; // converged at tol2 = 1e-6
@@ -808,25 +810,41 @@ fn cg_step_sizes_parity(gpu: &Device) {
     for i in (0..rows).step_by(11) {
         pap[i] = 0.0;
     }
+    for i in (0..rows).step_by(17) {
+        pap[i] = -pap[i];
+    }
+    for i in (0..rows).step_by(19) {
+        pap[i] = 0.05 * pp[i]; // under a floor of 0.1
+    }
     for i in (0..rows).step_by(13) {
         (rr[i], bn[i]) = (0.0, 0.0);
     }
-    for tol2 in [0.0, 1e-6] {
+    for (tol2, floor) in [(0.0, 0.0), (1e-6, 0.0), (1e-6, 0.1)] {
         let run = |d: &Device| {
             let t = |v: &Vec<f32>| on(d, v, &[rows]);
-            step_sizes(&t(&rr), &t(&pap), &t(&bn), tol2)
-                .unwrap()
-                .to_vec_f32()
-                .unwrap()
+            let (alpha, keep) = step_sizes(&t(&rr), &t(&pap), &t(&pp), &t(&bn), tol2, floor).unwrap();
+            (alpha.to_vec_f32().unwrap(), keep.to_vec_f32().unwrap())
         };
         let (want, got) = (run(&CPU), run(gpu));
+        let same = |a: &[f32], b: &[f32]| a.iter().zip(b).all(|(x, y)| x.to_bits() == y.to_bits());
         assert!(
-            got.iter().zip(&want).all(|(g, w)| g.to_bits() == w.to_bits()),
-            "cg step sizes at tol2 = {tol2}"
+            same(&got.0, &want.0) && same(&got.1, &want.1),
+            "cg steps at tol2 = {tol2}, floor = {floor}"
         );
         assert!(
-            tol2 == 0.0 || want.iter().step_by(7).all(|&a| a == 0.0),
+            tol2 == 0.0 || want.0.iter().step_by(7).all(|&a| a == 0.0),
             "converged rows keep still"
+        );
+        assert!(
+            (0..rows).step_by(17).all(|i| want.0[i] == 0.0),
+            "negative curvature: no step"
+        );
+        assert!(
+            floor == 0.0
+                || (0..rows)
+                    .step_by(19)
+                    .all(|i| want.0[i] == 0.0 && (want.1[i] == 0.0 || rr[i] <= tol2 as f32 * bn[i])),
+            "curvature under the floor stops the row"
         );
     }
 }

@@ -236,7 +236,7 @@ fn out_of_range_values_are_refused_before_the_run_starts() {
         let e = cfg.validate().unwrap_err().to_string();
         assert!(e.contains(want), "{set}: {e} (wanted: {want})");
     }
-    for experiment in ["manifold", "cifar10", "fashion-mnist"] {
+    for experiment in ["manifold", "cifar10", "fashion-mnist", "mri"] {
         for preset in ["quick", "smoke", "paper"] {
             if let Ok(cfg) = Config::preset(experiment, preset) {
                 cfg.validate()
@@ -392,6 +392,7 @@ fn the_key_reference_covers_every_preset_and_matches_the_readme() {
         ("vectors", &["quick"][..]),
         ("cifar10", &["quick", "smoke", "paper"][..]),
         ("images", &["quick"][..]),
+        ("mri", &["quick", "smoke", "paper"][..]),
     ] {
         for preset in presets {
             let cfg = Config::preset(experiment, preset).unwrap();

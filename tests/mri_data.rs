@@ -424,17 +424,8 @@ fn a_directory_of_volumes_loads_in_name_order_and_errors_name_the_file() {
 /// its absence fails there instead of skipping.
 fn ch2_or_skip(test: &str) -> Option<PathBuf> {
     let path = mri::default_dir().join(mri::DEFAULT_FILE);
-    if path.is_file() {
-        return Some(path);
-    }
-    if std::env::var("EMPRIOR_REQUIRE_DATA").is_ok_and(|v| v == "1") {
-        panic!("{test}: {} is missing and EMPRIOR_REQUIRE_DATA=1", path.display());
-    }
-    println!(
-        "{test}: skipped: {} is missing (run scripts/fetch-mri.sh)",
-        path.display()
-    );
-    None
+    let what = path.display().to_string();
+    common::data_or_skip(test, path.is_file(), &what, "scripts/fetch-mri.sh").then_some(path)
 }
 
 #[test]

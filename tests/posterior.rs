@@ -616,6 +616,73 @@ fn cg_rows_converge_on_their_own() {
     assert!(res <= 1e-3 * bn * 1.01, "row 0: {res} vs {}", 1e-3 * bn);
 }
 
+/// CG meeting a direction of non-positive (or, with a floor, too little) curvature stops that row
+/// where it is instead of stepping along it, the other rows untouched: an indefinite diagonal
+/// system (plain CG's first step, rr / pAp = 2 / -0.0001, would land 20 000 times b away) beside
+/// an SPD one, whose iterates the guard leaves bit for bit as they were.
+#[test]
+fn cg_stops_a_row_at_bad_curvature_and_leaves_the_others_alone() {
+    use emprior::posterior::cg_floored;
+    let m = 4;
+    // Row 0: SPD, spectrum 0.5..2. Row 1: eigenvalues 1, -1.0001, 3, 0.5 and b = (1, 1, 0, 0),
+    // so the curvature along b is -0.0001.
+    let diag = [0.5, 1.0, 1.5, 2.0, 1.0, -1.0001, 3.0, 0.5];
+    let b = [1.0, -1.0, 0.5, 2.0, 1.0, 1.0, 0.0, 0.0];
+    let bt = Tensor::from_f64(&b, &[2, m], &CPU).unwrap();
+    let dt = Tensor::from_f64(&diag, &[2, m], &CPU).unwrap();
+    let config = CgConfig {
+        max_iters: 4,
+        rtol: None,
+    };
+    let matvec = |v: &Tensor| emprior::ops::mul(v, &dt);
+    let (x, _) = cg_floored(matvec, &bt, config, 0, false, 0.0).unwrap();
+    let x = x.to_vec_f64().unwrap();
+    // The SPD row alone, through the unguarded entry point: the same bits.
+    let b0 = Tensor::from_f64(&b[..m], &[1, m], &CPU).unwrap();
+    let d0 = Tensor::from_f64(&diag[..m], &[1, m], &CPU).unwrap();
+    let (alone, _) = cg_checked(|v: &Tensor| emprior::ops::mul(v, &d0), &b0, config, 0).unwrap();
+    assert_eq!(&x[..m], &alone.to_vec_f64().unwrap()[..]);
+    for i in 0..m {
+        assert!(
+            (x[i] - b[i] / diag[i]).abs() < 1e-9,
+            "row 0 solved: {:?}",
+            &x[..m]
+        );
+    }
+    // Row 1: the first step is refused, so the row stays at 0.
+    assert!(
+        x[m..].iter().all(|v| v.abs() < 1e-12),
+        "row 1 stopped at 0: {:?}",
+        &x[m..]
+    );
+    // With a floor, a positive but too small curvature stops a row too: eigenvalues 1e-3 under
+    // a floor of 1e-2 (as MMPS sets from Σ_y).
+    let small = Tensor::from_f64(&[1e-3, 1e-3, 1e-3, 1e-3], &[1, m], &CPU).unwrap();
+    let (x, _) = cg_floored(
+        |v: &Tensor| emprior::ops::mul(v, &small),
+        &b0,
+        config,
+        0,
+        false,
+        1e-2,
+    )
+    .unwrap();
+    assert!(x.to_vec_f64().unwrap().iter().all(|v| *v == 0.0));
+    let (x, _) = cg_floored(
+        |v: &Tensor| emprior::ops::mul(v, &small),
+        &b0,
+        config,
+        0,
+        false,
+        1e-4,
+    )
+    .unwrap();
+    assert!(
+        (x.to_vec_f64().unwrap()[0] - 1e3).abs() < 1e-6,
+        "above the floor, CG solves"
+    );
+}
+
 /// The same for the image experiments' E-step: a small U-Net (with attention) and MMPS through
 /// masks, DDPM, CG without a tolerance; 5 images whole and in parts of 1 and 2.
 #[test]

@@ -144,7 +144,13 @@ pub fn to_bytes(x: &[f32]) -> Vec<u8> {
 /// Bernoulli pixel masks [n, 32 * 32], 1 = observed, each pixel removed with probability
 /// `removed` (0.25, 0.5 or 0.75 in the paper) independently, fixed by `seed`.
 pub fn pixel_masks(n: usize, removed: f64, seed: u64) -> Vec<f32> {
-    let mut u = vec![0.0f32; n * PIXELS];
+    bernoulli_masks(n, PIXELS, removed, seed)
+}
+
+/// [`pixel_masks`] for images of any `pixels` per image (Fashion-MNIST's 28 x 28): the same
+/// Philox stream, so at 32 x 32 the same masks.
+pub fn bernoulli_masks(n: usize, pixels: usize, removed: f64, seed: u64) -> Vec<f32> {
+    let mut u = vec![0.0f32; n * pixels];
     Philox::new(seed, 0xc1fa).fill_uniform(0, &mut u);
     u.iter().map(|&v| ((v as f64) >= removed) as u8 as f32).collect()
 }

@@ -316,6 +316,172 @@ export_every = 0
 keep_samples = 1
 "#;
 
+/// Accelerated MRI, quick (method.md §7.3, scaled down): 64×64 axial slices of the Colin27 head
+/// (scripts/fetch-mri.sh), seen only through 6×-undersampled k-space, and a small U-Net with the
+/// paper's 4×4 patchify; minutes on 2 CPU cores.
+pub const MRI_QUICK: &str = r#"
+# Accelerated MRI, quick: 64x64 slices, a small U-Net, for a 2-core CPU in under 15 minutes.
+experiment = "mri"
+dataset = "mri"
+# Empty: $EMPRIOR_DATA/mri or ~/.cache/emprior/mri (scripts/fetch-mri.sh); or a directory of
+# your own .nii/.nii.gz volumes.
+data_dir = ""
+# Slices are padded to a square and resampled to slice_size x slice_size.
+slice_size = 64
+# A slice is used when at least this fraction of its voxels is tissue.
+min_tissue = 0.25
+# About one k-space column in `acceleration` is kept; the centre band always.
+acceleration = 6.0
+center_fraction = 0.0625
+seed = 0
+sigma_y = 0.01
+sigma_min = 0.001
+sigma_max = 100.0
+# ch2.nii.gz gives 154 slices: 16 held out (evenly spaced through the head), 138 observed.
+observations = 138
+heldout = 16
+heldout_samples = 4
+# Posterior samples per observation per lap, all trained on (the paper: 2).
+samples_per_observation = 2
+laps = 3
+init_observations = 138
+init_rounds = 4
+init_steps = 32
+init_rank = 32
+init_cg_iters = 5
+init_cg_rtol = 0.0
+estep_steps = 32
+estep_batch = 64
+cg_iters = 3
+prior_steps = 32
+mstep_epochs = 60
+mstep_batch = 32
+lr = 0.001
+ema = 0.98
+augment = 1
+shift = 2
+# The network sees patch x patch pixel blocks as channels (the paper: 4).
+patch = 4
+channels = "32,64"
+blocks = "1,1"
+attention = ""
+emb = 64
+# No dropout: a network this small, trained this briefly, underfits (the paper: 0.1 for 77M).
+dropout = 0.0
+grid = 16
+export_samples = 0
+export_every = 0
+keep_samples = 1
+# Ours, not the paper's: samples with a value outside (-filter_bound, filter_bound), whose
+# MMPS solve diverged, are left out of the next M-step (0 keeps all).
+filter_bound = 10.0
+"#;
+
+/// Accelerated MRI with the paper's network and schedules (method.md §7.3, §8): 320×320 slices,
+/// the 77.6M-parameter U-Net with 4×4 patchify, 64 DDPM steps with 3 CG iterations, 2 samples
+/// per observation, 64 epochs per lap, 16 laps. The observations are what the data holds (one
+/// brain by default, not the paper's fastMRI knee); meant for a GPU.
+pub const MRI_PAPER: &str = r#"
+# Accelerated MRI with the paper's network and schedules (GPU).
+experiment = "mri"
+dataset = "mri"
+data_dir = ""
+slice_size = 320
+min_tissue = 0.25
+acceleration = 6.0
+center_fraction = 0.0625
+seed = 0
+sigma_y = 0.01
+sigma_min = 0.001
+sigma_max = 100.0
+# ch2.nii.gz gives 154 slices; with your own volumes in data_dir, raise these.
+observations = 138
+heldout = 16
+heldout_samples = 2
+samples_per_observation = 2
+laps = 16
+init_observations = 138
+init_rounds = 16
+init_steps = 256
+init_rank = 64
+init_cg_iters = 5
+init_cg_rtol = 0.0
+estep_steps = 64
+estep_batch = 64
+cg_iters = 3
+prior_steps = 64
+mstep_epochs = 64
+mstep_batch = 256
+lr = 0.0001
+ema = 0.999
+augment = 1
+shift = 4
+patch = 4
+channels = "128,256,384,512"
+blocks = "3,3,3,3"
+attention = "3:4"
+emb = 256
+dropout = 0.1
+grid = 16
+export_samples = 0
+export_every = 0
+keep_samples = 0
+# Ours, not the paper's: samples with a value outside (-filter_bound, filter_bound), whose
+# MMPS solve diverged, are left out of the next M-step (0 keeps all).
+filter_bound = 10.0
+"#;
+
+/// The paper's MRI U-Net on a GPU for a few minutes: every kernel of the real experiment at
+/// 320×320, few observations and steps, and E-step and M-step throughput to project a lap from.
+pub const MRI_SMOKE: &str = r#"
+# Accelerated MRI smoke run: the paper's U-Net at 320x320, few observations and steps (GPU).
+experiment = "mri"
+dataset = "mri"
+data_dir = ""
+slice_size = 320
+min_tissue = 0.25
+acceleration = 6.0
+center_fraction = 0.0625
+seed = 0
+sigma_y = 0.01
+sigma_min = 0.001
+sigma_max = 100.0
+observations = 64
+heldout = 8
+heldout_samples = 1
+samples_per_observation = 2
+laps = 1
+init_observations = 64
+init_rounds = 2
+init_steps = 32
+init_rank = 32
+init_cg_iters = 5
+init_cg_rtol = 0.0
+estep_steps = 16
+estep_batch = 32
+cg_iters = 3
+prior_steps = 16
+mstep_epochs = 4
+mstep_batch = 32
+lr = 0.0001
+ema = 0.999
+augment = 1
+shift = 4
+patch = 4
+channels = "128,256,384,512"
+blocks = "3,3,3,3"
+attention = "3:4"
+emb = 256
+dropout = 0.1
+grid = 16
+export_samples = 0
+export_every = 0
+keep_samples = 1
+# Ours, not the paper's: samples with a value outside (-filter_bound, filter_bound), whose
+# MMPS solve diverged, are left out of the next M-step (0 keeps all).
+filter_bound = 10.0
+"#;
+
 /// One configuration value.
 #[derive(Clone, Debug, PartialEq)]
 pub enum Value {
@@ -444,8 +610,8 @@ impl Config {
         })
     }
 
-    /// The preset `name` of `experiment`: manifold (quick, paper), cifar10 and fashion-mnist
-    /// (quick, smoke, paper), vectors and images (quick). An unknown pair is an error that lists
+    /// The preset `name` of `experiment`: manifold (quick, paper), cifar10, fashion-mnist and
+    /// mri (quick, smoke, paper), vectors and images (quick). An unknown pair is an error that lists
     /// the known ones.
     pub fn preset(experiment: &str, name: &str) -> Result<Self> {
         let text = match (experiment, name) {
@@ -461,7 +627,10 @@ impl Config {
             ("cifar10" | "fashion-mnist", "quick") => CIFAR10_QUICK,
             ("cifar10" | "fashion-mnist", "smoke") => CIFAR10_SMOKE,
             ("cifar10" | "fashion-mnist", "paper") => CIFAR10_PAPER,
-            ("manifold" | "cifar10" | "fashion-mnist", other) => {
+            ("mri", "quick") => MRI_QUICK,
+            ("mri", "smoke") => MRI_SMOKE,
+            ("mri", "paper") => MRI_PAPER,
+            ("manifold" | "cifar10" | "fashion-mnist" | "mri", other) => {
                 let known = if experiment == "manifold" {
                     "quick or paper"
                 } else {
@@ -473,7 +642,7 @@ impl Config {
             }
             (other, _) => {
                 return Err(Error::Other(format!(
-                "unknown experiment '{other}' (expected manifold, vectors, images, cifar10 or fashion-mnist)"
+                "unknown experiment '{other}' (expected manifold, vectors, images, cifar10, fashion-mnist or mri)"
             )))
             }
         };
@@ -542,6 +711,11 @@ impl Config {
             .ok_or_else(|| Error::Other(format!("configuration lacks '{key}'")))
     }
 
+    /// Whether the configuration has `key` (runs written before a key existed lack it).
+    pub fn has(&self, key: &str) -> bool {
+        self.values.contains_key(key)
+    }
+
     /// The integer value of `key`; an error when the key is absent or holds a float or string.
     pub fn int(&self, key: &str) -> Result<i64> {
         match self.get(key)? {
@@ -589,6 +763,8 @@ impl Config {
                 Rule::NonNegative => self.float(name)? >= 0.0,
                 Rule::Fraction => (0.0..1.0).contains(&self.float(name)?),
                 Rule::Percent => (0.0..100.0).contains(&self.float(name)?),
+                Rule::UnitInterval => (0.0..=1.0).contains(&self.float(name)?),
+                Rule::AtLeastOneFloat => self.float(name)? >= 1.0,
                 Rule::AtLeastOne => self.int(name)? >= 1,
                 Rule::Count => self.int(name)? >= 0,
                 Rule::Flag => matches!(self.int(name)?, 0 | 1),
@@ -677,6 +853,10 @@ pub enum Rule {
     Fraction,
     /// A percentage in `[0, 100)`.
     Percent,
+    /// A number in `[0, 1]` (shares that may be all).
+    UnitInterval,
+    /// A number >= 1 (factors).
+    AtLeastOneFloat,
     /// An integer >= 1.
     AtLeastOne,
     /// An integer >= 0.
@@ -697,6 +877,8 @@ impl Rule {
             Rule::NonNegative => "a number >= 0".into(),
             Rule::Fraction => "in [0, 1)".into(),
             Rule::Percent => "a percentage in [0, 100)".into(),
+            Rule::UnitInterval => "in [0, 1]".into(),
+            Rule::AtLeastOneFloat => "a number >= 1".into(),
             Rule::AtLeastOne => "an integer >= 1".into(),
             Rule::Count => "an integer >= 0".into(),
             Rule::Flag => "0 or 1".into(),
@@ -724,16 +906,18 @@ const fn key(name: &'static str, rule: Rule, meaning: &'static str) -> Key {
 
 /// Every key of every preset, in alphabetical order.
 pub const KEYS: &[Key] = &[
+    key("acceleration", Rule::AtLeastOneFloat, "MRI: the k-space undersampling factor R (about one column in R kept; the paper: 6)"),
     key("attention", Rule::Text("level:heads pairs, comma-separated, or empty"), "U-Net self-attention: at which levels, with how many heads (the paper: 1:4)"),
     key("augment", Rule::Flag, "M-step: random horizontal flips of the training images"),
     key("blocks", Rule::Text("integers >= 1, one per level"), "U-Net residual blocks per level"),
+    key("center_fraction", Rule::UnitInterval, "MRI: the fully sampled centre band, as a fraction of the k-space columns (the paper: 0.0625, 20 of 320)"),
     key("cg_iters", Rule::AtLeastOne, "E-step: conjugate-gradient iterations per MMPS denoiser call"),
     key("cg_rtol", Rule::NonNegative, "E-step: stop CG once every system's residual is below this fraction of its start (0: never early)"),
     key("channels", Rule::Text("integers >= 1, one per level"), "U-Net widths per level (their count sets the levels; H and W must divide by 2 per level after the first)"),
     key("corruption", Rule::Percent, "built-in image runs: the percentage of pixels removed by the Bernoulli masks"),
     key("covariance", Rule::OneOf(&["gaussian", "tweedie"]), "vector runs: MMPS's covariance V, the Gaussian fit of the samples or Tweedie's (the denoiser's Jacobian)"),
     key("data_dir", Rule::Text("a directory, or empty for the fetch script's cache"), "built-in image runs: where the dataset (or the PNG folder) is"),
-    key("dataset", Rule::OneOf(&["cifar10", "fashion-mnist", "png-dir", "npy"]), "image runs: where the images come from (npy: the user's --obs/--mask)"),
+    key("dataset", Rule::OneOf(&["cifar10", "fashion-mnist", "png-dir", "npy", "mri"]), "image runs: where the images come from (npy: the user's --obs/--mask; mri: NIfTI volumes' axial slices)"),
     key("dropout", Rule::Fraction, "U-Net dropout in training"),
     key("ema", Rule::Fraction, "image runs: the EMA decay of the weights (0: none)"),
     key("emb", Rule::AtLeastOne, "the width of the noise-level embedding"),
@@ -741,10 +925,10 @@ pub const KEYS: &[Key] = &[
     key("estep_moments", Rule::OneOf(&["refit", "init"]), "vector runs: the E-step's starting mean and Gaussian V from a PPCA of each lap's samples, or the Gaussian initialisation's for all laps (the paper's script)"),
     key("estep_steps", Rule::AtLeastOne, "E-step: sampler steps"),
     key("eval_samples", Rule::AtLeastOne, "vector runs: points per set of the Sinkhorn divergence to the truth"),
-    key("experiment", Rule::OneOf(&["manifold", "vectors", "cifar10", "fashion-mnist", "images"]), "which run this is (set by the command line)"),
+    key("experiment", Rule::OneOf(&["manifold", "vectors", "cifar10", "fashion-mnist", "images", "mri"]), "which run this is (set by the command line)"),
     key("export_every", Rule::Count, "image runs: also export prior samples every this many laps (0: only at the last)"),
     key("export_samples", Rule::Count, "image runs: prior samples written as PNGs for FID tools (0: none)"),
-    key("filter_bound", Rule::NonNegative, "vector runs: drop samples outside (-b, b)^d before each M-step (0: keep all)"),
+    key("filter_bound", Rule::NonNegative, "drop posterior samples with a value outside (-b, b) before each M-step (0: keep all)"),
     key("filter_first", Rule::Flag, "vector runs: 1 filters lap 0's samples too (ours), 0 keeps them (the paper's script)"),
     key("grid", Rule::AtLeastOne, "image runs: images per grid PNG"),
     key("heldout", Rule::Count, "image runs: held-out images scored each lap (the user's: the first observations, shown)"),
@@ -762,21 +946,25 @@ pub const KEYS: &[Key] = &[
     key("lr_end", Rule::NonNegative, "vector runs: the learning rate at the M-step's end (linear decay); may change on --resume"),
     key("lr_init", Rule::Positive, "vector runs: the learning rate at the M-step's start; may change on --resume"),
     key("mask", Rule::Text("an .npy path (set by --mask)"), "your images' masks [n, H, W] or [n, H, W, C], 1 = observed"),
+    key("min_tissue", Rule::UnitInterval, "MRI: an axial slice is used when at least this fraction of its voxels is tissue"),
     key("mstep_batch", Rule::AtLeastOne, "M-step: training batch"),
     key("mstep_epochs", Rule::AtLeastOne, "image runs: M-step epochs over the samples per lap"),
     key("mstep_steps", Rule::AtLeastOne, "vector runs: M-step Adam steps per lap"),
     key("obs", Rule::Text("an .npy path (set by --obs)"), "your observations: [n, m] vectors or [n, H, W, C] images"),
     key("observations", Rule::AtLeastOne, "built-in runs: how many observations are made (images: the first of the training split)"),
     key("operator", Rule::Text("an .npy path (set by --operator)"), "your operators: [n, m, d] per observation or [m, d] shared"),
+    key("patch", Rule::AtLeastOne, "U-Net: pixel blocks of patch x patch folded into channels at the input (the paper's MRI: 4; H and W must divide by it)"),
     key("pc_corrections", Rule::Count, "vector runs: Langevin corrections per predictor step of the PC sampler"),
     key("pc_tau", Rule::Positive, "vector runs: the Langevin step size of the PC sampler"),
     key("prior_steps", Rule::AtLeastOne, "image runs: DDIM steps of the prior samples in the grids and exports"),
+    key("samples_per_observation", Rule::AtLeastOne, "image runs: posterior samples drawn per observation each lap, all trained on (the paper's MRI: 2)"),
     key("seed", Rule::Count, "every random draw of the run (Philox keyed by seed, lap and purpose)"),
     key("shift", Rule::Count, "image runs: the M-step's random shift of the images, in pixels (0: none)"),
     key("sigma_max", Rule::Positive, "the largest noise level of the diffusion prior (above sigma_min)"),
     key("sigma_min", Rule::Positive, "the smallest noise level of the diffusion prior (below sigma_max)"),
     key("sigma_y", Rule::Positive, "the observation noise standard deviation"),
     key("sigma_y_file", Rule::Text("an .npy path [m], or empty (set by --sigma-y-file)"), "vector runs: a standard deviation per observed coordinate, instead of sigma_y"),
+    key("slice_size", Rule::AtLeastOne, "MRI: slices are padded to a square and resampled to this many pixels a side"),
     key("truth", Rule::Text("an .npy path, or empty (set by --truth)"), "your true signals or images, for the metrics only"),
 ];
 

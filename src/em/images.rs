@@ -1,18 +1,23 @@
-//! The corrupted-image experiments (method.md §7.2, §8, §9.2): CIFAR-10 (or Fashion-MNIST, the
-//! grayscale option for fast runs, or a directory of PNGs) seen only through a Bernoulli pixel
-//! mask per image, shared by the channels, with noise sigma_y on every entry. A U-Net prior is
-//! learned by EM:
-//! - lap 0: a Gaussian prior (PPCA, rank 64) fitted by EM with exact Gaussian MMPS and DDIM,
-//!   then a posterior sample of every observation under it;
+//! The image experiments: corrupted images (method.md §7.2, §8, §9.2: CIFAR-10, or
+//! Fashion-MNIST, the grayscale option for fast runs, or a directory of PNGs, or the user's own
+//! masked images) seen only through a Bernoulli pixel mask per image, shared by the channels,
+//! with noise sigma_y on every entry; and accelerated MRI (method.md §7.3), slices seen only
+//! through column-masked k-space (`Observe::KSpace`, posterior::FourierOperator). A U-Net prior
+//! is learned by EM:
+//! - lap 0: a Gaussian prior (PPCA) fitted by EM with exact Gaussian MMPS and DDIM, then a
+//!   posterior sample of every observation under it;
 //! - lap k: an M-step (warm start from the previous EMA weights, fresh Adam, constant learning
 //!   rate, dropout, EMA, flips and reflect-padded shifts, shuffled epochs), then the E-step:
-//!   DDPM with MMPS (the Tweedie covariance through VJPs, 1 CG iteration), started at the mean of
-//!   the previous samples.
+//!   DDPM with MMPS (the Tweedie covariance through VJPs, `cg_iters` CG iterations: 1 for
+//!   CIFAR-10, 3 for MRI), started at the mean of the previous samples, `samples_per_observation`
+//!   samples of each observation (MRI: 2).
 //!
 //! Each lap measures the PSNR and SSIM of held-out posterior means (the average of several
-//! posterior samples of masked test images) against the clean images, and writes PNG grids of
-//! the observations, the posterior samples, the held-out reconstructions and prior samples.
+//! posterior samples of held-out observations) against the clean images (and, for k-space, of
+//! the zero-filled inverse Aᵀy, the baseline), and writes PNG grids of the observations, the
+//! posterior samples, the held-out reconstructions and prior samples.
 
+use std::borrow::Cow;
 use std::fs;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -23,7 +28,7 @@ use super::{
     sample_batch, save_lap_checkpoint, say_if_complete, write_metrics_jsonl, write_run_report, Config,
     Fingerprint,
 };
-use crate::data::cifar10;
+use crate::data::{cifar10, mri};
 use crate::device::Device;
 use crate::diffusion::sampler::Denoise;
 use crate::diffusion::{Denoiser, Network, Sampler, SamplerKind, VeSchedule};
@@ -36,7 +41,10 @@ use crate::metrics::{psnr, ssim};
 use crate::nn::{UNet, UNetConfig};
 use crate::ops::rng::gather_rows_permuted;
 use crate::ops::Philox;
-use crate::posterior::{CgConfig, Covariance, MaskOperator, Mmps, NetworkPrior, ObservationNoise, Prior};
+use crate::posterior::{
+    column_masks, CgConfig, Covariance, FourierOperator, LinearOperator, MaskOperator, Mmps, NetworkPrior,
+    ObservationNoise, Prior,
+};
 use crate::progress::{say, Laps, Phase};
 use crate::tensor::{AsView, DType, Tensor};
 use crate::train::augment::flip_shift;
@@ -73,8 +81,14 @@ pub struct ImageLapMetrics {
     pub psnr: f64,
     /// SSIM of the held-out posterior means against the clean images.
     pub ssim: f64,
-    /// PSNR of the training posterior samples (one per observation) against the clean images.
+    /// PSNR of the training posterior samples (the first of each observation's) against the
+    /// clean images.
     pub sample_psnr: f64,
+    /// The baseline of k-space observations: PSNR (dB) of the held-out zero-filled inverses Aᵀy
+    /// against the clean images (NaN for pixel masks, and in runs written before it existed).
+    pub zero_filled_psnr: f64,
+    /// SSIM of the held-out zero-filled inverses Aᵀy (NaN likewise).
+    pub zero_filled_ssim: f64,
     /// Mean DSM loss over the M-step's last epoch (NaN for lap 0).
     pub loss: f64,
     /// Wall time of the E-step in seconds (lap 0: the whole Gaussian initialisation with it).
@@ -92,6 +106,9 @@ pub struct ImageLapMetrics {
     pub plot_seconds: f64,
     /// Exporting prior samples for FID tools, in seconds (0 when the lap exports none).
     pub export_seconds: f64,
+    /// This lap's posterior samples with a value outside (-filter_bound, filter_bound), left out
+    /// of the next M-step (0 without a bound, and in runs written before it was recorded).
+    pub outside_bound: usize,
 }
 
 impl ImageLapMetrics {
@@ -101,6 +118,8 @@ impl ImageLapMetrics {
             ("psnr", self.psnr),
             ("ssim", self.ssim),
             ("sample_psnr", self.sample_psnr),
+            ("zero_filled_psnr", self.zero_filled_psnr),
+            ("zero_filled_ssim", self.zero_filled_ssim),
             ("loss", self.loss),
             ("estep_seconds", self.estep_seconds),
             ("mstep_seconds", self.mstep_seconds),
@@ -109,6 +128,7 @@ impl ImageLapMetrics {
             ("eval_seconds", self.eval_seconds),
             ("plot_seconds", self.plot_seconds),
             ("export_seconds", self.export_seconds),
+            ("outside_bound", self.outside_bound as f64),
         ])
     }
 
@@ -119,6 +139,8 @@ impl ImageLapMetrics {
             psnr: field("psnr")?,
             ssim: field("ssim")?,
             sample_psnr: field("sample_psnr")?,
+            zero_filled_psnr: field("zero_filled_psnr").unwrap_or(f64::NAN),
+            zero_filled_ssim: field("zero_filled_ssim").unwrap_or(f64::NAN),
             loss: field("loss")?,
             estep_seconds: field("estep_seconds")?,
             mstep_seconds: field("mstep_seconds")?,
@@ -128,13 +150,19 @@ impl ImageLapMetrics {
             eval_seconds: field("eval_seconds").unwrap_or(f64::NAN),
             plot_seconds: field("plot_seconds").unwrap_or(f64::NAN),
             export_seconds: field("export_seconds").unwrap_or(f64::NAN),
+            outside_bound: field("outside_bound").map_or(0, |v| v as usize),
         })
     }
 
     /// The one-line summary printed per lap.
     pub fn summary(&self) -> String {
+        let baseline = if self.zero_filled_psnr.is_finite() {
+            format!(" (zero-filled {} dB)", metric(self.zero_filled_psnr, 2))
+        } else {
+            String::new()
+        };
         format!(
-            "lap {:>3} | held-out PSNR {} dB SSIM {} | sample PSNR {} dB | loss {} | E-step {:.1}s ({} image-steps/s) | M-step {:.1}s ({} images/s) | eval {}s | plots {}s",
+            "lap {:>3} | held-out PSNR {} dB{baseline} SSIM {} | sample PSNR {} dB | loss {} | E-step {:.1}s ({} image-steps/s) | M-step {:.1}s ({} images/s) | eval {}s | plots {}s",
             self.lap,
             metric(self.psnr, 2),
             metric(self.ssim, 4),
@@ -146,19 +174,37 @@ impl ImageLapMetrics {
             metric(self.mstep_images_per_s, 1),
             metric(self.eval_seconds, 1),
             metric(self.plot_seconds, 1)
-        )
+        ) + &if self.outside_bound > 0 {
+            format!(" | {} samples outside filter_bound", self.outside_bound)
+        } else {
+            String::new()
+        }
     }
 }
 
-/// Masked, noisy observations of a set of images.
+/// How the images are observed.
+#[derive(Clone, Copy, Debug, PartialEq)]
+enum Observe {
+    /// y = mask ⊙ x + noise, a 0/1 mask per pixel (shared by the channels) or per value.
+    Pixels,
+    /// y = A x + noise with A the column-masked, centred, orthonormal 2-D DFT of one-channel
+    /// `h`×`w` images (method.md §7.3, [`FourierOperator`]): y is k-space `[h, w, 2]` and each
+    /// observation has a mask over its `w` k-space columns.
+    KSpace { h: usize, w: usize },
+}
+
+/// Noisy, incomplete observations of a set of images.
 struct Observations {
-    /// y = mask * x + sigma_y * noise, [n, h * w * c].
+    /// Pixels: y = mask * x + sigma_y * noise, [n, h * w * c]; k-space: y = A x + sigma_y *
+    /// noise, [n, h * w * 2].
     y: Vec<f32>,
-    /// 1 = observed, one per pixel (shared by the channels), [n, h * w].
+    /// 1 = observed: one per pixel (shared by the channels), [n, h * w], or per value; for
+    /// k-space one per column, [n, w].
     masks: Vec<f32>,
     /// The clean images (for evaluation only), [n, h * w * c].
     clean: Vec<f32>,
     n: usize,
+    observe: Observe,
 }
 
 impl Observations {
@@ -174,34 +220,153 @@ impl Observations {
             .enumerate()
             .map(|(i, (&x, &z))| masks[i / channels] * x + sigma_y as f32 * z)
             .collect();
-        Observations { y, masks, clean, n }
+        Observations {
+            y,
+            masks,
+            clean,
+            n,
+            observe: Observe::Pixels,
+        }
     }
 
-    /// The share of values removed, in percent, as the masks have it.
+    /// Undersampled k-space of one-channel `h`×`w` images `clean` [n, h * w] through their
+    /// column masks `columns` [n, w]: y = A x + sigma_y * noise on the kept columns, 0 in the
+    /// dropped ones. (The paper's data puts noise there too; those entries are outside A's
+    /// range, so the posterior is the same, but MMPS's few CG iterations would spend themselves
+    /// on that noise: it is a block of M = Σ_y + A V Aᵀ with eigenvalue σ_y² alone, which pulls
+    /// CG's step sizes far from what the observed block needs.)
+    fn kspace(
+        clean: Vec<f32>,
+        columns: Vec<f32>,
+        (h, w): (usize, usize),
+        sigma_y: f64,
+        noise_seed: u64,
+    ) -> Result<Self> {
+        let n = clean.len() / (h * w);
+        let op = FourierOperator::new(&columns, n, h, w)?;
+        let x = Tensor::from_f32(&clean, &[n, h * w], &Device::Cpu)?;
+        let mut y = op.apply(&x.as_view()?)?.to_vec_f32()?;
+        let mut noise = vec![0.0f32; y.len()];
+        Philox::new(noise_seed, 0).fill_normal(0, &mut noise);
+        for (k, (v, z)) in y.iter_mut().zip(&noise).enumerate() {
+            // Entry k is (image, row, column, re/im) of [n, h, w, 2].
+            let (image, column) = (k / (2 * h * w), (k / 2) % w);
+            *v += columns[image * w + column] * sigma_y as f32 * z;
+        }
+        Ok(Observations {
+            y,
+            masks: columns,
+            clean,
+            n,
+            observe: Observe::KSpace { h, w },
+        })
+    }
+
+    /// The values of one observation (m: `per` for pixel masks, 2·h·w for k-space).
+    fn width(&self) -> usize {
+        self.y.len() / self.n.max(1)
+    }
+
+    /// The share of values removed, in percent, as the masks have it (of the pixels, or of the
+    /// k-space columns).
     fn removed_percent(&self) -> f64 {
         100.0 * self.masks.iter().filter(|&&v| v == 0.0).count() as f64 / self.masks.len().max(1) as f64
     }
 
     /// The first `count` observations (images of `per` values).
     fn first(&self, count: usize, per: usize) -> Observations {
-        let width = self.masks.len() / self.n.max(1);
+        let (m, width) = (self.width(), self.masks.len() / self.n.max(1));
         Observations {
-            y: self.y[..count * per].to_vec(),
+            y: self.y[..count * m].to_vec(),
             masks: self.masks[..count * width].to_vec(),
             clean: self.clean.get(..count * per).map_or(Vec::new(), <[f32]>::to_vec),
             n: count,
+            observe: self.observe,
         }
     }
 
-    /// The observations as images to look at: the noisy values where observed, 0 (mid grey)
-    /// where not.
-    fn shown(&self, count: usize, per: usize) -> Vec<f32> {
-        let channels = per / (self.masks.len() / self.n);
-        self.y[..count * per]
-            .iter()
-            .enumerate()
-            .map(|(i, &v)| v * self.masks[i / channels])
-            .collect()
+    /// The observations `times` times over, one copy after another: an E-step over them draws
+    /// `times` independent posterior samples of each (the paper's MRI draws 2).
+    fn repeated(&self, times: usize) -> Observations {
+        Observations {
+            y: self.y.repeat(times),
+            masks: self.masks.repeat(times),
+            clean: self.clean.repeat(times),
+            n: self.n * times,
+            observe: self.observe,
+        }
+    }
+
+    /// The observation operator of observations `lo..hi`, as MMPS takes it.
+    fn operator(
+        &self,
+        (lo, hi): (usize, usize),
+        per: usize,
+        device: &Device,
+    ) -> Result<Box<dyn LinearOperator>> {
+        let width = self.masks.len() / self.n.max(1);
+        let masks = &self.masks[lo * width..hi * width];
+        Ok(match self.observe {
+            Observe::Pixels => Box::new(MaskOperator::from_pixel_mask(
+                masks,
+                hi - lo,
+                width,
+                per / width.max(1),
+                DType::F32,
+                device,
+            )?),
+            Observe::KSpace { h, w } => Box::new(FourierOperator::new(masks, hi - lo, h, w)?),
+        })
+    }
+
+    /// The observations as images to look at: for pixel masks the noisy values where observed,
+    /// 0 (mid grey) where not; for k-space the zero-filled inverse Aᵀy.
+    fn shown(&self, count: usize, per: usize) -> Result<Vec<f32>> {
+        match self.observe {
+            Observe::Pixels => {
+                let channels = per / (self.masks.len() / self.n);
+                Ok(self.y[..count * per]
+                    .iter()
+                    .enumerate()
+                    .map(|(i, &v)| v * self.masks[i / channels])
+                    .collect())
+            }
+            Observe::KSpace { h, w } => {
+                let op = FourierOperator::new(&self.masks[..count * w], count, h, w)?;
+                let y = Tensor::from_f32(&self.y[..count * 2 * h * w], &[count, 2 * h * w], &Device::Cpu)?;
+                op.zero_filled(&y.as_view()?)?.to_vec_f32()
+            }
+        }
+    }
+}
+
+/// How a run's masks are drawn.
+enum MaskDraw {
+    /// Bernoulli pixel masks [n, h, w], each pixel removed with probability `removed`.
+    Pixels { removed: f64 },
+    /// k-space column masks [n, w]: about one column in `acceleration` kept, and the fully
+    /// sampled centre band of `center_fraction` of the columns (posterior::column_masks).
+    Columns { acceleration: f64, center_fraction: f64 },
+}
+
+impl MaskDraw {
+    /// The shape of one observation's mask for h x w images.
+    fn shape(&self, h: usize, w: usize) -> Vec<usize> {
+        match self {
+            MaskDraw::Pixels { .. } => vec![h, w],
+            MaskDraw::Columns { .. } => vec![w],
+        }
+    }
+
+    /// `n` masks of h x w images from `seed`.
+    fn draw(&self, n: usize, (h, w): (usize, usize), seed: u64) -> Result<Vec<f32>> {
+        match *self {
+            MaskDraw::Pixels { removed } => Ok(cifar10::bernoulli_masks(n, h * w, removed, seed)),
+            MaskDraw::Columns {
+                acceleration,
+                center_fraction,
+            } => column_masks(n, w, acceleration, center_fraction, seed),
+        }
     }
 }
 
@@ -289,8 +454,45 @@ impl Dataset {
                     heldout: cifar10::to_model(&cifar10::read_images(&files[n..n + held])?),
                 })
             }
+            "mri" => {
+                let dir = if dir.is_empty() {
+                    mri::default_dir()
+                } else {
+                    PathBuf::from(dir)
+                };
+                let size = cfg.count("slice_size")?;
+                let slices = mri::load_dir(&dir, size, cfg.float("min_tissue")? as f32)?;
+                let per = size * size;
+                let total = slices.len() / per;
+                if n + held > total {
+                    return Err(Error::Other(format!(
+                        "{}: its volumes give {total} axial slices with tissue; observations + heldout = {} (lower them, or add volumes)",
+                        dir.display(),
+                        n + held
+                    )));
+                }
+                // Held-out slices evenly spaced through the volumes (neighbouring slices are
+                // alike, so a block at one end would score one part of the anatomy only);
+                // the first `observations` of the others are observed.
+                let held_index: Vec<usize> = (0..held).map(|i| (2 * i + 1) * total / (2 * held)).collect();
+                let (mut train, mut heldout) = (Vec::new(), Vec::new());
+                for (i, slice) in slices.chunks_exact(per).enumerate() {
+                    if held_index.contains(&i) {
+                        heldout.extend_from_slice(slice);
+                    } else if train.len() < n * per {
+                        train.extend_from_slice(slice);
+                    }
+                }
+                Ok(Dataset {
+                    h: size,
+                    w: size,
+                    c: 1,
+                    train,
+                    heldout,
+                })
+            }
             other => Err(Error::Other(format!(
-                "dataset = '{other}' (expected cifar10, fashion-mnist or png-dir)"
+                "dataset = '{other}' (expected cifar10, fashion-mnist, png-dir or mri)"
             ))),
         }
     }
@@ -316,6 +518,10 @@ fn dataset_shape(cfg: &Config, run: &Path) -> Result<(usize, usize, usize, usize
     match cfg.string("dataset")?.as_str() {
         "cifar10" | "png-dir" => Ok((n()?, cifar10::SIDE, cifar10::SIDE, cifar10::CHANNELS)),
         "fashion-mnist" => Ok((n()?, fm::SIDE, fm::SIDE, fm::CHANNELS)),
+        "mri" => {
+            let size = cfg.count("slice_size")?;
+            Ok((n()?, size, size, 1))
+        }
         "npy" => {
             let copy = super::observations_dir(run).join("obs.npy");
             let path = if copy.is_file() {
@@ -349,8 +555,17 @@ fn dataset_shape(cfg: &Config, run: &Path) -> Result<(usize, usize, usize, usize
             }
         }
         other => Err(Error::Other(format!(
-            "dataset = '{other}' (expected cifar10, fashion-mnist or png-dir)"
+            "dataset = '{other}' (expected cifar10, fashion-mnist, png-dir or mri)"
         ))),
+    }
+}
+
+/// Posterior samples drawn per observation each lap (1 in runs written before the key existed).
+fn samples_per_observation(cfg: &Config) -> Result<usize> {
+    if cfg.has("samples_per_observation") {
+        cfg.count("samples_per_observation")
+    } else {
+        Ok(1)
     }
 }
 
@@ -370,8 +585,16 @@ fn check_memory(cfg: &Config, device: &Device, run: &Path) -> Result<()> {
     let f32s = |count: usize| count as f64 * 4.0;
     let (per, pixels) = (h * w * c, h * w);
     let held = cfg.count("heldout")?;
+    let repeats = samples_per_observation(cfg)?;
+    // Observed values per image: k-space holds [h, w, 2].
+    let observed = if cfg.string("dataset")? == "mri" {
+        2 * per
+    } else {
+        per
+    };
     // Clean images, observations, masks; this lap's samples and the next; held-out means.
-    let host = f32s(n * (4 * per + pixels) + held * (3 * per + pixels));
+    let host =
+        f32s(n * (per + observed + pixels) + 2 * repeats * n * per + held * (2 * per + observed + pixels));
     let threads = rayon::current_num_threads();
     let (m_batch, e_batch) = (cfg.count("mstep_batch")?.max(1), cfg.count("estep_batch")?.max(1));
     // The network's activations: a whole batch on a GPU, a part per core at a time on the CPU.
@@ -394,11 +617,12 @@ fn check_memory(cfg: &Config, device: &Device, run: &Path) -> Result<()> {
     // noisy copy, denoised copy and gradients.
     let mstep = 5.0 * params
         + part_grads
-        + f32s(n * per)
+        + f32s(repeats * n * per)
         + f32s(m_batch.saturating_mul(7 * per))
         + train.backward_peak as f64;
     let sample = unet.activation_memory(e_active, false);
-    let estep = params + sample.vjp_peak as f64 + f32s(e_batch.saturating_mul(12 * per + pixels));
+    let estep =
+        params + sample.vjp_peak as f64 + f32s(e_batch.saturating_mul(10 * per + 2 * observed + pixels));
     let working = mstep.max(estep);
     let gb = |b: f64| b / 1e9;
     let what = format!(
@@ -452,7 +676,7 @@ fn network(cfg: &Config, h: usize, w: usize, c: usize) -> Result<Network> {
         attention,
         emb: cfg.count("emb")?,
         dropout: cfg.float("dropout")? as f32,
-        patch: 1,
+        patch: if cfg.has("patch") { cfg.count("patch")? } else { 1 },
         resolution: (h, w),
     };
     Ok(Network::UNet(UNet::new(config)?))
@@ -468,6 +692,9 @@ struct Setup {
     schedule: VeSchedule,
     network: Network,
     noise: ObservationNoise,
+    /// Posterior samples drawn per observation each lap (the E-step runs over `train` this many
+    /// times over; the paper's MRI: 2).
+    repeats: usize,
 }
 
 impl Setup {
@@ -479,33 +706,43 @@ impl Setup {
         }
         let seed = cfg.int("seed")? as u64;
         let mut data = Dataset::load(cfg)?;
-        let removed = cfg.float("corruption")? / 100.0;
-        if !(0.0..1.0).contains(&removed) {
-            return Err(Error::Other(format!(
-                "corruption = {} is not a percentage of pixels removed in [0, 100)",
-                removed * 100.0
-            )));
-        }
+        let kspace = cfg.string("dataset")? == "mri";
+        let (h, w) = (data.h, data.w);
+        let draw = if kspace {
+            MaskDraw::Columns {
+                acceleration: cfg.float("acceleration")?,
+                center_fraction: cfg.float("center_fraction")?,
+            }
+        } else {
+            let removed = cfg.float("corruption")? / 100.0;
+            if !(0.0..1.0).contains(&removed) {
+                return Err(Error::Other(format!(
+                    "corruption = {} is not a percentage of pixels removed in [0, 100)",
+                    removed * 100.0
+                )));
+            }
+            MaskDraw::Pixels { removed }
+        };
+        let mask_shape = draw.shape(h, w);
         let sigma_y = cfg.float("sigma_y")?;
-        let (per, pixels) = (data.per(), data.h * data.w);
+        let per = data.per();
         let masks = |name: &str, n: usize, purpose: u64| -> Result<Vec<f32>> {
             let path = run.join(name);
+            let shape: Vec<usize> = std::iter::once(n).chain(mask_shape.iter().copied()).collect();
             if path.is_file() {
                 let saved = read_npy(&path)?;
-                if saved.shape != [n, data.h, data.w] {
+                if saved.shape != shape {
                     return Err(Error::Other(format!(
-                        "{}: shape {:?}, expected [{n}, {}, {}] for this configuration",
+                        "{}: shape {:?}, expected {shape:?} for this configuration",
                         path.display(),
                         saved.shape,
-                        data.h,
-                        data.w
                     )));
                 }
                 return Ok(saved.to_f32());
             }
-            let m = cifar10::pixel_masks(n, removed, derive_seed(seed, 0, purpose));
+            let m = draw.draw(n, (h, w), derive_seed(seed, 0, purpose))?;
             let bytes: Vec<u8> = m.iter().map(|&v| v as u8).collect();
-            write_npy_u8(&path, &[n, data.h, data.w], &bytes)?;
+            write_npy_u8(&path, &shape, &bytes)?;
             Ok(m)
         };
         let n = data.train.len() / per;
@@ -515,35 +752,37 @@ impl Setup {
         }
         let train_masks = masks("masks.npy", n, SEED_MASKS)?;
         let held_masks = masks("heldout-masks.npy", held, SEED_HELDOUT_MASKS)?;
-        debug_assert_eq!(train_masks.len(), n * pixels);
-        let train = Observations::new(
-            std::mem::take(&mut data.train),
-            train_masks,
-            per,
-            sigma_y,
-            derive_seed(seed, 0, SEED_NOISE),
-        );
-        let heldout = Observations::new(
-            std::mem::take(&mut data.heldout),
-            held_masks,
-            per,
-            sigma_y,
-            derive_seed(seed, 0, SEED_HELDOUT_NOISE),
-        );
-        // The observations as the run sees them, for `emprior posterior` to replay any lap: y
-        // (unobserved values zeroed) and the masks, written once (obs.npy last: its presence
-        // means the pair is complete).
+        let observe = |clean: Vec<f32>, masks: Vec<f32>, purpose: u64| -> Result<Observations> {
+            let noise_seed = derive_seed(seed, 0, purpose);
+            if kspace {
+                Observations::kspace(clean, masks, (h, w), sigma_y, noise_seed)
+            } else {
+                Ok(Observations::new(clean, masks, per, sigma_y, noise_seed))
+            }
+        };
+        let train = observe(std::mem::take(&mut data.train), train_masks, SEED_NOISE)?;
+        let heldout = observe(std::mem::take(&mut data.heldout), held_masks, SEED_HELDOUT_NOISE)?;
+        // The observations as the run sees them, written once (the observations file last: its
+        // presence means the pair is complete). Pixels: y with unobserved values zeroed and the
+        // masks, for `emprior posterior` to replay any lap; k-space: y [n, h, w, 2] and the
+        // column masks [n, w].
         let saved = super::observations_dir(run);
-        if !saved.join("obs.npy").is_file() {
+        let (obs_file, mask_file) = if kspace {
+            ("kspace.npy", "columns.npy")
+        } else {
+            ("obs.npy", "mask.npy")
+        };
+        if !saved.join(obs_file).is_file() {
             fs::create_dir_all(&saved)
                 .map_err(|e| Error::Other(format!("cannot create {}: {e}", saved.display())))?;
             let bits: Vec<u8> = train.masks.iter().map(|&v| v as u8).collect();
-            write_npy_u8(&saved.join("mask.npy"), &[n, data.h, data.w], &bits)?;
-            write_npy_f32(
-                &saved.join("obs.npy"),
-                &[n, data.h, data.w, data.c],
-                &train.shown(n, per),
-            )?;
+            let mask_dims: Vec<usize> = std::iter::once(n).chain(mask_shape.iter().copied()).collect();
+            write_npy_u8(&saved.join(mask_file), &mask_dims, &bits)?;
+            if kspace {
+                write_npy_f32(&saved.join(obs_file), &[n, h, w, 2], &train.y)?;
+            } else {
+                write_npy_f32(&saved.join(obs_file), &[n, h, w, data.c], &train.shown(n, per)?)?;
+            }
         }
         let network = network(cfg, data.h, data.w, data.c)?;
         Ok(Setup {
@@ -554,6 +793,7 @@ impl Setup {
             network,
             noise: ObservationNoise::Scalar(sigma_y * sigma_y),
             data,
+            repeats: samples_per_observation(cfg)?,
             cfg: cfg.clone(),
         })
     }
@@ -619,7 +859,13 @@ impl Setup {
             .map(|(i, &v)| v * masks[i / channels])
             .collect();
         let held = cfg.count("heldout")?.min(n);
-        let train = Observations { y, masks, clean, n };
+        let train = Observations {
+            y,
+            masks,
+            clean,
+            n,
+            observe: Observe::Pixels,
+        };
         let heldout = train.first(held, per);
         let network = network(cfg, h, w, c)?;
         Ok(Setup {
@@ -636,6 +882,7 @@ impl Setup {
             schedule: VeSchedule::new(cfg.float("sigma_min")?, cfg.float("sigma_max")?),
             network,
             noise: ObservationNoise::Scalar(sigma_y * sigma_y),
+            repeats: samples_per_observation(cfg)?,
             cfg: cfg.clone(),
         })
     }
@@ -660,10 +907,7 @@ impl Setup {
         label: &str,
     ) -> Result<Vec<f32>> {
         let batch = self.cfg.count("estep_batch")?.max(1);
-        let per = self.data.per();
-        // Per-pixel masks (shared by the channels) or one value per channel.
-        let pixels = obs.masks.len() / obs.n.max(1);
-        let channels = per / pixels.max(1);
+        let (per, m) = (self.data.per(), obs.width());
         let mut out = Vec::with_capacity(obs.n * per);
         let mut phase = Phase::new(label, obs.n as u64, "images");
         for (chunk, first) in (0..obs.n).step_by(batch).enumerate() {
@@ -676,16 +920,9 @@ impl Setup {
             };
             sample_batch(&mut out, rows, CPU_PART_IMAGES, device, |part, at| {
                 let (lo, hi) = (first + part.start, first + part.end);
-                let y = Tensor::from_f32(&obs.y[lo * per..hi * per], &[hi - lo, per], device)?;
-                let op = MaskOperator::from_pixel_mask(
-                    &obs.masks[lo * pixels..hi * pixels],
-                    hi - lo,
-                    pixels,
-                    channels,
-                    DType::F32,
-                    device,
-                )?;
-                let mut mmps = Mmps::new(prior, &op, &y, &self.noise, cg);
+                let y = Tensor::from_f32(&obs.y[lo * m..hi * m], &[hi - lo, m], device)?;
+                let op = obs.operator((lo, hi), per, device)?;
+                let mut mmps = Mmps::new(prior, op.as_ref(), &y, &self.noise, cg);
                 mmps.covariance = covariance.clone();
                 let mean = mean.as_view()?;
                 let shape = self.image_shape(hi - lo);
@@ -740,7 +977,7 @@ impl Setup {
         lap: usize,
     ) -> Result<(Vec<f32>, Vec<f32>)> {
         let repeats = self.cfg.count("heldout_samples")?.max(1);
-        let mut sum = vec![0.0f64; self.heldout.y.len()];
+        let mut sum = vec![0.0f64; self.heldout.n * self.data.per()];
         let mut first = Vec::new();
         for r in 0..repeats {
             let x = self.e_step(
@@ -846,9 +1083,10 @@ impl Setup {
         Ok((trainer.weights().to_device(device)?, epoch_loss, rate))
     }
 
-    /// Writes the grids of a lap: the observations (lap 0), their posterior samples, the
-    /// held-out reconstructions (observation, a sample, the posterior mean, the clean image per
-    /// row) and prior samples.
+    /// Writes the grids of a lap: the observations, their posterior samples, the held-out
+    /// reconstructions and prior samples; for k-space observations the held-out grid is the
+    /// paper's Figure 6 (rows: zero-filled Aᵀy, a posterior sample, the posterior mean, the
+    /// ground truth) and lap 0 also draws the column masks (`masks.png`).
     fn write_grids(
         &self,
         dir: &Path,
@@ -859,6 +1097,7 @@ impl Setup {
         prior: &[f32],
     ) -> Result<()> {
         let (h, w, c, per) = (self.data.h, self.data.w, self.data.c, self.data.per());
+        let kspace = matches!(self.train.observe, Observe::KSpace { .. });
         let g = self.cfg.count("grid")?.min(self.train.n);
         let cols = (g as f64).sqrt().ceil() as usize;
         let lap = if m.lap == 0 {
@@ -866,19 +1105,36 @@ impl Setup {
         } else {
             format!("lap {} of {}", m.lap, self.cfg.count("laps")?)
         };
-        let grid = |name: &str, title: &str, x: &[f32], cols: usize, captions: &[String]| {
+        // Small images are drawn at twice their size.
+        let scale = if h * w <= 64 * 64 { 2 } else { 1 };
+        let grid = |name: &str, title: &str, x: &[f32], cols: usize, columns: &[String], rows: &[String]| {
             let bytes = cifar10::to_bytes(x);
-            image_grid(&dir.join(name), title, &bytes, (h, w, c), cols, 2, captions, &[])
+            image_grid(
+                &dir.join(name),
+                title,
+                &bytes,
+                (h, w, c),
+                cols,
+                scale,
+                columns,
+                rows,
+            )
         };
         let removed = self.train.removed_percent();
+        let what = if kspace {
+            format!(
+                "zero-filled inverse of {}x undersampled k-space ({removed:.0}% of columns dropped)",
+                metric(self.cfg.float("acceleration")?, 1)
+            )
+        } else {
+            format!("{removed:.0}% of pixels removed, grey")
+        };
         grid(
             "observations.png",
-            &format!(
-                "The first {g} of {} training observations ({removed:.0}% of pixels removed, grey)",
-                self.train.n
-            ),
-            &self.train.shown(g, per),
+            &format!("The first {g} of {} training observations ({what})", self.train.n),
+            &self.train.shown(g, per)?,
             cols,
+            &[],
             &[],
         )?;
         grid(
@@ -887,6 +1143,7 @@ impl Setup {
             &samples[..g * per],
             cols,
             &[],
+            &[],
         )?;
         grid(
             "prior.png",
@@ -894,43 +1151,131 @@ impl Setup {
             prior,
             (prior.len() / per).max(1).isqrt().max(1),
             &[],
+            &[],
         )?;
-        let rows = self.heldout.n.min(16);
-        let shown = self.heldout.shown(rows, per);
-        // Without the true images, their column is mid grey.
-        let unknown = vec![0.0f32; rows * per];
+        let shown_count = self.heldout.n.min(if kspace { 8 } else { 16 });
+        let shown = self.heldout.shown(shown_count, per)?;
+        // Without the true images, their part is mid grey.
+        let unknown = vec![0.0f32; shown_count * per];
         let clean = if self.heldout.clean.is_empty() {
             &unknown[..]
         } else {
             &self.heldout.clean[..]
         };
-        let mut table = Vec::with_capacity(rows * 4 * per);
-        for i in 0..rows {
-            for part in [&shown[..], held_first, held_means, clean] {
-                table.extend(part[i * per..(i + 1) * per].iter().map(|v| v.clamp(-2.0, 2.0)));
-            }
-        }
         let truth = if self.heldout.clean.is_empty() {
             "no ground truth given"
         } else {
             "ground truth"
         };
-        let captions = ["observation", "a posterior sample", "posterior mean", truth].map(String::from);
+        let observation = if kspace {
+            "zero-filled Aᵀy"
+        } else {
+            "observation"
+        };
+        let kinds = [observation, "a posterior sample", "posterior mean", truth].map(String::from);
+        let parts = [&shown[..], held_first, held_means, clean];
+        // (kind, image) in the order the grid is filled.
+        let order: Vec<(usize, usize)> = if kspace {
+            // The paper's Figure 6: one row per kind, one column per slice.
+            (0..4)
+                .flat_map(|k| (0..shown_count).map(move |i| (k, i)))
+                .collect()
+        } else {
+            (0..shown_count)
+                .flat_map(|i| (0..4).map(move |k| (k, i)))
+                .collect()
+        };
+        let mut table = Vec::with_capacity(shown_count * 4 * per);
+        for (k, i) in order {
+            table.extend(
+                parts[k][i * per..(i + 1) * per]
+                    .iter()
+                    .map(|v| v.clamp(-2.0, 2.0)),
+            );
+        }
         let psnr = if m.psnr.is_finite() {
+            let baseline = if m.zero_filled_psnr.is_finite() {
+                format!(" (zero-filled {} dB)", metric(m.zero_filled_psnr, 2))
+            } else {
+                String::new()
+            };
             format!(
-                "; posterior means' PSNR {} dB, SSIM {}",
+                "; posterior means' PSNR {} dB{baseline}, SSIM {}",
                 metric(m.psnr, 2),
                 metric(m.ssim, 3)
             )
         } else {
             String::new()
         };
-        grid(
-            "heldout.png",
-            &format!("{lap}: held-out observations{psnr}"),
-            &table,
-            4,
-            &captions,
+        let title = format!("{lap}: held-out observations{psnr}");
+        if kspace {
+            grid("heldout.png", &title, &table, shown_count, &[], &kinds)?;
+            if m.lap == 0 {
+                self.write_masks(dir, shown_count.max(1))?;
+            }
+            Ok(())
+        } else {
+            grid("heldout.png", &title, &table, 4, &kinds, &[])
+        }
+    }
+
+    /// `masks.png` for k-space observations: for the first `count` training observations, the
+    /// column mask (white where a k-space column is kept), the observed k-space's log magnitude
+    /// and the zero-filled inverse Aᵀy.
+    fn write_masks(&self, dir: &Path, count: usize) -> Result<()> {
+        let Observe::KSpace { h, w } = self.train.observe else {
+            return Ok(());
+        };
+        let count = count.min(self.train.n);
+        let pixels = h * w;
+        let mut bytes = Vec::with_capacity(3 * count * pixels);
+        for i in 0..count {
+            let mask = &self.train.masks[i * w..(i + 1) * w];
+            bytes.extend((0..pixels).map(|p| if mask[p % w] != 0.0 { 255u8 } else { 0 }));
+        }
+        for i in 0..count {
+            let mask = &self.train.masks[i * w..(i + 1) * w];
+            let y = &self.train.y[i * 2 * pixels..(i + 1) * 2 * pixels];
+            let magnitude: Vec<f32> = (0..pixels)
+                .map(|p| {
+                    if mask[p % w] != 0.0 {
+                        y[2 * p].hypot(y[2 * p + 1])
+                    } else {
+                        0.0
+                    }
+                })
+                .collect();
+            // Four decades below the largest value, on a log scale.
+            let top = magnitude
+                .iter()
+                .copied()
+                .fold(0.0f32, f32::max)
+                .max(f32::MIN_POSITIVE);
+            let floor = top * 1e-4;
+            let span = (top / floor).ln_1p();
+            bytes.extend(
+                magnitude
+                    .iter()
+                    .map(|&a| ((a / floor).ln_1p() / span * 255.0).round().clamp(0.0, 255.0) as u8),
+            );
+        }
+        bytes.extend(cifar10::to_bytes(&self.train.shown(count, pixels)?));
+        let kept = self.train.masks[..count * w]
+            .iter()
+            .filter(|&&v| v != 0.0)
+            .count() as f64
+            / count as f64;
+        image_grid(
+            &dir.join("masks.png"),
+            &format!(
+                "k-space column masks of the first {count} observations ({kept:.1} of {w} columns kept on average; centre band always)"
+            ),
+            &bytes,
+            (h, w, 1),
+            count,
+            if pixels <= 64 * 64 { 2 } else { 1 },
+            &[],
+            &["column mask", "log |k-space| observed", "zero-filled Aᵀy"].map(String::from),
         )
     }
 
@@ -961,11 +1306,14 @@ impl Setup {
                 path: run.join("psnr.png"),
             });
         }
+        let kspace = matches!(self.train.observe, Observe::KSpace { .. });
+        let heldout = if kspace {
+            "held-out slices; rows: the zero-filled inverse Aᵀy, a posterior sample, the posterior mean, the truth (the paper's Figure 6)"
+        } else {
+            "held-out observations, a posterior sample, the posterior mean, the truth"
+        };
         for (file, what) in [
-            (
-                "heldout.png",
-                "held-out observations, a posterior sample, the posterior mean, the truth",
-            ),
+            ("heldout.png", heldout),
             ("posterior.png", "posterior samples of the training observations"),
             ("prior.png", "samples of the prior alone"),
         ] {
@@ -978,6 +1326,13 @@ impl Setup {
             caption: "The training observations (lap 0)".into(),
             path: lap_dir(run, 0).join("observations.png"),
         });
+        if kspace {
+            figures.push(Figure {
+                caption: "The k-space column masks, the observed k-space and its zero-filled inverse (lap 0)"
+                    .into(),
+                path: lap_dir(run, 0).join("masks.png"),
+            });
+        }
         let lines: Vec<String> = all.iter().map(ImageLapMetrics::to_json).collect();
         write_run_report(run, &self.cfg, device, &lines, figures)?;
         all[last].plot_seconds = start.elapsed().as_secs_f64();
@@ -995,10 +1350,17 @@ impl Setup {
             .iter()
             .find(|m| m.lap == 0)
             .map(|m| {
-                vec![(
+                let mut lines = vec![(
                     format!("Gaussian initialisation: {} dB", metric(m.psnr, 2)),
                     m.psnr,
-                )]
+                )];
+                if m.zero_filled_psnr.is_finite() {
+                    lines.push((
+                        format!("zero-filled Aᵀy: {} dB", metric(m.zero_filled_psnr, 2)),
+                        m.zero_filled_psnr,
+                    ));
+                }
+                lines
             })
             .unwrap_or_default();
         plot::curves(
@@ -1022,20 +1384,79 @@ impl Setup {
         )
     }
 
-    /// PSNR and SSIM of the held-out posterior means, and PSNR of the training samples.
+    /// PSNR and SSIM of the held-out posterior means, and PSNR of the training samples (the
+    /// first of each observation's).
     fn scores(&self, held_means: &[f32], samples: &[f32]) -> (f64, f64, f64) {
         if self.heldout.clean.is_empty() || self.train.clean.is_empty() {
             return (f64::NAN, f64::NAN, f64::NAN);
         }
-        let clamp = |x: &[f32]| x.iter().map(|&v| (v as f64).clamp(-2.0, 2.0)).collect::<Vec<_>>();
-        let widen = |x: &[f32]| x.iter().map(|&v| v as f64).collect::<Vec<_>>();
-        let (means, clean) = (clamp(held_means), widen(&self.heldout.clean));
         let per = self.data.per();
+        let (psnr, ssim) = self.heldout_scores(held_means);
+        let first = &samples[..self.train.n * per];
+        (psnr, ssim, psnr_of(first, &self.train.clean, per))
+    }
+
+    /// PSNR and SSIM of held-out reconstructions `x` (values clamped to the model's range)
+    /// against the clean held-out images.
+    fn heldout_scores(&self, x: &[f32]) -> (f64, f64) {
+        let (h, w, c) = (self.data.h, self.data.w, self.data.c);
+        let clean = widen(&self.heldout.clean);
+        let x = clamp_range(x);
         (
-            psnr(&means, &clean, per, RANGE),
-            ssim(&means, &clean, self.data.h, self.data.w, self.data.c, RANGE),
-            psnr(&clamp(samples), &widen(&self.train.clean), per, RANGE),
+            psnr(&x, &clean, self.data.per(), RANGE),
+            ssim(&x, &clean, h, w, c, RANGE),
         )
+    }
+
+    /// The zero-filled baseline of k-space observations: PSNR and SSIM of the held-out Aᵀy
+    /// (NaN for pixel masks or without a ground truth).
+    fn zero_filled_scores(&self) -> Result<(f64, f64)> {
+        if !matches!(self.heldout.observe, Observe::KSpace { .. }) || self.heldout.clean.is_empty() {
+            return Ok((f64::NAN, f64::NAN));
+        }
+        Ok(self.heldout_scores(&self.heldout.shown(self.heldout.n, self.data.per())?))
+    }
+
+    /// The samples with every value inside (-filter_bound, filter_bound) (all of them when the
+    /// bound is 0 or absent), and how many were left out. A sample far outside the data's range
+    /// is one whose MMPS solve diverged (a young network's Jacobian is not the symmetric
+    /// positive covariance CG assumes); trained on, it would teach the prior its outliers.
+    fn within_bound<'a>(&self, samples: &'a [f32]) -> Result<(Cow<'a, [f32]>, usize)> {
+        let (bound, outside) = self.outside_bound(samples)?;
+        let per = self.data.per();
+        let inside = |row: &[f32]| row.iter().all(|v| v.abs() < bound);
+        if outside == 0 {
+            return Ok((Cow::Borrowed(samples), 0));
+        }
+        if outside == samples.len() / per {
+            return Err(Error::Other(format!(
+                "every one of the {outside} posterior samples has a value outside (-{bound}, {bound}) (filter_bound): the sampler diverged; more CG iterations (cg_iters) or a lower learning rate may help"
+            )));
+        }
+        let kept: Vec<f32> = samples
+            .chunks_exact(per)
+            .filter(|row| inside(row))
+            .flatten()
+            .copied()
+            .collect();
+        Ok((Cow::Owned(kept), outside))
+    }
+
+    /// The bound (0: none) and how many samples have a value outside (-bound, bound).
+    fn outside_bound(&self, samples: &[f32]) -> Result<(f32, usize)> {
+        let bound = if self.cfg.has("filter_bound") {
+            self.cfg.float("filter_bound")? as f32
+        } else {
+            0.0
+        };
+        if bound == 0.0 {
+            return Ok((bound, 0));
+        }
+        let outside = samples
+            .chunks_exact(self.data.per())
+            .filter(|row| row.iter().any(|v| v.abs() >= bound))
+            .count();
+        Ok((bound, outside))
     }
 
     /// Column means of samples [n, per] (the sampler's starting mean).
@@ -1092,6 +1513,20 @@ impl Setup {
         phase.finish();
         Ok(())
     }
+}
+
+/// Values in f64, clamped to the model's range [-2, 2].
+fn clamp_range(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&v| (v as f64).clamp(-2.0, 2.0)).collect()
+}
+
+fn widen(x: &[f32]) -> Vec<f64> {
+    x.iter().map(|&v| v as f64).collect()
+}
+
+/// The PSNR of images `x` (clamped to the model's range) against `clean`, rows of `per`.
+fn psnr_of(x: &[f32], clean: &[f32], per: usize) -> f64 {
+    psnr(&clamp_range(x), &widen(clean), per, RANGE)
 }
 
 /// Writes lap `lap`'s samples and metrics (the last of `all`), marks it done and rewrites
@@ -1155,20 +1590,23 @@ pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Re
     let mut all = read_lap_metrics(run, done.map(|k| k.min(laps)), ImageLapMetrics::from_json)?;
     write_metrics_jsonl(run, all.iter().map(ImageLapMetrics::to_json))?;
     let removed = setup.train.removed_percent();
-    let data = format!(
-        "{} observations of {}x{}x{} images, {removed:.1}% of values removed ({}); {} held out{}",
-        setup.train.n,
-        setup.data.h,
-        setup.data.w,
-        setup.data.c,
-        cfg.string("dataset")?,
-        setup.heldout.n,
-        if setup.train.clean.is_empty() {
-            ", no ground truth"
-        } else {
-            ""
-        }
-    );
+    let truth = if setup.train.clean.is_empty() {
+        ", no ground truth"
+    } else {
+        ""
+    };
+    let (n, h, w, c) = (setup.train.n, setup.data.h, setup.data.w, setup.data.c);
+    let (dataset, held) = (cfg.string("dataset")?, setup.heldout.n);
+    let data = match setup.train.observe {
+        Observe::KSpace { .. } => format!(
+            "{n} slices of {h}x{w} seen through {}x undersampled k-space ({removed:.1}% of columns dropped; {dataset}), {} posterior samples each per lap; {held} held out{truth}",
+            metric(cfg.float("acceleration")?, 1),
+            setup.repeats
+        ),
+        Observe::Pixels => format!(
+            "{n} observations of {h}x{w}x{c} images, {removed:.1}% of values removed ({dataset}); {held} held out{truth}"
+        ),
+    };
     let network = format!(
         "U-Net, {} parameters, {:.2} GFLOP per forward",
         setup.network.layout().len(),
@@ -1181,12 +1619,12 @@ pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Re
         Some(k) => {
             let dir = lap_dir(run, k);
             let s = read_npy(&dir.join("samples.npy"))?.to_f32();
-            if s.len() != setup.train.n * per {
+            if s.len() != setup.repeats * setup.train.n * per {
                 return Err(Error::Other(format!(
-                    "{}: {} values, expected {} observations of {per}",
+                    "{}: {} values, expected {} samples of {per}",
                     dir.join("samples.npy").display(),
                     s.len(),
-                    setup.train.n
+                    setup.repeats * setup.train.n
                 )));
             }
             let p = lap_params(
@@ -1213,13 +1651,18 @@ pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Re
     };
 
     let den = Denoiser::new(setup.network.clone());
+    let sampled = setup.train.repeated(setup.repeats);
+    let baseline = setup.zero_filled_scores()?;
     for lap in done.map_or(1, |k| k + 1)..=laps {
         lap_bar.start(lap);
         device.set_memory_phase("m-step");
         let t = Instant::now();
+        // The previous lap's diverged samples (if a bound is set) are left out of training and
+        // of the next E-step's starting mean.
+        let (kept, _) = setup.within_bound(&samples)?;
         let (weights, loss, mstep_rate) = setup.m_step(
             params,
-            &samples,
+            &kept,
             derive_seed(setup.seed, lap, SEED_MSTEP),
             device,
             lap,
@@ -1228,7 +1671,8 @@ pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Re
         let mstep = t.elapsed().as_secs_f64();
         device.set_memory_phase("e-step");
         let t = Instant::now();
-        let mean = setup.mean_of(&samples, device)?;
+        let mean = setup.mean_of(&kept, device)?;
+        drop(kept);
         let mut prior = NetworkPrior {
             denoiser: &den,
             params: &params,
@@ -1236,7 +1680,7 @@ pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Re
         samples = setup.e_step(
             &prior,
             &Covariance::Tweedie,
-            &setup.train,
+            &sampled,
             &mean,
             SamplerKind::Ddpm,
             steps,
@@ -1271,14 +1715,17 @@ pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Re
             psnr,
             ssim,
             sample_psnr,
+            zero_filled_psnr: baseline.0,
+            zero_filled_ssim: baseline.1,
             loss,
             estep_seconds: estep,
             mstep_seconds: mstep,
-            estep_image_steps_per_s: (setup.train.n * steps) as f64 / estep.max(1e-9),
+            estep_image_steps_per_s: (sampled.n * steps) as f64 / estep.max(1e-9),
             mstep_images_per_s: mstep_rate,
             eval_seconds: t.elapsed().as_secs_f64(),
             plot_seconds: f64::NAN,
             export_seconds: 0.0,
+            outside_bound: setup.outside_bound(&samples)?.1,
         };
         all.push(m);
         let experiment = cfg.string("experiment")?;
@@ -1332,9 +1779,10 @@ fn gaussian_lap(
     let rank = cfg.count("init_rank")?;
     let used = cfg.count("init_observations")?.min(setup.train.n);
     let subset = setup.train.first(used, per);
+    // A tolerance of 0 means a fixed number of iterations (the paper's MRI: 5).
     let init_cg = CgConfig {
         max_iters: cfg.count("init_cg_iters")?,
-        rtol: Some(cfg.float("init_cg_rtol")?),
+        rtol: Some(cfg.float("init_cg_rtol")?).filter(|&r| r > 0.0),
     };
     let mut g = Gaussian::new(vec![0.0; per], Dplr::identity(per))?;
     for round in 0..cfg.count("init_rounds")? {
@@ -1365,10 +1813,11 @@ fn gaussian_lap(
     let cov = Covariance::Gaussian(Box::new(g.clone()));
     let steps = cfg.count("estep_steps")?;
     let t = Instant::now();
+    let sampled = setup.train.repeated(setup.repeats);
     let samples = setup.e_step(
         &g,
         &cov,
-        &setup.train,
+        &sampled,
         &mean,
         SamplerKind::Ddpm,
         steps,
@@ -1396,19 +1845,23 @@ fn gaussian_lap(
         device,
     )?;
     let (psnr, ssim, sample_psnr) = setup.scores(&held_means, &samples);
+    let baseline = setup.zero_filled_scores()?;
     let m = ImageLapMetrics {
         lap: 0,
         psnr,
         ssim,
         sample_psnr,
+        zero_filled_psnr: baseline.0,
+        zero_filled_ssim: baseline.1,
         loss: f64::NAN,
         estep_seconds: start.elapsed().as_secs_f64(),
         mstep_seconds: 0.0,
-        estep_image_steps_per_s: (setup.train.n * steps) as f64 / estep.max(1e-9),
+        estep_image_steps_per_s: (sampled.n * steps) as f64 / estep.max(1e-9),
         mstep_images_per_s: f64::NAN,
         eval_seconds: t.elapsed().as_secs_f64(),
         plot_seconds: f64::NAN,
         export_seconds: 0.0,
+        outside_bound: setup.outside_bound(&samples)?.1,
     };
     all.push(m);
     let dir = create_lap_dir(run, 0)?;

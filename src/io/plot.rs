@@ -433,7 +433,12 @@ pub fn image_grid(
     let cell = (w * scale).max(caption_px);
     let (cw, ch) = (cell + gap, h * scale + gap);
     let head = 34 + if column_captions.is_empty() { 0 } else { 22 };
-    let left = if row_captions.is_empty() { 6 } else { 70 };
+    // Row captions at 14 px: about 8 px a character, before the first column.
+    let left = row_captions
+        .iter()
+        .map(|c| c.chars().count() * 8 + 14)
+        .max()
+        .unwrap_or(6);
     let width = (left + cols * cw + gap).max(title.len() * 9 + 24);
     let height = head + rows * ch + gap;
     let mut pixels = vec![255u8; width * height * 3];

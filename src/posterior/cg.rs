@@ -9,6 +9,14 @@
 //! system, never on the other rows of its batch nor on when the host looks: a batch cut into
 //! parts (the CPU backend samples an E-step batch in parts, one per core) gives the same bits.
 //!
+//! CG assumes M symmetric positive definite. A row that meets a direction p of curvature
+//! pᵀMp <= `min_curvature`·pᵀp (0 or negative curvature always counts) proves that it is not,
+//! along p: stepping there would move away from the solution, often far (MMPS with a young
+//! network, whose Jacobian is not the symmetric positive covariance it stands for, meets such
+//! directions at CG's second and third iterations). That row stops at its current iterate: its
+//! residual is zeroed, so its p and its steps stay 0 from then on, and it counts as converged.
+//! An SPD system above the floor never meets one, so its iterates are unchanged by the guard.
+//!
 //! Host synchronisation: none without a relative tolerance. With one, the residuals are read
 //! back (one synchronisation, two at the first check) only every `check_every` iterations
 //! ([`DEFAULT_CHECK_EVERY`] through [`cg`]) and never after the last iteration, so a solve of at
@@ -83,7 +91,7 @@ pub fn cg_checked(
     config: CgConfig,
     check_every: usize,
 ) -> Result<(Tensor, CgStats)> {
-    solve(matvec, b, config, check_every, false)
+    solve(matvec, b, config, check_every, false, 0.0)
 }
 
 /// [`cg_checked`] that also reports the largest relative residual of the rows when the solve
@@ -95,7 +103,7 @@ pub fn cg_measured(
     config: CgConfig,
     check_every: usize,
 ) -> Result<(Tensor, CgStats)> {
-    solve(matvec, b, config, check_every, true)
+    solve(matvec, b, config, check_every, true, 0.0)
 }
 
 /// The largest sqrt(rr / bn) over rows (0 for a row with b = 0).
@@ -106,12 +114,29 @@ fn worst_ratio(rr: &[f64], bn: &[f64]) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// [`cg_checked`] (or, with `measure`, [`cg_measured`]) that also stops a row at a direction
+/// whose curvature pᵀMp is at most `min_curvature`·pᵀp (module notes). For M = Σ_y + A V Aᵀ with
+/// V positive semi-definite, pᵀMp >= λ_min(Σ_y)·pᵀp, so a floor below λ_min(Σ_y) only stops rows
+/// whose V is not. `min_curvature` = 0 (what the other entry points use) stops rows at
+/// non-positive curvature only.
+pub fn cg_floored(
+    matvec: impl FnMut(&Tensor) -> Result<Tensor>,
+    b: &Tensor,
+    config: CgConfig,
+    check_every: usize,
+    measure: bool,
+    min_curvature: f64,
+) -> Result<(Tensor, CgStats)> {
+    solve(matvec, b, config, check_every, measure, min_curvature)
+}
+
 fn solve(
     mut matvec: impl FnMut(&Tensor) -> Result<Tensor>,
     b: &Tensor,
     config: CgConfig,
     check_every: usize,
     measure: bool,
+    min_curvature: f64,
 ) -> Result<(Tensor, CgStats)> {
     let rows = b.shape()[0];
     let (dtype, device) = (b.dtype(), b.device());
@@ -133,11 +158,16 @@ fn solve(
     for it in 1..=config.max_iters {
         let ap = matvec(&p)?;
         let pap = row_dot(&p, &ap)?;
+        // pᵀp only matters against a positive floor (0·pᵀp is 0 whatever it is).
+        let pp = match min_curvature > 0.0 {
+            true => Some(row_dot(&p, &p)?),
+            false => None,
+        };
         let bn = match (tol, &b_norm2) {
             (Some(_), Some(bn)) => bn,
             _ => &rr,
         };
-        let alpha = step_sizes(&rr, &pap, bn, tol2)?;
+        let (alpha, keep) = step_sizes(&rr, &pap, pp.as_ref().unwrap_or(&pap), bn, tol2, min_curvature)?;
         let neg_alpha = scale(&alpha, -1.0)?;
         let mut x_next = Tensor::uninit(x.shape(), dtype, &device)?;
         scale_rows_add_into(&x, &ones, &p, &alpha, &mut x_next)?;
@@ -147,7 +177,8 @@ fn solve(
             break; // the last iteration needs neither r nor p
         }
         let mut r_next = Tensor::uninit(r.shape(), dtype, &device)?;
-        scale_rows_add_into(&r, &ones, &ap, &neg_alpha, &mut r_next)?;
+        // r - alpha Ap, or 0 for a row stopped at bad curvature (its alpha is 0 too).
+        scale_rows_add_into(&r, &keep, &ap, &neg_alpha, &mut r_next)?;
         r = r_next;
         let rr_next = row_dot(&r, &r)?;
         if it == config.max_iters {
@@ -185,49 +216,95 @@ fn solve(
     Ok((x, stats))
 }
 
-/// CG's step size per row: rr / pAp, and 0 where the row has converged (rr <= tol2 * bn) or
-/// pAp is 0 (kernels/cg.cu; the CPU body gives the same bits). With tol2 = 0 only the pAp guard
-/// remains, which is `div_guarded(rr, pap)`.
-pub fn step_sizes(rr: &Tensor, pap: &Tensor, bn: &Tensor, tol2: f64) -> Result<Tensor> {
-    let (rv, pv, bv) = (rr.as_view()?, pap.as_view()?, bn.as_view()?);
-    one_device("cg::step_sizes", &[&rv, &pv, &bv], &[])?;
-    if pv.shape() != rv.shape() || bv.shape() != rv.shape() {
+/// CG's step size per row and whether the row goes on, `(alpha, keep)`: alpha = rr / pAp and
+/// keep = 1, except where the row has converged (rr <= tol2 * bn: alpha 0, keep 1, it stays
+/// put) or meets bad curvature (pAp <= floor * pp, which includes pAp <= 0 and p = 0: alpha 0,
+/// keep 0, its residual is to be zeroed). kernels/cg.cu; the CPU body gives the same bits.
+pub fn step_sizes(
+    rr: &Tensor,
+    pap: &Tensor,
+    pp: &Tensor,
+    bn: &Tensor,
+    tol2: f64,
+    floor: f64,
+) -> Result<(Tensor, Tensor)> {
+    let (rv, pv, qv, bv) = (rr.as_view()?, pap.as_view()?, pp.as_view()?, bn.as_view()?);
+    one_device("cg::step_sizes", &[&rv, &pv, &qv, &bv], &[])?;
+    if pv.shape() != rv.shape() || qv.shape() != rv.shape() || bv.shape() != rv.shape() {
         return Err(Error::shape(
             "cg::step_sizes",
-            "pAp and ||b||^2",
+            "pAp, pp and ||b||^2",
             rv.shape(),
-            (pv.shape(), bv.shape()),
+            (pv.shape(), qv.shape(), bv.shape()),
         ));
     }
-    if tol2 == 0.0 {
-        return div_guarded(rr, pap);
-    }
     let mut alpha = Tensor::uninit(rv.shape(), rv.dtype(), &rv.device())?;
+    let mut keep = Tensor::uninit(rv.shape(), rv.dtype(), &rv.device())?;
     {
-        let mut av = alpha.as_view_mut()?;
+        let (mut av, mut kv) = (alpha.as_view_mut()?, keep.as_view_mut()?);
         let n = rv.numel();
-        fn host<T: crate::real::Real>(rr: &[T], pap: &[T], bn: &[T], tol2: T, out: &mut [T]) {
-            for (i, o) in out.iter_mut().enumerate() {
-                let converged = rr[i] <= tol2 * bn[i];
-                *o = if converged || pap[i] == T::ZERO {
+        struct Rows<'a, T> {
+            rr: &'a [T],
+            pap: &'a [T],
+            pp: &'a [T],
+            bn: &'a [T],
+        }
+        fn host<T: crate::real::Real>(x: Rows<T>, tol2: T, floor: T, alpha: &mut [T], keep: &mut [T]) {
+            for (i, (a, k)) in alpha.iter_mut().zip(keep.iter_mut()).enumerate() {
+                let converged = x.rr[i] <= tol2 * x.bn[i];
+                let flat = x.pap[i] <= floor * x.pp[i];
+                *a = if converged || flat {
                     T::ZERO
                 } else {
-                    rr[i] / pap[i]
+                    x.rr[i] / x.pap[i]
                 };
+                *k = if !converged && flat { T::ZERO } else { T::ONE };
             }
         }
-        match (&rv.data, &pv.data, &bv.data, &mut av.data) {
-            (Data::F32(r), Data::F32(p), Data::F32(b), DataMut::F32(o)) => host(r, p, b, tol2 as f32, o),
-            (Data::F64(r), Data::F64(p), Data::F64(b), DataMut::F64(o)) => host(r, p, b, tol2, o),
-            (Data::Cuda(r, dev), Data::Cuda(p, _), Data::Cuda(b, _), DataMut::Cuda(o, _)) => {
-                // SAFETY: all four views hold n values (shapes checked above).
+        match (&rv.data, &pv.data, &qv.data, &bv.data, &mut av.data, &mut kv.data) {
+            (
+                Data::F32(rr),
+                Data::F32(pap),
+                Data::F32(pp),
+                Data::F32(bn),
+                DataMut::F32(a),
+                DataMut::F32(k),
+            ) => host(Rows { rr, pap, pp, bn }, tol2 as f32, floor as f32, a, k),
+            (
+                Data::F64(rr),
+                Data::F64(pap),
+                Data::F64(pp),
+                Data::F64(bn),
+                DataMut::F64(a),
+                DataMut::F64(k),
+            ) => host(Rows { rr, pap, pp, bn }, tol2, floor, a, k),
+            (
+                Data::Cuda(rr, dev),
+                Data::Cuda(pap, _),
+                Data::Cuda(pp, _),
+                Data::Cuda(bn, _),
+                DataMut::Cuda(a, _),
+                DataMut::Cuda(k, _),
+            ) => {
+                // SAFETY: all six views hold n values (shapes checked above; alpha and keep made
+                // with rr's shape).
                 unsafe {
-                    dev.kernels()
-                        .cg_step_size_f32(grid_stride(dev, n), r, p, b, tol2 as f32, o, n as i64)
+                    dev.kernels().cg_step_size_f32(
+                        grid_stride(dev, n),
+                        rr,
+                        pap,
+                        pp,
+                        bn,
+                        tol2 as f32,
+                        floor as f32,
+                        a,
+                        k,
+                        n as i64,
+                    )
                 }?;
             }
-            _ => return Err(mismatch("cg::step_sizes", &[&rv, &pv, &bv], &[])),
+            _ => return Err(mismatch("cg::step_sizes", &[&rv, &pv, &qv, &bv], &[])),
         }
     }
-    Ok(alpha)
+    Ok((alpha, keep))
 }

@@ -5,7 +5,7 @@
 //! v from batched CG. The covariance is treated as constant (no derivative through the solve).
 //! DPS is here too, as the baseline posterior denoiser.
 
-use super::cg::{cg_checked, cg_measured, CgConfig, CgStats, DEFAULT_CHECK_EVERY};
+use super::cg::{cg_floored, CgConfig, CgStats, DEFAULT_CHECK_EVERY};
 use super::operator::{LinearOperator, ObservationNoise};
 use crate::diffusion::sampler::Denoise;
 use crate::diffusion::{Denoiser, DenoiserSaved};
@@ -125,6 +125,8 @@ pub struct Mmps<'a, P: Prior> {
     pub measure_cg: bool,
     /// The largest final relative residual of any solve so far, when `measure_cg`.
     pub worst_cg_residual: Option<f64>,
+    /// λ_min(Σ_y), once read (CG's curvature floor is half of it).
+    smallest_noise_variance: Option<f64>,
 }
 
 impl<'a, P: Prior> Mmps<'a, P> {
@@ -148,7 +150,18 @@ impl<'a, P: Prior> Mmps<'a, P> {
             last_cg: CgStats::default(),
             measure_cg: false,
             worst_cg_residual: None,
+            smallest_noise_variance: None,
         }
+    }
+
+    /// The smallest variance of Σ_y, read once (a diagonal's from its device).
+    fn noise_floor(&mut self) -> Result<f64> {
+        if let Some(v) = self.smallest_noise_variance {
+            return Ok(v);
+        }
+        let v = self.noise.smallest_variance()?;
+        self.smallest_noise_variance = Some(v);
+        Ok(v)
     }
 
     /// V w for the chosen covariance.
@@ -181,6 +194,10 @@ impl<P: Prior> Denoise for Mmps<'_, P> {
                 self.y.shape(),
             ));
         }
+        // M = Σ_y + A V Aᵀ with V positive semi-definite has pᵀMp >= λ_min(Σ_y)·pᵀp; a direction
+        // with under half of that shows V is not (a network's Jacobian need not be), and CG
+        // stops that row instead of stepping along it (posterior::cg's notes).
+        let floor = 0.5 * self.noise_floor()?;
         let (x_hat, saved) = self.prior.denoise_saved(x_t, sigma)?;
         let x_hat_flat = flat(&x_hat)?;
         let mut residual = self.y.as_view()?.to_tensor()?;
@@ -194,11 +211,14 @@ impl<P: Prior> Denoise for Mmps<'_, P> {
                 None => Ok(noise),
             }
         };
-        let (v, stats) = if self.measure_cg {
-            cg_measured(matvec, &residual, self.cg, self.cg_check_every)?
-        } else {
-            cg_checked(matvec, &residual, self.cg, self.cg_check_every)?
-        };
+        let (v, stats) = cg_floored(
+            matvec,
+            &residual,
+            self.cg,
+            self.cg_check_every,
+            self.measure_cg,
+            floor,
+        )?;
         self.last_cg = stats;
         if let Some(r) = stats.final_relative_residual {
             self.worst_cg_residual = Some(self.worst_cg_residual.map_or(r, |w| w.max(r)));

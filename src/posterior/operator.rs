@@ -185,6 +185,25 @@ pub enum ObservationNoise {
 }
 
 impl ObservationNoise {
+    /// The smallest variance of Σ_y (one device read for a diagonal); an error for a negative
+    /// or non-finite one.
+    pub fn smallest_variance(&self) -> Result<f64> {
+        let v = match self {
+            ObservationNoise::Scalar(s2) => *s2,
+            ObservationNoise::Diagonal(d) => d
+                .as_view()?
+                .to_vec_f64()?
+                .into_iter()
+                .fold(f64::INFINITY, f64::min),
+        };
+        if !(v.is_finite() && v >= 0.0) {
+            return Err(Error::Other(format!(
+                "observation noise: a variance of {v}; Σ_y must be finite and non-negative"
+            )));
+        }
+        Ok(v)
+    }
+
     /// Sigma_y v for a batch v [B, m].
     pub fn apply(&self, v: &View) -> Result<Tensor> {
         match self {

@@ -790,6 +790,20 @@ pub fn emprior_aborting_at<S: AsRef<std::ffi::OsStr>>(
 
 /// A fresh temporary directory for an EM run (removed first); the allocator is tuned as the
 /// binary does it (freed activations stay in-process, for CPU speed).
+/// Whether a test on fetched data can run: true when `found`; otherwise a skip message that
+/// names `what` and the fetch script, or, under EMPRIOR_REQUIRE_DATA=1 (CI sets it after
+/// fetching), a failure.
+pub fn data_or_skip(test: &str, found: bool, what: &str, script: &str) -> bool {
+    if found {
+        return true;
+    }
+    if std::env::var("EMPRIOR_REQUIRE_DATA").is_ok_and(|v| v == "1") {
+        panic!("{test}: {what} is missing and EMPRIOR_REQUIRE_DATA=1");
+    }
+    println!("{test}: skipped: {what} is missing (run {script})");
+    false
+}
+
 pub fn run_dir(prefix: &str, name: &str) -> std::path::PathBuf {
     emprior::tune_cpu_allocator();
     let d = std::env::temp_dir().join(format!("emprior-{prefix}-{name}-{}", std::process::id()));
