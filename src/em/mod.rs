@@ -8,6 +8,7 @@
 //! uninterrupted one bit for bit.
 
 pub mod config;
+mod image_data;
 pub mod images;
 pub mod vectors;
 
