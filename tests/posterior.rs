@@ -658,29 +658,14 @@ fn cg_stops_a_row_at_bad_curvature_and_leaves_the_others_alone() {
     // With a floor, a positive but too small curvature stops a row too: eigenvalues 1e-3 under
     // a floor of 1e-2 (as MMPS sets from Σ_y).
     let small = Tensor::from_f64(&[1e-3, 1e-3, 1e-3, 1e-3], &[1, m], &CPU).unwrap();
-    let (x, _) = cg_floored(
-        |v: &Tensor| emprior::ops::mul(v, &small),
-        &b0,
-        config,
-        0,
-        false,
-        1e-2,
-    )
-    .unwrap();
-    assert!(x.to_vec_f64().unwrap().iter().all(|v| *v == 0.0));
-    let (x, _) = cg_floored(
-        |v: &Tensor| emprior::ops::mul(v, &small),
-        &b0,
-        config,
-        0,
-        false,
-        1e-4,
-    )
-    .unwrap();
-    assert!(
-        (x.to_vec_f64().unwrap()[0] - 1e3).abs() < 1e-6,
-        "above the floor, CG solves"
-    );
+    let floored = |floor: f64| -> Vec<f64> {
+        let matvec = |v: &Tensor| emprior::ops::mul(v, &small);
+        let (x, _) = cg_floored(matvec, &b0, config, 0, false, floor).unwrap();
+        x.to_vec_f64().unwrap()
+    };
+    assert!(floored(1e-2).iter().all(|v| *v == 0.0));
+    let x = floored(1e-4);
+    assert!((x[0] - 1e3).abs() < 1e-6, "above the floor, CG solves");
 }
 
 /// The same for the image experiments' E-step: a small U-Net (with attention) and MMPS through

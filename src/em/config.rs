@@ -716,6 +716,25 @@ impl Config {
         self.values.contains_key(key)
     }
 
+    /// [`Config::count`] of `key`, or `default` when the configuration lacks it (a run written
+    /// before the key existed).
+    pub fn count_or(&self, key: &str, default: usize) -> Result<usize> {
+        if self.has(key) {
+            self.count(key)
+        } else {
+            Ok(default)
+        }
+    }
+
+    /// [`Config::float`] of `key`, or `default` when the configuration lacks it.
+    pub fn float_or(&self, key: &str, default: f64) -> Result<f64> {
+        if self.has(key) {
+            self.float(key)
+        } else {
+            Ok(default)
+        }
+    }
+
     /// The integer value of `key`; an error when the key is absent or holds a float or string.
     pub fn int(&self, key: &str) -> Result<i64> {
         match self.get(key)? {

@@ -242,15 +242,6 @@ fn dataset_shape(cfg: &Config, run: &Path) -> Result<(usize, usize, usize, usize
     }
 }
 
-/// Posterior samples drawn per observation each lap (1 in runs written before the key existed).
-fn samples_per_observation(cfg: &Config) -> Result<usize> {
-    if cfg.has("samples_per_observation") {
-        cfg.count("samples_per_observation")
-    } else {
-        Ok(1)
-    }
-}
-
 /// Refuses, before anything is read or created, a configuration whose peak memory exceeds what
 /// the device has: the host's arrays of observations and samples, and the larger of the M-step
 /// (parameters, gradients, Adam moments and EMA, the training set, a batch's activations by
@@ -267,7 +258,7 @@ fn check_memory(cfg: &Config, device: &Device, run: &Path) -> Result<()> {
     let f32s = |count: usize| count as f64 * 4.0;
     let (per, pixels) = (h * w * c, h * w);
     let held = cfg.count("heldout")?;
-    let repeats = samples_per_observation(cfg)?;
+    let repeats = cfg.count_or("samples_per_observation", 1)?;
     // Observed values per image: k-space holds [h, w, 2].
     let observed = if cfg.string("dataset")? == "mri" {
         2 * per
@@ -358,7 +349,7 @@ fn network(cfg: &Config, h: usize, w: usize, c: usize) -> Result<Network> {
         attention,
         emb: cfg.count("emb")?,
         dropout: cfg.float("dropout")? as f32,
-        patch: if cfg.has("patch") { cfg.count("patch")? } else { 1 },
+        patch: cfg.count_or("patch", 1)?,
         resolution: (h, w),
     };
     Ok(Network::UNet(UNet::new(config)?))
@@ -475,7 +466,7 @@ impl Setup {
             network,
             noise: ObservationNoise::Scalar(sigma_y * sigma_y),
             data,
-            repeats: samples_per_observation(cfg)?,
+            repeats: cfg.count_or("samples_per_observation", 1)?,
             cfg: cfg.clone(),
         })
     }
@@ -564,7 +555,7 @@ impl Setup {
             schedule: VeSchedule::new(cfg.float("sigma_min")?, cfg.float("sigma_max")?),
             network,
             noise: ObservationNoise::Scalar(sigma_y * sigma_y),
-            repeats: samples_per_observation(cfg)?,
+            repeats: cfg.count_or("samples_per_observation", 1)?,
             cfg: cfg.clone(),
         })
     }
@@ -1126,11 +1117,7 @@ impl Setup {
 
     /// The bound (0: none) and how many samples have a value outside (-bound, bound).
     fn outside_bound(&self, samples: &[f32]) -> Result<(f32, usize)> {
-        let bound = if self.cfg.has("filter_bound") {
-            self.cfg.float("filter_bound")? as f32
-        } else {
-            0.0
-        };
+        let bound = self.cfg.float_or("filter_bound", 0.0)? as f32;
         if bound == 0.0 {
             return Ok((bound, 0));
         }
@@ -1296,6 +1283,8 @@ pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Re
     );
     print_header(run, cfg, device, &data, &network, done)?;
 
+    // The zero-filled baseline: the same held-out set every lap.
+    let baseline = setup.zero_filled_scores()?;
     let lap_bar = Laps::new(done.map_or(0, |k| k + 1), laps);
     let (mut samples, mut params) = match done {
         Some(k) => {
@@ -1321,7 +1310,7 @@ pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Re
         }
         None => {
             lap_bar.start(0);
-            let s = gaussian_lap(&setup, run, device, &mut all)?;
+            let s = gaussian_lap(&setup, run, device, &mut all, baseline)?;
             lap_bar.done(0);
             let p =
                 setup
@@ -1334,7 +1323,6 @@ pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Re
 
     let den = Denoiser::new(setup.network.clone());
     let sampled = setup.train.repeated(setup.repeats);
-    let baseline = setup.zero_filled_scores()?;
     for lap in done.map_or(1, |k| k + 1)..=laps {
         lap_bar.start(lap);
         device.set_memory_phase("m-step");
@@ -1454,6 +1442,7 @@ fn gaussian_lap(
     run: &Path,
     device: &Device,
     all: &mut Vec<ImageLapMetrics>,
+    baseline: (f64, f64),
 ) -> Result<Vec<f32>> {
     let cfg = &setup.cfg;
     let per = setup.data.per();
@@ -1527,7 +1516,6 @@ fn gaussian_lap(
         device,
     )?;
     let (psnr, ssim, sample_psnr) = setup.scores(&held_means, &samples);
-    let baseline = setup.zero_filled_scores()?;
     let m = ImageLapMetrics {
         lap: 0,
         psnr,

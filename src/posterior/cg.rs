@@ -91,7 +91,7 @@ pub fn cg_checked(
     config: CgConfig,
     check_every: usize,
 ) -> Result<(Tensor, CgStats)> {
-    solve(matvec, b, config, check_every, false, 0.0)
+    cg_floored(matvec, b, config, check_every, false, 0.0)
 }
 
 /// [`cg_checked`] that also reports the largest relative residual of the rows when the solve
@@ -103,7 +103,7 @@ pub fn cg_measured(
     config: CgConfig,
     check_every: usize,
 ) -> Result<(Tensor, CgStats)> {
-    solve(matvec, b, config, check_every, true, 0.0)
+    cg_floored(matvec, b, config, check_every, true, 0.0)
 }
 
 /// The largest sqrt(rr / bn) over rows (0 for a row with b = 0).
@@ -120,17 +120,6 @@ fn worst_ratio(rr: &[f64], bn: &[f64]) -> f64 {
 /// whose V is not. `min_curvature` = 0 (what the other entry points use) stops rows at
 /// non-positive curvature only.
 pub fn cg_floored(
-    matvec: impl FnMut(&Tensor) -> Result<Tensor>,
-    b: &Tensor,
-    config: CgConfig,
-    check_every: usize,
-    measure: bool,
-    min_curvature: f64,
-) -> Result<(Tensor, CgStats)> {
-    solve(matvec, b, config, check_every, measure, min_curvature)
-}
-
-fn solve(
     mut matvec: impl FnMut(&Tensor) -> Result<Tensor>,
     b: &Tensor,
     config: CgConfig,
