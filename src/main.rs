@@ -297,17 +297,39 @@ fn main() -> std::process::ExitCode {
     }
     emprior::tune_cpu_allocator();
     let cli = Cli::parse();
-    // Launched by mpirun/srun/torchrun as several processes: refused before any work (one
-    // process only until the data-parallel EM lands), rather than N copies of one run.
+    // Launched by mpirun/srun as several processes: the data-parallel EM over MPI (with the
+    // `mpi` feature), or a refusal before any work (without it).
     let computes = matches!(
         cli.command,
         Command::Em { .. } | Command::Train { .. } | Command::Sample { .. } | Command::Posterior { .. }
     );
-    if computes {
-        if let Err(e) = emprior::dist::launch().and_then(|l| emprior::dist::communicator(&l).map(drop)) {
-            eprintln!("error: {e}");
-            return std::process::ExitCode::FAILURE;
+    let world = if computes {
+        match emprior::dist::launch().and_then(|l| emprior::dist::communicator(&l)) {
+            Ok(world) => {
+                let _ = emprior::dist::install(world.clone());
+                world
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                return std::process::ExitCode::FAILURE;
+            }
         }
+    } else {
+        emprior::dist::world()
+    };
+    if world.world_size() > 1 && !matches!(cli.command, Command::Em { .. }) {
+        eprintln!(
+            "error: launched as rank {} of {}: only `emprior em` runs data-parallel; run train, \
+             sample and posterior as one process",
+            world.rank(),
+            world.world_size()
+        );
+        world.abort(2);
+        return std::process::ExitCode::FAILURE;
+    }
+    if world.rank() > 0 {
+        // Rank 0 speaks for the job: the others' progress and summaries would repeat its own.
+        emprior::progress::set_quiet(true);
     }
     let result = emprior::ops::parallel::on_pool(move || match cli.command {
         Command::Info { device, kernels } => info(device, kernels),
@@ -472,7 +494,16 @@ fn main() -> std::process::ExitCode {
         }
     });
     match result {
-        Ok(()) => std::process::ExitCode::SUCCESS,
+        Ok(()) => {
+            emprior::dist::finish();
+            std::process::ExitCode::SUCCESS
+        }
+        Err(e) if world.world_size() > 1 => {
+            // The other ranks may be waiting in a collective for this one: stop them all.
+            eprintln!("error (rank {} of {}): {e:#}", world.rank(), world.world_size());
+            world.abort(1);
+            std::process::ExitCode::FAILURE
+        }
         Err(e) => {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
@@ -605,14 +636,22 @@ fn em(
             (cfg, dir, false)
         }
     };
+    // One GPU per rank, by local rank, when several ranks share a node.
+    let world = emprior::dist::world();
+    let local_rank = if world.world_size() > 1 {
+        emprior::dist::launch()?.local_rank
+    } else {
+        0
+    };
     let device = match request {
         DeviceRequest::Auto => {
-            let (d, why) = Device::auto();
-            if let Some(why) = why {
+            let (d, why) = Device::auto_at(local_rank);
+            if let (Some(why), true) = (why, world.rank() == 0) {
                 eprintln!("device: cpu (GPU unavailable: {why})");
             }
             d
         }
+        DeviceRequest::Cuda(0) if local_rank > 0 => Device::cuda(local_rank)?,
         r => Device::open(r)?,
     };
     // The run's header (device, data, network, output) comes from the run itself; every value
@@ -640,6 +679,10 @@ fn em(
         }
         other => bail!("unknown experiment '{other}'"),
     };
+    if !emprior::dist::is_lead() {
+        // Rank 0 reports the job.
+        return Ok(());
+    }
     println!("first lap: {first}");
     if last != first {
         println!("last lap:  {last}");

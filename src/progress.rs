@@ -17,8 +17,23 @@ fn multi() -> &'static MultiProgress {
     MULTI.get_or_init(|| MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(8)))
 }
 
+static QUIET: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Silences this process's progress and [`say`] lines (the ranks of a data-parallel run but
+/// rank 0, which speaks for the job). Errors are still printed by their callers.
+pub fn set_quiet(quiet: bool) {
+    QUIET.store(quiet, std::sync::atomic::Ordering::Relaxed);
+}
+
+fn quiet() -> bool {
+    QUIET.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Whether bars are drawn (stderr is a terminal and `EMPRIOR_PROGRESS` is not `lines`).
 pub fn bars() -> bool {
+    if quiet() {
+        return false;
+    }
     static BARS: OnceLock<bool> = OnceLock::new();
     *BARS.get_or_init(|| {
         use std::io::IsTerminal;
@@ -28,6 +43,9 @@ pub fn bars() -> bool {
 
 /// Prints a line on stderr, above the bars when they are drawn.
 pub fn say(line: impl AsRef<str>) {
+    if quiet() {
+        return;
+    }
     let line = line.as_ref();
     if bars() && !multi().is_hidden() {
         let _ = multi().println(line);
@@ -88,7 +106,9 @@ impl Phase {
             Some(bar) => bar.set_position(self.done),
             None if self.last_line.elapsed() >= LOG_INTERVAL && self.done < self.total => {
                 self.last_line = Instant::now();
-                eprintln!("{}", self.line());
+                if !quiet() {
+                    eprintln!("{}", self.line());
+                }
             }
             None => {}
         }
@@ -204,7 +224,7 @@ impl Laps {
     /// Lap `lap` is about to start.
     pub fn start(&self, lap: usize) {
         self.show(lap);
-        if self.bar.is_none() {
+        if self.bar.is_none() && !quiet() {
             eprintln!("lap {lap}/{}{}", self.total, self.eta(lap));
         }
     }

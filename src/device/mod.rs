@@ -191,7 +191,12 @@ impl Device {
 
     /// The first GPU when one is usable, else the CPU, with the reason the GPU was passed over.
     pub fn auto() -> (Device, Option<String>) {
-        match Device::cuda(0) {
+        Device::auto_at(0)
+    }
+
+    /// [`Device::auto`] with the GPU of this ordinal (a data-parallel rank's local rank).
+    pub fn auto_at(ordinal: usize) -> (Device, Option<String>) {
+        match Device::cuda(ordinal) {
             Ok(d) => (d, None),
             Err(Error::GpuUnavailable(reason)) => (Device::Cpu, Some(reason)),
             Err(e) => (Device::Cpu, Some(e.to_string())),

@@ -33,6 +33,7 @@ use crate::data::cifar10;
 use crate::device::Device;
 use crate::diffusion::sampler::Denoise;
 use crate::diffusion::{Denoiser, Network, Sampler, SamplerKind, VeSchedule};
+use crate::dist::SingleProcess;
 use crate::error::{Error, Result};
 use crate::gaussian::{ppca_randomized, Dplr, Gaussian};
 use crate::io::plot::{self, image_grid, save_image};
@@ -591,16 +592,25 @@ impl Setup {
                 schedule: self.schedule,
                 rng: Philox::new(seed, chunk as u64),
             };
-            sample_batch(&mut out, rows, CPU_PART_IMAGES, device, |part, at| {
-                let (lo, hi) = (first + part.start, first + part.end);
-                let y = Tensor::from_f32(&obs.y[lo * m..hi * m], &[hi - lo, m], device)?;
-                let op = obs.operator((lo, hi), per, device)?;
-                let mut mmps = Mmps::new(prior, op.as_ref(), &y, &self.noise, cg);
-                mmps.covariance = covariance.clone();
-                let mean = mean.as_view()?;
-                let shape = self.image_shape(hi - lo);
-                sampler.sample_part(&mut mmps, &shape, at, Some(&mean), DType::F32, device)
-            })?;
+            // One process: run_images refuses a data-parallel launch.
+            sample_batch(
+                &mut out,
+                rows,
+                per,
+                CPU_PART_IMAGES,
+                device,
+                &SingleProcess,
+                |part, at| {
+                    let (lo, hi) = (first + part.start, first + part.end);
+                    let y = Tensor::from_f32(&obs.y[lo * m..hi * m], &[hi - lo, m], device)?;
+                    let op = obs.operator((lo, hi), per, device)?;
+                    let mut mmps = Mmps::new(prior, op.as_ref(), &y, &self.noise, cg);
+                    mmps.covariance = covariance.clone();
+                    let mean = mean.as_view()?;
+                    let shape = self.image_shape(hi - lo);
+                    sampler.sample_part(&mut mmps, &shape, at, Some(&mean), DType::F32, device)
+                },
+            )?;
             phase.set((first + rows) as u64);
         }
         phase.finish();
@@ -1235,6 +1245,16 @@ fn write_lap(
 /// metrics.
 pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Result<Vec<ImageLapMetrics>> {
     cfg.validate()?;
+    let world = crate::dist::world();
+    if world.world_size() > 1 {
+        return Err(Error::Other(format!(
+            "launched as {} ranks ({}): the image experiments (cifar10, fashion-mnist, images, \
+             mri) run as one process so far; the data-parallel EM covers the vector experiments \
+             (manifold, vectors)",
+            world.world_size(),
+            world.name()
+        )));
+    }
     check_memory(cfg, device, run)?;
     let (done, _lock) = open_run(cfg, run, resume, device)?;
     say_if_complete(run, done, cfg.count("laps")?);

@@ -72,27 +72,49 @@ pub fn mark_done(run: &Path, lap: usize) -> Result<()> {
     crate::io::write_atomically(&lap_dir(run, lap).join("DONE"), b"complete\n")
 }
 
-/// Appends to `out` the samples of one E-step batch of `rows` rows: `sample(part, at)` draws
-/// rows `part` (in the batch) placed by `at`. A GPU takes the batch whole; the CPU runs it in
-/// parts of `cpu_part_rows`, one per core at a time, with the same bits (diffusion::BatchPart).
+/// Appends to `out` the samples of one E-step batch of `rows` rows of `row_len` values:
+/// `sample(part, at)` draws rows `part` (in the batch) placed by `at`. A GPU takes the batch
+/// whole; the CPU runs it in parts of `cpu_part_rows`, one per core at a time, with the same bits
+/// (diffusion::BatchPart). With several ranks in `comm`, each draws its share of the parts
+/// (whole CPU parts, [`crate::dist::share_rows`]; a GPU rank one part) and the rows are gathered
+/// in order on every rank: the same samples as one process's.
 pub fn sample_batch(
     out: &mut Vec<f32>,
     rows: usize,
+    row_len: usize,
     cpu_part_rows: usize,
     device: &crate::device::Device,
+    comm: &dyn crate::dist::Communicator,
     sample: impl Fn(std::ops::Range<usize>, crate::diffusion::BatchPart) -> Result<crate::tensor::Tensor> + Sync,
 ) -> Result<()> {
-    let part_rows = if device.is_cuda() { rows } else { cpu_part_rows };
-    let parts = crate::ops::parallel::map_parts(rows, part_rows, |part| {
+    let world = comm.world_size();
+    let part_rows = if device.is_cuda() {
+        rows.div_ceil(world)
+    } else {
+        cpu_part_rows
+    };
+    let shares: Vec<std::ops::Range<usize>> = (0..world)
+        .map(|r| crate::dist::share_rows(rows, part_rows, r, world))
+        .collect();
+    let mine = shares[comm.rank()].clone();
+    let parts = crate::ops::parallel::map_parts(mine.len(), part_rows, |part| {
+        let part = mine.start + part.start..mine.start + part.end;
         let at = crate::diffusion::BatchPart {
             first: part.start,
             total: rows,
         };
         sample(part, at)?.to_vec_f32()
     });
+    let mut local = Vec::with_capacity(mine.len() * row_len);
     for part in parts {
-        out.extend(part?);
+        local.extend(part?);
     }
+    if world == 1 {
+        out.extend(local);
+        return Ok(());
+    }
+    let counts: Vec<usize> = shares.iter().map(|s| s.len() * row_len).collect();
+    out.extend(crate::dist::all_gather_f32(comm, &local, &counts)?);
     Ok(())
 }
 
@@ -386,6 +408,20 @@ pub fn abort_requested(lap: usize) -> Result<()> {
     Ok(())
 }
 
+/// The test hook for a rank lost mid-lap: with `EMPRIOR_KILL_RANK=r` and `EMPRIOR_ABORT_LAP=k`,
+/// rank r of a data-parallel run is killed (SIGKILL, no clean-up: a node lost) halfway through
+/// lap k's M-step. The launcher then ends every rank, and lap k stays incomplete for a resume.
+pub fn kill_requested(lap: usize, rank: usize) {
+    let var = |name: &str| std::env::var(name).ok().and_then(|v| v.parse::<usize>().ok());
+    if var("EMPRIOR_ABORT_LAP") == Some(lap) && var("EMPRIOR_KILL_RANK") == Some(rank) {
+        eprintln!("rank {rank}: killed in lap {lap}'s M-step (EMPRIOR_KILL_RANK)");
+        // SAFETY: raising a signal at this process; SIGKILL does not return.
+        unsafe {
+            libc::raise(libc::SIGKILL);
+        }
+    }
+}
+
 /// Creates a lap's directory.
 pub fn create_lap_dir(run: &Path, lap: usize) -> Result<PathBuf> {
     let dir = lap_dir(run, lap);
@@ -592,7 +628,8 @@ pub(crate) fn user_array(
             a.data[i]
         )));
     }
-    if !copy.is_file() {
+    // Rank 0 alone writes the run directory (the other ranks of a data-parallel run read).
+    if !copy.is_file() && crate::dist::is_lead() {
         std::fs::create_dir_all(observations_dir(run))
             .map_err(|e| Error::Other(format!("cannot create {}: {e}", observations_dir(run).display())))?;
         crate::io::write_npy_f64(&copy, &a.shape, &a.data)?;

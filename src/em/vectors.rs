@@ -18,13 +18,14 @@ use std::time::Instant;
 
 use super::{
     abort_requested, check_observations, create_lap_dir, derive_seed, ensure_finite_samples, json_field,
-    json_line, lap_dir, lap_params, mark_done, metric, open_run, print_header, read_lap_metrics,
-    sample_batch, save_lap_checkpoint, say_if_complete, write_metrics_jsonl, write_run_report, Config,
-    Fingerprint,
+    json_line, kill_requested, lap_dir, lap_params, mark_done, metric, open_run, print_header,
+    read_lap_metrics, sample_batch, save_lap_checkpoint, say_if_complete, write_metrics_jsonl,
+    write_run_report, Config, Fingerprint,
 };
 use crate::data::manifold::{observe, Manifold, DIM as MANIFOLD_DIM};
 use crate::device::Device;
 use crate::diffusion::{Denoiser, Network, Sampler, SamplerKind, VeSchedule};
+use crate::dist::Communicator;
 use crate::error::{Error, Result};
 use crate::gaussian::{ppca, Dplr, Gaussian};
 use crate::io::report::Figure;
@@ -167,9 +168,10 @@ struct Setup {
 }
 
 impl Setup {
-    fn new(cfg: &Config, run: &Path) -> Result<Self> {
+    /// The run's observations; only the `lead` rank writes them into the run directory.
+    fn new(cfg: &Config, run: &Path, lead: bool) -> Result<Self> {
         match cfg.string("experiment")?.as_str() {
-            "manifold" => Self::manifold(cfg, run),
+            "manifold" => Self::manifold(cfg, run, lead),
             "vectors" => Self::user(cfg, run),
             other => Err(Error::Other(format!(
                 "experiment '{other}' is not a vector experiment"
@@ -178,7 +180,7 @@ impl Setup {
     }
 
     /// The manifold experiment's observations, made from the seed (and saved for `posterior`).
-    fn manifold(cfg: &Config, run: &Path) -> Result<Self> {
+    fn manifold(cfg: &Config, run: &Path, lead: bool) -> Result<Self> {
         let (d, m) = (MANIFOLD_DIM, crate::data::manifold::OBS_DIM);
         let seed = cfg.int("seed")? as u64;
         let n = cfg.count("observations")?;
@@ -196,7 +198,7 @@ impl Setup {
         let u2 = manifold.sample(seed, 2, eval);
         let reference = sinkhorn_cost(&u1, &u2, d, 1e-3, 1024, 1e-3);
         let dir = super::observations_dir(run);
-        if !dir.join("obs.npy").is_file() {
+        if lead && !dir.join("obs.npy").is_file() {
             std::fs::create_dir_all(&dir)
                 .map_err(|e| Error::Other(format!("cannot create {}: {e}", dir.display())))?;
             write_npy_f64(&dir.join("operator.npy"), &[n, m, d], &a)?;
@@ -365,6 +367,7 @@ impl Setup {
     #[allow(clippy::too_many_arguments)]
     fn e_step<P: Prior + Sync>(
         &self,
+        comm: &dyn Communicator,
         prior: &P,
         covariance: &Covariance,
         mean: Option<&Tensor>,
@@ -390,8 +393,8 @@ impl Setup {
                 schedule: self.schedule,
                 rng: Philox::new(seed, chunk as u64),
             };
-            // On the CPU in parts of CPU_PART_ROWS rows (em::sample_batch).
-            sample_batch(&mut out, rows, CPU_PART_ROWS, device, |part, at| {
+            // On the CPU in parts of CPU_PART_ROWS rows, this rank's share (em::sample_batch).
+            sample_batch(&mut out, rows, d, CPU_PART_ROWS, device, comm, |part, at| {
                 let (lo, hi) = (first + part.start, first + part.end);
                 let y = Tensor::from_f64_as(&self.y[lo * m..hi * m], &[hi - lo, m], DType::F32, device)?;
                 let ops = self.operator(lo, hi, device)?;
@@ -418,6 +421,7 @@ impl Setup {
     /// DSM training of `params` on `samples` (drawn with replacement), a fresh Adam state.
     fn m_step(
         &self,
+        comm: &dyn Communicator,
         params: Tensor,
         samples: &[f32],
         seed: u64,
@@ -442,12 +446,22 @@ impl Setup {
         let mut trainer = Trainer::new(den, params, AdamConfig::new(lr), self.schedule, seed)?;
         // The training set goes to the device once; each step's batch is drawn there.
         let pool = Tensor::from_f32(samples, &[count, d], device)?;
+        // This rank's rows of every step's batch (all of them for one process).
+        let mine = trainer.shard_rows(batch, comm, device)?;
         let (mut tail, mut tail_n) = (0.0, 0usize);
         let mut phase = Phase::new(format!("lap {lap} M-step"), steps, "steps");
         for step in 0..steps {
-            let xt = gather_rows_uniform(&pool, batch, Philox::new(seed, 0xda7a), step * batch as u64)?;
+            if step == steps / 2 {
+                kill_requested(lap, comm.rank());
+            }
+            let xt = gather_rows_uniform(
+                &pool,
+                mine.len(),
+                Philox::new(seed, 0xda7a),
+                step * batch as u64 + mine.start as u64,
+            )?;
             trainer
-                .step(&xt.as_view()?)
+                .step_shard(&xt.as_view()?, batch, mine.start, comm)
                 .map_err(|e| Error::Other(format!("lap {lap}, M-step {step}: {e}")))?;
             if (step + 1) % 250 == 0 || step + 1 == steps {
                 // The losses wait on the device until here (one synchronisation per 250 steps).
@@ -511,6 +525,14 @@ impl Setup {
             plot_seconds: f64::NAN,
         })
     }
+}
+
+/// The last complete lap, as rank 0 found it, on every rank.
+fn share_done(comm: &dyn Communicator, done: Option<usize>) -> Result<Option<usize>> {
+    let mut word = done.map_or(u64::MAX, |k| k as u64).to_ne_bytes();
+    comm.broadcast(0, &mut word)?;
+    let k = u64::from_ne_bytes(word);
+    Ok((k != u64::MAX).then_some(k as usize))
 }
 
 /// The TimeMLP's hidden widths, "256,256,256".
@@ -698,7 +720,11 @@ fn write_plots(setup: &Setup, run: &Path, dir: &Path, samples: &[f32], all: &[La
 }
 
 /// Runs (or, with `resume`, continues) the EM of a vector experiment (`manifold`, or `vectors`
-/// on the user's observations) in `run`; returns every lap's metrics.
+/// on the user's observations) in `run`; returns every lap's metrics (on rank 0 of a
+/// data-parallel run; the other ranks return none).
+///
+/// Under several ranks ([`crate::dist::world`]) the run directory must be one every rank sees
+/// (a resume reads the last lap there); rank 0 alone writes it.
 pub fn run_vectors(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Result<Vec<LapMetrics>> {
     cfg.validate()?;
     if cfg.string("experiment")? == "manifold" {
@@ -711,10 +737,31 @@ pub fn run_vectors(cfg: &Config, run: &Path, device: &Device, resume: bool) -> R
             cfg.count("observations")?.saturating_mul(per_observation),
         )?;
     }
-    let (done, _lock) = open_run(cfg, run, resume, device)?;
-    say_if_complete(run, done, cfg.count("laps")?);
-    let setup = Setup::new(cfg, run)?;
-    check_observations(run, done, setup.fingerprint())?;
+    // Data-parallel (dist::world() of several ranks): rank 0 (the lead) opens, writes and
+    // reports the run; every rank samples its share of each E-step batch and trains on its share
+    // of each M-step batch, and all of them hold the same samples and weights throughout.
+    let comm = crate::dist::world();
+    let comm = comm.as_ref();
+    let lead = comm.rank() == 0;
+    if comm.world_size() > 1 {
+        // Every rank needs whole parts of each M-step batch: checked before any work.
+        let net = Network::Mlp(TimeMlp::new(1, &hidden_widths(cfg)?, cfg.count("emb")?));
+        crate::train::batch_share(&net, cfg.count("mstep_batch")?, comm, device)?;
+    }
+    let (done, _lock) = if lead {
+        let (done, lock) = open_run(cfg, run, resume, device)?;
+        (done, Some(lock))
+    } else {
+        (None, None)
+    };
+    let done = share_done(comm, done)?;
+    if lead {
+        say_if_complete(run, done, cfg.count("laps")?);
+    }
+    let setup = Setup::new(cfg, run, lead)?;
+    if lead {
+        check_observations(run, done, setup.fingerprint())?;
+    }
     let operators = match setup.ops {
         Operators::PerObservation(_) => format!("one [{}, {}] operator per observation", setup.m, setup.d),
         Operators::Shared(_) => format!("one shared [{}, {}] operator", setup.m, setup.d),
@@ -737,7 +784,17 @@ pub fn run_vectors(cfg: &Config, run: &Path, device: &Device, resume: bool) -> R
         setup.d,
         setup.network.layout().len()
     );
-    print_header(run, cfg, device, &data, &network, done)?;
+    if lead {
+        print_header(run, cfg, device, &data, &network, done)?;
+        if comm.world_size() > 1 {
+            say(format!(
+                "data-parallel over {} ranks ({}): each samples its share of every E-step batch and \
+                 trains on its share of every M-step batch; rank 0 writes the run",
+                comm.world_size(),
+                comm.name()
+            ));
+        }
+    }
     let d = setup.d;
     let pc = SamplerKind::Pc {
         corrections: cfg.count("pc_corrections")?,
@@ -768,8 +825,14 @@ pub fn run_vectors(cfg: &Config, run: &Path, device: &Device, resume: bool) -> R
         1 => true,
         other => return Err(Error::Other(format!("filter_first = {other} (expected 0 or 1)"))),
     };
-    let mut all = read_lap_metrics(run, done.map(|k| k.min(laps)), LapMetrics::from_json)?;
-    write_metrics_jsonl(run, all.iter().map(LapMetrics::to_json))?;
+    // The lead's record of the laps (the other ranks keep none).
+    let mut all = if lead {
+        let all = read_lap_metrics(run, done.map(|k| k.min(laps)), LapMetrics::from_json)?;
+        write_metrics_jsonl(run, all.iter().map(LapMetrics::to_json))?;
+        all
+    } else {
+        Vec::new()
+    };
 
     let lap_bar = Laps::new(done.map_or(0, |k| k + 1), laps);
     // Lap 0: the Gaussian prior fitted by EM, and the posterior samples under it.
@@ -798,6 +861,7 @@ pub fn run_vectors(cfg: &Config, run: &Path, device: &Device, resume: bool) -> R
                 let seed = derive_seed(setup.seed, round, SEED_INIT);
                 let cov = Covariance::Gaussian(Box::new(g.clone()));
                 let x = setup.e_step(
+                    comm,
                     &g,
                     &cov,
                     Some(&mean),
@@ -812,6 +876,7 @@ pub fn run_vectors(cfg: &Config, run: &Path, device: &Device, resume: bool) -> R
             let mean = g.mean_tensor(DType::F32, device)?;
             let cov = Covariance::Gaussian(Box::new(g.clone()));
             let s = setup.e_step(
+                comm,
                 &g,
                 &cov,
                 Some(&mean),
@@ -821,21 +886,28 @@ pub fn run_vectors(cfg: &Config, run: &Path, device: &Device, resume: bool) -> R
                 device,
                 "lap 0 E-step",
             )?;
-            let m = setup.metrics(0, &s, f64::NAN, start.elapsed().as_secs_f64(), 0.0, device)?;
-            all.push(m);
-            write_lap(&setup, run, 0, &s, &mut all, device)?;
-            say(all[all.len() - 1].summary());
-            write_init_prior(run, &g)?;
-            mark_done(run, 0)?;
+            if lead {
+                let m = setup.metrics(0, &s, f64::NAN, start.elapsed().as_secs_f64(), 0.0, device)?;
+                all.push(m);
+                write_lap(&setup, run, 0, &s, &mut all, device)?;
+                say(all[all.len() - 1].summary());
+                write_init_prior(run, &g)?;
+                mark_done(run, 0)?;
+                write_metrics_jsonl(run, all.iter().map(LapMetrics::to_json))?;
+            }
             lap_bar.done(0);
-            write_metrics_jsonl(run, all.iter().map(LapMetrics::to_json))?;
             let p =
                 setup
                     .network
                     .layout()
                     .init(derive_seed(setup.seed, 0, SEED_PARAMS), DType::F32, device)?;
-            // Read back what was written, so a resumed run uses the very same values.
-            let init_prior = moments_from_init.then(|| read_init_prior(run)).transpose()?;
+            // Read back what was written, so a resumed run uses the very same values (f64, so the
+            // other ranks' own copy, fitted to the same gathered samples, has the same bits).
+            let init_prior = match (moments_from_init, lead) {
+                (false, _) => None,
+                (true, true) => Some(read_init_prior(run)?),
+                (true, false) => Some(g),
+            };
             (s, p, init_prior)
         }
     };
@@ -851,6 +923,7 @@ pub fn run_vectors(cfg: &Config, run: &Path, device: &Device, resume: bool) -> R
         device.set_memory_phase("m-step");
         let t = Instant::now();
         let (new_params, loss) = setup.m_step(
+            comm,
             params,
             &train_set,
             derive_seed(setup.seed, lap, SEED_MSTEP),
@@ -880,6 +953,7 @@ pub fn run_vectors(cfg: &Config, run: &Path, device: &Device, resume: bool) -> R
         };
         let seed = derive_seed(setup.seed, lap, SEED_ESTEP);
         samples = setup.e_step(
+            comm,
             &prior,
             &cov,
             Some(&mean),
@@ -890,28 +964,32 @@ pub fn run_vectors(cfg: &Config, run: &Path, device: &Device, resume: bool) -> R
             &format!("lap {lap} E-step"),
         )?;
         abort_requested(lap)?;
-        let m = setup.metrics(lap, &samples, loss, t.elapsed().as_secs_f64(), mstep, device)?;
-        all.push(m);
-        save_lap_checkpoint(
-            run,
-            lap,
-            "manifold",
-            setup.seed,
-            &setup.schedule,
-            &setup.network,
-            &params,
-        )?;
-        write_lap(&setup, run, lap, &samples, &mut all, device)?;
-        mark_done(run, lap)?;
-        lap_bar.done(lap);
-        say(all[all.len() - 1].summary());
-        let memory = device.memory_phase_summary();
-        if !memory.is_empty() {
-            say(format!("  GPU memory by phase: {memory}"));
+        if lead {
+            let m = setup.metrics(lap, &samples, loss, t.elapsed().as_secs_f64(), mstep, device)?;
+            all.push(m);
+            save_lap_checkpoint(
+                run,
+                lap,
+                "manifold",
+                setup.seed,
+                &setup.schedule,
+                &setup.network,
+                &params,
+            )?;
+            write_lap(&setup, run, lap, &samples, &mut all, device)?;
+            mark_done(run, lap)?;
         }
-        // metrics.jsonl follows DONE: a kill between the two leaves it a lap behind, and the
-        // resume rewrites it from the complete laps.
-        write_metrics_jsonl(run, all.iter().map(LapMetrics::to_json))?;
+        lap_bar.done(lap);
+        if lead {
+            say(all[all.len() - 1].summary());
+            let memory = device.memory_phase_summary();
+            if !memory.is_empty() {
+                say(format!("  GPU memory by phase: {memory}"));
+            }
+            // metrics.jsonl follows DONE: a kill between the two leaves it a lap behind, and the
+            // resume rewrites it from the complete laps.
+            write_metrics_jsonl(run, all.iter().map(LapMetrics::to_json))?;
+        }
     }
     Ok(all)
 }

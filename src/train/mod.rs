@@ -13,10 +13,14 @@ pub mod log;
 pub use adam::{Adam, AdamConfig, LrSchedule, StepStats};
 pub use log::{StepLog, TrainStep};
 
+use std::ops::Range;
+
+use crate::device::Device;
 use crate::diffusion::loss::{dsm_loss_into, dsm_loss_part_into};
 use crate::diffusion::Network;
 use crate::diffusion::{beta33, Denoiser, VeSchedule};
-use crate::error::Result;
+use crate::dist::{ordered_sum, share_rows, Communicator, SingleProcess};
+use crate::error::{Error, Result};
 use crate::nn::Mode;
 use crate::ops::parallel::map_parts;
 use crate::ops::{axpy, fill, Philox};
@@ -63,6 +67,31 @@ pub fn cpu_part_rows(net: &Network) -> Option<usize> {
     })
 }
 
+/// The rows of a training batch of `batch` rows that this rank of `comm` computes for `net` on
+/// `device`: whole CPU parts (so a rank runs exactly the parts one process would), single rows
+/// on a GPU. An error, before any work when called at a run's start, when some rank would get
+/// none.
+pub fn batch_share(
+    net: &Network,
+    batch: usize,
+    comm: &dyn Communicator,
+    device: &Device,
+) -> Result<Range<usize>> {
+    let world = comm.world_size();
+    let part = cpu_part_rows(net)
+        .filter(|&p| !device.is_cuda() && p < batch)
+        .unwrap_or(if device.is_cuda() { 1 } else { batch });
+    let parts = batch.div_ceil(part.max(1));
+    if parts < world {
+        return Err(Error::Other(format!(
+            "a training batch of {batch} rows in parts of {part} has {parts} part(s), too few for \
+             {world} ranks: raise the batch to at least {} rows, or run fewer ranks",
+            cpu_part_rows(net).filter(|_| !device.is_cuda()).unwrap_or(1) * world
+        )));
+    }
+    Ok(share_rows(batch, part, comm.rank(), world))
+}
+
 impl Trainer {
     /// A run from `params` (checked against the denoiser's layout) with fresh Adam state; an
     /// error when the layout or `config` is invalid.
@@ -92,85 +121,147 @@ impl Trainer {
     /// One Adam step on the batch `x` (its first axis is the batch). Reads nothing back from
     /// the device: the step's loss and gradient norm wait in the log for [`Trainer::take_stats`].
     pub fn step(&mut self, x: &View) -> Result<()> {
+        let b = x.shape().first().copied().unwrap_or(0);
+        self.step_shard(x, b, 0, &SingleProcess)
+    }
+
+    /// The rows of a step's batch of `batch` rows that this rank of `comm` computes
+    /// ([`batch_share`]).
+    pub fn shard_rows(&self, batch: usize, comm: &dyn Communicator, device: &Device) -> Result<Range<usize>> {
+        batch_share(&self.denoiser.net, batch, comm, device)
+    }
+
+    /// On the CPU, the rows per part of a batch of `batch` rows (None: the batch whole).
+    fn part_rows(&self, batch: usize, device: &Device) -> Option<usize> {
+        self.cpu_part_rows.filter(|&p| !device.is_cuda() && p < batch)
+    }
+
+    /// One data-parallel Adam step: `x` holds rows `first..first + n` of a step's batch of
+    /// `batch` rows ([`Trainer::shard_rows`] of this rank of `comm`), whose training times, noise
+    /// and dropout are drawn at those rows' places in the whole batch's streams. The gradients
+    /// and loss of every rank's parts are added in rank order ([`crate::dist::ordered_sum`]), so
+    /// every rank takes the same Adam step, the one a single process takes on the whole batch.
+    pub fn step_shard(
+        &mut self,
+        x: &View,
+        batch: usize,
+        first: usize,
+        comm: &dyn Communicator,
+    ) -> Result<()> {
         let step = self.adam.steps();
-        let b = x.shape()[0];
-        let per = numel(x.shape()) as u64;
-        let sigmas: Vec<f64> = beta33(Philox::new(self.seed, STREAM_TIMES), step * b as u64, b)
-            .into_iter()
-            .map(|t| self.schedule.sigma(t))
-            .collect();
+        let n = x.shape().first().copied().unwrap_or(0);
+        if n == 0 || first + n > batch {
+            return Err(Error::Other(format!(
+                "training step: rows {first}..{} of a batch of {batch}",
+                first + n
+            )));
+        }
+        let row = numel(x.shape()) / n;
+        let sigmas: Vec<f64> = beta33(
+            Philox::new(self.seed, STREAM_TIMES),
+            step * batch as u64 + first as u64,
+            n,
+        )
+        .into_iter()
+        .map(|t| self.schedule.sigma(t))
+        .collect();
         let mut z = Tensor::uninit(x.shape(), x.dtype(), &x.device())?;
-        Philox::new(self.seed, STREAM_NOISE).normal_into(&mut z, step * per)?;
+        Philox::new(self.seed, STREAM_NOISE)
+            .normal_into(&mut z, (step * batch as u64 + first as u64) * row as u64)?;
         let rng = Philox::new(self.seed, STREAM_DROPOUT + step);
         let slot = self.log.begin(step, self.adam.config.lr.at(step))?;
-        let part_rows = self.cpu_part_rows.filter(|&p| !x.device().is_cuda() && p < b);
+        let part_rows = self.part_rows(batch, &x.device());
+        let alone = comm.world_size() == 1;
         let (den, params, grads) = (&self.denoiser, &self.params, &mut self.grads);
+        // One part of this rank's rows (their place in the batch: `r` offset by `first`): its
+        // gradient and its loss term of the whole batch's mean.
+        let part = |r: Range<usize>| -> Result<(Tensor, Tensor)> {
+            let mut shape = x.shape().to_vec();
+            shape[0] = r.len();
+            let (xp, zp) = (
+                x.sub(r.start * row, &shape)?,
+                z.as_view()?.sub(r.start * row, &shape)?,
+            );
+            let mut g = Tensor::zeros(params.shape(), params.dtype(), &params.device())?;
+            let mut loss = Tensor::zeros(&[], params.dtype(), &params.device())?;
+            let mode = Mode::Train {
+                rng,
+                first_row: (first + r.start) as u64,
+            };
+            dsm_loss_part_into(
+                den,
+                &params.as_view()?,
+                &xp,
+                &sigmas[r],
+                &zp,
+                mode,
+                Some(&mut g.as_view_mut()?),
+                &mut loss.as_view_mut()?,
+                batch,
+            )?;
+            Ok((g, loss))
+        };
+        fill(grads, 0.0)?;
+        let (mut kept_grads, mut losses) =
+            (Vec::new(), Vec::with_capacity(n.div_ceil(part_rows.unwrap_or(n))));
         match part_rows {
-            None => {
-                fill(grads, 0.0)?;
+            None if alone => {
                 let mode = Mode::Train { rng, first_row: 0 };
-                self.log.with_loss(slot, |loss| {
-                    let mut g = grads.as_view_mut()?;
-                    dsm_loss_into(
-                        den,
-                        &params.as_view()?,
-                        x,
-                        &sigmas,
-                        &z.as_view()?,
-                        mode,
-                        Some(&mut g),
-                        loss,
-                    )
-                })?;
+                return self
+                    .log
+                    .with_loss(slot, |loss| {
+                        let mut g = grads.as_view_mut()?;
+                        dsm_loss_into(
+                            den,
+                            &params.as_view()?,
+                            x,
+                            &sigmas,
+                            &z.as_view()?,
+                            mode,
+                            Some(&mut g),
+                            loss,
+                        )
+                    })
+                    .and_then(|()| {
+                        self.adam
+                            .update_logged(&mut self.params, &self.grads, &mut self.log, slot)
+                    });
+            }
+            // A GPU rank's rows: one part.
+            None => {
+                let (g, loss) = part(0..n)?;
+                kept_grads.push(g);
+                losses.push(loss);
             }
             Some(part_rows) => {
                 // On the CPU: row parts on the cores, each with its own gradient, added in part
-                // order (the same bits on any number of threads; the sum's order, hence the last
-                // bits, differ from one piece's). In waves of a few parts per core, so a large
-                // batch holds a few gradients at once, not one per part.
-                let (zv, row) = (z.as_view()?, per as usize / b);
+                // order (the same bits on any number of threads or ranks; the sum's order, hence
+                // the last bits, differ from one piece's). Alone, in waves of a few parts per
+                // core, so a large batch holds a few gradients at once, not one per part; with
+                // other ranks, this rank's parts are kept until the running sum reaches it.
                 let wave_rows = part_rows * CPU_PARTS_PER_CORE * rayon::current_num_threads();
-                fill(grads, 0.0)?;
-                let mut losses = Vec::with_capacity(b.div_ceil(part_rows));
-                for wave in (0..b).step_by(wave_rows) {
-                    let rows = wave_rows.min(b - wave);
-                    let parts = map_parts(rows, part_rows, |r| -> Result<(Tensor, Tensor)> {
-                        let r = wave + r.start..wave + r.end;
-                        let n = r.len();
-                        let mut shape = x.shape().to_vec();
-                        shape[0] = n;
-                        let (xp, zp) = (x.sub(r.start * row, &shape)?, zv.sub(r.start * row, &shape)?);
-                        let mut g = Tensor::zeros(params.shape(), params.dtype(), &params.device())?;
-                        let mut loss = Tensor::zeros(&[], params.dtype(), &params.device())?;
-                        let mode = Mode::Train {
-                            rng,
-                            first_row: r.start as u64,
-                        };
-                        dsm_loss_part_into(
-                            den,
-                            &params.as_view()?,
-                            &xp,
-                            &sigmas[r],
-                            &zp,
-                            mode,
-                            Some(&mut g.as_view_mut()?),
-                            &mut loss.as_view_mut()?,
-                            b,
-                        )?;
-                        Ok((g, loss))
-                    });
-                    for part in parts {
-                        let (g, loss) = part?;
-                        axpy(1.0, &g, grads)?;
+                for wave in (0..n).step_by(wave_rows) {
+                    let rows = wave_rows.min(n - wave);
+                    let parts = map_parts(rows, part_rows, |r| part(wave + r.start..wave + r.end));
+                    for p in parts {
+                        let (g, loss) = p?;
+                        if alone {
+                            axpy(1.0, &g, grads)?;
+                        } else {
+                            kept_grads.push(g);
+                        }
                         losses.push(loss);
                     }
                 }
-                self.log.with_loss(slot, |total| {
-                    fill(total, 0.0)?;
-                    losses.iter().try_for_each(|l| axpy(1.0, l, total))
-                })?;
             }
         }
+        ordered_sum(comm, grads, &kept_grads)?;
+        let mut total = Tensor::zeros(&[], self.params.dtype(), &self.params.device())?;
+        ordered_sum(comm, &mut total, &losses)?;
+        self.log.with_loss(slot, |logged| {
+            fill(logged, 0.0)?;
+            axpy(1.0, &total, logged)
+        })?;
         self.adam
             .update_logged(&mut self.params, &self.grads, &mut self.log, slot)
     }
