@@ -3,7 +3,8 @@
 //! Because a rank runs whole parts of each batch and the parts' gradients are added in rank
 //! order, the samples of every lap and the final weights must be the same bytes as one
 //! process's, for any N; a rank killed mid-lap must end the whole job (not hang it) and the run
-//! must resume, under another world size too, to the same bytes.
+//! must resume, under another world size too, to the same bytes. The image driver is held to
+//! the same on a tiny CIFAR-10 run.
 //!
 //! Own harness (libtest-mimic): the trials that need MPI are reported as ignored, not passed,
 //! in a build without the `mpi` feature or without `mpirun` on PATH; with `EMPRIOR_REQUIRE_MPI`
@@ -76,6 +77,10 @@ fn main() {
         mpi_trial(
             "too_small_a_batch_is_refused_before_work",
             too_small_a_batch_is_refused,
+        ),
+        mpi_trial(
+            "cifar10_on_two_ranks_gives_one_process_bytes",
+            cifar10_on_two_ranks,
         ),
         Trial::test("several_ranks_without_a_transport_are_refused", || {
             several_ranks_without_a_transport_are_refused().map_err(Failed::from)
@@ -271,6 +276,56 @@ fn a_killed_rank_ends_the_job_and_the_run_resumes(dir: &Path) -> Result<(), Stri
         return Err(format!("the resume does not say so:\n{said}"));
     }
     same_bytes(&one, &many, 3)
+}
+
+/// The image driver: a tiny CIFAR-10 run (64 observations, two network laps, batches of 16 in
+/// CPU parts of 4 images) on 2 ranks against one process, byte for byte.
+fn cifar10_on_two_ranks(dir: &Path) -> Result<(), String> {
+    let data = emprior::data::cifar10::default_dir();
+    if !data.is_dir() {
+        if std::env::var_os("EMPRIOR_REQUIRE_DATA").is_some() {
+            return Err(format!(
+                "no CIFAR-10 in {} (scripts/fetch-cifar10.sh)",
+                data.display()
+            ));
+        }
+        eprintln!(
+            "  no CIFAR-10 in {}: the image trial checks nothing",
+            data.display()
+        );
+        return Ok(());
+    }
+    let run = |out: &Path| -> Vec<String> {
+        let mut args = vec![
+            "em".to_string(),
+            "cifar10".into(),
+            "--out".into(),
+            out.display().to_string(),
+        ];
+        for s in [
+            "observations=64",
+            "heldout=8",
+            "laps=2",
+            "init_rounds=1",
+            "init_observations=64",
+            "init_steps=4",
+            "estep_steps=4",
+            "mstep_epochs=2",
+            "mstep_batch=16",
+            "estep_batch=16",
+            "grid=4",
+            "prior_steps=4",
+            "heldout_samples=1",
+        ] {
+            args.push("--set".into());
+            args.push(s.into());
+        }
+        args
+    };
+    let (one, two) = (dir.join("one"), dir.join("two"));
+    run_ok(None, &run(&one), &[])?;
+    run_ok(Some(2), &run(&two), &[])?;
+    same_bytes(&one, &two, 2)
 }
 
 fn too_small_a_batch_is_refused(dir: &Path) -> Result<(), String> {

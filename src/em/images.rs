@@ -33,7 +33,7 @@ use crate::data::cifar10;
 use crate::device::Device;
 use crate::diffusion::sampler::Denoise;
 use crate::diffusion::{Denoiser, Network, Sampler, SamplerKind, VeSchedule};
-use crate::dist::SingleProcess;
+use crate::dist::Communicator;
 use crate::error::{Error, Result};
 use crate::gaussian::{ppca_randomized, Dplr, Gaussian};
 use crate::io::plot::{self, image_grid, save_image};
@@ -374,7 +374,9 @@ struct Setup {
 impl Setup {
     /// Loads the data and makes (or, when the run directory has them, reads back) the masks;
     /// for `experiment = "images"`, the user's own observed images and masks.
-    fn new(cfg: &Config, run: &Path) -> Result<Self> {
+    /// The run's data and observations; only rank 0 of `comm` writes into the run directory.
+    fn new(cfg: &Config, run: &Path, comm: &dyn Communicator) -> Result<Self> {
+        let lead = comm.rank() == 0;
         if cfg.string("experiment")? == "images" {
             return Self::user(cfg, run);
         }
@@ -415,8 +417,10 @@ impl Setup {
                 return Ok(saved.to_f32());
             }
             let m = draw.draw(n, (h, w), derive_seed(seed, 0, purpose))?;
-            let bytes: Vec<u8> = m.iter().map(|&v| v as u8).collect();
-            write_npy_u8(&path, &shape, &bytes)?;
+            if lead {
+                let bytes: Vec<u8> = m.iter().map(|&v| v as u8).collect();
+                write_npy_u8(&path, &shape, &bytes)?;
+            }
             Ok(m)
         };
         let n = data.train.len() / per;
@@ -446,7 +450,7 @@ impl Setup {
         } else {
             ("obs.npy", "mask.npy")
         };
-        if !saved.join(obs_file).is_file() {
+        if lead && !saved.join(obs_file).is_file() {
             fs::create_dir_all(&saved)
                 .map_err(|e| Error::Other(format!("cannot create {}: {e}", saved.display())))?;
             let bits: Vec<u8> = train.masks.iter().map(|&v| v as u8).collect();
@@ -569,6 +573,7 @@ impl Setup {
     #[allow(clippy::too_many_arguments)]
     fn e_step<P: Prior + Sync>(
         &self,
+        comm: &dyn Communicator,
         prior: &P,
         covariance: &Covariance,
         obs: &Observations,
@@ -592,25 +597,17 @@ impl Setup {
                 schedule: self.schedule,
                 rng: Philox::new(seed, chunk as u64),
             };
-            // One process: run_images refuses a data-parallel launch.
-            sample_batch(
-                &mut out,
-                rows,
-                per,
-                CPU_PART_IMAGES,
-                device,
-                &SingleProcess,
-                |part, at| {
-                    let (lo, hi) = (first + part.start, first + part.end);
-                    let y = Tensor::from_f32(&obs.y[lo * m..hi * m], &[hi - lo, m], device)?;
-                    let op = obs.operator((lo, hi), per, device)?;
-                    let mut mmps = Mmps::new(prior, op.as_ref(), &y, &self.noise, cg);
-                    mmps.covariance = covariance.clone();
-                    let mean = mean.as_view()?;
-                    let shape = self.image_shape(hi - lo);
-                    sampler.sample_part(&mut mmps, &shape, at, Some(&mean), DType::F32, device)
-                },
-            )?;
+            // On the CPU in parts of CPU_PART_IMAGES, this rank's share (em::sample_batch).
+            sample_batch(&mut out, rows, per, CPU_PART_IMAGES, device, comm, |part, at| {
+                let (lo, hi) = (first + part.start, first + part.end);
+                let y = Tensor::from_f32(&obs.y[lo * m..hi * m], &[hi - lo, m], device)?;
+                let op = obs.operator((lo, hi), per, device)?;
+                let mut mmps = Mmps::new(prior, op.as_ref(), &y, &self.noise, cg);
+                mmps.covariance = covariance.clone();
+                let mean = mean.as_view()?;
+                let shape = self.image_shape(hi - lo);
+                sampler.sample_part(&mut mmps, &shape, at, Some(&mean), DType::F32, device)
+            })?;
             phase.set((first + rows) as u64);
         }
         phase.finish();
@@ -652,6 +649,7 @@ impl Setup {
     /// samples each) and the first of those samples.
     fn heldout_means<P: Prior + Sync>(
         &self,
+        comm: &dyn Communicator,
         prior: &P,
         covariance: &Covariance,
         mean: &Tensor,
@@ -664,6 +662,7 @@ impl Setup {
         let mut first = Vec::new();
         for r in 0..repeats {
             let x = self.e_step(
+                comm,
                 prior,
                 covariance,
                 &self.heldout,
@@ -698,6 +697,7 @@ impl Setup {
     /// loss of the last epoch and the training images per second.
     fn m_step(
         &self,
+        comm: &dyn Communicator,
         params: Tensor,
         samples: &[f32],
         seed: u64,
@@ -722,6 +722,8 @@ impl Setup {
         let augment = self.cfg.int("augment")? != 0;
         let den = Denoiser::new(self.network.clone());
         let mut trainer = Trainer::new(den, params, config, self.schedule, seed)?;
+        // This rank's images of every batch (all of them for one process).
+        let mine = trainer.shard_rows(batch, comm, device)?;
         let per_epoch = n / batch;
         let total = epochs * per_epoch;
         // The samples stay on the device for the whole M-step; each batch is gathered there
@@ -743,8 +745,16 @@ impl Setup {
                 } else {
                     xt
                 };
+                // Every rank gathers and augments the whole batch (a copy: cheap beside the
+                // network), so each image keeps its augmentation stream, and trains on its rows.
+                if step == total / 2 {
+                    super::kill_requested(lap, comm.rank());
+                }
+                let x = xt
+                    .as_view()?
+                    .sub(mine.start * per, &self.image_shape(mine.len()))?;
                 trainer
-                    .step(&xt.as_view()?)
+                    .step_shard(&x, batch, mine.start, comm)
                     .map_err(|e| Error::Other(format!("lap {lap}, M-step {step}: {e}")))?;
                 step += 1;
                 if step % 50 == 0 || step == total {
@@ -1245,20 +1255,29 @@ fn write_lap(
 /// metrics.
 pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Result<Vec<ImageLapMetrics>> {
     cfg.validate()?;
+    // Data-parallel as the vector driver (em::vectors): rank 0 (the lead) opens, writes and
+    // reports the run; every rank samples its share of each E-step batch and trains on its share
+    // of each M-step batch, and all hold the same samples and weights.
     let world = crate::dist::world();
-    if world.world_size() > 1 {
-        return Err(Error::Other(format!(
-            "launched as {} ranks ({}): the image experiments (cifar10, fashion-mnist, images, \
-             mri) run as one process so far; the data-parallel EM covers the vector experiments \
-             (manifold, vectors)",
-            world.world_size(),
-            world.name()
-        )));
-    }
+    let comm = world.as_ref();
+    let lead = comm.rank() == 0;
     check_memory(cfg, device, run)?;
-    let (done, _lock) = open_run(cfg, run, resume, device)?;
-    say_if_complete(run, done, cfg.count("laps")?);
-    let setup = Setup::new(cfg, run)?;
+    if comm.world_size() > 1 {
+        // Every rank needs whole parts of each M-step batch: checked before any work.
+        let (_, h, w, c) = dataset_shape(cfg, run)?;
+        crate::train::batch_share(&network(cfg, h, w, c)?, cfg.count("mstep_batch")?, comm, device)?;
+    }
+    let (done, _lock) = if lead {
+        let (done, lock) = open_run(cfg, run, resume, device)?;
+        (done, Some(lock))
+    } else {
+        (None, None)
+    };
+    let done = super::share_done(comm, done)?;
+    if lead {
+        say_if_complete(run, done, cfg.count("laps")?);
+    }
+    let setup = Setup::new(cfg, run, comm)?;
     let (train, held) = (&setup.train, &setup.heldout);
     let mut fingerprint = Fingerprint::new();
     for part in [
@@ -1271,13 +1290,21 @@ pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Re
     ] {
         fingerprint.add(part);
     }
-    check_observations(run, done, fingerprint)?;
+    if lead {
+        check_observations(run, done, fingerprint)?;
+    }
     let per = setup.data.per();
     let laps = cfg.count("laps")?;
     let keep = cfg.int("keep_samples")? != 0;
     let steps = cfg.count("estep_steps")?;
-    let mut all = read_lap_metrics(run, done.map(|k| k.min(laps)), ImageLapMetrics::from_json)?;
-    write_metrics_jsonl(run, all.iter().map(ImageLapMetrics::to_json))?;
+    // The lead's record of the laps (the other ranks keep none).
+    let mut all = if lead {
+        let all = read_lap_metrics(run, done.map(|k| k.min(laps)), ImageLapMetrics::from_json)?;
+        write_metrics_jsonl(run, all.iter().map(ImageLapMetrics::to_json))?;
+        all
+    } else {
+        Vec::new()
+    };
     let removed = setup.train.removed_percent();
     let truth = if setup.train.clean.is_empty() {
         ", no ground truth"
@@ -1301,7 +1328,10 @@ pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Re
         setup.network.layout().len(),
         2.0 * setup.network.forward_macs() as f64 / 1e9
     );
-    print_header(run, cfg, device, &data, &network, done)?;
+    if lead {
+        print_header(run, cfg, device, &data, &network, done)?;
+        super::say_data_parallel(comm);
+    }
 
     // The zero-filled baseline: the same held-out set every lap.
     let baseline = setup.zero_filled_scores()?;
@@ -1330,7 +1360,7 @@ pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Re
         }
         None => {
             lap_bar.start(0);
-            let s = gaussian_lap(&setup, run, device, &mut all, baseline)?;
+            let s = gaussian_lap(comm, &setup, run, device, &mut all, baseline)?;
             lap_bar.done(0);
             let p =
                 setup
@@ -1351,6 +1381,7 @@ pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Re
         // of the next E-step's starting mean.
         let (kept, _) = setup.within_bound(&samples)?;
         let (weights, loss, mstep_rate) = setup.m_step(
+            comm,
             params,
             &kept,
             derive_seed(setup.seed, lap, SEED_MSTEP),
@@ -1368,6 +1399,7 @@ pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Re
             params: &params,
         };
         samples = setup.e_step(
+            comm,
             &prior,
             &Covariance::Tweedie,
             &sampled,
@@ -1384,6 +1416,7 @@ pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Re
         device.set_memory_phase("evaluation");
         let t = Instant::now();
         let (held_means, held_first) = setup.heldout_means(
+            comm,
             &prior,
             &Covariance::Tweedie,
             &mean,
@@ -1391,6 +1424,10 @@ pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Re
             device,
             lap,
         )?;
+        if !lead {
+            // The lap's pictures, metrics and checkpoint are the lead's.
+            continue;
+        }
         let grid = cfg.count("grid")?;
         let shown = setup.prior_samples(
             &mut prior,
@@ -1458,6 +1495,7 @@ pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Re
 /// then PPCA, `init_rounds` times on the first `init_observations`), then a posterior sample of
 /// every observation under it. Returns the samples.
 fn gaussian_lap(
+    comm: &dyn Communicator,
     setup: &Setup,
     run: &Path,
     device: &Device,
@@ -1480,6 +1518,7 @@ fn gaussian_lap(
         let mean = g.mean_tensor(DType::F32, device)?;
         let cov = Covariance::Gaussian(Box::new(g.clone()));
         let x = setup.e_step(
+            comm,
             &g,
             &cov,
             &subset,
@@ -1506,6 +1545,7 @@ fn gaussian_lap(
     let t = Instant::now();
     let sampled = setup.train.repeated(setup.repeats);
     let samples = setup.e_step(
+        comm,
         &g,
         &cov,
         &sampled,
@@ -1520,6 +1560,7 @@ fn gaussian_lap(
     let estep = t.elapsed().as_secs_f64();
     let t = Instant::now();
     let (held_means, held_first) = setup.heldout_means(
+        comm,
         &g,
         &cov,
         &mean,
@@ -1527,6 +1568,10 @@ fn gaussian_lap(
         device,
         0,
     )?;
+    if comm.rank() > 0 {
+        // The lap's pictures and metrics are the lead's.
+        return Ok(samples);
+    }
     let mut gaussian = g.clone();
     let shown = setup.prior_samples(
         &mut gaussian,

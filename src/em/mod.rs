@@ -118,6 +118,26 @@ pub fn sample_batch(
     Ok(())
 }
 
+/// The last complete lap, as rank 0 found it, on every rank.
+pub(crate) fn share_done(comm: &dyn crate::dist::Communicator, done: Option<usize>) -> Result<Option<usize>> {
+    let mut word = done.map_or(u64::MAX, |k| k as u64).to_ne_bytes();
+    comm.broadcast(0, &mut word)?;
+    let k = u64::from_ne_bytes(word);
+    Ok((k != u64::MAX).then_some(k as usize))
+}
+
+/// The run header's line for a data-parallel run (nothing for one process).
+pub(crate) fn say_data_parallel(comm: &dyn crate::dist::Communicator) {
+    if comm.world_size() > 1 {
+        crate::progress::say(format!(
+            "data-parallel over {} ranks ({}): each samples its share of every E-step batch and \
+             trains on its share of every M-step batch; rank 0 writes the run",
+            comm.world_size(),
+            comm.name()
+        ));
+    }
+}
+
 /// Opens the run directory of a fresh run or a resumed one and writes its config.toml; returns
 /// the last lap with a DONE marker when resuming. A fresh run refuses a directory that already
 /// holds laps.

@@ -527,14 +527,6 @@ impl Setup {
     }
 }
 
-/// The last complete lap, as rank 0 found it, on every rank.
-fn share_done(comm: &dyn Communicator, done: Option<usize>) -> Result<Option<usize>> {
-    let mut word = done.map_or(u64::MAX, |k| k as u64).to_ne_bytes();
-    comm.broadcast(0, &mut word)?;
-    let k = u64::from_ne_bytes(word);
-    Ok((k != u64::MAX).then_some(k as usize))
-}
-
 /// The TimeMLP's hidden widths, "256,256,256".
 fn hidden_widths(cfg: &Config) -> Result<Vec<usize>> {
     cfg.string("hidden")?
@@ -754,7 +746,7 @@ pub fn run_vectors(cfg: &Config, run: &Path, device: &Device, resume: bool) -> R
     } else {
         (None, None)
     };
-    let done = share_done(comm, done)?;
+    let done = super::share_done(comm, done)?;
     if lead {
         say_if_complete(run, done, cfg.count("laps")?);
     }
@@ -786,14 +778,7 @@ pub fn run_vectors(cfg: &Config, run: &Path, device: &Device, resume: bool) -> R
     );
     if lead {
         print_header(run, cfg, device, &data, &network, done)?;
-        if comm.world_size() > 1 {
-            say(format!(
-                "data-parallel over {} ranks ({}): each samples its share of every E-step batch and \
-                 trains on its share of every M-step batch; rank 0 writes the run",
-                comm.world_size(),
-                comm.name()
-            ));
-        }
+        super::say_data_parallel(comm);
     }
     let d = setup.d;
     let pc = SamplerKind::Pc {
