@@ -16,6 +16,8 @@ use crate::error::{Error, Result};
 
 #[cfg(feature = "mpi")]
 pub mod mpi;
+#[cfg(feature = "nccl")]
+pub mod nccl;
 
 /// Where this process sits among the processes of one job.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -137,6 +139,22 @@ pub trait Communicator: Send + Sync {
     /// Stops every rank of the job with `code` (after this rank printed why). One process alone
     /// has nobody else to stop: it returns, and the caller exits.
     fn abort(&self, code: i32);
+    /// Point-to-point and broadcast of GPU tensors in the device's stream (NCCL), when the
+    /// transport has them; [`ordered_sum`] goes through the host otherwise.
+    fn device_collectives(&self) -> Option<&dyn DeviceCollectives> {
+        None
+    }
+}
+
+/// What [`ordered_sum`] needs to keep GPU tensors on the device: the same three steps as the
+/// host chain, on f32 device buffers.
+pub trait DeviceCollectives {
+    /// Sends GPU tensor `t` to rank `to`.
+    fn send(&self, t: &crate::tensor::Tensor, to: usize) -> Result<()>;
+    /// Receives rank `from`'s tensor into `t` (same shape).
+    fn recv(&self, t: &mut crate::tensor::Tensor, from: usize) -> Result<()>;
+    /// Replaces `t` by rank `root`'s.
+    fn broadcast(&self, t: &mut crate::tensor::Tensor, root: usize) -> Result<()>;
 }
 
 /// Replaces `buf` on every rank by the element-wise sum over ranks, added in rank order
@@ -232,6 +250,18 @@ pub fn ordered_sum(
     if comm.world_size() == 1 {
         return add_parts(acc);
     }
+    if let (Some(dev), true, DType::F32) = (comm.device_collectives(), acc.device().is_cuda(), acc.dtype()) {
+        // The same chain on the device (NCCL): no copy through the host.
+        let (rank, world) = (comm.rank(), comm.world_size());
+        if rank > 0 {
+            dev.recv(acc, rank - 1)?;
+        }
+        add_parts(acc)?;
+        if rank + 1 < world {
+            dev.send(acc, rank + 1)?;
+        }
+        return dev.broadcast(acc, world - 1);
+    }
     let (shape, device) = (acc.shape().to_vec(), acc.device());
     match acc.dtype() {
         DType::F32 => {
@@ -303,6 +333,9 @@ pub fn communicator(launch: &Launch) -> Result<Arc<dyn Communicator>> {
     }
     #[cfg(feature = "mpi")]
     {
+        #[cfg(feature = "nccl")]
+        let world = nccl::NcclWorld::start()?;
+        #[cfg(not(feature = "nccl"))]
         let world = mpi::MpiWorld::start()?;
         if world.world_size() != launch.world_size || world.rank() != launch.rank {
             return Err(Error::Other(format!(

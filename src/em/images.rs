@@ -647,6 +647,7 @@ impl Setup {
 
     /// Posterior means of the held-out observations (the average of `heldout_samples` posterior
     /// samples each) and the first of those samples.
+    #[allow(clippy::too_many_arguments)]
     fn heldout_means<P: Prior + Sync>(
         &self,
         comm: &dyn Communicator,
