@@ -483,4 +483,187 @@ mod tests {
         let e = e.to_string();
         assert!(e.contains("rank 0 of 2") && e.contains("Open MPI"), "{e}");
     }
+
+    /// Ranks as threads of one process, over channels: the chain and gather logic without MPI.
+    struct ThreadRank {
+        rank: usize,
+        to: Vec<std::sync::mpsc::Sender<Vec<u8>>>,
+        from: Vec<std::sync::Mutex<std::sync::mpsc::Receiver<Vec<u8>>>>,
+    }
+
+    /// `world` ranks; rank r's `from[q]` receives what rank q sent to r.
+    fn thread_ranks(world: usize) -> Vec<ThreadRank> {
+        let mut senders = vec![Vec::new(); world];
+        let mut receivers: Vec<Vec<_>> = (0..world).map(|_| Vec::new()).collect();
+        for to in 0..world {
+            for _from in 0..world {
+                let (tx, rx) = std::sync::mpsc::channel();
+                senders[to].push(tx);
+                receivers[to].push(std::sync::Mutex::new(rx));
+            }
+        }
+        // senders[to][from]: the channel from `from` to `to`.
+        (0..world)
+            .map(|rank| ThreadRank {
+                rank,
+                to: (0..world).map(|to| senders[to][rank].clone()).collect(),
+                from: std::mem::take(&mut receivers[rank]),
+            })
+            .collect()
+    }
+
+    impl Communicator for ThreadRank {
+        fn rank(&self) -> usize {
+            self.rank
+        }
+        fn world_size(&self) -> usize {
+            self.to.len()
+        }
+        fn name(&self) -> String {
+            "threads".into()
+        }
+        fn send(&self, to: usize, bytes: &[u8]) -> Result<()> {
+            self.to[to]
+                .send(bytes.to_vec())
+                .map_err(|e| Error::Other(e.to_string()))
+        }
+        fn recv(&self, from: usize, bytes: &mut [u8]) -> Result<()> {
+            let got = self.from[from]
+                .lock()
+                .unwrap()
+                .recv()
+                .map_err(|e| Error::Other(e.to_string()))?;
+            bytes.copy_from_slice(&got);
+            Ok(())
+        }
+        fn broadcast(&self, root: usize, bytes: &mut [u8]) -> Result<()> {
+            if self.rank == root {
+                (0..self.world_size())
+                    .filter(|&r| r != root)
+                    .try_for_each(|r| self.send(r, bytes))
+            } else {
+                self.recv(root, bytes)
+            }
+        }
+        fn all_gather(&self, mine: &[u8], counts: &[usize]) -> Result<Vec<u8>> {
+            let world = self.world_size();
+            (0..world)
+                .filter(|&r| r != self.rank)
+                .try_for_each(|r| self.send(r, mine))?;
+            let mut out = Vec::new();
+            for r in 0..world {
+                if r == self.rank {
+                    out.extend_from_slice(mine);
+                } else {
+                    let mut b = vec![0u8; counts[r]];
+                    self.recv(r, &mut b)?;
+                    out.extend(b);
+                }
+            }
+            Ok(out)
+        }
+        fn barrier(&self) -> Result<()> {
+            Ok(())
+        }
+        fn abort(&self, _code: i32) {}
+    }
+
+    /// Values whose sums depend on the order they are added in (f32 rounding).
+    fn part_values(part: usize, len: usize) -> Vec<f32> {
+        (0..len)
+            .map(|i| ((part * 7919 + i * 104_729) % 1000) as f32 * 1.37e-3 + 1e4 * (i % 3) as f32)
+            .collect()
+    }
+
+    #[test]
+    fn ranks_sum_their_parts_to_one_process_bits() {
+        use crate::tensor::Tensor;
+        let (parts, len) = (7, 33);
+        let all: Vec<Tensor> = (0..parts)
+            .map(|p| Tensor::from_f32(&part_values(p, len), &[len], &crate::device::Device::Cpu).unwrap())
+            .collect();
+        let mut alone =
+            Tensor::zeros(&[len], crate::tensor::DType::F32, &crate::device::Device::Cpu).unwrap();
+        ordered_sum(&SingleProcess, &mut alone, &all).unwrap();
+        let alone = alone.to_vec_f32().unwrap();
+        // Another association order gives other bits: the test can tell.
+        let mut other = vec![0f32; len];
+        for p in (0..parts).rev() {
+            other
+                .iter_mut()
+                .zip(part_values(p, len))
+                .for_each(|(o, v)| *o += v);
+        }
+        assert_ne!(other, alone, "the values must make the order visible");
+        for world in 2..=4 {
+            let results: Vec<Vec<f32>> = std::thread::scope(|s| {
+                let handles: Vec<_> = thread_ranks(world)
+                    .into_iter()
+                    .map(|rank| {
+                        s.spawn(move || {
+                            let mine = share(parts, rank.rank, world);
+                            let local: Vec<Tensor> = mine
+                                .map(|p| {
+                                    Tensor::from_f32(
+                                        &part_values(p, len),
+                                        &[len],
+                                        &crate::device::Device::Cpu,
+                                    )
+                                    .unwrap()
+                                })
+                                .collect();
+                            let mut acc =
+                                Tensor::zeros(&[len], crate::tensor::DType::F32, &crate::device::Device::Cpu)
+                                    .unwrap();
+                            ordered_sum(&rank, &mut acc, &local).unwrap();
+                            acc.to_vec_f32().unwrap()
+                        })
+                    })
+                    .collect();
+                handles.into_iter().map(|h| h.join().unwrap()).collect()
+            });
+            for (r, got) in results.iter().enumerate() {
+                assert_eq!(got, &alone, "world {world}, rank {r}");
+            }
+        }
+    }
+
+    #[test]
+    fn shares_cover_the_batch_in_whole_parts_and_gather_in_order() {
+        for (rows, part, world) in [
+            (1024, 256, 2),
+            (1000, 256, 3),
+            (2048, 512, 4),
+            (10, 4, 5),
+            (7, 1, 3),
+        ] {
+            let shares: Vec<_> = (0..world).map(|r| share_rows(rows, part, r, world)).collect();
+            assert_eq!(shares[0].start, 0);
+            assert_eq!(shares[world - 1].end, rows);
+            for w in shares.windows(2) {
+                assert_eq!(w[0].end, w[1].start, "{rows} {part} {world}");
+            }
+            for s in &shares[..world - 1] {
+                assert_eq!(s.start % part, 0);
+                assert_eq!(s.end % part, 0);
+            }
+        }
+        let world = 3;
+        let gathered: Vec<Vec<f32>> = std::thread::scope(|s| {
+            let handles: Vec<_> = thread_ranks(world)
+                .into_iter()
+                .map(|rank| {
+                    s.spawn(move || {
+                        let shares: Vec<usize> =
+                            (0..world).map(|r| share_rows(10, 4, r, world).len()).collect();
+                        let mine: Vec<f32> = share_rows(10, 4, rank.rank, world).map(|i| i as f32).collect();
+                        all_gather_f32(&rank, &mine, &shares).unwrap()
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        let want: Vec<f32> = (0..10).map(|i| i as f32).collect();
+        assert!(gathered.iter().all(|g| g == &want), "{gathered:?}");
+    }
 }
