@@ -331,6 +331,9 @@ fn main() -> std::process::ExitCode {
         // Rank 0 speaks for the job: the others' progress and summaries would repeat its own.
         emprior::progress::set_quiet(true);
     }
+    if world.world_size() > 1 {
+        say_when_terminated(world.rank(), world.world_size());
+    }
     let result = emprior::ops::parallel::on_pool(move || match cli.command {
         Command::Info { device, kernels } => info(device, kernels),
         Command::Bench {
@@ -508,6 +511,36 @@ fn main() -> std::process::ExitCode {
             eprintln!("error: {e:#}");
             std::process::ExitCode::FAILURE
         }
+    }
+}
+
+/// The line a rank prints when its launcher ends it (SIGTERM: another rank failed or died, or the
+/// job's time ran out), written by the handler without allocating.
+static TERMINATED: std::sync::OnceLock<Vec<u8>> = std::sync::OnceLock::new();
+
+extern "C" fn on_sigterm(_signal: libc::c_int) {
+    if let Some(line) = TERMINATED.get() {
+        // SAFETY: write(2) and _exit are async-signal-safe; the buffer lives for the process.
+        unsafe {
+            libc::write(2, line.as_ptr().cast(), line.len());
+        }
+    }
+    // SAFETY: as above.
+    unsafe { libc::_exit(143) }
+}
+
+/// A rank of a data-parallel job says why it stops when the launcher ends it, instead of
+/// vanishing silently beside the rank that failed.
+fn say_when_terminated(rank: usize, world: usize) {
+    let line = format!(
+        "error (rank {rank} of {world}): stopped by the launcher (SIGTERM): another rank failed or \
+         was lost, or the job's time ran out; the laps with a DONE marker are kept, and --resume \
+         continues after the last\n"
+    );
+    let _ = TERMINATED.set(line.into_bytes());
+    // SAFETY: installing a handler that only calls async-signal-safe functions.
+    unsafe {
+        libc::signal(libc::SIGTERM, on_sigterm as *const () as libc::sighandler_t);
     }
 }
 

@@ -251,11 +251,14 @@ fn a_killed_rank_ends_the_job_and_the_run_resumes(dir: &Path) -> Result<(), Stri
     if out.status.success() {
         return Err(format!("the job with a killed rank succeeded:\n{text}"));
     }
-    // Open MPI's launcher names the lost rank and ends the others.
+    // Open MPI's launcher names the lost rank and ends the others, which say so.
     if !(text.contains("rank 1") && (text.contains("signal 9") || text.contains("Killed"))) {
         return Err(format!(
             "the launcher's message does not name the killed rank:\n{text}"
         ));
+    }
+    if !text.contains("error (rank 0 of 2): stopped by the launcher") {
+        return Err(format!("rank 0 does not say why it stopped:\n{text}"));
     }
     eprintln!(
         "  the job ended {:.1} s after start",
