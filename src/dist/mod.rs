@@ -551,11 +551,11 @@ mod tests {
                 .filter(|&r| r != self.rank)
                 .try_for_each(|r| self.send(r, mine))?;
             let mut out = Vec::new();
-            for r in 0..world {
+            for (r, &count) in counts.iter().enumerate() {
                 if r == self.rank {
                     out.extend_from_slice(mine);
                 } else {
-                    let mut b = vec![0u8; counts[r]];
+                    let mut b = vec![0u8; count];
                     self.recv(r, &mut b)?;
                     out.extend(b);
                 }

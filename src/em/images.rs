@@ -25,9 +25,8 @@ use std::time::Instant;
 use super::image_data::{Dataset, MaskDraw, Observations, Observe};
 use super::{
     abort_requested, check_observations, create_lap_dir, derive_seed, ensure_finite_samples, json_field,
-    json_line, lap_dir, lap_params, mark_done, metric, open_run, print_header, read_lap_metrics,
-    sample_batch, save_lap_checkpoint, say_if_complete, write_metrics_jsonl, write_run_report, Config,
-    Fingerprint,
+    json_line, lap_dir, lap_params, mark_done, metric, print_header, read_lap_metrics, sample_batch,
+    save_lap_checkpoint, write_metrics_jsonl, write_run_report, Config, Fingerprint,
 };
 use crate::data::cifar10;
 use crate::device::Device;
@@ -1263,21 +1262,10 @@ pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Re
     let comm = world.as_ref();
     let lead = comm.rank() == 0;
     check_memory(cfg, device, run)?;
-    if comm.world_size() > 1 {
-        // Every rank needs whole parts of each M-step batch: checked before any work.
+    let (done, _lock) = super::open_run_on_ranks(cfg, run, resume, device, comm, || {
         let (_, h, w, c) = dataset_shape(cfg, run)?;
-        crate::train::batch_share(&network(cfg, h, w, c)?, cfg.count("mstep_batch")?, comm, device)?;
-    }
-    let (done, _lock) = if lead {
-        let (done, lock) = open_run(cfg, run, resume, device)?;
-        (done, Some(lock))
-    } else {
-        (None, None)
-    };
-    let done = super::share_done(comm, done)?;
-    if lead {
-        say_if_complete(run, done, cfg.count("laps")?);
-    }
+        network(cfg, h, w, c)
+    })?;
     let setup = Setup::new(cfg, run, comm)?;
     let (train, held) = (&setup.train, &setup.heldout);
     let mut fingerprint = Fingerprint::new();

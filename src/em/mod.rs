@@ -118,6 +118,33 @@ pub fn sample_batch(
     Ok(())
 }
 
+/// [`open_run`] for every rank of `comm` (one process: the same): checks, before any work, that
+/// each rank gets whole parts of the M-step's batches of the network `net()` makes; rank 0 opens the run directory
+/// (and holds its lock) and says whether it is complete; every rank gets the last complete lap.
+pub(crate) fn open_run_on_ranks(
+    cfg: &Config,
+    run: &Path,
+    resume: bool,
+    device: &crate::device::Device,
+    comm: &dyn crate::dist::Communicator,
+    net: impl FnOnce() -> Result<crate::diffusion::Network>,
+) -> Result<(Option<usize>, Option<RunLock>)> {
+    if comm.world_size() > 1 {
+        crate::train::batch_share(&net()?, cfg.count("mstep_batch")?, comm, device)?;
+    }
+    let (done, lock) = if comm.rank() == 0 {
+        let (done, lock) = open_run(cfg, run, resume, device)?;
+        (done, Some(lock))
+    } else {
+        (None, None)
+    };
+    let done = share_done(comm, done)?;
+    if comm.rank() == 0 {
+        say_if_complete(run, done, cfg.count("laps")?);
+    }
+    Ok((done, lock))
+}
+
 /// The last complete lap, as rank 0 found it, on every rank.
 pub(crate) fn share_done(comm: &dyn crate::dist::Communicator, done: Option<usize>) -> Result<Option<usize>> {
     let mut word = done.map_or(u64::MAX, |k| k as u64).to_ne_bytes();

@@ -18,9 +18,8 @@ use std::time::Instant;
 
 use super::{
     abort_requested, check_observations, create_lap_dir, derive_seed, ensure_finite_samples, json_field,
-    json_line, kill_requested, lap_dir, lap_params, mark_done, metric, open_run, print_header,
-    read_lap_metrics, sample_batch, save_lap_checkpoint, say_if_complete, write_metrics_jsonl,
-    write_run_report, Config, Fingerprint,
+    json_line, kill_requested, lap_dir, lap_params, mark_done, metric, print_header, read_lap_metrics,
+    sample_batch, save_lap_checkpoint, write_metrics_jsonl, write_run_report, Config, Fingerprint,
 };
 use crate::data::manifold::{observe, Manifold, DIM as MANIFOLD_DIM};
 use crate::device::Device;
@@ -735,21 +734,13 @@ pub fn run_vectors(cfg: &Config, run: &Path, device: &Device, resume: bool) -> R
     let comm = crate::dist::world();
     let comm = comm.as_ref();
     let lead = comm.rank() == 0;
-    if comm.world_size() > 1 {
-        // Every rank needs whole parts of each M-step batch: checked before any work.
-        let net = Network::Mlp(TimeMlp::new(1, &hidden_widths(cfg)?, cfg.count("emb")?));
-        crate::train::batch_share(&net, cfg.count("mstep_batch")?, comm, device)?;
-    }
-    let (done, _lock) = if lead {
-        let (done, lock) = open_run(cfg, run, resume, device)?;
-        (done, Some(lock))
-    } else {
-        (None, None)
-    };
-    let done = super::share_done(comm, done)?;
-    if lead {
-        say_if_complete(run, done, cfg.count("laps")?);
-    }
+    let (done, _lock) = super::open_run_on_ranks(cfg, run, resume, device, comm, || {
+        Ok(Network::Mlp(TimeMlp::new(
+            1,
+            &hidden_widths(cfg)?,
+            cfg.count("emb")?,
+        )))
+    })?;
     let setup = Setup::new(cfg, run, lead)?;
     if lead {
         check_observations(run, done, setup.fingerprint())?;
