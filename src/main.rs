@@ -547,6 +547,7 @@ fn say_when_terminated(rank: usize, world: usize) {
 fn info(request: DeviceRequest, list_kernels: bool) -> Result<()> {
     println!("{}", kernels::version_line());
     println!("build: {}", kernels::build_summary());
+    println!("data-parallel: {}", emprior::dist::transports());
     if list_kernels {
         for (module, func) in Kernels::names() {
             println!("  kernel {module}.cu :: {func}");

@@ -1,8 +1,8 @@
 //! Beyond one process (issue 17): how a launcher placed this process (rank, world size, local
 //! rank, from `RANK`/`WORLD_SIZE`/`LOCAL_RANK`, Slurm's `SLURM_PROCID`/`SLURM_NTASKS`/
 //! `SLURM_LOCALID`, or Open MPI's `OMPI_COMM_WORLD_*`), and the communicator the data-parallel
-//! EM goes through: [`SingleProcess`] (no dependency, the default) or MPI's world ([`mpi`], with
-//! the `mpi` feature).
+//! EM goes through: [`SingleProcess`] (no dependency, the default) or MPI's world (`dist::mpi`,
+//! with the `mpi` feature; `dist::nccl` adds NCCL for GPU tensors, with the `nccl` feature).
 //!
 //! The data-parallel EM is exact: a rank runs whole parts of each batch (the parts one process
 //! runs on its cores), E-step samples are all-gathered in rank order, and the M-step's gradients
@@ -386,6 +386,17 @@ pub fn world() -> Arc<dyn Communicator> {
 /// Whether this process writes the run's files (rank 0).
 pub fn is_lead() -> bool {
     world().rank() == 0
+}
+
+/// The transports this build has, for `emprior info`.
+pub fn transports() -> &'static str {
+    if cfg!(feature = "nccl") {
+        "one process; MPI (rsmpi) between processes; NCCL between GPUs (loaded at run time)"
+    } else if cfg!(feature = "mpi") {
+        "one process; MPI (rsmpi) between processes"
+    } else {
+        "one process (build with --features mpi or nccl for data-parallel runs)"
+    }
 }
 
 /// Ends the transport's use (MPI_Finalize) once the run is over; a no-op for one process.
