@@ -262,35 +262,34 @@ pub fn ordered_sum(
         }
         return dev.broadcast(acc, world - 1);
     }
-    let (shape, device) = (acc.shape().to_vec(), acc.device());
     match acc.dtype() {
-        DType::F32 => {
-            let mut host = acc.to_vec_f32()?;
-            ordered_sum_host(comm, &mut host, |h| {
-                let mut t = Tensor::from_f32(h, &shape, &device)?;
-                add_parts(&mut t)?;
-                h.copy_from_slice(&t.to_vec_f32()?);
-                Ok(())
-            })?;
-            *acc = Tensor::from_f32(&host, &shape, &device)?;
-        }
-        DType::F64 => {
-            let mut host = acc.to_vec_f64()?;
-            ordered_sum_host(comm, &mut host, |h| {
-                let mut t = Tensor::from_f64(h, &shape, &device)?;
-                add_parts(&mut t)?;
-                h.copy_from_slice(&t.to_vec_f64()?);
-                Ok(())
-            })?;
-            *acc = Tensor::from_f64(&host, &shape, &device)?;
-        }
-        other => {
-            return Err(Error::Other(format!(
-                "data-parallel sums take f32 or f64 tensors, not {}",
-                other.name()
-            )))
-        }
+        DType::F32 => chain_through_host(comm, acc, Tensor::to_vec_f32, Tensor::from_f32, &add_parts),
+        DType::F64 => chain_through_host(comm, acc, Tensor::to_vec_f64, Tensor::from_f64, &add_parts),
+        other => Err(Error::Other(format!(
+            "data-parallel sums take f32 or f64 tensors, not {}",
+            other.name()
+        ))),
     }
+}
+
+/// [`ordered_sum_host`] of a tensor's values of type `T`, moved to the host by `to_host` and
+/// back by `from_host`; `add_parts` adds this rank's parts to a tensor of the running sum.
+fn chain_through_host<T: bytemuck::Pod>(
+    comm: &dyn Communicator,
+    acc: &mut crate::tensor::Tensor,
+    to_host: fn(&crate::tensor::Tensor) -> Result<Vec<T>>,
+    from_host: fn(&[T], &[usize], &crate::device::Device) -> Result<crate::tensor::Tensor>,
+    add_parts: &dyn Fn(&mut crate::tensor::Tensor) -> Result<()>,
+) -> Result<()> {
+    let (shape, device) = (acc.shape().to_vec(), acc.device());
+    let mut host = to_host(acc)?;
+    ordered_sum_host(comm, &mut host, |h| {
+        let mut t = from_host(h, &shape, &device)?;
+        add_parts(&mut t)?;
+        h.copy_from_slice(&to_host(&t)?);
+        Ok(())
+    })?;
+    *acc = from_host(&host, &shape, &device)?;
     Ok(())
 }
 
