@@ -499,3 +499,65 @@ fn dropout_masks_of_a_part_are_the_whole_batchs() {
     };
     assert_ne!(eval, part, "dropout was active (p = 0.1 in the small U-Net)");
 }
+
+/// Data-parallel steps (`Trainer::step_shard`) on 2 and 3 ranks (threads over channels,
+/// `dist::threads`), each with its share of whole parts, take the same steps as one process
+/// running the whole batch in the same parts: the same bits, not only close.
+#[test]
+fn data_parallel_steps_on_thread_ranks_are_one_process_bits() {
+    use emprior::dist::{threads, Communicator};
+    use emprior::train::Trainer;
+    let (b, f, part) = (300usize, 5usize, 64usize);
+    let x = random_vec(43, b * f, -2.0, 2.0);
+    let trainer = || {
+        let den = Denoiser::new(Network::Mlp(TimeMlp::new(f, &[64, 64], 16)));
+        let params = den.layout().init(3, DType::F32, &CPU).unwrap();
+        let cfg = AdamConfig::new(LrSchedule::Constant(1e-3));
+        let mut t = Trainer::new(den, params, cfg, VeSchedule::new(1e-3, 10.0), 9).unwrap();
+        t.cpu_part_rows = Some(part);
+        t
+    };
+    let mut one = trainer();
+    let whole = Tensor::from_f32(&x, &[b, f], &CPU).unwrap();
+    for _ in 0..3 {
+        one.step(&whole.as_view().unwrap()).unwrap();
+    }
+    let one_losses: Vec<f64> = one.take_stats().unwrap().iter().map(|s| s.loss).collect();
+    let one = one.params.to_vec_f32().unwrap();
+    for world in [2, 3] {
+        let results: Vec<(Vec<f32>, Vec<f64>)> = std::thread::scope(|s| {
+            let handles: Vec<_> = threads::ranks(world)
+                .into_iter()
+                .map(|rank| {
+                    let x = &x;
+                    s.spawn(move || {
+                        let mut t = trainer();
+                        let mine = t.shard_rows(b, &rank, &CPU).unwrap();
+                        let local =
+                            Tensor::from_f32(&x[mine.start * f..mine.end * f], &[mine.len(), f], &CPU)
+                                .unwrap();
+                        for _ in 0..3 {
+                            t.step_shard(
+                                &local.as_view().unwrap(),
+                                b,
+                                mine.start,
+                                &rank as &dyn Communicator,
+                            )
+                            .unwrap();
+                        }
+                        let losses = t.take_stats().unwrap().iter().map(|s| s.loss).collect();
+                        (t.params.to_vec_f32().unwrap(), losses)
+                    })
+                })
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        for (r, (params, losses)) in results.iter().enumerate() {
+            assert!(
+                params.iter().zip(&one).all(|(a, b)| a.to_bits() == b.to_bits()),
+                "world {world}, rank {r}: parameters differ from one process's"
+            );
+            assert_eq!(losses, &one_losses, "world {world}, rank {r}");
+        }
+    }
+}

@@ -18,6 +18,7 @@ use crate::error::{Error, Result};
 pub mod mpi;
 #[cfg(feature = "nccl")]
 pub mod nccl;
+pub mod threads;
 
 /// Where this process sits among the processes of one job.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -494,90 +495,6 @@ mod tests {
         assert!(e.contains("rank 0 of 2") && e.contains("Open MPI"), "{e}");
     }
 
-    /// Ranks as threads of one process, over channels: the chain and gather logic without MPI.
-    struct ThreadRank {
-        rank: usize,
-        to: Vec<std::sync::mpsc::Sender<Vec<u8>>>,
-        from: Vec<std::sync::Mutex<std::sync::mpsc::Receiver<Vec<u8>>>>,
-    }
-
-    /// `world` ranks; rank r's `from[q]` receives what rank q sent to r.
-    fn thread_ranks(world: usize) -> Vec<ThreadRank> {
-        let mut senders = vec![Vec::new(); world];
-        let mut receivers: Vec<Vec<_>> = (0..world).map(|_| Vec::new()).collect();
-        for to in 0..world {
-            for _from in 0..world {
-                let (tx, rx) = std::sync::mpsc::channel();
-                senders[to].push(tx);
-                receivers[to].push(std::sync::Mutex::new(rx));
-            }
-        }
-        // senders[to][from]: the channel from `from` to `to`.
-        (0..world)
-            .map(|rank| ThreadRank {
-                rank,
-                to: (0..world).map(|to| senders[to][rank].clone()).collect(),
-                from: std::mem::take(&mut receivers[rank]),
-            })
-            .collect()
-    }
-
-    impl Communicator for ThreadRank {
-        fn rank(&self) -> usize {
-            self.rank
-        }
-        fn world_size(&self) -> usize {
-            self.to.len()
-        }
-        fn name(&self) -> String {
-            "threads".into()
-        }
-        fn send(&self, to: usize, bytes: &[u8]) -> Result<()> {
-            self.to[to]
-                .send(bytes.to_vec())
-                .map_err(|e| Error::Other(e.to_string()))
-        }
-        fn recv(&self, from: usize, bytes: &mut [u8]) -> Result<()> {
-            let got = self.from[from]
-                .lock()
-                .unwrap()
-                .recv()
-                .map_err(|e| Error::Other(e.to_string()))?;
-            bytes.copy_from_slice(&got);
-            Ok(())
-        }
-        fn broadcast(&self, root: usize, bytes: &mut [u8]) -> Result<()> {
-            if self.rank == root {
-                (0..self.world_size())
-                    .filter(|&r| r != root)
-                    .try_for_each(|r| self.send(r, bytes))
-            } else {
-                self.recv(root, bytes)
-            }
-        }
-        fn all_gather(&self, mine: &[u8], counts: &[usize]) -> Result<Vec<u8>> {
-            let world = self.world_size();
-            (0..world)
-                .filter(|&r| r != self.rank)
-                .try_for_each(|r| self.send(r, mine))?;
-            let mut out = Vec::new();
-            for (r, &count) in counts.iter().enumerate() {
-                if r == self.rank {
-                    out.extend_from_slice(mine);
-                } else {
-                    let mut b = vec![0u8; count];
-                    self.recv(r, &mut b)?;
-                    out.extend(b);
-                }
-            }
-            Ok(out)
-        }
-        fn barrier(&self) -> Result<()> {
-            Ok(())
-        }
-        fn abort(&self, _code: i32) {}
-    }
-
     /// Values whose sums depend on the order they are added in (f32 rounding).
     fn part_values(part: usize, len: usize) -> Vec<f32> {
         (0..len)
@@ -607,11 +524,11 @@ mod tests {
         assert_ne!(other, alone, "the values must make the order visible");
         for world in 2..=4 {
             let results: Vec<Vec<f32>> = std::thread::scope(|s| {
-                let handles: Vec<_> = thread_ranks(world)
+                let handles: Vec<_> = threads::ranks(world)
                     .into_iter()
                     .map(|rank| {
                         s.spawn(move || {
-                            let mine = share(parts, rank.rank, world);
+                            let mine = share(parts, rank.rank(), world);
                             let local: Vec<Tensor> = mine
                                 .map(|p| {
                                     Tensor::from_f32(
@@ -660,13 +577,14 @@ mod tests {
         }
         let world = 3;
         let gathered: Vec<Vec<f32>> = std::thread::scope(|s| {
-            let handles: Vec<_> = thread_ranks(world)
+            let handles: Vec<_> = threads::ranks(world)
                 .into_iter()
                 .map(|rank| {
                     s.spawn(move || {
                         let shares: Vec<usize> =
                             (0..world).map(|r| share_rows(10, 4, r, world).len()).collect();
-                        let mine: Vec<f32> = share_rows(10, 4, rank.rank, world).map(|i| i as f32).collect();
+                        let mine: Vec<f32> =
+                            share_rows(10, 4, rank.rank(), world).map(|i| i as f32).collect();
                         all_gather_f32(&rank, &mine, &shares).unwrap()
                     })
                 })

@@ -130,7 +130,8 @@ pub(crate) fn open_run_on_ranks(
     net: impl FnOnce() -> Result<crate::diffusion::Network>,
 ) -> Result<(Option<usize>, Option<RunLock>)> {
     if comm.world_size() > 1 {
-        crate::train::batch_share(&net()?, cfg.count("mstep_batch")?, comm, device)?;
+        let parts = crate::train::cpu_part_rows(&net()?);
+        crate::train::batch_share(parts, cfg.count("mstep_batch")?, comm, device)?;
     }
     let (done, lock) = if comm.rank() == 0 {
         let (done, lock) = open_run(cfg, run, resume, device)?;

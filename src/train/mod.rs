@@ -67,18 +67,18 @@ pub fn cpu_part_rows(net: &Network) -> Option<usize> {
     })
 }
 
-/// The rows of a training batch of `batch` rows that this rank of `comm` computes for `net` on
-/// `device`: whole CPU parts (so a rank runs exactly the parts one process would), single rows
-/// on a GPU. An error, before any work when called at a run's start, when some rank would get
-/// none.
+/// The rows of a training batch of `batch` rows that this rank of `comm` computes on `device`,
+/// for CPU parts of `cpu_part_rows` ([`cpu_part_rows`] of the network; None: whole): whole parts
+/// on the CPU (so a rank runs exactly the parts one process would), single rows on a GPU. An
+/// error, before any work when called at a run's start, when some rank would get none.
 pub fn batch_share(
-    net: &Network,
+    cpu_part_rows: Option<usize>,
     batch: usize,
     comm: &dyn Communicator,
     device: &Device,
 ) -> Result<Range<usize>> {
     let world = comm.world_size();
-    let part = cpu_part_rows(net)
+    let part = cpu_part_rows
         .filter(|&p| !device.is_cuda() && p < batch)
         .unwrap_or(if device.is_cuda() { 1 } else { batch });
     let parts = batch.div_ceil(part.max(1));
@@ -86,7 +86,7 @@ pub fn batch_share(
         return Err(Error::Other(format!(
             "a training batch of {batch} rows in parts of {part} has {parts} part(s), too few for \
              {world} ranks: raise the batch to at least {} rows, or run fewer ranks",
-            cpu_part_rows(net).filter(|_| !device.is_cuda()).unwrap_or(1) * world
+            cpu_part_rows.filter(|_| !device.is_cuda()).unwrap_or(1) * world
         )));
     }
     Ok(share_rows(batch, part, comm.rank(), world))
@@ -128,7 +128,7 @@ impl Trainer {
     /// The rows of a step's batch of `batch` rows that this rank of `comm` computes
     /// ([`batch_share`]).
     pub fn shard_rows(&self, batch: usize, comm: &dyn Communicator, device: &Device) -> Result<Range<usize>> {
-        batch_share(&self.denoiser.net, batch, comm, device)
+        batch_share(self.cpu_part_rows, batch, comm, device)
     }
 
     /// On the CPU, the rows per part of a batch of `batch` rows (None: the batch whole).
