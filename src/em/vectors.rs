@@ -940,32 +940,32 @@ pub fn run_vectors(cfg: &Config, run: &Path, device: &Device, resume: bool) -> R
             &format!("lap {lap} E-step"),
         )?;
         abort_requested(lap)?;
-        if lead {
-            let m = setup.metrics(lap, &samples, loss, t.elapsed().as_secs_f64(), mstep, device)?;
-            all.push(m);
-            save_lap_checkpoint(
-                run,
-                lap,
-                "manifold",
-                setup.seed,
-                &setup.schedule,
-                &setup.network,
-                &params,
-            )?;
-            write_lap(&setup, run, lap, &samples, &mut all, device)?;
-            mark_done(run, lap)?;
+        if !lead {
+            // The lap's metrics, checkpoint and pictures are the lead's.
+            continue;
         }
+        let m = setup.metrics(lap, &samples, loss, t.elapsed().as_secs_f64(), mstep, device)?;
+        all.push(m);
+        save_lap_checkpoint(
+            run,
+            lap,
+            "manifold",
+            setup.seed,
+            &setup.schedule,
+            &setup.network,
+            &params,
+        )?;
+        write_lap(&setup, run, lap, &samples, &mut all, device)?;
+        mark_done(run, lap)?;
         lap_bar.done(lap);
-        if lead {
-            say(all[all.len() - 1].summary());
-            let memory = device.memory_phase_summary();
-            if !memory.is_empty() {
-                say(format!("  GPU memory by phase: {memory}"));
-            }
-            // metrics.jsonl follows DONE: a kill between the two leaves it a lap behind, and the
-            // resume rewrites it from the complete laps.
-            write_metrics_jsonl(run, all.iter().map(LapMetrics::to_json))?;
+        say(all[all.len() - 1].summary());
+        let memory = device.memory_phase_summary();
+        if !memory.is_empty() {
+            say(format!("  GPU memory by phase: {memory}"));
         }
+        // metrics.jsonl follows DONE: a kill between the two leaves it a lap behind, and the
+        // resume rewrites it from the complete laps.
+        write_metrics_jsonl(run, all.iter().map(LapMetrics::to_json))?;
     }
     Ok(all)
 }
