@@ -8,8 +8,8 @@
 //!   the numbers of the C layout computed here, so nvcc and rustc must agree with each other.
 //!
 //! The parser understands the small C subset our kernels use: scalar parameters (`int`, `float`,
-//! `double`, `i64`, `u64`, `uint32_t`, ...), pointers to `float`/`double` (const = read-only,
-//! `NULLABLE` = may be null), and structs of scalars and fixed arrays. Anything else is a build
+//! `double`, `i64`, `u64`, `uint32_t`, ...), pointers to `float`, `double` or `__nv_bfloat16`
+//! (const = read-only, `NULLABLE` = may be null), and structs of scalars and fixed arrays. Anything else is a build
 //! error naming the kernel and parameter.
 
 use std::fmt::Write as _;
@@ -24,6 +24,8 @@ pub enum Scalar {
     U64,
     F32,
     F64,
+    /// bfloat16 (`__nv_bfloat16`): tensor-core operands; pointers only.
+    BF16,
 }
 
 impl Scalar {
@@ -35,6 +37,7 @@ impl Scalar {
             "u64" | "uint64_t" | "unsigned long long" | "unsigned long long int" => Scalar::U64,
             "float" => Scalar::F32,
             "double" => Scalar::F64,
+            "__nv_bfloat16" | "bf16" => Scalar::BF16,
             _ => return None,
         })
     }
@@ -47,6 +50,7 @@ impl Scalar {
             Scalar::U64 => "u64",
             Scalar::F32 => "f32",
             Scalar::F64 => "f64",
+            Scalar::BF16 => "half::bf16",
         }
     }
 
@@ -59,6 +63,7 @@ impl Scalar {
             Scalar::U64 => "uint64_t",
             Scalar::F32 => "float",
             Scalar::F64 => "double",
+            Scalar::BF16 => "__nv_bfloat16",
         }
     }
 
@@ -67,6 +72,7 @@ impl Scalar {
         match self {
             Scalar::I32 | Scalar::U32 | Scalar::F32 => 4,
             Scalar::I64 | Scalar::U64 | Scalar::F64 => 8,
+            Scalar::BF16 => 2,
         }
     }
 }
@@ -279,6 +285,7 @@ fn structs_in(module: &str, text: &str) -> Result<Vec<Struct>, String> {
             let (ty, declarators) = split_type(decl)
                 .ok_or_else(|| format!("struct {name}: cannot read the field declaration `{decl}`"))?;
             let ty = Scalar::parse(&ty)
+                .filter(|s| *s != Scalar::BF16)
                 .ok_or_else(|| format!("struct {name}: field type `{ty}` is not a supported scalar"))?;
             for d in declarators.split(',').map(str::trim) {
                 let (fname, len) = match d.find('[') {
@@ -393,7 +400,7 @@ fn parse_param(kernel: &str, p: &str, structs: &[String]) -> Result<Param, Strin
             if nullable {
                 return Err(bad("NULLABLE applies to pointers only"));
             }
-            if let Some(s) = Scalar::parse(&base) {
+            if let Some(s) = Scalar::parse(&base).filter(|s| *s != Scalar::BF16) {
                 ParamKind::Scalar(s)
             } else if structs.contains(&base) {
                 ParamKind::Struct(base)

@@ -12,7 +12,14 @@
 // bf16 GEMMs come as a separate precision policy.
 //
 // Launch contract: blockDim = 256; grid = (ceil(N/128), ceil(M/128), min(batch, 65535)).
+//
+// Version 2, the tensor-core GEMM (gemm_bf16_*, at the end of this file): bf16 operands, f32
+// accumulation and epilogue, f32 and/or bf16 output, the main loop of mma.cuh. Launch contract:
+// blockDim = 256; grid = (ceil(M/128), ceil(N/128), min(batch, 65535)); M, N, K, lda, ldb, ldc,
+// the batch strides and every pointer's offset multiples of 8 elements (16-byte chunks), checked
+// by src/ops/tc.rs before launching.
 #include "common.cuh"
+#include "mma.cuh"
 
 #define GEMM_BM 128
 #define GEMM_BN 128
@@ -129,4 +136,48 @@ extern "C" __global__ void __launch_bounds__(GEMM_THREADS)
 extern "C" __global__ void __launch_bounds__(GEMM_THREADS)
     gemm_f32_tt(const float* A, const float* B, float* C, GemmParams p, NULLABLE const float* bias) {
     gemm_body<true, true>(A, B, C, p, bias);
+}
+
+// ---- version 2: bf16 tensor cores ---------------------------------------------------------------
+
+// A not transposed is stored [m][k]: a K-major tile (DenseKMajor); transposed, [k][m]: MN-major.
+// B not transposed is stored [k][n]: MN-major; transposed, [n][k]: K-major.
+template <class LoadA, class LoadB>
+__device__ __forceinline__ void gemm_bf16_body(const bf16* A, const bf16* B, float* C, bf16* C_bf16,
+                                               const GemmParams& p, const float* bias) {
+#if __CUDA_ARCH__ >= 800
+    TC_SMEM_DECL;
+    const int m0 = blockIdx.x * TC_BM, n0 = blockIdx.y * TC_BN;
+    const int ktiles = (p.k + TC_BK - 1) / TC_BK;
+    for (int bz = blockIdx.z; bz < p.batch; bz += gridDim.z) {
+        const LoadA la{A + (i64)bz * p.stride_a, m0, p.m, p.k, p.lda};
+        const LoadB lb{B + (i64)bz * p.stride_b, n0, p.n, p.k, p.ldb};
+        TcAcc acc;
+        tc_mainloop<LoadA::K_MAJOR, LoadB::K_MAJOR>(tc_smem, la, lb, 0, ktiles, acc);
+        const TcEpilogue e{p.alpha, p.beta, bias, C ? C + (i64)bz * p.stride_c : nullptr,
+                           C_bf16 ? C_bf16 + (i64)bz * p.stride_c : nullptr, p.ldc};
+        tc_store(acc, e, m0, n0, p.m, p.n);
+    }
+#else
+    __trap();  // tensor-core kernels need sm_80 or newer; src/ops/tc.rs never launches them below
+#endif
+}
+
+// hot tensor-core
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
+    gemm_bf16_nn(const __nv_bfloat16* A, const __nv_bfloat16* B, NULLABLE float* C,
+                 NULLABLE __nv_bfloat16* C_bf16, GemmParams p, NULLABLE const float* bias) {
+    gemm_bf16_body<DenseKMajor, DenseMNMajor>(A, B, C, C_bf16, p, bias);
+}
+// hot tensor-core
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
+    gemm_bf16_nt(const __nv_bfloat16* A, const __nv_bfloat16* B, NULLABLE float* C,
+                 NULLABLE __nv_bfloat16* C_bf16, GemmParams p, NULLABLE const float* bias) {
+    gemm_bf16_body<DenseKMajor, DenseKMajor>(A, B, C, C_bf16, p, bias);
+}
+// hot tensor-core
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
+    gemm_bf16_tn(const __nv_bfloat16* A, const __nv_bfloat16* B, NULLABLE float* C,
+                 NULLABLE __nv_bfloat16* C_bf16, GemmParams p, NULLABLE const float* bias) {
+    gemm_bf16_body<DenseMNMajor, DenseMNMajor>(A, B, C, C_bf16, p, bias);
 }

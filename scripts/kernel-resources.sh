@@ -7,10 +7,13 @@
 #   scripts/kernel-resources.sh [--arch 80,90] [--include DIR] [--out FILE] [--jobs N]
 #
 # Exit status: 1 when a kernel marked hot spills (spill stores or loads above 0 bytes on any
-# architecture), when a `// hot` marker is not directly above an `extern "C" __global__` line, or
-# when a kernel of the sources is missing from ptxas's report; 2 on a usage or compile error.
+# architecture), when a kernel marked tensor-core lacks its tensor-core instructions in the PTX
+# (mma.sync m16n8k16 bf16, ldmatrix, cp.async and its wait) or has a stack frame, when a `// hot`
+# marker is not directly above an `extern "C" __global__` line, or when a kernel of the sources is
+# missing from ptxas's report; 2 on a usage or compile error.
 #
-# Marking a kernel hot: a line `// hot` directly above its `extern "C" __global__` line.
+# Marking a kernel hot: a line `// hot` directly above its `extern "C" __global__` line;
+# `// hot tensor-core` also marks it as a tensor-core kernel.
 #
 # nvcc: $NVCC, else .cuda/nvidia/cu13/bin/nvcc (scripts/install-cuda-toolkit.sh), else
 # $CUDA_HOME/bin, PATH, /usr/local/cuda/bin. Architectures: --arch, else $EMPRIOR_CUDA_ARCHS,
@@ -93,6 +96,10 @@ compile() { # src arch: the cubin and ptxas's report for one pair; the report en
   else
     echo "failed" >"$work/$name.sm_$arch.status"
   fi
+  if [ "$arch" = "${arch_list[0]// /}" ]; then # one PTX per source, for the instruction check
+    "$nvcc" -ptx -arch="compute_$arch" "${flags[@]}" "$src" -o "$work/$name.ptx" >>"$work/$name.sm_$arch.log" 2>&1 ||
+      echo "failed" >"$work/$name.sm_$arch.status"
+  fi
 }
 
 start=$(date +%s)
@@ -140,6 +147,7 @@ problems = []
 # Kernels in the sources, and which are marked hot.
 kernel_file = {}
 hot = set()
+tensor_core = set()
 global_re = re.compile(r'extern\s+"C"\s+__global__')
 name_re = re.compile(r'\bvoid\s+(\w+)\s*\(')
 for src in sources:
@@ -157,6 +165,8 @@ for src in sources:
         kernel_file[m.group(1)] = os.path.basename(src)
         if i > 0 and re.fullmatch(r'\s*//\s*hot\b.*', lines[i - 1]):
             hot.add(m.group(1))
+            if "tensor-core" in lines[i - 1]:
+                tensor_core.add(m.group(1))
     for i, line in enumerate(lines):
         if re.fullmatch(r'\s*//\s*hot\b.*', line):
             nxt = lines[i + 1] if i + 1 < len(lines) else ""
@@ -209,6 +219,32 @@ for src in sources:
             if "warning" in line.lower():
                 warnings.append(f"{base} sm_{arch}: {line.strip()}")
 
+# Tensor-core kernels: their PTX entry (device functions are inlined into it) must hold the
+# instructions of the main loop in mma.cuh; a stack frame would put per-thread arrays in local
+# memory inside that loop.
+TC_INSTRUCTIONS = [
+    "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32",
+    "ldmatrix.sync.aligned.m8n8.x4",
+    "cp.async.cg.shared.global",
+    "cp.async.wait_group",
+]
+for k in sorted(tensor_core):
+    base = os.path.splitext(kernel_file[k])[0]
+    ptx = open(os.path.join(work, f"{base}.ptx"), encoding="utf-8", errors="replace").read()
+    m = re.search(r"\.entry\s+" + re.escape(k) + r"\s*\(", ptx)
+    if not m:
+        problems.append(f"{kernel_file[k]}: tensor-core kernel {k} has no .entry in the PTX")
+        continue
+    nxt = ptx.find(".entry", m.end())
+    body = ptx[m.end(): nxt if nxt >= 0 else len(ptx)]
+    missing = [ins for ins in TC_INSTRUCTIONS if ins not in body]
+    if missing:
+        problems.append(f"{kernel_file[k]}: tensor-core kernel {k} lacks in its PTX: {', '.join(missing)}")
+    for arch in archs:
+        r = rows.get((k, arch))
+        if r and r["stack"] > 0:
+            problems.append(f"{kernel_file[k]}: tensor-core kernel {k} has a {r['stack']}-byte stack frame on sm_{arch}")
+
 for k in sorted(kernel_file):
     for arch in archs:
         if (k, arch) not in rows:
@@ -240,6 +276,11 @@ lines.append(
     f"{nk} kernels x {len(archs)} architectures ({', '.join('sm_' + a for a in archs)}), {len(hot)} marked hot; "
     f"nvcc {nvcc}{', -I ' + include if include else ''}; {seconds} s."
 )
+if tensor_core:
+    lines.append(
+        f"Tensor-core kernels ({len(tensor_core)}): PTX checked for " + ", ".join(TC_INSTRUCTIONS)
+        + "; no stack frame."
+    )
 if hot_spills:
     lines.append("SPILLS IN HOT KERNELS: " + "; ".join(hot_spills))
 else:

@@ -1,0 +1,284 @@
+// The tensor-core main loop shared by the bf16 GEMMs (gemm_bf16.cu) and the implicit-GEMM
+// convolutions (conv_bf16.cu): bf16 operands, f32 accumulation, sm_80 and newer.
+//
+// One thread block computes a TC_BM x TC_BN tile of C = A B (A is M x K, B is K x N) over a range
+// of K tiles of TC_BK, with 8 warps in a 2 x 4 grid (a 64 x 32 warp tile = 4 x 4 m16n8k16 MMAs
+// per 16 of K). Operands move global -> shared with cp.async (16 bytes = 8 bf16 per copy, zero
+// filled where a loader says the chunk is outside the problem) in a TC_STAGES-deep ring, and
+// shared -> registers with ldmatrix. Each operand tile is stored in one of two orders:
+// - K-major: one row per M (or N) index, TC_BK = 32 values = 4 chunks of 16 bytes per row; chunk c
+//   of row r lives at chunk c ^ ((r >> 1) & 3) (conflict-free ldmatrix and cp.async);
+// - MN-major: one row per K index, 128 values = 16 chunks per row; chunk c of row r lives at
+//   chunk c ^ (r & 7). Fragments are read with ldmatrix .trans.
+// The loaders (the GEMM's plain matrices, the convolutions' on-the-fly im2col gathers) only say
+// where each 16-byte chunk of a tile comes from and whether it exists.
+//
+// Fragment layout of mma.m16n8k16 (PTX ISA, "Matrix Fragments for mma.m16n8k16"; lane = 4 g + t):
+// A regs a0..a3 = A[g][2t..], A[g+8][2t..], A[g][2t+8..], A[g+8][2t+8..]; B regs b0, b1 =
+// B[2t..2t+1][g], B[2t+8..2t+9][g]; C regs c0..c3 = C[g][2t], C[g][2t+1], C[g+8][2t], C[g+8][2t+1].
+// The ldmatrix addressing below produces exactly these (shared/docs/tensor-cores.md §1.3).
+#pragma once
+#include <cuda_bf16.h>
+#include "common.cuh"
+
+#define TC_BM 128
+#define TC_BN 128
+#define TC_BK 32
+#define TC_STAGES 3
+#define TC_THREADS 256
+// bf16 elements of one operand tile (128 x 32 either way round) and of one pipeline stage.
+#define TC_TILE (TC_BM * TC_BK)
+#define TC_STAGE_ELEMS (2 * TC_TILE)
+
+typedef __nv_bfloat16 bf16;
+
+// ---- PTX wrappers (volatile + "memory": never moved across waits and barriers) ------------------
+
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+    return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+// Copies 16 bytes from global to shared, or writes 16 zero bytes when !valid (src-size 0; the
+// source address is then a valid in-bounds pointer passed by the loader, never dereferenced).
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool valid) {
+    const int src_bytes = valid ? 16 : 0;
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(smem_addr(smem)), "l"(gmem),
+                 "r"(src_bytes)
+                 : "memory");
+}
+
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::: "memory"); }
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4(uint32_t (&r)[4], const bf16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p))
+                 : "memory");
+}
+
+__device__ __forceinline__ void ldmatrix_x4_trans(uint32_t (&r)[4], const bf16* p) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(smem_addr(p))
+                 : "memory");
+}
+
+// d += a b for one m16n8k16 tile, bf16 operands, f32 accumulators.
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
+    asm volatile(
+        "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, "
+        "{%8, %9}, {%0, %1, %2, %3};\n"
+        : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+        : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// ---- shared-memory tile orders ------------------------------------------------------------------
+
+// Element offset of chunk c (8 values) of row r in a K-major tile (rows of TC_BK = 4 chunks).
+__device__ __forceinline__ int kmajor_offset(int r, int c) { return r * TC_BK + ((c ^ ((r >> 1) & 3)) << 3); }
+
+// Element offset of chunk c of row r in an MN-major tile (rows of 128 = 16 chunks).
+__device__ __forceinline__ int mnmajor_offset(int r, int c) { return r * TC_BM + ((c ^ (r & 7)) << 3); }
+
+// ---- loaders of plain row-major matrices ----------------------------------------------------------
+
+// An operand whose rows are M (or N) indices: element (mn, k) at p[mn * ld + k], K-major tile.
+struct DenseKMajor {
+    static constexpr bool K_MAJOR = true;
+    const bf16* p;
+    int mn0, mn, k, ld;
+    __device__ __forceinline__ const bf16* chunk(int r, int c, int kt, bool& valid) const {
+        const int gm = mn0 + r, gk = kt * TC_BK + c * 8;
+        valid = gm < mn && gk < k;
+        return valid ? p + (i64)gm * ld + gk : p;
+    }
+};
+
+// An operand whose rows are K indices: element (mn, k) at p[k * ld + mn], MN-major tile.
+struct DenseMNMajor {
+    static constexpr bool K_MAJOR = false;
+    const bf16* p;
+    int mn0, mn, k, ld;
+    __device__ __forceinline__ const bf16* chunk(int r, int c, int kt, bool& valid) const {
+        const int gk = kt * TC_BK + r, gm = mn0 + c * 8;
+        valid = gm < mn && gk < k;
+        return valid ? p + (i64)gk * ld + gm : p;
+    }
+};
+
+// ---- the main loop -------------------------------------------------------------------------------
+
+// Accumulators of one thread: acc[i][j][r] is C[row][col] with row = warp_m + 16 i + g + 8 (r >> 1)
+// and col = warp_n + 8 j + 2 t + (r & 1) (tile-relative; see tc_acc_row / tc_acc_col).
+struct TcAcc {
+    float v[4][4][4];
+};
+
+__device__ __forceinline__ int tc_warp_m() { return (threadIdx.x >> 5) / 4 * 64; }
+__device__ __forceinline__ int tc_warp_n() { return (threadIdx.x >> 5) % 4 * 32; }
+__device__ __forceinline__ int tc_acc_row(int i, int r) { return tc_warp_m() + 16 * i + ((threadIdx.x & 31) >> 2) + 8 * (r >> 1); }
+__device__ __forceinline__ int tc_acc_col(int j, int r) { return tc_warp_n() + 8 * j + 2 * (threadIdx.x & 3) + (r & 1); }
+
+// Fills one stage: every thread issues 2 chunks of A and 2 of B (512 chunks each per tile).
+// Loader contract: `chunk(row, c, kt, valid)` returns the global address of the 16-byte chunk at
+// (tile row, chunk column) of K tile kt (row/c in the loader's own order: K-major rows are M/N
+// indices and c in 0..3; MN-major rows are K indices and c in 0..15) and sets valid.
+template <bool A_KMAJOR, bool B_KMAJOR, class LoadA, class LoadB>
+__device__ __forceinline__ void tc_load_stage(bf16* stage, const LoadA& la, const LoadB& lb, int kt) {
+    bf16* as = stage;
+    bf16* bs = stage + TC_TILE;
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+        const int id = threadIdx.x + i * TC_THREADS;
+        bool valid;
+        if (A_KMAJOR) {
+            const int r = id >> 2, c = id & 3;
+            const bf16* src = la.chunk(r, c, kt, valid);
+            cp_async16(as + kmajor_offset(r, c), src, valid);
+        } else {
+            const int r = id >> 4, c = id & 15;
+            const bf16* src = la.chunk(r, c, kt, valid);
+            cp_async16(as + mnmajor_offset(r, c), src, valid);
+        }
+        if (B_KMAJOR) {
+            const int r = id >> 2, c = id & 3;
+            const bf16* src = lb.chunk(r, c, kt, valid);
+            cp_async16(bs + kmajor_offset(r, c), src, valid);
+        } else {
+            const int r = id >> 4, c = id & 15;
+            const bf16* src = lb.chunk(r, c, kt, valid);
+            cp_async16(bs + mnmajor_offset(r, c), src, valid);
+        }
+    }
+}
+
+// The MMAs of one stage: two k16 steps over the warp's 64 x 32 tile.
+template <bool A_KMAJOR, bool B_KMAJOR>
+__device__ __forceinline__ void tc_compute_stage(const bf16* stage, TcAcc& acc) {
+    const bf16* as = stage;
+    const bf16* bs = stage + TC_TILE;
+    const int lane = threadIdx.x & 31;
+    const int wm = tc_warp_m(), wn = tc_warp_n();
+#pragma unroll
+    for (int kk = 0; kk < TC_BK; kk += 16) {
+        uint32_t a[4][4];
+#pragma unroll
+        for (int i = 0; i < 4; ++i) {
+            if (A_KMAJOR) {
+                // Matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15).
+                const int row = wm + 16 * i + (lane & 15);
+                const int c = (kk >> 3) + (lane >> 4);
+                ldmatrix_x4(a[i], as + kmajor_offset(row, c));
+            } else {
+                // Stored [k][m]: matrix q = lane / 8 covers m + 8 (q & 1), k + 8 (q >> 1); .trans.
+                const int q = lane >> 3;
+                const int krow = kk + (lane & 7) + 8 * (q >> 1);
+                const int m = wm + 16 * i + 8 * (q & 1);
+                ldmatrix_x4_trans(a[i], as + mnmajor_offset(krow, m >> 3));
+            }
+        }
+        uint32_t b[4][2];
+#pragma unroll
+        for (int j = 0; j < 4; j += 2) {
+            uint32_t r[4];
+            if (B_KMAJOR) {
+                // Stored [n][k]: matrices (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15).
+                const int n = wn + 8 * j + (lane & 7) + 8 * (lane >> 4);
+                const int c = (kk >> 3) + ((lane >> 3) & 1);
+                ldmatrix_x4(r, bs + kmajor_offset(n, c));
+            } else {
+                // Stored [k][n]: matrices (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15).
+                const int krow = kk + (lane & 15);
+                const int n = wn + 8 * j + 8 * (lane >> 4);
+                ldmatrix_x4_trans(r, bs + mnmajor_offset(krow, n >> 3));
+            }
+            b[j][0] = r[0];
+            b[j][1] = r[1];
+            b[j + 1][0] = r[2];
+            b[j + 1][1] = r[3];
+        }
+#pragma unroll
+        for (int i = 0; i < 4; ++i)
+#pragma unroll
+            for (int j = 0; j < 4; ++j) mma_bf16_16816(acc.v[i][j], a[i], b[j][0], b[j][1]);
+    }
+}
+
+// acc = the product over K tiles [kt_begin, kt_end). `smem` holds TC_STAGES * TC_STAGE_ELEMS
+// bf16, 128-byte aligned. Every thread of the block must call this (barriers inside).
+template <bool A_KMAJOR, bool B_KMAJOR, class LoadA, class LoadB>
+__device__ __forceinline__ void tc_mainloop(bf16* smem, const LoadA& la, const LoadB& lb, int kt_begin, int kt_end,
+                                            TcAcc& acc) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int r = 0; r < 4; ++r) acc.v[i][j][r] = 0.0f;
+    const int tiles = kt_end - kt_begin;
+    // Prologue: stages 0 .. TC_STAGES - 2 in flight (one commit each, empty past the end).
+#pragma unroll
+    for (int s = 0; s < TC_STAGES - 1; ++s) {
+        if (s < tiles) tc_load_stage<A_KMAJOR, B_KMAJOR>(smem + s * TC_STAGE_ELEMS, la, lb, kt_begin + s);
+        cp_async_commit();
+    }
+    for (int t = 0; t < tiles; ++t) {
+        // Tile t has landed for this thread; the barrier makes it visible to all and guarantees
+        // everyone finished computing tile t - 1, whose stage the next load overwrites.
+        cp_async_wait<TC_STAGES - 2>();
+        __syncthreads();
+        const int next = t + TC_STAGES - 1;
+        if (next < tiles)
+            tc_load_stage<A_KMAJOR, B_KMAJOR>(smem + (next % TC_STAGES) * TC_STAGE_ELEMS, la, lb, kt_begin + next);
+        cp_async_commit();
+        tc_compute_stage<A_KMAJOR, B_KMAJOR>(smem + (t % TC_STAGES) * TC_STAGE_ELEMS, acc);
+    }
+    cp_async_wait<0>();
+    __syncthreads();
+}
+
+// The shared memory of one block: the stage ring (48 KiB, the static limit).
+#define TC_SMEM_DECL __shared__ __align__(128) bf16 tc_smem[TC_STAGES * TC_STAGE_ELEMS]
+
+// ---- the epilogue --------------------------------------------------------------------------------
+
+// C[row][col] = alpha acc + beta C + bias[col] for the tile at (m0, n0), stored as f32 (C) and/or
+// bf16 (C_bf16); pairs of adjacent columns go out as one 8-byte (f32) or 4-byte (bf16) store, so
+// ldc and N must be even. beta == 0 never reads C.
+struct TcEpilogue {
+    float alpha, beta;
+    const float* bias;  // may be null
+    float* c;           // may be null
+    bf16* c_bf16;       // may be null
+    i64 ldc;
+};
+
+__device__ __forceinline__ void tc_store(const TcAcc& acc, const TcEpilogue& e, int m0, int n0, int m, int n) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+#pragma unroll
+        for (int j = 0; j < 4; ++j)
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {
+                const int row = m0 + tc_acc_row(i, 2 * h), col = n0 + tc_acc_col(j, 0);
+                if (row >= m || col >= n) continue;
+                float v0 = e.alpha * acc.v[i][j][2 * h], v1 = e.alpha * acc.v[i][j][2 * h + 1];
+                const i64 at = (i64)row * e.ldc + col;
+                if (e.c && e.beta != 0.0f) {
+                    const float2 old = *reinterpret_cast<const float2*>(e.c + at);
+                    v0 += e.beta * old.x;
+                    v1 += e.beta * old.y;
+                }
+                if (e.bias) {
+                    v0 += e.bias[col];
+                    v1 += e.bias[col + 1];
+                }
+                if (e.c) *reinterpret_cast<float2*>(e.c + at) = make_float2(v0, v1);
+                if (e.c_bf16) *reinterpret_cast<__nv_bfloat162*>(e.c_bf16 + at) = __floats2bfloat162_rn(v0, v1);
+            }
+}
