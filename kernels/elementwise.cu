@@ -4,6 +4,7 @@
 //
 // Launch contract: any grid, any block size; n is the element count (64-bit). Outputs may alias
 // inputs (axpy updates y in place).
+#include <cuda_bf16.h>
 #include "common.cuh"
 
 struct AddOp {
@@ -109,4 +110,20 @@ extern "C" __global__ void ew_silu_backward_f32(const float* x, const float* dy,
 extern "C" __global__ void ew_div_guarded_f32(const float* a, const float* b, float* out, i64 n) {
     const i64 stride = (i64)gridDim.x * blockDim.x;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += stride) out[i] = b[i] == 0.0f ? 0.0f : a[i] / b[i];
+}
+
+// ---- precision casts (the bf16 policy's operands) -----------------------------------------------
+// f32 -> bf16 rounds to nearest even (NaN stays NaN, +-inf and +-0 are kept); bf16 -> f32 is exact.
+// Launch contract as above; n is the element count.
+
+// hot
+extern "C" __global__ void cast_f32_to_bf16(const float* x, __nv_bfloat16* y, i64 n) {
+    const i64 step = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) y[i] = __float2bfloat16_rn(x[i]);
+}
+
+// hot
+extern "C" __global__ void cast_bf16_to_f32(const __nv_bfloat16* x, float* y, i64 n) {
+    const i64 step = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) y[i] = __bfloat162float(x[i]);
 }

@@ -152,6 +152,11 @@ impl Tensor {
         Tensor::from_host(CpuStorage::F32(data.to_vec()), data.len(), shape, device)
     }
 
+    /// A bf16 tensor from host data (copied to the device when it is a GPU).
+    pub fn from_bf16(data: &[bf16], shape: &[usize], device: &Device) -> Result<Tensor> {
+        Tensor::from_host(CpuStorage::BF16(data.to_vec()), data.len(), shape, device)
+    }
+
     /// An f64 tensor from host data.
     pub fn from_f64(data: &[f64], shape: &[usize], device: &Device) -> Result<Tensor> {
         Tensor::from_host(CpuStorage::F64(data.to_vec()), data.len(), shape, device)
@@ -361,6 +366,66 @@ impl Tensor {
                 op: "cuda_f32_mut",
                 detail: "tensor is on the CPU".into(),
             }),
+        }
+    }
+}
+
+impl Tensor {
+    // ---- bf16 data (tensor-core operands; no view holds them, ops take the tensor) ----------
+
+    /// The host bf16 data (errors unless a bf16 tensor on the CPU).
+    pub fn cpu_bf16(&self) -> Result<&[bf16]> {
+        match &self.storage {
+            Storage::Cpu(CpuStorage::BF16(v)) => Ok(&v[..]),
+            _ => Err(self.bf16_error("cpu_bf16", false)),
+        }
+    }
+
+    /// The host bf16 data, mutably (errors unless a bf16 tensor on the CPU).
+    pub fn cpu_bf16_mut(&mut self) -> Result<&mut [bf16]> {
+        let err = self.bf16_error("cpu_bf16_mut", false);
+        match &mut self.storage {
+            Storage::Cpu(CpuStorage::BF16(v)) => Ok(&mut v[..]),
+            _ => Err(err),
+        }
+    }
+
+    /// A device view of the bf16 data (errors unless a bf16 tensor on a GPU).
+    pub fn cuda_bf16(&self) -> Result<CudaView<'_, bf16>> {
+        let n = self.numel();
+        match &self.storage {
+            // SAFETY: the buffer holds at least n bf16 values (allocated for this shape).
+            Storage::Cuda(s) if self.dtype == DType::BF16 => {
+                Ok(unsafe { s.buf.slice().transmute::<bf16>(n) }.expect("buffer sized for the tensor"))
+            }
+            _ => Err(self.bf16_error("cuda_bf16", true)),
+        }
+    }
+
+    /// A mutable device view of the bf16 data (errors unless a bf16 tensor on a GPU).
+    pub fn cuda_bf16_mut(&mut self) -> Result<CudaViewMut<'_, bf16>> {
+        let n = self.numel();
+        let err = self.bf16_error("cuda_bf16_mut", true);
+        match &mut self.storage {
+            Storage::Cuda(s) if self.dtype == DType::BF16 => {
+                // SAFETY: as in cuda_bf16.
+                Ok(unsafe { s.buf.slice_mut().transmute_mut::<bf16>(n) }.expect("buffer sized for the tensor"))
+            }
+            _ => Err(err),
+        }
+    }
+
+    fn bf16_error(&self, op: &'static str, on_gpu: bool) -> Error {
+        if self.dtype != DType::BF16 {
+            return self.dtype_error(op, "bf16");
+        }
+        Error::DeviceMismatch {
+            op,
+            detail: format!(
+                "wanted bf16 data {}, the tensor is on {}",
+                if on_gpu { "on a GPU" } else { "on the host" },
+                self.device()
+            ),
         }
     }
 }

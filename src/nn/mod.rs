@@ -11,6 +11,7 @@
 pub mod attention;
 pub mod blocks;
 pub mod conv;
+pub mod conv_bf16;
 pub mod dropout;
 pub mod embedding;
 pub mod linear;

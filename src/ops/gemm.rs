@@ -386,3 +386,160 @@ pub fn matmul(a: &impl AsView, b: &impl AsView, trans_a: bool, trans_b: bool) ->
 pub fn flops(p: &GemmParams) -> f64 {
     2.0 * p.m as f64 * p.n as f64 * p.k as f64 * p.batch as f64
 }
+
+/// The tensor-core GEMM (kernels/gemm.cu, version 2) and its CPU twin: `C = alpha op(A) op(B) +
+/// beta C + bias` with bf16 `A` and `B` (tensors of dtype bf16, shaped as for [`gemm_into`]) and
+/// f32 accumulation, written to an f32 `c` (which `beta` reads), a bf16 `c_bf16` (rounded to
+/// nearest even), or both. Every dimension must be a multiple of 8
+/// ([`super::precision::tensor_core_refusal`]) on both backends, so a layer takes this path or
+/// the f32 one the same way everywhere. `A^T B^T` is not offered (no layer needs it).
+///
+/// The CPU twin multiplies the same bf16 values widened to f32 (exact) with the f32 oracle; a
+/// GPU adds the products in another order, so the two agree to f32 accumulation error, about
+/// `(K / 16 + 4) 2^-23 |A| |B|` elementwise (shared/docs/tensor-cores.md §6).
+#[allow(clippy::too_many_arguments)]
+pub fn gemm_bf16_into(
+    a: &Tensor,
+    b: &Tensor,
+    bias: Option<&View>,
+    c: Option<&mut ViewMut>,
+    c_bf16: Option<&mut Tensor>,
+    spec: GemmSpec,
+) -> Result<()> {
+    use crate::tensor::DType;
+    for (name, t) in [("A", a), ("B", b)] {
+        if t.dtype() != DType::BF16 {
+            return Err(t.dtype_error("gemm_bf16", "bf16"));
+        }
+        if !t.device().same_as(&a.device()) {
+            return Err(Error::DeviceMismatch {
+                op: "gemm_bf16",
+                detail: format!("{name} is on {}, A on {}", t.device(), a.device()),
+            });
+        }
+    }
+    if spec.trans_a && spec.trans_b {
+        return Err(Error::Other(
+            "gemm_bf16: A^T B^T is not implemented (transpose one operand first)".into(),
+        ));
+    }
+    let (p, out_shape) = resolve(a.shape(), b.shape(), &spec)?;
+    let device = a.device();
+    if let Some(why) = super::precision::tensor_core_refusal(
+        &[
+            ("M", p.m as usize),
+            ("N", p.n as usize),
+            ("K", p.k as usize),
+            ("lda", p.lda as usize),
+            ("ldb", p.ldb as usize),
+        ],
+        &device,
+    ) {
+        return Err(Error::Other(format!("gemm_bf16: {why}")));
+    }
+    if c.is_none() && c_bf16.is_none() {
+        return Err(Error::Other("gemm_bf16: no output given".into()));
+    }
+    if spec.beta != 0.0 && c.is_none() {
+        return Err(Error::Other("gemm_bf16: beta != 0 needs the f32 output to read".into()));
+    }
+    if let Some(c) = &c {
+        expect_shape("gemm_bf16", "C", c.shape(), &out_shape)?;
+        if !c.as_view().device().same_as(&device) || c.dtype() != DType::F32 {
+            return Err(Error::DeviceMismatch {
+                op: "gemm_bf16",
+                detail: format!("C must be f32 on {device}"),
+            });
+        }
+    }
+    if let Some(cb) = &c_bf16 {
+        expect_shape("gemm_bf16", "C (bf16)", cb.shape(), &out_shape)?;
+        if cb.dtype() != DType::BF16 || !cb.device().same_as(&device) {
+            return Err(Error::DeviceMismatch {
+                op: "gemm_bf16",
+                detail: format!("the bf16 C must be bf16 on {device}"),
+            });
+        }
+    }
+    if let Some(bias) = bias {
+        expect_shape("gemm_bf16", "bias", bias.shape(), &[p.n as usize])?;
+        if !bias.device().same_as(&device) || bias.dtype() != DType::F32 {
+            return Err(Error::DeviceMismatch {
+                op: "gemm_bf16",
+                detail: format!("the bias must be f32 on {device}"),
+            });
+        }
+    }
+    crate::device::note_op();
+    let numel: usize = out_shape.iter().product();
+    if numel == 0 {
+        return Ok(());
+    }
+    let (ta, tb) = (spec.trans_a, spec.trans_b);
+    match &device {
+        crate::Device::Cpu => {
+            let widen = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.cpu_bf16()?.iter().map(|v| v.to_f32()).collect()) };
+            let (af, bf) = (widen(a)?, widen(b)?);
+            let mut out = match &c {
+                Some(c) if spec.beta != 0.0 => c.as_view().cpu::<f32>()?.to_vec(),
+                _ => vec![0.0f32; numel],
+            };
+            cpu::gemm(&p, ta, tb, &af, &bf, &mut out);
+            if let Some(bias) = bias {
+                crate::ops::broadcast::cpu::add_bias(&mut out, bias.cpu::<f32>()?);
+            }
+            if let Some(cb) = c_bf16 {
+                for (o, &v) in cb.cpu_bf16_mut()?.iter_mut().zip(&out) {
+                    *o = half::bf16::from_f32(v);
+                }
+            }
+            if let Some(c) = c {
+                c.cpu_mut::<f32>()?.copy_from_slice(&out);
+            }
+        }
+        crate::Device::Cuda(dev) => {
+            if (p.n as u32).div_ceil(GEMM_TILE) > 65535 {
+                return Err(Error::shape("gemm_bf16", "op(B)", "at most 8,388,480 columns on the GPU", p.n));
+            }
+            let cfg = launch::blocks(
+                (
+                    (p.m as u32).div_ceil(GEMM_TILE),
+                    (p.n as u32).div_ceil(GEMM_TILE),
+                    (p.batch as u32).min(65535),
+                ),
+                GEMM_THREADS,
+            );
+            let bias_view = match bias.map(|v| &v.data) {
+                Some(Data::Cuda(bv, _)) => Some(bv.slice(..)),
+                Some(_) => unreachable!("checked to be on the GPU above"),
+                None => None,
+            };
+            let mut c_view = match c {
+                Some(c) => match &mut c.data {
+                    DataMut::Cuda(o, _) => Some(o.slice_mut(..)),
+                    _ => unreachable!("checked to be on the GPU above"),
+                },
+                None => None,
+            };
+            let mut cb_view = match c_bf16 {
+                Some(cb) => Some(cb.cuda_bf16_mut()?),
+                None => None,
+            };
+            let (x, y) = (a.cuda_bf16()?, b.cuda_bf16()?);
+            let k = dev.kernels();
+            // SAFETY: `resolve` checked every operand against (m, n, k, batch, strides), the
+            // refusal above every 16-byte chunk's alignment; the grid covers C's tiles and the
+            // kernel loops over batches beyond grid.z.
+            unsafe {
+                match ta {
+                    false if !tb => {
+                        k.gemm_bf16_nn(cfg, &x, &y, c_view.as_mut(), cb_view.as_mut(), p, bias_view.as_ref())
+                    }
+                    false => k.gemm_bf16_nt(cfg, &x, &y, c_view.as_mut(), cb_view.as_mut(), p, bias_view.as_ref()),
+                    true => k.gemm_bf16_tn(cfg, &x, &y, c_view.as_mut(), cb_view.as_mut(), p, bias_view.as_ref()),
+                }
+            }?;
+        }
+    }
+    Ok(())
+}

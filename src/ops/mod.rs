@@ -10,6 +10,7 @@ pub mod broadcast;
 pub mod elementwise;
 pub mod gemm;
 pub mod parallel;
+pub mod precision;
 pub mod reduce;
 pub mod rng;
 pub mod simd;
@@ -18,7 +19,8 @@ pub use elementwise::{
     add, add_into, axpy, div_guarded, div_guarded_into, fill, mul, mul_into, scale, scale_into, silu,
     silu_backward, silu_backward_into, silu_into,
 };
-pub use gemm::{gemm_bias_into, gemm_into, matmul, GemmSpec};
+pub use gemm::{gemm_bf16_into, gemm_bias_into, gemm_into, matmul, GemmSpec};
+pub use precision::{to_bf16, to_f32, Precision};
 pub use reduce::{row_dot, row_dot_into, row_norm, row_norm_into, sum, sum_into};
 pub use rng::{normal, philox4x32_10, uniform, Philox};
 

@@ -1,0 +1,269 @@
+//! The 3x3 convolution's three passes under the bf16 policy: implicit GEMM on the tensor cores
+//! (kernels/conv.cu, version 2: no column buffer) and their CPU twins. Layouts as in
+//! [`super::conv`]: x `[N, H, W, Cin]`, weight `[3, 3, Cin, Cout]` (= `[9 Cin, Cout]`), bias
+//! `[Cout]`, y `[N, OH, OW, Cout]`. Operands (x, the weight, dy) are bf16 tensors; accumulation,
+//! bias and every f32 output are f32.
+//!
+//! The CPU twins widen the same bf16 values to f32 (exact) and run the f32 oracle of
+//! [`super::conv`] (im2col and GEMM), so a GPU result differs from its twin only by the order of
+//! the f32 additions. The weight gradient on a GPU is split over the output pixels into a fixed
+//! number of parts that depends only on the shape ([`wgrad_splits`]), summed in part order: the
+//! same bits run to run and on every GPU of a given kernel build.
+
+use super::conv::{col2im_into, im2col, ConvGeometry};
+use crate::device::launch;
+use crate::error::{Error, Result};
+use crate::ops::precision::{to_f32, tensor_core_refusal};
+use crate::ops::{gemm_bias_into, gemm_into, GemmSpec};
+use crate::tensor::{AsView, AsViewMut, DType, Data, DataMut, Tensor, View, ViewMut};
+use crate::Device;
+
+const TILE: u32 = 128;
+const THREADS: u32 = 256;
+
+/// Why the tensor-core convolution cannot take this geometry (`None` when it can): channel
+/// counts must be multiples of 8, and a GPU must be sm_80 or newer. The U-Net's first
+/// convolution (3 input channels) stays on the f32 path.
+pub fn refusal(g: &ConvGeometry, cout: usize, device: &Device) -> Option<String> {
+    tensor_core_refusal(&[("Cin", g.cin as usize), ("Cout", cout)], device)
+}
+
+fn pixels_out(g: &ConvGeometry) -> usize {
+    g.n as usize * g.oh as usize * g.ow as usize
+}
+fn pixels_in(g: &ConvGeometry) -> usize {
+    g.n as usize * g.h as usize * g.w as usize
+}
+
+/// Checks one operand's dtype, element count and device.
+fn expect(op: &'static str, what: &str, t_dtype: DType, numel: usize, dev: &Device, want: (DType, usize, &Device)) -> Result<()> {
+    if t_dtype != want.0 || numel != want.1 || !dev.same_as(want.2) {
+        return Err(Error::Other(format!(
+            "{op}: {what} must be {} with {} elements on {}; it is {} with {numel} on {dev}",
+            want.0.name(),
+            want.1,
+            want.2,
+            t_dtype.name()
+        )));
+    }
+    Ok(())
+}
+
+fn check(op: &'static str, g: &ConvGeometry, cout: usize, device: &Device) -> Result<()> {
+    if let Some(why) = refusal(g, cout, device) {
+        return Err(Error::Other(format!("{op}: {why}")));
+    }
+    let rows = pixels_in(g).max(pixels_out(g)) as u64;
+    if rows.div_ceil(TILE as u64) > i32::MAX as u64 / 2 || g.cin as usize * 9 * cout > i32::MAX as usize {
+        return Err(Error::Other(format!("{op}: the problem is too large for 32-bit tile indices")));
+    }
+    crate::device::note_op();
+    Ok(())
+}
+
+fn widen(t: &Tensor) -> Result<Tensor> {
+    to_f32(t)
+}
+
+/// `y = conv(x) + bias`: f32 into `y` and/or bf16 into `y_bf16` (each `[N, OH, OW, Cout]`).
+pub fn forward(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&View>,
+    g: &ConvGeometry,
+    cout: usize,
+    y: Option<&mut ViewMut>,
+    y_bf16: Option<&mut Tensor>,
+) -> Result<()> {
+    let device = x.device();
+    check("conv3x3 forward (bf16)", g, cout, &device)?;
+    let op = "conv3x3 forward (bf16)";
+    expect(op, "x", x.dtype(), x.numel(), &device, (DType::BF16, pixels_in(g) * g.cin as usize, &device))?;
+    let wn = 9 * g.cin as usize * cout;
+    expect(op, "the weight", weight.dtype(), weight.numel(), &weight.device(), (DType::BF16, wn, &device))?;
+    let out_n = pixels_out(g) * cout;
+    if let Some(b) = bias {
+        expect(op, "the bias", b.dtype(), b.numel(), &b.device(), (DType::F32, cout, &device))?;
+    }
+    if let Some(y) = &y {
+        expect(op, "y", y.dtype(), y.numel(), &y.as_view().device(), (DType::F32, out_n, &device))?;
+    }
+    if let Some(y) = &y_bf16 {
+        expect(op, "y (bf16)", y.dtype(), y.numel(), &y.device(), (DType::BF16, out_n, &device))?;
+    }
+    match &device {
+        Device::Cpu => {
+            let (xf, wf) = (widen(x)?, widen(weight)?);
+            let col = im2col(&xf.as_view()?, g)?;
+            let wm = wf.as_view()?.reshape(&[9 * g.cin as usize, cout])?;
+            let mut out = Tensor::uninit(&[pixels_out(g), cout], DType::F32, &device)?;
+            match bias {
+                Some(b) => gemm_bias_into(&col, &wm, b, &mut out, GemmSpec::default())?,
+                None => gemm_into(&col, &wm, &mut out, GemmSpec::default())?,
+            }
+            store_cpu(&out, y, y_bf16)
+        }
+        Device::Cuda(dev) => {
+            let cfg = launch::blocks(
+                (
+                    (pixels_out(g) as u32).div_ceil(TILE),
+                    (cout as u32).div_ceil(TILE),
+                    1,
+                ),
+                THREADS,
+            );
+            let (xv, wv) = (x.cuda_bf16()?, weight.cuda_bf16()?);
+            let bv = match bias.map(|b| &b.data) {
+                Some(Data::Cuda(v, _)) => Some(v.slice(..)),
+                _ => None,
+            };
+            let mut yv = y.map(|y| cuda_f32(y)).transpose()?;
+            let mut ybv = y_bf16.map(|t| t.cuda_bf16_mut()).transpose()?;
+            // SAFETY: every operand's size was checked against the geometry; channel counts are
+            // multiples of 8 (16-byte chunks); the grid covers the output tiles.
+            unsafe {
+                dev.kernels()
+                    .conv3x3_fprop_bf16(cfg, &xv, &wv, bv.as_ref(), yv.as_mut(), ybv.as_mut(), *g, cout as i32)
+            }
+        }
+    }
+}
+
+/// `dx = beta dx + the input gradient` for `dy` (`[N, OH, OW, Cout]`, bf16), f32 into `dx`
+/// (`[N, H, W, Cin]`; beta 0 never reads it).
+pub fn input_grad(dy: &Tensor, weight: &Tensor, g: &ConvGeometry, cout: usize, dx: &mut ViewMut, beta: f32) -> Result<()> {
+    let device = dy.device();
+    let op = "conv3x3 input gradient (bf16)";
+    check(op, g, cout, &device)?;
+    expect(op, "dy", dy.dtype(), dy.numel(), &device, (DType::BF16, pixels_out(g) * cout, &device))?;
+    let wn = 9 * g.cin as usize * cout;
+    expect(op, "the weight", weight.dtype(), weight.numel(), &weight.device(), (DType::BF16, wn, &device))?;
+    let in_n = pixels_in(g) * g.cin as usize;
+    expect(op, "dx", dx.dtype(), dx.numel(), &dx.as_view().device(), (DType::F32, in_n, &device))?;
+    match &device {
+        Device::Cpu => {
+            let (dyf, wf) = (widen(dy)?, widen(weight)?);
+            let dy2 = dyf.as_view()?.reshape(&[pixels_out(g), cout])?;
+            let wm = wf.as_view()?.reshape(&[9 * g.cin as usize, cout])?;
+            let mut dcol = Tensor::uninit(&[pixels_out(g), 9 * g.cin as usize], DType::F32, &device)?;
+            gemm_into(&dy2, &wm, &mut dcol, GemmSpec::new(false, true))?;
+            let mut fresh = Tensor::uninit(&[in_n], DType::F32, &device)?;
+            col2im_into(&dcol.as_view()?, g, &mut fresh.as_view_mut()?)?;
+            let out = dx.cpu_mut::<f32>()?;
+            for (o, &v) in out.iter_mut().zip(fresh.as_view()?.cpu::<f32>()?) {
+                *o = if beta != 0.0 { beta.mul_add(*o, v) } else { v };
+            }
+            Ok(())
+        }
+        Device::Cuda(dev) => {
+            let cfg = launch::blocks(
+                (
+                    (pixels_in(g) as u32).div_ceil(TILE),
+                    (g.cin as u32).div_ceil(TILE),
+                    1,
+                ),
+                THREADS,
+            );
+            let (dyv, wv) = (dy.cuda_bf16()?, weight.cuda_bf16()?);
+            let mut dxv = cuda_f32(dx)?;
+            // SAFETY: as in `forward`.
+            unsafe {
+                dev.kernels()
+                    .conv3x3_dgrad_bf16(cfg, &dyv, &wv, Some(&mut dxv), None, *g, cout as i32, beta)
+            }
+        }
+    }
+}
+
+/// The number of parts the GPU's weight gradient is split into over the output pixels: enough
+/// blocks to fill a large GPU (about 512 with the output tiles), each part at least 8 K tiles
+/// (256 pixels). A function of the shape alone, so the bits do not depend on the GPU.
+pub fn wgrad_splits(g: &ConvGeometry, cout: usize) -> usize {
+    let tiles = (9 * g.cin as usize).div_ceil(TILE as usize) * cout.div_ceil(TILE as usize);
+    let k_tiles = pixels_out(g).div_ceil(32);
+    (512 / tiles.max(1)).clamp(1, (k_tiles / 8).max(1))
+}
+
+/// `dw = beta dw + col(x)^T dy`, the weight gradient `[9 Cin, Cout]` in f32 (beta 0 never reads
+/// it), from bf16 `x` and `dy`.
+pub fn weight_grad(x: &Tensor, dy: &Tensor, g: &ConvGeometry, cout: usize, dw: &mut ViewMut, beta: f32) -> Result<()> {
+    let device = x.device();
+    let op = "conv3x3 weight gradient (bf16)";
+    check(op, g, cout, &device)?;
+    expect(op, "x", x.dtype(), x.numel(), &device, (DType::BF16, pixels_in(g) * g.cin as usize, &device))?;
+    expect(op, "dy", dy.dtype(), dy.numel(), &dy.device(), (DType::BF16, pixels_out(g) * cout, &device))?;
+    let wn = 9 * g.cin as usize * cout;
+    expect(op, "dw", dw.dtype(), dw.numel(), &dw.as_view().device(), (DType::F32, wn, &device))?;
+    match &device {
+        Device::Cpu => {
+            let (xf, dyf) = (widen(x)?, widen(dy)?);
+            let col = im2col(&xf.as_view()?, g)?;
+            let dy2 = dyf.as_view()?.reshape(&[pixels_out(g), cout])?;
+            let mut dwm = dw.reborrow().reshape(&[9 * g.cin as usize, cout])?;
+            let spec = GemmSpec {
+                beta,
+                ..GemmSpec::new(true, false)
+            };
+            gemm_into(&col, &dy2, &mut dwm, spec)
+        }
+        Device::Cuda(dev) => {
+            let splits = wgrad_splits(g, cout);
+            let mut partials = Tensor::uninit(&[splits, wn], DType::F32, &device)?;
+            let cfg = launch::blocks(
+                (
+                    (9 * g.cin as u32).div_ceil(TILE),
+                    (cout as u32).div_ceil(TILE),
+                    splits as u32,
+                ),
+                THREADS,
+            );
+            let (xv, dyv) = (x.cuda_bf16()?, dy.cuda_bf16()?);
+            {
+                let mut pv = partials.cuda_f32_mut()?;
+                // SAFETY: as in `forward`; the partials hold splits * 9 Cin * Cout values.
+                unsafe {
+                    dev.kernels()
+                        .conv3x3_wgrad_bf16(cfg, &xv, &dyv, &mut pv, *g, cout as i32, splits as i32)
+                }?;
+            }
+            let pv = partials.cuda_f32()?;
+            let mut dwv = cuda_f32(dw)?;
+            // SAFETY: the partials hold splits * wn values, dw wn.
+            unsafe {
+                dev.kernels().conv3x3_wgrad_sum_f32(
+                    launch::grid_stride(dev, wn),
+                    &pv,
+                    &mut dwv,
+                    splits as i32,
+                    wn as i64,
+                    beta,
+                )
+            }
+        }
+    }
+}
+
+fn cuda_f32<'a>(v: &'a mut ViewMut) -> Result<cudarc::driver::CudaViewMut<'a, f32>> {
+    match &mut v.data {
+        DataMut::Cuda(o, _) => Ok(o.slice_mut(..)),
+        _ => Err(Error::DeviceMismatch {
+            op: "conv3x3 (bf16)",
+            detail: "an f32 output on the CPU was given for a GPU convolution".into(),
+        }),
+    }
+}
+
+/// Writes the twin's f32 result to the outputs asked for (bf16 rounded to nearest even).
+fn store_cpu(out: &Tensor, y: Option<&mut ViewMut>, y_bf16: Option<&mut Tensor>) -> Result<()> {
+    let v = out.as_view()?;
+    let src = v.cpu::<f32>()?;
+    if let Some(y) = y {
+        y.cpu_mut::<f32>()?.copy_from_slice(src);
+    }
+    if let Some(yb) = y_bf16 {
+        for (o, &a) in yb.cpu_bf16_mut()?.iter_mut().zip(src) {
+            *o = half::bf16::from_f32(a);
+        }
+    }
+    Ok(())
+}
