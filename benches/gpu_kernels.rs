@@ -1,5 +1,7 @@
-//! GPU kernels under criterion: GEMM (TFLOP/s as elem/s) and elementwise/reduction kernels
-//! (bytes moved as B/s), each timed with CUDA events around the launch. Without a GPU every
+//! GPU kernels under criterion: GEMM (TFLOP/s as elem/s), the level-0 convolution of the CIFAR-10
+//! U-Net at batch 256 in its three passes, bf16 tensor cores (version 2) beside the f32 im2col
+//! path (version 1), and elementwise/reduction kernels (bytes moved as B/s), each timed with CUDA
+//! events around the launch. Without a GPU every
 //! bench prints `skipped: GPU unavailable: <reason>` and measures nothing.
 
 use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
@@ -53,6 +55,61 @@ fn gemm_gpu(c: &mut Criterion) {
     group.finish();
 }
 
+fn conv_gpu(c: &mut Criterion) {
+    use emprior::nn::conv::{col2im_into, im2col, ConvGeometry};
+    use emprior::nn::conv_bf16;
+    use emprior::ops::precision::to_bf16;
+    use emprior::{AsView, AsViewMut};
+    let Some((device, dev)) = gpu() else { return };
+    let (n, side, ch) = (256usize, 32usize, 128usize);
+    let g = ConvGeometry {
+        n: n as i32,
+        h: side as i32,
+        w: side as i32,
+        cin: ch as i32,
+        oh: side as i32,
+        ow: side as i32,
+        stride: 1,
+    };
+    let pixels = n * side * side;
+    let x = ops::uniform(&[pixels, ch], Philox::new(4, 1), 0, &device).unwrap();
+    let w = ops::uniform(&[9 * ch, ch], Philox::new(4, 2), 0, &device).unwrap();
+    let dy = ops::uniform(&[pixels, ch], Philox::new(4, 3), 0, &device).unwrap();
+    let (xb, wb, dyb) = (to_bf16(&x).unwrap(), to_bf16(&w).unwrap(), to_bf16(&dy).unwrap());
+    let mut y = Tensor::uninit(&[pixels, ch], DType::F32, &device).unwrap();
+    let mut dw = Tensor::uninit(&[9 * ch, ch], DType::F32, &device).unwrap();
+    let mut group = c.benchmark_group("conv3x3_level0_batch256");
+    group.throughput(Throughput::Elements((2 * pixels * ch * 9 * ch) as u64));
+    let mut run = |name: &str, f: &mut dyn FnMut()| {
+        group.bench_function(name, |bench| {
+            bench.iter_custom(|iters| device_time(&dev, iters, &mut *f))
+        });
+    };
+    run("forward_bf16_v2", &mut || {
+        conv_bf16::forward(&xb, &wb, None, &g, ch, Some(&mut y.as_view_mut().unwrap()), None).unwrap()
+    });
+    run("forward_f32_v1_im2col", &mut || {
+        let col = im2col(&x.as_view().unwrap(), &g).unwrap();
+        ops::gemm_into(&col, &w, &mut y, GemmSpec::default()).unwrap()
+    });
+    run("input_grad_bf16_v2", &mut || {
+        conv_bf16::input_grad(&dyb, &wb, &g, ch, &mut y.as_view_mut().unwrap(), 0.0).unwrap()
+    });
+    run("input_grad_f32_v1_col2im", &mut || {
+        let mut dcol = Tensor::uninit(&[pixels, 9 * ch], DType::F32, &device).unwrap();
+        ops::gemm_into(&dy, &w, &mut dcol, GemmSpec::new(false, true)).unwrap();
+        col2im_into(&dcol.as_view().unwrap(), &g, &mut y.as_view_mut().unwrap()).unwrap()
+    });
+    run("weight_grad_bf16_v2", &mut || {
+        conv_bf16::weight_grad(&xb, &dyb, &g, ch, &mut dw.as_view_mut().unwrap(), 0.0).unwrap()
+    });
+    run("weight_grad_f32_v1_im2col", &mut || {
+        let col = im2col(&x.as_view().unwrap(), &g).unwrap();
+        ops::gemm_into(&col, &dy, &mut dw, GemmSpec::new(true, false)).unwrap()
+    });
+    group.finish();
+}
+
 fn elementwise_gpu(c: &mut Criterion) {
     let Some((device, dev)) = gpu() else { return };
     let n = 1usize << 26;
@@ -83,7 +140,7 @@ fn elementwise_gpu(c: &mut Criterion) {
     group.finish();
 }
 
-criterion_group!(benches, gemm_gpu, elementwise_gpu);
+criterion_group!(benches, gemm_gpu, conv_gpu, elementwise_gpu);
 /// criterion_main!, with poison mode off first: cargo runs benches with EMPRIOR_POISON=1, and the
 /// timings must be of the kernels, not of the memsets that poison every fresh buffer.
 fn main() {

@@ -628,12 +628,31 @@ fn bench(request: DeviceRequest, quick: bool) -> Result<()> {
     };
     print!("{}", bench::format_table(&title, &rows));
     println!();
+    // A failure of the tensor-core table (new kernels) still lets the traffic table run; the
+    // command fails at the end with it.
+    let mut tensor_core_error = None;
+    if let Device::Cuda(dev) = &device {
+        match bench::tensor_cores::run(dev, &device, quick) {
+            Ok(rows) => {
+                let title = format!("Tensor-core kernels (bf16) on {dev:?}");
+                print!("{}", bench::format_table(&title, &rows));
+                println!();
+            }
+            Err(e) => {
+                eprintln!("error: the tensor-core table failed: {e}");
+                tensor_core_error = Some(e);
+            }
+        }
+    }
     let traffic = bench::run_host_traffic(&device, quick)?;
     print!(
         "{}",
         bench::format_traffic_table(&format!("Host traffic on {device}"), &traffic)
     );
-    Ok(())
+    match tensor_core_error {
+        Some(e) => Err(e.into()),
+        None => Ok(()),
+    }
 }
 
 fn model(name: &str, batch: Option<usize>) -> Result<()> {

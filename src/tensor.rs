@@ -409,7 +409,8 @@ impl Tensor {
         match &mut self.storage {
             Storage::Cuda(s) if self.dtype == DType::BF16 => {
                 // SAFETY: as in cuda_bf16.
-                Ok(unsafe { s.buf.slice_mut().transmute_mut::<bf16>(n) }.expect("buffer sized for the tensor"))
+                Ok(unsafe { s.buf.slice_mut().transmute_mut::<bf16>(n) }
+                    .expect("buffer sized for the tensor"))
             }
             _ => Err(err),
         }

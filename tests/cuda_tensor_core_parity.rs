@@ -29,11 +29,20 @@ fn main() {
     s.cpu("twins::conv_matches_f64", || conv_trials(&CPU, &small_convs(), 2));
     s.cpu("twins::refusals_name_the_problem", refusals);
     s.cpu("twins::wgrad_splits_depend_on_the_shape_alone", wgrad_splits_rule);
-    s.cpu("harness::bound_catches_one_lost_product", bound_catches_lost_product);
+    s.cpu(
+        "harness::bound_catches_one_lost_product",
+        bound_catches_lost_product,
+    );
     s.gpu("tc_gemm::ragged_and_batched", |g| gemm_trials(g, &small_gemms()));
-    s.gpu("tc_gemm::cifar10_unet_linear_shapes", |g| gemm_trials(g, &unet_gemms(16)));
-    s.gpu("tc_conv::ragged_and_strided", |g| conv_trials(g, &small_convs(), 2));
-    s.gpu("tc_conv::cifar10_unet_shapes_batch16", |g| conv_trials(g, &unet_convs(), 16));
+    s.gpu("tc_gemm::cifar10_unet_linear_shapes", |g| {
+        gemm_trials(g, &unet_gemms(16))
+    });
+    s.gpu("tc_conv::ragged_and_strided", |g| {
+        conv_trials(g, &small_convs(), 2)
+    });
+    s.gpu("tc_conv::cifar10_unet_shapes_batch16", |g| {
+        conv_trials(g, &unet_convs(), 16)
+    });
     s.gpu("tc_conv::wgrad_bit_identical_run_to_run", wgrad_deterministic);
     s.run()
 }
@@ -70,7 +79,17 @@ fn f32_of_bf16(t: &Tensor) -> Vec<f32> {
 }
 
 /// Asserts `got` within the block-accumulation bound of `want` (see the module doc).
-fn check(what: &str, shape: &[usize], got: &[f32], want: &[f64], abs_prod: &[f64], k: usize, parts: usize, bf16_out: bool) {
+#[allow(clippy::too_many_arguments)]
+fn check(
+    what: &str,
+    shape: &[usize],
+    got: &[f32],
+    want: &[f64],
+    abs_prod: &[f64],
+    k: usize,
+    parts: usize,
+    bf16_out: bool,
+) {
     let per = (k as f64 / 16.0 + 4.0 + parts as f64) * 2f64.powi(-23);
     let bound: Vec<f64> = want
         .iter()
@@ -150,8 +169,16 @@ fn gemm_trials(dev: &Device, cases: &[GemmCase]) {
                 vec![batch, r, col]
             }
         };
-        let a_shape = if c.ta { shape(c.batch_a, c.k, c.m) } else { shape(c.batch_a, c.m, c.k) };
-        let b_shape = if c.tb { shape(c.batch_b, c.n, c.k) } else { shape(c.batch_b, c.k, c.n) };
+        let a_shape = if c.ta {
+            shape(c.batch_a, c.k, c.m)
+        } else {
+            shape(c.batch_a, c.m, c.k)
+        };
+        let b_shape = if c.tb {
+            shape(c.batch_b, c.n, c.k)
+        } else {
+            shape(c.batch_b, c.k, c.n)
+        };
         let (a, av) = operand(dev, seed, &a_shape);
         let (b, bv) = operand(dev, seed + 1, &b_shape);
         let bias_v = random_vec(seed + 2, c.n, -1.0, 1.0);
@@ -188,8 +215,26 @@ fn gemm_trials(dev: &Device, cases: &[GemmCase]) {
         )
         .unwrap();
         let what = format!("gemm_bf16 {} (m {} n {} k {})", c.name, c.m, c.n, c.k);
-        check(&what, &out_shape, &got.to_vec_f32().unwrap(), &with_bias, &abs_bias, c.k, 1, false);
-        check(&format!("{what}, bf16 out"), &out_shape, &f32_of_bf16(&got_bf16), &with_bias, &abs_bias, c.k, 1, true);
+        check(
+            &what,
+            &out_shape,
+            &got.to_vec_f32().unwrap(),
+            &with_bias,
+            &abs_bias,
+            c.k,
+            1,
+            false,
+        );
+        check(
+            &format!("{what}, bf16 out"),
+            &out_shape,
+            &f32_of_bf16(&got_bf16),
+            &with_bias,
+            &abs_bias,
+            c.k,
+            1,
+            true,
+        );
 
         // beta = 1, alpha = 0.5: C = 0.5 AB + C, no bias.
         let c0 = random_vec(seed + 3, prod.len(), -1.0, 1.0);
@@ -199,10 +244,31 @@ fn gemm_trials(dev: &Device, cases: &[GemmCase]) {
             beta: 1.0,
             ..spec
         };
-        ops::gemm_bf16_into(&a, &b, None, Some(&mut acc.as_view_mut().unwrap()), None, spec_acc).unwrap();
+        ops::gemm_bf16_into(
+            &a,
+            &b,
+            None,
+            Some(&mut acc.as_view_mut().unwrap()),
+            None,
+            spec_acc,
+        )
+        .unwrap();
         let want: Vec<f64> = prod.iter().zip(&c0).map(|(p, &c)| 0.5 * p + c as f64).collect();
-        let abs_want: Vec<f64> = abs_prod.iter().zip(&c0).map(|(p, &c)| 0.5 * p + (c as f64).abs()).collect();
-        check(&format!("{what}, alpha 0.5 beta 1"), &out_shape, &acc.to_vec_f32().unwrap(), &want, &abs_want, c.k, 1, false);
+        let abs_want: Vec<f64> = abs_prod
+            .iter()
+            .zip(&c0)
+            .map(|(p, &c)| 0.5 * p + (c as f64).abs())
+            .collect();
+        check(
+            &format!("{what}, alpha 0.5 beta 1"),
+            &out_shape,
+            &acc.to_vec_f32().unwrap(),
+            &want,
+            &abs_want,
+            c.k,
+            1,
+            false,
+        );
     }
 }
 
@@ -259,8 +325,14 @@ fn conv_reference(g: &ConvGeometry, cout: usize, x: &[f64], w: &[f64], dy: &[f64
     let wt = host_f64(w, &[9 * cin, cout]);
     let dyt = host_f64(dy, &[p_out, cout]);
     let col = im2col(&xt.as_view().unwrap(), g).unwrap();
-    let y = ops::matmul(&col, &wt, false, false).unwrap().to_vec_f64().unwrap();
-    let dw = ops::matmul(&col, &dyt, true, false).unwrap().to_vec_f64().unwrap();
+    let y = ops::matmul(&col, &wt, false, false)
+        .unwrap()
+        .to_vec_f64()
+        .unwrap();
+    let dw = ops::matmul(&col, &dyt, true, false)
+        .unwrap()
+        .to_vec_f64()
+        .unwrap();
     let dcol = ops::matmul(&dyt, &wt, false, true).unwrap();
     let mut dx = Tensor::zeros(&[(g.n * g.h * g.w) as usize * cin], DType::F64, &CPU).unwrap();
     col2im_into(&dcol.as_view().unwrap(), g, &mut dx.as_view_mut().unwrap()).unwrap();
@@ -297,24 +369,73 @@ fn conv_trials(dev: &Device, cases: &[ConvCase], batch: usize) {
             Some(&mut y_bf16),
         )
         .unwrap();
-        let want: Vec<f64> = r.y.iter().enumerate().map(|(i, v)| v + bias_v[i % cout] as f64).collect();
-        let abs_want: Vec<f64> = ra.y.iter().enumerate().map(|(i, v)| v + (bias_v[i % cout] as f64).abs()).collect();
+        let want: Vec<f64> =
+            r.y.iter()
+                .enumerate()
+                .map(|(i, v)| v + bias_v[i % cout] as f64)
+                .collect();
+        let abs_want: Vec<f64> =
+            ra.y.iter()
+                .enumerate()
+                .map(|(i, v)| v + (bias_v[i % cout] as f64).abs())
+                .collect();
         let shape = [p_out, cout];
-        check(&format!("{what} forward"), &shape, &y.to_vec_f32().unwrap(), &want, &abs_want, 9 * cin, 1, false);
-        check(&format!("{what} forward, bf16 out"), &shape, &f32_of_bf16(&y_bf16), &want, &abs_want, 9 * cin, 1, true);
+        check(
+            &format!("{what} forward"),
+            &shape,
+            &y.to_vec_f32().unwrap(),
+            &want,
+            &abs_want,
+            9 * cin,
+            1,
+            false,
+        );
+        check(
+            &format!("{what} forward, bf16 out"),
+            &shape,
+            &f32_of_bf16(&y_bf16),
+            &want,
+            &abs_want,
+            9 * cin,
+            1,
+            true,
+        );
 
         let mut dx = poisoned(dev, &[p_in * cin]);
         conv_bf16::input_grad(&dy, &wt, &g, cout, &mut dx.as_view_mut().unwrap(), 0.0).unwrap();
-        check(&format!("{what} input gradient"), &[p_in, cin], &dx.to_vec_f32().unwrap(), &r.dx, &ra.dx, 9 * cout, 0, false);
+        check(
+            &format!("{what} input gradient"),
+            &[p_in, cin],
+            &dx.to_vec_f32().unwrap(),
+            &r.dx,
+            &ra.dx,
+            9 * cout,
+            0,
+            false,
+        );
 
         // dw = 1 * dw0 + col^T dy (the layers accumulate into their gradient).
         let dw0 = random_vec(seed + 4, 9 * cin * cout, -1.0, 1.0);
         let mut dw = Tensor::from_f32(&dw0, &[9 * cin * cout], dev).unwrap();
         conv_bf16::weight_grad(&x, &dy, &g, cout, &mut dw.as_view_mut().unwrap(), 1.0).unwrap();
         let want: Vec<f64> = r.dw.iter().zip(&dw0).map(|(v, &d)| v + d as f64).collect();
-        let abs_want: Vec<f64> = ra.dw.iter().zip(&dw0).map(|(v, &d)| v + (d as f64).abs()).collect();
+        let abs_want: Vec<f64> = ra
+            .dw
+            .iter()
+            .zip(&dw0)
+            .map(|(v, &d)| v + (d as f64).abs())
+            .collect();
         let parts = conv_bf16::wgrad_splits(&g, cout);
-        check(&format!("{what} weight gradient ({parts} parts)"), &[9 * cin, cout], &dw.to_vec_f32().unwrap(), &want, &abs_want, p_out, parts, false);
+        check(
+            &format!("{what} weight gradient ({parts} parts)"),
+            &[9 * cin, cout],
+            &dw.to_vec_f32().unwrap(),
+            &want,
+            &abs_want,
+            p_out,
+            parts,
+            false,
+        );
     }
 }
 
@@ -330,7 +451,10 @@ fn wgrad_deterministic(dev: &Device) {
     };
     let (first, second) = (run(), run());
     let same = first.iter().zip(&second).all(|(a, b)| a.to_bits() == b.to_bits());
-    assert!(same, "the split-K weight gradient differs between two runs on the same inputs");
+    assert!(
+        same,
+        "the split-K weight gradient differs between two runs on the same inputs"
+    );
 }
 
 // ---- CPU-only checks -----------------------------------------------------------------------------------
@@ -355,7 +479,11 @@ fn casts_round_to_nearest_even() {
     let t = to_bf16(&Tensor::from_f32(&input, &[input.len()], &CPU).unwrap()).unwrap();
     let back = f32_of_bf16(&t);
     for ((x, want), got) in cases.iter().zip(&back) {
-        assert_eq!(got.to_bits(), want.to_bits(), "bf16({x:e}) = {got:e}, want {want:e}");
+        assert_eq!(
+            got.to_bits(),
+            want.to_bits(),
+            "bf16({x:e}) = {got:e}, want {want:e}"
+        );
     }
     let nan = to_bf16(&Tensor::from_f32(&[f32::NAN], &[1], &CPU).unwrap()).unwrap();
     assert!(f32_of_bf16(&nan)[0].is_nan(), "NaN must stay NaN");
@@ -378,12 +506,28 @@ fn refusals() {
     let a = Tensor::zeros(&[8, 8], DType::F32, &CPU).unwrap();
     let (b, _) = operand(&CPU, 3, &[8, 8]);
     let mut c = Tensor::zeros(&[8, 8], DType::F32, &CPU).unwrap();
-    let e = ops::gemm_bf16_into(&a, &b, None, Some(&mut c.as_view_mut().unwrap()), None, GemmSpec::default()).unwrap_err();
+    let e = ops::gemm_bf16_into(
+        &a,
+        &b,
+        None,
+        Some(&mut c.as_view_mut().unwrap()),
+        None,
+        GemmSpec::default(),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("bf16"), "{e}");
     // K = 12 is not a multiple of 8.
     let (a, _) = operand(&CPU, 4, &[8, 12]);
     let (b, _) = operand(&CPU, 5, &[12, 8]);
-    let e = ops::gemm_bf16_into(&a, &b, None, Some(&mut c.as_view_mut().unwrap()), None, GemmSpec::default()).unwrap_err();
+    let e = ops::gemm_bf16_into(
+        &a,
+        &b,
+        None,
+        Some(&mut c.as_view_mut().unwrap()),
+        None,
+        GemmSpec::default(),
+    )
+    .unwrap_err();
     assert!(e.to_string().contains("K = 12"), "{e}");
 }
 
@@ -406,22 +550,49 @@ fn bound_catches_lost_product() {
     let (a, av) = operand(&CPU, 91, &[m, k]);
     let (b, bv) = operand(&CPU, 92, &[k, n]);
     let mut c = Tensor::zeros(&[m, n], DType::F32, &CPU).unwrap();
-    ops::gemm_bf16_into(&a, &b, None, Some(&mut c.as_view_mut().unwrap()), None, GemmSpec::default()).unwrap();
+    ops::gemm_bf16_into(
+        &a,
+        &b,
+        None,
+        Some(&mut c.as_view_mut().unwrap()),
+        None,
+        GemmSpec::default(),
+    )
+    .unwrap();
     let want = ops::matmul(&host_f64(&av, &[m, k]), &host_f64(&bv, &[k, n]), false, false)
         .unwrap()
         .to_vec_f64()
         .unwrap();
-    let abs_prod = ops::matmul(&host_f64(&abs(&av), &[m, k]), &host_f64(&abs(&bv), &[k, n]), false, false)
-        .unwrap()
-        .to_vec_f64()
-        .unwrap();
+    let abs_prod = ops::matmul(
+        &host_f64(&abs(&av), &[m, k]),
+        &host_f64(&abs(&bv), &[k, n]),
+        false,
+        false,
+    )
+    .unwrap()
+    .to_vec_f64()
+    .unwrap();
     let got = c.to_vec_f32().unwrap();
-    check("harness: the twin itself", &[m, n], &got, &want, &abs_prod, k, 1, false);
+    check(
+        "harness: the twin itself",
+        &[m, n],
+        &got,
+        &want,
+        &abs_prod,
+        k,
+        1,
+        false,
+    );
     // Drop the median-sized term of C[0][0].
     let mut terms: Vec<f64> = (0..k).map(|p| av[p] * bv[p * n]).collect();
     terms.sort_by(|x, y| x.abs().total_cmp(&y.abs()));
     let mut broken = got.clone();
     broken[0] -= terms[k / 2] as f32;
-    let caught = std::panic::catch_unwind(|| check("planted", &[m, n], &broken, &want, &abs_prod, k, 1, false));
-    assert!(caught.is_err(), "a lost product term ({:e}) passed the bound", terms[k / 2]);
+    let caught =
+        std::panic::catch_unwind(|| check("planted", &[m, n], &broken, &want, &abs_prod, k, 1, false));
+    assert!(
+        caught.is_err(),
+        "a lost product term ({:e}) passed the bound",
+        terms[k / 2]
+    );
 }

@@ -4,6 +4,7 @@
 //! cuBLAS SGEMM for our GEMM) and against the datasheet FP32 rate.
 
 pub mod peers;
+pub mod tensor_cores;
 
 use std::time::Instant;
 

@@ -13,7 +13,7 @@
 use super::conv::{col2im_into, im2col, ConvGeometry};
 use crate::device::launch;
 use crate::error::{Error, Result};
-use crate::ops::precision::{to_f32, tensor_core_refusal};
+use crate::ops::precision::{tensor_core_refusal, to_f32};
 use crate::ops::{gemm_bias_into, gemm_into, GemmSpec};
 use crate::tensor::{AsView, AsViewMut, DType, Data, DataMut, Tensor, View, ViewMut};
 use crate::Device;
@@ -36,7 +36,14 @@ fn pixels_in(g: &ConvGeometry) -> usize {
 }
 
 /// Checks one operand's dtype, element count and device.
-fn expect(op: &'static str, what: &str, t_dtype: DType, numel: usize, dev: &Device, want: (DType, usize, &Device)) -> Result<()> {
+fn expect(
+    op: &'static str,
+    what: &str,
+    t_dtype: DType,
+    numel: usize,
+    dev: &Device,
+    want: (DType, usize, &Device),
+) -> Result<()> {
     if t_dtype != want.0 || numel != want.1 || !dev.same_as(want.2) {
         return Err(Error::Other(format!(
             "{op}: {what} must be {} with {} elements on {}; it is {} with {numel} on {dev}",
@@ -55,7 +62,9 @@ fn check(op: &'static str, g: &ConvGeometry, cout: usize, device: &Device) -> Re
     }
     let rows = pixels_in(g).max(pixels_out(g)) as u64;
     if rows.div_ceil(TILE as u64) > i32::MAX as u64 / 2 || g.cin as usize * 9 * cout > i32::MAX as usize {
-        return Err(Error::Other(format!("{op}: the problem is too large for 32-bit tile indices")));
+        return Err(Error::Other(format!(
+            "{op}: the problem is too large for 32-bit tile indices"
+        )));
     }
     crate::device::note_op();
     Ok(())
@@ -78,18 +87,53 @@ pub fn forward(
     let device = x.device();
     check("conv3x3 forward (bf16)", g, cout, &device)?;
     let op = "conv3x3 forward (bf16)";
-    expect(op, "x", x.dtype(), x.numel(), &device, (DType::BF16, pixels_in(g) * g.cin as usize, &device))?;
+    expect(
+        op,
+        "x",
+        x.dtype(),
+        x.numel(),
+        &device,
+        (DType::BF16, pixels_in(g) * g.cin as usize, &device),
+    )?;
     let wn = 9 * g.cin as usize * cout;
-    expect(op, "the weight", weight.dtype(), weight.numel(), &weight.device(), (DType::BF16, wn, &device))?;
+    expect(
+        op,
+        "the weight",
+        weight.dtype(),
+        weight.numel(),
+        &weight.device(),
+        (DType::BF16, wn, &device),
+    )?;
     let out_n = pixels_out(g) * cout;
     if let Some(b) = bias {
-        expect(op, "the bias", b.dtype(), b.numel(), &b.device(), (DType::F32, cout, &device))?;
+        expect(
+            op,
+            "the bias",
+            b.dtype(),
+            b.numel(),
+            &b.device(),
+            (DType::F32, cout, &device),
+        )?;
     }
     if let Some(y) = &y {
-        expect(op, "y", y.dtype(), y.numel(), &y.as_view().device(), (DType::F32, out_n, &device))?;
+        expect(
+            op,
+            "y",
+            y.dtype(),
+            y.numel(),
+            &y.as_view().device(),
+            (DType::F32, out_n, &device),
+        )?;
     }
     if let Some(y) = &y_bf16 {
-        expect(op, "y (bf16)", y.dtype(), y.numel(), &y.device(), (DType::BF16, out_n, &device))?;
+        expect(
+            op,
+            "y (bf16)",
+            y.dtype(),
+            y.numel(),
+            &y.device(),
+            (DType::BF16, out_n, &device),
+        )?;
     }
     match &device {
         Device::Cpu => {
@@ -122,8 +166,16 @@ pub fn forward(
             // SAFETY: every operand's size was checked against the geometry; channel counts are
             // multiples of 8 (16-byte chunks); the grid covers the output tiles.
             unsafe {
-                dev.kernels()
-                    .conv3x3_fprop_bf16(cfg, &xv, &wv, bv.as_ref(), yv.as_mut(), ybv.as_mut(), *g, cout as i32)
+                dev.kernels().conv3x3_fprop_bf16(
+                    cfg,
+                    &xv,
+                    &wv,
+                    bv.as_ref(),
+                    yv.as_mut(),
+                    ybv.as_mut(),
+                    *g,
+                    cout as i32,
+                )
             }
         }
     }
@@ -131,15 +183,43 @@ pub fn forward(
 
 /// `dx = beta dx + the input gradient` for `dy` (`[N, OH, OW, Cout]`, bf16), f32 into `dx`
 /// (`[N, H, W, Cin]`; beta 0 never reads it).
-pub fn input_grad(dy: &Tensor, weight: &Tensor, g: &ConvGeometry, cout: usize, dx: &mut ViewMut, beta: f32) -> Result<()> {
+pub fn input_grad(
+    dy: &Tensor,
+    weight: &Tensor,
+    g: &ConvGeometry,
+    cout: usize,
+    dx: &mut ViewMut,
+    beta: f32,
+) -> Result<()> {
     let device = dy.device();
     let op = "conv3x3 input gradient (bf16)";
     check(op, g, cout, &device)?;
-    expect(op, "dy", dy.dtype(), dy.numel(), &device, (DType::BF16, pixels_out(g) * cout, &device))?;
+    expect(
+        op,
+        "dy",
+        dy.dtype(),
+        dy.numel(),
+        &device,
+        (DType::BF16, pixels_out(g) * cout, &device),
+    )?;
     let wn = 9 * g.cin as usize * cout;
-    expect(op, "the weight", weight.dtype(), weight.numel(), &weight.device(), (DType::BF16, wn, &device))?;
+    expect(
+        op,
+        "the weight",
+        weight.dtype(),
+        weight.numel(),
+        &weight.device(),
+        (DType::BF16, wn, &device),
+    )?;
     let in_n = pixels_in(g) * g.cin as usize;
-    expect(op, "dx", dx.dtype(), dx.numel(), &dx.as_view().device(), (DType::F32, in_n, &device))?;
+    expect(
+        op,
+        "dx",
+        dx.dtype(),
+        dx.numel(),
+        &dx.as_view().device(),
+        (DType::F32, in_n, &device),
+    )?;
     match &device {
         Device::Cpu => {
             let (dyf, wf) = (widen(dy)?, widen(weight)?);
@@ -186,14 +266,42 @@ pub fn wgrad_splits(g: &ConvGeometry, cout: usize) -> usize {
 
 /// `dw = beta dw + col(x)^T dy`, the weight gradient `[9 Cin, Cout]` in f32 (beta 0 never reads
 /// it), from bf16 `x` and `dy`.
-pub fn weight_grad(x: &Tensor, dy: &Tensor, g: &ConvGeometry, cout: usize, dw: &mut ViewMut, beta: f32) -> Result<()> {
+pub fn weight_grad(
+    x: &Tensor,
+    dy: &Tensor,
+    g: &ConvGeometry,
+    cout: usize,
+    dw: &mut ViewMut,
+    beta: f32,
+) -> Result<()> {
     let device = x.device();
     let op = "conv3x3 weight gradient (bf16)";
     check(op, g, cout, &device)?;
-    expect(op, "x", x.dtype(), x.numel(), &device, (DType::BF16, pixels_in(g) * g.cin as usize, &device))?;
-    expect(op, "dy", dy.dtype(), dy.numel(), &dy.device(), (DType::BF16, pixels_out(g) * cout, &device))?;
+    expect(
+        op,
+        "x",
+        x.dtype(),
+        x.numel(),
+        &device,
+        (DType::BF16, pixels_in(g) * g.cin as usize, &device),
+    )?;
+    expect(
+        op,
+        "dy",
+        dy.dtype(),
+        dy.numel(),
+        &dy.device(),
+        (DType::BF16, pixels_out(g) * cout, &device),
+    )?;
     let wn = 9 * g.cin as usize * cout;
-    expect(op, "dw", dw.dtype(), dw.numel(), &dw.as_view().device(), (DType::F32, wn, &device))?;
+    expect(
+        op,
+        "dw",
+        dw.dtype(),
+        dw.numel(),
+        &dw.as_view().device(),
+        (DType::F32, wn, &device),
+    )?;
     match &device {
         Device::Cpu => {
             let (xf, dyf) = (widen(x)?, widen(dy)?);

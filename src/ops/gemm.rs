@@ -441,7 +441,9 @@ pub fn gemm_bf16_into(
         return Err(Error::Other("gemm_bf16: no output given".into()));
     }
     if spec.beta != 0.0 && c.is_none() {
-        return Err(Error::Other("gemm_bf16: beta != 0 needs the f32 output to read".into()));
+        return Err(Error::Other(
+            "gemm_bf16: beta != 0 needs the f32 output to read".into(),
+        ));
     }
     if let Some(c) = &c {
         expect_shape("gemm_bf16", "C", c.shape(), &out_shape)?;
@@ -478,7 +480,8 @@ pub fn gemm_bf16_into(
     let (ta, tb) = (spec.trans_a, spec.trans_b);
     match &device {
         crate::Device::Cpu => {
-            let widen = |t: &Tensor| -> Result<Vec<f32>> { Ok(t.cpu_bf16()?.iter().map(|v| v.to_f32()).collect()) };
+            let widen =
+                |t: &Tensor| -> Result<Vec<f32>> { Ok(t.cpu_bf16()?.iter().map(|v| v.to_f32()).collect()) };
             let (af, bf) = (widen(a)?, widen(b)?);
             let mut out = match &c {
                 Some(c) if spec.beta != 0.0 => c.as_view().cpu::<f32>()?.to_vec(),
@@ -499,7 +502,12 @@ pub fn gemm_bf16_into(
         }
         crate::Device::Cuda(dev) => {
             if (p.n as u32).div_ceil(GEMM_TILE) > 65535 {
-                return Err(Error::shape("gemm_bf16", "op(B)", "at most 8,388,480 columns on the GPU", p.n));
+                return Err(Error::shape(
+                    "gemm_bf16",
+                    "op(B)",
+                    "at most 8,388,480 columns on the GPU",
+                    p.n,
+                ));
             }
             let cfg = launch::blocks(
                 (
@@ -532,11 +540,33 @@ pub fn gemm_bf16_into(
             // kernel loops over batches beyond grid.z.
             unsafe {
                 match ta {
-                    false if !tb => {
-                        k.gemm_bf16_nn(cfg, &x, &y, c_view.as_mut(), cb_view.as_mut(), p, bias_view.as_ref())
-                    }
-                    false => k.gemm_bf16_nt(cfg, &x, &y, c_view.as_mut(), cb_view.as_mut(), p, bias_view.as_ref()),
-                    true => k.gemm_bf16_tn(cfg, &x, &y, c_view.as_mut(), cb_view.as_mut(), p, bias_view.as_ref()),
+                    false if !tb => k.gemm_bf16_nn(
+                        cfg,
+                        &x,
+                        &y,
+                        c_view.as_mut(),
+                        cb_view.as_mut(),
+                        p,
+                        bias_view.as_ref(),
+                    ),
+                    false => k.gemm_bf16_nt(
+                        cfg,
+                        &x,
+                        &y,
+                        c_view.as_mut(),
+                        cb_view.as_mut(),
+                        p,
+                        bias_view.as_ref(),
+                    ),
+                    true => k.gemm_bf16_tn(
+                        cfg,
+                        &x,
+                        &y,
+                        c_view.as_mut(),
+                        cb_view.as_mut(),
+                        p,
+                        bias_view.as_ref(),
+                    ),
                 }
             }?;
         }

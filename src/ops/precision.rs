@@ -81,7 +81,10 @@ pub fn to_f32(x: &Tensor) -> Result<Tensor> {
             let cfg = grid_stride(dev, x.numel());
             let (xv, mut yv) = (x.cuda_bf16()?, y.cuda_f32_mut()?);
             // SAFETY: x and y both hold numel values.
-            unsafe { dev.kernels().cast_bf16_to_f32(cfg, &xv, &mut yv, x.numel() as i64) }?;
+            unsafe {
+                dev.kernels()
+                    .cast_bf16_to_f32(cfg, &xv, &mut yv, x.numel() as i64)
+            }?;
         }
         Device::Cpu => {
             let src = x.cpu_bf16()?;
