@@ -47,6 +47,7 @@ fn main() -> emprior::Result<()> {
                 sigma_min: 1e-3,
                 sigma_max: 10.0,
                 seed: 0,
+                precision: Default::default(),
                 device: if device.is_cuda() {
                     DeviceRequest::Cuda(0)
                 } else {

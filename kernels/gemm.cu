@@ -15,9 +15,11 @@
 //
 // Version 2, the tensor-core GEMM (gemm_bf16_*, at the end of this file): bf16 operands, f32
 // accumulation and epilogue, f32 and/or bf16 output, the main loop of mma.cuh. Launch contract:
-// blockDim = 256; grid = (ceil(M/128), ceil(N/128), min(batch, 65535)); M, N, K, lda, ldb, ldc,
-// the batch strides and every pointer's offset multiples of 8 elements (16-byte chunks), checked
-// by src/ops/tc.rs before launching.
+// blockDim = 256; grid = (ceil(M/128), ceil(N/128), min(batch, 65535)); lda, ldb, N and the
+// dimension each operand's 16-byte chunks run along (K, or M / N for an operand stored the other
+// way) multiples of 8, pointers 16-byte aligned (whole pool buffers): src/ops/gemm.rs
+// (bf16_gemm_dims) checks before launching. Rows beyond M or N, and K past its end, are zero
+// filled, so M (or K for A^T B) may be anything.
 #include "common.cuh"
 #include "mma.cuh"
 

@@ -61,19 +61,33 @@ enum PriorKind {
 
 impl Prior {
     /// The prior of a checkpoint written by `emprior train` or an EM lap
-    /// (`DIR/lap-XXX/checkpoint.safetensors`), its weights on `device`.
+    /// (`DIR/lap-XXX/checkpoint.safetensors`), its weights on `device`. Its network computes in
+    /// the device's default precision (bf16 operands on a tensor-core GPU, f32 on the CPU, as
+    /// `--precision auto`); [`Prior::set_precision`] changes it.
     pub fn load(path: &Path, device: &Device) -> Result<Prior> {
         let ck = load_checkpoint(path, DType::F32)?;
         let meta = |k: &str, default: f64| ck.metadata.get(k).and_then(|v| v.parse().ok()).unwrap_or(default);
         let schedule = VeSchedule::checked(meta("sigma_min", 1e-3), meta("sigma_max", 1e2))
             .map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
+        let mut denoiser = Box::new(Denoiser::new(ck.network));
+        denoiser
+            .net
+            .set_precision(crate::ops::PrecisionRequest::Auto.resolve(device));
         Ok(Prior {
             kind: PriorKind::Network {
                 params: ck.params.to_device(device)?,
-                denoiser: Box::new(Denoiser::new(ck.network)),
+                denoiser,
                 schedule,
             },
         })
+    }
+
+    /// Sets the arithmetic of a network prior's GEMMs and convolutions (f32 is the exact path);
+    /// a Gaussian prior has no network and ignores it.
+    pub fn set_precision(&mut self, precision: crate::ops::Precision) {
+        if let PriorKind::Network { denoiser, .. } = &mut self.kind {
+            denoiser.net.set_precision(precision);
+        }
     }
 
     /// A Gaussian prior N(mean, cov), `cov` dense [d, d] row-major and positive definite. With

@@ -12,7 +12,8 @@ use crate::error::{Error, Result};
 use crate::gaussian::{Dplr, Gaussian};
 use crate::io::{load_checkpoint, read_npy, save_checkpoint, write_npy_f32};
 use crate::nn::TimeMlp;
-use crate::ops::Philox;
+use crate::ops::precision::describe as describe_precision;
+use crate::ops::{Philox, PrecisionRequest};
 use crate::posterior::{
     CgConfig, Covariance, DenseOperators, Dps, LinearOperator, MaskOperator, Mmps, NetworkPrior,
     ObservationNoise, Prior, SharedOperator,
@@ -47,6 +48,8 @@ pub struct TrainOptions {
     pub sigma_max: f64,
     /// Seeds the initialisation, minibatches, noise levels and noise (a run is reproducible).
     pub seed: u64,
+    /// The network's arithmetic (auto: bf16 on a tensor-core GPU, else f32).
+    pub precision: PrecisionRequest,
     /// Where to run: auto, cpu, cuda or cuda:N.
     pub device: DeviceRequest,
     /// Print a progress line every this many steps.
@@ -219,9 +222,6 @@ pub fn describe_device(device: &Device) -> String {
     }
 }
 
-/// The precision every command computes and writes in (the only one today).
-const PRECISION: &str = "f32";
-
 /// An `.npy` as the headers name it: "x.npy [10000, 5] f32".
 fn describe_npy(path: &Path, shape: &[usize], dtype: &str) -> String {
     let dtype = match dtype {
@@ -341,6 +341,7 @@ pub fn train(o: &TrainOptions) -> Result<f64> {
     };
     config.validate()?;
     let (device, device_line) = open_device(o.device)?;
+    let precision = o.precision.resolve(&device);
     let data = read_npy(&o.data)?;
     if data.shape.len() < 2 || data.shape[0] == 0 {
         return Err(Error::Other(format!(
@@ -386,11 +387,12 @@ pub fn train(o: &TrainOptions) -> Result<f64> {
                     o.sigma_min, o.sigma_max, o.seed
                 ),
             ),
-            ("precision", PRECISION.to_string()),
+            ("precision", describe_precision(o.precision, precision)),
             ("output", format!("{} (safetensors checkpoint)", o.out.display())),
         ],
     );
-    let den = Denoiser::new(net);
+    let mut den = Denoiser::new(net);
+    den.net.set_precision(precision);
     let params = den.layout().init(o.seed, DType::F32, &device)?;
     let mut trainer = Trainer::new(den.clone(), params, config, schedule, o.seed)?;
     let n = data.shape[0];
@@ -469,6 +471,8 @@ pub struct SamplerOptions {
     pub sigma_max: Option<f64>,
     /// Seeds the sampler's initial noise and every step's noise.
     pub seed: u64,
+    /// The network's arithmetic (auto: bf16 on a tensor-core GPU, else f32).
+    pub precision: PrecisionRequest,
 }
 
 fn schedule_for(o: &SamplerOptions, meta: &BTreeMap<String, String>) -> Result<VeSchedule> {
@@ -514,7 +518,9 @@ pub fn sample(
     let ck = load_checkpoint(checkpoint, DType::F32)?;
     let params = ck.params.to_device(&device)?;
     let network_line = describe_checkpoint(checkpoint, &ck.network, &ck.metadata);
-    let den = Denoiser::new(ck.network);
+    let precision = s.precision.resolve(&device);
+    let mut den = Denoiser::new(ck.network);
+    den.net.set_precision(precision);
     let mut shape = vec![n];
     shape.extend(den.net.sample_shape());
     check_sample_memory(&format!("--n {n}"), n, shape[1..].iter().product(), 8)?;
@@ -538,7 +544,7 @@ pub fn sample(
             ("device", device_line),
             ("network", network_line),
             ("sampler", describe_sampler(&sampler, s.seed)),
-            ("precision", PRECISION.to_string()),
+            ("precision", describe_precision(s.precision, precision)),
             ("output", describe_npy(out, &shape, "f4")),
         ],
     );
@@ -633,6 +639,13 @@ pub struct PosteriorOptions {
 pub fn posterior(o: &PosteriorOptions) -> Result<()> {
     check_output(&o.out)?;
     let (device, device_line) = open_device(o.device)?;
+    // A Gaussian prior has no network: the precision applies to checkpoints only.
+    let posterior_precision = match &o.prior {
+        PriorSource::Checkpoint(_) => {
+            describe_precision(o.sampler.precision, o.sampler.precision.resolve(&device))
+        }
+        PriorSource::Gaussian { .. } => "f32 (a Gaussian prior has no network)".to_string(),
+    };
     let obs = read_npy(&o.obs)?;
     // Images may come as [n, H, W, C]: each observation is its values in order.
     obs.expect_rank(&o.obs, &[2, 3, 4], "observations [n, m] (or images [n, H, W, C])")?;
@@ -836,7 +849,7 @@ pub fn posterior(o: &PosteriorOptions) -> Result<()> {
             prior_line,
             ("method", method_line),
             ("sampler", describe_sampler(&sampler, o.sampler.seed)),
-            ("precision", PRECISION.to_string()),
+            ("precision", posterior_precision),
             ("output", describe_npy(&o.out, &out_shape, "f4")),
         ],
     );
@@ -848,7 +861,8 @@ pub fn posterior(o: &PosteriorOptions) -> Result<()> {
         }
         (_, Some(ck)) => {
             let params = ck.params.to_device(&device)?;
-            let den = Denoiser::new(ck.network.clone());
+            let mut den = Denoiser::new(ck.network.clone());
+            den.net.set_precision(o.sampler.precision.resolve(&device));
             let prior = NetworkPrior {
                 denoiser: &den,
                 params: &params,

@@ -4,6 +4,7 @@ use anyhow::{bail, Result};
 use clap::{Parser, Subcommand};
 
 use emprior::device::{probe_cuda, Device, DeviceRequest, Kernels};
+use emprior::ops::PrecisionRequest;
 use std::path::PathBuf;
 
 use emprior::diffusion::SamplerKind;
@@ -41,6 +42,10 @@ struct SamplerArgs {
     /// Seeds the initial noise and every step's noise (the same seed gives the same samples).
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// The network's arithmetic: auto (bf16 on a GPU with tensor cores, else f32), f32 (exact)
+    /// or bf16 (bf16 operands, f32 accumulation).
+    #[arg(long, default_value = "auto")]
+    precision: PrecisionRequest,
 }
 
 impl SamplerArgs {
@@ -51,6 +56,7 @@ impl SamplerArgs {
             sigma_min: self.sigma_min,
             sigma_max: self.sigma_max,
             seed: self.seed,
+            precision: self.precision,
         }
     }
 }
@@ -115,6 +121,10 @@ enum Command {
         /// Seeds the initialisation, the minibatches and the noise (a run is reproducible).
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// The network's arithmetic: auto (bf16 on a GPU with tensor cores, else f32), f32
+        /// (exact) or bf16 (bf16 operands, f32 accumulation).
+        #[arg(long, default_value = "auto")]
+        precision: PrecisionRequest,
         /// Where to run: auto (a GPU when one is usable, else the CPU), cpu, cuda or cuda:N.
         #[arg(long, default_value = "auto")]
         device: DeviceRequest,
@@ -425,6 +435,7 @@ fn main() -> std::process::ExitCode {
             sigma_min,
             sigma_max,
             seed,
+            precision,
             device,
         } => {
             let o = commands::TrainOptions {
@@ -439,6 +450,7 @@ fn main() -> std::process::ExitCode {
                 sigma_min,
                 sigma_max,
                 seed,
+                precision,
                 device,
                 log_every: (steps / 20).max(1),
             };

@@ -34,6 +34,8 @@ const CPU: Device = Device::Cpu;
 /// size. A bug moves a tensor by far more. `harness::unet_tolerance_admits_f32_rounding` keeps
 /// the small U-Net's f32 rounding within a quarter of this on every run.
 const UNET_TOL: f64 = 1e-4;
+/// Norm-wise, GPU bf16 against the CPU's bf16 twins (see the case).
+const UNET_BF16_TOL: f64 = 5e-3;
 
 /// One sigma per sample, spread geometrically over the EDM range [0.002, 80]: per-sample
 /// scalings must each pick their own.
@@ -45,7 +47,7 @@ fn sigmas(n: usize) -> Vec<f64> {
 }
 
 /// The layers one by one, then whole networks.
-const CASES: [Case; 12] = [
+const CASES: [Case; 13] = [
     case("layers::linear", "linear", Tol::norm(2e-6), linear_case),
     case(
         "layers::layer_norm",
@@ -91,6 +93,15 @@ const CASES: [Case; 12] = [
         "cifar10 U-Net b8 32x32",
         Tol::norm(UNET_TOL),
         |d| denoiser_case(d, &cifar10_unet(), DType::F32, &[8, 32, 32, 3]),
+    ),
+    // The bf16 policy: the GPU's tensor cores against the CPU twins, which multiply the same
+    // bf16 operands; the f32 sums differ in order, so a bf16 rounding of an activation can flip
+    // by one unit (2^-8) and carry on. An indexing bug in a tensor-core kernel gives O(1).
+    case(
+        "nets::cifar10_unet_bf16_batch8_32x32",
+        "cifar10 U-Net bf16 b8 32x32",
+        Tol::norm(UNET_BF16_TOL),
+        |d| denoiser_case(d, &cifar10_unet_bf16(), DType::F32, &[8, 32, 32, 3]),
     ),
     case("nets::timemlp_batch64", "TimeMLP b64", Tol::norm(1e-5), |d| {
         denoiser_case(d, &time_mlp(), DType::F32, &[64, 5])
@@ -344,6 +355,12 @@ fn time_mlp() -> Denoiser {
 
 fn cifar10_unet() -> Denoiser {
     Denoiser::new(Network::UNet(UNet::new(UNetConfig::cifar10()).unwrap()))
+}
+
+fn cifar10_unet_bf16() -> Denoiser {
+    let mut den = cifar10_unet();
+    den.net.set_precision(emprior::ops::Precision::Bf16);
+    den
 }
 
 fn small_unet() -> Denoiser {

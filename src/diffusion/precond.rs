@@ -54,6 +54,15 @@ impl Network {
         }
     }
 
+    /// Sets the arithmetic of the network's GEMMs and convolutions (see
+    /// [`ParamLayout::set_precision`]); the parameters and their layout do not change.
+    pub fn set_precision(&mut self, precision: crate::ops::Precision) {
+        match self {
+            Network::Mlp(m) => m.layout.set_precision(precision),
+            Network::UNet(u) => u.layout.set_precision(precision),
+        }
+    }
+
     /// E, the width of the sinusoidal noise embedding the network reads (64 for the manifold
     /// MLP, 256 for the U-Nets; method.md §2.3).
     pub fn emb_width(&self) -> usize {

@@ -13,6 +13,9 @@ pub const MANIFOLD_QUICK: &str = r#"
 # Low-dimensional manifold, quick: small enough for a 2-core CPU in a few minutes.
 experiment = "manifold"
 seed = 0
+# The network's arithmetic: auto (bf16 operands with f32 accumulation on a GPU with tensor
+# cores, f32 on the CPU), f32 (exact) or bf16. May change on --resume.
+precision = "auto"
 observations = 4096
 sigma_y = 0.01
 sigma_min = 0.001
@@ -52,6 +55,9 @@ pub const MANIFOLD_PAPER: &str = r#"
 # Low-dimensional manifold at the paper's scale (method.md §7.1, §8.3).
 experiment = "manifold"
 seed = 0
+# The network's arithmetic: auto (bf16 operands with f32 accumulation on a GPU with tensor
+# cores, f32 on the CPU), f32 (exact) or bf16. May change on --resume.
+precision = "auto"
 observations = 65536
 sigma_y = 0.01
 sigma_min = 0.001
@@ -99,6 +105,9 @@ sigma_y_file = ""
 # The true signals [n, d], when known: only for the metrics (--truth).
 truth = ""
 seed = 0
+# The network's arithmetic: auto (bf16 operands with f32 accumulation on a GPU with tensor
+# cores, f32 on the CPU), f32 (exact) or bf16. May change on --resume.
+precision = "auto"
 # The noise range of the diffusion prior: sigma_max well above the data's spread (standardise
 # your data first), sigma_min well below the detail you care about.
 sigma_min = 0.001
@@ -142,6 +151,9 @@ mask = ""
 # The true images, when known: only for PSNR/SSIM (--truth).
 truth = ""
 seed = 0
+# The network's arithmetic: auto (bf16 operands with f32 accumulation on a GPU with tensor
+# cores, f32 on the CPU), f32 (exact) or bf16. May change on --resume.
+precision = "auto"
 sigma_y = 0.001
 sigma_min = 0.001
 sigma_max = 100.0
@@ -189,6 +201,9 @@ dataset = "cifar10"
 # Empty: $EMPRIOR_DATA/cifar10 or ~/.cache/emprior/cifar10 (scripts/fetch-cifar10.sh).
 data_dir = ""
 seed = 0
+# The network's arithmetic: auto (bf16 operands with f32 accumulation on a GPU with tensor
+# cores, f32 on the CPU), f32 (exact) or bf16. May change on --resume.
+precision = "auto"
 # Percentage of pixels removed (25, 50 or 75 in the paper).
 corruption = 75.0
 sigma_y = 0.001
@@ -236,6 +251,9 @@ experiment = "cifar10"
 dataset = "cifar10"
 data_dir = ""
 seed = 0
+# The network's arithmetic: auto (bf16 operands with f32 accumulation on a GPU with tensor
+# cores, f32 on the CPU), f32 (exact) or bf16. May change on --resume.
+precision = "auto"
 corruption = 75.0
 sigma_y = 0.001
 sigma_min = 0.001
@@ -281,6 +299,9 @@ experiment = "cifar10"
 dataset = "cifar10"
 data_dir = ""
 seed = 0
+# The network's arithmetic: auto (bf16 operands with f32 accumulation on a GPU with tensor
+# cores, f32 on the CPU), f32 (exact) or bf16. May change on --resume.
+precision = "auto"
 corruption = 75.0
 sigma_y = 0.001
 sigma_min = 0.001
@@ -334,6 +355,9 @@ min_tissue = 0.25
 acceleration = 6.0
 center_fraction = 0.0625
 seed = 0
+# The network's arithmetic: auto (bf16 operands with f32 accumulation on a GPU with tensor
+# cores, f32 on the CPU), f32 (exact) or bf16. May change on --resume.
+precision = "auto"
 sigma_y = 0.01
 sigma_min = 0.001
 sigma_max = 100.0
@@ -391,6 +415,9 @@ min_tissue = 0.25
 acceleration = 6.0
 center_fraction = 0.0625
 seed = 0
+# The network's arithmetic: auto (bf16 operands with f32 accumulation on a GPU with tensor
+# cores, f32 on the CPU), f32 (exact) or bf16. May change on --resume.
+precision = "auto"
 sigma_y = 0.01
 sigma_min = 0.001
 sigma_max = 100.0
@@ -443,6 +470,9 @@ min_tissue = 0.25
 acceleration = 6.0
 center_fraction = 0.0625
 seed = 0
+# The network's arithmetic: auto (bf16 operands with f32 accumulation on a GPU with tensor
+# cores, f32 on the CPU), f32 (exact) or bf16. May change on --resume.
+precision = "auto"
 sigma_y = 0.01
 sigma_min = 0.001
 sigma_max = 100.0
@@ -975,6 +1005,7 @@ pub const KEYS: &[Key] = &[
     key("patch", Rule::AtLeastOne, "U-Net: pixel blocks of patch x patch folded into channels at the input (the paper's MRI: 4; H and W must divide by it)"),
     key("pc_corrections", Rule::Count, "vector runs: Langevin corrections per predictor step of the PC sampler"),
     key("pc_tau", Rule::Positive, "vector runs: the Langevin step size of the PC sampler"),
+    key("precision", Rule::OneOf(&["auto", "f32", "bf16"]), "the network's arithmetic: auto (bf16 operands, f32 accumulation on a tensor-core GPU; f32 on the CPU), f32 (exact) or bf16; may change on --resume"),
     key("prior_steps", Rule::AtLeastOne, "image runs: DDIM steps of the prior samples in the grids and exports"),
     key("samples_per_observation", Rule::AtLeastOne, "image runs: posterior samples drawn per observation each lap, all trained on (the paper's MRI: 2)"),
     key("seed", Rule::Count, "every random draw of the run (Philox keyed by seed, lap and purpose)"),

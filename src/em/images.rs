@@ -1266,7 +1266,8 @@ pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Re
         let (_, h, w, c) = dataset_shape(cfg, run)?;
         network(cfg, h, w, c)
     })?;
-    let setup = Setup::new(cfg, run, comm)?;
+    let mut setup = Setup::new(cfg, run, comm)?;
+    setup.network.set_precision(super::precision(cfg, device)?.1);
     let (train, held) = (&setup.train, &setup.heldout);
     let mut fingerprint = Fingerprint::new();
     for part in [

@@ -24,6 +24,7 @@ use std::fs;
 use std::path::{Path, PathBuf};
 
 use crate::error::{Error, Result};
+use crate::ops::{Precision, PrecisionRequest};
 
 /// A seed for one purpose in one lap, derived from the run's seed (splitmix64).
 pub fn derive_seed(seed: u64, lap: usize, purpose: u64) -> u64 {
@@ -240,6 +241,7 @@ const ORIGIN_CONFIG: &str = ".config.origin.toml";
 /// the laps already run, so a resume that changed it would mix two runs.
 const SAFE_ON_RESUME: &[&str] = &[
     "laps",
+    "precision",
     "lr_init",
     "lr_end",
     "eval_samples",
@@ -758,6 +760,16 @@ fn report_value(key: &str, v: f64) -> String {
     }
 }
 
+/// The run's network arithmetic: the `precision` key (auto when a saved config.toml from an
+/// older version lacks it) resolved on `device`.
+pub fn precision(cfg: &Config, device: &crate::device::Device) -> Result<(PrecisionRequest, Precision)> {
+    let request: PrecisionRequest = match cfg.string("precision") {
+        Ok(text) => text.parse()?,
+        Err(_) => PrecisionRequest::Auto,
+    };
+    Ok((request, request.resolve(device)))
+}
+
 /// What a run prints before its first lap: the run, the device and its kernels, the data, the
 /// network, the precision and where everything goes.
 pub fn print_header(
@@ -769,17 +781,19 @@ pub fn print_header(
     done: Option<usize>,
 ) -> Result<()> {
     let laps = cfg.count("laps")?;
+    let (request, precision) = precision(cfg, device)?;
     let start = match done {
         Some(k) => format!("resuming after lap {k}"),
         None => "a new run".into(),
     };
     crate::progress::say(format!(
         "emprior em {} (preset {}): {start}, laps 0..={laps} (lap 0 is the Gaussian initialisation)\n  \
-         device: {}\n  data: {data}\n  network: {network}; precision f32\n  \
+         device: {}\n  data: {data}\n  network: {network}\n  precision: {}\n  \
          output: {} (config.toml, metrics.jsonl, report.html, lap-XXX/)",
         cfg.string("experiment")?,
         cfg.preset_name().unwrap_or("-"),
         crate::commands::describe_device(device),
+        crate::ops::precision::describe(request, precision),
         run.display()
     ));
     Ok(())

@@ -741,7 +741,8 @@ pub fn run_vectors(cfg: &Config, run: &Path, device: &Device, resume: bool) -> R
             cfg.count("emb")?,
         )))
     })?;
-    let setup = Setup::new(cfg, run, lead)?;
+    let mut setup = Setup::new(cfg, run, lead)?;
+    setup.network.set_precision(super::precision(cfg, device)?.1);
     if lead {
         check_observations(run, done, setup.fingerprint())?;
     }

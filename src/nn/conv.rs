@@ -5,16 +5,20 @@
 //! rebuilds the columns from the saved input instead of keeping them. Columns are built for a
 //! chunk of samples at a time when the whole batch's would pass a budget (1 GiB by default).
 //!
-//! An implicit-GEMM kernel with fused epilogues is the planned fast path; this one is the exact
-//! reference it will be checked against.
+//! Under the bf16 policy (the layout's precision) the three passes run as implicit GEMMs on bf16
+//! copies of x, the weight and dy with f32 accumulation ([`super::conv_bf16`]: tensor cores on a
+//! GPU, no column buffer), when both channel counts are multiples of 8; outputs and gradients
+//! stay f32. This f32 path is the exact reference.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::device::launch::grid_stride;
 
+use super::conv_bf16;
 use super::params::{ParamId, ParamLayout};
 use crate::error::{Error, Result};
 use crate::ops::broadcast::sum_rows_into;
+use crate::ops::precision::to_bf16;
 use crate::ops::{gemm_bias_into, gemm_into, mismatch, GemmSpec};
 use crate::tensor::{AsView, AsViewMut, Data, DataMut, Tensor, View, ViewMut};
 
@@ -255,6 +259,12 @@ impl Conv3x3 {
             .reshape(&[9 * self.cin, self.cout])
     }
 
+    /// True when the passes take the bf16 implicit-GEMM path (see the module doc).
+    fn bf16(&self, layout: &ParamLayout, g: &ConvGeometry, device: &crate::Device) -> bool {
+        layout.precision() == crate::ops::Precision::Bf16
+            && conv_bf16::refusal(g, self.cout, device).is_none()
+    }
+
     /// y = conv(x) + b.
     pub fn forward(&self, layout: &ParamLayout, params: &View, x: &View) -> Result<Tensor> {
         let g = self.geometry(x.shape())?;
@@ -263,6 +273,12 @@ impl Conv3x3 {
             self.weight_matrix(layout, params)?,
             layout.view(params, self.bias)?,
         );
+        if self.bf16(layout, &g, &x.device()) {
+            let (xb, wb) = (to_bf16(x)?, to_bf16(&w)?);
+            let mut yv = y.as_view_mut()?;
+            conv_bf16::forward(&xb, &wb, Some(&b), &g, self.cout, Some(&mut yv), None)?;
+            return y.reshape(&self.out_shape(x.shape())?);
+        }
         let (in_per, out_per) = g.per_sample();
         for (s, gk) in g.chunks() {
             let n = gk.n as usize;
@@ -301,6 +317,11 @@ impl Conv3x3 {
         let dy2 = dy.reshape(&[g.out_pixels(), self.cout])?;
         let wm = self.weight_matrix(layout, params)?;
         let mut dx = Tensor::uninit(x_shape, dy.dtype(), &dy.device())?;
+        if self.bf16(layout, &g, &dy.device()) {
+            let (dyb, wb) = (to_bf16(&dy2)?, to_bf16(&wm)?);
+            conv_bf16::input_grad(&dyb, &wb, &g, self.cout, &mut dx.as_view_mut()?, 0.0)?;
+            return Ok(dx);
+        }
         let (in_per, out_per) = g.per_sample();
         for (s, gk) in g.chunks() {
             let n = gk.n as usize;
@@ -322,6 +343,12 @@ impl Conv3x3 {
     pub fn param_grads(&self, layout: &ParamLayout, x: &View, dy: &View, grads: &mut ViewMut) -> Result<()> {
         let g = self.geometry(x.shape())?;
         let dy2 = dy.reshape(&[g.out_pixels(), self.cout])?;
+        if self.bf16(layout, &g, &x.device()) {
+            let (xb, dyb) = (to_bf16(x)?, to_bf16(&dy2)?);
+            let mut dw = layout.view_mut(grads, self.weight)?;
+            conv_bf16::weight_grad(&xb, &dyb, &g, self.cout, &mut dw, 1.0)?;
+            return sum_rows_into(&dy2, 1, &mut layout.view_mut(grads, self.bias)?, true);
+        }
         let acc = GemmSpec {
             beta: 1.0,
             ..GemmSpec::new(true, false)

@@ -1,12 +1,15 @@
 //! Linear layer y = x W + b over the last axis (W is [fan_in, fan_out], as inox stores it).
 //! It is a GEMM with the bias added in its epilogue; the backward's bias gradient is a column sum
-//! (`ops::broadcast`). CUDA: kernels/gemm.cu and kernels/broadcast.cu.
+//! (`ops::broadcast`). CUDA: kernels/gemm.cu and kernels/broadcast.cu. Under the bf16 policy
+//! (the layout's precision) the three GEMMs read bf16 copies of x, W and dy and accumulate in f32
+//! (`ops::gemm_bf16_into`); outputs and gradients stay f32.
 
 use super::params::{Init, ParamId, ParamLayout};
 use crate::error::{Error, Result};
 use crate::ops::broadcast::sum_rows_into;
-use crate::ops::{gemm_bias_into, gemm_into, GemmSpec};
-use crate::tensor::{Tensor, View, ViewMut};
+use crate::ops::precision::{tensor_core_refusal, to_bf16, Precision};
+use crate::ops::{gemm_bf16_into, gemm_bias_into, gemm_into, GemmSpec};
+use crate::tensor::{AsViewMut, Tensor, View, ViewMut};
 
 /// A fully connected layer over the last axis, `y = x W + b`, its parameters in a [`ParamLayout`].
 #[derive(Clone, Debug)]
@@ -65,6 +68,14 @@ impl Linear {
         }
     }
 
+    /// True when this layer's GEMMs take bf16 operands: the layout asks for it and both widths
+    /// are multiples of 8 (any row count works).
+    fn bf16(&self, layout: &ParamLayout, x: &View) -> bool {
+        layout.precision() == Precision::Bf16
+            && tensor_core_refusal(&[("fan_in", self.fan_in), ("fan_out", self.fan_out)], &x.device())
+                .is_none()
+    }
+
     /// y[.., fan_out] = x[.., fan_in] W + b.
     pub fn forward(&self, layout: &ParamLayout, params: &View, x: &View) -> Result<Tensor> {
         let rows = self.rows(x)?;
@@ -73,6 +84,13 @@ impl Linear {
         *out_shape.last_mut().unwrap() = self.fan_out;
         let mut y = Tensor::uninit(&[rows, self.fan_out], x.dtype(), &x.device())?;
         let w = layout.view(params, self.weight)?;
+        if self.bf16(layout, x) {
+            let bias = self.bias.map(|b| layout.view(params, b)).transpose()?;
+            let (xb, wb) = (to_bf16(&x2)?, to_bf16(&w)?);
+            let mut yv = y.as_view_mut()?;
+            gemm_bf16_into(&xb, &wb, bias.as_ref(), Some(&mut yv), None, GemmSpec::default())?;
+            return y.reshape(&out_shape);
+        }
         match self.bias {
             Some(b) => gemm_bias_into(&x2, &w, &layout.view(params, b)?, &mut y, GemmSpec::default())?,
             None => gemm_into(&x2, &w, &mut y, GemmSpec::default())?,
@@ -92,6 +110,24 @@ impl Linear {
         let rows = self.rows(x)?;
         let dy2 = dy.reshape(&[rows, self.fan_out])?;
         let mut dx = Tensor::uninit(&[rows, self.fan_in], x.dtype(), &x.device())?;
+        if self.bf16(layout, x) {
+            let (dyb, wb) = (to_bf16(&dy2)?, to_bf16(&layout.view(params, self.weight)?)?);
+            let nt = GemmSpec::new(false, true);
+            gemm_bf16_into(&dyb, &wb, None, Some(&mut dx.as_view_mut()?), None, nt)?;
+            if let Some(g) = grads {
+                let xb = to_bf16(&x.reshape(&[rows, self.fan_in])?)?;
+                let accumulate = GemmSpec {
+                    beta: 1.0,
+                    ..GemmSpec::new(true, false)
+                };
+                let mut dw = layout.view_mut(g, self.weight)?;
+                gemm_bf16_into(&xb, &dyb, None, Some(&mut dw), None, accumulate)?;
+                if let Some(b) = self.bias {
+                    sum_rows_into(&dy2, 1, &mut layout.view_mut(g, b)?, true)?;
+                }
+            }
+            return dx.reshape(x.shape());
+        }
         gemm_into(
             &dy2,
             &layout.view(params, self.weight)?,

@@ -40,17 +40,40 @@ pub struct ParamSpec {
     pub init: Init,
 }
 
-/// Names, shapes and offsets of every parameter of a network, in registration order.
-#[derive(Clone, Debug, Default, PartialEq)]
+/// Names, shapes and offsets of every parameter of a network, in registration order. Two
+/// layouts are equal when their parameters are (the precision is how they are used, not what
+/// they are: a checkpoint fits a network whatever its arithmetic).
+#[derive(Clone, Debug, Default)]
 pub struct ParamLayout {
     specs: Vec<ParamSpec>,
     total: usize,
+    /// The arithmetic the layers use with these parameters (f32 by default; see
+    /// [`crate::ops::Precision`]). It lives here because every layer call receives the layout.
+    precision: crate::ops::Precision,
+}
+
+impl PartialEq for ParamLayout {
+    fn eq(&self, other: &Self) -> bool {
+        self.specs == other.specs && self.total == other.total
+    }
 }
 
 impl ParamLayout {
     /// An empty layout.
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// The arithmetic of the layers' GEMMs and convolutions with these parameters.
+    pub fn precision(&self) -> crate::ops::Precision {
+        self.precision
+    }
+
+    /// Sets the layers' arithmetic: bf16 operands with f32 accumulation, or f32 throughout.
+    /// Layers whose sizes the tensor-core kernels cannot take (a channel count that is not a
+    /// multiple of 8) stay f32 either way.
+    pub fn set_precision(&mut self, precision: crate::ops::Precision) {
+        self.precision = precision;
     }
 
     /// Registers a parameter; offsets are handed out in order.

@@ -387,12 +387,30 @@ pub fn flops(p: &GemmParams) -> f64 {
     2.0 * p.m as f64 * p.n as f64 * p.k as f64 * p.batch as f64
 }
 
+/// The sizes the tensor-core GEMM moves in 16-byte chunks, which must be multiples of 8: the
+/// leading dimensions, the dimension each operand's chunks run along (K for an operand stored
+/// K-contiguous, M or N for one stored the other way), and N (paired f32 stores). The rows of
+/// an operand (the batch of a linear layer) may be anything.
+pub fn bf16_gemm_dims(p: &GemmParams, spec: GemmSpec) -> Vec<(&'static str, usize)> {
+    let mut dims = vec![
+        ("lda", p.lda as usize),
+        ("ldb", p.ldb as usize),
+        ("N", p.n as usize),
+    ];
+    if !spec.trans_a || spec.trans_b {
+        dims.push(("K", p.k as usize));
+    }
+    if spec.trans_a {
+        dims.push(("M", p.m as usize));
+    }
+    dims
+}
+
 /// The tensor-core GEMM (kernels/gemm.cu, version 2) and its CPU twin: `C = alpha op(A) op(B) +
 /// beta C + bias` with bf16 `A` and `B` (tensors of dtype bf16, shaped as for [`gemm_into`]) and
 /// f32 accumulation, written to an f32 `c` (which `beta` reads), a bf16 `c_bf16` (rounded to
-/// nearest even), or both. Every dimension must be a multiple of 8
-/// ([`super::precision::tensor_core_refusal`]) on both backends, so a layer takes this path or
-/// the f32 one the same way everywhere. `A^T B^T` is not offered (no layer needs it).
+/// nearest even), or both. The sizes of [`bf16_gemm_dims`] must be multiples of 8 on both
+/// backends, so a layer takes this path or the f32 one the same way everywhere. `A^T B^T` is not offered (no layer needs it).
 ///
 /// The CPU twin multiplies the same bf16 values widened to f32 (exact) with the f32 oracle; a
 /// GPU adds the products in another order, so the two agree to f32 accumulation error, about
@@ -425,16 +443,7 @@ pub fn gemm_bf16_into(
     }
     let (p, out_shape) = resolve(a.shape(), b.shape(), &spec)?;
     let device = a.device();
-    if let Some(why) = super::precision::tensor_core_refusal(
-        &[
-            ("M", p.m as usize),
-            ("N", p.n as usize),
-            ("K", p.k as usize),
-            ("lda", p.lda as usize),
-            ("ldb", p.ldb as usize),
-        ],
-        &device,
-    ) {
+    if let Some(why) = super::precision::tensor_core_refusal(&bf16_gemm_dims(&p, spec), &device) {
         return Err(Error::Other(format!("gemm_bf16: {why}")));
     }
     if c.is_none() && c_bf16.is_none() {

@@ -20,7 +20,7 @@ pub use elementwise::{
     silu_backward, silu_backward_into, silu_into,
 };
 pub use gemm::{gemm_bf16_into, gemm_bias_into, gemm_into, matmul, GemmSpec};
-pub use precision::{to_bf16, to_f32, Precision};
+pub use precision::{to_bf16, to_f32, Precision, PrecisionRequest};
 pub use reduce::{row_dot, row_dot_into, row_norm, row_norm_into, sum, sum_into};
 pub use rng::{normal, philox4x32_10, uniform, Philox};
 

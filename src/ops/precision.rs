@@ -49,6 +49,67 @@ impl std::str::FromStr for Precision {
     }
 }
 
+/// What a command line asks for: `auto` (bf16 on a GPU with tensor cores, compute capability
+/// 8.0 or newer; f32 on the CPU, where the bf16 twins only add conversions), `f32` or `bf16`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum PrecisionRequest {
+    /// bf16 on a tensor-core GPU, f32 elsewhere.
+    #[default]
+    Auto,
+    /// This precision on any device.
+    Fixed(Precision),
+}
+
+impl PrecisionRequest {
+    /// The precision to run with on `device`.
+    pub fn resolve(self, device: &Device) -> Precision {
+        match (self, device) {
+            (PrecisionRequest::Fixed(p), _) => p,
+            (PrecisionRequest::Auto, Device::Cuda(dev)) if dev.compute_capability().0 >= 8 => Precision::Bf16,
+            (PrecisionRequest::Auto, _) => Precision::F32,
+        }
+    }
+}
+
+impl std::str::FromStr for PrecisionRequest {
+    type Err = Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.trim() {
+            "auto" => Ok(PrecisionRequest::Auto),
+            other => other.parse().map(PrecisionRequest::Fixed).map_err(|_| {
+                Error::Other(format!(
+                    "unknown precision '{other}': use auto (bf16 on a GPU with tensor cores, else f32), \
+                     f32 (exact) or bf16 (bf16 operands, f32 accumulation)"
+                ))
+            }),
+        }
+    }
+}
+
+impl std::fmt::Display for PrecisionRequest {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            PrecisionRequest::Auto => f.write_str("auto"),
+            PrecisionRequest::Fixed(p) => f.write_str(p.name()),
+        }
+    }
+}
+
+/// One line for a command's header: the precision and where it came from.
+pub fn describe(request: PrecisionRequest, precision: Precision) -> String {
+    let what = match precision {
+        Precision::F32 => "f32 (exact: f32 operands and accumulation)",
+        Precision::Bf16 => {
+            "bf16 operands, f32 accumulation (GEMMs and convolutions whose widths are multiples of 8; \
+             the rest f32)"
+        }
+    };
+    match request {
+        PrecisionRequest::Auto => format!("{what}; --precision auto"),
+        PrecisionRequest::Fixed(_) => what.to_string(),
+    }
+}
+
 /// The values as bf16 (round to nearest even), on the same device.
 pub fn to_bf16(x: &impl AsView) -> Result<Tensor> {
     let x = x.as_view()?;
