@@ -78,103 +78,8 @@ extern "C" __global__ void conv_col2im_f32(const float* dcol, float* dx, ConvGeo
 
 // ---- version 2: implicit GEMM on the tensor cores --------------------------------------------------
 
-// A thread of tc_load_stage fills K-major rows tid / 4 and tid / 4 + 64 of every A tile; the row
-// loaders below precompute those two rows' pixels once (slot = r >= 64).
-__device__ __forceinline__ int tc_kmajor_row(int slot) { return (threadIdx.x >> 2) + 64 * slot; }
-
-// fprop A: rows are output pixels m = (n, oy, ox), columns k = (tap, ci) of col(x).
-struct FpropLoadA {
-    static constexpr bool K_MAJOR = true;
-    const bf16* x;
-    ConvGeometry g;
-    int k;  // 9 cin
-    i64 pixel[2];  // n * h, or -1 past the last pixel
-    int iy0[2], ix0[2];
-    __device__ FpropLoadA(const bf16* x_, const ConvGeometry& g_, int m0) : x(x_), g(g_), k(9 * g_.cin) {
-        const int m = g.n * g.oh * g.ow;
-#pragma unroll
-        for (int s = 0; s < 2; ++s) {
-            const int row = m0 + tc_kmajor_row(s);
-            const int ox = row % g.ow, oy = (row / g.ow) % g.oh, n = row / (g.ow * g.oh);
-            pixel[s] = row < m ? (i64)n * g.h : -1;
-            iy0[s] = oy * g.stride - 1;
-            ix0[s] = ox * g.stride - 1;
-        }
-    }
-    __device__ __forceinline__ const bf16* chunk(int r, int c, int kt, bool& valid) const {
-        // Selects, not a dynamic index: an indexed register array would live in local memory.
-        const bool s = r >= 64;
-        const i64 pix = s ? pixel[1] : pixel[0];
-        const int kk = kt * TC_BK + c * 8;
-        const int tap = kk / g.cin, ci = kk - tap * g.cin;
-        const int iy = (s ? iy0[1] : iy0[0]) + tap / 3, ix = (s ? ix0[1] : ix0[0]) + tap % 3;
-        valid = pix >= 0 && kk < k && iy >= 0 && iy < g.h && ix >= 0 && ix < g.w;
-        return valid ? x + ((pix + iy) * g.w + ix) * g.cin + ci : x;
-    }
-};
-
-// dgrad A: rows are input pixels (n, iy, ix), columns k = (tap, co) of dy at the pixel that tap
-// reads from: oy = (iy + 1 - ky) / stride when exact and inside.
-struct DgradLoadA {
-    static constexpr bool K_MAJOR = true;
-    const bf16* dy;
-    ConvGeometry g;
-    int cout, k;  // 9 cout
-    i64 pixel[2];  // n * oh, or -1 past the last pixel
-    int ty0[2], tx0[2];  // iy + 1, ix + 1
-    __device__ DgradLoadA(const bf16* dy_, const ConvGeometry& g_, int cout_, int m0)
-        : dy(dy_), g(g_), cout(cout_), k(9 * cout_) {
-        const int m = g.n * g.h * g.w;
-#pragma unroll
-        for (int s = 0; s < 2; ++s) {
-            const int row = m0 + tc_kmajor_row(s);
-            const int ix = row % g.w, iy = (row / g.w) % g.h, n = row / (g.w * g.h);
-            pixel[s] = row < m ? (i64)n * g.oh : -1;
-            ty0[s] = iy + 1;
-            tx0[s] = ix + 1;
-        }
-    }
-    __device__ __forceinline__ const bf16* chunk(int r, int c, int kt, bool& valid) const {
-        const bool s = r >= 64;
-        const i64 pix = s ? pixel[1] : pixel[0];
-        const int kk = kt * TC_BK + c * 8;
-        const int tap = kk / cout, co = kk - tap * cout;
-        const int ty = (s ? ty0[1] : ty0[0]) - tap / 3, tx = (s ? tx0[1] : tx0[0]) - tap % 3;
-        const int oy = ty / g.stride, ox = tx / g.stride;
-        valid = pix >= 0 && kk < k && ty >= 0 && tx >= 0 && oy * g.stride == ty && ox * g.stride == tx &&
-                oy < g.oh && ox < g.ow;
-        return valid ? dy + ((pix + oy) * g.ow + ox) * cout + co : dy;
-    }
-};
-
-// dgrad B: W'[(tap, co)][ci] = W[tap][ci][co], stored [ci][co] per tap: K-major rows ci.
-struct DgradLoadB {
-    static constexpr bool K_MAJOR = true;
-    const bf16* w;
-    int n0, cin, cout;
-    __device__ __forceinline__ const bf16* chunk(int r, int c, int kt, bool& valid) const {
-        const int ci = n0 + r, kk = kt * TC_BK + c * 8;
-        const int tap = kk / cout, co = kk - tap * cout;
-        valid = ci < cin && tap < 9;
-        return valid ? w + ((i64)tap * cin + ci) * cout + co : w;
-    }
-};
-
-// wgrad A': rows are output pixels p (the GEMM's K), columns (tap, ci) (its M): col(x)^T.
-struct WgradLoadA {
-    static constexpr bool K_MAJOR = false;
-    const bf16* x;
-    ConvGeometry g;
-    int m0, pixels;
-    __device__ __forceinline__ const bf16* chunk(int r, int c, int kt, bool& valid) const {
-        const int p = kt * TC_BK + r, col = m0 + c * 8;
-        const int tap = col / g.cin, ci = col - tap * g.cin;
-        const int ox = p % g.ow, oy = (p / g.ow) % g.oh, n = p / (g.ow * g.oh);
-        const int iy = oy * g.stride - 1 + tap / 3, ix = ox * g.stride - 1 + tap % 3;
-        valid = p < pixels && tap < 9 && iy >= 0 && iy < g.h && ix >= 0 && ix < g.w;
-        return valid ? x + (((i64)n * g.h + iy) * g.w + ix) * g.cin + ci : x;
-    }
-};
+// The loaders (FpropLoadA, DgradLoadA, DgradLoadB, WgradLoadA) are in tc_index.cuh, where the
+// host emulation of tests/tc_emulation.rs runs them too.
 
 // hot tensor-core
 extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
@@ -184,10 +89,10 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
     TC_SMEM_DECL;
     const int m0 = blockIdx.x * TC_BM, n0 = blockIdx.y * TC_BN;
     const int k = 9 * g.cin, m = g.n * g.oh * g.ow;
-    const FpropLoadA la(x, g, m0);
-    const DenseMNMajor lb{w, n0, cout, k, cout};
+    const FpropLoadA<ConvGeometry> la(g, m0, threadIdx.x);
+    const DenseMNMajor lb{n0, cout, k, cout};
     TcAcc acc;
-    tc_mainloop<true, false>(tc_smem, la, lb, 0, (k + TC_BK - 1) / TC_BK, acc);
+    tc_mainloop(tc_smem, x, la, w, lb, 0, (k + TC_BK - 1) / TC_BK, acc);
     tc_store(acc, TcEpilogue{1.0f, 0.0f, bias, y, y_bf16, cout}, m0, n0, m, cout);
 #else
     __trap();
@@ -203,10 +108,10 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
     TC_SMEM_DECL;
     const int m0 = blockIdx.x * TC_BM, n0 = blockIdx.y * TC_BN;
     const int k = 9 * cout, m = g.n * g.h * g.w;
-    const DgradLoadA la(dy, g, cout, m0);
-    const DgradLoadB lb{w, n0, g.cin, cout};
+    const DgradLoadA<ConvGeometry> la(g, cout, m0, threadIdx.x);
+    const DgradLoadB lb{n0, g.cin, cout};
     TcAcc acc;
-    tc_mainloop<true, true>(tc_smem, la, lb, 0, (k + TC_BK - 1) / TC_BK, acc);
+    tc_mainloop(tc_smem, dy, la, w, lb, 0, (k + TC_BK - 1) / TC_BK, acc);
     tc_store(acc, TcEpilogue{1.0f, beta, nullptr, dx, dx_bf16, g.cin}, m0, n0, m, g.cin);
 #else
     __trap();
@@ -223,13 +128,13 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
     TC_SMEM_DECL;
     const int m0 = blockIdx.x * TC_BM, n0 = blockIdx.y * TC_BN;
     const int m = 9 * g.cin, pixels = g.n * g.oh * g.ow;
-    const int tiles = (pixels + TC_BK - 1) / TC_BK, per = (tiles + splits - 1) / splits;
     const int z = blockIdx.z;
-    const int begin = min(tiles, z * per), end = min(tiles, begin + per);
-    const WgradLoadA la{x, g, m0, pixels};
-    const DenseMNMajor lb{dy, n0, cout, pixels, cout};
+    int begin, end;
+    tc_split_range((pixels + TC_BK - 1) / TC_BK, splits, z, begin, end);
+    const WgradLoadA<ConvGeometry> la{g, m0, pixels};
+    const DenseMNMajor lb{n0, cout, pixels, cout};
     TcAcc acc;
-    tc_mainloop<false, false>(tc_smem, la, lb, begin, end, acc);
+    tc_mainloop(tc_smem, x, la, dy, lb, begin, end, acc);
     float* out = partials + (i64)z * m * cout;
     tc_store(acc, TcEpilogue{1.0f, 0.0f, nullptr, out, nullptr, cout}, m0, n0, m, cout);
 #else

@@ -152,10 +152,10 @@ __device__ __forceinline__ void gemm_bf16_body(const bf16* A, const bf16* B, flo
     const int m0 = blockIdx.x * TC_BM, n0 = blockIdx.y * TC_BN;
     const int ktiles = (p.k + TC_BK - 1) / TC_BK;
     for (int bz = blockIdx.z; bz < p.batch; bz += gridDim.z) {
-        const LoadA la{A + (i64)bz * p.stride_a, m0, p.m, p.k, p.lda};
-        const LoadB lb{B + (i64)bz * p.stride_b, n0, p.n, p.k, p.ldb};
+        const LoadA la{m0, p.m, p.k, p.lda};
+        const LoadB lb{n0, p.n, p.k, p.ldb};
         TcAcc acc;
-        tc_mainloop<LoadA::K_MAJOR, LoadB::K_MAJOR>(tc_smem, la, lb, 0, ktiles, acc);
+        tc_mainloop(tc_smem, A + (i64)bz * p.stride_a, la, B + (i64)bz * p.stride_b, lb, 0, ktiles, acc);
         const TcEpilogue e{p.alpha, p.beta, bias, C ? C + (i64)bz * p.stride_c : nullptr,
                            C_bf16 ? C_bf16 + (i64)bz * p.stride_c : nullptr, p.ldc};
         tc_store(acc, e, m0, n0, p.m, p.n);

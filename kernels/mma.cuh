@@ -20,15 +20,7 @@
 #pragma once
 #include <cuda_bf16.h>
 #include "common.cuh"
-
-#define TC_BM 128
-#define TC_BN 128
-#define TC_BK 32
-#define TC_STAGES 3
-#define TC_THREADS 256
-// bf16 elements of one operand tile (128 x 32 either way round) and of one pipeline stage.
-#define TC_TILE (TC_BM * TC_BK)
-#define TC_STAGE_ELEMS (2 * TC_TILE)
+#include "tc_index.cuh"
 
 typedef __nv_bfloat16 bf16;
 
@@ -77,40 +69,6 @@ __device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const uint32_t (&a
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// ---- shared-memory tile orders ------------------------------------------------------------------
-
-// Element offset of chunk c (8 values) of row r in a K-major tile (rows of TC_BK = 4 chunks).
-__device__ __forceinline__ int kmajor_offset(int r, int c) { return r * TC_BK + ((c ^ ((r >> 1) & 3)) << 3); }
-
-// Element offset of chunk c of row r in an MN-major tile (rows of 128 = 16 chunks).
-__device__ __forceinline__ int mnmajor_offset(int r, int c) { return r * TC_BM + ((c ^ (r & 7)) << 3); }
-
-// ---- loaders of plain row-major matrices ----------------------------------------------------------
-
-// An operand whose rows are M (or N) indices: element (mn, k) at p[mn * ld + k], K-major tile.
-struct DenseKMajor {
-    static constexpr bool K_MAJOR = true;
-    const bf16* p;
-    int mn0, mn, k, ld;
-    __device__ __forceinline__ const bf16* chunk(int r, int c, int kt, bool& valid) const {
-        const int gm = mn0 + r, gk = kt * TC_BK + c * 8;
-        valid = gm < mn && gk < k;
-        return valid ? p + (i64)gm * ld + gk : p;
-    }
-};
-
-// An operand whose rows are K indices: element (mn, k) at p[k * ld + mn], MN-major tile.
-struct DenseMNMajor {
-    static constexpr bool K_MAJOR = false;
-    const bf16* p;
-    int mn0, mn, k, ld;
-    __device__ __forceinline__ const bf16* chunk(int r, int c, int kt, bool& valid) const {
-        const int gk = kt * TC_BK + r, gm = mn0 + c * 8;
-        valid = gm < mn && gk < k;
-        return valid ? p + (i64)gk * ld + gm : p;
-    }
-};
-
 // ---- the main loop -------------------------------------------------------------------------------
 
 // Accumulators of one thread: acc[i][j][r] is C[row][col] with row = warp_m + 16 i + g + 8 (r >> 1)
@@ -119,41 +77,25 @@ struct TcAcc {
     float v[4][4][4];
 };
 
-__device__ __forceinline__ int tc_warp_m() { return (threadIdx.x >> 5) / 4 * 64; }
-__device__ __forceinline__ int tc_warp_n() { return (threadIdx.x >> 5) % 4 * 32; }
-__device__ __forceinline__ int tc_acc_row(int i, int r) { return tc_warp_m() + 16 * i + ((threadIdx.x & 31) >> 2) + 8 * (r >> 1); }
-__device__ __forceinline__ int tc_acc_col(int j, int r) { return tc_warp_n() + 8 * j + 2 * (threadIdx.x & 3) + (r & 1); }
 
-// Fills one stage: every thread issues 2 chunks of A and 2 of B (512 chunks each per tile).
-// Loader contract: `chunk(row, c, kt, valid)` returns the global address of the 16-byte chunk at
-// (tile row, chunk column) of K tile kt (row/c in the loader's own order: K-major rows are M/N
-// indices and c in 0..3; MN-major rows are K indices and c in 0..15) and sets valid.
-template <bool A_KMAJOR, bool B_KMAJOR, class LoadA, class LoadB>
-__device__ __forceinline__ void tc_load_stage(bf16* stage, const LoadA& la, const LoadB& lb, int kt) {
+// Fills one stage: every thread issues 2 chunks of A and 2 of B (512 chunks each per tile), at
+// the addresses its loaders give (tc_index.cuh) from the operands' bases.
+template <class LoadA, class LoadB>
+__device__ __forceinline__ void tc_load_stage(bf16* stage, const bf16* a, const LoadA& la, const bf16* b,
+                                              const LoadB& lb, int kt) {
     bf16* as = stage;
     bf16* bs = stage + TC_TILE;
 #pragma unroll
     for (int i = 0; i < 2; ++i) {
         const int id = threadIdx.x + i * TC_THREADS;
+        int r, c;
         bool valid;
-        if (A_KMAJOR) {
-            const int r = id >> 2, c = id & 3;
-            const bf16* src = la.chunk(r, c, kt, valid);
-            cp_async16(as + kmajor_offset(r, c), src, valid);
-        } else {
-            const int r = id >> 4, c = id & 15;
-            const bf16* src = la.chunk(r, c, kt, valid);
-            cp_async16(as + mnmajor_offset(r, c), src, valid);
-        }
-        if (B_KMAJOR) {
-            const int r = id >> 2, c = id & 3;
-            const bf16* src = lb.chunk(r, c, kt, valid);
-            cp_async16(bs + kmajor_offset(r, c), src, valid);
-        } else {
-            const int r = id >> 4, c = id & 15;
-            const bf16* src = lb.chunk(r, c, kt, valid);
-            cp_async16(bs + mnmajor_offset(r, c), src, valid);
-        }
+        tc_chunk_of(LoadA::K_MAJOR, id, r, c);
+        tc_i64 off = la.chunk(r, c, kt, valid);
+        cp_async16(as + (LoadA::K_MAJOR ? kmajor_offset(r, c) : mnmajor_offset(r, c)), a + off, valid);
+        tc_chunk_of(LoadB::K_MAJOR, id, r, c);
+        off = lb.chunk(r, c, kt, valid);
+        cp_async16(bs + (LoadB::K_MAJOR ? kmajor_offset(r, c) : mnmajor_offset(r, c)), b + off, valid);
     }
 }
 
@@ -163,40 +105,27 @@ __device__ __forceinline__ void tc_compute_stage(const bf16* stage, TcAcc& acc) 
     const bf16* as = stage;
     const bf16* bs = stage + TC_TILE;
     const int lane = threadIdx.x & 31;
-    const int wm = tc_warp_m(), wn = tc_warp_n();
+    const int wm = tc_warp_m(threadIdx.x), wn = tc_warp_n(threadIdx.x);
 #pragma unroll
     for (int kk = 0; kk < TC_BK; kk += 16) {
         uint32_t a[4][4];
 #pragma unroll
         for (int i = 0; i < 4; ++i) {
-            if (A_KMAJOR) {
-                // Matrices (rows 0-7, k 0-7), (rows 8-15, k 0-7), (rows 0-7, k 8-15), (rows 8-15, k 8-15).
-                const int row = wm + 16 * i + (lane & 15);
-                const int c = (kk >> 3) + (lane >> 4);
-                ldmatrix_x4(a[i], as + kmajor_offset(row, c));
-            } else {
-                // Stored [k][m]: matrix q = lane / 8 covers m + 8 (q & 1), k + 8 (q >> 1); .trans.
-                const int q = lane >> 3;
-                const int krow = kk + (lane & 7) + 8 * (q >> 1);
-                const int m = wm + 16 * i + 8 * (q & 1);
-                ldmatrix_x4_trans(a[i], as + mnmajor_offset(krow, m >> 3));
-            }
+            const bf16* row = as + tc_a_ldsm_offset(A_KMAJOR, lane, wm, i, kk);
+            if (A_KMAJOR)
+                ldmatrix_x4(a[i], row);
+            else
+                ldmatrix_x4_trans(a[i], row);
         }
         uint32_t b[4][2];
 #pragma unroll
         for (int j = 0; j < 4; j += 2) {
             uint32_t r[4];
-            if (B_KMAJOR) {
-                // Stored [n][k]: matrices (n 0-7, k 0-7), (n 0-7, k 8-15), (n 8-15, k 0-7), (n 8-15, k 8-15).
-                const int n = wn + 8 * j + (lane & 7) + 8 * (lane >> 4);
-                const int c = (kk >> 3) + ((lane >> 3) & 1);
-                ldmatrix_x4(r, bs + kmajor_offset(n, c));
-            } else {
-                // Stored [k][n]: matrices (k 0-7, n 0-7), (k 8-15, n 0-7), (k 0-7, n 8-15), (k 8-15, n 8-15).
-                const int krow = kk + (lane & 15);
-                const int n = wn + 8 * j + 8 * (lane >> 4);
-                ldmatrix_x4_trans(r, bs + mnmajor_offset(krow, n >> 3));
-            }
+            const bf16* row = bs + tc_b_ldsm_offset(B_KMAJOR, lane, wn, j, kk);
+            if (B_KMAJOR)
+                ldmatrix_x4(r, row);
+            else
+                ldmatrix_x4_trans(r, row);
             b[j][0] = r[0];
             b[j][1] = r[1];
             b[j + 1][0] = r[2];
@@ -211,9 +140,9 @@ __device__ __forceinline__ void tc_compute_stage(const bf16* stage, TcAcc& acc) 
 
 // acc = the product over K tiles [kt_begin, kt_end). `smem` holds TC_STAGES * TC_STAGE_ELEMS
 // bf16, 128-byte aligned. Every thread of the block must call this (barriers inside).
-template <bool A_KMAJOR, bool B_KMAJOR, class LoadA, class LoadB>
-__device__ __forceinline__ void tc_mainloop(bf16* smem, const LoadA& la, const LoadB& lb, int kt_begin, int kt_end,
-                                            TcAcc& acc) {
+template <class LoadA, class LoadB>
+__device__ __forceinline__ void tc_mainloop(bf16* smem, const bf16* a, const LoadA& la, const bf16* b,
+                                            const LoadB& lb, int kt_begin, int kt_end, TcAcc& acc) {
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -224,7 +153,7 @@ __device__ __forceinline__ void tc_mainloop(bf16* smem, const LoadA& la, const L
     // Prologue: stages 0 .. TC_STAGES - 2 in flight (one commit each, empty past the end).
 #pragma unroll
     for (int s = 0; s < TC_STAGES - 1; ++s) {
-        if (s < tiles) tc_load_stage<A_KMAJOR, B_KMAJOR>(smem + s * TC_STAGE_ELEMS, la, lb, kt_begin + s);
+        if (s < tiles) tc_load_stage(smem + s * TC_STAGE_ELEMS, a, la, b, lb, kt_begin + s);
         cp_async_commit();
     }
     for (int t = 0; t < tiles; ++t) {
@@ -234,9 +163,9 @@ __device__ __forceinline__ void tc_mainloop(bf16* smem, const LoadA& la, const L
         __syncthreads();
         const int next = t + TC_STAGES - 1;
         if (next < tiles)
-            tc_load_stage<A_KMAJOR, B_KMAJOR>(smem + (next % TC_STAGES) * TC_STAGE_ELEMS, la, lb, kt_begin + next);
+            tc_load_stage(smem + (next % TC_STAGES) * TC_STAGE_ELEMS, a, la, b, lb, kt_begin + next);
         cp_async_commit();
-        tc_compute_stage<A_KMAJOR, B_KMAJOR>(smem + (t % TC_STAGES) * TC_STAGE_ELEMS, acc);
+        tc_compute_stage<LoadA::K_MAJOR, LoadB::K_MAJOR>(smem + (t % TC_STAGES) * TC_STAGE_ELEMS, acc);
     }
     cp_async_wait<0>();
     __syncthreads();
@@ -265,7 +194,7 @@ __device__ __forceinline__ void tc_store(const TcAcc& acc, const TcEpilogue& e, 
         for (int j = 0; j < 4; ++j)
 #pragma unroll
             for (int h = 0; h < 2; ++h) {
-                const int row = m0 + tc_acc_row(i, 2 * h), col = n0 + tc_acc_col(j, 0);
+                const int row = m0 + tc_acc_row(threadIdx.x, i, 2 * h), col = n0 + tc_acc_col(threadIdx.x, j, 0);
                 if (row >= m || col >= n) continue;
                 float v0 = e.alpha * acc.v[i][j][2 * h], v1 = e.alpha * acc.v[i][j][2 * h + 1];
                 const i64 at = (i64)row * e.ldc + col;

@@ -528,7 +528,13 @@ fn refusals() {
         GemmSpec::default(),
     )
     .unwrap_err();
-    assert!(e.to_string().contains("K = 12"), "{e}");
+    assert!(e.to_string().contains("= 12 is not a multiple of 8"), "{e}");
+    // The rows of A (M) need not be: [13, 8] x [8, 8] is taken.
+    let (a, _) = operand(&CPU, 6, &[13, 8]);
+    let (b, _) = operand(&CPU, 7, &[8, 8]);
+    let mut c = Tensor::zeros(&[13, 8], DType::F32, &CPU).unwrap();
+    let spec = GemmSpec::default();
+    ops::gemm_bf16_into(&a, &b, None, Some(&mut c.as_view_mut().unwrap()), None, spec).unwrap();
 }
 
 fn wgrad_splits_rule() {

@@ -1,0 +1,39 @@
+//! The tensor-core kernels' index logic, run on the CPU: tests/tc_emulator.cpp is compiled against
+//! kernels/tc_index.cuh (the very functions the kernels use for tile orders, the swizzle, the
+//! ldmatrix addressing, the epilogue's mapping, the im2col gathers and the split-K ranges) and
+//! runs whole GEMMs and convolutions through a model of cp.async, ldmatrix and mma.sync built from
+//! their PTX definitions, with exact integer arithmetic. It needs a C++17 compiler (`$CXX`, else
+//! `c++`), which the Rust toolchain's linker already requires.
+
+use std::path::Path;
+use std::process::Command;
+
+#[test]
+fn tensor_core_index_logic_matches_exactly() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let src = root.join("tests/tc_emulator.cpp");
+    let exe = Path::new(env!("CARGO_TARGET_TMPDIR")).join("tc_emulator");
+    let cxx = std::env::var("CXX").unwrap_or_else(|_| "c++".into());
+    let build = Command::new(&cxx)
+        .args(["-std=c++17", "-O2", "-Wall", "-Werror"])
+        .arg(&src)
+        .arg("-o")
+        .arg(&exe)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run the C++ compiler '{cxx}' (set CXX): {e}"));
+    assert!(
+        build.status.success(),
+        "{cxx} failed on {}:\n{}",
+        src.display(),
+        String::from_utf8_lossy(&build.stderr)
+    );
+    let run = Command::new(&exe).output().expect("running the emulator");
+    let out = String::from_utf8_lossy(&run.stdout);
+    println!("{out}");
+    assert!(
+        run.status.success() && out.contains("all cases match"),
+        "the emulation failed:\n{out}"
+    );
+    // Every case ran: 3 GEMMs and 5 convolutions in 3 passes.
+    assert_eq!(out.lines().filter(|l| l.starts_with("ok ")).count(), 18, "{out}");
+}

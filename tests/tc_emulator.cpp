@@ -1,0 +1,290 @@
+// A CPU model of one thread block of the tensor-core kernels (kernels/mma.cuh), built against the
+// kernels' own index header (kernels/tc_index.cuh) by tests/tc_emulation.rs. The three
+// instructions are modelled from their PTX ISA definitions (shared/docs/tensor-cores.md §1):
+// - cp.async 16 bytes with src-size 0 or 16: 8 values copied, or 8 zeros;
+// - ldmatrix.x4 (.trans): matrix q's 8 rows are read at the addresses of lanes 8q..8q+7; without
+//   .trans lane l receives row l/4, columns 2(l%4), 2(l%4)+1 of each matrix; with .trans rows
+//   2(l%4), 2(l%4)+1 of column l/4;
+// - mma.m16n8k16: A from a0..a3 = A[g][2t..], A[g+8][2t..], A[g][2t+8..], A[g+8][2t+8..], B from
+//   b0, b1 = B[2t..2t+1][g], B[2t+8..2t+9][g], C as c0..c3 = C[g][2t], C[g][2t+1], C[g+8][2t],
+//   C[g+8][2t+1], with lane = 4g + t.
+// The main loop's ring (prologue, then load tile t + 2 before computing tile t) and the
+// epilogue's store pattern are transliterated from mma.cuh. Values are small integers, so every
+// sum is exact and results must equal the reference exactly. Besides the numbers it checks that
+// each stage's shared memory is written exactly once per tile, and each output exactly once.
+//
+// Usage: tc_emulator (exit status 0 when every case matches; one line per case).
+#include <cmath>
+#include <cstdio>
+#include <cstdlib>
+#include <functional>
+#include <string>
+#include <vector>
+
+#include "../kernels/tc_index.cuh"
+
+struct ConvGeometry {
+    int n, h, w, cin, oh, ow, stride;
+};
+
+static int failures = 0;
+
+static void fail(const std::string& what) {
+    std::printf("FAIL %s\n", what.c_str());
+    ++failures;
+}
+
+// Pseudo-random small integers in [-2, 2]: exact in float sums of any length used here.
+static std::vector<float> ints(size_t n, unsigned seed) {
+    std::vector<float> v(n);
+    unsigned s = seed * 2654435761u + 12345u;
+    for (auto& x : v) {
+        s = s * 1664525u + 1013904223u;
+        x = (float)((int)((s >> 16) % 5) - 2);
+    }
+    return v;
+}
+
+typedef float Regs[32][4][2];  // per lane, 4 registers of 2 halves
+
+struct Block {
+    std::vector<float> smem = std::vector<float>(TC_STAGES * TC_STAGE_ELEMS, NAN);
+    float acc[TC_THREADS][4][4][4] = {};
+
+    // ldmatrix.x4 at the 32 lanes' row offsets (elements from `base`).
+    void ldmatrix(const int* offs, bool trans, size_t base, Regs& out) const {
+        for (int q = 0; q < 4; ++q) {
+            float m[8][8];
+            for (int r = 0; r < 8; ++r)
+                for (int c = 0; c < 8; ++c) m[r][c] = smem[base + offs[8 * q + r] + c];
+            for (int l = 0; l < 32; ++l) {
+                const int g = l >> 2, t = l & 3;
+                out[l][q][0] = trans ? m[2 * t][g] : m[g][2 * t];
+                out[l][q][1] = trans ? m[2 * t + 1][g] : m[g][2 * t + 1];
+            }
+        }
+    }
+};
+
+// One block's product over K tiles [begin, end), then its stores into `out` (f32, ldc = n),
+// counting writes in `written`.
+template <class LA, class LB>
+static void emulate_block(const std::vector<float>& a, std::function<LA(int)> make_a, const std::vector<float>& b,
+                          std::function<LB(int)> make_b, int begin, int end, int m0, int n0, int m, int n,
+                          std::vector<float>& out, std::vector<int>& written, const std::string& what) {
+    Block blk;
+    std::vector<LA> las;
+    std::vector<LB> lbs;
+    for (int tid = 0; tid < TC_THREADS; ++tid) {
+        las.push_back(make_a(tid));
+        lbs.push_back(make_b(tid));
+    }
+    auto load_stage = [&](int stage, int kt) {
+        std::vector<int> count(TC_STAGE_ELEMS, 0);
+        const size_t base = (size_t)stage * TC_STAGE_ELEMS;
+        for (int tid = 0; tid < TC_THREADS; ++tid)
+            for (int i = 0; i < 2; ++i) {
+                const int id = tid + i * TC_THREADS;
+                int r, c;
+                bool valid;
+                tc_chunk_of(LA::K_MAJOR, id, r, c);
+                tc_i64 off = las[tid].chunk(r, c, kt, valid);
+                int dst = LA::K_MAJOR ? kmajor_offset(r, c) : mnmajor_offset(r, c);
+                for (int e = 0; e < 8; ++e) {
+                    blk.smem[base + dst + e] = valid ? a.at(off + e) : 0.0f;
+                    ++count[dst + e];
+                }
+                tc_chunk_of(LB::K_MAJOR, id, r, c);
+                off = lbs[tid].chunk(r, c, kt, valid);
+                dst = TC_TILE + (LB::K_MAJOR ? kmajor_offset(r, c) : mnmajor_offset(r, c));
+                for (int e = 0; e < 8; ++e) {
+                    blk.smem[base + dst + e] = valid ? b.at(off + e) : 0.0f;
+                    ++count[dst + e];
+                }
+            }
+        for (int e = 0; e < TC_STAGE_ELEMS; ++e)
+            if (count[e] != 1) {
+                fail(what + ": a stage element was written " + std::to_string(count[e]) + " times");
+                return;
+            }
+    };
+    auto compute = [&](int stage) {
+        const size_t base = (size_t)stage * TC_STAGE_ELEMS;
+        for (int warp = 0; warp < 8; ++warp) {
+            const int tid0 = warp * 32;
+            const int wm = tc_warp_m(tid0), wn = tc_warp_n(tid0);
+            for (int kk = 0; kk < TC_BK; kk += 16) {
+                Regs ar[4], br[2];
+                int offs[32];
+                for (int i = 0; i < 4; ++i) {
+                    for (int l = 0; l < 32; ++l) offs[l] = tc_a_ldsm_offset(LA::K_MAJOR, l, wm, i, kk);
+                    blk.ldmatrix(offs, !LA::K_MAJOR, base, ar[i]);
+                }
+                for (int j = 0; j < 4; j += 2) {
+                    for (int l = 0; l < 32; ++l) offs[l] = TC_TILE + tc_b_ldsm_offset(LB::K_MAJOR, l, wn, j, kk);
+                    blk.ldmatrix(offs, !LB::K_MAJOR, base, br[j / 2]);
+                }
+                for (int i = 0; i < 4; ++i)
+                    for (int j = 0; j < 4; ++j) {
+                        float am[16][16], bm[16][8];
+                        for (int l = 0; l < 32; ++l) {
+                            const int g = l >> 2, t = l & 3;
+                            const float(*ra)[2] = ar[i][l];
+                            am[g][2 * t] = ra[0][0], am[g][2 * t + 1] = ra[0][1];
+                            am[g + 8][2 * t] = ra[1][0], am[g + 8][2 * t + 1] = ra[1][1];
+                            am[g][2 * t + 8] = ra[2][0], am[g][2 * t + 9] = ra[2][1];
+                            am[g + 8][2 * t + 8] = ra[3][0], am[g + 8][2 * t + 9] = ra[3][1];
+                            // Tile j's b0, b1 are registers 0, 1 (j even) or 2, 3 (j odd) of its x4.
+                            const float(*rb)[2] = br[j / 2][l] + 2 * (j & 1);
+                            bm[2 * t][g] = rb[0][0], bm[2 * t + 1][g] = rb[0][1];
+                            bm[2 * t + 8][g] = rb[1][0], bm[2 * t + 9][g] = rb[1][1];
+                        }
+                        for (int l = 0; l < 32; ++l) {
+                            const int g = l >> 2, t = l & 3;
+                            const int rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
+                            for (int r = 0; r < 4; ++r) {
+                                float d = 0.0f;
+                                for (int k = 0; k < 16; ++k) d += am[rows[r]][k] * bm[k][cols[r]];
+                                blk.acc[tid0 + l][i][j][r] += d;
+                            }
+                        }
+                    }
+            }
+        }
+    };
+    // The ring of tc_mainloop, in program order.
+    const int tiles = end - begin;
+    for (int s = 0; s < TC_STAGES - 1; ++s)
+        if (s < tiles) load_stage(s, begin + s);
+    for (int t = 0; t < tiles; ++t) {
+        const int next = t + TC_STAGES - 1;
+        if (next < tiles) load_stage(next % TC_STAGES, begin + next);
+        compute(t % TC_STAGES);
+    }
+    // tc_store: pairs of columns (c0, c1) and (c2, c3).
+    for (int tid = 0; tid < TC_THREADS; ++tid)
+        for (int i = 0; i < 4; ++i)
+            for (int j = 0; j < 4; ++j)
+                for (int h = 0; h < 2; ++h) {
+                    const int row = m0 + tc_acc_row(tid, i, 2 * h), col = n0 + tc_acc_col(tid, j, 0);
+                    if (row >= m || col >= n) continue;
+                    if (tc_acc_row(tid, i, 2 * h + 1) != row - m0 || tc_acc_col(tid, j, 2 * h + 1) != col - n0 + 1)
+                        fail(what + ": the epilogue's register pairs are not adjacent columns");
+                    for (int e = 0; e < 2; ++e) {
+                        out[(size_t)row * n + col + e] = blk.acc[tid][i][j][2 * h + e];
+                        ++written[(size_t)row * n + col + e];
+                    }
+                }
+}
+
+template <class LA, class LB>
+static void emulate(const std::vector<float>& a, std::function<LA(int, int)> make_a, const std::vector<float>& b,
+                    std::function<LB(int, int)> make_b, int m, int n, int k, int splits, const std::vector<double>& want,
+                    const std::string& what) {
+    const int tiles = (k + TC_BK - 1) / TC_BK;
+    std::vector<float> total((size_t)m * n, 0.0f);
+    for (int z = 0; z < splits; ++z) {
+        int begin, end;
+        tc_split_range(tiles, splits, z, begin, end);
+        std::vector<float> part((size_t)m * n, NAN);
+        std::vector<int> written((size_t)m * n, 0);
+        for (int m0 = 0; m0 < m; m0 += TC_BM)
+            for (int n0 = 0; n0 < n; n0 += TC_BN)
+                emulate_block<LA, LB>(
+                    a, [&](int tid) { return make_a(m0, tid); }, b, [&](int tid) { return make_b(n0, tid); }, begin,
+                    end, m0, n0, m, n, part, written, what);
+        for (size_t e = 0; e < part.size(); ++e) {
+            if (written[e] != 1) {
+                fail(what + ": output " + std::to_string(e) + " written " + std::to_string(written[e]) + " times");
+                return;
+            }
+            total[e] += part[e];
+        }
+    }
+    size_t bad = 0, first = 0;
+    for (size_t e = 0; e < total.size(); ++e)
+        if ((double)total[e] != want[e] && bad++ == 0) first = e;
+    if (bad) {
+        fail(what + ": " + std::to_string(bad) + " of " + std::to_string(total.size()) + " values differ; first at " +
+             std::to_string(first) + ": got " + std::to_string(total[first]) + ", want " + std::to_string(want[first]));
+    } else {
+        std::printf("ok   %s (%d x %d x %d, %d part%s)\n", what.c_str(), m, n, k, splits, splits > 1 ? "s" : "");
+    }
+}
+
+static void gemm_case(int m, int n, int k, bool ta, bool tb, unsigned seed) {
+    const auto a = ints((size_t)m * k, seed), b = ints((size_t)k * n, seed + 1);
+    // A stored [m][k] or [k][m]; B stored [k][n] or [n][k].
+    auto av = [&](int i, int p) { return (double)(ta ? a[(size_t)p * m + i] : a[(size_t)i * k + p]); };
+    auto bv = [&](int p, int j) { return (double)(tb ? b[(size_t)j * k + p] : b[(size_t)p * n + j]); };
+    std::vector<double> want((size_t)m * n, 0.0);
+    for (int i = 0; i < m; ++i)
+        for (int j = 0; j < n; ++j)
+            for (int p = 0; p < k; ++p) want[(size_t)i * n + j] += av(i, p) * bv(p, j);
+    const std::string what = std::string("gemm ") + (ta ? "t" : "n") + (tb ? "t" : "n");
+    const int lda = ta ? m : k, ldb = tb ? k : n;
+    if (!ta && !tb)
+        emulate<DenseKMajor, DenseMNMajor>(
+            a, [&](int m0, int) { return DenseKMajor{m0, m, k, lda}; }, b,
+            [&](int n0, int) { return DenseMNMajor{n0, n, k, ldb}; }, m, n, k, 1, want, what);
+    else if (!ta && tb)
+        emulate<DenseKMajor, DenseKMajor>(
+            a, [&](int m0, int) { return DenseKMajor{m0, m, k, lda}; }, b,
+            [&](int n0, int) { return DenseKMajor{n0, n, k, ldb}; }, m, n, k, 1, want, what);
+    else
+        emulate<DenseMNMajor, DenseMNMajor>(
+            a, [&](int m0, int) { return DenseMNMajor{m0, m, k, lda}; }, b,
+            [&](int n0, int) { return DenseMNMajor{n0, n, k, ldb}; }, m, n, k, 1, want, what);
+}
+
+static void conv_case(int nb, int h, int w, int cin, int cout, int s, int splits, unsigned seed) {
+    const ConvGeometry g{nb, h, w, cin, (h - 1) / s + 1, (w - 1) / s + 1, s};
+    const int p_in = nb * h * w, p_out = nb * g.oh * g.ow;
+    const auto x = ints((size_t)p_in * cin, seed), wt = ints((size_t)9 * cin * cout, seed + 1),
+               dy = ints((size_t)p_out * cout, seed + 2);
+    std::vector<double> y((size_t)p_out * cout, 0.0), dx((size_t)p_in * cin, 0.0), dw((size_t)9 * cin * cout, 0.0);
+    for (int n = 0; n < nb; ++n)
+        for (int oy = 0; oy < g.oh; ++oy)
+            for (int ox = 0; ox < g.ow; ++ox)
+                for (int tap = 0; tap < 9; ++tap) {
+                    const int iy = oy * s - 1 + tap / 3, ix = ox * s - 1 + tap % 3;
+                    if (iy < 0 || iy >= h || ix < 0 || ix >= w) continue;
+                    const size_t po = ((size_t)n * g.oh + oy) * g.ow + ox, pi = ((size_t)n * h + iy) * w + ix;
+                    for (int ci = 0; ci < cin; ++ci)
+                        for (int co = 0; co < cout; ++co) {
+                            const size_t wi = ((size_t)tap * cin + ci) * cout + co;
+                            y[po * cout + co] += (double)x[pi * cin + ci] * wt[wi];
+                            dx[pi * cin + ci] += (double)dy[po * cout + co] * wt[wi];
+                            dw[wi] += (double)x[pi * cin + ci] * dy[po * cout + co];
+                        }
+                }
+    const std::string shape = std::to_string(nb) + "x" + std::to_string(h) + "x" + std::to_string(w) + "x" +
+                              std::to_string(cin) + "->" + std::to_string(cout) + " stride " + std::to_string(s);
+    emulate<FpropLoadA<ConvGeometry>, DenseMNMajor>(
+        x, [&](int m0, int tid) { return FpropLoadA<ConvGeometry>(g, m0, tid); }, wt,
+        [&](int n0, int) { return DenseMNMajor{n0, cout, 9 * cin, cout}; }, p_out, cout, 9 * cin, 1, y,
+        "conv fprop " + shape);
+    emulate<DgradLoadA<ConvGeometry>, DgradLoadB>(
+        dy, [&](int m0, int tid) { return DgradLoadA<ConvGeometry>(g, cout, m0, tid); }, wt,
+        [&](int n0, int) { return DgradLoadB{n0, cin, cout}; }, p_in, cin, 9 * cout, 1, dx, "conv dgrad " + shape);
+    emulate<WgradLoadA<ConvGeometry>, DenseMNMajor>(
+        x, [&](int m0, int) { return WgradLoadA<ConvGeometry>{g, m0, p_out}; }, dy,
+        [&](int n0, int) { return DenseMNMajor{n0, cout, p_out, cout}; }, 9 * cin, cout, p_out, splits, dw,
+        "conv wgrad " + shape);
+}
+
+int main() {
+    // Several M and N tiles with ragged edges, a partial last K tile, each transpose.
+    gemm_case(200, 136, 72, false, false, 1);
+    gemm_case(136, 200, 40, false, true, 2);
+    gemm_case(264, 24, 100, true, false, 3);
+    // Convolutions: taps that straddle a K tile (Cin = 24), stride 2 (dgrad's divisibility),
+    // more than one tile of output channels, and a split-K weight gradient with an empty part.
+    conv_case(2, 5, 7, 24, 40, 1, 1, 4);
+    conv_case(2, 5, 7, 24, 40, 2, 3, 5);
+    conv_case(1, 8, 8, 8, 136, 2, 2, 6);
+    conv_case(3, 6, 6, 136, 16, 1, 4, 7);
+    conv_case(1, 3, 3, 32, 8, 1, 5, 8);
+    std::printf("%s\n", failures ? "FAILED" : "all cases match");
+    return failures ? 1 : 0;
+}
