@@ -363,21 +363,28 @@ fn reduction_cases(device: &Device, quick: bool) -> Result<Vec<ReductionCase<'st
     Ok(cases)
 }
 
-/// The CIFAR-10 U-Net (f32): forward, forward + one VJP (the MMPS pattern), forward + backward
-/// with parameter gradients (training), in images/s and model FLOP/s against the FP32 peak.
-/// FLOPs counted: forward = 2 x `forward_macs` per image (19.44 GFLOP); a VJP or the parameter
-/// gradient each costs one more forward's worth of GEMMs.
-pub fn run_networks_gpu(dev: &CudaDevice, device: &Device, quick: bool) -> Result<Vec<BenchRow>> {
+/// The CIFAR-10 U-Net under `precision`: forward, forward + one VJP (the MMPS pattern), forward
+/// + backward with parameter gradients (training), and the MMPS posterior denoiser, in images/s
+/// and model FLOP/s with the MFU against `peak` (a label and TFLOP/s: the FP32 datasheet rate,
+/// or the bf16 rate measured in the same run). FLOPs counted: forward = 2 x `forward_macs` per
+/// image (19.44 GFLOP); a VJP or the parameter gradient each costs one more forward's worth.
+pub fn run_networks_gpu(
+    dev: &CudaDevice,
+    device: &Device,
+    quick: bool,
+    precision: crate::ops::Precision,
+    peak: Option<(&str, f64)>,
+) -> Result<Vec<BenchRow>> {
     use crate::diffusion::{preset, Denoiser};
     use crate::nn::Mode;
     use crate::tensor::{AsView, AsViewMut};
 
     let repeats = if quick { 3 } else { 10 };
-    let den = Denoiser::new(preset("cifar10")?);
+    let mut den = Denoiser::new(preset("cifar10")?);
+    den.net.set_precision(precision);
     let fwd_flops = 2.0 * den.net.forward_macs() as f64;
     let params = den.layout().init(0, DType::F32, device)?;
     let mut grads = Tensor::zeros(&[den.layout().len()], DType::F32, device)?;
-    let peak = fp32_peak_tflops(dev);
     let mut rows = Vec::new();
     let batches: &[usize] = if quick { &[64] } else { &[64, 256] };
     for &batch in batches {
@@ -388,12 +395,12 @@ pub fn run_networks_gpu(dev: &CudaDevice, device: &Device, quick: bool) -> Resul
         let mut row = |what: &str, passes: f64, ms: f64| {
             let tf = tflops(passes * fwd_flops * batch as f64, ms);
             rows.push(BenchRow {
-                what: format!("cifar10 U-Net {what}"),
+                what: format!("cifar10 U-Net {what} ({})", precision.name()),
                 shape: format!("batch {batch}"),
                 median_ms: ms,
                 throughput: format!("{:.0} img/s, {tf:.2} TFLOP/s", batch as f64 / (ms * 1e-3)),
-                versus: peak.map_or("-".into(), |p| {
-                    format!("MFU {:.1}% of FP32 peak {p:.1}", 100.0 * tf / p)
+                versus: peak.map_or("-".into(), |(label, p)| {
+                    format!("MFU {:.1}% of {label} {p:.1}", 100.0 * tf / p)
                 }),
             });
         };

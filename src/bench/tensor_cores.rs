@@ -2,7 +2,9 @@
 //! CIFAR-10 U-Net at batch 256 (64 with --quick) in its three passes, and the attention
 //! projections' GEMMs, each timed against a cuBLAS bf16 GEMM (f32 compute) of the same M, N and
 //! K measured in the same run, and against the bf16 peak measured here (cuBLAS on an 8192^3
-//! product), with the f32 version 1 (im2col + SIMT GEMM) beside the forward pass.
+//! product), with the f32 version 1 (im2col + SIMT GEMM) beside the forward pass; then the whole
+//! U-Net (forward, forward + VJP, training step, MMPS denoiser) under bf16 and f32, its MFU
+//! against that measured bf16 peak.
 //!
 //! FLOPs are the useful ones, 2 M N K of the pass as a GEMM: for a stride-2 input gradient the
 //! kernel also runs the 3 of 4 taps that land between pixels (zero filled), which count as
@@ -244,5 +246,24 @@ pub fn run(dev: &CudaDevice, device: &Device, quick: bool) -> Result<Vec<BenchRo
             Some((r, reference.flops())),
         );
     }
+
+    // The whole network, both precisions, MFU against the measured bf16 peak. f32 at batch 64
+    // only (the quick set): at about 1% of the peak its batch-256 step would take most of the
+    // device check's bench cap.
+    let measured = Some(("measured bf16 peak", peak));
+    rows.extend(super::run_networks_gpu(
+        dev,
+        device,
+        quick,
+        crate::ops::Precision::Bf16,
+        measured,
+    )?);
+    rows.extend(super::run_networks_gpu(
+        dev,
+        device,
+        true,
+        crate::ops::Precision::F32,
+        measured,
+    )?);
     Ok(rows)
 }
