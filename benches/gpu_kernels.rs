@@ -62,15 +62,7 @@ fn conv_gpu(c: &mut Criterion) {
     use emprior::{AsView, AsViewMut};
     let Some((device, dev)) = gpu() else { return };
     let (n, side, ch) = (256usize, 32usize, 128usize);
-    let g = ConvGeometry {
-        n: n as i32,
-        h: side as i32,
-        w: side as i32,
-        cin: ch as i32,
-        oh: side as i32,
-        ow: side as i32,
-        stride: 1,
-    };
+    let g = ConvGeometry::new(n, side, side, ch, 1);
     let pixels = n * side * side;
     let x = ops::uniform(&[pixels, ch], Philox::new(4, 1), 0, &device).unwrap();
     let w = ops::uniform(&[9 * ch, ch], Philox::new(4, 2), 0, &device).unwrap();

@@ -303,15 +303,7 @@ fn unet_convs() -> Vec<ConvCase> {
 }
 
 fn geometry(n: usize, h: usize, w: usize, cin: usize, s: usize) -> ConvGeometry {
-    ConvGeometry {
-        n: n as i32,
-        h: h as i32,
-        w: w as i32,
-        cin: cin as i32,
-        oh: ((h - 1) / s + 1) as i32,
-        ow: ((w - 1) / s + 1) as i32,
-        stride: s as i32,
-    }
+    ConvGeometry::new(n, h, w, cin, s)
 }
 
 /// The three passes in f64 through the f32 path's own structure (im2col, GEMM, col2im), which

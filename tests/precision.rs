@@ -10,7 +10,7 @@ use emprior::diffusion::{Denoiser, Network};
 use emprior::nn::{conv::Conv3x3, linear::Linear, Mode, ParamLayout, UNet};
 use emprior::ops::precision::round_to_bf16;
 use emprior::ops::Precision;
-use emprior::{AsView, AsViewMut, DType, Device, Tensor};
+use emprior::{AsView, AsViewMut, DType, Device, Tensor, View, ViewMut};
 
 const CPU: Device = Device::Cpu;
 
@@ -47,54 +47,102 @@ fn rounded_weights(layout: &ParamLayout, params: &[f32]) -> Vec<f32> {
     out
 }
 
+/// One layer's forward and backward.
+trait Layer {
+    fn forward(&self, layout: &ParamLayout, params: &View, x: &View) -> emprior::Result<Tensor>;
+    fn backward(
+        &self,
+        layout: &ParamLayout,
+        params: &View,
+        x: &View,
+        dy: &View,
+        grads: &mut ViewMut,
+    ) -> emprior::Result<Tensor>;
+}
+
+impl Layer for Conv3x3 {
+    fn forward(&self, layout: &ParamLayout, params: &View, x: &View) -> emprior::Result<Tensor> {
+        Conv3x3::forward(self, layout, params, x)
+    }
+    fn backward(
+        &self,
+        layout: &ParamLayout,
+        params: &View,
+        x: &View,
+        dy: &View,
+        grads: &mut ViewMut,
+    ) -> emprior::Result<Tensor> {
+        Conv3x3::backward(self, layout, params, x, dy, Some(grads))
+    }
+}
+
+impl Layer for Linear {
+    fn forward(&self, layout: &ParamLayout, params: &View, x: &View) -> emprior::Result<Tensor> {
+        Linear::forward(self, layout, params, x)
+    }
+    fn backward(
+        &self,
+        layout: &ParamLayout,
+        params: &View,
+        x: &View,
+        dy: &View,
+        grads: &mut ViewMut,
+    ) -> emprior::Result<Tensor> {
+        Linear::backward(self, layout, params, x, dy, Some(grads))
+    }
+}
+
+/// Asserts that `layer` under bf16 gives the bits of the f32 path on bf16-rounded weights, x and
+/// dy (its output, input gradient and weight gradients; bias gradients come from the f32 dy),
+/// and that bf16 changed something.
+fn check_layer(what: &str, layer: &impl Layer, layout: &ParamLayout, x_shape: &[usize], y_shape: &[usize]) {
+    let params = layout.init(3, DType::F32, &CPU).unwrap().to_vec_f32().unwrap();
+    let x = random_vec(4, x_shape.iter().product(), -2.0, 2.0);
+    let dy = random_vec(5, y_shape.iter().product(), -1.0, 1.0);
+    let run = |precision: Precision, params: &[f32], x: &[f32], dy: &[f32]| {
+        let mut layout = layout.clone();
+        layout.set_precision(precision);
+        let p = t(params, &[params.len()]);
+        let pv = p.as_view().unwrap();
+        let xt = t(x, x_shape);
+        let dyt = t(dy, y_shape);
+        let y = layer.forward(&layout, &pv, &xt.as_view().unwrap()).unwrap();
+        let mut g = Tensor::zeros(&[layout.len()], DType::F32, &CPU).unwrap();
+        let (xv, dyv) = (xt.as_view().unwrap(), dyt.as_view().unwrap());
+        let dx = layer
+            .backward(&layout, &pv, &xv, &dyv, &mut g.as_view_mut().unwrap())
+            .unwrap();
+        (bits(&y), bits(&dx), bits(&g))
+    };
+    let bf16 = run(Precision::Bf16, &params, &x, &dy);
+    let rounded = run(
+        Precision::F32,
+        &rounded_weights(layout, &params),
+        &round_to_bf16(&x),
+        &round_to_bf16(&dy),
+    );
+    let plain = run(Precision::F32, &params, &x, &dy);
+    assert!(bf16.0 == rounded.0, "{what}: forward differs");
+    assert!(bf16.1 == rounded.1, "{what}: input gradient differs");
+    let want = policy_grads(layout, &rounded.2, &plain.2);
+    assert!(bf16.2 == want, "{what}: parameter gradients differ");
+    assert!(plain.0 != bf16.0, "{what}: bf16 had no effect");
+}
+
 #[test]
 fn conv3x3_bf16_is_f32_on_rounded_operands() {
     for (stride, cin, cout) in [(1, 16, 24), (2, 8, 16)] {
         let mut layout = ParamLayout::new();
         let conv = Conv3x3::new(&mut layout, "c", cin, cout, stride);
-        let params = layout.init(3, DType::F32, &CPU).unwrap().to_vec_f32().unwrap();
         let x_shape = [2, 6, 5, cin];
-        let x = random_vec(4, x_shape.iter().product(), -1.0, 1.0);
-        let out_shape = conv.out_shape(&x_shape).unwrap();
-        let dy = random_vec(5, out_shape.iter().product(), -1.0, 1.0);
-
-        let run = |precision: Precision, params: &[f32], x: &[f32], dy: &[f32]| {
-            let mut layout = layout.clone();
-            layout.set_precision(precision);
-            let p = t(params, &[params.len()]);
-            let pv = p.as_view().unwrap();
-            let xt = t(x, &x_shape);
-            let dyt = t(dy, &out_shape);
-            let y = conv.forward(&layout, &pv, &xt.as_view().unwrap()).unwrap();
-            let mut g = Tensor::zeros(&[layout.len()], DType::F32, &CPU).unwrap();
-            let dx = conv
-                .backward(
-                    &layout,
-                    &pv,
-                    &xt.as_view().unwrap(),
-                    &dyt.as_view().unwrap(),
-                    Some(&mut g.as_view_mut().unwrap()),
-                )
-                .unwrap();
-            (bits(&y), bits(&dx), bits(&g))
-        };
-        let bf16 = run(Precision::Bf16, &params, &x, &dy);
-        let f32_rounded = run(
-            Precision::F32,
-            &rounded_weights(&layout, &params),
-            &round_to_bf16(&x),
-            &round_to_bf16(&dy),
+        let y_shape = conv.out_shape(&x_shape).unwrap();
+        check_layer(
+            &format!("conv stride {stride}"),
+            &conv,
+            &layout,
+            &x_shape,
+            &y_shape,
         );
-        let plain = run(Precision::F32, &params, &x, &dy);
-        assert!(bf16.0 == f32_rounded.0, "conv stride {stride}: forward differs");
-        assert!(
-            bf16.1 == f32_rounded.1,
-            "conv stride {stride}: input gradient differs"
-        );
-        let want = policy_grads(&layout, &f32_rounded.2, &plain.2);
-        assert!(bf16.2 == want, "conv stride {stride}: parameter gradients differ");
-        // And the rounding did something: plain f32 gives other bits.
-        assert!(plain.0 != bf16.0, "conv stride {stride}: bf16 had no effect");
     }
 }
 
@@ -102,45 +150,8 @@ fn conv3x3_bf16_is_f32_on_rounded_operands() {
 fn linear_bf16_is_f32_on_rounded_operands() {
     let mut layout = ParamLayout::new();
     let lin = Linear::new(&mut layout, "l", 24, 40, true);
-    let params = layout.init(7, DType::F32, &CPU).unwrap().to_vec_f32().unwrap();
     // 13 rows: the row count need not be a multiple of 8.
-    let x = random_vec(8, 13 * 24, -2.0, 2.0);
-    let dy = random_vec(9, 13 * 40, -1.0, 1.0);
-    let run = |precision: Precision, params: &[f32], x: &[f32], dy: &[f32]| {
-        let mut layout = layout.clone();
-        layout.set_precision(precision);
-        let p = t(params, &[params.len()]);
-        let pv = p.as_view().unwrap();
-        let xt = t(x, &[13, 24]);
-        let y = lin.forward(&layout, &pv, &xt.as_view().unwrap()).unwrap();
-        let mut g = Tensor::zeros(&[layout.len()], DType::F32, &CPU).unwrap();
-        let dyt = t(dy, &[13, 40]);
-        let dx = lin
-            .backward(
-                &layout,
-                &pv,
-                &xt.as_view().unwrap(),
-                &dyt.as_view().unwrap(),
-                Some(&mut g.as_view_mut().unwrap()),
-            )
-            .unwrap();
-        (bits(&y), bits(&dx), bits(&g))
-    };
-    let bf16 = run(Precision::Bf16, &params, &x, &dy);
-    let f32_rounded = run(
-        Precision::F32,
-        &rounded_weights(&layout, &params),
-        &round_to_bf16(&x),
-        &round_to_bf16(&dy),
-    );
-    let plain = run(Precision::F32, &params, &x, &dy);
-    assert!(bf16.0 == f32_rounded.0, "linear under bf16: forward differs");
-    assert!(
-        bf16.1 == f32_rounded.1,
-        "linear under bf16: input gradient differs"
-    );
-    let want = policy_grads(&layout, &f32_rounded.2, &plain.2);
-    assert!(bf16.2 == want, "linear under bf16: parameter gradients differ");
+    check_layer("linear", &lin, &layout, &[13, 24], &[13, 40]);
 }
 
 #[test]

@@ -363,11 +363,12 @@ fn reduction_cases(device: &Device, quick: bool) -> Result<Vec<ReductionCase<'st
     Ok(cases)
 }
 
-/// The CIFAR-10 U-Net under `precision`: forward, forward + one VJP (the MMPS pattern), forward
-/// + backward with parameter gradients (training), and the MMPS posterior denoiser, in images/s
-/// and model FLOP/s with the MFU against `peak` (a label and TFLOP/s: the FP32 datasheet rate,
-/// or the bf16 rate measured in the same run). FLOPs counted: forward = 2 x `forward_macs` per
-/// image (19.44 GFLOP); a VJP or the parameter gradient each costs one more forward's worth.
+/// The CIFAR-10 U-Net under `precision`: forward, forward and one VJP (the MMPS pattern),
+/// forward and backward with parameter gradients (training), and the MMPS posterior denoiser, in
+/// images/s and model FLOP/s with the MFU against `peak` (a label and TFLOP/s: the FP32
+/// datasheet rate, or the bf16 rate measured in the same run). FLOPs counted: forward = 2 x
+/// `forward_macs` per image (19.44 GFLOP); a VJP or the parameter gradient each costs one more
+/// forward's worth.
 pub fn run_networks_gpu(
     dev: &CudaDevice,
     device: &Device,

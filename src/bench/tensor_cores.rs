@@ -133,15 +133,7 @@ pub fn run(dev: &CudaDevice, device: &Device, quick: bool) -> Result<Vec<BenchRo
     };
 
     for &(label, side, cin, cout, s) in CONVS {
-        let g = ConvGeometry {
-            n: batch as i32,
-            h: side as i32,
-            w: side as i32,
-            cin: cin as i32,
-            oh: ((side - 1) / s + 1) as i32,
-            ow: ((side - 1) / s + 1) as i32,
-            stride: s as i32,
-        };
+        let g = ConvGeometry::new(batch, side, side, cin, s);
         let p_in = batch * side * side;
         let p_out = (g.n * g.oh * g.ow) as usize;
         let x = bf16_uniform(&[p_in * cin], 3, device)?;

@@ -27,6 +27,20 @@ use crate::tensor::{AsView, AsViewMut, Data, DataMut, Tensor, View, ViewMut};
 pub use crate::device::params::ConvGeometry;
 
 impl ConvGeometry {
+    /// The geometry of a batch of `n` images `h x w x cin` under a 3x3 convolution with padding 1
+    /// and `stride`: the output is `ceil(h / stride) x ceil(w / stride)`.
+    pub fn new(n: usize, h: usize, w: usize, cin: usize, stride: usize) -> ConvGeometry {
+        ConvGeometry {
+            n: n as i32,
+            h: h as i32,
+            w: w as i32,
+            cin: cin as i32,
+            oh: ((h - 1) / stride + 1) as i32,
+            ow: ((w - 1) / stride + 1) as i32,
+            stride: stride as i32,
+        }
+    }
+
     fn out_pixels(&self) -> usize {
         self.n as usize * self.oh as usize * self.ow as usize
     }
@@ -226,18 +240,7 @@ impl Conv3x3 {
     /// The geometry for an input of shape `[N, H, W, Cin]`; errors on any other shape.
     pub fn geometry(&self, x_shape: &[usize]) -> Result<ConvGeometry> {
         match *x_shape {
-            [n, h, w, c] if c == self.cin => {
-                let s = self.stride;
-                Ok(ConvGeometry {
-                    n: n as i32,
-                    h: h as i32,
-                    w: w as i32,
-                    cin: c as i32,
-                    oh: ((h - 1) / s + 1) as i32,
-                    ow: ((w - 1) / s + 1) as i32,
-                    stride: s as i32,
-                })
-            }
+            [n, h, w, c] if c == self.cin => Ok(ConvGeometry::new(n, h, w, c, self.stride)),
             _ => Err(Error::shape(
                 "conv3x3",
                 "input",

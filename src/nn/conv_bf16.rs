@@ -35,39 +35,62 @@ fn pixels_in(g: &ConvGeometry) -> usize {
     g.n as usize * g.h as usize * g.w as usize
 }
 
-/// Checks one operand's dtype, element count and device.
-fn expect(
+/// The checks of one pass, before any work: the geometry (tensor-core sizes, 32-bit tile
+/// indices), then each operand's dtype, element count and device, by name.
+struct Checks {
     op: &'static str,
-    what: &str,
-    t_dtype: DType,
-    numel: usize,
-    dev: &Device,
-    want: (DType, usize, &Device),
-) -> Result<()> {
-    if t_dtype != want.0 || numel != want.1 || !dev.same_as(want.2) {
-        return Err(Error::Other(format!(
-            "{op}: {what} must be {} with {} elements on {}; it is {} with {numel} on {dev}",
-            want.0.name(),
-            want.1,
-            want.2,
-            t_dtype.name()
-        )));
-    }
-    Ok(())
+    device: Device,
 }
 
-fn check(op: &'static str, g: &ConvGeometry, cout: usize, device: &Device) -> Result<()> {
-    if let Some(why) = refusal(g, cout, device) {
-        return Err(Error::Other(format!("{op}: {why}")));
+impl Checks {
+    fn new(op: &'static str, g: &ConvGeometry, cout: usize, device: Device) -> Result<Checks> {
+        if let Some(why) = refusal(g, cout, &device) {
+            return Err(Error::Other(format!("{op}: {why}")));
+        }
+        let rows = pixels_in(g).max(pixels_out(g)) as u64;
+        if rows.div_ceil(TILE as u64) > i32::MAX as u64 / 2 || g.cin as usize * 9 * cout > i32::MAX as usize {
+            return Err(Error::Other(format!(
+                "{op}: the problem is too large for 32-bit tile indices"
+            )));
+        }
+        crate::device::note_op();
+        Ok(Checks { op, device })
     }
-    let rows = pixels_in(g).max(pixels_out(g)) as u64;
-    if rows.div_ceil(TILE as u64) > i32::MAX as u64 / 2 || g.cin as usize * 9 * cout > i32::MAX as usize {
-        return Err(Error::Other(format!(
-            "{op}: the problem is too large for 32-bit tile indices"
-        )));
+
+    fn operand(
+        &self,
+        what: &str,
+        dtype: DType,
+        numel: usize,
+        device: &Device,
+        want: (DType, usize),
+    ) -> Result<()> {
+        if dtype != want.0 || numel != want.1 || !device.same_as(&self.device) {
+            return Err(Error::Other(format!(
+                "{}: {what} must be {} with {} elements on {}; it is {} with {numel} on {device}",
+                self.op,
+                want.0.name(),
+                want.1,
+                self.device,
+                dtype.name()
+            )));
+        }
+        Ok(())
     }
-    crate::device::note_op();
-    Ok(())
+
+    fn bf16(&self, what: &str, t: &Tensor, numel: usize) -> Result<()> {
+        self.operand(what, t.dtype(), t.numel(), &t.device(), (DType::BF16, numel))
+    }
+
+    fn f32_out(&self, what: &str, v: &ViewMut, numel: usize) -> Result<()> {
+        self.operand(
+            what,
+            v.dtype(),
+            v.numel(),
+            &v.as_view().device(),
+            (DType::F32, numel),
+        )
+    }
 }
 
 fn widen(t: &Tensor) -> Result<Tensor> {
@@ -85,55 +108,18 @@ pub fn forward(
     y_bf16: Option<&mut Tensor>,
 ) -> Result<()> {
     let device = x.device();
-    check("conv3x3 forward (bf16)", g, cout, &device)?;
-    let op = "conv3x3 forward (bf16)";
-    expect(
-        op,
-        "x",
-        x.dtype(),
-        x.numel(),
-        &device,
-        (DType::BF16, pixels_in(g) * g.cin as usize, &device),
-    )?;
-    let wn = 9 * g.cin as usize * cout;
-    expect(
-        op,
-        "the weight",
-        weight.dtype(),
-        weight.numel(),
-        &weight.device(),
-        (DType::BF16, wn, &device),
-    )?;
-    let out_n = pixels_out(g) * cout;
+    let c = Checks::new("conv3x3 forward (bf16)", g, cout, device.clone())?;
+    let (in_n, out_n) = (pixels_in(g) * g.cin as usize, pixels_out(g) * cout);
+    c.bf16("x", x, in_n)?;
+    c.bf16("the weight", weight, 9 * g.cin as usize * cout)?;
     if let Some(b) = bias {
-        expect(
-            op,
-            "the bias",
-            b.dtype(),
-            b.numel(),
-            &b.device(),
-            (DType::F32, cout, &device),
-        )?;
+        c.operand("the bias", b.dtype(), b.numel(), &b.device(), (DType::F32, cout))?;
     }
     if let Some(y) = &y {
-        expect(
-            op,
-            "y",
-            y.dtype(),
-            y.numel(),
-            &y.as_view().device(),
-            (DType::F32, out_n, &device),
-        )?;
+        c.f32_out("y", y, out_n)?;
     }
     if let Some(y) = &y_bf16 {
-        expect(
-            op,
-            "y (bf16)",
-            y.dtype(),
-            y.numel(),
-            &y.device(),
-            (DType::BF16, out_n, &device),
-        )?;
+        c.bf16("y (bf16)", y, out_n)?;
     }
     match &device {
         Device::Cpu => {
@@ -192,34 +178,11 @@ pub fn input_grad(
     beta: f32,
 ) -> Result<()> {
     let device = dy.device();
-    let op = "conv3x3 input gradient (bf16)";
-    check(op, g, cout, &device)?;
-    expect(
-        op,
-        "dy",
-        dy.dtype(),
-        dy.numel(),
-        &device,
-        (DType::BF16, pixels_out(g) * cout, &device),
-    )?;
-    let wn = 9 * g.cin as usize * cout;
-    expect(
-        op,
-        "the weight",
-        weight.dtype(),
-        weight.numel(),
-        &weight.device(),
-        (DType::BF16, wn, &device),
-    )?;
+    let c = Checks::new("conv3x3 input gradient (bf16)", g, cout, device.clone())?;
     let in_n = pixels_in(g) * g.cin as usize;
-    expect(
-        op,
-        "dx",
-        dx.dtype(),
-        dx.numel(),
-        &dx.as_view().device(),
-        (DType::F32, in_n, &device),
-    )?;
+    c.bf16("dy", dy, pixels_out(g) * cout)?;
+    c.bf16("the weight", weight, 9 * g.cin as usize * cout)?;
+    c.f32_out("dx", dx, in_n)?;
     match &device {
         Device::Cpu => {
             let (dyf, wf) = (widen(dy)?, widen(weight)?);
@@ -275,33 +238,11 @@ pub fn weight_grad(
     beta: f32,
 ) -> Result<()> {
     let device = x.device();
-    let op = "conv3x3 weight gradient (bf16)";
-    check(op, g, cout, &device)?;
-    expect(
-        op,
-        "x",
-        x.dtype(),
-        x.numel(),
-        &device,
-        (DType::BF16, pixels_in(g) * g.cin as usize, &device),
-    )?;
-    expect(
-        op,
-        "dy",
-        dy.dtype(),
-        dy.numel(),
-        &dy.device(),
-        (DType::BF16, pixels_out(g) * cout, &device),
-    )?;
+    let c = Checks::new("conv3x3 weight gradient (bf16)", g, cout, device.clone())?;
     let wn = 9 * g.cin as usize * cout;
-    expect(
-        op,
-        "dw",
-        dw.dtype(),
-        dw.numel(),
-        &dw.as_view().device(),
-        (DType::F32, wn, &device),
-    )?;
+    c.bf16("x", x, pixels_in(g) * g.cin as usize)?;
+    c.bf16("dy", dy, pixels_out(g) * cout)?;
+    c.f32_out("dw", dw, wn)?;
     match &device {
         Device::Cpu => {
             let (xf, dyf) = (widen(x)?, widen(dy)?);
