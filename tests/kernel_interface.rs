@@ -115,6 +115,41 @@ fn signatures_map_to_typed_parameters() {
 }
 
 #[test]
+fn bf16_pointers_map_to_half_bf16_views() {
+    let p = write_cu(
+        "bf16",
+        "extern \"C\" __global__ void k(const __nv_bfloat16* a, NULLABLE __nv_bfloat16* c) {}\n",
+    );
+    let iface = interface::read(&[p]).unwrap();
+    use interface::{ParamKind, Scalar};
+    let kinds: Vec<&ParamKind> = iface.kernels[0].params.iter().map(|p| &p.kind).collect();
+    assert_eq!(
+        kinds,
+        vec![
+            &ParamKind::Pointer {
+                elem: Scalar::BF16,
+                mutable: false,
+                nullable: false
+            },
+            &ParamKind::Pointer {
+                elem: Scalar::BF16,
+                mutable: true,
+                nullable: true
+            },
+        ]
+    );
+    let code = interface::rust_code(&iface);
+    assert!(
+        code.contains("a: &cudarc::driver::CudaView<'_, half::bf16>"),
+        "{code}"
+    );
+    assert!(
+        code.contains("c: Option<&mut cudarc::driver::CudaViewMut<'_, half::bf16>>"),
+        "{code}"
+    );
+}
+
+#[test]
 fn what_cannot_be_mapped_is_refused_with_its_name() {
     let cases = [
         (
@@ -134,6 +169,15 @@ fn what_cannot_be_mapped_is_refused_with_its_name() {
         (
             "extern \"C\" __global__ void k(NULLABLE int n) {}",
             "NULLABLE applies to pointers only",
+        ),
+        // bf16 crosses only behind a pointer (tensor-core operands), never by value.
+        (
+            "extern \"C\" __global__ void k(__nv_bfloat16 v) {}",
+            "neither a supported scalar nor a parameter struct",
+        ),
+        (
+            "struct S { __nv_bfloat16 a; };\nCHECK_LAYOUT(S);\nextern \"C\" __global__ void k(S s) {}",
+            "struct S: ",
         ),
     ];
     for (i, (src, expected)) in cases.iter().enumerate() {
