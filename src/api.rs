@@ -72,7 +72,7 @@ impl Prior {
         let mut denoiser = Box::new(Denoiser::new(ck.network));
         denoiser
             .net
-            .set_precision(crate::ops::PrecisionRequest::Auto.resolve(device));
+            .set_precision(crate::ops::PrecisionRequest::Auto.resolve_checked(device)?);
         Ok(Prior {
             kind: PriorKind::Network {
                 params: ck.params.to_device(device)?,

@@ -47,6 +47,9 @@ fn main() {
         conv_trials(g, &unet_convs(), batch)
     });
     s.gpu("tc_conv::wgrad_bit_identical_run_to_run", wgrad_deterministic);
+    s.gpu("tc::startup_check_agrees_with_the_cpu", |g| {
+        emprior::ops::precision::check_tensor_cores(g).unwrap()
+    });
     s.run()
 }
 
