@@ -1,7 +1,9 @@
 //! `Tensor`: a shape, a dtype and contiguous row-major storage on one device.
 //!
-//! Ops in this crate work in f32; the dtype tag and the storage already carry bf16 and f64 so that
-//! a mixed-precision path (bf16 activations, f64 accumulators) drops in without a redesign.
+//! Ops work in f32 on both backends and in f64 on the CPU (the oracle). bf16 tensors are the
+//! tensor-core operands of the bf16 precision policy (`ops::precision`, `ops::gemm_bf16_into`,
+//! `nn::conv_bf16`): no view holds them, the ops that take them read the tensor itself
+//! ([`Tensor::cuda_bf16`], [`Tensor::cpu_bf16`]).
 
 use cudarc::driver::{CudaView, CudaViewMut};
 use half::bf16;
@@ -12,12 +14,13 @@ use crate::real::Real;
 use std::sync::Arc;
 
 /// The element type of a tensor. Every op computes in `F32` on both backends and in `F64` on the
-/// CPU (the oracle); `BF16` is a storage type only, which no view or op accepts yet.
+/// CPU (the oracle); `BF16` holds the tensor-core operands of the bf16 policy, which only the
+/// bf16 GEMM and convolutions (and the casts) accept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
     /// IEEE binary32, 4 bytes: what the GPU kernels compute in.
     F32,
-    /// bfloat16, 2 bytes: storage only (reserved for a mixed-precision path).
+    /// bfloat16, 2 bytes: tensor-core operands (f32 accumulation).
     BF16,
     /// IEEE binary64, 8 bytes: the CPU oracle's type; GPU ops do not accept it.
     F64,

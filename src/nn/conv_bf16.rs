@@ -93,10 +93,6 @@ impl Checks {
     }
 }
 
-fn widen(t: &Tensor) -> Result<Tensor> {
-    to_f32(t)
-}
-
 /// `y = conv(x) + bias`: f32 into `y` and/or bf16 into `y_bf16` (each `[N, OH, OW, Cout]`).
 pub fn forward(
     x: &Tensor,
@@ -123,7 +119,7 @@ pub fn forward(
     }
     match &device {
         Device::Cpu => {
-            let (xf, wf) = (widen(x)?, widen(weight)?);
+            let (xf, wf) = (to_f32(x)?, to_f32(weight)?);
             let col = im2col(&xf.as_view()?, g)?;
             let wm = wf.as_view()?.reshape(&[9 * g.cin as usize, cout])?;
             let mut out = Tensor::uninit(&[pixels_out(g), cout], DType::F32, &device)?;
@@ -185,7 +181,7 @@ pub fn input_grad(
     c.f32_out("dx", dx, in_n)?;
     match &device {
         Device::Cpu => {
-            let (dyf, wf) = (widen(dy)?, widen(weight)?);
+            let (dyf, wf) = (to_f32(dy)?, to_f32(weight)?);
             let dy2 = dyf.as_view()?.reshape(&[pixels_out(g), cout])?;
             let wm = wf.as_view()?.reshape(&[9 * g.cin as usize, cout])?;
             let mut dcol = Tensor::uninit(&[pixels_out(g), 9 * g.cin as usize], DType::F32, &device)?;
@@ -245,7 +241,7 @@ pub fn weight_grad(
     c.f32_out("dw", dw, wn)?;
     match &device {
         Device::Cpu => {
-            let (xf, dyf) = (widen(x)?, widen(dy)?);
+            let (xf, dyf) = (to_f32(x)?, to_f32(dy)?);
             let col = im2col(&xf.as_view()?, g)?;
             let dy2 = dyf.as_view()?.reshape(&[pixels_out(g), cout])?;
             let mut dwm = dw.reborrow().reshape(&[9 * g.cin as usize, cout])?;
