@@ -581,6 +581,18 @@ fn info(request: DeviceRequest, list_kernels: bool) -> Result<()> {
         "cpu: {} threads available",
         std::thread::available_parallelism().map_or(1, |n| n.get())
     );
+    // What `--precision auto` means on the selected device.
+    let precision = |d: &Device| {
+        let p = PrecisionRequest::Auto.resolve(d);
+        println!(
+            "precision: --precision auto computes in {} here{}",
+            p.name(),
+            match p {
+                emprior::ops::Precision::Bf16 => " (bf16 operands on the tensor cores, f32 accumulation)",
+                emprior::ops::Precision::F32 => " (the exact path)",
+            }
+        );
+    };
     let device = match request {
         DeviceRequest::Auto => {
             let (d, why) = Device::auto();
@@ -589,12 +601,16 @@ fn info(request: DeviceRequest, list_kernels: bool) -> Result<()> {
             } else {
                 println!("selected: {d:?} (auto)");
             }
+            precision(&d);
             return Ok(());
         }
         r => Device::open(r),
     };
     match device {
-        Ok(d) => println!("selected: {d:?}"),
+        Ok(d) => {
+            println!("selected: {d:?}");
+            precision(&d);
+        }
         Err(e) => bail!("--device {request}: {e}"),
     }
     Ok(())
