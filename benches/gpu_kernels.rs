@@ -56,8 +56,8 @@ fn gemm_gpu(c: &mut Criterion) {
 }
 
 fn conv_gpu(c: &mut Criterion) {
+    use emprior::nn::conv::bf16 as conv_bf16;
     use emprior::nn::conv::{col2im_into, im2col, ConvGeometry};
-    use emprior::nn::conv_bf16;
     use emprior::ops::precision::to_bf16;
     use emprior::{AsView, AsViewMut};
     let Some((device, dev)) = gpu() else { return };

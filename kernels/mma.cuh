@@ -1,5 +1,5 @@
 // The tensor-core main loop shared by the bf16 GEMMs (gemm_bf16.cu) and the implicit-GEMM
-// convolutions (conv_bf16.cu): bf16 operands, f32 accumulation, sm_80 and newer.
+// convolutions (conv.cu): bf16 operands, f32 accumulation, sm_80 and newer.
 //
 // One thread block computes a TC_BM x TC_BN tile of C = A B (A is M x K, B is K x N) over a range
 // of K tiles of TC_BK, with 8 warps in a 2 x 4 grid (a 64 x 32 warp tile = 4 x 4 m16n8k16 MMAs

@@ -70,9 +70,10 @@ impl Prior {
         let schedule = VeSchedule::checked(meta("sigma_min", 1e-3), meta("sigma_max", 1e2))
             .map_err(|e| Error::Other(format!("{}: {e}", path.display())))?;
         let mut denoiser = Box::new(Denoiser::new(ck.network));
-        denoiser
-            .net
-            .set_precision(crate::ops::PrecisionRequest::Auto.resolve_checked(device)?);
+        denoiser.net.set_precision(crate::nn::tensor_cores::resolve(
+            crate::ops::PrecisionRequest::Auto,
+            device,
+        )?);
         Ok(Prior {
             kind: PriorKind::Network {
                 params: ck.params.to_device(device)?,

@@ -341,7 +341,7 @@ pub fn train(o: &TrainOptions) -> Result<f64> {
     };
     config.validate()?;
     let (device, device_line) = open_device(o.device)?;
-    let precision = o.precision.resolve_checked(&device)?;
+    let precision = crate::nn::tensor_cores::resolve(o.precision, &device)?;
     let data = read_npy(&o.data)?;
     if data.shape.len() < 2 || data.shape[0] == 0 {
         return Err(Error::Other(format!(
@@ -518,7 +518,7 @@ pub fn sample(
     let ck = load_checkpoint(checkpoint, DType::F32)?;
     let params = ck.params.to_device(&device)?;
     let network_line = describe_checkpoint(checkpoint, &ck.network, &ck.metadata);
-    let precision = s.precision.resolve_checked(&device)?;
+    let precision = crate::nn::tensor_cores::resolve(s.precision, &device)?;
     let mut den = Denoiser::new(ck.network);
     den.net.set_precision(precision);
     let mut shape = vec![n];
@@ -863,7 +863,7 @@ pub fn posterior(o: &PosteriorOptions) -> Result<()> {
             let params = ck.params.to_device(&device)?;
             let mut den = Denoiser::new(ck.network.clone());
             den.net
-                .set_precision(o.sampler.precision.resolve_checked(&device)?);
+                .set_precision(crate::nn::tensor_cores::resolve(o.sampler.precision, &device)?);
             let prior = NetworkPrior {
                 denoiser: &den,
                 params: &params,

@@ -2,7 +2,7 @@
 //!
 //! Ops work in f32 on both backends and in f64 on the CPU (the oracle). bf16 tensors are the
 //! tensor-core operands of the bf16 precision policy (`ops::precision`, `ops::gemm_bf16_into`,
-//! `nn::conv_bf16`): no view holds them, the ops that take them read the tensor itself
+//! `nn::conv::bf16`): no view holds them, the ops that take them read the tensor itself
 //! ([`Tensor::cuda_bf16`], [`Tensor::cpu_bf16`]).
 
 use cudarc::driver::{CudaView, CudaViewMut};

@@ -14,8 +14,8 @@
 mod common;
 
 use common::{assert_within, random_vec, Suite};
+use emprior::nn::conv::bf16 as conv_bf16;
 use emprior::nn::conv::{col2im_into, im2col, ConvGeometry};
-use emprior::nn::conv_bf16;
 use emprior::ops::precision::{round_to_bf16, tensor_core_refusal, to_bf16};
 use emprior::ops::{self, GemmSpec};
 use emprior::{AsView, AsViewMut, DType, Device, Tensor};
@@ -48,7 +48,7 @@ fn main() {
     });
     s.gpu("tc_conv::wgrad_bit_identical_run_to_run", wgrad_deterministic);
     s.gpu("tc::startup_check_agrees_with_the_cpu", |g| {
-        emprior::ops::precision::check_tensor_cores(g).unwrap()
+        emprior::nn::tensor_cores::check(g).unwrap()
     });
     s.run()
 }

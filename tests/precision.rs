@@ -250,22 +250,13 @@ fn a_layout_equals_itself_in_any_precision() {
 
 #[test]
 fn the_tensor_core_startup_check_runs_and_is_a_no_op_on_the_cpu() {
-    use emprior::ops::precision::{check_tensor_cores, tensor_cores_agree};
+    use emprior::nn::tensor_cores::{agree, check, resolve};
     use emprior::ops::PrecisionRequest;
     // Its problems and comparisons run (the CPU on both sides), so on a GPU only a real
     // disagreement can stop a bf16 run.
-    tensor_cores_agree(&CPU, &CPU).unwrap();
-    check_tensor_cores(&CPU).unwrap();
-    assert_eq!(
-        PrecisionRequest::Auto.resolve_checked(&CPU).unwrap(),
-        Precision::F32
-    );
-    assert_eq!(
-        "bf16"
-            .parse::<PrecisionRequest>()
-            .unwrap()
-            .resolve_checked(&CPU)
-            .unwrap(),
-        Precision::Bf16
-    );
+    agree(&CPU, &CPU).unwrap();
+    check(&CPU).unwrap();
+    assert_eq!(resolve(PrecisionRequest::Auto, &CPU).unwrap(), Precision::F32);
+    let bf16: PrecisionRequest = "bf16".parse().unwrap();
+    assert_eq!(resolve(bf16, &CPU).unwrap(), Precision::Bf16);
 }

@@ -15,8 +15,8 @@ use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 use super::{tflops, time_gpu, BenchRow};
 use crate::device::{CudaDevice, Device};
 use crate::error::{Error, Result};
+use crate::nn::conv::bf16 as conv_bf16;
 use crate::nn::conv::{im2col, ConvGeometry};
-use crate::nn::conv_bf16;
 use crate::ops::{self, precision::to_bf16, GemmSpec, Philox};
 use crate::tensor::{AsView, AsViewMut, DType, Tensor};
 

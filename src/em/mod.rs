@@ -762,13 +762,13 @@ fn report_value(key: &str, v: f64) -> String {
 
 /// The run's network arithmetic: the `precision` key (auto when a saved config.toml from an
 /// older version lacks it) resolved on `device`, the tensor cores checked when that is bf16 on a
-/// GPU (`ops::precision::check_tensor_cores`).
+/// GPU (`nn::tensor_cores::check`).
 pub fn precision(cfg: &Config, device: &crate::device::Device) -> Result<(PrecisionRequest, Precision)> {
     let request: PrecisionRequest = match cfg.string("precision") {
         Ok(text) => text.parse()?,
         Err(_) => PrecisionRequest::Auto,
     };
-    Ok((request, request.resolve_checked(device)?))
+    Ok((request, crate::nn::tensor_cores::resolve(request, device)?))
 }
 
 /// What a run prints before its first lap: the run, the device and its kernels, the data, the

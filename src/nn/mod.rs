@@ -11,7 +11,6 @@
 pub mod attention;
 pub mod blocks;
 pub mod conv;
-pub mod conv_bf16;
 pub mod dropout;
 pub mod embedding;
 pub mod linear;
@@ -19,6 +18,7 @@ pub mod mlp;
 pub mod norm;
 pub mod params;
 pub mod resample;
+pub mod tensor_cores;
 pub mod unet;
 
 pub use conv::Conv3x3;

@@ -1,16 +1,16 @@
 //! The 3x3 convolution's three passes under the bf16 policy: implicit GEMM on the tensor cores
 //! (kernels/conv.cu, version 2: no column buffer) and their CPU twins. Layouts as in
-//! [`super::conv`]: x `[N, H, W, Cin]`, weight `[3, 3, Cin, Cout]` (= `[9 Cin, Cout]`), bias
+//! [`super`]: x `[N, H, W, Cin]`, weight `[3, 3, Cin, Cout]` (= `[9 Cin, Cout]`), bias
 //! `[Cout]`, y `[N, OH, OW, Cout]`. Operands (x, the weight, dy) are bf16 tensors; accumulation,
 //! bias and every f32 output are f32.
 //!
 //! The CPU twins widen the same bf16 values to f32 (exact) and run the f32 oracle of
-//! [`super::conv`] (im2col and GEMM), so a GPU result differs from its twin only by the order of
+//! [`super`] (im2col and GEMM), so a GPU result differs from its twin only by the order of
 //! the f32 additions. The weight gradient on a GPU is split over the output pixels into a fixed
 //! number of parts that depends only on the shape ([`wgrad_splits`]), summed in part order: the
 //! same bits run to run and on every GPU of a given kernel build.
 
-use super::conv::{col2im_into, im2col, ConvGeometry};
+use super::{col2im_into, im2col, ConvGeometry};
 use crate::device::launch;
 use crate::error::{Error, Result};
 use crate::ops::precision::{tensor_core_refusal, to_f32};

@@ -6,7 +6,7 @@
 //! chunk of samples at a time when the whole batch's would pass a budget (1 GiB by default).
 //!
 //! Under the bf16 policy (the layout's precision) the three passes run as implicit GEMMs on bf16
-//! copies of x, the weight and dy with f32 accumulation ([`super::conv_bf16`]: tensor cores on a
+//! copies of x, the weight and dy with f32 accumulation ([`bf16`]: tensor cores on a
 //! GPU, no column buffer), when both channel counts are multiples of 8; outputs and gradients
 //! stay f32. This f32 path is the exact reference.
 
@@ -14,13 +14,15 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use crate::device::launch::grid_stride;
 
-use super::conv_bf16;
-use super::params::{ParamId, ParamLayout};
+pub mod bf16;
+
 use crate::error::{Error, Result};
+use crate::nn::params::{ParamId, ParamLayout};
 use crate::ops::broadcast::sum_rows_into;
 use crate::ops::precision::to_bf16;
 use crate::ops::{gemm_bias_into, gemm_into, mismatch, GemmSpec};
 use crate::tensor::{AsView, AsViewMut, Data, DataMut, Tensor, View, ViewMut};
+use bf16 as conv_bf16;
 
 /// The shape of one convolution: the `#[repr(C)]` mirror of `ConvGeometry` in kernels/conv.cu,
 /// generated from it by the build (layout asserted on both sides).

@@ -1,0 +1,114 @@
+//! The first-contact guard of the bf16 policy: before anything computes in bf16 on a GPU, the
+//! tensor-core kernels (the GEMM's three transposes and the convolution's three passes) run
+//! once on small integer problems and must give the CPU twins' bits. Integer data makes every
+//! order of f32 additions exact, so any difference is a wrong kernel, not rounding.
+
+use super::conv::bf16 as conv_bf16;
+use super::conv::ConvGeometry;
+use crate::error::{Error, Result};
+use crate::ops::precision::{to_bf16, Precision, PrecisionRequest};
+use crate::ops::GemmSpec;
+use crate::tensor::{AsViewMut, DType, Tensor};
+use crate::Device;
+
+/// `request` resolved on `device` ([`PrecisionRequest::resolve`]), and when that is bf16 on a
+/// GPU, [`check`] first: a command never trains or samples with tensor-core kernels that
+/// disagree with the CPU on this GPU.
+pub fn resolve(request: PrecisionRequest, device: &Device) -> Result<Precision> {
+    let precision = request.resolve(device);
+    if precision == Precision::Bf16 {
+        check(device)?;
+    }
+    Ok(precision)
+}
+
+/// Runs the tensor-core GEMM (the three transposes) and the three convolution passes once per
+/// GPU on small problems with integer data, where any order of f32 additions is exact, and
+/// requires the GPU's results to equal the CPU twins' exactly. Milliseconds; a no-op on the CPU
+/// and for a GPU already checked. An error names what differs and says to run with
+/// `--precision f32`.
+pub fn check(device: &Device) -> Result<()> {
+    use std::sync::Mutex;
+    static CHECKED: Mutex<Vec<usize>> = Mutex::new(Vec::new());
+    let Device::Cuda(dev) = device else { return Ok(()) };
+    let mut checked = CHECKED.lock().unwrap_or_else(|e| e.into_inner());
+    if checked.contains(&dev.ordinal()) {
+        return Ok(());
+    }
+    agree(device, &Device::Cpu)?;
+    checked.push(dev.ordinal());
+    Ok(())
+}
+
+/// The body of [`check`]: the small bf16 problems on `device` and on `reference`,
+/// which must give the same bits (integer data: exact in any order). Public so a test can run
+/// it with the CPU on both sides.
+pub fn agree(device: &Device, reference: &Device) -> Result<()> {
+    let cpu = reference.clone();
+    // Values in {-2, ..., 2}: exact in bf16, every sum of their products exact in f32.
+    let ints = |n: usize, seed: u32| -> Vec<f32> {
+        (0..n as u32)
+            .map(|i| {
+                ((i.wrapping_mul(2654435761).wrapping_add(seed.wrapping_mul(40503)) >> 13) % 5) as f32 - 2.0
+            })
+            .collect()
+    };
+    let both = |v: &[f32], shape: &[usize]| -> Result<(Tensor, Tensor)> {
+        let host = to_bf16(&Tensor::from_f32(v, shape, &cpu)?)?;
+        Ok((host.to_device(device)?, host))
+    };
+    let same = |what: &str, gpu: &Tensor, cpu: &Tensor| -> Result<()> {
+        let (g, c) = (gpu.to_vec_f32()?, cpu.to_vec_f32()?);
+        match g.iter().zip(&c).position(|(a, b)| a.to_bits() != b.to_bits()) {
+            None => Ok(()),
+            Some(i) => Err(Error::Other(format!(
+                "the bf16 tensor-core {what} on {device} disagrees with the CPU (value {i}: {} against {}); \
+                 run with --precision f32 (the exact path) and report this GPU",
+                g[i], c[i]
+            ))),
+        }
+    };
+    for (ta, tb, name) in [
+        (false, false, "GEMM (nn)"),
+        (false, true, "GEMM (nt)"),
+        (true, false, "GEMM (tn)"),
+    ] {
+        let (m, n, k) = (40, 24, 48);
+        let (ag, ac) = both(&ints(m * k, 1), &if ta { [k, m] } else { [m, k] })?;
+        let (bg, bc) = both(&ints(k * n, 2), &if tb { [n, k] } else { [k, n] })?;
+        let mut outs = Vec::new();
+        for (a, b, dev) in [(&ag, &bg, device), (&ac, &bc, &cpu)] {
+            let mut c = Tensor::zeros(&[m, n], DType::F32, dev)?;
+            let spec = GemmSpec::new(ta, tb);
+            crate::ops::gemm_bf16_into(a, b, None, Some(&mut c.as_view_mut()?), None, spec)?;
+            outs.push(c);
+        }
+        same(name, &outs[0], &outs[1])?;
+    }
+    let (g, cout) = (ConvGeometry::new(2, 5, 7, 24, 2), 40);
+    let (p_in, p_out) = (2 * 5 * 7, 2 * 3 * 4);
+    let (xg, xc) = both(&ints(p_in * 24, 3), &[p_in * 24])?;
+    let (wg, wc) = both(&ints(9 * 24 * cout, 4), &[9 * 24 * cout])?;
+    let (dyg, dyc) = both(&ints(p_out * cout, 5), &[p_out * cout])?;
+    let mut outs: Vec<[Tensor; 3]> = Vec::new();
+    for (x, w, dy, dev) in [(&xg, &wg, &dyg, device), (&xc, &wc, &dyc, &cpu)] {
+        let mut y = Tensor::zeros(&[p_out * cout], DType::F32, dev)?;
+        conv_bf16::forward(x, w, None, &g, cout, Some(&mut y.as_view_mut()?), None)?;
+        let mut dx = Tensor::zeros(&[p_in * 24], DType::F32, dev)?;
+        conv_bf16::input_grad(dy, w, &g, cout, &mut dx.as_view_mut()?, 0.0)?;
+        let mut dw = Tensor::zeros(&[9 * 24 * cout], DType::F32, dev)?;
+        conv_bf16::weight_grad(x, dy, &g, cout, &mut dw.as_view_mut()?, 0.0)?;
+        outs.push([y, dx, dw]);
+    }
+    for (i, what) in [
+        "convolution (forward)",
+        "convolution (input gradient)",
+        "convolution (weight gradient)",
+    ]
+    .iter()
+    .enumerate()
+    {
+        same(what, &outs[0][i], &outs[1][i])?;
+    }
+    Ok(())
+}
