@@ -138,6 +138,34 @@ __device__ __forceinline__ void tc_compute_stage(const bf16* stage, TcAcc& acc) 
     }
 }
 
+// The device's side of tc_pipeline (tc_index.cuh): real copies, waits, barriers and MMAs.
+template <class LoadA, class LoadB>
+struct TcDeviceMachine {
+    bf16* smem;
+    const bf16* a;
+    const LoadA& la;
+    const bf16* b;
+    const LoadB& lb;
+    int kt_begin;
+    TcAcc& acc;
+    __device__ __forceinline__ void load(int stage, int t) {
+        tc_load_stage(smem + stage * TC_STAGE_ELEMS, a, la, b, lb, kt_begin + t);
+    }
+    __device__ __forceinline__ void commit() { cp_async_commit(); }
+    // `pending` is 0 or TC_STAGES - 2 (tc_pipeline's two waits): the instruction takes an
+    // immediate, and after inlining the branch folds away.
+    __device__ __forceinline__ void wait(int pending) {
+        if (pending == 0)
+            cp_async_wait<0>();
+        else
+            cp_async_wait<TC_STAGES - 2>();
+    }
+    __device__ __forceinline__ void sync() { __syncthreads(); }
+    __device__ __forceinline__ void compute(int stage, int) {
+        tc_compute_stage<LoadA::K_MAJOR, LoadB::K_MAJOR>(smem + stage * TC_STAGE_ELEMS, acc);
+    }
+};
+
 // acc = the product over K tiles [kt_begin, kt_end). `smem` holds TC_STAGES * TC_STAGE_ELEMS
 // bf16, 128-byte aligned. Every thread of the block must call this (barriers inside).
 template <class LoadA, class LoadB>
@@ -149,26 +177,8 @@ __device__ __forceinline__ void tc_mainloop(bf16* smem, const bf16* a, const Loa
         for (int j = 0; j < 4; ++j)
 #pragma unroll
             for (int r = 0; r < 4; ++r) acc.v[i][j][r] = 0.0f;
-    const int tiles = kt_end - kt_begin;
-    // Prologue: stages 0 .. TC_STAGES - 2 in flight (one commit each, empty past the end).
-#pragma unroll
-    for (int s = 0; s < TC_STAGES - 1; ++s) {
-        if (s < tiles) tc_load_stage(smem + s * TC_STAGE_ELEMS, a, la, b, lb, kt_begin + s);
-        cp_async_commit();
-    }
-    for (int t = 0; t < tiles; ++t) {
-        // Tile t has landed for this thread; the barrier makes it visible to all and guarantees
-        // everyone finished computing tile t - 1, whose stage the next load overwrites.
-        cp_async_wait<TC_STAGES - 2>();
-        __syncthreads();
-        const int next = t + TC_STAGES - 1;
-        if (next < tiles)
-            tc_load_stage(smem + (next % TC_STAGES) * TC_STAGE_ELEMS, a, la, b, lb, kt_begin + next);
-        cp_async_commit();
-        tc_compute_stage<LoadA::K_MAJOR, LoadB::K_MAJOR>(smem + (t % TC_STAGES) * TC_STAGE_ELEMS, acc);
-    }
-    cp_async_wait<0>();
-    __syncthreads();
+    TcDeviceMachine<LoadA, LoadB> m{smem, a, la, b, lb, kt_begin, acc};
+    tc_pipeline(m, kt_end - kt_begin);
 }
 
 // The shared memory of one block: the stage ring (48 KiB, the static limit).

@@ -1,10 +1,11 @@
 // Every index computation of the tensor-core kernels (mma.cuh, gemm.cu and conv.cu version 2),
-// in one header that also compiles as plain C++ on the host: tests/tc_emulation.rs builds
-// tests/tc_emulator.cpp against it, which runs these very functions through a CPU model of
-// cp.async, ldmatrix and mma.sync (their PTX semantics) and checks whole GEMMs and convolutions
-// exactly. So the tile orders, the swizzle, the fragment addressing, the epilogue's mapping and
-// the im2col gathers are checked without a GPU; what is left to the hardware is the
-// asynchrony (barriers, waits) and the instructions themselves.
+// and the order of their copies, waits and barriers (tc_pipeline), in one header that also
+// compiles as plain C++ on the host: tests/tc_emulation.rs builds tests/tc_emulator.cpp against
+// it, which runs these very functions through a CPU model of cp.async (landing at a wait,
+// published at a barrier), ldmatrix and mma.sync (their PTX semantics) and checks whole GEMMs
+// and convolutions exactly. So the tile orders, the swizzle, the fragment addressing, the
+// epilogue's mapping, the im2col gathers and the pipeline's synchronisation are checked without
+// a GPU; what is left to the hardware is the instructions themselves.
 //
 // Nothing here touches threadIdx: the thread and lane are parameters.
 #pragma once
@@ -195,6 +196,39 @@ struct WgradLoadA {
         return valid ? (((tc_i64)n * g.h + iy) * g.w + ix) * g.cin + ci : 0;
     }
 };
+
+// ---- the pipeline ------------------------------------------------------------------------------
+// The order of a block's copies, waits, barriers and MMAs over `tiles` K tiles, TC_STAGES deep,
+// for a machine `m` with load(stage, tile), commit(), wait(pending groups allowed), sync() and
+// compute(stage, tile): the device's (mma.cuh: cp.async, wait_group, __syncthreads, ldmatrix +
+// mma) and the host model's (tests/tc_emulator.cpp, which checks that every read sees its tile
+// landed and published, and that no stage is overwritten while it may still be read).
+// - Prologue: tiles 0 .. STAGES - 2 in flight, one commit each (an empty group past the end:
+//   "trivially complete", and it keeps the count of groups per tile fixed).
+// - Tile t: wait until at most STAGES - 2 groups are pending (so tile t's has landed for this
+//   thread); the barrier publishes it to every thread and guarantees all finished computing
+//   tile t - 1, whose stage (t + STAGES - 1) % STAGES the next load overwrites.
+// - End: drain every group and meet at a barrier, so a caller may reuse the shared memory.
+#ifdef __CUDACC__
+#pragma nv_exec_check_disable
+#endif
+template <class M>
+TC_HD void tc_pipeline(M& m, int tiles) {
+    for (int s = 0; s < TC_STAGES - 1; ++s) {
+        if (s < tiles) m.load(s, s);
+        m.commit();
+    }
+    for (int t = 0; t < tiles; ++t) {
+        m.wait(TC_STAGES - 2);
+        m.sync();
+        const int next = t + TC_STAGES - 1;
+        if (next < tiles) m.load(next % TC_STAGES, next);
+        m.commit();
+        m.compute(t % TC_STAGES, t);
+    }
+    m.wait(0);
+    m.sync();
+}
 
 // The K tiles of split z of a split-K product: [begin, end) of ceil(tiles / splits) each.
 TC_HD void tc_split_range(int tiles, int splits, int z, int& begin, int& end) {

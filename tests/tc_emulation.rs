@@ -1,8 +1,11 @@
-//! The tensor-core kernels' index logic, run on the CPU: tests/tc_emulator.cpp is compiled against
-//! kernels/tc_index.cuh (the very functions the kernels use for tile orders, the swizzle, the
-//! ldmatrix addressing, the epilogue's mapping, the im2col gathers and the split-K ranges) and
-//! runs whole GEMMs and convolutions through a model of cp.async, ldmatrix and mma.sync built from
-//! their PTX definitions, with exact integer arithmetic. It needs a C++17 compiler (`$CXX`, else
+//! The tensor-core kernels' index logic and pipeline, run on the CPU: tests/tc_emulator.cpp is
+//! compiled against kernels/tc_index.cuh (the very functions the kernels use for tile orders, the
+//! swizzle, the ldmatrix addressing, the epilogue's mapping, the im2col gathers, the split-K
+//! ranges, and `tc_pipeline`, the order of copies, waits and barriers) and runs whole GEMMs and
+//! convolutions through a model of cp.async (a copy lands at the wait that retires its group and
+//! is seen by other threads after the next barrier), ldmatrix and mma.sync built from their PTX
+//! definitions, with exact integer arithmetic. It flags a read of data not yet landed and
+//! published or of the wrong K tile, and a stage overwritten while another warp may read it. It needs a C++17 compiler (`$CXX`, else
 //! `c++`), which the Rust toolchain's linker already requires.
 
 use std::path::Path;

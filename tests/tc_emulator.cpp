@@ -8,16 +8,21 @@
 // - mma.m16n8k16: A from a0..a3 = A[g][2t..], A[g+8][2t..], A[g][2t+8..], A[g+8][2t+8..], B from
 //   b0, b1 = B[2t..2t+1][g], B[2t+8..2t+9][g], C as c0..c3 = C[g][2t], C[g][2t+1], C[g+8][2t],
 //   C[g+8][2t+1], with lane = 4g + t.
-// The main loop's ring (prologue, then load tile t + 2 before computing tile t) and the
-// epilogue's store pattern are transliterated from mma.cuh. Values are small integers, so every
+// The main loop is the kernels' own tc_pipeline, driven by a machine that models the asynchrony
+// (copies land at a wait, are seen by other threads after a barrier) and flags a read of data
+// not landed, published or of the right K tile, and a stage overwritten while it may be read.
+// The epilogue's store pattern is transliterated from mma.cuh. Values are small integers, so every
 // sum is exact and results must equal the reference exactly. Besides the numbers it checks that
 // each stage's shared memory is written exactly once per tile, and each output exactly once.
 //
 // Usage: tc_emulator (exit status 0 when every case matches; one line per case).
+#include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <functional>
+#include <memory>
+#include <utility>
 #include <string>
 #include <vector>
 
@@ -47,39 +52,55 @@ static std::vector<float> ints(size_t n, unsigned seed) {
 
 typedef float Regs[32][4][2];  // per lane, 4 registers of 2 halves
 
-struct Block {
-    std::vector<float> smem = std::vector<float>(TC_STAGES * TC_STAGE_ELEMS, NAN);
-    float acc[TC_THREADS][4][4][4] = {};
-
-    // ldmatrix.x4 at the 32 lanes' row offsets (elements from `base`).
-    void ldmatrix(const int* offs, bool trans, size_t base, Regs& out) const {
-        for (int q = 0; q < 4; ++q) {
-            float m[8][8];
-            for (int r = 0; r < 8; ++r)
-                for (int c = 0; c < 8; ++c) m[r][c] = smem[base + offs[8 * q + r] + c];
-            for (int l = 0; l < 32; ++l) {
-                const int g = l >> 2, t = l & 3;
-                out[l][q][0] = trans ? m[2 * t][g] : m[g][2 * t];
-                out[l][q][1] = trans ? m[2 * t + 1][g] : m[g][2 * t + 1];
-            }
-        }
-    }
-};
-
-// One block's product over K tiles [begin, end), then its stores into `out` (f32, ldc = n),
-// counting writes in `written`.
+// A thread block as tc_pipeline drives it (kernels/tc_index.cuh), with the asynchrony modelled:
+// a cp.async lands only when a wait retires its group, and is seen by the other threads (every
+// ldmatrix reads other threads' copies) only after the next barrier. The model flags a read of a
+// chunk that has not landed and been published, or that holds another K tile than the one being
+// computed; a copy into a stage that was read since the last barrier (another warp may still be
+// reading it); a copy over one still in flight; and groups left pending at the end.
 template <class LA, class LB>
-static void emulate_block(const std::vector<float>& a, std::function<LA(int)> make_a, const std::vector<float>& b,
-                          std::function<LB(int)> make_b, int begin, int end, int m0, int n0, int m, int n,
-                          std::vector<float>& out, std::vector<int>& written, const std::string& what) {
-    Block blk;
+struct HostMachine {
+    const std::vector<float>& a;
+    const std::vector<float>& b;
     std::vector<LA> las;
     std::vector<LB> lbs;
-    for (int tid = 0; tid < TC_THREADS; ++tid) {
-        las.push_back(make_a(tid));
-        lbs.push_back(make_b(tid));
+    int kt_begin;
+    std::string what;
+    std::vector<float> smem = std::vector<float>(TC_STAGES * TC_STAGE_ELEMS, NAN);
+    std::vector<int> tag = std::vector<int>(TC_STAGES * TC_STAGE_ELEMS, -1);       // K tile held
+    std::vector<char> published = std::vector<char>(TC_STAGES * TC_STAGE_ELEMS, 0);
+    std::vector<char> in_flight = std::vector<char>(TC_STAGES * TC_STAGE_ELEMS, 0);
+    std::vector<char> read_since_sync = std::vector<char>(TC_STAGES * TC_STAGE_ELEMS, 0);
+    struct Copy {
+        size_t dst;
+        float v[8];
+        int tile, group;
+    };
+    std::vector<Copy> pending;
+    int committed = 0;  // groups committed so far; copies issued now join group `committed`
+    float acc[TC_THREADS][4][4][4] = {};
+    bool failed = false;
+
+    HostMachine(const std::vector<float>& a_, const std::vector<float>& b_, int kt_begin_, std::string what_)
+        : a(a_), b(b_), kt_begin(kt_begin_), what(std::move(what_)) {}
+
+    void flag(const std::string& why) {
+        if (!failed) fail(what + ": " + why);
+        failed = true;
     }
-    auto load_stage = [&](int stage, int kt) {
+
+    void issue(size_t dst, const std::vector<float>& src, tc_i64 off, bool valid, int tile) {
+        Copy c{dst, {}, tile, committed};
+        for (int e = 0; e < 8; ++e) {
+            c.v[e] = valid ? src.at(off + e) : 0.0f;
+            if (read_since_sync[dst + e]) flag("a stage is overwritten while another warp may still read it");
+            if (in_flight[dst + e]) flag("a copy lands on one still in flight");
+            in_flight[dst + e] = 1;
+        }
+        pending.push_back(c);
+    }
+
+    void load(int stage, int t) {
         std::vector<int> count(TC_STAGE_ELEMS, 0);
         const size_t base = (size_t)stage * TC_STAGE_ELEMS;
         for (int tid = 0; tid < TC_THREADS; ++tid)
@@ -88,27 +109,69 @@ static void emulate_block(const std::vector<float>& a, std::function<LA(int)> ma
                 int r, c;
                 bool valid;
                 tc_chunk_of(LA::K_MAJOR, id, r, c);
-                tc_i64 off = las[tid].chunk(r, c, kt, valid);
+                tc_i64 off = las[tid].chunk(r, c, kt_begin + t, valid);
                 int dst = LA::K_MAJOR ? kmajor_offset(r, c) : mnmajor_offset(r, c);
-                for (int e = 0; e < 8; ++e) {
-                    blk.smem[base + dst + e] = valid ? a.at(off + e) : 0.0f;
-                    ++count[dst + e];
-                }
+                issue(base + dst, a, off, valid, kt_begin + t);
+                for (int e = 0; e < 8; ++e) ++count[dst + e];
                 tc_chunk_of(LB::K_MAJOR, id, r, c);
-                off = lbs[tid].chunk(r, c, kt, valid);
+                off = lbs[tid].chunk(r, c, kt_begin + t, valid);
                 dst = TC_TILE + (LB::K_MAJOR ? kmajor_offset(r, c) : mnmajor_offset(r, c));
-                for (int e = 0; e < 8; ++e) {
-                    blk.smem[base + dst + e] = valid ? b.at(off + e) : 0.0f;
-                    ++count[dst + e];
-                }
+                issue(base + dst, b, off, valid, kt_begin + t);
+                for (int e = 0; e < 8; ++e) ++count[dst + e];
             }
         for (int e = 0; e < TC_STAGE_ELEMS; ++e)
-            if (count[e] != 1) {
-                fail(what + ": a stage element was written " + std::to_string(count[e]) + " times");
-                return;
+            if (count[e] != 1) flag("a stage element is written " + std::to_string(count[e]) + " times per tile");
+    }
+
+    void commit() { ++committed; }
+
+    // cp.async.wait_group n: every group but the n most recent has landed.
+    void wait(int n) {
+        std::vector<Copy> still;
+        for (const Copy& c : pending) {
+            if (c.group < committed - n) {
+                for (int e = 0; e < 8; ++e) {
+                    smem[c.dst + e] = c.v[e];
+                    tag[c.dst + e] = c.tile;
+                    published[c.dst + e] = 0;
+                    in_flight[c.dst + e] = 0;
+                }
+            } else {
+                still.push_back(c);
             }
-    };
-    auto compute = [&](int stage) {
+        }
+        pending.swap(still);
+    }
+
+    // __syncthreads: what has landed is seen by every thread; reads before it are over.
+    void sync() {
+        for (size_t e = 0; e < smem.size(); ++e) {
+            if (!in_flight[e] && tag[e] >= 0) published[e] = 1;
+            read_since_sync[e] = 0;
+        }
+    }
+
+    // ldmatrix.x4 at the 32 lanes' row offsets (elements from `base`), of tile `tile`.
+    void ldmatrix(const int* offs, bool trans, size_t base, int tile, Regs& out) {
+        for (int q = 0; q < 4; ++q) {
+            float m[8][8];
+            for (int r = 0; r < 8; ++r)
+                for (int c = 0; c < 8; ++c) {
+                    const size_t e = base + offs[8 * q + r] + c;
+                    if (!published[e] || in_flight[e]) flag("a chunk is read before it has landed and been published");
+                    if (tag[e] != tile) flag("a chunk of another K tile is read");
+                    read_since_sync[e] = 1;
+                    m[r][c] = smem[e];
+                }
+            for (int l = 0; l < 32; ++l) {
+                const int g = l >> 2, t = l & 3;
+                out[l][q][0] = trans ? m[2 * t][g] : m[g][2 * t];
+                out[l][q][1] = trans ? m[2 * t + 1][g] : m[g][2 * t + 1];
+            }
+        }
+    }
+
+    void compute(int stage, int t) {
         const size_t base = (size_t)stage * TC_STAGE_ELEMS;
         for (int warp = 0; warp < 8; ++warp) {
             const int tid0 = warp * 32;
@@ -118,48 +181,62 @@ static void emulate_block(const std::vector<float>& a, std::function<LA(int)> ma
                 int offs[32];
                 for (int i = 0; i < 4; ++i) {
                     for (int l = 0; l < 32; ++l) offs[l] = tc_a_ldsm_offset(LA::K_MAJOR, l, wm, i, kk);
-                    blk.ldmatrix(offs, !LA::K_MAJOR, base, ar[i]);
+                    ldmatrix(offs, !LA::K_MAJOR, base, kt_begin + t, ar[i]);
                 }
                 for (int j = 0; j < 4; j += 2) {
                     for (int l = 0; l < 32; ++l) offs[l] = TC_TILE + tc_b_ldsm_offset(LB::K_MAJOR, l, wn, j, kk);
-                    blk.ldmatrix(offs, !LB::K_MAJOR, base, br[j / 2]);
+                    ldmatrix(offs, !LB::K_MAJOR, base, kt_begin + t, br[j / 2]);
                 }
                 for (int i = 0; i < 4; ++i)
-                    for (int j = 0; j < 4; ++j) {
-                        float am[16][16], bm[16][8];
-                        for (int l = 0; l < 32; ++l) {
-                            const int g = l >> 2, t = l & 3;
-                            const float(*ra)[2] = ar[i][l];
-                            am[g][2 * t] = ra[0][0], am[g][2 * t + 1] = ra[0][1];
-                            am[g + 8][2 * t] = ra[1][0], am[g + 8][2 * t + 1] = ra[1][1];
-                            am[g][2 * t + 8] = ra[2][0], am[g][2 * t + 9] = ra[2][1];
-                            am[g + 8][2 * t + 8] = ra[3][0], am[g + 8][2 * t + 9] = ra[3][1];
-                            // Tile j's b0, b1 are registers 0, 1 (j even) or 2, 3 (j odd) of its x4.
-                            const float(*rb)[2] = br[j / 2][l] + 2 * (j & 1);
-                            bm[2 * t][g] = rb[0][0], bm[2 * t + 1][g] = rb[0][1];
-                            bm[2 * t + 8][g] = rb[1][0], bm[2 * t + 9][g] = rb[1][1];
-                        }
-                        for (int l = 0; l < 32; ++l) {
-                            const int g = l >> 2, t = l & 3;
-                            const int rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
-                            for (int r = 0; r < 4; ++r) {
-                                float d = 0.0f;
-                                for (int k = 0; k < 16; ++k) d += am[rows[r]][k] * bm[k][cols[r]];
-                                blk.acc[tid0 + l][i][j][r] += d;
-                            }
-                        }
-                    }
+                    for (int j = 0; j < 4; ++j) mma(tid0, i, j, ar[i], br[j / 2], j & 1);
             }
         }
-    };
-    // The ring of tc_mainloop, in program order.
-    const int tiles = end - begin;
-    for (int s = 0; s < TC_STAGES - 1; ++s)
-        if (s < tiles) load_stage(s, begin + s);
-    for (int t = 0; t < tiles; ++t) {
-        const int next = t + TC_STAGES - 1;
-        if (next < tiles) load_stage(next % TC_STAGES, begin + next);
-        compute(t % TC_STAGES);
+    }
+
+    // mma.m16n8k16 of warp tid0 / 32 for tile (i, j); B's registers are 0, 1 of its x4 for an
+    // even j and 2, 3 for an odd one.
+    void mma(int tid0, int i, int j, const Regs& ar, const Regs& br, int odd) {
+        float am[16][16], bm[16][8];
+        for (int l = 0; l < 32; ++l) {
+            const int g = l >> 2, t = l & 3;
+            const float(*ra)[2] = ar[l];
+            am[g][2 * t] = ra[0][0], am[g][2 * t + 1] = ra[0][1];
+            am[g + 8][2 * t] = ra[1][0], am[g + 8][2 * t + 1] = ra[1][1];
+            am[g][2 * t + 8] = ra[2][0], am[g][2 * t + 9] = ra[2][1];
+            am[g + 8][2 * t + 8] = ra[3][0], am[g + 8][2 * t + 9] = ra[3][1];
+            const float(*rb)[2] = br[l] + 2 * odd;
+            bm[2 * t][g] = rb[0][0], bm[2 * t + 1][g] = rb[0][1];
+            bm[2 * t + 8][g] = rb[1][0], bm[2 * t + 9][g] = rb[1][1];
+        }
+        for (int l = 0; l < 32; ++l) {
+            const int g = l >> 2, t = l & 3;
+            const int rows[4] = {g, g, g + 8, g + 8}, cols[4] = {2 * t, 2 * t + 1, 2 * t, 2 * t + 1};
+            for (int r = 0; r < 4; ++r) {
+                float d = 0.0f;
+                for (int k = 0; k < 16; ++k) d += am[rows[r]][k] * bm[k][cols[r]];
+                acc[tid0 + l][i][j][r] += d;
+            }
+        }
+    }
+};
+
+// One block's product over K tiles [begin, end) through the kernels' own tc_pipeline, then its
+// stores into `out` (f32, ldc = n), counting writes in `written`.
+template <class LA, class LB>
+static void emulate_block(const std::vector<float>& a, std::function<LA(int)> make_a, const std::vector<float>& b,
+                          std::function<LB(int)> make_b, int begin, int end, int m0, int n0, int m, int n,
+                          std::vector<float>& out, std::vector<int>& written, const std::string& what) {
+    auto blk = std::make_unique<HostMachine<LA, LB>>(a, b, begin, what);
+    for (int tid = 0; tid < TC_THREADS; ++tid) {
+        blk->las.push_back(make_a(tid));
+        blk->lbs.push_back(make_b(tid));
+    }
+    // Twice on the same shared memory, as the GEMM's batch loop runs it: the second pass's
+    // prologue must not overwrite a stage the first pass's last tile may still be reading.
+    for (int pass = 0; pass < 2; ++pass) {
+        std::fill(&blk->acc[0][0][0][0], &blk->acc[0][0][0][0] + TC_THREADS * 64, 0.0f);
+        tc_pipeline(*blk, end - begin);
+        if (!blk->pending.empty()) blk->flag("copies are still in flight after the pipeline");
     }
     // tc_store: pairs of columns (c0, c1) and (c2, c3).
     for (int tid = 0; tid < TC_THREADS; ++tid)
@@ -171,7 +248,7 @@ static void emulate_block(const std::vector<float>& a, std::function<LA(int)> ma
                     if (tc_acc_row(tid, i, 2 * h + 1) != row - m0 || tc_acc_col(tid, j, 2 * h + 1) != col - n0 + 1)
                         fail(what + ": the epilogue's register pairs are not adjacent columns");
                     for (int e = 0; e < 2; ++e) {
-                        out[(size_t)row * n + col + e] = blk.acc[tid][i][j][2 * h + e];
+                        out[(size_t)row * n + col + e] = blk->acc[tid][i][j][2 * h + e];
                         ++written[(size_t)row * n + col + e];
                     }
                 }
