@@ -84,16 +84,16 @@ impl Linear {
         *out_shape.last_mut().unwrap() = self.fan_out;
         let mut y = Tensor::uninit(&[rows, self.fan_out], x.dtype(), &x.device())?;
         let w = layout.view(params, self.weight)?;
+        let bias = self.bias.map(|b| layout.view(params, b)).transpose()?;
+        let spec = GemmSpec::default();
         if self.bf16(layout, x) {
-            let bias = self.bias.map(|b| layout.view(params, b)).transpose()?;
             let (xb, wb) = (to_bf16(&x2)?, to_bf16(&w)?);
-            let mut yv = y.as_view_mut()?;
-            gemm_bf16_into(&xb, &wb, bias.as_ref(), Some(&mut yv), None, GemmSpec::default())?;
-            return y.reshape(&out_shape);
-        }
-        match self.bias {
-            Some(b) => gemm_bias_into(&x2, &w, &layout.view(params, b)?, &mut y, GemmSpec::default())?,
-            None => gemm_into(&x2, &w, &mut y, GemmSpec::default())?,
+            gemm_bf16_into(&xb, &wb, bias.as_ref(), Some(&mut y.as_view_mut()?), None, spec)?;
+        } else {
+            match &bias {
+                Some(b) => gemm_bias_into(&x2, &w, b, &mut y, spec)?,
+                None => gemm_into(&x2, &w, &mut y, spec)?,
+            }
         }
         y.reshape(&out_shape)
     }
@@ -110,37 +110,29 @@ impl Linear {
         let rows = self.rows(x)?;
         let dy2 = dy.reshape(&[rows, self.fan_out])?;
         let mut dx = Tensor::uninit(&[rows, self.fan_in], x.dtype(), &x.device())?;
-        if self.bf16(layout, x) {
-            let (dyb, wb) = (to_bf16(&dy2)?, to_bf16(&layout.view(params, self.weight)?)?);
-            let nt = GemmSpec::new(false, true);
-            gemm_bf16_into(&dyb, &wb, None, Some(&mut dx.as_view_mut()?), None, nt)?;
-            if let Some(g) = grads {
-                let xb = to_bf16(&x.reshape(&[rows, self.fan_in])?)?;
-                let accumulate = GemmSpec {
-                    beta: 1.0,
-                    ..GemmSpec::new(true, false)
-                };
-                let mut dw = layout.view_mut(g, self.weight)?;
-                gemm_bf16_into(&xb, &dyb, None, Some(&mut dw), None, accumulate)?;
-                if let Some(b) = self.bias {
-                    sum_rows_into(&dy2, 1, &mut layout.view_mut(g, b)?, true)?;
-                }
-            }
-            return dx.reshape(x.shape());
+        let w = layout.view(params, self.weight)?;
+        // Under bf16, dy is cast once and serves both GEMMs.
+        let dyb = if self.bf16(layout, x) {
+            Some(to_bf16(&dy2)?)
+        } else {
+            None
+        };
+        let nt = GemmSpec::new(false, true);
+        match &dyb {
+            Some(dyb) => gemm_bf16_into(dyb, &to_bf16(&w)?, None, Some(&mut dx.as_view_mut()?), None, nt)?,
+            None => gemm_into(&dy2, &w, &mut dx, nt)?,
         }
-        gemm_into(
-            &dy2,
-            &layout.view(params, self.weight)?,
-            &mut dx,
-            GemmSpec::new(false, true),
-        )?;
         if let Some(g) = grads {
             let x2 = x.reshape(&[rows, self.fan_in])?;
             let accumulate = GemmSpec {
                 beta: 1.0,
                 ..GemmSpec::new(true, false)
             };
-            gemm_into(&x2, &dy2, &mut layout.view_mut(g, self.weight)?, accumulate)?;
+            let mut dw = layout.view_mut(g, self.weight)?;
+            match &dyb {
+                Some(dyb) => gemm_bf16_into(&to_bf16(&x2)?, dyb, None, Some(&mut dw), None, accumulate)?,
+                None => gemm_into(&x2, &dy2, &mut dw, accumulate)?,
+            }
             if let Some(b) = self.bias {
                 sum_rows_into(&dy2, 1, &mut layout.view_mut(g, b)?, true)?;
             }

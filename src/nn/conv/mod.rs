@@ -282,15 +282,15 @@ impl Conv3x3 {
             let (xb, wb) = (to_bf16(x)?, to_bf16(&w)?);
             let mut yv = y.as_view_mut()?;
             conv_bf16::forward(&xb, &wb, Some(&b), &g, self.cout, Some(&mut yv), None)?;
-            return y.reshape(&self.out_shape(x.shape())?);
-        }
-        let (in_per, out_per) = g.per_sample();
-        for (s, gk) in g.chunks() {
-            let n = gk.n as usize;
-            let col = im2col(&x.sub(s * in_per, &[n * in_per])?, &gk)?;
-            let mut yv = y.as_view_mut()?;
-            let mut yk = yv.sub_mut(s * out_per * self.cout, &[n * out_per, self.cout])?;
-            gemm_bias_into(&col, &w, &b, &mut yk, GemmSpec::default())?;
+        } else {
+            let (in_per, out_per) = g.per_sample();
+            for (s, gk) in g.chunks() {
+                let n = gk.n as usize;
+                let col = im2col(&x.sub(s * in_per, &[n * in_per])?, &gk)?;
+                let mut yv = y.as_view_mut()?;
+                let mut yk = yv.sub_mut(s * out_per * self.cout, &[n * out_per, self.cout])?;
+                gemm_bias_into(&col, &w, &b, &mut yk, GemmSpec::default())?;
+            }
         }
         y.reshape(&self.out_shape(x.shape())?)
     }
@@ -352,21 +352,21 @@ impl Conv3x3 {
             let (xb, dyb) = (to_bf16(x)?, to_bf16(&dy2)?);
             let mut dw = layout.view_mut(grads, self.weight)?;
             conv_bf16::weight_grad(&xb, &dyb, &g, self.cout, &mut dw, 1.0)?;
-            return sum_rows_into(&dy2, 1, &mut layout.view_mut(grads, self.bias)?, true);
-        }
-        let acc = GemmSpec {
-            beta: 1.0,
-            ..GemmSpec::new(true, false)
-        };
-        let (in_per, out_per) = g.per_sample();
-        for (s, gk) in g.chunks() {
-            let n = gk.n as usize;
-            let col = im2col(&x.sub(s * in_per, &[n * in_per])?, &gk)?;
-            let dyk = dy2.sub(s * out_per * self.cout, &[n * out_per, self.cout])?;
-            let mut dw = layout
-                .view_mut(grads, self.weight)?
-                .reshape(&[9 * self.cin, self.cout])?;
-            gemm_into(&col, &dyk, &mut dw, acc)?;
+        } else {
+            let acc = GemmSpec {
+                beta: 1.0,
+                ..GemmSpec::new(true, false)
+            };
+            let (in_per, out_per) = g.per_sample();
+            for (s, gk) in g.chunks() {
+                let n = gk.n as usize;
+                let col = im2col(&x.sub(s * in_per, &[n * in_per])?, &gk)?;
+                let dyk = dy2.sub(s * out_per * self.cout, &[n * out_per, self.cout])?;
+                let mut dw = layout
+                    .view_mut(grads, self.weight)?
+                    .reshape(&[9 * self.cin, self.cout])?;
+                gemm_into(&col, &dyk, &mut dw, acc)?;
+            }
         }
         sum_rows_into(&dy2, 1, &mut layout.view_mut(grads, self.bias)?, true)
     }
