@@ -425,24 +425,29 @@ pub fn gemm_bf16_into(
     spec: GemmSpec,
 ) -> Result<()> {
     use crate::tensor::DType;
-    for (name, t) in [("A", a), ("B", b)] {
-        if t.dtype() != DType::BF16 {
-            return Err(t.dtype_error("gemm_bf16", "bf16"));
+    let device = a.device();
+    // Every operand: its dtype, on A's device.
+    let expect = |what: &str, dtype: DType, on: &crate::Device, want: DType| -> Result<()> {
+        if dtype == want && on.same_as(&device) {
+            return Ok(());
         }
-        if !t.device().same_as(&a.device()) {
-            return Err(Error::DeviceMismatch {
-                op: "gemm_bf16",
-                detail: format!("{name} is on {}, A on {}", t.device(), a.device()),
-            });
-        }
-    }
+        Err(Error::DeviceMismatch {
+            op: "gemm_bf16",
+            detail: format!(
+                "{what} must be {} on {device}; it is {} on {on}",
+                want.name(),
+                dtype.name()
+            ),
+        })
+    };
+    expect("A", a.dtype(), &device, DType::BF16)?;
+    expect("B", b.dtype(), &b.device(), DType::BF16)?;
     if spec.trans_a && spec.trans_b {
         return Err(Error::Other(
             "gemm_bf16: A^T B^T is not implemented (transpose one operand first)".into(),
         ));
     }
     let (p, out_shape) = resolve(a.shape(), b.shape(), &spec)?;
-    let device = a.device();
     if let Some(why) = super::precision::tensor_core_refusal(&bf16_gemm_dims(&p, spec), &device) {
         return Err(Error::Other(format!("gemm_bf16: {why}")));
     }
@@ -456,30 +461,15 @@ pub fn gemm_bf16_into(
     }
     if let Some(c) = &c {
         expect_shape("gemm_bf16", "C", c.shape(), &out_shape)?;
-        if !c.as_view().device().same_as(&device) || c.dtype() != DType::F32 {
-            return Err(Error::DeviceMismatch {
-                op: "gemm_bf16",
-                detail: format!("C must be f32 on {device}"),
-            });
-        }
+        expect("C", c.dtype(), &c.as_view().device(), DType::F32)?;
     }
     if let Some(cb) = &c_bf16 {
         expect_shape("gemm_bf16", "C (bf16)", cb.shape(), &out_shape)?;
-        if cb.dtype() != DType::BF16 || !cb.device().same_as(&device) {
-            return Err(Error::DeviceMismatch {
-                op: "gemm_bf16",
-                detail: format!("the bf16 C must be bf16 on {device}"),
-            });
-        }
+        expect("the bf16 C", cb.dtype(), &cb.device(), DType::BF16)?;
     }
     if let Some(bias) = bias {
         expect_shape("gemm_bf16", "bias", bias.shape(), &[p.n as usize])?;
-        if !bias.device().same_as(&device) || bias.dtype() != DType::F32 {
-            return Err(Error::DeviceMismatch {
-                op: "gemm_bf16",
-                detail: format!("the bias must be f32 on {device}"),
-            });
-        }
+        expect("the bias", bias.dtype(), &bias.device(), DType::F32)?;
     }
     crate::device::note_op();
     let numel: usize = out_shape.iter().product();
@@ -544,38 +534,16 @@ pub fn gemm_bf16_into(
             };
             let (x, y) = (a.cuda_bf16()?, b.cuda_bf16()?);
             let k = dev.kernels();
+            let (c, cb, bias) = (c_view.as_mut(), cb_view.as_mut(), bias_view.as_ref());
             // SAFETY: `resolve` checked every operand against (m, n, k, batch, strides), the
             // refusal above every 16-byte chunk's alignment; the grid covers C's tiles and the
             // kernel loops over batches beyond grid.z.
             unsafe {
-                match ta {
-                    false if !tb => k.gemm_bf16_nn(
-                        cfg,
-                        &x,
-                        &y,
-                        c_view.as_mut(),
-                        cb_view.as_mut(),
-                        p,
-                        bias_view.as_ref(),
-                    ),
-                    false => k.gemm_bf16_nt(
-                        cfg,
-                        &x,
-                        &y,
-                        c_view.as_mut(),
-                        cb_view.as_mut(),
-                        p,
-                        bias_view.as_ref(),
-                    ),
-                    true => k.gemm_bf16_tn(
-                        cfg,
-                        &x,
-                        &y,
-                        c_view.as_mut(),
-                        cb_view.as_mut(),
-                        p,
-                        bias_view.as_ref(),
-                    ),
+                match (ta, tb) {
+                    (false, false) => k.gemm_bf16_nn(cfg, &x, &y, c, cb, p, bias),
+                    (false, true) => k.gemm_bf16_nt(cfg, &x, &y, c, cb, p, bias),
+                    (true, false) => k.gemm_bf16_tn(cfg, &x, &y, c, cb, p, bias),
+                    (true, true) => unreachable!("refused above"),
                 }
             }?;
         }
