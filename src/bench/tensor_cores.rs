@@ -118,7 +118,7 @@ pub fn run(dev: &CudaDevice, device: &Device, quick: bool) -> Result<Vec<BenchRo
         if let Some((ref_ms, ref_flops)) = cublas {
             versus.push(format!(
                 "{:.0}% of cuBLAS bf16 same M N K ({:.1} TFLOP/s)",
-                100.0 * tflops(flops, ms) / tflops(ref_flops, ref_ms),
+                100.0 * rate / tflops(ref_flops, ref_ms),
                 tflops(ref_flops, ref_ms)
             ));
         }
@@ -130,6 +130,12 @@ pub fn run(dev: &CudaDevice, device: &Device, quick: bool) -> Result<Vec<BenchRo
             throughput: format!("{rate:.1} TFLOP/s"),
             versus: versus.join(", "),
         });
+    };
+
+    // cuBLAS on the same M, N, K: (median ms, FLOPs), its buffers freed before the next case.
+    let cublas = |m: usize, n: usize, k: usize| -> Result<(f64, f64)> {
+        let mut reference = CublasBf16::new(m, n, k, device)?;
+        Ok((reference.time(&blas, dev, repeats)?, reference.flops()))
     };
 
     for &(label, side, cin, cout, s) in CONVS {
@@ -150,16 +156,14 @@ pub fn run(dev: &CudaDevice, device: &Device, quick: bool) -> Result<Vec<BenchRo
             conv_bf16::forward(&x, &w, Some(&bv), &g, cout, None, Some(&mut y))
         })?;
         drop(y);
-        let mut reference = CublasBf16::new(p_out, cout, 9 * cin, device)?;
-        let r = reference.time(&blas, dev, repeats)?;
+        let reference = cublas(p_out, cout, 9 * cin)?;
         row(
             format!("conv {label} forward (bf16 v2)"),
             shape.clone(),
             flops,
             ms,
-            Some((r, reference.flops())),
+            Some(reference),
         );
-        drop(reference);
 
         // Version 1 beside it: im2col + the f32 SIMT GEMM (columns of the whole batch).
         let xf = ops::to_f32(&x)?;
@@ -184,24 +188,21 @@ pub fn run(dev: &CudaDevice, device: &Device, quick: bool) -> Result<Vec<BenchRo
             conv_bf16::input_grad(&dy, &w, &g, cout, &mut dx.as_view_mut()?, 0.0)
         })?;
         drop(dx);
-        let mut reference = CublasBf16::new(p_in, cin, 9 * cout / (s * s), device)?;
-        let r = reference.time(&blas, dev, repeats)?;
+        let reference = cublas(p_in, cin, 9 * cout / (s * s))?;
         row(
             format!("conv {label} input grad (bf16 v2)"),
             shape.clone(),
             flops,
             ms,
-            Some((r, reference.flops())),
+            Some(reference),
         );
-        drop(reference);
 
         // Weight gradient: M = 9 Cin, N = Cout, K = output pixels (split-K and the ordered sum).
         let mut dw = Tensor::uninit(&[9 * cin * cout], DType::F32, device)?;
         let ms = time_gpu(dev, repeats, || {
             conv_bf16::weight_grad(&x, &dy, &g, cout, &mut dw.as_view_mut()?, 0.0)
         })?;
-        let mut reference = CublasBf16::new(9 * cin, cout, p_out, device)?;
-        let r = reference.time(&blas, dev, repeats)?;
+        let reference = cublas(9 * cin, cout, p_out)?;
         row(
             format!(
                 "conv {label} weight grad (bf16 v2, {} parts)",
@@ -210,7 +211,7 @@ pub fn run(dev: &CudaDevice, device: &Device, quick: bool) -> Result<Vec<BenchRo
             shape,
             flops,
             ms,
-            Some((r, reference.flops())),
+            Some(reference),
         );
     }
 
@@ -228,14 +229,13 @@ pub fn run(dev: &CudaDevice, device: &Device, quick: bool) -> Result<Vec<BenchRo
         let ms = time_gpu(dev, repeats, || {
             ops::gemm_bf16_into(&a, &b, None, None, Some(&mut c), spec)
         })?;
-        let mut reference = CublasBf16::new(m, n, k, device)?;
-        let r = reference.time(&blas, dev, repeats)?;
+        let reference = cublas(m, n, k)?;
         row(
             format!("gemm {label} (bf16 v2)"),
             format!("{m}x{n}x{k}"),
             2.0 * (m * n * k) as f64,
             ms,
-            Some((r, reference.flops())),
+            Some(reference),
         );
     }
 
