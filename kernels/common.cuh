@@ -1,6 +1,7 @@
 // Shared device helpers: grid-stride indexing, deterministic block reductions, and the Philox4x32-10
 // generator that src/ops/rng.rs mirrors bit for bit on the CPU.
 #pragma once
+#include <cuda_bf16.h>
 #include <stddef.h>
 #include <stdint.h>
 
@@ -19,6 +20,12 @@ typedef unsigned long long u64;
 // Every kernel that reduces is launched with exactly this many threads per block, so the
 // reduction tree (and hence the rounding) is fixed: results are identical run to run.
 #define REDUCE_THREADS 256
+
+// An element as f32: the value itself, or a bf16 activation kept by the bf16 policy widened
+// (exact). Kernels templated on their input's type read it through this, so the f32 and the
+// bf16-input instantiation compute the same f32 values.
+__device__ __forceinline__ float ld(const float* p, i64 i) { return p[i]; }
+__device__ __forceinline__ float ld(const __nv_bfloat16* p, i64 i) { return __bfloat162float(p[i]); }
 
 // True when every pointer is 16-byte aligned, so float4 loads and stores are legal.
 __device__ __forceinline__ bool aligned16(const void* a) { return ((uintptr_t)a & 15u) == 0; }

@@ -105,6 +105,20 @@ extern "C" __global__ void ew_silu_backward_f32(const float* x, const float* dy,
     binary_map(x, dy, dx, n, SiluBackwardOp{});
 }
 
+// SiLU and its VJP of an activation kept in bf16 (ResBlock's c1 under the bf16 policy): the same
+// f32 arithmetic on the widened values, without a widened copy in memory.
+// hot
+extern "C" __global__ void ew_silu_bf16x(const __nv_bfloat16* x, float* out, i64 n) {
+    const i64 step = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) out[i] = silu_value(ld(x, i));
+}
+
+// hot
+extern "C" __global__ void ew_silu_backward_bf16x(const __nv_bfloat16* x, const float* dy, float* dx, i64 n) {
+    const i64 step = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) dx[i] = silu_grad(ld(x, i), dy[i]);
+}
+
 // out = a / b, and 0 where b == 0 (CG's per-system step sizes: a converged system has p = 0).
 // hot
 extern "C" __global__ void ew_div_guarded_f32(const float* a, const float* b, float* out, i64 n) {

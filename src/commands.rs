@@ -13,7 +13,7 @@ use crate::gaussian::{Dplr, Gaussian};
 use crate::io::{load_checkpoint, read_npy, save_checkpoint, write_npy_f32};
 use crate::nn::TimeMlp;
 use crate::ops::precision::describe as describe_precision;
-use crate::ops::{Philox, PrecisionRequest};
+use crate::ops::{Philox, Precision, PrecisionRequest};
 use crate::posterior::{
     CgConfig, Covariance, DenseOperators, Dps, LinearOperator, MaskOperator, Mmps, NetworkPrior,
     ObservationNoise, Prior, SharedOperator,
@@ -959,14 +959,17 @@ fn posterior_samples<P: Prior>(
 
 /// `emprior model`: the architecture, parameter count and forward cost of a preset and, with a
 /// batch size, its memory: what one forward keeps, and each phase's peak of a training step
-/// and of posterior sampling (f32; U-Nets from `UNet::activation_memory`).
-pub fn model_report(name: &str, batch: Option<usize>) -> Result<String> {
+/// and of posterior sampling (U-Nets from `UNet::activation_memory`), under `precision`: bf16
+/// keeps a U-Net's activations in bf16 and adds the GPU path's casts (the TimeMLP keeps f32
+/// either way); parameters, gradients, Adam and EMA are f32 master copies in both.
+pub fn model_report(name: &str, batch: Option<usize>, precision: Precision) -> Result<String> {
     use std::fmt::Write as _;
 
     use crate::nn::unet::fmt_count;
     use crate::nn::Mode;
 
-    let net = preset(name)?;
+    let mut net = preset(name)?;
+    net.set_precision(precision);
     let mut s = net.describe();
     let params = net.layout().len();
     let p_bytes = params as f64 * 4.0;
@@ -995,7 +998,7 @@ pub fn model_report(name: &str, batch: Option<usize>) -> Result<String> {
             let per = saved.bytes() as f64;
             let _ = writeln!(
                 s,
-                "activations kept by one forward for the VJPs (f32): {} per sample, {} at batch {n}",
+                "activations kept by one forward for the VJPs (f32 under either precision): {} per sample, {} at batch {n}",
                 fmt_bytes(per),
                 fmt_bytes(per * n as f64)
             );
@@ -1011,7 +1014,15 @@ pub fn model_report(name: &str, batch: Option<usize>) -> Result<String> {
     let (images_fwd, images_bwd) = (4.0 * image, 7.0 * image);
     // Parameters, gradients, both Adam moments and the EMA copy.
     let state = 5.0 * p_bytes;
-    let _ = writeln!(s, "memory at batch {n}, f32:");
+    let _ = writeln!(
+        s,
+        "memory at batch {n}, {}:",
+        match precision {
+            Precision::F32 => "f32",
+            Precision::Bf16 =>
+                "bf16 (activations kept in bf16; f32 master weights, gradients and optimizer state)",
+        }
+    );
     let _ = writeln!(
         s,
         "  kept by one forward for its backward or VJPs: {} ({} per sample)",

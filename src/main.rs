@@ -82,6 +82,10 @@ enum Command {
         /// training step's forward and backward and of posterior sampling.
         #[arg(long)]
         batch: Option<usize>,
+        /// The memory under f32 (the exact path) or bf16 (what `--precision auto` runs on a
+        /// GPU with tensor cores: a U-Net keeps its activations in bf16).
+        #[arg(long, default_value = "f32")]
+        precision: emprior::ops::Precision,
     },
     /// Train a denoiser by denoising score matching on samples (.npy [n, ...]).
     #[command(allow_negative_numbers = true)]
@@ -376,7 +380,11 @@ fn main() -> std::process::ExitCode {
                 })
                 .map_err(Into::into)
         }
-        Command::Model { preset, batch } => model(&preset, batch),
+        Command::Model {
+            preset,
+            batch,
+            precision,
+        } => model(&preset, batch, precision),
         Command::Keys => {
             print!("{}", emprior::em::config::keys_markdown());
             Ok(())
@@ -683,8 +691,8 @@ fn bench(request: DeviceRequest, quick: bool) -> Result<()> {
     }
 }
 
-fn model(name: &str, batch: Option<usize>) -> Result<()> {
-    print!("{}", emprior::commands::model_report(name, batch)?);
+fn model(name: &str, batch: Option<usize>, precision: emprior::ops::Precision) -> Result<()> {
+    print!("{}", emprior::commands::model_report(name, batch, precision)?);
     Ok(())
 }
 

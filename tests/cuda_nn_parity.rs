@@ -14,15 +14,21 @@ use common::{
     case, compare_outputs, edited, on, parity, per_param, unravel, whole, Case, Output, Suite, Tol,
 };
 use emprior::diffusion::{Denoiser, Network};
-use emprior::nn::attention::{softmax, softmax_backward, SelfAttention};
-use emprior::nn::blocks::{modulate_backward, residual, residual_backward, AttBlock, ResBlock};
+use emprior::nn::attention::{softmax, softmax_backward, softmax_backward_kept, softmax_kept, SelfAttention};
+use emprior::nn::blocks::{
+    modulate_backward, modulate_backward_operand, residual, residual_backward, residual_backward_operand,
+    residual_operand, AttBlock, ResBlock,
+};
 use emprior::nn::dropout::{dropout, DropoutMask};
 use emprior::nn::embedding::sinusoidal_embedding;
 use emprior::nn::norm::{
-    layer_norm, layer_norm_backward, modulated_layer_norm, silu_layer_norm, silu_layer_norm_backward,
+    layer_norm, layer_norm_backward, layer_norm_backward_operand, modulated_layer_norm,
+    modulated_layer_norm_operand, silu_layer_norm, silu_layer_norm_backward,
 };
 use emprior::nn::{resample, Conv3x3, Linear, Mode, ParamLayout, TimeMlp, UNet, UNetConfig};
 use emprior::ops::broadcast::{add_bias, scale_rows_add_into, sum_rows_into};
+use emprior::ops::elementwise::{silu_backward_operand, silu_operand};
+use emprior::ops::precision::{to_bf16, to_f32, Operand, Precision};
 use emprior::ops::Philox;
 use emprior::{AsView, AsViewMut, DType, Device, Tensor};
 
@@ -47,7 +53,7 @@ fn sigmas(n: usize) -> Vec<f64> {
 }
 
 /// The layers one by one, then whole networks.
-const CASES: [Case; 13] = [
+const CASES: [Case; 15] = [
     case("layers::linear", "linear", Tol::norm(2e-6), linear_case),
     case(
         "layers::layer_norm",
@@ -67,7 +73,23 @@ const CASES: [Case; 13] = [
         Tol::norm(2e-6),
         modulation_case,
     ),
+    // The same maps reading activations kept in bf16 (GPU kernels that read bf16 themselves;
+    // the CPU widens): the same f32 arithmetic on the same values.
+    case(
+        "layers::bf16_kept_inputs",
+        "block maps on kept bf16 activations",
+        Tol::norm(2e-6),
+        kept_bf16_case,
+    ),
     case("layers::softmax", "softmax", Tol::norm(2e-6), softmax_case),
+    // Probabilities stored in bf16 and the in-place VJP from them: a probability's rounding may
+    // flip by one bf16 unit where the two sides' f32 values straddle a rounding boundary (rare).
+    case(
+        "layers::softmax_bf16_kept",
+        "softmax, bf16 probabilities",
+        Tol::norm(1e-4),
+        softmax_bf16_case,
+    ),
     case("layers::resampling", "resampling", Tol::EXACT, resampling_case),
     case("layers::dropout", "dropout", Tol::norm(1e-7), dropout_case),
     case(
@@ -242,12 +264,57 @@ fn modulation_case(d: &Device) -> Vec<Output> {
     ]
 }
 
+fn kept_bf16_case(d: &Device) -> Vec<Output> {
+    let (n, p, c) = (3, 70, 40);
+    let kept = |seed| to_bf16(&on(d, seed, &[n, p, c], 1.0)).unwrap();
+    let (x, h, c1) = (kept(9), kept(10), kept(15));
+    let m = on(d, 11, &[n, 3 * c], 0.5);
+    let dy = on(d, 12, &[n, p, c], 1.0);
+    let (xo, ho, c1o) = (
+        Operand::of(&x).unwrap(),
+        Operand::of(&h).unwrap(),
+        Operand::of(&c1).unwrap(),
+    );
+    let (mv, dv) = (m.as_view().unwrap(), dy.as_view().unwrap());
+    let ln = modulated_layer_norm_operand(&xo, &mv).unwrap();
+    let y = to_bf16(&ln.y).unwrap();
+    let dln =
+        layer_norm_backward_operand(&Operand::of(&y).unwrap(), &ln.rstd.as_view().unwrap(), &dv).unwrap();
+    let r = residual_operand(&xo, &ho, &mv).unwrap();
+    let mut dm = Tensor::full(&[n, 3 * c], f32::NAN, d).unwrap();
+    let (dxr, dhr) = residual_backward_operand(&xo, &ho, &mv, &dv, &mut dm.as_view_mut().unwrap()).unwrap();
+    let dxm = modulate_backward_operand(&xo, &mv, &dv, &mut dm.as_view_mut().unwrap()).unwrap();
+    let s = silu_operand(&c1o).unwrap();
+    let ds = silu_backward_operand(&c1o, &dy).unwrap();
+    vec![
+        whole("modulated y", ln.y),
+        whole("rstd", ln.rstd),
+        whole("LayerNorm dx from bf16 y", dln),
+        whole("residual", r),
+        whole("residual dx", dxr),
+        whole("residual dh", dhr),
+        whole("modulate dx", dxm),
+        whole("dmodulation", dm),
+        whole("silu", s),
+        whole("silu dx", ds),
+    ]
+}
+
 fn softmax_case(d: &Device) -> Vec<Output> {
     let s = on(d, 13, &[8, 256, 256], 4.0);
     let p = softmax(&s.as_view().unwrap()).unwrap();
     let dp = on(d, 14, &[8, 256, 256], 1.0);
     let ds = softmax_backward(&p.as_view().unwrap(), &dp.as_view().unwrap()).unwrap();
     vec![whole("p", p), whole("ds", ds)]
+}
+
+fn softmax_bf16_case(d: &Device) -> Vec<Output> {
+    let s = on(d, 13, &[8, 256, 256], 4.0);
+    let p = softmax_kept(&s.as_view().unwrap(), Precision::Bf16).unwrap();
+    assert_eq!(p.dtype(), DType::BF16);
+    let dp = on(d, 14, &[8, 256, 256], 1.0);
+    let ds = softmax_backward_kept(&Operand::of(&p).unwrap(), dp).unwrap();
+    vec![whole("p (bf16)", to_f32(&p).unwrap()), whole("ds", ds)]
 }
 
 fn resampling_case(d: &Device) -> Vec<Output> {

@@ -5,6 +5,7 @@ mod common;
 
 use emprior::nn::blocks::{Modulation, ModulationBank};
 use emprior::nn::{Conv3x3, Mode, ParamLayout, UNet, UNetConfig};
+use emprior::ops::Precision;
 use emprior::{AsView, AsViewMut, DType, Device, Tensor};
 
 const CPU: Device = Device::Cpu;
@@ -193,7 +194,7 @@ fn modulation_bank_refuses_a_layout_without_adjacent_biases() {
 
 #[test]
 fn model_report_gives_each_phase_and_the_80_gb_verdict() {
-    let mri = emprior::commands::model_report("mri", Some(256)).unwrap();
+    let mri = emprior::commands::model_report("mri", Some(256), Precision::F32).unwrap();
     println!("{mri}");
     for line in [
         "kept by one forward for its backward or VJPs: 37.97 GiB",
@@ -208,9 +209,15 @@ fn model_report_gives_each_phase_and_the_80_gb_verdict() {
     // freed buffer for its own size class.
     assert!(!mri.contains("does not fit"));
     assert!(!mri.contains("(too much)"));
-    let cifar = emprior::commands::model_report("cifar10", Some(256)).unwrap();
+    let cifar = emprior::commands::model_report("cifar10", Some(256), Precision::F32).unwrap();
     assert!(cifar.contains("15.77 GiB (63.08 MiB per sample)"));
     assert!(!cifar.contains("(too much)"));
+    // Under bf16 the kept activations halve (issue 11: the activation peak at most half of
+    // the 19.1 GiB f32 figure of the time).
+    let bf16 = emprior::commands::model_report("cifar10", Some(256), Precision::Bf16).unwrap();
+    println!("{bf16}");
+    assert!(bf16.contains("memory at batch 256, bf16"));
+    assert!(bf16.contains("7.91 GiB (31.65 MiB per sample)"), "{bf16}");
 }
 
 /// A tensor larger than the host's memory is an error that says what was asked and what is

@@ -220,8 +220,9 @@ fn unet_under_bf16_stays_within_bf16_rounding_of_f32() {
             .sqrt();
         let norm: f64 = a.iter().map(|x| (*x as f64).powi(2)).sum::<f64>().sqrt();
         let rel = diff / norm;
-        // bf16 keeps 8 significant bits (2^-9 = 2e-3 relative per rounding); a dozen layers in
-        // sequence compound it to about 1e-3 here (8e-4 to 3e-3 measured), never to O(1).
+        // bf16 keeps 8 significant bits (2^-9 = 2e-3 relative per rounding: operands and kept
+        // activations); a dozen layers in sequence compound it to about 1e-3 here (1.0e-3 to
+        // 3.9e-3 measured), never to O(1).
         eprintln!("{name}: bf16 vs f32 relative difference {rel:.2e}");
         assert!(
             rel > 0.0 && rel < 1e-2,
@@ -259,4 +260,93 @@ fn the_tensor_core_startup_check_runs_and_is_a_no_op_on_the_cpu() {
     assert_eq!(resolve(PrecisionRequest::Auto, &CPU).unwrap(), Precision::F32);
     let bf16: PrecisionRequest = "bf16".parse().unwrap();
     assert_eq!(resolve(bf16, &CPU).unwrap(), Precision::Bf16);
+}
+
+#[test]
+fn softmax_kept_in_bf16_is_the_f32_softmax_rounded_and_its_vjp_reads_it() {
+    use emprior::nn::attention::{softmax, softmax_backward, softmax_backward_kept, softmax_kept};
+    use emprior::ops::precision::{to_bf16, to_f32, Operand};
+    let shape = [3, 20, 20];
+    let s = t(&random_vec(31, 1200, -6.0, 6.0), &shape);
+    let dp = t(&random_vec(32, 1200, -1.0, 1.0), &shape);
+    let p = softmax_kept(&s.as_view().unwrap(), Precision::Bf16).unwrap();
+    let want = to_bf16(&softmax(&s.as_view().unwrap()).unwrap()).unwrap();
+    assert_eq!(p.dtype(), DType::BF16);
+    assert_eq!(p.cpu_bf16().unwrap(), want.cpu_bf16().unwrap());
+    // Under f32 it is the plain softmax.
+    let p32 = softmax_kept(&s.as_view().unwrap(), Precision::F32).unwrap();
+    assert_eq!(p32.dtype(), DType::F32);
+    // The VJP from the bf16 probabilities, in place, equals the f32 VJP from their widened values.
+    let ds = softmax_backward_kept(
+        &Operand::of(&p).unwrap(),
+        dp.as_view().unwrap().to_tensor().unwrap(),
+    )
+    .unwrap();
+    let widened = to_f32(&p).unwrap();
+    let want = softmax_backward(&widened.as_view().unwrap(), &dp.as_view().unwrap()).unwrap();
+    assert_eq!(ds.to_vec_f32().unwrap(), want.to_vec_f32().unwrap());
+    // A dp of another shape is refused by name.
+    let bad = t(&[0.0; 20], &[1, 20]);
+    let e = softmax_backward_kept(&Operand::of(&p).unwrap(), bad)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("softmax_backward") && e.contains("dp"), "{e}");
+}
+
+#[test]
+fn kept_activations_are_bf16_under_bf16_and_operands_read_them_in_place() {
+    use emprior::ops::precision::{keep, Operand};
+    let x = t(&random_vec(33, 48, -3.0, 3.0), &[2, 4, 6]);
+    let same = keep(x.as_view().unwrap().to_tensor().unwrap(), Precision::F32).unwrap();
+    assert_eq!(same.dtype(), DType::F32);
+    assert_eq!(same.to_vec_f32().unwrap(), x.to_vec_f32().unwrap());
+    let k = keep(x.as_view().unwrap().to_tensor().unwrap(), Precision::Bf16).unwrap();
+    assert_eq!((k.dtype(), k.shape()), (DType::BF16, &[2usize, 4, 6][..]));
+    let op = Operand::of(&k).unwrap();
+    // Widened: the rounded values, under any shape of the same size, or a part of them.
+    let rows = op.reshape(&[8, 6]).unwrap();
+    assert_eq!(rows.shape(), [8, 6]);
+    let wide = rows.widen().unwrap();
+    assert_eq!(
+        wide.view().unwrap().cpu::<f32>().unwrap(),
+        round_to_bf16(&x.to_vec_f32().unwrap())
+    );
+    let part = op.sub(6, &[2, 6]).unwrap().widen().unwrap();
+    assert_eq!(
+        part.view().unwrap().cpu::<f32>().unwrap(),
+        &round_to_bf16(&x.to_vec_f32().unwrap())[6..18]
+    );
+    // Narrowed: the kept tensor itself, no copy.
+    let narrow = op.narrow().unwrap();
+    assert!(std::ptr::eq(narrow.as_ref().tensor, &k));
+    let e = op.reshape(&[5, 5]).err().unwrap().to_string();
+    assert!(e.contains("48 elements"), "{e}");
+    assert!(op.sub(40, &[2, 6]).is_err());
+}
+
+#[test]
+fn a_unet_under_bf16_keeps_about_half_the_bytes() {
+    let cfg = small_unet_config();
+    let x = t(&random_vec(34, 2 * 8 * 8 * 3, -1.0, 1.0), &[2, 8, 8, 3]);
+    let emb = t(&random_vec(35, 2 * cfg.emb, -1.0, 1.0), &[2, cfg.emb]);
+    let kept = |precision| {
+        let mut net = UNet::new(cfg.clone()).unwrap();
+        net.layout.set_precision(precision);
+        let p = net.layout.init(3, DType::F32, &CPU).unwrap();
+        let (_, saved) = net
+            .forward(
+                &p.as_view().unwrap(),
+                &x.as_view().unwrap(),
+                &emb.as_view().unwrap(),
+                Mode::Eval,
+            )
+            .unwrap();
+        (saved.bytes(), net.activation_memory(2, false).saved)
+    };
+    let (f32_bytes, f32_est) = kept(Precision::F32);
+    let (bf16_bytes, bf16_est) = kept(Precision::Bf16);
+    assert_eq!((f32_bytes as u64, bf16_bytes as u64), (f32_est, bf16_est));
+    let ratio = bf16_bytes as f64 / f32_bytes as f64;
+    // The input image, the LayerNorms' 1/std and the modulation stay f32.
+    assert!(ratio > 0.5 && ratio < 0.6, "bf16 keeps {ratio} of the f32 bytes");
 }

@@ -2,7 +2,9 @@
 //! Linear(C -> C) with bias (fused here into one [C, 3C] projection), the output projection is
 //! Linear(C -> C) without bias, scores are softmax(q k^T / sqrt(d)) with d = C / heads.
 //! The matrix products are batched GEMMs over (sample, head); the softmax and its backward are
-//! kernels/attention.cu.
+//! kernels/attention.cu. Under the bf16 policy q, k, v, the probabilities (written in bf16 by the
+//! softmax kernel) and the merged heads are kept in bf16, the products run on bf16 operands
+//! (`ops::gemm::gemm_operands_into`) and the softmax VJP reads the bf16 probabilities in place.
 
 use crate::device::launch::warp_per_row;
 
@@ -10,8 +12,10 @@ use super::linear::Linear;
 use super::params::ParamLayout;
 use super::resample::{inverse_permutation, permute};
 use crate::error::{Error, Result};
-use crate::ops::{gemm_into, mismatch, GemmSpec};
-use crate::tensor::{AsView, AsViewMut, Data, DataMut, Tensor, View, ViewMut};
+use crate::ops::gemm::gemm_operands_into;
+use crate::ops::precision::{keep, Operand, Precision, Wide};
+use crate::ops::{mismatch, GemmSpec};
+use crate::tensor::{numel, AsView, AsViewMut, DType, Data, DataMut, Tensor, View, ViewMut};
 
 /// The CPU bodies: the oracle for kernels/attention.cu.
 pub mod cpu {
@@ -106,6 +110,98 @@ pub fn softmax_backward(p: &View, dp: &View) -> Result<Tensor> {
     Ok(ds)
 }
 
+/// Softmax over the last axis, the probabilities kept as the layout's precision keeps
+/// activations: under bf16 rounded to bf16 as they are stored (one kernel, no f32 copy; the
+/// values of `keep(softmax(s))`), else f32.
+pub fn softmax_kept(s: &View, precision: Precision) -> Result<Tensor> {
+    if precision != Precision::Bf16 || s.dtype() != DType::F32 {
+        return softmax(s);
+    }
+    let cols = *s
+        .shape()
+        .last()
+        .ok_or_else(|| Error::shape("softmax", "input", "[.., cols]", s.shape()))?;
+    let rows = s.numel() / cols.max(1);
+    let mut p = Tensor::uninit(s.shape(), DType::BF16, &s.device())?;
+    match &s.data {
+        Data::Cuda(sv, dev) => {
+            let mut pv = p.cuda_bf16_mut()?;
+            // SAFETY: s and p hold rows * cols values (same shape).
+            unsafe {
+                dev.kernels().attn_softmax_f32_to_bf16(
+                    warp_per_row(dev, rows),
+                    sv,
+                    &mut pv,
+                    rows as i64,
+                    cols as i32,
+                )
+            }?;
+        }
+        _ => {
+            let (sv, pv) = (s.cpu::<f32>()?, p.cpu_bf16_mut()?);
+            let mut row = vec![0.0f32; cols];
+            for (sr, pr) in sv.chunks_exact(cols).zip(pv.chunks_exact_mut(cols)) {
+                cpu::softmax::<f32>(sr, &mut row, cols);
+                for (o, &v) in pr.iter_mut().zip(&row) {
+                    *o = half::bf16::from_f32(v);
+                }
+            }
+        }
+    }
+    Ok(p)
+}
+
+/// The softmax VJP from kept probabilities `p`: from bf16 ones in place in `dp` (which becomes
+/// ds), from f32 ones into a new tensor (`dp` is freed after).
+pub fn softmax_backward_kept(p: &Operand, mut dp: Tensor) -> Result<Tensor> {
+    let Operand::Bf16(pb) = p else {
+        let Wide::View(pv) = p.widen()? else {
+            unreachable!("an f32 operand widens to itself")
+        };
+        return softmax_backward(&pv, &dp.as_view()?);
+    };
+    if pb.shape() != dp.shape() || dp.dtype() != DType::F32 {
+        return Err(Error::shape(
+            "softmax_backward",
+            "dp (f32)",
+            pb.shape(),
+            dp.shape(),
+        ));
+    }
+    let cols = *dp.shape().last().unwrap_or(&1);
+    let rows = dp.numel() / cols.max(1);
+    match p.device() {
+        crate::Device::Cuda(dev) => {
+            crate::device::note_op();
+            let (pv, mut gv) = (pb.cuda()?, dp.cuda_f32_mut()?);
+            // SAFETY: p and g hold rows * cols values (same shape, checked above).
+            unsafe {
+                dev.kernels().attn_softmax_backward_bf16p(
+                    warp_per_row(&dev, rows),
+                    &pv,
+                    &mut gv,
+                    rows as i64,
+                    cols as i32,
+                )
+            }?;
+        }
+        crate::Device::Cpu => {
+            let pv = pb.cpu()?;
+            let mut gv = dp.as_view_mut()?;
+            for (pr, gr) in pv
+                .chunks_exact(cols)
+                .zip(gv.cpu_mut::<f32>()?.chunks_exact_mut(cols))
+            {
+                let dot: f32 = pr.iter().zip(gr.iter()).map(|(a, b)| a.to_f32() * b).sum();
+                for (g, a) in gr.iter_mut().zip(pr) {
+                    *g = a.to_f32() * (*g - dot);
+                }
+            }
+        }
+    }
+    Ok(dp)
+}
+
 /// [N, T, 3, heads, d] -> [3, N, heads, T, d]: q, k, v as contiguous [N * heads, T, d] blocks.
 const SPLIT_QKV: [usize; 5] = [2, 0, 3, 1, 4];
 /// [N, heads, T, d] -> [N, T, heads, d].
@@ -166,8 +262,7 @@ impl SelfAttention {
         }
     }
 
-    fn dims(&self, x: &View) -> Result<(usize, usize, usize)> {
-        let shape = x.shape();
+    fn dims(&self, shape: &[usize]) -> Result<(usize, usize, usize)> {
         if shape.len() < 3 || *shape.last().unwrap() != self.channels {
             return Err(Error::shape(
                 "attention",
@@ -177,53 +272,61 @@ impl SelfAttention {
             ));
         }
         let n = shape[0];
-        Ok((n, x.numel() / (n * self.channels), self.channels / self.heads))
+        Ok((n, numel(shape) / (n * self.channels), self.channels / self.heads))
     }
 
     /// y = MHA(x) over all pixels of each sample (x is [N, H, W, C] or [N, T, C]); the saved
     /// state holds its own copy of x.
     pub fn forward(&self, layout: &ParamLayout, params: &View, x: &View) -> Result<(Tensor, AttSaved)> {
-        let (y, mut saved) = self.forward_shared(layout, params, x)?;
+        let (y, mut saved) = self.forward_shared(layout, params, &Operand::F32(x.clone()))?;
         saved.x = Some(x.to_tensor()?);
         Ok((y, saved))
     }
 
-    /// As `forward`, but the caller keeps x and hands it to [`Self::backward_shared`].
+    /// As `forward`, but the caller keeps x (f32, or a kept bf16 activation) and hands it to
+    /// [`Self::backward_shared`]. Under the bf16 policy q, k, v, the probabilities and the
+    /// merged heads are kept in bf16, and the four batched products run on bf16 operands
+    /// ([`gemm_operands_into`]).
     pub fn forward_shared(
         &self,
         layout: &ParamLayout,
         params: &View,
-        x: &View,
+        x: &Operand,
     ) -> Result<(Tensor, AttSaved)> {
-        let (n, t, d) = self.dims(x)?;
-        let (h, c) = (self.heads, self.channels);
+        let (n, t, d) = self.dims(x.shape())?;
+        let (h, c, p) = (self.heads, self.channels, layout.precision());
+        let (dtype, device) = (values_dtype(x), x.device());
         let tokens = x.reshape(&[n, t, c])?;
-        let proj = self.qkv.forward(layout, params, &tokens)?;
+        let proj = self.qkv.forward_operand(layout, params, &tokens)?;
         let qkv =
             permute(&proj.as_view()?.reshape(&[n, t, 3, h, d])?, &SPLIT_QKV)?.reshape(&[3, n * h, t, d])?;
         // Transients go as soon as they are read: the forward's peak is kept state plus these.
         drop(proj);
-        let (q, k, v) = split3(&qkv.as_view()?, n * h, t, d)?;
-        let mut scores = Tensor::uninit(&[n * h, t, t], x.dtype(), &x.device())?;
+        let qkv = keep(qkv, p)?;
+        let qkv_op = Operand::of(&qkv)?;
+        let (q, k, v) = split3(&qkv_op, n * h, t, d)?;
+        let mut scores = Tensor::uninit(&[n * h, t, t], dtype, &device)?;
         let scaled = GemmSpec {
             alpha: 1.0 / (d as f32).sqrt(),
             ..GemmSpec::new(false, true)
         };
-        gemm_into(&q, &k, &mut scores, scaled)?;
-        let probs = softmax(&scores.as_view()?)?;
+        gemm_operands_into(&q, &k, &mut scores.as_view_mut()?, scaled, p)?;
+        let probs = softmax_kept(&scores.as_view()?, p)?;
         drop(scores);
-        let mut heads_out = Tensor::uninit(&[n, h, t, d], x.dtype(), &x.device())?;
-        gemm_into(
-            &probs,
+        let mut heads_out = Tensor::uninit(&[n, h, t, d], dtype, &device)?;
+        gemm_operands_into(
+            &Operand::of(&probs)?,
             &v,
             &mut heads_out.as_view_mut()?.reshape(&[n * h, t, d])?,
             GemmSpec::default(),
+            p,
         )?;
         let merged = permute(&heads_out.as_view()?, &MERGE_HEADS)?.reshape(&[n, t, c])?;
         drop(heads_out);
+        let merged = keep(merged, p)?;
         let y = self
             .out
-            .forward(layout, params, &merged.as_view()?)?
+            .forward_operand(layout, params, &Operand::of(&merged)?)?
             .reshape(x.shape())?;
         Ok((
             y,
@@ -248,7 +351,7 @@ impl SelfAttention {
         let x = saved.x.as_ref().ok_or_else(|| {
             Error::Other("attention backward: the forward kept no input (use backward_shared)".into())
         })?;
-        self.backward_shared(layout, params, &x.as_view()?, saved, dy, grads)
+        self.backward_shared(layout, params, &Operand::of(x)?, saved, dy, grads)
     }
 
     /// The backward against an input the caller kept (`forward_shared`'s x).
@@ -256,18 +359,19 @@ impl SelfAttention {
         &self,
         layout: &ParamLayout,
         params: &View,
-        x: &View,
+        x: &Operand,
         saved: &AttSaved,
         dy: &View,
         mut grads: Option<&mut ViewMut>,
     ) -> Result<Tensor> {
-        let (n, t, d) = self.dims(x)?;
-        let (h, c) = (self.heads, self.channels);
+        let (n, t, d) = self.dims(x.shape())?;
+        let (h, c, p) = (self.heads, self.channels, layout.precision());
+        let (dtype, device) = (dy.dtype(), dy.device());
         let dy3 = dy.reshape(&[n, t, c])?;
-        let dmerged = self.out.backward(
+        let dmerged = self.out.backward_operand(
             layout,
             params,
-            &saved.merged.as_view()?,
+            &Operand::of(&saved.merged)?,
             &dy3,
             grads.as_deref_mut(),
         )?;
@@ -276,17 +380,25 @@ impl SelfAttention {
             &inverse_permutation(&MERGE_HEADS),
         )?;
         drop(dmerged);
-        let dheads = dheads_t.as_view()?.reshape(&[n * h, t, d])?;
-        let qkv = saved.qkv.as_view()?;
+        // Under bf16 a transient read by two products is rounded once for both.
+        let dheads_t = keep(dheads_t, p)?;
+        let dheads = Operand::of(&dheads_t)?.reshape(&[n * h, t, d])?;
+        let qkv = Operand::of(&saved.qkv)?;
         let (q, k, v) = split3(&qkv, n * h, t, d)?;
-        let probs = saved.probs.as_view()?;
+        let probs = Operand::of(&saved.probs)?;
         let scale = 1.0 / (d as f32).sqrt();
 
-        let mut dqkv = Tensor::uninit(&[3, n * h, t, d], x.dtype(), &x.device())?;
-        let mut dprobs = Tensor::uninit(&[n * h, t, t], x.dtype(), &x.device())?;
-        gemm_into(&dheads, &v, &mut dprobs, GemmSpec::new(false, true))?;
-        let dscores = softmax_backward(&probs, &dprobs.as_view()?)?;
-        drop(dprobs);
+        let mut dqkv = Tensor::uninit(&[3, n * h, t, d], dtype, &device)?;
+        let mut dprobs = Tensor::uninit(&[n * h, t, t], dtype, &device)?;
+        gemm_operands_into(
+            &dheads,
+            &v,
+            &mut dprobs.as_view_mut()?,
+            GemmSpec::new(false, true),
+            p,
+        )?;
+        let dscores = keep(softmax_backward_kept(&probs, dprobs)?, p)?;
+        let ds = Operand::of(&dscores)?;
         {
             let mut dv_all = dqkv.as_view_mut()?;
             let block = n * h * t * d;
@@ -295,23 +407,26 @@ impl SelfAttention {
                 ..GemmSpec::new(ta, tb)
             };
             // dq = dS k / sqrt(d); dk = dS^T q / sqrt(d); dv = P^T dO.
-            gemm_into(
-                &dscores,
+            gemm_operands_into(
+                &ds,
                 &k,
                 &mut dv_all.sub_mut(0, &[n * h, t, d])?,
                 scaled(false, false),
+                p,
             )?;
-            gemm_into(
-                &dscores,
+            gemm_operands_into(
+                &ds,
                 &q,
                 &mut dv_all.sub_mut(block, &[n * h, t, d])?,
                 scaled(true, false),
+                p,
             )?;
-            gemm_into(
+            gemm_operands_into(
                 &probs,
                 &dheads,
                 &mut dv_all.sub_mut(2 * block, &[n * h, t, d])?,
                 GemmSpec::new(true, false),
+                p,
             )?;
         }
         drop(dheads);
@@ -321,10 +436,10 @@ impl SelfAttention {
             &inverse_permutation(&SPLIT_QKV),
         )?;
         drop(dqkv);
-        let dx = self.qkv.backward(
+        let dx = self.qkv.backward_operand(
             layout,
             params,
-            x,
+            &x.reshape(&[n, t, c])?,
             &dproj.as_view()?.reshape(&[n, t, 3 * c])?,
             grads,
         )?;
@@ -332,8 +447,21 @@ impl SelfAttention {
     }
 }
 
+/// The type an op computes in for this input: f32 for a kept bf16 activation, else its own.
+fn values_dtype(x: &Operand) -> DType {
+    match x.dtype() {
+        DType::BF16 => DType::F32,
+        d => d,
+    }
+}
+
 /// The q, k, v blocks of a [3, B, T, d] tensor.
-fn split3<'a>(qkv: &View<'a>, b: usize, t: usize, d: usize) -> Result<(View<'a>, View<'a>, View<'a>)> {
+fn split3<'a>(
+    qkv: &Operand<'a>,
+    b: usize,
+    t: usize,
+    d: usize,
+) -> Result<(Operand<'a>, Operand<'a>, Operand<'a>)> {
     let block = b * t * d;
     Ok((
         qkv.sub(0, &[b, t, d])?,

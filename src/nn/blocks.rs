@@ -12,13 +12,15 @@ use super::attention::{AttSaved, SelfAttention};
 use super::conv::Conv3x3;
 use super::dropout::{dropout, DropoutMask};
 use super::linear::Linear;
-use super::norm::{layer_norm_backward, modulated_layer_norm, LnSaved};
+use super::norm::{layer_norm_backward, modulated_layer_norm_operand, LnSaved};
 use super::params::ParamLayout;
 use super::resample::{concat_channels, gather_rows_into};
 use super::Mode;
 use crate::error::{Error, Result};
+use crate::ops::elementwise::{silu_backward_operand, silu_operand};
+use crate::ops::precision::{keep, Operand};
 use crate::ops::{axpy, fill, gemm_into, mismatch, one_device, silu, silu_backward, GemmSpec};
-use crate::tensor::{AsView, AsViewMut, Data, DataMut, Tensor, View, ViewMut};
+use crate::tensor::{AsView, AsViewMut, DType, Data, DataMut, Tensor, View, ViewMut};
 
 /// The CPU bodies: the oracle for kernels/blocks.cu. x, h, out: [n, p, c]; m: [n, 3c].
 pub mod cpu {
@@ -104,14 +106,18 @@ pub mod cpu {
 
 /// (n, p, c) of a [N, ..., C] activation with modulation [N, 3C].
 fn npc(op: &'static str, x: &View, m: &View) -> Result<(usize, usize, usize)> {
-    let (n, c) = match (x.shape().first(), x.shape().last()) {
-        (Some(&n), Some(&c)) if x.shape().len() >= 2 && n > 0 && c > 0 => (n, c),
-        _ => return Err(Error::shape(op, "x", "[N, .., C]", x.shape())),
+    npc_of(op, x.shape(), m)
+}
+
+fn npc_of(op: &'static str, x: &[usize], m: &View) -> Result<(usize, usize, usize)> {
+    let (n, c) = match (x.first(), x.last()) {
+        (Some(&n), Some(&c)) if x.len() >= 2 && n > 0 && c > 0 => (n, c),
+        _ => return Err(Error::shape(op, "x", "[N, .., C]", x)),
     };
     if m.shape() != [n, 3 * c] {
         return Err(Error::shape(op, "modulation", [n, 3 * c], m.shape()));
     }
-    Ok((n, x.numel() / (n * c), c))
+    Ok((n, crate::tensor::numel(x) / (n * c), c))
 }
 
 /// The backward kernels index raw buffers: check every operand's shape first.
@@ -123,9 +129,20 @@ fn same_shapes(
     n: usize,
     c: usize,
 ) -> Result<()> {
+    same_shapes_of(op, x.shape(), others, dm, n, c)
+}
+
+fn same_shapes_of(
+    op: &'static str,
+    x: &[usize],
+    others: &[(&str, &[usize])],
+    dm: &ViewMut,
+    n: usize,
+    c: usize,
+) -> Result<()> {
     for (what, shape) in others {
-        if *shape != x.shape() {
-            return Err(Error::shape(op, *what, x.shape(), shape));
+        if *shape != x {
+            return Err(Error::shape(op, *what, x, shape));
         }
     }
     if dm.shape() != [n, 3 * c] {
@@ -141,6 +158,148 @@ fn same_shapes(
 /// One thread per channel, one grid row per sample (the per-channel backward kernels).
 fn per_channel(n: usize, c: usize) -> LaunchConfig {
     blocks(((c as u32).div_ceil(THREADS), n as u32, 1), THREADS)
+}
+
+/// The GPU of a bf16 operand whose other operands (and `dm`) are on it too: where the blocks'
+/// bf16-input kernels run. None elsewhere (the op widens the kept values, exactly).
+fn gpu_of(
+    x: &Operand,
+    others: &[&View],
+    dm: Option<&ViewMut>,
+) -> Option<std::sync::Arc<crate::device::CudaDevice>> {
+    let Operand::Bf16(xb) = x else { return None };
+    let dev = xb.gpu_with(others)?;
+    match dm.map(|d| d.as_view().device()) {
+        Some(d) if !d.same_as(&crate::Device::Cuda(dev.clone())) => None,
+        _ => Some(dev),
+    }
+}
+
+/// A GPU view's device buffer (the caller checked it is on the GPU).
+fn cuda<'a>(v: &'a View) -> &'a cudarc::driver::CudaView<'a, f32> {
+    match &v.data {
+        Data::Cuda(c, _) => c,
+        _ => unreachable!("on the GPU (checked by gpu_of)"),
+    }
+}
+
+/// [`modulate_backward`] for a block input that may be kept in bf16 (read as it is by a GPU
+/// kernel, widened elsewhere; the same values either way).
+pub fn modulate_backward_operand(x: &Operand, m: &View, dh: &View, dm: &mut ViewMut) -> Result<Tensor> {
+    let Some(dev) = gpu_of(x, &[m, dh], Some(dm)) else {
+        return modulate_backward(&x.widen()?.view()?, m, dh, dm);
+    };
+    let Operand::Bf16(xb) = x else {
+        unreachable!("gpu_of takes bf16 only")
+    };
+    let (n, p, c) = npc_of("modulate_backward", xb.shape(), m)?;
+    same_shapes_of("modulate_backward", xb.shape(), &[("dh", dh.shape())], dm, n, c)?;
+    crate::device::note_op();
+    let mut dx = Tensor::uninit(xb.shape(), DType::F32, &crate::Device::Cuda(dev.clone()))?;
+    let DataMut::Cuda(dmv, _) = &mut dm.data else {
+        unreachable!("checked by gpu_of")
+    };
+    let (xv, mut o) = (xb.cuda()?, dx.cuda_f32_mut()?);
+    // SAFETY: x, dh and dx are [n, p, c], m and dm [n, 3c] (checked above).
+    unsafe {
+        dev.kernels().blk_modulate_backward_bf16x(
+            per_channel(n, c),
+            &xv,
+            cuda(m),
+            cuda(dh),
+            &mut o,
+            dmv,
+            n as i64,
+            p as i64,
+            c as i64,
+        )
+    }?;
+    Ok(dx)
+}
+
+/// [`residual`] for x and h that may be kept in bf16: with both bf16 on a GPU one kernel reads
+/// them as they are, elsewhere they are widened (exactly); the same values either way.
+pub fn residual_operand(x: &Operand, h: &Operand, m: &View) -> Result<Tensor> {
+    let dev = match h {
+        Operand::Bf16(_) => {
+            gpu_of(x, &[m], None).filter(|d| h.device().same_as(&crate::Device::Cuda(d.clone())))
+        }
+        Operand::F32(_) => None,
+    };
+    let (Some(dev), Operand::Bf16(xb), Operand::Bf16(hb)) = (dev, x, h) else {
+        return residual(&x.widen()?.view()?, &h.widen()?.view()?, m);
+    };
+    let (n, p, c) = npc_of("residual", xb.shape(), m)?;
+    if hb.shape() != xb.shape() {
+        return Err(Error::shape("residual", "h", xb.shape(), hb.shape()));
+    }
+    crate::device::note_op();
+    let mut out = Tensor::uninit(xb.shape(), DType::F32, &crate::Device::Cuda(dev.clone()))?;
+    let (xv, hv, mut o) = (xb.cuda()?, hb.cuda()?, out.cuda_f32_mut()?);
+    let cfg = grid_stride(&dev, n * p * c);
+    // SAFETY: x, h and out are [n, p, c], m [n, 3c] (checked above).
+    unsafe {
+        dev.kernels()
+            .blk_residual_bf16xh(cfg, &xv, &hv, cuda(m), &mut o, n as i64, p as i64, c as i64)
+    }?;
+    Ok(out)
+}
+
+/// [`residual_backward`] for x and h that may be kept in bf16 (as [`residual_operand`]).
+pub fn residual_backward_operand(
+    x: &Operand,
+    h: &Operand,
+    m: &View,
+    dout: &View,
+    dm: &mut ViewMut,
+) -> Result<(Tensor, Tensor)> {
+    let dev = match h {
+        Operand::Bf16(_) => {
+            gpu_of(x, &[m, dout], Some(dm)).filter(|d| h.device().same_as(&crate::Device::Cuda(d.clone())))
+        }
+        Operand::F32(_) => None,
+    };
+    let (Some(dev), Operand::Bf16(xb), Operand::Bf16(hb)) = (dev, x, h) else {
+        let (xw, hw) = (x.widen()?, h.widen()?);
+        return residual_backward(&xw.view()?, &hw.view()?, m, dout, dm);
+    };
+    let (n, p, c) = npc_of("residual_backward", xb.shape(), m)?;
+    same_shapes_of(
+        "residual_backward",
+        xb.shape(),
+        &[("h", hb.shape()), ("dout", dout.shape())],
+        dm,
+        n,
+        c,
+    )?;
+    crate::device::note_op();
+    let device = crate::Device::Cuda(dev.clone());
+    let mut dx = Tensor::uninit(xb.shape(), DType::F32, &device)?;
+    let mut dh = Tensor::uninit(xb.shape(), DType::F32, &device)?;
+    {
+        let DataMut::Cuda(dmv, _) = &mut dm.data else {
+            unreachable!("checked by gpu_of")
+        };
+        let (xv, hv) = (xb.cuda()?, hb.cuda()?);
+        let (mut ox, mut oh) = (dx.cuda_f32_mut()?, dh.cuda_f32_mut()?);
+        // SAFETY: x, h, dout, dx and dh are [n, p, c], m and dm [n, 3c] (checked above).
+        unsafe {
+            dev.kernels().blk_residual_backward_bf16xh(
+                per_channel(n, c),
+                &xv,
+                &hv,
+                cuda(m),
+                cuda(dout),
+                &mut ox,
+                &mut oh,
+                dmv,
+                n as i64,
+                p as i64,
+                c as i64,
+            )
+        }?;
+    }
+    Ok((dx, dh))
 }
 
 /// dx and the (a, b) columns of dm for dh. `dm` is [N, 3C]; its c columns are left alone.
@@ -692,7 +851,7 @@ impl ResBlock {
         let (out, core) = self.forward_modulated(
             layout,
             params,
-            &x.as_view()?,
+            &Operand::of(&x)?,
             &modulation.m.as_view()?,
             mode,
             dropout_offset,
@@ -700,18 +859,22 @@ impl ResBlock {
         Ok((out, ResSaved { x, modulation, core }))
     }
 
-    /// The block for a given modulation m [N, 3C]; the caller keeps x and m for the backward.
+    /// The block for a given modulation m [N, 3C]; the caller keeps x (f32, or a kept bf16
+    /// activation) and m for the backward. Under the bf16 policy the block keeps the LayerNorm
+    /// output, c1 and c2 in bf16 and goes on from those rounded values.
     pub fn forward_modulated(
         &self,
         layout: &ParamLayout,
         params: &View,
-        x: &View,
+        x: &Operand,
         m: &View,
         mode: Mode,
         dropout_offset: u64,
     ) -> Result<(Tensor, ResCore)> {
-        let ln = modulated_layer_norm(x, m)?;
-        let c1 = self.conv1.forward(layout, params, &ln.y.as_view()?)?;
+        let p = layout.precision();
+        let mut ln = modulated_layer_norm_operand(x, m)?;
+        ln.y = keep(ln.y, p)?;
+        let c1 = self.conv1.forward_kept(layout, params, &Operand::of(&ln.y)?)?;
         let mask = match mode {
             Mode::Train { rng, first_row } if self.dropout > 0.0 => Some(DropoutMask {
                 rng,
@@ -722,9 +885,11 @@ impl ResBlock {
             _ => None,
         };
         let d1 = conv2_input(&c1, mask.as_ref())?;
-        let c2 = self.conv2.forward(layout, params, &d1.as_view()?)?;
+        let c2 = self
+            .conv2
+            .forward_kept(layout, params, &Operand::F32(d1.as_view()?))?;
         drop(d1);
-        let out = residual(x, &c2.as_view()?, m)?;
+        let out = residual_operand(x, &Operand::of(&c2)?, m)?;
         Ok((out, ResCore { ln, c1, c2, mask }))
     }
 
@@ -743,7 +908,7 @@ impl ResBlock {
         let dx = self.backward_modulated(
             layout,
             params,
-            &saved.x.as_view()?,
+            &Operand::of(&saved.x)?,
             &m,
             &saved.core,
             dout.to_tensor()?,
@@ -765,14 +930,14 @@ impl ResBlock {
         &self,
         layout: &ParamLayout,
         params: &View,
-        x: &View,
+        x: &Operand,
         m: &View,
         core: &ResCore,
         dout: Tensor,
         dm: &mut ViewMut,
         mut grads: Option<&mut ViewMut>,
     ) -> Result<Tensor> {
-        let (mut dx, dc2) = residual_backward(x, &core.c2.as_view()?, m, &dout.as_view()?, dm)?;
+        let (mut dx, dc2) = residual_backward_operand(x, &Operand::of(&core.c2)?, m, &dout.as_view()?, dm)?;
         drop(dout);
         if let Some(g) = grads.as_deref_mut() {
             let d1 = conv2_input(&core.c1, core.mask.as_ref())?;
@@ -791,15 +956,15 @@ impl ResBlock {
             }
             None => dd1,
         };
-        let dc1 = silu_backward(&core.c1, &ds1)?;
+        let dc1 = silu_backward_operand(&Operand::of(&core.c1)?, &ds1)?;
         drop(ds1);
-        let dln = self
-            .conv1
-            .backward(layout, params, &core.ln.y.as_view()?, &dc1.as_view()?, grads)?;
+        let dln =
+            self.conv1
+                .backward_operand(layout, params, &Operand::of(&core.ln.y)?, &dc1.as_view()?, grads)?;
         drop(dc1);
         let dh0 = layer_norm_backward(&core.ln, &dln.as_view()?)?;
         drop(dln);
-        let dx_mod = modulate_backward(x, m, &dh0.as_view()?, dm)?;
+        let dx_mod = modulate_backward_operand(x, m, &dh0.as_view()?, dm)?;
         drop(dh0);
         // dx_res + dx_mod in place (the same rounding as a new sum).
         axpy(1.0, &dx_mod, &mut dx)?;
@@ -807,9 +972,9 @@ impl ResBlock {
     }
 }
 
-/// Conv2's input: Dropout(SiLU(c1)), or SiLU(c1) without dropout.
+/// Conv2's input: Dropout(SiLU(c1)), or SiLU(c1) without dropout (c1 f32 or kept bf16).
 fn conv2_input(c1: &Tensor, mask: Option<&DropoutMask>) -> Result<Tensor> {
-    let s1 = silu(c1)?;
+    let s1 = silu_operand(&Operand::of(c1)?)?;
     match mask {
         Some(mk) => dropout(&s1.as_view()?, mk),
         None => Ok(s1),
@@ -887,21 +1052,29 @@ impl AttBlock {
         emb: &View,
     ) -> Result<(Tensor, AttBlockSaved)> {
         let modulation = self.modulation.forward(layout, params, emb)?;
-        let (out, core) = self.forward_modulated(layout, params, &x.as_view()?, &modulation.m.as_view()?)?;
+        let (out, core) =
+            self.forward_modulated(layout, params, &Operand::of(&x)?, &modulation.m.as_view()?)?;
         Ok((out, AttBlockSaved { x, modulation, core }))
     }
 
-    /// The block for a given modulation m [N, 3C]; the caller keeps x and m for the backward.
+    /// The block for a given modulation m [N, 3C]; the caller keeps x (f32, or a kept bf16
+    /// activation) and m for the backward. Under the bf16 policy the LayerNorm output, the
+    /// attention's state and h are kept in bf16.
     pub fn forward_modulated(
         &self,
         layout: &ParamLayout,
         params: &View,
-        x: &View,
+        x: &Operand,
         m: &View,
     ) -> Result<(Tensor, AttCore)> {
-        let ln = modulated_layer_norm(x, m)?;
-        let (h, attention) = self.attention.forward_shared(layout, params, &ln.y.as_view()?)?;
-        let out = residual(x, &h.as_view()?, m)?;
+        let p = layout.precision();
+        let mut ln = modulated_layer_norm_operand(x, m)?;
+        ln.y = keep(ln.y, p)?;
+        let (h, attention) = self
+            .attention
+            .forward_shared(layout, params, &Operand::of(&ln.y)?)?;
+        let h = keep(h, p)?;
+        let out = residual_operand(x, &Operand::of(&h)?, m)?;
         Ok((out, AttCore { ln, attention, h }))
     }
 
@@ -921,7 +1094,7 @@ impl AttBlock {
         let dx = self.backward_modulated(
             layout,
             params,
-            &saved.x.as_view()?,
+            &Operand::of(&saved.x)?,
             &m,
             &saved.core,
             dout.to_tensor()?,
@@ -942,19 +1115,19 @@ impl AttBlock {
         &self,
         layout: &ParamLayout,
         params: &View,
-        x: &View,
+        x: &Operand,
         m: &View,
         core: &AttCore,
         dout: Tensor,
         dm: &mut ViewMut,
         grads: Option<&mut ViewMut>,
     ) -> Result<Tensor> {
-        let (mut dx, dh) = residual_backward(x, &core.h.as_view()?, m, &dout.as_view()?, dm)?;
+        let (mut dx, dh) = residual_backward_operand(x, &Operand::of(&core.h)?, m, &dout.as_view()?, dm)?;
         drop(dout);
         let dln = self.attention.backward_shared(
             layout,
             params,
-            &core.ln.y.as_view()?,
+            &Operand::of(&core.ln.y)?,
             &core.attention,
             &dh.as_view()?,
             grads,
@@ -962,7 +1135,7 @@ impl AttBlock {
         drop(dh);
         let dh0 = layer_norm_backward(&core.ln, &dln.as_view()?)?;
         drop(dln);
-        let dx_mod = modulate_backward(x, m, &dh0.as_view()?, dm)?;
+        let dx_mod = modulate_backward_operand(x, m, &dh0.as_view()?, dm)?;
         drop(dh0);
         axpy(1.0, &dx_mod, &mut dx)?;
         Ok(dx)

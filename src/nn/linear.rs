@@ -2,14 +2,15 @@
 //! It is a GEMM with the bias added in its epilogue; the backward's bias gradient is a column sum
 //! (`ops::broadcast`). CUDA: kernels/gemm.cu and kernels/broadcast.cu. Under the bf16 policy
 //! (the layout's precision) the three GEMMs read bf16 copies of x, W and dy and accumulate in f32
-//! (`ops::gemm_bf16_into`); outputs and gradients stay f32.
+//! (`ops::gemm_bf16_into`); outputs and gradients stay f32. An input kept in bf16 (`*_operand`)
+//! is read as it is, or widened where the layer stays f32.
 
 use super::params::{Init, ParamId, ParamLayout};
 use crate::error::{Error, Result};
 use crate::ops::broadcast::sum_rows_into;
-use crate::ops::precision::{tensor_core_refusal, to_bf16, Precision};
+use crate::ops::precision::{keep, tensor_core_refusal, to_bf16, Operand, Precision};
 use crate::ops::{gemm_bf16_into, gemm_bias_into, gemm_into, GemmSpec};
-use crate::tensor::{AsViewMut, Tensor, View, ViewMut};
+use crate::tensor::{AsViewMut, DType, Tensor, View, ViewMut};
 
 /// A fully connected layer over the last axis, `y = x W + b`, its parameters in a [`ParamLayout`].
 #[derive(Clone, Debug)]
@@ -56,40 +57,78 @@ impl Linear {
         }
     }
 
-    fn rows(&self, x: &View) -> Result<usize> {
-        match x.shape().last() {
-            Some(&c) if c == self.fan_in => Ok(x.numel() / c),
+    fn rows(&self, shape: &[usize]) -> Result<usize> {
+        match shape.last() {
+            Some(&c) if c == self.fan_in => Ok(crate::tensor::numel(shape) / c),
             _ => Err(Error::shape(
                 "linear",
                 "input",
                 format!("[.., {}]", self.fan_in),
-                x.shape(),
+                shape,
             )),
         }
     }
 
     /// True when this layer's GEMMs take bf16 operands: the layout asks for it and both widths
     /// are multiples of 8 (any row count works).
-    fn bf16(&self, layout: &ParamLayout, x: &View) -> bool {
+    fn bf16(&self, layout: &ParamLayout, device: &crate::Device) -> bool {
         layout.precision() == Precision::Bf16
-            && tensor_core_refusal(&[("fan_in", self.fan_in), ("fan_out", self.fan_out)], &x.device())
-                .is_none()
+            && tensor_core_refusal(&[("fan_in", self.fan_in), ("fan_out", self.fan_out)], device).is_none()
     }
 
     /// y[.., fan_out] = x[.., fan_in] W + b.
     pub fn forward(&self, layout: &ParamLayout, params: &View, x: &View) -> Result<Tensor> {
-        let rows = self.rows(x)?;
+        self.forward_operand(layout, params, &Operand::F32(x.clone()))
+    }
+
+    /// As [`Self::forward`], for an input that may be a kept bf16 activation (read as it is
+    /// under bf16, widened otherwise).
+    pub fn forward_operand(&self, layout: &ParamLayout, params: &View, x: &Operand) -> Result<Tensor> {
+        self.forward_into(layout, params, x, false)
+    }
+
+    /// The output as a forward keeps it for its backward (`ops::precision::keep`): under the
+    /// bf16 policy written in bf16 by the GEMM's epilogue (the bits of `keep(forward(x))`
+    /// without the f32 copy), else f32.
+    pub fn forward_kept(&self, layout: &ParamLayout, params: &View, x: &Operand) -> Result<Tensor> {
+        let y = self.forward_into(layout, params, x, true)?;
+        keep(y, layout.precision())
+    }
+
+    /// The forward; with `bf16_out` on the tensor-core path the output is bf16.
+    fn forward_into(
+        &self,
+        layout: &ParamLayout,
+        params: &View,
+        x: &Operand,
+        bf16_out: bool,
+    ) -> Result<Tensor> {
+        let rows = self.rows(x.shape())?;
         let x2 = x.reshape(&[rows, self.fan_in])?;
         let mut out_shape = x.shape().to_vec();
         *out_shape.last_mut().unwrap() = self.fan_out;
-        let mut y = Tensor::uninit(&[rows, self.fan_out], x.dtype(), &x.device())?;
+        let tensor_cores = self.bf16(layout, &x.device());
+        // f32 out (bf16 when asked on the tensor-core path), or f64 for the CPU oracle's input.
+        let out_dtype = match x.dtype() {
+            _ if tensor_cores && bf16_out => DType::BF16,
+            DType::BF16 => DType::F32,
+            d => d,
+        };
+        let mut y = Tensor::uninit(&[rows, self.fan_out], out_dtype, &x.device())?;
         let w = layout.view(params, self.weight)?;
         let bias = self.bias.map(|b| layout.view(params, b)).transpose()?;
         let spec = GemmSpec::default();
-        if self.bf16(layout, x) {
-            let (xb, wb) = (to_bf16(&x2)?, to_bf16(&w)?);
-            gemm_bf16_into(&xb, &wb, bias.as_ref(), Some(&mut y.as_view_mut()?), None, spec)?;
+        if tensor_cores {
+            let (xb, wb) = (x2.narrow()?, to_bf16(&w)?);
+            let (xb, bias) = (xb.as_ref(), bias.as_ref());
+            if bf16_out {
+                gemm_bf16_into(xb, &wb, bias, None, Some(&mut y), spec)?;
+            } else {
+                gemm_bf16_into(xb, &wb, bias, Some(&mut y.as_view_mut()?), None, spec)?;
+            }
         } else {
+            let xw = x2.widen()?;
+            let x2 = xw.view()?;
             match &bias {
                 Some(b) => gemm_bias_into(&x2, &w, b, &mut y, spec)?,
                 None => gemm_into(&x2, &w, &mut y, spec)?,
@@ -107,12 +146,24 @@ impl Linear {
         dy: &View,
         grads: Option<&mut ViewMut>,
     ) -> Result<Tensor> {
-        let rows = self.rows(x)?;
+        self.backward_operand(layout, params, &Operand::F32(x.clone()), dy, grads)
+    }
+
+    /// As [`Self::backward`], for a saved input that may be a kept bf16 activation.
+    pub fn backward_operand(
+        &self,
+        layout: &ParamLayout,
+        params: &View,
+        x: &Operand,
+        dy: &View,
+        grads: Option<&mut ViewMut>,
+    ) -> Result<Tensor> {
+        let rows = self.rows(x.shape())?;
         let dy2 = dy.reshape(&[rows, self.fan_out])?;
-        let mut dx = Tensor::uninit(&[rows, self.fan_in], x.dtype(), &x.device())?;
+        let mut dx = Tensor::uninit(&[rows, self.fan_in], dy.dtype(), &dy.device())?;
         let w = layout.view(params, self.weight)?;
         // Under bf16, dy is cast once and serves both GEMMs.
-        let dyb = if self.bf16(layout, x) {
+        let dyb = if self.bf16(layout, &dy.device()) {
             Some(to_bf16(&dy2)?)
         } else {
             None
@@ -130,8 +181,11 @@ impl Linear {
             };
             let mut dw = layout.view_mut(g, self.weight)?;
             match &dyb {
-                Some(dyb) => gemm_bf16_into(&to_bf16(&x2)?, dyb, None, Some(&mut dw), None, accumulate)?,
-                None => gemm_into(&x2, &dy2, &mut dw, accumulate)?,
+                Some(dyb) => {
+                    let xb = x2.narrow()?;
+                    gemm_bf16_into(xb.as_ref(), dyb, None, Some(&mut dw), None, accumulate)?
+                }
+                None => gemm_into(&x2.widen()?.view()?, &dy2, &mut dw, accumulate)?,
             }
             if let Some(b) = self.bias {
                 sum_rows_into(&dy2, 1, &mut layout.view_mut(g, b)?, true)?;

@@ -4,9 +4,11 @@
 use crate::device::launch::warp_per_row;
 
 use crate::error::{Error, Result};
+use crate::ops::precision::Operand;
 use crate::ops::{mismatch, one_device};
 use crate::real::Real;
-use crate::tensor::{Data, DataMut, Tensor, View};
+use crate::tensor::{DType, Data, DataMut, Tensor, View};
+use crate::Device;
 
 /// LayerNorm's epsilon, added to the variance (inox's default).
 pub const LN_EPS: f64 = 1e-5;
@@ -147,16 +149,21 @@ pub mod cpu {
 
 /// What the backward needs: the output and 1/std per row.
 pub struct LnSaved {
-    /// The normalised output, shaped like the input.
+    /// The normalised output, shaped like the input (f32, or bf16 where a block keeps it so).
     pub y: Tensor,
     /// `1 / sqrt(var + eps)` per row, `[rows]` (rows: the product of all axes but the last).
     pub rstd: Tensor,
 }
 
 fn channels(x: &View) -> Result<(usize, usize)> {
-    match x.shape().last() {
-        Some(&c) if c > 0 => Ok((x.numel() / c, c)),
-        _ => Err(Error::shape("layer_norm", "input", "[.., channels]", x.shape())),
+    rows_channels("layer_norm", x.shape())
+}
+
+/// (rows, channels) of an activation `[.., C]`.
+fn rows_channels(op: &'static str, shape: &[usize]) -> Result<(usize, usize)> {
+    match shape.last() {
+        Some(&c) if c > 0 => Ok((crate::tensor::numel(shape) / c, c)),
+        _ => Err(Error::shape(op, "input", "[.., channels]", shape)),
     }
 }
 
@@ -188,6 +195,51 @@ pub fn layer_norm(x: &View) -> Result<LnSaved> {
         }
     }
     Ok(LnSaved { y, rstd })
+}
+
+/// [`modulated_layer_norm`] for a block input that may be kept in bf16: on a GPU one kernel reads
+/// it as it is, elsewhere it is widened (exactly); the same values either way.
+pub fn modulated_layer_norm_operand(x: &Operand, m: &View) -> Result<LnSaved> {
+    if let Operand::Bf16(xb) = x {
+        if let Some(dev) = xb.gpu_with(&[m]) {
+            let (rows, c) = rows_channels("modulated_layer_norm", xb.shape())?;
+            let n = xb.shape()[0];
+            if xb.shape().len() < 2 || m.shape() != [n, 3 * c] {
+                return Err(Error::shape(
+                    "modulated_layer_norm",
+                    "modulation",
+                    [n, 3 * c],
+                    m.shape(),
+                ));
+            }
+            crate::device::note_op();
+            let device = Device::Cuda(dev.clone());
+            let mut y = Tensor::uninit(xb.shape(), DType::F32, &device)?;
+            let mut rstd = Tensor::uninit(&[rows], DType::F32, &device)?;
+            let Data::Cuda(mv, _) = &m.data else {
+                unreachable!("on the GPU (checked above)")
+            };
+            let (xv, mut yo, mut ro) = (xb.cuda()?, y.cuda_f32_mut()?, rstd.cuda_f32_mut()?);
+            let (r64, p64, c32, eps) = (rows as i64, (rows / n) as i64, c as i32, LN_EPS as f32);
+            // SAFETY: x and y hold rows * c values, rstd rows, m [rows / p, 3c] (checked above).
+            unsafe {
+                dev.kernels().ln_modulate_forward_bf16x(
+                    warp_per_row(&dev, rows),
+                    &xv,
+                    mv,
+                    &mut yo,
+                    &mut ro,
+                    r64,
+                    p64,
+                    c32,
+                    eps,
+                )
+            }?;
+            return Ok(LnSaved { y, rstd });
+        }
+    }
+    let x = x.widen()?;
+    modulated_layer_norm(&x.view()?, m)
 }
 
 /// The block entry: LN((1 + a) x + b) with (a, b) from the modulation m [N, 3C], broadcast over
@@ -235,13 +287,43 @@ pub fn modulated_layer_norm(x: &View, m: &View) -> Result<LnSaved> {
     Ok(LnSaved { y, rstd })
 }
 
-/// dx for dy, given what the forward saved.
+/// dx for dy, given what the forward saved (y may be kept in bf16).
 pub fn layer_norm_backward(saved: &LnSaved, dy: &View) -> Result<Tensor> {
-    layer_norm_backward_from(
-        &crate::AsView::as_view(&saved.y)?,
-        &crate::AsView::as_view(&saved.rstd)?,
-        dy,
-    )
+    layer_norm_backward_operand(&Operand::of(&saved.y)?, &crate::AsView::as_view(&saved.rstd)?, dy)
+}
+
+/// [`layer_norm_backward_from`] for a y that may be kept in bf16: on a GPU one kernel reads it
+/// as it is, elsewhere it is widened (exactly); the same values either way.
+pub fn layer_norm_backward_operand(y: &Operand, rstd: &View, dy: &View) -> Result<Tensor> {
+    if let Operand::Bf16(yb) = y {
+        if let Some(dev) = yb.gpu_with(&[rstd, dy]) {
+            let (rows, c) = rows_channels("layer_norm_backward", yb.shape())?;
+            if dy.shape() != yb.shape() || rstd.numel() != rows {
+                return Err(Error::shape("layer_norm_backward", "dy", yb.shape(), dy.shape()));
+            }
+            crate::device::note_op();
+            let mut dx = Tensor::uninit(dy.shape(), DType::F32, &Device::Cuda(dev.clone()))?;
+            let (Data::Cuda(rv, _), Data::Cuda(gv, _)) = (&rstd.data, &dy.data) else {
+                unreachable!("on the GPU (checked above)")
+            };
+            let (yv, mut o) = (yb.cuda()?, dx.cuda_f32_mut()?);
+            // SAFETY: y, dy and dx hold rows * c values, rstd rows (checked above).
+            unsafe {
+                dev.kernels().ln_backward_bf16y(
+                    warp_per_row(&dev, rows),
+                    &yv,
+                    rv,
+                    gv,
+                    &mut o,
+                    rows as i64,
+                    c as i32,
+                )
+            }?;
+            return Ok(dx);
+        }
+    }
+    let y = y.widen()?;
+    layer_norm_backward_from(&y.view()?, rstd, dy)
 }
 
 /// dx for dy from the forward's output y and 1/std (when y is kept elsewhere, e.g. as the next

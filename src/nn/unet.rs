@@ -11,9 +11,9 @@
 use std::fmt::Write as _;
 
 use super::blocks::{AttBlock, AttCore, BankSaved, Modulation, ModulationBank, ResBlock, ResCore};
-use super::conv::{samples_per_chunk, Conv3x3};
+use super::conv::{samples_per_chunk, Conv3x3, ConvGeometry};
 use super::linear::Linear;
-use super::norm::{layer_norm, layer_norm_backward, layer_norm_backward_from};
+use super::norm::{layer_norm, layer_norm_backward, layer_norm_backward_operand};
 use super::params::ParamLayout;
 use super::resample::{
     concat_channels, pixel_shuffle, pixel_unshuffle, split_channels, upsample2x, upsample2x_backward,
@@ -22,6 +22,7 @@ use super::{LnSaved, Mode};
 use crate::device::{size_class, PoolStats};
 use crate::error::{Error, Result};
 use crate::ops::axpy;
+use crate::ops::precision::{keep, Operand};
 use crate::tensor::{AsView, AsViewMut, Tensor, View, ViewMut};
 
 /// The architecture: everything that changes the parameter layout or the shapes.
@@ -362,11 +363,12 @@ impl UNet {
         blocks: &[Block],
         params: &View,
         input: Option<Tensor>,
-        skip: Option<&View>,
+        skip: Option<&Operand>,
         modulation: &BankSaved,
         mode: Mode,
         counter: &mut u64,
     ) -> Result<(Tensor, Vec<BlockSaved>)> {
+        let p = self.layout.precision();
         let mut saved = Vec::with_capacity(blocks.len());
         let mut cur = input;
         let all_m = modulation.m.as_view()?;
@@ -375,7 +377,7 @@ impl UNet {
             let m = self.bank.slot(&all_m, n, b.slot)?;
             let (out, core) = {
                 let x = match (&cur, skip) {
-                    (Some(t), _) => t.as_view()?,
+                    (Some(t), _) => Operand::of(t)?,
                     (None, Some(v)) => v.clone(),
                     (None, None) => unreachable!("blocks start from a tensor or the skip"),
                 };
@@ -393,7 +395,8 @@ impl UNet {
                 }
             };
             saved.push(BlockSaved { x: cur.take(), core });
-            cur = Some(out);
+            // The next block's saved input (bf16 under the bf16 policy).
+            cur = Some(keep(out, p)?);
         }
         match (cur, skip) {
             (Some(out), _) => Ok((out, saved)),
@@ -408,7 +411,7 @@ impl UNet {
         &self,
         blocks: &[Block],
         saved: &[BlockSaved],
-        skip: Option<&View>,
+        skip: Option<&Operand>,
         params: &View,
         modulation: &BankSaved,
         dm: &mut Tensor,
@@ -421,7 +424,7 @@ impl UNet {
             let m = self.bank.slot(&all_m, n, b.slot)?;
             let mut dmb = self.bank.slot_mut(&mut all_dm, n, b.slot)?;
             let x = match (&s.x, skip) {
-                (Some(t), _) => t.as_view()?,
+                (Some(t), _) => Operand::of(t)?,
                 (None, Some(v)) => v.clone(),
                 (None, None) => unreachable!("a block without its input starts from the skip"),
             };
@@ -468,21 +471,24 @@ impl UNet {
             x.to_tensor()?
         };
         let modulation = Box::new(self.bank.forward(params, emb)?);
+        // Under the bf16 policy every activation kept for the backward is rounded to bf16 as it
+        // is kept, and the forward goes on from the rounded values (`ops::precision::keep`).
+        let p = self.layout.precision();
         let mut counter = 0u64;
         let mut down: Vec<DownSaved> = Vec::new();
         for (i, level) in self.levels.iter().enumerate() {
             let conv_in = if i == 0 {
-                input.as_view()?
+                Operand::of(&input)?
             } else {
-                down[i - 1].skip.as_view()?
+                Operand::of(&down[i - 1].skip)?
             };
-            let c = level.input.forward(&self.layout, params, &conv_in)?;
             let (h, ln_rstd) = if i == 0 {
-                (c, None)
+                (level.input.forward_kept(&self.layout, params, &conv_in)?, None)
             } else {
+                let c = level.input.forward_operand(&self.layout, params, &conv_in)?;
                 let ln = layer_norm(&c.as_view()?)?;
                 drop(c); // else it would live through the level (a conditional move)
-                (ln.y, Some(ln.rstd))
+                (keep(ln.y, p)?, Some(ln.rstd))
             };
             let (skip, blocks) = self.run_blocks(
                 &level.down,
@@ -505,12 +511,14 @@ impl UNet {
         let mut y = None;
         for i in (0..=last).rev() {
             let level = &self.levels[i];
-            let skip = down[i].skip.as_view()?;
+            let skip = Operand::of(&down[i].skip)?;
             let h = match (&level.merge, carry.take()) {
                 (Some(conv), Some(upsampled)) => {
-                    let cat = concat_channels(&upsampled.as_view()?, &skip)?;
+                    let cat = concat_channels(&upsampled.as_view()?, &skip.widen()?.view()?)?;
                     drop(upsampled);
-                    Some(conv.forward(&self.layout, params, &cat.as_view()?)?)
+                    let h = conv.forward_kept(&self.layout, params, &Operand::F32(cat.as_view()?))?;
+                    drop(cat);
+                    Some(h)
                 }
                 // The deepest level continues from its own output.
                 _ => None,
@@ -518,16 +526,20 @@ impl UNet {
             let (h, blocks) =
                 self.run_blocks(&level.up, params, h, Some(&skip), &modulation, mode, &mut counter)?;
             if i > 0 {
-                let ln = layer_norm(&h.as_view()?)?;
+                let mut ln = layer_norm(&Operand::of(&h)?.widen()?.view()?)?;
                 drop(h);
-                carry = Some(upsample2x(&ln.y.as_view()?)?);
+                ln.y = keep(ln.y, p)?;
+                carry = Some(upsample2x(&Operand::of(&ln.y)?.widen()?.view()?)?);
                 up.push(UpSaved {
                     blocks,
                     ln: Some(ln),
                     head_input: None,
                 });
             } else {
-                y = Some(self.out.forward(&self.layout, params, &h.as_view()?)?);
+                y = Some(
+                    self.out
+                        .forward_operand(&self.layout, params, &Operand::of(&h)?)?,
+                );
                 up.push(UpSaved {
                     blocks,
                     ln: None,
@@ -590,14 +602,14 @@ impl UNet {
         let mut d_carry: Option<Tensor> = None;
         for (i, level) in self.levels.iter().enumerate() {
             let s = &saved.up[last - i];
-            let skip = saved.down[i].skip.as_view()?;
+            let skip = Operand::of(&saved.down[i].skip)?;
             let d = if i == 0 {
                 let head = s.head_input.as_ref().expect("level 0 keeps the head input");
                 let dy = dy.take().expect("one head");
-                self.out.backward(
+                self.out.backward_operand(
                     &self.layout,
                     params,
-                    &head.as_view()?,
+                    &Operand::of(head)?,
                     &dy.as_view()?,
                     grads.as_deref_mut(),
                 )?
@@ -631,8 +643,8 @@ impl UNet {
                     cat_shape[3] += c_up;
                     if let Some(g) = grads.as_deref_mut() {
                         // The forward's concatenation, rebuilt from what it was made of.
-                        let upsampled = upsample2x(&below.y.as_view()?)?;
-                        let cat = concat_channels(&upsampled.as_view()?, &skip)?;
+                        let upsampled = upsample2x(&Operand::of(&below.y)?.widen()?.view()?)?;
+                        let cat = concat_channels(&upsampled.as_view()?, &skip.widen()?.view()?)?;
                         drop(upsampled);
                         conv.param_grads(&self.layout, &cat.as_view()?, &d.as_view()?, g)?;
                     }
@@ -651,7 +663,6 @@ impl UNet {
             let s = &saved.down[i];
             let level = &self.levels[i];
             let d = dskip[i].take().expect("every skip receives a gradient");
-            let skip = s.skip.as_view()?;
             let d = self.back_blocks(
                 &level.down,
                 &s.blocks,
@@ -667,21 +678,21 @@ impl UNet {
                     // The LayerNorm's output is the first block's input (or, without blocks, the
                     // skip itself).
                     let y = match s.blocks.first().and_then(|b| b.x.as_ref()) {
-                        Some(t) => t.as_view()?,
-                        None => skip.clone(),
+                        Some(t) => Operand::of(t)?,
+                        None => Operand::of(&s.skip)?,
                     };
-                    let dn = layer_norm_backward_from(&y, &rstd.as_view()?, &d.as_view()?)?;
+                    let dn = layer_norm_backward_operand(&y, &rstd.as_view()?, &d.as_view()?)?;
                     drop(d); // else it would live through the conv's backward
                     dn
                 }
                 None => d,
             };
             let conv_in = if i == 0 {
-                saved.input.as_view()?
+                Operand::of(&saved.input)?
             } else {
-                saved.down[i - 1].skip.as_view()?
+                Operand::of(&saved.down[i - 1].skip)?
             };
-            let d_in = level.input.backward(
+            let d_in = level.input.backward_operand(
                 &self.layout,
                 params,
                 &conv_in,
@@ -797,8 +808,9 @@ impl UNet {
     }
 }
 
-/// Activation memory of one U-Net call at a batch size, in f32 bytes: what the forward keeps and
-/// the most that is live at once in each phase. Worked out by following the allocations and
+/// Activation memory of one U-Net call at a batch size, in bytes at the layout's precision (under
+/// bf16 the kept activations are bf16, and the casts to bf16 operands are counted): what the
+/// forward keeps and the most that is live at once in each phase. Worked out by following the allocations and
 /// frees of `forward` and `backward`, in their order, on a simulated allocator (each is one pool
 /// buffer on the GPU, before size-class rounding; CPU-only scratch inside an op is not counted).
 /// tests/memory_peak.rs holds it to the allocations of a real run.
@@ -814,8 +826,9 @@ pub struct ActivationMemory {
     pub vjp_peak: u64,
 }
 
-/// A simulated allocator over f32 tensors: live bytes and their peak, as requested or rounded
-/// to the GPU pool's size classes, and the requests in order (for [`PoolStats::replay`]).
+/// A simulated allocator: live bytes and their peak, as requested or rounded to the GPU pool's
+/// size classes, and the requests in order (for [`PoolStats::replay`]). A tensor is named by
+/// its byte count.
 #[derive(Default)]
 struct Tally {
     pooled: bool,
@@ -823,69 +836,87 @@ struct Tally {
     peak: u64,
     /// (bytes, handed out or back), in order.
     events: Vec<(usize, bool)>,
-    /// Element counts of the tensors out, to hand them all back at the end.
+    /// Byte counts of the tensors out, to hand them all back at the end.
     out: std::collections::BTreeMap<u64, u64>,
 }
 
 impl Tally {
-    fn bytes(&self, elems: u64) -> u64 {
+    fn held(&self, bytes: u64) -> u64 {
         if self.pooled {
-            size_class(4 * elems as usize) as u64
+            size_class(bytes as usize) as u64
         } else {
-            4 * elems
+            bytes
         }
     }
 
-    fn alloc(&mut self, elems: u64) -> u64 {
-        self.live += self.bytes(elems);
+    fn alloc(&mut self, bytes: u64) -> u64 {
+        self.live += self.held(bytes);
+        if self.live > self.peak && std::env::var("WALKDBG").is_ok() {
+            eprintln!(
+                "peak {} at alloc {} ev {} bt {}",
+                self.live,
+                bytes,
+                self.events.len(),
+                std::backtrace::Backtrace::force_capture()
+            );
+        }
         self.peak = self.peak.max(self.live);
-        self.events.push((4 * elems as usize, true));
-        *self.out.entry(elems).or_default() += 1;
-        elems
+        self.events.push((bytes as usize, true));
+        *self.out.entry(bytes).or_default() += 1;
+        bytes
     }
 
-    fn free(&mut self, elems: u64) {
-        self.live -= self.bytes(elems);
-        self.events.push((4 * elems as usize, false));
-        let count = self.out.get_mut(&elems).expect("freeing a tensor that is out");
+    fn free(&mut self, bytes: u64) {
+        self.live -= self.held(bytes);
+        self.events.push((bytes as usize, false));
+        let count = self.out.get_mut(&bytes).expect("freeing a tensor that is out");
         *count -= 1;
         if *count == 0 {
-            self.out.remove(&elems);
+            self.out.remove(&bytes);
         }
     }
 
     /// Hands back everything still out (the end of a step).
     fn free_all(&mut self) {
-        for (elems, count) in std::mem::take(&mut self.out) {
+        for (bytes, count) in std::mem::take(&mut self.out) {
             for _ in 0..count {
-                self.live -= self.bytes(elems);
-                self.events.push((4 * elems as usize, false));
+                self.live -= self.held(bytes);
+                self.events.push((bytes as usize, false));
             }
         }
     }
 }
 
-/// The walk: shapes of one batch through `forward` and `backward`.
+/// The walk: shapes of one batch through `forward` and `backward`, on the GPU path (the bf16
+/// policy's casts, implicit-GEMM convolutions and split weight-gradient partials included;
+/// a CPU twin's own scratch is not).
 struct Walk<'a> {
     net: &'a UNet,
     n: u64,
     t: Tally,
     /// Dropout active (Train mode with p > 0): conv2's input is a second tensor.
     dropout: bool,
+    /// The bf16 policy: kept activations in bf16, layers on bf16 operands where they can.
+    bf16: bool,
 }
 
 impl Walk<'_> {
     fn pixels(&self, i: usize) -> u64 {
+        let (h, w) = self.dims(i);
+        h * w
+    }
+
+    fn dims(&self, i: usize) -> (u64, u64) {
         let cfg = &self.net.config;
         let (h, w) = (cfg.resolution.0 / cfg.patch, cfg.resolution.1 / cfg.patch);
-        ((h >> i) * (w >> i)) as u64
+        ((h >> i) as u64, (w >> i) as u64)
     }
 
     fn c(&self, i: usize) -> u64 {
         self.net.config.channels[i] as u64
     }
 
-    /// One activation of level i.
+    /// Elements of one activation of level i.
     fn act(&self, i: usize) -> u64 {
         self.n * self.pixels(i) * self.c(i)
     }
@@ -900,9 +931,59 @@ impl Walk<'_> {
         self.n * self.pixels(0) * (cfg.out_channels * cfg.patch * cfg.patch) as u64
     }
 
-    /// Column elements of each chunk of samples a convolution builds in turn.
-    fn column_chunks(&self, cin: u64, p_out: u64) -> Vec<u64> {
-        let per = p_out * 9 * cin;
+    /// An f32 tensor of `elems`.
+    fn f32(&mut self, elems: u64) -> u64 {
+        self.t.alloc(4 * elems)
+    }
+
+    /// A bf16 tensor of `elems`.
+    fn half(&mut self, elems: u64) -> u64 {
+        self.t.alloc(2 * elems)
+    }
+
+    fn free(&mut self, t: u64) {
+        self.t.free(t)
+    }
+
+    /// `ops::precision::keep`: under bf16 the f32 tensor `t` of `elems` becomes a bf16 one.
+    fn keep(&mut self, t: u64, elems: u64) -> u64 {
+        if self.bf16 {
+            let k = self.half(elems);
+            self.free(t);
+            k
+        } else {
+            t
+        }
+    }
+
+    /// A kept activation of `elems` written in its kept type by the op that makes it.
+    fn keep_new(&mut self, elems: u64) -> u64 {
+        if self.bf16 {
+            self.half(elems)
+        } else {
+            self.f32(elems)
+        }
+    }
+
+    /// `Operand::widen` of a kept activation: an f32 copy under bf16, nothing under f32.
+    fn widen(&mut self, elems: u64) -> Option<u64> {
+        self.bf16.then(|| self.f32(elems))
+    }
+
+    fn unwiden(&mut self, w: Option<u64>) {
+        if let Some(w) = w {
+            self.free(w)
+        }
+    }
+
+    /// True when a layer of these widths runs on the tensor cores (bf16 operands).
+    fn tc(&self, a: u64, b: u64) -> bool {
+        self.bf16 && a % 8 == 0 && b % 8 == 0
+    }
+
+    /// Column elements of each chunk of samples an f32 convolution builds in turn.
+    fn column_chunks(&self, g: &ConvGeometry) -> Vec<u64> {
+        let per = (g.oh * g.ow) as u64 * 9 * g.cin as u64;
         let k = samples_per_chunk(4 * per as usize) as u64;
         (0..self.n)
             .step_by(k as usize)
@@ -910,178 +991,322 @@ impl Walk<'_> {
             .collect()
     }
 
-    /// Conv3x3 forward to `p_out` pixels: the output, then each chunk's columns.
-    fn conv(&mut self, cin: u64, cout: u64, p_out: u64) -> u64 {
-        let y = self.t.alloc(self.n * p_out * cout);
-        for col in self.column_chunks(cin, p_out) {
-            self.t.alloc(col);
-            self.t.free(col);
+    /// Each chunk's f32 columns, built and dropped in turn.
+    fn columns(&mut self, g: &ConvGeometry) {
+        for col in self.column_chunks(g) {
+            let c = self.f32(col);
+            self.free(c);
+        }
+    }
+
+    fn in_elems(g: &ConvGeometry) -> u64 {
+        (g.n * g.h * g.w * g.cin) as u64
+    }
+
+    fn out_elems(g: &ConvGeometry, cout: u64) -> u64 {
+        (g.n * g.oh * g.ow) as u64 * cout
+    }
+
+    /// A bf16 copy of an f32 operand (none for a kept one), and the weight's bf16 copy; both go.
+    fn narrow_operands(&mut self, x: Option<u64>, weight: u64) {
+        let xb = x.map(|e| self.half(e));
+        let wb = self.half(weight);
+        self.free(wb);
+        if let Some(xb) = xb {
+            self.free(xb);
+        }
+    }
+
+    /// Conv3x3 forward: the output, then the bf16 casts or each chunk's columns.
+    fn conv(&mut self, g: ConvGeometry, cout: u64, x_kept: bool) -> u64 {
+        let (x, w) = (Self::in_elems(&g), 9 * g.cin as u64 * cout);
+        let y = self.f32(Self::out_elems(&g, cout));
+        if self.tc(g.cin as u64, cout) {
+            self.narrow_operands((!x_kept).then_some(x), w);
+        } else {
+            let xw = if x_kept { self.widen(x) } else { None };
+            self.columns(&g);
+            self.unwiden(xw);
         }
         y
     }
 
-    fn conv_param_grads(&mut self, cin: u64, p_out: u64) {
-        for col in self.column_chunks(cin, p_out) {
-            self.t.alloc(col);
-            self.t.free(col);
+    /// Conv3x3 forward to a kept output (`Conv3x3::forward_kept`): on the tensor cores written
+    /// in bf16 by the epilogue, else kept from the f32 output.
+    fn conv_kept(&mut self, g: ConvGeometry, cout: u64, x_kept: bool) -> u64 {
+        if self.tc(g.cin as u64, cout) {
+            let y = self.half(Self::out_elems(&g, cout));
+            self.narrow_operands((!x_kept).then_some(Self::in_elems(&g)), 9 * g.cin as u64 * cout);
+            y
+        } else {
+            let y = self.conv(g, cout, x_kept);
+            self.keep(y, Self::out_elems(&g, cout))
         }
     }
 
-    fn conv_backward_input(&mut self, cin: u64, p_in: u64, p_out: u64) -> u64 {
-        let dx = self.t.alloc(self.n * p_in * cin);
-        for dcol in self.column_chunks(cin, p_out) {
-            self.t.alloc(dcol);
-            self.t.free(dcol);
+    /// Conv3x3 parameter gradients: bf16 x (when not kept) and dy, the split-K partials; or
+    /// the columns.
+    fn conv_param_grads(&mut self, g: ConvGeometry, cout: u64, x_kept: bool) {
+        let x = Self::in_elems(&g);
+        if self.tc(g.cin as u64, cout) {
+            let xb = (!x_kept).then(|| self.half(x));
+            let dyb = self.half(Self::out_elems(&g, cout));
+            let splits = super::conv::bf16::wgrad_splits(&g, cout as usize) as u64;
+            let parts = self.f32(splits * 9 * g.cin as u64 * cout);
+            self.free(parts);
+            self.free(dyb);
+            if let Some(xb) = xb {
+                self.free(xb);
+            }
+        } else {
+            let xw = if x_kept { self.widen(x) } else { None };
+            self.columns(&g);
+            self.unwiden(xw);
+        }
+    }
+
+    fn conv_backward_input(&mut self, g: ConvGeometry, cout: u64) -> u64 {
+        let dx = self.f32(Self::in_elems(&g));
+        if self.tc(g.cin as u64, cout) {
+            self.narrow_operands(Some(Self::out_elems(&g, cout)), 9 * g.cin as u64 * cout);
+        } else {
+            self.columns(&g);
         }
         dx
     }
 
+    /// The geometry of level i's convolutions: the blocks' (stride 1 on level i, `cin` in).
+    fn geometry(&self, i: usize, cin: u64, stride: usize) -> ConvGeometry {
+        let (h, w) = self.dims(i);
+        ConvGeometry::new(self.n as usize, h as usize, w as usize, cin as usize, stride)
+    }
+
+    /// Linear forward on `rows` rows: the output, and under bf16 the casts (or a widened copy
+    /// of a kept input the tensor cores cannot take).
+    fn linear(&mut self, rows: u64, fan_in: u64, fan_out: u64, x_kept: bool) -> u64 {
+        let y = self.f32(rows * fan_out);
+        if self.tc(fan_in, fan_out) {
+            self.narrow_operands((!x_kept).then_some(rows * fan_in), fan_in * fan_out);
+        } else if x_kept {
+            let xw = self.widen(rows * fan_in);
+            self.unwiden(xw);
+        }
+        y
+    }
+
+    fn linear_backward(&mut self, rows: u64, fan_in: u64, fan_out: u64, x_kept: bool, grads: bool) -> u64 {
+        let dx = self.f32(rows * fan_in);
+        if self.tc(fan_in, fan_out) {
+            let dyb = self.half(rows * fan_out);
+            let wb = self.half(fan_in * fan_out);
+            self.free(wb);
+            if grads && !x_kept {
+                let xb = self.half(rows * fan_in);
+                self.free(xb);
+            }
+            self.free(dyb);
+        } else if grads && x_kept {
+            let xw = self.widen(rows * fan_in);
+            self.unwiden(xw);
+        }
+        dx
+    }
+
+    /// One of the attention's batched products (`gemm_operands_into`) on operands of these
+    /// sizes, each kept in bf16 or not: under bf16 the f32 ones are rounded, or where the
+    /// tensor cores cannot take the sizes the kept ones are widened.
+    fn product(&mut self, tc: bool, operands: [(u64, bool); 2]) {
+        if !self.bf16 {
+            return;
+        }
+        let copies: Vec<u64> = operands
+            .iter()
+            .filter(|&&(_, kept)| kept != tc)
+            .map(|&(e, _)| if tc { self.half(e) } else { self.f32(e) })
+            .collect();
+        for c in copies.into_iter().rev() {
+            self.free(c);
+        }
+    }
+
     /// [x, 1] of a [rows, k] matrix: the ones, the result; the ones go.
     fn with_ones(&mut self, rows: u64, k: u64) -> u64 {
-        let ones = self.t.alloc(rows);
-        let y = self.t.alloc(rows * (k + 1));
-        self.t.free(ones);
+        let ones = self.f32(rows);
+        let y = self.f32(rows * (k + 1));
+        self.free(ones);
         y
     }
 
     fn bank_forward(&mut self) -> (u64, u64) {
         let bank = &self.net.bank;
         let (b, e, n) = (bank.len() as u64, self.net.config.emb as u64, self.n);
-        let w0 = self.t.alloc(b * (e + 1) * e);
-        let z = self.t.alloc(b * n * e);
+        let groups = bank.group_sizes();
+        let m_width = bank.m_width() as u64;
+        let w0 = self.f32(b * (e + 1) * e);
+        let z = self.f32(b * n * e);
         let emb1 = self.with_ones(n, e);
-        self.t.free(emb1);
-        self.t.free(w0);
-        let s = self.t.alloc(b * n * e);
+        self.free(emb1);
+        self.free(w0);
+        let s = self.f32(b * n * e);
         let s1 = self.with_ones(b * n, e);
-        self.t.free(s);
-        let m = self.t.alloc(n * bank.m_width() as u64);
-        for (k, c) in bank.group_sizes() {
+        self.free(s);
+        let m = self.f32(n * m_width);
+        for (k, c) in groups {
             let (k, c) = (k as u64, c as u64);
-            let w2 = self.t.alloc(k * (e + 1) * 3 * c);
-            self.t.free(w2);
+            let w2 = self.f32(k * (e + 1) * 3 * c);
+            self.free(w2);
         }
-        self.t.free(s1);
+        self.free(s1);
         (z, m)
     }
 
     fn bank_backward(&mut self) {
         let bank = &self.net.bank;
         let (b, e, n) = (bank.len() as u64, self.net.config.emb as u64, self.n);
-        let s = self.t.alloc(b * n * e);
+        let groups = bank.group_sizes();
+        let s = self.f32(b * n * e);
         let s1 = self.with_ones(b * n, e);
-        self.t.free(s);
-        let ds = self.t.alloc(b * n * e);
-        for (k, c) in bank.group_sizes() {
+        self.free(s);
+        let ds = self.f32(b * n * e);
+        for (k, c) in groups {
             let (k, c) = (k as u64, c as u64);
-            let w2 = self.t.alloc(k * e * 3 * c);
-            self.t.free(w2);
-            let g2 = self.t.alloc(k * (e + 1) * 3 * c);
-            self.t.free(g2);
+            let w2 = self.f32(k * e * 3 * c);
+            self.free(w2);
+            let g2 = self.f32(k * (e + 1) * 3 * c);
+            self.free(g2);
         }
-        self.t.free(s1);
-        let dz = self.t.alloc(b * n * e);
-        self.t.free(ds);
-        let g0 = self.t.alloc(b * (e + 1) * e);
+        self.free(s1);
+        let dz = self.f32(b * n * e);
+        self.free(ds);
+        let g0 = self.f32(b * (e + 1) * e);
         let emb1 = self.with_ones(n, e);
-        self.t.free(emb1);
-        self.t.free(g0);
-        self.t.free(dz);
+        self.free(emb1);
+        self.free(g0);
+        self.free(dz);
     }
 
-    /// A block's forward from its (already counted) input; returns its output.
+    /// The attention's score elements at level i, and whether its batched products run on
+    /// the tensor cores (tokens and head width multiples of 8).
+    fn attention_dims(&self, i: usize) -> (u64, bool) {
+        let heads = self.net.config.heads_at(i).unwrap_or(1) as u64;
+        let (t, d) = (self.pixels(i), self.c(i) / heads);
+        (self.n * heads * t * t, self.tc(t, d))
+    }
+
+    /// A block's forward from its (already counted, kept) input; returns its kept output.
     fn block_forward(&mut self, i: usize, att: bool) -> u64 {
-        let (a, p, c) = (self.act(i), self.pixels(i), self.c(i));
-        self.t.alloc(a); // LayerNorm output, kept
-        self.t.alloc(self.n * p); // and its 1/std
+        // The blocks' elementwise kernels read kept bf16 activations as they are on a GPU (no
+        // widened copies; the CPU's are its own scratch).
+        let (a, p, c, n) = (self.act(i), self.pixels(i), self.c(i), self.n);
+        let y = self.f32(a); // LayerNorm output, kept
+        self.f32(n * p); // and its 1/std
+        self.keep(y, a);
         if att {
-            let heads = self.net.config.heads_at(i).unwrap_or(1) as u64;
-            let proj = self.t.alloc(3 * a);
-            self.t.alloc(3 * a); // q, k, v, kept
-            self.t.free(proj);
-            let scores = self.t.alloc(self.n * heads * p * p);
-            self.t.alloc(self.n * heads * p * p); // probabilities, kept
-            self.t.free(scores);
-            let heads_out = self.t.alloc(a);
-            self.t.alloc(a); // merged heads, kept
-            self.t.free(heads_out);
-            self.t.alloc(a); // the projection's output h, kept
+            let (s, tc) = self.attention_dims(i);
+            let proj = self.linear(n * p, c, 3 * c, true);
+            let qkv = self.f32(3 * a);
+            self.free(proj);
+            self.keep(qkv, 3 * a); // q, k, v, kept
+            let scores = self.f32(s);
+            self.product(tc, [(a, true), (a, true)]);
+            self.keep_new(s); // probabilities, kept (under bf16 stored as bf16 by the softmax)
+            self.free(scores);
+            let heads_out = self.f32(a);
+            self.product(tc, [(s, true), (a, true)]);
+            let merged = self.f32(a);
+            self.free(heads_out);
+            self.keep(merged, a); // merged heads, kept
+            let h = self.linear(n * p, c, c, true);
+            self.keep(h, a); // the projection's output h, kept
         } else {
-            self.conv(c, c, p); // c1, kept
-            let s1 = self.t.alloc(a);
+            let g = self.geometry(i, c, 1);
+            self.conv_kept(g, c, true); // c1, kept
+            let s1 = self.f32(a);
             let d1 = if self.dropout {
-                let d1 = self.t.alloc(a);
-                self.t.free(s1);
+                let d1 = self.f32(a);
+                self.free(s1);
                 d1
             } else {
                 s1
             };
-            self.conv(c, c, p); // c2, kept
-            self.t.free(d1);
+            self.conv_kept(g, c, false); // c2, the residual's h, kept
+            self.free(d1);
         }
-        self.t.alloc(a) // the residual's output
+        let out = self.f32(a); // the residual's output
+        self.keep(out, a)
     }
 
     /// A block's backward; frees dout and returns dx.
     fn block_backward(&mut self, i: usize, att: bool, dout: u64, grads: bool) -> u64 {
-        let (a, p, c) = (self.act(i), self.pixels(i), self.c(i));
-        let dx = self.t.alloc(a);
-        let dh = self.t.alloc(a);
-        self.t.free(dout);
+        let (a, p, c, n) = (self.act(i), self.pixels(i), self.c(i), self.n);
+        let dx = self.f32(a);
+        let dh = self.f32(a);
+        self.free(dout);
         let dln = if att {
-            let heads = self.net.config.heads_at(i).unwrap_or(1) as u64;
-            let s = self.n * heads * p * p;
-            let dmerged = self.t.alloc(a);
-            let dheads = self.t.alloc(a);
-            self.t.free(dmerged);
-            let dqkv = self.t.alloc(3 * a);
-            let dprobs = self.t.alloc(s);
-            let dscores = self.t.alloc(s);
-            self.t.free(dprobs);
-            self.t.free(dscores);
-            self.t.free(dheads);
-            let dproj = self.t.alloc(3 * a);
-            self.t.free(dqkv);
-            let dln = self.t.alloc(a);
-            self.t.free(dproj);
-            self.t.free(dh);
+            let (s, tc) = self.attention_dims(i);
+            let dmerged = self.linear_backward(n * p, c, c, true, grads);
+            let dheads = self.f32(a);
+            self.free(dmerged);
+            let dheads = self.keep(dheads, a);
+            let dqkv = self.f32(3 * a);
+            let dprobs = self.f32(s);
+            self.product(tc, [(a, self.bf16), (a, true)]);
+            // Under bf16 the softmax VJP overwrites dprobs with dscores (bf16 probabilities).
+            let dscores = if self.bf16 {
+                self.keep(dprobs, s)
+            } else {
+                let dscores = self.f32(s);
+                self.free(dprobs);
+                dscores
+            };
+            self.product(tc, [(s, self.bf16), (a, true)]);
+            self.product(tc, [(s, self.bf16), (a, true)]);
+            self.product(tc, [(s, true), (a, self.bf16)]);
+            self.free(dscores);
+            self.free(dheads);
+            let dproj = self.f32(3 * a);
+            self.free(dqkv);
+            let dln = self.linear_backward(n * p, c, 3 * c, true, grads);
+            self.free(dproj);
+            self.free(dh);
             dln
         } else {
+            let g = self.geometry(i, c, 1);
             if grads {
-                let s1 = self.t.alloc(a);
+                let s1 = self.f32(a);
                 let d1 = if self.dropout {
-                    let d1 = self.t.alloc(a);
-                    self.t.free(s1);
+                    let d1 = self.f32(a);
+                    self.free(s1);
                     d1
                 } else {
                     s1
                 };
-                self.conv_param_grads(c, p);
-                self.t.free(d1);
+                self.conv_param_grads(g, c, false);
+                self.free(d1);
             }
-            let dd1 = self.conv_backward_input(c, p, p);
-            self.t.free(dh);
+            let dd1 = self.conv_backward_input(g, c);
+            self.free(dh);
             let ds1 = if self.dropout {
-                let ds1 = self.t.alloc(a);
-                self.t.free(dd1);
+                let ds1 = self.f32(a);
+                self.free(dd1);
                 ds1
             } else {
                 dd1
             };
-            let dc1 = self.t.alloc(a);
-            self.t.free(ds1);
+            let dc1 = self.f32(a);
+            self.free(ds1);
             if grads {
-                self.conv_param_grads(c, p);
+                self.conv_param_grads(g, c, true);
             }
-            let dln = self.conv_backward_input(c, p, p);
-            self.t.free(dc1);
+            let dln = self.conv_backward_input(g, c);
+            self.free(dc1);
             dln
         };
-        let dh0 = self.t.alloc(a);
-        self.t.free(dln);
-        let dx_mod = self.t.alloc(a);
-        self.t.free(dh0);
-        self.t.free(dx_mod);
+        let dh0 = self.f32(a);
+        self.free(dln);
+        let dx_mod = self.f32(a);
+        self.free(dh0);
+        self.free(dx_mod);
         dx
     }
 
@@ -1094,22 +1319,31 @@ impl Walk<'_> {
             .collect()
     }
 
-    /// The forward; returns the elements kept.
+    /// The input convolution of level i: the image's (stride 1) or the down-sampling one.
+    fn input_geometry(&self, i: usize) -> ConvGeometry {
+        let cfg = &self.net.config;
+        if i == 0 {
+            self.geometry(0, (cfg.in_channels * cfg.patch * cfg.patch) as u64, 1)
+        } else {
+            self.geometry(i - 1, self.c(i - 1), 2)
+        }
+    }
+
+    /// The forward; returns the bytes kept.
     fn forward(&mut self) -> u64 {
         let last = self.net.levels.len() - 1;
-        let cin = (self.net.config.in_channels * self.net.config.patch * self.net.config.patch) as u64;
-        self.t.alloc(self.image_in()); // the (unshuffled) input, kept
+        self.f32(self.image_in()); // the (unshuffled) input, kept
         self.bank_forward();
         for i in 0..=last {
-            let c = if i == 0 {
-                self.conv(cin, self.c(0), self.pixels(0))
-            } else {
-                self.conv(self.c(i - 1), self.c(i), self.pixels(i))
-            };
+            let (a, n, p) = (self.act(i), self.n, self.pixels(i));
             if i > 0 {
-                self.t.alloc(self.act(i)); // LayerNorm output and 1/std, kept
-                self.t.alloc(self.n * self.pixels(i));
-                self.t.free(c);
+                let c = self.conv(self.input_geometry(i), self.c(i), true);
+                let y = self.f32(a); // LayerNorm output and 1/std, kept
+                self.f32(n * p);
+                self.free(c);
+                self.keep(y, a);
+            } else {
+                self.conv_kept(self.input_geometry(0), self.c(0), false);
             }
             for att in self.blocks(i, false) {
                 self.block_forward(i, att); // each output is kept (next input or the skip)
@@ -1117,19 +1351,22 @@ impl Walk<'_> {
         }
         let mut carry = 0;
         for i in (0..=last).rev() {
+            let (a, n) = (self.act(i), self.n);
             let blocks = self.blocks(i, true);
             // The merge conv's output (the first block's input), else the skip itself (copied
             // only when there are no blocks to read it in place).
             let mut h = if i < last {
-                let cat = self
-                    .t
-                    .alloc(self.n * self.pixels(i) * (self.c(i) + self.c(i + 1)));
-                self.t.free(carry);
-                let h = self.conv(self.c(i) + self.c(i + 1), self.c(i), self.pixels(i));
-                self.t.free(cat);
+                let cat_c = self.c(i) + self.c(i + 1);
+                let skip_f32 = self.widen(a);
+                let cat = self.f32(n * self.pixels(i) * cat_c);
+                self.unwiden(skip_f32);
+                self.free(carry);
+                let h = self.conv_kept(self.geometry(i, cat_c, 1), self.c(i), false);
+                self.free(cat);
                 h
             } else if blocks.is_empty() {
-                self.t.alloc(self.act(i))
+                let copy = self.f32(a);
+                self.keep(copy, a)
             } else {
                 0
             };
@@ -1137,39 +1374,49 @@ impl Walk<'_> {
                 h = self.block_forward(i, att); // kept as the next input, save the last
             }
             if i > 0 {
-                self.t.alloc(self.act(i)); // LayerNorm output and 1/std, kept
-                self.t.alloc(self.n * self.pixels(i));
-                self.t.free(h);
-                carry = self.t.alloc(self.n * self.pixels(i - 1) * self.c(i));
+                let h_f32 = self.widen(a);
+                let y = self.f32(a); // LayerNorm output and 1/std, kept
+                self.f32(n * self.pixels(i));
+                self.unwiden(h_f32);
+                self.free(h);
+                self.keep(y, a);
+                let y_f32 = self.widen(a);
+                carry = self.f32(n * self.pixels(i - 1) * self.c(i));
+                self.unwiden(y_f32);
             } else {
-                let y = self.t.alloc(self.image_out());
-                if self.net.config.patch > 1 {
-                    self.t.alloc(self.image_out());
-                    self.t.free(y);
+                let cfg = &self.net.config;
+                let out = (cfg.out_channels * cfg.patch * cfg.patch) as u64;
+                let y = self.linear(n * self.pixels(0), self.c(0), out, true);
+                if cfg.patch > 1 {
+                    self.f32(self.image_out());
+                    self.free(y);
                 }
             }
         }
-        self.t.live - self.t.bytes(self.image_out())
+        self.t.live - self.t.held(4 * self.image_out())
     }
 
     /// The backward from `live = kept`; the peak over it.
     fn backward(&mut self, grads: bool) {
         let last = self.net.levels.len() - 1;
-        let cin = (self.net.config.in_channels * self.net.config.patch * self.net.config.patch) as u64;
-        let dm = self.t.alloc(self.n * self.net.bank.m_width() as u64);
-        let dy = self.t.alloc(self.image_out());
+        let n = self.n;
+        let dm = self.f32(n * self.net.bank.m_width() as u64);
+        let dy = self.f32(self.image_out());
         let mut dskip = Vec::with_capacity(last + 1);
         let mut d_carry = 0;
         for i in 0..=last {
+            let a = self.act(i);
             let mut d = if i == 0 {
-                let d = self.t.alloc(self.act(0));
-                self.t.free(dy);
+                let cfg = &self.net.config;
+                let out = (cfg.out_channels * cfg.patch * cfg.patch) as u64;
+                let d = self.linear_backward(n * self.pixels(0), self.c(0), out, true, grads);
+                self.free(dy);
                 d
             } else {
-                let d_y = self.t.alloc(self.act(i));
-                self.t.free(d_carry);
-                let d = self.t.alloc(self.act(i));
-                self.t.free(d_y);
+                let d_y = self.f32(a);
+                self.free(d_carry);
+                let d = self.f32(a);
+                self.free(d_y);
                 d
             };
             for &att in self.blocks(i, true).iter().rev() {
@@ -1177,53 +1424,55 @@ impl Walk<'_> {
             }
             if i < last {
                 let cat_c = self.c(i) + self.c(i + 1);
+                let g = self.geometry(i, cat_c, 1);
                 if grads {
-                    let up = self.t.alloc(self.n * self.pixels(i) * self.c(i + 1));
-                    let cat = self.t.alloc(self.n * self.pixels(i) * cat_c);
-                    self.t.free(up);
-                    self.conv_param_grads(cat_c, self.pixels(i));
-                    self.t.free(cat);
+                    let below_f32 = self.widen(self.act(i + 1));
+                    let up = self.f32(n * self.pixels(i) * self.c(i + 1));
+                    self.unwiden(below_f32);
+                    let skip_f32 = self.widen(a);
+                    let cat = self.f32(n * self.pixels(i) * cat_c);
+                    self.unwiden(skip_f32);
+                    self.free(up);
+                    self.conv_param_grads(g, self.c(i), false);
+                    self.free(cat);
                 }
-                let d_cat = self.conv_backward_input(cat_c, self.pixels(i), self.pixels(i));
-                self.t.free(d);
-                d_carry = self.t.alloc(self.n * self.pixels(i) * self.c(i + 1));
-                dskip.push(self.t.alloc(self.act(i)));
-                self.t.free(d_cat);
+                let d_cat = self.conv_backward_input(g, self.c(i));
+                self.free(d);
+                d_carry = self.f32(n * self.pixels(i) * self.c(i + 1));
+                dskip.push(self.f32(a));
+                self.free(d_cat);
             } else {
                 dskip.push(d);
             }
         }
         for i in (0..=last).rev() {
+            let a = self.act(i);
             let mut d = dskip[i];
             for &att in self.blocks(i, false).iter().rev() {
                 d = self.block_backward(i, att, d, grads);
             }
             if i > 0 {
-                let dn = self.t.alloc(self.act(i));
-                self.t.free(d);
+                let dn = self.f32(a);
+                self.free(d);
                 d = dn;
             }
-            let (ci, p_in) = if i == 0 {
-                (cin, self.pixels(0))
-            } else {
-                (self.c(i - 1), self.pixels(i - 1))
-            };
+            let g = self.input_geometry(i);
             if grads {
-                self.conv_param_grads(ci, self.pixels(i));
+                self.conv_param_grads(g, self.c(i), i > 0);
             }
-            let d_in = self.conv_backward_input(ci, p_in, self.pixels(i));
-            self.t.free(d);
+            let d_in = self.conv_backward_input(g, self.c(i));
+            self.free(d);
             if i > 0 {
-                self.t.free(d_in); // summed into the skip's gradient in place
+                self.free(d_in); // summed into the skip's gradient in place
             }
         }
         if grads {
             self.bank_backward();
         }
         if self.net.config.patch > 1 {
-            self.t.alloc(self.image_in());
+            self.f32(self.image_in());
         }
-        self.t.free(dm);
+        self.free(dm);
     }
 }
 
@@ -1252,17 +1501,18 @@ impl UNet {
                 ..Tally::default()
             },
             dropout: dropout && self.config.dropout > 0.0,
+            bf16: self.layout.precision() == crate::ops::Precision::Bf16,
         };
         let kept = w.forward();
         let forward_peak = w.t.peak;
         // The caller turns the output into its own and lets it go before the backward.
-        w.t.free(w.image_out());
+        w.t.free(4 * w.image_out());
         w.t.peak = w.t.live;
         w.backward(grads);
         (kept, forward_peak, w.t.peak, w.t)
     }
 
-    /// Activation memory of one call at batch `n` (f32 bytes as requested), in training mode
+    /// Activation memory of one call at batch `n` (bytes as requested), in training mode
     /// when `dropout` (conv2's input is then a second tensor while it exists).
     pub fn activation_memory(&self, n: usize, dropout: bool) -> ActivationMemory {
         let (saved, forward_peak, backward_peak, _) = self.walk(n, dropout, false, true);

@@ -353,3 +353,49 @@ pub fn silu_backward(x: &impl AsView, dy: &impl AsView) -> Result<Tensor> {
     silu_backward_into(x, dy, &mut dx)?;
     Ok(dx)
 }
+
+/// [`silu`] of values that may be kept in bf16 (ResBlock's c1 under the bf16 policy): on a GPU
+/// one kernel reads them as they are, elsewhere they are widened (exactly); the same values.
+pub fn silu_operand(x: &super::precision::Operand) -> Result<Tensor> {
+    use super::precision::Operand;
+    if let Operand::Bf16(xb) = x {
+        if let Some(dev) = xb.gpu_with(&[]) {
+            crate::device::note_op();
+            let n = xb.numel();
+            let mut out = Tensor::uninit(xb.shape(), crate::DType::F32, &crate::Device::Cuda(dev.clone()))?;
+            let (xv, mut o) = (xb.cuda()?, out.cuda_f32_mut()?);
+            // SAFETY: x and out hold n values.
+            unsafe {
+                dev.kernels()
+                    .ew_silu_bf16x(grid_stride(&dev, n), &xv, &mut o, n as i64)
+            }?;
+            return Ok(out);
+        }
+    }
+    silu(&x.widen()?.view()?)
+}
+
+/// [`silu_backward`] at values that may be kept in bf16 (as [`silu_operand`]).
+pub fn silu_backward_operand(x: &super::precision::Operand, dy: &impl AsView) -> Result<Tensor> {
+    use super::precision::Operand;
+    let dy = dy.as_view()?;
+    if let Operand::Bf16(xb) = x {
+        if let Some(dev) = xb.gpu_with(&[&dy]) {
+            expect_shape("silu_backward", "dy", dy.shape(), xb.shape())?;
+            crate::device::note_op();
+            let n = xb.numel();
+            let mut dx = Tensor::uninit(xb.shape(), crate::DType::F32, &crate::Device::Cuda(dev.clone()))?;
+            let Data::Cuda(gv, _) = &dy.data else {
+                unreachable!("on the GPU (checked above)")
+            };
+            let (xv, mut o) = (xb.cuda()?, dx.cuda_f32_mut()?);
+            // SAFETY: x, dy and dx hold n values (shapes checked above).
+            unsafe {
+                dev.kernels()
+                    .ew_silu_backward_bf16x(grid_stride(&dev, n), &xv, gv, &mut o, n as i64)
+            }?;
+            return Ok(dx);
+        }
+    }
+    silu_backward(&x.widen()?.view()?, &dy)
+}

@@ -4,6 +4,7 @@
 //! weight meets a batch of activations. `beta == 0` never reads C.
 //! CPU: `matrixmultiply` (blocked, SIMD; transposes are strides). CUDA: kernels/gemm.cu.
 
+use super::precision::{Bf16Ref, Operand, Precision};
 use super::{alloc_like, expect_shape, mismatch, one_device};
 use crate::device::launch;
 use crate::error::{Error, Result};
@@ -408,7 +409,8 @@ pub fn bf16_gemm_dims(p: &GemmParams, spec: GemmSpec) -> Vec<(&'static str, usiz
 
 /// The tensor-core GEMM (kernels/gemm.cu, version 2) and its CPU twin: `C = alpha op(A) op(B) +
 /// beta C + bias` with bf16 `A` and `B` (tensors of dtype bf16, shaped as for [`gemm_into`]) and
-/// f32 accumulation, written to an f32 `c` (which `beta` reads), a bf16 `c_bf16` (rounded to
+/// f32 accumulation (each a tensor, or a [`Bf16Ref`] reading one under another shape),
+/// written to an f32 `c` (which `beta` reads), a bf16 `c_bf16` (rounded to
 /// nearest even), or both. The sizes of [`bf16_gemm_dims`] must be multiples of 8 on both
 /// backends, so a layer takes this path or the f32 one the same way everywhere. `A^T B^T` is not offered (no layer needs it).
 ///
@@ -416,16 +418,18 @@ pub fn bf16_gemm_dims(p: &GemmParams, spec: GemmSpec) -> Vec<(&'static str, usiz
 /// GPU adds the products in another order, so the two agree to f32 accumulation error, about
 /// `(K / 16 + 4) 2^-23 |A| |B|` elementwise (shared/docs/tensor-cores.md §6).
 #[allow(clippy::too_many_arguments)]
-pub fn gemm_bf16_into(
-    a: &Tensor,
-    b: &Tensor,
+pub fn gemm_bf16_into<'a, 'b>(
+    a: impl Into<Bf16Ref<'a>>,
+    b: impl Into<Bf16Ref<'b>>,
     bias: Option<&View>,
     c: Option<&mut ViewMut>,
     c_bf16: Option<&mut Tensor>,
     spec: GemmSpec,
 ) -> Result<()> {
     use crate::tensor::DType;
-    let device = a.device();
+    let (a, b) = (a.into(), b.into());
+    let (a_shape, b_shape) = (a.shape(), b.shape());
+    let device = a.tensor.device();
     // Every operand: its dtype, on A's device.
     let expect = |what: &str, dtype: DType, on: &crate::Device, want: DType| -> Result<()> {
         if dtype == want && on.same_as(&device) {
@@ -440,14 +444,14 @@ pub fn gemm_bf16_into(
             ),
         })
     };
-    expect("A", a.dtype(), &device, DType::BF16)?;
-    expect("B", b.dtype(), &b.device(), DType::BF16)?;
+    expect("A", a.tensor.dtype(), &device, DType::BF16)?;
+    expect("B", b.tensor.dtype(), &b.tensor.device(), DType::BF16)?;
     if spec.trans_a && spec.trans_b {
         return Err(Error::Other(
             "gemm_bf16: A^T B^T is not implemented (transpose one operand first)".into(),
         ));
     }
-    let (p, out_shape) = resolve(a.shape(), b.shape(), &spec)?;
+    let (p, out_shape) = resolve(a_shape, b_shape, &spec)?;
     if let Some(why) = super::precision::tensor_core_refusal(&bf16_gemm_dims(&p, spec), &device) {
         return Err(Error::Other(format!("gemm_bf16: {why}")));
     }
@@ -480,8 +484,8 @@ pub fn gemm_bf16_into(
     match &device {
         crate::Device::Cpu => {
             let widen =
-                |t: &Tensor| -> Result<Vec<f32>> { Ok(t.cpu_bf16()?.iter().map(|v| v.to_f32()).collect()) };
-            let (af, bf) = (widen(a)?, widen(b)?);
+                |t: &Bf16Ref| -> Result<Vec<f32>> { Ok(t.cpu()?.iter().map(|v| v.to_f32()).collect()) };
+            let (af, bf) = (widen(&a)?, widen(&b)?);
             let mut out = match &c {
                 Some(c) if spec.beta != 0.0 => c.as_view().cpu::<f32>()?.to_vec(),
                 _ => vec![0.0f32; numel],
@@ -532,7 +536,7 @@ pub fn gemm_bf16_into(
                 Some(cb) => Some(cb.cuda_bf16_mut()?),
                 None => None,
             };
-            let (x, y) = (a.cuda_bf16()?, b.cuda_bf16()?);
+            let (x, y) = (a.cuda()?, b.cuda()?);
             let k = dev.kernels();
             let (c, cb, bias) = (c_view.as_mut(), cb_view.as_mut(), bias_view.as_ref());
             // SAFETY: `resolve` checked every operand against (m, n, k, batch, strides), the
@@ -549,4 +553,29 @@ pub fn gemm_bf16_into(
         }
     }
     Ok(())
+}
+
+/// `C = alpha op(A) op(B) + beta C` for operands that may be kept bf16 activations, at a
+/// layer's precision: under bf16, with sizes the tensor cores take, on bf16 operands (a kept
+/// one read as it is, an f32 one rounded) with f32 accumulation; otherwise the f32 GEMM on
+/// the values widened (exact). The attention's score and value products go through here.
+pub fn gemm_operands_into(
+    a: &Operand,
+    b: &Operand,
+    c: &mut ViewMut,
+    spec: GemmSpec,
+    precision: Precision,
+) -> Result<()> {
+    let tensor_cores = precision == Precision::Bf16
+        && !(spec.trans_a && spec.trans_b)
+        && resolve(a.shape(), b.shape(), &spec).is_ok_and(|(p, _)| {
+            super::precision::tensor_core_refusal(&bf16_gemm_dims(&p, spec), &a.device()).is_none()
+        });
+    if tensor_cores {
+        let (an, bn) = (a.narrow()?, b.narrow()?);
+        gemm_bf16_into(an.as_ref(), bn.as_ref(), None, Some(c), None, spec)
+    } else {
+        let (aw, bw) = (a.widen()?, b.widen()?);
+        gemm_into(&aw.view()?, &bw.view()?, c, spec)
+    }
 }

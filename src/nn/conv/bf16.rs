@@ -13,7 +13,7 @@
 use super::{col2im_into, im2col, ConvGeometry};
 use crate::device::launch;
 use crate::error::{Error, Result};
-use crate::ops::precision::{tensor_core_refusal, to_f32};
+use crate::ops::precision::{tensor_core_refusal, to_f32, Bf16Ref};
 use crate::ops::{gemm_bias_into, gemm_into, GemmSpec};
 use crate::tensor::{AsView, AsViewMut, DType, Data, DataMut, Tensor, View, ViewMut};
 use crate::Device;
@@ -78,8 +78,14 @@ impl Checks {
         Ok(())
     }
 
-    fn bf16(&self, what: &str, t: &Tensor, numel: usize) -> Result<()> {
-        self.operand(what, t.dtype(), t.numel(), &t.device(), (DType::BF16, numel))
+    fn bf16(&self, what: &str, t: &Bf16Ref, numel: usize) -> Result<()> {
+        self.operand(
+            what,
+            t.tensor.dtype(),
+            t.numel(),
+            &t.tensor.device(),
+            (DType::BF16, numel),
+        )
     }
 
     fn f32_out(&self, what: &str, v: &ViewMut, numel: usize) -> Result<()> {
@@ -94,8 +100,8 @@ impl Checks {
 }
 
 /// `y = conv(x) + bias`: f32 into `y` and/or bf16 into `y_bf16` (each `[N, OH, OW, Cout]`).
-pub fn forward(
-    x: &Tensor,
+pub fn forward<'x>(
+    x: impl Into<Bf16Ref<'x>>,
     weight: &Tensor,
     bias: Option<&View>,
     g: &ConvGeometry,
@@ -103,11 +109,12 @@ pub fn forward(
     y: Option<&mut ViewMut>,
     y_bf16: Option<&mut Tensor>,
 ) -> Result<()> {
-    let device = x.device();
+    let x = x.into();
+    let device = x.tensor.device();
     let c = Checks::new("conv3x3 forward (bf16)", g, cout, device.clone())?;
     let (in_n, out_n) = (pixels_in(g) * g.cin as usize, pixels_out(g) * cout);
-    c.bf16("x", x, in_n)?;
-    c.bf16("the weight", weight, 9 * g.cin as usize * cout)?;
+    c.bf16("x", &x, in_n)?;
+    c.bf16("the weight", &weight.into(), 9 * g.cin as usize * cout)?;
     if let Some(b) = bias {
         c.operand("the bias", b.dtype(), b.numel(), &b.device(), (DType::F32, cout))?;
     }
@@ -115,12 +122,12 @@ pub fn forward(
         c.f32_out("y", y, out_n)?;
     }
     if let Some(y) = &y_bf16 {
-        c.bf16("y (bf16)", y, out_n)?;
+        c.bf16("y (bf16)", &Bf16Ref::new(y), out_n)?;
     }
     match &device {
         Device::Cpu => {
             let (xf, wf) = (to_f32(x)?, to_f32(weight)?);
-            let col = im2col(&xf.as_view()?, g)?;
+            let col = im2col(&xf.as_view()?.reshape(&[in_n])?, g)?;
             let wm = wf.as_view()?.reshape(&[9 * g.cin as usize, cout])?;
             let mut out = Tensor::uninit(&[pixels_out(g), cout], DType::F32, &device)?;
             match bias {
@@ -138,7 +145,7 @@ pub fn forward(
                 ),
                 THREADS,
             );
-            let (xv, wv) = (x.cuda_bf16()?, weight.cuda_bf16()?);
+            let (xv, wv) = (x.cuda()?, weight.cuda_bf16()?);
             let bv = match bias.map(|b| &b.data) {
                 Some(Data::Cuda(v, _)) => Some(v.slice(..)),
                 _ => None,
@@ -165,19 +172,20 @@ pub fn forward(
 
 /// `dx = beta dx + the input gradient` for `dy` (`[N, OH, OW, Cout]`, bf16), f32 into `dx`
 /// (`[N, H, W, Cin]`; beta 0 never reads it).
-pub fn input_grad(
-    dy: &Tensor,
+pub fn input_grad<'d>(
+    dy: impl Into<Bf16Ref<'d>>,
     weight: &Tensor,
     g: &ConvGeometry,
     cout: usize,
     dx: &mut ViewMut,
     beta: f32,
 ) -> Result<()> {
-    let device = dy.device();
+    let dy = dy.into();
+    let device = dy.tensor.device();
     let c = Checks::new("conv3x3 input gradient (bf16)", g, cout, device.clone())?;
     let in_n = pixels_in(g) * g.cin as usize;
-    c.bf16("dy", dy, pixels_out(g) * cout)?;
-    c.bf16("the weight", weight, 9 * g.cin as usize * cout)?;
+    c.bf16("dy", &dy, pixels_out(g) * cout)?;
+    c.bf16("the weight", &weight.into(), 9 * g.cin as usize * cout)?;
     c.f32_out("dx", dx, in_n)?;
     match &device {
         Device::Cpu => {
@@ -203,7 +211,7 @@ pub fn input_grad(
                 ),
                 THREADS,
             );
-            let (dyv, wv) = (dy.cuda_bf16()?, weight.cuda_bf16()?);
+            let (dyv, wv) = (dy.cuda()?, weight.cuda_bf16()?);
             let mut dxv = cuda_f32(dx)?;
             // SAFETY: as in `forward`.
             unsafe {
@@ -225,24 +233,25 @@ pub fn wgrad_splits(g: &ConvGeometry, cout: usize) -> usize {
 
 /// `dw = beta dw + col(x)^T dy`, the weight gradient `[9 Cin, Cout]` in f32 (beta 0 never reads
 /// it), from bf16 `x` and `dy`.
-pub fn weight_grad(
-    x: &Tensor,
-    dy: &Tensor,
+pub fn weight_grad<'x, 'd>(
+    x: impl Into<Bf16Ref<'x>>,
+    dy: impl Into<Bf16Ref<'d>>,
     g: &ConvGeometry,
     cout: usize,
     dw: &mut ViewMut,
     beta: f32,
 ) -> Result<()> {
-    let device = x.device();
+    let (x, dy) = (x.into(), dy.into());
+    let device = x.tensor.device();
     let c = Checks::new("conv3x3 weight gradient (bf16)", g, cout, device.clone())?;
     let wn = 9 * g.cin as usize * cout;
-    c.bf16("x", x, pixels_in(g) * g.cin as usize)?;
-    c.bf16("dy", dy, pixels_out(g) * cout)?;
+    c.bf16("x", &x, pixels_in(g) * g.cin as usize)?;
+    c.bf16("dy", &dy, pixels_out(g) * cout)?;
     c.f32_out("dw", dw, wn)?;
     match &device {
         Device::Cpu => {
             let (xf, dyf) = (to_f32(x)?, to_f32(dy)?);
-            let col = im2col(&xf.as_view()?, g)?;
+            let col = im2col(&xf.as_view()?.reshape(&[pixels_in(g) * g.cin as usize])?, g)?;
             let dy2 = dyf.as_view()?.reshape(&[pixels_out(g), cout])?;
             let mut dwm = dw.reborrow().reshape(&[9 * g.cin as usize, cout])?;
             let spec = GemmSpec {
@@ -262,7 +271,7 @@ pub fn weight_grad(
                 ),
                 THREADS,
             );
-            let (xv, dyv) = (x.cuda_bf16()?, dy.cuda_bf16()?);
+            let (xv, dyv) = (x.cuda()?, dy.cuda()?);
             {
                 let mut pv = partials.cuda_f32_mut()?;
                 // SAFETY: as in `forward`; the partials hold splits * 9 Cin * Cout values.

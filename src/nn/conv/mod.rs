@@ -8,7 +8,8 @@
 //! Under the bf16 policy (the layout's precision) the three passes run as implicit GEMMs on bf16
 //! copies of x, the weight and dy with f32 accumulation ([`bf16`]: tensor cores on a
 //! GPU, no column buffer), when both channel counts are multiples of 8; outputs and gradients
-//! stay f32. This f32 path is the exact reference.
+//! stay f32. An input kept in bf16 (`*_operand`) is read as it is, or widened on the f32 path.
+//! This f32 path is the exact reference.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
@@ -19,9 +20,9 @@ pub mod bf16;
 use crate::error::{Error, Result};
 use crate::nn::params::{ParamId, ParamLayout};
 use crate::ops::broadcast::sum_rows_into;
-use crate::ops::precision::to_bf16;
+use crate::ops::precision::{keep, to_bf16, Operand};
 use crate::ops::{gemm_bias_into, gemm_into, mismatch, GemmSpec};
-use crate::tensor::{AsView, AsViewMut, Data, DataMut, Tensor, View, ViewMut};
+use crate::tensor::{AsView, AsViewMut, DType, Data, DataMut, Tensor, View, ViewMut};
 use bf16 as conv_bf16;
 
 /// The shape of one convolution: the `#[repr(C)]` mirror of `ConvGeometry` in kernels/conv.cu,
@@ -272,17 +273,53 @@ impl Conv3x3 {
 
     /// y = conv(x) + b.
     pub fn forward(&self, layout: &ParamLayout, params: &View, x: &View) -> Result<Tensor> {
+        self.forward_operand(layout, params, &Operand::F32(x.clone()))
+    }
+
+    /// As [`Self::forward`], for an input that may be a kept bf16 activation (read as it is
+    /// under bf16, widened otherwise).
+    pub fn forward_operand(&self, layout: &ParamLayout, params: &View, x: &Operand) -> Result<Tensor> {
+        self.forward_into(layout, params, x, false)
+    }
+
+    /// The output as a forward keeps it for its backward (`ops::precision::keep`): under the
+    /// bf16 policy written in bf16 by the kernel's epilogue (the bits of `keep(forward(x))`
+    /// without the f32 copy), else f32.
+    pub fn forward_kept(&self, layout: &ParamLayout, params: &View, x: &Operand) -> Result<Tensor> {
+        let y = self.forward_into(layout, params, x, true)?;
+        keep(y, layout.precision())
+    }
+
+    /// The forward; with `bf16_out` on the tensor-core path the output is bf16.
+    fn forward_into(
+        &self,
+        layout: &ParamLayout,
+        params: &View,
+        x: &Operand,
+        bf16_out: bool,
+    ) -> Result<Tensor> {
         let g = self.geometry(x.shape())?;
-        let mut y = Tensor::uninit(&[g.out_pixels(), self.cout], x.dtype(), &x.device())?;
+        let device = x.device();
         let (w, b) = (
             self.weight_matrix(layout, params)?,
             layout.view(params, self.bias)?,
         );
-        if self.bf16(layout, &g, &x.device()) {
-            let (xb, wb) = (to_bf16(x)?, to_bf16(&w)?);
-            let mut yv = y.as_view_mut()?;
-            conv_bf16::forward(&xb, &wb, Some(&b), &g, self.cout, Some(&mut yv), None)?;
-        } else {
+        if self.bf16(layout, &g, &device) {
+            let dtype = if bf16_out { DType::BF16 } else { DType::F32 };
+            let mut y = Tensor::uninit(&[g.out_pixels(), self.cout], dtype, &device)?;
+            let (xb, wb) = (x.narrow()?, to_bf16(&w)?);
+            let (xb, cout) = (xb.as_ref(), self.cout);
+            if bf16_out {
+                conv_bf16::forward(xb, &wb, Some(&b), &g, cout, None, Some(&mut y))?;
+            } else {
+                conv_bf16::forward(xb, &wb, Some(&b), &g, cout, Some(&mut y.as_view_mut()?), None)?;
+            }
+            return y.reshape(&self.out_shape(x.shape())?);
+        }
+        let mut y = Tensor::uninit(&[g.out_pixels(), self.cout], out_dtype(x), &device)?;
+        {
+            let xw = x.widen()?;
+            let x = xw.view()?;
             let (in_per, out_per) = g.per_sample();
             for (s, gk) in g.chunks() {
                 let n = gk.n as usize;
@@ -304,8 +341,20 @@ impl Conv3x3 {
         dy: &View,
         grads: Option<&mut ViewMut>,
     ) -> Result<Tensor> {
+        self.backward_operand(layout, params, &Operand::F32(x.clone()), dy, grads)
+    }
+
+    /// As [`Self::backward`], for a saved input that may be a kept bf16 activation.
+    pub fn backward_operand(
+        &self,
+        layout: &ParamLayout,
+        params: &View,
+        x: &Operand,
+        dy: &View,
+        grads: Option<&mut ViewMut>,
+    ) -> Result<Tensor> {
         if let Some(grads) = grads {
-            self.param_grads(layout, x, dy, grads)?;
+            self.param_grads_operand(layout, x, dy, grads)?;
         }
         self.backward_input(layout, params, x.shape(), dy)
     }
@@ -346,13 +395,26 @@ impl Conv3x3 {
     /// dW += col(x)^T dy and db += sum dy. The column buffer is freed before the input gradient's
     /// own column buffer exists (`backward` calls this first), so the two never coexist.
     pub fn param_grads(&self, layout: &ParamLayout, x: &View, dy: &View, grads: &mut ViewMut) -> Result<()> {
+        self.param_grads_operand(layout, &Operand::F32(x.clone()), dy, grads)
+    }
+
+    /// As [`Self::param_grads`], for an input that may be a kept bf16 activation.
+    pub fn param_grads_operand(
+        &self,
+        layout: &ParamLayout,
+        x: &Operand,
+        dy: &View,
+        grads: &mut ViewMut,
+    ) -> Result<()> {
         let g = self.geometry(x.shape())?;
         let dy2 = dy.reshape(&[g.out_pixels(), self.cout])?;
         if self.bf16(layout, &g, &x.device()) {
-            let (xb, dyb) = (to_bf16(x)?, to_bf16(&dy2)?);
+            let (xb, dyb) = (x.narrow()?, to_bf16(&dy2)?);
             let mut dw = layout.view_mut(grads, self.weight)?;
-            conv_bf16::weight_grad(&xb, &dyb, &g, self.cout, &mut dw, 1.0)?;
+            conv_bf16::weight_grad(xb.as_ref(), &dyb, &g, self.cout, &mut dw, 1.0)?;
         } else {
+            let xw = x.widen()?;
+            let x = xw.view()?;
             let acc = GemmSpec {
                 beta: 1.0,
                 ..GemmSpec::new(true, false)
@@ -369,5 +431,13 @@ impl Conv3x3 {
             }
         }
         sum_rows_into(&dy2, 1, &mut layout.view_mut(grads, self.bias)?, true)
+    }
+}
+
+/// A convolution's output type: f32, or f64 for the CPU oracle's f64 input.
+fn out_dtype(x: &Operand) -> DType {
+    match x.dtype() {
+        DType::BF16 => DType::F32,
+        d => d,
     }
 }
