@@ -17,3 +17,34 @@ extern "C" __global__ void dropout_f32(const float* x, float* y, i64 n, float p,
         y[i] = u >= p ? x[i] * scale : 0.0f;
     }
 }
+
+// The ResBlock's conv2 input from c1 kept in bf16 (the bf16 policy), one pass:
+// out = dropout(silu(c1)), the same arithmetic as ew_silu then dropout_f32.
+// hot
+extern "C" __global__ void silu_dropout_bf16x(const __nv_bfloat16* x, float* out, i64 n, float p, float scale,
+                                              u64 seed, u64 stream, u64 offset) {
+    const i64 step = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
+        const u64 e = offset + (u64)i;
+        const Philox4 r = philox_block(seed, stream, e / 4);
+        const float u = philox_uniform(r.v[e % 4]);
+        out[i] = u >= p ? silu_value(ld(x, i)) * scale : 0.0f;
+    }
+}
+
+// Its VJP in place: g = silu'(c1) * dropout(g), the same arithmetic as dropout_f32 then
+// ew_silu_backward. p = 0 (no dropout) keeps every element with scale 1 and draws nothing.
+// hot
+extern "C" __global__ void silu_dropout_backward_bf16x(const __nv_bfloat16* x, float* g, i64 n, float p, float scale,
+                                                       u64 seed, u64 stream, u64 offset) {
+    const i64 step = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
+        float d = g[i];
+        if (p > 0.0f) {
+            const u64 e = offset + (u64)i;
+            const Philox4 r = philox_block(seed, stream, e / 4);
+            d = philox_uniform(r.v[e % 4]) >= p ? d * scale : 0.0f;
+        }
+        g[i] = silu_grad(ld(x, i), d);
+    }
+}

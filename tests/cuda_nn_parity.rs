@@ -19,7 +19,7 @@ use emprior::nn::blocks::{
     modulate_backward, modulate_backward_operand, residual, residual_backward, residual_backward_operand,
     residual_operand, AttBlock, ResBlock,
 };
-use emprior::nn::dropout::{dropout, DropoutMask};
+use emprior::nn::dropout::{dropout, silu_dropout, silu_dropout_backward, DropoutMask};
 use emprior::nn::embedding::sinusoidal_embedding;
 use emprior::nn::norm::{
     layer_norm, layer_norm_backward, layer_norm_backward_operand, modulated_layer_norm,
@@ -286,7 +286,20 @@ fn kept_bf16_case(d: &Device) -> Vec<Output> {
     let dxm = modulate_backward_operand(&xo, &mv, &dv, &mut dm.as_view_mut().unwrap()).unwrap();
     let s = silu_operand(&c1o).unwrap();
     let ds = silu_backward_operand(&c1o, &dy).unwrap();
+    // The ResBlock's conv2 input and its VJP, fused on a GPU (one kernel each, the VJP in place).
+    let mask = DropoutMask {
+        rng: Philox::new(5, 6),
+        offset: 1 << 40,
+        p: 0.1,
+    };
+    let sd = silu_dropout(&c1o, Some(&mask)).unwrap();
+    let g = || on(d, 16, &[n, p, c], 1.0);
+    let dsd = silu_dropout_backward(&c1o, g(), Some(&mask)).unwrap();
+    let dsd0 = silu_dropout_backward(&c1o, g(), None).unwrap();
     vec![
+        whole("dropout(silu)", sd),
+        whole("dropout(silu) VJP", dsd),
+        whole("silu VJP in place", dsd0),
         whole("modulated y", ln.y),
         whole("rstd", ln.rstd),
         whole("LayerNorm dx from bf16 y", dln),

@@ -10,14 +10,13 @@ use crate::device::launch::{blocks, grid_stride, THREADS};
 
 use super::attention::{AttSaved, SelfAttention};
 use super::conv::Conv3x3;
-use super::dropout::{dropout, DropoutMask};
+use super::dropout::{silu_dropout, silu_dropout_backward, DropoutMask};
 use super::linear::Linear;
 use super::norm::{layer_norm_backward, modulated_layer_norm_operand, LnSaved};
 use super::params::ParamLayout;
 use super::resample::{concat_channels, gather_rows_into};
 use super::Mode;
 use crate::error::{Error, Result};
-use crate::ops::elementwise::{silu_backward_operand, silu_operand};
 use crate::ops::precision::{keep, Operand};
 use crate::ops::{axpy, fill, gemm_into, mismatch, one_device, silu, silu_backward, GemmSpec};
 use crate::tensor::{AsView, AsViewMut, DType, Data, DataMut, Tensor, View, ViewMut};
@@ -948,16 +947,7 @@ impl ResBlock {
             .conv2
             .backward_input(layout, params, core.c1.shape(), &dc2.as_view()?)?;
         drop(dc2);
-        let ds1 = match &core.mask {
-            Some(mk) => {
-                let ds1 = dropout(&dd1.as_view()?, mk)?;
-                drop(dd1);
-                ds1
-            }
-            None => dd1,
-        };
-        let dc1 = silu_backward_operand(&Operand::of(&core.c1)?, &ds1)?;
-        drop(ds1);
+        let dc1 = silu_dropout_backward(&Operand::of(&core.c1)?, dd1, core.mask.as_ref())?;
         let dln =
             self.conv1
                 .backward_operand(layout, params, &Operand::of(&core.ln.y)?, &dc1.as_view()?, grads)?;
@@ -974,11 +964,7 @@ impl ResBlock {
 
 /// Conv2's input: Dropout(SiLU(c1)), or SiLU(c1) without dropout (c1 f32 or kept bf16).
 fn conv2_input(c1: &Tensor, mask: Option<&DropoutMask>) -> Result<Tensor> {
-    let s1 = silu_operand(&Operand::of(c1)?)?;
-    match mask {
-        Some(mk) => dropout(&s1.as_view()?, mk),
-        None => Ok(s1),
-    }
+    silu_dropout(&Operand::of(c1)?, mask)
 }
 
 /// What an AttBlock's backward needs besides its input x and modulation m.

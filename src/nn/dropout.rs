@@ -6,9 +6,11 @@
 use crate::device::launch::grid_stride;
 
 use crate::error::{Error, Result};
+use crate::ops::elementwise::{silu_backward_operand, silu_operand};
+use crate::ops::precision::Operand;
 use crate::ops::{mismatch, Philox};
 use crate::real::Real;
-use crate::tensor::{AsViewMut, Data, DataMut, Tensor, View};
+use crate::tensor::{AsView, AsViewMut, DType, Data, DataMut, Tensor, View};
 
 /// Where a dropout layer's mask comes from: a stream and the first element offset.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -23,12 +25,7 @@ pub struct DropoutMask {
 
 /// y = dropout(x). Also the backward: dx = dropout(dy) with the same mask.
 pub fn dropout(x: &View, mask: &DropoutMask) -> Result<Tensor> {
-    if !(0.0..1.0).contains(&mask.p) {
-        return Err(Error::Other(format!(
-            "dropout probability {} is not in [0, 1)",
-            mask.p
-        )));
-    }
+    check_p(mask)?;
     let n = x.numel();
     let mut y = Tensor::uninit(x.shape(), x.dtype(), &x.device())?;
     {
@@ -58,4 +55,105 @@ pub fn dropout(x: &View, mask: &DropoutMask) -> Result<Tensor> {
         }
     }
     Ok(y)
+}
+
+fn check_p(mask: &DropoutMask) -> Result<()> {
+    if !(0.0..1.0).contains(&mask.p) {
+        return Err(Error::Other(format!(
+            "dropout probability {} is not in [0, 1)",
+            mask.p
+        )));
+    }
+    Ok(())
+}
+
+/// A ResBlock's conv2 input from c1 (f32, or kept in bf16): `dropout(silu(c1))`, or `silu(c1)`
+/// without a mask. On a GPU with c1 in bf16 and a mask, one kernel (kernels/dropout.cu);
+/// elsewhere SiLU then dropout. The same values either way.
+pub fn silu_dropout(c1: &Operand, mask: Option<&DropoutMask>) -> Result<Tensor> {
+    let (Some(mk), Operand::Bf16(xb)) = (mask, c1) else {
+        let s1 = silu_operand(c1)?;
+        return match mask {
+            Some(mk) => dropout(&s1.as_view()?, mk),
+            None => Ok(s1),
+        };
+    };
+    let Some(dev) = xb.gpu_with(&[]) else {
+        let s1 = silu_operand(c1)?;
+        return dropout(&s1.as_view()?, mk);
+    };
+    check_p(mk)?;
+    crate::device::note_op();
+    let n = xb.numel();
+    let mut out = Tensor::uninit(xb.shape(), DType::F32, &crate::Device::Cuda(dev.clone()))?;
+    let (xv, mut o) = (xb.cuda()?, out.cuda_f32_mut()?);
+    let scale = (1.0 / (1.0 - mk.p as f64)) as f32;
+    // SAFETY: x and out hold n values.
+    unsafe {
+        dev.kernels().silu_dropout_bf16x(
+            grid_stride(&dev, n),
+            &xv,
+            &mut o,
+            n as i64,
+            mk.p,
+            scale,
+            mk.rng.seed,
+            mk.rng.stream,
+            mk.offset,
+        )
+    }?;
+    Ok(out)
+}
+
+/// The VJP of [`silu_dropout`] for `g` (conv2's input gradient): `silu'(c1) dropout(g)`. On a
+/// GPU with c1 in bf16, one kernel in place in `g`; elsewhere dropout then the SiLU VJP.
+pub fn silu_dropout_backward(c1: &Operand, mut g: Tensor, mask: Option<&DropoutMask>) -> Result<Tensor> {
+    let dev = match c1 {
+        Operand::Bf16(xb) => xb.gpu_with(&[&g.as_view()?]),
+        Operand::F32(_) => None,
+    };
+    let (Some(dev), Operand::Bf16(xb)) = (dev, c1) else {
+        let d = match mask {
+            Some(mk) => {
+                let d = dropout(&g.as_view()?, mk)?;
+                drop(g);
+                d
+            }
+            None => g,
+        };
+        return silu_backward_operand(c1, &d);
+    };
+    if g.shape() != xb.shape() || g.dtype() != DType::F32 {
+        return Err(Error::shape(
+            "silu_dropout_backward",
+            "g (f32)",
+            xb.shape(),
+            g.shape(),
+        ));
+    }
+    let (p, scale, rng, offset) = match mask {
+        Some(mk) => {
+            check_p(mk)?;
+            (mk.p, (1.0 / (1.0 - mk.p as f64)) as f32, mk.rng, mk.offset)
+        }
+        None => (0.0, 1.0, Philox::new(0, 0), 0),
+    };
+    crate::device::note_op();
+    let n = xb.numel();
+    let (xv, mut gv) = (xb.cuda()?, g.cuda_f32_mut()?);
+    // SAFETY: x and g hold n values (checked above).
+    unsafe {
+        dev.kernels().silu_dropout_backward_bf16x(
+            grid_stride(&dev, n),
+            &xv,
+            &mut gv,
+            n as i64,
+            p,
+            scale,
+            rng.seed,
+            rng.stream,
+            offset,
+        )
+    }?;
+    Ok(g)
 }

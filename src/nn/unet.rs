@@ -1185,6 +1185,19 @@ impl Walk<'_> {
         self.free(dz);
     }
 
+    /// A ResBlock's conv2 input, Dropout(SiLU(c1)), of `a` elements: SiLU's output then
+    /// dropout's, or under bf16 one kernel's (`nn::dropout::silu_dropout`).
+    fn conv2_input(&mut self, a: u64) -> u64 {
+        let s1 = self.f32(a);
+        if self.dropout && !self.bf16 {
+            let d1 = self.f32(a);
+            self.free(s1);
+            d1
+        } else {
+            s1
+        }
+    }
+
     /// The attention's score elements at level i, and whether its batched products run on
     /// the tensor cores (tokens and head width multiples of 8).
     fn attention_dims(&self, i: usize) -> (u64, bool) {
@@ -1221,14 +1234,7 @@ impl Walk<'_> {
         } else {
             let g = self.geometry(i, c, 1);
             self.conv_kept(g, c, true); // c1, kept
-            let s1 = self.f32(a);
-            let d1 = if self.dropout {
-                let d1 = self.f32(a);
-                self.free(s1);
-                d1
-            } else {
-                s1
-            };
+            let d1 = self.conv2_input(a);
             self.conv_kept(g, c, false); // c2, the residual's h, kept
             self.free(d1);
         }
@@ -1273,28 +1279,27 @@ impl Walk<'_> {
         } else {
             let g = self.geometry(i, c, 1);
             if grads {
-                let s1 = self.f32(a);
-                let d1 = if self.dropout {
-                    let d1 = self.f32(a);
-                    self.free(s1);
-                    d1
-                } else {
-                    s1
-                };
+                let d1 = self.conv2_input(a);
                 self.conv_param_grads(g, c, false);
                 self.free(d1);
             }
             let dd1 = self.conv_backward_input(g, c);
             self.free(dh);
-            let ds1 = if self.dropout {
-                let ds1 = self.f32(a);
-                self.free(dd1);
-                ds1
-            } else {
+            // dropout's and SiLU's VJPs: under bf16 one kernel in place in dd1.
+            let dc1 = if self.bf16 {
                 dd1
+            } else {
+                let ds1 = if self.dropout {
+                    let ds1 = self.f32(a);
+                    self.free(dd1);
+                    ds1
+                } else {
+                    dd1
+                };
+                let dc1 = self.f32(a);
+                self.free(ds1);
+                dc1
             };
-            let dc1 = self.f32(a);
-            self.free(ds1);
             if grads {
                 self.conv_param_grads(g, c, true);
             }
