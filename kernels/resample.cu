@@ -79,3 +79,18 @@ extern "C" __global__ void rs_permute_f32(const float* x, float* y, i64 total, P
         y[i] = x[src];
     }
 }
+
+// The U-Net's merge input under the bf16 policy, in one pass over kept bf16 values:
+// cat[b, y, x, :cu] = below[b, y / 2, x / 2, :] (nearest x2 upsampling of the level below's
+// LayerNorm output), cat[b, y, x, cu:] = skip[b, y, x, :]. h, w are the skip's (the output's).
+// Pure copies: the same bits as upsampling and concatenating in f32 and rounding.
+// hot
+extern "C" __global__ void rs_upsample_concat_bf16(const __nv_bfloat16* below, const __nv_bfloat16* skip,
+                                                   __nv_bfloat16* cat, i64 n, i64 h, i64 w, i64 cu, i64 cs) {
+    const i64 cy = cu + cs, total = n * h * w * cy, step = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
+        const i64 ch = i % cy, pix = i / cy;
+        const i64 x = pix % w, y = (pix / w) % h, b = pix / (h * w);
+        cat[i] = ch < cu ? below[((b * (h / 2) + y / 2) * (w / 2) + x / 2) * cu + ch] : skip[pix * cs + ch - cu];
+    }
+}

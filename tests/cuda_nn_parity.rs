@@ -25,10 +25,11 @@ use emprior::nn::norm::{
     layer_norm, layer_norm_backward, layer_norm_backward_operand, modulated_layer_norm,
     modulated_layer_norm_operand, silu_layer_norm, silu_layer_norm_backward,
 };
+use emprior::nn::resample::upsample_concat_bf16;
 use emprior::nn::{resample, Conv3x3, Linear, Mode, ParamLayout, TimeMlp, UNet, UNetConfig};
 use emprior::ops::broadcast::{add_bias, scale_rows_add_into, sum_rows_into};
 use emprior::ops::elementwise::{silu_backward_operand, silu_operand};
-use emprior::ops::precision::{to_bf16, to_f32, Operand, Precision};
+use emprior::ops::precision::{to_bf16, to_f32, Bf16Ref, Operand, Precision};
 use emprior::ops::Philox;
 use emprior::{AsView, AsViewMut, DType, Device, Tensor};
 
@@ -296,7 +297,12 @@ fn kept_bf16_case(d: &Device) -> Vec<Output> {
     let g = || on(d, 16, &[n, p, c], 1.0);
     let dsd = silu_dropout_backward(&c1o, g(), Some(&mask)).unwrap();
     let dsd0 = silu_dropout_backward(&c1o, g(), None).unwrap();
+    // The merge input from kept values (copies: exact).
+    let below = to_bf16(&on(d, 17, &[n, 5, 7, 16], 1.0)).unwrap();
+    let skip = to_bf16(&on(d, 18, &[n, 10, 14, 8], 1.0)).unwrap();
+    let cat = upsample_concat_bf16(&Bf16Ref::new(&below), &Bf16Ref::new(&skip)).unwrap();
     vec![
+        whole("upsampled and concatenated (bf16)", to_f32(&cat).unwrap()),
         whole("dropout(silu)", sd),
         whole("dropout(silu) VJP", dsd),
         whole("silu VJP in place", dsd0),

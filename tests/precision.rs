@@ -350,3 +350,25 @@ fn a_unet_under_bf16_keeps_about_half_the_bytes() {
     // The input image, the LayerNorms' 1/std and the modulation stay f32.
     assert!(ratio > 0.5 && ratio < 0.6, "bf16 keeps {ratio} of the f32 bytes");
 }
+
+#[test]
+fn the_merge_input_in_bf16_is_upsample_then_concat_of_the_kept_values() {
+    use emprior::nn::resample::{concat_channels, upsample2x, upsample_concat_bf16};
+    use emprior::ops::precision::{to_bf16, to_f32, Bf16Ref};
+    let below = to_bf16(&t(&random_vec(41, 2 * 3 * 2 * 8, -2.0, 2.0), &[2, 3, 2, 8])).unwrap();
+    let skip = to_bf16(&t(&random_vec(42, 2 * 6 * 4 * 16, -2.0, 2.0), &[2, 6, 4, 16])).unwrap();
+    let cat = upsample_concat_bf16(&Bf16Ref::new(&below), &Bf16Ref::new(&skip)).unwrap();
+    assert_eq!((cat.dtype(), cat.shape()), (DType::BF16, &[2usize, 6, 4, 24][..]));
+    let (bw, sw) = (to_f32(&below).unwrap(), to_f32(&skip).unwrap());
+    let up = upsample2x(&bw.as_view().unwrap()).unwrap();
+    let want = concat_channels(&up.as_view().unwrap(), &sw.as_view().unwrap()).unwrap();
+    assert_eq!(
+        cat.cpu_bf16().unwrap(),
+        to_bf16(&want).unwrap().cpu_bf16().unwrap()
+    );
+    // A skip of the wrong size is refused by name.
+    let e = upsample_concat_bf16(&Bf16Ref::new(&below), &Bf16Ref::new(&below))
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("upsample_concat_bf16") && e.contains("skip"), "{e}");
+}

@@ -6,8 +6,9 @@ use crate::device::launch::grid_stride;
 use crate::device::params;
 
 use crate::error::{Error, Result};
+use crate::ops::precision::Bf16Ref;
 use crate::ops::{mismatch, one_device};
-use crate::tensor::{numel, AsViewMut, Data, DataMut, Tensor, View, ViewMut};
+use crate::tensor::{numel, AsViewMut, DType, Data, DataMut, Tensor, View, ViewMut};
 
 /// The CPU bodies: the oracle for kernels/resample.cu.
 pub mod cpu {
@@ -363,4 +364,56 @@ pub fn pixel_shuffle(x: &View, f: usize) -> Result<Tensor> {
     let c = ffc / (f * f);
     let x6 = x.reshape(&[n, h, w, f, f, c])?;
     permute(&x6, &[0, 1, 3, 2, 4, 5])?.reshape(&[n, h * f, w * f, c])
+}
+
+/// The merge convolution's input from kept bf16 values, in one pass: the nearest x2 upsampling
+/// of `below` `[N, H/2, W/2, Cu]` concatenated with `skip` `[N, H, W, Cs]` on the channel axis,
+/// `[N, H, W, Cu + Cs]` in bf16. Copies only, so the same values as [`upsample2x`] then
+/// [`concat_channels`] on the widened tensors, rounded back.
+pub fn upsample_concat_bf16(below: &Bf16Ref, skip: &Bf16Ref) -> Result<Tensor> {
+    let op = "upsample_concat_bf16";
+    let (n, h2, w2, cu) = nhwc(op, below.shape())?;
+    let (ns, h, w, cs) = nhwc(op, skip.shape())?;
+    if ns != n || h != 2 * h2 || w != 2 * w2 {
+        return Err(Error::shape(
+            op,
+            "skip",
+            format!("[{n}, {}, {}, C]", 2 * h2, 2 * w2),
+            skip.shape(),
+        ));
+    }
+    let device = below.tensor.device();
+    if !skip.tensor.device().same_as(&device) {
+        return Err(Error::DeviceMismatch {
+            op,
+            detail: format!("below is on {device}, skip on {}", skip.tensor.device()),
+        });
+    }
+    let mut cat = Tensor::uninit(&[n, h, w, cu + cs], DType::BF16, &device)?;
+    match &device {
+        crate::Device::Cuda(dev) => {
+            crate::device::note_op();
+            let (bv, sv, mut o) = (below.cuda()?, skip.cuda()?, cat.cuda_bf16_mut()?);
+            let cfg = grid_stride(dev, n * h * w * (cu + cs));
+            let d = [n, h, w, cu, cs].map(|v| v as i64);
+            // SAFETY: below is [n, h/2, w/2, cu], skip [n, h, w, cs] and cat [n, h, w, cu + cs]
+            // (checked above).
+            unsafe {
+                dev.kernels()
+                    .rs_upsample_concat_bf16(cfg, &bv, &sv, &mut o, d[0], d[1], d[2], d[3], d[4])
+            }?;
+        }
+        crate::Device::Cpu => {
+            crate::device::note_op();
+            let (bv, sv) = (below.cpu()?, skip.cpu()?);
+            let out = cat.cpu_bf16_mut()?;
+            for (pix, row) in out.chunks_exact_mut(cu + cs).enumerate() {
+                let (x, y, b) = (pix % w, (pix / w) % h, pix / (h * w));
+                let src = ((b * h2 + y / 2) * w2 + x / 2) * cu;
+                row[..cu].copy_from_slice(&bv[src..src + cu]);
+                row[cu..].copy_from_slice(&sv[pix * cs..(pix + 1) * cs]);
+            }
+        }
+    }
+    Ok(cat)
 }

@@ -17,12 +17,13 @@ use super::norm::{layer_norm, layer_norm_backward, layer_norm_backward_operand};
 use super::params::ParamLayout;
 use super::resample::{
     concat_channels, pixel_shuffle, pixel_unshuffle, split_channels, upsample2x, upsample2x_backward,
+    upsample_concat_bf16,
 };
 use super::{LnSaved, Mode};
 use crate::device::{size_class, PoolStats};
 use crate::error::{Error, Result};
 use crate::ops::axpy;
-use crate::ops::precision::{keep, Operand};
+use crate::ops::precision::{keep, Bf16Ref, Operand, Precision};
 use crate::tensor::{AsView, AsViewMut, Tensor, View, ViewMut};
 
 /// The architecture: everything that changes the parameter layout or the shapes.
@@ -367,13 +368,14 @@ impl UNet {
         modulation: &BankSaved,
         mode: Mode,
         counter: &mut u64,
+        keep_last: bool,
     ) -> Result<(Tensor, Vec<BlockSaved>)> {
         let p = self.layout.precision();
         let mut saved = Vec::with_capacity(blocks.len());
         let mut cur = input;
         let all_m = modulation.m.as_view()?;
         let n = modulation.batch();
-        for b in blocks {
+        for (k, b) in blocks.iter().enumerate() {
             let m = self.bank.slot(&all_m, n, b.slot)?;
             let (out, core) = {
                 let x = match (&cur, skip) {
@@ -395,8 +397,13 @@ impl UNet {
                 }
             };
             saved.push(BlockSaved { x: cur.take(), core });
-            // The next block's saved input (bf16 under the bf16 policy).
-            cur = Some(keep(out, p)?);
+            // The next block's saved input (bf16 under the bf16 policy); the last output is kept
+            // only when the caller keeps it (the skip, the head's input).
+            cur = Some(if keep_last || k + 1 < blocks.len() {
+                keep(out, p)?
+            } else {
+                out
+            });
         }
         match (cur, skip) {
             (Some(out), _) => Ok((out, saved)),
@@ -498,6 +505,7 @@ impl UNet {
                 &modulation,
                 mode,
                 &mut counter,
+                true,
             )?;
             down.push(DownSaved {
                 ln_rstd,
@@ -513,6 +521,13 @@ impl UNet {
             let level = &self.levels[i];
             let skip = Operand::of(&down[i].skip)?;
             let h = match (&level.merge, carry.take()) {
+                // Under bf16 the input is built from the kept values in bf16, in one pass.
+                (Some(conv), None) if p == Precision::Bf16 => {
+                    let below = up.last().and_then(|u| u.ln.as_ref());
+                    let below = below.expect("levels > 0 end in LayerNorm");
+                    let cat = self.merge_input(&below.y, &down[i].skip)?;
+                    Some(conv.forward_kept(&self.layout, params, &Operand::of(&cat)?)?)
+                }
                 (Some(conv), Some(upsampled)) => {
                     let cat = concat_channels(&upsampled.as_view()?, &skip.widen()?.view()?)?;
                     drop(upsampled);
@@ -523,13 +538,24 @@ impl UNet {
                 // The deepest level continues from its own output.
                 _ => None,
             };
-            let (h, blocks) =
-                self.run_blocks(&level.up, params, h, Some(&skip), &modulation, mode, &mut counter)?;
+            // Levels above 0 end in a LayerNorm: their last block's output is not kept.
+            let (h, blocks) = self.run_blocks(
+                &level.up,
+                params,
+                h,
+                Some(&skip),
+                &modulation,
+                mode,
+                &mut counter,
+                i == 0,
+            )?;
             if i > 0 {
                 let mut ln = layer_norm(&Operand::of(&h)?.widen()?.view()?)?;
                 drop(h);
                 ln.y = keep(ln.y, p)?;
-                carry = Some(upsample2x(&Operand::of(&ln.y)?.widen()?.view()?)?);
+                if p != Precision::Bf16 {
+                    carry = Some(upsample2x(&ln.y.as_view()?)?);
+                }
                 up.push(UpSaved {
                     blocks,
                     ln: Some(ln),
@@ -563,6 +589,13 @@ impl UNet {
                 batch: n,
             },
         ))
+    }
+
+    /// The merge convolution's input under the bf16 policy: the level below's kept LayerNorm
+    /// output upsampled and concatenated with the kept skip, in bf16 (one pass, the same
+    /// values as in f32).
+    fn merge_input(&self, below_y: &Tensor, skip: &Tensor) -> Result<Tensor> {
+        upsample_concat_bf16(&Bf16Ref::new(below_y), &Bf16Ref::new(skip))
     }
 
     /// dx for dy (a VJP when `grads` is None; with `grads`, every parameter gradient too).
@@ -643,10 +676,15 @@ impl UNet {
                     cat_shape[3] += c_up;
                     if let Some(g) = grads.as_deref_mut() {
                         // The forward's concatenation, rebuilt from what it was made of.
-                        let upsampled = upsample2x(&Operand::of(&below.y)?.widen()?.view()?)?;
-                        let cat = concat_channels(&upsampled.as_view()?, &skip.widen()?.view()?)?;
-                        drop(upsampled);
-                        conv.param_grads(&self.layout, &cat.as_view()?, &d.as_view()?, g)?;
+                        if self.layout.precision() == Precision::Bf16 {
+                            let cat = self.merge_input(&below.y, &saved.down[i].skip)?;
+                            conv.param_grads_operand(&self.layout, &Operand::of(&cat)?, &d.as_view()?, g)?;
+                        } else {
+                            let upsampled = upsample2x(&below.y.as_view()?)?;
+                            let cat = concat_channels(&upsampled.as_view()?, &skip.widen()?.view()?)?;
+                            drop(upsampled);
+                            conv.param_grads(&self.layout, &cat.as_view()?, &d.as_view()?, g)?;
+                        }
                     }
                     let d_cat = conv.backward_input(&self.layout, params, &cat_shape, &d.as_view()?)?;
                     drop(d);
@@ -1206,8 +1244,9 @@ impl Walk<'_> {
         (self.n * heads * t * t, self.tc(t, d))
     }
 
-    /// A block's forward from its (already counted, kept) input; returns its kept output.
-    fn block_forward(&mut self, i: usize, att: bool) -> u64 {
+    /// A block's forward from its (already counted, kept) input; returns its output, kept when
+    /// `keep_out`.
+    fn block_forward(&mut self, i: usize, att: bool, keep_out: bool) -> u64 {
         // The blocks' elementwise kernels read kept bf16 activations as they are on a GPU (no
         // widened copies; the CPU's are its own scratch).
         let (a, p, c, n) = (self.act(i), self.pixels(i), self.c(i), self.n);
@@ -1239,7 +1278,11 @@ impl Walk<'_> {
             self.free(d1);
         }
         let out = self.f32(a); // the residual's output
-        self.keep(out, a)
+        if keep_out {
+            self.keep(out, a)
+        } else {
+            out
+        }
     }
 
     /// A block's backward; frees dout and returns dx.
@@ -1351,7 +1394,7 @@ impl Walk<'_> {
                 self.conv_kept(self.input_geometry(0), self.c(0), false);
             }
             for att in self.blocks(i, false) {
-                self.block_forward(i, att); // each output is kept (next input or the skip)
+                self.block_forward(i, att, true); // each output is kept (next input or the skip)
             }
         }
         let mut carry = 0;
@@ -1362,32 +1405,41 @@ impl Walk<'_> {
             // only when there are no blocks to read it in place).
             let mut h = if i < last {
                 let cat_c = self.c(i) + self.c(i + 1);
-                let skip_f32 = self.widen(a);
-                let cat = self.f32(n * self.pixels(i) * cat_c);
-                self.unwiden(skip_f32);
-                self.free(carry);
-                let h = self.conv_kept(self.geometry(i, cat_c, 1), self.c(i), false);
-                self.free(cat);
-                h
+                let g = self.geometry(i, cat_c, 1);
+                if self.bf16 {
+                    // Built in bf16 from the kept values (`UNet::merge_input`).
+                    let cat = self.half(n * self.pixels(i) * cat_c);
+                    let h = self.conv_kept(g, self.c(i), true);
+                    self.free(cat);
+                    h
+                } else {
+                    let cat = self.f32(n * self.pixels(i) * cat_c);
+                    self.free(carry);
+                    let h = self.conv_kept(g, self.c(i), false);
+                    self.free(cat);
+                    h
+                }
             } else if blocks.is_empty() {
                 let copy = self.f32(a);
                 self.keep(copy, a)
             } else {
                 0
             };
-            for &att in &blocks {
-                h = self.block_forward(i, att); // kept as the next input, save the last
+            for (k, &att) in blocks.iter().enumerate() {
+                // Kept as the next input; the last kept at level 0 only (the head's input).
+                h = self.block_forward(i, att, i == 0 || k + 1 < blocks.len());
             }
             if i > 0 {
-                let h_f32 = self.widen(a);
+                // A kept h (no blocks: the merge's output or the skip's copy) is widened.
+                let h_f32 = if blocks.is_empty() { self.widen(a) } else { None };
                 let y = self.f32(a); // LayerNorm output and 1/std, kept
                 self.f32(n * self.pixels(i));
                 self.unwiden(h_f32);
                 self.free(h);
                 self.keep(y, a);
-                let y_f32 = self.widen(a);
-                carry = self.f32(n * self.pixels(i - 1) * self.c(i));
-                self.unwiden(y_f32);
+                if !self.bf16 {
+                    carry = self.f32(n * self.pixels(i - 1) * self.c(i));
+                }
             } else {
                 let cfg = &self.net.config;
                 let out = (cfg.out_channels * cfg.patch * cfg.patch) as u64;
@@ -1430,13 +1482,13 @@ impl Walk<'_> {
             if i < last {
                 let cat_c = self.c(i) + self.c(i + 1);
                 let g = self.geometry(i, cat_c, 1);
-                if grads {
-                    let below_f32 = self.widen(self.act(i + 1));
+                if grads && self.bf16 {
+                    let cat = self.half(n * self.pixels(i) * cat_c);
+                    self.conv_param_grads(g, self.c(i), true);
+                    self.free(cat);
+                } else if grads {
                     let up = self.f32(n * self.pixels(i) * self.c(i + 1));
-                    self.unwiden(below_f32);
-                    let skip_f32 = self.widen(a);
                     let cat = self.f32(n * self.pixels(i) * cat_c);
-                    self.unwiden(skip_f32);
                     self.free(up);
                     self.conv_param_grads(g, self.c(i), false);
                     self.free(cat);
