@@ -65,6 +65,21 @@ const SMALL: &[&str] = &[
     "sigma_y=0.01",
 ];
 
+type Gray = (usize, usize, usize, Vec<f32>, Vec<f32>, Vec<f32>);
+
+/// 32 grayscale 16 x 16 images with per-pixel masks: y.npy, m.npy and x.npy (the truth) in a
+/// fresh folder, and (n, h, w, x, masks, y).
+fn gray_data(name: &str) -> (std::path::PathBuf, Gray) {
+    let data = run_dir("user-images", name);
+    std::fs::create_dir_all(&data).unwrap();
+    let (n, h, w) = (32, 16, 16);
+    let (x, masks, y) = images(n, h, w, 1, true);
+    write_npy_f32(&data.join("y.npy"), &[n, h, w], &y).unwrap();
+    write_npy_f32(&data.join("m.npy"), &[n, h, w], &masks).unwrap();
+    write_npy_f32(&data.join("x.npy"), &[n, h, w, 1], &x).unwrap();
+    (data, (n, h, w, x, masks, y))
+}
+
 fn em_images(out: &Path, files: &[(&str, &Path)]) -> (bool, String) {
     em_images_with(out, files, &[])
 }
@@ -90,13 +105,7 @@ fn em_images_with(out: &Path, files: &[(&str, &Path)], extra: &[&str]) -> (bool,
 /// the checkpoint all run, and the result is as good as f32's on this small problem.
 #[test]
 fn a_lap_runs_under_the_bf16_policy() {
-    let data = run_dir("user-images", "bf16-data");
-    std::fs::create_dir_all(&data).unwrap();
-    let (n, h, w) = (32, 16, 16);
-    let (x, masks, y) = images(n, h, w, 1, true);
-    write_npy_f32(&data.join("y.npy"), &[n, h, w], &y).unwrap();
-    write_npy_f32(&data.join("m.npy"), &[n, h, w], &masks).unwrap();
-    write_npy_f32(&data.join("x.npy"), &[n, h, w, 1], &x).unwrap();
+    let (data, _) = gray_data("bf16-data");
     let files = [
         ("obs", data.join("y.npy")),
         ("mask", data.join("m.npy")),
@@ -126,13 +135,7 @@ fn a_lap_runs_under_the_bf16_policy() {
 
 #[test]
 fn grayscale_images_with_pixel_masks_and_truth() {
-    let data = run_dir("user-images", "gray-data");
-    std::fs::create_dir_all(&data).unwrap();
-    let (n, h, w) = (32, 16, 16);
-    let (x, masks, y) = images(n, h, w, 1, true);
-    write_npy_f32(&data.join("y.npy"), &[n, h, w], &y).unwrap();
-    write_npy_f32(&data.join("m.npy"), &[n, h, w], &masks).unwrap();
-    write_npy_f32(&data.join("x.npy"), &[n, h, w, 1], &x).unwrap();
+    let (data, (n, h, w, _, masks, y)) = gray_data("gray-data");
     let out = run_dir("user-images", "gray-run");
     let (ok, log) = em_images(
         &out,
