@@ -47,7 +47,7 @@
 # should take a few minutes.
 #
 # The sanitizer subset: tests whose "binary::name" matches $EMPRIOR_SANITIZE_TESTS (an extended
-# regex, default below) and not $EMPRIOR_SANITIZE_SKIP, at most $EMPRIOR_SANITIZE_MAX (8). Each
+# regex, default below) and not $EMPRIOR_SANITIZE_SKIP, at most $EMPRIOR_SANITIZE_MAX (11). Each
 # tool runs with --error-exitcode, --print-limit 25, --check-exit-code no (the test's own outcome
 # is read from its output) and --require-cuda-init no; initcheck runs without EMPRIOR_POISON,
 # whose NaN fill would count as initialisation. The pool rounds allocations up to a size class,
@@ -692,12 +692,13 @@ run_steps() {
     t0=$(now)
     # The subset: small parity tests, no U-Net, no large GEMM or OOM path, no harness self-check.
     # Small and varied by default: elementwise (aligned and misaligned), the reductions, a GEMM
-    # with its bias epilogue, the conv, norm and attention layers, the fused Adam step, and the
-    # tensor-core GEMM and convolutions at ragged shapes (cp.async, ldmatrix and barriers: racecheck).
+    # with its bias epilogue, the conv, norm and attention layers, the block maps reading bf16
+    # activations, the fused Adam step, and the tensor-core GEMM and convolutions at ragged shapes
+    # (cp.async, ldmatrix and barriers: racecheck).
     local k='(\[[^]]*\] )?'
-    local pat="${EMPRIOR_SANITIZE_TESTS:-^cuda_parity::${k}(elementwise::aligned|misaligned::elementwise|reductions::|gemm::bias)|^cuda_nn_parity::${k}layers::(conv3x3|layer_norm|self_attention)|^cuda_posterior_parity::${k}train::adam|^cuda_tensor_core_parity::${k}tc_(gemm|conv)::ragged}"
+    local pat="${EMPRIOR_SANITIZE_TESTS:-^cuda_parity::${k}(elementwise::aligned|misaligned::elementwise|reductions::|gemm::bias)|^cuda_nn_parity::${k}layers::(conv3x3|layer_norm|self_attention|bf16_kept_inputs)|^cuda_posterior_parity::${k}train::adam|^cuda_tensor_core_parity::${k}tc_(gemm|conv)::ragged}"
     local nopat="${EMPRIOR_SANITIZE_SKIP:-unet|large|big|huge|oom|grid_?z|262144|harness|cpu_against_cpu}"
-    local max="${EMPRIOR_SANITIZE_MAX:-10}"
+    local max="${EMPRIOR_SANITIZE_MAX:-11}"
     : >"$work/sanitize-subset.tsv"
     while IFS=$'\t' read -r group name; do
       if [[ "$group::$name" =~ $pat ]] && ! [[ "$group::$name" =~ $nopat ]]; then

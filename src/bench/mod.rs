@@ -424,6 +424,7 @@ pub fn run_networks_gpu(
                 .map(drop)
         })?;
         row("forward + backward", 3.0, ms);
+        let step_ms = ms;
 
         // The MMPS posterior denoiser as the CIFAR E-step calls it: 75% of pixels masked out,
         // sigma_y = 1e-3, one CG iteration: one forward and two VJPs (counted as 3 forwards of
@@ -451,6 +452,37 @@ pub fn run_networks_gpu(
             mmps.denoise(&x, 0.5).map(drop)
         })?;
         row("MMPS posterior denoiser (1 CG iteration)", 3.0, ms);
+        // Memory: one more training step with the pool's peak restarted, against the walk of the
+        // same step (`UNet::pool_estimate`: the network's own buffers in the pool's size
+        // classes; the step adds a few image-sized ones around it).
+        if let crate::diffusion::Network::UNet(unet) = &den.net {
+            let before = dev.pool_stats().bytes_in_use;
+            dev.reset_pool_peak();
+            let mode = Mode::Train {
+                rng: Philox::new(3, 3),
+                first_row: 0,
+            };
+            let (_, s) = den.denoise(&pv, &x.as_view()?, &sigmas, mode)?;
+            den.backward(&pv, &s, &u.as_view()?, Some(&mut grads.as_view_mut()?))?;
+            drop(s);
+            dev.synchronize()?;
+            let gib = |b: f64| b / (1u64 << 30) as f64;
+            let measured = gib(dev.pool_peak_bytes().saturating_sub(before) as f64);
+            let estimated = gib(unet.pool_estimate(batch, u64::MAX).peak_in_use as f64);
+            rows.push(BenchRow {
+                what: format!(
+                    "cifar10 U-Net training step, activation peak ({})",
+                    precision.name()
+                ),
+                shape: format!("batch {batch}"),
+                median_ms: step_ms,
+                throughput: format!("{measured:.2} GiB in the pool"),
+                versus: format!(
+                    "{estimated:.2} GiB estimated ({:.0}%)",
+                    100.0 * measured / estimated
+                ),
+            });
+        }
     }
     Ok(rows)
 }
