@@ -1103,6 +1103,32 @@ impl Walk<'_> {
         }
     }
 
+    /// `Conv3x3::backward_operand`: the parameter gradients (with `grads`) and the input
+    /// gradient; on the tensor cores dy is rounded to bf16 once for both.
+    fn conv_backward(&mut self, g: ConvGeometry, cout: u64, x_kept: bool, grads: bool) -> u64 {
+        if !self.tc(g.cin as u64, cout) {
+            if grads {
+                self.conv_param_grads(g, cout, x_kept);
+            }
+            return self.conv_backward_input(g, cout);
+        }
+        let dyb = self.half(Self::out_elems(&g, cout));
+        if grads {
+            let xb = (!x_kept).then(|| self.half(Self::in_elems(&g)));
+            let splits = super::conv::bf16::wgrad_splits(&g, cout as usize) as u64;
+            let parts = self.f32(splits * 9 * g.cin as u64 * cout);
+            self.free(parts);
+            if let Some(xb) = xb {
+                self.free(xb);
+            }
+        }
+        let dx = self.f32(Self::in_elems(&g));
+        let wb = self.half(9 * g.cin as u64 * cout);
+        self.free(wb);
+        self.free(dyb);
+        dx
+    }
+
     fn conv_backward_input(&mut self, g: ConvGeometry, cout: u64) -> u64 {
         let dx = self.f32(Self::in_elems(&g));
         if self.tc(g.cin as u64, cout) {
@@ -1343,10 +1369,7 @@ impl Walk<'_> {
                 self.free(ds1);
                 dc1
             };
-            if grads {
-                self.conv_param_grads(g, c, true);
-            }
-            let dln = self.conv_backward_input(g, c);
+            let dln = self.conv_backward(g, c, true, grads);
             self.free(dc1);
             dln
         };
@@ -1513,11 +1536,7 @@ impl Walk<'_> {
                 self.free(d);
                 d = dn;
             }
-            let g = self.input_geometry(i);
-            if grads {
-                self.conv_param_grads(g, self.c(i), i > 0);
-            }
-            let d_in = self.conv_backward_input(g, self.c(i));
+            let d_in = self.conv_backward(self.input_geometry(i), self.c(i), i > 0, grads);
             self.free(d);
             if i > 0 {
                 self.free(d_in); // summed into the skip's gradient in place

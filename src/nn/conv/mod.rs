@@ -353,10 +353,17 @@ impl Conv3x3 {
         dy: &View,
         grads: Option<&mut ViewMut>,
     ) -> Result<Tensor> {
+        // Under bf16, dy is rounded once for both passes.
+        let g = self.geometry(x.shape())?;
+        let dyb = if self.bf16(layout, &g, &dy.device()) {
+            Some(to_bf16(&dy.reshape(&[g.out_pixels(), self.cout])?)?)
+        } else {
+            None
+        };
         if let Some(grads) = grads {
-            self.param_grads_operand(layout, x, dy, grads)?;
+            self.param_grads_with(layout, x, dy, dyb.as_ref(), grads)?;
         }
-        self.backward_input(layout, params, x.shape(), dy)
+        self.backward_input_with(layout, params, x.shape(), dy, dyb.as_ref())
     }
 
     /// dx for dy alone: the input enters only through its shape, so a VJP needs no saved input.
@@ -367,13 +374,33 @@ impl Conv3x3 {
         x_shape: &[usize],
         dy: &View,
     ) -> Result<Tensor> {
+        self.backward_input_with(layout, params, x_shape, dy, None)
+    }
+
+    /// [`Self::backward_input`], with dy already rounded to bf16 when the caller has it.
+    fn backward_input_with(
+        &self,
+        layout: &ParamLayout,
+        params: &View,
+        x_shape: &[usize],
+        dy: &View,
+        dy_bf16: Option<&Tensor>,
+    ) -> Result<Tensor> {
         let g = self.geometry(x_shape)?;
         let dy2 = dy.reshape(&[g.out_pixels(), self.cout])?;
         let wm = self.weight_matrix(layout, params)?;
         let mut dx = Tensor::uninit(x_shape, dy.dtype(), &dy.device())?;
         if self.bf16(layout, &g, &dy.device()) {
-            let (dyb, wb) = (to_bf16(&dy2)?, to_bf16(&wm)?);
-            conv_bf16::input_grad(&dyb, &wb, &g, self.cout, &mut dx.as_view_mut()?, 0.0)?;
+            let rounded;
+            let dyb = match dy_bf16 {
+                Some(t) => t,
+                None => {
+                    rounded = to_bf16(&dy2)?;
+                    &rounded
+                }
+            };
+            let wb = to_bf16(&wm)?;
+            conv_bf16::input_grad(dyb, &wb, &g, self.cout, &mut dx.as_view_mut()?, 0.0)?;
             return Ok(dx);
         }
         let (in_per, out_per) = g.per_sample();
@@ -406,12 +433,32 @@ impl Conv3x3 {
         dy: &View,
         grads: &mut ViewMut,
     ) -> Result<()> {
+        self.param_grads_with(layout, x, dy, None, grads)
+    }
+
+    /// [`Self::param_grads_operand`], with dy already rounded to bf16 when the caller has it.
+    fn param_grads_with(
+        &self,
+        layout: &ParamLayout,
+        x: &Operand,
+        dy: &View,
+        dy_bf16: Option<&Tensor>,
+        grads: &mut ViewMut,
+    ) -> Result<()> {
         let g = self.geometry(x.shape())?;
         let dy2 = dy.reshape(&[g.out_pixels(), self.cout])?;
         if self.bf16(layout, &g, &x.device()) {
-            let (xb, dyb) = (x.narrow()?, to_bf16(&dy2)?);
+            let xb = x.narrow()?;
+            let rounded;
+            let dyb = match dy_bf16 {
+                Some(t) => t,
+                None => {
+                    rounded = to_bf16(&dy2)?;
+                    &rounded
+                }
+            };
             let mut dw = layout.view_mut(grads, self.weight)?;
-            conv_bf16::weight_grad(xb.as_ref(), &dyb, &g, self.cout, &mut dw, 1.0)?;
+            conv_bf16::weight_grad(xb.as_ref(), dyb, &g, self.cout, &mut dw, 1.0)?;
         } else {
             let xw = x.widen()?;
             let x = xw.view()?;
