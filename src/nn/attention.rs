@@ -13,7 +13,7 @@ use super::params::ParamLayout;
 use super::resample::{inverse_permutation, permute};
 use crate::error::{Error, Result};
 use crate::ops::gemm::gemm_operands_into;
-use crate::ops::precision::{keep, Operand, Precision, Wide};
+use crate::ops::precision::{keep, Operand, Precision};
 use crate::ops::{mismatch, GemmSpec};
 use crate::tensor::{numel, AsView, AsViewMut, DType, Data, DataMut, Tensor, View, ViewMut};
 
@@ -154,11 +154,9 @@ pub fn softmax_kept(s: &View, precision: Precision) -> Result<Tensor> {
 /// The softmax VJP from kept probabilities `p`: from bf16 ones in place in `dp` (which becomes
 /// ds), from f32 ones into a new tensor (`dp` is freed after).
 pub fn softmax_backward_kept(p: &Operand, mut dp: Tensor) -> Result<Tensor> {
-    let Operand::Bf16(pb) = p else {
-        let Wide::View(pv) = p.widen()? else {
-            unreachable!("an f32 operand widens to itself")
-        };
-        return softmax_backward(&pv, &dp.as_view()?);
+    let pb = match p {
+        Operand::F32(pv) => return softmax_backward(pv, &dp.as_view()?),
+        Operand::Bf16(pb) => pb,
     };
     if pb.shape() != dp.shape() || dp.dtype() != DType::F32 {
         return Err(Error::shape(
