@@ -11,6 +11,7 @@ use criterion::{criterion_group, BenchmarkId, Criterion, Throughput};
 use emprior::bench::device_time;
 use emprior::diffusion::{preset, Denoiser};
 use emprior::nn::Mode;
+use emprior::nn::Weights;
 use emprior::ops::{self, Philox};
 use emprior::{AsView, AsViewMut, DType, Device, Tensor};
 
@@ -31,10 +32,10 @@ fn time_mlp_cpu(c: &mut Criterion) {
         b.iter(|| {
             let pv = params.as_view().unwrap();
             let (_, saved) = den
-                .denoise(&pv, &x.as_view().unwrap(), &sigmas, Mode::Eval)
+                .denoise(&Weights::from(&pv), &x.as_view().unwrap(), &sigmas, Mode::Eval)
                 .unwrap();
             den.backward(
-                &pv,
+                &Weights::from(&pv),
                 &saved,
                 &u.as_view().unwrap(),
                 Some(&mut grads.as_view_mut().unwrap()),
@@ -46,9 +47,10 @@ fn time_mlp_cpu(c: &mut Criterion) {
         b.iter(|| {
             let pv = params.as_view().unwrap();
             let (_, saved) = den
-                .denoise(&pv, &x.as_view().unwrap(), &sigmas, Mode::Eval)
+                .denoise(&Weights::from(&pv), &x.as_view().unwrap(), &sigmas, Mode::Eval)
                 .unwrap();
-            den.vjp(&pv, &saved, &u.as_view().unwrap()).unwrap()
+            den.vjp(&Weights::from(&pv), &saved, &u.as_view().unwrap())
+                .unwrap()
         })
     });
     group.finish();
@@ -80,7 +82,7 @@ fn unet_gpu(c: &mut Criterion) {
             b.iter_custom(|iters| {
                 time(iters, &mut || {
                     den.denoise(
-                        &params.as_view().unwrap(),
+                        &params.as_view().unwrap().into(),
                         &x.as_view().unwrap(),
                         &sigmas,
                         Mode::Eval,
@@ -94,9 +96,9 @@ fn unet_gpu(c: &mut Criterion) {
                 time(iters, &mut || {
                     let pv = params.as_view().unwrap();
                     let (_, s) = den
-                        .denoise(&pv, &x.as_view().unwrap(), &sigmas, Mode::Eval)
+                        .denoise(&Weights::from(&pv), &x.as_view().unwrap(), &sigmas, Mode::Eval)
                         .unwrap();
-                    den.vjp(&pv, &s, &u.as_view().unwrap()).unwrap();
+                    den.vjp(&Weights::from(&pv), &s, &u.as_view().unwrap()).unwrap();
                 })
             })
         });
@@ -108,9 +110,11 @@ fn unet_gpu(c: &mut Criterion) {
                         rng: Philox::new(3, 3),
                         first_row: 0,
                     };
-                    let (_, s) = den.denoise(&pv, &x.as_view().unwrap(), &sigmas, mode).unwrap();
+                    let (_, s) = den
+                        .denoise(&Weights::from(&pv), &x.as_view().unwrap(), &sigmas, mode)
+                        .unwrap();
                     den.backward(
-                        &pv,
+                        &Weights::from(&pv),
                         &s,
                         &u.as_view().unwrap(),
                         Some(&mut grads.as_view_mut().unwrap()),
@@ -136,10 +140,7 @@ fn time_mlp_posterior_cpu(c: &mut Criterion) {
     let ops = DenseOperators::new(ops::normal(&[batch, 2, 5], Philox::new(5, 1), 0, &cpu).unwrap()).unwrap();
     let y = ops::normal(&[batch, 2], Philox::new(5, 2), 0, &cpu).unwrap();
     let noise = ObservationNoise::Scalar(1e-4);
-    let prior = NetworkPrior {
-        denoiser: &den,
-        params: &params,
-    };
+    let prior = NetworkPrior::new(&den, &params).unwrap();
     let mut mmps = Mmps::new(
         &prior,
         &ops,

@@ -46,10 +46,13 @@ CHECK_LAYOUT(AdamKernelParams);
 
 // The update. `grad_norm` is the log's gate: when it is not finite (this step or an earlier one
 // went non-finite) the kernel leaves every buffer alone, so the parameters stay those of the
-// last good step. Launch contract: any grid/block; grid-stride.
+// last good step. `p_bf16` (may be null): the bf16 copy of the parameters the bf16 policy's
+// layers read, rounded to nearest even from each new value in the same pass (the weights cast
+// once per step, with no pass of their own). Launch contract: any grid/block; grid-stride.
 // hot
 extern "C" __global__ void adam_step_f32(float* p, const float* g, float* m, float* v, NULLABLE float* ema,
-                                         const float* grad_norm, i64 n, AdamKernelParams a) {
+                                         NULLABLE __nv_bfloat16* p_bf16, const float* grad_norm, i64 n,
+                                         AdamKernelParams a) {
     const float norm = *grad_norm;
     if (!isfinite(norm)) return;
     const float scale = (a.max_norm > 0.0f && norm > a.max_norm) ? a.max_norm / norm : 1.0f;
@@ -63,5 +66,6 @@ extern "C" __global__ void adam_step_f32(float* p, const float* g, float* m, flo
         const float pi = p[i] - a.lr * (mi / a.bias1) / (sqrtf(vi / a.bias2) + a.eps);
         p[i] = pi;
         if (a.use_ema) ema[i] += a.one_minus_decay * (pi - ema[i]);
+        if (p_bf16 != nullptr) p_bf16[i] = __float2bfloat16_rn(pi);
     }
 }

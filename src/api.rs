@@ -315,10 +315,7 @@ pub fn sample_posterior(
             params,
             schedule,
         } => {
-            let net = NetworkPrior {
-                denoiser: denoiser.as_ref(),
-                params,
-            };
+            let net = NetworkPrior::new(denoiser.as_ref(), params)?;
             let mut mmps = Mmps::new(&net, op.inner.as_ref(), &yt, &noise, cg);
             sampler(*schedule)?.sample(&mut mmps, &shape, None, DType::F32, device)?
         }

@@ -530,10 +530,7 @@ pub fn sample(
         schedule: schedule_for(s, &ck.metadata)?,
         rng: Philox::new(s.seed, 0x5a),
     };
-    let mut prior = NetworkPrior {
-        denoiser: &den,
-        params: &params,
-    };
+    let mut prior = NetworkPrior::new(&den, &params)?;
     print_header(
         &format!(
             "emprior sample: {n} prior samples of {:?} from {}",
@@ -864,10 +861,7 @@ pub fn posterior(o: &PosteriorOptions) -> Result<()> {
             let mut den = Denoiser::new(ck.network.clone());
             den.net
                 .set_precision(crate::nn::tensor_cores::resolve(o.sampler.precision, &device)?);
-            let prior = NetworkPrior {
-                denoiser: &den,
-                params: &params,
-            };
+            let prior = NetworkPrior::new(&den, &params)?;
             let run = (&sampler, shape.as_slice(), None, &device);
             posterior_samples(&prior, operator.as_ref(), &y, &noise, method, run)?
         }
@@ -994,7 +988,7 @@ pub fn model_report(name: &str, batch: Option<usize>, precision: Precision) -> R
             let mut shape = vec![1];
             shape.extend(den.net.sample_shape());
             let x = Tensor::zeros(&shape, DType::F32, &Device::Cpu)?;
-            let (_, saved) = den.denoise(&weights.as_view()?, &x.as_view()?, &[1.0], Mode::Eval)?;
+            let (_, saved) = den.denoise(&weights.as_view()?.into(), &x.as_view()?, &[1.0], Mode::Eval)?;
             let per = saved.bytes() as f64;
             let _ = writeln!(
                 s,
@@ -1012,8 +1006,14 @@ pub fn model_report(name: &str, batch: Option<usize>, precision: Precision) -> R
     // network's scaled input (forward); then the denoised batch, the residual, the loss
     // gradient and its scaled copy instead of the scaled input (backward).
     let (images_fwd, images_bwd) = (4.0 * image, 7.0 * image);
-    // Parameters, gradients, both Adam moments and the EMA copy.
-    let state = 5.0 * p_bytes;
+    // Parameters, gradients, both Adam moments and the EMA copy; under bf16 also the bf16 copy
+    // of the weights the layers read (the optimizer rewrites it each step; sampling casts the
+    // weights it uses once).
+    let copy = match precision {
+        Precision::F32 => 0.0,
+        Precision::Bf16 => p_bytes / 2.0,
+    };
+    let state = 5.0 * p_bytes + copy;
     let _ = writeln!(
         s,
         "memory at batch {n}, {}:",
@@ -1033,7 +1033,8 @@ pub fn model_report(name: &str, batch: Option<usize>, precision: Precision) -> R
     let bwd_total = state + images_bwd + mem.backward_peak as f64;
     let _ = writeln!(
         s,
-        "  training step: parameters, gradients, Adam moments and EMA {}; images around the network {} / {}",
+        "  training step: parameters, gradients, Adam moments and EMA{} {}; images around the network {} / {}",
+        if copy > 0.0 { ", bf16 weights" } else { "" },
         fmt_bytes(state),
         fmt_bytes(images_fwd),
         fmt_bytes(images_bwd)
@@ -1056,7 +1057,7 @@ pub fn model_report(name: &str, batch: Option<usize>, precision: Precision) -> R
         "  posterior sampling: one forward then VJPs, peak kept + transients {} -> {} with the weights \
          (plus the sampler's image-sized vectors)",
         fmt_bytes(mem.vjp_peak as f64),
-        fmt_bytes(p_bytes + mem.vjp_peak as f64)
+        fmt_bytes(p_bytes + copy + mem.vjp_peak as f64)
     );
     // An 80 GB device: the pool's limit is the memory free when it starts (after about 0.5 GiB
     // of context and modules) less a 32nd of the device, as DevicePool::new sets it; the

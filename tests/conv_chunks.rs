@@ -5,6 +5,7 @@
 //! One test in this binary: the budget is process-wide.
 
 use emprior::nn::conv::set_column_budget;
+use emprior::nn::Weights;
 use emprior::nn::{Mode, UNet, UNetConfig};
 use emprior::ops::Philox;
 use emprior::{AsView, AsViewMut, DType, Device, Tensor};
@@ -36,11 +37,21 @@ fn run(unet: &UNet, cfg: &UNetConfig, dtype: DType, n: usize) -> [Vec<f64>; 4] {
         rng: Philox::new(4, 4),
         first_row: 0,
     };
-    let (y, saved) = unet.forward(&pv, &x.as_view().unwrap(), &ev, mode).unwrap();
-    let vjp = unet.backward(&pv, &ev, &saved, &uv, None).unwrap();
+    let (y, saved) = unet
+        .forward(&Weights::from(&pv), &x.as_view().unwrap(), &ev, mode)
+        .unwrap();
+    let vjp = unet
+        .backward(&Weights::from(&pv), &ev, &saved, &uv, None)
+        .unwrap();
     let mut g = Tensor::zeros(&[unet.layout.len()], dtype, &cpu).unwrap();
     let dx = unet
-        .backward(&pv, &ev, &saved, &uv, Some(&mut g.as_view_mut().unwrap()))
+        .backward(
+            &Weights::from(&pv),
+            &ev,
+            &saved,
+            &uv,
+            Some(&mut g.as_view_mut().unwrap()),
+        )
         .unwrap();
     [values(&y), values(&vjp), values(&dx), values(&g)]
 }

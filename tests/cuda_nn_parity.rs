@@ -26,6 +26,7 @@ use emprior::nn::norm::{
     modulated_layer_norm_operand, silu_layer_norm, silu_layer_norm_backward,
 };
 use emprior::nn::resample::upsample_concat_bf16;
+use emprior::nn::Weights;
 use emprior::nn::{resample, Conv3x3, Linear, Mode, ParamLayout, TimeMlp, UNet, UNetConfig};
 use emprior::ops::broadcast::{add_bias, scale_rows_add_into, sum_rows_into};
 use emprior::ops::elementwise::{silu_backward_operand, silu_operand};
@@ -170,12 +171,14 @@ fn linear_case(d: &Device) -> Vec<Output> {
     let x = on(d, 2, &[3, 37, 67], 1.0);
     let dy = on(d, 3, &[3, 37, 130], 1.0);
     let pv = p.as_view().unwrap();
-    let y = lin.forward(&layout, &pv, &x.as_view().unwrap()).unwrap();
+    let y = lin
+        .forward(&layout, &Weights::from(&pv), &x.as_view().unwrap())
+        .unwrap();
     let mut g = grads(&layout, d);
     let dx = lin
         .backward(
             &layout,
-            &pv,
+            &Weights::from(&pv),
             &x.as_view().unwrap(),
             &dy.as_view().unwrap(),
             Some(&mut g.as_view_mut().unwrap()),
@@ -201,13 +204,15 @@ fn conv3x3(gpu: &Device) {
                 let p = layout.init(4, DType::F32, &CPU).unwrap().to_device(d).unwrap();
                 let x = on(d, 5, &[2, h, w, cin], 1.0);
                 let pv = p.as_view().unwrap();
-                let y = conv.forward(&layout, &pv, &x.as_view().unwrap()).unwrap();
+                let y = conv
+                    .forward(&layout, &Weights::from(&pv), &x.as_view().unwrap())
+                    .unwrap();
                 let dy = on(d, 6, y.shape(), 1.0);
                 let mut g = grads(&layout, d);
                 let dx = conv
                     .backward(
                         &layout,
-                        &pv,
+                        &Weights::from(&pv),
                         &x.as_view().unwrap(),
                         &dy.as_view().unwrap(),
                         Some(&mut g.as_view_mut().unwrap()),
@@ -396,13 +401,15 @@ fn attention_case(d: &Device) -> Vec<Output> {
     let p = layout.init(24, DType::F32, &CPU).unwrap().to_device(d).unwrap();
     let pv = p.as_view().unwrap();
     let x = on(d, 25, &[2, 16, 16, 64], 1.0);
-    let (y, saved) = attn.forward(&layout, &pv, &x.as_view().unwrap()).unwrap();
+    let (y, saved) = attn
+        .forward(&layout, &Weights::from(&pv), &x.as_view().unwrap())
+        .unwrap();
     let dy = on(d, 26, y.shape(), 1.0);
     let mut g = grads(&layout, d);
     let dx = attn
         .backward(
             &layout,
-            &pv,
+            &Weights::from(&pv),
             &saved,
             &dy.as_view().unwrap(),
             Some(&mut g.as_view_mut().unwrap()),
@@ -424,16 +431,32 @@ fn blocks_case(d: &Device) -> Vec<Output> {
         rng: Philox::new(1, 2),
         first_row: 0,
     };
-    let (h, rs) = res.forward(&layout, &pv, x, &ev, mode, 0).unwrap();
-    let (y, ats) = att.forward(&layout, &pv, h, &ev).unwrap();
+    let (h, rs) = res
+        .forward(&layout, &Weights::from(&pv), x, &ev, mode, 0)
+        .unwrap();
+    let (y, ats) = att.forward(&layout, &Weights::from(&pv), h, &ev).unwrap();
     let dy = on(d, 30, y.shape(), 1.0);
     let mut g = grads(&layout, d);
     let mut gv = g.as_view_mut().unwrap();
     let dh = att
-        .backward(&layout, &pv, &ev, &ats, &dy.as_view().unwrap(), Some(&mut gv))
+        .backward(
+            &layout,
+            &Weights::from(&pv),
+            &ev,
+            &ats,
+            &dy.as_view().unwrap(),
+            Some(&mut gv),
+        )
         .unwrap();
     let dx = res
-        .backward(&layout, &pv, &ev, &rs, &dh.as_view().unwrap(), Some(&mut gv))
+        .backward(
+            &layout,
+            &Weights::from(&pv),
+            &ev,
+            &rs,
+            &dh.as_view().unwrap(),
+            Some(&mut gv),
+        )
         .unwrap();
     drop(gv);
     vec![whole("y", y), whole("dx", dx), per_param("grads", g, &layout)]
@@ -466,10 +489,15 @@ fn input(d: &Device, seed: u64, shape: &[usize], scale: f32, dtype: DType) -> Te
 }
 
 /// A denoiser's forward (eval mode), VJP, and the input and parameter gradients of <u, d(x)>,
-/// for a batch of `shape[0]` with one sigma per sample.
+/// for a batch of `shape[0]` with one sigma per sample. Under bf16 the layers read the bf16
+/// copy of the weights made on the device, as training and sampling pass them.
 fn denoiser_case(d: &Device, den: &Denoiser, dtype: DType, shape: &[usize]) -> Vec<Output> {
     let p = den.layout().init(31, dtype, &CPU).unwrap().to_device(d).unwrap();
-    let pv = p.as_view().unwrap();
+    let copy = match dtype {
+        DType::F32 => den.layout().bf16_copy(&p).unwrap(),
+        _ => None,
+    };
+    let pv = Weights::new(p.as_view().unwrap(), copy.as_ref()).unwrap();
     let x = input(d, 32, shape, 2.0, dtype);
     let (y, saved) = den
         .denoise(&pv, &x.as_view().unwrap(), &sigmas(shape[0]), Mode::Eval)

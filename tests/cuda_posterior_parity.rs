@@ -15,8 +15,9 @@ use emprior::diffusion::loss::dsm_loss;
 use emprior::diffusion::sampler::sampler_step;
 use emprior::diffusion::{Denoiser, Network, Sampler, SamplerKind, VeSchedule};
 use emprior::gaussian::{Dplr, Gaussian};
-use emprior::nn::{Mode, TimeMlp, UNet};
-use emprior::ops::Philox;
+use emprior::nn::{Mode, TimeMlp, UNet, Weights};
+use emprior::ops::precision::{to_bf16, to_f32};
+use emprior::ops::{axpy, Philox};
 use emprior::posterior::{
     column_masks, CgConfig, DenseOperators, FourierOperator, LinearOperator, MaskOperator, Mmps,
     NetworkPrior, ObservationNoise,
@@ -117,12 +118,23 @@ fn adam_case(d: &Device) -> Vec<Output> {
         })
     };
     let mut adam = Adam::new(config, &p).unwrap();
+    // The bf16 copy of the parameters that adam_step_f32 writes in the same pass.
+    adam.keep_bf16_copy(&p).unwrap();
     for s in 0..3 {
         let g = on(d, 10 + s, &[5000], if s == 0 { 0.01 } else { 1.0 });
         adam.update(&mut p, &g).unwrap();
     }
     let ema = adam.ema().unwrap().to_device(d).unwrap();
-    vec![whole("params", p), whole("ema", ema)]
+    let copy = to_f32(adam.bf16_copy().unwrap()).unwrap();
+    // On each device the copy is the cast of that device's parameters, bit for bit: zero.
+    let mut off = to_f32(&to_bf16(&p).unwrap()).unwrap();
+    axpy(-1.0, &copy, &mut off).unwrap();
+    vec![
+        whole("params", p),
+        whole("ema", ema),
+        whole("bf16 copy", copy),
+        whole("bf16 copy - cast of the params", off),
+    ]
 }
 
 /// The DSM loss's parameter gradient (dropout on), then one training step: both in the
@@ -148,7 +160,7 @@ fn dsm_case(d: &Device) -> Vec<Output> {
     );
     let loss = dsm_loss(
         &den,
-        &pv,
+        &Weights::from(&pv),
         &xv,
         &sigmas,
         &zv,
@@ -250,10 +262,7 @@ fn ddpm_mmps_case(d: &Device, stream: u64) -> Vec<Output> {
     let mask = MaskOperator::from_pixel_mask(&bits, b, 64, 3, DType::F32, d).unwrap();
     let y = on(d, 31, &[b, 192], 1.0);
     let noise = ObservationNoise::Scalar(1e-6);
-    let prior = NetworkPrior {
-        denoiser: &den,
-        params: &params,
-    };
+    let prior = NetworkPrior::new(&den, &params).unwrap();
     let cg = CgConfig {
         max_iters: 1,
         rtol: None,
@@ -278,10 +287,7 @@ fn pc_mmps_case(d: &Device) -> Vec<Output> {
     let ops = DenseOperators::new(on(d, 40, &[b, 2, 5], 1.0)).unwrap();
     let y = on(d, 41, &[b, 2], 1.0);
     let noise = ObservationNoise::Scalar(1e-4);
-    let prior = NetworkPrior {
-        denoiser: &den,
-        params: &params,
-    };
+    let prior = NetworkPrior::new(&den, &params).unwrap();
     let cg = CgConfig {
         max_iters: 3,
         rtol: None,

@@ -4,6 +4,7 @@
 mod common;
 
 use emprior::nn::blocks::{Modulation, ModulationBank};
+use emprior::nn::Weights;
 use emprior::nn::{Conv3x3, Mode, ParamLayout, UNet, UNetConfig};
 use emprior::ops::Precision;
 use emprior::{AsView, AsViewMut, DType, Device, Tensor};
@@ -32,7 +33,7 @@ fn saved_bytes(cfg: &UNetConfig, n: usize) -> usize {
     let e = Tensor::zeros(&[n, cfg.emb], DType::F32, &CPU).unwrap();
     let (_, saved) = unet
         .forward(
-            &p.as_view().unwrap(),
+            &p.as_view().unwrap().into(),
             &x.as_view().unwrap(),
             &e.as_view().unwrap(),
             Mode::Eval,
@@ -128,11 +129,11 @@ fn bank_against_blocks(dtype: DType, n: usize) -> (f64, f64) {
     };
     let emb = rand(1, n * e, &[n, e]);
     let ev = emb.as_view().unwrap();
-    let saved = bank.forward(&pv, &ev).unwrap();
+    let saved = bank.forward(&Weights::from(&pv), &ev).unwrap();
     let dm = rand(2, saved.m.numel(), saved.m.shape());
     let mut g_bank = Tensor::zeros(&[layout.len()], dtype, &CPU).unwrap();
     bank.backward_params(
-        &pv,
+        &Weights::from(&pv),
         &ev,
         &saved,
         &dm.as_view().unwrap(),
@@ -143,13 +144,20 @@ fn bank_against_blocks(dtype: DType, n: usize) -> (f64, f64) {
     let mut g_each = Tensor::zeros(&[layout.len()], dtype, &CPU).unwrap();
     let (mut worst_m, all_m, all_dm) = (0.0f64, saved.m.as_view().unwrap(), dm.as_view().unwrap());
     for (slot, md) in ordered.iter().enumerate() {
-        let own = md.forward(&layout, &pv, &ev).unwrap();
+        let own = md.forward(&layout, &Weights::from(&pv), &ev).unwrap();
         let from_bank = bank.slot(&all_m, n, slot).unwrap().to_tensor().unwrap();
         assert_eq!(own.m.shape(), from_bank.shape());
         worst_m = worst_m.max(rel_diff(&values(&from_bank), &values(&own.m)));
         let dmb = bank.slot(&all_dm, n, slot).unwrap();
-        md.backward_params(&layout, &pv, &ev, &own, &dmb, &mut g_each.as_view_mut().unwrap())
-            .unwrap();
+        md.backward_params(
+            &layout,
+            &Weights::from(&pv),
+            &ev,
+            &own,
+            &dmb,
+            &mut g_each.as_view_mut().unwrap(),
+        )
+        .unwrap();
     }
     let (gb, ge) = (values(&g_bank), values(&g_each));
     let mut worst_g = 0.0f64;

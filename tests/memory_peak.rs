@@ -10,7 +10,7 @@ use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 
 use emprior::nn::conv::set_column_budget;
-use emprior::nn::{Mode, UNet, UNetConfig};
+use emprior::nn::{Mode, UNet, UNetConfig, Weights};
 use emprior::ops::{Philox, Precision};
 use emprior::{AsView, AsViewMut, DType, Device, Tensor};
 
@@ -69,7 +69,11 @@ fn measure(cfg: &UNetConfig, n: usize, mode: Mode, precision: Precision) -> Meas
     let e = Tensor::full(&[n, cfg.emb], 0.25, &cpu).unwrap();
     let dy = Tensor::full(&[n, h, w, cfg.out_channels], 1.0, &cpu).unwrap();
     let mut g = Tensor::zeros(&[unet.layout.len()], DType::F32, &cpu).unwrap();
-    let (pv, ev) = (p.as_view().unwrap(), e.as_view().unwrap());
+    // The weights as training and sampling pass them: with their bf16 copy under bf16, made
+    // before the measurement (the walk counts activations only).
+    let copy = unet.layout.bf16_copy(&p).unwrap();
+    let pv = Weights::new(p.as_view().unwrap(), copy.as_ref()).unwrap();
+    let ev = e.as_view().unwrap();
     let ((y, saved), forward_peak) =
         peak_during(|| unet.forward(&pv, &x.as_view().unwrap(), &ev, mode).unwrap());
     let saved_bytes = saved.bytes() as u64;

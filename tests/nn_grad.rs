@@ -7,6 +7,7 @@ mod common;
 use common::random_vec;
 use emprior::nn::attention::SelfAttention;
 use emprior::nn::blocks::{AttBlock, ResBlock};
+use emprior::nn::Weights;
 use emprior::nn::{resample, Conv3x3, Linear, Mode, ParamLayout};
 use emprior::ops::Philox;
 use emprior::tensor::numel;
@@ -134,7 +135,7 @@ fn linear_gradients() {
         let shape = vec![2, 3, 7];
         let fwd = |l: &ParamLayout, p: &[f64], x: &[f64]| {
             let (pt, xt) = (t64(p, &[p.len()]), t64(x, &[2, 3, 7]));
-            lin.forward(l, &pt.as_view().unwrap(), &xt.as_view().unwrap())
+            lin.forward(l, &pt.as_view().unwrap().into(), &xt.as_view().unwrap())
                 .unwrap()
                 .to_vec_f64()
                 .unwrap()
@@ -147,7 +148,7 @@ fn linear_gradients() {
                     xt.as_view().unwrap(),
                     dyt.as_view().unwrap(),
                 );
-                lin.backward(l, &pv, &xv, &dv, gv).unwrap()
+                lin.backward(l, &Weights::from(&pv), &xv, &dv, gv).unwrap()
             })
         };
         Harness {
@@ -170,7 +171,7 @@ fn conv3x3_gradients() {
         let y_shape = conv.out_shape(&x_shape).unwrap();
         let fwd = |l: &ParamLayout, p: &[f64], x: &[f64]| {
             let (pt, xt) = (t64(p, &[p.len()]), t64(x, &x_shape));
-            conv.forward(l, &pt.as_view().unwrap(), &xt.as_view().unwrap())
+            conv.forward(l, &pt.as_view().unwrap().into(), &xt.as_view().unwrap())
                 .unwrap()
                 .to_vec_f64()
                 .unwrap()
@@ -183,7 +184,7 @@ fn conv3x3_gradients() {
                     xt.as_view().unwrap(),
                     dyt.as_view().unwrap(),
                 );
-                conv.backward(l, &pv, &xv, &dv, gv).unwrap()
+                conv.backward(l, &Weights::from(&pv), &xv, &dv, gv).unwrap()
             })
         };
         Harness {
@@ -294,7 +295,7 @@ fn res_block_gradients() {
             let (y, _) = block
                 .forward(
                     l,
-                    &pt.as_view().unwrap(),
+                    &pt.as_view().unwrap().into(),
                     t64(x, &x_shape),
                     &emb.as_view().unwrap(),
                     mode,
@@ -307,11 +308,13 @@ fn res_block_gradients() {
             let pt = t64(p, &[p.len()]);
             let pv = pt.as_view().unwrap();
             let ev = emb.as_view().unwrap();
-            let (_, saved) = block.forward(l, &pv, t64(x, &x_shape), &ev, mode, 17).unwrap();
+            let (_, saved) = block
+                .forward(l, &Weights::from(&pv), t64(x, &x_shape), &ev, mode, 17)
+                .unwrap();
             let dyt = t64(dy, &x_shape);
             with_grads(g, |gv| {
                 block
-                    .backward(l, &pv, &ev, &saved, &dyt.as_view().unwrap(), gv)
+                    .backward(l, &Weights::from(&pv), &ev, &saved, &dyt.as_view().unwrap(), gv)
                     .unwrap()
             })
         };
@@ -333,7 +336,7 @@ fn attention_and_att_block_gradients() {
     let attn = SelfAttention::new(&mut layout, "attn", c, heads);
     let fwd = |l: &ParamLayout, p: &[f64], x: &[f64]| {
         let (pt, xt) = (t64(p, &[p.len()]), t64(x, &x_shape));
-        attn.forward(l, &pt.as_view().unwrap(), &xt.as_view().unwrap())
+        attn.forward(l, &pt.as_view().unwrap().into(), &xt.as_view().unwrap())
             .unwrap()
             .0
             .to_vec_f64()
@@ -342,9 +345,11 @@ fn attention_and_att_block_gradients() {
     let bwd = |l: &ParamLayout, p: &[f64], x: &[f64], dy: &[f64], g: Option<&mut [f64]>| {
         let (pt, xt, dyt) = (t64(p, &[p.len()]), t64(x, &x_shape), t64(dy, &x_shape));
         let pv = pt.as_view().unwrap();
-        let (_, saved) = attn.forward(l, &pv, &xt.as_view().unwrap()).unwrap();
+        let (_, saved) = attn
+            .forward(l, &Weights::from(&pv), &xt.as_view().unwrap())
+            .unwrap();
         with_grads(g, |gv| {
-            attn.backward(l, &pv, &saved, &dyt.as_view().unwrap(), gv)
+            attn.backward(l, &Weights::from(&pv), &saved, &dyt.as_view().unwrap(), gv)
                 .unwrap()
         })
     };
@@ -364,7 +369,7 @@ fn attention_and_att_block_gradients() {
         let (y, _) = block
             .forward(
                 l,
-                &pt.as_view().unwrap(),
+                &pt.as_view().unwrap().into(),
                 t64(x, &x_shape),
                 &emb.as_view().unwrap(),
             )
@@ -374,11 +379,13 @@ fn attention_and_att_block_gradients() {
     let bwd = |l: &ParamLayout, p: &[f64], x: &[f64], dy: &[f64], g: Option<&mut [f64]>| {
         let pt = t64(p, &[p.len()]);
         let (pv, ev) = (pt.as_view().unwrap(), emb.as_view().unwrap());
-        let (_, saved) = block.forward(l, &pv, t64(x, &x_shape), &ev).unwrap();
+        let (_, saved) = block
+            .forward(l, &Weights::from(&pv), t64(x, &x_shape), &ev)
+            .unwrap();
         let dyt = t64(dy, &x_shape);
         with_grads(g, |gv| {
             block
-                .backward(l, &pv, &ev, &saved, &dyt.as_view().unwrap(), gv)
+                .backward(l, &Weights::from(&pv), &ev, &saved, &dyt.as_view().unwrap(), gv)
                 .unwrap()
         })
     };
@@ -507,7 +514,7 @@ fn time_mlp_gradients() {
     let fwd = |_: &ParamLayout, p: &[f64], x: &[f64]| {
         let (pt, xt) = (t64(p, &[p.len()]), t64(x, &x_shape));
         mlp.forward(
-            &pt.as_view().unwrap(),
+            &pt.as_view().unwrap().into(),
             &xt.as_view().unwrap(),
             &emb.as_view().unwrap(),
         )
@@ -520,10 +527,15 @@ fn time_mlp_gradients() {
         let (pt, xt, dyt) = (t64(p, &[p.len()]), t64(x, &x_shape), t64(dy, &x_shape));
         let pv = pt.as_view().unwrap();
         let (_, saved) = mlp
-            .forward(&pv, &xt.as_view().unwrap(), &emb.as_view().unwrap())
+            .forward(
+                &Weights::from(&pv),
+                &xt.as_view().unwrap(),
+                &emb.as_view().unwrap(),
+            )
             .unwrap();
         with_grads(g, |gv| {
-            mlp.backward(&pv, &saved, &dyt.as_view().unwrap(), gv).unwrap()
+            mlp.backward(&Weights::from(&pv), &saved, &dyt.as_view().unwrap(), gv)
+                .unwrap()
         })
     };
     Harness {
@@ -581,7 +593,7 @@ fn small_unet_gradients() {
         let fwd = |_: &ParamLayout, p: &[f64], x: &[f64]| {
             let (pt, xt) = (t64(p, &[p.len()]), t64(x, &x_shape));
             unet.forward(
-                &pt.as_view().unwrap(),
+                &pt.as_view().unwrap().into(),
                 &xt.as_view().unwrap(),
                 &emb.as_view().unwrap(),
                 mode,
@@ -594,10 +606,12 @@ fn small_unet_gradients() {
         let bwd = |_: &ParamLayout, p: &[f64], x: &[f64], dy: &[f64], g: Option<&mut [f64]>| {
             let (pt, xt) = (t64(p, &[p.len()]), t64(x, &x_shape));
             let (pv, ev) = (pt.as_view().unwrap(), emb.as_view().unwrap());
-            let (y, saved) = unet.forward(&pv, &xt.as_view().unwrap(), &ev, mode).unwrap();
+            let (y, saved) = unet
+                .forward(&Weights::from(&pv), &xt.as_view().unwrap(), &ev, mode)
+                .unwrap();
             let dyt = t64(dy, y.shape());
             with_grads(g, |gv| {
-                unet.backward(&pv, &ev, &saved, &dyt.as_view().unwrap(), gv)
+                unet.backward(&Weights::from(&pv), &ev, &saved, &dyt.as_view().unwrap(), gv)
                     .unwrap()
             })
         };
@@ -641,7 +655,7 @@ fn preconditioned_denoiser_vjp_and_parameter_gradient() {
         let fwd = |_: &ParamLayout, p: &[f64], x: &[f64]| {
             let (pt, xt) = (t64(p, &[p.len()]), t64(x, &x_shape));
             den.denoise(
-                &pt.as_view().unwrap(),
+                &pt.as_view().unwrap().into(),
                 &xt.as_view().unwrap(),
                 &sigmas,
                 Mode::Eval,
@@ -655,10 +669,11 @@ fn preconditioned_denoiser_vjp_and_parameter_gradient() {
             let (pt, xt, ut) = (t64(p, &[p.len()]), t64(x, &x_shape), t64(dy, &x_shape));
             let pv = pt.as_view().unwrap();
             let (_, saved) = den
-                .denoise(&pv, &xt.as_view().unwrap(), &sigmas, Mode::Eval)
+                .denoise(&Weights::from(&pv), &xt.as_view().unwrap(), &sigmas, Mode::Eval)
                 .unwrap();
             with_grads(g, |gv| {
-                den.backward(&pv, &saved, &ut.as_view().unwrap(), gv).unwrap()
+                den.backward(&Weights::from(&pv), &saved, &ut.as_view().unwrap(), gv)
+                    .unwrap()
             })
         };
         Harness {
@@ -673,20 +688,30 @@ fn preconditioned_denoiser_vjp_and_parameter_gradient() {
         let p = den.layout().init(5, DType::F64, &CPU).unwrap();
         let x = t64(&rand64(6, numel(&x_shape), 1.0), &x_shape);
         let (_, saved) = den
-            .denoise(&p.as_view().unwrap(), &x.as_view().unwrap(), &sigmas, Mode::Eval)
+            .denoise(
+                &p.as_view().unwrap().into(),
+                &x.as_view().unwrap(),
+                &sigmas,
+                Mode::Eval,
+            )
             .unwrap();
         for k in 0..3 {
             let u = t64(&rand64(10 + k, numel(&x_shape), 1.0), &x_shape);
             let reused = den
-                .vjp(&p.as_view().unwrap(), &saved, &u.as_view().unwrap())
+                .vjp(&p.as_view().unwrap().into(), &saved, &u.as_view().unwrap())
                 .unwrap()
                 .to_vec_f64()
                 .unwrap();
             let (_, fresh) = den
-                .denoise(&p.as_view().unwrap(), &x.as_view().unwrap(), &sigmas, Mode::Eval)
+                .denoise(
+                    &p.as_view().unwrap().into(),
+                    &x.as_view().unwrap(),
+                    &sigmas,
+                    Mode::Eval,
+                )
                 .unwrap();
             let again = den
-                .vjp(&p.as_view().unwrap(), &fresh, &u.as_view().unwrap())
+                .vjp(&p.as_view().unwrap().into(), &fresh, &u.as_view().unwrap())
                 .unwrap()
                 .to_vec_f64()
                 .unwrap();
@@ -704,7 +729,7 @@ fn denoiser_tends_to_identity_at_small_sigma_and_checks_inputs() {
     let x = t64(&rand64(2, 4, 1.0), &[2, 2]);
     let (y, _) = den
         .denoise(
-            &p.as_view().unwrap(),
+            &p.as_view().unwrap().into(),
             &x.as_view().unwrap(),
             &[1e-6, 1e-6],
             Mode::Eval,
@@ -714,13 +739,18 @@ fn denoiser_tends_to_identity_at_small_sigma_and_checks_inputs() {
         assert!((a - b).abs() < 1e-5, "c_skip -> 1 and c_out -> 0 as sigma -> 0");
     }
     let err = den
-        .denoise(&p.as_view().unwrap(), &x.as_view().unwrap(), &[1.0], Mode::Eval)
+        .denoise(
+            &p.as_view().unwrap().into(),
+            &x.as_view().unwrap(),
+            &[1.0],
+            Mode::Eval,
+        )
         .unwrap_err()
         .to_string();
     assert!(err.contains("sigmas"), "{err}");
     let err = den
         .denoise(
-            &p.as_view().unwrap(),
+            &p.as_view().unwrap().into(),
             &x.as_view().unwrap(),
             &[1.0, f64::NAN],
             Mode::Eval,
@@ -731,7 +761,7 @@ fn denoiser_tends_to_identity_at_small_sigma_and_checks_inputs() {
     let bad = t64(&[0.0; 6], &[2, 3]);
     let err = den
         .denoise(
-            &p.as_view().unwrap(),
+            &p.as_view().unwrap().into(),
             &bad.as_view().unwrap(),
             &[1.0, 1.0],
             Mode::Eval,

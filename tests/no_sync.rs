@@ -148,10 +148,7 @@ fn mmps_sampling_with_a_cg_tolerance_does_not_synchronise() {
     let _turn = serial();
     let t = trainer(4);
     let den = t.denoiser.clone();
-    let prior = NetworkPrior {
-        denoiser: &den,
-        params: t.weights(),
-    };
+    let prior = NetworkPrior::new(&den, t.weights()).unwrap();
     let n = 64;
     let mut a = vec![0.0f32; n * 2 * 5];
     Philox::new(5, 5).fill_normal(0, &mut a);

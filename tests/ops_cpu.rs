@@ -3,6 +3,7 @@
 mod common;
 
 use common::{assert_close, gemm_case, naive_gemm, random_vec, GemmCase, GEMM_CASES};
+use emprior::nn::Weights;
 use emprior::ops::{self, GemmSpec, Philox};
 use emprior::{DType, Device, DeviceRequest, Error, Tensor};
 
@@ -392,9 +393,11 @@ fn cpu_results_do_not_depend_on_the_thread_count() {
     let run = || {
         let pv = params.as_view().unwrap();
         let (y, saved) = den
-            .denoise(&pv, &x.as_view().unwrap(), &sigmas, Mode::Eval)
+            .denoise(&Weights::from(&pv), &x.as_view().unwrap(), &sigmas, Mode::Eval)
             .unwrap();
-        let dx = den.vjp(&pv, &saved, &u.as_view().unwrap()).unwrap();
+        let dx = den
+            .vjp(&Weights::from(&pv), &saved, &u.as_view().unwrap())
+            .unwrap();
         (y.to_vec_f32().unwrap(), dx.to_vec_f32().unwrap())
     };
     let pool = |n| rayon::ThreadPoolBuilder::new().num_threads(n).build().unwrap();

@@ -519,10 +519,7 @@ fn a_batch_sampled_in_parts_gives_the_bits_of_the_whole() {
     let (rows, d, m) = (37usize, 5usize, 2usize);
     let denoiser = Denoiser::new(Network::Mlp(TimeMlp::new(d, &[64, 64], 16)));
     let params = denoiser.layout().init(11, DType::F32, &CPU).unwrap();
-    let prior = NetworkPrior {
-        denoiser: &denoiser,
-        params: &params,
-    };
+    let prior = NetworkPrior::new(&denoiser, &params).unwrap();
     let a = randn(21, rows * m * d);
     let y: Vec<f64> = randn(22, rows * m).iter().map(|v| 0.5 * v).collect();
     let noise = ObservationNoise::Scalar(0.05f64.powi(2));
@@ -679,10 +676,7 @@ fn an_image_batch_sampled_in_parts_gives_the_bits_of_the_whole() {
     let per = h * w * c;
     let denoiser = Denoiser::new(Network::UNet(UNet::new(common::small_unet_config()).unwrap()));
     let params = denoiser.layout().init(12, DType::F32, &CPU).unwrap();
-    let prior = NetworkPrior {
-        denoiser: &denoiser,
-        params: &params,
-    };
+    let prior = NetworkPrior::new(&denoiser, &params).unwrap();
     let masks: Vec<f32> = random_vec(23, rows * h * w, 0.0, 1.0)
         .iter()
         .map(|&u| (u < 0.4) as u8 as f32)

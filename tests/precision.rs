@@ -7,6 +7,7 @@ mod common;
 
 use common::{random_vec, small_unet_config};
 use emprior::diffusion::{Denoiser, Network};
+use emprior::nn::Weights;
 use emprior::nn::{conv::Conv3x3, linear::Linear, Mode, ParamLayout, UNet};
 use emprior::ops::precision::round_to_bf16;
 use emprior::ops::Precision;
@@ -49,11 +50,11 @@ fn rounded_weights(layout: &ParamLayout, params: &[f32]) -> Vec<f32> {
 
 /// One layer's forward and backward.
 trait Layer {
-    fn forward(&self, layout: &ParamLayout, params: &View, x: &View) -> emprior::Result<Tensor>;
+    fn forward(&self, layout: &ParamLayout, params: &Weights, x: &View) -> emprior::Result<Tensor>;
     fn backward(
         &self,
         layout: &ParamLayout,
-        params: &View,
+        params: &Weights,
         x: &View,
         dy: &View,
         grads: &mut ViewMut,
@@ -61,13 +62,13 @@ trait Layer {
 }
 
 impl Layer for Conv3x3 {
-    fn forward(&self, layout: &ParamLayout, params: &View, x: &View) -> emprior::Result<Tensor> {
+    fn forward(&self, layout: &ParamLayout, params: &Weights, x: &View) -> emprior::Result<Tensor> {
         Conv3x3::forward(self, layout, params, x)
     }
     fn backward(
         &self,
         layout: &ParamLayout,
-        params: &View,
+        params: &Weights,
         x: &View,
         dy: &View,
         grads: &mut ViewMut,
@@ -77,13 +78,13 @@ impl Layer for Conv3x3 {
 }
 
 impl Layer for Linear {
-    fn forward(&self, layout: &ParamLayout, params: &View, x: &View) -> emprior::Result<Tensor> {
+    fn forward(&self, layout: &ParamLayout, params: &Weights, x: &View) -> emprior::Result<Tensor> {
         Linear::forward(self, layout, params, x)
     }
     fn backward(
         &self,
         layout: &ParamLayout,
-        params: &View,
+        params: &Weights,
         x: &View,
         dy: &View,
         grads: &mut ViewMut,
@@ -103,7 +104,7 @@ fn check_layer(what: &str, layer: &impl Layer, layout: &ParamLayout, x_shape: &[
         let mut layout = layout.clone();
         layout.set_precision(precision);
         let p = t(params, &[params.len()]);
-        let pv = p.as_view().unwrap();
+        let pv = Weights::from(p.as_view().unwrap());
         let xt = t(x, x_shape);
         let dyt = t(dy, y_shape);
         let y = layer.forward(&layout, &pv, &xt.as_view().unwrap()).unwrap();
@@ -169,11 +170,25 @@ fn layers_the_tensor_cores_cannot_take_stay_f32() {
     for l in [&layout, &bf16_layout] {
         assert_eq!(l.len(), layout.len());
     }
-    let conv_f32 = bits(&conv.forward(&layout, &pv, &x.as_view().unwrap()).unwrap());
-    let conv_bf16 = bits(&conv.forward(&bf16_layout, &pv, &x.as_view().unwrap()).unwrap());
+    let conv_f32 = bits(
+        &conv
+            .forward(&layout, &Weights::from(&pv), &x.as_view().unwrap())
+            .unwrap(),
+    );
+    let conv_bf16 = bits(
+        &conv
+            .forward(&bf16_layout, &Weights::from(&pv), &x.as_view().unwrap())
+            .unwrap(),
+    );
     assert_eq!(conv_f32, conv_bf16);
-    let lin_f32 = bits(&lin.forward(&layout, &pv, &v.as_view().unwrap()).unwrap());
-    let lin_bf16 = bits(&lin.forward(&bf16_layout, &pv, &v.as_view().unwrap()).unwrap());
+    let lin_f32 = bits(
+        &lin.forward(&layout, &Weights::from(&pv), &v.as_view().unwrap())
+            .unwrap(),
+    );
+    let lin_bf16 = bits(
+        &lin.forward(&bf16_layout, &Weights::from(&pv), &v.as_view().unwrap())
+            .unwrap(),
+    );
     assert_eq!(lin_f32, lin_bf16);
 }
 
@@ -187,12 +202,17 @@ fn unet_under_bf16_stays_within_bf16_rounding_of_f32() {
     let u = t(&random_vec(13, shape.iter().product(), -1.0, 1.0), &shape);
     let run = |den: &Denoiser| {
         let (y, saved) = den
-            .denoise(&pv, &x.as_view().unwrap(), &[0.3, 3.0], Mode::Eval)
+            .denoise(
+                &Weights::from(&pv),
+                &x.as_view().unwrap(),
+                &[0.3, 3.0],
+                Mode::Eval,
+            )
             .unwrap();
         let mut g = Tensor::zeros(&[den.layout().len()], DType::F32, &CPU).unwrap();
         let dx = den
             .backward(
-                &pv,
+                &Weights::from(&pv),
                 &saved,
                 &u.as_view().unwrap(),
                 Some(&mut g.as_view_mut().unwrap()),
@@ -335,7 +355,7 @@ fn a_unet_under_bf16_keeps_about_half_the_bytes() {
         let p = net.layout.init(3, DType::F32, &CPU).unwrap();
         let (_, saved) = net
             .forward(
-                &p.as_view().unwrap(),
+                &p.as_view().unwrap().into(),
                 &x.as_view().unwrap(),
                 &emb.as_view().unwrap(),
                 Mode::Eval,
@@ -371,4 +391,119 @@ fn the_merge_input_in_bf16_is_upsample_then_concat_of_the_kept_values() {
         .unwrap_err()
         .to_string();
     assert!(e.contains("upsample_concat_bf16") && e.contains("skip"), "{e}");
+}
+
+/// The bf16 copy in `Weights` (made once per optimizer step or per sampling lap) is what the
+/// tensor-core layers read: with the copy of the weights a bf16 U-Net gives the bits of the
+/// per-call casts (denoised, input gradient, parameter gradients); with a copy of other weights
+/// its output moves, so the copy is really read; f32 makes no copy; a copy that does not fit
+/// the parameters is refused.
+#[test]
+fn layers_read_the_bf16_copy_of_the_weights() {
+    use emprior::ops::precision::to_bf16;
+    let shape = [2, 8, 8, 3];
+    let mut den = Denoiser::new(Network::UNet(UNet::new(small_unet_config()).unwrap()));
+    let params = den.layout().init(11, DType::F32, &CPU).unwrap();
+    assert!(den.layout().bf16_copy(&params).unwrap().is_none(), "f32: no copy");
+    den.net.set_precision(Precision::Bf16);
+    let copy = den.layout().bf16_copy(&params).unwrap().expect("bf16: a copy");
+    let x = t(&random_vec(12, shape.iter().product(), -2.0, 2.0), &shape);
+    let u = t(&random_vec(13, shape.iter().product(), -1.0, 1.0), &shape);
+    let run = |w: &Weights| {
+        let (y, saved) = den
+            .denoise(w, &x.as_view().unwrap(), &[0.3, 3.0], Mode::Eval)
+            .unwrap();
+        let mut g = Tensor::zeros(&[den.layout().len()], DType::F32, &CPU).unwrap();
+        let dx = den
+            .backward(
+                w,
+                &saved,
+                &u.as_view().unwrap(),
+                Some(&mut g.as_view_mut().unwrap()),
+            )
+            .unwrap();
+        [bits(&y), bits(&dx), bits(&g)]
+    };
+    let cast = run(&Weights::from(params.as_view().unwrap()));
+    let read = run(&Weights::new(params.as_view().unwrap(), Some(&copy)).unwrap());
+    assert!(cast == read, "the copy gives the bits of the per-call casts");
+    let other = to_bf16(&den.layout().init(12, DType::F32, &CPU).unwrap()).unwrap();
+    let moved = run(&Weights::new(params.as_view().unwrap(), Some(&other)).unwrap());
+    assert!(moved[0] != cast[0], "a copy of other weights moves the output");
+
+    let short = to_bf16(&t(&[1.0; 8], &[8])).unwrap();
+    let err = Weights::new(params.as_view().unwrap(), Some(&short))
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("bf16 copy"), "{err}");
+    let not_bf16 = Tensor::zeros(&[den.layout().len()], DType::F32, &CPU).unwrap();
+    let err = Weights::new(params.as_view().unwrap(), Some(&not_bf16))
+        .err()
+        .expect("refused");
+    assert!(err.to_string().contains("bf16 copy"), "{err}");
+    let err = den.layout().bf16_copy(&t(&[1.0; 8], &[8])).expect_err("refused");
+    assert!(err.to_string().contains("parameters"), "{err}");
+}
+
+/// The tensor cores load their operands in 16-byte chunks: a bf16 operand that starts at an
+/// element offset not a multiple of 8 is refused by name on every device (so the CPU catches
+/// it), and every weight of the paper's networks the tensor cores take starts at a multiple of
+/// 8 in the flat buffer, so the layers read them from the bf16 copy rather than casting.
+#[test]
+fn tensor_core_operands_are_aligned_and_the_presets_weights_are_read_from_the_copy() {
+    use emprior::nn::Bf16Weight;
+    use emprior::ops::precision::{to_bf16, Bf16Ref};
+    use emprior::ops::{gemm_bf16_into, GemmSpec};
+    let a = to_bf16(&t(&random_vec(1, 8 * 16 + 1, -1.0, 1.0), &[8 * 16 + 1])).unwrap();
+    let b = to_bf16(&t(&random_vec(2, 16 * 8, -1.0, 1.0), &[16, 8])).unwrap();
+    let mut c = Tensor::zeros(&[8, 8], DType::F32, &CPU).unwrap();
+    let misaligned = Bf16Ref::new(&a).sub(1, &[8, 16]).unwrap();
+    let err = gemm_bf16_into(
+        misaligned,
+        &b,
+        None,
+        Some(&mut c.as_view_mut().unwrap()),
+        None,
+        GemmSpec::default(),
+    )
+    .expect_err("refused");
+    assert!(err.to_string().contains("not a multiple of 8"), "{err}");
+    let aligned = Bf16Ref::new(&a).sub(0, &[8, 16]).unwrap();
+    gemm_bf16_into(
+        aligned,
+        &b,
+        None,
+        Some(&mut c.as_view_mut().unwrap()),
+        None,
+        GemmSpec::default(),
+    )
+    .unwrap();
+
+    for name in ["cifar10", "mri"] {
+        let mut net = emprior::diffusion::preset(name).unwrap();
+        net.set_precision(Precision::Bf16);
+        let layout = net.layout();
+        let params = layout.init(0, DType::F32, &CPU).unwrap();
+        let copy = layout.bf16_copy(&params).unwrap().unwrap();
+        let w = Weights::new(params.as_view().unwrap(), Some(&copy)).unwrap();
+        let mut taken = 0;
+        for (i, s) in layout.specs().iter().enumerate() {
+            // Weights (2-D or 4-D) whose matrix sides are multiples of 8 take the tensor cores.
+            let (rows, cols) = match s.shape.as_slice() {
+                [r, c] => (*r, *c),
+                [kh, kw, ci, co] => (kh * kw * ci, *co),
+                _ => continue,
+            };
+            let tc = s.shape.iter().rev().take(2).all(|d| d % 8 == 0);
+            if !tc {
+                continue;
+            }
+            let id = emprior::nn::ParamId(i);
+            match layout.weight_bf16(&w, id, &[rows, cols]).unwrap() {
+                Bf16Weight::Copy(_) => taken += 1,
+                Bf16Weight::Cast(_) => panic!("{name}: {} at offset {} is cast per call", s.name, s.offset),
+            }
+        }
+        assert!(taken > 20, "{name}: {taken} weights read from the copy");
+    }
 }

@@ -138,7 +138,7 @@ fn dsm_loss_gradient_matches_finite_differences() {
         let mut gv = g.map(|g| g.as_view_mut().unwrap());
         dsm_loss(
             &den,
-            &pt.as_view().unwrap(),
+            &pt.as_view().unwrap().into(),
             &xt.as_view().unwrap(),
             &sigmas,
             &zt.as_view().unwrap(),
@@ -239,10 +239,7 @@ fn a_time_mlp_trained_by_dsm_reproduces_a_mixture_of_gaussians() {
         rng: Philox::new(3, 3),
     };
     let sample = |weights: &Tensor| -> Vec<f64> {
-        let mut prior = NetworkPrior {
-            denoiser: &den,
-            params: weights,
-        };
+        let mut prior = NetworkPrior::new(&den, weights).unwrap();
         sampler
             .sample(&mut prior, &[n, 2], None, DType::F32, &CPU)
             .unwrap()
@@ -473,7 +470,12 @@ fn dropout_masks_of_a_part_are_the_whole_batchs() {
         };
         let sigmas = vec![0.5; hi - lo];
         let (y, _) = den
-            .denoise(&params.as_view().unwrap(), &xt.as_view().unwrap(), &sigmas, mode)
+            .denoise(
+                &params.as_view().unwrap().into(),
+                &xt.as_view().unwrap(),
+                &sigmas,
+                mode,
+            )
             .unwrap();
         y.to_vec_f32().unwrap()
     };
@@ -489,7 +491,7 @@ fn dropout_masks_of_a_part_are_the_whole_batchs() {
         let xt = Tensor::from_f32(&x[per..3 * per], &[2, 8, 8, 3], &CPU).unwrap();
         let (y, _) = den
             .denoise(
-                &params.as_view().unwrap(),
+                &params.as_view().unwrap().into(),
                 &xt.as_view().unwrap(),
                 &[0.5, 0.5],
                 Mode::Eval,
@@ -560,4 +562,69 @@ fn data_parallel_steps_on_thread_ranks_are_one_process_bits() {
             assert_eq!(losses, &one_losses, "world {world}, rank {r}");
         }
     }
+}
+
+/// The bf16 copy the bf16 policy's layers read (`nn::Weights`): Adam rewrites it in its own pass
+/// at every step, so it is always the parameters rounded to bf16 (the bits of a fresh cast), a
+/// skipped step leaves both alone, and only f32 parameters of its own length are taken.
+#[test]
+fn adam_keeps_the_bf16_copy_of_the_parameters_it_updates() {
+    use emprior::ops::precision::to_bf16;
+    let n = 4099;
+    let mut p = Tensor::from_f32(&random_vec(1, n, -1.0, 1.0), &[n], &CPU).unwrap();
+    let config = AdamConfig {
+        ema: Some(0.99),
+        ..AdamConfig::new(LrSchedule::Constant(1e-2))
+    };
+    let mut adam = Adam::new(config, &p).unwrap();
+    assert!(adam.bf16_copy().is_none(), "no copy until asked for");
+    adam.keep_bf16_copy(&p).unwrap();
+    let copy_bits = |adam: &Adam| -> Vec<u16> {
+        let c = adam.bf16_copy().expect("kept");
+        c.cpu_bf16().unwrap().iter().map(|b| b.to_bits()).collect()
+    };
+    let cast_bits = |p: &Tensor| -> Vec<u16> {
+        to_bf16(p)
+            .unwrap()
+            .cpu_bf16()
+            .unwrap()
+            .iter()
+            .map(|b| b.to_bits())
+            .collect()
+    };
+    assert_eq!(copy_bits(&adam), cast_bits(&p));
+    for s in 0..3 {
+        let before = cast_bits(&p);
+        let g = Tensor::from_f32(&random_vec(10 + s, n, -1.0, 1.0), &[n], &CPU).unwrap();
+        adam.update(&mut p, &g).unwrap();
+        let after = cast_bits(&p);
+        assert_eq!(copy_bits(&adam), after, "step {s}");
+        assert_ne!(before, after, "step {s} moved the rounded weights");
+    }
+    // A non-finite gradient: the step is refused and neither buffer moves.
+    let kept = (p.to_vec_f32().unwrap(), copy_bits(&adam));
+    let mut bad = random_vec(20, n, -1.0, 1.0);
+    bad[7] = f32::NAN;
+    let g = Tensor::from_f32(&bad, &[n], &CPU).unwrap();
+    assert!(adam.update(&mut p, &g).is_err());
+    assert_eq!((p.to_vec_f32().unwrap(), copy_bits(&adam)), kept);
+
+    let p64 = Tensor::from_f64(&[1.0; 4], &[4], &CPU).unwrap();
+    let mut adam64 = Adam::new(AdamConfig::new(LrSchedule::Constant(0.1)), &p64).unwrap();
+    let err = adam64.keep_bf16_copy(&p64).unwrap_err().to_string();
+    assert!(err.contains("f32 parameters"), "{err}");
+    let short = Tensor::from_f32(&[1.0; 3], &[3], &CPU).unwrap();
+    let err = adam.keep_bf16_copy(&short).unwrap_err().to_string();
+    assert!(err.contains("parameters"), "{err}");
+    // Updating other parameters than those the copy was made for is refused before any work.
+    let mut other = Tensor::from_f32(&[0.5; 8], &[8], &CPU).unwrap();
+    let g8 = Tensor::from_f32(&[0.1; 8], &[8], &CPU).unwrap();
+    let mut small = Adam::new(AdamConfig::new(LrSchedule::Constant(0.1)), &other).unwrap();
+    small
+        .keep_bf16_copy(&Tensor::from_f32(&[0.5; 8], &[8], &CPU).unwrap())
+        .unwrap();
+    small.update(&mut other, &g8).unwrap();
+    let mut wrong = Tensor::from_f32(&[0.5; 9], &[9], &CPU).unwrap();
+    let g9 = Tensor::from_f32(&[0.1; 9], &[9], &CPU).unwrap();
+    assert!(small.update(&mut wrong, &g9).is_err());
 }

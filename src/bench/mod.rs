@@ -13,6 +13,7 @@ use cudarc::driver::sys::{CUdevice_attribute, CUevent_flags};
 
 use crate::device::{CudaDevice, Device};
 use crate::error::{Error, Result};
+use crate::nn::Weights;
 use crate::ops::{self, broadcast, gemm, reduce, GemmSpec, Philox};
 use crate::tensor::{DType, Tensor};
 
@@ -385,6 +386,7 @@ pub fn run_networks_gpu(
     den.net.set_precision(precision);
     let fwd_flops = 2.0 * den.net.forward_macs() as f64;
     let params = den.layout().init(0, DType::F32, device)?;
+    let copy = den.layout().bf16_copy(&params)?;
     let mut grads = Tensor::zeros(&[den.layout().len()], DType::F32, device)?;
     let mut rows = Vec::new();
     let batches: &[usize] = if quick { &[64] } else { &[64, 256] };
@@ -392,7 +394,8 @@ pub fn run_networks_gpu(
         let x = ops::normal(&[batch, 32, 32, 3], Philox::new(2, 1), 0, device)?;
         let u = ops::normal(&[batch, 32, 32, 3], Philox::new(2, 2), 0, device)?;
         let sigmas = vec![0.5; batch];
-        let pv = params.as_view()?;
+        // The weights as training and sampling read them: with their bf16 copy under bf16.
+        let pv = Weights::new(params.as_view()?, copy.as_ref())?;
         let mut row = |what: &str, passes: f64, ms: f64| {
             let tf = tflops(passes * fwd_flops * batch as f64, ms);
             rows.push(BenchRow {
@@ -438,10 +441,7 @@ pub fn run_networks_gpu(
             crate::posterior::MaskOperator::from_pixel_mask(&bits, batch, 1024, 3, DType::F32, device)?;
         let y = ops::normal(&[batch, 3072], Philox::new(2, 3), 0, device)?;
         let noise = crate::posterior::ObservationNoise::Scalar(1e-6);
-        let prior = crate::posterior::NetworkPrior {
-            denoiser: &den,
-            params: &params,
-        };
+        let prior = crate::posterior::NetworkPrior::new(&den, &params)?;
         let cg = crate::posterior::CgConfig {
             max_iters: 1,
             rtol: None,
@@ -671,10 +671,7 @@ pub fn run_host_traffic(device: &Device, quick: bool) -> Result<Vec<TrafficRow>>
         ops: read.ops - step.ops,
     });
 
-    let prior = NetworkPrior {
-        denoiser: &den,
-        params: trainer.weights(),
-    };
+    let prior = NetworkPrior::new(&den, trainer.weights())?;
     let a = ops::normal(&[observations, 2, 5], Philox::new(11, 2), 0, device)?;
     let operator = DenseOperators::new(a)?;
     let y = ops::normal(&[observations, 2], Philox::new(11, 3), 0, device)?;

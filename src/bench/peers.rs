@@ -13,7 +13,7 @@ use crate::device::Device;
 use crate::diffusion::sampler::{sampler_step, Denoise};
 use crate::diffusion::{preset, Denoiser, Network, VeSchedule};
 use crate::error::{Error, Result};
-use crate::nn::{Mode, UNet, UNetConfig};
+use crate::nn::{Mode, UNet, UNetConfig, Weights};
 use crate::ops::{self, Philox};
 use crate::posterior::{CgConfig, DenseOperators, MaskOperator, Mmps, NetworkPrior, ObservationNoise};
 use crate::tensor::{AsView, DType, Tensor};
@@ -136,7 +136,8 @@ fn forward_vjp(
     let x = ops::normal(shape, Philox::new(8, 1), 0, device)?;
     let u = ops::normal(shape, Philox::new(8, 2), 0, device)?;
     let sigmas = vec![1.0; shape[0]];
-    let pv = params.as_view()?;
+    let copy = den.layout().bf16_copy(&params)?;
+    let pv = Weights::new(params.as_view()?, copy.as_ref())?;
     let ms = time(device, repeats, || {
         let (_, saved) = den.denoise(&pv, &x.as_view()?, &sigmas, Mode::Eval)?;
         den.vjp(&pv, &saved, &u.as_view()?).map(drop)
@@ -150,10 +151,7 @@ fn pc_mmps_step(device: &Device, repeats: usize) -> Result<(f64, usize, f64)> {
     const N: usize = 8192;
     let den = Denoiser::new(preset("manifold")?);
     let params = den.layout().init(0, DType::F32, device)?;
-    let prior = NetworkPrior {
-        denoiser: &den,
-        params: &params,
-    };
+    let prior = NetworkPrior::new(&den, &params)?;
     // Unit-norm rows, as the manifold experiment's operators.
     let a = ops::normal(&[N, 2, 5], Philox::new(9, 1), 0, device)?.to_vec_f32()?;
     let a: Vec<f32> = a
@@ -187,10 +185,7 @@ fn pc_mmps_step(device: &Device, repeats: usize) -> Result<(f64, usize, f64)> {
 /// One MMPS posterior denoiser call of the CIFAR-10 U-Net on 75%-masked images, 1 CG iteration.
 fn unet_mmps(device: &Device, den: &Denoiser, batch: usize, repeats: usize) -> Result<(f64, usize, f64)> {
     let params = den.layout().init(0, DType::F32, device)?;
-    let prior = NetworkPrior {
-        denoiser: den,
-        params: &params,
-    };
+    let prior = NetworkPrior::new(den, &params)?;
     let pixels = 32 * 32;
     let keep = ops::uniform(&[batch * pixels], Philox::new(10, 1), 0, &Device::Cpu)?.to_vec_f32()?;
     let mask: Vec<f32> = keep.iter().map(|&u| if u < 0.25 { 1.0 } else { 0.0 }).collect();

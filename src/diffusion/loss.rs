@@ -6,7 +6,7 @@
 
 use super::precond::Denoiser;
 use crate::error::{Error, Result};
-use crate::nn::Mode;
+use crate::nn::{Mode, Weights};
 use crate::ops::broadcast::{scale_rows_add_into, scale_rows_into};
 use crate::ops::{row_dot, row_dot_into};
 use crate::tensor::{AsView, AsViewMut, Tensor, View, ViewMut};
@@ -23,7 +23,7 @@ pub fn dsm_weight(sigma: f64) -> f64 {
 #[allow(clippy::too_many_arguments)]
 pub fn dsm_loss_into(
     den: &Denoiser,
-    params: &View,
+    params: &Weights,
     x: &View,
     sigmas: &[f64],
     z: &View,
@@ -41,7 +41,7 @@ pub fn dsm_loss_into(
 #[allow(clippy::too_many_arguments)]
 pub fn dsm_loss_part_into(
     den: &Denoiser,
-    params: &View,
+    params: &Weights,
     x: &View,
     sigmas: &[f64],
     z: &View,
@@ -95,7 +95,7 @@ pub fn dsm_loss_part_into(
 /// evaluation. A non-finite loss is an error.
 pub fn dsm_loss(
     den: &Denoiser,
-    params: &View,
+    params: &Weights,
     x: &View,
     sigmas: &[f64],
     z: &View,

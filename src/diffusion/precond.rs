@@ -14,7 +14,7 @@ use crate::error::{Error, Result};
 use crate::nn::embedding::sinusoidal_embedding;
 use crate::nn::mlp::MlpSaved;
 use crate::nn::unet::UNetSaved;
-use crate::nn::{Mode, ParamLayout, TimeMlp, UNet};
+use crate::nn::{Mode, ParamLayout, TimeMlp, UNet, Weights};
 use crate::ops::broadcast::{scale_rows_add_into, scale_rows_into};
 use crate::tensor::{AsView, DType, Tensor, View, ViewMut};
 
@@ -107,7 +107,7 @@ impl Network {
     /// [`Network::sample_shape`] samples, `emb` their noise embeddings `[N, E]`; returns F's
     /// output, shaped like `x`, and the activations [`Network::backward`] needs. `mode` switches
     /// dropout (the U-Net's; the MLP has none).
-    pub fn forward(&self, params: &View, x: &View, emb: &View, mode: Mode) -> Result<(Tensor, NetSaved)> {
+    pub fn forward(&self, params: &Weights, x: &View, emb: &View, mode: Mode) -> Result<(Tensor, NetSaved)> {
         match self {
             Network::Mlp(m) => m.forward(params, x, emb).map(|(y, s)| (y, NetSaved::Mlp(s))),
             Network::UNet(u) => u
@@ -121,7 +121,7 @@ impl Network {
     /// gradient of `⟨dy, F⟩` there. Errors when `saved` comes from the other kind of network.
     pub fn backward(
         &self,
-        params: &View,
+        params: &Weights,
         emb: &View,
         saved: &NetSaved,
         dy: &View,
@@ -243,7 +243,7 @@ impl Denoiser {
     /// x_hat = d(x_t, sigma) for a batch with one sigma per sample; keeps what VJPs need.
     pub fn denoise(
         &self,
-        params: &View,
+        params: &Weights,
         x_t: &View,
         sigmas: &[f64],
         mode: Mode,
@@ -299,14 +299,14 @@ impl Denoiser {
     }
 
     /// J^T u against the activations of one `denoise` call (no parameter gradients).
-    pub fn vjp(&self, params: &View, saved: &DenoiserSaved, u: &View) -> Result<Tensor> {
+    pub fn vjp(&self, params: &Weights, saved: &DenoiserSaved, u: &View) -> Result<Tensor> {
         self.backward(params, saved, u, None)
     }
 
     /// J^T u, and with `grads` the parameter gradient of <u, d(x_t, sigma)> accumulated there.
     pub fn backward(
         &self,
-        params: &View,
+        params: &Weights,
         saved: &DenoiserSaved,
         u: &View,
         grads: Option<&mut ViewMut>,

@@ -251,7 +251,9 @@ fn dataset_shape(cfg: &Config, run: &Path) -> Result<(usize, usize, usize, usize
 /// rounding and small buffers, not by orders of magnitude.
 fn check_memory(cfg: &Config, device: &Device, run: &Path) -> Result<()> {
     let (n, h, w, c) = dataset_shape(cfg, run)?;
-    let net = network(cfg, h, w, c)?;
+    let mut net = network(cfg, h, w, c)?;
+    // The run's precision: under bf16 the activations are kept in bf16 (about half the bytes).
+    net.set_precision(super::precision(cfg, device)?.1);
     let Network::UNet(unet) = &net else {
         return Ok(());
     };
@@ -279,6 +281,11 @@ fn check_memory(cfg: &Config, device: &Device, run: &Path) -> Result<()> {
         (part(m_batch, train_part), part(e_batch, CPU_PART_IMAGES))
     };
     let params = f32s(net.layout().len());
+    // Under bf16 both phases hold a bf16 copy of the weights they run (nn::Weights).
+    let copy = match net.layout().precision() {
+        crate::ops::Precision::F32 => 0.0,
+        crate::ops::Precision::Bf16 => params / 2.0,
+    };
     let train = unet.activation_memory(m_active, true);
     // On the CPU each part of a wave keeps its own gradient (train::CPU_PARTS_PER_CORE).
     let part_grads = if device.is_cuda() {
@@ -289,13 +296,16 @@ fn check_memory(cfg: &Config, device: &Device, run: &Path) -> Result<()> {
     // Parameters, gradients, Adam moments and EMA; the training set; the batch with its noise,
     // noisy copy, denoised copy and gradients.
     let mstep = 5.0 * params
+        + copy
         + part_grads
         + f32s(repeats * n * per)
         + f32s(m_batch.saturating_mul(7 * per))
         + train.backward_peak as f64;
     let sample = unet.activation_memory(e_active, false);
-    let estep =
-        params + sample.vjp_peak as f64 + f32s(e_batch.saturating_mul(10 * per + 2 * observed + pixels));
+    let estep = params
+        + copy
+        + sample.vjp_peak as f64
+        + f32s(e_batch.saturating_mul(10 * per + 2 * observed + pixels));
     let working = mstep.max(estep);
     let gb = |b: f64| b / 1e9;
     let what = format!(
@@ -1384,10 +1394,7 @@ pub fn run_images(cfg: &Config, run: &Path, device: &Device, resume: bool) -> Re
         let t = Instant::now();
         let mean = setup.mean_of(&kept, device)?;
         drop(kept);
-        let mut prior = NetworkPrior {
-            denoiser: &den,
-            params: &params,
-        };
+        let mut prior = NetworkPrior::new(&den, &params)?;
         samples = setup.e_step(
             comm,
             &prior,

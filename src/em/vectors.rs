@@ -924,10 +924,7 @@ pub fn run_vectors(cfg: &Config, run: &Path, device: &Device, resume: bool) -> R
         } else {
             Covariance::Gaussian(Box::new(moments))
         };
-        let prior = NetworkPrior {
-            denoiser: &den,
-            params: &params,
-        };
+        let prior = NetworkPrior::new(&den, &params)?;
         let seed = derive_seed(setup.seed, lap, SEED_ESTEP);
         samples = setup.e_step(
             comm,

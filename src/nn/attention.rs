@@ -9,7 +9,7 @@
 use crate::device::launch::warp_per_row;
 
 use super::linear::Linear;
-use super::params::ParamLayout;
+use super::params::{ParamLayout, Weights};
 use super::resample::{inverse_permutation, permute};
 use crate::error::{Error, Result};
 use crate::ops::gemm::gemm_operands_into;
@@ -275,7 +275,7 @@ impl SelfAttention {
 
     /// y = MHA(x) over all pixels of each sample (x is [N, H, W, C] or [N, T, C]); the saved
     /// state holds its own copy of x.
-    pub fn forward(&self, layout: &ParamLayout, params: &View, x: &View) -> Result<(Tensor, AttSaved)> {
+    pub fn forward(&self, layout: &ParamLayout, params: &Weights, x: &View) -> Result<(Tensor, AttSaved)> {
         let (y, mut saved) = self.forward_shared(layout, params, &Operand::F32(x.clone()))?;
         saved.x = Some(x.to_tensor()?);
         Ok((y, saved))
@@ -288,7 +288,7 @@ impl SelfAttention {
     pub fn forward_shared(
         &self,
         layout: &ParamLayout,
-        params: &View,
+        params: &Weights,
         x: &Operand,
     ) -> Result<(Tensor, AttSaved)> {
         let (n, t, d) = self.dims(x.shape())?;
@@ -341,7 +341,7 @@ impl SelfAttention {
     pub fn backward(
         &self,
         layout: &ParamLayout,
-        params: &View,
+        params: &Weights,
         saved: &AttSaved,
         dy: &View,
         grads: Option<&mut ViewMut>,
@@ -356,7 +356,7 @@ impl SelfAttention {
     pub fn backward_shared(
         &self,
         layout: &ParamLayout,
-        params: &View,
+        params: &Weights,
         x: &Operand,
         saved: &AttSaved,
         dy: &View,

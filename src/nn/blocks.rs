@@ -14,6 +14,7 @@ use super::dropout::{silu_dropout, silu_dropout_backward, DropoutMask};
 use super::linear::Linear;
 use super::norm::{layer_norm_backward, modulated_layer_norm_operand, LnSaved};
 use super::params::ParamLayout;
+use super::params::Weights;
 use super::resample::{concat_channels, gather_rows_into};
 use super::Mode;
 use crate::error::{Error, Result};
@@ -473,7 +474,7 @@ impl Modulation {
 
     /// One block's modulation on its own (the U-Net evaluates all of them at once through
     /// [`ModulationBank`]; this is the reference it is tested against).
-    pub fn forward(&self, layout: &ParamLayout, params: &View, emb: &View) -> Result<ModSaved> {
+    pub fn forward(&self, layout: &ParamLayout, params: &Weights, emb: &View) -> Result<ModSaved> {
         let z = self.hidden.forward(layout, params, emb)?;
         let s = silu(&z)?;
         let m = self.out.forward(layout, params, &s.as_view()?)?;
@@ -484,7 +485,7 @@ impl Modulation {
     pub fn backward_params(
         &self,
         layout: &ParamLayout,
-        params: &View,
+        params: &Weights,
         emb: &View,
         saved: &ModSaved,
         dm: &View,
@@ -672,7 +673,7 @@ impl ModulationBank {
     }
 
     /// Every m for the embedding emb [N, E].
-    pub fn forward(&self, params: &View, emb: &View) -> Result<BankSaved> {
+    pub fn forward(&self, params: &Weights, emb: &View) -> Result<BankSaved> {
         let (e, b) = (self.emb, self.len());
         let n = match *emb.shape() {
             [n, w] if w == e => n,
@@ -713,7 +714,7 @@ impl ModulationBank {
     /// Accumulates every modulation's parameter gradient for dm (shaped like `saved.m`).
     pub fn backward_params(
         &self,
-        params: &View,
+        params: &Weights,
         emb: &View,
         saved: &BankSaved,
         dm: &View,
@@ -840,7 +841,7 @@ impl ResBlock {
     pub fn forward(
         &self,
         layout: &ParamLayout,
-        params: &View,
+        params: &Weights,
         x: Tensor,
         emb: &View,
         mode: Mode,
@@ -864,7 +865,7 @@ impl ResBlock {
     pub fn forward_modulated(
         &self,
         layout: &ParamLayout,
-        params: &View,
+        params: &Weights,
         x: &Operand,
         m: &View,
         mode: Mode,
@@ -896,7 +897,7 @@ impl ResBlock {
     pub fn backward(
         &self,
         layout: &ParamLayout,
-        params: &View,
+        params: &Weights,
         emb: &View,
         saved: &ResSaved,
         dout: &View,
@@ -928,7 +929,7 @@ impl ResBlock {
     pub fn backward_modulated(
         &self,
         layout: &ParamLayout,
-        params: &View,
+        params: &Weights,
         x: &Operand,
         m: &View,
         core: &ResCore,
@@ -1033,7 +1034,7 @@ impl AttBlock {
     pub fn forward(
         &self,
         layout: &ParamLayout,
-        params: &View,
+        params: &Weights,
         x: Tensor,
         emb: &View,
     ) -> Result<(Tensor, AttBlockSaved)> {
@@ -1049,7 +1050,7 @@ impl AttBlock {
     pub fn forward_modulated(
         &self,
         layout: &ParamLayout,
-        params: &View,
+        params: &Weights,
         x: &Operand,
         m: &View,
     ) -> Result<(Tensor, AttCore)> {
@@ -1069,7 +1070,7 @@ impl AttBlock {
     pub fn backward(
         &self,
         layout: &ParamLayout,
-        params: &View,
+        params: &Weights,
         emb: &View,
         saved: &AttBlockSaved,
         dout: &View,
@@ -1100,7 +1101,7 @@ impl AttBlock {
     pub fn backward_modulated(
         &self,
         layout: &ParamLayout,
-        params: &View,
+        params: &Weights,
         x: &Operand,
         m: &View,
         core: &AttCore,

@@ -5,7 +5,7 @@
 //! (`ops::gemm_bf16_into`); outputs and gradients stay f32. An input kept in bf16 (`*_operand`)
 //! is read as it is, or widened where the layer stays f32.
 
-use super::params::{Init, ParamId, ParamLayout};
+use super::params::{Bf16Weight, Init, ParamId, ParamLayout, Weights};
 use crate::error::{Error, Result};
 use crate::ops::broadcast::sum_rows_into;
 use crate::ops::precision::{keep, tensor_core_refusal, to_bf16, Operand, Precision};
@@ -76,21 +76,26 @@ impl Linear {
             && tensor_core_refusal(&[("fan_in", self.fan_in), ("fan_out", self.fan_out)], device).is_none()
     }
 
+    /// W in bf16: from the caller's bf16 copy, or cast for this call.
+    fn weight_bf16<'a>(&self, layout: &ParamLayout, params: &Weights<'a>) -> Result<Bf16Weight<'a>> {
+        layout.weight_bf16(params, self.weight, &[self.fan_in, self.fan_out])
+    }
+
     /// y[.., fan_out] = x[.., fan_in] W + b.
-    pub fn forward(&self, layout: &ParamLayout, params: &View, x: &View) -> Result<Tensor> {
+    pub fn forward(&self, layout: &ParamLayout, params: &Weights, x: &View) -> Result<Tensor> {
         self.forward_operand(layout, params, &Operand::F32(x.clone()))
     }
 
     /// As [`Self::forward`], for an input that may be a kept bf16 activation (read as it is
     /// under bf16, widened otherwise).
-    pub fn forward_operand(&self, layout: &ParamLayout, params: &View, x: &Operand) -> Result<Tensor> {
+    pub fn forward_operand(&self, layout: &ParamLayout, params: &Weights, x: &Operand) -> Result<Tensor> {
         self.forward_into(layout, params, x, false)
     }
 
     /// The output as a forward keeps it for its backward (`ops::precision::keep`): under the
     /// bf16 policy written in bf16 by the GEMM's epilogue (the bits of `keep(forward(x))`
     /// without the f32 copy), else f32.
-    pub fn forward_kept(&self, layout: &ParamLayout, params: &View, x: &Operand) -> Result<Tensor> {
+    pub fn forward_kept(&self, layout: &ParamLayout, params: &Weights, x: &Operand) -> Result<Tensor> {
         let y = self.forward_into(layout, params, x, true)?;
         keep(y, layout.precision())
     }
@@ -99,7 +104,7 @@ impl Linear {
     fn forward_into(
         &self,
         layout: &ParamLayout,
-        params: &View,
+        params: &Weights,
         x: &Operand,
         bf16_out: bool,
     ) -> Result<Tensor> {
@@ -119,12 +124,12 @@ impl Linear {
         let bias = self.bias.map(|b| layout.view(params, b)).transpose()?;
         let spec = GemmSpec::default();
         if tensor_cores {
-            let (xb, wb) = (x2.narrow()?, to_bf16(&w)?);
-            let (xb, bias) = (xb.as_ref(), bias.as_ref());
+            let (xb, wb) = (x2.narrow()?, self.weight_bf16(layout, params)?);
+            let (xb, wb, bias) = (xb.as_ref(), wb.get(), bias.as_ref());
             if bf16_out {
-                gemm_bf16_into(xb, &wb, bias, None, Some(&mut y), spec)?;
+                gemm_bf16_into(xb, wb, bias, None, Some(&mut y), spec)?;
             } else {
-                gemm_bf16_into(xb, &wb, bias, Some(&mut y.as_view_mut()?), None, spec)?;
+                gemm_bf16_into(xb, wb, bias, Some(&mut y.as_view_mut()?), None, spec)?;
             }
         } else {
             let xw = x2.widen()?;
@@ -141,7 +146,7 @@ impl Linear {
     pub fn backward(
         &self,
         layout: &ParamLayout,
-        params: &View,
+        params: &Weights,
         x: &View,
         dy: &View,
         grads: Option<&mut ViewMut>,
@@ -153,7 +158,7 @@ impl Linear {
     pub fn backward_operand(
         &self,
         layout: &ParamLayout,
-        params: &View,
+        params: &Weights,
         x: &Operand,
         dy: &View,
         grads: Option<&mut ViewMut>,
@@ -170,7 +175,10 @@ impl Linear {
         };
         let nt = GemmSpec::new(false, true);
         match &dyb {
-            Some(dyb) => gemm_bf16_into(dyb, &to_bf16(&w)?, None, Some(&mut dx.as_view_mut()?), None, nt)?,
+            Some(dyb) => {
+                let wb = self.weight_bf16(layout, params)?;
+                gemm_bf16_into(dyb, wb.get(), None, Some(&mut dx.as_view_mut()?), None, nt)?
+            }
             None => gemm_into(&dy2, &w, &mut dx, nt)?,
         }
         if let Some(g) = grads {

@@ -5,7 +5,7 @@
 
 use super::linear::Linear;
 use super::norm::{silu_layer_norm, silu_layer_norm_backward, LnSaved};
-use super::params::ParamLayout;
+use super::params::{ParamLayout, Weights};
 use super::resample::{concat_channels, split_channels};
 use crate::error::{Error, Result};
 use crate::tensor::{AsView, Tensor, View, ViewMut};
@@ -14,7 +14,7 @@ use crate::tensor::{AsView, Tensor, View, ViewMut};
 /// parameter layout.
 ///
 /// ```
-/// use emprior::nn::{embedding::sinusoidal_embedding, TimeMlp};
+/// use emprior::nn::{embedding::sinusoidal_embedding, TimeMlp, Weights};
 /// use emprior::{AsView, DType, Device, Tensor};
 ///
 /// // The manifold network: 5 features, hidden widths (256, 256, 256), a 64-wide embedding.
@@ -24,10 +24,12 @@ use crate::tensor::{AsView, Tensor, View, ViewMut};
 /// let x = Tensor::zeros(&[2, 5], DType::F32, &Device::Cpu)?;
 /// let c_noise = Tensor::from_f32(&[-1.0, 0.5], &[2], &Device::Cpu)?; // ln sigma per row
 /// let emb = sinusoidal_embedding(&c_noise.as_view()?, 64)?;
-/// let (y, saved) = mlp.forward(&params.as_view()?, &x.as_view()?, &emb.as_view()?)?;
+/// // The flat parameters as a layer reads them (no bf16 copy: this network runs in f32).
+/// let weights = Weights::from(params.as_view()?);
+/// let (y, saved) = mlp.forward(&weights, &x.as_view()?, &emb.as_view()?)?;
 /// assert_eq!(y.shape(), [2, 5]);
 /// // A VJP (no parameter gradients) against the saved activations.
-/// let dx = mlp.backward(&params.as_view()?, &saved, &y.as_view()?, None)?;
+/// let dx = mlp.backward(&weights, &saved, &y.as_view()?, None)?;
 /// assert_eq!(dx.shape(), [2, 5]);
 /// # Ok::<(), emprior::Error>(())
 /// ```
@@ -110,7 +112,7 @@ impl TimeMlp {
     }
 
     /// y [N, F] = MLP(concat(x [N, F], emb [N, E])).
-    pub fn forward(&self, params: &View, x: &View, emb: &View) -> Result<(Tensor, MlpSaved)> {
+    pub fn forward(&self, params: &Weights, x: &View, emb: &View) -> Result<(Tensor, MlpSaved)> {
         if !matches!(*x.shape(), [_, f] if f == self.features) {
             return Err(Error::shape(
                 "time_mlp",
@@ -138,7 +140,7 @@ impl TimeMlp {
     /// dx [N, F] for dy; with `grads`, every parameter gradient.
     pub fn backward(
         &self,
-        params: &View,
+        params: &Weights,
         saved: &MlpSaved,
         dy: &View,
         mut grads: Option<&mut ViewMut>,

@@ -25,7 +25,7 @@ pub use conv::Conv3x3;
 pub use linear::Linear;
 pub use mlp::TimeMlp;
 pub use norm::LnSaved;
-pub use params::{Init, ParamId, ParamLayout, ParamSpec};
+pub use params::{Bf16Weight, Init, ParamId, ParamLayout, ParamSpec, Weights};
 pub use unet::{UNet, UNetConfig};
 
 use crate::ops::Philox;

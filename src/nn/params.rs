@@ -4,9 +4,97 @@
 
 use crate::device::Device;
 use crate::error::{Error, Result};
+use crate::ops::precision::{to_bf16, Bf16Ref, Precision};
 use crate::ops::Philox;
 use crate::real::Real;
 use crate::tensor::{numel, AsView, AsViewMut, DType, Tensor, View, ViewMut};
+
+/// The parameters one network call reads: the flat f32 master buffer (what `Deref` gives, so
+/// `layout.view(params, id)` reads it) and, under the bf16 policy, a bf16 copy of the whole
+/// buffer in the same layout. The copy is made where the master changes, not by the layers:
+/// the optimizer's step writes it beside the parameters ([`crate::train::Adam`]), the sampler
+/// casts its fixed weights once ([`crate::posterior::NetworkPrior::new`]), so a layer reads its
+/// bf16 weight from it instead of casting the weight at every call. Without a copy the layers
+/// cast (the same bits: both round to nearest even).
+#[derive(Clone)]
+pub struct Weights<'a> {
+    master: View<'a>,
+    bf16: Option<&'a Tensor>,
+}
+
+impl<'a> Weights<'a> {
+    /// The master buffer with its bf16 copy, which must be bf16, as long and on the same device.
+    /// The caller keeps the two equal (the copy rounded from the master); layers trust it.
+    pub fn new(master: View<'a>, bf16: Option<&'a Tensor>) -> Result<Self> {
+        if let Some(copy) = bf16 {
+            if copy.dtype() != DType::BF16 || copy.shape() != [master.numel()] {
+                return Err(Error::shape(
+                    "weights",
+                    format!("bf16 copy ({:?})", copy.dtype()),
+                    [master.numel()],
+                    copy.shape(),
+                ));
+            }
+            if !copy.device().same_as(&master.device()) {
+                return Err(Error::Other(format!(
+                    "weights: the bf16 copy is on {} and the parameters on {}",
+                    copy.device(),
+                    master.device()
+                )));
+            }
+        }
+        Ok(Weights { master, bf16 })
+    }
+
+    /// The f32 (or f64) master buffer.
+    pub fn master(&self) -> &View<'a> {
+        &self.master
+    }
+
+    /// The bf16 copy, when the caller keeps one.
+    pub fn bf16_copy(&self) -> Option<&'a Tensor> {
+        self.bf16
+    }
+}
+
+impl<'a> std::ops::Deref for Weights<'a> {
+    type Target = View<'a>;
+    fn deref(&self) -> &View<'a> {
+        &self.master
+    }
+}
+
+impl<'a> From<View<'a>> for Weights<'a> {
+    /// The master buffer alone (the layers cast their bf16 weights per call).
+    fn from(master: View<'a>) -> Self {
+        Weights { master, bf16: None }
+    }
+}
+
+impl<'a> From<&View<'a>> for Weights<'a> {
+    fn from(master: &View<'a>) -> Self {
+        master.clone().into()
+    }
+}
+
+/// A layer's weight as its tensor-core GEMM reads it: a part of the caller's bf16 copy, or,
+/// without one, a cast made for this call.
+pub enum Bf16Weight<'a> {
+    /// Borrowed from [`Weights::bf16_copy`].
+    Copy(Bf16Ref<'a>),
+    /// Cast from the master weights for this call.
+    Cast(Tensor),
+}
+
+impl Bf16Weight<'_> {
+    /// The bf16 values.
+    pub fn get(&self) -> Bf16Ref<'_> {
+        match self {
+            Bf16Weight::Copy(r) => r.clone(),
+            Bf16Weight::Cast(t) => Bf16Ref::new(t),
+        }
+    }
+}
 
 /// Handle of one parameter in a layout.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -134,6 +222,36 @@ impl ParamLayout {
     pub fn view<'a>(&self, flat: &View<'a>, id: ParamId) -> Result<View<'a>> {
         let s = &self.specs[id.0];
         flat.sub(s.offset, &s.shape)
+    }
+
+    /// The parameter `id` in bf16 under `shape` (as many elements as the parameter): read from
+    /// the bf16 copy in `params` when there is one, else cast now.
+    pub fn weight_bf16<'a>(
+        &self,
+        params: &Weights<'a>,
+        id: ParamId,
+        shape: &[usize],
+    ) -> Result<Bf16Weight<'a>> {
+        let s = &self.specs[id.0];
+        if numel(shape) != numel(&s.shape) {
+            return Err(Error::shape("parameters", &s.name, &s.shape, shape));
+        }
+        // A weight that does not start at a multiple of 8 in the flat buffer cannot be loaded
+        // by the tensor cores from the copy (16-byte chunks): it is cast to a buffer of its own.
+        Ok(match params.bf16_copy() {
+            Some(copy) if s.offset % 8 == 0 => Bf16Weight::Copy(Bf16Ref::new(copy).sub(s.offset, shape)?),
+            _ => Bf16Weight::Cast(to_bf16(&self.view(params, id)?.reshape(shape)?)?),
+        })
+    }
+
+    /// The bf16 copy of `params` that [`Weights`] carries, when this layout's precision is bf16
+    /// (None under f32, where no layer reads one).
+    pub fn bf16_copy(&self, params: &impl AsView) -> Result<Option<Tensor>> {
+        self.check(params)?;
+        match self.precision {
+            Precision::Bf16 => Ok(Some(to_bf16(params)?)),
+            Precision::F32 => Ok(None),
+        }
     }
 
     /// The parameter `id` as a mutable view into a flat buffer (gradients).

@@ -15,6 +15,7 @@ use super::conv::{samples_per_chunk, Conv3x3, ConvGeometry};
 use super::linear::Linear;
 use super::norm::{layer_norm, layer_norm_backward, layer_norm_backward_operand};
 use super::params::ParamLayout;
+use super::params::Weights;
 use super::resample::{
     concat_channels, pixel_shuffle, pixel_unshuffle, split_channels, upsample2x, upsample2x_backward,
     upsample_concat_bf16,
@@ -174,7 +175,7 @@ struct Level {
 /// also accumulates every parameter gradient.
 ///
 /// ```
-/// use emprior::nn::{embedding::sinusoidal_embedding, Mode, UNet, UNetConfig};
+/// use emprior::nn::{embedding::sinusoidal_embedding, Mode, UNet, UNetConfig, Weights};
 /// use emprior::{AsView, DType, Device, Tensor};
 ///
 /// // A tiny two-level U-Net on 8x8 grayscale images, attention at the 4x4 level.
@@ -194,10 +195,12 @@ struct Level {
 /// let x = Tensor::zeros(&[2, 8, 8, 1], DType::F32, &Device::Cpu)?;
 /// let c_noise = Tensor::from_f32(&[-1.0, 0.5], &[2], &Device::Cpu)?; // ln sigma per sample
 /// let emb = sinusoidal_embedding(&c_noise.as_view()?, 16)?;
-/// let (y, saved) = net.forward(&params.as_view()?, &x.as_view()?, &emb.as_view()?, Mode::Eval)?;
+/// // The flat parameters as the layers read them (no bf16 copy: this network runs in f32).
+/// let weights = Weights::from(params.as_view()?);
+/// let (y, saved) = net.forward(&weights, &x.as_view()?, &emb.as_view()?, Mode::Eval)?;
 /// assert_eq!(y.shape(), [2, 8, 8, 1]);
 /// // A VJP (no parameter gradients): the saved state serves any number of them.
-/// let dx = net.backward(&params.as_view()?, &emb.as_view()?, &saved, &y.as_view()?, None)?;
+/// let dx = net.backward(&weights, &emb.as_view()?, &saved, &y.as_view()?, None)?;
 /// assert_eq!(dx.shape(), [2, 8, 8, 1]);
 /// # Ok::<(), emprior::Error>(())
 /// ```
@@ -362,7 +365,7 @@ impl UNet {
     fn run_blocks(
         &self,
         blocks: &[Block],
-        params: &View,
+        params: &Weights,
         input: Option<Tensor>,
         skip: Option<&Operand>,
         modulation: &BankSaved,
@@ -419,7 +422,7 @@ impl UNet {
         blocks: &[Block],
         saved: &[BlockSaved],
         skip: Option<&Operand>,
-        params: &View,
+        params: &Weights,
         modulation: &BankSaved,
         dm: &mut Tensor,
         mut d: Tensor,
@@ -446,7 +449,7 @@ impl UNet {
     }
 
     /// y = UNet(x, emb): x [N, H, W, in], emb [N, E] -> y [N, H, W, out].
-    pub fn forward(&self, params: &View, x: &View, emb: &View, mode: Mode) -> Result<(Tensor, UNetSaved)> {
+    pub fn forward(&self, params: &Weights, x: &View, emb: &View, mode: Mode) -> Result<(Tensor, UNetSaved)> {
         let cfg = &self.config;
         let n = match *x.shape() {
             [n, h, w, c]
@@ -601,7 +604,7 @@ impl UNet {
     /// dx for dy (a VJP when `grads` is None; with `grads`, every parameter gradient too).
     pub fn backward(
         &self,
-        params: &View,
+        params: &Weights,
         emb: &View,
         saved: &UNetSaved,
         dy: &View,
@@ -1045,22 +1048,21 @@ impl Walk<'_> {
         (g.n * g.oh * g.ow) as u64 * cout
     }
 
-    /// A bf16 copy of an f32 operand (none for a kept one), and the weight's bf16 copy; both go.
-    fn narrow_operands(&mut self, x: Option<u64>, weight: u64) {
-        let xb = x.map(|e| self.half(e));
-        let wb = self.half(weight);
-        self.free(wb);
-        if let Some(xb) = xb {
+    /// A bf16 copy of an f32 operand (none for a kept one), which goes. The weight is read from
+    /// the bf16 copy of the parameters that training and sampling keep (`nn::Weights`), outside
+    /// the activations.
+    fn narrow_operands(&mut self, x: Option<u64>) {
+        if let Some(xb) = x.map(|e| self.half(e)) {
             self.free(xb);
         }
     }
 
     /// Conv3x3 forward: the output, then the bf16 casts or each chunk's columns.
     fn conv(&mut self, g: ConvGeometry, cout: u64, x_kept: bool) -> u64 {
-        let (x, w) = (Self::in_elems(&g), 9 * g.cin as u64 * cout);
+        let x = Self::in_elems(&g);
         let y = self.f32(Self::out_elems(&g, cout));
         if self.tc(g.cin as u64, cout) {
-            self.narrow_operands((!x_kept).then_some(x), w);
+            self.narrow_operands((!x_kept).then_some(x));
         } else {
             let xw = if x_kept { self.widen(x) } else { None };
             self.columns(&g);
@@ -1074,7 +1076,7 @@ impl Walk<'_> {
     fn conv_kept(&mut self, g: ConvGeometry, cout: u64, x_kept: bool) -> u64 {
         if self.tc(g.cin as u64, cout) {
             let y = self.half(Self::out_elems(&g, cout));
-            self.narrow_operands((!x_kept).then_some(Self::in_elems(&g)), 9 * g.cin as u64 * cout);
+            self.narrow_operands((!x_kept).then_some(Self::in_elems(&g)));
             y
         } else {
             let y = self.conv(g, cout, x_kept);
@@ -1123,8 +1125,6 @@ impl Walk<'_> {
             }
         }
         let dx = self.f32(Self::in_elems(&g));
-        let wb = self.half(9 * g.cin as u64 * cout);
-        self.free(wb);
         self.free(dyb);
         dx
     }
@@ -1132,7 +1132,7 @@ impl Walk<'_> {
     fn conv_backward_input(&mut self, g: ConvGeometry, cout: u64) -> u64 {
         let dx = self.f32(Self::in_elems(&g));
         if self.tc(g.cin as u64, cout) {
-            self.narrow_operands(Some(Self::out_elems(&g, cout)), 9 * g.cin as u64 * cout);
+            self.narrow_operands(Some(Self::out_elems(&g, cout)));
         } else {
             self.columns(&g);
         }
@@ -1150,7 +1150,7 @@ impl Walk<'_> {
     fn linear(&mut self, rows: u64, fan_in: u64, fan_out: u64, x_kept: bool) -> u64 {
         let y = self.f32(rows * fan_out);
         if self.tc(fan_in, fan_out) {
-            self.narrow_operands((!x_kept).then_some(rows * fan_in), fan_in * fan_out);
+            self.narrow_operands((!x_kept).then_some(rows * fan_in));
         } else if x_kept {
             let xw = self.widen(rows * fan_in);
             self.unwiden(xw);
@@ -1162,8 +1162,6 @@ impl Walk<'_> {
         let dx = self.f32(rows * fan_in);
         if self.tc(fan_in, fan_out) {
             let dyb = self.half(rows * fan_out);
-            let wb = self.half(fan_in * fan_out);
-            self.free(wb);
             if grads && !x_kept {
                 let xb = self.half(rows * fan_in);
                 self.free(xb);

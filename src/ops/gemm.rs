@@ -446,6 +446,8 @@ pub fn gemm_bf16_into<'a, 'b>(
     };
     expect("A", a.tensor.dtype(), &device, DType::BF16)?;
     expect("B", b.tensor.dtype(), &b.tensor.device(), DType::BF16)?;
+    a.check_tensor_core_alignment("gemm_bf16", "A")?;
+    b.check_tensor_core_alignment("gemm_bf16", "B")?;
     if spec.trans_a && spec.trans_b {
         return Err(Error::Other(
             "gemm_bf16: A^T B^T is not implemented (transpose one operand first)".into(),

@@ -220,6 +220,25 @@ impl<'a> Bf16Ref<'a> {
         crate::tensor::numel(&self.shape)
     }
 
+    /// Where the values start in the tensor, in elements.
+    pub fn offset(&self) -> usize {
+        self.offset
+    }
+
+    /// Refuses a part the tensor-core kernels cannot load: their 16-byte `cp.async` chunks
+    /// need the first element at a multiple of 8 bf16 from the (256-byte aligned) allocation.
+    /// Checked on every device, so a misaligned part fails on the CPU too.
+    pub fn check_tensor_core_alignment(&self, op: &str, what: &str) -> Result<()> {
+        if self.offset % 8 == 0 {
+            return Ok(());
+        }
+        Err(Error::Other(format!(
+            "{op}: {what} starts at element {} of its buffer, not a multiple of 8 (the \
+             tensor-core kernels load 16-byte chunks)",
+            self.offset
+        )))
+    }
+
     /// The elements `offset .. offset + numel(shape)` of this reference, under `shape`.
     pub fn sub(&self, offset: usize, shape: &[usize]) -> Result<Bf16Ref<'a>> {
         let n = crate::tensor::numel(shape);

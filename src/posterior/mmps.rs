@@ -11,7 +11,7 @@ use crate::diffusion::sampler::Denoise;
 use crate::diffusion::{Denoiser, DenoiserSaved};
 use crate::error::{Error, Result};
 use crate::gaussian::Gaussian;
-use crate::nn::Mode;
+use crate::nn::{Mode, Weights};
 use crate::ops::broadcast::scale_rows_into;
 use crate::ops::{add, axpy, row_norm, scale};
 use crate::tensor::{AsView, Tensor};
@@ -31,10 +31,37 @@ pub trait Prior {
 
 /// A trained network with its weights, in evaluation mode.
 pub struct NetworkPrior<'a> {
+    denoiser: &'a Denoiser,
+    params: &'a Tensor,
+    /// Under the bf16 policy, the weights cast to bf16 once for every step of the sampler.
+    bf16: Option<Tensor>,
+}
+
+impl<'a> NetworkPrior<'a> {
+    /// The network with its flat parameters (laid out by [`Denoiser::layout`], checked here).
+    /// Under the bf16 policy the weights are cast to bf16 here, once, for all its steps.
+    pub fn new(denoiser: &'a Denoiser, params: &'a Tensor) -> Result<Self> {
+        let bf16 = denoiser.layout().bf16_copy(params)?;
+        Ok(NetworkPrior {
+            denoiser,
+            params,
+            bf16,
+        })
+    }
+
     /// The preconditioned network.
-    pub denoiser: &'a Denoiser,
-    /// Its flat parameter vector, laid out by [`Denoiser::layout`].
-    pub params: &'a Tensor,
+    pub fn denoiser(&self) -> &'a Denoiser {
+        self.denoiser
+    }
+
+    /// Its flat parameters.
+    pub fn params(&self) -> &'a Tensor {
+        self.params
+    }
+
+    fn weights(&self) -> Result<Weights<'_>> {
+        Weights::new(self.params.as_view()?, self.bf16.as_ref())
+    }
 }
 
 impl Prior for NetworkPrior<'_> {
@@ -42,10 +69,10 @@ impl Prior for NetworkPrior<'_> {
     fn denoise_saved(&self, x_t: &Tensor, sigma: f64) -> Result<(Tensor, DenoiserSaved)> {
         let sigmas = vec![sigma; x_t.shape()[0]];
         self.denoiser
-            .denoise(&self.params.as_view()?, &x_t.as_view()?, &sigmas, Mode::Eval)
+            .denoise(&self.weights()?, &x_t.as_view()?, &sigmas, Mode::Eval)
     }
     fn vjp(&self, saved: &DenoiserSaved, u: &Tensor) -> Result<Tensor> {
-        self.denoiser.vjp(&self.params.as_view()?, saved, &u.as_view()?)
+        self.denoiser.vjp(&self.weights()?, saved, &u.as_view()?)
     }
 }
 

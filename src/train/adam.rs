@@ -6,10 +6,11 @@ use super::log::{finish_norm, StepLog, GATE};
 use crate::device::launch::{self, grid_stride};
 use crate::device::params;
 use crate::error::{Error, Result};
+use crate::ops::precision::to_bf16;
 use crate::ops::reduce::square_partials;
 use crate::ops::{mismatch, one_device};
 use crate::real::Real;
-use crate::tensor::{AsView, AsViewMut, Data, DataMut, Tensor};
+use crate::tensor::{AsView, AsViewMut, DType, Data, DataMut, Tensor};
 
 /// Threads of the one-block norm finish (REDUCE_THREADS in kernels/common.cuh).
 const REDUCE_THREADS: u32 = 256;
@@ -131,7 +132,8 @@ pub mod cpu {
 
     /// One Adam update of `p` in place, with moments `m` and `v` and the optional EMA copy:
     /// the gradient `g` is multiplied by the clipping factor `scale` first, `bias1`/`bias2` are
-    /// 1 - beta^t, and the EMA moves toward the new `p` by 1 - `ema_decay`.
+    /// 1 - beta^t, and the EMA moves toward the new `p` by 1 - `ema_decay`. `p_bf16`, when
+    /// given, receives each new value rounded to bf16 (f32 parameters only).
     #[allow(clippy::too_many_arguments)]
     pub fn step<T: Real>(
         p: &mut [T],
@@ -139,6 +141,7 @@ pub mod cpu {
         m: &mut [T],
         v: &mut [T],
         mut ema: Option<&mut [T]>,
+        mut p_bf16: Option<&mut [half::bf16]>,
         scale: f64,
         lr: f64,
         beta1: f64,
@@ -157,6 +160,10 @@ pub mod cpu {
             if let Some(e) = ema.as_deref_mut() {
                 e[i] += c(1.0 - ema_decay) * (p[i] - e[i]);
             }
+            if let Some(b) = p_bf16.as_deref_mut() {
+                // f32 parameters: exact through f64, so the bits of to_bf16's rounding.
+                b[i] = half::bf16::from_f32(p[i].to_f64() as f32);
+            }
         }
     }
 }
@@ -168,6 +175,9 @@ pub struct Adam {
     m: Tensor,
     v: Tensor,
     ema: Option<Tensor>,
+    /// The bf16 copy of the parameters the bf16 policy's layers read (`nn::Weights`), written
+    /// by every update beside the parameters.
+    bf16: Option<Tensor>,
     step: u64,
 }
 
@@ -184,8 +194,31 @@ impl Adam {
                 Some(_) => Some(params.to_device(&device)?),
                 None => None,
             },
+            bf16: None,
             step: 0,
         })
+    }
+
+    /// From now on, keep a bf16 copy of `params` (f32) for the bf16 policy's layers: made here
+    /// and rewritten by each update in its own pass over the parameters, so the weights are
+    /// cast once per step. `params` must be the buffer later updates receive.
+    pub fn keep_bf16_copy(&mut self, params: &Tensor) -> Result<()> {
+        if params.dtype() != DType::F32 {
+            return Err(Error::Other(format!(
+                "adam: a bf16 copy is kept of f32 parameters, not {:?}",
+                params.dtype()
+            )));
+        }
+        if params.shape() != self.m.shape() {
+            return Err(Error::shape("adam", "parameters", self.m.shape(), params.shape()));
+        }
+        self.bf16 = Some(to_bf16(params)?);
+        Ok(())
+    }
+
+    /// The bf16 copy of the parameters, when kept ([`Adam::keep_bf16_copy`]).
+    pub fn bf16_copy(&self) -> Option<&Tensor> {
+        self.bf16.as_ref()
     }
 
     /// The number of updates applied.
@@ -240,7 +273,22 @@ impl Adam {
         if grads.shape() != params.shape() || params.shape() != [n] {
             return Err(Error::shape("adam", "gradients", params.shape(), grads.shape()));
         }
+        if params.shape() != self.m.shape() {
+            return Err(Error::shape(
+                "adam",
+                "parameters (the state's)",
+                self.m.shape(),
+                params.shape(),
+            ));
+        }
         log.check_slot(slot)?;
+        if let Some(b) = &self.bf16 {
+            if b.shape() != [n] || !b.device().same_as(&params.device()) {
+                return Err(Error::Other(
+                    "adam: the bf16 copy does not match these parameters (keep_bf16_copy with them)".into(),
+                ));
+            }
+        }
         let c = self.config;
         if let Some(max) = c.clip.filter(|m| !(*m > 0.0 && m.is_finite())) {
             return Err(Error::Other(format!(
@@ -284,9 +332,10 @@ impl Adam {
                         Some(e) => Some(e.cpu_mut::<f32>()?),
                         None => None,
                     };
+                    let b = self.bf16.as_mut().map(|b| b.cpu_bf16_mut()).transpose()?;
                     if let Some(scale) = host_scale(g, l, slot, c.clip) {
                         cpu::step(
-                            p, g, m, v, e, scale, lr, c.beta1, c.beta2, c.eps, bias1, bias2, decay,
+                            p, g, m, v, e, b, scale, lr, c.beta1, c.beta2, c.eps, bias1, bias2, decay,
                         )
                     }
                 }
@@ -297,7 +346,7 @@ impl Adam {
                     };
                     if let Some(scale) = host_scale(g, l, slot, c.clip) {
                         cpu::step(
-                            p, g, m, v, e, scale, lr, c.beta1, c.beta2, c.eps, bias1, bias2, decay,
+                            p, g, m, v, e, None, scale, lr, c.beta1, c.beta2, c.eps, bias1, bias2, decay,
                         )
                     }
                 }
@@ -326,6 +375,7 @@ impl Adam {
                         Some(DataMut::Cuda(e, _)) => Some(e),
                         _ => None,
                     };
+                    let mut bf16 = self.bf16.as_mut().map(|b| b.cuda_bf16_mut()).transpose()?;
                     let (partials, count) = square_partials(dev, g, n)?;
                     // SAFETY: the buffer holds `count` f64 partials, written above in stream order.
                     let pv = unsafe { partials.slice().transmute::<f64>(count) }
@@ -338,7 +388,18 @@ impl Adam {
                     unsafe {
                         k.adam_norm_finish_f32(one_block, &pv, count as i32, l, slot as i64)?;
                         let gate = l.slice(GATE..GATE + 1);
-                        k.adam_step_f32(grid_stride(dev, n), p, g, m, v, ema, &gate, n as i64, kp)
+                        k.adam_step_f32(
+                            grid_stride(dev, n),
+                            p,
+                            g,
+                            m,
+                            v,
+                            ema,
+                            bf16.as_mut(),
+                            &gate,
+                            n as i64,
+                            kp,
+                        )
                     }?;
                 }
                 _ => return Err(mismatch("adam", &[&gv], &[])),

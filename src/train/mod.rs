@@ -21,7 +21,7 @@ use crate::diffusion::Network;
 use crate::diffusion::{beta33, Denoiser, VeSchedule};
 use crate::dist::{ordered_sum, share_rows, Communicator, SingleProcess};
 use crate::error::{Error, Result};
-use crate::nn::Mode;
+use crate::nn::{Mode, Weights};
 use crate::ops::parallel::map_parts;
 use crate::ops::{axpy, fill, Philox};
 use crate::tensor::{numel, AsView, AsViewMut, DType, Tensor, View};
@@ -104,7 +104,12 @@ impl Trainer {
     ) -> Result<Self> {
         denoiser.layout().check(&params)?;
         let grads = Tensor::zeros(params.shape(), params.dtype(), &params.device())?;
-        let adam = Adam::new(config, &params)?;
+        let mut adam = Adam::new(config, &params)?;
+        // Under the bf16 policy the layers read a bf16 copy of the weights, which the
+        // optimizer rewrites in its own pass at every step (cast once per step, not per layer).
+        if denoiser.layout().precision() == crate::ops::Precision::Bf16 && params.dtype() == DType::F32 {
+            adam.keep_bf16_copy(&params)?;
+        }
         let log = StepLog::new(params.dtype(), &params.device())?;
         Ok(Trainer {
             cpu_part_rows: cpu_part_rows(&denoiser.net),
@@ -172,6 +177,7 @@ impl Trainer {
         let slot = self.log.begin(step, self.adam.config.lr.at(step))?;
         let part_rows = self.part_rows(batch, &x.device());
         let alone = comm.world_size() == 1;
+        let weights = Weights::new(self.params.as_view()?, self.adam.bf16_copy())?;
         let (den, params, grads) = (&self.denoiser, &self.params, &mut self.grads);
         // One part of this rank's rows (their place in the batch: `r` offset by `first`): its
         // gradient and its loss term of the whole batch's mean.
@@ -190,7 +196,7 @@ impl Trainer {
             };
             dsm_loss_part_into(
                 den,
-                &params.as_view()?,
+                &weights,
                 &xp,
                 &sigmas[r],
                 &zp,
@@ -211,16 +217,7 @@ impl Trainer {
                     .log
                     .with_loss(slot, |loss| {
                         let mut g = grads.as_view_mut()?;
-                        dsm_loss_into(
-                            den,
-                            &params.as_view()?,
-                            x,
-                            &sigmas,
-                            &z.as_view()?,
-                            mode,
-                            Some(&mut g),
-                            loss,
-                        )
+                        dsm_loss_into(den, &weights, x, &sigmas, &z.as_view()?, mode, Some(&mut g), loss)
                     })
                     .and_then(|()| {
                         self.adam

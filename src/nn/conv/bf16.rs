@@ -79,6 +79,7 @@ impl Checks {
     }
 
     fn bf16(&self, what: &str, t: &Bf16Ref, numel: usize) -> Result<()> {
+        t.check_tensor_core_alignment(self.op, what)?;
         self.operand(
             what,
             t.tensor.dtype(),
@@ -100,21 +101,21 @@ impl Checks {
 }
 
 /// `y = conv(x) + bias`: f32 into `y` and/or bf16 into `y_bf16` (each `[N, OH, OW, Cout]`).
-pub fn forward<'x>(
+pub fn forward<'x, 'w>(
     x: impl Into<Bf16Ref<'x>>,
-    weight: &Tensor,
+    weight: impl Into<Bf16Ref<'w>>,
     bias: Option<&View>,
     g: &ConvGeometry,
     cout: usize,
     y: Option<&mut ViewMut>,
     y_bf16: Option<&mut Tensor>,
 ) -> Result<()> {
-    let x = x.into();
+    let (x, weight) = (x.into(), weight.into());
     let device = x.tensor.device();
     let c = Checks::new("conv3x3 forward (bf16)", g, cout, device.clone())?;
     let (in_n, out_n) = (pixels_in(g) * g.cin as usize, pixels_out(g) * cout);
     c.bf16("x", &x, in_n)?;
-    c.bf16("the weight", &weight.into(), 9 * g.cin as usize * cout)?;
+    c.bf16("the weight", &weight, 9 * g.cin as usize * cout)?;
     if let Some(b) = bias {
         c.operand("the bias", b.dtype(), b.numel(), &b.device(), (DType::F32, cout))?;
     }
@@ -145,7 +146,7 @@ pub fn forward<'x>(
                 ),
                 THREADS,
             );
-            let (xv, wv) = (x.cuda()?, weight.cuda_bf16()?);
+            let (xv, wv) = (x.cuda()?, weight.cuda()?);
             let bv = match bias.map(|b| &b.data) {
                 Some(Data::Cuda(v, _)) => Some(v.slice(..)),
                 _ => None,
@@ -172,20 +173,20 @@ pub fn forward<'x>(
 
 /// `dx = beta dx + the input gradient` for `dy` (`[N, OH, OW, Cout]`, bf16), f32 into `dx`
 /// (`[N, H, W, Cin]`; beta 0 never reads it).
-pub fn input_grad<'d>(
+pub fn input_grad<'d, 'w>(
     dy: impl Into<Bf16Ref<'d>>,
-    weight: &Tensor,
+    weight: impl Into<Bf16Ref<'w>>,
     g: &ConvGeometry,
     cout: usize,
     dx: &mut ViewMut,
     beta: f32,
 ) -> Result<()> {
-    let dy = dy.into();
+    let (dy, weight) = (dy.into(), weight.into());
     let device = dy.tensor.device();
     let c = Checks::new("conv3x3 input gradient (bf16)", g, cout, device.clone())?;
     let in_n = pixels_in(g) * g.cin as usize;
     c.bf16("dy", &dy, pixels_out(g) * cout)?;
-    c.bf16("the weight", &weight.into(), 9 * g.cin as usize * cout)?;
+    c.bf16("the weight", &weight, 9 * g.cin as usize * cout)?;
     c.f32_out("dx", dx, in_n)?;
     match &device {
         Device::Cpu => {
@@ -211,7 +212,7 @@ pub fn input_grad<'d>(
                 ),
                 THREADS,
             );
-            let (dyv, wv) = (dy.cuda()?, weight.cuda_bf16()?);
+            let (dyv, wv) = (dy.cuda()?, weight.cuda()?);
             let mut dxv = cuda_f32(dx)?;
             // SAFETY: as in `forward`.
             unsafe {

@@ -18,7 +18,7 @@ use crate::device::launch::grid_stride;
 pub mod bf16;
 
 use crate::error::{Error, Result};
-use crate::nn::params::{ParamId, ParamLayout};
+use crate::nn::params::{Bf16Weight, ParamId, ParamLayout, Weights};
 use crate::ops::broadcast::sum_rows_into;
 use crate::ops::precision::{keep, to_bf16, Operand};
 use crate::ops::{gemm_bias_into, gemm_into, mismatch, GemmSpec};
@@ -259,10 +259,15 @@ impl Conv3x3 {
         Ok(vec![g.n as usize, g.oh as usize, g.ow as usize, self.cout])
     }
 
-    fn weight_matrix<'a>(&self, layout: &ParamLayout, params: &View<'a>) -> Result<View<'a>> {
+    fn weight_matrix<'a>(&self, layout: &ParamLayout, params: &Weights<'a>) -> Result<View<'a>> {
         layout
             .view(params, self.weight)?
             .reshape(&[9 * self.cin, self.cout])
+    }
+
+    /// The weight matrix in bf16: from the caller's bf16 copy, or cast for this call.
+    fn weight_bf16<'a>(&self, layout: &ParamLayout, params: &Weights<'a>) -> Result<Bf16Weight<'a>> {
+        layout.weight_bf16(params, self.weight, &[9 * self.cin, self.cout])
     }
 
     /// True when the passes take the bf16 implicit-GEMM path (see the module doc).
@@ -272,20 +277,20 @@ impl Conv3x3 {
     }
 
     /// y = conv(x) + b.
-    pub fn forward(&self, layout: &ParamLayout, params: &View, x: &View) -> Result<Tensor> {
+    pub fn forward(&self, layout: &ParamLayout, params: &Weights, x: &View) -> Result<Tensor> {
         self.forward_operand(layout, params, &Operand::F32(x.clone()))
     }
 
     /// As [`Self::forward`], for an input that may be a kept bf16 activation (read as it is
     /// under bf16, widened otherwise).
-    pub fn forward_operand(&self, layout: &ParamLayout, params: &View, x: &Operand) -> Result<Tensor> {
+    pub fn forward_operand(&self, layout: &ParamLayout, params: &Weights, x: &Operand) -> Result<Tensor> {
         self.forward_into(layout, params, x, false)
     }
 
     /// The output as a forward keeps it for its backward (`ops::precision::keep`): under the
     /// bf16 policy written in bf16 by the kernel's epilogue (the bits of `keep(forward(x))`
     /// without the f32 copy), else f32.
-    pub fn forward_kept(&self, layout: &ParamLayout, params: &View, x: &Operand) -> Result<Tensor> {
+    pub fn forward_kept(&self, layout: &ParamLayout, params: &Weights, x: &Operand) -> Result<Tensor> {
         let y = self.forward_into(layout, params, x, true)?;
         keep(y, layout.precision())
     }
@@ -294,7 +299,7 @@ impl Conv3x3 {
     fn forward_into(
         &self,
         layout: &ParamLayout,
-        params: &View,
+        params: &Weights,
         x: &Operand,
         bf16_out: bool,
     ) -> Result<Tensor> {
@@ -307,12 +312,12 @@ impl Conv3x3 {
         if self.bf16(layout, &g, &device) {
             let dtype = if bf16_out { DType::BF16 } else { DType::F32 };
             let mut y = Tensor::uninit(&[g.out_pixels(), self.cout], dtype, &device)?;
-            let (xb, wb) = (x.narrow()?, to_bf16(&w)?);
-            let (xb, cout) = (xb.as_ref(), self.cout);
+            let (xb, wb) = (x.narrow()?, self.weight_bf16(layout, params)?);
+            let (xb, wb, cout) = (xb.as_ref(), wb.get(), self.cout);
             if bf16_out {
-                conv_bf16::forward(xb, &wb, Some(&b), &g, cout, None, Some(&mut y))?;
+                conv_bf16::forward(xb, wb, Some(&b), &g, cout, None, Some(&mut y))?;
             } else {
-                conv_bf16::forward(xb, &wb, Some(&b), &g, cout, Some(&mut y.as_view_mut()?), None)?;
+                conv_bf16::forward(xb, wb, Some(&b), &g, cout, Some(&mut y.as_view_mut()?), None)?;
             }
             return y.reshape(&self.out_shape(x.shape())?);
         }
@@ -336,7 +341,7 @@ impl Conv3x3 {
     pub fn backward(
         &self,
         layout: &ParamLayout,
-        params: &View,
+        params: &Weights,
         x: &View,
         dy: &View,
         grads: Option<&mut ViewMut>,
@@ -348,7 +353,7 @@ impl Conv3x3 {
     pub fn backward_operand(
         &self,
         layout: &ParamLayout,
-        params: &View,
+        params: &Weights,
         x: &Operand,
         dy: &View,
         grads: Option<&mut ViewMut>,
@@ -370,7 +375,7 @@ impl Conv3x3 {
     pub fn backward_input(
         &self,
         layout: &ParamLayout,
-        params: &View,
+        params: &Weights,
         x_shape: &[usize],
         dy: &View,
     ) -> Result<Tensor> {
@@ -381,7 +386,7 @@ impl Conv3x3 {
     fn backward_input_with(
         &self,
         layout: &ParamLayout,
-        params: &View,
+        params: &Weights,
         x_shape: &[usize],
         dy: &View,
         dy_bf16: Option<&Tensor>,
@@ -399,8 +404,8 @@ impl Conv3x3 {
                     &rounded
                 }
             };
-            let wb = to_bf16(&wm)?;
-            conv_bf16::input_grad(dyb, &wb, &g, self.cout, &mut dx.as_view_mut()?, 0.0)?;
+            let wb = self.weight_bf16(layout, params)?;
+            conv_bf16::input_grad(dyb, wb.get(), &g, self.cout, &mut dx.as_view_mut()?, 0.0)?;
             return Ok(dx);
         }
         let (in_per, out_per) = g.per_sample();
