@@ -15,8 +15,10 @@
 //   dgrad  dx[N*H*W][Cin]        = dcol(dy)[..][9 Cout] W'[9 Cout][Cin], W'[(tap, co)][ci] = W[tap][ci][co]
 //   wgrad  dW[9 Cin][Cout]       = col(x)^T dy, K = N*OH*OW split over grid.z into f32 partials,
 //                                  then summed in split order by conv3x3_wgrad_sum_f32 (no atomics)
-// dgrad reads dy[n, (iy + 1 - ky) / s, ...] where the division is exact (stride 2: 3 of 4 taps
-// of an output pixel land between input pixels and are zero filled; their MMAs are wasted).
+// dgrad reads dy[n, (iy + 1 - ky) / s, ...] where the division is exact. At stride 2 the 9-tap
+// kernel zero fills the taps that land between output pixels (5 of 9 per input pixel on average:
+// their MMAs are wasted); version 3, conv3x3_dgrad_s2_bf16, runs one parity class of input pixels
+// per grid z with only its 1, 2, 2 or 4 live taps (tc_index.cuh, DgradParity).
 // Launch contract (src/nn/conv.rs checks it): blockDim = 256; grid = (ceil(M/128), ceil(N/128),
 // 1 or splits); Cin and Cout multiples of 8.
 #include "common.cuh"
@@ -113,6 +115,29 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
     TcAcc acc;
     tc_mainloop(tc_smem, dy, la, w, lb, 0, (k + TC_BK - 1) / TC_BK, acc);
     tc_store(acc, TcEpilogue{1.0f, beta, nullptr, dx, dx_bf16, g.cin}, m0, n0, m, g.cin);
+#else
+    __trap();
+#endif
+}
+
+// dx = beta dx + dgrad at stride 2, one parity class of input pixels per grid z (DgradParity):
+// K = (the class's taps) x Cout, no zero-filled taps; the epilogue stores each row at its pixel.
+// Blocks past their class's pixels return at once (whole blocks, before any barrier).
+// hot tensor-core
+extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
+    conv3x3_dgrad_s2_bf16(const __nv_bfloat16* dy, const __nv_bfloat16* w, NULLABLE float* dx,
+                          NULLABLE __nv_bfloat16* dx_bf16, ConvGeometry g, int cout, float beta) {
+#if __CUDA_ARCH__ >= 800
+    const DgradParity cls(g, blockIdx.z);
+    const int m0 = blockIdx.x * TC_BM, n0 = blockIdx.y * TC_BN;
+    if (m0 >= cls.rows) return;
+    TC_SMEM_DECL;
+    const int k = cls.taps * cout;
+    const DgradParityLoadA<ConvGeometry> la(g, cls, cout, m0, threadIdx.x);
+    const DgradParityLoadB lb{cls, n0, g.cin, cout};
+    TcAcc acc;
+    tc_mainloop(tc_smem, dy, la, w, lb, 0, (k + TC_BK - 1) / TC_BK, acc);
+    tc_store(acc, TcEpilogue{1.0f, beta, nullptr, dx, dx_bf16, g.cin}, m0, n0, cls.rows, g.cin, cls);
 #else
     __trap();
 #endif

@@ -197,7 +197,15 @@ struct TcEpilogue {
     i64 ldc;
 };
 
-__device__ __forceinline__ void tc_store(const TcAcc& acc, const TcEpilogue& e, int m0, int n0, int m, int n) {
+// The row of C that a tile row is stored to: itself, or a map (the stride-2 input gradient's
+// parity classes, DgradParity).
+struct TcRowsIdentity {
+    __device__ __forceinline__ i64 operator()(int row) const { return row; }
+};
+
+template <class RowMap = TcRowsIdentity>
+__device__ __forceinline__ void tc_store(const TcAcc& acc, const TcEpilogue& e, int m0, int n0, int m, int n,
+                                         const RowMap& rows = RowMap{}) {
 #pragma unroll
     for (int i = 0; i < 4; ++i)
 #pragma unroll
@@ -207,7 +215,7 @@ __device__ __forceinline__ void tc_store(const TcAcc& acc, const TcEpilogue& e, 
                 const int row = m0 + tc_acc_row(threadIdx.x, i, 2 * h), col = n0 + tc_acc_col(threadIdx.x, j, 0);
                 if (row >= m || col >= n) continue;
                 float v0 = e.alpha * acc.v[i][j][2 * h], v1 = e.alpha * acc.v[i][j][2 * h + 1];
-                const i64 at = (i64)row * e.ldc + col;
+                const i64 at = (i64)rows(row) * e.ldc + col;
                 if (e.c && e.beta != 0.0f) {
                     const float2 old = *reinterpret_cast<const float2*>(e.c + at);
                     v0 += e.beta * old.x;

@@ -181,6 +181,91 @@ struct DgradLoadB {
     }
 };
 
+// dgrad at stride 2 by parity class. An input pixel (iy, ix) receives dy only through the taps
+// with ky = iy + 1 and kx = ix + 1 (mod 2): ky in {1} on an even row, {0, 2} on an odd one. So
+// the pixels of one class (py, px) = (iy % 2, ix % 2) share 1, 2, 2 or 4 taps; with one class per
+// grid z its pixels are the GEMM's rows and its taps x Cout its K (at most 4 Cout, where the
+// 9-tap loader runs 9 Cout with 3 of 4 taps zero filled), and the epilogue maps each row back to
+// its pixel of dx (operator()).
+struct DgradParity {
+    int py, px, h, w, hc, wc, rows, nkx, taps;
+    template <class G>
+    TC_HD DgradParity(const G& g, int cls)
+        : py(cls >> 1),
+          px(cls & 1),
+          h(g.h),
+          w(g.w),
+          hc((g.h - (cls >> 1) + 1) / 2),
+          wc((g.w - (cls & 1) + 1) / 2),
+          rows(g.n * hc * wc),
+          nkx(1 + (cls & 1)),
+          taps((1 + (cls >> 1)) * (1 + (cls & 1))) {}
+    // The class's tap j (0 .. taps - 1), row-major over (ky, kx).
+    TC_HD void tap(int j, int& ky, int& kx) const {
+        const int jy = j / nkx, jx = j - jy * nkx;
+        ky = py ? 2 * jy : 1;
+        kx = px ? 2 * jx : 1;
+    }
+    // The pixel of dx that row `row` (< rows) of the class is: (n, 2 a + py, 2 b + px).
+    TC_HD tc_i64 operator()(int row) const {
+        const int b = row % wc, a = (row / wc) % hc, n = row / (wc * hc);
+        return ((tc_i64)n * h + 2 * a + py) * w + 2 * b + px;
+    }
+};
+
+// dgrad A by parity class: rows are the class's pixels, columns k = (class tap, co).
+template <class G>
+struct DgradParityLoadA {
+    static constexpr bool K_MAJOR = true;
+    G g;
+    DgradParity cls;
+    int cout, k;          // taps cout
+    tc_i64 pixel[2];      // n * oh, or -1 past the class's last pixel
+    int ty0[2], tx0[2];   // iy + 1, ix + 1
+    TC_HD DgradParityLoadA(const G& g_, const DgradParity& cls_, int cout_, int m0, int tid)
+        : g(g_), cls(cls_), cout(cout_), k(cls_.taps * cout_) {
+        for (int s = 0; s < 2; ++s) {
+            const int row = m0 + tc_kmajor_row(tid, s);
+            pixel[s] = -1;
+            ty0[s] = tx0[s] = 0;
+            if (row < cls.rows) {
+                const int b = row % cls.wc, a = (row / cls.wc) % cls.hc, n = row / (cls.wc * cls.hc);
+                pixel[s] = (tc_i64)n * g.oh;
+                ty0[s] = 2 * a + cls.py + 1;
+                tx0[s] = 2 * b + cls.px + 1;
+            }
+        }
+    }
+    TC_HD tc_i64 chunk(int r, int c, int kt, bool& valid) const {
+        const bool s = r >= 64;
+        const tc_i64 pix = s ? pixel[1] : pixel[0];
+        const int kk = kt * TC_BK + c * 8;
+        const int j = kk / cout, co = kk - j * cout;
+        int ky, kx;
+        cls.tap(j, ky, kx);
+        // Even by the class's choice of taps: the halving is exact.
+        const int ty = (s ? ty0[1] : ty0[0]) - ky, tx = (s ? tx0[1] : tx0[0]) - kx;
+        const int oy = ty >> 1, ox = tx >> 1;
+        valid = pix >= 0 && kk < k && ty >= 0 && tx >= 0 && oy < g.oh && ox < g.ow;
+        return valid ? ((pix + oy) * g.ow + ox) * cout + co : 0;
+    }
+};
+
+// dgrad B by parity class: W'[(class tap, co)][ci] = W[tap][ci][co], K-major rows ci.
+struct DgradParityLoadB {
+    static constexpr bool K_MAJOR = true;
+    DgradParity cls;
+    int n0, cin, cout;
+    TC_HD tc_i64 chunk(int r, int c, int kt, bool& valid) const {
+        const int ci = n0 + r, kk = kt * TC_BK + c * 8;
+        const int j = kk / cout, co = kk - j * cout;
+        int ky, kx;
+        cls.tap(j, ky, kx);
+        valid = ci < cin && j < cls.taps;
+        return valid ? ((tc_i64)(3 * ky + kx) * cin + ci) * cout + co : 0;
+    }
+};
+
 // wgrad A': rows are output pixels p (the GEMM's K), columns (tap, ci) (its M): col(x)^T.
 template <class G>
 struct WgradLoadA {

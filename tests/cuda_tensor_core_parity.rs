@@ -15,6 +15,7 @@ mod common;
 
 use common::{assert_within, random_vec, Suite};
 use emprior::nn::conv::bf16 as conv_bf16;
+use emprior::nn::conv::bf16::InputGradKernel;
 use emprior::nn::conv::{col2im_into, im2col, ConvGeometry};
 use emprior::ops::precision::{round_to_bf16, tensor_core_refusal, to_bf16};
 use emprior::ops::{self, GemmSpec};
@@ -399,14 +400,45 @@ fn conv_trials(dev: &Device, cases: &[ConvCase], batch: usize) {
             true,
         );
 
-        let mut dx = poisoned(dev, &[p_in * cin]);
-        conv_bf16::input_grad(&dy, &wt, &g, cout, &mut dx.as_view_mut().unwrap(), 0.0).unwrap();
+        // The input gradient: at stride 2 both kernels (by parity class, the default, and the
+        // 9-tap version 2), the parity one also accumulating (beta 1: its epilogue reads dx at
+        // the pixels its row map gives).
+        let kernels: &[InputGradKernel] = if s == 2 {
+            &[InputGradKernel::ByParity, InputGradKernel::AllTaps]
+        } else {
+            &[InputGradKernel::ByParity]
+        };
+        for &kernel in kernels {
+            let mut dx = poisoned(dev, &[p_in * cin]);
+            conv_bf16::input_grad_with(&dy, &wt, &g, cout, &mut dx.as_view_mut().unwrap(), 0.0, kernel)
+                .unwrap();
+            check(
+                &format!("{what} input gradient ({kernel:?})"),
+                &[p_in, cin],
+                &dx.to_vec_f32().unwrap(),
+                &r.dx,
+                &ra.dx,
+                9 * cout,
+                0,
+                false,
+            );
+        }
+        let dx0 = random_vec(seed + 5, p_in * cin, -1.0, 1.0);
+        let mut dx = Tensor::from_f32(&dx0, &[p_in * cin], dev).unwrap();
+        conv_bf16::input_grad(&dy, &wt, &g, cout, &mut dx.as_view_mut().unwrap(), 1.0).unwrap();
+        let want: Vec<f64> = r.dx.iter().zip(&dx0).map(|(v, &d)| v + d as f64).collect();
+        let abs_want: Vec<f64> = ra
+            .dx
+            .iter()
+            .zip(&dx0)
+            .map(|(v, &d)| v + (d as f64).abs())
+            .collect();
         check(
-            &format!("{what} input gradient"),
+            &format!("{what} input gradient, accumulated"),
             &[p_in, cin],
             &dx.to_vec_f32().unwrap(),
-            &r.dx,
-            &ra.dx,
+            &want,
+            &abs_want,
             9 * cout,
             0,
             false,

@@ -221,11 +221,13 @@ struct HostMachine {
 };
 
 // One block's product over K tiles [begin, end) through the kernels' own tc_pipeline, then its
-// stores into `out` (f32, ldc = n), counting writes in `written`.
+// stores into `out` (f32, ldc = n) at the rows `out_row` maps the tile's rows to (tc_store's
+// row map), counting writes in `written`.
 template <class LA, class LB>
 static void emulate_block(const std::vector<float>& a, std::function<LA(int)> make_a, const std::vector<float>& b,
                           std::function<LB(int)> make_b, int begin, int end, int m0, int n0, int m, int n,
-                          std::vector<float>& out, std::vector<int>& written, const std::string& what) {
+                          std::vector<float>& out, std::vector<int>& written, const std::string& what,
+                          std::function<tc_i64(int)> out_row = [](int row) { return (tc_i64)row; }) {
     auto blk = std::make_unique<HostMachine<LA, LB>>(a, b, begin, what);
     for (int tid = 0; tid < TC_THREADS; ++tid) {
         blk->las.push_back(make_a(tid));
@@ -247,9 +249,15 @@ static void emulate_block(const std::vector<float>& a, std::function<LA(int)> ma
                     if (row >= m || col >= n) continue;
                     if (tc_acc_row(tid, i, 2 * h + 1) != row - m0 || tc_acc_col(tid, j, 2 * h + 1) != col - n0 + 1)
                         fail(what + ": the epilogue's register pairs are not adjacent columns");
+                    const tc_i64 to = out_row(row);
+                    const size_t at = (size_t)to * n + col;
+                    if (to < 0 || at + 2 > out.size()) {
+                        fail(what + ": the epilogue stores row " + std::to_string(row) + " outside the output");
+                        continue;
+                    }
                     for (int e = 0; e < 2; ++e) {
-                        out[(size_t)row * n + col + e] = blk->acc[tid][i][j][2 * h + e];
-                        ++written[(size_t)row * n + col + e];
+                        out[at + e] = blk->acc[tid][i][j][2 * h + e];
+                        ++written[at + e];
                     }
                 }
 }
@@ -314,6 +322,43 @@ static void gemm_case(int m, int n, int k, bool ta, bool tb, unsigned seed) {
             [&](int n0, int) { return DenseMNMajor{n0, n, k, ldb}; }, m, n, k, 1, want, what);
 }
 
+// The stride-2 input gradient by parity class (conv3x3_dgrad_s2_bf16): the four classes' grids,
+// each block's rows stored at their pixels; every value of dx written exactly once, by its class.
+static void dgrad_parity_case(const ConvGeometry& g, int cout, const std::vector<float>& dy,
+                              const std::vector<float>& wt, const std::vector<double>& want, const std::string& shape) {
+    const std::string what = "conv dgrad by parity class " + shape;
+    const int cin = g.cin, p_in = g.n * g.h * g.w;
+    std::vector<float> out((size_t)p_in * cin, NAN);
+    std::vector<int> written((size_t)p_in * cin, 0);
+    int pixels = 0, kmax = 0;
+    for (int cls = 0; cls < 4; ++cls) {
+        const DgradParity pc(g, cls);
+        pixels += pc.rows;
+        const int k = pc.taps * cout;
+        kmax = std::max(kmax, k);
+        for (int m0 = 0; m0 < pc.rows; m0 += TC_BM)
+            for (int n0 = 0; n0 < cin; n0 += TC_BN)
+                emulate_block<DgradParityLoadA<ConvGeometry>, DgradParityLoadB>(
+                    dy, [&](int tid) { return DgradParityLoadA<ConvGeometry>(g, pc, cout, m0, tid); }, wt,
+                    [&](int) { return DgradParityLoadB{pc, n0, cin, cout}; }, 0, (k + TC_BK - 1) / TC_BK, m0, n0,
+                    pc.rows, cin, out, written, what, [&](int row) { return pc(row); });
+    }
+    if (pixels != p_in) fail(what + ": the classes hold " + std::to_string(pixels) + " pixels, not " + std::to_string(p_in));
+    size_t bad = 0, first = 0;
+    for (size_t e = 0; e < out.size(); ++e) {
+        if (written[e] != 1) {
+            fail(what + ": output " + std::to_string(e) + " written " + std::to_string(written[e]) + " times");
+            return;
+        }
+        if ((double)out[e] != want[e] && bad++ == 0) first = e;
+    }
+    if (bad)
+        fail(what + ": " + std::to_string(bad) + " of " + std::to_string(out.size()) + " values differ; first at " +
+             std::to_string(first) + ": got " + std::to_string(out[first]) + ", want " + std::to_string(want[first]));
+    else
+        std::printf("ok   %s (%d x %d x at most %d, 4 classes)\n", what.c_str(), p_in, cin, kmax);
+}
+
 static void conv_case(int nb, int h, int w, int cin, int cout, int s, int splits, unsigned seed) {
     const ConvGeometry g{nb, h, w, cin, (h - 1) / s + 1, (w - 1) / s + 1, s};
     const int p_in = nb * h * w, p_out = nb * g.oh * g.ow;
@@ -348,6 +393,7 @@ static void conv_case(int nb, int h, int w, int cin, int cout, int s, int splits
         x, [&](int m0, int) { return WgradLoadA<ConvGeometry>{g, m0, p_out}; }, dy,
         [&](int n0, int) { return DenseMNMajor{n0, cout, p_out, cout}; }, 9 * cin, cout, p_out, splits, dw,
         "conv wgrad " + shape);
+    if (s == 2) dgrad_parity_case(g, cout, dy, wt, dx, shape);
 }
 
 int main() {
@@ -362,6 +408,10 @@ int main() {
     conv_case(1, 8, 8, 8, 136, 2, 2, 6);
     conv_case(3, 6, 6, 136, 16, 1, 4, 7);
     conv_case(1, 3, 3, 32, 8, 1, 5, 8);
+    // Stride 2 on one row: the odd-row parity classes are empty.
+    conv_case(2, 1, 6, 16, 24, 2, 1, 9);
+    // Stride 2 with classes of more than one M tile (162, 144, 144 and 128 pixels).
+    conv_case(2, 18, 17, 8, 16, 2, 2, 10);
     std::printf("%s\n", failures ? "FAILED" : "all cases match");
     return failures ? 1 : 0;
 }

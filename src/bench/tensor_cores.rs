@@ -7,8 +7,8 @@
 //! against that measured bf16 peak.
 //!
 //! FLOPs are the useful ones, 2 M N K of the pass as a GEMM: for a stride-2 input gradient the
-//! kernel also runs the 3 of 4 taps that land between pixels (zero filled), which count as
-//! waste, not work.
+//! 9-tap kernel (version 2, shown beside the default by parity class, version 3) also runs the
+//! taps that land between pixels (zero filled), which count as waste, not work.
 
 use cudarc::cublas::{CudaBlas, Gemm, GemmConfig};
 
@@ -182,20 +182,31 @@ pub fn run(dev: &CudaDevice, device: &Device, quick: bool) -> Result<Vec<BenchRo
         );
         drop((xf, wf, yf));
 
-        // Input gradient: M = input pixels, N = Cin, K = 9 Cout / stride^2 useful.
+        // Input gradient: M = input pixels, N = Cin, K = 9 Cout / stride^2 useful. At stride 2
+        // the default kernel by parity class (v3), then the 9-tap one (v2) it replaced.
         let mut dx = Tensor::uninit(&[p_in * cin], DType::F32, device)?;
-        let ms = time_gpu(dev, repeats, || {
-            conv_bf16::input_grad(&dy, &w, &g, cout, &mut dx.as_view_mut()?, 0.0)
-        })?;
-        drop(dx);
         let reference = cublas(p_in, cin, 9 * cout / (s * s))?;
-        row(
-            format!("conv {label} input grad (bf16 v2)"),
-            shape.clone(),
-            flops,
-            ms,
-            Some(reference),
-        );
+        let kernels: &[(conv_bf16::InputGradKernel, &str)] = if s == 2 {
+            &[
+                (conv_bf16::InputGradKernel::ByParity, "bf16 v3, by parity class"),
+                (conv_bf16::InputGradKernel::AllTaps, "bf16 v2, all 9 taps"),
+            ]
+        } else {
+            &[(conv_bf16::InputGradKernel::AllTaps, "bf16 v2")]
+        };
+        for &(kernel, name) in kernels {
+            let ms = time_gpu(dev, repeats, || {
+                conv_bf16::input_grad_with(&dy, &w, &g, cout, &mut dx.as_view_mut()?, 0.0, kernel)
+            })?;
+            row(
+                format!("conv {label} input grad ({name})"),
+                shape.clone(),
+                flops,
+                ms,
+                Some(reference),
+            );
+        }
+        drop(dx);
 
         // Weight gradient: M = 9 Cin, N = Cout, K = output pixels (split-K and the ordered sum).
         let mut dw = Tensor::uninit(&[9 * cin * cout], DType::F32, device)?;

@@ -85,6 +85,7 @@ pub fn agree(device: &Device, reference: &Device) -> Result<()> {
         }
         same(name, &outs[0], &outs[1])?;
     }
+    // Stride 2 (the input gradient by parity class), then the stride-1 input gradient below.
     let (g, cout) = (ConvGeometry::new(2, 5, 7, 24, 2), 40);
     let (p_in, p_out) = (2 * 5 * 7, 2 * 3 * 4);
     let (xg, xc) = both(&ints(p_in * 24, 3), &[p_in * 24])?;
@@ -110,5 +111,13 @@ pub fn agree(device: &Device, reference: &Device) -> Result<()> {
     {
         same(what, &outs[0][i], &outs[1][i])?;
     }
-    Ok(())
+    let g1 = ConvGeometry::new(2, 5, 7, 24, 1);
+    let (dyg, dyc) = both(&ints(p_in * cout, 6), &[p_in * cout])?;
+    let mut dxs = Vec::new();
+    for (dy, w, dev) in [(&dyg, &wg, device), (&dyc, &wc, &cpu)] {
+        let mut dx = Tensor::zeros(&[p_in * 24], DType::F32, dev)?;
+        conv_bf16::input_grad(dy, w, &g1, cout, &mut dx.as_view_mut()?, 0.0)?;
+        dxs.push(dx);
+    }
+    same("convolution (input gradient, stride 1)", &dxs[0], &dxs[1])
 }

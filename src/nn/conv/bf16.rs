@@ -171,8 +171,20 @@ pub fn forward<'x, 'w>(
     }
 }
 
+/// The GPU kernel of the input gradient (the CPU twin is the same either way).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum InputGradKernel {
+    /// Version 2, `conv3x3_dgrad_bf16`: K = 9 Cout for every input pixel; at stride 2 the taps
+    /// that land between output pixels are zero filled (their MMAs wasted).
+    AllTaps,
+    /// Version 3 at stride 2, `conv3x3_dgrad_s2_bf16`: one parity class of input pixels per
+    /// grid z, K = its 1, 2 or 4 live taps x Cout (4 Cout at most; 2.25 Cout on average, a
+    /// quarter of the 9-tap kernel's work). At stride 1 every tap is live and this is `AllTaps`.
+    ByParity,
+}
+
 /// `dx = beta dx + the input gradient` for `dy` (`[N, OH, OW, Cout]`, bf16), f32 into `dx`
-/// (`[N, H, W, Cin]`; beta 0 never reads it).
+/// (`[N, H, W, Cin]`; beta 0 never reads it). On a GPU by parity class at stride 2.
 pub fn input_grad<'d, 'w>(
     dy: impl Into<Bf16Ref<'d>>,
     weight: impl Into<Bf16Ref<'w>>,
@@ -180,6 +192,19 @@ pub fn input_grad<'d, 'w>(
     cout: usize,
     dx: &mut ViewMut,
     beta: f32,
+) -> Result<()> {
+    input_grad_with(dy, weight, g, cout, dx, beta, InputGradKernel::ByParity)
+}
+
+/// [`input_grad`] with the GPU kernel chosen: the benchmark and the parity tests run both.
+pub fn input_grad_with<'d, 'w>(
+    dy: impl Into<Bf16Ref<'d>>,
+    weight: impl Into<Bf16Ref<'w>>,
+    g: &ConvGeometry,
+    cout: usize,
+    dx: &mut ViewMut,
+    beta: f32,
+    kernel: InputGradKernel,
 ) -> Result<()> {
     let (dy, weight) = (dy.into(), weight.into());
     let device = dy.tensor.device();
@@ -204,16 +229,30 @@ pub fn input_grad<'d, 'w>(
             Ok(())
         }
         Device::Cuda(dev) => {
-            let cfg = launch::blocks(
-                (
-                    (pixels_in(g) as u32).div_ceil(TILE),
-                    (g.cin as u32).div_ceil(TILE),
-                    1,
-                ),
-                THREADS,
-            );
             let (dyv, wv) = (dy.cuda()?, weight.cuda()?);
             let mut dxv = cuda_f32(dx)?;
+            let cin_tiles = (g.cin as u32).div_ceil(TILE);
+            if g.stride == 2 && kernel == InputGradKernel::ByParity {
+                // Grid z: the four parity classes; x: the tiles of the largest, (even, even)
+                // (blocks past a smaller class's pixels return at once).
+                let class0 = g.n as u32 * (g.h as u32).div_ceil(2) * (g.w as u32).div_ceil(2);
+                let cfg = launch::blocks((class0.div_ceil(TILE), cin_tiles, 4), THREADS);
+                // SAFETY: as in `forward`; the classes partition dx's pixels, so each is
+                // written by one block.
+                return unsafe {
+                    dev.kernels().conv3x3_dgrad_s2_bf16(
+                        cfg,
+                        &dyv,
+                        &wv,
+                        Some(&mut dxv),
+                        None,
+                        *g,
+                        cout as i32,
+                        beta,
+                    )
+                };
+            }
+            let cfg = launch::blocks(((pixels_in(g) as u32).div_ceil(TILE), cin_tiles, 1), THREADS);
             // SAFETY: as in `forward`.
             unsafe {
                 dev.kernels()
