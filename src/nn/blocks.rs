@@ -939,15 +939,22 @@ impl ResBlock {
     ) -> Result<Tensor> {
         let (mut dx, dc2) = residual_backward_operand(x, &Operand::of(&core.c2)?, m, &dout.as_view()?, dm)?;
         drop(dout);
+        // Under bf16, dc2 rounded once for conv2's two passes (its input is rebuilt between).
+        let dc2b = self.conv2.dy_bf16(layout, core.c1.shape(), &dc2.as_view()?)?;
         if let Some(g) = grads.as_deref_mut() {
             let d1 = conv2_input(&core.c1, core.mask.as_ref())?;
+            let d1 = Operand::F32(d1.as_view()?);
             self.conv2
-                .param_grads(layout, &d1.as_view()?, &dc2.as_view()?, g)?;
+                .param_grads_with(layout, &d1, &dc2.as_view()?, dc2b.as_ref(), g)?;
         }
-        let dd1 = self
-            .conv2
-            .backward_input(layout, params, core.c1.shape(), &dc2.as_view()?)?;
-        drop(dc2);
+        let dd1 = self.conv2.backward_input_with(
+            layout,
+            params,
+            core.c1.shape(),
+            &dc2.as_view()?,
+            dc2b.as_ref(),
+        )?;
+        drop((dc2, dc2b));
         let dc1 = silu_dropout_backward(&Operand::of(&core.c1)?, dd1, core.mask.as_ref())?;
         let dln =
             self.conv1

@@ -677,11 +677,14 @@ impl UNet {
                         .expect("levels > 0 end in LayerNorm");
                     let mut cat_shape = skip.shape().to_vec();
                     cat_shape[3] += c_up;
+                    // Under bf16, d rounded once for the two passes (the input is rebuilt between).
+                    let db = conv.dy_bf16(&self.layout, &cat_shape, &d.as_view()?)?;
                     if let Some(g) = grads.as_deref_mut() {
                         // The forward's concatenation, rebuilt from what it was made of.
                         if self.layout.precision() == Precision::Bf16 {
                             let cat = self.merge_input(&below.y, &saved.down[i].skip)?;
-                            conv.param_grads_operand(&self.layout, &Operand::of(&cat)?, &d.as_view()?, g)?;
+                            let cat = Operand::of(&cat)?;
+                            conv.param_grads_with(&self.layout, &cat, &d.as_view()?, db.as_ref(), g)?;
                         } else {
                             let upsampled = upsample2x(&below.y.as_view()?)?;
                             let cat = concat_channels(&upsampled.as_view()?, &skip.widen()?.view()?)?;
@@ -689,8 +692,14 @@ impl UNet {
                             conv.param_grads(&self.layout, &cat.as_view()?, &d.as_view()?, g)?;
                         }
                     }
-                    let d_cat = conv.backward_input(&self.layout, params, &cat_shape, &d.as_view()?)?;
-                    drop(d);
+                    let d_cat = conv.backward_input_with(
+                        &self.layout,
+                        params,
+                        &cat_shape,
+                        &d.as_view()?,
+                        db.as_ref(),
+                    )?;
+                    drop((d, db));
                     let (d_up, d_skip) = split_channels(&d_cat.as_view()?, c_up)?;
                     accumulate(&mut dskip[i], d_skip)?;
                     d_carry = Some(d_up);
@@ -1084,17 +1093,26 @@ impl Walk<'_> {
         }
     }
 
-    /// Conv3x3 parameter gradients: bf16 x (when not kept) and dy, the split-K partials; or
-    /// the columns.
-    fn conv_param_grads(&mut self, g: ConvGeometry, cout: u64, x_kept: bool) {
+    /// Under bf16 on the tensor cores, dy rounded once by a caller that runs a convolution's two
+    /// backward passes apart (`Conv3x3::dy_bf16`: conv2, the merge convolution).
+    fn round_dy(&mut self, g: &ConvGeometry, cout: u64) -> Option<u64> {
+        self.tc(g.cin as u64, cout)
+            .then(|| self.half(Self::out_elems(g, cout)))
+    }
+
+    /// Conv3x3 parameter gradients: bf16 x (when not kept) and dy (unless `dy_rounded`), the
+    /// split-K partials; or the columns.
+    fn conv_param_grads(&mut self, g: ConvGeometry, cout: u64, x_kept: bool, dy_rounded: bool) {
         let x = Self::in_elems(&g);
         if self.tc(g.cin as u64, cout) {
             let xb = (!x_kept).then(|| self.half(x));
-            let dyb = self.half(Self::out_elems(&g, cout));
+            let dyb = (!dy_rounded).then(|| self.half(Self::out_elems(&g, cout)));
             let splits = super::conv::bf16::wgrad_splits(&g, cout as usize) as u64;
             let parts = self.f32(splits * 9 * g.cin as u64 * cout);
             self.free(parts);
-            self.free(dyb);
+            if let Some(dyb) = dyb {
+                self.free(dyb);
+            }
             if let Some(xb) = xb {
                 self.free(xb);
             }
@@ -1110,9 +1128,9 @@ impl Walk<'_> {
     fn conv_backward(&mut self, g: ConvGeometry, cout: u64, x_kept: bool, grads: bool) -> u64 {
         if !self.tc(g.cin as u64, cout) {
             if grads {
-                self.conv_param_grads(g, cout, x_kept);
+                self.conv_param_grads(g, cout, x_kept, false);
             }
-            return self.conv_backward_input(g, cout);
+            return self.conv_backward_input(g, cout, false);
         }
         let dyb = self.half(Self::out_elems(&g, cout));
         if grads {
@@ -1129,10 +1147,11 @@ impl Walk<'_> {
         dx
     }
 
-    fn conv_backward_input(&mut self, g: ConvGeometry, cout: u64) -> u64 {
+    /// Conv3x3 input gradient: dx, and dy's bf16 copy unless `dy_rounded`; or the columns.
+    fn conv_backward_input(&mut self, g: ConvGeometry, cout: u64, dy_rounded: bool) -> u64 {
         let dx = self.f32(Self::in_elems(&g));
         if self.tc(g.cin as u64, cout) {
-            self.narrow_operands(Some(Self::out_elems(&g, cout)));
+            self.narrow_operands((!dy_rounded).then_some(Self::out_elems(&g, cout)));
         } else {
             self.columns(&g);
         }
@@ -1345,12 +1364,16 @@ impl Walk<'_> {
             dln
         } else {
             let g = self.geometry(i, c, 1);
+            let dhb = self.round_dy(&g, c);
             if grads {
                 let d1 = self.conv2_input(a);
-                self.conv_param_grads(g, c, false);
+                self.conv_param_grads(g, c, false, dhb.is_some());
                 self.free(d1);
             }
-            let dd1 = self.conv_backward_input(g, c);
+            let dd1 = self.conv_backward_input(g, c, dhb.is_some());
+            if let Some(dhb) = dhb {
+                self.free(dhb);
+            }
             self.free(dh);
             // dropout's and SiLU's VJPs: under bf16 one kernel in place in dd1.
             let dc1 = if self.bf16 {
@@ -1503,18 +1526,22 @@ impl Walk<'_> {
             if i < last {
                 let cat_c = self.c(i) + self.c(i + 1);
                 let g = self.geometry(i, cat_c, 1);
+                let db = self.round_dy(&g, self.c(i));
                 if grads && self.bf16 {
                     let cat = self.half(n * self.pixels(i) * cat_c);
-                    self.conv_param_grads(g, self.c(i), true);
+                    self.conv_param_grads(g, self.c(i), true, db.is_some());
                     self.free(cat);
                 } else if grads {
                     let up = self.f32(n * self.pixels(i) * self.c(i + 1));
                     let cat = self.f32(n * self.pixels(i) * cat_c);
                     self.free(up);
-                    self.conv_param_grads(g, self.c(i), false);
+                    self.conv_param_grads(g, self.c(i), false, db.is_some());
                     self.free(cat);
                 }
-                let d_cat = self.conv_backward_input(g, self.c(i));
+                let d_cat = self.conv_backward_input(g, self.c(i), db.is_some());
+                if let Some(db) = db {
+                    self.free(db);
+                }
                 self.free(d);
                 d_carry = self.f32(n * self.pixels(i) * self.c(i + 1));
                 dskip.push(self.f32(a));

@@ -359,16 +359,27 @@ impl Conv3x3 {
         grads: Option<&mut ViewMut>,
     ) -> Result<Tensor> {
         // Under bf16, dy is rounded once for both passes.
-        let g = self.geometry(x.shape())?;
-        let dyb = if self.bf16(layout, &g, &dy.device()) {
-            Some(to_bf16(&dy.reshape(&[g.out_pixels(), self.cout])?)?)
-        } else {
-            None
-        };
+        let dyb = self.dy_bf16(layout, x.shape(), dy)?;
         if let Some(grads) = grads {
             self.param_grads_with(layout, x, dy, dyb.as_ref(), grads)?;
         }
         self.backward_input_with(layout, params, x.shape(), dy, dyb.as_ref())
+    }
+
+    /// dy rounded to bf16 (`[pixels, Cout]`) when this layer's passes take the tensor cores for an
+    /// input of `x_shape`, else None: for a caller that runs the two backward passes apart
+    /// ([`Self::param_grads_with`], [`Self::backward_input_with`]) to round it once.
+    pub(crate) fn dy_bf16(
+        &self,
+        layout: &ParamLayout,
+        x_shape: &[usize],
+        dy: &View,
+    ) -> Result<Option<Tensor>> {
+        let g = self.geometry(x_shape)?;
+        if !self.bf16(layout, &g, &dy.device()) {
+            return Ok(None);
+        }
+        Ok(Some(to_bf16(&dy.reshape(&[g.out_pixels(), self.cout])?)?))
     }
 
     /// dx for dy alone: the input enters only through its shape, so a VJP needs no saved input.
@@ -383,7 +394,7 @@ impl Conv3x3 {
     }
 
     /// [`Self::backward_input`], with dy already rounded to bf16 when the caller has it.
-    fn backward_input_with(
+    pub(crate) fn backward_input_with(
         &self,
         layout: &ParamLayout,
         params: &Weights,
@@ -442,7 +453,7 @@ impl Conv3x3 {
     }
 
     /// [`Self::param_grads_operand`], with dy already rounded to bf16 when the caller has it.
-    fn param_grads_with(
+    pub(crate) fn param_grads_with(
         &self,
         layout: &ParamLayout,
         x: &Operand,
