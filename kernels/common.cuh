@@ -26,6 +26,9 @@ typedef unsigned long long u64;
 // bf16-input instantiation compute the same f32 values.
 __device__ __forceinline__ float ld(const float* p, i64 i) { return p[i]; }
 __device__ __forceinline__ float ld(const __nv_bfloat16* p, i64 i) { return __bfloat162float(p[i]); }
+// Its store: f32, or bf16 rounded to nearest even (what a tensor core then reads).
+__device__ __forceinline__ void st(float* p, i64 i, float v) { p[i] = v; }
+__device__ __forceinline__ void st(__nv_bfloat16* p, i64 i, float v) { p[i] = __float2bfloat16_rn(v); }
 
 // True when every pointer is 16-byte aligned, so float4 loads and stores are legal.
 __device__ __forceinline__ bool aligned16(const void* a) { return ((uintptr_t)a & 15u) == 0; }

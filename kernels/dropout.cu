@@ -19,17 +19,34 @@ extern "C" __global__ void dropout_f32(const float* x, float* y, i64 n, float p,
 }
 
 // The ResBlock's conv2 input from c1 kept in bf16 (the bf16 policy), one pass:
-// out = dropout(silu(c1)), the same arithmetic as ew_silu then dropout_f32.
+// out = dropout(silu(c1)), the same arithmetic as ew_silu then dropout_f32 (p = 0: silu(c1),
+// nothing drawn). Stored f32, or bf16 (rounded to nearest even) when conv2 reads bf16 operands:
+// then conv2 needs no cast of its own.
+template <class Y>
+__device__ __forceinline__ void silu_dropout(const __nv_bfloat16* x, Y* out, i64 n, float p, float scale, u64 seed,
+                                             u64 stream, u64 offset) {
+    const i64 step = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
+        float v = silu_value(ld(x, i));
+        if (p > 0.0f) {
+            const u64 e = offset + (u64)i;
+            const Philox4 r = philox_block(seed, stream, e / 4);
+            v = philox_uniform(r.v[e % 4]) >= p ? v * scale : 0.0f;
+        }
+        st(out, i, v);
+    }
+}
+
 // hot
 extern "C" __global__ void silu_dropout_bf16x(const __nv_bfloat16* x, float* out, i64 n, float p, float scale,
                                               u64 seed, u64 stream, u64 offset) {
-    const i64 step = (i64)gridDim.x * blockDim.x;
-    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
-        const u64 e = offset + (u64)i;
-        const Philox4 r = philox_block(seed, stream, e / 4);
-        const float u = philox_uniform(r.v[e % 4]);
-        out[i] = u >= p ? silu_value(ld(x, i)) * scale : 0.0f;
-    }
+    silu_dropout(x, out, n, p, scale, seed, stream, offset);
+}
+
+// hot
+extern "C" __global__ void silu_dropout_bf16x_bf16y(const __nv_bfloat16* x, __nv_bfloat16* out, i64 n, float p,
+                                                    float scale, u64 seed, u64 stream, u64 offset) {
+    silu_dropout(x, out, n, p, scale, seed, stream, offset);
 }
 
 // Its VJP in place: g = silu'(c1) * dropout(g), the same arithmetic as dropout_f32 then

@@ -10,7 +10,7 @@ use crate::device::launch::{blocks, grid_stride, THREADS};
 
 use super::attention::{AttSaved, SelfAttention};
 use super::conv::Conv3x3;
-use super::dropout::{silu_dropout, silu_dropout_backward, DropoutMask};
+use super::dropout::{silu_dropout_backward, silu_dropout_to, DropoutMask};
 use super::linear::Linear;
 use super::norm::{layer_norm_backward, modulated_layer_norm_operand, LnSaved};
 use super::params::ParamLayout;
@@ -884,10 +884,8 @@ impl ResBlock {
             }),
             _ => None,
         };
-        let d1 = conv2_input(&c1, mask.as_ref())?;
-        let c2 = self
-            .conv2
-            .forward_kept(layout, params, &Operand::F32(d1.as_view()?))?;
+        let d1 = conv2_input(&self.conv2, layout, &c1, mask.as_ref())?;
+        let c2 = self.conv2.forward_kept(layout, params, &Operand::of(&d1)?)?;
         drop(d1);
         let out = residual_operand(x, &Operand::of(&c2)?, m)?;
         Ok((out, ResCore { ln, c1, c2, mask }))
@@ -942,8 +940,8 @@ impl ResBlock {
         // Under bf16, dc2 rounded once for conv2's two passes (its input is rebuilt between).
         let dc2b = self.conv2.dy_bf16(layout, core.c1.shape(), &dc2.as_view()?)?;
         if let Some(g) = grads.as_deref_mut() {
-            let d1 = conv2_input(&core.c1, core.mask.as_ref())?;
-            let d1 = Operand::F32(d1.as_view()?);
+            let d1 = conv2_input(&self.conv2, layout, &core.c1, core.mask.as_ref())?;
+            let d1 = Operand::of(&d1)?;
             self.conv2
                 .param_grads_with(layout, &d1, &dc2.as_view()?, dc2b.as_ref(), g)?;
         }
@@ -970,9 +968,19 @@ impl ResBlock {
     }
 }
 
-/// Conv2's input: Dropout(SiLU(c1)), or SiLU(c1) without dropout (c1 f32 or kept bf16).
-fn conv2_input(c1: &Tensor, mask: Option<&DropoutMask>) -> Result<Tensor> {
-    silu_dropout(&Operand::of(c1)?, mask)
+/// Conv2's input: Dropout(SiLU(c1)), or SiLU(c1) without dropout (c1 f32 or kept bf16), made
+/// in bf16 by its own kernel when conv2 reads bf16 operands (no cast in conv2), else f32.
+fn conv2_input(
+    conv2: &Conv3x3,
+    layout: &ParamLayout,
+    c1: &Tensor,
+    mask: Option<&DropoutMask>,
+) -> Result<Tensor> {
+    let dtype = match conv2.tensor_cores(layout, c1.shape(), &c1.device())? {
+        true => DType::BF16,
+        false => DType::F32,
+    };
+    silu_dropout_to(&Operand::of(c1)?, mask, dtype)
 }
 
 /// What an AttBlock's backward needs besides its input x and modulation m.

@@ -7,7 +7,7 @@ use crate::device::launch::grid_stride;
 
 use crate::error::{Error, Result};
 use crate::ops::elementwise::{silu_backward_operand, silu_operand};
-use crate::ops::precision::Operand;
+use crate::ops::precision::{to_bf16, Operand};
 use crate::ops::{mismatch, Philox};
 use crate::real::Real;
 use crate::tensor::{AsView, AsViewMut, DType, Data, DataMut, Tensor, View};
@@ -68,8 +68,64 @@ fn check_p(mask: &DropoutMask) -> Result<()> {
 }
 
 /// A ResBlock's conv2 input from c1 (f32, or kept in bf16): `dropout(silu(c1))`, or `silu(c1)`
-/// without a mask. On a GPU with c1 in bf16 and a mask, one kernel (kernels/dropout.cu);
-/// elsewhere SiLU then dropout. The same values either way.
+/// without a mask, in `dtype`: f32, or bf16 (rounded to nearest even) for a conv2 that reads
+/// bf16 operands. On a GPU with c1 in bf16, one kernel that stores either (kernels/dropout.cu);
+/// elsewhere SiLU, dropout, then the cast. The same values either way.
+pub fn silu_dropout_to(c1: &Operand, mask: Option<&DropoutMask>, dtype: DType) -> Result<Tensor> {
+    match dtype {
+        DType::F32 => silu_dropout(c1, mask),
+        DType::BF16 => {
+            let (Operand::Bf16(xb), Some(dev)) = (c1, c1_gpu(c1)) else {
+                return to_bf16(&silu_dropout(c1, mask)?);
+            };
+            let (p, scale, rng, offset) = mask_args(mask)?;
+            crate::device::note_op();
+            let n = xb.numel();
+            let mut out = Tensor::uninit(xb.shape(), DType::BF16, &crate::Device::Cuda(dev.clone()))?;
+            let (xv, mut o) = (xb.cuda()?, out.cuda_bf16_mut()?);
+            // SAFETY: x and out hold n values.
+            unsafe {
+                dev.kernels().silu_dropout_bf16x_bf16y(
+                    grid_stride(&dev, n),
+                    &xv,
+                    &mut o,
+                    n as i64,
+                    p,
+                    scale,
+                    rng.seed,
+                    rng.stream,
+                    offset,
+                )
+            }?;
+            Ok(out)
+        }
+        other => Err(Error::Other(format!(
+            "silu_dropout: no {other:?} output (f32 or bf16)"
+        ))),
+    }
+}
+
+/// The GPU holding kept bf16 c1, if it is on one.
+fn c1_gpu(c1: &Operand) -> Option<std::sync::Arc<crate::device::CudaDevice>> {
+    match c1 {
+        Operand::Bf16(xb) => xb.gpu_with(&[]),
+        Operand::F32(_) => None,
+    }
+}
+
+/// The kernels' (p, 1 / (1 - p), key, offset) for a mask; no mask: p = 0, nothing drawn.
+fn mask_args(mask: Option<&DropoutMask>) -> Result<(f32, f32, Philox, u64)> {
+    Ok(match mask {
+        Some(mk) => {
+            check_p(mk)?;
+            // 1 / (1 - p) rounded once from f64, as the CPU body.
+            (mk.p, (1.0 / (1.0 - mk.p as f64)) as f32, mk.rng, mk.offset)
+        }
+        None => (0.0, 1.0, Philox::new(0, 0), 0),
+    })
+}
+
+/// [`silu_dropout_to`] in f32.
 pub fn silu_dropout(c1: &Operand, mask: Option<&DropoutMask>) -> Result<Tensor> {
     let (Some(mk), Operand::Bf16(xb)) = (mask, c1) else {
         let s1 = silu_operand(c1)?;
@@ -131,13 +187,7 @@ pub fn silu_dropout_backward(c1: &Operand, mut g: Tensor, mask: Option<&DropoutM
             g.shape(),
         ));
     }
-    let (p, scale, rng, offset) = match mask {
-        Some(mk) => {
-            check_p(mk)?;
-            (mk.p, (1.0 / (1.0 - mk.p as f64)) as f32, mk.rng, mk.offset)
-        }
-        None => (0.0, 1.0, Philox::new(0, 0), 0),
-    };
+    let (p, scale, rng, offset) = mask_args(mask)?;
     crate::device::note_op();
     let n = xb.numel();
     let (xv, mut gv) = (xb.cuda()?, g.cuda_f32_mut()?);

@@ -1267,8 +1267,12 @@ impl Walk<'_> {
     }
 
     /// A ResBlock's conv2 input, Dropout(SiLU(c1)), of `a` elements: SiLU's output then
-    /// dropout's, or under bf16 one kernel's (`nn::dropout::silu_dropout`).
-    fn conv2_input(&mut self, a: u64) -> u64 {
+    /// dropout's, or under bf16 one kernel's (`nn::dropout::silu_dropout_to`), in bf16 when
+    /// conv2 takes the tensor cores (`tc`; then conv2 reads it as it is).
+    fn conv2_input(&mut self, a: u64, tc: bool) -> u64 {
+        if tc {
+            return self.half(a);
+        }
         let s1 = self.f32(a);
         if self.dropout && !self.bf16 {
             let d1 = self.f32(a);
@@ -1316,8 +1320,9 @@ impl Walk<'_> {
         } else {
             let g = self.geometry(i, c, 1);
             self.conv_kept(g, c, true); // c1, kept
-            let d1 = self.conv2_input(a);
-            self.conv_kept(g, c, false); // c2, the residual's h, kept
+            let tc = self.tc(c, c);
+            let d1 = self.conv2_input(a, tc);
+            self.conv_kept(g, c, tc); // c2, the residual's h, kept
             self.free(d1);
         }
         let out = self.f32(a); // the residual's output
@@ -1366,8 +1371,9 @@ impl Walk<'_> {
             let g = self.geometry(i, c, 1);
             let dhb = self.round_dy(&g, c);
             if grads {
-                let d1 = self.conv2_input(a);
-                self.conv_param_grads(g, c, false, dhb.is_some());
+                let tc = self.tc(c, c);
+                let d1 = self.conv2_input(a, tc);
+                self.conv_param_grads(g, c, tc, dhb.is_some());
                 self.free(d1);
             }
             let dd1 = self.conv_backward_input(g, c, dhb.is_some());

@@ -270,6 +270,17 @@ impl Conv3x3 {
         layout.weight_bf16(params, self.weight, &[9 * self.cin, self.cout])
     }
 
+    /// Whether the passes run on the tensor cores for an input of `x_shape` on `device`: a
+    /// caller can then hand this layer a bf16 input made in its own pass (no cast here).
+    pub(crate) fn tensor_cores(
+        &self,
+        layout: &ParamLayout,
+        x_shape: &[usize],
+        device: &crate::Device,
+    ) -> Result<bool> {
+        Ok(self.bf16(layout, &self.geometry(x_shape)?, device))
+    }
+
     /// True when the passes take the bf16 implicit-GEMM path (see the module doc).
     fn bf16(&self, layout: &ParamLayout, g: &ConvGeometry, device: &crate::Device) -> bool {
         layout.precision() == crate::ops::Precision::Bf16
