@@ -66,9 +66,11 @@ extern "C" __global__ void ln_backward_bf16y(const __nv_bfloat16* y, const float
 // m[s, 0:C], m[s, C:2C] for the sample s = row / p that the row (pixel) belongs to. The
 // modulated value is recomputed in each pass instead of being stored: nothing but y and 1/std
 // goes to memory, and the backward needs nothing else.
-// X: float, or bf16 for a block input kept in bf16.
-template <class X>
-__device__ __forceinline__ void ln_modulate_forward(const X* x, const float* m, float* y, float* rstd, i64 rows, i64 p,
+// X: float, or bf16 for a block input kept in bf16. Y: float, or bf16 for the output kept in bf16
+// (the bf16 policy keeps it for the backward and the next layer reads it on the tensor cores), so
+// no f32 copy is written and cast.
+template <class X, class Y>
+__device__ __forceinline__ void ln_modulate_forward(const X* x, const float* m, Y* y, float* rstd, i64 rows, i64 p,
                                                     int C, float eps) {
     const i64 warps = ((i64)gridDim.x * blockDim.x) >> 5;
     const int lane = threadIdx.x & 31;
@@ -86,8 +88,8 @@ __device__ __forceinline__ void ln_modulate_forward(const X* x, const float* m, 
             v = fmaf(d, d, v);
         }
         const float r = 1.0f / sqrtf(warp_allsum(v) * inv_c + eps);
-        float* yr = y + row * C;
-        for (int c = lane; c < C; c += 32) yr[c] = (fmaf(1.0f + ma[c], ld(xr, c), mb[c]) - mean) * r;
+        Y* yr = y + row * C;
+        for (int c = lane; c < C; c += 32) st(yr, c, (fmaf(1.0f + ma[c], ld(xr, c), mb[c]) - mean) * r);
         if (lane == 0) rstd[row] = r;
     }
 }
@@ -101,6 +103,12 @@ extern "C" __global__ void ln_modulate_forward_f32(const float* x, const float* 
 // hot
 extern "C" __global__ void ln_modulate_forward_bf16x(const __nv_bfloat16* x, const float* m, float* y, float* rstd,
                                                      i64 rows, i64 p, int C, float eps) {
+    ln_modulate_forward(x, m, y, rstd, rows, p, C, eps);
+}
+
+// hot
+extern "C" __global__ void ln_modulate_forward_bf16x_bf16y(const __nv_bfloat16* x, const float* m, __nv_bfloat16* y,
+                                                           float* rstd, i64 rows, i64 p, int C, float eps) {
     ln_modulate_forward(x, m, y, rstd, rows, p, C, eps);
 }
 

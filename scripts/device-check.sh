@@ -696,7 +696,7 @@ run_steps() {
     # activations, the fused Adam step, and the tensor-core GEMM and convolutions at ragged shapes
     # (cp.async, ldmatrix and barriers: racecheck).
     local k='(\[[^]]*\] )?'
-    local pat="${EMPRIOR_SANITIZE_TESTS:-^cuda_parity::${k}(elementwise::aligned|misaligned::elementwise|reductions::|gemm::bias)|^cuda_nn_parity::${k}layers::(conv3x3|layer_norm|self_attention|bf16_kept_inputs|silu_dropout_bf16_out)|^cuda_posterior_parity::${k}train::adam|^cuda_tensor_core_parity::${k}tc_(gemm|conv)::ragged}"
+    local pat="${EMPRIOR_SANITIZE_TESTS:-^cuda_parity::${k}(elementwise::aligned|misaligned::elementwise|reductions::|gemm::bias)|^cuda_nn_parity::${k}layers::(conv3x3|layer_norm|self_attention|bf16_kept_inputs|bf16_stored_outputs)|^cuda_posterior_parity::${k}train::adam|^cuda_tensor_core_parity::${k}tc_(gemm|conv)::ragged}"
     local nopat="${EMPRIOR_SANITIZE_SKIP:-unet|large|big|huge|oom|grid_?z|262144|harness|cpu_against_cpu}"
     local max="${EMPRIOR_SANITIZE_MAX:-11}"
     : >"$work/sanitize-subset.tsv"

@@ -23,7 +23,7 @@ use emprior::nn::dropout::{dropout, silu_dropout, silu_dropout_backward, silu_dr
 use emprior::nn::embedding::sinusoidal_embedding;
 use emprior::nn::norm::{
     layer_norm, layer_norm_backward, layer_norm_backward_operand, modulated_layer_norm,
-    modulated_layer_norm_operand, silu_layer_norm, silu_layer_norm_backward,
+    modulated_layer_norm_kept, modulated_layer_norm_operand, silu_layer_norm, silu_layer_norm_backward,
 };
 use emprior::nn::resample::upsample_concat_bf16;
 use emprior::nn::Weights;
@@ -92,17 +92,17 @@ const CASES: [Case; 16] = [
         Tol::norm(1e-4),
         softmax_bf16_case,
     ),
-    // conv2's input stored in bf16 by the fused kernel: a value may round one bf16 unit apart
-    // where the two sides' f32 values straddle a rounding boundary (rare); a wrong mask or
-    // scale is off by the whole value.
+    // conv2's input and the modulated LayerNorm stored in bf16 by their kernels: a value may
+    // round one bf16 unit apart where the two sides' f32 values straddle a rounding boundary
+    // (rare); a wrong mask, scale or statistic is off by far more.
     case(
-        "layers::silu_dropout_bf16_out",
-        "dropout(silu) stored in bf16",
+        "layers::bf16_stored_outputs",
+        "dropout(silu) and the modulated LayerNorm stored in bf16",
         Tol {
             norm: 1e-3,
             elem: 4e-3,
         },
-        silu_dropout_bf16_case,
+        bf16_stored_case,
     ),
     case("layers::resampling", "resampling", Tol::EXACT, resampling_case),
     case("layers::dropout", "dropout", Tol::norm(1e-7), dropout_case),
@@ -336,7 +336,7 @@ fn kept_bf16_case(d: &Device) -> Vec<Output> {
     ]
 }
 
-fn silu_dropout_bf16_case(d: &Device) -> Vec<Output> {
+fn bf16_stored_case(d: &Device) -> Vec<Output> {
     let c1 = to_bf16(&on(d, 19, &[4, 16, 16, 64], 3.0)).unwrap();
     let c1o = Operand::of(&c1).unwrap();
     let mask = DropoutMask {
@@ -347,9 +347,16 @@ fn silu_dropout_bf16_case(d: &Device) -> Vec<Output> {
     let with = silu_dropout_to(&c1o, Some(&mask), DType::BF16).unwrap();
     let without = silu_dropout_to(&c1o, None, DType::BF16).unwrap();
     assert_eq!((with.dtype(), without.dtype()), (DType::BF16, DType::BF16));
+    let x = to_bf16(&on(d, 20, &[4, 64, 64], 2.0)).unwrap();
+    let m = on(d, 21, &[4, 3 * 64], 0.5);
+    let ln =
+        modulated_layer_norm_kept(&Operand::of(&x).unwrap(), &m.as_view().unwrap(), Precision::Bf16).unwrap();
+    assert_eq!(ln.y.dtype(), DType::BF16);
     vec![
         whole("dropout(silu) in bf16", to_f32(&with).unwrap()),
         whole("silu in bf16, no mask", to_f32(&without).unwrap()),
+        whole("modulated LayerNorm in bf16", to_f32(&ln.y).unwrap()),
+        whole("its 1/std", ln.rstd),
     ]
 }
 

@@ -12,7 +12,7 @@ use super::attention::{AttSaved, SelfAttention};
 use super::conv::Conv3x3;
 use super::dropout::{silu_dropout_backward, silu_dropout_to, DropoutMask};
 use super::linear::Linear;
-use super::norm::{layer_norm_backward, modulated_layer_norm_operand, LnSaved};
+use super::norm::{layer_norm_backward, modulated_layer_norm_kept, LnSaved};
 use super::params::ParamLayout;
 use super::params::Weights;
 use super::resample::{concat_channels, gather_rows_into};
@@ -872,8 +872,7 @@ impl ResBlock {
         dropout_offset: u64,
     ) -> Result<(Tensor, ResCore)> {
         let p = layout.precision();
-        let mut ln = modulated_layer_norm_operand(x, m)?;
-        ln.y = keep(ln.y, p)?;
+        let ln = modulated_layer_norm_kept(x, m, p)?;
         let c1 = self.conv1.forward_kept(layout, params, &Operand::of(&ln.y)?)?;
         let mask = match mode {
             Mode::Train { rng, first_row } if self.dropout > 0.0 => Some(DropoutMask {
@@ -1070,8 +1069,7 @@ impl AttBlock {
         m: &View,
     ) -> Result<(Tensor, AttCore)> {
         let p = layout.precision();
-        let mut ln = modulated_layer_norm_operand(x, m)?;
-        ln.y = keep(ln.y, p)?;
+        let ln = modulated_layer_norm_kept(x, m, p)?;
         let (h, attention) = self
             .attention
             .forward_shared(layout, params, &Operand::of(&ln.y)?)?;

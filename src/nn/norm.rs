@@ -4,7 +4,7 @@
 use crate::device::launch::warp_per_row;
 
 use crate::error::{Error, Result};
-use crate::ops::precision::Operand;
+use crate::ops::precision::{keep, Operand, Precision};
 use crate::ops::{mismatch, one_device};
 use crate::real::Real;
 use crate::tensor::{DType, Data, DataMut, Tensor, View};
@@ -200,6 +200,25 @@ pub fn layer_norm(x: &View) -> Result<LnSaved> {
 /// [`modulated_layer_norm`] for a block input that may be kept in bf16: on a GPU one kernel reads
 /// it as it is, elsewhere it is widened (exactly); the same values either way.
 pub fn modulated_layer_norm_operand(x: &Operand, m: &View) -> Result<LnSaved> {
+    modulated_layer_norm_to(x, m, DType::F32)
+}
+
+/// The block entry as the block keeps it (`ops::precision::keep`): under bf16 the output is
+/// bf16, written so by the kernel itself on a GPU from a bf16 input (no f32 copy and cast);
+/// elsewhere the f32 output rounded (the same values). 1/std stays f32.
+pub fn modulated_layer_norm_kept(x: &Operand, m: &View, precision: Precision) -> Result<LnSaved> {
+    let dtype = match precision {
+        Precision::Bf16 => DType::BF16,
+        Precision::F32 => DType::F32,
+    };
+    let mut ln = modulated_layer_norm_to(x, m, dtype)?;
+    ln.y = keep(ln.y, precision)?;
+    Ok(ln)
+}
+
+/// [`modulated_layer_norm_operand`] with the output in `y_dtype` (f32, or bf16 from the GPU's
+/// bf16-input kernel; elsewhere f32, which the caller rounds).
+fn modulated_layer_norm_to(x: &Operand, m: &View, y_dtype: DType) -> Result<LnSaved> {
     if let Operand::Bf16(xb) = x {
         if let Some(dev) = xb.gpu_with(&[m]) {
             let (rows, c) = rows_channels("modulated_layer_norm", xb.shape())?;
@@ -214,26 +233,30 @@ pub fn modulated_layer_norm_operand(x: &Operand, m: &View) -> Result<LnSaved> {
             }
             crate::device::note_op();
             let device = Device::Cuda(dev.clone());
-            let mut y = Tensor::uninit(xb.shape(), DType::F32, &device)?;
+            let bf16_out = y_dtype == DType::BF16;
+            let mut y = Tensor::uninit(xb.shape(), y_dtype, &device)?;
             let mut rstd = Tensor::uninit(&[rows], DType::F32, &device)?;
             let Data::Cuda(mv, _) = &m.data else {
                 unreachable!("on the GPU (checked above)")
             };
-            let (xv, mut yo, mut ro) = (xb.cuda()?, y.cuda_f32_mut()?, rstd.cuda_f32_mut()?);
-            let (r64, p64, c32, eps) = (rows as i64, (rows / n) as i64, c as i32, LN_EPS as f32);
+            let (xv, mut ro) = (xb.cuda()?, rstd.cuda_f32_mut()?);
+            let (cfg, r64, p64, c32, eps) = (
+                warp_per_row(&dev, rows),
+                rows as i64,
+                (rows / n) as i64,
+                c as i32,
+                LN_EPS as f32,
+            );
+            let k = dev.kernels();
             // SAFETY: x and y hold rows * c values, rstd rows, m [rows / p, 3c] (checked above).
             unsafe {
-                dev.kernels().ln_modulate_forward_bf16x(
-                    warp_per_row(&dev, rows),
-                    &xv,
-                    mv,
-                    &mut yo,
-                    &mut ro,
-                    r64,
-                    p64,
-                    c32,
-                    eps,
-                )
+                if bf16_out {
+                    let mut yo = y.cuda_bf16_mut()?;
+                    k.ln_modulate_forward_bf16x_bf16y(cfg, &xv, mv, &mut yo, &mut ro, r64, p64, c32, eps)
+                } else {
+                    let mut yo = y.cuda_f32_mut()?;
+                    k.ln_modulate_forward_bf16x(cfg, &xv, mv, &mut yo, &mut ro, r64, p64, c32, eps)
+                }
             }?;
             return Ok(LnSaved { y, rstd });
         }

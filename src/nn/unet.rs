@@ -1297,9 +1297,8 @@ impl Walk<'_> {
         // The blocks' elementwise kernels read kept bf16 activations as they are on a GPU (no
         // widened copies; the CPU's are its own scratch).
         let (a, p, c, n) = (self.act(i), self.pixels(i), self.c(i), self.n);
-        let y = self.f32(a); // LayerNorm output, kept
+        self.keep_new(a); // the modulated LayerNorm's output, kept (written in bf16 under bf16)
         self.f32(n * p); // and its 1/std
-        self.keep(y, a);
         if att {
             let (s, tc) = self.attention_dims(i);
             let proj = self.linear(n * p, c, 3 * c, true);
