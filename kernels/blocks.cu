@@ -43,13 +43,13 @@ extern "C" __global__ void blk_modulate_backward_bf16x(const __nv_bfloat16* x, c
     blk_modulate_backward(x, m, dh, dx, dm, n, p, c);
 }
 
-template <class X>
-__device__ __forceinline__ void blk_residual(const X* x, const X* h, const float* m, float* out, i64 n, i64 p, i64 c) {
+template <class X, class Y>
+__device__ __forceinline__ void blk_residual(const X* x, const X* h, const float* m, Y* out, i64 n, i64 p, i64 c) {
     const i64 total = n * p * c, step = (i64)gridDim.x * blockDim.x;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
         const i64 ch = i % c, s = i / (p * c);
         const float cc = m[s * 3 * c + 2 * c + ch];
-        out[i] = fmaf(cc, ld(h, i), ld(x, i)) / sqrtf(1.0f + cc * cc);
+        st(out, i, fmaf(cc, ld(h, i), ld(x, i)) / sqrtf(1.0f + cc * cc));
     }
 }
 
@@ -62,6 +62,13 @@ extern "C" __global__ void blk_residual_f32(const float* x, const float* h, cons
 // hot
 extern "C" __global__ void blk_residual_bf16xh(const __nv_bfloat16* x, const __nv_bfloat16* h, const float* m,
                                                float* out, i64 n, i64 p, i64 c) {
+    blk_residual(x, h, m, out, n, p, c);
+}
+
+// The output kept in bf16 (the next block's input under the bf16 policy): no f32 copy to cast.
+// hot
+extern "C" __global__ void blk_residual_bf16xh_bf16y(const __nv_bfloat16* x, const __nv_bfloat16* h, const float* m,
+                                                    __nv_bfloat16* out, i64 n, i64 p, i64 c) {
     blk_residual(x, h, m, out, n, p, c);
 }
 

@@ -17,7 +17,7 @@ use emprior::diffusion::{Denoiser, Network};
 use emprior::nn::attention::{softmax, softmax_backward, softmax_backward_kept, softmax_kept, SelfAttention};
 use emprior::nn::blocks::{
     modulate_backward, modulate_backward_operand, residual, residual_backward, residual_backward_operand,
-    residual_operand, AttBlock, ResBlock,
+    residual_kept, residual_operand, AttBlock, ResBlock,
 };
 use emprior::nn::dropout::{dropout, silu_dropout, silu_dropout_backward, silu_dropout_to, DropoutMask};
 use emprior::nn::embedding::sinusoidal_embedding;
@@ -97,7 +97,7 @@ const CASES: [Case; 16] = [
     // (rare); a wrong mask, scale or statistic is off by far more.
     case(
         "layers::bf16_stored_outputs",
-        "dropout(silu) and the modulated LayerNorm stored in bf16",
+        "dropout(silu), the modulated LayerNorm and the residual stored in bf16",
         Tol {
             norm: 1e-3,
             elem: 4e-3,
@@ -352,11 +352,16 @@ fn bf16_stored_case(d: &Device) -> Vec<Output> {
     let ln =
         modulated_layer_norm_kept(&Operand::of(&x).unwrap(), &m.as_view().unwrap(), Precision::Bf16).unwrap();
     assert_eq!(ln.y.dtype(), DType::BF16);
+    let h = to_bf16(&on(d, 22, &[4, 64, 64], 1.0)).unwrap();
+    let (xo, ho) = (Operand::of(&x).unwrap(), Operand::of(&h).unwrap());
+    let out = residual_kept(&xo, &ho, &m.as_view().unwrap(), Precision::Bf16).unwrap();
+    assert_eq!(out.dtype(), DType::BF16);
     vec![
         whole("dropout(silu) in bf16", to_f32(&with).unwrap()),
         whole("silu in bf16, no mask", to_f32(&without).unwrap()),
         whole("modulated LayerNorm in bf16", to_f32(&ln.y).unwrap()),
         whole("its 1/std", ln.rstd),
+        whole("residual in bf16", to_f32(&out).unwrap()),
     ]
 }
 

@@ -291,6 +291,27 @@ impl SelfAttention {
         params: &Weights,
         x: &Operand,
     ) -> Result<(Tensor, AttSaved)> {
+        self.forward_into(layout, params, x, false)
+    }
+
+    /// As [`Self::forward_shared`], the output as a block keeps it (`ops::precision::keep`):
+    /// under bf16 written in bf16 by the output projection's epilogue (no f32 copy to cast).
+    pub fn forward_shared_kept(
+        &self,
+        layout: &ParamLayout,
+        params: &Weights,
+        x: &Operand,
+    ) -> Result<(Tensor, AttSaved)> {
+        self.forward_into(layout, params, x, true)
+    }
+
+    fn forward_into(
+        &self,
+        layout: &ParamLayout,
+        params: &Weights,
+        x: &Operand,
+        kept_out: bool,
+    ) -> Result<(Tensor, AttSaved)> {
         let (n, t, d) = self.dims(x.shape())?;
         let (h, c, p) = (self.heads, self.channels, layout.precision());
         let (dtype, device) = (values_dtype(x), x.device());
@@ -322,10 +343,12 @@ impl SelfAttention {
         let merged = permute(&heads_out.as_view()?, &MERGE_HEADS)?.reshape(&[n, t, c])?;
         drop(heads_out);
         let merged = keep(merged, p)?;
-        let y = self
-            .out
-            .forward_operand(layout, params, &Operand::of(&merged)?)?
-            .reshape(x.shape())?;
+        let merged_op = Operand::of(&merged)?;
+        let y = match kept_out {
+            true => self.out.forward_kept(layout, params, &merged_op)?,
+            false => self.out.forward_operand(layout, params, &merged_op)?,
+        }
+        .reshape(x.shape())?;
         Ok((
             y,
             AttSaved {

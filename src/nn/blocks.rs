@@ -18,7 +18,7 @@ use super::params::Weights;
 use super::resample::{concat_channels, gather_rows_into};
 use super::Mode;
 use crate::error::{Error, Result};
-use crate::ops::precision::{keep, Operand};
+use crate::ops::precision::{keep, Operand, Precision};
 use crate::ops::{axpy, fill, gemm_into, mismatch, one_device, silu, silu_backward, GemmSpec};
 use crate::tensor::{AsView, AsViewMut, DType, Data, DataMut, Tensor, View, ViewMut};
 
@@ -220,6 +220,23 @@ pub fn modulate_backward_operand(x: &Operand, m: &View, dh: &View, dm: &mut View
 /// [`residual`] for x and h that may be kept in bf16: with both bf16 on a GPU one kernel reads
 /// them as they are, elsewhere they are widened (exactly); the same values either way.
 pub fn residual_operand(x: &Operand, h: &Operand, m: &View) -> Result<Tensor> {
+    residual_to(x, h, m, DType::F32)
+}
+
+/// [`residual_operand`] as the next block keeps its input (`ops::precision::keep`): under bf16
+/// written in bf16 by the kernel itself where it reads bf16 x and h on a GPU (no f32 copy to
+/// cast), elsewhere the f32 output rounded (the same values).
+pub fn residual_kept(x: &Operand, h: &Operand, m: &View, precision: Precision) -> Result<Tensor> {
+    let dtype = match precision {
+        Precision::Bf16 => DType::BF16,
+        Precision::F32 => DType::F32,
+    };
+    keep(residual_to(x, h, m, dtype)?, precision)
+}
+
+/// The residual with its output in `out_dtype` where the GPU's bf16-input kernel runs (bf16 or
+/// f32), else f32.
+fn residual_to(x: &Operand, h: &Operand, m: &View, out_dtype: DType) -> Result<Tensor> {
     let dev = match h {
         Operand::Bf16(_) => {
             gpu_of(x, &[m], None).filter(|d| h.device().same_as(&crate::Device::Cuda(d.clone())))
@@ -234,13 +251,18 @@ pub fn residual_operand(x: &Operand, h: &Operand, m: &View) -> Result<Tensor> {
         return Err(Error::shape("residual", "h", xb.shape(), hb.shape()));
     }
     crate::device::note_op();
-    let mut out = Tensor::uninit(xb.shape(), DType::F32, &crate::Device::Cuda(dev.clone()))?;
-    let (xv, hv, mut o) = (xb.cuda()?, hb.cuda()?, out.cuda_f32_mut()?);
-    let cfg = grid_stride(&dev, n * p * c);
+    let mut out = Tensor::uninit(xb.shape(), out_dtype, &crate::Device::Cuda(dev.clone()))?;
+    let (xv, hv) = (xb.cuda()?, hb.cuda()?);
+    let (cfg, k) = (grid_stride(&dev, n * p * c), dev.kernels());
+    let (n, p, c) = (n as i64, p as i64, c as i64);
     // SAFETY: x, h and out are [n, p, c], m [n, 3c] (checked above).
     unsafe {
-        dev.kernels()
-            .blk_residual_bf16xh(cfg, &xv, &hv, cuda(m), &mut o, n as i64, p as i64, c as i64)
+        match out_dtype {
+            DType::BF16 => {
+                k.blk_residual_bf16xh_bf16y(cfg, &xv, &hv, cuda(m), &mut out.cuda_bf16_mut()?, n, p, c)
+            }
+            _ => k.blk_residual_bf16xh(cfg, &xv, &hv, cuda(m), &mut out.cuda_f32_mut()?, n, p, c),
+        }
     }?;
     Ok(out)
 }
@@ -855,13 +877,16 @@ impl ResBlock {
             &modulation.m.as_view()?,
             mode,
             dropout_offset,
+            false,
         )?;
         Ok((out, ResSaved { x, modulation, core }))
     }
 
     /// The block for a given modulation m [N, 3C]; the caller keeps x (f32, or a kept bf16
     /// activation) and m for the backward. Under the bf16 policy the block keeps the LayerNorm
-    /// output, c1 and c2 in bf16 and goes on from those rounded values.
+    /// output, c1 and c2 in bf16 and goes on from those rounded values. With `keep_out` the
+    /// output is returned as the caller keeps it (`ops::precision::keep`, for the next block).
+    #[allow(clippy::too_many_arguments)]
     pub fn forward_modulated(
         &self,
         layout: &ParamLayout,
@@ -870,6 +895,7 @@ impl ResBlock {
         m: &View,
         mode: Mode,
         dropout_offset: u64,
+        keep_out: bool,
     ) -> Result<(Tensor, ResCore)> {
         let p = layout.precision();
         let ln = modulated_layer_norm_kept(x, m, p)?;
@@ -886,7 +912,7 @@ impl ResBlock {
         let d1 = conv2_input(&self.conv2, layout, &c1, mask.as_ref())?;
         let c2 = self.conv2.forward_kept(layout, params, &Operand::of(&d1)?)?;
         drop(d1);
-        let out = residual_operand(x, &Operand::of(&c2)?, m)?;
+        let out = residual_out(x, &Operand::of(&c2)?, m, p, keep_out)?;
         Ok((out, ResCore { ln, c1, c2, mask }))
     }
 
@@ -964,6 +990,14 @@ impl ResBlock {
         // dx_res + dx_mod in place (the same rounding as a new sum).
         axpy(1.0, &dx_mod, &mut dx)?;
         Ok(dx)
+    }
+}
+
+/// A block's output: kept for the next block (`keep_out`), else f32.
+fn residual_out(x: &Operand, h: &Operand, m: &View, p: Precision, keep_out: bool) -> Result<Tensor> {
+    match keep_out {
+        true => residual_kept(x, h, m, p),
+        false => residual_operand(x, h, m),
     }
 }
 
@@ -1054,7 +1088,7 @@ impl AttBlock {
     ) -> Result<(Tensor, AttBlockSaved)> {
         let modulation = self.modulation.forward(layout, params, emb)?;
         let (out, core) =
-            self.forward_modulated(layout, params, &Operand::of(&x)?, &modulation.m.as_view()?)?;
+            self.forward_modulated(layout, params, &Operand::of(&x)?, &modulation.m.as_view()?, false)?;
         Ok((out, AttBlockSaved { x, modulation, core }))
     }
 
@@ -1067,14 +1101,14 @@ impl AttBlock {
         params: &Weights,
         x: &Operand,
         m: &View,
+        keep_out: bool,
     ) -> Result<(Tensor, AttCore)> {
         let p = layout.precision();
         let ln = modulated_layer_norm_kept(x, m, p)?;
         let (h, attention) = self
             .attention
-            .forward_shared(layout, params, &Operand::of(&ln.y)?)?;
-        let h = keep(h, p)?;
-        let out = residual_operand(x, &Operand::of(&h)?, m)?;
+            .forward_shared_kept(layout, params, &Operand::of(&ln.y)?)?;
+        let out = residual_out(x, &Operand::of(&h)?, m, p, keep_out)?;
         Ok((out, AttCore { ln, attention, h }))
     }
 

@@ -373,13 +373,16 @@ impl UNet {
         counter: &mut u64,
         keep_last: bool,
     ) -> Result<(Tensor, Vec<BlockSaved>)> {
-        let p = self.layout.precision();
         let mut saved = Vec::with_capacity(blocks.len());
         let mut cur = input;
         let all_m = modulation.m.as_view()?;
         let n = modulation.batch();
         for (k, b) in blocks.iter().enumerate() {
             let m = self.bank.slot(&all_m, n, b.slot)?;
+            // The next block's saved input (bf16 under the bf16 policy, written so by the
+            // residual kernel); the last output is kept only when the caller keeps it (the skip,
+            // the head's input).
+            let kept = keep_last || k + 1 < blocks.len();
             let (out, core) = {
                 let x = match (&cur, skip) {
                     (Some(t), _) => Operand::of(t)?,
@@ -390,23 +393,17 @@ impl UNet {
                     BlockKind::Res(r) => {
                         *counter += 1;
                         let offset = *counter * DROPOUT_STRIDE;
-                        let (o, c) = r.forward_modulated(&self.layout, params, &x, &m, mode, offset)?;
+                        let (o, c) = r.forward_modulated(&self.layout, params, &x, &m, mode, offset, kept)?;
                         (o, Core::Res(Box::new(c)))
                     }
                     BlockKind::Att(a) => {
-                        let (o, c) = a.forward_modulated(&self.layout, params, &x, &m)?;
+                        let (o, c) = a.forward_modulated(&self.layout, params, &x, &m, kept)?;
                         (o, Core::Att(Box::new(c)))
                     }
                 }
             };
             saved.push(BlockSaved { x: cur.take(), core });
-            // The next block's saved input (bf16 under the bf16 policy); the last output is kept
-            // only when the caller keeps it (the skip, the head's input).
-            cur = Some(if keep_last || k + 1 < blocks.len() {
-                keep(out, p)?
-            } else {
-                out
-            });
+            cur = Some(out);
         }
         match (cur, skip) {
             (Some(out), _) => Ok((out, saved)),
@@ -1177,6 +1174,19 @@ impl Walk<'_> {
         y
     }
 
+    /// Linear forward to a kept output (`Linear::forward_kept`): on the tensor cores written in
+    /// bf16 by the epilogue, else kept from the f32 output.
+    fn linear_kept(&mut self, rows: u64, fan_in: u64, fan_out: u64, x_kept: bool) -> u64 {
+        if self.tc(fan_in, fan_out) {
+            let y = self.half(rows * fan_out);
+            self.narrow_operands((!x_kept).then_some(rows * fan_in));
+            y
+        } else {
+            let y = self.linear(rows, fan_in, fan_out, x_kept);
+            self.keep(y, rows * fan_out)
+        }
+    }
+
     fn linear_backward(&mut self, rows: u64, fan_in: u64, fan_out: u64, x_kept: bool, grads: bool) -> u64 {
         let dx = self.f32(rows * fan_in);
         if self.tc(fan_in, fan_out) {
@@ -1314,8 +1324,7 @@ impl Walk<'_> {
             let merged = self.f32(a);
             self.free(heads_out);
             self.keep(merged, a); // merged heads, kept
-            let h = self.linear(n * p, c, c, true);
-            self.keep(h, a); // the projection's output h, kept
+            self.linear_kept(n * p, c, c, true); // the projection's output h, kept
         } else {
             let g = self.geometry(i, c, 1);
             self.conv_kept(g, c, true); // c1, kept
@@ -1324,11 +1333,11 @@ impl Walk<'_> {
             self.conv_kept(g, c, tc); // c2, the residual's h, kept
             self.free(d1);
         }
-        let out = self.f32(a); // the residual's output
+        // The residual's output: kept (under bf16 written in bf16 by its kernel), or f32.
         if keep_out {
-            self.keep(out, a)
+            self.keep_new(a)
         } else {
-            out
+            self.f32(a)
         }
     }
 
