@@ -5,8 +5,9 @@
 // Launch contract: blockDim.x a multiple of 32; any grid (warps stride over rows).
 #include "common.cuh"
 
-// hot
-extern "C" __global__ void ln_forward_f32(const float* x, float* y, float* rstd, i64 rows, int C, float eps) {
+// Y: float, or bf16 for an output kept in bf16 under the bf16 policy (no f32 copy to cast).
+template <class Y>
+__device__ __forceinline__ void ln_forward(const float* x, Y* y, float* rstd, i64 rows, int C, float eps) {
     const i64 warps = ((i64)gridDim.x * blockDim.x) >> 5;
     const int lane = threadIdx.x & 31;
     const float inv_c = 1.0f / (float)C;
@@ -21,10 +22,21 @@ extern "C" __global__ void ln_forward_f32(const float* x, float* y, float* rstd,
             v = fmaf(d, d, v);
         }
         const float r = 1.0f / sqrtf(warp_allsum(v) * inv_c + eps);
-        float* yr = y + row * C;
-        for (int c = lane; c < C; c += 32) yr[c] = (xr[c] - mean) * r;
+        Y* yr = y + row * C;
+        for (int c = lane; c < C; c += 32) st(yr, c, (xr[c] - mean) * r);
         if (lane == 0) rstd[row] = r;
     }
+}
+
+// hot
+extern "C" __global__ void ln_forward_f32(const float* x, float* y, float* rstd, i64 rows, int C, float eps) {
+    ln_forward(x, y, rstd, rows, C, eps);
+}
+
+// hot
+extern "C" __global__ void ln_forward_f32_bf16y(const float* x, __nv_bfloat16* y, float* rstd, i64 rows, int C,
+                                                float eps) {
+    ln_forward(x, y, rstd, rows, C, eps);
 }
 
 // dx = rstd * (dy - mean(dy) - y * mean(dy * y)). dx may alias dy. Y: float, or bf16 for a

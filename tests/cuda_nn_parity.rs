@@ -22,7 +22,7 @@ use emprior::nn::blocks::{
 use emprior::nn::dropout::{dropout, silu_dropout, silu_dropout_backward, silu_dropout_to, DropoutMask};
 use emprior::nn::embedding::sinusoidal_embedding;
 use emprior::nn::norm::{
-    layer_norm, layer_norm_backward, layer_norm_backward_operand, modulated_layer_norm,
+    layer_norm, layer_norm_backward, layer_norm_backward_operand, layer_norm_kept, modulated_layer_norm,
     modulated_layer_norm_kept, modulated_layer_norm_operand, silu_layer_norm, silu_layer_norm_backward,
 };
 use emprior::nn::resample::upsample_concat_bf16;
@@ -97,7 +97,7 @@ const CASES: [Case; 16] = [
     // (rare); a wrong mask, scale or statistic is off by far more.
     case(
         "layers::bf16_stored_outputs",
-        "dropout(silu), the modulated LayerNorm and the residual stored in bf16",
+        "dropout(silu), the LayerNorms and the residual stored in bf16",
         Tol {
             norm: 1e-3,
             elem: 4e-3,
@@ -356,12 +356,17 @@ fn bf16_stored_case(d: &Device) -> Vec<Output> {
     let (xo, ho) = (Operand::of(&x).unwrap(), Operand::of(&h).unwrap());
     let out = residual_kept(&xo, &ho, &m.as_view().unwrap(), Precision::Bf16).unwrap();
     assert_eq!(out.dtype(), DType::BF16);
+    let z = on(d, 23, &[4, 64, 72], 2.0);
+    let lnz = layer_norm_kept(&z.as_view().unwrap(), Precision::Bf16).unwrap();
+    assert_eq!(lnz.y.dtype(), DType::BF16);
     vec![
         whole("dropout(silu) in bf16", to_f32(&with).unwrap()),
         whole("silu in bf16, no mask", to_f32(&without).unwrap()),
         whole("modulated LayerNorm in bf16", to_f32(&ln.y).unwrap()),
         whole("its 1/std", ln.rstd),
         whole("residual in bf16", to_f32(&out).unwrap()),
+        whole("LayerNorm in bf16", to_f32(&lnz.y).unwrap()),
+        whole("its 1/std", lnz.rstd),
     ]
 }
 

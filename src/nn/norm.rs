@@ -197,6 +197,31 @@ pub fn layer_norm(x: &View) -> Result<LnSaved> {
     Ok(LnSaved { y, rstd })
 }
 
+/// [`layer_norm`] as the U-Net keeps it (`ops::precision::keep`): under bf16 on a GPU the kernel
+/// writes the output in bf16 itself (no f32 copy to cast); elsewhere the f32 output rounded (the
+/// same values). 1/std stays f32.
+pub fn layer_norm_kept(x: &View, precision: Precision) -> Result<LnSaved> {
+    let (Precision::Bf16, Data::Cuda(xv, dev)) = (precision, &x.data) else {
+        let mut ln = layer_norm(x)?;
+        ln.y = keep(ln.y, precision)?;
+        return Ok(ln);
+    };
+    let (rows, c) = channels(x)?;
+    let device = x.device();
+    let mut y = Tensor::uninit(x.shape(), DType::BF16, &device)?;
+    let mut rstd = Tensor::uninit(&[rows], DType::F32, &device)?;
+    {
+        let (mut yo, mut ro) = (y.cuda_bf16_mut()?, rstd.cuda_f32_mut()?);
+        let (r64, c32, eps) = (rows as i64, c as i32, LN_EPS as f32);
+        // SAFETY: x and y hold rows * c values, rstd rows.
+        unsafe {
+            dev.kernels()
+                .ln_forward_f32_bf16y(warp_per_row(dev, rows), xv, &mut yo, &mut ro, r64, c32, eps)
+        }?;
+    }
+    Ok(LnSaved { y, rstd })
+}
+
 /// [`modulated_layer_norm`] for a block input that may be kept in bf16: on a GPU one kernel reads
 /// it as it is, elsewhere it is widened (exactly); the same values either way.
 pub fn modulated_layer_norm_operand(x: &Operand, m: &View) -> Result<LnSaved> {

@@ -13,7 +13,7 @@ use std::fmt::Write as _;
 use super::blocks::{AttBlock, AttCore, BankSaved, Modulation, ModulationBank, ResBlock, ResCore};
 use super::conv::{samples_per_chunk, Conv3x3, ConvGeometry};
 use super::linear::Linear;
-use super::norm::{layer_norm, layer_norm_backward, layer_norm_backward_operand};
+use super::norm::{layer_norm_backward, layer_norm_backward_operand, layer_norm_kept};
 use super::params::ParamLayout;
 use super::params::Weights;
 use super::resample::{
@@ -24,7 +24,7 @@ use super::{LnSaved, Mode};
 use crate::device::{size_class, PoolStats};
 use crate::error::{Error, Result};
 use crate::ops::axpy;
-use crate::ops::precision::{keep, Bf16Ref, Operand, Precision};
+use crate::ops::precision::{Bf16Ref, Operand, Precision};
 use crate::tensor::{AsView, AsViewMut, Tensor, View, ViewMut};
 
 /// The architecture: everything that changes the parameter layout or the shapes.
@@ -493,9 +493,9 @@ impl UNet {
                 (level.input.forward_kept(&self.layout, params, &conv_in)?, None)
             } else {
                 let c = level.input.forward_operand(&self.layout, params, &conv_in)?;
-                let ln = layer_norm(&c.as_view()?)?;
+                let ln = layer_norm_kept(&c.as_view()?, p)?;
                 drop(c); // else it would live through the level (a conditional move)
-                (keep(ln.y, p)?, Some(ln.rstd))
+                (ln.y, Some(ln.rstd))
             };
             let (skip, blocks) = self.run_blocks(
                 &level.down,
@@ -550,9 +550,8 @@ impl UNet {
                 i == 0,
             )?;
             if i > 0 {
-                let mut ln = layer_norm(&Operand::of(&h)?.widen()?.view()?)?;
+                let ln = layer_norm_kept(&Operand::of(&h)?.widen()?.view()?, p)?;
                 drop(h);
-                ln.y = keep(ln.y, p)?;
                 if p != Precision::Bf16 {
                     carry = Some(upsample2x(&ln.y.as_view()?)?);
                 }
@@ -1444,10 +1443,9 @@ impl Walk<'_> {
             let (a, n, p) = (self.act(i), self.n, self.pixels(i));
             if i > 0 {
                 let c = self.conv(self.input_geometry(i), self.c(i), true);
-                let y = self.f32(a); // LayerNorm output and 1/std, kept
+                self.keep_new(a); // LayerNorm output (under bf16 written in bf16) and 1/std, kept
                 self.f32(n * p);
                 self.free(c);
-                self.keep(y, a);
             } else {
                 self.conv_kept(self.input_geometry(0), self.c(0), false);
             }
@@ -1490,11 +1488,10 @@ impl Walk<'_> {
             if i > 0 {
                 // A kept h (no blocks: the merge's output or the skip's copy) is widened.
                 let h_f32 = if blocks.is_empty() { self.widen(a) } else { None };
-                let y = self.f32(a); // LayerNorm output and 1/std, kept
+                self.keep_new(a); // LayerNorm output (under bf16 written in bf16) and 1/std, kept
                 self.f32(n * self.pixels(i));
                 self.unwiden(h_f32);
                 self.free(h);
-                self.keep(y, a);
                 if !self.bf16 {
                     carry = self.f32(n * self.pixels(i - 1) * self.c(i));
                 }
