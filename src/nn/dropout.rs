@@ -69,48 +69,51 @@ fn check_p(mask: &DropoutMask) -> Result<()> {
 
 /// A ResBlock's conv2 input from c1 (f32, or kept in bf16): `dropout(silu(c1))`, or `silu(c1)`
 /// without a mask, in `dtype`: f32, or bf16 (rounded to nearest even) for a conv2 that reads
-/// bf16 operands. On a GPU with c1 in bf16, one kernel that stores either (kernels/dropout.cu);
-/// elsewhere SiLU, dropout, then the cast. The same values either way.
+/// bf16 operands. On a GPU with c1 in bf16, one kernel that stores either (kernels/dropout.cu;
+/// no mask: p = 0, nothing drawn); elsewhere SiLU, dropout, then the cast. The same values
+/// either way.
 pub fn silu_dropout_to(c1: &Operand, mask: Option<&DropoutMask>, dtype: DType) -> Result<Tensor> {
-    match dtype {
-        DType::F32 => silu_dropout(c1, mask),
-        DType::BF16 => {
-            let (Operand::Bf16(xb), Some(dev)) = (c1, c1_gpu(c1)) else {
-                return to_bf16(&silu_dropout(c1, mask)?);
-            };
-            let (p, scale, rng, offset) = mask_args(mask)?;
-            crate::device::note_op();
-            let n = xb.numel();
-            let mut out = Tensor::uninit(xb.shape(), DType::BF16, &crate::Device::Cuda(dev.clone()))?;
-            let (xv, mut o) = (xb.cuda()?, out.cuda_bf16_mut()?);
-            // SAFETY: x and out hold n values.
-            unsafe {
-                dev.kernels().silu_dropout_bf16x_bf16y(
-                    grid_stride(&dev, n),
-                    &xv,
-                    &mut o,
-                    n as i64,
-                    p,
-                    scale,
-                    rng.seed,
-                    rng.stream,
-                    offset,
-                )
-            }?;
-            Ok(out)
-        }
-        other => Err(Error::Other(format!(
-            "silu_dropout: no {other:?} output (f32 or bf16)"
-        ))),
+    if !matches!(dtype, DType::F32 | DType::BF16) {
+        return Err(Error::Other(format!(
+            "silu_dropout: no {} output (f32 or bf16)",
+            dtype.name()
+        )));
     }
-}
-
-/// The GPU holding kept bf16 c1, if it is on one.
-fn c1_gpu(c1: &Operand) -> Option<std::sync::Arc<crate::device::CudaDevice>> {
-    match c1 {
-        Operand::Bf16(xb) => xb.gpu_with(&[]),
+    let gpu = match c1 {
+        Operand::Bf16(xb) => xb.gpu_with(&[]).map(|dev| (xb, dev)),
         Operand::F32(_) => None,
-    }
+    };
+    let Some((xb, dev)) = gpu else {
+        let s1 = silu_operand(c1)?;
+        let d1 = match mask {
+            Some(mk) => dropout(&s1.as_view()?, mk)?,
+            None => s1,
+        };
+        return match dtype {
+            DType::BF16 => to_bf16(&d1),
+            _ => Ok(d1),
+        };
+    };
+    let (p, scale, rng, offset) = mask_args(mask)?;
+    crate::device::note_op();
+    let n = xb.numel();
+    let mut out = Tensor::uninit(xb.shape(), dtype, &crate::Device::Cuda(dev.clone()))?;
+    let (xv, cfg, k) = (xb.cuda()?, grid_stride(&dev, n), dev.kernels());
+    let (n, seed, stream) = (n as i64, rng.seed, rng.stream);
+    // SAFETY: x and out hold n values.
+    unsafe {
+        match dtype {
+            DType::BF16 => {
+                let mut o = out.cuda_bf16_mut()?;
+                k.silu_dropout_bf16x_bf16y(cfg, &xv, &mut o, n, p, scale, seed, stream, offset)
+            }
+            _ => {
+                let mut o = out.cuda_f32_mut()?;
+                k.silu_dropout_bf16x(cfg, &xv, &mut o, n, p, scale, seed, stream, offset)
+            }
+        }
+    }?;
+    Ok(out)
 }
 
 /// The kernels' (p, 1 / (1 - p), key, offset) for a mask; no mask: p = 0, nothing drawn.
@@ -127,38 +130,7 @@ fn mask_args(mask: Option<&DropoutMask>) -> Result<(f32, f32, Philox, u64)> {
 
 /// [`silu_dropout_to`] in f32.
 pub fn silu_dropout(c1: &Operand, mask: Option<&DropoutMask>) -> Result<Tensor> {
-    let (Some(mk), Operand::Bf16(xb)) = (mask, c1) else {
-        let s1 = silu_operand(c1)?;
-        return match mask {
-            Some(mk) => dropout(&s1.as_view()?, mk),
-            None => Ok(s1),
-        };
-    };
-    let Some(dev) = xb.gpu_with(&[]) else {
-        let s1 = silu_operand(c1)?;
-        return dropout(&s1.as_view()?, mk);
-    };
-    check_p(mk)?;
-    crate::device::note_op();
-    let n = xb.numel();
-    let mut out = Tensor::uninit(xb.shape(), DType::F32, &crate::Device::Cuda(dev.clone()))?;
-    let (xv, mut o) = (xb.cuda()?, out.cuda_f32_mut()?);
-    let scale = (1.0 / (1.0 - mk.p as f64)) as f32;
-    // SAFETY: x and out hold n values.
-    unsafe {
-        dev.kernels().silu_dropout_bf16x(
-            grid_stride(&dev, n),
-            &xv,
-            &mut o,
-            n as i64,
-            mk.p,
-            scale,
-            mk.rng.seed,
-            mk.rng.stream,
-            mk.offset,
-        )
-    }?;
-    Ok(out)
+    silu_dropout_to(c1, mask, DType::F32)
 }
 
 /// The VJP of [`silu_dropout`] for `g` (conv2's input gradient): `silu'(c1) dropout(g)`. On a
