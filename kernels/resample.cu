@@ -61,8 +61,10 @@ struct PermuteParams {
 };
 CHECK_LAYOUT(PermuteParams);
 
-// hot
-extern "C" __global__ void rs_permute_f32(const float* x, float* y, i64 total, PermuteParams p) {
+// X, Y: float or bf16. A copy, so f32 -> bf16 rounds once (the kept bf16 copy of a permuted f32
+// tensor without the f32 permuted copy) and bf16 -> bf16 is exact.
+template <class X, class Y>
+__device__ __forceinline__ void permute(const X* x, Y* y, i64 total, const PermuteParams& p) {
     const i64 step = (i64)gridDim.x * blockDim.x;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
         i64 rest = i, src = 0;
@@ -76,8 +78,23 @@ extern "C" __global__ void rs_permute_f32(const float* x, float* y, i64 total, P
                 src += coord * p.in_strides[a];
             }
         }
-        y[i] = x[src];
+        st(y, i, ld(x, src));
     }
+}
+
+// hot
+extern "C" __global__ void rs_permute_f32(const float* x, float* y, i64 total, PermuteParams p) {
+    permute(x, y, total, p);
+}
+
+// hot
+extern "C" __global__ void rs_permute_f32_bf16y(const float* x, __nv_bfloat16* y, i64 total, PermuteParams p) {
+    permute(x, y, total, p);
+}
+
+// hot
+extern "C" __global__ void rs_permute_bf16(const __nv_bfloat16* x, __nv_bfloat16* y, i64 total, PermuteParams p) {
+    permute(x, y, total, p);
 }
 
 // The U-Net's merge input under the bf16 policy, in one pass over kept bf16 values:

@@ -25,7 +25,7 @@ use emprior::nn::norm::{
     layer_norm, layer_norm_backward, layer_norm_backward_operand, layer_norm_kept, modulated_layer_norm,
     modulated_layer_norm_kept, modulated_layer_norm_operand, silu_layer_norm, silu_layer_norm_backward,
 };
-use emprior::nn::resample::upsample_concat_bf16;
+use emprior::nn::resample::{permute_kept, upsample_concat_bf16};
 use emprior::nn::Weights;
 use emprior::nn::{resample, Conv3x3, Linear, Mode, ParamLayout, TimeMlp, UNet, UNetConfig};
 use emprior::ops::broadcast::{add_bias, scale_rows_add_into, sum_rows_into};
@@ -97,7 +97,7 @@ const CASES: [Case; 16] = [
     // (rare); a wrong mask, scale or statistic is off by far more.
     case(
         "layers::bf16_stored_outputs",
-        "dropout(silu), the LayerNorms and the residual stored in bf16",
+        "dropout(silu), the LayerNorms, the residual and the permutes stored in bf16",
         Tol {
             norm: 1e-3,
             elem: 4e-3,
@@ -356,6 +356,12 @@ fn bf16_stored_case(d: &Device) -> Vec<Output> {
     let (xo, ho) = (Operand::of(&x).unwrap(), Operand::of(&h).unwrap());
     let out = residual_kept(&xo, &ho, &m.as_view().unwrap(), Precision::Bf16).unwrap();
     assert_eq!(out.dtype(), DType::BF16);
+    // The attention's permutes that keep their output: from f32 (one rounding) and from bf16.
+    let heads = on(d, 24, &[2, 4, 16, 24], 1.0);
+    let perm = [0, 2, 1, 3];
+    let from_f32 = permute_kept(&Operand::F32(heads.as_view().unwrap()), &perm, Precision::Bf16).unwrap();
+    let hb = to_bf16(&heads).unwrap();
+    let from_bf16 = permute_kept(&Operand::of(&hb).unwrap(), &perm, Precision::Bf16).unwrap();
     let z = on(d, 23, &[4, 64, 72], 2.0);
     let lnz = layer_norm_kept(&z.as_view().unwrap(), Precision::Bf16).unwrap();
     assert_eq!(lnz.y.dtype(), DType::BF16);
@@ -366,6 +372,8 @@ fn bf16_stored_case(d: &Device) -> Vec<Output> {
         whole("its 1/std", ln.rstd),
         whole("residual in bf16", to_f32(&out).unwrap()),
         whole("LayerNorm in bf16", to_f32(&lnz.y).unwrap()),
+        whole("permute f32 -> bf16", to_f32(&from_f32).unwrap()),
+        whole("permute bf16 -> bf16", to_f32(&from_bf16).unwrap()),
         whole("its 1/std", lnz.rstd),
     ]
 }

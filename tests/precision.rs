@@ -507,3 +507,33 @@ fn tensor_core_operands_are_aligned_and_the_presets_weights_are_read_from_the_co
         assert!(taken > 20, "{name}: {taken} weights read from the copy");
     }
 }
+
+/// The permute that keeps its output (the attention's q/k/v, merged heads and their gradient):
+/// under bf16 the bits of the f32 permute rounded, from f32 values (one rounding) or from bf16
+/// ones (a copy); under f32 the f32 permute, a bf16 input widened.
+#[test]
+fn permute_kept_is_the_permute_rounded_once() {
+    use emprior::nn::resample::{permute, permute_kept};
+    use emprior::ops::precision::{to_bf16, to_f32, Operand};
+    let shape = [2, 3, 5, 4, 8];
+    let perm = [2, 0, 3, 1, 4];
+    let x = t(&random_vec(41, shape.iter().product(), -3.0, 3.0), &shape);
+    let xb = to_bf16(&x).unwrap();
+    let bits16 = |t: &Tensor| -> Vec<u16> { t.cpu_bf16().unwrap().iter().map(|b| b.to_bits()).collect() };
+    let want = to_bf16(&permute(&x.as_view().unwrap(), &perm).unwrap()).unwrap();
+    let from_f32 = permute_kept(&Operand::F32(x.as_view().unwrap()), &perm, Precision::Bf16).unwrap();
+    assert_eq!(from_f32.shape(), want.shape());
+    assert_eq!(bits16(&from_f32), bits16(&want));
+    let widened = to_f32(&xb).unwrap();
+    let want_b = to_bf16(&permute(&widened.as_view().unwrap(), &perm).unwrap()).unwrap();
+    let from_bf16 = permute_kept(&Operand::of(&xb).unwrap(), &perm, Precision::Bf16).unwrap();
+    assert_eq!(bits16(&from_bf16), bits16(&want_b));
+    let f32_path = permute_kept(&Operand::of(&xb).unwrap(), &perm, Precision::F32).unwrap();
+    assert_eq!(f32_path.dtype(), DType::F32);
+    assert_eq!(
+        bits(&f32_path),
+        bits(&permute(&widened.as_view().unwrap(), &perm).unwrap())
+    );
+    let err = permute_kept(&Operand::of(&xb).unwrap(), &[0, 1], Precision::Bf16).expect_err("refused");
+    assert!(err.to_string().contains("permutation"), "{err}");
+}

@@ -10,7 +10,7 @@ use crate::device::launch::warp_per_row;
 
 use super::linear::Linear;
 use super::params::{ParamLayout, Weights};
-use super::resample::{inverse_permutation, permute};
+use super::resample::{inverse_permutation, permute, permute_kept};
 use crate::error::{Error, Result};
 use crate::ops::gemm::gemm_operands_into;
 use crate::ops::precision::{keep, Operand, Precision};
@@ -316,12 +316,13 @@ impl SelfAttention {
         let (h, c, p) = (self.heads, self.channels, layout.precision());
         let (dtype, device) = (values_dtype(x), x.device());
         let tokens = x.reshape(&[n, t, c])?;
-        let proj = self.qkv.forward_operand(layout, params, &tokens)?;
-        let qkv =
-            permute(&proj.as_view()?.reshape(&[n, t, 3, h, d])?, &SPLIT_QKV)?.reshape(&[3, n * h, t, d])?;
+        // Under bf16 the projection comes out of the GEMM epilogue in bf16 and is permuted as it
+        // is (a copy): q, k, v kept with no f32 copy of either.
+        let proj = self.qkv.forward_kept(layout, params, &tokens)?;
+        let qkv = permute_kept(&Operand::of(&proj)?.reshape(&[n, t, 3, h, d])?, &SPLIT_QKV, p)?
+            .reshape(&[3, n * h, t, d])?;
         // Transients go as soon as they are read: the forward's peak is kept state plus these.
         drop(proj);
-        let qkv = keep(qkv, p)?;
         let qkv_op = Operand::of(&qkv)?;
         let (q, k, v) = split3(&qkv_op, n * h, t, d)?;
         let mut scores = Tensor::uninit(&[n * h, t, t], dtype, &device)?;
@@ -340,9 +341,10 @@ impl SelfAttention {
             GemmSpec::default(),
             p,
         )?;
-        let merged = permute(&heads_out.as_view()?, &MERGE_HEADS)?.reshape(&[n, t, c])?;
+        // Kept (bf16 under bf16) by the permute itself.
+        let merged =
+            permute_kept(&Operand::F32(heads_out.as_view()?), &MERGE_HEADS, p)?.reshape(&[n, t, c])?;
         drop(heads_out);
-        let merged = keep(merged, p)?;
         let merged_op = Operand::of(&merged)?;
         let y = match kept_out {
             true => self.out.forward_kept(layout, params, &merged_op)?,
@@ -396,13 +398,13 @@ impl SelfAttention {
             &dy3,
             grads.as_deref_mut(),
         )?;
-        let dheads_t = permute(
-            &dmerged.as_view()?.reshape(&[n, t, h, d])?,
+        // Under bf16 a transient read by two products is rounded once for both, by the permute.
+        let dheads_t = permute_kept(
+            &Operand::F32(dmerged.as_view()?.reshape(&[n, t, h, d])?),
             &inverse_permutation(&MERGE_HEADS),
+            p,
         )?;
         drop(dmerged);
-        // Under bf16 a transient read by two products is rounded once for both.
-        let dheads_t = keep(dheads_t, p)?;
         let dheads = Operand::of(&dheads_t)?.reshape(&[n * h, t, d])?;
         let qkv = Operand::of(&saved.qkv)?;
         let (q, k, v) = split3(&qkv, n * h, t, d)?;

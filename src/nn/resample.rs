@@ -6,7 +6,7 @@ use crate::device::launch::grid_stride;
 use crate::device::params;
 
 use crate::error::{Error, Result};
-use crate::ops::precision::Bf16Ref;
+use crate::ops::precision::{to_bf16, Bf16Ref, Operand, Precision};
 use crate::ops::{mismatch, one_device};
 use crate::tensor::{numel, AsViewMut, DType, Data, DataMut, Tensor, View, ViewMut};
 
@@ -272,9 +272,9 @@ pub fn gather_rows_into(x: &View, offset: usize, stride: usize, out: &mut ViewMu
     Ok(())
 }
 
-/// y = x with its axes reordered: y's axis i is x's axis `perm[i]` (rank <= 6).
-pub fn permute(x: &View, perm: &[usize]) -> Result<Tensor> {
-    let shape = x.shape();
+/// The permutation's plan: y's dims, and for each of y's axes the stride of x's axis it reads
+/// (a checked permutation of at most 6 axes).
+fn permute_plan(shape: &[usize], perm: &[usize]) -> Result<(Vec<usize>, Vec<usize>)> {
     let rank = shape.len();
     let mut seen = [false; 6];
     if rank > 6
@@ -296,20 +296,84 @@ pub fn permute(x: &View, perm: &[usize]) -> Result<Tensor> {
     }
     let out_dims: Vec<usize> = perm.iter().map(|&p| shape[p]).collect();
     let in_strides: Vec<usize> = perm.iter().map(|&p| strides[p]).collect();
+    Ok((out_dims, in_strides))
+}
+
+/// The kernels' form of a plan.
+fn permute_params(out_dims: &[usize], in_strides: &[usize]) -> params::PermuteParams {
+    let mut p = params::PermuteParams {
+        rank: out_dims.len() as i32,
+        out_dims: [1; 6],
+        in_strides: [0; 6],
+    };
+    for a in 0..out_dims.len() {
+        p.out_dims[a] = out_dims[a] as i64;
+        p.in_strides[a] = in_strides[a] as i64;
+    }
+    p
+}
+
+/// [`permute`] as a kept activation (`ops::precision::keep`): under bf16 the output is bf16,
+/// written so by the permute itself from f32 values (one rounding, no f32 permuted copy) or
+/// copied from bf16 ones (exact); under f32 the f32 permute (a bf16 input is widened).
+pub fn permute_kept(x: &Operand, perm: &[usize], precision: Precision) -> Result<Tensor> {
+    if precision == Precision::F32 {
+        return permute(&x.widen()?.view()?, perm);
+    }
+    let device = x.device();
+    if let (Operand::F32(v), crate::Device::Cpu) = (x, &device) {
+        return to_bf16(&permute(v, perm)?);
+    }
+    let (out_dims, in_strides) = permute_plan(x.shape(), perm)?;
+    let mut y = Tensor::uninit(&out_dims, DType::BF16, &device)?;
+    let n = numel(&out_dims);
+    match (x, &device) {
+        (Operand::F32(_), crate::Device::Cpu) => unreachable!("returned above"),
+        (Operand::Bf16(b), crate::Device::Cpu) => {
+            crate::device::note_op();
+            let (src, out) = (b.cpu()?, y.cpu_bf16_mut()?);
+            for (i, o) in out.iter_mut().enumerate() {
+                let (mut rest, mut at) = (i, 0);
+                for a in (0..out_dims.len()).rev() {
+                    at += (rest % out_dims[a]) * in_strides[a];
+                    rest /= out_dims[a];
+                }
+                *o = src[at];
+            }
+        }
+        (Operand::F32(v), crate::Device::Cuda(dev)) => {
+            let Data::Cuda(xv, _) = &v.data else {
+                return Err(mismatch("permute_kept", &[v], &[]));
+            };
+            crate::device::note_op();
+            let (p, cfg, mut o) = (
+                permute_params(&out_dims, &in_strides),
+                grid_stride(dev, n),
+                y.cuda_bf16_mut()?,
+            );
+            // SAFETY: x and y hold n values; p describes x's shape (rank <= 6).
+            unsafe { dev.kernels().rs_permute_f32_bf16y(cfg, xv, &mut o, n as i64, p) }?;
+        }
+        (Operand::Bf16(b), crate::Device::Cuda(dev)) => {
+            crate::device::note_op();
+            let (p, cfg) = (permute_params(&out_dims, &in_strides), grid_stride(dev, n));
+            let (xv, mut o) = (b.cuda()?, y.cuda_bf16_mut()?);
+            // SAFETY: as above.
+            unsafe { dev.kernels().rs_permute_bf16(cfg, &xv, &mut o, n as i64, p) }?;
+        }
+    }
+    Ok(y)
+}
+
+/// y = x with its axes reordered: y's axis i is x's axis `perm[i]` (rank <= 6).
+pub fn permute(x: &View, perm: &[usize]) -> Result<Tensor> {
+    let (out_dims, in_strides) = permute_plan(x.shape(), perm)?;
     let mut y = Tensor::uninit(&out_dims, x.dtype(), &x.device())?;
     {
         let mut yv = y.as_view_mut()?;
         match (&x.data, &mut yv.data) {
             (Data::Cuda(xv, dev), DataMut::Cuda(o, _)) => {
-                let mut p = params::PermuteParams {
-                    rank: rank as i32,
-                    out_dims: [1; 6],
-                    in_strides: [0; 6],
-                };
-                for a in 0..rank {
-                    p.out_dims[a] = out_dims[a] as i64;
-                    p.in_strides[a] = in_strides[a] as i64;
-                }
+                let p = permute_params(&out_dims, &in_strides);
                 let cfg = grid_stride(dev, x.numel());
                 // SAFETY: x and y hold x.numel() values; p describes x's shape (rank <= 6).
                 unsafe { dev.kernels().rs_permute_f32(cfg, xv, o, x.numel() as i64, p) }?;

@@ -1310,19 +1310,18 @@ impl Walk<'_> {
         self.f32(n * p); // and its 1/std
         if att {
             let (s, tc) = self.attention_dims(i);
-            let proj = self.linear(n * p, c, 3 * c, true);
-            let qkv = self.f32(3 * a);
+            // The projection as kept (bf16 from the epilogue), permuted as kept: q, k, v.
+            let proj = self.linear_kept(n * p, c, 3 * c, true);
+            self.keep_new(3 * a);
             self.free(proj);
-            self.keep(qkv, 3 * a); // q, k, v, kept
             let scores = self.f32(s);
             self.product(tc, [(a, true), (a, true)]);
             self.keep_new(s); // probabilities, kept (under bf16 stored as bf16 by the softmax)
             self.free(scores);
             let heads_out = self.f32(a);
             self.product(tc, [(s, true), (a, true)]);
-            let merged = self.f32(a);
+            self.keep_new(a); // merged heads, kept (rounded by the permute under bf16)
             self.free(heads_out);
-            self.keep(merged, a); // merged heads, kept
             self.linear_kept(n * p, c, c, true); // the projection's output h, kept
         } else {
             let g = self.geometry(i, c, 1);
@@ -1349,9 +1348,8 @@ impl Walk<'_> {
         let dln = if att {
             let (s, tc) = self.attention_dims(i);
             let dmerged = self.linear_backward(n * p, c, c, true, grads);
-            let dheads = self.f32(a);
+            let dheads = self.keep_new(a); // rounded once by the permute under bf16
             self.free(dmerged);
-            let dheads = self.keep(dheads, a);
             let dqkv = self.f32(3 * a);
             let dprobs = self.f32(s);
             self.product(tc, [(a, self.bf16), (a, true)]);
