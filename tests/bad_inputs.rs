@@ -11,8 +11,11 @@ use std::process::Command;
 use emprior::em::Config;
 use emprior::io::write_npy_f64;
 
-fn dir() -> PathBuf {
-    let d = std::env::temp_dir().join(format!("emprior-bad-inputs-{}", std::process::id()));
+/// A fresh directory of this test process for the test `name`: one each, since the tests of
+/// this binary run in parallel and each empties its own (a shared one was emptied under the
+/// other test's feet: a rename into it failed in CI).
+fn dir(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("emprior-bad-inputs-{name}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
     d
@@ -64,7 +67,7 @@ struct Case {
 
 #[test]
 fn bad_inputs_are_refused_with_a_message_that_names_the_problem() {
-    let dir = dir();
+    let dir = dir("table");
     let p = |f: &str| dir.join(f).to_str().unwrap().to_string();
     let s = |v: &[&str]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>();
 
@@ -674,7 +677,7 @@ fn text_contains_pid(dir: &Path, pid: &str) -> bool {
 /// work, naming the launcher; a one-process launch and `info` are not.
 #[test]
 fn a_multi_process_launch_is_refused_before_any_work() {
-    let out_dir = dir().join("launched-twice");
+    let out_dir = dir("launch").join("launched-twice");
     let _ = std::fs::remove_dir_all(&out_dir);
     let out = Command::new(env!("CARGO_BIN_EXE_emprior"))
         .args(["em", "manifold", "--out"])
