@@ -227,11 +227,7 @@ pub fn residual_operand(x: &Operand, h: &Operand, m: &View) -> Result<Tensor> {
 /// written in bf16 by the kernel itself where it reads bf16 x and h on a GPU (no f32 copy to
 /// cast), elsewhere the f32 output rounded (the same values).
 pub fn residual_kept(x: &Operand, h: &Operand, m: &View, precision: Precision) -> Result<Tensor> {
-    let dtype = match precision {
-        Precision::Bf16 => DType::BF16,
-        Precision::F32 => DType::F32,
-    };
-    keep(residual_to(x, h, m, dtype)?, precision)
+    keep(residual_to(x, h, m, precision.kept_dtype())?, precision)
 }
 
 /// The residual with its output in `out_dtype` where the GPU's bf16-input kernel runs (bf16 or

@@ -232,11 +232,7 @@ pub fn modulated_layer_norm_operand(x: &Operand, m: &View) -> Result<LnSaved> {
 /// bf16, written so by the kernel itself on a GPU from a bf16 input (no f32 copy and cast);
 /// elsewhere the f32 output rounded (the same values). 1/std stays f32.
 pub fn modulated_layer_norm_kept(x: &Operand, m: &View, precision: Precision) -> Result<LnSaved> {
-    let dtype = match precision {
-        Precision::Bf16 => DType::BF16,
-        Precision::F32 => DType::F32,
-    };
-    let mut ln = modulated_layer_norm_to(x, m, dtype)?;
+    let mut ln = modulated_layer_norm_to(x, m, precision.kept_dtype())?;
     ln.y = keep(ln.y, precision)?;
     Ok(ln)
 }

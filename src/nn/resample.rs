@@ -69,7 +69,7 @@ pub mod cpu {
 
     /// A strided gather: output element i, at row-major multi-index `idx` over `out_dims`, is
     /// `x[sum_a idx[a] * in_strides[a]]`.
-    pub fn permute<T: Real>(x: &[T], y: &mut [T], out_dims: &[usize], in_strides: &[usize]) {
+    pub fn permute<T: Copy>(x: &[T], y: &mut [T], out_dims: &[usize], in_strides: &[usize]) {
         for (i, o) in y.iter_mut().enumerate() {
             let (mut rest, mut src) = (i, 0);
             for a in (0..out_dims.len()).rev() {
@@ -331,15 +331,7 @@ pub fn permute_kept(x: &Operand, perm: &[usize], precision: Precision) -> Result
         (Operand::F32(_), crate::Device::Cpu) => unreachable!("returned above"),
         (Operand::Bf16(b), crate::Device::Cpu) => {
             crate::device::note_op();
-            let (src, out) = (b.cpu()?, y.cpu_bf16_mut()?);
-            for (i, o) in out.iter_mut().enumerate() {
-                let (mut rest, mut at) = (i, 0);
-                for a in (0..out_dims.len()).rev() {
-                    at += (rest % out_dims[a]) * in_strides[a];
-                    rest /= out_dims[a];
-                }
-                *o = src[at];
-            }
+            cpu::permute(b.cpu()?, y.cpu_bf16_mut()?, &out_dims, &in_strides);
         }
         (Operand::F32(v), crate::Device::Cuda(dev)) => {
             let Data::Cuda(xv, _) = &v.data else {

@@ -40,6 +40,14 @@ impl Precision {
             Precision::Bf16 => "bf16",
         }
     }
+
+    /// The dtype an f32 activation is kept in ([`keep`]): bf16 under bf16, else f32.
+    pub fn kept_dtype(self) -> DType {
+        match self {
+            Precision::F32 => DType::F32,
+            Precision::Bf16 => DType::BF16,
+        }
+    }
 }
 
 impl std::str::FromStr for Precision {

@@ -282,12 +282,17 @@ impl Adam {
             ));
         }
         log.check_slot(slot)?;
-        if let Some(b) = &self.bf16 {
-            if b.shape() != [n] || !b.device().same_as(&params.device()) {
-                return Err(Error::Other(
-                    "adam: the bf16 copy does not match these parameters (keep_bf16_copy with them)".into(),
-                ));
-            }
+        // The copy has the state's length (keep_bf16_copy), checked against params above.
+        if let Some(b) = self
+            .bf16
+            .as_ref()
+            .filter(|b| !b.device().same_as(&params.device()))
+        {
+            return Err(Error::Other(format!(
+                "adam: the bf16 copy is on {} and the parameters on {} (keep_bf16_copy with them)",
+                b.device(),
+                params.device()
+            )));
         }
         let c = self.config;
         if let Some(max) = c.clip.filter(|m| !(*m > 0.0 && m.is_finite())) {

@@ -418,14 +418,8 @@ impl Conv3x3 {
         let wm = self.weight_matrix(layout, params)?;
         let mut dx = Tensor::uninit(x_shape, dy.dtype(), &dy.device())?;
         if self.bf16(layout, &g, &dy.device()) {
-            let rounded;
-            let dyb = match dy_bf16 {
-                Some(t) => t,
-                None => {
-                    rounded = to_bf16(&dy2)?;
-                    &rounded
-                }
-            };
+            let mut own = None;
+            let dyb = dy_rounded(&dy2, dy_bf16, &mut own)?;
             let wb = self.weight_bf16(layout, params)?;
             conv_bf16::input_grad(dyb, wb.get(), &g, self.cout, &mut dx.as_view_mut()?, 0.0)?;
             return Ok(dx);
@@ -476,14 +470,8 @@ impl Conv3x3 {
         let dy2 = dy.reshape(&[g.out_pixels(), self.cout])?;
         if self.bf16(layout, &g, &x.device()) {
             let xb = x.narrow()?;
-            let rounded;
-            let dyb = match dy_bf16 {
-                Some(t) => t,
-                None => {
-                    rounded = to_bf16(&dy2)?;
-                    &rounded
-                }
-            };
+            let mut own = None;
+            let dyb = dy_rounded(&dy2, dy_bf16, &mut own)?;
             let mut dw = layout.view_mut(grads, self.weight)?;
             conv_bf16::weight_grad(xb.as_ref(), dyb, &g, self.cout, &mut dw, 1.0)?;
         } else {
@@ -505,6 +493,15 @@ impl Conv3x3 {
             }
         }
         sum_rows_into(&dy2, 1, &mut layout.view_mut(grads, self.bias)?, true)
+    }
+}
+
+/// dy in bf16 for the tensor-core passes: the caller's rounding when it made one
+/// ([`Conv3x3::dy_bf16`]), else one made now and held in `own`.
+fn dy_rounded<'t>(dy2: &View, given: Option<&'t Tensor>, own: &'t mut Option<Tensor>) -> Result<&'t Tensor> {
+    match given {
+        Some(t) => Ok(t),
+        None => Ok(own.insert(to_bf16(dy2)?)),
     }
 }
 
