@@ -16,8 +16,8 @@
 //   wgrad  dW[9 Cin][Cout]       = col(x)^T dy, K = N*OH*OW split over grid.z into f32 partials,
 //                                  then summed in split order by conv3x3_wgrad_sum_f32 (no atomics)
 // dgrad reads dy[n, (iy + 1 - ky) / s, ...] where the division is exact. At stride 2 the 9-tap
-// kernel zero fills the taps that land between output pixels (5 of 9 per input pixel on average:
-// their MMAs are wasted); version 3, conv3x3_dgrad_s2_bf16, runs one parity class of input pixels
+// kernel zero fills the taps that land between output pixels (6.75 of 9 per input pixel on
+// average: their MMAs are wasted); version 3, conv3x3_dgrad_s2_bf16, runs one parity class of input pixels
 // per grid z with only its 1, 2, 2 or 4 live taps (tc_index.cuh, DgradParity).
 // Launch contract (src/nn/conv.rs checks it): blockDim = 256; grid = (ceil(M/128), ceil(N/128),
 // 1 or splits); Cin and Cout multiples of 8.
