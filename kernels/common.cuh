@@ -96,6 +96,25 @@ __device__ __forceinline__ Philox4 philox_block(u64 seed, u64 stream, u64 block)
                          (uint32_t)(stream >> 32), (uint32_t)seed, (uint32_t)(seed >> 32));
 }
 
+// A Philox position that may move with a step clock kept on the device, so that a captured
+// training step (a CUDA graph), replayed, draws the next step's numbers: `clock` is the device
+// address of the u64 step count (src/device/clock.rs; 0: no clock, the position is fixed), and
+// the stream and the first element move by `stream_per_step` and `offset_per_step` each step.
+struct PhiloxAt {
+    u64 stream, offset;
+};
+
+__device__ __forceinline__ PhiloxAt philox_at(u64 stream, u64 offset, u64 clock, u64 stream_per_step,
+                                              u64 offset_per_step) {
+    PhiloxAt at = {stream, offset};
+    if (clock != 0) {
+        const u64 step = *reinterpret_cast<const u64*>(clock);
+        at.stream += step * stream_per_step;
+        at.offset += step * offset_per_step;
+    }
+    return at;
+}
+
 // Uniform in the open interval (0, 1) from the top 23 bits, centred in their bin: (k + 0.5) / 2^23
 // is exact in f32 for k < 2^23, so the largest value is 1 - 2^-24, never 1 (with 24 bits the
 // + 0.5 would round k = 2^24 - 1 up to exactly 1).

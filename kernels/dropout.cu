@@ -2,13 +2,18 @@
 // >= p, and scaled by 1 / (1 - p). The backward regenerates the same mask from the same
 // counters, so nothing is stored. Identical to src/nn/dropout.rs on the CPU.
 //
-// Launch contract: any grid/block; grid-stride.
+// The Philox position may move with a step clock on the device (`clock`, `stream_per_step`,
+// `offset_per_step`: philox_at in common.cuh; clock 0: fixed), so a captured training step
+// replays with the next step's masks. Launch contract: any grid/block; grid-stride.
 #include "common.cuh"
 
 // `scale` = 1 / (1 - p), rounded once on the host from f64 as the CPU body does.
 // hot
 extern "C" __global__ void dropout_f32(const float* x, float* y, i64 n, float p, float scale, u64 seed, u64 stream,
-                                       u64 offset) {
+                                       u64 offset, u64 clock, u64 stream_per_step, u64 offset_per_step) {
+    const PhiloxAt at = philox_at(stream, offset, clock, stream_per_step, offset_per_step);
+    stream = at.stream;
+    offset = at.offset;
     const i64 step = (i64)gridDim.x * blockDim.x;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
         const u64 e = offset + (u64)i;
@@ -24,7 +29,8 @@ extern "C" __global__ void dropout_f32(const float* x, float* y, i64 n, float p,
 // then conv2 needs no cast of its own.
 template <class Y>
 __device__ __forceinline__ void silu_dropout(const __nv_bfloat16* x, Y* out, i64 n, float p, float scale, u64 seed,
-                                             u64 stream, u64 offset) {
+                                             PhiloxAt at) {
+    const u64 stream = at.stream, offset = at.offset;
     const i64 step = (i64)gridDim.x * blockDim.x;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
         float v = silu_value(ld(x, i));
@@ -39,21 +45,27 @@ __device__ __forceinline__ void silu_dropout(const __nv_bfloat16* x, Y* out, i64
 
 // hot
 extern "C" __global__ void silu_dropout_bf16x(const __nv_bfloat16* x, float* out, i64 n, float p, float scale,
-                                              u64 seed, u64 stream, u64 offset) {
-    silu_dropout(x, out, n, p, scale, seed, stream, offset);
+                                              u64 seed, u64 stream, u64 offset, u64 clock, u64 stream_per_step,
+                                              u64 offset_per_step) {
+    silu_dropout(x, out, n, p, scale, seed, philox_at(stream, offset, clock, stream_per_step, offset_per_step));
 }
 
 // hot
 extern "C" __global__ void silu_dropout_bf16x_bf16y(const __nv_bfloat16* x, __nv_bfloat16* out, i64 n, float p,
-                                                    float scale, u64 seed, u64 stream, u64 offset) {
-    silu_dropout(x, out, n, p, scale, seed, stream, offset);
+                                                    float scale, u64 seed, u64 stream, u64 offset, u64 clock,
+                                                    u64 stream_per_step, u64 offset_per_step) {
+    silu_dropout(x, out, n, p, scale, seed, philox_at(stream, offset, clock, stream_per_step, offset_per_step));
 }
 
 // Its VJP in place: g = silu'(c1) * dropout(g), the same arithmetic as dropout_f32 then
 // ew_silu_backward. p = 0 (no dropout) keeps every element with scale 1 and draws nothing.
 // hot
 extern "C" __global__ void silu_dropout_backward_bf16x(const __nv_bfloat16* x, float* g, i64 n, float p, float scale,
-                                                       u64 seed, u64 stream, u64 offset) {
+                                                       u64 seed, u64 stream, u64 offset, u64 clock,
+                                                       u64 stream_per_step, u64 offset_per_step) {
+    const PhiloxAt at = philox_at(stream, offset, clock, stream_per_step, offset_per_step);
+    stream = at.stream;
+    offset = at.offset;
     const i64 step = (i64)gridDim.x * blockDim.x;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
         float d = g[i];

@@ -20,8 +20,14 @@ struct Store {
     __device__ void operator()(i64 j, float v) const { out[j] = v; }
 };
 
-extern "C" __global__ void rng_uniform_f32(float* out, i64 n, u64 seed, u64 stream, u64 offset) {
+// `clock`, `stream_per_step`, `offset_per_step`: the position may move with a step clock
+// (philox_at in common.cuh; clock 0: fixed at `stream`, `offset`).
+extern "C" __global__ void rng_uniform_f32(float* out, i64 n, u64 seed, u64 stream, u64 offset, u64 clock,
+                                           u64 stream_per_step, u64 offset_per_step) {
     if (n <= 0) return;
+    const PhiloxAt at = philox_at(stream, offset, clock, stream_per_step, offset_per_step);
+    stream = at.stream;
+    offset = at.offset;
     const u64 first = offset / 4, last = (offset + (u64)n - 1) / 4;
     const u64 stride = (u64)gridDim.x * blockDim.x;
     for (u64 blk = first + (u64)blockIdx.x * blockDim.x + threadIdx.x; blk <= last; blk += stride) {
@@ -32,8 +38,12 @@ extern "C" __global__ void rng_uniform_f32(float* out, i64 n, u64 seed, u64 stre
     }
 }
 
-extern "C" __global__ void rng_normal_f32(float* out, i64 n, u64 seed, u64 stream, u64 offset) {
+extern "C" __global__ void rng_normal_f32(float* out, i64 n, u64 seed, u64 stream, u64 offset, u64 clock,
+                                          u64 stream_per_step, u64 offset_per_step) {
     if (n <= 0) return;
+    const PhiloxAt at = philox_at(stream, offset, clock, stream_per_step, offset_per_step);
+    stream = at.stream;
+    offset = at.offset;
     const u64 first = offset / 4, last = (offset + (u64)n - 1) / 4;
     const u64 stride = (u64)gridDim.x * blockDim.x;
     for (u64 blk = first + (u64)blockIdx.x * blockDim.x + threadIdx.x; blk <= last; blk += stride) {
@@ -42,6 +52,39 @@ extern "C" __global__ void rng_normal_f32(float* out, i64 n, u64 seed, u64 strea
         philox_normal_pair(r.v[0], r.v[1], &v[0], &v[1]);
         philox_normal_pair(r.v[2], r.v[3], &v[2], &v[3]);
         for_block_elements(blk, offset, n, v, Store{out});
+    }
+}
+
+// The noise levels of a training batch (src/diffusion/schedule.rs beta33 and VeSchedule::sigma):
+// row i's training time t is the median of the five uniforms 5 r .. 5 r + 4 of the stream,
+// r = offset + i (rows, moved by the clock per step: a step's batch starts at step * batch), and
+// sigma = exp((1 - t) ln_min + t ln_max) in f64, stored f32. One thread per row.
+extern "C" __global__ void rng_train_sigmas_f32(float* sigma, i64 n, u64 seed, u64 stream, u64 offset, u64 clock,
+                                                u64 stream_per_step, u64 offset_per_step, double ln_min,
+                                                double ln_max) {
+    const PhiloxAt at = philox_at(stream, offset, clock, stream_per_step, offset_per_step);
+    const i64 step = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
+        float u[5];
+#pragma unroll
+        for (int j = 0; j < 5; ++j) {
+            const u64 e = 5 * (at.offset + (u64)i) + (u64)j;
+            const Philox4 r = philox_block(seed, at.stream, e >> 2);
+            const uint32_t lane = (uint32_t)(e & 3);
+            u[j] = philox_uniform(lane == 0 ? r.v[0] : lane == 1 ? r.v[1] : lane == 2 ? r.v[2] : r.v[3]);
+        }
+        // The median of five by partial selection sort (no NaN: uniforms are in (0, 1)).
+#pragma unroll
+        for (int a = 0; a < 3; ++a) {
+#pragma unroll
+            for (int b = a + 1; b < 5; ++b) {
+                const float lo = fminf(u[a], u[b]), hi = fmaxf(u[a], u[b]);
+                u[a] = lo;
+                u[b] = hi;
+            }
+        }
+        const double t = (double)u[2];
+        sigma[i] = (float)exp((1.0 - t) * ln_min + t * ln_max);
     }
 }
 

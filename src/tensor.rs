@@ -194,7 +194,14 @@ impl Tensor {
             dtype: storage.dtype(),
             storage: Storage::Cpu(storage),
         };
-        host.to_device(device)
+        match device {
+            // Where a GPU would copy (to_device counts that one).
+            Device::Cpu => {
+                crate::device::note_upload();
+                Ok(host)
+            }
+            Device::Cuda(_) => host.to_device(device),
+        }
     }
 
     // ---- inspection ---------------------------------------------------------------------
@@ -239,6 +246,7 @@ impl Tensor {
         let storage = match (&self.storage, device) {
             (Storage::Cpu(c), Device::Cpu) => Storage::Cpu(c.clone()),
             (Storage::Cpu(c), Device::Cuda(dev)) => {
+                crate::device::note_upload();
                 let mut buf = dev.alloc(self.size_in_bytes())?;
                 let bytes = c.as_bytes();
                 let mut dst = buf.slice_mut().slice_mut(0..bytes.len());
@@ -743,8 +751,17 @@ impl<'a> View<'a> {
     /// A new tensor holding a copy of the data, on the same device.
     pub fn to_tensor(&self) -> Result<Tensor> {
         match &self.data {
-            Data::F32(v) => Tensor::from_f32(v, &self.shape, &Device::Cpu),
-            Data::F64(v) => Tensor::from_f64(v, &self.shape, &Device::Cpu),
+            // A copy on the device it lives on (no upload, unlike from_f32 on the CPU).
+            Data::F32(v) => Ok(Tensor {
+                shape: self.shape.clone(),
+                dtype: DType::F32,
+                storage: Storage::Cpu(CpuStorage::F32(v.to_vec())),
+            }),
+            Data::F64(v) => Ok(Tensor {
+                shape: self.shape.clone(),
+                dtype: DType::F64,
+                storage: Storage::Cpu(CpuStorage::F64(v.to_vec())),
+            }),
             Data::Cuda(v, dev) => {
                 let device = Device::Cuda((*dev).clone());
                 let mut t = Tensor::uninit(&self.shape, DType::F32, &device)?;

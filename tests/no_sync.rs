@@ -4,6 +4,8 @@
 //! sampling with a CG tolerance. Also: a non-finite step is reported at the next log read, naming
 //! the step, with the parameters of the last good step.
 
+mod common;
+
 use std::sync::Mutex;
 
 use emprior::device::{sync_count, Counts};
@@ -53,6 +55,9 @@ fn training_steps_between_two_log_reads_do_not_synchronise() {
     }
     let steps = Counts::since(before);
     assert_eq!(steps.syncs, 0, "11 training steps synchronised: {steps:?}");
+    // Nor does a step take anything from the host (the batch is already on the device): its
+    // noise levels, noise, learning rate and log record all come from the step clock there.
+    assert_eq!(steps.uploads, 0, "11 training steps uploaded: {steps:?}");
     assert!(
         steps.ops > 11 * 10,
         "the op counter counts the steps' ops: {steps:?}"
@@ -191,4 +196,58 @@ fn mmps_sampling_with_a_cg_tolerance_does_not_synchronise() {
         "the counter sees the checks: {checked:?}"
     );
     assert!(checked.ops <= quiet.ops, "{checked:?} vs {quiet:?}");
+}
+
+/// The U-Net's training step (dropout on, f32 and the bf16 policy): no synchronisation and no
+/// upload between two log reads, so nothing it does on the host varies from step to step.
+#[test]
+fn unet_training_steps_take_nothing_from_the_host() {
+    use emprior::nn::UNet;
+    use emprior::ops::Precision;
+    let _turn = serial();
+    for precision in [Precision::F32, Precision::Bf16] {
+        let mut net = Network::UNet(UNet::new(common::small_unet_config()).unwrap());
+        net.set_precision(precision);
+        let den = Denoiser::new(net);
+        let params = den.layout().init(4, DType::F32, &CPU).unwrap();
+        let config = AdamConfig {
+            ema: Some(0.999),
+            ..AdamConfig::new(LrSchedule::Linear {
+                init: 1e-3,
+                end: 1e-4,
+                steps: 10,
+            })
+        };
+        let mut t = Trainer::new(den, params, config, VeSchedule::new(1e-3, 1e2), 4).unwrap();
+        let x = Tensor::from_f32(
+            &common::random_vec(5, 4 * 8 * 8 * 3, -1.0, 1.0),
+            &[4, 8, 8, 3],
+            &CPU,
+        )
+        .unwrap();
+        t.step(&x.as_view().unwrap()).unwrap();
+        let before = Counts::now();
+        for _ in 0..3 {
+            t.step(&x.as_view().unwrap()).unwrap();
+        }
+        let steps = Counts::since(before);
+        assert_eq!((steps.syncs, steps.uploads), (0, 0), "{precision:?}: {steps:?}");
+        let log = t.take_stats().unwrap();
+        assert_eq!(log.len(), 4);
+        assert!(log.iter().all(|s| s.loss.is_finite() && s.grad_norm > 0.0));
+    }
+}
+
+/// A stream moving with a step clock draws, at each step, what the fixed stream of that step
+/// draws: stream + step x streams per step, offsets + step x elements per step.
+#[test]
+fn a_stream_moving_with_the_clock_is_the_fixed_stream_of_its_step() {
+    use emprior::device::StepClock;
+    let clock = StepClock::new(7, &CPU).unwrap();
+    let moving = Philox::new(3, 10).moving(clock.link(2, 100));
+    let (mut a, mut b) = ([0.0f32; 37], [0.0f32; 37]);
+    moving.fill_normal(5, &mut a);
+    Philox::new(3, 10 + 7 * 2).fill_normal(5 + 7 * 100, &mut b);
+    assert_eq!(a.map(f32::to_bits), b.map(f32::to_bits));
+    assert_eq!(moving.at_step(5), (Philox::new(3, 24), 705));
 }

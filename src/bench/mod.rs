@@ -429,6 +429,38 @@ pub fn run_networks_gpu(
         row("forward + backward", 3.0, ms);
         let step_ms = ms;
 
+        // A whole training step (noise levels and noise drawn on the device, the DSM loss,
+        // forward, backward, clipping, Adam, EMA) queued kernel by kernel, then replayed from a
+        // captured CUDA graph: the same arithmetic (tests/cuda_posterior_parity.rs holds the two
+        // to the same bits), so the difference is the host's launch cost.
+        for graphs in [false, true] {
+            let config = crate::train::AdamConfig {
+                ema: Some(0.9999),
+                ..crate::train::AdamConfig::new(crate::train::LrSchedule::Constant(2e-4))
+            };
+            let schedule = crate::diffusion::VeSchedule::new(1e-3, 1e2);
+            let mut trainer =
+                crate::train::Trainer::new(den.clone(), params.to_device(device)?, config, schedule, 5)?;
+            trainer.set_cuda_graphs(graphs);
+            let ms = time_gpu(dev, repeats, || trainer.step(&x.as_view()?))?;
+            trainer.take_stats()?;
+            if graphs && !trainer.replaying_cuda_graph() {
+                return Err(Error::Other(
+                    "bench: the training step was not captured as a CUDA graph (see the warning above)"
+                        .into(),
+                ));
+            }
+            row(
+                if graphs {
+                    "training step, CUDA graph replay"
+                } else {
+                    "training step, eager"
+                },
+                3.0,
+                ms,
+            );
+        }
+
         // The MMPS posterior denoiser as the CIFAR E-step calls it: 75% of pixels masked out,
         // sigma_y = 1e-3, one CG iteration: one forward and two VJPs (counted as 3 forwards of
         // GEMM work; method.md's "about 5 forward-equivalents" counts a VJP as two).
@@ -585,20 +617,22 @@ pub struct TrafficRow {
     pub what: String,
     /// Host-device synchronisations per step.
     pub syncs: f64,
+    /// Host-to-device copies per step (a captured step replays only when this is 0).
+    pub uploads: f64,
     /// Kernel launches (GPU only; 0 on the CPU).
     pub launches: f64,
     /// Op calls (both backends; the CPU's stand-in for launches).
     pub ops: f64,
 }
 
-/// The host-traffic table (syncs, launches, op calls per step) as markdown.
+/// The host-traffic table (syncs, uploads, launches, op calls per step) as markdown.
 pub fn format_traffic_table(title: &str, rows: &[TrafficRow]) -> String {
     let mut s =
-        format!("{title}\n\n| per step | host syncs | kernel launches | op calls |\n|---|---:|---:|---:|\n");
+        format!("{title}\n\n| per step | host syncs | uploads | kernel launches | op calls |\n|---|---:|---:|---:|---:|\n");
     for r in rows {
         s += &format!(
-            "| {} | {:.2} | {:.1} | {:.1} |\n",
-            r.what, r.syncs, r.launches, r.ops
+            "| {} | {:.2} | {:.2} | {:.1} | {:.1} |\n",
+            r.what, r.syncs, r.uploads, r.launches, r.ops
         );
     }
     s
@@ -617,6 +651,7 @@ fn per_step(what: String, steps: usize, mut f: impl FnMut() -> Result<()>) -> Re
     Ok(TrafficRow {
         what,
         syncs: per(c.syncs),
+        uploads: per(c.uploads),
         launches: per(c.launches),
         ops: per(c.ops),
     })
@@ -667,9 +702,26 @@ pub fn run_host_traffic(device: &Device, quick: bool) -> Result<Vec<TrafficRow>>
     rows.push(TrafficRow {
         what: read.what,
         syncs: read.syncs - step.syncs,
+        uploads: read.uploads - step.uploads,
         launches: read.launches - step.launches,
         ops: read.ops - step.ops,
     });
+
+    if device.is_cuda() {
+        // The same step replayed from a captured CUDA graph: one launch and one copy (the batch
+        // into the graph's input) per step.
+        let params = den.layout().init(0, DType::F32, device)?;
+        let mut graphed = Trainer::new(den.clone(), params, config, VeSchedule::new(1e-3, 10.0), 0)?;
+        graphed.set_cuda_graphs(true);
+        // Its eager warm-up; per_step's own warm-up is then the capture.
+        graphed.step(&x.as_view()?)?;
+        rows.push(per_step(
+            format!("TimeMLP training step, CUDA graph replay (batch {batch})"),
+            steps,
+            || graphed.step(&x.as_view()?),
+        )?);
+        graphed.take_stats()?;
+    }
 
     let prior = NetworkPrior::new(&den, trainer.weights())?;
     let a = ops::normal(&[observations, 2, 5], Philox::new(11, 2), 0, device)?;

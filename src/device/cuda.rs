@@ -59,7 +59,7 @@ pub struct CudaDevice {
     total_memory: usize,
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    pool: Arc<DevicePool>,
+    pub(super) pool: Arc<DevicePool>,
     kernels: Kernels,
 }
 

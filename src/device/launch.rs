@@ -28,7 +28,8 @@ impl Kernels {
     /// Called by every launcher once its kernel is queued.
     fn after_launch(&self, kernel: &str, module: &str) -> Result<()> {
         super::note_launch();
-        if check_each_launch() {
+        // While a graph is captured nothing runs yet: the replay is waited for instead.
+        if check_each_launch() && !super::graph::capturing() {
             super::note_sync();
             self.stream
                 .synchronize()

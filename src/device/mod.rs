@@ -1,6 +1,8 @@
 //! Where tensors live and ops run: the CPU (always there; the oracle) or a CUDA GPU.
 
+mod clock;
 mod cuda;
+mod graph;
 pub mod launch;
 mod poison;
 mod pool;
@@ -11,10 +13,12 @@ use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
+pub use clock::{ClockLink, StepClock};
 pub use cuda::{probe as probe_cuda, CudaDevice};
+pub use graph::CapturedGraph;
 pub use launch::{params, Kernels};
 pub use poison::{poison_enabled, set_poison, POISON_BYTE};
-pub use pool::{size_class, PhaseStats, PoolStats, PooledBuffer};
+pub use pool::{size_class, GraphArena, PhaseStats, PoolStats, PooledBuffer};
 
 use crate::error::{Error, Result};
 
@@ -77,12 +81,26 @@ impl fmt::Display for DeviceRequest {
 // family that checks its operands' device (either backend: the CPU's stand-in for launches).
 
 static SYNCS: AtomicU64 = AtomicU64::new(0);
+static UPLOADS: AtomicU64 = AtomicU64::new(0);
 static LAUNCHES: AtomicU64 = AtomicU64::new(0);
 static OPS: AtomicU64 = AtomicU64::new(0);
 
 /// Host synchronisations so far in this process (see the counters' notes above).
 pub fn sync_count() -> u64 {
     SYNCS.load(Ordering::Relaxed)
+}
+
+/// Host-to-device copies so far in this process: a tensor made from host values (on either
+/// backend: on the CPU, where it would be an upload on a GPU) or copied to a GPU, and a step
+/// clock set from the host. A step that makes none (and no synchronisation) takes nothing from
+/// the host that changes from step to step, which is what replaying a captured step needs.
+pub fn upload_count() -> u64 {
+    UPLOADS.load(Ordering::Relaxed)
+}
+
+/// Counts one host-to-device copy (see [`upload_count`]).
+pub(crate) fn note_upload() {
+    UPLOADS.fetch_add(1, Ordering::Relaxed);
 }
 
 /// Kernel launches so far in this process (GPU only).
@@ -114,6 +132,8 @@ pub(crate) fn note_launch() {
 pub struct Counts {
     /// Host synchronisations (see [`sync_count`]).
     pub syncs: u64,
+    /// Host-to-device copies (see [`upload_count`]).
+    pub uploads: u64,
     /// Kernel launches, GPU only (see [`launch_count`]).
     pub launches: u64,
     /// Op calls on either backend (see [`op_count`]).
@@ -121,10 +141,11 @@ pub struct Counts {
 }
 
 impl Counts {
-    /// The three process-wide counters as they are now.
+    /// The process-wide counters as they are now.
     pub fn now() -> Counts {
         Counts {
             syncs: sync_count(),
+            uploads: upload_count(),
             launches: launch_count(),
             ops: op_count(),
         }
@@ -135,6 +156,7 @@ impl Counts {
         let now = Counts::now();
         Counts {
             syncs: now.syncs - earlier.syncs,
+            uploads: now.uploads - earlier.uploads,
             launches: now.launches - earlier.launches,
             ops: now.ops - earlier.ops,
         }

@@ -19,6 +19,14 @@
 //! releases the cache the previous one built, so the two do not each hold their own buffers for
 //! the whole run.
 //!
+//! While a CUDA graph is captured (device/graph.rs) the pool is frozen: every buffer must come
+//! from the cache (a miss is an error: the step is run once eagerly first, so it should find
+//! all it needs), nothing is given back to the driver, and what comes back goes to the capture's
+//! own arena. At the end the arena belongs to the graph, whose replays write those addresses:
+//! eager code never gets them until the graph is dropped. A buffer lent during the capture and
+//! still out at its end would be written by every replay behind its holder's back, so it makes
+//! the capture fail.
+//!
 //! The bookkeeping ([`PoolBook`]) is apart from the driver calls: it decides, the pool allocates
 //! and frees. Tests and [`PoolStats::replay`] run it without a GPU.
 
@@ -77,6 +85,25 @@ pub struct PoolBook<B> {
     peak_since_reset: usize,
     phases: Vec<PhaseStats>,
     phase: Option<usize>,
+    capture: Option<Capture<B>>,
+    captures: u64,
+}
+
+/// A capture in progress: its number (tags the buffers lent in it), its arena (what came back
+/// during it, served first to its own requests) and the buffers it lent that are still out.
+struct Capture<B> {
+    id: u64,
+    arena: BTreeMap<usize, Vec<B>>,
+    outstanding: i64,
+}
+
+/// What a capture leaves: the arena the graph keeps, and how many buffers lent during the capture
+/// were still out at its end (a capture with any is refused).
+pub struct CaptureEnd<B> {
+    /// (size class, buffer) for each buffer the graph's replays may touch.
+    pub arena: Vec<(usize, B)>,
+    /// Buffers lent during the capture and not given back.
+    pub escaped: i64,
 }
 
 impl<B> PoolBook<B> {
@@ -91,6 +118,50 @@ impl<B> PoolBook<B> {
             peak_since_reset: 0,
             phases: Vec::new(),
             phase: None,
+            capture: None,
+            captures: 0,
+        }
+    }
+
+    /// Starts a capture: returns its tag for the buffers lent in it (never 0), or None when one
+    /// is already in progress.
+    pub fn begin_capture(&mut self) -> Option<u64> {
+        if self.capture.is_some() {
+            return None;
+        }
+        self.captures += 1;
+        self.capture = Some(Capture {
+            id: self.captures,
+            arena: BTreeMap::new(),
+            outstanding: 0,
+        });
+        Some(self.captures)
+    }
+
+    /// The tag of the capture in progress (0: none).
+    pub fn capturing(&self) -> u64 {
+        self.capture.as_ref().map_or(0, |c| c.id)
+    }
+
+    /// Ends the capture in progress: its arena, now counted as handed out (to the graph).
+    pub fn end_capture(&mut self) -> CaptureEnd<B> {
+        let Some(c) = self.capture.take() else {
+            return CaptureEnd {
+                arena: Vec::new(),
+                escaped: 0,
+            };
+        };
+        let mut arena = Vec::new();
+        for (class, list) in c.arena {
+            for b in list {
+                self.stats.bytes_cached -= class;
+                self.stats.bytes_in_use += class;
+                arena.push((class, b));
+            }
+        }
+        CaptureEnd {
+            arena,
+            escaped: c.outstanding,
         }
     }
 
@@ -116,8 +187,26 @@ impl<B> PoolBook<B> {
         }
     }
 
-    /// A cached buffer of `class`, now counted as handed out; None on a miss.
+    /// A cached buffer of `class`, now counted as handed out; None on a miss. During a capture,
+    /// from its arena first.
     pub fn take(&mut self, class: usize) -> Option<B> {
+        let Some(c) = self.capture.as_mut() else {
+            return self.take_shared(class);
+        };
+        let buf = match c.arena.get_mut(&class).and_then(|l| l.pop()) {
+            Some(b) => {
+                self.stats.reuses += 1;
+                self.stats.bytes_cached -= class;
+                self.lent(class, false);
+                b
+            }
+            None => self.take_shared(class)?,
+        };
+        self.capture.as_mut().expect("capturing").outstanding += 1;
+        Some(buf)
+    }
+
+    fn take_shared(&mut self, class: usize) -> Option<B> {
         let list = self.free.get_mut(&class)?;
         let (_, buf) = list.pop()?;
         if list.is_empty() {
@@ -133,7 +222,9 @@ impl<B> PoolBook<B> {
     /// recently returned first, so that the pool stays within its limit.
     pub fn make_room(&mut self, class: usize) -> Vec<B> {
         let mut out = Vec::new();
-        let Some(limit) = self.limit else { return out };
+        let Some(limit) = self.limit.filter(|_| self.capture.is_none()) else {
+            return out;
+        };
         while self.held() + class > limit {
             // The class whose oldest buffer came back first.
             let oldest = self
@@ -159,16 +250,28 @@ impl<B> PoolBook<B> {
         self.lent(class, true);
     }
 
-    /// A buffer of `class` comes back to the cache.
-    pub fn give_back(&mut self, class: usize, buf: B) {
+    /// A buffer of `class` comes back to the cache (during a capture, to its arena). `tag` is
+    /// the capture it was lent in (0: none).
+    pub fn give_back(&mut self, class: usize, buf: B, tag: u64) {
         self.stats.bytes_in_use -= class;
         self.stats.bytes_cached += class;
+        if let Some(c) = self.capture.as_mut() {
+            if tag == c.id {
+                c.outstanding -= 1;
+            }
+            c.arena.entry(class).or_default().push(buf);
+            return;
+        }
         self.returned += 1;
         self.free.entry(class).or_default().push((self.returned, buf));
     }
 
-    /// Every cached buffer, to give back to the driver.
+    /// Every cached buffer, to give back to the driver (none during a capture: a free would be
+    /// captured too).
     pub fn drain(&mut self) -> Vec<B> {
+        if self.capture.is_some() {
+            return Vec::new();
+        }
         let free = std::mem::take(&mut self.free);
         self.stats.bytes_cached = 0;
         let out: Vec<B> = free.into_values().flatten().map(|(_, b)| b).collect();
@@ -232,7 +335,7 @@ impl PoolStats {
         for &(bytes, out) in events {
             let class = size_class(bytes);
             if !out {
-                book.give_back(class, ());
+                book.give_back(class, (), 0);
             } else if book.take(class).is_none() {
                 book.make_room(class);
                 book.lent_new(class);
@@ -285,11 +388,19 @@ impl DevicePool {
     /// A buffer of at least `bytes` bytes, contents undefined (all bytes 0xFF in poison mode).
     pub fn alloc(self: &Arc<Self>, bytes: usize) -> Result<PooledBuffer> {
         let class = size_class(bytes);
-        let (cached, released) = {
+        let (cached, released, capture) = {
             let mut book = self.inner.lock().unwrap();
+            let capture = book.capturing();
             match book.take(class) {
-                Some(s) => (Some(s), Vec::new()),
-                None => (None, book.make_room(class)),
+                Some(s) => (Some(s), Vec::new(), capture),
+                None if capture != 0 => {
+                    return Err(Error::Other(format!(
+                        "a buffer of {bytes} bytes was requested while a CUDA graph was being \
+                         captured and none was cached (the step run before the capture did not \
+                         need it): the capture is abandoned"
+                    )))
+                }
+                None => (None, book.make_room(class), 0),
             }
         };
         if !released.is_empty() {
@@ -306,6 +417,7 @@ impl DevicePool {
             slice: Some(slice),
             bytes,
             pool: self.clone(),
+            capture,
         })
     }
 
@@ -349,9 +461,37 @@ impl DevicePool {
         .map_err(|e| Error::cuda(format!("poisoning {bytes} bytes of device memory"), e))
     }
 
-    fn release(&self, slice: CudaSlice<u8>) {
+    fn release(&self, slice: CudaSlice<u8>, tag: u64) {
         let class = slice.len();
-        self.inner.lock().unwrap().give_back(class, slice);
+        self.inner.lock().unwrap().give_back(class, slice, tag);
+    }
+
+    /// Freezes the pool for a capture (see the module notes); an error when one is in progress.
+    pub fn begin_capture(&self) -> Result<()> {
+        self.inner
+            .lock()
+            .unwrap()
+            .begin_capture()
+            .map(drop)
+            .ok_or_else(|| Error::Other("a CUDA graph capture is already in progress".into()))
+    }
+
+    /// Ends the capture: the arena the graph keeps (given back to the pool when the graph is
+    /// dropped), or an error when buffers lent during it are still out.
+    pub fn end_capture(self: &Arc<Self>) -> Result<GraphArena> {
+        let end = self.inner.lock().unwrap().end_capture();
+        let arena = GraphArena {
+            buffers: end.arena.into_iter().map(|(_, b)| b).collect(),
+            pool: self.clone(),
+        };
+        if end.escaped != 0 {
+            return Err(Error::Other(format!(
+                "{} buffer(s) lent during the CUDA graph capture were still held at its end (every \
+                 replay would write them behind their holders): the capture is abandoned",
+                end.escaped
+            )));
+        }
+        Ok(arena)
     }
 
     /// Frees buffers (outside the lock; cudarc frees without making the context current, and
@@ -396,11 +536,35 @@ impl DevicePool {
     }
 }
 
+/// The buffers a captured graph's replays use: held apart from the pool while the graph lives,
+/// given back to it when dropped.
+pub struct GraphArena {
+    buffers: Vec<CudaSlice<u8>>,
+    pool: Arc<DevicePool>,
+}
+
+impl GraphArena {
+    /// Bytes the arena holds (by size class).
+    pub fn bytes(&self) -> usize {
+        self.buffers.iter().map(|b| b.len()).sum()
+    }
+}
+
+impl Drop for GraphArena {
+    fn drop(&mut self) {
+        for b in self.buffers.drain(..) {
+            self.pool.release(b, 0);
+        }
+    }
+}
+
 /// Device memory on loan from a `DevicePool`; goes back to the pool's free list when dropped.
 pub struct PooledBuffer {
     slice: Option<CudaSlice<u8>>,
     bytes: usize,
     pool: Arc<DevicePool>,
+    /// The capture it was lent in (0: none).
+    capture: u64,
 }
 
 impl PooledBuffer {
@@ -423,7 +587,7 @@ impl PooledBuffer {
 impl Drop for PooledBuffer {
     fn drop(&mut self) {
         if let Some(s) = self.slice.take() {
-            self.pool.release(s);
+            self.pool.release(s, self.capture);
         }
     }
 }
@@ -478,11 +642,11 @@ mod tests {
         for pass in 0..3 {
             let a = alloc(&mut book, &mut next, 1000);
             let b = alloc(&mut book, &mut next, 5 << 20);
-            book.give_back(a.0, a.1);
+            book.give_back(a.0, a.1, 0);
             let c = alloc(&mut book, &mut next, 900); // same class as a: reuses it
             assert_eq!(c.1, a.1, "pass {pass}");
-            book.give_back(b.0, b.1);
-            book.give_back(c.0, c.1);
+            book.give_back(b.0, b.1, 0);
+            book.give_back(c.0, c.1, 0);
         }
         let s = book.stats();
         assert_eq!((s.device_allocations, s.reuses), (2, 7));
@@ -500,9 +664,9 @@ mod tests {
         let a = alloc(&mut book, &mut next, 3 * mb);
         let b = alloc(&mut book, &mut next, 2 * mb);
         let c = alloc(&mut book, &mut next, 4 * mb);
-        book.give_back(b.0, b.1); // oldest in the cache
-        book.give_back(a.0, a.1);
-        book.give_back(c.0, c.1);
+        book.give_back(b.0, b.1, 0); // oldest in the cache
+        book.give_back(a.0, a.1, 0);
+        book.give_back(c.0, c.1, 0);
         // 9 MiB cached; a 5 MiB buffer must release 4 MiB or more: b (2) then a (3).
         let d = alloc(&mut book, &mut next, 5 * mb);
         assert_eq!(d.2, vec![b.1, a.1]);
@@ -527,19 +691,19 @@ mod tests {
         assert!(book.enter_phase("m-step").is_empty());
         let a = alloc(&mut book, &mut next, 8 * mb);
         let b = alloc(&mut book, &mut next, 4 * mb);
-        book.give_back(b.0, b.1);
+        book.give_back(b.0, b.1, 0);
         assert_eq!(book.peak_bytes(), 12 * mb);
         book.reset_peak();
         assert_eq!(book.peak_bytes(), 8 * mb);
         // Entering the E-step gives the M-step's cache back (b), not what is still out (a).
         assert_eq!(book.enter_phase("e-step"), vec![b.1]);
         let c = alloc(&mut book, &mut next, 2 * mb);
-        book.give_back(c.0, c.1);
-        book.give_back(a.0, a.1);
+        book.give_back(c.0, c.1, 0);
+        book.give_back(a.0, a.1, 0);
         assert_eq!(book.peak_bytes(), 10 * mb);
         book.enter_phase("m-step");
         let d = alloc(&mut book, &mut next, 16 * mb);
-        book.give_back(d.0, d.1);
+        book.give_back(d.0, d.1, 0);
         let p = book.phases();
         assert_eq!(p.len(), 2);
         assert_eq!((p[0].name, p[0].peak_bytes_in_use), ("m-step", 16 * mb));
@@ -547,6 +711,48 @@ mod tests {
         assert_eq!((p[1].name, p[1].peak_bytes_in_use), ("e-step", 10 * mb));
         assert_eq!(p[1].peak_bytes_held, 10 * mb);
         assert_eq!(book.stats().releases, 3);
+    }
+
+    #[test]
+    fn a_capture_takes_only_cached_buffers_and_keeps_its_arena() {
+        let mb = 1 << 20;
+        let mut book = PoolBook::new(Some(64 * mb));
+        let mut next = 0;
+        // The eager warm-up: two classes cached.
+        let a = alloc(&mut book, &mut next, 3 * mb);
+        let b = alloc(&mut book, &mut next, mb);
+        let kept = alloc(&mut book, &mut next, 2 * mb); // lent before, dropped inside the capture
+        book.give_back(a.0, a.1, 0);
+        book.give_back(b.0, b.1, 0);
+        let id = book.begin_capture().expect("none in progress");
+        assert!(book.begin_capture().is_none(), "one capture at a time");
+        assert_eq!(book.capturing(), id);
+        // Hits come from the cache; a class never seen is a miss (the pool refuses it) and
+        // nothing is released to make room or drained.
+        let x = book.take(a.0).expect("cached");
+        assert_eq!(x, a.1);
+        assert!(book.take(size_class(7 * mb)).is_none());
+        assert!(book.make_room(60 * mb).is_empty() && book.drain().is_empty());
+        // What comes back goes to the arena and serves the capture's next request of its class.
+        book.give_back(a.0, x, id);
+        assert_eq!(book.take(a.0), Some(a.1));
+        book.give_back(a.0, a.1, id);
+        book.give_back(kept.0, kept.1, 0);
+        let end = book.end_capture();
+        assert_eq!(end.escaped, 0);
+        let mut arena: Vec<u32> = end.arena.iter().map(|&(_, m)| m).collect();
+        arena.sort();
+        assert_eq!(arena, vec![a.1, kept.1]);
+        // The arena is the graph's (in use); b stays cached for eager work, a is not served.
+        let s = book.stats();
+        assert_eq!((s.bytes_in_use, s.bytes_cached), (a.0 + kept.0, b.0));
+        assert!(book.take(a.0).is_none());
+        // A buffer lent during a capture and still out at its end is counted.
+        let id = book.begin_capture().unwrap();
+        let y = book.take(b.0).unwrap();
+        assert_eq!(book.end_capture().escaped, 1);
+        book.give_back(b.0, y, id);
+        assert_eq!(book.capturing(), 0);
     }
 
     #[test]

@@ -16,7 +16,8 @@ use crate::nn::mlp::MlpSaved;
 use crate::nn::unet::UNetSaved;
 use crate::nn::{Mode, ParamLayout, TimeMlp, UNet, Weights};
 use crate::ops::broadcast::{scale_rows_add_into, scale_rows_into};
-use crate::tensor::{AsView, DType, Tensor, View, ViewMut};
+use crate::real::Real;
+use crate::tensor::{AsView, AsViewMut, DType, Data, DataMut, Tensor, View, ViewMut};
 
 /// A denoiser network F: the manifold's TimeMLP or an image U-Net.
 #[derive(Clone, Debug)]
@@ -229,6 +230,65 @@ fn preconditioning(sigmas: &[f64], dtype: DType, device: &Device) -> Result<[Ten
     Ok([col(|c| c.0)?, col(|c| c.1)?, col(|c| c.2)?, col(|c| c.3)?])
 }
 
+/// [c_skip, c_out, c_in, c_noise] as [N] tensors from noise levels `sigma` ([N]) on their
+/// device: the coefficients of [`edm_coefficients`] in f64 from each level as stored, rounded
+/// once (kernels/embedding.cu on a GPU, where it reads the levels in place).
+fn preconditioning_levels(sigma: &View) -> Result<[Tensor; 4]> {
+    crate::device::note_op();
+    let n = sigma.numel();
+    let (dtype, device) = (sigma.dtype(), sigma.device());
+    let make = || Tensor::uninit(&[n], dtype, &device);
+    let mut out = [make()?, make()?, make()?, make()?];
+    {
+        let [a, b, c, d] = &mut out;
+        let (mut av, mut bv, mut cv, mut dv) = (
+            a.as_view_mut()?,
+            b.as_view_mut()?,
+            c.as_view_mut()?,
+            d.as_view_mut()?,
+        );
+        match (
+            &sigma.data,
+            &mut av.data,
+            &mut bv.data,
+            &mut cv.data,
+            &mut dv.data,
+        ) {
+            (
+                Data::Cuda(s, dev),
+                DataMut::Cuda(a, _),
+                DataMut::Cuda(b, _),
+                DataMut::Cuda(c, _),
+                DataMut::Cuda(d, _),
+            ) => {
+                // SAFETY: every buffer holds n values (one per sample).
+                unsafe {
+                    dev.kernels()
+                        .emb_precond_f32(grid_stride(dev, n), Some(s), 0.0, a, b, c, d, n as i64)
+                }?;
+            }
+            (Data::Cuda(..), ..) => return Err(crate::ops::mismatch("preconditioning", &[sigma], &[])),
+            _ => host_real!(sigma, T => {
+                let coef: Vec<[f64; 4]> = sigma
+                    .cpu::<T>()?
+                    .iter()
+                    .map(|s| {
+                        let (a, b, c, d) = edm_coefficients(s.to_f64());
+                        [a, b, c, d]
+                    })
+                    .collect();
+                for (k, o) in [&mut av, &mut bv, &mut cv, &mut dv].into_iter().enumerate() {
+                    for (v, c) in o.cpu_mut::<T>()?.iter_mut().zip(&coef) {
+                        *v = T::from_f64(c[k]);
+                    }
+                }
+                Ok::<(), Error>(())
+            })?,
+        }
+    }
+    Ok(out)
+}
+
 impl Denoiser {
     /// Wraps `net` in EDM preconditioning with σ_data = 1 (method.md §2.2).
     pub fn new(net: Network) -> Self {
@@ -267,8 +327,41 @@ impl Denoiser {
             expected.extend(self.net.sample_shape());
             return Err(Error::shape("denoise", "x_t", expected, x_t.shape()));
         }
+        let coefficients = preconditioning(sigmas, x_t.dtype(), &x_t.device())?;
+        self.denoise_with(params, x_t, coefficients, mode)
+    }
+
+    /// [`Denoiser::denoise`] with the noise levels on the device (`sigma`, [N], x_t's dtype,
+    /// positive: a training step draws them from the schedule there), so nothing is uploaded.
+    pub fn denoise_levels(
+        &self,
+        params: &Weights,
+        x_t: &View,
+        sigma: &View,
+        mode: Mode,
+    ) -> Result<(Tensor, DenoiserSaved)> {
+        let n = x_t.shape().first().copied().unwrap_or(0);
+        if sigma.shape() != [n] || n == 0 {
+            return Err(Error::shape("denoise", "sigma", vec![n], sigma.shape()));
+        }
+        if !self.accepts(x_t.shape()) {
+            let mut expected = vec![n];
+            expected.extend(self.net.sample_shape());
+            return Err(Error::shape("denoise", "x_t", expected, x_t.shape()));
+        }
+        let coefficients = preconditioning_levels(sigma)?;
+        self.denoise_with(params, x_t, coefficients, mode)
+    }
+
+    /// The network between the preconditioning `coefficients` ([c_skip, c_out, c_in, c_noise]).
+    fn denoise_with(
+        &self,
+        params: &Weights,
+        x_t: &View,
+        [c_skip, c_out, c_in, c_noise]: [Tensor; 4],
+        mode: Mode,
+    ) -> Result<(Tensor, DenoiserSaved)> {
         let (dtype, device) = (x_t.dtype(), x_t.device());
-        let [c_skip, c_out, c_in, c_noise] = preconditioning(sigmas, dtype, &device)?;
         let emb = sinusoidal_embedding(&c_noise.as_view()?, self.net.emb_width())?;
         let mut x_in = Tensor::uninit(x_t.shape(), dtype, &device)?;
         scale_rows_into(x_t, &c_in, &mut x_in)?;

@@ -94,6 +94,7 @@ pub fn sampler_step(x: &mut Tensor, d: &Tensor, a: f64, c: f64, rng: Philox, off
         (DataMut::F32(xs), Data::F32(ds)) => host(xs, ds, a, c, rng, offset),
         (DataMut::F64(xs), Data::F64(ds)) => host(xs, ds, a, c, rng, offset),
         (DataMut::Cuda(xs, dev), Data::Cuda(ds, _)) => {
+            rng.fixed("sampler_step")?;
             let (n64, af, cf) = (n as i64, a as f32, c as f32);
             // SAFETY: x and d hold n values (shapes checked above).
             unsafe {

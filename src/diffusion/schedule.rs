@@ -73,3 +73,66 @@ pub fn beta33(rng: Philox, offset: u64, n: usize) -> Vec<f64> {
         })
         .collect()
 }
+
+/// The noise levels of `out.numel()` training rows whose first is row `first_row` of `rng`'s
+/// stream: sigma = `schedule.sigma(t)`, t ~ Beta(3, 3) as [`beta33`] draws it, written to `out`
+/// ([n], f32 or f64) on its device. With `rng` moving with a step clock
+/// ([`Philox::moving`], one batch of rows per step) a GPU draws the step's rows where the kernel
+/// runs (kernels/rng.cu), so a training step takes no noise level from the host.
+pub fn train_sigmas_into(
+    rng: Philox,
+    first_row: u64,
+    schedule: &VeSchedule,
+    out: &mut crate::tensor::ViewMut,
+) -> crate::error::Result<()> {
+    use crate::real::Real;
+    use crate::tensor::DataMut;
+    crate::device::note_op();
+    let n = out.numel();
+    if out.shape().len() != 1 {
+        return Err(crate::error::Error::shape(
+            "train_sigmas",
+            "out",
+            "[n]",
+            out.shape(),
+        ));
+    }
+    let (ln_min, ln_max) = (schedule.sigma_min.ln(), schedule.sigma_max.ln());
+    match &mut out.data {
+        DataMut::Cuda(o, dev) => {
+            if n == 0 {
+                return Ok(());
+            }
+            let (clock, sps, ops) = rng.clock_args();
+            // SAFETY: out holds n values, one thread per row; a clock address is a live clock's.
+            unsafe {
+                dev.kernels().rng_train_sigmas_f32(
+                    crate::device::launch::grid_stride(dev, n),
+                    o,
+                    n as i64,
+                    rng.seed,
+                    rng.stream,
+                    first_row,
+                    clock,
+                    sps,
+                    ops,
+                    ln_min,
+                    ln_max,
+                )
+            }
+        }
+        _ => {
+            let (fixed, first) = rng.at_step(first_row);
+            let sigmas: Vec<f64> = beta33(fixed, first, n)
+                .into_iter()
+                .map(|t| schedule.sigma(t))
+                .collect();
+            host_real!(out, T => {
+                for (o, &s) in out.cpu_mut::<T>()?.iter_mut().zip(&sigmas) {
+                    *o = T::from_f64(s);
+                }
+                Ok(())
+            })
+        }
+    }
+}

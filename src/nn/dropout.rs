@@ -34,12 +34,25 @@ pub fn dropout(x: &View, mask: &DropoutMask) -> Result<Tensor> {
             (Data::Cuda(xv, dev), DataMut::Cuda(o, _)) => {
                 let (n64, p, seed, stream, off) =
                     (n as i64, mask.p, mask.rng.seed, mask.rng.stream, mask.offset);
+                let (clock, sps, ops) = mask.rng.clock_args();
                 // 1 / (1 - p) rounded once from f64, as the CPU body below.
                 let scale = (1.0 / (1.0 - mask.p as f64)) as f32;
-                // SAFETY: x and y hold n values (same shape).
+                // SAFETY: x and y hold n values (same shape); a clock address is a live clock's.
                 unsafe {
-                    dev.kernels()
-                        .dropout_f32(grid_stride(dev, n), xv, o, n64, p, scale, seed, stream, off)
+                    dev.kernels().dropout_f32(
+                        grid_stride(dev, n),
+                        xv,
+                        o,
+                        n64,
+                        p,
+                        scale,
+                        seed,
+                        stream,
+                        off,
+                        clock,
+                        sps,
+                        ops,
+                    )
                 }?;
             }
             (Data::Cuda(..), _) => return Err(mismatch("dropout", &[x], &[])),
@@ -100,16 +113,21 @@ pub fn silu_dropout_to(c1: &Operand, mask: Option<&DropoutMask>, dtype: DType) -
     let mut out = Tensor::uninit(xb.shape(), dtype, &crate::Device::Cuda(dev.clone()))?;
     let (xv, cfg, k) = (xb.cuda()?, grid_stride(&dev, n), dev.kernels());
     let (n, seed, stream) = (n as i64, rng.seed, rng.stream);
-    // SAFETY: x and out hold n values.
+    let (clock, sps, ops) = rng.clock_args();
+    // SAFETY: x and out hold n values; a clock address is a live clock's.
     unsafe {
         match dtype {
             DType::BF16 => {
                 let mut o = out.cuda_bf16_mut()?;
-                k.silu_dropout_bf16x_bf16y(cfg, &xv, &mut o, n, p, scale, seed, stream, offset)
+                k.silu_dropout_bf16x_bf16y(
+                    cfg, &xv, &mut o, n, p, scale, seed, stream, offset, clock, sps, ops,
+                )
             }
             _ => {
                 let mut o = out.cuda_f32_mut()?;
-                k.silu_dropout_bf16x(cfg, &xv, &mut o, n, p, scale, seed, stream, offset)
+                k.silu_dropout_bf16x(
+                    cfg, &xv, &mut o, n, p, scale, seed, stream, offset, clock, sps, ops,
+                )
             }
         }
     }?;
@@ -163,7 +181,8 @@ pub fn silu_dropout_backward(c1: &Operand, mut g: Tensor, mask: Option<&DropoutM
     crate::device::note_op();
     let n = xb.numel();
     let (xv, mut gv) = (xb.cuda()?, g.cuda_f32_mut()?);
-    // SAFETY: x and g hold n values (checked above).
+    let (clock, sps, ops) = rng.clock_args();
+    // SAFETY: x and g hold n values (checked above); a clock address is a live clock's.
     unsafe {
         dev.kernels().silu_dropout_backward_bf16x(
             grid_stride(&dev, n),
@@ -175,6 +194,9 @@ pub fn silu_dropout_backward(c1: &Operand, mut g: Tensor, mask: Option<&DropoutM
             rng.seed,
             rng.stream,
             offset,
+            clock,
+            sps,
+            ops,
         )
     }?;
     Ok(g)

@@ -6,7 +6,7 @@ use cudarc::driver::{CudaView, CudaViewMut, LaunchConfig};
 use super::{alloc_like, expect_shape, mismatch, one_device};
 use crate::device::launch::grid_stride;
 use crate::device::{CudaDevice, Kernels};
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::ops::parallel::for_chunks;
 use crate::real::Real;
 use crate::tensor::{AsView, AsViewMut, Data, DataMut, Tensor};
@@ -250,6 +250,25 @@ pub fn fill(out: &mut impl AsViewMut, value: f32) -> Result<()> {
         DataMut::F64(o) => o.fill(value as f64),
         // SAFETY: the view holds n elements.
         DataMut::Cuda(o, dev) => unsafe { dev.kernels().ew_fill_f32(config(dev, n), o, n as i64, value) }?,
+    }
+    Ok(())
+}
+
+/// out = x, a copy on their device (f32 or f64; same shape).
+pub fn copy_into(x: &impl AsView, out: &mut impl AsViewMut) -> Result<()> {
+    let x = x.as_view()?;
+    let mut out = out.as_view_mut()?;
+    if x.shape() != out.shape() {
+        return Err(Error::shape("copy", "out", x.shape(), out.shape()));
+    }
+    match (&x.data, &mut out.data) {
+        (Data::F32(s), DataMut::F32(d)) => d.copy_from_slice(s),
+        (Data::F64(s), DataMut::F64(d)) => d.copy_from_slice(s),
+        (Data::Cuda(s, dev), DataMut::Cuda(d, _)) => dev
+            .stream()
+            .memcpy_dtod(s, d)
+            .map_err(|e| Error::cuda("copying on the GPU", e))?,
+        _ => return Err(super::mismatch("copy", &[&x], &[&out])),
     }
     Ok(())
 }

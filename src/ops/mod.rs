@@ -16,8 +16,8 @@ pub mod rng;
 pub mod simd;
 
 pub use elementwise::{
-    add, add_into, axpy, div_guarded, div_guarded_into, fill, mul, mul_into, scale, scale_into, silu,
-    silu_backward, silu_backward_into, silu_into,
+    add, add_into, axpy, copy_into, div_guarded, div_guarded_into, fill, mul, mul_into, scale, scale_into,
+    silu, silu_backward, silu_backward_into, silu_into,
 };
 pub use gemm::{gemm_bf16_into, gemm_bias_into, gemm_into, matmul, GemmSpec};
 pub use precision::{to_bf16, to_f32, Precision, PrecisionRequest};

@@ -9,7 +9,7 @@
 //! CUDA: kernels/rng.cu and common.cuh.
 
 use crate::device::launch::grid_stride;
-use crate::device::Device;
+use crate::device::{ClockLink, Device};
 use crate::error::Result;
 use crate::real::Real;
 use crate::tensor::{AsView, AsViewMut, DType, Data, DataMut, Tensor};
@@ -87,15 +87,61 @@ pub struct Philox {
     pub seed: u64,
     /// The stream index (the high half of the counter): independent sequences under one seed.
     pub stream: u64,
+    /// A step clock the stream and the element offsets move with (None: fixed; see
+    /// [`Philox::moving`]).
+    pub clock: Option<ClockLink>,
 }
 
 impl Philox {
     /// The stream `stream` of generator `seed`.
     pub fn new(seed: u64, stream: u64) -> Self {
-        Philox { seed, stream }
+        Philox {
+            seed,
+            stream,
+            clock: None,
+        }
     }
 
-    /// The four 32-bit words of counter block `block`.
+    /// This stream moving with a step clock: at the clock's step s it is stream
+    /// `stream + s * link.stream_per_step`, and element offsets given to it are moved by
+    /// `s * link.offset_per_step`. The kernels read s on the device when they run, so a captured
+    /// step replays with the next step's numbers; the CPU bodies use the step the link was made
+    /// at. The same numbers either way as the fixed stream at that step.
+    pub fn moving(self, link: ClockLink) -> Self {
+        Philox {
+            clock: Some(link),
+            ..self
+        }
+    }
+
+    /// The fixed stream and offset this one draws at its clock's step (itself when fixed).
+    pub fn at_step(&self, offset: u64) -> (Philox, u64) {
+        match self.clock {
+            None => (*self, offset),
+            Some(l) => (
+                Philox::new(self.seed, self.stream + l.step * l.stream_per_step),
+                offset + l.step * l.offset_per_step,
+            ),
+        }
+    }
+
+    /// The kernels' clock arguments (address, stream per step, offset per step; zeros: fixed).
+    pub(crate) fn clock_args(&self) -> (u64, u64, u64) {
+        ClockLink::kernel_args(self.clock.as_ref())
+    }
+
+    /// An error for a kernel that has no clock arguments when this stream moves with one.
+    pub(crate) fn fixed(&self, op: &str) -> Result<()> {
+        match self.clock {
+            None => Ok(()),
+            Some(_) => Err(crate::error::Error::Other(format!(
+                "{op}: its kernel draws from fixed streams only, not one moving with a step clock"
+            ))),
+        }
+    }
+
+    /// The four 32-bit words of counter block `block` (of the stream as fixed: a clock link is
+    /// applied by the fill methods).
     pub fn block(&self, block: u64) -> [u32; 4] {
         philox4x32_10(
             [
@@ -111,12 +157,13 @@ impl Philox {
     /// Fills `out` with elements `offset .. offset + out.len()` of the stream, each computed from
     /// its counter block by `lanes`.
     fn fill_with(&self, offset: u64, out: &mut [f32], lanes: impl Fn([u32; 4]) -> [f32; 4]) {
+        let (rng, offset) = self.at_step(offset);
         let n = out.len() as u64;
         if n == 0 {
             return;
         }
         for blk in offset / 4..=(offset + n - 1) / 4 {
-            let v = lanes(self.block(blk));
+            let v = lanes(rng.block(blk));
             for (lane, &value) in v.iter().enumerate() {
                 let e = blk * 4 + lane as u64;
                 if e >= offset && e < offset + n {
@@ -179,12 +226,15 @@ impl Philox {
                 }
                 let blocks = (offset + n as u64 - 1) / 4 - offset / 4 + 1;
                 let (k, cfg, n64) = (dev.kernels(), grid_stride(dev, blocks as usize), n as i64);
-                // SAFETY: the view holds n values; one thread per Philox block of 4.
+                let (clock, sps, ops) = self.clock_args();
+                // SAFETY: the view holds n values; the grid-stride loop covers every Philox block
+                // of 4 the (possibly clock-moved) range touches; the clock address, when given,
+                // is a live StepClock's (links are made per step).
                 unsafe {
                     if normal {
-                        k.rng_normal_f32(cfg, o, n64, self.seed, self.stream, offset)
+                        k.rng_normal_f32(cfg, o, n64, self.seed, self.stream, offset, clock, sps, ops)
                     } else {
-                        k.rng_uniform_f32(cfg, o, n64, self.seed, self.stream, offset)
+                        k.rng_uniform_f32(cfg, o, n64, self.seed, self.stream, offset, clock, sps, ops)
                     }
                 }?;
             }
@@ -212,6 +262,7 @@ pub fn normal(shape: &[usize], rng: Philox, offset: u64, device: &Device) -> Res
 /// of `rng`. On a GPU the pool stays on the device for a whole M-step and the indices are drawn
 /// in the kernel (kernels/rng.cu), so a step uploads nothing.
 pub fn gather_rows_uniform(pool: &impl AsView, batch: usize, rng: Philox, offset: u64) -> Result<Tensor> {
+    rng.fixed("gather_rows_uniform")?;
     let pool = pool.as_view()?;
     let rows = pool.shape().first().copied().unwrap_or(0);
     if rows == 0 {
@@ -324,6 +375,7 @@ pub fn gather_rows_permuted(
     epoch: u64,
     start: usize,
 ) -> Result<Tensor> {
+    rng.fixed("gather_rows_permuted")?;
     let pool = pool.as_view()?;
     let rows = pool.shape().first().copied().unwrap_or(0);
     if rows == 0 || rows > u32::MAX as usize || start + batch > rows {

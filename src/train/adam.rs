@@ -5,6 +5,7 @@
 use super::log::{finish_norm, StepLog, GATE};
 use crate::device::launch::{self, grid_stride};
 use crate::device::params;
+use crate::device::StepClock;
 use crate::error::{Error, Result};
 use crate::ops::precision::to_bf16;
 use crate::ops::reduce::square_partials;
@@ -178,7 +179,10 @@ pub struct Adam {
     /// The bf16 copy of the parameters the bf16 policy's layers read (`nn::Weights`), written
     /// by every update beside the parameters.
     bf16: Option<Tensor>,
-    step: u64,
+    /// The number of updates applied, on the device: the update's learning rate and bias
+    /// corrections are computed there from it, and a training step's random streams move with
+    /// it ([`Adam::clock`]).
+    clock: StepClock,
 }
 
 impl Adam {
@@ -195,7 +199,7 @@ impl Adam {
                 None => None,
             },
             bf16: None,
-            step: 0,
+            clock: StepClock::new(0, &device)?,
         })
     }
 
@@ -223,7 +227,18 @@ impl Adam {
 
     /// The number of updates applied.
     pub fn steps(&self) -> u64 {
-        self.step
+        self.clock.step()
+    }
+
+    /// The clock, for a replayed step that advanced its device value (or an abandoned capture).
+    pub(crate) fn clock_mut(&mut self) -> &mut StepClock {
+        &mut self.clock
+    }
+
+    /// The step clock the updates advance: a training step's random streams move with it
+    /// ([`crate::ops::Philox::moving`]).
+    pub fn clock(&self) -> &StepClock {
+        &self.clock
     }
 
     /// The EMA copy of the parameters, if kept.
@@ -241,10 +256,11 @@ impl Adam {
     /// [`Adam::update_logged`], which reads nothing. A non-finite gradient norm is an error and
     /// leaves the parameters, the moments and the step count alone.
     pub fn update(&mut self, params: &mut Tensor, grads: &Tensor) -> Result<StepStats> {
-        let lr = self.config.lr.at(self.step);
+        let step = self.steps();
+        let lr = self.config.lr.at(step);
         // A fresh log: the record's loss is a finite zero, so only the gradient can flag it.
         let mut log = StepLog::new(params.dtype(), &params.device())?;
-        let slot = log.begin(self.step, lr)?;
+        let slot = log.begin(step, lr)?;
         self.update_logged(params, grads, &mut log, slot)?;
         match log.take() {
             Ok(records) => Ok(StepStats {
@@ -252,16 +268,20 @@ impl Adam {
                 lr,
             }),
             Err(e) => {
-                self.step -= 1;
+                // The skipped update still advanced the clock: put it back.
+                self.clock = StepClock::new(step, &params.device())?;
                 Err(Error::Other(format!("adam: {e}")))
             }
         }
     }
 
-    /// One update with no host synchronisation: the gradient norm is reduced on the device into
-    /// record `slot` of `log` (whose loss must already be written), the log's flag is raised when
-    /// that loss or the norm is not finite, and the update reads the clipping norm from the log,
-    /// skipping itself entirely once the flag is up.
+    /// One update with no host synchronisation: the gradient norm is reduced on the device and
+    /// filed with the step's loss (already written: [`StepLog::with_loss`]) as record `slot` of
+    /// `log`, the newest open one; the log's flag is raised when that loss or the norm is not
+    /// finite, and the update reads the clipping norm, its learning rate and bias corrections
+    /// from the log (computed there from the step clock, which then advances), skipping itself
+    /// entirely once the flag is up. Nothing in it varies from step to step on the host side,
+    /// so a captured step replays as the next one.
     pub fn update_logged(
         &mut self,
         params: &mut Tensor,
@@ -282,6 +302,12 @@ impl Adam {
             ));
         }
         log.check_slot(slot)?;
+        if slot + 1 != log.len() {
+            return Err(Error::Other(format!(
+                "adam: record {slot} is not the newest open one ({} open)",
+                log.len()
+            )));
+        }
         // The copy has the state's length (keep_bf16_copy), checked against params above.
         if let Some(b) = self
             .bf16
@@ -302,8 +328,9 @@ impl Adam {
         }
         // The EMA runs only when both the config asks for it and the copy exists.
         let ema_decay = c.ema.filter(|_| self.ema.is_some());
-        let t = self.step + 1;
-        let lr = c.lr.at(self.step);
+        let t = self.steps() + 1;
+        let lr = c.lr.at(self.steps());
+        let capacity = log.capacity();
         let (bias1, bias2) = (1.0 - c.beta1.powi(t as i32), 1.0 - c.beta2.powi(t as i32));
         let decay = ema_decay.unwrap_or(0.0);
         {
@@ -320,8 +347,14 @@ impl Adam {
             }
             // The clipping scale from the gate the norm's finish left in the log, in f64 from
             // the stored value as the CPU always computed it; None: the update is skipped.
-            fn host_scale<T: Real>(g: &[T], log: &mut [T], slot: usize, clip: Option<f64>) -> Option<f64> {
-                finish_norm(log, cpu::sum_sq(g), slot);
+            fn host_scale<T: Real>(
+                g: &[T],
+                log: &mut [T],
+                capacity: usize,
+                [lr, bias1, bias2]: [f64; 3],
+                clip: Option<f64>,
+            ) -> Option<f64> {
+                finish_norm(log, cpu::sum_sq(g), capacity, lr, bias1, bias2);
                 let gate = log[GATE].to_f64();
                 if !gate.is_finite() {
                     return None;
@@ -338,7 +371,7 @@ impl Adam {
                         None => None,
                     };
                     let b = self.bf16.as_mut().map(|b| b.cpu_bf16_mut()).transpose()?;
-                    if let Some(scale) = host_scale(g, l, slot, c.clip) {
+                    if let Some(scale) = host_scale(g, l, capacity, [lr, bias1, bias2], c.clip) {
                         cpu::step(
                             p, g, m, v, e, b, scale, lr, c.beta1, c.beta2, c.eps, bias1, bias2, decay,
                         )
@@ -349,7 +382,7 @@ impl Adam {
                         Some(e) => Some(e.cpu_mut::<f64>()?),
                         None => None,
                     };
-                    if let Some(scale) = host_scale(g, l, slot, c.clip) {
+                    if let Some(scale) = host_scale(g, l, capacity, [lr, bias1, bias2], c.clip) {
                         cpu::step(
                             p, g, m, v, e, None, scale, lr, c.beta1, c.beta2, c.eps, bias1, bias2, decay,
                         )
@@ -363,14 +396,11 @@ impl Adam {
                     DataMut::Cuda(l, _),
                 ) => {
                     let kp = params::AdamKernelParams {
-                        lr: lr as f32,
                         beta1: c.beta1 as f32,
                         beta2: c.beta2 as f32,
                         one_minus_beta1: (1.0 - c.beta1) as f32,
                         one_minus_beta2: (1.0 - c.beta2) as f32,
                         eps: c.eps as f32,
-                        bias1: bias1 as f32,
-                        bias2: bias2 as f32,
                         max_norm: c.clip.unwrap_or(0.0) as f32,
                         one_minus_decay: (1.0 - decay) as f32,
                         use_ema: ev.is_some() as i32,
@@ -385,14 +415,45 @@ impl Adam {
                     // SAFETY: the buffer holds `count` f64 partials, written above in stream order.
                     let pv = unsafe { partials.slice().transmute::<f64>(count) }
                         .expect("sized by square_partials");
+                    let schedule = match c.lr {
+                        LrSchedule::Constant(lr) => params::AdamSchedule {
+                            lr_init: lr,
+                            lr_end: lr,
+                            beta1: c.beta1,
+                            beta2: c.beta2,
+                            lr_steps: 0,
+                            linear: 0,
+                        },
+                        LrSchedule::Linear { init, end, steps } => params::AdamSchedule {
+                            lr_init: init,
+                            lr_end: end,
+                            beta1: c.beta1,
+                            beta2: c.beta2,
+                            lr_steps: steps,
+                            linear: 1,
+                        },
+                    };
+                    let mut clock = self
+                        .clock
+                        .cuda_mut()
+                        .ok_or_else(|| Error::Other("adam: the step clock is not on the GPU".into()))?;
                     let k = dev.kernels();
                     let one_block = launch::blocks((1, 1, 1), REDUCE_THREADS);
-                    // SAFETY: one block finishes the norm into record `slot` of the log (checked
-                    // open above); then p, g, m, v (and the EMA copy) share the flat layout of n
-                    // values (checked above) and the gate is one value of the log.
+                    // SAFETY: one block finishes the norm into the log's next record (the kernel
+                    // checks it against the capacity) and advances the clock (one u64); then p,
+                    // g, m, v (and the EMA copy) share the flat layout of n values (checked
+                    // above) and the header is the log's first values.
                     unsafe {
-                        k.adam_norm_finish_f32(one_block, &pv, count as i32, l, slot as i64)?;
-                        let gate = l.slice(GATE..GATE + 1);
+                        k.adam_norm_finish_f32(
+                            one_block,
+                            &pv,
+                            count as i32,
+                            l,
+                            capacity as i64,
+                            &mut clock,
+                            schedule,
+                        )?;
+                        let header = l.slice(0..super::log::HEADER);
                         k.adam_step_f32(
                             grid_stride(dev, n),
                             p,
@@ -401,7 +462,7 @@ impl Adam {
                             v,
                             ema,
                             bf16.as_mut(),
-                            &gate,
+                            &header,
                             n as i64,
                             kp,
                         )
@@ -410,7 +471,7 @@ impl Adam {
                 _ => return Err(mismatch("adam", &[&gv], &[])),
             }
         }
-        self.step = t;
+        self.clock.advanced();
         Ok(())
     }
 }

@@ -46,6 +46,7 @@ pub fn flip_shift(x: &View, shift: usize, rng: Philox) -> Result<Tensor> {
             "augment: a shift of {shift} does not fit {h}x{w} images"
         )));
     }
+    rng.fixed("augment")?;
     let mut y = Tensor::uninit(x.shape(), x.dtype(), &x.device())?;
     {
         let mut yv = y.as_view_mut()?;

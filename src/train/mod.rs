@@ -16,9 +16,10 @@ pub use log::{StepLog, TrainStep};
 use std::ops::Range;
 
 use crate::device::Device;
-use crate::diffusion::loss::{dsm_loss_into, dsm_loss_part_into};
+use crate::diffusion::loss::dsm_loss_levels_into;
+use crate::diffusion::schedule::train_sigmas_into;
 use crate::diffusion::Network;
-use crate::diffusion::{beta33, Denoiser, VeSchedule};
+use crate::diffusion::{Denoiser, VeSchedule};
 use crate::dist::{ordered_sum, share_rows, Communicator, SingleProcess};
 use crate::error::{Error, Result};
 use crate::nn::{Mode, Weights};
@@ -50,6 +51,37 @@ pub struct Trainer {
     pub cpu_part_rows: Option<usize>,
     grads: Tensor,
     log: StepLog,
+    graphs: StepGraphs,
+}
+
+/// CUDA graphs for [`Trainer::step`] on a GPU: off until [`Trainer::set_cuda_graphs`].
+#[derive(Default)]
+struct StepGraphs {
+    wanted: bool,
+    /// The input of the step that last ran eagerly from it (the warm-up the capture needs: the
+    /// pool then holds every buffer the step takes beside its input).
+    warmed: Option<Tensor>,
+    current: Option<StepGraph>,
+    /// Why graphs were given up for this run, said once.
+    given_up: Option<String>,
+}
+
+/// `EMPRIOR_CUDA_GRAPHS=1`: every trainer replays its steps from CUDA graphs on a GPU
+/// ([`Trainer::set_cuda_graphs`]). Off by default until the device check has compared replays
+/// with eager steps on a GPU (scripts/device-check.sh).
+pub fn cuda_graphs_from_env() -> bool {
+    matches!(
+        std::env::var("EMPRIOR_CUDA_GRAPHS").as_deref().map(str::trim),
+        Ok("1") | Ok("true") | Ok("yes") | Ok("on")
+    )
+}
+
+/// One captured training step: it reads its batch from `input` and writes the log's buffer of
+/// `log_capacity` records.
+struct StepGraph {
+    graph: crate::device::CapturedGraph,
+    input: Tensor,
+    log_capacity: usize,
 }
 
 /// Parts per core in one wave of a CPU training step: a wave's gradients (one per part, the
@@ -120,7 +152,29 @@ impl Trainer {
             seed,
             grads,
             log,
+            graphs: StepGraphs {
+                wanted: cuda_graphs_from_env(),
+                ..StepGraphs::default()
+            },
         })
+    }
+
+    /// Runs each [`Trainer::step`] on a GPU as a CUDA graph (one launch instead of one per
+    /// kernel): the first step of a batch shape runs eagerly, the second is captured, and later
+    /// ones replay it with their batch copied into its input. Same arithmetic, same bits as
+    /// eager steps (kernels read the step from the device clock). Ignored on the CPU, in parts
+    /// and across ranks; a capture that fails says why on stderr once and the run goes on
+    /// eagerly.
+    pub fn set_cuda_graphs(&mut self, on: bool) {
+        self.graphs.wanted = on;
+        if !on {
+            self.graphs.current = None;
+        }
+    }
+
+    /// Whether the steps are replaying a captured graph now.
+    pub fn replaying_cuda_graph(&self) -> bool {
+        self.graphs.current.is_some()
     }
 
     /// One Adam step on the batch `x` (its first axis is the batch). Reads nothing back from
@@ -128,6 +182,68 @@ impl Trainer {
     pub fn step(&mut self, x: &View) -> Result<()> {
         let b = x.shape().first().copied().unwrap_or(0);
         self.step_shard(x, b, 0, &SingleProcess)
+    }
+
+    /// [`Trainer::step`] through a captured graph (see [`Trainer::set_cuda_graphs`]).
+    fn step_graphed(&mut self, dev: &std::sync::Arc<crate::device::CudaDevice>, x: &View) -> Result<()> {
+        let b = x.shape()[0];
+        // The log's buffer is part of the graph: grow it (and capture again) before it is full.
+        self.log.reserve_one()?;
+        let capacity = self.log.capacity();
+        if let Some(g) = self.graphs.current.as_mut().filter(|g| {
+            g.input.shape() == x.shape() && g.input.dtype() == x.dtype() && g.log_capacity == capacity
+        }) {
+            crate::ops::copy_into(x, &mut g.input)?;
+            let step = self.adam.steps();
+            self.log.begin(step, self.adam.config.lr.at(step))?;
+            g.graph.replay()?;
+            // The replay's Adam update advanced the device's clock; the host follows.
+            self.adam.clock_mut().advanced();
+            return Ok(());
+        }
+        self.graphs.current = None;
+        let input = match self.graphs.warmed.take() {
+            Some(mut input) if input.shape() == x.shape() && input.dtype() == x.dtype() => {
+                crate::ops::copy_into(x, &mut input)?;
+                input
+            }
+            _ => {
+                // Eagerly first, from the input the graph will read.
+                let mut input = Tensor::uninit(x.shape(), x.dtype(), &x.device())?;
+                crate::ops::copy_into(x, &mut input)?;
+                self.step_eager(&input.as_view()?, b, 0, &SingleProcess)?;
+                self.graphs.warmed = Some(input);
+                return Ok(());
+            }
+        };
+        let (step, open) = (self.adam.steps(), self.log.len());
+        let captured = {
+            let input = input.as_view()?;
+            dev.capture(|| self.step_eager(&input, b, 0, &SingleProcess))
+        };
+        match captured {
+            Ok(graph) => {
+                graph.replay()?;
+                self.graphs.current = Some(StepGraph {
+                    graph,
+                    input,
+                    log_capacity: self.log.capacity(),
+                });
+                Ok(())
+            }
+            Err(e) => {
+                // Nothing of the step ran on the device: undo its host side, run it eagerly,
+                // and stay eager.
+                if self.log.len() > open {
+                    self.log.forget_last();
+                }
+                self.adam.clock_mut().rewind_mirror(step);
+                let why = format!("CUDA graphs off for this training run: {e}");
+                eprintln!("warning: {why}");
+                self.graphs.given_up = Some(why);
+                self.step_eager(x, b, 0, &SingleProcess)
+            }
+        }
     }
 
     /// The rows of a step's batch of `batch` rows that this rank of `comm` computes
@@ -153,6 +269,19 @@ impl Trainer {
         first: usize,
         comm: &dyn Communicator,
     ) -> Result<()> {
+        let whole = first == 0 && x.shape().first() == Some(&batch) && comm.world_size() == 1;
+        match x.device() {
+            Device::Cuda(dev)
+                if whole && batch > 0 && self.graphs.wanted && self.graphs.given_up.is_none() =>
+            {
+                self.step_graphed(&dev, x)
+            }
+            _ => self.step_eager(x, batch, first, comm),
+        }
+    }
+
+    /// [`Trainer::step_shard`] queued kernel by kernel.
+    fn step_eager(&mut self, x: &View, batch: usize, first: usize, comm: &dyn Communicator) -> Result<()> {
         let step = self.adam.steps();
         let n = x.shape().first().copied().unwrap_or(0);
         if n == 0 || first + n > batch {
@@ -162,18 +291,17 @@ impl Trainer {
             )));
         }
         let row = numel(x.shape()) / n;
-        let sigmas: Vec<f64> = beta33(
-            Philox::new(self.seed, STREAM_TIMES),
-            step * batch as u64 + first as u64,
-            n,
-        )
-        .into_iter()
-        .map(|t| self.schedule.sigma(t))
-        .collect();
+        // The step's random streams move with Adam's step clock, so nothing here depends on
+        // the step on the host: training times and noise advance a batch per step, dropout a
+        // stream per step (the same numbers as fixed streams at `step`).
+        let clock = self.adam.clock();
+        let times = Philox::new(self.seed, STREAM_TIMES).moving(clock.link(0, batch as u64));
+        let noise = Philox::new(self.seed, STREAM_NOISE).moving(clock.link(0, (batch * row) as u64));
+        let rng = Philox::new(self.seed, STREAM_DROPOUT).moving(clock.link(1, 0));
+        let mut sigma = Tensor::uninit(&[n], x.dtype(), &x.device())?;
+        train_sigmas_into(times, first as u64, &self.schedule, &mut sigma.as_view_mut()?)?;
         let mut z = Tensor::uninit(x.shape(), x.dtype(), &x.device())?;
-        Philox::new(self.seed, STREAM_NOISE)
-            .normal_into(&mut z, (step * batch as u64 + first as u64) * row as u64)?;
-        let rng = Philox::new(self.seed, STREAM_DROPOUT + step);
+        noise.normal_into(&mut z, (first * row) as u64)?;
         let slot = self.log.begin(step, self.adam.config.lr.at(step))?;
         let part_rows = self.part_rows(batch, &x.device());
         let alone = comm.world_size() == 1;
@@ -184,9 +312,10 @@ impl Trainer {
         let part = |r: Range<usize>| -> Result<(Tensor, Tensor)> {
             let mut shape = x.shape().to_vec();
             shape[0] = r.len();
-            let (xp, zp) = (
+            let (xp, zp, sp) = (
                 x.sub(r.start * row, &shape)?,
                 z.as_view()?.sub(r.start * row, &shape)?,
+                sigma.as_view()?.sub(r.start, &[r.len()])?,
             );
             let mut g = Tensor::zeros(params.shape(), params.dtype(), &params.device())?;
             let mut loss = Tensor::zeros(&[], params.dtype(), &params.device())?;
@@ -194,11 +323,11 @@ impl Trainer {
                 rng,
                 first_row: (first + r.start) as u64,
             };
-            dsm_loss_part_into(
+            dsm_loss_levels_into(
                 den,
                 &weights,
                 &xp,
-                &sigmas[r],
+                &sp,
                 &zp,
                 mode,
                 Some(&mut g.as_view_mut()?),
@@ -215,9 +344,10 @@ impl Trainer {
                 let mode = Mode::Train { rng, first_row: 0 };
                 return self
                     .log
-                    .with_loss(slot, |loss| {
+                    .with_loss(|loss| {
                         let mut g = grads.as_view_mut()?;
-                        dsm_loss_into(den, &weights, x, &sigmas, &z.as_view()?, mode, Some(&mut g), loss)
+                        let (sv, zv) = (sigma.as_view()?, z.as_view()?);
+                        dsm_loss_levels_into(den, &weights, x, &sv, &zv, mode, Some(&mut g), loss, n)
                     })
                     .and_then(|()| {
                         self.adam
@@ -255,7 +385,7 @@ impl Trainer {
         ordered_sum(comm, grads, &kept_grads)?;
         let mut total = Tensor::zeros(&[], self.params.dtype(), &self.params.device())?;
         ordered_sum(comm, &mut total, &losses)?;
-        self.log.with_loss(slot, |logged| {
+        self.log.with_loss(|logged| {
             fill(logged, 0.0)?;
             axpy(1.0, &total, logged)
         })?;

@@ -1,0 +1,114 @@
+//! CUDA graphs: a fixed-shape piece of work (a training step) recorded once from the stream and
+//! replayed with one launch, so the host queues one graph instead of hundreds of kernels. What a
+//! replay varies by must live on the device (the step clock, the training log's header); the
+//! capture refuses work that synchronises with or uploads from the host, and the pool is frozen
+//! while it records (device/pool.rs), so every address a replay touches stays the graph's.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use cudarc::driver::sys::{CUgraphInstantiate_flags, CUstreamCaptureMode};
+use cudarc::driver::{CudaGraph, CudaStream};
+
+use super::pool::GraphArena;
+use super::{Counts, CudaDevice};
+use crate::error::{Error, Result};
+
+/// Whether a capture is recording now (its launches run later, at replays, so
+/// `EMPRIOR_CHECK_LAUNCHES` waits for the replay instead of for each kernel).
+static CAPTURING: AtomicBool = AtomicBool::new(false);
+
+/// See [`CAPTURING`].
+pub(crate) fn capturing() -> bool {
+    CAPTURING.load(Ordering::Relaxed)
+}
+
+/// A captured graph and the pool buffers its replays use.
+pub struct CapturedGraph {
+    graph: CudaGraph,
+    stream: Arc<CudaStream>,
+    arena: GraphArena,
+    captured: Counts,
+}
+
+// SAFETY: the driver's graph handles may be used from any thread as long as no two threads use
+// one at once (CUDA's "graph objects are not internally synchronized"); a CapturedGraph is owned
+// by one value (not Sync), so moving it between threads never shares it, and each launch binds
+// the device's context to the calling thread first (cudarc's launch does).
+unsafe impl Send for CapturedGraph {}
+
+impl CapturedGraph {
+    /// Queues one replay on the device's stream (one launch, no synchronisation).
+    pub fn replay(&self) -> Result<()> {
+        self.graph
+            .launch()
+            .map_err(|e| Error::cuda("launching a captured CUDA graph", e))?;
+        super::note_launch();
+        if super::launch::check_each_launch() {
+            super::note_sync();
+            self.stream
+                .synchronize()
+                .map_err(|e| Error::cuda("a replay of a captured CUDA graph failed", e))?;
+        }
+        Ok(())
+    }
+
+    /// The kernel launches (and op calls) the capture recorded: what one replay stands for.
+    pub fn captured(&self) -> Counts {
+        self.captured
+    }
+
+    /// Device memory held for the replays (the capture's arena).
+    pub fn arena_bytes(&self) -> usize {
+        self.arena.bytes()
+    }
+}
+
+impl CudaDevice {
+    /// Records what `work` queues on the stream into a graph, without running it (launch
+    /// [`CapturedGraph::replay`] to run it, the first time included). Run the same work once
+    /// eagerly before, so the pool holds every buffer it needs: a buffer the pool does not have
+    /// cached, a host synchronisation or an upload inside `work` makes the capture fail (and
+    /// `work`'s kernels did not run). Host-side effects of `work` happen once, here. Nothing
+    /// else may queue work on the device (from another thread) while it records: the device
+    /// has one stream, and the capture would take that work in.
+    pub fn capture(&self, work: impl FnOnce() -> Result<()>) -> Result<CapturedGraph> {
+        self.pool.begin_capture()?;
+        if let Err(e) = self
+            .stream()
+            .begin_capture(CUstreamCaptureMode::CU_STREAM_CAPTURE_MODE_THREAD_LOCAL)
+        {
+            drop(self.pool.end_capture());
+            return Err(Error::cuda("starting a CUDA graph capture", e));
+        }
+        let before = Counts::now();
+        CAPTURING.store(true, Ordering::Relaxed);
+        let ran = work();
+        CAPTURING.store(false, Ordering::Relaxed);
+        let captured = Counts::since(before);
+        // End the capture whatever happened, so the stream takes eager work again.
+        let ended = self.stream().end_capture(CUgraphInstantiate_flags(0));
+        let arena = self.pool.end_capture();
+        ran?;
+        let graph = ended
+            .map_err(|e| Error::cuda("ending a CUDA graph capture", e))?
+            .ok_or_else(|| Error::Other("the CUDA graph capture recorded nothing".into()))?;
+        let arena = arena?;
+        if captured.syncs > 0 || captured.uploads > 0 {
+            return Err(Error::Other(format!(
+                "the captured work synchronised with the host {} time(s) and uploaded {} time(s): \
+                 a replay would reuse those values",
+                captured.syncs, captured.uploads
+            )));
+        }
+        graph
+            .upload()
+            .map_err(|e| Error::cuda("uploading a captured CUDA graph", e))?;
+        Ok(CapturedGraph {
+            graph,
+            stream: self.stream().clone(),
+            arena,
+            captured,
+        })
+    }
+}
