@@ -628,3 +628,41 @@ fn adam_keeps_the_bf16_copy_of_the_parameters_it_updates() {
     let g9 = Tensor::from_f32(&[0.1; 9], &[9], &CPU).unwrap();
     assert!(small.update(&mut wrong, &g9).is_err());
 }
+
+/// The training log past its first buffer: the records a step files at the device's count, its
+/// loss taken from the header, keep their order and values when the buffer grows between two
+/// reads, and the count starts again after a read.
+#[test]
+fn the_training_log_files_every_record_across_a_growth() {
+    use emprior::train::StepLog;
+    let cpu = Device::Cpu;
+    let mut p = Tensor::from_f32(&[0.5, -0.25, 1.0, 2.0], &[4], &cpu).unwrap();
+    let g = Tensor::from_f32(&[0.1, 0.2, -0.3, 0.4], &[4], &cpu).unwrap();
+    let config = AdamConfig::new(LrSchedule::Linear {
+        init: 1e-3,
+        end: 0.0,
+        steps: 1000,
+    });
+    let mut adam = Adam::new(config, &p).unwrap();
+    let mut log = StepLog::new(DType::F32, &cpu).unwrap();
+    let first = log.capacity();
+    for round in 0..2u64 {
+        let steps = if round == 0 { first + 5 } else { 3 };
+        for _ in 0..steps {
+            let step = adam.steps();
+            let slot = log.begin(step, config.lr.at(step)).unwrap();
+            log.with_loss(|l| emprior::ops::fill(l, step as f32)).unwrap();
+            adam.update_logged(&mut p, &g, &mut log, slot).unwrap();
+        }
+        let records = log.take().unwrap();
+        assert_eq!(records.len(), steps);
+        let base = if round == 0 { 0 } else { first as u64 + 5 };
+        for (i, r) in records.iter().enumerate() {
+            assert_eq!(r.step, base + i as u64);
+            assert_eq!(r.loss, (base + i as u64) as f32 as f64, "record {i} of round {round}");
+            assert!((r.grad_norm - 0.3f64.sqrt()).abs() < 1e-6);
+        }
+    }
+    assert!(log.capacity() > first, "the log grew");
+    assert_eq!(adam.steps(), first as u64 + 8);
+}

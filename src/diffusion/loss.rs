@@ -52,7 +52,7 @@ pub fn dsm_loss_into(
     dsm_loss_levels_into(den, params, x, &levels.as_view()?, z, mode, grads, loss, b)
 }
 
-/// The loss's per-sample weights for noise levels `sigma` ([n], on the device) in a batch of
+/// The loss's per-sample weights for noise levels `sigma` (`[n]`, on the device) in a batch of
 /// `bf` = rows x features: lambda / bf for the loss and 2 lambda / bf for its gradient,
 /// lambda = [`dsm_weight`], in f64 from each level as stored, rounded once (kernels/loss.cu).
 fn dsm_weights(sigma: &View, bf: f64) -> Result<(Tensor, Tensor)> {
@@ -89,7 +89,7 @@ fn dsm_weights(sigma: &View, bf: f64) -> Result<(Tensor, Tensor)> {
     Ok((w, w_grad))
 }
 
-/// [`dsm_loss_into`] with the noise levels `sigma` ([b], x's dtype) on the device, for a part
+/// [`dsm_loss_into`] with the noise levels `sigma` (`[b]`, x's dtype) on the device, for a part
 /// of a step's batch of `batch_rows` rows (x, sigma and z are the part's; `mode` says where the
 /// part starts): the loss and gradient are this part's terms of the whole batch's mean, so the
 /// parts' losses and gradients add up to the whole's. Uploads nothing and reads nothing back,

@@ -230,7 +230,7 @@ fn preconditioning(sigmas: &[f64], dtype: DType, device: &Device) -> Result<[Ten
     Ok([col(|c| c.0)?, col(|c| c.1)?, col(|c| c.2)?, col(|c| c.3)?])
 }
 
-/// [c_skip, c_out, c_in, c_noise] as [N] tensors from noise levels `sigma` ([N]) on their
+/// [c_skip, c_out, c_in, c_noise] as [N] tensors from noise levels `sigma` (`[N]`) on their
 /// device: the coefficients of [`edm_coefficients`] in f64 from each level as stored, rounded
 /// once (kernels/embedding.cu on a GPU, where it reads the levels in place).
 fn preconditioning_levels(sigma: &View) -> Result<[Tensor; 4]> {
@@ -331,7 +331,7 @@ impl Denoiser {
         self.denoise_with(params, x_t, coefficients, mode)
     }
 
-    /// [`Denoiser::denoise`] with the noise levels on the device (`sigma`, [N], x_t's dtype,
+    /// [`Denoiser::denoise`] with the noise levels on the device (`sigma`, `[N]`, x_t's dtype,
     /// positive: a training step draws them from the schedule there), so nothing is uploaded.
     pub fn denoise_levels(
         &self,

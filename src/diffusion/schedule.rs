@@ -76,7 +76,7 @@ pub fn beta33(rng: Philox, offset: u64, n: usize) -> Vec<f64> {
 
 /// The noise levels of `out.numel()` training rows whose first is row `first_row` of `rng`'s
 /// stream: sigma = `schedule.sigma(t)`, t ~ Beta(3, 3) as [`beta33`] draws it, written to `out`
-/// ([n], f32 or f64) on its device. With `rng` moving with a step clock
+/// (`[n]`, f32 or f64) on its device. With `rng` moving with a step clock
 /// ([`Philox::moving`], one batch of rows per step) a GPU draws the step's rows where the kernel
 /// runs (kernels/rng.cu), so a training step takes no noise level from the host.
 pub fn train_sigmas_into(

@@ -16,7 +16,7 @@
 use crate::device::Device;
 use crate::error::{Error, Result};
 use crate::real::Real;
-use crate::tensor::{AsView, AsViewMut, DType, Data, DataMut, Tensor, ViewMut};
+use crate::tensor::{AsView, AsViewMut, DType, Tensor, ViewMut};
 
 /// Values before the first record; must equal LOG_HEADER in kernels/adam.cu.
 pub const HEADER: usize = 8;
@@ -149,16 +149,7 @@ impl StepLog {
         {
             let src = self.buf.as_view()?.sub(0, &[used])?;
             let mut whole = bigger.as_view_mut()?;
-            let mut dst = whole.sub_mut(0, &[used])?;
-            match (&src.data, &mut dst.data) {
-                (Data::F32(s), DataMut::F32(d)) => d.copy_from_slice(s),
-                (Data::F64(s), DataMut::F64(d)) => d.copy_from_slice(s),
-                (Data::Cuda(s, dev), DataMut::Cuda(d, _)) => dev
-                    .stream()
-                    .memcpy_dtod(s, d)
-                    .map_err(|e| Error::cuda("growing the training log", e))?,
-                _ => return Err(Error::Other("training log: buffers on different devices".into())),
-            }
+            crate::ops::copy_into(&src, &mut whole.sub_mut(0, &[used])?)?;
         }
         self.buf = bigger;
         self.capacity = capacity;
