@@ -26,7 +26,9 @@
 #define LOG_BIAS2 7
 
 // The learning-rate schedule and the moments' decays, for the per-step scalars the norm's finish
-// computes from the step clock (src/train/adam.rs LrSchedule::at, in the same f64 operations).
+// computes from the step clock: lr as src/train/adam.rs LrSchedule::at computes it (the same f64
+// operations); 1 - beta^t by CUDA's pow where the host uses powi, which may differ in the last
+// f64 bit and so, rarely, in the last bit of the f32 value.
 struct AdamSchedule {
     double lr_init, lr_end;  // constant: lr_init (lr_end unused)
     double beta1, beta2;
@@ -65,7 +67,9 @@ extern "C" __global__ void adam_norm_finish_f32(const double* partials, int coun
     }
     log[LOG_GATE] = log[LOG_FLAG] != 0.0f ? __int_as_float(0x7fc00000) : norm;
     const u64 step = *clock;
-    const double lr = s.linear ? s.lr_init + (s.lr_end - s.lr_init) * fmin((double)(step + 1) / (double)(s.lr_steps + 1), 1.0)
+    // __dmul_rn / __dadd_rn: no contraction into an fma, so the same roundings as the host's.
+    const double lr = s.linear ? __dadd_rn(s.lr_init, __dmul_rn(s.lr_end - s.lr_init,
+                                                                fmin((double)(step + 1) / (double)(s.lr_steps + 1), 1.0)))
                                : s.lr_init;
     const double t = (double)(step + 1);
     log[LOG_LR] = (float)lr;

@@ -25,7 +25,7 @@ extern "C" __global__ void emb_precond_f32(NULLABLE const float* sigmas, double 
     const i64 step = (i64)gridDim.x * blockDim.x;
     for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < n; i += step) {
         const double s = sigmas ? (double)sigmas[i] : (double)sigma_all;
-        const double s2 = s * s;
+        const double s2 = __dmul_rn(s, s);  // not fused into s * s + 1: the host's rounding
         c_skip[i] = (float)(1.0 / (s2 + 1.0));
         c_out[i] = (float)(s / sqrt(s2 + 1.0));
         c_in[i] = (float)(1.0 / sqrt(s2 + 1.0));

@@ -659,7 +659,11 @@ fn the_training_log_files_every_record_across_a_growth() {
         let base = if round == 0 { 0 } else { first as u64 + 5 };
         for (i, r) in records.iter().enumerate() {
             assert_eq!(r.step, base + i as u64);
-            assert_eq!(r.loss, (base + i as u64) as f32 as f64, "record {i} of round {round}");
+            assert_eq!(
+                r.loss,
+                (base + i as u64) as f32 as f64,
+                "record {i} of round {round}"
+            );
             assert!((r.grad_norm - 0.3f64.sqrt()).abs() < 1e-6);
         }
     }

@@ -64,6 +64,19 @@ impl CapturedGraph {
     }
 }
 
+/// Ends a capture left open by a panic in the work being recorded.
+struct Recording<'a> {
+    dev: &'a CudaDevice,
+}
+
+impl Drop for Recording<'_> {
+    fn drop(&mut self) {
+        CAPTURING.store(false, Ordering::Relaxed);
+        drop(self.dev.stream().end_capture(CUgraphInstantiate_flags(0)));
+        drop(self.dev.pool.end_capture());
+    }
+}
+
 impl CudaDevice {
     /// Records what `work` queues on the stream into a graph, without running it (launch
     /// [`CapturedGraph::replay`] to run it, the first time included). Run the same work once
@@ -82,11 +95,14 @@ impl CudaDevice {
             return Err(Error::cuda("starting a CUDA graph capture", e));
         }
         let before = Counts::now();
+        // Should `work` panic, the guard still ends the capture and thaws the pool.
+        let guard = Recording { dev: self };
         CAPTURING.store(true, Ordering::Relaxed);
         let ran = work();
         CAPTURING.store(false, Ordering::Relaxed);
         let captured = Counts::since(before);
-        // End the capture whatever happened, so the stream takes eager work again.
+        std::mem::forget(guard); // ended below, on the normal path
+                                 // End the capture whatever happened, so the stream takes eager work again.
         let ended = self.stream().end_capture(CUgraphInstantiate_flags(0));
         let arena = self.pool.end_capture();
         ran?;

@@ -82,6 +82,19 @@ struct StepGraph {
     graph: crate::device::CapturedGraph,
     input: Tensor,
     log_capacity: usize,
+    /// What the capture baked in besides the input; a replay needs all of it unchanged.
+    key: GraphKey,
+}
+
+/// The trainer's values and buffers a captured step holds: its public fields may be replaced
+/// between steps, and then the graph is captured again instead of replaying stale ones.
+#[derive(PartialEq)]
+struct GraphKey {
+    seed: u64,
+    schedule: VeSchedule,
+    config: AdamConfig,
+    /// Device addresses: parameters, gradients, moments, EMA, bf16 copy, step clock.
+    buffers: Vec<u64>,
 }
 
 /// Parts per core in one wave of a CPU training step: a wave's gradients (one per part, the
@@ -167,9 +180,39 @@ impl Trainer {
     /// eagerly.
     pub fn set_cuda_graphs(&mut self, on: bool) {
         self.graphs.wanted = on;
-        if !on {
-            self.graphs.current = None;
+        self.graphs.current = None;
+        self.graphs.warmed = None;
+        if on {
+            self.graphs.given_up = None;
         }
+    }
+
+    /// What a captured step bakes in now (see [`GraphKey`]).
+    fn graph_key(&self, dev: &crate::device::CudaDevice) -> Result<GraphKey> {
+        use cudarc::driver::DevicePtr;
+        let address = |t: &Tensor| -> Result<u64> {
+            Ok(match t.dtype() {
+                DType::BF16 => t.cuda_bf16()?.device_ptr(dev.stream()).0,
+                _ => t.cuda_f32()?.device_ptr(dev.stream()).0,
+            })
+        };
+        let (m, v) = self.adam.moments();
+        let mut buffers = vec![
+            address(&self.params)?,
+            address(&self.grads)?,
+            address(m)?,
+            address(v)?,
+        ];
+        for t in [self.adam.ema(), self.adam.bf16_copy()].into_iter().flatten() {
+            buffers.push(address(t)?);
+        }
+        buffers.push(self.adam.clock().link(0, 0).address);
+        Ok(GraphKey {
+            seed: self.seed,
+            schedule: self.schedule,
+            config: self.adam.config,
+            buffers,
+        })
     }
 
     /// Whether the steps are replaying a captured graph now.
@@ -190,13 +233,20 @@ impl Trainer {
         // The log's buffer is part of the graph: grow it (and capture again) before it is full.
         self.log.reserve_one()?;
         let capacity = self.log.capacity();
+        let key = self.graph_key(dev)?;
         if let Some(g) = self.graphs.current.as_mut().filter(|g| {
-            g.input.shape() == x.shape() && g.input.dtype() == x.dtype() && g.log_capacity == capacity
+            g.input.shape() == x.shape()
+                && g.input.dtype() == x.dtype()
+                && g.log_capacity == capacity
+                && g.key == key
         }) {
             crate::ops::copy_into(x, &mut g.input)?;
             let step = self.adam.steps();
             self.log.begin(step, self.adam.config.lr.at(step))?;
-            g.graph.replay()?;
+            if let Err(e) = g.graph.replay() {
+                self.log.forget_last();
+                return Err(e);
+            }
             // The replay's Adam update advanced the device's clock; the host follows.
             self.adam.clock_mut().advanced();
             return Ok(());
@@ -223,11 +273,17 @@ impl Trainer {
         };
         match captured {
             Ok(graph) => {
-                graph.replay()?;
+                if let Err(e) = graph.replay() {
+                    // The capture's host side happened; its kernels did not run.
+                    self.log.forget_last();
+                    self.adam.clock_mut().rewind_mirror(step);
+                    return Err(e);
+                }
                 self.graphs.current = Some(StepGraph {
                     graph,
                     input,
                     log_capacity: self.log.capacity(),
+                    key,
                 });
                 Ok(())
             }
