@@ -1009,10 +1009,7 @@ pub fn model_report(name: &str, batch: Option<usize>, precision: Precision) -> R
     // Parameters, gradients, both Adam moments and the EMA copy; under bf16 also the bf16 copy
     // of the weights the layers read (the optimizer rewrites it each step; sampling casts the
     // weights it uses once).
-    let copy = match precision {
-        Precision::F32 => 0.0,
-        Precision::Bf16 => p_bytes / 2.0,
-    };
+    let copy = precision.weight_copy_bytes(p_bytes);
     let state = 5.0 * p_bytes + copy;
     let _ = writeln!(
         s,

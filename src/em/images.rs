@@ -282,10 +282,7 @@ fn check_memory(cfg: &Config, device: &Device, run: &Path) -> Result<()> {
     };
     let params = f32s(net.layout().len());
     // Under bf16 both phases hold a bf16 copy of the weights they run (nn::Weights).
-    let copy = match net.layout().precision() {
-        crate::ops::Precision::F32 => 0.0,
-        crate::ops::Precision::Bf16 => params / 2.0,
-    };
+    let copy = net.layout().precision().weight_copy_bytes(params);
     let train = unet.activation_memory(m_active, true);
     // On the CPU each part of a wave keeps its own gradient (train::CPU_PARTS_PER_CORE).
     let part_grads = if device.is_cuda() {

@@ -48,6 +48,15 @@ impl Precision {
             Precision::Bf16 => DType::BF16,
         }
     }
+
+    /// Bytes of the bf16 copy of `f32_bytes` of f32 weights a run keeps under this precision
+    /// (`nn::Weights`: none under f32, half the f32 bytes under bf16), for memory estimates.
+    pub fn weight_copy_bytes(self, f32_bytes: f64) -> f64 {
+        match self {
+            Precision::F32 => 0.0,
+            Precision::Bf16 => f32_bytes / 2.0,
+        }
+    }
 }
 
 impl std::str::FromStr for Precision {
