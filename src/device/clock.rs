@@ -43,13 +43,6 @@ pub struct ClockLink {
     pub offset_per_step: u64,
 }
 
-impl ClockLink {
-    /// The kernels' three clock arguments: (address, stream per step, offset per step).
-    pub(crate) fn kernel_args(link: Option<&ClockLink>) -> (u64, u64, u64) {
-        link.map_or((0, 0, 0), |l| (l.address, l.stream_per_step, l.offset_per_step))
-    }
-}
-
 impl StepClock {
     /// A clock at `step` on `device` (on a GPU one u64 of device memory, written once here).
     pub fn new(step: u64, device: &Device) -> Result<Self> {
@@ -70,14 +63,6 @@ impl StepClock {
     /// The step index, as the host mirrors it (the device's value once the queued work is done).
     pub fn step(&self) -> u64 {
         self.step
-    }
-
-    /// The device the clock lives on.
-    pub fn device(&self) -> Device {
-        match &self.cuda {
-            Some((_, dev)) => Device::Cuda(dev.clone()),
-            None => Device::Cpu,
-        }
     }
 
     /// Moves the host mirror to the next step: called where the kernel that advances the

@@ -27,8 +27,8 @@ pub(crate) fn capturing() -> bool {
 pub struct CapturedGraph {
     graph: CudaGraph,
     stream: Arc<CudaStream>,
-    arena: GraphArena,
-    captured: Counts,
+    /// Held, not read: the buffers go back to the pool when the graph is dropped.
+    _arena: GraphArena,
 }
 
 // SAFETY: the driver's graph handles may be used from any thread as long as no two threads use
@@ -52,29 +52,40 @@ impl CapturedGraph {
         }
         Ok(())
     }
-
-    /// The kernel launches (and op calls) the capture recorded: what one replay stands for.
-    pub fn captured(&self) -> Counts {
-        self.captured
-    }
-
-    /// Device memory held for the replays (the capture's arena).
-    pub fn arena_bytes(&self) -> usize {
-        self.arena.bytes()
-    }
 }
 
-/// Ends a capture left open by a panic in the work being recorded.
+/// A capture in progress on a device: [`Recording::end`] ends it; dropped unended (a panic in
+/// the work being recorded), it still ends it and thaws the pool.
 struct Recording<'a> {
     dev: &'a CudaDevice,
 }
 
+type Ended = (
+    std::result::Result<Option<CudaGraph>, cudarc::driver::DriverError>,
+    Result<GraphArena>,
+);
+
+impl Recording<'_> {
+    /// Ends the stream's capture (so it takes eager work again) and the pool's.
+    fn end(self) -> Ended {
+        let ended = end_recording(self.dev);
+        std::mem::forget(self);
+        ended
+    }
+}
+
 impl Drop for Recording<'_> {
     fn drop(&mut self) {
-        CAPTURING.store(false, Ordering::Relaxed);
-        drop(self.dev.stream().end_capture(CUgraphInstantiate_flags(0)));
-        drop(self.dev.pool.end_capture());
+        drop(end_recording(self.dev));
     }
+}
+
+fn end_recording(dev: &CudaDevice) -> Ended {
+    CAPTURING.store(false, Ordering::Relaxed);
+    (
+        dev.stream().end_capture(CUgraphInstantiate_flags(0)),
+        dev.pool.end_capture(),
+    )
 }
 
 impl CudaDevice {
@@ -95,16 +106,11 @@ impl CudaDevice {
             return Err(Error::cuda("starting a CUDA graph capture", e));
         }
         let before = Counts::now();
-        // Should `work` panic, the guard still ends the capture and thaws the pool.
-        let guard = Recording { dev: self };
+        let recording = Recording { dev: self };
         CAPTURING.store(true, Ordering::Relaxed);
         let ran = work();
-        CAPTURING.store(false, Ordering::Relaxed);
         let captured = Counts::since(before);
-        std::mem::forget(guard); // ended below, on the normal path
-                                 // End the capture whatever happened, so the stream takes eager work again.
-        let ended = self.stream().end_capture(CUgraphInstantiate_flags(0));
-        let arena = self.pool.end_capture();
+        let (ended, arena) = recording.end();
         ran?;
         let graph = ended
             .map_err(|e| Error::cuda("ending a CUDA graph capture", e))?
@@ -123,8 +129,7 @@ impl CudaDevice {
         Ok(CapturedGraph {
             graph,
             stream: self.stream().clone(),
-            arena,
-            captured,
+            _arena: arena,
         })
     }
 }

@@ -100,8 +100,8 @@ struct Capture<B> {
 /// What a capture leaves: the arena the graph keeps, and how many buffers lent during the capture
 /// were still out at its end (a capture with any is refused).
 pub struct CaptureEnd<B> {
-    /// (size class, buffer) for each buffer the graph's replays may touch.
-    pub arena: Vec<(usize, B)>,
+    /// Every buffer the graph's replays may touch.
+    pub arena: Vec<B>,
     /// Buffers lent during the capture and not given back.
     pub escaped: i64,
 }
@@ -156,7 +156,7 @@ impl<B> PoolBook<B> {
             for b in list {
                 self.stats.bytes_cached -= class;
                 self.stats.bytes_in_use += class;
-                arena.push((class, b));
+                arena.push(b);
             }
         }
         CaptureEnd {
@@ -195,9 +195,7 @@ impl<B> PoolBook<B> {
         };
         let buf = match c.arena.get_mut(&class).and_then(|l| l.pop()) {
             Some(b) => {
-                self.stats.reuses += 1;
-                self.stats.bytes_cached -= class;
-                self.lent(class, false);
+                self.reused(class);
                 b
             }
             None => self.take_shared(class)?,
@@ -212,10 +210,15 @@ impl<B> PoolBook<B> {
         if list.is_empty() {
             self.free.remove(&class);
         }
+        self.reused(class);
+        Some(buf)
+    }
+
+    /// A cached buffer of `class` is handed out again.
+    fn reused(&mut self, class: usize) {
         self.stats.reuses += 1;
         self.stats.bytes_cached -= class;
         self.lent(class, false);
-        Some(buf)
     }
 
     /// Before a new buffer of `class`: the cached buffers to give back to the driver, least
@@ -481,7 +484,7 @@ impl DevicePool {
     pub fn end_capture(self: &Arc<Self>) -> Result<GraphArena> {
         let end = self.inner.lock().unwrap().end_capture();
         let arena = GraphArena {
-            buffers: end.arena.into_iter().map(|(_, b)| b).collect(),
+            buffers: end.arena,
             pool: self.clone(),
         };
         if end.escaped != 0 {
@@ -541,13 +544,6 @@ impl DevicePool {
 pub struct GraphArena {
     buffers: Vec<CudaSlice<u8>>,
     pool: Arc<DevicePool>,
-}
-
-impl GraphArena {
-    /// Bytes the arena holds (by size class).
-    pub fn bytes(&self) -> usize {
-        self.buffers.iter().map(|b| b.len()).sum()
-    }
 }
 
 impl Drop for GraphArena {
@@ -740,7 +736,7 @@ mod tests {
         book.give_back(kept.0, kept.1, 0);
         let end = book.end_capture();
         assert_eq!(end.escaped, 0);
-        let mut arena: Vec<u32> = end.arena.iter().map(|&(_, m)| m).collect();
+        let mut arena = end.arena;
         arena.sort();
         assert_eq!(arena, vec![a.1, kept.1]);
         // The arena is the graph's (in use); b stays cached for eager work, a is not served.

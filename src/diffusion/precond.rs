@@ -322,11 +322,7 @@ impl Denoiser {
                 "denoise: sigma {bad} is not a positive finite number"
             )));
         }
-        if !self.accepts(x_t.shape()) {
-            let mut expected = vec![n];
-            expected.extend(self.net.sample_shape());
-            return Err(Error::shape("denoise", "x_t", expected, x_t.shape()));
-        }
+        self.check_input(x_t, n)?;
         let coefficients = preconditioning(sigmas, x_t.dtype(), &x_t.device())?;
         self.denoise_with(params, x_t, coefficients, mode)
     }
@@ -344,11 +340,7 @@ impl Denoiser {
         if sigma.shape() != [n] || n == 0 {
             return Err(Error::shape("denoise", "sigma", vec![n], sigma.shape()));
         }
-        if !self.accepts(x_t.shape()) {
-            let mut expected = vec![n];
-            expected.extend(self.net.sample_shape());
-            return Err(Error::shape("denoise", "x_t", expected, x_t.shape()));
-        }
+        self.check_input(x_t, n)?;
         let coefficients = preconditioning_levels(sigma)?;
         self.denoise_with(params, x_t, coefficients, mode)
     }
@@ -380,6 +372,16 @@ impl Denoiser {
                 c_in,
             },
         ))
+    }
+
+    /// An error naming the shape expected when the network does not take `x_t` (`n` rows).
+    fn check_input(&self, x_t: &View, n: usize) -> Result<()> {
+        if self.accepts(x_t.shape()) {
+            return Ok(());
+        }
+        let mut expected = vec![n];
+        expected.extend(self.net.sample_shape());
+        Err(Error::shape("denoise", "x_t", expected, x_t.shape()))
     }
 
     /// A batch shape the network takes: [N, features] for the MLP; [N, H, W, C] for a U-Net

@@ -72,6 +72,8 @@ pub struct Sampler {
 
 /// x <- x - a (x - d) + c eps with eps = normals `offset ..` of `rng` (in place).
 pub fn sampler_step(x: &mut Tensor, d: &Tensor, a: f64, c: f64, rng: Philox, offset: u64) -> Result<()> {
+    // Its kernel takes no clock: refused on either backend, so both take the same inputs.
+    rng.fixed("sampler_step")?;
     let (dv, mut xv) = (d.as_view()?, x.as_view_mut()?);
     one_device("sampler_step", &[&dv], &[&xv])?;
     if dv.shape() != xv.shape() {
@@ -94,7 +96,6 @@ pub fn sampler_step(x: &mut Tensor, d: &Tensor, a: f64, c: f64, rng: Philox, off
         (DataMut::F32(xs), Data::F32(ds)) => host(xs, ds, a, c, rng, offset),
         (DataMut::F64(xs), Data::F64(ds)) => host(xs, ds, a, c, rng, offset),
         (DataMut::Cuda(xs, dev), Data::Cuda(ds, _)) => {
-            rng.fixed("sampler_step")?;
             let (n64, af, cf) = (n as i64, a as f32, c as f32);
             // SAFETY: x and d hold n values (shapes checked above).
             unsafe {

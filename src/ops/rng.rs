@@ -127,7 +127,8 @@ impl Philox {
 
     /// The kernels' clock arguments (address, stream per step, offset per step; zeros: fixed).
     pub(crate) fn clock_args(&self) -> (u64, u64, u64) {
-        ClockLink::kernel_args(self.clock.as_ref())
+        self.clock
+            .map_or((0, 0, 0), |l| (l.address, l.stream_per_step, l.offset_per_step))
     }
 
     /// An error for a kernel that has no clock arguments when this stream moves with one.

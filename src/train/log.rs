@@ -86,9 +86,7 @@ impl StepLog {
     /// or it reads as an older step's loss (or the zero) left there. The buffer grows here when
     /// full (a new buffer: see [`StepLog::capacity`]).
     pub fn begin(&mut self, step: u64, lr: f64) -> Result<usize> {
-        if self.open.len() == self.capacity {
-            self.grow()?;
-        }
+        self.reserve_one()?;
         self.open.push((step, lr));
         Ok(self.open.len() - 1)
     }
@@ -102,6 +100,11 @@ impl StepLog {
         let mut whole = self.buf.as_view_mut()?;
         let mut loss = whole.sub_mut(LOSS, &[])?;
         f(&mut loss)
+    }
+
+    /// The whole buffer (a captured step writes it: see [`StepLog::capacity`]).
+    pub(crate) fn buffer(&self) -> &Tensor {
+        &self.buf
     }
 
     /// The whole buffer, for the kernels of the step that fill a record.

@@ -62,8 +62,8 @@ struct StepGraphs {
     /// pool then holds every buffer the step takes beside its input).
     warmed: Option<Tensor>,
     current: Option<StepGraph>,
-    /// Why graphs were given up for this run, said once.
-    given_up: Option<String>,
+    /// A capture failed (said once on stderr): steps stay eager until set_cuda_graphs again.
+    given_up: bool,
 }
 
 /// `EMPRIOR_CUDA_GRAPHS=1`: every trainer replays its steps from CUDA graphs on a GPU
@@ -76,12 +76,10 @@ pub fn cuda_graphs_from_env() -> bool {
     )
 }
 
-/// One captured training step: it reads its batch from `input` and writes the log's buffer of
-/// `log_capacity` records.
+/// One captured training step: it reads its batch from `input`.
 struct StepGraph {
     graph: crate::device::CapturedGraph,
     input: Tensor,
-    log_capacity: usize,
     /// What the capture baked in besides the input; a replay needs all of it unchanged.
     key: GraphKey,
 }
@@ -93,7 +91,8 @@ struct GraphKey {
     seed: u64,
     schedule: VeSchedule,
     config: AdamConfig,
-    /// Device addresses: parameters, gradients, moments, EMA, bf16 copy, step clock.
+    /// Device addresses: parameters, gradients, moments, EMA, bf16 copy, training log (a new
+    /// buffer once it grows), step clock.
     buffers: Vec<u64>,
 }
 
@@ -182,9 +181,7 @@ impl Trainer {
         self.graphs.wanted = on;
         self.graphs.current = None;
         self.graphs.warmed = None;
-        if on {
-            self.graphs.given_up = None;
-        }
+        self.graphs.given_up = false;
     }
 
     /// What a captured step bakes in now (see [`GraphKey`]).
@@ -203,7 +200,10 @@ impl Trainer {
             address(m)?,
             address(v)?,
         ];
-        for t in [self.adam.ema(), self.adam.bf16_copy()].into_iter().flatten() {
+        for t in [self.adam.ema(), self.adam.bf16_copy(), Some(self.log.buffer())]
+            .into_iter()
+            .flatten()
+        {
             buffers.push(address(t)?);
         }
         buffers.push(self.adam.clock().link(0, 0).address);
@@ -232,14 +232,13 @@ impl Trainer {
         let b = x.shape()[0];
         // The log's buffer is part of the graph: grow it (and capture again) before it is full.
         self.log.reserve_one()?;
-        let capacity = self.log.capacity();
         let key = self.graph_key(dev)?;
-        if let Some(g) = self.graphs.current.as_mut().filter(|g| {
-            g.input.shape() == x.shape()
-                && g.input.dtype() == x.dtype()
-                && g.log_capacity == capacity
-                && g.key == key
-        }) {
+        if let Some(g) = self
+            .graphs
+            .current
+            .as_mut()
+            .filter(|g| g.input.shape() == x.shape() && g.input.dtype() == x.dtype() && g.key == key)
+        {
             crate::ops::copy_into(x, &mut g.input)?;
             let step = self.adam.steps();
             self.log.begin(step, self.adam.config.lr.at(step))?;
@@ -274,32 +273,29 @@ impl Trainer {
         match captured {
             Ok(graph) => {
                 if let Err(e) = graph.replay() {
-                    // The capture's host side happened; its kernels did not run.
-                    self.log.forget_last();
-                    self.adam.clock_mut().rewind_mirror(step);
+                    self.undo_host_side(step, open);
                     return Err(e);
                 }
-                self.graphs.current = Some(StepGraph {
-                    graph,
-                    input,
-                    log_capacity: self.log.capacity(),
-                    key,
-                });
+                self.graphs.current = Some(StepGraph { graph, input, key });
                 Ok(())
             }
             Err(e) => {
-                // Nothing of the step ran on the device: undo its host side, run it eagerly,
-                // and stay eager.
-                if self.log.len() > open {
-                    self.log.forget_last();
-                }
-                self.adam.clock_mut().rewind_mirror(step);
-                let why = format!("CUDA graphs off for this training run: {e}");
-                eprintln!("warning: {why}");
-                self.graphs.given_up = Some(why);
+                // Nothing of the step ran on the device: run it eagerly, and stay eager.
+                self.undo_host_side(step, open);
+                eprintln!("warning: CUDA graphs off for this training run: {e}");
+                self.graphs.given_up = true;
                 self.step_eager(x, b, 0, &SingleProcess)
             }
         }
+    }
+
+    /// Undoes a step's host side (its log record, the clock mirror's advance) for a step whose
+    /// kernels never ran: the log back to `open` records, the mirror to `step`.
+    fn undo_host_side(&mut self, step: u64, open: usize) {
+        if self.log.len() > open {
+            self.log.forget_last();
+        }
+        self.adam.clock_mut().rewind_mirror(step);
     }
 
     /// The rows of a step's batch of `batch` rows that this rank of `comm` computes
@@ -327,9 +323,7 @@ impl Trainer {
     ) -> Result<()> {
         let whole = first == 0 && x.shape().first() == Some(&batch) && comm.world_size() == 1;
         match x.device() {
-            Device::Cuda(dev)
-                if whole && batch > 0 && self.graphs.wanted && self.graphs.given_up.is_none() =>
-            {
+            Device::Cuda(dev) if whole && batch > 0 && self.graphs.wanted && !self.graphs.given_up => {
                 self.step_graphed(&dev, x)
             }
             _ => self.step_eager(x, batch, first, comm),
