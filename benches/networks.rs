@@ -130,8 +130,9 @@ fn unet_gpu(c: &mut Criterion) {
 /// One posterior sampler step for the manifold experiment on the CPU: an MMPS call (2 x 5
 /// operator per observation, 3 CG iterations) and the PC update, at batch 1024.
 fn time_mlp_posterior_cpu(c: &mut Criterion) {
-    use emprior::diffusion::sampler::sampler_step;
-    use emprior::diffusion::Denoise;
+    use emprior::device::StepClock;
+    use emprior::diffusion::sampler::{sampler_step, table};
+    use emprior::diffusion::{Denoise, NoiseLevel, Sampler, SamplerKind, VeSchedule};
     use emprior::posterior::{CgConfig, DenseOperators, Mmps, NetworkPrior, ObservationNoise};
     let den = Denoiser::new(preset("manifold").unwrap());
     let cpu = Device::Cpu;
@@ -152,12 +153,24 @@ fn time_mlp_posterior_cpu(c: &mut Criterion) {
         },
     );
     let mut x = ops::normal(&[batch, 5], Philox::new(5, 3), 0, &cpu).unwrap();
+    // A Langevin correction at sigma 0.3, its coefficients from row 0 of a PC sampler's table.
+    let kind = SamplerKind::Pc {
+        corrections: 1,
+        tau: 0.1,
+    };
+    let coefficients = Sampler::new(kind, 1, VeSchedule::new(0.3, 1.0), Philox::new(5, 4))
+        .table(DType::F32, &cpu)
+        .unwrap();
+    let clock = StepClock::new(0, &cpu).unwrap();
+    let rng = Philox::new(5, 4).moving(clock.link(0, 0));
+    let level = NoiseLevel::from_host(0.3, batch, DType::F32, &cpu).unwrap();
     let mut group = c.benchmark_group("time_mlp_posterior_cpu");
     group.throughput(Throughput::Elements(batch as u64));
     group.bench_function(BenchmarkId::new("mmps_pc_step", batch), |b| {
         b.iter(|| {
-            let d = mmps.denoise(&x, 0.3).unwrap();
-            sampler_step(&mut x, &d, 0.1, 0.3 * 0.2f64.sqrt(), Philox::new(5, 4), 0).unwrap();
+            let d = mmps.denoise_level(&x, &level).unwrap();
+            let t = coefficients.as_view().unwrap();
+            sampler_step(&mut x, &d, &t, table::CORRECTOR, rng, 0).unwrap();
         })
     });
     group.finish();

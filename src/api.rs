@@ -295,12 +295,12 @@ pub fn sample_posterior(
             Some((lo, hi)) => VeSchedule::checked(lo, hi)?,
             None => schedule,
         };
-        Ok(Sampler {
-            kind: opts.sampler,
-            steps: opts.steps,
+        Ok(Sampler::new(
+            opts.sampler,
+            opts.steps,
             schedule,
-            rng: Philox::new(opts.seed, 0x9057),
-        })
+            Philox::new(opts.seed, 0x9057),
+        ))
     };
     let x = match &prior.kind {
         PriorKind::Gaussian(g) => {

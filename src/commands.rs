@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use crate::device::{Device, DeviceRequest};
-use crate::diffusion::{preset, Denoise, Denoiser, Network, Sampler, SamplerKind, VeSchedule};
+use crate::diffusion::{preset, Denoise, Denoiser, Network, NoiseLevel, Sampler, SamplerKind, VeSchedule};
 use crate::error::{Error, Result};
 use crate::gaussian::{Dplr, Gaussian};
 use crate::io::{load_checkpoint, read_npy, save_checkpoint, write_npy_f32};
@@ -136,11 +136,7 @@ struct Progress<'a, D: ?Sized> {
 impl<'a, D: Denoise + ?Sized> Progress<'a, D> {
     /// Progress named `label` over the denoiser calls of `sampler`.
     fn new(inner: &'a mut D, label: &'static str, sampler: &Sampler) -> Self {
-        let per_step = match sampler.kind {
-            SamplerKind::Pc { corrections, .. } => 1 + corrections,
-            SamplerKind::Ddpm | SamplerKind::Ddim => 1,
-        };
-        let total = (sampler.steps * per_step + 1) as u64;
+        let total = (sampler.steps * sampler.calls_per_step() + 1) as u64;
         Progress {
             inner,
             phase: Phase::new(label, total, "denoiser calls"),
@@ -157,17 +153,28 @@ impl<'a, D: Denoise + ?Sized> Progress<'a, D> {
     }
 }
 
+/// The sampler tells a [`Progress`] its steps (eager or replayed from a CUDA graph), so the
+/// count is of steps queued, not of denoiser calls made on the host.
 impl<D: Denoise + ?Sized> Denoise for Progress<'_, D> {
     fn denoise(&mut self, x_t: &Tensor, sigma: f64) -> Result<Tensor> {
-        let out = self.inner.denoise(x_t, sigma)?;
-        self.calls += 1;
+        self.inner.denoise(x_t, sigma)
+    }
+    fn denoise_level(&mut self, x_t: &Tensor, level: &NoiseLevel) -> Result<Tensor> {
+        self.inner.denoise_level(x_t, level)
+    }
+    fn graph_safe(&self) -> bool {
+        self.inner.graph_safe()
+    }
+    fn step_done(&mut self, calls: usize, sigma: f64, device: &Device) -> Result<()> {
+        self.inner.step_done(calls, sigma, device)?;
+        self.calls += calls as u64;
         if self.last.elapsed().as_secs_f64() >= REPORT_EVERY || self.calls == self.total {
-            x_t.device().synchronize()?;
+            device.synchronize()?;
             self.last = Instant::now();
             self.phase.message(format!("sigma {sigma:.3e}"));
             self.phase.set(self.calls);
         }
-        Ok(out)
+        Ok(())
     }
 }
 
@@ -524,12 +531,12 @@ pub fn sample(
     let mut shape = vec![n];
     shape.extend(den.net.sample_shape());
     check_sample_memory(&format!("--n {n}"), n, shape[1..].iter().product(), 8)?;
-    let sampler = Sampler {
-        kind: s.kind,
-        steps: s.steps,
-        schedule: schedule_for(s, &ck.metadata)?,
-        rng: Philox::new(s.seed, 0x5a),
-    };
+    let sampler = Sampler::new(
+        s.kind,
+        s.steps,
+        schedule_for(s, &ck.metadata)?,
+        Philox::new(s.seed, 0x5a),
+    );
     let mut prior = NetworkPrior::new(&den, &params)?;
     print_header(
         &format!(
@@ -809,12 +816,12 @@ pub fn posterior(o: &PosteriorOptions) -> Result<()> {
     shape.extend(&sample_shape);
     let empty = BTreeMap::new();
     let meta = checkpoint.as_ref().map_or(&empty, |c| &c.metadata);
-    let sampler = Sampler {
-        kind: o.sampler.kind,
-        steps: o.sampler.steps,
-        schedule: schedule_for(&o.sampler, meta)?,
-        rng: Philox::new(o.sampler.seed, 0x9057),
-    };
+    let sampler = Sampler::new(
+        o.sampler.kind,
+        o.sampler.steps,
+        schedule_for(&o.sampler, meta)?,
+        Philox::new(o.sampler.seed, 0x9057),
+    );
     let mut out_shape = vec![n, k];
     out_shape.extend(&sample_shape);
     let method = match o.dps_zeta {

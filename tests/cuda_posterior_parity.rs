@@ -11,8 +11,9 @@
 mod common;
 
 use common::{case, compare_outputs, on, per_param, random_vec, whole, Case, Output, Suite, Tol};
+use emprior::device::StepClock;
 use emprior::diffusion::loss::dsm_loss;
-use emprior::diffusion::sampler::sampler_step;
+use emprior::diffusion::sampler::{sampler_step, table, BatchPart, Denoise};
 use emprior::diffusion::{Denoiser, Network, Sampler, SamplerKind, VeSchedule};
 use emprior::gaussian::{Dplr, Gaussian};
 use emprior::nn::{Mode, TimeMlp, UNet, Weights};
@@ -89,6 +90,10 @@ fn main() {
         "graphs::training_steps_replayed_from_a_cuda_graph_are_the_eager_bits",
         graph_replay_is_eager,
     );
+    s.gpu_alone(
+        "graphs::sampler_steps_replayed_from_a_cuda_graph_are_the_eager_bits",
+        sampler_replay_is_eager,
+    );
     s.cpu("harness::cpu_oracle_is_reproducible", oracle_is_reproducible);
     s.cpu(
         "harness::sampler_noise_from_another_stream_is_caught",
@@ -101,13 +106,21 @@ fn main() {
     s.run()
 }
 
-/// Two sampler updates: with noise from Philox stream (4, `stream`), and without noise.
+/// Two sampler updates at step 1 of a step clock, their (a, c) from row 1 of a table: with
+/// noise from Philox stream (4, `stream`) moved 13 elements per step, and without noise.
 fn sampler_case(d: &Device, stream: u64) -> Vec<Output> {
+    let mut rows = vec![9.0; 2 * table::WIDTH];
+    rows[table::WIDTH + table::PREDICTOR..][..2].copy_from_slice(&[0.3, 0.7]);
+    rows[table::WIDTH + table::CORRECTOR..][..2].copy_from_slice(&[0.1, 0.0]);
+    let coefficients = Tensor::from_f64_as(&rows, &[2, table::WIDTH], DType::F32, d).unwrap();
+    let clock = StepClock::new(1, d).unwrap();
+    let rng = Philox::new(4, stream).moving(clock.link(0, 13));
+    let t = coefficients.as_view().unwrap();
     let mut x = on(d, 1, &[3, 1001], 2.0);
     let den = on(d, 2, &[3, 1001], 1.0);
-    sampler_step(&mut x, &den, 0.3, 0.7, Philox::new(4, stream), 17).unwrap();
+    sampler_step(&mut x, &den, &t, table::PREDICTOR, rng, 17).unwrap();
     let mut y = on(d, 3, &[3, 1001], 2.0);
-    sampler_step(&mut y, &den, 0.1, 0.0, Philox::new(4, stream), 0).unwrap();
+    sampler_step(&mut y, &den, &t, table::CORRECTOR, rng, 0).unwrap();
     vec![whole("with noise", x), whole("without noise", y)]
 }
 
@@ -249,6 +262,84 @@ fn graph_replay_is_eager(d: &Device) {
     }
 }
 
+/// Posterior sampling with the MMPS denoiser, eager and with its steps replayed from a CUDA
+/// graph (the second step recorded, the later ones replays): the same bits. DDPM with a small
+/// U-Net under the bf16 policy behind a mask (1 CG iteration) and PC with a TimeMLP behind dense
+/// operators (3 iterations), each batch in two parts (each part its own call and graph). On the
+/// CPU stand-in the setting is ignored, so this checks only the test code there.
+fn sampler_replay_is_eager(d: &Device) {
+    use emprior::ops::Precision;
+    let pc = SamplerKind::Pc {
+        corrections: 1,
+        tau: 0.1,
+    };
+    let mut unet = Network::UNet(UNet::new(common::small_unet_config()).unwrap());
+    unet.set_precision(Precision::Bf16);
+    let cases = [
+        (unet, vec![8usize, 8, 3], 1, SamplerKind::Ddpm),
+        (Network::Mlp(TimeMlp::new(5, &[64, 64], 16)), vec![5], 3, pc),
+    ];
+    for (net, sample, iters, kind) in cases {
+        let den = Denoiser::new(net);
+        let params = den.layout().init(5, DType::F32, d).unwrap();
+        let prior = NetworkPrior::new(&den, &params).unwrap();
+        let (n, per) = (6, sample.iter().product::<usize>());
+        let dense = on(d, 70, &[n, 2, per], 1.0);
+        let keep: Vec<f32> = random_vec(71, n * 64, 0.0, 1.0)
+            .iter()
+            .map(|&u| (u < 0.5) as u8 as f32)
+            .collect();
+        let m = if sample.len() == 1 { 2 } else { per };
+        let y = on(d, 72, &[n, m], 1.0);
+        let noise = ObservationNoise::Scalar(1e-3);
+        let cg = CgConfig {
+            max_iters: iters,
+            rtol: None,
+        };
+        let run = |graphs: bool| {
+            let mut sampler = Sampler::new(kind, 6, VeSchedule::new(1e-3, 10.0), Philox::new(8, 3));
+            sampler.cuda_graphs = graphs;
+            let mut out = Vec::new();
+            for (lo, hi) in [(0, 4), (4, n)] {
+                let rows = hi - lo;
+                let rows_of = |t: &Tensor, width: usize| {
+                    let mut shape = t.shape().to_vec();
+                    shape[0] = rows;
+                    t.as_view()
+                        .unwrap()
+                        .sub(lo * width, &shape)
+                        .unwrap()
+                        .to_tensor()
+                        .unwrap()
+                };
+                let part_y = rows_of(&y, m);
+                let operator: Box<dyn LinearOperator> = if sample.len() == 1 {
+                    Box::new(DenseOperators::new(rows_of(&dense, 2 * per)).unwrap())
+                } else {
+                    let mask = &keep[lo * 64..hi * 64];
+                    Box::new(MaskOperator::from_pixel_mask(mask, rows, 64, 3, DType::F32, d).unwrap())
+                };
+                let mut mmps = Mmps::new(&prior, operator.as_ref(), &part_y, &noise, cg);
+                assert!(mmps.graph_safe());
+                let shape: Vec<usize> = [rows].iter().chain(&sample).copied().collect();
+                let part = BatchPart { first: lo, total: n };
+                let mut call = sampler.begin(&shape, part, None, DType::F32, d).unwrap();
+                while call.steps_left() > 0 {
+                    call.step(&mut mmps).unwrap();
+                }
+                if graphs && d.is_cuda() {
+                    assert!(call.replaying(), "the steps ended on a replayed graph");
+                }
+                out.extend(call.finish(&mut mmps).unwrap().to_vec_f32().unwrap());
+            }
+            out.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
+        };
+        let (eager, replayed) = (run(false), run(true));
+        assert_eq!(eager.len(), n * per);
+        assert!(eager == replayed, "graph replay differs from the eager steps");
+    }
+}
+
 fn train_log_case(d: &Device) -> Vec<Output> {
     let den = Denoiser::new(Network::Mlp(TimeMlp::new(5, &[64, 64], 16)));
     let params = den.layout().init(5, DType::F32, d).unwrap();
@@ -332,12 +423,12 @@ fn ddpm_mmps_case(d: &Device, stream: u64) -> Vec<Output> {
         rtol: None,
     };
     let mut mmps = Mmps::new(&prior, &mask, &y, &noise, cg);
-    let sampler = Sampler {
-        kind: SamplerKind::Ddpm,
-        steps: 4,
-        schedule: VeSchedule::new(1e-3, 1e2),
-        rng: Philox::new(6, stream),
-    };
+    let sampler = Sampler::new(
+        SamplerKind::Ddpm,
+        4,
+        VeSchedule::new(1e-3, 1e2),
+        Philox::new(6, stream),
+    );
     let x = sampler
         .sample(&mut mmps, &[b, 8, 8, 3], None, DType::F32, d)
         .unwrap();
@@ -357,15 +448,15 @@ fn pc_mmps_case(d: &Device) -> Vec<Output> {
         rtol: None,
     };
     let mut mmps = Mmps::new(&prior, &ops, &y, &noise, cg);
-    let sampler = Sampler {
-        kind: SamplerKind::Pc {
+    let sampler = Sampler::new(
+        SamplerKind::Pc {
             corrections: 1,
             tau: 0.1,
         },
-        steps: 4,
-        schedule: VeSchedule::new(1e-3, 10.0),
-        rng: Philox::new(8, 9),
-    };
+        4,
+        VeSchedule::new(1e-3, 10.0),
+        Philox::new(8, 9),
+    );
     vec![whole(
         "samples",
         sampler.sample(&mut mmps, &[b, 5], None, DType::F32, d).unwrap(),

@@ -608,12 +608,12 @@ fn mmps_samples_the_exact_posterior_with_three_cg_iterations() {
         },
     );
     mmps.covariance = Covariance::Tweedie;
-    let sampler = Sampler {
-        kind: SamplerKind::Ddpm,
-        steps: 256,
-        schedule: VeSchedule::new(1e-3, 30.0),
-        rng: Philox::new(13, 5),
-    };
+    let sampler = Sampler::new(
+        SamplerKind::Ddpm,
+        256,
+        VeSchedule::new(1e-3, 30.0),
+        Philox::new(13, 5),
+    );
     let mean = prior.mean_tensor(DType::F64, &CPU).unwrap();
     let x = sampler
         .sample(

@@ -162,15 +162,15 @@ fn mmps_sampling_with_a_cg_tolerance_does_not_synchronise() {
     Philox::new(5, 6).fill_normal(0, &mut y);
     let y = Tensor::from_f32(&y, &[n, 2], &CPU).unwrap();
     let noise = ObservationNoise::Scalar(1e-4);
-    let sampler = Sampler {
-        kind: SamplerKind::Pc {
+    let sampler = Sampler::new(
+        SamplerKind::Pc {
             corrections: 1,
             tau: 0.1,
         },
-        steps: 4,
-        schedule: VeSchedule::new(1e-3, 10.0),
-        rng: Philox::new(6, 1),
-    };
+        4,
+        VeSchedule::new(1e-3, 10.0),
+        Philox::new(6, 1),
+    );
     let cg = CgConfig {
         max_iters: 3,
         rtol: Some(1e-3),
@@ -250,4 +250,95 @@ fn a_stream_moving_with_the_clock_is_the_fixed_stream_of_its_step() {
     Philox::new(3, 10 + 7 * 2).fill_normal(5 + 7 * 100, &mut b);
     assert_eq!(a.map(f32::to_bits), b.map(f32::to_bits));
     assert_eq!(moving.at_step(5), (Philox::new(3, 24), 705));
+}
+
+/// A sampler step with the MMPS posterior denoiser (a TimeMLP with dense operators and 3 CG
+/// iterations; a U-Net with a mask, 1 iteration, f32 and the bf16 policy): after the first step
+/// (which reads the noise's floor once) no synchronisation and no upload, so one step recorded
+/// in a CUDA graph replays as every later one. The steps driven one by one are the bits of
+/// `sample`.
+#[test]
+fn sampler_steps_take_nothing_from_the_host() {
+    use emprior::diffusion::sampler::{BatchPart, Denoise};
+    use emprior::nn::UNet;
+    use emprior::ops::Precision;
+    use emprior::posterior::{LinearOperator, MaskOperator};
+    let _turn = serial();
+    let pc = SamplerKind::Pc {
+        corrections: 1,
+        tau: 0.1,
+    };
+    let cases: Vec<(Network, Vec<usize>, usize, SamplerKind)> = vec![
+        (Network::Mlp(TimeMlp::new(5, &[64, 64], 16)), vec![5], 3, pc),
+        (
+            Network::UNet(UNet::new(common::small_unet_config()).unwrap()),
+            vec![8, 8, 3],
+            1,
+            SamplerKind::Ddpm,
+        ),
+        (
+            Network::UNet(UNet::new(common::small_unet_config()).unwrap()),
+            vec![8, 8, 3],
+            1,
+            pc,
+        ),
+    ];
+    for (i, (net, sample, iters, kind)) in cases.into_iter().enumerate() {
+        for precision in [Precision::F32, Precision::Bf16] {
+            let mut net = net.clone();
+            net.set_precision(precision);
+            let den = Denoiser::new(net);
+            let params = den.layout().init(4, DType::F32, &CPU).unwrap();
+            let prior = NetworkPrior::new(&den, &params).unwrap();
+            let n = 6;
+            let per: usize = sample.iter().product();
+            let operator: Box<dyn LinearOperator> = if sample.len() == 1 {
+                let a = common::random_vec(7, n * 2 * per, -1.0, 1.0);
+                Box::new(DenseOperators::new(Tensor::from_f32(&a, &[n, 2, per], &CPU).unwrap()).unwrap())
+            } else {
+                let keep: Vec<f32> = common::random_vec(8, n * 64, 0.0, 1.0)
+                    .iter()
+                    .map(|&u| (u < 0.5) as u8 as f32)
+                    .collect();
+                Box::new(MaskOperator::from_pixel_mask(&keep, n, 64, 3, DType::F32, &CPU).unwrap())
+            };
+            let m = operator.obs_dim();
+            let y = Tensor::from_f32(&common::random_vec(9, n * m, -1.0, 1.0), &[n, m], &CPU).unwrap();
+            let noise = ObservationNoise::Scalar(1e-3);
+            let cg = CgConfig {
+                max_iters: iters,
+                rtol: None,
+            };
+            let mut mmps = Mmps::new(&prior, operator.as_ref(), &y, &noise, cg);
+            assert!(
+                mmps.graph_safe(),
+                "case {i}: MMPS over a network, CG without reads"
+            );
+            let sampler = Sampler::new(kind, 5, VeSchedule::new(1e-3, 10.0), Philox::new(6, 1));
+            let shape: Vec<usize> = [n].iter().chain(&sample).copied().collect();
+            let mut call = sampler
+                .begin(&shape, BatchPart::whole(n), None, DType::F32, &CPU)
+                .unwrap();
+            call.step(&mut mmps).unwrap();
+            let before = Counts::now();
+            for _ in 0..3 {
+                call.step(&mut mmps).unwrap();
+            }
+            let steps = Counts::since(before);
+            assert_eq!(
+                (steps.syncs, steps.uploads),
+                (0, 0),
+                "case {i} {precision:?}: {steps:?}"
+            );
+            let stepped = call.finish(&mut mmps).unwrap().to_vec_f32().unwrap();
+            let whole = sampler
+                .sample(&mut mmps, &shape, None, DType::F32, &CPU)
+                .unwrap()
+                .to_vec_f32()
+                .unwrap();
+            assert!(stepped.iter().all(|v| v.is_finite()));
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&stepped), bits(&whole), "case {i} {precision:?}");
+        }
+    }
 }

@@ -91,12 +91,12 @@ fn run_mmps(p: &Problem, op: &dyn LinearOperator, k: usize, seed: u64) -> Vec<f6
     };
     let mut mmps = Mmps::new(&p.prior, op, &y, &noise, cg_cfg);
     mmps.covariance = Covariance::Tweedie;
-    let sampler = Sampler {
-        kind: SamplerKind::Ddpm,
-        steps: 256,
-        schedule: VeSchedule::new(1e-3, 30.0),
-        rng: Philox::new(seed, 5),
-    };
+    let sampler = Sampler::new(
+        SamplerKind::Ddpm,
+        256,
+        VeSchedule::new(1e-3, 30.0),
+        Philox::new(seed, 5),
+    );
     let mean = p.prior.mean_tensor(DType::F64, &CPU).unwrap();
     let x = sampler
         .sample(
@@ -308,12 +308,7 @@ fn every_sampler_draws_a_gaussian_prior() {
             128,
         ),
     ] {
-        let sampler = Sampler {
-            kind,
-            steps,
-            schedule: VeSchedule::new(1e-3, 30.0),
-            rng: Philox::new(9, 1),
-        };
+        let sampler = Sampler::new(kind, steps, VeSchedule::new(1e-3, 30.0), Philox::new(9, 1));
         let mut prior = p.prior.clone();
         let x = sampler
             .sample(
@@ -409,12 +404,12 @@ fn dps_pulls_samples_towards_the_observation() {
     let k = 500;
     let op = SharedOperator::new(Tensor::from_f64(&p.a, &[p.m, p.d], &CPU).unwrap()).unwrap();
     let y = Tensor::from_f64(&p.y.repeat(k), &[k, p.m], &CPU).unwrap();
-    let sampler = Sampler {
-        kind: SamplerKind::Ddpm,
-        steps: 128,
-        schedule: VeSchedule::new(1e-3, 30.0),
-        rng: Philox::new(2, 2),
-    };
+    let sampler = Sampler::new(
+        SamplerKind::Ddpm,
+        128,
+        VeSchedule::new(1e-3, 30.0),
+        Philox::new(2, 2),
+    );
     let mean = p.prior.mean_tensor(DType::F64, &CPU).unwrap();
     let misfit = |x: &Tensor| -> f64 {
         let ax = op.apply(&x.as_view().unwrap()).unwrap().to_vec_f64().unwrap();
@@ -527,15 +522,15 @@ fn a_batch_sampled_in_parts_gives_the_bits_of_the_whole() {
         max_iters: 10,
         rtol: Some(1e-2),
     };
-    let sampler = Sampler {
-        kind: SamplerKind::Pc {
+    let sampler = Sampler::new(
+        SamplerKind::Pc {
             corrections: 1,
             tau: 0.1,
         },
-        steps: 6,
-        schedule: VeSchedule::new(1e-3, 10.0),
-        rng: Philox::new(5, 3),
-    };
+        6,
+        VeSchedule::new(1e-3, 10.0),
+        Philox::new(5, 3),
+    );
     let mean = Tensor::from_f64_as(&[0.1, -0.2, 0.3, 0.0, 0.5], &[d], DType::F32, &CPU).unwrap();
     let part = |range: std::ops::Range<usize>| -> Vec<f32> {
         let (lo, hi) = (range.start, range.end);
@@ -593,17 +588,29 @@ fn cg_rows_converge_on_their_own() {
         max_iters: 12,
         rtol: Some(1e-3),
     };
-    let solve = |rows: std::ops::Range<usize>| -> Vec<f32> {
+    let solve_checked = |rows: std::ops::Range<usize>, check_every: usize| -> (Vec<f32>, usize) {
         let n = rows.len();
         let bt = Tensor::from_f64_as(&b[rows.start * m..rows.end * m], &[n, m], DType::F32, &CPU).unwrap();
         let dt = Tensor::from_f64_as(&diag[rows.start * m..rows.end * m], &[n, m], DType::F32, &CPU).unwrap();
-        let (x, _) = cg_checked(|v: &Tensor| emprior::ops::mul(v, &dt), &bt, config, 1).unwrap();
-        x.to_vec_f32().unwrap()
+        let (x, stats) =
+            cg_checked(|v: &Tensor| emprior::ops::mul(v, &dt), &bt, config, check_every).unwrap();
+        (x.to_vec_f32().unwrap(), stats.iterations)
     };
+    let solve = |rows| solve_checked(rows, 1).0;
     let both = solve(0..2);
     let (alone0, alone1) = (solve(0..1), solve(1..2));
     assert_eq!(&both[..m], &alone0[..], "the fast row moved after it converged");
     assert_eq!(&both[m..], &alone1[..]);
+    // Never read on the host (check_every 0, as a step replayed from a CUDA graph solves): all
+    // 12 iterations run, and each row still stops at the tolerance, so the same bits.
+    let (quiet, iterations) = solve_checked(0..2, 0);
+    assert_eq!(iterations, 12);
+    assert_eq!(
+        quiet, both,
+        "rows kept moving past the tolerance without host checks"
+    );
+    let (early, _) = solve_checked(0..1, 0);
+    assert_eq!(early, alone0);
     // And it did converge: the relative residual is within the tolerance.
     let res: f64 = (0..m)
         .map(|i| (b[i] - diag[i] * both[i] as f64).powi(2))
@@ -687,12 +694,12 @@ fn an_image_batch_sampled_in_parts_gives_the_bits_of_the_whole() {
         max_iters: 2,
         rtol: None,
     };
-    let sampler = Sampler {
-        kind: SamplerKind::Ddpm,
-        steps: 3,
-        schedule: VeSchedule::new(1e-3, 100.0),
-        rng: Philox::new(6, 1),
-    };
+    let sampler = Sampler::new(
+        SamplerKind::Ddpm,
+        3,
+        VeSchedule::new(1e-3, 100.0),
+        Philox::new(6, 1),
+    );
     let part = |range: std::ops::Range<usize>| -> Vec<f32> {
         let (lo, hi) = (range.start, range.end);
         let n = hi - lo;

@@ -232,12 +232,7 @@ fn a_time_mlp_trained_by_dsm_reproduces_a_mixture_of_gaussians() {
     );
 
     let n = 2000;
-    let sampler = Sampler {
-        kind: SamplerKind::Ddpm,
-        steps: 128,
-        schedule,
-        rng: Philox::new(3, 3),
-    };
+    let sampler = Sampler::new(SamplerKind::Ddpm, 128, schedule, Philox::new(3, 3));
     let sample = |weights: &Tensor| -> Vec<f64> {
         let mut prior = NetworkPrior::new(&den, weights).unwrap();
         sampler

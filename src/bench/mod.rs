@@ -480,6 +480,33 @@ pub fn run_networks_gpu(
             mmps.denoise(&x, 0.5).map(drop)
         })?;
         row("MMPS posterior denoiser (1 CG iteration)", 3.0, ms);
+        // A whole DDPM + MMPS sampler step as the CIFAR E-step takes it (that denoiser call and
+        // the update), queued kernel by kernel, then replayed from a captured CUDA graph (its
+        // first warm-up step eager, the second recorded): the same bits
+        // (tests/cuda_posterior_parity.rs), so the difference is the host's launch cost.
+        for graphs in [false, true] {
+            use crate::diffusion::sampler::{BatchPart, Sampler, SamplerKind};
+            let schedule = crate::diffusion::VeSchedule::new(1e-3, 1e2);
+            let mut sampler = Sampler::new(SamplerKind::Ddpm, repeats + 3, schedule, Philox::new(4, 5));
+            sampler.cuda_graphs = graphs;
+            let mut call = sampler.begin(
+                &[batch, 32, 32, 3],
+                BatchPart::whole(batch),
+                None,
+                DType::F32,
+                device,
+            )?;
+            let ms = time_gpu(dev, repeats, || call.step(&mut mmps))?;
+            row(
+                match (graphs, call.replaying()) {
+                    (false, _) => "DDPM + MMPS sampler step, eager",
+                    (true, true) => "DDPM + MMPS sampler step, CUDA graph replay",
+                    (true, false) => "DDPM + MMPS sampler step, eager after a failed CUDA graph capture",
+                },
+                3.0,
+                ms,
+            );
+        }
         // Memory: one more training step with the pool's peak restarted, against the walk of the
         // same step (`UNet::pool_estimate`: the network's own buffers in the pool's size
         // classes; the step adds a few image-sized ones around it).
@@ -655,10 +682,11 @@ fn per_step(what: String, steps: usize, mut f: impl FnMut() -> Result<()>) -> Re
 
 /// Host synchronisations, launches and op calls of a TimeMLP training step (manifold preset),
 /// of reading its log, and of a predictor-corrector MMPS sampler step (manifold TimeMLP, dense
-/// 2 x 5 operators, CG with a relative tolerance at 3 and at 10 iterations).
+/// 2 x 5 operators; CG with a relative tolerance at 3 and at 10 iterations, and a fixed 3, also
+/// replayed from a CUDA graph on a GPU).
 pub fn run_host_traffic(device: &Device, quick: bool) -> Result<Vec<TrafficRow>> {
-    use crate::diffusion::sampler::{sampler_step, Denoise};
-    use crate::diffusion::{preset, Denoiser, VeSchedule};
+    use crate::diffusion::sampler::BatchPart;
+    use crate::diffusion::{preset, Denoiser, Sampler, SamplerKind, VeSchedule};
     use crate::posterior::{CgConfig, DenseOperators, Mmps, NetworkPrior, ObservationNoise};
     use crate::tensor::AsView;
     use crate::train::{AdamConfig, LrSchedule, Trainer};
@@ -724,28 +752,56 @@ pub fn run_host_traffic(device: &Device, quick: bool) -> Result<Vec<TrafficRow>>
     let operator = DenseOperators::new(a)?;
     let y = ops::normal(&[observations, 2], Philox::new(11, 3), 0, device)?;
     let noise = ObservationNoise::Scalar(1e-4);
-    for iters in [3, 10] {
-        let cg = CgConfig {
-            max_iters: iters,
-            rtol: Some(1e-3),
+    // One sampler step (predictor and correction, both MMPS), the manifold's rtol checks at 3
+    // and 10 CG iterations, then a fixed 3 (the image E-steps' kind of solve) eager and, on a
+    // GPU, replayed from a CUDA graph.
+    let mut solves = vec![(3, Some(1e-3), false), (10, Some(1e-3), false), (3, None, false)];
+    if device.is_cuda() {
+        solves.push((3, None, true));
+    }
+    for (iters, rtol, graphs) in solves {
+        let mut mmps = Mmps::new(
+            &prior,
+            &operator,
+            &y,
+            &noise,
+            CgConfig {
+                max_iters: iters,
+                rtol,
+            },
+        );
+        let kind = SamplerKind::Pc {
+            corrections: 1,
+            tau: 0.1,
         };
-        let mut mmps = Mmps::new(&prior, &operator, &y, &noise, cg);
-        let mut x = ops::normal(&[observations, 5], Philox::new(11, 4), 0, device)?;
-        let rng = Philox::new(11, 5);
-        let (t, s, tau) = (1.0, 0.9, 0.1);
+        let mut sampler = Sampler::new(kind, steps + 3, VeSchedule::new(1e-3, 10.0), Philox::new(11, 5));
+        sampler.cuda_graphs = graphs;
+        let mut call = sampler.begin(
+            &[observations, 5],
+            BatchPart::whole(observations),
+            None,
+            DType::F32,
+            device,
+        )?;
+        let solve = match rtol {
+            Some(r) => format!("rtol {r:e}, checked every {}", mmps.cg_check_every),
+            None => "no tolerance".into(),
+        };
+        if graphs {
+            // Its eager first step; per_step's own warm-up is then the capture.
+            call.step(&mut mmps)?;
+        }
+        let how = if graphs { ", CUDA graph replay" } else { "" };
         rows.push(per_step(
             format!(
-                "PC + MMPS sampler step ({observations} observations, CG {iters} iterations, rtol 1e-3, checked every {})",
-                mmps.cg_check_every
+                "PC + MMPS sampler step{how} ({observations} observations, CG {iters} iterations, {solve})"
             ),
             steps,
-            || {
-                let d = mmps.denoise(&x, t)?;
-                sampler_step(&mut x, &d, 1.0 - s / t, 0.0, rng, 0)?;
-                let d = mmps.denoise(&x, s)?;
-                sampler_step(&mut x, &d, tau, s * (2.0 * tau).sqrt(), rng, 0)
-            },
+            || call.step(&mut mmps),
         )?);
+        if graphs && !call.replaying() {
+            rows.last_mut().expect("pushed above").what += " [capture failed: eager]";
+        }
     }
     Ok(rows)
 }

@@ -10,7 +10,7 @@ use std::io::Write as _;
 use std::path::Path;
 
 use crate::device::Device;
-use crate::diffusion::sampler::{sampler_step, Denoise};
+use crate::diffusion::sampler::{BatchPart, Denoise, Sampler, SamplerKind};
 use crate::diffusion::{preset, Denoiser, Network, VeSchedule};
 use crate::error::{Error, Result};
 use crate::nn::{Mode, UNet, UNetConfig, Weights};
@@ -169,15 +169,15 @@ fn pc_mmps_step(device: &Device, repeats: usize) -> Result<(f64, usize, f64)> {
         rtol: None,
     };
     let mut mmps = Mmps::new(&prior, &operator, &y, &noise, cg);
-    let mut x = ops::normal(&[N, 5], Philox::new(9, 3), 0, device)?;
-    let (t, s, tau) = (1.0, 0.9, 0.1);
-    let rng = Philox::new(9, 4);
-    let ms = time(device, repeats, || {
-        let d = mmps.denoise(&x, t)?;
-        sampler_step(&mut x, &d, 1.0 - s / t, 0.0, rng, 0)?;
-        let d = mmps.denoise(&x, s)?;
-        sampler_step(&mut x, &d, tau, s * (2.0 * tau).sqrt(), rng, 0)
-    })?;
+    // A PC sampler call long enough for the warm-up and the timed steps.
+    let kind = SamplerKind::Pc {
+        corrections: 1,
+        tau: 0.1,
+    };
+    let mut sampler = Sampler::new(kind, repeats + 3, VeSchedule::new(1e-3, 10.0), Philox::new(9, 4));
+    sampler.cuda_graphs = false;
+    let mut call = sampler.begin(&[N, 5], BatchPart::whole(N), None, DType::F32, device)?;
+    let ms = time(device, repeats, || call.step(&mut mmps))?;
     // 2 calls x (1 forward + 4 VJPs of about 2 forwards each).
     Ok((ms, den.layout().len(), 2.0 * 9.0 * forward_flops(&den) * N as f64))
 }

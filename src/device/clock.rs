@@ -71,6 +71,22 @@ impl StepClock {
         self.step += 1;
     }
 
+    /// Ends a step: the device's value moves to the next step (a one-thread kernel queued after
+    /// the step's work, so a captured step advances it at every replay) and so does the mirror.
+    /// What ends a training step advances its clock itself (the Adam update's norm finish); a
+    /// sampler step calls this.
+    pub fn advance(&mut self) -> Result<()> {
+        if let Some((buf, dev)) = &mut self.cuda {
+            // SAFETY: the clock is one live u64 of device memory; one thread adds 1 to it.
+            unsafe {
+                dev.kernels()
+                    .step_clock_advance(super::launch::blocks((1, 1, 1), 1), &mut buf.as_view_mut())
+            }?;
+        }
+        self.advanced();
+        Ok(())
+    }
+
     /// Sets the host mirror back to `step`: for a step whose kernels never ran (an abandoned
     /// capture), so the device's value did not move.
     pub(crate) fn rewind_mirror(&mut self, step: u64) {

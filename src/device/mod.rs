@@ -15,7 +15,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 pub use clock::{ClockLink, StepClock};
 pub use cuda::{probe as probe_cuda, CudaDevice};
-pub use graph::CapturedGraph;
+pub use graph::{cuda_graphs_from_env, CapturedGraph};
 pub use launch::{params, Kernels};
 pub use poison::{poison_enabled, set_poison, POISON_BYTE};
 pub use pool::{size_class, GraphArena, PhaseStats, PoolStats, PooledBuffer};

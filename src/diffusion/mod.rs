@@ -9,5 +9,5 @@ pub mod schedule;
 
 pub use precond::{Denoiser, DenoiserSaved, NetSaved, Network};
 pub use presets::{preset, PRESETS};
-pub use sampler::{BatchPart, Denoise, Sampler, SamplerKind};
+pub use sampler::{BatchPart, Denoise, NoiseLevel, Sampler, SamplerKind};
 pub use schedule::{beta33, VeSchedule};

@@ -597,12 +597,7 @@ impl Setup {
         let mut phase = Phase::new(label, obs.n as u64, "images");
         for (chunk, first) in (0..obs.n).step_by(batch).enumerate() {
             let rows = batch.min(obs.n - first);
-            let sampler = Sampler {
-                kind,
-                steps,
-                schedule: self.schedule,
-                rng: Philox::new(seed, chunk as u64),
-            };
+            let sampler = Sampler::new(kind, steps, self.schedule, Philox::new(seed, chunk as u64));
             // On the CPU in parts of CPU_PART_IMAGES, this rank's share (em::sample_batch).
             sample_batch(&mut out, rows, per, CPU_PART_IMAGES, device, comm, |part, at| {
                 let (lo, hi) = (first + part.start, first + part.end);
@@ -635,12 +630,12 @@ impl Setup {
         let mut out = Vec::with_capacity(count * self.data.per());
         for (chunk, first) in (0..count).step_by(batch).enumerate() {
             let rows = batch.min(count - first);
-            let sampler = Sampler {
-                kind: SamplerKind::Ddim,
-                steps: self.cfg.count("prior_steps")?,
-                schedule: self.schedule,
-                rng: Philox::new(seed, chunk as u64),
-            };
+            let sampler = Sampler::new(
+                SamplerKind::Ddim,
+                self.cfg.count("prior_steps")?,
+                self.schedule,
+                Philox::new(seed, chunk as u64),
+            );
             out.extend(
                 sampler
                     .sample(den, &self.image_shape(rows), Some(&mean), DType::F32, device)?

@@ -386,12 +386,7 @@ impl Setup {
         let mut phase = Phase::new(label, self.n as u64, "observations");
         for (chunk, first) in (0..self.n).step_by(batch).enumerate() {
             let rows = batch.min(self.n - first);
-            let sampler = Sampler {
-                kind,
-                steps,
-                schedule: self.schedule,
-                rng: Philox::new(seed, chunk as u64),
-            };
+            let sampler = Sampler::new(kind, steps, self.schedule, Philox::new(seed, chunk as u64));
             // On the CPU in parts of CPU_PART_ROWS rows, this rank's share (em::sample_batch).
             sample_batch(&mut out, rows, d, CPU_PART_ROWS, device, comm, |part, at| {
                 let (lo, hi) = (first + part.start, first + part.end);
@@ -400,6 +395,12 @@ impl Setup {
                 let noise = self.noise(hi - lo, device)?;
                 let mut mmps = Mmps::new(prior, ops.as_ref(), &y, &noise, cg);
                 mmps.covariance = covariance.clone();
+                if sampler.cuda_graphs && device.is_cuda() {
+                    // A step replayed from a graph cannot read residuals back: every solve runs
+                    // all its iterations, its rows frozen on the device at the tolerance (the
+                    // same samples; more CG work where solves converge early).
+                    mmps.cg_check_every = 0;
+                }
                 let mean_view = mean.map(|m| m.as_view()).transpose()?;
                 sampler.sample_part(
                     &mut mmps,

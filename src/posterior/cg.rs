@@ -22,7 +22,10 @@
 //! ([`DEFAULT_CHECK_EVERY`] through [`cg`]) and never after the last iteration, so a solve of at
 //! most that many iterations, as a sampler step's usually is, reads nothing. The price is up to
 //! `check_every - 1` iterations past convergence, which leave a converged solve converged.
-//! Deciding on the device instead would still need the host to learn whether to stop.
+//! Deciding on the device instead would still need the host to learn whether to stop. With
+//! `check_every` = 0 the host never reads: every solve runs `max_iters` iterations, its rows
+//! frozen on the device as they converge, so the solution is the bits a checked solve gives
+//! (a sampler step recorded in a CUDA graph solves so).
 
 use crate::device::launch::grid_stride;
 use crate::error::{Error, Result};
@@ -83,8 +86,9 @@ pub fn cg(
     cg_checked(matvec, b, config, DEFAULT_CHECK_EVERY)
 }
 
-/// [`cg`] with the tolerance checked every `check_every` iterations (0: never; the solve runs
-/// `max_iters` iterations and reads nothing back).
+/// [`cg`] with the tolerance read on the host every `check_every` iterations (0: never; the
+/// solve runs `max_iters` iterations and reads nothing back, each row still stopping on the
+/// device where it meets the tolerance).
 pub fn cg_checked(
     matvec: impl FnMut(&Tensor) -> Result<Tensor>,
     b: &Tensor,
@@ -135,7 +139,9 @@ pub fn cg_floored(
     let mut r = b.as_view()?.to_tensor()?;
     let mut p = b.as_view()?.to_tensor()?;
     let mut rr = row_dot(&r, &r)?;
-    let tol = config.rtol.filter(|_| check_every > 0);
+    // Decided per row on the device; read on the host only with checks.
+    let tol = config.rtol;
+    let host_checks = tol.is_some() && check_every > 0;
     // ||b||^2 per row stays on the device until the first check needs it.
     let b_norm2 = match tol.is_some() || measure {
         true => Some(rr.as_view()?.to_tensor()?),
@@ -180,7 +186,7 @@ pub fn cg_floored(
             }
             break;
         }
-        if let (Some(tol), Some(bn)) = (tol, &b_norm2) {
+        if let (Some(tol), Some(bn), true) = (tol, &b_norm2, host_checks) {
             if it % check_every == 0 {
                 let bn = match &mut b_norm2_host {
                     Some(v) => v,

@@ -7,13 +7,13 @@
 
 use super::cg::{cg_floored, CgConfig, CgStats, DEFAULT_CHECK_EVERY};
 use super::operator::{LinearOperator, ObservationNoise};
-use crate::diffusion::sampler::Denoise;
+use crate::diffusion::sampler::{Denoise, NoiseLevel};
 use crate::diffusion::{Denoiser, DenoiserSaved};
 use crate::error::{Error, Result};
 use crate::gaussian::Gaussian;
 use crate::nn::{Mode, Weights};
-use crate::ops::broadcast::scale_rows_into;
-use crate::ops::{add, axpy, row_norm, scale};
+use crate::ops::broadcast::{scale_rows_add_into, scale_rows_into};
+use crate::ops::{add, axpy, row_norm};
 use crate::tensor::{AsView, Tensor};
 
 /// A prior the posterior samplers can use: a denoiser with VJPs against one saved forward.
@@ -27,6 +27,17 @@ pub trait Prior {
     /// Jᵀ u with J = ∂x̂/∂x_t at the point `saved` came from; `u` has `x_t`'s shape. Runs a
     /// backward only, never the forward again.
     fn vjp(&self, saved: &Self::Saved, u: &Tensor) -> Result<Tensor>;
+    /// [`Prior::denoise_saved`] at a level on the device; by default it reads the level on the
+    /// host ([`NoiseLevel::host`]).
+    fn denoise_saved_level(&self, x_t: &Tensor, level: &NoiseLevel) -> Result<(Tensor, Self::Saved)> {
+        self.denoise_saved(x_t, level.host()?)
+    }
+    /// Whether [`Prior::denoise_saved_level`] reads the level only on the device and neither it
+    /// nor [`Prior::vjp`] synchronises with or uploads from the host (so MMPS over this prior can
+    /// be recorded in a CUDA graph).
+    fn reads_device_levels(&self) -> bool {
+        false
+    }
 }
 
 /// A trained network with its weights, in evaluation mode.
@@ -74,11 +85,28 @@ impl Prior for NetworkPrior<'_> {
     fn vjp(&self, saved: &DenoiserSaved, u: &Tensor) -> Result<Tensor> {
         self.denoiser.vjp(&self.weights()?, saved, &u.as_view()?)
     }
+    fn denoise_saved_level(&self, x_t: &Tensor, level: &NoiseLevel) -> Result<(Tensor, DenoiserSaved)> {
+        self.denoiser.denoise_levels(
+            &self.weights()?,
+            &x_t.as_view()?,
+            &level.sigma.as_view()?,
+            Mode::Eval,
+        )
+    }
+    fn reads_device_levels(&self) -> bool {
+        true
+    }
 }
 
 impl Denoise for NetworkPrior<'_> {
     fn denoise(&mut self, x_t: &Tensor, sigma: f64) -> Result<Tensor> {
         Ok(self.denoise_saved(x_t, sigma)?.0)
+    }
+    fn denoise_level(&mut self, x_t: &Tensor, level: &NoiseLevel) -> Result<Tensor> {
+        Ok(self.denoise_saved_level(x_t, level)?.0)
+    }
+    fn graph_safe(&self) -> bool {
+        true
     }
 }
 
@@ -192,16 +220,22 @@ impl<'a, P: Prior> Mmps<'a, P> {
     }
 
     /// V w for the chosen covariance.
-    fn cov_apply(&self, saved: &P::Saved, sigma: f64, w: &Tensor) -> Result<Option<Tensor>> {
-        let s2 = sigma * sigma;
+    fn cov_apply(&self, saved: &P::Saved, level: &NoiseLevel, w: &Tensor) -> Result<Option<Tensor>> {
         Ok(match &self.covariance {
-            Covariance::Tweedie => Some(scale(&self.prior.vjp(saved, w)?, s2)?),
+            Covariance::Tweedie => Some(rows_scaled(&self.prior.vjp(saved, w)?, &level.sigma2)?),
             Covariance::Zeros => None,
-            Covariance::SigmaT => Some(scale(w, s2)?),
-            Covariance::Ones => Some(scale(w, s2 / (1.0 + s2))?),
-            Covariance::Gaussian(g) => Some(g.posterior_cov_apply(sigma, &w.as_view()?)?),
+            Covariance::SigmaT => Some(rows_scaled(w, &level.sigma2)?),
+            Covariance::Ones => Some(rows_scaled(w, &level.shrink)?),
+            Covariance::Gaussian(g) => Some(g.posterior_cov_apply(level.host()?, &w.as_view()?)?),
         })
     }
+}
+
+/// Row i of `w` times `by[i]`.
+fn rows_scaled(w: &Tensor, by: &Tensor) -> Result<Tensor> {
+    let mut out = Tensor::uninit(w.shape(), w.dtype(), &w.device())?;
+    scale_rows_into(w, by, &mut out)?;
+    Ok(out)
 }
 
 /// x_t flattened to [B, d].
@@ -212,6 +246,22 @@ fn flat(t: &Tensor) -> Result<Tensor> {
 
 impl<P: Prior> Denoise for Mmps<'_, P> {
     fn denoise(&mut self, x_t: &Tensor, sigma: f64) -> Result<Tensor> {
+        let rows = x_t.shape().first().copied().unwrap_or(0);
+        let level = NoiseLevel::from_host(sigma, rows, x_t.dtype(), &x_t.device())?;
+        self.denoise_level(x_t, &level)
+    }
+
+    /// Graph-safe with a prior that reads its level on the device, a CG solve that reads
+    /// nothing back (no tolerance, or `cg_check_every` = 0; no measurement) and a covariance
+    /// other than the Gaussian fit's (which applies σ on the host).
+    fn graph_safe(&self) -> bool {
+        self.prior.reads_device_levels()
+            && !self.measure_cg
+            && (self.cg.rtol.is_none() || self.cg_check_every == 0)
+            && !matches!(self.covariance, Covariance::Gaussian(_))
+    }
+
+    fn denoise_level(&mut self, x_t: &Tensor, level: &NoiseLevel) -> Result<Tensor> {
         let (b, d) = (x_t.shape()[0], x_t.numel() / x_t.shape()[0]);
         if d != self.operator.signal_dim() || self.y.shape() != [b, self.operator.obs_dim()] {
             return Err(Error::shape(
@@ -225,15 +275,14 @@ impl<P: Prior> Denoise for Mmps<'_, P> {
         // with under half of that shows V is not (a network's Jacobian need not be), and CG
         // stops that row instead of stepping along it (posterior::cg's notes).
         let floor = 0.5 * self.noise_floor()?;
-        let (x_hat, saved) = self.prior.denoise_saved(x_t, sigma)?;
+        let (x_hat, saved) = self.prior.denoise_saved_level(x_t, level)?;
         let x_hat_flat = flat(&x_hat)?;
         let mut residual = self.y.as_view()?.to_tensor()?;
         axpy(-1.0, &self.operator.apply(&x_hat_flat.as_view()?)?, &mut residual)?;
-        let s2 = sigma * sigma;
         let matvec = |v: &Tensor| -> Result<Tensor> {
             let noise = self.noise.apply(&v.as_view()?)?;
             let at_v = self.operator.adjoint(&v.as_view()?)?.reshape(x_t.shape())?;
-            match self.cov_apply(&saved, sigma, &at_v)? {
+            match self.cov_apply(&saved, level, &at_v)? {
                 Some(vat) => add(&noise, &self.operator.apply(&flat(&vat)?.as_view()?)?),
                 None => Ok(noise),
             }
@@ -254,8 +303,11 @@ impl<P: Prior> Denoise for Mmps<'_, P> {
             &saved,
             &self.operator.adjoint(&v.as_view()?)?.reshape(x_t.shape())?,
         )?;
-        let mut out = x_hat;
-        axpy(s2, &score, &mut out)?;
+        // x̂ + σ² Jᵀ Aᵀ v, σ² per row from the level.
+        let mut ones = Tensor::uninit(&[b], x_t.dtype(), &x_t.device())?;
+        crate::ops::fill(&mut ones, 1.0)?;
+        let mut out = Tensor::uninit(x_t.shape(), x_t.dtype(), &x_t.device())?;
+        scale_rows_add_into(&x_hat, &ones, &score, &level.sigma2, &mut out)?;
         Ok(out)
     }
 }

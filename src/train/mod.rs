@@ -10,6 +10,8 @@ pub mod adam;
 pub mod augment;
 pub mod log;
 
+/// Re-exported: the trainers' default for [`Trainer::set_cuda_graphs`].
+pub use crate::device::cuda_graphs_from_env;
 pub use adam::{Adam, AdamConfig, LrSchedule, StepStats};
 pub use log::{StepLog, TrainStep};
 
@@ -64,16 +66,6 @@ struct StepGraphs {
     current: Option<StepGraph>,
     /// A capture failed (said once on stderr): steps stay eager until set_cuda_graphs again.
     given_up: bool,
-}
-
-/// `EMPRIOR_CUDA_GRAPHS=1`: every trainer replays its steps from CUDA graphs on a GPU
-/// ([`Trainer::set_cuda_graphs`]). Off by default until the device check has compared replays
-/// with eager steps on a GPU (scripts/device-check.sh).
-pub fn cuda_graphs_from_env() -> bool {
-    matches!(
-        std::env::var("EMPRIOR_CUDA_GRAPHS").as_deref().map(str::trim),
-        Ok("1") | Ok("true") | Ok("yes") | Ok("on")
-    )
 }
 
 /// One captured training step: it reads its batch from `input`.
