@@ -951,7 +951,9 @@ fn posterior_samples<P: Prior>(
         Method::Mmps { cg, covariance } => {
             let mut mmps = Mmps::new(prior, operator, y, noise, cg);
             mmps.covariance = covariance;
-            mmps.measure_cg = true;
+            // Measuring reads each solve's residual back, which a step replayed from a CUDA
+            // graph cannot: with graphs on a GPU the residual goes unreported.
+            mmps.measure_cg = !(sampler.cuda_graphs && device.is_cuda());
             let (x, secs) = sample(&mut mmps)?;
             Ok((x, mmps.worst_cg_residual, secs))
         }

@@ -323,14 +323,16 @@ fn sampler_replay_is_eager(d: &Device) {
                 assert!(mmps.graph_safe());
                 let shape: Vec<usize> = [rows].iter().chain(&sample).copied().collect();
                 let part = BatchPart { first: lo, total: n };
-                let mut call = sampler.begin(&shape, part, None, DType::F32, d).unwrap();
+                let mut call = sampler
+                    .begin(&mut mmps, &shape, part, None, DType::F32, d)
+                    .unwrap();
                 while call.steps_left() > 0 {
-                    call.step(&mut mmps).unwrap();
+                    call.step().unwrap();
                 }
                 if graphs && d.is_cuda() {
                     assert!(call.replaying(), "the steps ended on a replayed graph");
                 }
-                out.extend(call.finish(&mut mmps).unwrap().to_vec_f32().unwrap());
+                out.extend(call.finish().unwrap().to_vec_f32().unwrap());
             }
             out.iter().map(|x| x.to_bits()).collect::<Vec<_>>()
         };

@@ -317,12 +317,12 @@ fn sampler_steps_take_nothing_from_the_host() {
             let sampler = Sampler::new(kind, 5, VeSchedule::new(1e-3, 10.0), Philox::new(6, 1));
             let shape: Vec<usize> = [n].iter().chain(&sample).copied().collect();
             let mut call = sampler
-                .begin(&shape, BatchPart::whole(n), None, DType::F32, &CPU)
+                .begin(&mut mmps, &shape, BatchPart::whole(n), None, DType::F32, &CPU)
                 .unwrap();
-            call.step(&mut mmps).unwrap();
+            call.step().unwrap();
             let before = Counts::now();
             for _ in 0..3 {
-                call.step(&mut mmps).unwrap();
+                call.step().unwrap();
             }
             let steps = Counts::since(before);
             assert_eq!(
@@ -330,7 +330,7 @@ fn sampler_steps_take_nothing_from_the_host() {
                 (0, 0),
                 "case {i} {precision:?}: {steps:?}"
             );
-            let stepped = call.finish(&mut mmps).unwrap().to_vec_f32().unwrap();
+            let stepped = call.finish().unwrap().to_vec_f32().unwrap();
             let whole = sampler
                 .sample(&mut mmps, &shape, None, DType::F32, &CPU)
                 .unwrap()

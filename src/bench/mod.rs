@@ -490,13 +490,14 @@ pub fn run_networks_gpu(
             let mut sampler = Sampler::new(SamplerKind::Ddpm, repeats + 3, schedule, Philox::new(4, 5));
             sampler.cuda_graphs = graphs;
             let mut call = sampler.begin(
+                &mut mmps,
                 &[batch, 32, 32, 3],
                 BatchPart::whole(batch),
                 None,
                 DType::F32,
                 device,
             )?;
-            let ms = time_gpu(dev, repeats, || call.step(&mut mmps))?;
+            let ms = time_gpu(dev, repeats, || call.step())?;
             row(
                 match (graphs, call.replaying()) {
                     (false, _) => "DDPM + MMPS sampler step, eager",
@@ -776,20 +777,21 @@ pub fn run_host_traffic(device: &Device, quick: bool) -> Result<Vec<TrafficRow>>
         };
         let mut sampler = Sampler::new(kind, steps + 3, VeSchedule::new(1e-3, 10.0), Philox::new(11, 5));
         sampler.cuda_graphs = graphs;
+        let solve = match rtol {
+            Some(r) => format!("rtol {r:e}, checked every {}", mmps.cg_check_every),
+            None => "no tolerance".into(),
+        };
         let mut call = sampler.begin(
+            &mut mmps,
             &[observations, 5],
             BatchPart::whole(observations),
             None,
             DType::F32,
             device,
         )?;
-        let solve = match rtol {
-            Some(r) => format!("rtol {r:e}, checked every {}", mmps.cg_check_every),
-            None => "no tolerance".into(),
-        };
         if graphs {
             // Its eager first step; per_step's own warm-up is then the capture.
-            call.step(&mut mmps)?;
+            call.step()?;
         }
         let how = if graphs { ", CUDA graph replay" } else { "" };
         rows.push(per_step(
@@ -797,7 +799,7 @@ pub fn run_host_traffic(device: &Device, quick: bool) -> Result<Vec<TrafficRow>>
                 "PC + MMPS sampler step{how} ({observations} observations, CG {iters} iterations, {solve})"
             ),
             steps,
-            || call.step(&mut mmps),
+            || call.step(),
         )?);
         if graphs && !call.replaying() {
             rows.last_mut().expect("pushed above").what += " [capture failed: eager]";

@@ -176,8 +176,8 @@ fn pc_mmps_step(device: &Device, repeats: usize) -> Result<(f64, usize, f64)> {
     };
     let mut sampler = Sampler::new(kind, repeats + 3, VeSchedule::new(1e-3, 10.0), Philox::new(9, 4));
     sampler.cuda_graphs = false;
-    let mut call = sampler.begin(&[N, 5], BatchPart::whole(N), None, DType::F32, device)?;
-    let ms = time(device, repeats, || call.step(&mut mmps))?;
+    let mut call = sampler.begin(&mut mmps, &[N, 5], BatchPart::whole(N), None, DType::F32, device)?;
+    let ms = time(device, repeats, || call.step())?;
     // 2 calls x (1 forward + 4 VJPs of about 2 forwards each).
     Ok((ms, den.layout().len(), 2.0 * 9.0 * forward_flops(&den) * N as f64))
 }

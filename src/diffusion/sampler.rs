@@ -21,6 +21,9 @@ use crate::ops::{mismatch, one_device, Philox};
 use crate::real::Real;
 use crate::tensor::{AsView, AsViewMut, DType, Data, DataMut, Tensor, View};
 
+/// A sampler step failed to be captured in this process (its reason is said once).
+static CAPTURE_FAILED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
 /// Columns of a sampler's table ([`Sampler::table`]): one row per grid point k = 0 ..= S.
 pub mod table {
     /// Values per row.
@@ -51,11 +54,18 @@ pub struct NoiseLevel {
 }
 
 impl NoiseLevel {
-    /// The level `sigma` for `rows` rows, made from the host (three small uploads; for direct
-    /// calls, not a sampler's steps).
+    /// The level `sigma` for `rows` rows, made from the host (for direct calls, not a sampler's
+    /// steps): on a GPU filled by kernels (f32, rounded once), on the CPU three small columns.
     pub fn from_host(sigma: f64, rows: usize, dtype: DType, device: &Device) -> Result<Self> {
         let s2 = sigma * sigma;
-        let col = |v: f64| Tensor::from_f64_as(&vec![v; rows], &[rows], dtype, device);
+        let col = |v: f64| match device {
+            Device::Cuda(_) => {
+                let mut t = Tensor::uninit(&[rows], dtype, device)?;
+                crate::ops::fill(&mut t, v as f32)?;
+                Ok(t)
+            }
+            Device::Cpu => Tensor::from_f64_as(&vec![v; rows], &[rows], dtype, device),
+        };
         Ok(NoiseLevel {
             sigma: col(sigma)?,
             sigma2: col(s2)?,
@@ -86,6 +96,7 @@ impl NoiseLevel {
             let (mut a, mut b, mut c) = (sigma.as_view_mut()?, sigma2.as_view_mut()?, shrink.as_view_mut()?);
             match (&table.data, &mut a.data, &mut b.data, &mut c.data) {
                 (Data::Cuda(t, dev), DataMut::Cuda(a, _), DataMut::Cuda(b, _), DataMut::Cuda(c, _)) => {
+                    no_null_clock("NoiseLevel::at", clock)?;
                     // SAFETY: the table holds rows past the clock's step + ahead (checked against
                     // the host's step, which the device's equals when the work runs); a, b and c
                     // hold `rows` values.
@@ -212,8 +223,19 @@ pub struct Sampler {
     /// On a GPU, with a [`Denoise::graph_safe`] denoiser: the first step runs eagerly, the second
     /// is recorded as a CUDA graph, and it and every later step are replays of it (one launch
     /// each instead of one per kernel). The same bits as eager steps. A capture that fails says
-    /// why once on stderr and the call goes on eagerly. Default: `EMPRIOR_CUDA_GRAPHS`.
+    /// why on stderr (once per process) and the call goes on eagerly. Default:
+    /// `EMPRIOR_CUDA_GRAPHS`.
     pub cuda_graphs: bool,
+}
+
+/// The kernels read the clock's row on the device: a link made from a CPU clock has no address.
+fn no_null_clock(op: &str, clock: ClockLink) -> Result<()> {
+    match clock.address {
+        0 => Err(Error::Other(format!(
+            "{op}: its step clock is not on the GPU (make it with StepClock::new on the tensors' device)"
+        ))),
+        _ => Ok(()),
+    }
 }
 
 /// x <- x - a (x - d) + c eps in place, with (a, c) the values at columns `column`,
@@ -271,6 +293,7 @@ pub fn sampler_step(
         (DataMut::F32(xs), Data::F32(ds), Data::F32(t)) => host(xs, ds, &t[at..at + 2], rng, offset),
         (DataMut::F64(xs), Data::F64(ds), Data::F64(t)) => host(xs, ds, &t[at..at + 2], rng, offset),
         (DataMut::Cuda(xs, dev), Data::Cuda(ds, _), Data::Cuda(t, _)) => {
+            no_null_clock("sampler_step", clock)?;
             let (clock, sps, ops) = rng.clock_args();
             // SAFETY: x and d hold n values (shapes checked above); the table has the clock's
             // row (checked against the host's step, which the device's equals when this runs).
@@ -391,20 +414,23 @@ impl Sampler {
         dtype: DType,
         device: &Device,
     ) -> Result<Tensor> {
-        self.begin(shape, part, mean, dtype, device)?.finish(den)
+        self.begin(den, shape, part, mean, dtype, device)?.finish()
     }
 
-    /// The start of a sampler call, to be driven step by step ([`SamplerCall::step`], then
-    /// [`SamplerCall::finish`]; [`Sampler::sample_part`] does both): the starting point
-    /// mean + σ_max z for rows `part.first ..` of `shape`, the table and the step clock.
-    pub fn begin(
-        &self,
+    /// The start of a sampler call with `den`, to be driven step by step
+    /// ([`SamplerCall::step`], then [`SamplerCall::finish`]; [`Sampler::sample_part`] does both):
+    /// the starting point mean + σ_max z for rows `part.first ..` of `shape`, the table and the
+    /// step clock. The call holds `den` to its end: a step replayed from a graph runs the
+    /// denoiser it recorded, so no other may take its place.
+    pub fn begin<'a, D: Denoise>(
+        &'a self,
+        den: &'a mut D,
         shape: &[usize],
         part: BatchPart,
         mean: Option<&View>,
         dtype: DType,
         device: &Device,
-    ) -> Result<SamplerCall<'_>> {
+    ) -> Result<SamplerCall<'a, D>> {
         if self.steps == 0 {
             return Err(Error::Other("a sampler needs at least one step".into()));
         }
@@ -430,6 +456,7 @@ impl Sampler {
         }
         Ok(SamplerCall {
             sampler: self,
+            den,
             table: self.table(dtype, device)?,
             clock: StepClock::new(0, device)?,
             whole: (part.total * per) as u64,
@@ -443,11 +470,11 @@ impl Sampler {
     }
 }
 
-/// A sampler call in progress ([`Sampler::begin`]): the current samples, the table, the step
-/// clock, and on a GPU the step captured as a CUDA graph once there is one. Every step must be
-/// given the same denoiser (a replay runs the one it recorded).
-pub struct SamplerCall<'a> {
+/// A sampler call in progress ([`Sampler::begin`]): its denoiser, the current samples, the
+/// table, the step clock, and on a GPU the step captured as a CUDA graph once there is one.
+pub struct SamplerCall<'a, D: Denoise> {
     sampler: &'a Sampler,
+    den: &'a mut D,
     table: Tensor,
     clock: StepClock,
     /// Normals per noise block (the whole batch's elements): block 1 + k is step k's update,
@@ -463,7 +490,7 @@ pub struct SamplerCall<'a> {
     given_up: bool,
 }
 
-impl SamplerCall<'_> {
+impl<D: Denoise> SamplerCall<'_, D> {
     /// Steps not yet taken.
     pub fn steps_left(&self) -> usize {
         self.sampler.steps - self.clock.step() as usize
@@ -480,8 +507,8 @@ impl SamplerCall<'_> {
     }
 
     /// The next step, k → k + 1: eager, recorded (the second step of a call whose sampler
-    /// wants CUDA graphs, on a GPU, with a graph-safe `den`) or replayed (the steps after).
-    pub fn step(&mut self, den: &mut impl Denoise) -> Result<()> {
+    /// wants CUDA graphs, on a GPU, with a graph-safe denoiser) or replayed (the steps after).
+    pub fn step(&mut self) -> Result<()> {
         let k = self.clock.step() as usize;
         if k >= self.sampler.steps {
             return Err(Error::Other(format!(
@@ -491,7 +518,7 @@ impl SamplerCall<'_> {
         }
         let host = Some((self.grid[k], self.grid[k + 1]));
         let graphed = match &self.device {
-            Device::Cuda(dev) if self.sampler.cuda_graphs && !self.given_up && den.graph_safe() => {
+            Device::Cuda(dev) if self.sampler.cuda_graphs && !self.given_up && self.den.graph_safe() => {
                 Some(dev.clone())
             }
             _ => None,
@@ -503,31 +530,34 @@ impl SamplerCall<'_> {
             }
             // The first step eagerly (the pool then holds what the capture takes), the second
             // recorded and launched.
-            (Some(dev), None) if k > 0 => match dev.capture(|| self.eager(den, None)) {
+            (Some(dev), None) if k > 0 => match dev.capture(|| self.eager(None)) {
                 Ok(g) => {
                     g.replay()?;
                     self.graph = Some(g);
                 }
                 Err(e) => {
-                    eprintln!("warning: CUDA graphs off for this sampler call: {e}");
+                    if !CAPTURE_FAILED.swap(true, std::sync::atomic::Ordering::Relaxed) {
+                        eprintln!("warning: a sampler step could not be captured as a CUDA graph, so it runs eagerly (said once per process): {e}");
+                    }
                     self.given_up = true;
                     // Nothing recorded ran: the clock's device value did not move.
                     self.clock.rewind_mirror(k as u64);
-                    self.eager(den, host)?;
+                    self.eager(host)?;
                 }
             },
             _ => {
                 self.graph = None;
-                self.eager(den, host)?
+                self.eager(host)?
             }
         }
-        den.step_done(self.sampler.calls_per_step(), self.grid[k + 1], &self.device)
+        self.den
+            .step_done(self.sampler.calls_per_step(), self.grid[k + 1], &self.device)
     }
 
     /// Takes the steps left and the final denoiser call at σ_min: the samples.
-    pub fn finish(mut self, den: &mut impl Denoise) -> Result<Tensor> {
+    pub fn finish(mut self) -> Result<Tensor> {
         while self.steps_left() > 0 {
-            self.step(den)?;
+            self.step()?;
         }
         self.graph = None;
         let (rows, sigma_min) = (self.x.shape()[0], self.grid[self.sampler.steps]);
@@ -538,19 +568,19 @@ impl SamplerCall<'_> {
             rows,
             Some(sigma_min),
         )?;
-        let out = den.denoise_level(&self.x, &last)?;
-        den.step_done(1, sigma_min, &self.device)?;
+        let out = self.den.denoise_level(&self.x, &last)?;
+        self.den.step_done(1, sigma_min, &self.device)?;
         Ok(out)
     }
 
     /// The step at the clock, queued op by op, advancing the clock. `host`: (σ_k, σ_{k+1}) for
     /// denoisers that read the level on the host; None while the step is recorded in a graph.
-    fn eager(&mut self, den: &mut impl Denoise, host: Option<(f64, f64)>) -> Result<()> {
+    fn eager(&mut self, host: Option<(f64, f64)>) -> Result<()> {
         let (s, rows) = (self.sampler, self.x.shape()[0]);
         let (whole, base, steps) = (self.whole, self.base, s.steps as u64);
         let table = self.table.as_view()?;
         let at_t = NoiseLevel::at(&table, self.clock.link(0, 0), 0, rows, host.map(|h| h.0))?;
-        let d = den.denoise_level(&self.x, &at_t)?;
+        let d = self.den.denoise_level(&self.x, &at_t)?;
         drop(at_t);
         // The predictor's noise (DDPM's only) is block 1 + k.
         let predictor = s.rng.moving(self.clock.link(0, whole));
@@ -561,7 +591,7 @@ impl SamplerCall<'_> {
             // Correction j of step k draws block 1 + S + k * corrections + j.
             let corrector = s.rng.moving(self.clock.link(0, corrections as u64 * whole));
             for j in 0..corrections as u64 {
-                let d = den.denoise_level(&self.x, &at_s)?;
+                let d = self.den.denoise_level(&self.x, &at_s)?;
                 let offset = (1 + steps + j) * whole + base;
                 sampler_step(&mut self.x, &d, &table, table::CORRECTOR, corrector, offset)?;
             }

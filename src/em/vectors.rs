@@ -398,8 +398,12 @@ impl Setup {
                 if sampler.cuda_graphs && device.is_cuda() {
                     // A step replayed from a graph cannot read residuals back: every solve runs
                     // all its iterations, its rows frozen on the device at the tolerance (the
-                    // same samples; more CG work where solves converge early).
-                    mmps.cg_check_every = 0;
+                    // same samples; more CG work where solves converge early). Only where the
+                    // steps can be captured at all (not with the Gaussian covariance).
+                    let checked = std::mem::replace(&mut mmps.cg_check_every, 0);
+                    if !crate::diffusion::Denoise::graph_safe(&mmps) {
+                        mmps.cg_check_every = checked;
+                    }
                 }
                 let mean_view = mean.map(|m| m.as_view()).transpose()?;
                 sampler.sample_part(

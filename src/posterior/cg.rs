@@ -118,6 +118,15 @@ fn worst_ratio(rr: &[f64], bn: &[f64]) -> f64 {
         .fold(0.0, f64::max)
 }
 
+/// Whether every row meets the tolerance as [`step_sizes`] decides it on the device
+/// (rr <= tol² · ||b||² in the tensors' precision), so that no row moves from here on.
+fn all_converged(rr: &[f64], bn: &[f64], tol2: f64, dtype: crate::tensor::DType) -> bool {
+    rr.iter().zip(bn).all(|(&r, &b)| match dtype {
+        crate::tensor::DType::F64 => r <= tol2 * b,
+        _ => (r as f32) <= (tol2 as f32) * (b as f32),
+    })
+}
+
 /// [`cg_checked`] (or, with `measure`, [`cg_measured`]) that also stops a row at a direction
 /// whose curvature pᵀMp is at most `min_curvature`·pᵀp (module notes). For M = Σ_y + A V Aᵀ with
 /// V positive semi-definite, pᵀMp >= λ_min(Σ_y)·pᵀp, so a floor below λ_min(Σ_y) only stops rows
@@ -186,15 +195,18 @@ pub fn cg_floored(
             }
             break;
         }
-        if let (Some(tol), Some(bn), true) = (tol, &b_norm2, host_checks) {
+        if let (Some(bn), true) = (&b_norm2, host_checks) {
             if it % check_every == 0 {
                 let bn = match &mut b_norm2_host {
                     Some(v) => v,
                     slot => slot.insert(bn.as_view()?.to_vec_f64()?),
                 };
-                let worst = worst_ratio(&rr_next.as_view()?.to_vec_f64()?, bn);
+                let rr_host = rr_next.as_view()?.to_vec_f64()?;
+                let worst = worst_ratio(&rr_host, bn);
                 stats.worst_relative_residual = Some(worst);
-                if worst <= tol {
+                // Stop exactly when every row is frozen on the device, so a solve that never
+                // reads gives the same bits.
+                if all_converged(&rr_host, bn, tol2, dtype) {
                     if measure {
                         stats.final_relative_residual = Some(worst);
                     }
