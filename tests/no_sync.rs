@@ -339,6 +339,34 @@ fn sampler_steps_take_nothing_from_the_host() {
             assert!(stepped.iter().all(|v| v.is_finite()));
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             assert_eq!(bits(&stepped), bits(&whole), "case {i} {precision:?}");
+            // DPS, the baseline, over the same prior: its step weights stay on the device too.
+            let mut dps = emprior::posterior::Dps {
+                prior: &prior,
+                operator: operator.as_ref(),
+                y: &y,
+                zeta: 1.0,
+            };
+            assert!(dps.graph_safe());
+            let mut call = sampler
+                .begin(&mut dps, &shape, BatchPart::whole(n), None, DType::F32, &CPU)
+                .unwrap();
+            let before = Counts::now();
+            for _ in 0..3 {
+                call.step().unwrap();
+            }
+            let steps = Counts::since(before);
+            assert_eq!(
+                (steps.syncs, steps.uploads),
+                (0, 0),
+                "DPS, case {i} {precision:?}: {steps:?}"
+            );
+            assert!(call
+                .finish()
+                .unwrap()
+                .to_vec_f32()
+                .unwrap()
+                .iter()
+                .all(|v| v.is_finite()));
         }
     }
 }

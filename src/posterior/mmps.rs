@@ -13,7 +13,7 @@ use crate::error::{Error, Result};
 use crate::gaussian::Gaussian;
 use crate::nn::{Mode, Weights};
 use crate::ops::broadcast::{scale_rows_add_into, scale_rows_into};
-use crate::ops::{add, axpy, row_norm};
+use crate::ops::{add, axpy, div_guarded, row_norm, scale};
 use crate::tensor::{AsView, Tensor};
 
 /// A prior the posterior samplers can use: a denoiser with VJPs against one saved forward.
@@ -327,16 +327,23 @@ pub struct Dps<'a, P: Prior> {
 
 impl<P: Prior> Denoise for Dps<'_, P> {
     fn denoise(&mut self, x_t: &Tensor, sigma: f64) -> Result<Tensor> {
-        let (x_hat, saved) = self.prior.denoise_saved(x_t, sigma)?;
+        let rows = x_t.shape().first().copied().unwrap_or(0);
+        let level = NoiseLevel::from_host(sigma, rows, x_t.dtype(), &x_t.device())?;
+        self.denoise_level(x_t, &level)
+    }
+
+    /// Graph-safe over a prior that reads its level on the device: the step's weights are
+    /// computed there too.
+    fn graph_safe(&self) -> bool {
+        self.prior.reads_device_levels()
+    }
+
+    fn denoise_level(&mut self, x_t: &Tensor, level: &NoiseLevel) -> Result<Tensor> {
+        let (x_hat, saved) = self.prior.denoise_saved_level(x_t, level)?;
         let mut r = self.y.as_view()?.to_tensor()?;
         axpy(-1.0, &self.operator.apply(&flat(&x_hat)?.as_view()?)?, &mut r)?;
-        let norms = row_norm(&r)?.as_view()?.to_vec_f64()?;
-        let b = x_t.shape()[0];
-        let weights: Vec<f64> = norms
-            .iter()
-            .map(|n| sigma * sigma * self.zeta / n.max(1e-12))
-            .collect();
-        let weights = Tensor::from_f64_as(&weights, &[b], x_t.dtype(), &x_t.device())?;
+        // ζ σ² / ||r|| per row, on the device (0 where r = 0, whose step is 0 either way).
+        let weights = div_guarded(&scale(&level.sigma2, self.zeta)?, &row_norm(&r)?)?;
         let g = self.prior.vjp(
             &saved,
             &self.operator.adjoint(&r.as_view()?)?.reshape(x_t.shape())?,
