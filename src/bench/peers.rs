@@ -125,7 +125,9 @@ fn train_step(
     Ok((ms, count, flops))
 }
 
-/// One forward at sigma = 1 keeping its activations, then one VJP.
+/// One forward at sigma = 1 keeping its activations, then one VJP. On the CPU the batch runs in
+/// parts of `CPU_PART_IMAGES` images, both cores one part each at a time, as the E-step runs its
+/// MMPS calls (the training step's parts are the trainer's own).
 fn forward_vjp(
     device: &Device,
     den: &Denoiser,
@@ -138,9 +140,23 @@ fn forward_vjp(
     let sigmas = vec![1.0; shape[0]];
     let copy = den.layout().bf16_copy(&params)?;
     let pv = Weights::new(params.as_view()?, copy.as_ref())?;
+    let per = x.numel() / shape[0];
+    let part = |rows: std::ops::Range<usize>| -> Result<()> {
+        let mut part_shape = shape.to_vec();
+        part_shape[0] = rows.len();
+        let xv = x.as_view()?.sub(rows.start * per, &part_shape)?;
+        let uv = u.as_view()?.sub(rows.start * per, &part_shape)?;
+        let (_, saved) = den.denoise(&pv, &xv, &sigmas[rows], Mode::Eval)?;
+        den.vjp(&pv, &saved, &uv).map(drop)
+    };
+    let part_rows = match device {
+        Device::Cpu => crate::em::images::CPU_PART_IMAGES,
+        Device::Cuda(_) => shape[0],
+    };
     let ms = time(device, repeats, || {
-        let (_, saved) = den.denoise(&pv, &x.as_view()?, &sigmas, Mode::Eval)?;
-        den.vjp(&pv, &saved, &u.as_view()?).map(drop)
+        ops::parallel::map_parts(shape[0], part_rows, &part)
+            .into_iter()
+            .collect()
     })?;
     Ok((ms, den.layout().len(), 3.0 * forward_flops(den) * shape[0] as f64))
 }

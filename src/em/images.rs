@@ -51,7 +51,7 @@ use crate::train::{AdamConfig, LrSchedule, Trainer};
 /// Images per part of an E-step batch on the CPU (diffusion::BatchPart). CIFAR-10 quick preset's
 /// E-step (384 images, 24 DDPM + MMPS steps, batches of 64), 2 cores: 92.8 s whole, 35.9 s in
 /// parts of 4, 34.2 s of 8, 39.9 s of 16.
-const CPU_PART_IMAGES: usize = 8;
+pub(crate) const CPU_PART_IMAGES: usize = 8;
 
 /// Purposes for `derive_seed`.
 const SEED_INIT: u64 = 1;
