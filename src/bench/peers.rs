@@ -154,7 +154,7 @@ fn forward_vjp(
         Device::Cuda(_) => shape[0],
     };
     let ms = time(device, repeats, || {
-        ops::parallel::map_parts(shape[0], part_rows, &part)
+        ops::parallel::map_parts(shape[0], part_rows, part)
             .into_iter()
             .collect()
     })?;
