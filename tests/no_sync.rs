@@ -320,11 +320,7 @@ fn sampler_steps_take_nothing_from_the_host() {
                 .begin(&mut mmps, &shape, BatchPart::whole(n), None, DType::F32, &CPU)
                 .unwrap();
             call.step().unwrap();
-            let before = Counts::now();
-            for _ in 0..3 {
-                call.step().unwrap();
-            }
-            let steps = Counts::since(before);
+            let steps = three_steps(&mut call);
             assert_eq!(
                 (steps.syncs, steps.uploads),
                 (0, 0),
@@ -350,11 +346,7 @@ fn sampler_steps_take_nothing_from_the_host() {
             let mut call = sampler
                 .begin(&mut dps, &shape, BatchPart::whole(n), None, DType::F32, &CPU)
                 .unwrap();
-            let before = Counts::now();
-            for _ in 0..3 {
-                call.step().unwrap();
-            }
-            let steps = Counts::since(before);
+            let steps = three_steps(&mut call);
             assert_eq!(
                 (steps.syncs, steps.uploads),
                 (0, 0),
@@ -369,4 +361,15 @@ fn sampler_steps_take_nothing_from_the_host() {
                 .all(|v| v.is_finite()));
         }
     }
+}
+
+/// What three more steps of a sampler call count.
+fn three_steps<D: emprior::diffusion::Denoise>(
+    call: &mut emprior::diffusion::sampler::SamplerCall<'_, D>,
+) -> Counts {
+    let before = Counts::now();
+    for _ in 0..3 {
+        call.step().unwrap();
+    }
+    Counts::since(before)
 }

@@ -74,6 +74,12 @@ impl NoiseLevel {
         })
     }
 
+    /// [`NoiseLevel::from_host`] for every row of `x_t`, on its device and in its dtype.
+    pub fn for_batch(sigma: f64, x_t: &Tensor) -> Result<Self> {
+        let rows = x_t.shape().first().copied().unwrap_or(0);
+        Self::from_host(sigma, rows, x_t.dtype(), &x_t.device())
+    }
+
     /// Row `ahead` past the clock's step of a sampler's `table` (`[S + 1, table::WIDTH]`), for
     /// `rows` rows, read on the device when the work runs (on the CPU, at the step the link was
     /// made at). `host` is the same σ on the host, or None where nothing may read it (a step being
@@ -82,14 +88,8 @@ impl NoiseLevel {
         crate::device::note_op();
         let (dtype, device) = (table.dtype(), table.device());
         let row = clock.step as usize + ahead;
-        if table.shape().len() != 2 || table.shape()[1] != table::WIDTH || row >= table.shape()[0] {
-            return Err(Error::shape(
-                "NoiseLevel::at",
-                "table",
-                format!("[> {row}, {}]", table::WIDTH),
-                table.shape(),
-            ));
-        }
+        // σ, σ² and σ²/(1 + σ²): the first three columns.
+        check_table("NoiseLevel::at", table, row, table::SIGMA, 3)?;
         let make = || Tensor::uninit(&[rows], dtype, &device);
         let (mut sigma, mut sigma2, mut shrink) = (make()?, make()?, make()?);
         {
@@ -238,6 +238,21 @@ fn no_null_clock(op: &str, clock: ClockLink) -> Result<()> {
     }
 }
 
+/// An error unless `table` is a sampler's table (`[rows, table::WIDTH]`) with row `row` and the
+/// `count` columns from `column`.
+fn check_table(op: &'static str, table: &View, row: usize, column: usize, count: usize) -> Result<()> {
+    let shape = table.shape();
+    if shape.len() == 2 && shape[1] == table::WIDTH && row < shape[0] && column + count <= table::WIDTH {
+        return Ok(());
+    }
+    Err(Error::shape(
+        op,
+        "table",
+        format!("[> {row}, {}] (column {column})", table::WIDTH),
+        shape,
+    ))
+}
+
 /// x <- x - a (x - d) + c eps in place, with (a, c) the values at columns `column`,
 /// `column + 1` of `table`'s row at `rng`'s clock step, and eps = normals `offset ..` of `rng`
 /// as it stands at that step (both read on the device when the kernel runs: a replayed step
@@ -263,18 +278,7 @@ pub fn sampler_step(
         return Err(Error::shape("sampler_step", "denoised", xv.shape(), dv.shape()));
     }
     let row = clock.step as usize;
-    if table.shape().len() != 2
-        || table.shape()[1] != table::WIDTH
-        || row >= table.shape()[0]
-        || column + 1 >= table::WIDTH
-    {
-        return Err(Error::shape(
-            "sampler_step",
-            "table",
-            format!("[> {row}, {}] (column {column})", table::WIDTH),
-            table.shape(),
-        ));
-    }
+    check_table("sampler_step", table, row, column, 2)?;
     let n = xv.numel();
     fn host<T: Real>(x: &mut [T], d: &[T], coef: &[T], rng: Philox, offset: u64) {
         let (a, c) = (coef[0], coef[1]);
@@ -454,18 +458,23 @@ impl Sampler {
             let mut flat = x.as_view_mut()?.reshape(&[rows, per])?;
             add_bias(&mut flat, &mu.reshape(&[per])?)?;
         }
+        // Fixed for the call: the sampler's setting, the device and the denoiser it holds.
+        let graphs = match device {
+            Device::Cuda(dev) if self.cuda_graphs && den.graph_safe() => Some(dev.clone()),
+            _ => None,
+        };
         Ok(SamplerCall {
             sampler: self,
-            den,
             table: self.table(dtype, device)?,
             clock: StepClock::new(0, device)?,
             whole: (part.total * per) as u64,
             base,
             grid,
             x,
+            graphs,
+            den,
             device: device.clone(),
             graph: None,
-            given_up: false,
         })
     }
 }
@@ -484,10 +493,11 @@ pub struct SamplerCall<'a, D: Denoise> {
     base: u64,
     grid: Vec<f64>,
     x: Tensor,
+    /// The GPU whose steps are recorded and replayed as a graph (None: eager steps, also after
+    /// a capture failed).
+    graphs: Option<std::sync::Arc<crate::device::CudaDevice>>,
     device: Device,
     graph: Option<crate::device::CapturedGraph>,
-    /// A capture failed (said on stderr): the call's other steps run eagerly.
-    given_up: bool,
 }
 
 impl<D: Denoise> SamplerCall<'_, D> {
@@ -501,11 +511,6 @@ impl<D: Denoise> SamplerCall<'_, D> {
         self.graph.is_some()
     }
 
-    /// The current samples.
-    pub fn x(&self) -> &Tensor {
-        &self.x
-    }
-
     /// The next step, k → k + 1: eager, recorded (the second step of a call whose sampler
     /// wants CUDA graphs, on a GPU, with a graph-safe denoiser) or replayed (the steps after).
     pub fn step(&mut self) -> Result<()> {
@@ -517,14 +522,8 @@ impl<D: Denoise> SamplerCall<'_, D> {
             )));
         }
         let host = Some((self.grid[k], self.grid[k + 1]));
-        let graphed = match &self.device {
-            Device::Cuda(dev) if self.sampler.cuda_graphs && !self.given_up && self.den.graph_safe() => {
-                Some(dev.clone())
-            }
-            _ => None,
-        };
-        match (graphed, &self.graph) {
-            (Some(_), Some(g)) => {
+        match (self.graphs.clone(), &self.graph) {
+            (_, Some(g)) => {
                 g.replay()?;
                 self.clock.advanced();
             }
@@ -539,16 +538,13 @@ impl<D: Denoise> SamplerCall<'_, D> {
                     if !CAPTURE_FAILED.swap(true, std::sync::atomic::Ordering::Relaxed) {
                         eprintln!("warning: a sampler step could not be captured as a CUDA graph, so it runs eagerly (said once per process): {e}");
                     }
-                    self.given_up = true;
+                    self.graphs = None;
                     // Nothing recorded ran: the clock's device value did not move.
                     self.clock.rewind_mirror(k as u64);
                     self.eager(host)?;
                 }
             },
-            _ => {
-                self.graph = None;
-                self.eager(host)?
-            }
+            _ => self.eager(host)?,
         }
         self.den
             .step_done(self.sampler.calls_per_step(), self.grid[k + 1], &self.device)

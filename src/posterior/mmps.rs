@@ -246,9 +246,7 @@ fn flat(t: &Tensor) -> Result<Tensor> {
 
 impl<P: Prior> Denoise for Mmps<'_, P> {
     fn denoise(&mut self, x_t: &Tensor, sigma: f64) -> Result<Tensor> {
-        let rows = x_t.shape().first().copied().unwrap_or(0);
-        let level = NoiseLevel::from_host(sigma, rows, x_t.dtype(), &x_t.device())?;
-        self.denoise_level(x_t, &level)
+        self.denoise_level(x_t, &NoiseLevel::for_batch(sigma, x_t)?)
     }
 
     /// Graph-safe with a prior that reads its level on the device, a CG solve that reads
@@ -327,9 +325,7 @@ pub struct Dps<'a, P: Prior> {
 
 impl<P: Prior> Denoise for Dps<'_, P> {
     fn denoise(&mut self, x_t: &Tensor, sigma: f64) -> Result<Tensor> {
-        let rows = x_t.shape().first().copied().unwrap_or(0);
-        let level = NoiseLevel::from_host(sigma, rows, x_t.dtype(), &x_t.device())?;
-        self.denoise_level(x_t, &level)
+        self.denoise_level(x_t, &NoiseLevel::for_batch(sigma, x_t)?)
     }
 
     /// Graph-safe over a prior that reads its level on the device: the step's weights are
