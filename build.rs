@@ -45,6 +45,8 @@ struct Toolkit {
 
 struct Built {
     name: String,
+    /// The one architecture the module is built for (`// build: sm_90a only`), if any.
+    target: Option<String>,
     ptx: PathBuf,
     fatbin: PathBuf,
     ptx_isa: String,
@@ -246,7 +248,28 @@ fn compile_one(
     let key_path = out_dir.join(format!("{name}.inputs"));
     let key = inputs_key(tk, src, kernel_dir, out_dir, archs, ptx_arch);
     let cached = ptx.is_file() && fatbin.is_file() && fs::read_to_string(&key_path).is_ok_and(|k| k == key);
-    if !cached {
+    let source = fs::read_to_string(src).map_err(|e| format!("{}: {e}", src.display()))?;
+    let target = interface::module_target(&source);
+    if let Some(t) = &target {
+        // An architecture-specific target ("sm_90a": wgmma): SASS for it alone, PTX of its
+        // virtual architecture; no other architecture can run (or even compile) the module.
+        let virt = t.replacen("sm_", "compute_", 1);
+        if !cached {
+            let mut cmd = Command::new(&tk.nvcc);
+            cmd.arg("-ptx").arg(format!("-arch={virt}"));
+            common(&mut cmd);
+            cmd.arg(src).arg("-o").arg(&ptx);
+            run(cmd, src)?;
+            let mut cmd = Command::new(&tk.nvcc);
+            cmd.arg("--fatbin")
+                .arg("-gencode")
+                .arg(format!("arch={virt},code={t}"));
+            common(&mut cmd);
+            cmd.arg(src).arg("-o").arg(&fatbin);
+            run(cmd, src)?;
+            fs::write(&key_path, &key).map_err(|e| format!("{}: {e}", key_path.display()))?;
+        }
+    } else if !cached {
         let mut cmd = Command::new(&tk.nvcc);
         cmd.arg("-ptx").arg(format!("-arch=compute_{ptx_arch}"));
         common(&mut cmd);
@@ -275,6 +298,7 @@ fn compile_one(
         .ok_or_else(|| format!("{}: no .version line", ptx.display()))?;
     Ok(Built {
         name,
+        target,
         ptx,
         fatbin,
         ptx_isa,
@@ -400,8 +424,9 @@ fn write_table(
     for b in built {
         writeln!(
             out,
-            "    KernelModule {{ name: {:?}, ptx_isa: {:?}, ptx: include_str!({:?}), fatbin: include_bytes!({:?}) }},",
+            "    KernelModule {{ name: {:?}, target: {:?}, ptx_isa: {:?}, ptx: include_str!({:?}), fatbin: include_bytes!({:?}) }},",
             b.name,
+            b.target,
             b.ptx_isa,
             b.ptx.display().to_string(),
             b.fatbin.display().to_string()

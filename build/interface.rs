@@ -99,6 +99,9 @@ pub struct Param {
 #[derive(Clone, Debug)]
 pub struct Kernel {
     pub module: String,
+    /// `Some("sm_90a")` when the module is built for that architecture alone
+    /// ([`module_target`]): it loads only on such a GPU, and its kernels are optional.
+    pub target: Option<String>,
     pub name: String,
     pub params: Vec<Param>,
     /// The signature as written (whitespace normalised), for the launcher's documentation.
@@ -152,12 +155,15 @@ pub fn read(sources: &[PathBuf]) -> Result<Interface, String> {
         let raw = fs::read_to_string(src).map_err(|e| format!("{}: {e}", src.display()))?;
         let text = strip_launch_bounds(&strip_comments(&raw));
         all_structs.extend(structs_in(&module, &text).map_err(|e| format!("{}: {e}", src.display()))?);
-        texts.push((src.clone(), module, text));
+        texts.push((src.clone(), module, text, module_target(&raw)));
     }
     let struct_names: Vec<String> = all_structs.iter().map(|s| s.name.clone()).collect();
-    for (src, module, text) in &texts {
-        kernels
-            .extend(kernels_in(module, text, &struct_names).map_err(|e| format!("{}: {e}", src.display()))?);
+    for (src, module, text, target) in &texts {
+        let found = kernels_in(module, text, &struct_names).map_err(|e| format!("{}: {e}", src.display()))?;
+        kernels.extend(found.into_iter().map(|k| Kernel {
+            target: target.clone(),
+            ..k
+        }));
     }
     // Only the structs kernels take by value cross the boundary.
     let used: Vec<String> = kernels
@@ -168,18 +174,33 @@ pub fn read(sources: &[PathBuf]) -> Result<Interface, String> {
             _ => None,
         })
         .collect();
-    let structs: Vec<Struct> = all_structs
+    let used_structs: Vec<Struct> = all_structs
         .into_iter()
         .filter(|s| used.contains(&s.name))
         .collect();
-    for s in &structs {
-        let (_, _, text) = texts.iter().find(|(_, m, _)| *m == s.module).unwrap();
+    for s in &used_structs {
+        let (_, _, text, _) = texts.iter().find(|(_, m, _, _)| *m == s.module).unwrap();
         if !text.contains(&format!("CHECK_LAYOUT({})", s.name)) {
             return Err(format!(
                 "kernels/{}.cu: struct {} is passed to a kernel by value but has no `CHECK_LAYOUT({});` \
                  after its definition (the static_asserts that pin its layout to the Rust mirror)",
                 s.module, s.name, s.name
             ));
+        }
+    }
+    // A struct shared by two modules (each compiled alone, so each defines it) must be defined
+    // the same way in both; it crosses once.
+    let mut structs: Vec<Struct> = Vec::new();
+    for s in used_structs {
+        match structs.iter().find(|t| t.name == s.name) {
+            Some(t) if format!("{:?}", t.fields) != format!("{:?}", s.fields) => {
+                return Err(format!(
+                    "struct {} is defined differently in kernels/{}.cu and kernels/{}.cu",
+                    s.name, t.module, s.module
+                ))
+            }
+            Some(_) => {}
+            None => structs.push(s),
         }
     }
     let mut names: Vec<&str> = kernels.iter().map(|k| k.name.as_str()).collect();
@@ -251,6 +272,18 @@ fn matching(s: &str, open: usize) -> Option<usize> {
         }
     }
     None
+}
+
+/// The architecture a module is built for alone, from its first line `// build: sm_XXa only`
+/// (build.rs compiles it for that target only; the runtime loads it only where it runs).
+pub fn module_target(source: &str) -> Option<String> {
+    let first = source.lines().next()?.trim();
+    let arch = first
+        .strip_prefix("// build:")?
+        .trim()
+        .strip_suffix("only")?
+        .trim();
+    (arch.starts_with("sm_") && arch.len() > 3).then(|| arch.to_string())
 }
 
 fn is_ident_char(c: char) -> bool {
@@ -365,6 +398,7 @@ fn kernels_in(module: &str, text: &str, structs: &[String]) -> Result<Vec<Kernel
         );
         out.push(Kernel {
             module: module.into(),
+            target: None,
             name,
             params,
             signature,
@@ -520,7 +554,10 @@ pub fn rust_code(iface: &Interface) -> String {
     .unwrap();
     writeln!(w, "struct KernelFunctions {{").unwrap();
     for k in &iface.kernels {
-        writeln!(w, "    {}: cudarc::driver::CudaFunction,", k.name).unwrap();
+        match &k.target {
+            None => writeln!(w, "    {}: cudarc::driver::CudaFunction,", k.name).unwrap(),
+            Some(t) => writeln!(w, "    /// Built for {t} alone: `None` where its module did not load.\n    {}: Option<cudarc::driver::CudaFunction>,", k.name).unwrap(),
+        }
     }
     writeln!(w, "}}").unwrap();
     writeln!(w).unwrap();
@@ -560,24 +597,77 @@ pub fn rust_code(iface: &Interface) -> String {
     writeln!(w).unwrap();
     writeln!(
         w,
-        "    /// Loads every module through `load_module` and resolves every kernel in it."
+        "    /// Whether `module` (a `kernels/*.cu` stem) is loaded on this device: always for a module"
     )
     .unwrap();
+    writeln!(
+        w,
+        "    /// built for every architecture, only on its architecture for one built for one alone."
+    )
+    .unwrap();
+    writeln!(w, "    pub fn module_loaded(&self, module: &str) -> bool {{").unwrap();
+    writeln!(w, "        match module {{").unwrap();
+    let mut seen: Vec<&str> = Vec::new();
+    for k in &iface.kernels {
+        if seen.contains(&k.module.as_str()) {
+            continue;
+        }
+        seen.push(&k.module);
+        match &k.target {
+            None => writeln!(w, "            {:?} => true,", k.module).unwrap(),
+            Some(_) => writeln!(
+                w,
+                "            {:?} => self.functions.{}.is_some(),",
+                k.module, k.name
+            )
+            .unwrap(),
+        }
+    }
+    writeln!(w, "            _ => false,").unwrap();
+    writeln!(w, "        }}").unwrap();
+    writeln!(w, "    }}").unwrap();
+    writeln!(w).unwrap();
+    writeln!(
+        w,
+        "    /// Loads every module through `load_module` and resolves every kernel in it. `load_module`"
+    )
+    .unwrap();
+    writeln!(
+        w,
+        "    /// answers `None` for a module built for another architecture alone (its kernels are then"
+    )
+    .unwrap();
+    writeln!(w, "    /// `None`); any other module must load.").unwrap();
     writeln!(w, "    pub(crate) fn load(").unwrap();
     writeln!(w, "        stream: std::sync::Arc<cudarc::driver::CudaStream>,").unwrap();
-    writeln!(w, "        load_module: impl Fn(&str) -> crate::error::Result<std::sync::Arc<cudarc::driver::CudaModule>>,").unwrap();
+    writeln!(w, "        load_module: impl Fn(&str, Option<&str>) -> crate::error::Result<Option<std::sync::Arc<cudarc::driver::CudaModule>>>,").unwrap();
     writeln!(w, "    ) -> crate::error::Result<Kernels> {{").unwrap();
-    let mut modules: Vec<&str> = iface.kernels.iter().map(|k| k.module.as_str()).collect();
+    let mut modules: Vec<(&str, Option<&str>)> = iface
+        .kernels
+        .iter()
+        .map(|k| (k.module.as_str(), k.target.as_deref()))
+        .collect();
     modules.dedup();
-    for m in &modules {
-        writeln!(w, "        let module = load_module({m:?})?;").unwrap();
+    for (m, target) in &modules {
+        writeln!(w, "        let module = load_module({m:?}, {target:?})?;").unwrap();
+        if target.is_none() {
+            writeln!(w, "        let module = module.ok_or_else(|| crate::error::Error::GpuUnavailable(\"kernel module {m} did not load\".into()))?;").unwrap();
+        }
         for k in iface.kernels.iter().filter(|k| k.module == *m) {
-            writeln!(
-                w,
-                "        let {0} = module.load_function({0:?}).map_err(|e| crate::error::Error::cuda(\"loading kernel {0} from kernels/{1}.cu\", e))?;",
+            let resolve = format!(
+                "load_function({0:?}).map_err(|e| crate::error::Error::cuda(\"loading kernel {0} from kernels/{1}.cu\", e))",
                 k.name, m
-            )
-            .unwrap();
+            );
+            if target.is_none() {
+                writeln!(w, "        let {} = module.{resolve}?;", k.name).unwrap();
+            } else {
+                writeln!(
+                    w,
+                    "        let {} = module.as_ref().map(|module| module.{resolve}).transpose()?;",
+                    k.name
+                )
+                .unwrap();
+            }
         }
     }
     writeln!(w, "        Ok(Kernels {{").unwrap();
@@ -650,12 +740,20 @@ pub fn rust_code(iface: &Interface) -> String {
         {
             writeln!(w, "        const NULL: u64 = 0; // a null device pointer").unwrap();
         }
-        writeln!(
-            w,
-            "        let mut l = self.stream.launch_builder(&self.functions.{});",
-            k.name
-        )
-        .unwrap();
+        match &k.target {
+            None => writeln!(
+                w,
+                "        let mut l = self.stream.launch_builder(&self.functions.{});",
+                k.name
+            )
+            .unwrap(),
+            Some(t) => writeln!(
+                w,
+                "        let f = self.functions.{0}.as_ref().ok_or_else(|| crate::error::Error::GpuUnavailable(\"kernel {0} (kernels/{1}.cu) is built for {t} alone and is not loaded on this GPU\".into()))?;\n        let mut l = self.stream.launch_builder(f);",
+                k.name, k.module
+            )
+            .unwrap(),
+        }
         for push in &pushes {
             writeln!(w, "        {push}").unwrap();
         }

@@ -167,6 +167,22 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
 #endif
 }
 
+// wt[tap][co][ci] = w[tap][ci][co]: the weight in the order the Hopper forward reads it
+// (K-major rows co; kernels/conv_sm90a.cu). One pass over the weight per forward: 9 Cin Cout
+// values against the N H W (Cin + Cout) of the activations it multiplies.
+extern "C" __global__ void conv3x3_weight_taps_cout_cin_bf16(const __nv_bfloat16* w, __nv_bfloat16* wt, int cin,
+                                                             int cout) {
+    const i64 total = 9LL * cin * cout;
+    const i64 step = (i64)gridDim.x * blockDim.x;
+    for (i64 i = (i64)blockIdx.x * blockDim.x + threadIdx.x; i < total; i += step) {
+        const int ci = (int)(i % cin);
+        const i64 rest = i / cin;
+        const int co = (int)(rest % cout);
+        const i64 tap = rest / cout;
+        wt[i] = w[(tap * cin + ci) * cout + co];
+    }
+}
+
 // dw = beta dw + sum over z = 0 .. splits - 1, in that order, of partials[z] (count values each).
 // hot
 extern "C" __global__ void conv3x3_wgrad_sum_f32(const float* partials, float* dw, int splits, i64 count,

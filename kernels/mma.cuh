@@ -203,6 +203,28 @@ struct TcRowsIdentity {
     __device__ __forceinline__ i64 operator()(int row) const { return row; }
 };
 
+// One pair of adjacent columns (col, col + 1) of tile row `row`, through the epilogue; nothing
+// outside the m x n problem is stored.
+template <class RowMap>
+__device__ __forceinline__ void tc_store_pair(const TcEpilogue& e, const RowMap& rows, int row, int col, int m, int n,
+                                              float v0, float v1) {
+    if (row >= m || col >= n) return;
+    v0 *= e.alpha;
+    v1 *= e.alpha;
+    const i64 at = (i64)rows(row) * e.ldc + col;
+    if (e.c && e.beta != 0.0f) {
+        const float2 old = *reinterpret_cast<const float2*>(e.c + at);
+        v0 += e.beta * old.x;
+        v1 += e.beta * old.y;
+    }
+    if (e.bias) {
+        v0 += e.bias[col];
+        v1 += e.bias[col + 1];
+    }
+    if (e.c) *reinterpret_cast<float2*>(e.c + at) = make_float2(v0, v1);
+    if (e.c_bf16) *reinterpret_cast<__nv_bfloat162*>(e.c_bf16 + at) = __floats2bfloat162_rn(v0, v1);
+}
+
 template <class RowMap = TcRowsIdentity>
 __device__ __forceinline__ void tc_store(const TcAcc& acc, const TcEpilogue& e, int m0, int n0, int m, int n,
                                          const RowMap& rows = RowMap{}) {
@@ -211,21 +233,7 @@ __device__ __forceinline__ void tc_store(const TcAcc& acc, const TcEpilogue& e, 
 #pragma unroll
         for (int j = 0; j < 4; ++j)
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {
-                const int row = m0 + tc_acc_row(threadIdx.x, i, 2 * h), col = n0 + tc_acc_col(threadIdx.x, j, 0);
-                if (row >= m || col >= n) continue;
-                float v0 = e.alpha * acc.v[i][j][2 * h], v1 = e.alpha * acc.v[i][j][2 * h + 1];
-                const i64 at = (i64)rows(row) * e.ldc + col;
-                if (e.c && e.beta != 0.0f) {
-                    const float2 old = *reinterpret_cast<const float2*>(e.c + at);
-                    v0 += e.beta * old.x;
-                    v1 += e.beta * old.y;
-                }
-                if (e.bias) {
-                    v0 += e.bias[col];
-                    v1 += e.bias[col + 1];
-                }
-                if (e.c) *reinterpret_cast<float2*>(e.c + at) = make_float2(v0, v1);
-                if (e.c_bf16) *reinterpret_cast<__nv_bfloat162*>(e.c_bf16 + at) = __floats2bfloat162_rn(v0, v1);
-            }
+            for (int h = 0; h < 2; ++h)
+                tc_store_pair(e, rows, m0 + tc_acc_row(threadIdx.x, i, 2 * h), n0 + tc_acc_col(threadIdx.x, j, 0), m, n,
+                              acc.v[i][j][2 * h], acc.v[i][j][2 * h + 1]);
 }

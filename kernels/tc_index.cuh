@@ -78,6 +78,43 @@ TC_HD int tc_b_ldsm_offset(bool kmajor, int lane, int wn, int j, int kk) {
 TC_HD int tc_acc_row(int tid, int i, int r) { return tc_warp_m(tid) + 16 * i + ((tid & 31) >> 2) + 8 * (r >> 1); }
 TC_HD int tc_acc_col(int tid, int j, int r) { return tc_warp_n(tid) + 8 * j + 2 * (tid & 3) + (r & 1); }
 
+// ---- Hopper's warpgroup MMA (wgmma, sm_90a; kernels/wgmma.cuh) ----------------------------------
+// The same block tile, stages, loaders and pipeline; only the stage's MMAs change. The K-major
+// tile order above is the shared-memory layout wgmma calls "64-byte swizzle" (CuTe
+// Swizzle<2,4,3> on byte addresses: bits [4,6) ^= bits [7,9)): a row of TC_BK = 32 bf16 is 64
+// bytes, and chunk c of row r at chunk c ^ ((r >> 1) & 3) is that XOR, repeating every 8 rows =
+// 512 bytes. So a K-major tile needs no other layout: a descriptor says where it starts (16-byte
+// units), that 8-row groups are 512 bytes apart (SBO), and the swizzle. The swizzle applies to
+// absolute shared addresses, so stage bases are 512-byte aligned and a k16 step inside the
+// 64-byte row moves the start by 32 bytes (as CUTLASS's descriptor iterator does).
+// Each of the two warpgroups computes 64 rows x TC_BN = 128 columns (wgmma.m64n128k16: 64 f32
+// registers a thread); only K-major operands (both of them) take this path.
+
+#define WG_SBO_BYTES 512
+#define WG_SWIZZLE_64B 2ull
+
+// The descriptor of a K-major operand at shared byte address `addr` (a 16-byte multiple).
+TC_HD unsigned long long wg_desc(unsigned addr) {
+    return (unsigned long long)((addr >> 4) & 0x3FFF)           // start address
+           | (1ull << 16)                                       // LBO: unused for swizzled K-major
+           | ((unsigned long long)(WG_SBO_BYTES >> 4) << 32)    // SBO: next 8-row group
+           | (WG_SWIZZLE_64B << 62);
+}
+
+// Element offsets in a stage of A's rows of warpgroup wg, and of B's tile, at k step kk (0 or
+// 16): row 64 wg (a multiple of 8, where the swizzle is the identity) and chunk kk / 8.
+TC_HD int wg_a_offset(int wg, int kk) { return kmajor_offset(64 * wg, kk >> 3); }
+TC_HD int wg_b_offset(int kk) { return TC_TILE + kmajor_offset(0, kk >> 3); }
+
+// Accumulator register i (0..63) of thread tid holds C[row][col] of the block tile: warp w of
+// warpgroup wg owns rows 64 wg + 16 w .. + 15; within a warp the m16n8 pattern of mma.sync,
+// repeated over the 16 column groups of 8: row = g + 8 ((i >> 1) & 1), col = 8 (i >> 2) + 2 t +
+// (i & 1), lane = 4 g + t.
+TC_HD int wg_acc_row(int tid, int i) {
+    return 64 * (tid >> 7) + 16 * ((tid >> 5) & 3) + ((tid & 31) >> 2) + 8 * ((i >> 1) & 1);
+}
+TC_HD int wg_acc_col(int tid, int i) { return 8 * (i >> 2) + 2 * (tid & 3) + (i & 1); }
+
 // ---- loaders: where each 16-byte chunk of a tile comes from ---------------------------------------
 // `chunk(r, c, kt, valid)`: the element offset (from the operand's base) of chunk (r, c) of K tile
 // kt, in the loader's own tile order (K-major: r an M/N index, c in 0..3; MN-major: r a K index,

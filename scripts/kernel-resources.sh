@@ -8,7 +8,9 @@
 #
 # Exit status: 1 when a kernel marked hot spills (spill stores or loads above 0 bytes on any
 # architecture), when a kernel marked tensor-core lacks its tensor-core instructions in the PTX
-# (mma.sync m16n8k16 bf16, ldmatrix, cp.async and its wait) or has a stack frame, when a `// hot`
+# (mma.sync m16n8k16 bf16, ldmatrix, cp.async and its wait; for `// hot tensor-core wgmma`, the
+# sm_90a warpgroup MMA m64n128k16, its fence, commit and wait, and the async-proxy fence) or has a
+# stack frame, when a `// hot`
 # marker is not directly above an `extern "C" __global__` line, or when a kernel of the sources is
 # missing from ptxas's report; 2 on a usage or compile error.
 #
@@ -87,16 +89,28 @@ trap 'rm -rf "$work"' EXIT
 flags=(-std=c++17 -O3 -lineinfo --expt-relaxed-constexpr -I kernels)
 [ -n "$include" ] && flags+=(-I "$include")
 
+# A module whose first line is `// build: sm_XXa only` (build.rs compiles it for that target
+# alone, e.g. sm_90a for wgmma) is checked for that architecture only.
+target_of() {
+  sed -n '1s|^// build: sm_\([0-9]*a\) only$|\1|p' "$1"
+}
+archs_of() { # src: the architectures it is compiled for
+  local t
+  t="$(target_of "$1")"
+  if [ -n "$t" ]; then echo "$t"; else echo "${arch_list[@]}"; fi
+}
+
 compile() { # src arch: the cubin and ptxas's report for one pair; the report ends in a status line
-  local src="$1" arch="$2" name
+  local src="$1" arch="$2" name first
   name="$(basename "$src" .cu)"
-  if "$nvcc" -cubin -arch="sm_$arch" "${flags[@]}" -Xptxas -v "$src" -o "$work/$name.sm_$arch.cubin" \
-    >"$work/$name.sm_$arch.log" 2>&1; then
+  if "$nvcc" -cubin -gencode "arch=compute_$arch,code=sm_$arch" "${flags[@]}" -Xptxas -v "$src" \
+    -o "$work/$name.sm_$arch.cubin" >"$work/$name.sm_$arch.log" 2>&1; then
     echo "ok" >"$work/$name.sm_$arch.status"
   else
     echo "failed" >"$work/$name.sm_$arch.status"
   fi
-  if [ "$arch" = "${arch_list[0]// /}" ]; then # one PTX per source, for the instruction check
+  first="$(archs_of "$src" | cut -d' ' -f1)"
+  if [ "$arch" = "${first// /}" ]; then # one PTX per source, for the instruction check
     "$nvcc" -ptx -arch="compute_$arch" "${flags[@]}" "$src" -o "$work/$name.ptx" >>"$work/$name.sm_$arch.log" 2>&1 ||
       echo "failed" >"$work/$name.sm_$arch.status"
   fi
@@ -105,7 +119,7 @@ compile() { # src arch: the cubin and ptxas's report for one pair; the report en
 start=$(date +%s)
 running=0
 for src in "${sources[@]}"; do
-  for arch in "${arch_list[@]}"; do
+  for arch in $(archs_of "$src"); do
     arch="${arch// /}"
     compile "$src" "$arch" &
     running=$((running + 1))
@@ -119,7 +133,7 @@ wait
 
 failed=0
 for src in "${sources[@]}"; do
-  for arch in "${arch_list[@]}"; do
+  for arch in $(archs_of "$src"); do
     arch="${arch// /}"
     name="$(basename "$src" .cu)"
     if [ "$(cat "$work/$name.sm_$arch.status" 2>/dev/null || echo missing)" != ok ]; then
@@ -144,10 +158,20 @@ sources = sys.argv[7:]
 archs = [a.strip() for a in archs.split() if a.strip()]
 problems = []
 
+def archs_of(src):
+    """The architectures a source is compiled for: its `// build: sm_XXa only` target, or all."""
+    with open(src, encoding="utf-8") as f:
+        m = re.fullmatch(r"// build: sm_(\d+a) only", f.readline().strip())
+    return [m.group(1)] if m else archs
+
+src_archs = {os.path.basename(s): archs_of(s) for s in sources}
+all_archs = sorted({a for v in src_archs.values() for a in v}, key=lambda a: (int(re.sub(r"\D", "", a)), a))
+
 # Kernels in the sources, and which are marked hot.
 kernel_file = {}
 hot = set()
 tensor_core = set()
+wgmma = set()
 global_re = re.compile(r'extern\s+"C"\s+__global__')
 name_re = re.compile(r'\bvoid\s+(\w+)\s*\(')
 for src in sources:
@@ -166,7 +190,7 @@ for src in sources:
         if i > 0 and re.fullmatch(r'\s*//\s*hot\b.*', lines[i - 1]):
             hot.add(m.group(1))
             if "tensor-core" in lines[i - 1]:
-                tensor_core.add(m.group(1))
+                (wgmma if "wgmma" in lines[i - 1] else tensor_core).add(m.group(1))
     for i, line in enumerate(lines):
         if re.fullmatch(r'\s*//\s*hot\b.*', line):
             nxt = lines[i + 1] if i + 1 < len(lines) else ""
@@ -181,7 +205,7 @@ rows = {}
 warnings = []
 for src in sources:
     base = os.path.splitext(os.path.basename(src))[0]
-    for arch in archs:
+    for arch in src_archs[os.path.basename(src)]:
         log = open(os.path.join(work, f"{base}.sm_{arch}.log"), encoding="utf-8", errors="replace").read()
         entry = None
         props_for = None
@@ -228,7 +252,18 @@ TC_INSTRUCTIONS = [
     "cp.async.cg.shared.global",
     "cp.async.wait_group",
 ]
-for k in sorted(tensor_core):
+# Hopper's (`// hot tensor-core wgmma`, sm_90a): the warpgroup MMA, its fences and waits, the
+# proxy fence between cp.async's writes and wgmma's reads, and the same cp.async ring.
+WG_INSTRUCTIONS = [
+    "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16",
+    "wgmma.fence.sync.aligned",
+    "wgmma.commit_group.sync.aligned",
+    "wgmma.wait_group.sync.aligned",
+    "fence.proxy.async.shared::cta",
+    "cp.async.cg.shared.global",
+    "cp.async.wait_group",
+]
+for k in sorted(tensor_core | wgmma):
     base = os.path.splitext(kernel_file[k])[0]
     ptx = open(os.path.join(work, f"{base}.ptx"), encoding="utf-8", errors="replace").read()
     m = re.search(r"\.entry\s+" + re.escape(k) + r"\s*\(", ptx)
@@ -237,16 +272,16 @@ for k in sorted(tensor_core):
         continue
     nxt = ptx.find(".entry", m.end())
     body = ptx[m.end(): nxt if nxt >= 0 else len(ptx)]
-    missing = [ins for ins in TC_INSTRUCTIONS if ins not in body]
+    missing = [ins for ins in (WG_INSTRUCTIONS if k in wgmma else TC_INSTRUCTIONS) if ins not in body]
     if missing:
         problems.append(f"{kernel_file[k]}: tensor-core kernel {k} lacks in its PTX: {', '.join(missing)}")
-    for arch in archs:
+    for arch in src_archs[kernel_file[k]]:
         r = rows.get((k, arch))
         if r and r["stack"] > 0:
             problems.append(f"{kernel_file[k]}: tensor-core kernel {k} has a {r['stack']}-byte stack frame on sm_{arch}")
 
 for k in sorted(kernel_file):
-    for arch in archs:
+    for arch in src_archs[kernel_file[k]]:
         if (k, arch) not in rows:
             problems.append(f"{kernel_file[k]}: kernel {k} missing from ptxas's report for sm_{arch}")
 for (k, arch), r in rows.items():
@@ -273,12 +308,18 @@ for k, arch in order:
 nk = len({k for k, _ in rows})
 lines.append("")
 lines.append(
-    f"{nk} kernels x {len(archs)} architectures ({', '.join('sm_' + a for a in archs)}), {len(hot)} marked hot; "
+    f"{nk} kernels on {', '.join('sm_' + a for a in all_archs)} (each on {', '.join('sm_' + a for a in archs)} "
+    f"unless its module is built for one target alone), {len(hot)} marked hot; "
     f"nvcc {nvcc}{', -I ' + include if include else ''}; {seconds} s."
 )
 if tensor_core:
     lines.append(
         f"Tensor-core kernels ({len(tensor_core)}): PTX checked for " + ", ".join(TC_INSTRUCTIONS)
+        + "; no stack frame."
+    )
+if wgmma:
+    lines.append(
+        f"Hopper wgmma kernels ({len(wgmma)}, sm_90a): PTX checked for " + ", ".join(WG_INSTRUCTIONS)
         + "; no stack frame."
     )
 if hot_spills:

@@ -5,6 +5,9 @@
 pub struct KernelModule {
     /// The file stem, e.g. `"adam"` for `kernels/adam.cu`; the key [`module`] looks up.
     pub name: &'static str,
+    /// `Some("sm_90a")` for a module built for that architecture alone (its first line says
+    /// `// build: sm_90a only`): the device loads it only on a GPU of that architecture.
+    pub target: Option<&'static str>,
     /// The PTX ISA version of `ptx` (its `.version` line, e.g. `"9.0"`); quoted in load errors,
     /// since a driver older than this ISA cannot JIT it.
     pub ptx_isa: &'static str,
@@ -36,7 +39,10 @@ pub fn build_summary() -> String {
             KERNEL_MODULES.len(),
             KERNEL_MODULES
                 .iter()
-                .map(|m| m.name)
+                .map(|m| match m.target {
+                    Some(t) => format!("{} ({t} only)", m.name),
+                    None => m.name.to_string(),
+                })
                 .collect::<Vec<_>>()
                 .join(", "),
             NVCC_VERSION.unwrap_or("?"),

@@ -1,4 +1,5 @@
-//! The bf16 tensor-core kernels (kernels/gemm.cu and kernels/conv.cu, version 2) against an f64
+//! The bf16 tensor-core kernels (kernels/gemm.cu and kernels/conv.cu, version 2; on an H100 or
+//! H200 also kernels/conv_sm90a.cu's wgmma forward and input gradient) against an f64
 //! computation on the very bf16 values they read, at the CIFAR-10 U-Net's shapes (every distinct
 //! convolution and the attention and modulation GEMMs, at a reduced batch) and at ragged ones
 //! (partial tiles, taps that straddle a K tile, stride 2, batched GEMMs), with outputs poisoned
@@ -51,7 +52,45 @@ fn main() {
     s.gpu("tc::startup_check_agrees_with_the_cpu", |g| {
         emprior::nn::tensor_cores::check(g).unwrap()
     });
+    // Hopper (kernels/conv_sm90a.cu): the forward and input gradient on wgmma, the same trials;
+    // ignored, with the reason, on a GPU without sm_90a kernels.
+    s.gpu_if("tc_wgmma::integer_check_agrees_with_the_cpu", |g| {
+        on_wgmma(g, || {
+            if let Device::Cuda(_) = g {
+                emprior::nn::tensor_cores::try_wgmma(g).unwrap();
+            }
+        })
+    });
+    s.gpu_if("tc_wgmma::ragged_and_strided", |g| {
+        on_wgmma(g, || conv_trials(g, &small_convs(), 2))
+    });
+    s.gpu_if("tc_wgmma::cifar10_unet_shapes_batch16", move |g| {
+        on_wgmma(g, || conv_trials(g, &unet_convs(), batch))
+    });
     s.run()
+}
+
+/// Runs `f` with the convolutions on wgmma (turned off again after, also on a panic), or says
+/// why this GPU cannot. The CPU stand-in runs `f` as it is (the twins).
+fn on_wgmma(dev: &Device, f: impl FnOnce()) -> Option<String> {
+    let Device::Cuda(d) = dev else {
+        f();
+        return None;
+    };
+    if !d.has_wgmma() {
+        let (major, minor) = d.compute_capability();
+        return Some(format!(
+            "{} (compute capability {major}.{minor}) has no sm_90a kernels",
+            d.name()
+        ));
+    }
+    d.set_wgmma(true).unwrap();
+    let run = std::panic::catch_unwind(std::panic::AssertUnwindSafe(f));
+    d.set_wgmma(false).unwrap();
+    if let Err(p) = run {
+        std::panic::resume_unwind(p);
+    }
+    None
 }
 
 // ---- operands --------------------------------------------------------------------------------------

@@ -188,3 +188,51 @@ fn what_cannot_be_mapped_is_refused_with_its_name() {
         assert!(err.contains(expected), "{src}: {err}");
     }
 }
+
+#[test]
+fn a_module_built_for_one_architecture_is_marked_and_its_structs_shared() {
+    assert_eq!(
+        interface::module_target("// build: sm_90a only\n#include \"common.cuh\"\n").as_deref(),
+        Some("sm_90a")
+    );
+    assert_eq!(interface::module_target("// build sm_90a\n"), None);
+    assert_eq!(interface::module_target("#include \"common.cuh\"\n"), None);
+    // The wgmma kernels: their module alone is sm_90a, and ConvGeometry crosses once.
+    let iface = interface::read(&sources()).unwrap();
+    let hopper: Vec<&str> = iface
+        .kernels
+        .iter()
+        .filter(|k| k.target.as_deref() == Some("sm_90a"))
+        .map(|k| k.name.as_str())
+        .collect();
+    assert_eq!(
+        hopper,
+        [
+            "conv3x3_fprop_wgmma",
+            "conv3x3_dgrad_wgmma",
+            "conv3x3_dgrad_s2_wgmma"
+        ]
+    );
+    assert!(iface
+        .kernels
+        .iter()
+        .all(|k| (k.module == "conv_sm90a") == k.target.is_some()));
+    assert_eq!(
+        iface.structs.iter().filter(|s| s.name == "ConvGeometry").count(),
+        1
+    );
+    // The same struct defined two ways in two modules is refused, by name.
+    let body = |fields: &str| {
+        format!(
+            "#include \"common.cuh\"\nstruct G {{ {fields} }};\nCHECK_LAYOUT(G);\n\
+             extern \"C\" __global__ void k_{}(G g) {{}}\n",
+            fields.len()
+        )
+    };
+    let a = write_cu("shared_a", &body("int n;"));
+    let b = write_cu("shared_b", &body("int n; int h;"));
+    let err = interface::read(&[a.clone(), b]).err().unwrap();
+    assert!(err.contains("struct G is defined differently"), "{err}");
+    let c = write_cu("shared_c", &body("int n; "));
+    assert_eq!(interface::read(&[a, c]).unwrap().structs.len(), 1);
+}

@@ -8,6 +8,11 @@
 // - mma.m16n8k16: A from a0..a3 = A[g][2t..], A[g+8][2t..], A[g][2t+8..], A[g+8][2t+8..], B from
 //   b0, b1 = B[2t..2t+1][g], B[2t+8..2t+9][g], C as c0..c3 = C[g][2t], C[g][2t+1], C[g+8][2t],
 //   C[g+8][2t+1], with lane = 4g + t.
+// - wgmma.m64n128k16 (sm_90a; kernels/wgmma.cuh): A (64 x 16) and B (128 x 16, N x K) read
+//   through their descriptors (start address, SBO, the swizzle mode) from the K-major canonical
+//   layout with the 64-byte swizzle: element (row, k) at byte start + (row / 8) SBO + (row % 8) 64
+//   + 2 k, then bits [4,6) ^= bits [7,9) of that absolute address; D register i of thread tid at
+//   (wg_acc_row, wg_acc_col) as tc_index.cuh states the PTX figure.
 // The main loop is the kernels' own tc_pipeline, driven by a machine that models the asynchrony
 // (copies land at a wait, are seen by other threads after a barrier) and flags a read of data
 // not landed, published or of the right K tile, and a stage overwritten while it may be read.
@@ -58,7 +63,7 @@ typedef float Regs[32][4][2];  // per lane, 4 registers of 2 halves
 // chunk that has not landed and been published, or that holds another K tile than the one being
 // computed; a copy into a stage that was read since the last barrier (another warp may still be
 // reading it); a copy over one still in flight; and groups left pending at the end.
-template <class LA, class LB>
+template <class LA, class LB, bool WG = false>
 struct HostMachine {
     const std::vector<float>& a;
     const std::vector<float>& b;
@@ -79,6 +84,7 @@ struct HostMachine {
     std::vector<Copy> pending;
     int committed = 0;  // groups committed so far; copies issued now join group `committed`
     float acc[TC_THREADS][4][4][4] = {};
+    float wacc[TC_THREADS][64] = {};  // the wgmma accumulators
     bool failed = false;
 
     HostMachine(const std::vector<float>& a_, const std::vector<float>& b_, int kt_begin_, std::string what_)
@@ -171,7 +177,51 @@ struct HostMachine {
         }
     }
 
+    // One element of a wgmma operand: row `row`, column k (< 16) of the matrix descriptor `desc`
+    // names, from the shared memory model (the block's tile ring at shared address 0).
+    float wg_read(unsigned long long desc, int row, int k, int tile) {
+        const unsigned start = (unsigned)(desc & 0x3FFF) << 4, sbo = (unsigned)((desc >> 32) & 0x3FFF) << 4;
+        if ((desc >> 62) != 2) flag("a wgmma descriptor does not say 64-byte swizzle");
+        if (((desc >> 49) & 7) != 0) flag("a wgmma descriptor has a base offset");
+        unsigned byte = start + (unsigned)(row / 8) * sbo + (unsigned)(row % 8) * 64 + 2u * (unsigned)k;
+        byte ^= ((byte >> 7) & 3u) << 4;
+        const size_t e = byte / 2;
+        if (e >= smem.size()) {
+            flag("a wgmma operand reads past the shared memory");
+            return 0.0f;
+        }
+        if (!published[e] || in_flight[e]) flag("a wgmma reads a chunk before it has landed and been published");
+        if (tag[e] != tile) flag("a wgmma reads a chunk of another K tile");
+        read_since_sync[e] = 1;
+        return smem[e];
+    }
+
+    // The stage's MMAs as wgmma.mma_async m64n128k16: each warpgroup, each k16 step, through the
+    // descriptors WgDeviceMachine::compute builds (tc_index.cuh), accumulated into the registers
+    // wg_acc_row / wg_acc_col name. Waited for before returning, as the device's compute is.
+    void compute_wgmma(int stage, int t) {
+        const unsigned base = 2u * (unsigned)(stage * TC_STAGE_ELEMS);
+        for (int wg = 0; wg < 2; ++wg)
+            for (int kk = 0; kk < TC_BK; kk += 16) {
+                const unsigned long long da = wg_desc(base + 2u * wg_a_offset(wg, kk));
+                const unsigned long long db = wg_desc(base + 2u * wg_b_offset(kk));
+                static float am[64][16], bm[128][16];
+                for (int r = 0; r < 64; ++r)
+                    for (int k = 0; k < 16; ++k) am[r][k] = wg_read(da, r, k, kt_begin + t);
+                for (int r = 0; r < 128; ++r)
+                    for (int k = 0; k < 16; ++k) bm[r][k] = wg_read(db, r, k, kt_begin + t);
+                for (int tid = 128 * wg; tid < 128 * (wg + 1); ++tid)
+                    for (int i = 0; i < 64; ++i) {
+                        const int row = wg_acc_row(tid, i) - 64 * wg, col = wg_acc_col(tid, i);
+                        float d = 0.0f;
+                        for (int k = 0; k < 16; ++k) d += am[row][k] * bm[col][k];
+                        wacc[tid][i] += d;
+                    }
+            }
+    }
+
     void compute(int stage, int t) {
+        if (WG) return compute_wgmma(stage, t);
         const size_t base = (size_t)stage * TC_STAGE_ELEMS;
         for (int warp = 0; warp < 8; ++warp) {
             const int tid0 = warp * 32;
@@ -223,12 +273,12 @@ struct HostMachine {
 // One block's product over K tiles [begin, end) through the kernels' own tc_pipeline, then its
 // stores into `out` (f32, ldc = n) at the rows `out_row` maps the tile's rows to (tc_store's
 // row map), counting writes in `written`.
-template <class LA, class LB>
+template <class LA, class LB, bool WG = false>
 static void emulate_block(const std::vector<float>& a, std::function<LA(int)> make_a, const std::vector<float>& b,
                           std::function<LB(int)> make_b, int begin, int end, int m0, int n0, int m, int n,
                           std::vector<float>& out, std::vector<int>& written, const std::string& what,
                           std::function<tc_i64(int)> out_row = [](int row) { return (tc_i64)row; }) {
-    auto blk = std::make_unique<HostMachine<LA, LB>>(a, b, begin, what);
+    auto blk = std::make_unique<HostMachine<LA, LB, WG>>(a, b, begin, what);
     for (int tid = 0; tid < TC_THREADS; ++tid) {
         blk->las.push_back(make_a(tid));
         blk->lbs.push_back(make_b(tid));
@@ -237,8 +287,34 @@ static void emulate_block(const std::vector<float>& a, std::function<LA(int)> ma
     // prologue must not overwrite a stage the first pass's last tile may still be reading.
     for (int pass = 0; pass < 2; ++pass) {
         std::fill(&blk->acc[0][0][0][0], &blk->acc[0][0][0][0] + TC_THREADS * 64, 0.0f);
+        std::fill(&blk->wacc[0][0], &blk->wacc[0][0] + TC_THREADS * 64, 0.0f);
         tc_pipeline(*blk, end - begin);
         if (!blk->pending.empty()) blk->flag("copies are still in flight after the pipeline");
+    }
+    auto store = [&](int row, int col, float v0, float v1) {
+        if (row >= m || col >= n) return;
+        const tc_i64 to = out_row(row);
+        const size_t at = (size_t)to * n + col;
+        if (to < 0 || at + 2 > out.size()) {
+            fail(what + ": the epilogue stores row " + std::to_string(row) + " outside the output");
+            return;
+        }
+        out[at] = v0;
+        out[at + 1] = v1;
+        ++written[at];
+        ++written[at + 1];
+    };
+    // wg_store: registers 2 p and 2 p + 1, adjacent columns of one row.
+    if (WG) {
+        for (int tid = 0; tid < TC_THREADS; ++tid)
+            for (int p = 0; p < 32; ++p) {
+                if (wg_acc_row(tid, 2 * p + 1) != wg_acc_row(tid, 2 * p) ||
+                    wg_acc_col(tid, 2 * p + 1) != wg_acc_col(tid, 2 * p) + 1)
+                    fail(what + ": the wgmma epilogue's register pairs are not adjacent columns");
+                store(m0 + wg_acc_row(tid, 2 * p), n0 + wg_acc_col(tid, 2 * p), blk->wacc[tid][2 * p],
+                      blk->wacc[tid][2 * p + 1]);
+            }
+        return;
     }
     // tc_store: pairs of columns (c0, c1) and (c2, c3).
     for (int tid = 0; tid < TC_THREADS; ++tid)
@@ -249,20 +325,11 @@ static void emulate_block(const std::vector<float>& a, std::function<LA(int)> ma
                     if (row >= m || col >= n) continue;
                     if (tc_acc_row(tid, i, 2 * h + 1) != row - m0 || tc_acc_col(tid, j, 2 * h + 1) != col - n0 + 1)
                         fail(what + ": the epilogue's register pairs are not adjacent columns");
-                    const tc_i64 to = out_row(row);
-                    const size_t at = (size_t)to * n + col;
-                    if (to < 0 || at + 2 > out.size()) {
-                        fail(what + ": the epilogue stores row " + std::to_string(row) + " outside the output");
-                        continue;
-                    }
-                    for (int e = 0; e < 2; ++e) {
-                        out[at + e] = blk->acc[tid][i][j][2 * h + e];
-                        ++written[at + e];
-                    }
+                    store(row, col, blk->acc[tid][i][j][2 * h], blk->acc[tid][i][j][2 * h + 1]);
                 }
 }
 
-template <class LA, class LB>
+template <class LA, class LB, bool WG = false>
 static void emulate(const std::vector<float>& a, std::function<LA(int, int)> make_a, const std::vector<float>& b,
                     std::function<LB(int, int)> make_b, int m, int n, int k, int splits, const std::vector<double>& want,
                     const std::string& what) {
@@ -275,7 +342,7 @@ static void emulate(const std::vector<float>& a, std::function<LA(int, int)> mak
         std::vector<int> written((size_t)m * n, 0);
         for (int m0 = 0; m0 < m; m0 += TC_BM)
             for (int n0 = 0; n0 < n; n0 += TC_BN)
-                emulate_block<LA, LB>(
+                emulate_block<LA, LB, WG>(
                     a, [&](int tid) { return make_a(m0, tid); }, b, [&](int tid) { return make_b(n0, tid); }, begin,
                     end, m0, n0, m, n, part, written, what);
         for (size_t e = 0; e < part.size(); ++e) {
@@ -324,9 +391,10 @@ static void gemm_case(int m, int n, int k, bool ta, bool tb, unsigned seed) {
 
 // The stride-2 input gradient by parity class (conv3x3_dgrad_s2_bf16): the four classes' grids,
 // each block's rows stored at their pixels; every value of dx written exactly once, by its class.
+template <bool WG = false>
 static void dgrad_parity_case(const ConvGeometry& g, int cout, const std::vector<float>& dy,
                               const std::vector<float>& wt, const std::vector<double>& want, const std::string& shape) {
-    const std::string what = "conv dgrad by parity class " + shape;
+    const std::string what = std::string(WG ? "wgmma " : "") + "conv dgrad by parity class " + shape;
     const int cin = g.cin, p_in = g.n * g.h * g.w;
     std::vector<float> out((size_t)p_in * cin, NAN);
     std::vector<int> written((size_t)p_in * cin, 0);
@@ -338,7 +406,7 @@ static void dgrad_parity_case(const ConvGeometry& g, int cout, const std::vector
         kmax = std::max(kmax, k);
         for (int m0 = 0; m0 < pc.rows; m0 += TC_BM)
             for (int n0 = 0; n0 < cin; n0 += TC_BN)
-                emulate_block<DgradParityLoadA<ConvGeometry>, DgradParityLoadB>(
+                emulate_block<DgradParityLoadA<ConvGeometry>, DgradParityLoadB, WG>(
                     dy, [&](int tid) { return DgradParityLoadA<ConvGeometry>(g, pc, cout, m0, tid); }, wt,
                     [&](int) { return DgradParityLoadB{pc, n0, cin, cout}; }, 0, (k + TC_BK - 1) / TC_BK, m0, n0,
                     pc.rows, cin, out, written, what, [&](int row) { return pc(row); });
@@ -394,6 +462,23 @@ static void conv_case(int nb, int h, int w, int cin, int cout, int s, int splits
         [&](int n0, int) { return DenseMNMajor{n0, cout, p_out, cout}; }, 9 * cin, cout, p_out, splits, dw,
         "conv wgrad " + shape);
     if (s == 2) dgrad_parity_case(g, cout, dy, wt, dx, shape);
+
+    // The wgmma kernels (kernels/conv_sm90a.cu): fprop over the weight as [tap][co][ci]
+    // (conv3x3_weight_taps_cout_cin_bf16), through DgradLoadB with Cin and Cout swapped; dgrad
+    // with version 2's and 3's loaders.
+    std::vector<float> wt_t(wt.size());
+    for (int tap = 0; tap < 9; ++tap)
+        for (int ci = 0; ci < cin; ++ci)
+            for (int co = 0; co < cout; ++co)
+                wt_t[((size_t)tap * cout + co) * cin + ci] = wt[((size_t)tap * cin + ci) * cout + co];
+    emulate<FpropLoadA<ConvGeometry>, DgradLoadB, true>(
+        x, [&](int m0, int tid) { return FpropLoadA<ConvGeometry>(g, m0, tid); }, wt_t,
+        [&](int n0, int) { return DgradLoadB{n0, cout, cin}; }, p_out, cout, 9 * cin, 1, y, "wgmma conv fprop " + shape);
+    emulate<DgradLoadA<ConvGeometry>, DgradLoadB, true>(
+        dy, [&](int m0, int tid) { return DgradLoadA<ConvGeometry>(g, cout, m0, tid); }, wt,
+        [&](int n0, int) { return DgradLoadB{n0, cin, cout}; }, p_in, cin, 9 * cout, 1, dx,
+        "wgmma conv dgrad " + shape);
+    if (s == 2) dgrad_parity_case<true>(g, cout, dy, wt, dx, shape);
 }
 
 int main() {

@@ -6,6 +6,9 @@
 //! U-Net (forward, forward + VJP, training step, MMPS denoiser) under bf16 and f32, its MFU
 //! against that measured bf16 peak.
 //!
+//! On an H100 or H200 the forward and input gradient also run on the wgmma kernels (version 4,
+//! kernels/conv_sm90a.cu) whatever `EMPRIOR_WGMMA` says; the U-Net rows use what the run chose.
+//!
 //! FLOPs are the useful ones, 2 M N K of the pass as a GEMM: for a stride-2 input gradient the
 //! 9-tap kernel (version 2, shown beside the default by parity class, version 3) also runs the
 //! taps that land between pixels (zero filled), which count as waste, not work.
@@ -86,6 +89,19 @@ impl CublasBf16 {
     }
 }
 
+/// `f` with the convolutions on Hopper's wgmma kernels, the device's choice restored after;
+/// `None` on a GPU without them (no rows).
+fn on_wgmma<T>(dev: &CudaDevice, f: impl FnOnce() -> Result<T>) -> Result<Option<T>> {
+    if !dev.has_wgmma() {
+        return Ok(None);
+    }
+    let was = dev.wgmma();
+    dev.set_wgmma(true)?;
+    let out = f();
+    dev.set_wgmma(was)?;
+    out.map(Some)
+}
+
 /// The table's rows. Errors when cuBLAS cannot be loaded (the comparison is the point).
 pub fn run(dev: &CudaDevice, device: &Device, quick: bool) -> Result<Vec<BenchRow>> {
     let repeats = if quick { 3 } else { 10 };
@@ -155,7 +171,6 @@ pub fn run(dev: &CudaDevice, device: &Device, quick: bool) -> Result<Vec<BenchRo
         let ms = time_gpu(dev, repeats, || {
             conv_bf16::forward(&x, &w, Some(&bv), &g, cout, None, Some(&mut y))
         })?;
-        drop(y);
         let reference = cublas(p_out, cout, 9 * cin)?;
         row(
             format!("conv {label} forward (bf16 v2)"),
@@ -164,6 +179,20 @@ pub fn run(dev: &CudaDevice, device: &Device, quick: bool) -> Result<Vec<BenchRo
             ms,
             Some(reference),
         );
+        if let Some(ms) = on_wgmma(dev, || {
+            time_gpu(dev, repeats, || {
+                conv_bf16::forward(&x, &w, Some(&bv), &g, cout, None, Some(&mut y))
+            })
+        })? {
+            row(
+                format!("conv {label} forward (bf16 v4, wgmma)"),
+                shape.clone(),
+                flops,
+                ms,
+                Some(reference),
+            );
+        }
+        drop(y);
 
         // Version 1 beside it: im2col + the f32 SIMT GEMM (columns of the whole batch).
         let xf = ops::to_f32(&x)?;
@@ -198,6 +227,25 @@ pub fn run(dev: &CudaDevice, device: &Device, quick: bool) -> Result<Vec<BenchRo
             let ms = time_gpu(dev, repeats, || {
                 conv_bf16::input_grad_with(&dy, &w, &g, cout, &mut dx.as_view_mut()?, 0.0, kernel)
             })?;
+            row(
+                format!("conv {label} input grad ({name})"),
+                shape.clone(),
+                flops,
+                ms,
+                Some(reference),
+            );
+        }
+        let default = conv_bf16::InputGradKernel::ByParity;
+        if let Some(ms) = on_wgmma(dev, || {
+            time_gpu(dev, repeats, || {
+                conv_bf16::input_grad_with(&dy, &w, &g, cout, &mut dx.as_view_mut()?, 0.0, default)
+            })
+        })? {
+            let name = if s == 2 {
+                "bf16 v4, wgmma by parity class"
+            } else {
+                "bf16 v4, wgmma"
+            };
             row(
                 format!("conv {label} input grad ({name})"),
                 shape.clone(),

@@ -15,8 +15,34 @@ use crate::error::{Error, Result};
 use crate::kernels;
 
 /// Loads `kernels/<name>.cu` from the fatbin (SASS for the device, or its PTX JIT-compiled by the
-/// driver), falling back to the stand-alone PTX.
-fn load_module(ctx: &Arc<CudaContext>, name: &str) -> Result<Arc<CudaModule>> {
+/// driver), falling back to the stand-alone PTX. A module built for one architecture alone
+/// (`target`, e.g. `sm_90a`) is loaded only on a GPU of that compute capability (`None`
+/// elsewhere); if it fails to load there the device opens without it, saying so once.
+fn load_module(
+    ctx: &Arc<CudaContext>,
+    name: &str,
+    target: Option<&str>,
+    compute_capability: (i32, i32),
+) -> Result<Option<Arc<CudaModule>>> {
+    let Some(target) = target else {
+        return load_any(ctx, name).map(Some);
+    };
+    let (major, minor) = compute_capability;
+    if target.trim_start_matches("sm_").trim_end_matches('a') != format!("{major}{minor}") {
+        return Ok(None);
+    }
+    match load_any(ctx, name) {
+        Ok(m) => Ok(Some(m)),
+        Err(e) => {
+            eprintln!(
+                "emprior: kernels/{name}.cu ({target}) did not load on this GPU; going on without it: {e}"
+            );
+            Ok(None)
+        }
+    }
+}
+
+fn load_any(ctx: &Arc<CudaContext>, name: &str) -> Result<Arc<CudaModule>> {
     let module = kernels::module(name).ok_or_else(|| {
         Error::GpuUnavailable(format!("kernel module {name} is not embedded in this build"))
     })?;
@@ -61,6 +87,10 @@ pub struct CudaDevice {
     stream: Arc<CudaStream>,
     pub(super) pool: Arc<DevicePool>,
     kernels: Kernels,
+    /// Whether the convolutions' forward and input gradient run on Hopper's wgmma kernels
+    /// (kernels/conv_sm90a.cu) instead of mma.sync; off until the tensor-core check turns it on
+    /// (`EMPRIOR_WGMMA=1`, and the kernels gave the CPU's bits on this GPU).
+    wgmma: std::sync::atomic::AtomicBool,
 }
 
 impl CudaDevice {
@@ -102,7 +132,9 @@ impl CudaDevice {
             .map_err(|e| Error::cuda("reading the compute capability", e))?;
         let name = ctx.name().unwrap_or_else(|_| "unknown CUDA device".into());
         let total_memory = ctx.total_mem().unwrap_or(0);
-        let kernels = Kernels::load(stream.clone(), |module| load_module(&ctx, module))?;
+        let kernels = Kernels::load(stream.clone(), |module, target| {
+            load_module(&ctx, module, target, compute_capability)
+        })?;
         let pool = Arc::new(DevicePool::new(stream.clone()));
         Ok(Arc::new(CudaDevice {
             ordinal,
@@ -114,6 +146,7 @@ impl CudaDevice {
             stream,
             pool,
             kernels,
+            wgmma: std::sync::atomic::AtomicBool::new(false),
         }))
     }
 
@@ -148,6 +181,32 @@ impl CudaDevice {
     /// The launchers of every embedded kernel, loaded when the device was opened.
     pub fn kernels(&self) -> &Kernels {
         &self.kernels
+    }
+
+    /// Whether this GPU can run the wgmma kernels: their sm_90a module loaded (compute
+    /// capability 9.0: H100, H200).
+    pub fn has_wgmma(&self) -> bool {
+        self.kernels.module_loaded("conv_sm90a")
+    }
+
+    /// Whether the convolutions' forward and input gradient run on the wgmma kernels now.
+    pub fn wgmma(&self) -> bool {
+        self.wgmma.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Chooses wgmma (`true`) or mma.sync for the convolutions' forward and input gradient.
+    /// Turning it on where the sm_90a module did not load is an error. The tensor-core check
+    /// (`nn::tensor_cores`) is what turns it on in a run; tests and benchmarks choose directly.
+    pub fn set_wgmma(&self, on: bool) -> Result<()> {
+        if on && !self.has_wgmma() {
+            return Err(Error::GpuUnavailable(format!(
+                "wgmma kernels need an sm_90a GPU (H100, H200) with kernels/conv_sm90a.cu loaded; {} is \
+                 compute capability {}.{}",
+                self.name, self.compute_capability.0, self.compute_capability.1
+            )));
+        }
+        self.wgmma.store(on, std::sync::atomic::Ordering::Relaxed);
+        Ok(())
     }
 
     /// Device memory from the pool, contents undefined.

@@ -26,7 +26,10 @@ pub fn resolve(request: PrecisionRequest, device: &Device) -> Result<Precision> 
 /// GPU on small problems with integer data, where any order of f32 additions is exact, and
 /// requires the GPU's results to equal the CPU twins' exactly. Milliseconds; a no-op on the CPU
 /// and for a GPU already checked. An error names what differs and says to run with
-/// `--precision f32`.
+/// `--precision f32`. With [`wgmma_requested`] on an sm_90a GPU it then runs the same problems
+/// on the wgmma kernels and turns them on only if they agree too (else it says why on stderr
+/// and keeps mma.sync). A wgmma kernel that faults instead of disagreeing ends the process's
+/// CUDA context: that is why they are opt-in until a device check has run them.
 pub fn check(device: &Device) -> Result<()> {
     use std::sync::Mutex;
     static CHECKED: Mutex<Vec<usize>> = Mutex::new(Vec::new());
@@ -35,9 +38,50 @@ pub fn check(device: &Device) -> Result<()> {
     if checked.contains(&dev.ordinal()) {
         return Ok(());
     }
+    dev.set_wgmma(false)?;
     agree(device, &Device::Cpu)?;
+    if wgmma_requested() {
+        if !dev.has_wgmma() {
+            eprintln!(
+                "emprior: EMPRIOR_WGMMA=1 but {} has no sm_90a kernels loaded (compute capability {}.{}); \
+                 the convolutions stay on mma.sync",
+                dev.name(),
+                dev.compute_capability().0,
+                dev.compute_capability().1
+            );
+        } else if let Err(e) = try_wgmma(device) {
+            eprintln!(
+                "emprior: the wgmma kernels (EMPRIOR_WGMMA=1) disagree with the CPU on {}: {e}; \
+                 the convolutions stay on mma.sync. Please report this GPU.",
+                dev.name()
+            );
+        }
+    }
     checked.push(dev.ordinal());
     Ok(())
+}
+
+/// Turns the wgmma convolutions on for `device` (an sm_90a GPU) if they give the CPU's bits on
+/// [`agree`]'s problems; on a disagreement turns them off again and says what differed.
+pub fn try_wgmma(device: &Device) -> Result<()> {
+    let Device::Cuda(dev) = device else {
+        return Err(Error::GpuUnavailable("wgmma kernels run on a GPU only".into()));
+    };
+    dev.set_wgmma(true)?;
+    agree(device, &Device::Cpu).inspect_err(|_| {
+        // Cannot fail: turning off needs nothing.
+        let _ = dev.set_wgmma(false);
+    })
+}
+
+/// `EMPRIOR_WGMMA=1`: on an H100 or H200, run the convolutions' forward and input gradient on
+/// the wgmma kernels (kernels/conv_sm90a.cu) once they pass [`check`]. Off by default until a
+/// device check has run them on a GPU (benches/RESULTS.md).
+pub fn wgmma_requested() -> bool {
+    matches!(
+        std::env::var("EMPRIOR_WGMMA").as_deref().map(str::trim),
+        Ok("1") | Ok("true") | Ok("yes") | Ok("on")
+    )
 }
 
 /// The body of [`check`]: the small bf16 problems on `device` and on `reference`,

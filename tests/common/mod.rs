@@ -208,7 +208,30 @@ impl Suite {
         self.push_gpu(name, f, true);
     }
 
+    /// A GPU trial that may find this GPU lacks what it tests: `f` answers `Some(why)` and the
+    /// trial is reported ignored with that reason, never passed. It runs alone (it may switch a
+    /// device-wide kernel choice, such as wgmma, that other trials would otherwise see).
+    pub fn gpu_if(&mut self, name: &str, f: impl FnOnce(&Device) -> Option<String> + Send + 'static) {
+        self.push_gpu_if(name, f, true);
+    }
+
     fn push_gpu(&mut self, name: &str, f: impl FnOnce(&Device) + Send + 'static, alone: bool) {
+        self.push_gpu_if(
+            name,
+            move |d| {
+                f(d);
+                None
+            },
+            alone,
+        );
+    }
+
+    fn push_gpu_if(
+        &mut self,
+        name: &str,
+        f: impl FnOnce(&Device) -> Option<String> + Send + 'static,
+        alone: bool,
+    ) {
         let (required, stand_in) = (gpu_required(), gpu_stand_in());
         let ignored = self.missing.is_some() && !required && !stand_in;
         let trial = libtest_mimic::Trial::ignorable_test(name, move || {
@@ -230,14 +253,17 @@ impl Suite {
             }
             match target {
                 Target::Gpu(gpu) => {
-                    f(&gpu);
+                    let skipped = f(&gpu);
                     // Asynchronous kernel faults surface here, charged to the trial that queued them.
                     gpu.synchronize()
                         .map_err(|e| format!("after the trial, synchronizing the GPU failed: {e}"))?;
-                    Ok(libtest_mimic::Completion::Completed)
+                    Ok(match skipped {
+                        None => libtest_mimic::Completion::Completed,
+                        Some(why) => libtest_mimic::Completion::ignored_with(why),
+                    })
                 }
                 Target::StandIn => {
-                    f(&Device::Cpu);
+                    let _ = f(&Device::Cpu);
                     Ok(libtest_mimic::Completion::ignored_with(
                         "test code run on the CPU, GPU not checked",
                     ))

@@ -1,5 +1,7 @@
 //! The 3x3 convolution's three passes under the bf16 policy: implicit GEMM on the tensor cores
-//! (kernels/conv.cu, version 2: no column buffer) and their CPU twins. Layouts as in
+//! (kernels/conv.cu, version 2: no column buffer; on an H100 or H200 with wgmma turned on
+//! ([`crate::device::CudaDevice::set_wgmma`]), the forward and input gradient of
+//! kernels/conv_sm90a.cu, version 4) and their CPU twins. Layouts as in
 //! [`super`]: x `[N, H, W, Cin]`, weight `[3, 3, Cin, Cout]` (= `[9 Cin, Cout]`), bias
 //! `[Cout]`, y `[N, OH, OW, Cout]`. Operands (x, the weight, dy) are bf16 tensors; accumulation,
 //! bias and every f32 output are f32.
@@ -11,7 +13,7 @@
 //! same bits run to run and on every GPU of a given kernel build.
 
 use super::{col2im_into, im2col, ConvGeometry};
-use crate::device::launch;
+use crate::device::launch::{self, Kernels};
 use crate::error::{Error, Result};
 use crate::ops::precision::{tensor_core_refusal, to_f32, Bf16Ref};
 use crate::ops::{gemm_bias_into, gemm_into, GemmSpec};
@@ -153,6 +155,38 @@ pub fn forward<'x, 'w>(
             };
             let mut yv = y.map(|y| cuda_f32(y)).transpose()?;
             let mut ybv = y_bf16.map(|t| t.cuda_bf16_mut()).transpose()?;
+            if dev.wgmma() {
+                // Hopper: the weight as [tap][Cout][Cin] (K-major for wgmma), then version 4.
+                let wn = 9 * g.cin as usize * cout;
+                let mut wt = Tensor::uninit(&[wn], DType::BF16, &device)?;
+                {
+                    let mut wtv = wt.cuda_bf16_mut()?;
+                    // SAFETY: w and wt hold 9 Cin Cout values each.
+                    unsafe {
+                        dev.kernels().conv3x3_weight_taps_cout_cin_bf16(
+                            launch::grid_stride(dev, wn),
+                            &wv,
+                            &mut wtv,
+                            g.cin,
+                            cout as i32,
+                        )
+                    }?;
+                }
+                let wtv = wt.cuda_bf16()?;
+                // SAFETY: as below; wt holds the weight's values in the order the kernel reads.
+                return unsafe {
+                    dev.kernels().conv3x3_fprop_wgmma(
+                        cfg,
+                        &xv,
+                        &wtv,
+                        bv.as_ref(),
+                        yv.as_mut(),
+                        ybv.as_mut(),
+                        *g,
+                        cout as i32,
+                    )
+                };
+            }
             // SAFETY: every operand's size was checked against the geometry; channel counts are
             // multiples of 8 (16-byte chunks); the grid covers the output tiles.
             unsafe {
@@ -237,26 +271,35 @@ pub fn input_grad_with<'d, 'w>(
                 // (blocks past a smaller class's pixels return at once).
                 let class0 = g.n as u32 * (g.h as u32).div_ceil(2) * (g.w as u32).div_ceil(2);
                 let cfg = launch::blocks((class0.div_ceil(TILE), cin_tiles, 4), THREADS);
+                let k = dev.kernels();
+                let launch = if dev.wgmma() {
+                    Kernels::conv3x3_dgrad_s2_wgmma
+                } else {
+                    Kernels::conv3x3_dgrad_s2_bf16
+                };
                 // SAFETY: as in `forward`; the classes partition dx's pixels, so each is
                 // written by one block.
-                return unsafe {
-                    dev.kernels().conv3x3_dgrad_s2_bf16(
-                        cfg,
-                        &dyv,
-                        &wv,
-                        Some(&mut dxv),
-                        None,
-                        *g,
-                        cout as i32,
-                        beta,
-                    )
-                };
+                return unsafe { launch(k, cfg, &dyv, &wv, Some(&mut dxv), None, *g, cout as i32, beta) };
             }
             let cfg = launch::blocks(((pixels_in(g) as u32).div_ceil(TILE), cin_tiles, 1), THREADS);
+            let launch = if dev.wgmma() {
+                Kernels::conv3x3_dgrad_wgmma
+            } else {
+                Kernels::conv3x3_dgrad_bf16
+            };
             // SAFETY: as in `forward`.
             unsafe {
-                dev.kernels()
-                    .conv3x3_dgrad_bf16(cfg, &dyv, &wv, Some(&mut dxv), None, *g, cout as i32, beta)
+                launch(
+                    dev.kernels(),
+                    cfg,
+                    &dyv,
+                    &wv,
+                    Some(&mut dxv),
+                    None,
+                    *g,
+                    cout as i32,
+                    beta,
+                )
             }
         }
     }
