@@ -275,7 +275,8 @@ fn matching(s: &str, open: usize) -> Option<usize> {
 }
 
 /// The architecture a module is built for alone, from its first line `// build: sm_XXa only`
-/// (build.rs compiles it for that target only; the runtime loads it only where it runs).
+/// (build.rs compiles it for that target only; the runtime loads it only where it runs). Only
+/// an architecture-specific target ("a": sm_90a) qualifies, as in scripts/kernel-resources.sh.
 pub fn module_target(source: &str) -> Option<String> {
     let first = source.lines().next()?.trim();
     let arch = first
@@ -283,7 +284,8 @@ pub fn module_target(source: &str) -> Option<String> {
         .trim()
         .strip_suffix("only")?
         .trim();
-    (arch.starts_with("sm_") && arch.len() > 3).then(|| arch.to_string())
+    let digits = arch.strip_prefix("sm_")?.strip_suffix('a')?;
+    (!digits.is_empty() && digits.bytes().all(|b| b.is_ascii_digit())).then(|| arch.to_string())
 }
 
 fn is_ident_char(c: char) -> bool {

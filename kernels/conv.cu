@@ -12,6 +12,8 @@
 // chunks straight from the NHWC tensors (8 channels of one tap per 16-byte copy, zero filled in
 // the padding). Weights stay [3, 3, Cin, Cout] = [9 Cin][Cout]. The three passes as GEMMs:
 //   fprop  y[M = N*OH*OW][Cout]  = col(x)[M][9 Cin]  W[9 Cin][Cout]            (+ bias)
+//          and, for a ResBlock's conv2 (res_x non-null, y_bf16 kept), its residual out = (x + c y)
+//          / sqrt(1 + c^2) from the same registers (TcEpilogue): one pass fewer over y
 //   dgrad  dx[N*H*W][Cin]        = dcol(dy)[..][9 Cout] W'[9 Cout][Cin], W'[(tap, co)][ci] = W[tap][ci][co]
 //   wgrad  dW[9 Cin][Cout]       = col(x)^T dy, K = N*OH*OW split over grid.z into f32 partials,
 //                                  then summed in split order by conv3x3_wgrad_sum_f32 (no atomics)
@@ -86,7 +88,9 @@ extern "C" __global__ void conv_col2im_f32(const float* dcol, float* dx, ConvGeo
 // hot tensor-core
 extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
     conv3x3_fprop_bf16(const __nv_bfloat16* x, const __nv_bfloat16* w, NULLABLE const float* bias,
-                       NULLABLE float* y, NULLABLE __nv_bfloat16* y_bf16, ConvGeometry g, int cout) {
+                       NULLABLE float* y, NULLABLE __nv_bfloat16* y_bf16, ConvGeometry g, int cout,
+                       NULLABLE const __nv_bfloat16* res_x, NULLABLE const float* res_m, NULLABLE float* res_out,
+                       NULLABLE __nv_bfloat16* res_out_bf16) {
 #if __CUDA_ARCH__ >= 800
     TC_SMEM_DECL;
     const int m0 = blockIdx.x * TC_BM, n0 = blockIdx.y * TC_BN;
@@ -95,7 +99,8 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
     const DenseMNMajor lb{n0, cout, k, cout};
     TcAcc acc;
     tc_mainloop(tc_smem, x, la, w, lb, 0, (k + TC_BK - 1) / TC_BK, acc);
-    tc_store(acc, TcEpilogue{1.0f, 0.0f, bias, y, y_bf16, cout}, m0, n0, m, cout);
+    const TcEpilogue e{1.0f, 0.0f, bias, y, y_bf16, cout, res_x, res_m, res_out, res_out_bf16, g.oh * g.ow};
+    tc_store(acc, e, m0, n0, m, cout);
 #else
     __trap();
 #endif

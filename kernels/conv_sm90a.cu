@@ -28,7 +28,9 @@ CHECK_LAYOUT(ConvGeometry);
 // hot tensor-core wgmma
 extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
     conv3x3_fprop_wgmma(const __nv_bfloat16* x, const __nv_bfloat16* w_taps_cout_cin, NULLABLE const float* bias,
-                        NULLABLE float* y, NULLABLE __nv_bfloat16* y_bf16, ConvGeometry g, int cout) {
+                        NULLABLE float* y, NULLABLE __nv_bfloat16* y_bf16, ConvGeometry g, int cout,
+                        NULLABLE const __nv_bfloat16* res_x, NULLABLE const float* res_m, NULLABLE float* res_out,
+                        NULLABLE __nv_bfloat16* res_out_bf16) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     WG_SMEM_DECL;
     const int m0 = blockIdx.x * TC_BM, n0 = blockIdx.y * TC_BN;
@@ -38,7 +40,8 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
     const DgradLoadB lb{n0, cout, g.cin};
     WgAcc acc;
     wg_mainloop(tc_smem, x, la, w_taps_cout_cin, lb, 0, (k + TC_BK - 1) / TC_BK, acc);
-    wg_store(acc, TcEpilogue{1.0f, 0.0f, bias, y, y_bf16, cout}, m0, n0, m, cout);
+    const TcEpilogue e{1.0f, 0.0f, bias, y, y_bf16, cout, res_x, res_m, res_out, res_out_bf16, g.oh * g.ow};
+    wg_store(acc, e, m0, n0, m, cout);
 #else
     __trap();
 #endif

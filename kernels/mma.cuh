@@ -195,6 +195,16 @@ struct TcEpilogue {
     float* c;           // may be null
     bf16* c_bf16;       // may be null
     i64 ldc;
+    // The ResBlock's residual fused into conv2's forward (res_x non-null; rows are output pixels,
+    // ldc = C channels, c_bf16 set: h is kept in bf16): out = (x + c h) / sqrt(1 + c^2) with h
+    // the bf16-rounded value just stored, x [pixels][C] in bf16, c = res_m[s][2C + col] for the
+    // sample s = row / res_pixels, into res_out (f32) or res_out_bf16. The arithmetic of
+    // blocks.cu's blk_residual, operation for operation, so the same bits as the two kernels.
+    const bf16* res_x;
+    const float* res_m;
+    float* res_out;
+    bf16* res_out_bf16;
+    int res_pixels;
 };
 
 // The row of C that a tile row is stored to: itself, or a map (the stride-2 input gradient's
@@ -223,6 +233,15 @@ __device__ __forceinline__ void tc_store_pair(const TcEpilogue& e, const RowMap&
     }
     if (e.c) *reinterpret_cast<float2*>(e.c + at) = make_float2(v0, v1);
     if (e.c_bf16) *reinterpret_cast<__nv_bfloat162*>(e.c_bf16 + at) = __floats2bfloat162_rn(v0, v1);
+    if (e.res_x) {
+        const float2 h = __bfloat1622float2(__floats2bfloat162_rn(v0, v1));
+        const float2 x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(e.res_x + at));
+        const float* cm = e.res_m + (i64)(row / e.res_pixels) * 3 * e.ldc + 2 * e.ldc + col;
+        const float o0 = fmaf(cm[0], h.x, x.x) / sqrtf(1.0f + cm[0] * cm[0]);
+        const float o1 = fmaf(cm[1], h.y, x.y) / sqrtf(1.0f + cm[1] * cm[1]);
+        if (e.res_out) *reinterpret_cast<float2*>(e.res_out + at) = make_float2(o0, o1);
+        if (e.res_out_bf16) *reinterpret_cast<__nv_bfloat162*>(e.res_out_bf16 + at) = __floats2bfloat162_rn(o0, o1);
+    }
 }
 
 template <class RowMap = TcRowsIdentity>

@@ -56,6 +56,13 @@ struct WgAcc {
     float v[64];
 };
 
+// Pins the accumulators in place around the asynchronous MMAs (CUTLASS's
+// warpgroup_fence_operand): no access to them may be moved across this point by the compiler.
+__device__ __forceinline__ void wg_fence_operands(WgAcc& acc) {
+#pragma unroll
+    for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(acc.v[i])::"memory");
+}
+
 // The device's side of tc_pipeline for the wgmma main loop: mma.cuh's copies and waits, a
 // proxy fence before each barrier, and the stage's two k16 steps as wgmmas.
 template <class LoadA, class LoadB>
@@ -85,12 +92,14 @@ struct WgDeviceMachine {
     __device__ __forceinline__ void compute(int stage, int) {
         const unsigned base = smem_addr(smem + stage * TC_STAGE_ELEMS);
         const int wg = threadIdx.x >> 7;
+        wg_fence_operands(acc);
         wg_fence();
 #pragma unroll
         for (int kk = 0; kk < TC_BK; kk += 16)
             wgmma_m64n128k16(acc.v, wg_desc(base + 2u * wg_a_offset(wg, kk)), wg_desc(base + 2u * wg_b_offset(kk)));
         wg_commit();
         wg_wait_all();
+        wg_fence_operands(acc);
     }
 };
 

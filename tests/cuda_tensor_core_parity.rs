@@ -49,6 +49,17 @@ fn main() {
         conv_trials(g, &unet_convs(), batch)
     });
     s.gpu("tc_conv::wgrad_bit_identical_run_to_run", wgrad_deterministic);
+    s.cpu("twins::residual_epilogue_is_the_two_ops", || {
+        residual_epilogue(&CPU, 2)
+    });
+    s.gpu(
+        "tc_conv::residual_epilogue_gives_the_two_kernels_bits",
+        move |g| residual_epilogue(g, batch),
+    );
+    s.gpu_if(
+        "tc_wgmma::residual_epilogue_gives_the_two_kernels_bits",
+        move |g| on_wgmma(g, || residual_epilogue(g, batch)),
+    );
     s.gpu("tc::startup_check_agrees_with_the_cpu", |g| {
         emprior::nn::tensor_cores::check(g).unwrap()
     });
@@ -506,6 +517,77 @@ fn conv_trials(dev: &Device, cases: &[ConvCase], batch: usize) {
             false,
         );
     }
+}
+
+/// A ResBlock's conv2 with the block's residual in its epilogue (`conv_bf16::forward_residual`,
+/// at the level-0 shape) gives the bits of the two ops it replaces, the convolution with h kept
+/// in bf16 then `residual_kept` (bf16 out, as the next block keeps it) or `residual_operand` (f32
+/// out): on a GPU the fused kernel against the two kernels, on the CPU the twin against the ops.
+/// Bad operands are refused by name.
+fn residual_epilogue(dev: &Device, batch: usize) {
+    use emprior::nn::blocks::{residual_kept, residual_operand};
+    use emprior::ops::precision::{Bf16Ref, Operand, Precision};
+    let (side, c) = (16, 128);
+    let g = geometry(batch, side, side, c, 1);
+    let pixels = batch * side * side;
+    let (input, _) = operand(dev, 901, &[pixels * c]);
+    let (w, _) = operand(dev, 902, &[9 * c * c]);
+    let (x, _) = operand(dev, 903, &[batch, side, side, c]);
+    let bias = Tensor::from_f32(&random_vec(904, c, -1.0, 1.0), &[c], dev).unwrap();
+    let m = Tensor::from_f32(&random_vec(905, batch * 3 * c, -2.0, 2.0), &[batch, 3 * c], dev).unwrap();
+    let (bv, mv) = (bias.as_view().unwrap(), m.as_view().unwrap());
+    let bits = |t: &Tensor| -> Vec<u32> {
+        let v = match t.dtype() {
+            DType::BF16 => f32_of_bf16(t),
+            _ => t.to_vec_f32().unwrap(),
+        };
+        v.iter().map(|v| v.to_bits()).collect()
+    };
+
+    let mut h = poisoned_bf16(dev, &[pixels * c]);
+    conv_bf16::forward(&input, &w, Some(&bv), &g, c, None, Some(&mut h)).unwrap();
+    let h = h.reshape(&[batch, side, side, c]).unwrap();
+    let (xo, ho) = (Operand::of(&x).unwrap(), Operand::of(&h).unwrap());
+    for out_dtype in [DType::BF16, DType::F32] {
+        let want = match out_dtype {
+            DType::BF16 => residual_kept(&xo, &ho, &mv, Precision::Bf16).unwrap(),
+            _ => residual_operand(&xo, &ho, &mv).unwrap(),
+        };
+        let mut h2 = poisoned_bf16(dev, &[pixels * c]);
+        let mut out = match out_dtype {
+            DType::BF16 => poisoned_bf16(dev, &[batch, side, side, c]),
+            _ => poisoned(dev, &[batch, side, side, c]),
+        };
+        let residual = conv_bf16::Residual {
+            x: Bf16Ref::new(&x),
+            m: &mv,
+            out: &mut out,
+        };
+        conv_bf16::forward_residual(&input, &w, Some(&bv), &g, c, &mut h2, residual).unwrap();
+        assert_eq!(
+            bits(&h2),
+            bits(&h),
+            "h (kept) differs from the convolution's ({out_dtype:?} out)"
+        );
+        assert_eq!(
+            bits(&out),
+            bits(&want),
+            "out differs from the residual op's ({out_dtype:?} out)"
+        );
+    }
+
+    let mut h2 = poisoned_bf16(dev, &[pixels * c]);
+    let mut out = poisoned(dev, &[batch, side, side, c]);
+    let short = Tensor::zeros(&[batch, 2 * c], DType::F32, dev).unwrap();
+    let residual = conv_bf16::Residual {
+        x: Bf16Ref::new(&x),
+        m: &short.as_view().unwrap(),
+        out: &mut out,
+    };
+    let err = conv_bf16::forward_residual(&input, &w, Some(&bv), &g, c, &mut h2, residual)
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("the modulation must be f32"), "{err}");
 }
 
 /// The split-K weight gradient at the level-0 shape gives the same bits twice.

@@ -196,6 +196,7 @@ fn a_module_built_for_one_architecture_is_marked_and_its_structs_shared() {
         Some("sm_90a")
     );
     assert_eq!(interface::module_target("// build sm_90a\n"), None);
+    assert_eq!(interface::module_target("// build: sm_90 only\n"), None);
     assert_eq!(interface::module_target("#include \"common.cuh\"\n"), None);
     // The wgmma kernels: their module alone is sm_90a, and ConvGeometry crosses once.
     let iface = interface::read(&sources()).unwrap();

@@ -11,8 +11,9 @@
 // - wgmma.m64n128k16 (sm_90a; kernels/wgmma.cuh): A (64 x 16) and B (128 x 16, N x K) read
 //   through their descriptors (start address, SBO, the swizzle mode) from the K-major canonical
 //   layout with the 64-byte swizzle: element (row, k) at byte start + (row / 8) SBO + (row % 8) 64
-//   + 2 k, then bits [4,6) ^= bits [7,9) of that absolute address; D register i of thread tid at
-//   (wg_acc_row, wg_acc_col) as tc_index.cuh states the PTX figure.
+//   + 2 k, then bits [4,6) ^= bits [7,9) of that absolute address; D register i of warpgroup
+//   thread T at row 16 (T / 32) + (T % 32) / 4 + 8 ((i / 2) % 2), column 8 (i / 4) + 2 (T % 4)
+//   + i % 2 (the PTX figure, written out here independently of the kernel's wg_acc_row/col).
 // The main loop is the kernels' own tc_pipeline, driven by a machine that models the asynchrony
 // (copies land at a wait, are seen by other threads after a barrier) and flags a read of data
 // not landed, published or of the right K tile, and a stage overwritten while it may be read.
@@ -210,9 +211,15 @@ struct HostMachine {
                     for (int k = 0; k < 16; ++k) am[r][k] = wg_read(da, r, k, kt_begin + t);
                 for (int r = 0; r < 128; ++r)
                     for (int k = 0; k < 16; ++k) bm[r][k] = wg_read(db, r, k, kt_begin + t);
+                // D of m64nNk16 (the PTX ISA's figure), written here rather than taken from
+                // tc_index.cuh, so the kernel's wg_acc_row / wg_acc_col (its epilogue) are
+                // checked against it: thread T of the warpgroup, warp w = T / 32, lane l,
+                // register i at row 16 w + l / 4 + 8 ((i / 2) % 2), column 8 (i / 4) + 2 (l % 4)
+                // + i % 2.
                 for (int tid = 128 * wg; tid < 128 * (wg + 1); ++tid)
                     for (int i = 0; i < 64; ++i) {
-                        const int row = wg_acc_row(tid, i) - 64 * wg, col = wg_acc_col(tid, i);
+                        const int T = tid - 128 * wg, w = T / 32, l = T % 32;
+                        const int row = 16 * w + l / 4 + 8 * ((i / 2) % 2), col = 8 * (i / 4) + 2 * (l % 4) + i % 2;
                         float d = 0.0f;
                         for (int k = 0; k < 16; ++k) d += am[row][k] * bm[col][k];
                         wacc[tid][i] += d;

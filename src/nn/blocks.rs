@@ -906,9 +906,19 @@ impl ResBlock {
             _ => None,
         };
         let d1 = conv2_input(&self.conv2, layout, &c1, mask.as_ref())?;
-        let c2 = self.conv2.forward_kept(layout, params, &Operand::of(&d1)?)?;
-        drop(d1);
-        let out = residual_out(x, &Operand::of(&c2)?, m, p, keep_out)?;
+        // Under bf16 the residual runs in conv2's epilogue (the same bits as the two ops).
+        let fused = self
+            .conv2
+            .forward_kept_residual(layout, params, &Operand::of(&d1)?, x, m, keep_out)?;
+        let (c2, out) = match fused {
+            Some(both) => both,
+            None => {
+                let c2 = self.conv2.forward_kept(layout, params, &Operand::of(&d1)?)?;
+                drop(d1);
+                let out = residual_out(x, &Operand::of(&c2)?, m, p, keep_out)?;
+                (c2, out)
+            }
+        };
         Ok((out, ResCore { ln, c1, c2, mask }))
     }
 

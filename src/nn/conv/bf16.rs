@@ -112,7 +112,57 @@ pub fn forward<'x, 'w>(
     y: Option<&mut ViewMut>,
     y_bf16: Option<&mut Tensor>,
 ) -> Result<()> {
-    let (x, weight) = (x.into(), weight.into());
+    forward_impl(x.into(), weight.into(), bias, g, cout, y, y_bf16, None)
+}
+
+/// The residual of the paper's ResBlock, `out = (x + c h) / sqrt(1 + c^2)`, computed from a
+/// convolution's output h ([`forward_residual`]).
+pub struct Residual<'a, 'v> {
+    /// The block's input x, bf16, the shape of h.
+    pub x: Bf16Ref<'a>,
+    /// The block's modulation `[N, 3 Cout]`, f32; c is its last third.
+    pub m: &'a View<'v>,
+    /// Where out goes: an f32 or bf16 tensor the shape of h (bf16 when the next block keeps it).
+    pub out: &'a mut Tensor,
+}
+
+/// The forward of a ResBlock's conv2 with the block's residual in its epilogue: h = conv(x) +
+/// bias kept in bf16 (`h_bf16`), and `out = (x + c h) / sqrt(1 + c^2)` from the rounded h, on a GPU
+/// from the same registers (one pass fewer over h than the two ops), with the bits of
+/// [`forward`] followed by `nn::blocks::residual_kept` / `residual_operand` on bf16 x and h. The
+/// CPU twin is that composition.
+pub fn forward_residual<'x, 'w>(
+    x: impl Into<Bf16Ref<'x>>,
+    weight: impl Into<Bf16Ref<'w>>,
+    bias: Option<&View>,
+    g: &ConvGeometry,
+    cout: usize,
+    h_bf16: &mut Tensor,
+    residual: Residual,
+) -> Result<()> {
+    forward_impl(
+        x.into(),
+        weight.into(),
+        bias,
+        g,
+        cout,
+        None,
+        Some(h_bf16),
+        Some(residual),
+    )
+}
+
+#[allow(clippy::too_many_arguments)]
+fn forward_impl(
+    x: Bf16Ref,
+    weight: Bf16Ref,
+    bias: Option<&View>,
+    g: &ConvGeometry,
+    cout: usize,
+    y: Option<&mut ViewMut>,
+    y_bf16: Option<&mut Tensor>,
+    residual: Option<Residual>,
+) -> Result<()> {
     let device = x.tensor.device();
     let c = Checks::new("conv3x3 forward (bf16)", g, cout, device.clone())?;
     let (in_n, out_n) = (pixels_in(g) * g.cin as usize, pixels_out(g) * cout);
@@ -127,6 +177,29 @@ pub fn forward<'x, 'w>(
     if let Some(y) = &y_bf16 {
         c.bf16("y (bf16)", &Bf16Ref::new(y), out_n)?;
     }
+    if let Some(r) = &residual {
+        c.bf16("the residual's x", &r.x, out_n)?;
+        let m_n = g.n as usize * 3 * cout;
+        c.operand(
+            "the modulation",
+            r.m.dtype(),
+            r.m.numel(),
+            &r.m.device(),
+            (DType::F32, m_n),
+        )?;
+        let want = if r.out.dtype() == DType::BF16 {
+            DType::BF16
+        } else {
+            DType::F32
+        };
+        c.operand(
+            "the residual's out",
+            r.out.dtype(),
+            r.out.numel(),
+            &r.out.device(),
+            (want, out_n),
+        )?;
+    }
     match &device {
         Device::Cpu => {
             let (xf, wf) = (to_f32(x)?, to_f32(weight)?);
@@ -137,7 +210,26 @@ pub fn forward<'x, 'w>(
                 Some(b) => gemm_bias_into(&col, &wm, b, &mut out, GemmSpec::default())?,
                 None => gemm_into(&col, &wm, &mut out, GemmSpec::default())?,
             }
-            store_cpu(&out, y, y_bf16)
+            let Some(r) = residual else {
+                return store_cpu(&out, y, y_bf16);
+            };
+            let h = y_bf16.ok_or_else(|| {
+                Error::Other("conv3x3 forward (bf16): a residual needs h kept in bf16".into())
+            })?;
+            store_cpu(&out, None, Some(&mut *h))?;
+            // The twin: the residual op on the widened bf16 x and h (exact widenings).
+            let shape = [g.n as usize, pixels_out(g) / g.n as usize, cout];
+            let (xw, hw) = (to_f32(r.x)?, to_f32(Bf16Ref::new(h))?);
+            let o = crate::nn::blocks::residual(
+                &xw.as_view()?.reshape(&shape)?,
+                &hw.as_view()?.reshape(&shape)?,
+                r.m,
+            )?;
+            if r.out.dtype() == DType::BF16 {
+                store_cpu(&o, None, Some(r.out))
+            } else {
+                store_cpu(&o, Some(&mut r.out.as_view_mut()?), None)
+            }
         }
         Device::Cuda(dev) => {
             let cfg = launch::blocks(
@@ -153,8 +245,24 @@ pub fn forward<'x, 'w>(
                 Some(Data::Cuda(v, _)) => Some(v.slice(..)),
                 _ => None,
             };
+            if residual.is_some() && y_bf16.is_none() {
+                return Err(Error::Other(
+                    "conv3x3 forward (bf16): a residual needs h kept in bf16".into(),
+                ));
+            }
             let mut yv = y.map(|y| cuda_f32(y)).transpose()?;
             let mut ybv = y_bf16.map(|t| t.cuda_bf16_mut()).transpose()?;
+            let (res_x, res_m, res_out) = match residual {
+                Some(r) => (Some(r.x), Some(r.m), Some(r.out)),
+                None => (None, None, None),
+            };
+            let rxv = res_x.map(|r| r.cuda()).transpose()?;
+            let rmv = res_m.map(|m| cuda_f32_view(m)).transpose()?;
+            let (mut rof, mut rob) = match res_out {
+                Some(o) if o.dtype() == DType::BF16 => (None, Some(o.cuda_bf16_mut()?)),
+                Some(o) => (Some(o.cuda_f32_mut()?), None),
+                None => (None, None),
+            };
             if dev.wgmma() {
                 // Hopper: the weight as [tap][Cout][Cin] (K-major for wgmma), then version 4.
                 let wn = 9 * g.cin as usize * cout;
@@ -184,11 +292,16 @@ pub fn forward<'x, 'w>(
                         ybv.as_mut(),
                         *g,
                         cout as i32,
+                        rxv.as_ref(),
+                        rmv.as_ref(),
+                        rof.as_mut(),
+                        rob.as_mut(),
                     )
                 };
             }
             // SAFETY: every operand's size was checked against the geometry; channel counts are
-            // multiples of 8 (16-byte chunks); the grid covers the output tiles.
+            // multiples of 8 (16-byte chunks); the grid covers the output tiles; a residual's
+            // x and out have y's size and m N x 3 Cout values, with h kept in bf16.
             unsafe {
                 dev.kernels().conv3x3_fprop_bf16(
                     cfg,
@@ -199,6 +312,10 @@ pub fn forward<'x, 'w>(
                     ybv.as_mut(),
                     *g,
                     cout as i32,
+                    rxv.as_ref(),
+                    rmv.as_ref(),
+                    rof.as_mut(),
+                    rob.as_mut(),
                 )
             }
         }
@@ -377,6 +494,16 @@ pub fn weight_grad<'x, 'd>(
                 )
             }
         }
+    }
+}
+
+fn cuda_f32_view<'a>(v: &'a View) -> Result<cudarc::driver::CudaView<'a, f32>> {
+    match &v.data {
+        Data::Cuda(o, _) => Ok(o.slice(..)),
+        _ => Err(Error::DeviceMismatch {
+            op: "conv3x3 (bf16)",
+            detail: "an f32 operand on the CPU was given for a GPU convolution".into(),
+        }),
     }
 }
 
