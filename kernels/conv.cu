@@ -24,7 +24,7 @@
 // Launch contract (src/nn/conv.rs checks it): blockDim = 256; grid = (ceil(M/128), ceil(N/128),
 // 1 or splits); Cin and Cout multiples of 8.
 #include "common.cuh"
-#include "mma.cuh"
+#include "conv_tc.cuh"
 
 // Mirrored in Rust by a generated struct (build/interface.rs), with methods in src/nn/conv.rs.
 struct ConvGeometry {
@@ -93,14 +93,9 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
                        NULLABLE __nv_bfloat16* res_out_bf16) {
 #if __CUDA_ARCH__ >= 800
     TC_SMEM_DECL;
-    const int m0 = blockIdx.x * TC_BM, n0 = blockIdx.y * TC_BN;
-    const int k = 9 * g.cin, m = g.n * g.oh * g.ow;
-    const FpropLoadA<ConvGeometry> la(g, m0, threadIdx.x);
-    const DenseMNMajor lb{n0, cout, k, cout};
-    TcAcc acc;
-    tc_mainloop(tc_smem, x, la, w, lb, 0, (k + TC_BK - 1) / TC_BK, acc);
-    const TcEpilogue e{1.0f, 0.0f, bias, y, y_bf16, cout, res_x, res_m, res_out, res_out_bf16, g.oh * g.ow};
-    tc_store(acc, e, m0, n0, m, cout);
+    // W as stored, [9 Cin][Cout]: MN-major rows k.
+    const auto weight = [&](int n0) { return DenseMNMajor{n0, cout, 9 * g.cin, cout}; };
+    conv3x3_fprop_tc<TcEngine>(tc_smem, x, w, weight, bias, y, y_bf16, g, cout, res_x, res_m, res_out, res_out_bf16);
 #else
     __trap();
 #endif
@@ -113,13 +108,7 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
                        NULLABLE __nv_bfloat16* dx_bf16, ConvGeometry g, int cout, float beta) {
 #if __CUDA_ARCH__ >= 800
     TC_SMEM_DECL;
-    const int m0 = blockIdx.x * TC_BM, n0 = blockIdx.y * TC_BN;
-    const int k = 9 * cout, m = g.n * g.h * g.w;
-    const DgradLoadA<ConvGeometry> la(g, cout, m0, threadIdx.x);
-    const DgradLoadB lb{n0, g.cin, cout};
-    TcAcc acc;
-    tc_mainloop(tc_smem, dy, la, w, lb, 0, (k + TC_BK - 1) / TC_BK, acc);
-    tc_store(acc, TcEpilogue{1.0f, beta, nullptr, dx, dx_bf16, g.cin}, m0, n0, m, g.cin);
+    conv3x3_dgrad_tc<TcEngine>(tc_smem, dy, w, dx, dx_bf16, g, cout, beta);
 #else
     __trap();
 #endif
@@ -127,22 +116,13 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
 
 // dx = beta dx + dgrad at stride 2, one parity class of input pixels per grid z (DgradParity):
 // K = (the class's taps) x Cout, no zero-filled taps; the epilogue stores each row at its pixel.
-// Blocks past their class's pixels return at once (whole blocks, before any barrier).
 // hot tensor-core
 extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
     conv3x3_dgrad_s2_bf16(const __nv_bfloat16* dy, const __nv_bfloat16* w, NULLABLE float* dx,
                           NULLABLE __nv_bfloat16* dx_bf16, ConvGeometry g, int cout, float beta) {
 #if __CUDA_ARCH__ >= 800
-    const DgradParity cls(g, blockIdx.z);
-    const int m0 = blockIdx.x * TC_BM, n0 = blockIdx.y * TC_BN;
-    if (m0 >= cls.rows) return;
     TC_SMEM_DECL;
-    const int k = cls.taps * cout;
-    const DgradParityLoadA<ConvGeometry> la(g, cls, cout, m0, threadIdx.x);
-    const DgradParityLoadB lb{cls, n0, g.cin, cout};
-    TcAcc acc;
-    tc_mainloop(tc_smem, dy, la, w, lb, 0, (k + TC_BK - 1) / TC_BK, acc);
-    tc_store(acc, TcEpilogue{1.0f, beta, nullptr, dx, dx_bf16, g.cin}, m0, n0, cls.rows, g.cin, cls);
+    conv3x3_dgrad_s2_tc<TcEngine>(tc_smem, dy, w, dx, dx_bf16, g, cout, beta);
 #else
     __trap();
 #endif

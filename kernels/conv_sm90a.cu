@@ -17,6 +17,7 @@
 // (src/nn/tensor_cores.rs). The #else branches exist for nvcc's host pass only.
 // Launch contract: as conv.cu version 2 (blockDim = 256; Cin and Cout multiples of 8).
 #include "common.cuh"
+#include "conv_tc.cuh"
 #include "wgmma.cuh"
 
 // Mirrors conv.cu's (build/interface.rs checks the two definitions agree with the Rust mirror).
@@ -33,15 +34,10 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
                         NULLABLE __nv_bfloat16* res_out_bf16) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     WG_SMEM_DECL;
-    const int m0 = blockIdx.x * TC_BM, n0 = blockIdx.y * TC_BN;
-    const int k = 9 * g.cin, m = g.n * g.oh * g.ow;
-    const FpropLoadA<ConvGeometry> la(g, m0, threadIdx.x);
     // Rows co, K = (tap, ci): DgradLoadB's order over [tap][co][ci].
-    const DgradLoadB lb{n0, cout, g.cin};
-    WgAcc acc;
-    wg_mainloop(tc_smem, x, la, w_taps_cout_cin, lb, 0, (k + TC_BK - 1) / TC_BK, acc);
-    const TcEpilogue e{1.0f, 0.0f, bias, y, y_bf16, cout, res_x, res_m, res_out, res_out_bf16, g.oh * g.ow};
-    wg_store(acc, e, m0, n0, m, cout);
+    const auto weight = [&](int n0) { return DgradLoadB{n0, cout, g.cin}; };
+    conv3x3_fprop_tc<WgEngine>(tc_smem, x, w_taps_cout_cin, weight, bias, y, y_bf16, g, cout, res_x, res_m, res_out,
+                               res_out_bf16);
 #else
     __trap();
 #endif
@@ -54,13 +50,7 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
                         NULLABLE __nv_bfloat16* dx_bf16, ConvGeometry g, int cout, float beta) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
     WG_SMEM_DECL;
-    const int m0 = blockIdx.x * TC_BM, n0 = blockIdx.y * TC_BN;
-    const int k = 9 * cout, m = g.n * g.h * g.w;
-    const DgradLoadA<ConvGeometry> la(g, cout, m0, threadIdx.x);
-    const DgradLoadB lb{n0, g.cin, cout};
-    WgAcc acc;
-    wg_mainloop(tc_smem, dy, la, w, lb, 0, (k + TC_BK - 1) / TC_BK, acc);
-    wg_store(acc, TcEpilogue{1.0f, beta, nullptr, dx, dx_bf16, g.cin}, m0, n0, m, g.cin);
+    conv3x3_dgrad_tc<WgEngine>(tc_smem, dy, w, dx, dx_bf16, g, cout, beta);
 #else
     __trap();
 #endif
@@ -72,16 +62,8 @@ extern "C" __global__ void __launch_bounds__(TC_THREADS, 2)
     conv3x3_dgrad_s2_wgmma(const __nv_bfloat16* dy, const __nv_bfloat16* w, NULLABLE float* dx,
                            NULLABLE __nv_bfloat16* dx_bf16, ConvGeometry g, int cout, float beta) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    const DgradParity cls(g, blockIdx.z);
-    const int m0 = blockIdx.x * TC_BM, n0 = blockIdx.y * TC_BN;
-    if (m0 >= cls.rows) return;
     WG_SMEM_DECL;
-    const int k = cls.taps * cout;
-    const DgradParityLoadA<ConvGeometry> la(g, cls, cout, m0, threadIdx.x);
-    const DgradParityLoadB lb{cls, n0, g.cin, cout};
-    WgAcc acc;
-    wg_mainloop(tc_smem, dy, la, w, lb, 0, (k + TC_BK - 1) / TC_BK, acc);
-    wg_store(acc, TcEpilogue{1.0f, beta, nullptr, dx, dx_bf16, g.cin}, m0, n0, cls.rows, g.cin, cls);
+    conv3x3_dgrad_s2_tc<WgEngine>(tc_smem, dy, w, dx, dx_bf16, g, cout, beta);
 #else
     __trap();
 #endif

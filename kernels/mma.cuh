@@ -138,16 +138,16 @@ __device__ __forceinline__ void tc_compute_stage(const bf16* stage, TcAcc& acc) 
     }
 }
 
-// The device's side of tc_pipeline (tc_index.cuh): real copies, waits, barriers and MMAs.
+// The copies of the stage ring (tc_pipeline's load, commit and wait), the same under either
+// MMA: this machine's and wgmma.cuh's derive from it.
 template <class LoadA, class LoadB>
-struct TcDeviceMachine {
+struct TcCopies {
     bf16* smem;
     const bf16* a;
     const LoadA& la;
     const bf16* b;
     const LoadB& lb;
     int kt_begin;
-    TcAcc& acc;
     __device__ __forceinline__ void load(int stage, int t) {
         tc_load_stage(smem + stage * TC_STAGE_ELEMS, a, la, b, lb, kt_begin + t);
     }
@@ -160,9 +160,15 @@ struct TcDeviceMachine {
         else
             cp_async_wait<TC_STAGES - 2>();
     }
+};
+
+// The device's side of tc_pipeline (tc_index.cuh): real copies, waits, barriers and MMAs.
+template <class LoadA, class LoadB>
+struct TcDeviceMachine : TcCopies<LoadA, LoadB> {
+    TcAcc& acc;
     __device__ __forceinline__ void sync() { __syncthreads(); }
     __device__ __forceinline__ void compute(int stage, int) {
-        tc_compute_stage<LoadA::K_MAJOR, LoadB::K_MAJOR>(smem + stage * TC_STAGE_ELEMS, acc);
+        tc_compute_stage<LoadA::K_MAJOR, LoadB::K_MAJOR>(this->smem + stage * TC_STAGE_ELEMS, acc);
     }
 };
 
@@ -177,7 +183,7 @@ __device__ __forceinline__ void tc_mainloop(bf16* smem, const bf16* a, const Loa
         for (int j = 0; j < 4; ++j)
 #pragma unroll
             for (int r = 0; r < 4; ++r) acc.v[i][j][r] = 0.0f;
-    TcDeviceMachine<LoadA, LoadB> m{smem, a, la, b, lb, kt_begin, acc};
+    TcDeviceMachine<LoadA, LoadB> m{{smem, a, la, b, lb, kt_begin}, acc};
     tc_pipeline(m, kt_end - kt_begin);
 }
 
@@ -256,3 +262,19 @@ __device__ __forceinline__ void tc_store(const TcAcc& acc, const TcEpilogue& e, 
                 tc_store_pair(e, rows, m0 + tc_acc_row(threadIdx.x, i, 2 * h), n0 + tc_acc_col(threadIdx.x, j, 0), m, n,
                               acc.v[i][j][2 * h], acc.v[i][j][2 * h + 1]);
 }
+
+// The mma.sync engine of the kernels written once for both MMAs (conv_tc.cuh): its
+// accumulators, main loop and epilogue.
+struct TcEngine {
+    typedef TcAcc Acc;
+    template <class LoadA, class LoadB>
+    static __device__ __forceinline__ void mainloop(bf16* smem, const bf16* a, const LoadA& la, const bf16* b,
+                                                    const LoadB& lb, int kt_begin, int kt_end, Acc& acc) {
+        tc_mainloop(smem, a, la, b, lb, kt_begin, kt_end, acc);
+    }
+    template <class RowMap = TcRowsIdentity>
+    static __device__ __forceinline__ void store(const Acc& acc, const TcEpilogue& e, int m0, int n0, int m, int n,
+                                                 const RowMap& rows = RowMap{}) {
+        tc_store(acc, e, m0, n0, m, n, rows);
+    }
+};

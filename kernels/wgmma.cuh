@@ -66,31 +66,15 @@ __device__ __forceinline__ void wg_fence_operands(WgAcc& acc) {
 // The device's side of tc_pipeline for the wgmma main loop: mma.cuh's copies and waits, a
 // proxy fence before each barrier, and the stage's two k16 steps as wgmmas.
 template <class LoadA, class LoadB>
-struct WgDeviceMachine {
+struct WgDeviceMachine : TcCopies<LoadA, LoadB> {
     static_assert(LoadA::K_MAJOR && LoadB::K_MAJOR, "the wgmma path takes K-major operands only");
-    bf16* smem;
-    const bf16* a;
-    const LoadA& la;
-    const bf16* b;
-    const LoadB& lb;
-    int kt_begin;
     WgAcc& acc;
-    __device__ __forceinline__ void load(int stage, int t) {
-        tc_load_stage(smem + stage * TC_STAGE_ELEMS, a, la, b, lb, kt_begin + t);
-    }
-    __device__ __forceinline__ void commit() { cp_async_commit(); }
-    __device__ __forceinline__ void wait(int pending) {
-        if (pending == 0)
-            cp_async_wait<0>();
-        else
-            cp_async_wait<TC_STAGES - 2>();
-    }
     __device__ __forceinline__ void sync() {
         fence_proxy_async_shared();
         __syncthreads();
     }
     __device__ __forceinline__ void compute(int stage, int) {
-        const unsigned base = smem_addr(smem + stage * TC_STAGE_ELEMS);
+        const unsigned base = smem_addr(this->smem + stage * TC_STAGE_ELEMS);
         const int wg = threadIdx.x >> 7;
         wg_fence_operands(acc);
         wg_fence();
@@ -110,7 +94,7 @@ __device__ __forceinline__ void wg_mainloop(bf16* smem, const bf16* a, const Loa
                                             const LoadB& lb, int kt_begin, int kt_end, WgAcc& acc) {
 #pragma unroll
     for (int i = 0; i < 64; ++i) acc.v[i] = 0.0f;
-    WgDeviceMachine<LoadA, LoadB> m{smem, a, la, b, lb, kt_begin, acc};
+    WgDeviceMachine<LoadA, LoadB> m{{smem, a, la, b, lb, kt_begin}, acc};
     tc_pipeline(m, kt_end - kt_begin);
 }
 
@@ -125,3 +109,18 @@ __device__ __forceinline__ void wg_store(const WgAcc& acc, const TcEpilogue& e, 
         tc_store_pair(e, rows, m0 + wg_acc_row(threadIdx.x, 2 * p), n0 + wg_acc_col(threadIdx.x, 2 * p), m, n,
                       acc.v[2 * p], acc.v[2 * p + 1]);
 }
+
+// The wgmma engine of the kernels written once for both MMAs (conv_tc.cuh).
+struct WgEngine {
+    typedef WgAcc Acc;
+    template <class LoadA, class LoadB>
+    static __device__ __forceinline__ void mainloop(bf16* smem, const bf16* a, const LoadA& la, const bf16* b,
+                                                    const LoadB& lb, int kt_begin, int kt_end, Acc& acc) {
+        wg_mainloop(smem, a, la, b, lb, kt_begin, kt_end, acc);
+    }
+    template <class RowMap = TcRowsIdentity>
+    static __device__ __forceinline__ void store(const Acc& acc, const TcEpilogue& e, int m0, int n0, int m, int n,
+                                                 const RowMap& rows = RowMap{}) {
+        wg_store(acc, e, m0, n0, m, n, rows);
+    }
+};

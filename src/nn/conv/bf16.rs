@@ -263,47 +263,22 @@ fn forward_impl(
                 Some(o) => (Some(o.cuda_f32_mut()?), None),
                 None => (None, None),
             };
-            if dev.wgmma() {
-                // Hopper: the weight as [tap][Cout][Cin] (K-major for wgmma), then version 4.
-                let wn = 9 * g.cin as usize * cout;
-                let mut wt = Tensor::uninit(&[wn], DType::BF16, &device)?;
-                {
-                    let mut wtv = wt.cuda_bf16_mut()?;
-                    // SAFETY: w and wt hold 9 Cin Cout values each.
-                    unsafe {
-                        dev.kernels().conv3x3_weight_taps_cout_cin_bf16(
-                            launch::grid_stride(dev, wn),
-                            &wv,
-                            &mut wtv,
-                            g.cin,
-                            cout as i32,
-                        )
-                    }?;
-                }
-                let wtv = wt.cuda_bf16()?;
-                // SAFETY: as below; wt holds the weight's values in the order the kernel reads.
-                return unsafe {
-                    dev.kernels().conv3x3_fprop_wgmma(
-                        cfg,
-                        &xv,
-                        &wtv,
-                        bv.as_ref(),
-                        yv.as_mut(),
-                        ybv.as_mut(),
-                        *g,
-                        cout as i32,
-                        rxv.as_ref(),
-                        rmv.as_ref(),
-                        rof.as_mut(),
-                        rob.as_mut(),
-                    )
-                };
-            }
+            // Hopper: the weight as [tap][Cout][Cin] (K-major for wgmma), then version 4.
+            let taps_cout_cin = match dev.wgmma() {
+                true => Some(weight_taps_cout_cin(&device, dev, &wv, g, cout)?),
+                false => None,
+            };
+            let (launch, wv) = match &taps_cout_cin {
+                Some(wt) => (Kernels::conv3x3_fprop_wgmma as FpropLaunch, wt.cuda_bf16()?),
+                None => (Kernels::conv3x3_fprop_bf16 as FpropLaunch, wv),
+            };
             // SAFETY: every operand's size was checked against the geometry; channel counts are
             // multiples of 8 (16-byte chunks); the grid covers the output tiles; a residual's
-            // x and out have y's size and m N x 3 Cout values, with h kept in bf16.
+            // x and out have y's size and m N x 3 Cout values, with h kept in bf16; the weight
+            // is in the order the chosen kernel reads.
             unsafe {
-                dev.kernels().conv3x3_fprop_bf16(
+                launch(
+                    dev.kernels(),
                     cfg,
                     &xv,
                     &wv,
@@ -320,6 +295,49 @@ fn forward_impl(
             }
         }
     }
+}
+
+/// The launcher both forward kernels share (version 2, mma.sync; version 4, wgmma).
+type FpropLaunch = unsafe fn(
+    &Kernels,
+    cudarc::driver::LaunchConfig,
+    &cudarc::driver::CudaView<'_, half::bf16>,
+    &cudarc::driver::CudaView<'_, half::bf16>,
+    Option<&cudarc::driver::CudaView<'_, f32>>,
+    Option<&mut cudarc::driver::CudaViewMut<'_, f32>>,
+    Option<&mut cudarc::driver::CudaViewMut<'_, half::bf16>>,
+    crate::device::params::ConvGeometry,
+    i32,
+    Option<&cudarc::driver::CudaView<'_, half::bf16>>,
+    Option<&cudarc::driver::CudaView<'_, f32>>,
+    Option<&mut cudarc::driver::CudaViewMut<'_, f32>>,
+    Option<&mut cudarc::driver::CudaViewMut<'_, half::bf16>>,
+) -> Result<()>;
+
+/// `w[tap][ci][co]` as `[tap][co][ci]` in a new bf16 tensor (what the wgmma forward reads).
+fn weight_taps_cout_cin(
+    device: &Device,
+    dev: &crate::device::CudaDevice,
+    w: &cudarc::driver::CudaView<'_, half::bf16>,
+    g: &ConvGeometry,
+    cout: usize,
+) -> Result<Tensor> {
+    let wn = 9 * g.cin as usize * cout;
+    let mut wt = Tensor::uninit(&[wn], DType::BF16, device)?;
+    {
+        let mut wtv = wt.cuda_bf16_mut()?;
+        // SAFETY: w and wt hold 9 Cin Cout values each.
+        unsafe {
+            dev.kernels().conv3x3_weight_taps_cout_cin_bf16(
+                launch::grid_stride(dev, wn),
+                w,
+                &mut wtv,
+                g.cin,
+                cout as i32,
+            )
+        }?;
+    }
+    Ok(wt)
 }
 
 /// The GPU kernel of the input gradient (the CPU twin is the same either way).
