@@ -48,6 +48,7 @@ pub mod data;
 pub mod device;
 pub mod diffusion;
 pub mod dist;
+pub mod dtype;
 pub mod em;
 pub mod error;
 pub mod gaussian;

@@ -6,7 +6,7 @@ use std::fmt::Debug;
 use std::iter::Sum;
 use std::ops::{Add, AddAssign, Div, DivAssign, Mul, MulAssign, Neg, Sub, SubAssign};
 
-use crate::tensor::{DType, Data, DataMut};
+use crate::dtype::DType;
 
 /// A host float type the CPU backend computes in; the crate implements it for `f32` and `f64`.
 ///
@@ -34,10 +34,6 @@ pub trait Real:
 {
     /// The tensor dtype whose host storage holds this type (`F32` or `F64`).
     const DTYPE: DType;
-    /// The host slice of view data of this type, if that is what it holds.
-    fn slice<'a>(data: &Data<'a>) -> Option<&'a [Self]>;
-    /// The mutable host slice of view data of this type, if that is what it holds.
-    fn slice_mut<'b>(data: &'b mut DataMut<'_>) -> Option<&'b mut [Self]>;
     /// Additive identity, `0.0`.
     const ZERO: Self;
     /// Multiplicative identity, `1.0`.
@@ -87,21 +83,9 @@ pub trait Real:
 }
 
 macro_rules! impl_real {
-    ($t:ty, $dtype:expr, $variant:ident, $gemm:path) => {
+    ($t:ty, $dtype:expr, $gemm:path) => {
         impl Real for $t {
             const DTYPE: DType = $dtype;
-            fn slice<'a>(data: &Data<'a>) -> Option<&'a [Self]> {
-                match data {
-                    Data::$variant(v) => Some(v),
-                    _ => None,
-                }
-            }
-            fn slice_mut<'b>(data: &'b mut DataMut<'_>) -> Option<&'b mut [Self]> {
-                match data {
-                    DataMut::$variant(v) => Some(v),
-                    _ => None,
-                }
-            }
             const ZERO: Self = 0.0;
             const ONE: Self = 1.0;
             fn from_f64(v: f64) -> Self {
@@ -156,5 +140,5 @@ macro_rules! impl_real {
     };
 }
 
-impl_real!(f32, DType::F32, F32, matrixmultiply::sgemm);
-impl_real!(f64, DType::F64, F64, matrixmultiply::dgemm);
+impl_real!(f32, DType::F32, matrixmultiply::sgemm);
+impl_real!(f64, DType::F64, matrixmultiply::dgemm);

@@ -13,38 +13,7 @@ use crate::error::{Error, Result};
 use crate::real::Real;
 use std::sync::Arc;
 
-/// The element type of a tensor. Every op computes in `F32` on both backends and in `F64` on the
-/// CPU (the oracle); `BF16` holds the tensor-core operands of the bf16 policy, which only the
-/// bf16 GEMM and convolutions (and the casts) accept.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-pub enum DType {
-    /// IEEE binary32, 4 bytes: what the GPU kernels compute in.
-    F32,
-    /// bfloat16, 2 bytes: tensor-core operands (f32 accumulation).
-    BF16,
-    /// IEEE binary64, 8 bytes: the CPU oracle's type; GPU ops do not accept it.
-    F64,
-}
-
-impl DType {
-    /// Bytes per element: 4, 2 or 8.
-    pub fn size_in_bytes(self) -> usize {
-        match self {
-            DType::F32 => 4,
-            DType::BF16 => 2,
-            DType::F64 => 8,
-        }
-    }
-
-    /// The lower-case name used in error messages and files: `"f32"`, `"bf16"` or `"f64"`.
-    pub fn name(self) -> &'static str {
-        match self {
-            DType::F32 => "f32",
-            DType::BF16 => "bf16",
-            DType::F64 => "f64",
-        }
-    }
-}
+pub use crate::dtype::DType;
 
 /// Host storage, one variant per dtype.
 #[derive(Clone, Debug)]
@@ -143,11 +112,10 @@ impl Tensor {
         })
     }
 
-    /// An f32 tensor filled with `value`.
+    /// An f32 tensor filled with `value` (made on the host and copied to a GPU: a constructor
+    /// for tests and setup; `ops::fill` fills a tensor in place on its device).
     pub fn full(shape: &[usize], value: f32, device: &Device) -> Result<Tensor> {
-        let mut t = Tensor::uninit(shape, DType::F32, device)?;
-        crate::ops::fill(&mut t, value)?;
-        Ok(t)
+        Tensor::from_f32(&vec![value; numel(shape)], shape, device)
     }
 
     /// An f32 tensor from host data (copied to the device when it is a GPU).
@@ -645,6 +613,24 @@ pub enum DataMut<'a> {
     Cuda(CudaViewMut<'a, f32>, &'a Arc<CudaDevice>),
 }
 
+/// The host slice of view data as `T`, if it holds `T`'s dtype on the host.
+fn host_slice<'a, T: Real>(data: &Data<'a>) -> Option<&'a [T]> {
+    match data {
+        Data::F32(v) if T::DTYPE == DType::F32 => Some(bytemuck::cast_slice(v)),
+        Data::F64(v) if T::DTYPE == DType::F64 => Some(bytemuck::cast_slice(v)),
+        _ => None,
+    }
+}
+
+/// The mutable host slice of view data as `T`, if it holds `T`'s dtype on the host.
+fn host_slice_mut<'b, T: Real>(data: &'b mut DataMut<'_>) -> Option<&'b mut [T]> {
+    match data {
+        DataMut::F32(v) if T::DTYPE == DType::F32 => Some(bytemuck::cast_slice_mut(v)),
+        DataMut::F64(v) if T::DTYPE == DType::F64 => Some(bytemuck::cast_slice_mut(v)),
+        _ => None,
+    }
+}
+
 /// A read-only view: a shape over contiguous row-major data.
 #[derive(Clone)]
 pub struct View<'a> {
@@ -701,7 +687,7 @@ impl<'a> View<'a> {
 
     /// The host data as `T` (errors when it is another dtype or on a GPU).
     pub fn cpu<T: Real>(&self) -> Result<&'a [T]> {
-        T::slice(&self.data).ok_or_else(|| Error::DeviceMismatch {
+        host_slice::<T>(&self.data).ok_or_else(|| Error::DeviceMismatch {
             op: "cpu view",
             detail: format!(
                 "wanted {} host data, have {:?} on {}",
@@ -813,7 +799,7 @@ impl<'a> ViewMut<'a> {
     pub fn cpu_mut<T: Real>(&mut self) -> Result<&mut [T]> {
         let dtype = self.dtype();
         let on_gpu = matches!(self.data, DataMut::Cuda(..));
-        T::slice_mut(&mut self.data).ok_or_else(|| Error::DeviceMismatch {
+        host_slice_mut::<T>(&mut self.data).ok_or_else(|| Error::DeviceMismatch {
             op: "cpu view",
             detail: format!(
                 "wanted mutable {} host data, have {:?} (on GPU: {on_gpu})",

@@ -54,7 +54,7 @@ impl CapturedGraph {
             .launch()
             .map_err(|e| Error::cuda("launching a captured CUDA graph", e))?;
         super::note_launch();
-        if super::launch::check_each_launch() {
+        if super::check_each_launch() {
             super::note_sync();
             self.stream
                 .synchronize()

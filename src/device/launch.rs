@@ -2,8 +2,6 @@
 //! (build/interface.rs: `Kernels` has one `unsafe fn` per kernel, `params` the `#[repr(C)]`
 //! structs they take), and the few launch-configuration rules every launch site shares.
 
-use std::sync::OnceLock;
-
 use cudarc::driver::LaunchConfig;
 
 use super::CudaDevice;
@@ -11,25 +9,12 @@ use crate::error::{Error, Result};
 
 include!(concat!(env!("OUT_DIR"), "/launchers.rs"));
 
-/// `EMPRIOR_CHECK_LAUNCHES=1`: wait for every kernel right after its launch, so an asynchronous
-/// fault (an illegal address, a trap) is reported with the name of the kernel that caused it
-/// rather than at some later synchronisation. Slow; for a first run on a new GPU and debugging.
-pub fn check_each_launch() -> bool {
-    static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| {
-        matches!(
-            std::env::var("EMPRIOR_CHECK_LAUNCHES").as_deref().map(str::trim),
-            Ok("1") | Ok("true") | Ok("yes") | Ok("on")
-        )
-    })
-}
-
 impl Kernels {
     /// Called by every launcher once its kernel is queued.
     fn after_launch(&self, kernel: &str, module: &str) -> Result<()> {
         super::note_launch();
         // While a graph is captured nothing runs yet: the replay is waited for instead.
-        if check_each_launch() && !super::graph::capturing() {
+        if super::check_each_launch() && !super::graph::capturing() {
             super::note_sync();
             self.stream
                 .synchronize()

@@ -127,6 +127,19 @@ pub(crate) fn note_launch() {
     LAUNCHES.fetch_add(1, Ordering::Relaxed);
 }
 
+/// `EMPRIOR_CHECK_LAUNCHES=1`: wait for every kernel right after its launch, so an asynchronous
+/// fault (an illegal address, a trap) is reported with the name of the kernel that caused it
+/// rather than at some later synchronisation. Slow; for a first run on a new GPU and debugging.
+pub fn check_each_launch() -> bool {
+    static ON: OnceLock<bool> = OnceLock::new();
+    *ON.get_or_init(|| {
+        matches!(
+            std::env::var("EMPRIOR_CHECK_LAUNCHES").as_deref().map(str::trim),
+            Ok("1") | Ok("true") | Ok("yes") | Ok("on")
+        )
+    })
+}
+
 /// The three counters at one moment; `since` gives what happened between two of them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Counts {

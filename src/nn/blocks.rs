@@ -26,13 +26,9 @@ use crate::tensor::{AsView, AsViewMut, DType, Data, DataMut, Tensor, View, ViewM
 pub mod cpu {
     use crate::real::Real;
 
-    /// `h = (1 + a) x + b`, with a and b the first two thirds of each sample's row of m.
-    pub fn modulate<T: Real>(x: &[T], m: &[T], h: &mut [T], p: usize, c: usize) {
-        for (i, o) in h.iter_mut().enumerate() {
-            let (ch, s) = (i % c, i / (p * c));
-            *o = (T::ONE + m[s * 3 * c + ch]) * x[i] + m[s * 3 * c + c + ch];
-        }
-    }
+    /// `h = (1 + a) x + b`, with a and b the first two thirds of each sample's row of m (its
+    /// kernel is fused into the modulated LayerNorm, so its body lives with that family).
+    pub use crate::nn::norm::cpu::modulate;
 
     /// The VJP of [`modulate`]: `dx = (1 + a) dh`, and the a and b columns of dm set to the sums
     /// of `dh x` and `dh` over the p pixels (summed in f64); dm's c columns are left alone.
@@ -62,14 +58,9 @@ pub mod cpu {
         }
     }
 
-    /// `out = (x + c h) / sqrt(1 + c^2)`, with c the last third of each sample's row of m.
-    pub fn residual<T: Real>(x: &[T], h: &[T], m: &[T], out: &mut [T], p: usize, c: usize) {
-        for (i, o) in out.iter_mut().enumerate() {
-            let (ch, s) = (i % c, i / (p * c));
-            let cc = m[s * 3 * c + 2 * c + ch];
-            *o = (x[i] + cc * h[i]) / (T::ONE + cc * cc).sqrt();
-        }
-    }
+    /// `out = (x + c h) / sqrt(1 + c^2)`, with c the last third of each sample's row of m (the
+    /// body is the ops layer's, which the convolution's fused epilogue twin also uses).
+    pub use crate::ops::elementwise::cpu::residual;
 
     /// The VJP of [`residual`]: dx, dh, and dm's c columns set to their gradient summed over the
     /// p pixels (in f64); dm's a and b columns are left alone.

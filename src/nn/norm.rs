@@ -25,6 +25,16 @@ pub mod cpu {
     use crate::real::Real;
     use crate::tensor::DType;
 
+    /// `h = (1 + a) x + b`, with a and b the first two thirds of each sample's row of m
+    /// (`[n, 3c]`; x, h `[n, p, c]`): the modulation the LayerNorm kernels fuse before
+    /// normalising (kernels/norm.cu); `nn::blocks` uses it too.
+    pub fn modulate<T: Real>(x: &[T], m: &[T], h: &mut [T], p: usize, c: usize) {
+        for (i, o) in h.iter_mut().enumerate() {
+            let (ch, s) = (i % c, i / (p * c));
+            *o = (T::ONE + m[s * 3 * c + ch]) * x[i] + m[s * 3 * c + c + ch];
+        }
+    }
+
     /// y = (x - mean) / sqrt(var + eps) per row; `y` may already hold x (then `x` is None).
     #[inline(always)]
     fn normalise_rows<T: Real>(x: Option<&[T]>, y: &mut [T], rstd: &mut [T], c: usize, eps: f64) {
@@ -322,7 +332,7 @@ pub fn modulated_layer_norm(x: &View, m: &View) -> Result<LnSaved> {
             (Data::Cuda(..), ..) => return Err(mismatch("modulated_layer_norm", &[x, m], &[])),
             _ => host_real!(x, T => {
                 let mut h = vec![T::ZERO; x.numel()];
-                crate::nn::blocks::cpu::modulate::<T>(x.cpu()?, m.cpu()?, &mut h, p, c);
+                cpu::modulate::<T>(x.cpu()?, m.cpu()?, &mut h, p, c);
                 cpu::forward::<T>(&h, yv.cpu_mut()?, rv.cpu_mut()?, c, LN_EPS);
                 Ok::<(), Error>(())
             })?,

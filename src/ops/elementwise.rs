@@ -40,6 +40,18 @@ pub mod cpu {
         }
     }
 
+    /// The residual combine of the paper's blocks, `out = (x + c h) / sqrt(1 + c^2)` with c the
+    /// last third of each sample's row of m (x, h, out: [n, p, c]; m: [n, 3c]). The CPU body of
+    /// kernels/blocks.cu's residual and of the convolution epilogue that fuses it into a
+    /// ResBlock's conv2 (kernels/mma.cuh, `TcEpilogue`); `nn::blocks` builds on it.
+    pub fn residual<T: Real>(x: &[T], h: &[T], m: &[T], out: &mut [T], p: usize, c: usize) {
+        for (i, o) in out.iter_mut().enumerate() {
+            let (ch, s) = (i % c, i / (p * c));
+            let cc = m[s * 3 * c + 2 * c + ch];
+            *o = (x[i] + cc * h[i]) / (T::ONE + cc * cc).sqrt();
+        }
+    }
+
     /// out = f(x), on both cores when large.
     pub fn map1<T: Real>(x: &[T], out: &mut [T], f: impl Fn(T) -> T + Sync) {
         for_chunks(out, |r, o| {

@@ -217,14 +217,17 @@ fn forward_impl(
                 Error::Other("conv3x3 forward (bf16): a residual needs h kept in bf16".into())
             })?;
             store_cpu(&out, None, Some(&mut *h))?;
-            // The twin: the residual op on the widened bf16 x and h (exact widenings).
-            let shape = [g.n as usize, pixels_out(g) / g.n as usize, cout];
+            // The twin: the residual's CPU body on the widened bf16 x and h (exact widenings).
             let (xw, hw) = (to_f32(r.x)?, to_f32(Bf16Ref::new(h))?);
-            let o = crate::nn::blocks::residual(
-                &xw.as_view()?.reshape(&shape)?,
-                &hw.as_view()?.reshape(&shape)?,
-                r.m,
-            )?;
+            let mut o = Tensor::uninit(&[out_n], DType::F32, &device)?;
+            crate::ops::elementwise::cpu::residual::<f32>(
+                xw.as_view()?.cpu()?,
+                hw.as_view()?.cpu()?,
+                r.m.cpu()?,
+                o.as_view_mut()?.cpu_mut()?,
+                pixels_out(g) / g.n as usize,
+                cout,
+            );
             if r.out.dtype() == DType::BF16 {
                 store_cpu(&o, None, Some(r.out))
             } else {
