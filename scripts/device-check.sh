@@ -35,6 +35,8 @@
 #   sanitize  compute-sanitizer memcheck, initcheck, racecheck and synccheck, each over a
 #             quick subset of the parity tests (one process per test); per tool   40 / 75 (x4)
 #   bench     emprior bench --device cuda [--quick]                                  60 / 120
+#             (on sm_90a its tensor-core table has the wgmma rows, version 4, either way;
+#             EMPRIOR_WGMMA=1 in the environment puts the U-Net rows on wgmma too)
 #   peers     (full only) emprior bench --peers, then benches/baselines' PyTorch and JAX versions
 #             of the same workloads, one table with ratios and MFU against the bf16 rate
 #             measured in the run, and the projected paper laps (dry run: one workload on

@@ -220,8 +220,14 @@ pub fn describe_device(device: &Device) -> String {
                     SASS_ARCHS.join(", ")
                 )
             };
+            // Hopper's convolutions: loaded on sm_90a, used only when asked (and checked).
+            let wgmma = match (dev.has_wgmma(), crate::nn::tensor_cores::wgmma_requested()) {
+                (false, _) => "",
+                (true, false) => "; wgmma convolutions available (EMPRIOR_WGMMA=1)",
+                (true, true) => "; wgmma convolutions requested (on once the tensor-core check passes)",
+            };
             format!(
-                "{dev:?}; {} CUDA kernel modules (nvcc {}), {code}",
+                "{dev:?}; {} CUDA kernel modules (nvcc {}), {code}{wgmma}",
                 KERNEL_MODULES.len(),
                 NVCC_VERSION.unwrap_or("?")
             )

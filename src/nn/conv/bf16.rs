@@ -178,6 +178,11 @@ fn forward_impl(
         c.bf16("y (bf16)", &Bf16Ref::new(y), out_n)?;
     }
     if let Some(r) = &residual {
+        if y_bf16.is_none() {
+            return Err(Error::Other(
+                "conv3x3 forward (bf16): a residual needs h kept in bf16 (y_bf16)".into(),
+            ));
+        }
         c.bf16("the residual's x", &r.x, out_n)?;
         let m_n = g.n as usize * 3 * cout;
         c.operand(
@@ -214,7 +219,7 @@ fn forward_impl(
                 return store_cpu(&out, y, y_bf16);
             };
             let h = y_bf16.ok_or_else(|| {
-                Error::Other("conv3x3 forward (bf16): a residual needs h kept in bf16".into())
+                Error::Other("conv3x3 forward (bf16): a residual needs h kept in bf16 (y_bf16)".into())
             })?;
             store_cpu(&out, None, Some(&mut *h))?;
             // The twin: the residual's CPU body on the widened bf16 x and h (exact widenings).
@@ -248,11 +253,6 @@ fn forward_impl(
                 Some(Data::Cuda(v, _)) => Some(v.slice(..)),
                 _ => None,
             };
-            if residual.is_some() && y_bf16.is_none() {
-                return Err(Error::Other(
-                    "conv3x3 forward (bf16): a residual needs h kept in bf16".into(),
-                ));
-            }
             let mut yv = y.map(|y| cuda_f32(y)).transpose()?;
             let mut ybv = y_bf16.map(|t| t.cuda_bf16_mut()).transpose()?;
             let (res_x, res_m, res_out) = match residual {
