@@ -250,40 +250,36 @@ fn compile_one(
     let cached = ptx.is_file() && fatbin.is_file() && fs::read_to_string(&key_path).is_ok_and(|k| k == key);
     let source = fs::read_to_string(src).map_err(|e| format!("{}: {e}", src.display()))?;
     let target = interface::module_target(&source);
-    if let Some(t) = &target {
-        // An architecture-specific target ("sm_90a": wgmma): SASS for it alone, PTX of its
-        // virtual architecture; no other architecture can run (or even compile) the module.
-        let virt = t.replacen("sm_", "compute_", 1);
-        if !cached {
-            let mut cmd = Command::new(&tk.nvcc);
-            cmd.arg("-ptx").arg(format!("-arch={virt}"));
-            common(&mut cmd);
-            cmd.arg(src).arg("-o").arg(&ptx);
-            run(cmd, src)?;
-            let mut cmd = Command::new(&tk.nvcc);
-            cmd.arg("--fatbin")
-                .arg("-gencode")
-                .arg(format!("arch={virt},code={t}"));
-            common(&mut cmd);
-            cmd.arg(src).arg("-o").arg(&fatbin);
-            run(cmd, src)?;
-            fs::write(&key_path, &key).map_err(|e| format!("{}: {e}", key_path.display()))?;
+    // The stand-alone PTX's virtual architecture and the fat binary's targets: SASS for each
+    // architecture plus PTX for the newest; or, for an architecture-specific module ("sm_90a":
+    // wgmma), SASS for that target alone (no other architecture can run, or even compile, it).
+    let (ptx_virtual, gencodes) = match &target {
+        Some(t) => {
+            let virt = t.replacen("sm_", "compute_", 1);
+            (virt.clone(), vec![format!("arch={virt},code={t}")])
         }
-    } else if !cached {
+        None => {
+            let last = archs.last().map(String::as_str).unwrap_or(ptx_arch);
+            let mut codes: Vec<String> = archs
+                .iter()
+                .map(|a| format!("arch=compute_{a},code=sm_{a}"))
+                .collect();
+            codes.push(format!("arch=compute_{last},code=compute_{last}"));
+            (format!("compute_{ptx_arch}"), codes)
+        }
+    };
+    if !cached {
         let mut cmd = Command::new(&tk.nvcc);
-        cmd.arg("-ptx").arg(format!("-arch=compute_{ptx_arch}"));
+        cmd.arg("-ptx").arg(format!("-arch={ptx_virtual}"));
         common(&mut cmd);
         cmd.arg(src).arg("-o").arg(&ptx);
         run(cmd, src)?;
 
         let mut cmd = Command::new(&tk.nvcc);
         cmd.arg("--fatbin");
-        for a in archs {
-            cmd.arg("-gencode").arg(format!("arch=compute_{a},code=sm_{a}"));
+        for code in &gencodes {
+            cmd.arg("-gencode").arg(code);
         }
-        let last = archs.last().map(String::as_str).unwrap_or(ptx_arch);
-        cmd.arg("-gencode")
-            .arg(format!("arch=compute_{last},code=compute_{last}"));
         common(&mut cmd);
         cmd.arg(src).arg("-o").arg(&fatbin);
         run(cmd, src)?;

@@ -27,10 +27,7 @@ pub(crate) fn capturing() -> bool {
 /// (`Trainer::set_cuda_graphs`, `Sampler::cuda_graphs`; their default). Off by default until
 /// the device check has compared replays with eager steps on a GPU (scripts/device-check.sh).
 pub fn cuda_graphs_from_env() -> bool {
-    matches!(
-        std::env::var("EMPRIOR_CUDA_GRAPHS").as_deref().map(str::trim),
-        Ok("1") | Ok("true") | Ok("yes") | Ok("on")
-    )
+    super::env_flag("EMPRIOR_CUDA_GRAPHS")
 }
 
 /// A captured graph and the pool buffers its replays use.

@@ -127,17 +127,21 @@ pub(crate) fn note_launch() {
     LAUNCHES.fetch_add(1, Ordering::Relaxed);
 }
 
+/// Whether the switch `name` is set in the environment: `1`, `true`, `yes` or `on` (spaces
+/// around ignored); anything else, or unset, is off. Every `EMPRIOR_*` on/off switch reads this.
+pub fn env_flag(name: &str) -> bool {
+    matches!(
+        std::env::var(name).as_deref().map(str::trim),
+        Ok("1") | Ok("true") | Ok("yes") | Ok("on")
+    )
+}
+
 /// `EMPRIOR_CHECK_LAUNCHES=1`: wait for every kernel right after its launch, so an asynchronous
 /// fault (an illegal address, a trap) is reported with the name of the kernel that caused it
 /// rather than at some later synchronisation. Slow; for a first run on a new GPU and debugging.
 pub fn check_each_launch() -> bool {
     static ON: OnceLock<bool> = OnceLock::new();
-    *ON.get_or_init(|| {
-        matches!(
-            std::env::var("EMPRIOR_CHECK_LAUNCHES").as_deref().map(str::trim),
-            Ok("1") | Ok("true") | Ok("yes") | Ok("on")
-        )
-    })
+    *ON.get_or_init(|| env_flag("EMPRIOR_CHECK_LAUNCHES"))
 }
 
 /// The three counters at one moment; `since` gives what happened between two of them.

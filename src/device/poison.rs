@@ -29,10 +29,7 @@ pub fn poison_enabled() -> bool {
         ON => true,
         OFF => false,
         _ => {
-            let on = matches!(
-                std::env::var("EMPRIOR_POISON").as_deref().map(str::trim),
-                Ok("1") | Ok("true") | Ok("yes") | Ok("on")
-            );
+            let on = super::env_flag("EMPRIOR_POISON");
             STATE.store(if on { ON } else { OFF }, Ordering::Relaxed);
             on
         }

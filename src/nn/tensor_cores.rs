@@ -86,10 +86,7 @@ pub fn try_wgmma(device: &Device) -> Result<()> {
 /// the wgmma kernels (kernels/conv_sm90a.cu) once they pass [`check`]. Off by default until a
 /// device check has run them on a GPU (benches/RESULTS.md).
 pub fn wgmma_requested() -> bool {
-    matches!(
-        std::env::var("EMPRIOR_WGMMA").as_deref().map(str::trim),
-        Ok("1") | Ok("true") | Ok("yes") | Ok("on")
-    )
+    crate::device::env_flag("EMPRIOR_WGMMA")
 }
 
 /// The body of [`check`]: the small bf16 problems on `device` and on `reference`,

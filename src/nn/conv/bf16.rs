@@ -249,10 +249,7 @@ fn forward_impl(
                 THREADS,
             );
             let (xv, wv) = (x.cuda()?, weight.cuda()?);
-            let bv = match bias.map(|b| &b.data) {
-                Some(Data::Cuda(v, _)) => Some(v.slice(..)),
-                _ => None,
-            };
+            let bv = bias.map(cuda_f32_view).transpose()?;
             let mut yv = y.map(|y| cuda_f32(y)).transpose()?;
             let mut ybv = y_bf16.map(|t| t.cuda_bf16_mut()).transpose()?;
             let (res_x, res_m, res_out) = match residual {
@@ -260,7 +257,7 @@ fn forward_impl(
                 None => (None, None, None),
             };
             let rxv = res_x.map(|r| r.cuda()).transpose()?;
-            let rmv = res_m.map(|m| cuda_f32_view(m)).transpose()?;
+            let rmv = res_m.map(cuda_f32_view).transpose()?;
             let (mut rof, mut rob) = match res_out {
                 Some(o) if o.dtype() == DType::BF16 => (None, Some(o.cuda_bf16_mut()?)),
                 Some(o) => (Some(o.cuda_f32_mut()?), None),
